@@ -122,26 +122,55 @@ def _finite(value: Any) -> Any:
     return value
 
 
+#: the most a REASON cell shows on a terminal (piped: whole)
+REASON_WIDTH = 70
+#: no column is cut narrower than this on a terminal: a short name, a word, a number stays whole
+NARROWEST = 8
+#: the blanks between two columns of a table
+GAP = 2
+
+
+def column_caps(widths: Sequence[int], room: int) -> list[int] | None:
+    """The widest each column may print so that the columns, ``widths`` wide whole, fit
+    ``room`` cells (the gaps between them taken off): the first (what a row is: the name a
+    person types next) stays whole, the widest of the others are cut first, all to one width,
+    and none below :data:`NARROWEST`. None when even that does not fit: the table is then
+    printed whole, never with a column dropped or every cell cut to a letter or two."""
+    if sum(widths) <= room:
+        return list(widths)
+    first, rest = widths[0], widths[1:]
+    for cap in range(max(rest, default=0) - 1, NARROWEST - 1, -1):  # bounded by the widest column
+        if first + sum(min(w, cap) for w in rest) <= room:
+            return [first, *(min(w, cap) for w in rest)]
+    return None
+
+
 def table(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """One object a line under a header. A terminal gets its own width (the widest cells end
-    in "…", a long REASON at 70 characters); piped output (scripts, grep) gets every cell
-    whole, however wide: a script cannot see what was cut. Whether stdout is a terminal is
-    asked of stdout itself: rich takes FORCE_COLOR or TTY_COMPATIBLE, which CI pipelines set
-    for coloured logs, for one, and cut a pipe's lines to 80 columns."""
-    console = Console()
-    terminal = _stdout_is_terminal()
+    """One object a line under a header. A terminal gets its own width (the first column whole,
+    the widest others cut with "…" first, a long REASON at 70 characters; a table that cannot
+    fit so is printed whole and the terminal wraps it: rich, left to fit it, cut every column
+    alike, a number to "1…", and dropped the narrowest); piped output (scripts, grep) gets
+    every cell whole, however wide: a script cannot see what was cut. Whether stdout is a
+    terminal is asked of stdout itself: rich takes FORCE_COLOR or TTY_COMPATIBLE, which CI
+    pipelines set for coloured logs, for one, and would cut a pipe's lines to 80 columns."""
     # Every string goes in as Text: rich reads "[...]" in a plain str as markup, and the cells
     # hold what users wrote (an event's reason, a token's description): "[incident-42]" vanished
     # and "[/x]" raised MarkupError.
-    t = Table(title=Text(title) if title is not None else None, box=None, header_style="bold", pad_edge=False)
-    for h in headers:
-        if h in ("REASON",) and terminal:
-            t.add_column(Text(h), no_wrap=True, overflow="ellipsis", max_width=70)
-        else:
-            t.add_column(Text(h), no_wrap=True)  # one object, one line: tables stay greppable
-    for r in rows:
-        t.add_row(*[Text(str(c)) for c in r])
+    cells = [[Text(str(c)) for c in r] for r in rows]
+    heads = [Text(h) for h in headers]
+    widths = [max([heads[i].cell_len, *(r[i].cell_len for r in cells if i < len(r))]) for i in range(len(heads))]
+    terminal = _stdout_is_terminal()
     if terminal:
+        widths = [min(w, REASON_WIDTH) if h == "REASON" else w for h, w in zip(headers, widths)]
+    console = Console()
+    caps = column_caps(widths, console.width - GAP * (len(widths) - 1)) if terminal else None
+    t = Table(title=Text(title) if title is not None else None, box=None, header_style="bold", pad_edge=False)
+    for head, cap in zip(heads, caps or widths):
+        # no_wrap: one object, one line, tables stay greppable
+        t.add_column(head, no_wrap=True, overflow="ellipsis", max_width=cap if terminal else None)
+    for r in cells:
+        t.add_row(*r)
+    if caps is not None:
         console.print(t)
         return
     whole = Measurement.get(console, console.options.update_width(sys.maxsize), t).maximum
