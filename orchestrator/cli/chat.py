@@ -25,7 +25,7 @@ import time
 from orchestrator import client as client_mod
 from orchestrator import clientargs
 from orchestrator.cli import render
-from orchestrator.cli.http import ApiClient, CliError, token_from_env
+from orchestrator.cli.http import ApiClient, CliError, tls_problem, token_from_env, unreached
 
 
 #: Tokens generated when ``--max-tokens`` is not given.
@@ -64,6 +64,8 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
             print()  # end the partial answer's line before the error
         if isinstance(exc, client_mod.TimedOut):  # reached, but slow: not a question of where serve runs
             raise CliError(f"{exc}; --timeout SECONDS waits longer", 3) from None
+        if isinstance(exc, client_mod.Unreachable) and tls_problem(exc) is not None:  # there, but not trusted
+            raise CliError(unreached(api.server, exc), 3) from None
         if isinstance(exc, client_mod.Unreachable):
             raise CliError(f"{exc}; is 'edgeplane serve' running at {api.server}? (--server / EDGEPLANE_SERVER)", 3) from None
         raise CliError(str(exc)) from None

@@ -19,7 +19,7 @@ import httpx
 
 from orchestrator import argtypes
 from orchestrator.cli import render
-from orchestrator.cli.http import ApiClient, CliError, json_of
+from orchestrator.cli.http import ApiClient, CliError, json_of, unreached
 from orchestrator.urlpath import path_segment
 
 
@@ -57,9 +57,10 @@ def cmd_distill(api: ApiClient, args: argparse.Namespace) -> int:
                 elif isinstance(item.get("result"), dict):
                     result = item["result"]
     except httpx.TransportError as exc:
-        what = "the connection to the control plane broke during the run" if answered else "cannot reach the control plane"
-        raise CliError(f"{what} at {api.server}: {exc.__class__.__name__} ({exc}); is 'edgeplane serve' running? "
-                       "(--server / EDGEPLANE_SERVER)", 3) from exc
+        if not answered:
+            raise CliError(unreached(api.server, exc), 3) from exc
+        raise CliError(f"the connection to the control plane broke during the run at {api.server}: {exc.__class__.__name__} ({exc}); "
+                       "is 'edgeplane serve' running? (--server / EDGEPLANE_SERVER)", 3) from exc
     if result is None:
         raise CliError("the control plane ended the run without a result")
     if args.output != "table":

@@ -11,6 +11,7 @@ keeps going (``events -w``) waits out like a server that cannot be reached.
 from __future__ import annotations
 
 import os
+import ssl
 import sys
 import time
 from typing import Any
@@ -128,7 +129,7 @@ class ApiClient:
             seconds = waited.read if isinstance(waited, httpx.Timeout) else waited
             raise CliError(f"the control plane at {self.server} did not answer {method} {path} within {seconds:g} s", 3) from exc
         except httpx.TransportError as exc:
-            raise CliError(f"cannot reach the control plane at {self.server}: {exc.__class__.__name__} ({exc}); is 'edgeplane serve' running? (--server / EDGEPLANE_SERVER)", 3) from exc
+            raise CliError(unreached(self.server, exc), 3) from exc
 
     def _answer(self, method: str, path: str, resp: httpx.Response) -> dict[str, Any]:
         if resp.status_code >= 400:
@@ -163,6 +164,39 @@ class ApiClient:
 
     def close(self) -> None:
         self._http.close()
+
+
+def unreached(server: str, exc: BaseException) -> str:
+    """Why no answer came from ``server`` (``exc``: what the HTTP client raised). TLS that
+    failed is said as such: the server is there, and asking whether it runs sends the user
+    the wrong way; a certificate signed by a CA of the user's own is trusted with
+    ``SSL_CERT_FILE``, which the CLI reads as the Python client does."""
+    problem = tls_problem(exc)
+    if isinstance(problem, ssl.SSLCertVerificationError):
+        return (f"the control plane at {server} presented a certificate this machine does not trust "
+                f"({problem.verify_message or problem.reason}): give the CA that signed it with SSL_CERT_FILE=CA.pem "
+                "(or SSL_CERT_DIR), or check --server / EDGEPLANE_SERVER")
+    if problem is not None:
+        return (f"{server} does not speak TLS ({_tls_words(problem)}): "
+                f"a control plane without a reverse proxy in front serves http://, not https:// (--server / EDGEPLANE_SERVER)")
+    return f"cannot reach the control plane at {server}: {exc.__class__.__name__} ({exc}); is 'edgeplane serve' running? (--server / EDGEPLANE_SERVER)"
+
+
+def tls_problem(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind ``exc`` (httpx and the client wrap it), or None."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:  # bounded: a chain that loops is read once
+        if isinstance(cause, ssl.SSLError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _tls_words(error: ssl.SSLError) -> str:
+    """What OpenSSL said, without its source file: ``wrong version number``."""
+    return str(error.reason).replace("_", " ").lower() if error.reason else str(error)
 
 
 def _issue_line(i: dict[str, Any]) -> str:

@@ -5,8 +5,18 @@ object."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import pathlib
+import ssl
 import subprocess
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from orchestrator.security import ca
+from orchestrator.testing import loopback
 
 from . import support
 from .support import cli, doc, ok
@@ -77,3 +87,51 @@ def test_a_name_is_one_path_segment_never_another_object(serve: support.ServePro
             assert len(proc.stderr.splitlines()) == 1 and proc.stdout == "", proc
     finally:
         ok("delete", "site", "cli-victim", server=serve)
+
+
+class _Sites(loopback.CannedHandler):
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        self.reply(200, json.dumps({"kind": "Site", "items": []}).encode())
+
+
+@pytest.fixture
+def behind_tls(tmp_path: pathlib.Path) -> Iterator[tuple[str, pathlib.Path]]:
+    """An HTTPS server on loopback (a reverse proxy in front of a control plane, as it were)
+    whose certificate a CA of its own signed: its URL and that CA's certificate file."""
+    authority = ca.CertificateAuthority.load_or_create(tmp_path / "ca", name="a company's own CA")
+    cert, key = authority.issue_server(["127.0.0.1"])
+    (tmp_path / "server.crt").write_bytes(cert)
+    (tmp_path / "server.key").write_bytes(key)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(tmp_path / "server.crt", tmp_path / "server.key")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sites)
+    httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{httpd.server_address[1]}", tmp_path / "ca" / "ca.crt"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_certificate_not_trusted_is_said_so_with_how_to_trust_it(behind_tls: tuple[str, pathlib.Path],
+                                                                    serve: support.ServeProcess) -> None:
+    """It read as 'cannot reach the control plane ...; is edgeplane serve running?', of a
+    server that answered, and said nothing of how to make the CLI trust it."""
+    url, ca_file = behind_tls
+    for argv in (["get", "sites"], ["status"], ["infer", "m", "--data", '{"x": [1]}'], ["chat", "m", "hi"]):
+        proc = cli(*argv, server_url=url)
+        assert proc.returncode == 3, proc
+        assert len(proc.stderr.splitlines()) == 1 and proc.stdout == "", proc
+        assert proc.stderr.startswith(f"error: the control plane at {url} presented a certificate this machine does not trust "
+                                      "(unable to get local issuer certificate): "), proc.stderr
+        assert "SSL_CERT_FILE" in proc.stderr and "is 'edgeplane serve' running" not in proc.stderr, proc.stderr
+    trusted = cli("get", "sites", server_url=url, env={"SSL_CERT_FILE": str(ca_file)})
+    assert trusted.returncode == 0 and trusted.stdout == "No Site objects.\n", trusted
+    # https:// to a control plane that serves plain HTTP: it is there, it speaks no TLS
+    plain = serve.url.replace("http://", "https://")
+    proc = cli("get", "sites", server_url=plain)
+    assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1, proc
+    assert proc.stderr.startswith(f"error: {plain} does not speak TLS (wrong version number): "), proc.stderr
+    assert "http://" in proc.stderr and "is 'edgeplane serve' running" not in proc.stderr, proc.stderr
