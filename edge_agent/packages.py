@@ -23,7 +23,10 @@ model, and the version already serving is never touched. The final folder is nam
 sha256, so a version unpacked once is reused. Every file and folder is synced to the disk
 before that rename, and the rename after it: an edge site that loses power finds a version
 either whole or not there, never a folder whose files the page cache had not written yet,
-which would be reused (and fail) on every start.
+which would be reused (and fail) on every start. A folder is reused only when it holds the
+mark (:data:`MARK`) written, and synced, as its last file: agents before the sync renamed
+folders that a power loss could leave torn, and such a folder, with no mark, is unpacked
+again, once, the first time an agent of this version loads its version.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import errno
 import os
 import pathlib
 import shutil
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -45,6 +49,9 @@ DEFAULT_MAX_BYTES = 256 << 30
 DEFAULT_MAX_FILES = 4096
 MAX_DEPTH = 64
 MAX_NAME_CHARS = 1024
+#: Written, and synced, into a folder as its unpack's last file: the folder was whole on the
+#: disk before it was renamed into place (agents before the sync wrote none)
+MARK = ".edgeplane-unpacked"
 
 
 class PackageRefused(errors.ArtifactIntegrityError):
@@ -92,6 +99,8 @@ def check_members(tar: tarfile.TarFile, max_bytes: int, max_files: int) -> list[
             raise PackageRefused(f"package member {_shown(member.name)} is not a regular file or folder: refused")
         if name in seen:
             raise PackageRefused(f"package member {_shown(member.name)} appears twice: refused")
+        if name == MARK:
+            raise PackageRefused(f"package member {_shown(member.name)} has the name of the agent's own mark of an unpack: refused")
         seen.add(name)
         if member.isfile():
             files[name] = member.name
@@ -124,9 +133,10 @@ def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
 
     models_root.mkdir(parents=True, exist_ok=True)
     final = models_root / sha256
-    if (final / CONFIG_NAME).is_file():
-        return final  # renamed into place only once complete
+    if _whole(final):
+        return final  # renamed into place only once complete and on the disk
     artifacts.verify_file(package, sha256)  # before the first member is read
+    _discard(final, models_root, sha256)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{sha256[:12]}-", dir=models_root))
     try:
         try:
@@ -141,15 +151,15 @@ def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
                     _write(tar, member, tmp / name, fsync)
             except tarfile.TarError as exc:
                 raise PackageRefused(f"package {sha256[:12]} is a damaged tar archive: {exc}") from None
+        with open(tmp / MARK, "wb") as mark:  # last: the files above are on the disk
+            fsync(mark.fileno())
         for folder in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             _sync_folder(folder, fsync)  # the names in it, deepest first
         _sync_folder(tmp, fsync)
-        if final.is_dir() and not final.is_symlink() and not (final / CONFIG_NAME).is_file():
-            shutil.rmtree(final, ignore_errors=True)  # damaged on disk (its config gone): unpacked again
         try:
             os.rename(tmp, final)
         except OSError:
-            if not (final / CONFIG_NAME).is_file():  # not a concurrent unpack of the same version
+            if not _whole(final):  # not a concurrent unpack of the same version
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -158,6 +168,31 @@ def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _whole(folder: pathlib.Path) -> bool:
+    """Whether ``folder`` is a version this module unpacked whole, and is still so on the
+    disk as far as a look can tell (its config not deleted since)."""
+    return (folder / MARK).is_file() and (folder / CONFIG_NAME).is_file()
+
+
+def _discard(final: pathlib.Path, models_root: pathlib.Path, sha256: str) -> None:
+    """Remove what is at ``final`` and not :func:`_whole`: a folder an agent before the sync
+    renamed into place (a power loss may have left its files empty), or one damaged on the
+    disk. Removed before the unpack, so it takes no room the unpack needs (the package it is
+    unpacked from again was just verified); moved aside first, so an unpack of the same version
+    that renamed a whole folder there meanwhile keeps it."""
+    if _whole(final) or not os.path.lexists(final):
+        return
+    aside = models_root / f".{sha256[:12]}-discarded-{os.getpid()}-{threading.get_ident()}"
+    try:
+        os.rename(final, aside)
+    except FileNotFoundError:
+        return
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
 
 
 def _refuse_unless_room(room: diskspace.Room | None, sha256: str, unpacked: int) -> None:

@@ -46,7 +46,7 @@ def test_an_unpacked_package_is_on_the_disk_before_it_is_renamed_into_place(tmp_
     tmp = next(p for p in synced if p.parent == models)  # the temporary folder, renamed at the end
     named = ["<models>" if p == models else "<tmp>" if p == tmp else p.relative_to(tmp).as_posix() for p in synced]
     assert sorted(named[:3]) == ["genai_config.json", "sub/deeper/model.onnx", "tokenizer.json"]  # each as it is written
-    assert named[3:] == ["sub/deeper", "sub", "<tmp>", "<models>"]  # then the folders, deepest first; the rename last
+    assert named[3:] == [packages.MARK, "sub/deeper", "sub", "<tmp>", "<models>"]  # the mark, the folders deepest first; the rename last
 
 
 def test_a_package_the_disk_has_no_room_for_is_refused_before_a_member_is_written(tmp_path: pathlib.Path) -> None:
@@ -89,6 +89,7 @@ def test_a_good_package_unpacks_once_into_its_digest_folder(tmp_path: pathlib.Pa
         ({"genai_config.json": b"{}", "a/../../x": b"x"}, "leaves the package folder"),
         ({"genai_config.json": b"{}", "a\\b": b"x"}, "invalid name"),
         ({"model.onnx": b"x"}, "no genai_config.json"),
+        ({"genai_config.json": b"{}", packages.MARK: b""}, "the agent's own mark"),
         ({"genai_config.json": b"{}", "big": b"x" * 2000}, "more than 1000 bytes"),
     ],
 )
@@ -153,6 +154,23 @@ def test_a_model_folder_damaged_on_disk_is_unpacked_again(tmp_path: pathlib.Path
     assert packages.unpack(tmp_path / "p.tar", sha, tmp_path / "models") == folder
     assert (folder / "genai_config.json").read_bytes() == b"{}" and (folder / "model.onnx").read_bytes() == b"x"
     assert list((tmp_path / "models").iterdir()) == [folder]
+
+
+def test_a_model_folder_an_agent_before_synced_unpacks_left_is_unpacked_again_once(tmp_path: pathlib.Path) -> None:
+    """Agents before unpacks were synced renamed a folder whose files the page cache held: a
+    power loss left it with its genai_config.json and an empty model.onnx, which was reused,
+    and failed to load, at every start. Such a folder (no mark of a synced unpack) is unpacked
+    again, once: the next start reuses it."""
+    sha = _tar(tmp_path / "p.tar", {"genai_config.json": b"{}", "model.onnx": b"x" * 100})
+    left = tmp_path / "models" / sha  # as such an agent left it after the power loss
+    left.mkdir(parents=True)
+    (left / "genai_config.json").write_bytes(b"{}")
+    (left / "model.onnx").write_bytes(b"")
+    folder = packages.unpack(tmp_path / "p.tar", sha, tmp_path / "models")
+    assert folder == left and (folder / "model.onnx").read_bytes() == b"x" * 100
+    assert list((tmp_path / "models").iterdir()) == [folder]
+    (tmp_path / "p.tar").unlink()  # reused as it is now: the package is not read again
+    assert packages.unpack(tmp_path / "p.tar", sha, tmp_path / "models") == folder
 
 
 def test_a_mismatching_package_is_refused_before_it_is_read(tmp_path: pathlib.Path) -> None:

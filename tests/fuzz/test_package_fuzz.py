@@ -65,6 +65,7 @@ def check(raw: bytes, entries: list[tuple[str, str, bytes]] | None) -> None:
             return
         assert list(models.iterdir()) == [folder] and folder.name == sha
         got = _unpacked(folder)
+        assert got.pop(packages.MARK) == b""  # the unpack's own, written last
         assert isinstance(got.get(CONFIG), bytes)
         if entries is not None:  # the tar as built: every member is where its name says, with its bytes
             want: dict[str, bytes | None] = {}
