@@ -87,8 +87,8 @@ def from_text(text: str) -> Observed:
             autoscale={name: autoscaler.Recommendation(**r) for name, r in doc["autoscale"].items()},
             rejoining=frozenset(doc["rejoining"]),
             described=doc["described"],
-            sources=dict(doc["sources"]),
-            at=doc.get("observedAt"),  # absent from an earlier leader's
+            sources=dict(doc.get("sources", {})),  # "sources" and "observedAt" are absent from an earlier leader's
+            at=doc.get("observedAt"),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"the observed fleet the leader published is not one this version reads: {exc!r}") from exc

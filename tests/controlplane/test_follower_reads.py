@@ -7,6 +7,7 @@ as the leader forgets its own."""
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import time
@@ -183,3 +184,21 @@ def test_what_the_leader_observed_reads_back_as_it_published_it(published: obser
 def test_an_observed_fleet_this_version_cannot_read_is_a_value_error(text: str) -> None:
     with pytest.raises(ValueError):
         observed.from_text(text)
+
+
+def test_an_observed_fleet_a_leader_of_the_release_before_sources_published_reads() -> None:
+    """As a leader before the document said where each version came from wrote it (no
+    ``sources``, ``observedAt``, nor a data centre's ``refused``, ``lastApps`` or
+    ``unreachableAt``; ``energy`` then required): a control plane of this version that takes
+    over from it read nothing, and so lost its data centres' last observation."""
+    text = json.dumps({
+        "agents": [], "artifacts": [], "autoscale": {}, "rejoining": [], "described": {},
+        "energy": None,
+        "datacentres": {"dc-1": {"reachable": False, "error": "connection refused", "drift": False, "lost": False, "apps": {
+            "ep-d.v.dc-1": {"name": "ep-d.v.dc-1", "status": "RUNNING", "message": "", "replicas_running": 1, "replicas_target": 1,
+                            "endpoint_url": "http://ray:8000/ep/dc-1/d/v", "detail": "", "version": "", "ingress": "",
+                            "deployments_up": True}}}},
+    }, sort_keys=True, separators=(",", ":"))
+    got = observed.from_text(text)
+    assert got.sources == {} and got.at is None
+    assert got.datacentres["dc-1"].error == "connection refused" and list(got.datacentres["dc-1"].apps) == ["ep-d.v.dc-1"]
