@@ -311,16 +311,18 @@ class ControlPlane(server_views.ServerViews):
         self.artifacts.close()  # a pass hashing a large artifact ends now, not when the file is read
         self.publisher.close()  # watching gateways see the stream end now, not at uvicorn's grace timeout
         if self.elector is not None:  # step down first: another replica takes over while this one closes
+            # within a lease in all: the pass's writes still on their way (the endpoint table),
+            # then the release. Past it the lease has run out anyway (a write fenced by it is
+            # refused), and on a stalled database each waits for a call that may never end.
+            within = asyncio.get_running_loop().time() + self.elector.ttl_s
             for t in (self._election, self._reconciling):
                 if t is not None:
                     t.cancel()
                     with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                        async with asyncio.timeout(10):
+                        async with asyncio.timeout_at(within):
                             await t
-            # within a lease: past it the lease has run out anyway, and on a stalled database
-            # the release waits for a call that may never end
             with contextlib.suppress(asyncio.TimeoutError):
-                async with asyncio.timeout(self.elector.ttl_s):
+                async with asyncio.timeout_at(within):
                     await self.store.run_first(self.elector.release)
         await self._agent_server.stop(grace=1.0)
         self._uvicorn.should_exit = True
