@@ -28,6 +28,7 @@ import grpc
 
 import edge_agent
 from edge_agent import artifacts, assignments, build, capacity, errors, http, httplistener, registry, state, tls, uplink
+from edge_agent.retry import Jitter
 from edge_agent.runtime import onnx
 
 if TYPE_CHECKING:  # imported by the first generative model: an agent that serves none never holds them
@@ -103,11 +104,13 @@ class Agent:
         load_model: registry.Loader | None = None,
         model_retry: registry.RetryPolicy | None = None,
         clock: Callable[[], float] = time.time,
+        reconnect_rng: Jitter | None = None,
     ) -> None:
         """``clock``: this machine's wall clock, which the uplink reads (certificate dates,
         the times its heartbeats are sent)."""
         self.config = config
         self._clock = clock
+        self._reconnect_rng = reconnect_rng  # the uplink's reconnect jitter (its own Random unless given)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self._probe = probe or capacity.CapacityProbe(onnx.available_providers)
         # the cores this process may use (affinity, cgroup quota), which it reports too: a
@@ -253,6 +256,7 @@ class Agent:
             agent_tls=None if cfg.insecure else tls.AgentTls(
                 cfg.data_dir, cfg.join_address, cfg.ca_file, cfg.ca_sha256),
             clock=self._clock,
+            rng=self._reconnect_rng,
         )
         self._tasks.append(asyncio.create_task(self.uplink.run(), name="uplink"))
         log.info("agent for site %s serving v2 on %s (%d inference threads)", cfg.site, self.endpoint_url, self.workers)

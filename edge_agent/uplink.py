@@ -22,7 +22,7 @@ import grpc
 
 import edge_agent
 from edge_agent import assignments, capacity, diagnosis, errors, registry, state, tls
-from edge_agent.retry import RECONNECT, RetryPolicy
+from edge_agent.retry import RECONNECT, Jitter, RetryPolicy
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 
@@ -172,7 +172,7 @@ class Uplink:
         channel_credentials: grpc.ChannelCredentials | None = None,
         agent_tls: tls.AgentTls | None = None,
         backoff: RetryPolicy = RECONNECT,
-        rng: random.Random | None = None,
+        rng: Jitter | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
