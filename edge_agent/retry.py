@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from edgeplane_proto import reconnect
+
 
 class Jitter(Protocol):
     def uniform(self, a: float, b: float) -> float: ...
@@ -25,4 +27,5 @@ class RetryPolicy:
 
 
 MODEL_RETRY = RetryPolicy()  # a failed download or load: 1 s doubling to 60 s
-RECONNECT = RetryPolicy(initial=0.5, maximum=30.0)  # the uplink to the control plane
+# the uplink to the control plane: a restarted one keeps a site for the cap (edgeplane_proto.reconnect)
+RECONNECT = RetryPolicy(initial=reconnect.RECONNECT_INITIAL_S, maximum=reconnect.RECONNECT_MAX_S)

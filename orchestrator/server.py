@@ -49,7 +49,7 @@ from orchestrator.api import watch as watch_api
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.distill import store as capture_store
 from orchestrator import fleet_metrics, runloop, server_config, server_options, server_views
-from edgeplane_proto import identity
+from edgeplane_proto import identity, reconnect
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import openai_routes, proxy, upstream, wire
@@ -293,7 +293,7 @@ class ControlPlane(server_views.ServerViews):
             self._background.append(self._election)
             self._background.append(asyncio.create_task(follower.run(cfg.store_poll_s), name="store-changes"))
         else:  # one process owns the SQLite file: it always leads (after a restart, keeping its agents' replicas until they are back)
-            self.reconciler.resume(rejoin_s=self.takeover_s)
+            self.reconciler.resume(rejoin_s=self.rejoin_s)
             self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
         self.events_pruner = event_retention.EventPruner(self.store, retention, self.elector, self.registry)  # prunes while leading
         self._background.append(asyncio.create_task(self.events_pruner.run(), name="event-retention"))
@@ -346,11 +346,20 @@ class ControlPlane(server_views.ServerViews):
     @property
     def takeover_s(self) -> float:
         """How long a new leader waits for the serving edge sites to join it before its first
-        pass, and a restarted control plane keeps their replicas while they rejoin: the time
-        in which an agent is declared lost, plus two leases for the agents' reconnects (they
-        learn of an election by being refused, see the agent's uplink, and of a restart by
-        their next attempt)."""
+        pass: the time in which an agent is declared lost, plus two leases for the agents'
+        reconnects (they learn of an election by being refused, see the agent's uplink, or
+        move to the next address at once). A restart keeps their sites longer: ``rejoin_s``."""
         return self.config.missed_heartbeats * self.config.heartbeat_interval_s + 2 * self.config.leader_lease_s
+
+    @property
+    def rejoin_s(self) -> float:
+        """How long a control plane restarted on its own database keeps the edge sites that
+        served while their agents rejoin, from when it listens for them: the longest an agent
+        waits between two reconnects (its backoff's cap, ``edgeplane_proto.reconnect``; the
+        attempt before may have failed just before the listener was up), plus the
+        ``takeover_s`` a new leader gives its agents, for the join itself on a control plane
+        still busy starting. The window closes as soon as every awaited site is back."""
+        return reconnect.RECONNECT_MAX_S + self.takeover_s
 
     def _on_wake(self, model: str) -> None:
         """A request found ``model`` scaled to zero. The leader's reconciler starts a replica;
