@@ -22,7 +22,7 @@ from orchestrator.agents import model as agent_model
 from orchestrator.gateway import cascade_rules, routing
 from orchestrator.manifests import schema
 from orchestrator.reconciler import actions as act
-from orchestrator.reconciler import inventory, rollout
+from orchestrator.reconciler import delivery, inventory, rollout
 from orchestrator.reconciler import maintenance as drain
 from orchestrator.reconciler import power as power_mod
 from orchestrator.reconciler import snapshot as snap
@@ -566,15 +566,11 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     if rows != tuple(s.placements):
         out.append(act.RecordPlacement(rows, drain.events(s, result, planned, rows, placement_events(result), ready)))
     regions = routing.RegionIndex.from_points((r.spec.location.region or "", r.spec.location.lat, r.spec.location.lon) for r in s.sites)
-    out.append(act.PublishEndpoints(endpoints(s, rows, assigned), regions, deployed, frozenset(cold), frozenset(starting)))
+    pushes = delivery.pushes(s, assigned)  # the others keep what they were last sent
+    out.append(act.PublishEndpoints(endpoints(s, rows, {p.site: p.assignments for p in pushes}), regions, deployed, frozenset(cold),
+                                    frozenset(starting)))
     out.append(act.PublishCascades(cascade_routes(s)))
-    for site, assignments in assigned.items():
-        # A site with no agent here (still rejoining, or not back in time and planned as lost)
-        # is sent nothing: the hub hands a site's last set to its agent as it joins, and the
-        # agent unloads at once what that set leaves out, though the pass its join starts may
-        # give it straight back. What an agent gets on its return is the plan then.
-        if assignments != s.assignments.get(site) and site in s.agent_by_site:
-            out.append(act.PushAssignments(site, assignments))
+    out.extend(pushes)
     out.extend(act.ForgetAgent(site) for site in agents_to_forget(s.agents, {r.name for r in s.sites}))
     for site, apps in serve_apps(s, rows).items():
         dc = s.datacentres.get(site)
