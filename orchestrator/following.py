@@ -28,7 +28,7 @@ from orchestrator.agents import relay
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import wire
 from orchestrator.reconciler import loop as reconciler_mod
-from orchestrator.reconciler import artifact_use, planning
+from orchestrator.reconciler import artifact_use, delivery
 from orchestrator.store import sqlite as store_mod
 
 log = logging.getLogger("edgeplane")
@@ -150,13 +150,15 @@ class StoreFollower:
         """A follower forgets its lost agents whose Site is no longer stored, as the leader's
         pass forgets its own (``ForgetAgent``): no pass runs here, and the record would stay
         in this replica's ``edgeplane_agents{health="unhealthy"}`` for good. Connected ones
-        are kept, serving nothing, until they leave. Read at a Site's deletion (its event
-        wakes this loop) and at each poll, for an agent lost after its Site was deleted."""
+        are kept, serving nothing, until they leave; a lost one only once the empty set the
+        leader relays has reached it (``delivery.agents_to_forget``). Read at a Site's deletion
+        (its event wakes this loop) and at each poll, for an agent lost after its Site was deleted."""
         lost = [a for a in self.hub.snapshot() if not a.healthy and a.via is None]
         if not lost:
             return
         stored = await self.store.run(lambda: {r.name for r in self.store.list("Site")})
-        for site in planning.agents_to_forget(lost, stored):
+        sent = {a.site: got.assignments for a in lost if (got := self.hub.assignments(a.site)) is not None}
+        for site in delivery.agents_to_forget(lost, stored, sent):
             self.hub.forget_if_lost(site)
 
     async def _forget_unused_versions(self) -> None:

@@ -32,8 +32,8 @@ class PushAssignments:
 @dataclass(frozen=True)
 class ForgetAgent:
     """Drop the record of a lost agent whose Site is no longer stored: nothing else ever
-    would, and it was counted as an unhealthy agent for as long as the process ran. After
-    the site's last push (an empty set), so an agent that comes back still serves nothing."""
+    would, and it was counted as an unhealthy agent for as long as the process ran. Only
+    once it was sent an empty set (``delivery.agents_to_forget``): its watch stream ends here."""
 
     site: str
 

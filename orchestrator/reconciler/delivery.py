@@ -1,4 +1,4 @@
-"""Which edge agents a pass sends their site's assignment set, decided purely.
+"""Which edge agents a pass sends their site's assignment set, and which it forgets, decided purely.
 
 An agent unloads at once a model its set leaves out, and the hub hands a site's last set to
 its agent as it joins. A set that takes a model from an agent that may still serve it would
@@ -12,11 +12,15 @@ machine, a stalled link). Its replicas move and the gateway stops routing to it 
 once its heartbeats are back, it is sent the plan made then, smaller only if that still
 leaves its models out. A deleted Site's agent must serve nothing, and a drain is the
 operator's word that the site is to serve less.
+
+A deleted Site's agent, once lost, is forgotten (nothing else would drop its record), but
+only after it was sent the empty set: forgetting it ends its watch stream, and with it the
+set on its way, so a lost agent that still serves (late heartbeats again) would serve on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from orchestrator.agents import model as agent_model
 from orchestrator.reconciler import actions as act
@@ -35,3 +39,12 @@ def pushes(s: snap.Snapshot, assigned: Mapping[str, tuple[agent_model.Assignment
             continue
         out.append(act.PushAssignments(site, assignments))
     return out
+
+
+def agents_to_forget(agents: Iterable[agent_model.AgentStatus], stored_sites: Collection[str],
+                     sent: Mapping[str, tuple[agent_model.Assignment, ...]]) -> list[str]:
+    """The sites of the lost agents among ``agents`` whose Site is not in ``stored_sites``
+    and which were last sent (``sent``, by site) an empty set, or none: a deleted Site's
+    agent stays while connected, and is forgotten once lost and told to serve nothing (a
+    pass sends it the empty set, the pass after forgets it)."""
+    return [a.site for a in agents if not a.healthy and a.site not in stored_sites and not sent.get(a.site)]

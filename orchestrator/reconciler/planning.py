@@ -522,12 +522,6 @@ def still_serving(s: snap.Snapshot, site: str) -> bool:
     return bool(s.applied_apps.get(site)) or any(owns(n) and a.replicas_running for n, a in seen.items())
 
 
-def agents_to_forget(agents: Iterable[agent_model.AgentStatus], stored_sites: Collection[str]) -> list[str]:
-    """The sites of the lost agents among ``agents`` whose Site is not in ``stored_sites``: a
-    deleted Site's agent stays while connected, and is forgotten once lost."""
-    return [a.site for a in agents if not a.healthy and a.site not in stored_sites]
-
-
 def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -> PassPlan:
     """The pass's actions, in the order the loop runs them: the placement written first (the
     intent), then the routing that follows from it, before anything that waits on an agent
@@ -571,7 +565,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
                                     frozenset(starting)))
     out.append(act.PublishCascades(cascade_routes(s)))
     out.extend(pushes)
-    out.extend(act.ForgetAgent(site) for site in agents_to_forget(s.agents, {r.name for r in s.sites}))
+    out.extend(act.ForgetAgent(site) for site in delivery.agents_to_forget(s.agents, s.site_by_name, s.assignments))
     for site, apps in serve_apps(s, rows).items():
         dc = s.datacentres.get(site)
         if apps != s.applied_apps.get(site) or (dc is not None and (not dc.reachable or dc.drift)):

@@ -3,10 +3,12 @@ came late (a starved machine, a stalled link), not its end. The plan moves its r
 and the gateway stops routing to it, as for any loss; but it is sent no set that takes a
 model from it until its own heartbeats are back and the plan made then still leaves the
 model out. An agent unloads at once what its set leaves out, so a false loss would have it
-unload, download and load again a model the pass after its recovery places there again."""
+unload, download and load again a model the pass after its recovery places there again.
+The agent of a deleted Site, lost or not, is still told to serve nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 
 from orchestrator import catalog, maintenance
@@ -125,3 +127,31 @@ async def test_the_lost_agent_of_a_drained_site_is_sent_the_set_the_drain_leaves
     finally:
         await fleet.close()
 
+
+async def test_the_lost_agent_of_a_deleted_site_is_still_told_to_serve_nothing(tmp_path: pathlib.Path) -> None:
+    """edge-b's Site is deleted while its agent, still connected, is lost: the set its watch
+    stream sends it is the empty one, before the hub forgets it and the stream ends."""
+    fleet = Fleet(tmp_path)
+    try:
+        await fleet.serving()
+        hub = fleet.agents.hub
+        received: list[agent_model.AssignmentSet] = []
+        ready = asyncio.Event()
+
+        async def watch() -> None:
+            async for got in hub.watch_assignments("edge-b", fleet.agents.ids["edge-b"]):
+                received.append(got)
+                ready.set()
+
+        watching = asyncio.create_task(watch())
+        await ready.wait()  # the set it serves now
+        catalog.delete_object(fleet.store, "Site", "edge-b", actor="test")
+        await fleet.b_late()
+        for _ in range(3):  # the passes after: it is forgotten by then
+            await fleet.reconcile()
+        async with asyncio.timeout(10):
+            await watching
+        assert hub.status("edge-b") is None, "the lost agent of a deleted Site is forgotten"
+        assert received[-1].assignments == (), f"its agent was last sent {received[-1]}: it serves on"
+    finally:
+        await fleet.close()

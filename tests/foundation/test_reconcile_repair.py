@@ -146,7 +146,9 @@ def test_edge_sites_still_rejoining_keep_their_replicas_and_are_sent_nothing() -
 def test_a_lost_agent_of_a_deleted_site_is_forgotten_after_it_is_sent_nothing() -> None:
     """A deleted Site's agent is told to serve nothing; once it is lost it is forgotten (it
     was counted as an unhealthy agent for good), while one still connected is kept, as is
-    the lost agent of a Site still stored."""
+    the lost agent of a Site still stored. One that was sent a set is forgotten only in the
+    pass after the one that sends it the empty set: forgetting it ends its watch stream,
+    and the set on its way with it (tests/controlplane/test_agent_false_loss.py)."""
     s = example_snapshot(examples())
     edge = sorted(r.name for r in s.sites if r.spec.tier == "edge")
     kept_lost, deleted = edge[0], edge[1]
@@ -156,7 +158,14 @@ def test_a_lost_agent_of_a_deleted_site_is_forgotten_after_it_is_sent_nothing() 
     assert [a for a in plan.actions if isinstance(a, act.ForgetAgent)] == [act.ForgetAgent("edge-gone")]
     emptied = [i for i, a in enumerate(plan.actions) if isinstance(a, act.PushAssignments) and a.site == "edge-gone"]
     assert emptied and not plan.actions[emptied[0]].assignments  # type: ignore[union-attr]
-    assert emptied[0] < plan.actions.index(act.ForgetAgent("edge-gone"))  # an agent coming back finds the empty set
+    assert emptied[0] < plan.actions.index(act.ForgetAgent("edge-gone"))
+    serving = {"edge-gone": (agent_model.Assignment("m", "d", "v", "http://cp/m", "0" * 64),)}
+    told = planning.plan_pass(dataclasses.replace(s, sites=tuple(r for r in s.sites if r.name != deleted), agents=agents,
+                                                  assignments={**s.assignments, **serving}))
+    assert act.PushAssignments("edge-gone", ()) in told.actions and act.ForgetAgent("edge-gone") not in told.actions
+    after = planning.plan_pass(dataclasses.replace(s, sites=tuple(r for r in s.sites if r.name != deleted), agents=agents,
+                                                   assignments={**s.assignments, "edge-gone": ()}))
+    assert act.ForgetAgent("edge-gone") in after.actions
 
 
 def test_a_deployment_a_reachable_data_centre_refuses_to_apply_is_failing_not_starting() -> None:
