@@ -14,9 +14,8 @@ text has been yielded a failure raises :class:`StreamCut` (the text cannot be ta
 Its attempts (and the endpoint list's lookup before them) share the client's ``timeout``:
 each has what the ones before left, and an answer that has not come by then raises
 :class:`TimedOut` (the whole timeout for each attempt in turn would multiply the wait by
-the replicas tried). ``infer`` gives each
-attempt the whole timeout: a hung replica costs it once and the next one answers, as a v2
-inference is short and idempotent.
+the replicas tried). ``infer`` gives each attempt the whole timeout: a hung replica costs it
+once and the next one answers, as a v2 inference is short and idempotent.
 
 Tensors travel with the v2 binary extension by default (every edgeplane endpoint, agent,
 Ray replica and gateway, speaks it): 256 floats cost about 5 µs to send as bytes and
@@ -44,16 +43,17 @@ v2 protocol has no name for, a chat's ``n`` other than 1, a proxy in the environ
 httpx cannot use, such as ``ALL_PROXY=socks5://...`` without socksio) raise ``ValueError``
 (``TypeError`` for a wrong type) before anything is sent. Everything that happens on the
 way raises an :class:`EdgeplaneError`, never an ``httpx`` exception: :class:`NoEndpoint`,
-:class:`Unreachable` (timeouts included; a chat's is a :class:`TimedOut`),
-:class:`InferenceError`, :class:`StreamCut`, :class:`BadAnswer`.
+:class:`Unreachable` (timeouts included; a chat's is a :class:`TimedOut`, as is :class:`PoolFull`:
+more requests at once than ``max_connections``, 100 by default, the client's own condition,
+which ejects no replica), :class:`InferenceError`, :class:`StreamCut`, :class:`BadAnswer`.
 
 This module decides where each request goes and sends it; the parts it decides with live
 beside it, each importable from here as well: the error tree in
 :mod:`orchestrator.clienterrors`, the endpoint list cache in :mod:`orchestrator.clientcache`,
 a chat's answer and the OpenAI wire format it is read from in :mod:`orchestrator.clientchat`,
 an :class:`AsyncClient`'s HTTP client for each event loop in :mod:`orchestrator.clientloops`,
-an answer's body read within its bound in :mod:`orchestrator.clientbody`, and the checks of
-what a caller gives in :mod:`orchestrator.clientargs`.
+an answer's body read within its bound in :mod:`orchestrator.clientbody`, its connection pool
+in :mod:`orchestrator.clientpool`, and the checks of what a caller gives in :mod:`orchestrator.clientargs`.
 """
 
 from __future__ import annotations
@@ -72,16 +72,17 @@ import numpy as np
 
 from edgeplane_proto import oip
 from orchestrator import clientargs as args
-from orchestrator import clientbody, clientchat, proxyenv
+from orchestrator import clientbody, clientchat, clientpool, proxyenv
 from orchestrator.clientbody import MAX_ANSWER_BYTES
+from orchestrator.clientpool import MAX_CONNECTIONS
 from orchestrator.clientcache import EndpointCache
 from orchestrator.clientchat import Chat
 from orchestrator.clientloops import LoopClients
-from orchestrator.clienterrors import BadAnswer, EdgeplaneError, InferenceError, NoEndpoint, StreamCut, TimedOut, Unreachable
+from orchestrator.clienterrors import BadAnswer, EdgeplaneError, InferenceError, NoEndpoint, PoolFull, StreamCut, TimedOut, Unreachable
 from orchestrator.urlpath import path_segment
 
-__all__ = ["MAX_ANSWER_BYTES", "AsyncClient", "BadAnswer", "Chat", "Client", "EdgeplaneError", "EndpointCache", "InferResult",
-           "InferenceError", "NoEndpoint", "StreamCut", "TimedOut", "Unreachable"]
+__all__ = ["MAX_ANSWER_BYTES", "MAX_CONNECTIONS", "AsyncClient", "BadAnswer", "Chat", "Client", "EdgeplaneError", "EndpointCache", "InferResult",
+           "InferenceError", "NoEndpoint", "PoolFull", "StreamCut", "TimedOut", "Unreachable"]
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class _Base:
     def __init__(self, server: str | Sequence[str], *, timeout: float = 30.0, token: str | None = None,
                  location: tuple[float, float] | None = None, region: str | None = None, residency: str | None = None,
                  binary: bool = True, cache: EndpointCache | None = None, direct: bool = True,
-                 max_answer_bytes: int = MAX_ANSWER_BYTES):
+                 max_answer_bytes: int = MAX_ANSWER_BYTES, max_connections: int = MAX_CONNECTIONS, own_pool: bool = True):
         self.servers = args.servers(server)
         self.server = self.servers[0]
         self.direct = direct
@@ -150,6 +151,8 @@ class _Base:
         self._seconds = args.seconds(timeout)
         self._timeout = httpx.Timeout(self._seconds, connect=min(2.0, self._seconds))
         self.max_answer_bytes = args.byte_count(max_answer_bytes, "max_answer_bytes")
+        self.max_connections = args.connection_count(max_connections)
+        self._pool = clientpool.Pool(self.max_connections if own_pool else None, self._seconds)  # a transport given holds its own
 
     def _body(self, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> tuple[bytes, dict[str, str]]:
         body, header_len = oip.encode_request(args.tensors(inputs), binary=self.binary)
@@ -403,11 +406,11 @@ class Client(_Base):
 
     def __init__(self, server: str | Sequence[str], *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
                  **kwargs: Any):
-        super().__init__(server, timeout=timeout, **kwargs)
+        super().__init__(server, timeout=timeout, own_pool=transport is None, **kwargs)
         try:
             # the environment's proxies as proxyenv reads them (NO_PROXY=10.0.0.0/8 included);
             # a transport given is used as it is, as httpx does
-            self._http = httpx.Client(timeout=self._timeout, transport=transport or proxyenv.transport(), trust_env=False)
+            self._http = httpx.Client(timeout=self._timeout, transport=transport or proxyenv.transport(self._pool.limits()), trust_env=False)
         except proxyenv.UNUSABLE as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
             raise ValueError(proxyenv.explain(exc)) from None
 
@@ -444,7 +447,7 @@ class Client(_Base):
 
     def _read(self, request: httpx.Request) -> httpx.Response:
         """The answer to ``request``, read whole within ``max_answer_bytes``."""
-        resp = self._http.send(request, stream=True)
+        resp = self._pool.send(self._http, request)
         try:
             return clientbody.read(resp, self.max_answer_bytes)
         finally:
@@ -469,7 +472,7 @@ class Client(_Base):
         for number, attempt in enumerate(self._chat_attempts(model, self._endpoints(model, False, chat._deadline)), start=1):
             request = self._chat_request(attempt, body, self._chat_begins(chat, number))
             try:
-                resp = self._http.send(request, stream=True)
+                resp = self._pool.send(self._http, request)
             except httpx.HTTPError as exc:
                 self._chat_refused(chat, model, attempt, None, exc)
                 continue
@@ -507,8 +510,8 @@ class AsyncClient(_Base):
 
     def __init__(self, server: str | Sequence[str], *, timeout: float = 30.0, transport: httpx.AsyncBaseTransport | None = None,
                  **kwargs: Any):
-        super().__init__(server, timeout=timeout, **kwargs)
-        self._loops = LoopClients(self._timeout, transport)
+        super().__init__(server, timeout=timeout, own_pool=transport is None, **kwargs)
+        self._loops = LoopClients(self._timeout, transport, self._pool.limits())
 
     @property
     def _http(self) -> httpx.AsyncClient:
@@ -548,7 +551,7 @@ class AsyncClient(_Base):
 
     async def _read(self, request: httpx.Request) -> httpx.Response:
         """The answer to ``request``, read whole within ``max_answer_bytes``."""
-        resp = await self._http.send(request, stream=True)
+        resp = await self._pool.asend(self._http, request)
         try:
             return await clientbody.aread(resp, self.max_answer_bytes)
         finally:
@@ -573,7 +576,7 @@ class AsyncClient(_Base):
         for number, attempt in enumerate(self._chat_attempts(model, await self._endpoints(model, False, chat._deadline)), start=1):
             request = self._chat_request(attempt, body, self._chat_begins(chat, number))
             try:
-                resp = await self._http.send(request, stream=True)
+                resp = await self._pool.asend(self._http, request)
             except httpx.HTTPError as exc:
                 self._chat_refused(chat, model, attempt, None, exc)
                 continue

@@ -90,6 +90,14 @@ def byte_count(value: Any, name: str) -> int:
     return int(value)
 
 
+def connection_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"max_connections must be a whole number of connections, not {value!r}")
+    if value < 1:
+        raise ValueError(f"max_connections {value!r}: give a whole number of connections, 1 or more")
+    return int(value)
+
+
 def model_name(model: Any) -> str:
     if not isinstance(model, str):
         raise TypeError(f"model must be a string, not {type(model).__name__}")

@@ -7,6 +7,7 @@ uses: each ``httpx`` exception is translated where it is caught. ::
     ├── NoEndpoint       no allowed, healthy replica for the model
     ├── Unreachable      nothing answered (connection refused, timed out)
     │   └── TimedOut     a chat's answer did not come within the client's timeout
+    │       └── PoolFull the client's own connections were all busy for its timeout: nothing was sent
     ├── InferenceError   a refusal (4xx): retrying elsewhere would not help
     ├── StreamCut        a generation failed after part of its text was delivered
     └── BadAnswer        an answer that is not what the protocol says, or larger than the client reads
@@ -46,6 +47,27 @@ class TimedOut(Unreachable):
 
     def __init__(self, seconds: float, attempts: int):
         EdgeplaneError.__init__(self, f"no answer within the timeout ({seconds:g} s; attempts: {attempts})")
+
+
+class PoolFull(TimedOut):
+    """No connection of the client came free within its timeout: the caller ran more requests
+    at once than the client has connections (``max_connections``), so this one was never
+    sent. The client's own condition, not a replica's or a gateway's: none is left out of
+    rotation for it, and the request goes to no other (they share the pool). ``connections``:
+    the client's ``max_connections``; None for a transport the caller gave, whose pool is its own."""
+
+    def __init__(self, seconds: float, connections: int | None):
+        if connections is None:
+            how = ("the transport given to the client holds its own pool: give it more connections "
+                   "(httpx.HTTPTransport(limits=httpx.Limits(max_connections=N))), or send fewer requests at once")
+            mine = "the connections of the transport given"
+        else:
+            how = f"send fewer requests at once, or give the client more: Client(..., max_connections=N), now {connections}"
+            mine = f"this client's {connections} connections"
+        EdgeplaneError.__init__(self, f"the client's connection pool was full: {mine} were all busy with its other requests "
+                                      f"for the timeout ({seconds:g} s), so the request was not sent (no replica or gateway "
+                                      f"is at fault); {how}")
+        self.connections = connections
 
 
 class InferenceError(EdgeplaneError):

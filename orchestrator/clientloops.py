@@ -28,8 +28,9 @@ from orchestrator import proxyenv
 class LoopClients:
     """The HTTP clients of the event loops a client is used in."""
 
-    def __init__(self, timeout: httpx.Timeout, transport: httpx.AsyncBaseTransport | None) -> None:
+    def __init__(self, timeout: httpx.Timeout, transport: httpx.AsyncBaseTransport | None, limits: httpx.Limits = proxyenv.LIMITS) -> None:
         self._timeout = timeout
+        self._limits = limits  # of each loop's pool (a transport given has its own)
         self._transport = None if transport is None else _Lent(transport)
         self._tls = None if transport is not None else httpx.create_ssl_context()
         self._by_loop: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
@@ -39,7 +40,8 @@ class LoopClients:
 
     def _new(self) -> httpx.AsyncClient:
         try:
-            return httpx.AsyncClient(timeout=self._timeout, transport=self._transport or proxyenv.async_transport(self._tls), trust_env=False)
+            return httpx.AsyncClient(timeout=self._timeout, transport=self._transport or proxyenv.async_transport(self._tls, self._limits),
+                                     trust_env=False)
         except proxyenv.UNUSABLE as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
             raise ValueError(proxyenv.explain(exc)) from None
 

@@ -40,6 +40,9 @@ VARIABLES = ("ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY
 #: What making an httpx client raises for proxy settings it cannot use.
 UNUSABLE: tuple[type[Exception], ...] = (ImportError, ValueError, httpx.InvalidURL)
 
+#: A transport's pool unless told otherwise: httpx's own (100 connections, 20 kept idle).
+LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -162,26 +165,29 @@ class _AsyncRouting(httpx.AsyncBaseTransport):
             await transport.aclose()
 
 
-def transport() -> httpx.BaseTransport:
-    """A synchronous client's transport for the environment's settings; raises one of
-    :data:`UNUSABLE` for a proxy httpx cannot use."""
+def transport(limits: httpx.Limits = LIMITS) -> httpx.BaseTransport:
+    """A synchronous client's transport for the environment's settings, each of its pools
+    (direct, and one for each proxy) held to ``limits`` (httpx's own by default); raises one
+    of :data:`UNUSABLE` for a proxy httpx cannot use."""
     settings = settings_of(urllib.request.getproxies())
-    direct = httpx.HTTPTransport()
+    direct = httpx.HTTPTransport(limits=limits)
     if settings.everywhere or not settings.proxies:
         return direct
-    return _Routing(_Routes[httpx.BaseTransport](settings, direct, lambda url: httpx.HTTPTransport(proxy=url)))
+    return _Routing(_Routes[httpx.BaseTransport](settings, direct, lambda url: httpx.HTTPTransport(proxy=url, limits=limits)))
 
 
-def async_transport(tls: ssl.SSLContext | None = None) -> httpx.AsyncBaseTransport:
+def async_transport(tls: ssl.SSLContext | None = None,
+                    limits: httpx.Limits = LIMITS) -> httpx.AsyncBaseTransport:
     """:func:`transport` for an asynchronous client; ``tls``, when given, is the TLS context of
     each of its connections (made once by a client that makes several transports: building
     one reads the CA certificates, tens of milliseconds), else each transport makes its own."""
     settings = settings_of(urllib.request.getproxies())
     verify: ssl.SSLContext | bool = True if tls is None else tls
-    direct = httpx.AsyncHTTPTransport(verify=verify)
+    direct = httpx.AsyncHTTPTransport(verify=verify, limits=limits)
     if settings.everywhere or not settings.proxies:
         return direct
-    return _AsyncRouting(_Routes[httpx.AsyncBaseTransport](settings, direct, lambda url: httpx.AsyncHTTPTransport(verify=verify, proxy=url)))
+    return _AsyncRouting(_Routes[httpx.AsyncBaseTransport](settings, direct,
+                                                           lambda url: httpx.AsyncHTTPTransport(verify=verify, proxy=url, limits=limits)))
 
 
 def client(**options: Any) -> httpx.Client:

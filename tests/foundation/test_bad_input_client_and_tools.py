@@ -128,6 +128,8 @@ def test_a_server_url_that_cannot_work_is_refused_when_the_client_is_made(cls: t
     ({"max_answer_bytes": 0}, ValueError, "max_answer_bytes 0: give a whole number of bytes, 1 or more"),
     ({"max_answer_bytes": 1.5}, TypeError, "max_answer_bytes must be a whole number of bytes"),
     ({"max_answer_bytes": True}, TypeError, "max_answer_bytes must be a whole number of bytes"),
+    ({"max_connections": 0}, ValueError, "max_connections 0: give a whole number of connections, 1 or more"),
+    ({"max_connections": "8"}, TypeError, "max_connections must be a whole number of connections"),
 ])
 @pytest.mark.parametrize("cls", [client_mod.Client, client_mod.AsyncClient])
 def test_caller_arguments_that_cannot_travel_are_refused_when_the_client_is_made(cls: type, kwargs: dict[str, Any], error: type,
