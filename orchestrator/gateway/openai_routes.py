@@ -24,7 +24,8 @@ event and ``[DONE]``, counted in ``edgeplane_gateway_streams_cut`` (not a failov
 request stays where it is). The replica is judged by how its stream ended, not by its
 first token: a pause counts as a timeout, a cut ejects it, an error event counts as a 500,
 and only a stream that ended with ``[DONE]`` as an answer. A caller that goes away cancels
-the upstream request, which closes its connection, and the replica stops generating.
+the upstream request, which closes its connection, and the replica stops generating
+(:mod:`orchestrator.gateway.caller_watch`).
 
 A ``model`` naming a cascade (``spec.cascade``, by its deployment's or its model's name)
 goes to :mod:`orchestrator.gateway.openai_cascade`, which judges each stage's whole answer
@@ -47,9 +48,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.metrics import MetricWrapperBase
@@ -60,7 +60,7 @@ from starlette.types import Receive, Scope, Send
 
 from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
-from orchestrator.gateway import cascade_rules, event_stream, failover, openai_cascade, routing
+from orchestrator.gateway import caller_watch, cascade_rules, event_stream, failover, openai_cascade, routing
 from orchestrator.gateway.proxy import Gateway, Timed
 from orchestrator.gateway.upstream import Stream, UpstreamError, UpstreamTimeout
 
@@ -71,7 +71,6 @@ SDK_PREFIX = "/v1"
 SDK_PATHS = (f"{SDK_PREFIX}/models", f"{SDK_PREFIX}/chat/completions", f"{SDK_PREFIX}/completions")
 FORWARD_HEADERS = ("content-type", "accept")
 SSE_DONE = b"data: [DONE]\n\n"
-_T = TypeVar("_T")
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
           413: "invalid_request_error", 429: "rate_limit_error"}
 
@@ -316,7 +315,7 @@ class OpenAIGateway:
                 return self._refuse(model, error(400, f"X-Edgeplane-Cascade must be one of {', '.join(cascade_rules.MODES)}"))
             chosen = self.gw.cascade.resolve(route, model, caller)
             if chosen is not None and mode != "off" and not self.gw.table.is_cold(chosen.model):
-                decided = _Decided(lambda: openai_cascade.generate(self, chosen, mode, request, body, suffix, stream, arrived))
+                decided = caller_watch.Decided(lambda: openai_cascade.generate(self, chosen, mode, request, body, suffix, stream, arrived))
                 return Timed(self.gw.metrics.latency, chosen.model, arrived, decided)
             # off, scaled to zero (woken below), or the caller may reach only the model's deployments without a
             # cascade: plain routing over every stage's replicas, by the model's name (those of the named
@@ -371,41 +370,6 @@ def engine_model(e: routing.Endpoint, asked: str) -> str:
     return e.served_model or asked
 
 
-async def until_disconnected(work: Awaitable[_T], receive: Receive) -> _T | None:
-    """``work``'s result, or None when the caller disconnected first. The work is then
-    cancelled, which closes its upstream connections: the replica stops generating. (uvicorn
-    does not cancel an app whose caller left; only reading ``receive`` tells.)"""
-    job = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(receive))
-    try:
-        await asyncio.wait((job, watch), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (job, watch):
-            task.cancel()
-        await asyncio.gather(job, watch, return_exceptions=True)
-    return None if job.cancelled() else job.result()
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-class _Decided(Response):
-    """The ASGI answer that is worked out (a cascade's stages) while the caller is watched:
-    a caller who leaves cancels that work, as it does a relay's."""
-
-    def __init__(self, decide: Callable[[], Awaitable[Response]]) -> None:
-        self.decide = decide
-        self.status_code = 200
-        self.background = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        answer = await until_disconnected(self.decide(), receive)
-        if answer is not None:  # it may be a relay, which watches the caller itself
-            await answer(scope, receive, send)
-
-
 def relay(owner: OpenAIGateway, model: str, ranked: list[routing.Ranked], suffix: str, raw: bytes, stream: bool, *, chat: bool,
           arrived: float, hooks: RelayHooks | None = None, failovers: failover.Failovers | None = None) -> Response:
     """Send ``raw`` (a JSON body) to the first of ``ranked`` that answers and relay its answer
@@ -438,7 +402,7 @@ class _Relay(Response):
         return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await until_disconnected(self._run(send), receive)
+        await caller_watch.until_disconnected(self._run(send), receive)
 
     def _body_for(self, e: routing.Endpoint) -> bytes:
         """The caller's body, naming the model as this replica's engine knows it."""
