@@ -53,7 +53,7 @@ from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import failover
 from orchestrator.gateway import routing
 from orchestrator.gateway.options import MAX_BODY
-from orchestrator.gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
+from orchestrator.gateway.upstream import OutOfDescriptors, UpstreamError, UpstreamPool, UpstreamTimeout
 
 # content-encoding: the stages' replicas inflate a compressed body, as on the plain routes
 FORWARD_HEADERS = ("content-type", "content-encoding", oip.BINARY_HEADER.lower(), "accept")
@@ -302,7 +302,13 @@ class CascadeHandler:
                                                     f"({ranked[0].endpoint.inflight} in flight at {ranked[0].endpoint.site})")
                 cause = "overloaded"
             else:
-                got = await self._run_stage(route, stage, ranked, body, headers, trip, totals, unavailable)
+                try:
+                    got = await self._run_stage(route, stage, ranked, body, headers, trip, totals, unavailable)
+                except OutOfDescriptors as exc:  # the gateway's own: no stage's replica failed, and none can be reached now
+                    if answer is not None:  # an earlier stage answered: its answer stands
+                        return self._not_escalated(route, answer, answer_confidence, trip, started, f"{escalated_why}, but {exc}", totals)
+                    return self._unanswered(totals, started, 503, f"cascade {route.deployment!r}: {exc}",
+                                            {"retry-after": str(exc.retry_after)})
                 cause = "down" if got is None else "unsure"
                 if got is not None and got.status == 429:  # at capacity: overloaded, so it hands over
                     busy, got, cause = got, None, "overloaded"

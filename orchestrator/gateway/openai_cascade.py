@@ -46,7 +46,7 @@ from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import cascade_rules as rules
 from orchestrator.gateway import failover
 from orchestrator.gateway import openai_routes, routing
-from orchestrator.gateway.upstream import UpstreamError, UpstreamTimeout
+from orchestrator.gateway.upstream import OutOfDescriptors, UpstreamError, UpstreamTimeout
 
 
 @dataclass
@@ -118,7 +118,13 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
             fallback = None if answer is None else (answer, answer_confidence, f"{escalated_why}, but")
             return _relay(req, stage, ranked, escalated_at, escalated_why, fallback)
         else:
-            got = await _call(req, stage, ranked, unavailable, logprobs=isinstance(rule, rules.GenerativeRule) and rule.mean_logprob_below is not None)
+            try:
+                got = await _call(req, stage, ranked, unavailable, logprobs=isinstance(rule, rules.GenerativeRule) and rule.mean_logprob_below is not None)
+            except OutOfDescriptors as exc:  # the gateway's own: no stage's replica failed, and none can be reached now
+                if answer is not None:  # an earlier stage answered: its answer stands
+                    return _not_escalated(req, answer, answer_confidence, f"{escalated_why}, but {exc}")
+                return _unanswered(req, openai_routes.error(503, f"cascade {route.deployment!r}: {exc}", code="unavailable",
+                                                            headers={"retry-after": str(exc.retry_after)}))
             cause = "down" if got is None else "unsure"
             if got is not None and got.status == 429:  # at capacity: overloaded, so it hands over
                 busy, got, cause = got, None, "overloaded"

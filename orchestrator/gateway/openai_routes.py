@@ -40,7 +40,8 @@ Upstream calls go through the gateway's ``UpstreamPool`` in its streaming mode
 (``UpstreamPool.stream``): the answer's head comes back as soon as it arrives and its body
 as it is read, a slow caller pauses the replica's socket, and an attempt left unfinished
 closes its connection. Its cost per stream is measured in ``bench/genai_gateway.py``
-(docs/benchmarks.md).
+(docs/benchmarks.md). A gateway out of file descriptors (``upstream.OutOfDescriptors``)
+answers 503 with a Retry-After and tries no other replica, none of which failed.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
 from orchestrator.gateway import caller_watch, cascade_rules, event_stream, failover, openai_cascade, routing
 from orchestrator.gateway.proxy import Gateway, Timed
-from orchestrator.gateway.upstream import Stream, UpstreamError, UpstreamTimeout
+from orchestrator.gateway.upstream import OutOfDescriptors, Stream, UpstreamError, UpstreamTimeout
 
 PREFIX = "/openai/v1"
 #: The OpenAI SDK's own layout (``base_url=.../v1``). A standalone gateway serves all of it;
@@ -416,6 +417,7 @@ class _Relay(Response):
         failures: list[str] = []
         at_capacity: AtCapacity | None = None
         unavailable: list[int | None] = []  # the Retry-After of each replica that answered 503, None for each 404
+        out_of_descriptors: OutOfDescriptors | None = None
         for choice in self.ranked:
             e = choice.endpoint
             self.failovers.attempt(e.site)
@@ -431,11 +433,20 @@ class _Relay(Response):
                     unavailable.append(exc.retry_after)
                 if exc.slow or exc.eject:  # slow: a long prompt on slow hardware, or stuck: EndpointTable.timed_out tells
                     gw.table.failed(e.url, slow=exc.slow)
+            except OutOfDescriptors as exc:  # the gateway's own: no replica failed, and the next would need a descriptor too
+                failures.append(f"{e.site}: {exc}")
+                out_of_descriptors = exc
+                break
             finally:
                 gw.table.finished(e.url)
                 if self.hooks is not None:
                     self.hooks.busy(e, time.perf_counter() - began)
         if self.hooks is not None and await self.hooks.failed(send, failures, at_capacity):
+            return
+        if out_of_descriptors is not None:
+            gw.refused(self.model, 503)
+            await _send_whole(send, 503, error_body(str(out_of_descriptors), 503, code="unavailable"),
+                              {"retry-after": str(out_of_descriptors.retry_after)})
             return
         if (retry := failover.retry_after(unavailable, len(failures))) is not None:
             gw.refused(self.model, 503)

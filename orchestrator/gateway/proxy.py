@@ -9,6 +9,8 @@ are. A connection failure or a 5xx is retried on the next-ranked endpoint within
 same request (inference is idempotent) and ejects the endpoint that failed, unless it
 answered 500 or took the request and did not answer in time, an error of that one request,
 and not yet several in a row (``EndpointTable.answered``, ``EndpointTable.timed_out``).
+A gateway out of file descriptors (``upstream.OutOfDescriptors``) answers 503 with a
+Retry-After at once, on every route, and no replica is held to blame.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from orchestrator.gateway import failover
 from orchestrator.gateway import routing
 from orchestrator.gateway import series
 from orchestrator.gateway.options import COLD_START_S, MAX_BODY
-from orchestrator.gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
+from orchestrator.gateway.upstream import OutOfDescriptors, UpstreamError, UpstreamPool, UpstreamTimeout
 
 UNKNOWN_MODEL = series.UNKNOWN_MODEL  # the name a caller gave, when the table does not know it
 
@@ -236,6 +238,9 @@ class Gateway:
                 failures.append(f"{e.site}: {exc}")
                 self.table.failed(e.url, slow=isinstance(exc, UpstreamTimeout))  # slow at this request (a huge batch), or down
                 continue
+            except OutOfDescriptors as exc:  # the gateway's own: no replica failed, and the next would need a descriptor too
+                refused(model, 503)
+                return _error(503, str(exc), retry_after=exc.retry_after)
             finally:
                 self.table.finished(e.url)
             status, content, upstream_headers = upstream.status, upstream.body, upstream.headers

@@ -20,7 +20,13 @@ took 120 µs, measured against the same server. What it does:
   long as the kernel's default (two hours): an idle one until ``idle_s``, and one waiting for
   a whole generated answer, which has no time limit, until the caller gives up. A live
   replica's kernel answers the probes, however long its model takes;
-- every failure is an :class:`UpstreamError`, which the gateway turns into failover.
+- every failure is an :class:`UpstreamError`, which the gateway turns into failover, but
+  the gateway's own: out of file descriptors (``EMFILE``, its ``RLIMIT_NOFILE``; ``ENFILE``,
+  the system's), a connection cannot be made to any replica, and none has failed. That is an
+  :class:`OutOfDescriptors`, which no route counts against the replica or moves on from (the
+  next would need a descriptor too): each answers 503 with a Retry-After. It is logged, at
+  most once every :data:`OUT_OF_DESCRIPTORS_LOG_S` with how many came since, as each request
+  meets it until descriptors are freed.
 
 A streamed answer (:class:`Stream`) is handed over as soon as its head arrived; its body
 (chunked, with a length, or up to the close) is read as it arrives. Reading pauses the
@@ -36,6 +42,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
+import logging
+import resource
 import socket
 import ssl
 import time
@@ -51,6 +60,12 @@ STREAM_HIGH_WATER = 64 * 1024  # unread bytes of a streamed body at which its so
 #: TCP keep-alive of the connections to replicas: (seconds idle before the first probe, seconds
 #: between probes, unanswered probes that end the connection): a vanished host is found in ~25 s.
 KEEPALIVE = (10, 5, 3)
+#: The Retry-After, in seconds, of a request answered 503 because the gateway is out of file descriptors.
+OUT_OF_DESCRIPTORS_RETRY_S = 1
+#: The gateway logs that it is out of file descriptors at most once in this many seconds.
+OUT_OF_DESCRIPTORS_LOG_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 class UpstreamError(Exception):
@@ -60,6 +75,15 @@ class UpstreamError(Exception):
 class UpstreamTimeout(UpstreamError):
     """The replica took the request and gave no answer in time: slow at this one request
     (a huge batch), or stuck; unlike a connection failure, not a sign that it is down."""
+
+
+class OutOfDescriptors(Exception):
+    """No connection could be made because the gateway has no file descriptor left (its
+    process's limit, or the system's). Not an :class:`UpstreamError`: no replica failed,
+    and none is counted against or ejected for it; the caller is answered 503, to retry
+    after ``retry_after`` seconds."""
+
+    retry_after = OUT_OF_DESCRIPTORS_RETRY_S
 
 
 class StreamCut(UpstreamError):
@@ -320,6 +344,8 @@ class UpstreamPool:
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
+        self._descriptors_logged_at: float | None = None  # when running out of them was last logged
+        self._descriptors_unlogged = 0  # times it happened since
 
     async def request(self, method: str, url: str, body: bytes | None = None, headers: Mapping[str, str] | None = None) -> Answer:
         origin, head = _request_head(method, url, body, headers)
@@ -400,12 +426,31 @@ class UpstreamPool:
         except TimeoutError:
             raise UpstreamError(f"connect to {host}:{port} timed out after {self.connect_timeout:g}s") from None
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise self._out_of_descriptors(exc) from None
             raise UpstreamError(f"connect to {host}:{port} failed: {exc.strerror or exc}") from None
         sock = conn.transport.get_extra_info("socket") if conn.transport else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _keep_alive(sock, self.keepalive)
         return conn, False
+
+    def _out_of_descriptors(self, exc: OSError) -> OutOfDescriptors:
+        """What to raise for ``exc``, a connection that ``EMFILE`` or ``ENFILE`` kept from
+        being made, logged for the operator at most once every :data:`OUT_OF_DESCRIPTORS_LOG_S`."""
+        whose = "the system's" if exc.errno == errno.ENFILE else "this process's"
+        now = self._clock()
+        if self._descriptors_logged_at is not None and now - self._descriptors_logged_at < OUT_OF_DESCRIPTORS_LOG_S:
+            self._descriptors_unlogged += 1
+        else:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            since = f" ({self._descriptors_unlogged} more since the last such line)" if self._descriptors_unlogged else ""
+            log.warning("the gateway is out of file descriptors (%s, %s limit; RLIMIT_NOFILE soft %s, hard %s): it cannot connect "
+                        "to replicas and answers their requests 503; raise the limit (ulimit -n, systemd LimitNOFILE=) or "
+                        "find what holds them%s", exc.strerror, whose, soft, hard, since)
+            self._descriptors_logged_at, self._descriptors_unlogged = now, 0
+        return OutOfDescriptors(f"the gateway is out of file descriptors ({exc.strerror}) and could not connect to a replica; "
+                                f"retry in {OUT_OF_DESCRIPTORS_RETRY_S} s")
 
     def _release(self, origin: tuple[str, str, int], conn: _Connection) -> None:
         if self._closed or not conn.reusable:
