@@ -1,5 +1,7 @@
 """How long a ``Retry-After`` asks to wait, as every part of edgeplane reads it (the gateway
-from a replica, the Python client and the CLI from a gateway or the API).
+from a replica, the Python client and the CLI from a gateway or the API). The web console
+reads it in JavaScript by the same rules (``retryAfterSeconds`` in
+``orchestrator/console/static/api.js``; ``tests/console`` holds the two to the same answers).
 
 Whatever a server sends is read here, never raised: a header is read as latin-1, where
 ``str.isdigit`` takes "²" (which ``float`` and ``int`` refuse), and an HTTP date with the

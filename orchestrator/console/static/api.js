@@ -20,11 +20,59 @@ export class RetryLater extends Error {
 // A 429: every what-if slot taken; retryAfter is its Retry-After, 5 s where it gives none.
 export class Busy extends RetryLater {}
 
-// The seconds a Retry-After asks for (at least one, so a wait always waits), or null: an HTTP
-// date is read as none, as the CLI reads it.
+// The seconds a Retry-After asks for (at least one, so a wait always waits), or null where it
+// gives none or one that cannot be read: as the CLI reads it.
 function retryAfter(resp) {
-  const seconds = Number(resp.headers.get("retry-after") ?? NaN);
-  return Number.isFinite(seconds) ? Math.max(1, seconds) : null;
+  const seconds = retryAfterSeconds(resp.headers.get("retry-after"));
+  return seconds === null ? null : Math.max(1, seconds);
+}
+
+// The seconds a Retry-After value asks to wait, read as edgeplane_proto/retry_after.py reads it
+// for the CLI and the Python client: a number of seconds in ASCII digits (at most 18: not a
+// fraction, a sign or "1e3", which Number() takes), or an HTTP date in any of its three forms
+// ("Sun, 06 Nov 1994 08:49:37 GMT", "Sunday, 06-Nov-94 08:49:37 GMT", "Sun Nov  6 08:49:37
+// 1994"), with the zones and the leeway Python's email.utils takes, measured from `nowMs`
+// (0 for a date past); null for none, or a value that cannot be read (a day no month has).
+export function retryAfterSeconds(value, nowMs = Date.now()) {
+  if (value === null || value === undefined) return null;
+  const text = value.trim();
+  if (/^[0-9]{1,18}$/.test(text)) return Number(text);
+  const when = httpDateMs(text);
+  return when === null ? null : Math.max(0, (when - nowMs) / 1000);
+}
+
+const MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
+// Zones by name, in hours east of UTC (email.utils' table; HTTP itself sends GMT only).
+const ZONES = { ut: 0, utc: 0, gmt: 0, z: 0, ast: -4, adt: -3, est: -5, edt: -4, cst: -6, cdt: -5, mst: -7, mdt: -6, pst: -8, pdt: -7 };
+// "[Sun, ]06 Nov 1994 08:49[:37] GMT" and RFC 850's "Sunday, 06-Nov-94 08:49:37 GMT"; a zone is required.
+const DATED = /^(?:[a-z]+,\s*)?([0-9]{1,2})[ -]([a-z]{3})[ -]([0-9]{4}|[0-9]{2}) ([0-9]{1,2}):([0-9]{2})(?::([0-9]{2}))? ([a-z]+|[+-][0-9]{4})$/i;
+// asctime's, which names no zone and is in UTC: "Sun Nov  6 08:49:37 1994".
+const ASCTIME = /^[A-Z][a-z]{2} ([A-Z][a-z]{2}) ([ 0-9][0-9]) ([0-9]{2}):([0-9]{2}):([0-9]{2}) ([0-9]{4})$/;
+
+// The time an HTTP date names, in ms since the epoch, or null.
+function httpDateMs(text) {
+  let day, month, year, hour, minute, second, offsetS;
+  let found = DATED.exec(text);
+  if (found) {
+    [, day, month, year, hour, minute, second = "0"] = found;
+    const zone = found[7].toLowerCase();
+    if (zone in ZONES) offsetS = ZONES[zone] * 3600;
+    else if (zone === "-0000") return null;  // "no zone known", which an HTTP date never is
+    else if (/^[+-][0-9]{4}$/.test(zone)) {
+      const hhmm = Number(zone.slice(1));
+      offsetS = (zone[0] === "-" ? -1 : 1) * (Math.floor(hhmm / 100) * 3600 + (hhmm % 100) * 60);
+    } else return null;
+  } else if ((found = ASCTIME.exec(text))) {
+    [, month, day, hour, minute, second, year] = found;
+    offsetS = 0;
+  } else return null;
+  const m = MONTHS.indexOf(month.toLowerCase());
+  let y = Number(year);
+  if (y < 100) y += y > 68 ? 1900 : 2000;  // a two-digit year, as email.utils reads it
+  const [d, h, min, s] = [Number(day), Number(hour), Number(minute), Number(second)];
+  if (m < 0 || d < 1 || d > new Date(Date.UTC(y, m + 1, 0)).getUTCDate() || h > 23 || min > 59 || s > 59
+      || Math.abs(offsetS) >= 86400) return null;
+  return Date.UTC(y, m, d, h, min, s) - offsetS * 1000;
 }
 
 // A token pasted from a chat or a PDF brings characters no token has: whitespace around it and
