@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -73,7 +72,7 @@ class EventPruner:
     retention: Retention
     elector: leadership.Elector | None
     registry: CollectorRegistry
-    clock: Callable[[], float] = time.time  # the store's clock: events carry its time
+    clock: Callable[[], float] | None = None  # the store's time (its now()), which events carry; a test's
     every_s: float = 60.0
     batch: int = 1000
     max_batches: int = 10
@@ -89,7 +88,7 @@ class EventPruner:
         if self.elector is not None and lease is None:
             return 0
         deleted = 0
-        for audit, before in self.retention.cutoffs(self.clock()):
+        for audit, before in self.retention.cutoffs(self.clock() if self.clock is not None else self.store.now()):
             for _ in range(self.max_batches):
                 n = await self.store.run(self.store.prune_events, before, audit, self.batch, lease)
                 self.pruned.labels("audit" if audit else "events").inc(n)

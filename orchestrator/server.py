@@ -153,10 +153,11 @@ class ControlPlane(server_views.ServerViews):
             )
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.store = open_store(cfg.store or cfg.data_dir / "state.db", exclusive=True, threads=cfg.store_threads)  # type: ignore[assignment]
+            self.store = open_store(cfg.store or cfg.data_dir / "state.db", exclusive=True, threads=cfg.store_threads,  # type: ignore[assignment]
+                                    wall=cfg.wall)
         except store_mod.StoreError as e:
             raise server_config.ConfigError(str(e)) from e
-        self.authenticator = auth.Authenticator(self.store, required=cfg.auth == "token")
+        self.authenticator = auth.Authenticator(self.store, required=cfg.auth == "token", wall=self.store.now)
         self.registry = CollectorRegistry()
         self.fleet = fleet_metrics.FleetCollector(self)
         self.registry.register(self.fleet)

@@ -10,7 +10,9 @@ import argparse
 import os
 import pathlib
 import socket
+import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +72,8 @@ class ServerConfig:
     simulation_budget: int = sim_budget.DEFAULT_BUDGET  # units of planning one what-if may take (simulation/budget.py)
     events_retention_s: float = event_retention.EVENTS_S  # the fleet's own events are deleted past it; 0 keeps them all
     audit_retention_s: float = event_retention.AUDIT_S  # what callers did (the audit trail), likewise
+    # this machine's clock (a test's, hours off): the store learns its own time against it (StateStore.now)
+    wall: Callable[[], float] = time.time
 
 
 def peer_host(cfg: ServerConfig) -> str:

@@ -38,6 +38,10 @@ class StateStore(Protocol):
     path: str
 
     def close(self) -> None: ...
+    def now(self) -> float:
+        """The store's time (epoch seconds), which every replica sharing it agrees on: what it
+        stamps tokens, events and objects with, and what a stamp it keeps is compared with."""
+        ...
     async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn(*args, **kwargs)`` on the store's own bounded threads (:mod:`orchestrator.store.threads`):
         how the event loop calls the store."""
@@ -106,14 +110,16 @@ def is_postgres_url(location: str) -> bool:
     return location.startswith(("postgresql://", "postgres://"))
 
 
-def open_store(location: str | pathlib.Path, clock: Callable[[], float] = time.time, *, exclusive: bool = False,
-               threads: int = DEFAULT_THREADS) -> StateStore:
+def open_store(location: str | pathlib.Path, clock: Callable[[], float] | None = None, *, exclusive: bool = False,
+               threads: int = DEFAULT_THREADS, wall: Callable[[], float] = time.time) -> StateStore:
     """A ``postgresql://`` URL opens the PostgreSQL store (psycopg is imported only
     then, so one machine on SQLite needs no driver); ``sqlite:///path`` or a plain path
     the SQLite store. Any other URL is refused rather than taken for a file name.
     ``exclusive``: an SQLite file is this process's alone while open (replicas share a
     PostgreSQL store by its lease instead). ``threads``: how many calls the store runs for the
-    event loop at once (:meth:`StateStore.run`)."""
+    event loop at once (:meth:`StateStore.run`). ``wall``: this process's clock; the store's
+    time (:meth:`StateStore.now`) is the database server's clock on PostgreSQL, learned against
+    it, and it on SQLite. ``clock``: the store's time instead, on either (a test's)."""
     if isinstance(location, str) and (scheme := re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", location)):
         if is_postgres_url(location):
             try:
@@ -121,7 +127,7 @@ def open_store(location: str | pathlib.Path, clock: Callable[[], float] = time.t
             except ImportError as e:
                 raise StoreError(f"the PostgreSQL store needs psycopg: pip install 'edgeplane[postgres]' ({e})") from e
 
-            return PostgresStore(location, clock=clock, threads=threads)
+            return PostgresStore(location, clock=clock, threads=threads, wall=wall)
         if scheme.group(1).lower() != "sqlite":
             raise StoreError(f"unsupported store URL scheme {scheme.group(1)!r}: give postgresql://user@host/db, "
                              "sqlite:///path/state.db or a file path")
@@ -130,4 +136,4 @@ def open_store(location: str | pathlib.Path, clock: Callable[[], float] = time.t
             raise StoreError("sqlite:// needs a path: sqlite:///var/lib/edgeplane/state.db")
     from orchestrator.store.sqlite import Store
 
-    return Store(location, clock=clock, exclusive=exclusive, threads=threads)
+    return Store(location, clock=clock if clock is not None else wall, exclusive=exclusive, threads=threads)

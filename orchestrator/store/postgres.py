@@ -13,7 +13,15 @@ the break raises :class:`StoreUnavailable` without pretending to know whether a 
 in flight committed, as does a database that refuses writes (a read-only standby); no
 psycopg error leaves the store. The operations themselves are shared with the SQLite store in
 :mod:`orchestrator.store.sql`; this file holds only what is PostgreSQL's own: the
-schema, the connection and its transaction, the counters, and leases for leadership.
+schema, the connection and its transaction, the counters, leases for leadership, and the
+store's time.
+
+Why the store's time is the database server's clock: what one replica stamps (a token's
+expiry, an event's time) another compares with its time, and replicas' clocks drift apart
+(one two hours behind made one-hour tokens every other replica refused at once). The one
+clock every replica reads is the server's. Asking it at each check would put a round trip
+on every token check, so a replica measures how far its own clock is from the server's on
+the round trips it makes anyway (each connection, each lease call) and adds that.
 """
 
 from __future__ import annotations
@@ -128,8 +136,12 @@ class PostgresStore(SqlStore):
     placeholder = "%s"
     collate = ' COLLATE "C"'  # byte-wise, as SQLite sorts text
 
-    def __init__(self, url: str, clock: Callable[[], float] = time.time, connect_timeout_s: float = 5.0,
-                 idle_in_transaction_s: float = IDLE_IN_TRANSACTION_S, threads: int = DEFAULT_THREADS):
+    def __init__(self, url: str, clock: Callable[[], float] | None = None, connect_timeout_s: float = 5.0,
+                 idle_in_transaction_s: float = IDLE_IN_TRANSACTION_S, threads: int = DEFAULT_THREADS,
+                 wall: Callable[[], float] = time.time):
+        """``clock``: the store's time, when given (a test's, to make tokens expire); by default
+        the database server's clock, which this replica reads as ``wall`` (its own clock) plus
+        their difference, measured on each connection and each lease call (:meth:`now`)."""
         try:
             conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as e:
@@ -137,7 +149,9 @@ class PostgresStore(SqlStore):
         self.threads = StoreThreads(threads)  # its threads start when asked
         self.url = url
         self.path = _redacted(url)  # what logs and `serve` print: never the password
-        self._clock = clock
+        self._wall = wall
+        self._offset = 0.0  # the database server's clock minus this replica's (wall), as last measured
+        self._clock = clock if clock is not None else self._database_time
         self._timeout = connect_timeout_s
         self._idle_in_transaction_ms = max(1, round(idle_in_transaction_s * 1000))
         self._lock = ConnectionLock()  # the lease's calls first
@@ -201,6 +215,7 @@ class PostgresStore(SqlStore):
             try:
                 self._conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, **self.connect_options())
                 self._conn.execute(f"SET idle_in_transaction_session_timeout = {self._idle_in_transaction_ms}")
+                self._read_clock(self._conn)  # before any stamp this connection writes
             except psycopg.OperationalError as e:
                 raise StoreUnavailable(f"cannot reach the PostgreSQL store at {self.path}: {_one_line(e)}") from e
             except psycopg.ProgrammingError as e:  # e.g. an unknown parameter in the URL
@@ -287,8 +302,23 @@ class PostgresStore(SqlStore):
             cur.executemany(sql, rows)
 
     def _lease_now(self, db: psycopg.Connection[dict[str, Any]]) -> float:
+        return self._read_clock(db)  # the database's clock, the same for every replica
+
+    def _read_clock(self, db: psycopg.Connection[dict[str, Any]]) -> float:
+        """The database server's clock now, in epoch seconds (one statement), and how far this
+        replica's clock is from it, measured on the way: the server read its clock between the
+        two readings of ours, taken as halfway (off by half the round trip at most)."""
+        before = self._wall()
         row = db.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now").fetchone()
-        return float(row["now"])  # type: ignore[index]  # the database's clock, the same for every replica
+        after = self._wall()
+        now = float(row["now"])  # type: ignore[index]
+        self._offset = now - (before + after) / 2
+        return now
+
+    def _database_time(self) -> float:
+        """The database server's clock without asking it: this replica's clock and the difference
+        last measured (each lease call, every third of the lease on every replica)."""
+        return self._wall() + self._offset
 
 
 class EventsIndex:

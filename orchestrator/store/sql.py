@@ -66,7 +66,7 @@ class SqlStore(Credentials):
     placeholder = "?"  # how the driver marks a parameter
     collate = ""  # appended to each ORDER BY column so text sorts byte-wise
 
-    _clock: Callable[[], float]
+    _clock: Callable[[], float]  # the store's time (:meth:`now`)
     _id: str | None = None  # store_id(), once read
     threads: StoreThreads  # what the event loop's calls run on (:meth:`run`); closed with the store
 
@@ -78,6 +78,14 @@ class SqlStore(Credentials):
     async def run_first(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """As :meth:`run`, for the lease's calls: ahead of the calls queued, and first to the connection."""
         return await self.threads.run_first(fn, *args, **kwargs)
+
+    def now(self) -> float:
+        """The store's time, in epoch seconds: what every time it keeps is stamped with (tokens'
+        creation and expiry, events, objects' creation) and what its checks compare them with.
+        Several replicas sharing one PostgreSQL store agree on it whatever their own clocks say:
+        there it is the database server's clock, known without a query (:mod:`.postgres`); on
+        SQLite, one process's file, it is that process's clock. A test's injected clock is it."""
+        return self._clock()
 
     # --- what a backend supplies ------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """What control-plane replicas share through the state store: the leader's lease and the
-fencing of a deposed holder's writes, published bodies, and other processes' commits told as
-they commit. A test that takes the ``store``, ``reopen`` or ``location`` fixture
+fencing of a deposed holder's writes, published bodies, other processes' commits told as
+they commit, and one time whatever the replicas' clocks say. A test that takes the ``store``, ``reopen`` or ``location`` fixture
 (conftest.py) runs against both backends, an SQLite file and a real PostgreSQL server; they
 must behave identically."""
 
@@ -15,6 +15,9 @@ import pytest
 from orchestrator.store import StateStore as Store
 from orchestrator.store import sqlite as store_mod
 from orchestrator.store.sqlite import Event, ObjectWrite, PlacementRow
+from orchestrator.testing.postgres import PostgresServer
+
+HOUR_S = 3600.0
 
 
 def wait_for_lease(store: Store, holder: str, ttl_s: float, within_s: float) -> store_mod.Lease:
@@ -131,3 +134,37 @@ def test_other_processes_commits_are_told_as_they_commit(reopen: Callable[..., S
         assert told.get(timeout=10) == "published:table"
     finally:
         feed.close()
+
+
+def test_replicas_hours_apart_take_each_others_tokens_for_their_whole_life(postgres: PostgresServer) -> None:
+    """A token's creation and expiry are stamped, and checked, on the store's time (the
+    database server's clock), not on the clock of the replica that makes or checks it: a
+    replica two hours behind made one-hour tokens (bootstrap and API) that every other replica
+    refused at once, and one two hours ahead refused those a true one made. A replica's clock
+    that steps (NTP) moves nothing once its next lease call has measured it again."""
+    from orchestrator.store.postgres import PostgresStore
+
+    url = postgres.create_database()
+    step = [0.0]
+    behind = PostgresStore(url, wall=lambda: time.time() - 2 * HOUR_S + step[0])
+    true, ahead = PostgresStore(url), PostgresStore(url, wall=lambda: time.time() + 2 * HOUR_S)
+    try:
+        boot_secret, boot = behind.create_token("bootstrap", "agent", HOUR_S, "admin", "for lyon")
+        api_secret, api = behind.create_token("api", "admin", HOUR_S, "admin")
+        for replica in (true, ahead, behind):
+            assert replica.verify_token(boot_secret, "bootstrap") == boot
+            assert replica.verify_token(api_secret, "api") == api
+            assert replica.has_admin_token()
+            assert [t.state for t in replica.tokens()] == ["active", "active"]
+        assert boot.expires_at is not None and abs(boot.expires_at - (true.now() + HOUR_S)) < 60  # the database's clock
+        made_secret, made = true.create_token("api", "read", HOUR_S, "admin")
+        assert ahead.verify_token(made_secret, "api") == made and behind.verify_token(made_secret, "api") == made
+
+        step[0] = 2 * HOUR_S  # the replica behind is set right (NTP steps its clock)
+        assert behind.acquire_lease("leader", "behind", 30.0) is not None  # every replica asks every third of the lease
+        stepped_secret, stepped = behind.create_token("api", "read", HOUR_S, "admin")
+        assert ahead.verify_token(stepped_secret, "api") == stepped
+        assert stepped.expires_at is not None and abs(stepped.expires_at - (true.now() + HOUR_S)) < 60
+    finally:
+        for replica in (behind, true, ahead):
+            replica.close()
