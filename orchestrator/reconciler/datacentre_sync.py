@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -35,7 +34,7 @@ class DataCentreBackoff(Backoff):
 
     unreachable: bool = False  # its last failure was observing it (not applying or removing apps)
     unreachable_since: float = 0.0  # when observing it began to fail (this run of failures)
-    unreachable_at: float | None = None  # the same, by the wall clock: published, for a new leader (DataCentreObservation)
+    unreachable_at: float | None = None  # the same, on the store's time: published, for a new leader (DataCentreObservation)
     target: str | None = None  # where the site's applications ran when it failed
     # the last failure was the cluster refusing the call (its error not ``retryable``, e.g.
     # a Serve config it answers 422 to): the operator's to fix, where a retryable one (Ray
@@ -58,15 +57,18 @@ class DataCentreSync:
     ``clock`` and ``lease`` are read at each call: the reconciler's, which change (a test's
     stopped clock, a new lease when the replica leads again). ``lost_after``: how long a
     site may stay out of reach before it is declared lost (``DataCentreObservation.lost``),
-    the time an agent is given before it is (its missed heartbeats). ``wall``: the wall clock,
-    which tells a leader that takes over mid-outage when it began (:meth:`inherit`)."""
+    the time an agent is given before it is (its missed heartbeats). ``wall``: the time when
+    an outage began is stamped with, which tells a leader that takes over mid-outage when it
+    began (:meth:`inherit`); by default the store's (``store.now``), the database server's
+    clock that every replica reads the same, since the new leader's own clock may be hours
+    from the old one's (a test gives its own)."""
 
     store: store_mod.Store
     datacentres: DataCentres
     clock: Callable[[], float]
     lease: Callable[[], store_mod.Lease | None]
     lost_after: float
-    wall: Callable[[], float] = time.time
+    wall: Callable[[], float] | None = None
     observed: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
     applied: dict[str, tuple[serve_config.ServeAppSpec, ...]] = field(default_factory=dict)
     reapplied: dict[str, int] = field(default_factory=dict)  # by site: Serve applications applied again after another writer
@@ -77,6 +79,10 @@ class DataCentreSync:
     _not_as_asked: dict[str, dict[str, str]] = field(default_factory=dict)
     # by site: what the last leader published it observed, taken at the next observe (inherit)
     _inherited: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
+
+    def _now(self) -> float:
+        """The time outages' starts are stamped and compared on (``wall``)."""
+        return self.wall() if self.wall is not None else self.store.now()
 
     def forget(self) -> None:
         """What was observed and applied, and the backoffs, go: another leader may have changed them."""
@@ -103,7 +109,7 @@ class DataCentreSync:
             self.observed[site.name] = last
         elif last.unreachable_at is not None:
             self.observed[site.name] = last
-            since = self.clock() - max(0.0, self.wall() - last.unreachable_at)
+            since = self.clock() - max(0.0, self._now() - last.unreachable_at)
             self._backoff[site.name] = DataCentreBackoff(
                 failures=1, next_try=self.clock(), last_error=last.error, since=since, unreachable=True, unreachable_since=since,
                 unreachable_at=last.unreachable_at, target=target_of(site.spec))
@@ -236,7 +242,7 @@ class DataCentreSync:
         backoff.fail(self.clock(), message)
         backoff.refused = getattr(exc, "retryable", True) is False
         if unreachable and not backoff.unreachable:
-            backoff.unreachable_since, backoff.unreachable_at = self.clock(), self.wall()
+            backoff.unreachable_since, backoff.unreachable_at = self.clock(), self._now()
         backoff.unreachable = unreachable
         if unreachable and self.clock() < (lost_at := backoff.unreachable_since + self.lost_after):
             # declared lost only by a try that fails once its loss time has come, not by a

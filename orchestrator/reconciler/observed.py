@@ -50,7 +50,7 @@ class Observed:
     rejoining: frozenset[str] = frozenset()
     described: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # describe's extra, by deployment
     sources: Mapping[str, str] = field(default_factory=dict)  # sha256 -> URI, of each version in use
-    at: float | None = None  # when the leader wrote it (wall clock): a follower's answers from it say so (observedAt)
+    at: float | None = None  # when the leader wrote it (the store's time): a follower's answers from it say so (observedAt)
 
     def over(self, desired: snap.Desired, placements: tuple[Any, ...]) -> snap.Snapshot:
         """A snapshot of ``desired`` as stored now with what the leader observed."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,7 +138,7 @@ class Publisher:
                     texts[1] == last[1] and self.clock() - self._observed_at < self.load_publish_s)):
                 return  # unchanged, or only progress: a later pass writes it
             # stamped with the time it is written, which the comparisons leave out: what changed is told without it
-            text = await asyncio.to_thread(observed_mod.to_text, dataclasses.replace(o, at=time.time()))
+            text = await asyncio.to_thread(observed_mod.to_text, dataclasses.replace(o, at=self.store.now()))
             if await self._write(observed_mod.PUBLISHED_KEY, text, "observed fleet"):
                 self._observed_published, self._observed_at = texts, self.clock()
 

@@ -69,9 +69,10 @@ class DataCentreObservation:
     # from (None: not since either led, or since the site moved there), so that one seen
     # running none of ours (drained, then powered off) is not taken to serve again.
     last_apps: Mapping[str, serve_config.ServeAppStatus] | None = None
-    # Unreachable: when this outage began (wall clock, seconds since the epoch), as the
-    # leader that first found it out of reach saw it: published with the rest, so that a
-    # leader taking over mid-outage declares it lost when the old one would have.
+    # Unreachable: when this outage began (the store's time, seconds since the epoch: the
+    # database server's clock, not the leader's own), as the leader that first found it out
+    # of reach saw it: published with the rest, so that a leader taking over mid-outage,
+    # whatever its own clock says, declares it lost when the old one would have.
     unreachable_at: float | None = None
     # Reachable: the apply being retried was refused (``error``), not failed for a while
     # (Ray starting, say): the deployments waiting on it are Failing, not starting.

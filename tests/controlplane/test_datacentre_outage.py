@@ -12,6 +12,7 @@ import http.server
 import json
 import pathlib
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -183,15 +184,20 @@ async def routes_as_last_observed(cp: server.ControlPlane, proxy: ServeProxy, be
     await harness.wait_until(lambda: not routed_to(cp, "dc-1"), 60, what="dc-1 declared lost and its endpoints gone")
 
 
+@pytest.mark.parametrize("old_leader_behind_s", [0.0, 2 * 3600.0], ids=["clocks-in-sync", "old-leader-two-hours-behind"])
 async def test_a_new_leader_routes_a_data_centre_out_of_reach_as_last_observed_until_the_old_ones_loss_time(
-        tmp_path: pathlib.Path, postgres: PostgresServer, serve_site: tuple[ServeDashboard, ServeProxy]) -> None:
+        tmp_path: pathlib.Path, postgres: PostgresServer, serve_site: tuple[ServeDashboard, ServeProxy], old_leader_behind_s: float) -> None:
     """The last observation lived in the leader's memory: a replica that took over during the
     outage had none, so its first pass dropped the data centre's endpoints from every gateway
     at once, and it counted the loss time again from its own first try. The new leader takes
-    the last observation and when the outage began from what the old one published."""
+    the last observation and when the outage began from what the old one published. When it
+    began is on the store's time (the database server's clock): stamped by the old leader's
+    own clock and compared with the new one's, a new leader a loss time ahead (two hours
+    here) took the data centre for lost at its first pass."""
     dashboard, proxy = serve_site
     both = {"kube_factory": kuberay_on(kmock.KubernetesEmulator()), **LOST_AFTER}
-    async with harness.leader_and_follower(tmp_path, postgres.create_database(), both=both) as (fa, fb):
+    old_clock = {"wall": lambda: time.time() - old_leader_behind_s}
+    async with harness.leader_and_follower(tmp_path, postgres.create_database(), both=both, **old_clock) as (fa, fb):
         assert fa.cp is not None and (b := fb.cp) is not None
         began = await out_of_reach(fa.cp, dashboard, proxy)
         await fa.stop()
