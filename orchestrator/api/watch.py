@@ -195,8 +195,11 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
             return auth.store_refusal(exc, None)
         if info is None:
             return JSONResponse({"error": "the bearer token is unknown, revoked or expired"}, status_code=401)
-        # a standalone gateway keeps the verdict no longer than this
-        return JSONResponse({"id": info.id, "identity": f"token:{info.id}", "role": info.role, "expiresAt": catalog.rfc3339(info.expires_at)})
+        # a standalone gateway keeps the verdict no longer than this: the life left on the store's
+        # time, which the tokens' expiry is on, so that the gateway's own clock is compared with nothing
+        left = None if info.expires_at is None else round(info.expires_at - authenticator.store.now(), 3)
+        return JSONResponse({"id": info.id, "identity": f"token:{info.id}", "role": info.role, "expiresAt": catalog.rfc3339(info.expires_at),
+                             "expiresInSeconds": left})
 
     async def wake(request: Request) -> Response:
         model = request.path_params["model"]

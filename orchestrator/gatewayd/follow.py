@@ -288,6 +288,22 @@ def expiry(answer: object) -> float | None:
     return datetime.datetime.fromisoformat(text).timestamp()
 
 
+def life_left(answer: object, wall: float) -> float | None:
+    """How many seconds the token ``GET /v1/whoami`` answered for has left; None when it never
+    expires. The control plane says it (``expiresInSeconds``), counted on its store's time, so
+    this machine's clock, which may be hours from it, is compared with nothing; an earlier
+    release's control plane says only ``expiresAt``, which is compared with ``wall``, this
+    machine's Unix time. ValueError for an answer that is not one."""
+    if expiry(answer) is None:
+        return None
+    left = answer.get("expiresInSeconds") if isinstance(answer, dict) else None
+    if left is None:
+        return expiry(answer) - wall  # type: ignore[operator]  # not None: checked above
+    if isinstance(left, bool) or not isinstance(left, (int, float)) or not math.isfinite(left):
+        raise ValueError(f"expiresInSeconds {left!r} is not a number of seconds")
+    return float(left)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What the gateway knows of one token, on its own monotonic clock: ``token`` (None: not
@@ -306,21 +322,22 @@ class Verdict:
 def judge(status: int, answer: object, *, now: float, wall: float, ttl_s: float, negative_ttl_s: float) -> Verdict | None:
     """What one control plane's answer to ``GET /v1/whoami`` (``status``, and its parsed JSON
     ``answer``; None when it is none) says of a token, at ``now`` on the gateway's clock and
-    ``wall`` its Unix time: a valid one is used ``ttl_s`` at most (a revoked token passes that
-    long), never past its own expiry, by which it is refused; an invalid one ``negative_ttl_s``.
-    None when the answer says nothing (a 5xx, a body not understood): the next control plane is asked."""
+    ``wall`` its Unix time (read only for an earlier release's answer: :func:`life_left`): a
+    valid one is used ``ttl_s`` at most (a revoked token passes that long), never past its own
+    expiry, by which it is refused; an invalid one ``negative_ttl_s``. None when the answer
+    says nothing (a 5xx, a body not understood): the next control plane is asked."""
     if status in (401, 403):
         return Verdict(None, now + negative_ttl_s)
     if status != 200 or not isinstance(answer, dict):
         return None
     try:
-        expires_at = expiry(answer)
+        left = life_left(answer, wall)
     except ValueError:
         return None
     # a span of this clock from here, so a step of the wall clock later moves nothing
-    valid_until = math.inf if expires_at is None else now + expires_at - wall
+    valid_until = math.inf if left is None else now + left
     token_id = answer.get("id")
-    if not token_id or valid_until <= now:  # expired by this gateway's clock: refused
+    if not token_id or valid_until <= now:  # expired: refused
         return Verdict(None, now + negative_ttl_s, valid_until)
     return Verdict(Token(str(token_id)), min(now + ttl_s, valid_until), valid_until)
 
@@ -340,8 +357,9 @@ class TokenChecker:
     """Asks the control planes whether an API token is valid, and keeps the verdict: a valid
     one ``ttl_s`` (a revoked token passes that long at most), an invalid one
     ``negative_ttl_s``, and a valid one past that while no control plane answers (asking
-    again every ``retry_s``); never past the token's own expiry, which ``wall`` (this
-    machine's Unix time) is compared with."""
+    again every ``retry_s``); never past the token's own expiry, counted from the life the
+    control plane says it has left (``wall``, this machine's Unix time, is compared with an
+    earlier release's ``expiresAt`` only)."""
 
     def __init__(self, follower: TableFollower, *, ttl_s: float = 30.0, negative_ttl_s: float = 5.0, retry_s: float = 5.0,
                  max_entries: int = tokencache.MAX_ENTRIES, max_refused: int = tokencache.MAX_REFUSED,

@@ -399,11 +399,12 @@ async def test_the_gateway_calls_a_control_plane_inside_a_no_proxy_block_directl
 
 async def test_a_token_past_its_expiry_is_refused_whether_or_not_the_control_plane_answers(tmp_path: Any) -> None:
     """A valid verdict is kept 30 s, and past that while no control plane answers: never past
-    the token's own expiry (``expiresAt`` in ``GET /v1/whoami``)."""
+    the token's own expiry (``expiresInSeconds`` in ``GET /v1/whoami``). The gateway and the
+    control plane (its store's time) share one injected clock."""
     mono, wall = [0.0], [time.time()]
     fleet = harness.Fleet(tmp_path)
     try:
-        cp = await fleet.start_control_plane()
+        cp = await fleet.start_control_plane(wall=lambda: wall[0])
         async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
             made = [(await http.post("/v1/tokens", json={"purpose": "api", "role": "read", "ttlSeconds": ttl})).json()
                     for ttl in (20, 3600)]
@@ -426,6 +427,36 @@ async def test_a_token_past_its_expiry_is_refused_whether_or_not_the_control_pla
             fleet.cp = None
             elapse(3600)  # no control plane answers, and the long token has expired too
             assert await checker.check(long) is None
+        finally:
+            await checker.close()
+            await follower.close()
+    finally:
+        await fleet.stop()
+
+
+@pytest.mark.parametrize("gateway_off_s", [2 * 3600.0, -2 * 3600.0], ids=["gateway-two-hours-ahead", "gateway-two-hours-behind"])
+async def test_a_gateway_whose_clock_is_hours_off_holds_a_token_to_its_expiry_by_the_control_planes_time(
+        tmp_path: Any, gateway_off_s: float) -> None:
+    """The gateway compared the token's ``expiresAt`` with its own clock: two hours ahead, it
+    refused a one-hour token the control plane took; two hours behind, it held one valid two
+    hours past its expiry while no control plane answered. It now counts the life the control
+    plane says is left (``expiresInSeconds``, on the store's time) on its monotonic clock."""
+    mono = [0.0]
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            token = (await http.post("/v1/tokens", json={"purpose": "api", "role": "read", "ttlSeconds": 3600})).json()["token"]
+        follower = follow.TableFollower([cp.http_url], endpoints.EndpointTable())
+        checker = follow.TokenChecker(follower, clock=lambda: mono[0], wall=lambda: time.time() + gateway_off_s)
+        try:
+            assert await checker.check(token) is not None
+            await cp.stop()
+            fleet.cp = None
+            mono[0] += 3500  # no control plane answers: held while it lives
+            assert await checker.check(token) is not None
+            mono[0] += 200  # and not past its expiry
+            assert await checker.check(token) is None
         finally:
             await checker.close()
             await follower.close()
