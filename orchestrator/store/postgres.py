@@ -39,7 +39,7 @@ import psycopg
 from psycopg import conninfo
 from psycopg.rows import dict_row
 
-from orchestrator.store import datacentre_records
+from orchestrator.store import datacentre_records, schema_version
 from orchestrator.store.credentials import BACKFILL_TOKEN_SEQ
 from orchestrator.store.sql import SqlStore
 from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
@@ -161,10 +161,19 @@ class PostgresStore(SqlStore):
         self.backend_pid: int | None = None  # the server process of this store's connection: its own writes
         # what the URL sets itself wins over LIVENESS and the connect timeout
         self._from_url = {k: v for k, v in conninfo.conninfo_to_dict(url).items() if k in (*LIVENESS, "connect_timeout")}
-        with self._tx() as db:  # under the write lock: two replicas starting at once
-            db.execute(SCHEMA)
-            if "version" in self._primary_key(db, "deleted_sites"):  # keyed by name and version for a while
-                datacentre_records.key_by_name(self, db, DELETED_SITES)
+        try:
+            with self._tx() as db:  # under the write lock: two replicas starting at once
+                has_meta = db.execute("SELECT to_regclass('meta') IS NOT NULL AS present").fetchone()["present"]  # type: ignore[index]
+                found = schema_version.check(self, db, has_meta)  # a newer release's database: refused, nothing written
+                db.execute(SCHEMA)
+                if "version" in self._primary_key(db, "deleted_sites"):  # keyed by name and version for a while
+                    datacentre_records.key_by_name(self, db, DELETED_SITES)
+                schema_version.stamp(self, db, found)
+        except StoreError:
+            self._closed = True
+            if self._conn is not None:
+                self._conn.close()
+            raise
         self.events_index = EventsIndex(self)
         self.events_index.start()
 

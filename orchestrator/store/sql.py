@@ -66,6 +66,7 @@ class SqlStore(Credentials):
     placeholder = "?"  # how the driver marks a parameter
     collate = ""  # appended to each ORDER BY column so text sorts byte-wise
 
+    path: str  # where the store is, as messages name it (never a password)
     _clock: Callable[[], float]  # the store's time (:meth:`now`)
     _id: str | None = None  # store_id(), once read
     threads: StoreThreads  # what the event loop's calls run on (:meth:`run`); closed with the store

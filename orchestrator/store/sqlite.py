@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from edge_agent import state as state_files
-from orchestrator.store import datacentre_records
+from orchestrator.store import datacentre_records, schema_version
 from orchestrator.store.credentials import BACKFILL_TOKEN_SEQ
 from orchestrator.store.sql import SqlStore, _canonical
 from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
@@ -187,6 +187,8 @@ class Store(SqlStore):
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             _patiently(db, "BEGIN IMMEDIATE", (), self._closing)
+            has_meta = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is not None
+            found = schema_version.check(self, db, has_meta)  # a newer release's store: refused, nothing written
             for stmt in SCHEMA.strip().split(";"):
                 if stmt.strip():
                     db.execute(stmt)
@@ -200,10 +202,14 @@ class Store(SqlStore):
                 db.execute(BACKFILL_TOKEN_SEQ)
             if any(r["name"] == "version" and r["pk"] for r in db.execute("PRAGMA table_info(deleted_sites)")):
                 datacentre_records.key_by_name(self, db, SCHEMA_DELETED_SITES)  # keyed by name and version for a while
+            schema_version.stamp(self, db, found)
             # Where WAL cannot be had (a file system without shared memory), COMMIT waits for
             # readers of the file like BEGIN does for writers; inside the transaction nothing
             # else waits (SQLite does not spill its cache while it cannot lock the file).
             _patiently(db, "COMMIT", (), self._closing)
+        except StoreError:
+            db.close()  # rolled back with it
+            raise
         except sqlite3.Error as exc:  # not a database, unreadable, a full disk: rolled back with the connection
             db.close()
             hint = " (not an edgeplane state file: restore it from a backup, or give another --data-dir/--store)" \
