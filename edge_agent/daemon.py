@@ -197,6 +197,7 @@ class Agent:
             raise errors.StateError(f"another agent{f' (pid {held.pid})' if held.pid else ''} is using the data dir "
                                     f"{self.config.data_dir}: stop it first, or give this one another --data-dir") from None
         try:
+            self.store.refuse_newer()  # before this agent writes or sets aside anything of the data dir
             if removed := state.remove_stale_temporaries(self.config.data_dir, started):
                 log.info("removed %d temporary file(s) of writes a crash cut short: %s", len(removed), ", ".join(removed))
             await self._start()

@@ -13,8 +13,9 @@
     │   ├── JoinRefused          token/credential refused, site taken, bad request
     │   ├── NotJoined            the control plane forgot us: join again
     │   └── RenewalDue           the client certificate is due: join again with a CSR
-    └── StateError               the state file is unreadable
-        └── CertificateUnusable  the client key or certificate is damaged, or not a pair
+    ├── StateError               the state file is unreadable
+    │   └── CertificateUnusable  the client key or certificate is damaged, or not a pair
+    └── NewerState               a newer agent wrote the data dir: refused, never set aside (exit code 2)
 """
 
 from __future__ import annotations
@@ -78,3 +79,8 @@ class StateError(AgentError):
 
 class CertificateUnusable(StateError):
     pass
+
+
+class NewerState(AgentError):
+    """Not a :class:`StateError`: a file that error sets aside is damaged, while this one is
+    whole and a newer agent's (its identity, which setting aside would lose for good)."""

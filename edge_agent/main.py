@@ -416,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
             log.error("a bootstrap token is needed for the first join (--token or EDGEPLANE_TOKEN)")
             return 2
         asyncio.run(run(config_from_args(args), early))
+    except errors.NewerState as exc:  # as a usage error: starting again changes nothing
+        log.error("%s", exc)
+        return 2
     except (errors.AgentError, OSError) as exc:
         log.error("%s", exc)
         return 1

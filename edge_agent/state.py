@@ -130,7 +130,11 @@ def _read(path: pathlib.Path) -> dict[str, Any] | None:
         return None
     except (OSError, ValueError) as exc:
         raise errors.StateError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+    written = doc.get("format") if isinstance(doc, dict) else None
+    if type(written) is int and written > FORMAT:  # whole, and a newer agent's: not ours to set aside
+        raise errors.NewerState(f"{path} was written by a newer edgeplane-agent (format {written}); this one reads format {FORMAT} "
+                                "— upgrade it or use another --data-dir")
+    if written != FORMAT:
         raise errors.StateError(f"{path} is not an edgeplane agent state file (format {FORMAT})")
     return doc
 
@@ -140,6 +144,14 @@ class StateStore:
         self.data_dir = data_dir
         self._state = data_dir / "state.json"
         self._identity = data_dir / "identity.json"
+
+    def refuse_newer(self) -> None:
+        """:class:`errors.NewerState` when a newer agent wrote ``state.json`` or ``identity.json``:
+        asked at start, before anything in the data dir is written or set aside. A damaged
+        file is left to the load that reads it."""
+        for path in (self._state, self._identity):
+            with contextlib.suppress(errors.StateError):
+                _read(path)
 
     def load_assignments(self, site: str) -> assignments.AssignmentSet | None:
         """The saved assignment set; None when there is none for ``site`` or it cannot be

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import pathlib
 import signal
@@ -207,6 +208,48 @@ def test_a_damaged_identity_without_a_token_is_a_clear_error(tmp_path: pathlib.P
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.rstrip().endswith("give a bootstrap token (--token) to join again as a new agent"), proc.stderr
     assert (tmp_path / "identity.json").read_text() == "{"  # left as it was
+
+
+@pytest.mark.parametrize("name", ["state.json", "identity.json"])
+def test_state_a_newer_agent_wrote_is_refused_and_left_as_it_was(name: str, tmp_path: pathlib.Path) -> None:
+    """A rollback of the agent's package, or a data dir shared by mistake: the file is the
+    newer agent's, whole. With a bootstrap token this one took its identity for damaged,
+    set it aside and joined as a new agent; it says what happened and leaves the data dir be."""
+    import subprocess
+
+    files = {"state.json": {"format": 1, "site": SITE, "assignments": {"version": 3, "assignments": []}},
+             "identity.json": {"format": 1, "site": SITE, "agent_id": "a-1", "credential": "c"}}
+    files[name] = {**files[name], "format": 2, "addedLater": {"x": 1}}
+    for file, doc in files.items():
+        (tmp_path / file).write_text(json.dumps(doc))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    proc = subprocess.run([*agent_command(), "--control-plane", f"127.0.0.1:{closed_port()}", "--site", SITE, "--insecure",
+                           "--token", TOKEN, "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, env=os.environ)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.rstrip().endswith(
+        f"{tmp_path / name} was written by a newer edgeplane-agent (format 2); this one reads format 1 "
+        "— upgrade it or use another --data-dir"), proc.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "agent.owner"} == before
+
+
+@pytest.mark.parametrize(("written", "newer"), [(2, True), (17, True), (0, False), ("2", False), (2.0, False), (None, False)])
+def test_only_a_whole_number_above_this_agents_format_is_a_newer_agents(written: object, newer: bool, tmp_path: pathlib.Path) -> None:
+    """Anything else is a damaged file, set aside as before."""
+    from edge_agent import errors, state
+
+    (tmp_path / "state.json").write_text(json.dumps({"format": written, "site": SITE, "assignments": {"version": 1, "assignments": []}}))
+    store = state.StateStore(tmp_path)
+    if newer:
+        with pytest.raises(errors.NewerState, match=rf"\(format {written}\); this one reads format 1"):
+            store.refuse_newer()
+        with pytest.raises(errors.NewerState):
+            store.load_assignments(SITE)
+        assert (tmp_path / "state.json").exists() and not (tmp_path / "state.json.unreadable").exists()
+    else:
+        store.refuse_newer()
+        assert store.load_assignments(SITE) is None
+        assert (tmp_path / "state.json.unreadable").exists()
 
 
 def test_a_data_dir_that_cannot_be_looked_into_is_a_clear_error(tmp_path: pathlib.Path) -> None:
