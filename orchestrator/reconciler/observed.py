@@ -22,14 +22,20 @@ Model any more, and a new leader could neither check nor serve it without its so
 the same reason a new leader (or a control plane that restarted) takes each data centre's
 last observation from it: one out of reach is routed as it was last observed, and declared
 lost when the old leader would have (``unreachableAt``), not from the new one's first try.
+
+Replicas of two releases read one another's documents during a rolling update and after a
+rollback, so a reader takes what it knows and ignores the rest: a field it does not know
+(at any level), an item past those it reads at the end of a row. A field it needs that is
+missing or malformed still makes the document one it cannot read (:func:`from_text`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
@@ -37,6 +43,8 @@ from orchestrator.reconciler import autoscaler
 from orchestrator.reconciler import snapshot as snap
 
 PUBLISHED_KEY = "observed"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,14 +92,28 @@ def from_text(text: str) -> Observed:
             agents=tuple(_agent(a) for a in doc["agents"]),
             datacentres={site: _datacentre(d) for site, d in doc["datacentres"].items()},
             artifacts={(a["model"], a["variant"]): snap.ArtifactRef(a["url"], a["error"], tuple(a["hosts"])) for a in doc["artifacts"]},
-            autoscale={name: autoscaler.Recommendation(**r) for name, r in doc["autoscale"].items()},
+            autoscale={name: _known(autoscaler.Recommendation, r) for name, r in doc["autoscale"].items()},
             rejoining=frozenset(doc["rejoining"]),
             described=doc["described"],
             sources=dict(doc.get("sources", {})),  # "sources" and "observedAt" are absent from an earlier leader's
             at=doc.get("observedAt"),
         )
-    except (KeyError, TypeError, AttributeError) as exc:
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ValueError(f"the observed fleet the leader published is not one this version reads: {exc!r}") from exc
+
+
+def _known(cls: type[T], record: Mapping[str, Any], **read: Any) -> T:
+    """``cls`` (a dataclass) from the fields of ``record`` it has, ``read`` in place of those
+    decoded apart; a field a later release added is ignored, one ``cls`` needs and lacks is a TypeError."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{**{k: v for k, v in record.items() if k in names}, **read})
+
+
+def _row(items: Sequence[Any], n: int) -> Sequence[Any]:
+    """The ``n`` items a row holds in this version; those a later release appended are ignored."""
+    if not isinstance(items, list) or len(items) < n:
+        raise ValueError(f"a row of {n} items, not {items!r}")
+    return items[:n]
 
 
 def _document(o: Observed) -> dict[str, Any]:
@@ -126,13 +148,13 @@ def _agent_doc(a: agent_model.AgentStatus) -> dict[str, Any]:
 def _agent(d: Mapping[str, Any]) -> agent_model.AgentStatus:
     c = d["capacity"]
     models = (agent_model.ModelState(name, sha, agent_model.ModelPhase(phase), message, provider, 0, serving, deployment, variant, failures)
-              for name, sha, phase, message, provider, serving, deployment, variant, failures in d["models"])
+              for name, sha, phase, message, provider, serving, deployment, variant, failures in (_row(m, 9) for m in d["models"]))
     return agent_model.AgentStatus(
         site=d["site"], agent_id=d["agentId"], endpoint_url=d["endpointUrl"], healthy=d["healthy"],
         # only whether it reported since it joined is published (``reported``), not when
         last_heartbeat=1.0 if d["reported"] else 0.0, joined_at=0.0,
-        location=agent_model.Location(*d["location"]), labels=agent_model.frozen_mapping(d["labels"]), agent_version=d["agentVersion"],
-        capacity=agent_model.Capacity(c["cpuCores"], c["memoryTotalBytes"], tuple(agent_model.Gpu(*g) for g in c["gpus"]),
+        location=agent_model.Location(*_row(d["location"], 4)), labels=agent_model.frozen_mapping(d["labels"]), agent_version=d["agentVersion"],
+        capacity=agent_model.Capacity(c["cpuCores"], c["memoryTotalBytes"], tuple(agent_model.Gpu(*_row(g, 3)) for g in c["gpus"]),
                                       tuple(c["executionProviders"])),
         providers=tuple(d["providers"]), inflight=0, cpu_percent=0.0, memory_available_bytes=0,
         models={m.name: m for m in models}, assignment_version=d["assignmentVersion"], heartbeat_interval=d["heartbeatInterval"],
@@ -145,7 +167,7 @@ def _apps_doc(apps: Mapping[str, serve_config.ServeAppStatus]) -> dict[str, Any]
 
 
 def _apps(doc: Mapping[str, Any]) -> dict[str, serve_config.ServeAppStatus]:
-    return {name: serve_config.ServeAppStatus(**{**app, "status": serve_config.ServeAppState(app["status"])}) for name, app in doc.items()}
+    return {name: _known(serve_config.ServeAppStatus, app, status=serve_config.ServeAppState(app["status"])) for name, app in doc.items()}
 
 
 def _datacentre_doc(d: snap.DataCentreObservation) -> dict[str, Any]:

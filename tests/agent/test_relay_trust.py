@@ -111,6 +111,9 @@ def test_a_leader_document_that_cannot_be_used_is_refused_with_a_reason(body: st
     assert relay.Leader.from_json('{"replica": "cp-1", "address": "h:1", "secret": "s", "fencingToken": 3, "answersClaims": true}'
                                   ) == relay.Leader("cp-1", "h:1", "s", answers_claims=True)
     assert relay.Leader.from_json('{"replica": "cp-1", "address": "h:1", "secret": "s", "agentCa": "ab"}').agent_ca == "ab"
+    # a leader of a later release: what this one does not know is ignored
+    assert relay.Leader.from_json('{"replica": "cp-1", "address": "h:1", "secret": "s", "addedLater": {"what": [1]}, "answersClaims": true}'
+                                  ) == relay.Leader("cp-1", "h:1", "s", answers_claims=True)
     # an earlier release's leader says nothing of claims: it answers none
     assert not relay.Leader.from_json('{"replica": "cp-1", "address": "h:1", "secret": "s"}').answers_claims
 

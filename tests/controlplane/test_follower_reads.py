@@ -202,3 +202,63 @@ def test_an_observed_fleet_a_leader_of_the_release_before_sources_published_read
     got = observed.from_text(text)
     assert got.sources == {} and got.at is None
     assert got.datacentres["dc-1"].error == "connection refused" and list(got.datacentres["dc-1"].apps) == ["ep-d.v.dc-1"]
+
+
+#: What a leader of a later release adds to each record of the document: a field this one does not know.
+LATER = {"addedLater": {"what": ["a later release's"]}}
+
+
+def as_a_newer_leader_writes(published: observed.Observed) -> str:
+    """``published`` as a leader of a later release would write it: a field this release
+    does not know at every level, and an item more at the end of each row."""
+    doc = json.loads(observed.to_text(published))
+    doc.update(LATER)
+    for agent in doc["agents"]:
+        agent.update(LATER)
+        agent["capacity"].update(LATER)
+        agent["location"].append("later")
+        for row in (*agent["capacity"]["gpus"], *agent["models"]):
+            row.append("later")
+    for dc in doc["datacentres"].values():
+        dc.update(LATER)
+        for app in (*dc["apps"].values(), *(dc["lastApps"] or {}).values()):
+            app.update(LATER)
+    for record in (*doc["artifacts"], *doc["autoscale"].values()):
+        record.update(LATER)
+    return json.dumps(doc)
+
+
+def test_an_observed_fleet_a_newer_leader_published_reads_as_this_version_wrote_it() -> None:
+    """During a rolling update (the highest ordinal, upgraded first, often leads) or after a
+    rollback of one replica: its followers read what they know, not nothing."""
+    assert observed.from_text(as_a_newer_leader_writes(observed_fleet())) == observed_fleet()
+
+
+@pytest.mark.parametrize("cut", [
+    ("agents", 0, "models", 0, 8), ("agents", 0, "capacity", "gpus", 0, 2), ("agents", 0, "capacity", "cpuCores"),
+    ("autoscale", "intent-fr", "target"), ("datacentres", "dc-paris", "apps", "dc-intent", "status"),
+    ("datacentres", "dc-paris", "apps", "dc-intent", "replicas_target"), ("artifacts", 0, "url")])
+def test_an_observed_fleet_that_lacks_what_this_version_needs_is_still_a_value_error(cut: tuple[object, ...]) -> None:
+    doc = json.loads(as_a_newer_leader_writes(observed_fleet()))
+    *to, last = cut
+    record = doc
+    for step in to:
+        record = record[step]
+    if isinstance(last, int):
+        del record[last:]  # a row cut short: the items this version reads are not all there
+    else:
+        del record[last]
+    with pytest.raises(ValueError, match="not one this version reads"):
+        observed.from_text(json.dumps(doc))
+
+
+async def test_a_follower_previews_with_the_fleet_a_newer_leader_published(
+        tmp_path: pathlib.Path, postgres: PostgresServer, caplog: pytest.LogCaptureFixture) -> None:
+    async with harness.leader_and_follower(tmp_path, postgres.create_database()) as (leading, following):
+        leader, follower = leading.cp, following.cp
+        assert leader is not None and follower is not None
+        leader.store.publish(observed.PUBLISHED_KEY, as_a_newer_leader_writes(observed_fleet()), lease=leader.reconciler.lease)
+        with caplog.at_level(logging.WARNING):
+            view = await follower.leaders_view()
+        assert view is not None and [a.site for a in view.agents] == ["edge-a"], caplog.text
+        assert "not one this version reads" not in caplog.text

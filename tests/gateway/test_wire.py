@@ -55,6 +55,39 @@ def test_the_gateways_own_load_and_ejections_stay_local() -> None:
     assert wire.table_to_json(table) == before
 
 
+#: What a control plane of a later release adds to each record of its documents: a field this one does not know.
+LATER = {"addedLater": {"what": ["a later release's"]}}
+
+
+def test_a_table_a_newer_control_plane_wrote_reads_as_this_version_wrote_it() -> None:
+    """A gateway, or a replica's, follows a leader upgraded before it: a field it does not know,
+    at any level, and an item more at the end of a row, are ignored, in snapshots and deltas."""
+    doc = json.loads(json.dumps(wire.table_to_json(full_table())))
+    doc.update(LATER)
+    for e in doc["endpoints"]:
+        e.update(LATER)
+    for centroid in doc["regions"].values():
+        centroid.append(0.0)
+    for route in doc["cascades"].values():
+        route.update(LATER)
+        route["capture"].update(LATER)
+        for stage in route["stages"]:
+            stage.update(LATER)
+            if stage["rule"] is not None:
+                stage["rule"].update(LATER)
+    for energy in doc["energy"].values():
+        energy.update(LATER)
+    epoch, version, contents = follow.decode_snapshot(json.dumps({"type": "snapshot", "epoch": "e1", "version": 1, "table": doc, **LATER}))
+    assert (epoch, version, contents) == ("e1", 1, wire.contents_of(full_table()))
+    new = dataclasses.replace(contents, endpoints=(dataclasses.replace(V2, healthy=False),))
+    delta = {"type": "delta", "epoch": "e1", "version": 2, "base": 1, **wire.delta_to_json(contents, new), **LATER}
+    for e in delta["upsert"]:
+        e.update(LATER)
+    for key in delta["remove"]:
+        key.append("later")
+    assert follow.decode_event(json.dumps(delta, separators=(",", ":")), ("e1", 1, contents)) == ("e1", 2, new)
+
+
 @pytest.mark.parametrize("mutate", [
     lambda d: d.pop("endpoints"),
     lambda d: d["endpoints"][0].pop("url"),
