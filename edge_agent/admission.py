@@ -16,6 +16,10 @@ from collections.abc import Callable
 
 from edge_agent import errors
 
+#: Sequences of one generative model at once when its assignment does not say (each holds a
+#: KV cache: the registry counts this many of them when it weighs the model's load).
+DEFAULT_MAX_CONCURRENT = 4
+
 
 class Retired(Exception):
     """The model version stopped being served while the request waited for a slot."""

@@ -176,11 +176,16 @@ class CapacityProbe:
             execution_providers=tuple(self._providers()),
         )
 
+    def memory_available(self) -> int:
+        """Bytes this process may still use: what the machine has available, capped by what
+        is left under its cgroup's limit."""
+        return self._host.memory_available()
+
     def load(self) -> Load:
         gpus = self._gpus() if self._last_gpus else ()
         return Load(
             cpu_percent=self._host.cpu_percent(),
-            memory_available_bytes=self._host.memory_available(),
+            memory_available_bytes=self.memory_available(),
             gpu_free_bytes=tuple((g.index, g.memory_free_bytes) for g in gpus),
         )
 

@@ -131,6 +131,7 @@ class Agent:
             on_attempt_end=self._wake.set,
             retry=model_retry or registry.RetryPolicy(),
             load_package=self._load_package,
+            memory_available=self._probe.memory_available,
         )
         queued = config.max_queued_runs or http.QUEUED_RUNS_PER_WORKER * self.workers
         self.server = http.InferenceServer(self.registry, self._executor, inline_max_s=config.inline_max_ms / 1000,

@@ -36,7 +36,7 @@ from typing import Any
 
 import edge_agent
 from edge_agent import errors, openai_api, refusals, registry
-from edge_agent.admission import Admission, Retired
+from edge_agent.admission import DEFAULT_MAX_CONCURRENT, Admission, Retired
 from edge_agent.httpmessages import Request, Response
 from edge_agent.httpserver import Passthrough, StreamingResponse
 from edge_agent.metrics import AgentMetrics
@@ -45,7 +45,6 @@ from edgeplane_proto import encoding
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_CONCURRENT = 4
 DEFAULT_MAX_QUEUED = 16
 _STARTED = int(time.time())
 # Response ids need to be unique, not secret: os.urandom costs a system call per request

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from edge_agent import artifacts, assignments, errors
+from edge_agent import admission, artifacts, assignments, errors, footprint
 from edge_agent.retry import MODEL_RETRY, Jitter, RetryPolicy
 from edge_agent.runtime import onnx
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
@@ -137,6 +137,7 @@ class ModelRegistry:
         *,
         on_attempt_end: Callable[[], None] = lambda: None,
         load_package: PackageLoader | None = None,
+        memory_available: Callable[[], int | None] = lambda: None,
         retry: RetryPolicy = MODEL_RETRY,
         clock: Callable[[], float] = time.monotonic,
         rng: Jitter | None = None,
@@ -144,6 +145,8 @@ class ModelRegistry:
         self._cache = cache
         self._load = load
         self._load_package = load_package
+        self._memory_available = memory_available  # bytes this agent may still use (None: not measured)
+        self._loads = asyncio.Lock()  # loads take turns (see footprint)
         self._on_change = on_change
         self._on_attempt_end = on_attempt_end
         self._retry = retry
@@ -289,13 +292,19 @@ class ModelRegistry:
                                            package=want.runtime == assignments.RUNTIME_GENAI)
             slot.message = "loading"
             runtime: onnx.OnnxModel | genai.GenAIModel
-            if want.runtime == assignments.RUNTIME_GENAI:
-                if self._load_package is None:
-                    raise errors.ModelLoadError("this agent cannot serve onnx-genai models")
-                runtime = await asyncio.to_thread(self._load_package, path, want.sha256)
-            else:
-                data = await self._cache.read(want.sha256)
-                runtime = await asyncio.to_thread(self._load, data)
+            async with self._loads:  # one at a time: each weighed against what the one before left free
+                if want.runtime == assignments.RUNTIME_GENAI:
+                    if self._load_package is None:
+                        raise errors.ModelLoadError("this agent cannot serve onnx-genai models")
+                    kv_per_token, context = await asyncio.to_thread(_host_kv, path)
+                    self._weigh(footprint.genai_need(path.stat().st_size, kv_per_token, context,
+                                                     want.max_concurrent_sequences or admission.DEFAULT_MAX_CONCURRENT))
+                    runtime = await asyncio.to_thread(self._load_package, path, want.sha256)
+                else:
+                    self._weigh(footprint.onnx_need(path.stat().st_size))
+                    data = await self._cache.read(want.sha256)
+                    runtime = await asyncio.to_thread(self._load, data)
+                    del data  # before the next load is weighed
         except errors.AgentError as exc:
             self._failed(slot, want, str(exc))
             return
@@ -314,6 +323,12 @@ class ModelRegistry:
         self._on_change()
         _release_freed_memory()  # the load's temporary buffers (and the version it replaced)
 
+    def _weigh(self, need: footprint.Need) -> None:
+        """Refuse a load that needs more memory than this agent has free (footprint)."""
+        refused = footprint.refusal(need, self._memory_available())
+        if refused is not None:
+            raise errors.ModelLoadError(refused)
+
     def _failed(self, slot: _Slot, want: assignments.Assignment, reason: str) -> None:
         if slot.assignment is not want or self._slots.get(want.model) is not slot:
             return  # superseded, or unassigned, while it was loading
@@ -327,6 +342,14 @@ class ModelRegistry:
         slot.message += f"; retrying in {delay:.1f}s (failed {slot.failures}x)"
         log.error("model %s sha256 %s failed: %s", want.model, want.sha256[:12], slot.message)
         self._on_change()
+
+
+def _host_kv(package: pathlib.Path) -> tuple[int, int]:
+    """The package's KV bytes per token and context length where its cache will be in this
+    machine's memory; (0, 0) where it will be on a GPU, whose memory placement counts."""
+    from edge_agent.runtime import genai as genai_runtime  # as the package's loader does
+
+    return (0, 0) if genai_runtime.cuda_available() else footprint.package_kv(package)
 
 
 def _release_freed_memory() -> None:

@@ -28,6 +28,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from edgeplane_proto import kv_cache
 from orchestrator.artifacts.catalog import sha256_file
 
 CONFIG_NAME = "genai_config.json"
@@ -41,8 +42,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 #: onnxruntime-genai feeds or reads them only where the graph has them, and the check asks no more.
 _DECODER_INPUTS = {"input_ids": "input_ids", "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
 _DECODER_OUTPUTS = {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
-#: dtype name in genai_config / ONNX → bytes per element of the KV cache.
-_KV_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 
 
 class PackageError(Exception):
@@ -271,15 +270,10 @@ def tokenizer_config(*, bos: str, eos: str, pad: str, unk: str, context_length: 
 
 def kv_bytes_per_token(config: dict) -> int:
     """2 (key and value) x layers x KV heads x head size x element size, from genai_config."""
-    decoder = config.get("model", {}).get("decoder", {})
     try:
-        layers = int(decoder["num_hidden_layers"])
-        heads = int(decoder.get("num_key_value_heads") or decoder["num_attention_heads"])
-        head_size = int(decoder["head_size"])
+        return kv_cache.bytes_per_token(config)
     except (KeyError, TypeError, ValueError) as exc:
         raise PackageError(f"{CONFIG_NAME}: model.decoder lacks {exc} needed to size the KV cache") from None
-    dtype = str(decoder.get("kv_cache_dtype", "float32"))
-    return 2 * layers * heads * head_size * _KV_DTYPE_BYTES.get(dtype, 4)
 
 
 #: ``doc_string`` of an initializer that is part of a quantized weight's encoding (bytes,

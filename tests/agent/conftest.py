@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from edge_agent import daemon, httplistener, httpmessages, registry, retry
+from edge_agent import capacity, daemon, httplistener, httpmessages, registry, retry
 from orchestrator.agents import auth, hub, model, relay, relay_leader, service
 from orchestrator.testing import onnx_models
 
@@ -243,6 +243,7 @@ async def make_agent(tmp_path: pathlib.Path) -> AsyncIterator[MakeAgent]:
         model_retry: registry.RetryPolicy | None = None,
         clock: Callable[[], float] = time.time,
         reconnect_rng: retry.Jitter | None = None,
+        probe: capacity.CapacityProbe | None = None,
         **overrides: object,
     ) -> daemon.Agent:
         config = daemon.AgentConfig(
@@ -262,7 +263,8 @@ async def make_agent(tmp_path: pathlib.Path) -> AsyncIterator[MakeAgent]:
             labels={"tier": "edge"},
             **overrides,  # type: ignore[arg-type]
         )
-        agent = daemon.Agent(config, model_retry=model_retry or registry.RetryPolicy(), clock=clock, reconnect_rng=reconnect_rng)
+        agent = daemon.Agent(config, probe=probe, model_retry=model_retry or registry.RetryPolicy(), clock=clock,
+                             reconnect_rng=reconnect_rng)
         await agent.start()
         started.append(agent)
         return agent

@@ -1,0 +1,93 @@
+"""What loading a model costs in memory, and the refusal of a load that does not fit.
+
+The control plane places a model by the memory its manifest declares (``memoryMiB``, 512 MiB
+unless said), not by what loading it costs on this machine; and a site's models, or a new
+version loaded beside the one serving, may together need more than the machine, or the
+container's cgroup limit, holds. A load that runs out of memory does not fail as a load: the
+kernel's OOM killer ends the whole agent, every model it served with it, and the agent that
+restarts loads the same saved set again. So the registry weighs each load against the memory
+this agent has free (as the capacity probe measures it: the cgroup's limit less its working
+set), and refuses that model alone, with the arithmetic, when it does not fit. Loads take
+turns, so each is weighed after the one before has taken its share.
+
+What a load needs, measured with onnxruntime 1.32 and onnxruntime-genai 0.18 on the CPU (``/proc/self/status``, VmHWM):
+
+- an ONNX file, loaded from the bytes the agent verified, peaked at 3.0 x its size (those
+  bytes, the parsed protobuf, the session's tensors; a 400 MB file: 1,202 MB) and kept 1.0 x
+  resident once loaded;
+- an onnxruntime-genai package, loaded from its unpacked folder, peaked at 1.2 x the folder's
+  size (262 MB of weights: 316 MB). Its KV cache comes on top as sequences run, at most
+  ``max_concurrent_sequences`` of them, each up to the context length: the whole of it is
+  counted now, as placement counts it (docs/manifests.md), so that a model admitted here can
+  run all its sequences (on the CPU: with CUDA the cache is in GPU memory).
+
+Deciding is pure (:func:`refusal`); reading a package's config is the one I/O here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from dataclasses import dataclass
+
+from edgeplane_proto import kv_cache
+
+log = logging.getLogger(__name__)
+
+MB = 1 << 20
+ONNX_LOAD_FACTOR = 3.0
+GENAI_LOAD_FACTOR = 1.25
+CONFIG_NAME = "genai_config.json"
+
+
+@dataclass(frozen=True)
+class Need:
+    """Bytes a load needs, and how they were counted (for the refusal's message)."""
+
+    bytes: int
+    why: str
+
+
+def onnx_need(file_bytes: int) -> Need:
+    return Need(int(ONNX_LOAD_FACTOR * file_bytes), f"3 x its {file_bytes / MB:.1f} MB file")
+
+
+def genai_need(package_bytes: int, kv_bytes_per_token: int, context_length: int, sequences: int) -> Need:
+    """The package's folder (the tar's size stands for it) loaded, plus a full KV cache for
+    each sequence it may run at once (none counted when its config does not say its shape)."""
+    weights = int(GENAI_LOAD_FACTOR * package_bytes)
+    kv = kv_bytes_per_token * context_length * sequences
+    why = f"1.25 x its {package_bytes / MB:.1f} MB package"
+    if kv:
+        why += f", and {kv / MB:.1f} MB of KV cache for {sequences} sequence(s) of {context_length} tokens"
+    return Need(weights + kv, why)
+
+
+def refusal(need: Need, available: int | None) -> str | None:
+    """Why a load of ``need`` is refused with ``available`` bytes free (None: it fits, or
+    what is free is not known)."""
+    if available is None or need.bytes <= available:
+        return None
+    return (f"needs about {need.bytes / MB:.1f} MB of memory to load ({need.why}), and {available / MB:.1f} MB are "
+            f"available to this agent: not loaded, so that running out of memory does not end the agent and every "
+            f"model it serves (free memory, or assign this model to a larger site)")
+
+
+def package_kv(package: pathlib.Path) -> tuple[int, int]:
+    """KV bytes per token and context length of a generative package, from the
+    genai_config.json at the top of its tar; (0, 0) when it cannot be read (the unpack that
+    follows refuses a package without one, with its own reason)."""
+    import tarfile  # only agents that load generative models pay for it
+
+    try:
+        with tarfile.open(package, "r:") as tar:
+            names = set(tar.getnames())  # packed as the folder's files, or by `tar -C folder .`
+            member = tar.extractfile(CONFIG_NAME if CONFIG_NAME in names else f"./{CONFIG_NAME}")
+            config = json.loads(member.read()) if member is not None else {}
+        section = config.get("model", {})
+        context = int(section.get("context_length") or config.get("search", {}).get("max_length") or 0)
+        return kv_cache.bytes_per_token(config), context
+    except (OSError, tarfile.TarError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        log.debug("cannot size the KV cache of %s: %s", package, exc)
+        return 0, 0

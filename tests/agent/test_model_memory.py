@@ -1,0 +1,158 @@
+"""A model whose load does not fit in the memory the agent has is refused alone, before
+onnxruntime allocates a byte of it, so that the agent (and every model it serves) is not
+killed for want of memory: real onnxruntime, real downloads, the memory read from cgroup
+files the tests write, or from this process's own resident size under a limit the test sets."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import Sequence
+
+import httpx
+import numpy as np
+import pytest
+
+from edge_agent import capacity, footprint, registry
+from orchestrator.agents import model
+from orchestrator.testing import onnx_models
+
+from . import genai_serving
+from .conftest import SITE, ArtifactServer, ControlPlane, MakeAgent, Models
+from .test_agent import assignment, infer, wait_model
+from .test_capacity import fake_proc, files
+
+MB = 1 << 20
+FAST_RETRY = registry.RetryPolicy(initial=0.05, maximum=0.2)
+
+
+class Large:
+    """Two ONNX models of 48 MB each (an MLP 1024 -> 3072 -> 3072 -> 16)."""
+
+    def __init__(self, server: ArtifactServer) -> None:
+        self.a = onnx_models.build_mlp(server.root / "large-a.onnx", in_dim=1024, hidden=3072, out_dim=16, layers=3, seed=0)
+        self.b = onnx_models.build_mlp(server.root / "large-b.onnx", in_dim=1024, hidden=3072, out_dim=16, layers=3, seed=1)
+        self.a_url, self.b_url = server.url("large-a.onnx"), server.url("large-b.onnx")
+        self.size = self.a.path.stat().st_size
+
+
+@pytest.fixture(scope="module")
+def large(artifact_server: ArtifactServer) -> Large:
+    return Large(artifact_server)
+
+
+def contained(root: pathlib.Path, limit: int, used: int) -> capacity.CapacityProbe:
+    """A probe that reads a container's cgroup v2 files: ``limit`` bytes, ``used`` of them in use."""
+    cgroups = root / "cgroup"
+    files(cgroups, cgroup_controllers="cpu memory")
+    files(cgroups / "agent", memory_max=str(limit), memory_current=str(used))
+    return capacity.CapacityProbe(lambda: ["CPUExecutionProvider"], gpus=lambda: (), proc=fake_proc(root, "0::/agent\n"),
+                                  cgroup_root=cgroups)
+
+
+def resident_bytes() -> int:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+class UnderLimit(capacity.CapacityProbe):
+    """This process as if its cgroup held it to ``limit`` bytes: what is free is the limit
+    less its resident memory, measured each time it is asked."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(lambda: ["CPUExecutionProvider"], gpus=lambda: ())
+        self.limit = limit
+
+    def memory_available(self) -> int:
+        return max(0, self.limit - resident_bytes())
+
+
+async def states(cp: ControlPlane, names: Sequence[str], settled: set[model.ModelPhase]) -> dict[str, model.ModelState]:
+    """The first reported states in which every model named is in one of ``settled``."""
+    def match(event: model.AgentEvent) -> bool:
+        return event.kind is model.AgentEventKind.MODELS_CHANGED and all(
+            n in event.status.models and event.status.models[n].phase in settled for n in names)
+
+    event = await cp.events.wait_for(match, timeout=60)
+    return {n: event.status.models[n] for n in names}
+
+
+async def test_a_model_too_large_for_the_containers_memory_is_refused_and_the_others_serve(
+        control_plane: ControlPlane, make_agent: MakeAgent, models: Models, large: Large, tmp_path: pathlib.Path) -> None:
+    # 1 GiB container with 100 MB free: the small model loads, the 48 MB one (about 3 x 48 MB
+    # while onnxruntime builds its session) is refused with the arithmetic, and retried.
+    probe = contained(tmp_path, 1 << 30, (1 << 30) - 100 * MB)
+    agent = await make_agent(control_plane, probe=probe, model_retry=FAST_RETRY)
+    control_plane.hub.set_assignments(SITE, [assignment(models.v1_url, models.v1),
+                                             assignment(large.a_url, large.a, name="large")], version=1)
+    seen = await states(control_plane, ["mlp", "large"], {model.ModelPhase.READY, model.ModelPhase.FAILED})
+    assert seen["mlp"].phase is model.ModelPhase.READY
+    refused = seen["large"]
+    assert refused.phase is model.ModelPhase.FAILED, refused
+    need = 3 * large.size / MB
+    assert f"needs about {need:.1f} MB of memory to load (3 x its {large.size / MB:.1f} MB file)" in refused.message
+    assert "and 100.0 MB are available to this agent" in refused.message
+    assert "retrying in" in refused.message
+    async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
+        await infer(client, np.ones((1, 8), np.float32))
+        assert (await client.get("/v2/models/large/ready")).status_code != 200
+
+
+async def test_a_set_of_more_models_than_fit_loads_what_fits_and_refuses_the_rest(
+        control_plane: ControlPlane, make_agent: MakeAgent, large: Large) -> None:
+    # Room for one model's load, 3.5 x 48 MB over what this process holds now: the first model
+    # loaded keeps 1 x its size, so the second's load no longer fits. Loads take turns, so the
+    # second is weighed after the first took its share, not beside it.
+    probe = UnderLimit(resident_bytes() + 7 * large.size // 2)
+    agent = await make_agent(control_plane, probe=probe, model_retry=FAST_RETRY)
+    control_plane.hub.set_assignments(SITE, [assignment(large.a_url, large.a, name="large-a"),
+                                             assignment(large.b_url, large.b, name="large-b")], version=1)
+    seen = await states(control_plane, ["large-a", "large-b"], {model.ModelPhase.READY, model.ModelPhase.FAILED})
+    phases = sorted(s.phase.name for s in seen.values())
+    assert phases == ["FAILED", "READY"], seen
+    loaded = next(n for n, s in seen.items() if s.phase is model.ModelPhase.READY)
+    refused = next(n for n, s in seen.items() if s.phase is model.ModelPhase.FAILED)
+    assert "MB are available to this agent" in seen[refused].message
+    async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
+        answer = await client.post(f"/v2/models/{loaded}/infer", json={"inputs": [
+            {"name": "input", "datatype": "FP32", "shape": [1, 1024], "data": [0.5] * 1024}]})
+        assert answer.status_code == 200, answer.text
+    # The loaded one unassigned, its memory goes back and the other fits at its next attempt.
+    urls = {"large-a": (large.a_url, large.a), "large-b": (large.b_url, large.b)}
+    control_plane.hub.set_assignments(SITE, [assignment(*urls[refused], name=refused)], version=2)
+    await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY, name=refused)
+    await asyncio.wait_for(agent.registry.settled(), 30)
+    assert agent.registry.get(loaded) is None
+
+
+async def test_a_generative_model_is_weighed_with_the_kv_cache_of_every_sequence_it_may_run(
+        control_plane: ControlPlane, make_agent: MakeAgent, packages: genai_serving.Packages, tmp_path: pathlib.Path) -> None:
+    slow = packages.slow  # context 4096
+    kv = slow.kv_bytes_per_token * slow.context_length
+    free = int(1.25 * slow.size_bytes) + 8 * kv  # its weights and the caches of 8 sequences
+    agent = await make_agent(control_plane, probe=contained(tmp_path, 1 << 30, (1 << 30) - free), model_retry=FAST_RETRY)
+    control_plane.hub.set_assignments(SITE, [genai_serving.assignment(packages.slow_url, slow.sha256, concurrent=64)], version=1)
+    refused = await genai_serving.wait_state(control_plane, lambda s: s.phase is model.ModelPhase.FAILED)
+    assert f"{64 * kv / MB:.1f} MB of KV cache for 64 sequence(s) of 4096 tokens" in refused.message
+    assert f"and {free / MB:.1f} MB are available to this agent" in refused.message
+    assert agent.registry.get(genai_serving.MODEL) is None
+    # As many sequences as its memory holds: it loads and answers.
+    control_plane.hub.set_assignments(SITE, [genai_serving.assignment(packages.slow_url, slow.sha256, concurrent=8)], version=2)
+    await genai_serving.wait_state(control_plane, lambda s: s.phase is model.ModelPhase.READY)
+    async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
+        answer = await client.post("/v1/completions", json={"model": genai_serving.MODEL, "prompt": "The agent", "max_tokens": 2})
+        assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize(("need", "available", "refused"), [
+    (footprint.onnx_need(100 * MB), None, False),  # not measured: no refusal
+    (footprint.onnx_need(100 * MB), 300 * MB, False),  # exactly what it needs
+    (footprint.onnx_need(100 * MB), 300 * MB - 1, True),
+    (footprint.genai_need(100 * MB, 1024, 2048, 4), 125 * MB + 8 * MB, False),
+    (footprint.genai_need(100 * MB, 1024, 2048, 4), 125 * MB + 8 * MB - 1, True),
+    (footprint.genai_need(100 * MB, 0, 0, 4), 125 * MB, False),  # its KV cache's shape unknown: weights alone
+])
+def test_what_a_load_needs_against_what_is_free(need: footprint.Need, available: int | None, refused: bool) -> None:
+    assert (footprint.refusal(need, available) is not None) is refused
