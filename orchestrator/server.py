@@ -217,7 +217,7 @@ class ControlPlane(server_views.ServerViews):
         self.artifacts = artifacts.ArtifactCatalog(tuple(pathlib.Path(r).resolve() for r in roots), cfg.public_url or self.http_url,
                                                   allowed_hosts=cfg.artifact_hosts)
         self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus,
-                                                             record_file=cfg.data_dir / "local-ray.json"),
+                                                             record_file=cfg.data_dir / "local-ray.json", ray_executable=cfg.local_ray_executable),
                                               kube_factory=cfg.kube_factory)
         # Made before the agent listener starts: an agent may rejoin while the start below is
         # still stopping a Ray cluster a killed control plane left; its events trigger this

@@ -55,6 +55,7 @@ class ServerConfig:
     local_ray: local_ray.LocalRayEndpoints | None = None  # use this cluster for ray.address: local
     local_ray_cpus: int | None = None
     local_ray_gpus: int | None = None
+    local_ray_executable: pathlib.Path | None = None  # the `ray` command the embedded cluster runs; default: beside this Python, else on PATH
     bootstrap_tokens: tuple[str, ...] = ()  # static agent bootstrap tokens (besides `token create`)
     kube_factory: Any = None
     gateway_auth: str = "none"  # "none" (open) | "token" (any valid API token)

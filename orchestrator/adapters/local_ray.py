@@ -157,6 +157,21 @@ class LocalRayCluster:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def exited(self) -> str | None:
+        """How a started head is gone ("killed by SIGKILL", "exit code 1: <its log's last
+        line>"), its whole node with it; None while it runs, or before it is started. A head
+        ended by a signal, or one of its processes failing (``ray start --block`` then stops
+        them all), takes every Serve application of the cluster along."""
+        if self._process is None or (code := self._process.poll()) is None:
+            return None
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        last = _tail(self._base_dir / "ray-start.log", 1).strip() if self._base_dir is not None else ""
+        return f"exit code {code}" + (f": {last}" if last and last != "(no log)" else "")
+
     def start(self) -> LocalRayEndpoints:
         """Start the head and wait until its dashboard answers. A start that fails at any
         step (a full disk, ports, Ray's own errors) leaves nothing behind: no process, no

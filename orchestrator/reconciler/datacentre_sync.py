@@ -77,6 +77,9 @@ class DataCentreSync:
     _retiring: dict[str | Left, int] = field(default_factory=dict)
     # by site: the applications its last apply did not apply as asked (left out), by name: why
     _not_as_asked: dict[str, dict[str, str]] = field(default_factory=dict)
+    # by site: the actuator its last apply went through; one built since drives a new cluster
+    # (the embedded Ray started again) or the site's new settings, where it is applied again
+    _applied_through: dict[str, serve_config.DataCentreActuator] = field(default_factory=dict)
     # by site: what the last leader published it observed, taken at the next observe (inherit)
     _inherited: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
 
@@ -88,6 +91,7 @@ class DataCentreSync:
         """What was observed and applied, and the backoffs, go: another leader may have changed them."""
         self.applied.clear()
         self._not_as_asked.clear()
+        self._applied_through.clear()
         self._backoff.clear()
         self.observed.clear()
         self._inherited.clear()
@@ -132,6 +136,7 @@ class DataCentreSync:
         for gone in set(self.observed) - declared:  # deleted, or moved to the edge tier: counted by the target it left
             observed, applied = self.observed.pop(gone), self.applied.pop(gone, ())
             self._not_as_asked.pop(gone, None)
+            self._applied_through.pop(gone, None)
             self._retiring[gone if gone not in driven else Left(gone, self.datacentres.target(gone))] = max(len(observed.apps), len(applied))
         for back in set(self._retiring) & declared:  # declared again: its apply takes over
             del self._retiring[back]
@@ -205,6 +210,12 @@ class DataCentreSync:
             return self._unreachable(site.name)
         try:
             actuator = await self.datacentres.actuator(site.name, site.spec)
+            if self._applied_through.get(site.name, actuator) is not actuator:
+                # what the last apply gave through another (its cluster a head that exited since, or the site as it
+                # was set before) is not known to run as given: applied again
+                self.applied.pop(site.name, None)
+                self._not_as_asked.pop(site.name, None)
+                del self._applied_through[site.name]
             apps = await actuator.observe()
         except (serve_config.DataCentreError, OSError, RuntimeError) as exc:
             await self._failed(site.name, exc, unreachable=True, target=target_of(site.spec))
@@ -291,6 +302,7 @@ class DataCentreSync:
             await self._record(store_mod.Event("reconciler", "serve-applied", "Site", site, applied_reason(apps, not_as_asked)))
         self.applied[site] = apps
         self._not_as_asked[site] = not_as_asked
+        self._applied_through[site] = actuator
 
     async def _record(self, event: store_mod.Event) -> None:
         """An event on a Site, written in a worker thread under the lease held when it runs."""

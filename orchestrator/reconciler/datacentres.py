@@ -31,6 +31,7 @@ class LocalRay:
     num_cpus: int | None = None
     num_gpus: int | None = None  # logical GPUs to declare (the demo's stand-in for real ones)
     record_file: pathlib.Path | None = None  # in the owner's state dir: finds the cluster again after a crash
+    ray_executable: pathlib.Path | None = None  # the `ray` command; default: beside this Python, else on PATH
     _cluster: local_ray.LocalRayCluster | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -43,13 +44,32 @@ class LocalRay:
             return await asyncio.to_thread(local_ray.reclaim, self.record_file)
 
     async def ensure(self) -> local_ray.LocalRayEndpoints:
+        """The cluster's endpoints, starting it on first need. A head that exited under us
+        (killed, out of memory) is cleared away and reported, raising
+        :class:`~orchestrator.adapters.local_ray.LocalRayError`; the next call starts a new
+        one, so a head that keeps failing is started again only as often as its sites'
+        backoff tries them."""
         async with self._lock:
+            if self._cluster is not None and (gone := self._cluster.exited()) is not None:
+                log.warning("the local Ray cluster exited (%s); it is started again at the next try", gone)
+                await self._cluster.stop_async()  # ends what of it survives, removes its folder and record
+                self._cluster, self.endpoints = None, None
+                raise local_ray.LocalRayError(f"the embedded Ray cluster exited ({gone}), its Serve applications with it; "
+                                              "it is started again at the next try")
             if self.endpoints is None:
                 log.info("starting the local Ray cluster (the embedded data centre)")
-                self._cluster = local_ray.LocalRayCluster(num_cpus=self.num_cpus, num_gpus=self.num_gpus, record_file=self.record_file)
+                self._cluster = local_ray.LocalRayCluster(num_cpus=self.num_cpus, num_gpus=self.num_gpus, record_file=self.record_file,
+                                                             ray_executable=self.ray_executable)
                 self.endpoints = await self._cluster.start_async()
                 log.info("local Ray cluster up: dashboard %s, serve %s", self.endpoints.dashboard_url, self.endpoints.serve_url)
             return self.endpoints
+
+    def running(self) -> local_ray.LocalRayEndpoints | None:
+        """The endpoints of the cluster while it runs: None before it is started, or once
+        the head it started has exited (what ran there stopped with it)."""
+        if self._cluster is not None and self._cluster.exited() is not None:
+            return None
+        return self.endpoints
 
     async def stop(self) -> None:
         if self._cluster is not None:
@@ -61,6 +81,10 @@ class LocalRay:
 ActuatorFactory = Callable[[str, schema.SiteSpec], Any]
 
 
+def _is_local(spec: schema.SiteSpec) -> bool:
+    return spec.ray is not None and spec.ray.address == "local"
+
+
 def target_of(spec: schema.SiteSpec) -> str | None:
     """Where a site's applications run (see :func:`store.values.datacentre_target`)."""
     return values.datacentre_target(spec.model_dump(mode="json"))
@@ -70,24 +94,29 @@ class DataCentres:
     def __init__(self, local: LocalRay, kube_factory: ActuatorFactory | None = None):
         self.local = local
         self._kube_factory = kube_factory
-        self._actuators: dict[str, tuple[schema.SiteSpec, serve_config.DataCentreActuator]] = {}
+        # by site: its spec, its actuator, and for the embedded cluster the endpoints of the
+        # one it drives (a new head has new ports: an actuator on the old one reaches nothing)
+        self._actuators: dict[str, tuple[schema.SiteSpec, serve_config.DataCentreActuator, local_ray.LocalRayEndpoints | None]] = {}
 
     async def actuator(self, site: str, spec: schema.SiteSpec) -> serve_config.DataCentreActuator:
+        """The actuator of ``site``, built anew when its spec changed or its embedded Ray
+        cluster was started again."""
+        local = await self.local.ensure() if _is_local(spec) else None
         known = self._actuators.get(site)
-        if known is not None and known[0] == spec:
+        if known is not None and known[0] == spec and known[2] == local:
             return known[1]
         if known is not None:  # let go before closing: a removal from its target in the same pass builds its own
             del self._actuators[site]
             await known[1].close()
-        actuator = await self._build(site, spec)
-        self._actuators[site] = (spec, actuator)
+        actuator = await self._build(site, spec, local)
+        self._actuators[site] = (spec, actuator, local)
         return actuator
 
-    async def _build(self, site: str, spec: schema.SiteSpec) -> serve_config.DataCentreActuator:
+    async def _build(self, site: str, spec: schema.SiteSpec, local: local_ray.LocalRayEndpoints | None = None) -> serve_config.DataCentreActuator:
         if spec.ray is not None:
             owns = planning.owns_app(site)  # sites may share one cluster: touch only this site's apps
             if spec.ray.address == "local":
-                return (await self.local.ensure()).actuator(owns=owns)
+                return (local or await self.local.ensure()).actuator(owns=owns)
             token = ray_serve.token_from_file(spec.ray.tokenFile) if spec.ray.tokenFile else ray_serve.no_token
             return ray_serve.RayServeActuator(spec.ray.address, token_provider=token, serve_url=spec.ray.serveUrl, owns=owns)
         if self._kube_factory is not None:
@@ -115,19 +144,26 @@ class DataCentres:
         an actuator of its own for the removal, beside the one the site drives now. ``spec``
         is the store's record: it reaches the target after a restart or a change of leader."""
         known = self._actuators.get(site)
-        if known is not None and target_of(known[0]) == target_of(spec):
+        held = known if known is not None and target_of(known[0]) == target_of(spec) else None
+        if _is_local(spec):
+            live = self.local.running()
+            if held is not None and held[2] != live:  # it drove a head that exited since: let go, reaching nothing
+                del self._actuators[site]
+                await held[1].close()
+                held = None
+            if live is None:
+                return 0  # the embedded cluster is not up: what ran there stopped with it, no need to start one
+        if held is not None:
             del self._actuators[site]
-            actuator = known[1]
-        elif spec.ray is not None and spec.ray.address == "local" and self.local.endpoints is None:
-            return 0  # the embedded cluster is not up: what ran there stopped with it, no need to start one
+            actuator = held[1]
         else:
-            known, actuator = None, await self._build(site, spec)
+            actuator = await self._build(site, spec)
         try:
             running = len(await actuator.observe())
             await actuator.apply([])
         except BaseException:
-            if known is not None and site not in self._actuators:
-                self._actuators[site] = known
+            if held is not None and site not in self._actuators:
+                self._actuators[site] = held
             else:
                 await actuator.close()
             raise
@@ -137,7 +173,7 @@ class DataCentres:
     async def forget(self, keep: set[str]) -> None:
         """Close the actuators of the sites not in ``keep``, leaving what runs on them."""
         for site in [s for s in self._actuators if s not in keep]:
-            _, actuator = self._actuators.pop(site)
+            _, actuator, _ = self._actuators.pop(site)
             await actuator.close()
 
     async def close(self) -> None:
