@@ -59,14 +59,19 @@ def static_token(token: str) -> TokenProvider:
 
 
 def token_from_file(path: str | pathlib.Path) -> TokenProvider:
-    """A provider that reads a secret file on every call, so a rotated token is picked up."""
+    """A provider that reads a secret file on every call, so a rotated token is picked up.
+    An empty file (a secret not filled in yet) is an error naming it, not "no token": the
+    cluster's 401 would say none was set."""
     token_path = pathlib.Path(path)
 
     def provide() -> str | None:
         try:
-            return token_path.read_text().strip() or None
+            token = token_path.read_text().strip()
         except OSError as exc:
             raise RayServeError(f"cannot read the Ray token file {token_path}: {exc}") from exc
+        if not token:
+            raise RayServeError(f"the Ray token file {token_path} is empty")
+        return token
 
     return provide
 

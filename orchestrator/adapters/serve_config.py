@@ -70,7 +70,7 @@ class RayAuthError(DataCentreError):
         if status_code == 401:
             why = (
                 "no token was sent but the cluster has token authentication on; set the "
-                "site's Ray token (token file or secret)"
+                "Site's spec.ray.tokenFile to a file holding the cluster's token"
             )
         else:
             why = "the token was rejected; check that the site's Ray token matches the cluster's"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import pathlib
+import threading
 from typing import Any
 
 import httpx
@@ -332,3 +335,33 @@ async def test_sites_sharing_a_cluster_keep_each_others_apps() -> None:
         with pytest.raises(ValueError, match="not one this actuator owns"):
             await paris.apply([onnx(name="ep-a--lyon")])
     assert fake.puts[0]["applications"] == [other_site]
+
+
+async def test_an_empty_token_file_is_named_not_sent_as_no_token(tmp_path: pathlib.Path) -> None:
+    """A Site's tokenFile that is empty (a secret not filled in yet) was read as "no token":
+    the cluster answered 401 and the error said no token was set, though one was."""
+    asked: list[str | None] = []
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.headers.get("authorization"))
+            self.send_response(401)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    dashboard = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=dashboard.serve_forever, daemon=True).start()
+    token_file = tmp_path / "ray-token"
+    token_file.write_text("\n")
+    try:
+        async with ray_serve.RayServeActuator(f"http://127.0.0.1:{dashboard.server_address[1]}",
+                                              token_provider=ray_serve.token_from_file(token_file)) as actuator:
+            with pytest.raises(serve_config.RayServeError, match=f"the Ray token file {token_file} is empty"):
+                await actuator.observe()
+    finally:
+        dashboard.shutdown()
+        dashboard.server_close()
+    assert asked == []  # nothing is sent without the token
