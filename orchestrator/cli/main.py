@@ -2,7 +2,9 @@
 
 Exit codes scripts can trust: 0 done, 1 refused by the control plane or not done (the reason is one
 line on stderr, manifest problems one per line after it), 2 wrong usage, 3 the control
-plane could not be reached. They are decided here, in one place, for every command.
+plane could not be reached, 4 a plan with changes (``plan`` and ``apply --dry-run`` given
+``--exit-code``, ``objects.EXIT_CHANGES``). They are decided here, in one place, for every
+command, but for 4, which a command returns.
 
 The commands' bodies live in a module each (``objects``: apply, plan, get, describe,
 delete; ``events``; ``status``; ``tokens``: token and revoke; ``maintenance``: cordon,
@@ -132,9 +134,11 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp = with_output(client_parser("apply", help="create or update objects from manifests (atomic)"))
     sp.add_argument("-f", "--file", required=True, action="append", help=objects.FILE_HELP)
     sp.add_argument("--dry-run", action="store_true", help="validate and show the plan; change nothing")
+    sp.add_argument("--exit-code", action="store_true", help=f"with --dry-run: {objects.EXIT_CODE_HELP}")
     sp.add_argument("--reason", type=reasons.cleaned, help="why (recorded in the event log with your identity)")
     sp = with_output(client_parser("plan", help="show what apply would change, per site"))
     sp.add_argument("-f", "--file", required=True, action="append", help=objects.FILE_HELP)
+    sp.add_argument("--exit-code", action="store_true", help=objects.EXIT_CODE_HELP)
     sp = with_output(client_parser("get", help=f"list objects: {objects.GET_KINDS}"))
     sp.add_argument("kind")
     sp.add_argument("name", nargs="?", help="one object; for placements, one deployment's replicas; for events, "

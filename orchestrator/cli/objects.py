@@ -20,6 +20,10 @@ from orchestrator.manifests.errors import ManifestError
 from orchestrator.urlpath import path_segment
 
 FILE_HELP = "file, directory or - for stdin; repeat -f for more (one atomic bundle)"
+#: ``plan --exit-code`` (and ``apply --dry-run --exit-code``): the plan shows a change; 0, it shows none
+EXIT_CHANGES = 4
+EXIT_CODE_HELP = (f"exit {EXIT_CHANGES} when the plan shows a change (an object created or configured, a replica added, "
+                  "removed or moved), 0 when it shows none; errors keep their codes")
 
 
 def _read_manifests(paths: list[str]) -> str:
@@ -50,16 +54,18 @@ def _post_apply(api: ApiClient, args: argparse.Namespace, dry_run: bool) -> Any:
 
 
 def cmd_apply(api: ApiClient, args: argparse.Namespace) -> int:
+    if args.exit_code and not args.dry_run:  # a real apply changes what it changes: nothing to tell apart
+        raise CliError("--exit-code goes with --dry-run (or plan)", 2)
     result = _post_apply(api, args, args.dry_run)
     if args.output in ("json", "yaml"):
         render.dump(result, args.output)
-        return 0
-    suffix = " (dry run)" if args.dry_run else ""
-    for r in result["results"]:
-        print(f"{r['kind'].lower()}/{r['name']} {r['action']}{suffix}")
-    if args.dry_run and "plan" in result:
-        _print_plan(result["plan"])
-    return 0
+    else:
+        suffix = " (dry run)" if args.dry_run else ""
+        for r in result["results"]:
+            print(f"{r['kind'].lower()}/{r['name']} {r['action']}{suffix}")
+        if args.dry_run and "plan" in result:
+            _print_plan(result["plan"])
+    return dry_run_exit_code(result, args.exit_code)
 
 
 def cmd_plan(api: ApiClient, args: argparse.Namespace) -> int:
@@ -67,11 +73,22 @@ def cmd_plan(api: ApiClient, args: argparse.Namespace) -> int:
     if args.output in ("json", "yaml"):
         # what the table says, whole: each object's would-be action, then the replica plan
         render.dump({"results": result["results"], **result["plan"]}, args.output)
+    else:
+        for r in result["results"]:
+            print(f"{r['kind'].lower()}/{r['name']} would be {r['action']}")
+        _print_plan(result["plan"])
+    return dry_run_exit_code(result, args.exit_code)
+
+
+def dry_run_exit_code(dry_run: dict[str, Any], asked: bool) -> int:
+    """A dry run's exit code: with ``--exit-code`` (``asked``), :data:`EXIT_CHANGES` when
+    its answer shows a change, as its table would: an object that would be created or
+    configured, or a replica that would be added, removed or moved; 0 otherwise."""
+    if not asked:
         return 0
-    for r in result["results"]:
-        print(f"{r['kind'].lower()}/{r['name']} would be {r['action']}")
-    _print_plan(result["plan"])
-    return 0
+    objects = any(r["action"] != "unchanged" for r in dry_run.get("results", []))
+    replicas = any(c["change"] != "unchanged" for c in (dry_run.get("plan") or {}).get("changes", []))
+    return EXIT_CHANGES if objects or replicas else 0
 
 
 def _print_plan(plan: dict[str, Any]) -> None:

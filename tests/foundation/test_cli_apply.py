@@ -162,3 +162,27 @@ def test_plan_as_json_or_yaml_says_which_objects_would_change(serve: support.Ser
             ("Site", "edge-lyon", "configured"), ("Site", "edge-plan-new", "created")], plan
         assert {"changes", "deployments"} <= plan.keys(), plan  # the replica plan as before
     assert cli("get", "site", "edge-plan-new", server_url=serve.url).returncode == 1  # plan applied nothing
+
+
+def test_exit_code_says_whether_the_plan_changes_anything(serve: support.ServeProcess, applied, offline_fleet: pathlib.Path,  # type: ignore[no-untyped-def]
+                                                         tmp_path: pathlib.Path) -> None:
+    """A CI pipeline asks plan (or apply --dry-run) whether an apply would change anything:
+    with --exit-code, 0 says nothing would and 4 that something would, the plan printed
+    all the same; without it, 0 either way, as before."""
+    path = tmp_path / "bigger.yaml"
+    path.write_text(doc("Site", "edge-lyon", {**support.edge_site_spec(), "capacity": {"cpu": 12, "memoryGiB": 48}}))
+    for argv in (["plan"], ["apply", "--dry-run"], ["plan", "-o", "json"], ["apply", "--dry-run", "-o", "yaml"]):
+        same = cli(*argv, "-f", str(offline_fleet), "--exit-code", server_url=serve.url)
+        assert same.returncode == 0 and same.stderr == "" and same.stdout, same
+        changed = cli(*argv, "-f", str(path), "--exit-code", server_url=serve.url)
+        assert changed.returncode == 4 and changed.stderr == "" and "edge-lyon" in changed.stdout, changed
+        assert cli(*argv, "-f", str(path), server_url=serve.url).returncode == 0
+    assert json.loads(ok("get", "site", "edge-lyon", "-o", "json", server=serve))["spec"]["capacity"]["cpu"] != 12
+    # an error keeps its own code: never read as "no change" nor as "changes"
+    refused = cli("plan", "-f", str(tmp_path / "missing.yaml"), "--exit-code", server_url=serve.url)
+    assert refused.returncode == 2, refused
+    dead = cli("plan", "-f", str(path), "--exit-code", server_url=f"http://127.0.0.1:{support.closed_port()}")
+    assert dead.returncode == 3, dead
+    # a real apply changes what it changes: the flag is a dry run's
+    alone = cli("apply", "-f", str(path), "--exit-code", server_url=serve.url)
+    assert alone.returncode == 2 and alone.stderr.strip() == "error: --exit-code goes with --dry-run (or plan)", alone
