@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.cli import render
-from orchestrator.cli.http import ApiClient, CliError, RetryLater
+from orchestrator.cli.http import ApiClient, CliError, RetryLater, TlsFailure
 
 
 def cmd_events(api: ApiClient, args: argparse.Namespace) -> int:
@@ -183,10 +183,12 @@ MAX_RETRY_AFTER_S = 60.0
 
 
 def wait_to_ask_again(exc: CliError, every_s: float) -> float | None:
-    """How long to wait before asking again after ``exc``, or None when asking again cannot help."""
+    """How long to wait before asking again after ``exc``, or None when asking again cannot
+    help: a refusal, or TLS that fails for good (a certificate not trusted, a server that
+    speaks no TLS), which says nothing of a control plane restarting."""
     if isinstance(exc, RetryLater):
         return min(max(every_s, exc.retry_after_s or 0.0), MAX_RETRY_AFTER_S)
-    return every_s if exc.code == 3 else None
+    return every_s if exc.code == 3 and not isinstance(exc, TlsFailure) else None
 
 
 def show_events(api: ApiClient, output: str, limit: int = 50, since: int | None = None, kind: str | None = None,

@@ -5,7 +5,9 @@ Every failure becomes :class:`CliError` carrying a one-line reason and an exit c
 used at all, 3 when the server cannot be reached. A refusal that only means "not now"
 (429, and 502/503/504: a reverse proxy while the control plane restarts, the control
 plane while its store does not answer) is a :class:`RetryLater`, which a command that
-keeps going (``events -w``) waits out like a server that cannot be reached.
+keeps going (``events -w``, ``drain --wait``) waits out like a server that cannot be
+reached; TLS that fails for good (a certificate not trusted, a server that speaks no TLS)
+is a :class:`TlsFailure`, which no waiting mends.
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ class RetryLater(CliError):
         super().__init__(message, 1, details)
         self.status = status
         self.retry_after_s = retry_after_s
+
+
+class TlsFailure(CliError):
+    """The server is there but TLS with it fails, and will the same way when asked again: its
+    certificate is not trusted here, or it speaks no TLS. Exit code 3, as the server is not
+    reached, but a command that keeps going stops at once (``events.wait_to_ask_again``)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, 3)
 
 
 class NoRoute(CliError):
@@ -129,6 +140,8 @@ class ApiClient:
             seconds = waited.read if isinstance(waited, httpx.Timeout) else waited
             raise CliError(f"the control plane at {self.server} did not answer {method} {path} within {seconds:g} s", 3) from exc
         except httpx.TransportError as exc:
+            if lasting_tls_problem(exc):
+                raise TlsFailure(unreached(self.server, exc)) from exc
             raise CliError(unreached(self.server, exc), 3) from exc
 
     def _answer(self, method: str, path: str, resp: httpx.Response) -> dict[str, Any]:
@@ -192,6 +205,18 @@ def tls_problem(exc: BaseException) -> ssl.SSLError | None:
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+#: TLS cut short (a connection closed during the handshake: a reverse proxy restarting, say), which may not happen again
+_CUT_SHORT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+
+
+def lasting_tls_problem(exc: BaseException) -> bool:
+    """Whether ``exc`` is TLS that will fail again when asked again: a certificate not
+    trusted, or a server that answers in something else than TLS (``wrong version number``);
+    not a handshake cut short, which a server restarting causes."""
+    problem = tls_problem(exc)
+    return problem is not None and not isinstance(problem, _CUT_SHORT)
 
 
 def _tls_words(error: ssl.SSLError) -> str:

@@ -91,7 +91,7 @@ def cmd_drain(api: ApiClient, args: argparse.Namespace) -> int:
         return 0
     if args.output not in ("json", "yaml"):
         _said(data, args)
-    return _wait(api, args)
+    return follow_drain(api, args)
 
 
 def _print_preview(plan: dict[str, Any]) -> None:
@@ -127,7 +127,7 @@ def progress_line(name: str, m: dict[str, Any]) -> str:
     return out
 
 
-def _wait(api: ApiClient, args: argparse.Namespace) -> int:
+def follow_drain(api: ApiClient, args: argparse.Namespace) -> int:
     """Follow the drain until it is done or ``--timeout``. A control plane that cannot be
     reached or says to retry later (restarted or upgraded during the window, as it often
     is) is said once and asked again until the deadline: the drain is stored and goes on

@@ -5,6 +5,7 @@ object."""
 
 from __future__ import annotations
 
+import argparse
 import http.server
 import json
 import pathlib
@@ -15,6 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from orchestrator.cli import events
+from orchestrator.cli import http as cli_http
+from orchestrator.cli import maintenance as maintenance_cli
 from orchestrator.security import ca
 from orchestrator.testing import loopback
 
@@ -135,3 +139,58 @@ def test_a_certificate_not_trusted_is_said_so_with_how_to_trust_it(behind_tls: t
     assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1, proc
     assert proc.stderr.startswith(f"error: {plain} does not speak TLS (wrong version number): "), proc.stderr
     assert "http://" in proc.stderr and "is 'edgeplane serve' running" not in proc.stderr, proc.stderr
+
+
+def _first_line_then_exit(argv: list[str], url: str) -> tuple[str, int | None]:
+    """``edgeplane *argv`` against ``url``: the first line it says on stderr, and its exit
+    code once it has said it (None: still running, so it was stopped)."""
+    proc = subprocess.Popen([str(support.EDGEPLANE), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=support.clean_env(EDGEPLANE_SERVER=url), cwd=support.REPO)
+    assert proc.stderr is not None
+    try:
+        first = proc.stderr.readline()
+        try:
+            return first, proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            return first, None
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.parametrize("argv", [["events", "-w"], ["events", "-w", "-o", "json"], ["drain", "site", "edge-lyon", "--wait"]], ids=" ".join)
+def test_waiting_commands_stop_at_once_on_tls_that_fails(argv: list[str], behind_tls: tuple[str, pathlib.Path],
+                                                         serve: support.ServeProcess) -> None:
+    """A certificate not trusted, or https:// to a control plane that speaks plain HTTP, does
+    not go away by asking again: events -w asked again every second, for ever, as if the
+    control plane were restarting. It stops at once with its one line (exit 3)."""
+    url, _ = behind_tls
+    plain = serve.url.replace("http://", "https://")
+    for server, said in ((url, f"error: the control plane at {url} presented a certificate this machine does not trust"),
+                         (plain, f"error: {plain} does not speak TLS")):
+        first, code = _first_line_then_exit(argv, server)
+        assert first.startswith(said) and code == 3, (first, code)
+
+
+def test_a_drain_followed_stops_at_once_when_tls_fails(behind_tls: tuple[str, pathlib.Path]) -> None:
+    """drain --wait asks the control plane again until its --timeout when it is away; a
+    certificate not trusted met while it follows is not waited out."""
+    url, _ = behind_tls
+    api = cli_http.ApiClient(url, None)
+    try:
+        args = argparse.Namespace(name="edge-lyon", timeout=5.0, interval=0.1, output="table")
+        with pytest.raises(cli_http.CliError) as raised:
+            maintenance_cli.follow_drain(api, args)
+    finally:
+        api.close()
+    assert raised.value.code == 3 and "presented a certificate this machine does not trust" in str(raised.value), raised.value
+
+
+@pytest.mark.parametrize(("error", "wait"), [
+    (cli_http.CliError("cannot reach the control plane", 3), 1.0),
+    (cli_http.RetryLater("busy", 503, 5.0), 5.0),
+    (cli_http.CliError("refused"), None),
+    (cli_http.TlsFailure("a certificate this machine does not trust"), None),
+])
+def test_what_a_waiting_command_asks_again_after(error: cli_http.CliError, wait: float | None) -> None:
+    assert events.wait_to_ask_again(error, 1.0) == wait
