@@ -41,11 +41,12 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
     """The newest events (or those after ``since``), then each new one as it is logged, one
     line each (``-o json``: one JSON object a line), until interrupted. What to ask next, what
     to say on stderr and how long to wait are :func:`answered` and :func:`unanswered`'s; this
-    loop only asks, prints and sleeps."""
-    if output == "table":
-        print("\t".join(EVENT_COLUMNS), flush=True)
+    loop only asks, prints and sleeps. The table's header waits for the first answer: a
+    follow refused at once (a token refused, TLS that fails) leaves stdout empty, as a
+    script reading it must find it."""
     reason_width = 70 if sys.stdout.isatty() else None  # piped: whole, as tables are
     state = Follow(limit, since, check_pruned=since is not None)
+    headed = output != "table"
     while True:
         try:
             answer = api.request("GET", "/v1/events", params=_events_query(state.page_size, state.since, kind, name))
@@ -56,6 +57,9 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
             step = unanswered(state, f"{exc} (HTTP {exc.status})" if isinstance(exc, RetryLater) else str(exc), wait)
         else:
             step = answered(state, Page.from_json(answer), every_s)
+            if not headed:
+                print("\t".join(EVENT_COLUMNS))
+                headed = True
         for line in step.said:
             print(line, file=sys.stderr, flush=True)
         for e in step.shown:
