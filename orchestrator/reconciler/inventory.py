@@ -49,7 +49,8 @@ def site_health(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, 
 
 def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: snap.DataCentreObservation | None,
             rejoining: Sequence[sched.Variant] | None = None, *,
-            cordoned: Sequence[tuple[str, sched.Variant]] | None = None, draining: bool = False) -> sched.Site:
+            cordoned: Sequence[tuple[str, sched.Variant]] | None = None, draining: bool = False,
+            out_of_reach: bool = False) -> sched.Site:
     """The scheduler's view of a site. ``rejoining``: the site is rejoining (see
     ``site_health``) and holds replicas of these variants; until its agent reports its
     capacity again, the site is as big as they are (its declared capacity may be missing, as
@@ -58,7 +59,9 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
     replicas (deployment, variant) and takes nothing new whatever its capacity: it is as big
     as they are, and admits as many of each (deployment, variant) as it holds and no other,
     so that the room a replica moving off it frees is taken by no replica at all. ``draining``: being drained,
-    its replicas are placed elsewhere. The room it holds for replicas that leave it once their
+    its replicas are placed elsewhere. ``out_of_reach``: a data centre held as ``cordoned``
+    because it does not answer, not for maintenance (a reason says so, and since when ``dc``
+    was first found so). The room it holds for replicas that leave it once their
     replacements serve (``Site.held``) is the reconciler's to add (``maintenance.holding``)."""
     spec = record.spec
     healthy, _ = site_health(record, agent, dc, rejoining is not None)
@@ -92,6 +95,8 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
         draining=draining,
         labels=dict(record.labels),
         admits=Counter((d, v.name) for d, v in cordoned) if cordoned is not None else None,
+        out_of_reach=out_of_reach,
+        out_of_reach_since=dc.unreachable_at if out_of_reach and dc is not None else None,
     )
 
 

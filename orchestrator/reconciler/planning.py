@@ -159,7 +159,7 @@ def scheduler_inputs(s: snap.Snapshot) -> tuple[list[sched_model.Site], list[sch
     sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name),
                                [v for _, v in held[r.name]] if r.name in s.rejoining else None,
                                cordoned=_staying(r, held[r.name], deployments) if r.name in cordoned else None,
-                               draining=r.name in draining)
+                               draining=r.name in draining, out_of_reach=r.name in unseen)
              for r in s.sites]
     return sites, deployments, current
 

@@ -8,6 +8,7 @@ numbers: "needs 2×80 GiB GPU in FR datacenter sites; FR datacenter sites have 1
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from orchestrator import units
 from orchestrator.scheduler.capacity import Capacity
 from orchestrator.scheduler.fleet import WATTS_SLACK, Fleet
-from orchestrator.scheduler.model import ALL_TIERS, Deployment, Variant
+from orchestrator.scheduler.model import ALL_TIERS, Deployment, Site, Variant
 from orchestrator.scheduler.residency import EU_COUNTRIES
 from orchestrator.scheduler.result import Shortfall
 
@@ -85,7 +86,7 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> Shortfall:
     for variant in deployment.variants:
         admitted |= fleet.admits_mask(deployment.name, variant.name)
     if not (mask & healthy & admitted).any():  # their capacity is what they hold: quoting it would mislead
-        return short(f"all {int((mask & healthy).sum())} healthy matching {where} are cordoned (they take no new deployment)")
+        return short(_not_admitting(fleet, mask, healthy, where))
     healthy = healthy & admitted
     variant_tiers = np.zeros(fleet.size, dtype=bool)
     for variant in deployment.variants:
@@ -117,6 +118,36 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> Shortfall:
             return short(head, _spread_reason(fleet, capacity, job))
         reasons.append(_resource_reason(fleet, capacity, variant, eligible, where))
     return short(head, "; ".join(reasons))
+
+
+def _not_admitting(fleet: Fleet, matching: np.ndarray, healthy: np.ndarray, where: str) -> str:
+    """Why no healthy ``matching`` site takes a deployment it does not run: each is cordoned,
+    or a data centre out of reach, held as a cordoned site is but by no one's choice, which
+    is said with since when (``Site.out_of_reach_since``), not as a cordon."""
+    held = np.flatnonzero(matching & healthy).tolist()
+    away = [i for i in held if fleet.sites[i].out_of_reach]
+    if not away:
+        return f"all {len(held)} healthy matching {where} are cordoned (they take no new deployment)"
+    shown = ", ".join(_since(fleet.sites[i]) for i in away[:3]) + (f" and {len(away) - 3} more" if len(away) > 3 else "")
+    total = int(matching.sum())
+    closed = np.flatnonzero(matching & ~healthy)
+    draining = int(fleet.draining[closed].sum())
+    counts = [(total - len(held) - draining, "unhealthy"), (draining, "draining"), (len(held) - len(away), "cordoned")]
+    others = [(n, word) for n, word in counts if n]
+    if others:
+        (first, word), rest = others[0], [f"{n} {w}" for n, w in others[1:]]
+        listed = ", ".join([f"{first} {'is' if first == 1 else 'are'} {word}", *rest])
+        head = f"of {total} matching {where}, {listed} and {len(away)} out of reach"
+    else:
+        head = f"all {total} matching {where} are out of reach"
+    return f"{head} ({shown}); a site out of reach takes no new deployment until it answers"
+
+
+def _since(site: Site) -> str:
+    """``dc-paris since 2026-03-01T08:30:00Z``, or the name alone when the outage's start is not known."""
+    if site.out_of_reach_since is None:
+        return site.name
+    return f"{site.name} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(site.out_of_reach_since))}"
 
 
 def _taken_reason(fleet: Fleet, job: Job, room: np.ndarray) -> str:

@@ -99,6 +99,12 @@ class Site:
     # room (CPU, memory, GPUs, power) until then: the site has the hardware it has, but
     # that room is not free to the plan (``capacity.Capacity``), and a reason says so.
     held: tuple[Variant, ...] = ()
+    # A data centre out of reach but not declared lost is held as a cordoned site is
+    # (``admits``): it most likely still serves, and takes nothing new until it answers. A
+    # reason names it out of reach, not cordoned, and since when (wall clock, seconds since
+    # the epoch; None: not known).
+    out_of_reach: bool = False
+    out_of_reach_since: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tier", Tier(self.tier))

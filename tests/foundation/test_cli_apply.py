@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
+import time
 
 import yaml
 
@@ -186,3 +188,30 @@ def test_exit_code_says_whether_the_plan_changes_anything(serve: support.ServePr
     # a real apply changes what it changes: the flag is a dry run's
     alone = cli("apply", "-f", str(path), "--exit-code", server_url=serve.url)
     assert alone.returncode == 2 and alone.stderr.strip() == "error: --exit-code goes with --dry-run (or plan)", alone
+
+
+def test_plan_says_data_centres_out_of_reach_are_out_of_reach(offline_fleet: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """The example fleet's data centres do not answer (their Ray at a closed port): plan
+    said "all 2 healthy matching EU datacenter sites are cordoned" of data centres nobody
+    cordoned. It says they are out of reach, and since when. (The control plane declares
+    them lost only after 300 s × 100 here, so they stay out of reach, not lost, throughout.)"""
+    serve = support.ServeProcess(tmp_path / "data", "--heartbeat-interval", "300", "--missed-heartbeats", "100",
+                                 artifact_root=offline_fleet).wait_ready()
+    try:
+        ok("apply", "-f", str(offline_fleet), server=serve)
+        for _ in range(120):  # each observed out of reach (a pass or two after the apply)
+            sites = json.loads(ok("get", "sites", "-o", "json", server=serve))["items"]
+            health = {s["metadata"]["name"]: s.get("status", {}).get("health") for s in sites if s["spec"]["tier"] == "datacenter"}
+            if set(health.values()) == {"Unreachable"}:
+                break
+            time.sleep(0.25)
+        assert set(health) == {"dc-frankfurt", "dc-paris"} and set(health.values()) == {"Unreachable"}, health
+        plan = json.loads(ok("plan", "-f", str(offline_fleet), "-o", "json", server=serve))
+        table = ok("plan", "-f", str(offline_fleet), server=serve)
+    finally:
+        serve.stop()
+    reason = next(d["reason"] for d in plan["deployments"] if d["name"] == "assistant-dc")
+    since = r"since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+    assert re.fullmatch(rf"all 2 matching EU datacenter sites are out of reach \(dc-frankfurt {since}, dc-paris {since}\); "
+                        r"a site out of reach takes no new deployment until it answers; 0 of 1 placed", reason), reason
+    assert "cordoned" not in table and "out of reach" in table, table

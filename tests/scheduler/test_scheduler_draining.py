@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 
-from orchestrator.scheduler import MoveReplica, Replica, plan
+from orchestrator.scheduler import MoveReplica, Replica, Site, plan
 from orchestrator.scheduler import standing as standing_mod
 
 from scheduler_builders import deployment, site
@@ -88,3 +88,40 @@ def test_a_lost_replica_does_not_take_a_cordoned_site_s_room_by_moving_another_o
     assert sorted((r.deployment, r.site) for r in result.replicas) == [("a", "paris"), ("b", "paris")], result.replicas
     assert result.deployments["b"].placed == 1
 
+
+
+#: 2026-03-01T08:30:00Z, when a data centre's outage began in the cases below
+OUTAGE = 1772353800.0
+OUT_OF_REACH = "; a site out of reach takes no new deployment until it answers; 0 of 1 placed"
+
+
+@pytest.mark.parametrize(("states", "reason"), [
+    (["cordoned", "cordoned"], "all 2 healthy matching FR sites are cordoned (they take no new deployment); 0 of 1 placed"),
+    ([OUTAGE, OUTAGE + 100],
+     "all 2 matching FR sites are out of reach (s0 since 2026-03-01T08:30:00Z, s1 since 2026-03-01T08:31:40Z)" + OUT_OF_REACH),
+    (["away", OUTAGE], "all 2 matching FR sites are out of reach (s0, s1 since 2026-03-01T08:30:00Z)" + OUT_OF_REACH),
+    (["cordoned", OUTAGE], "of 2 matching FR sites, 1 is cordoned and 1 out of reach (s1 since 2026-03-01T08:30:00Z)" + OUT_OF_REACH),
+    (["unhealthy", "unhealthy", "cordoned", "away"],
+     "of 4 matching FR sites, 2 are unhealthy, 1 cordoned and 1 out of reach (s3)" + OUT_OF_REACH),
+    (["draining", "away"], "of 2 matching FR sites, 1 is draining and 1 out of reach (s1)" + OUT_OF_REACH),
+    (["away"] * 5, "all 5 matching FR sites are out of reach (s0, s1, s2 and 2 more)" + OUT_OF_REACH),
+])
+def test_a_data_centre_out_of_reach_is_named_so_not_cordoned(states: list[object], reason: str) -> None:
+    """A data centre out of reach keeps what it runs and takes nothing new, as a cordoned
+    site does (``Site.admits``): the reason said "all 2 healthy matching EU datacenter sites
+    are cordoned" of data centres nobody cordoned. It says they are out of reach, and since
+    when where that is known."""
+    def state(name: str, what: object) -> Site:
+        s = site(name)
+        if what == "unhealthy":
+            return dataclasses.replace(s, healthy=False)
+        if what == "draining":
+            return dataclasses.replace(s, draining=True)
+        held = dataclasses.replace(s, admits={("other", "small"): 1})
+        if what == "cordoned":
+            return held
+        return dataclasses.replace(held, out_of_reach=True, out_of_reach_since=None if what == "away" else what)
+
+    sites = [state(f"s{i}", what) for i, what in enumerate(states)]
+    result = plan([*sites, site("berlin", "berlin")], [deployment("fr", residency={"FR"}, demand=(("paris", 10.0),))])
+    assert result.deployments["fr"].reason == reason
