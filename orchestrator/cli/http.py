@@ -179,19 +179,31 @@ class ApiClient:
         self._http.close()
 
 
+#: What OpenSSL says of an answer to its hello that is no TLS record (a plain-HTTP server's
+#: "HTTP/1.1 400"): 3.0 and 3.1 read its first bytes as a wrong version, 3.2 on as a record
+#: too long or failed. Any other TLS error is a server that speaks TLS and refused the handshake.
+NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL"})
+
+
 def unreached(server: str, exc: BaseException) -> str:
     """Why no answer came from ``server`` (``exc``: what the HTTP client raised). TLS that
     failed is said as such: the server is there, and asking whether it runs sends the user
     the wrong way; a certificate signed by a CA of the user's own is trusted with
-    ``SSL_CERT_FILE``, which the CLI reads as the Python client does."""
+    ``SSL_CERT_FILE``, which the CLI reads as the Python client does; a server that answers
+    in plain HTTP is asked with http://; one that speaks TLS and refuses the handshake (a
+    proxy asking for a client certificate) is said to, and not that it speaks none."""
     problem = tls_problem(exc)
     if isinstance(problem, ssl.SSLCertVerificationError):
         return (f"the control plane at {server} presented a certificate this machine does not trust "
                 f"({problem.verify_message or problem.reason}): give the CA that signed it with SSL_CERT_FILE=CA.pem "
                 "(or SSL_CERT_DIR), or check --server / EDGEPLANE_SERVER")
-    if problem is not None:
+    if problem is not None and problem.reason in NOT_TLS:
         return (f"{server} does not speak TLS ({_tls_words(problem)}): "
                 f"a control plane without a reverse proxy in front serves http://, not https:// (--server / EDGEPLANE_SERVER)")
+    if problem is not None:  # it speaks TLS, and refused this connection
+        return (f"the control plane at {server} refused the TLS handshake ({_tls_words(problem)}): a reverse proxy in front "
+                "of it may ask for a client certificate, which the CLI does not send, or share no TLS version or cipher with "
+                "this machine; check its TLS settings, or --server / EDGEPLANE_SERVER")
     return f"cannot reach the control plane at {server}: {exc.__class__.__name__} ({exc}); is 'edgeplane serve' running? (--server / EDGEPLANE_SERVER)"
 
 

@@ -98,16 +98,21 @@ class _Sites(loopback.CannedHandler):
         self.reply(200, json.dumps({"kind": "Site", "items": []}).encode())
 
 
-@pytest.fixture
-def behind_tls(tmp_path: pathlib.Path) -> Iterator[tuple[str, pathlib.Path]]:
+def _https_server(tmp_path: pathlib.Path, *, client_certificate: bool = False) -> Iterator[tuple[str, pathlib.Path]]:
     """An HTTPS server on loopback (a reverse proxy in front of a control plane, as it were)
-    whose certificate a CA of its own signed: its URL and that CA's certificate file."""
+    whose certificate a CA of its own signed: its URL and that CA's certificate file. With
+    ``client_certificate``, it asks each caller for one of that CA's (a proxy with mutual
+    TLS), in TLS 1.2, where that refusal comes in the handshake, before a request is sent."""
     authority = ca.CertificateAuthority.load_or_create(tmp_path / "ca", name="a company's own CA")
     cert, key = authority.issue_server(["127.0.0.1"])
     (tmp_path / "server.crt").write_bytes(cert)
     (tmp_path / "server.key").write_bytes(key)
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(tmp_path / "server.crt", tmp_path / "server.key")
+    if client_certificate:
+        tls.verify_mode = ssl.CERT_REQUIRED
+        tls.load_verify_locations(tmp_path / "ca" / "ca.crt")
+        tls.maximum_version = ssl.TLSVersion.TLSv1_2
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sites)
     httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -117,6 +122,16 @@ def behind_tls(tmp_path: pathlib.Path) -> Iterator[tuple[str, pathlib.Path]]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def behind_tls(tmp_path: pathlib.Path) -> Iterator[tuple[str, pathlib.Path]]:
+    yield from _https_server(tmp_path)
+
+
+@pytest.fixture
+def behind_mutual_tls(tmp_path: pathlib.Path) -> Iterator[tuple[str, pathlib.Path]]:
+    yield from _https_server(tmp_path, client_certificate=True)
 
 
 def test_a_certificate_not_trusted_is_said_so_with_how_to_trust_it(behind_tls: tuple[str, pathlib.Path],
@@ -194,3 +209,17 @@ def test_a_drain_followed_stops_at_once_when_tls_fails(behind_tls: tuple[str, pa
 ])
 def test_what_a_waiting_command_asks_again_after(error: cli_http.CliError, wait: float | None) -> None:
     assert events.wait_to_ask_again(error, 1.0) == wait
+
+
+def test_a_tls_server_that_refuses_the_handshake_is_not_said_to_speak_no_tls(behind_mutual_tls: tuple[str, pathlib.Path]) -> None:
+    """Every TLS error that was not a certificate's read as 'does not speak TLS ...: a
+    control plane without a reverse proxy in front serves http://', of a proxy that spoke
+    TLS and refused the connection (it asks for a client certificate): the user was sent to
+    drop the https:// that the proxy needs."""
+    url, ca_file = behind_mutual_tls
+    for argv in (["get", "sites"], ["chat", "m", "hi"]):
+        proc = cli(*argv, server_url=url, env={"SSL_CERT_FILE": str(ca_file)})
+        assert proc.returncode == 3, proc
+        assert len(proc.stderr.splitlines()) == 1 and proc.stdout == "", proc
+        assert proc.stderr.startswith(f"error: the control plane at {url} refused the TLS handshake (sslv3 alert handshake failure): "), proc.stderr
+        assert "does not speak TLS" not in proc.stderr and "is 'edgeplane serve' running" not in proc.stderr, proc.stderr
