@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from orchestrator import durable
+from orchestrator import durable, logthrottle
 from orchestrator.security import tokencache
 from orchestrator.security.bearer import bearer_secret
 from orchestrator.store import sqlite as store_mod
@@ -95,7 +95,8 @@ class Authenticator:
         self.store, self.required = store, required
         self.tokens: tokencache.TokenVerdicts[store_mod.TokenInfo] = tokencache.TokenVerdicts(
             lambda secret: self.store.run(self.store.verify_token, secret, "api"), ttl_s=ttl_s, wall=wall)
-        self._logged: tuple[str, float] | None = None  # the last store failure logged, and when (monotonic)
+        # once per failure and minute, not per request: a flood of callers while the store is down would flood the log
+        self._store_errors = logthrottle.Throttle(STORE_ERROR_LOG_S)
 
     async def verify(self, secret: str) -> store_mod.TokenInfo | None:
         """The API token ``secret`` when valid, else None; StoreError when the store does not
@@ -103,15 +104,9 @@ class Authenticator:
         try:
             return await self.tokens.verify(secret)
         except store_mod.StoreError as exc:
-            self._log_store_error(exc)
+            if self._store_errors.due(said := str(exc)) is not None:
+                log.warning("cannot check API tokens: %s", said)
             raise
-
-    def _log_store_error(self, exc: store_mod.StoreError) -> None:
-        # once per failure and minute, not per request: a flood of callers while the store is down would flood the log
-        now, said = time.monotonic(), str(exc)
-        if self._logged is None or self._logged[0] != said or now - self._logged[1] >= STORE_ERROR_LOG_S:
-            self._logged = (said, now)
-            log.warning("cannot check API tokens: %s", said)
 
     def forget_tokens(self) -> None:
         """A token was revoked: every kept verdict goes stale, so this process refuses it at once."""

@@ -55,6 +55,8 @@ from typing import cast
 
 import httptools
 
+from orchestrator import logthrottle
+
 
 STREAM_HIGH_WATER = 64 * 1024  # unread bytes of a streamed body at which its socket is paused
 #: TCP keep-alive of the connections to replicas: (seconds idle before the first probe, seconds
@@ -344,8 +346,7 @@ class UpstreamPool:
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
-        self._descriptors_logged_at: float | None = None  # when running out of them was last logged
-        self._descriptors_unlogged = 0  # times it happened since
+        self._out_of_descriptors_log = logthrottle.Throttle(OUT_OF_DESCRIPTORS_LOG_S, clock)
 
     async def request(self, method: str, url: str, body: bytes | None = None, headers: Mapping[str, str] | None = None) -> Answer:
         origin, head = _request_head(method, url, body, headers)
@@ -439,16 +440,12 @@ class UpstreamPool:
         """What to raise for ``exc``, a connection that ``EMFILE`` or ``ENFILE`` kept from
         being made, logged for the operator at most once every :data:`OUT_OF_DESCRIPTORS_LOG_S`."""
         whose = "the system's" if exc.errno == errno.ENFILE else "this process's"
-        now = self._clock()
-        if self._descriptors_logged_at is not None and now - self._descriptors_logged_at < OUT_OF_DESCRIPTORS_LOG_S:
-            self._descriptors_unlogged += 1
-        else:
+        if (held := self._out_of_descriptors_log.due()) is not None:
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            since = f" ({self._descriptors_unlogged} more since the last such line)" if self._descriptors_unlogged else ""
+            since = f" ({held} more since the last such line)" if held else ""
             log.warning("the gateway is out of file descriptors (%s, %s limit; RLIMIT_NOFILE soft %s, hard %s): it cannot connect "
                         "to replicas and answers their requests 503; raise the limit (ulimit -n, systemd LimitNOFILE=) or "
                         "find what holds them%s", exc.strerror, whose, soft, hard, since)
-            self._descriptors_logged_at, self._descriptors_unlogged = now, 0
         return OutOfDescriptors(f"the gateway is out of file descriptors ({exc.strerror}) and could not connect to a replica; "
                                 f"retry in {OUT_OF_DESCRIPTORS_RETRY_S} s")
 
