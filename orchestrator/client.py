@@ -150,8 +150,8 @@ class _Base:
         self._auth = {"authorization": f"Bearer {token}"} if token else {}
         self._seconds = args.seconds(timeout)
         self._timeout = httpx.Timeout(self._seconds, connect=min(2.0, self._seconds))
-        self.max_answer_bytes = args.byte_count(max_answer_bytes, "max_answer_bytes")
-        self.max_connections = args.connection_count(max_connections)
+        self.max_answer_bytes = args.count(max_answer_bytes, "max_answer_bytes", "bytes")
+        self.max_connections = args.count(max_connections, "max_connections", "connections")
         self._pool = clientpool.Pool(self.max_connections if own_pool else None, self._seconds)  # a transport given holds its own
 
     def _body(self, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> tuple[bytes, dict[str, str]]:

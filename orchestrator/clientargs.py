@@ -82,19 +82,12 @@ def seconds(timeout: Any) -> float:
     return float(timeout)
 
 
-def byte_count(value: Any, name: str) -> int:
+def count(value: Any, name: str, unit: str) -> int:
+    """``value``, the argument ``name``, as a whole number of ``unit`` (bytes, connections), 1 or more."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a whole number of bytes, not {value!r}")
+        raise TypeError(f"{name} must be a whole number of {unit}, not {value!r}")
     if value < 1:
-        raise ValueError(f"{name} {value!r}: give a whole number of bytes, 1 or more")
-    return int(value)
-
-
-def connection_count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"max_connections must be a whole number of connections, not {value!r}")
-    if value < 1:
-        raise ValueError(f"max_connections {value!r}: give a whole number of connections, 1 or more")
+        raise ValueError(f"{name} {value!r}: give a whole number of {unit}, 1 or more")
     return int(value)
 
 
