@@ -399,10 +399,13 @@ class _Connection(asyncio.BufferedProtocol):
 
     async def _wait_writable(self) -> bool:
         """True once the client has room for more; False when the connection is gone (a
-        client that reads nothing for ``write_timeout`` is dropped: ``_watch_writes``)."""
+        client that reads nothing for ``write_timeout`` is dropped: ``_watch_writes``). Gone
+        includes a transport that a failed write closed: asyncio calls ``connection_lost``
+        for it only once the loop runs, which a producer whose items are ready at once never
+        lets it do; until then each write would go nowhere, and the producer run to its end."""
         if not self._writable.is_set():
             await self._writable.wait()
-        return self._transport is not None and not self._closing
+        return self._transport is not None and not self._closing and not self._transport.is_closing()
 
     def _watch_writes(self) -> None:
         """Drop the client unless it reads some of what is buffered for it within

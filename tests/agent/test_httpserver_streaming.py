@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 import threading
 from collections.abc import AsyncIterator
 
@@ -29,6 +31,7 @@ class Streams:
         self.passthrough: httpserver.Passthrough | None = None
         self.lent = asyncio.Event()
         self.queued: asyncio.Queue[bytes | None] = asyncio.Queue()  # items for the loop to write; None ends
+        self.burst = asyncio.Event()  # /burst: its items after the first are ready
 
     async def __call__(self, request: Request) -> Response | StreamingResponse:
         if request.path == "/small":
@@ -39,6 +42,8 @@ class Streams:
             return StreamingResponse(200, self._forever())
         if request.path == "/fails":
             return StreamingResponse(200, self._fails())
+        if request.path == "/burst":
+            return StreamingResponse(200, self._burst(int(request.query.split("=")[1])))
         if request.path == "/lent":
             return StreamingResponse(200, self._queued(), passthrough=self._take)
         return Response(200, b"plain", content_type="text/plain")
@@ -58,6 +63,17 @@ class Streams:
             self.first_sent.set()
             await asyncio.Event().wait()  # a generation that would never end by itself
             yield b"never"
+        finally:
+            self.closed.set()
+
+    async def _burst(self, n: int) -> AsyncIterator[bytes]:
+        """A first item, then ``n`` more at once (made, or queued, faster than they are sent)."""
+        try:
+            yield b"first"
+            await self.burst.wait()
+            for i in range(n):
+                self.produced = i + 1
+                yield b"x" * 1024
         finally:
             self.closed.set()
 
@@ -165,6 +181,33 @@ async def test_a_client_that_leaves_closes_the_producer_at_once() -> None:
         writer.close()
         await asyncio.wait_for(streams.closed.wait(), 5)  # its finally ran: it knows nobody listens
         assert not server.connections or all(c.idle for c in server.connections)
+    finally:
+        await server.shutdown(1)
+
+
+async def test_a_client_gone_is_noticed_at_the_next_item_of_a_producer_that_never_waits() -> None:
+    """Items ready at once (queued faster than sent) never let the event loop run, and so
+    never let it call connection_lost: the write that found the client gone was the last
+    one made, and every item after it was made, written to a closed transport (asyncio
+    logging 'socket.send() raised exception.' for each) and its producer run to its end."""
+    server, streams, port = await start()
+    loop = asyncio.get_running_loop()
+    n = 1000
+    try:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+        await loop.sock_sendall(sock, f"GET /burst?n={n} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        got = b""
+        for _ in range(100):  # bounded: the head and the first item come in a read or two
+            if got.endswith(b"5\r\nfirst\r\n"):
+                break
+            got += await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+        assert got.endswith(b"5\r\nfirst\r\n"), got
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # reset: the next write finds the client gone
+        streams.burst.set()
+        await asyncio.wait_for(streams.closed.wait(), 5)
+        assert streams.produced < 10, streams.produced  # closed at the next item, not run to its end
     finally:
         await server.shutdown(1)
 
