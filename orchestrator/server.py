@@ -26,7 +26,7 @@ import pathlib
 import socket
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -70,6 +70,8 @@ WAKE_EVERY_S = 1.0  # a follower logs at most one wake a second per model
 #: The agents' events logged (by the replica the agent is connected to).
 LOGGED_AGENT_EVENTS = frozenset({agent_model.AgentEventKind.JOINED, agent_model.AgentEventKind.LOST, agent_model.AgentEventKind.RECOVERED})
 API_READ_S = server_views.API_READ_S
+#: The most agents' events logged in one transaction (what waits after a fleet rejoined).
+LOG_BATCH = 500
 AGENT_CA_KEY = "agent-ca"  # published: the SHA-256 of the CA the store's agents trust
 RELAY_IDENTITY = "control-plane-relay"  # the name in a relaying replica's client certificate (mutual TLS)
 
@@ -478,28 +480,39 @@ class ControlPlane(server_views.ServerViews):
 
     async def _log_agent_events(self) -> None:
         """Agents' events are logged (and a joining agent's Site registered) in a worker
-        thread, one at a time in the order they came: the hub calls :meth:`_agent_event`
-        inside its join and liveness paths on the event loop, which a stalled database must
-        not hold. The pass each triggers comes after, and sees what it logged."""
+        thread, in the order they came: the hub calls :meth:`_agent_event` inside its join
+        and liveness paths on the event loop, which a stalled database must not hold. What
+        waits is logged together, one transaction for up to ``LOG_BATCH`` events: a fleet
+        rejoining a restarted control plane logged one at a time, each with the pass it
+        called for, took minutes for a few thousand agents. The pass comes after each batch,
+        and sees what it logged."""
         while True:
-            event = await self._agent_events.get()
+            events = await self._agent_events.get_batch(LOG_BATCH)
             try:
-                await self.store.run(self._log_agent_event, event)
-            except store_mod.StoreError as exc:  # the log goes on with the next event
-                log.warning("cannot log that agent %s of site %s %s: %s", event.agent_id, event.site, event.kind.value.lower(), exc)
+                await self.store.run(self._log_agent_event, events)
+            except store_mod.StoreError as exc:  # the log goes on with the next events
+                log.warning("cannot log %s: %s", _what_happened(events), exc)
             except Exception:  # not the store's: a fault here, with its traceback
-                log.exception("logging that agent %s of site %s %s failed", event.agent_id, event.site, event.kind.value.lower())
-            self._trigger_for(event)
+                log.exception("logging %s failed", _what_happened(events))
+            self._trigger_for_all(events)
             if dropped := self._agent_events.take_dropped():
                 log.warning("%d agent losses and recoveries were not logged: more than %d waited on the store, and each "
                             "agent's latest took the place of the one before it", dropped, self._agent_events.limit)
 
-    def _log_agent_event(self, event: agent_model.AgentEvent) -> None:
-        kind = event.kind
-        self.store.record(store_mod.Event(f"agent:{event.agent_id}", f"agent-{kind.value.lower()}", "Site", event.site,
-                                          event.reason, {"agentId": event.agent_id}))
-        if kind is agent_model.AgentEventKind.JOINED and self.store.get("Site", event.site) is None:
-            catalog.register_agent_site(self.store, event.site, event.agent_id, event.status.location, event.status.labels)
+    def _trigger_for_all(self, events: Sequence[agent_model.AgentEvent]) -> None:
+        if len(events) == 1:
+            self._trigger_for(events[0])
+        elif self.elector is None or self.elector.leading:
+            self.reconciler.trigger(f"{len(events)} agents' joins, losses and recoveries")
+
+    def _log_agent_event(self, events: Sequence[agent_model.AgentEvent]) -> None:
+        """Log ``events`` in one transaction, then register the Site of each agent that joined
+        one nobody declared (each a write of its own: it may meet an operator's declaration)."""
+        self.store.record(*(store_mod.Event(f"agent:{e.agent_id}", f"agent-{e.kind.value.lower()}", "Site", e.site, e.reason,
+                                            {"agentId": e.agent_id}) for e in events))
+        for event in events:
+            if event.kind is agent_model.AgentEventKind.JOINED and self.store.get("Site", event.site) is None:
+                catalog.register_agent_site(self.store, event.site, event.agent_id, event.status.location, event.status.labels)
 
     # -- api.Services ------------------------------------------------------------------
 
@@ -519,6 +532,13 @@ class ControlPlane(server_views.ServerViews):
         """Drop the agent now: its streams end and it cannot rejoin on its credential. Other
         replicas drop it when they read the revocation from the store (``following.StoreFollower``)."""
         self.hub.revoke(site)
+
+
+def _what_happened(events: Sequence[agent_model.AgentEvent]) -> str:
+    if len(events) == 1:
+        e = events[0]
+        return f"that agent {e.agent_id} of site {e.site} {e.kind.value.lower()}"
+    return f"{len(events)} agents' joins, losses and recoveries (sites {', '.join(e.site for e in events[:3])}, ...)"
 
 
 def banner(cp: ControlPlane) -> list[str]:

@@ -1,8 +1,9 @@
 """Agents' events waiting to be logged in the store, in the order they came.
 
-The replica an agent is connected to logs its joins, losses and recoveries one at a time
-on the store's threads, so a stalled database holds none of the hub's paths on the event
-loop. While the database stalls they wait here; 5,000 flapping agents during a stall of an
+The replica an agent is connected to logs its joins, losses and recoveries on the store's
+threads, what waits together in one transaction (:meth:`EventBacklog.get_batch`: a fleet
+rejoining a restarted control plane is thousands of joins in a second), so a stalled
+database holds none of the hub's paths on the event loop. While the database stalls they wait here; 5,000 flapping agents during a stall of an
 hour would queue millions, each with the agent's whole status. Past ``limit`` waiting, a
 site's loss or recovery takes the place of the one of that site still waiting, which is
 counted and not logged: the log then ends on each agent's latest state (dropping the newer
@@ -84,10 +85,16 @@ class EventBacklog:
         return passes_after
 
     async def get(self) -> model.AgentEvent:
-        while True:
-            while not self._entries:
-                self._arrived.clear()
-                await self._arrived.wait()
+        return (await self.get_batch(1))[0]
+
+    async def get_batch(self, most: int) -> list[model.AgentEvent]:
+        """The oldest events waiting, in order, at most ``most`` of them: once one waits,
+        whatever else waits then, without waiting for more."""
+        while not self._waiting:
+            self._arrived.clear()
+            await self._arrived.wait()
+        batch: list[model.AgentEvent] = []
+        while self._entries and len(batch) < most:
             entry = self._entries.popleft()
             if (event := entry.event) is None:  # a newer one of its site took its place
                 self._blanked -= 1
@@ -95,7 +102,8 @@ class EventBacklog:
             self._waiting -= 1
             if self._latest.get(event.site) is entry:
                 del self._latest[event.site]
-            return event
+            batch.append(event)
+        return batch
 
     def qsize(self) -> int:
         """How many events wait."""

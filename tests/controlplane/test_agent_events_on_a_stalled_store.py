@@ -11,6 +11,7 @@ import logging
 import pathlib
 import threading
 import tracemalloc
+from collections.abc import Sequence
 
 import pytest
 
@@ -34,13 +35,13 @@ async def logging_on_a_stalled_store(tmp_path: pathlib.Path, monkeypatch: pytest
     """A control plane whose backlog holds ``LIMIT`` events and whose logging of agents'
     events waits on the store until ``stalled`` is set."""
     monkeypatch.setattr(backlog, "LIMIT", LIMIT)
-    # the control plane's private step that logs one agent's event, stood in to wait: it is
+    # the control plane's private step that logs agents' events, stood in to wait: it is
     # the one write these tests stall, and the control plane takes no seam for it
-    log_event = server.ControlPlane._log_agent_event
+    log_events = server.ControlPlane._log_agent_event
 
-    def on_a_stalled_store(self: server.ControlPlane, event: model.AgentEvent) -> None:
+    def on_a_stalled_store(self: server.ControlPlane, events: Sequence[model.AgentEvent]) -> None:
         stalled.wait(30)
-        log_event(self, event)
+        log_events(self, events)
 
     monkeypatch.setattr(server.ControlPlane, "_log_agent_event", on_a_stalled_store)
     config = server_config.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, agent_join_port=0, heartbeat_interval_s=60.0,
