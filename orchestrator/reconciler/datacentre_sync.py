@@ -4,14 +4,17 @@ Edge sites are driven by data (assignments the hub pushes); a data centre is dri
 calls that fail on their own schedule: observing its Serve applications, applying them,
 removing those a deleted or moved Site left. Each such site keeps a backoff of its own so
 that one cluster out of reach holds up neither the pass nor the other sites, and each new
-error, recovery and change is an event on the Site. This state lives here, apart from
+error, recovery and change is an event on the Site. Each call runs beside the pass
+(:mod:`orchestrator.reconciler.datacentre_calls`), so that one that answers slowly holds up
+no other site either: the pass waits for it a second at most, then plans the site as last
+observed and takes the answer in a later pass. This state lives here, apart from
 :mod:`orchestrator.reconciler.loop`, which only calls :meth:`DataCentreSync.observe` when
-it gathers and :meth:`DataCentreSync.apply` when it executes.
+it gathers, :meth:`DataCentreSync.apply` when it executes and :meth:`DataCentreSync.settle`
+once it has.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ from orchestrator import catalog
 from orchestrator.backoff import Backoff
 from orchestrator.adapters import serve_config
 from orchestrator.manifests import schema
+from orchestrator.reconciler import datacentre_calls
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.reconciler.datacentres import DataCentres, target_of
 from orchestrator.store import sqlite as store_mod
@@ -49,6 +53,42 @@ class Left(NamedTuple):
     site: str
     target: str | None
 
+    def __str__(self) -> str:  # as the log names a call to it
+        return f"{self.site} (what it left on {self.target})"
+
+
+@dataclass(frozen=True)
+class Observing:
+    """A call in flight that observes ``site`` on ``target``, where its Site drives it."""
+
+    site: snap.SiteRecord
+    target: str | None
+
+
+@dataclass(frozen=True)
+class Applying:
+    """A call in flight that gives a site's cluster (``target``) its applications."""
+
+    target: str | None
+    apps: tuple[serve_config.ServeAppSpec, ...]
+    drift: str
+
+
+@dataclass(frozen=True)
+class Retiring:
+    """A call in flight that removes what a Site left on a target (``record``): deleted, or ``moved``."""
+
+    record: store_mod.DeletedSite
+    moved: bool
+
+    @property
+    def target(self) -> str | None:
+        return self.record.target
+
+
+Call = Observing | Applying | Retiring
+Ended = datacentre_calls.Ended[str | Left, Call]
+
 
 @dataclass
 class DataCentreSync:
@@ -61,7 +101,9 @@ class DataCentreSync:
     an outage began is stamped with, which tells a leader that takes over mid-outage when it
     began (:meth:`inherit`); by default the store's (``store.now``), the database server's
     clock that every replica reads the same, since the new leader's own clock may be hours
-    from the old one's (a test gives its own)."""
+    from the old one's (a test gives its own). ``answered``: called when a call that
+    outlived its pass's wait (``wait_s``) ends, for a pass to take its answer then (the
+    reconciler's trigger)."""
 
     store: store_mod.Store
     datacentres: DataCentres
@@ -69,6 +111,8 @@ class DataCentreSync:
     lease: Callable[[], store_mod.Lease | None]
     lost_after: float
     wall: Callable[[], float] | None = None
+    wait_s: float = datacentre_calls.WAIT_S
+    answered: Callable[[], None] = lambda: None
     observed: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
     applied: dict[str, tuple[serve_config.ServeAppSpec, ...]] = field(default_factory=dict)
     reapplied: dict[str, int] = field(default_factory=dict)  # by site: Serve applications applied again after another writer
@@ -82,13 +126,20 @@ class DataCentreSync:
     _applied_through: dict[str, serve_config.DataCentreActuator] = field(default_factory=dict)
     # by site: what the last leader published it observed, taken at the next observe (inherit)
     _inherited: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
+    # the calls in flight: by site (observing, applying) and by what a site left (Left: removing)
+    _calls: datacentre_calls.Calls[str | Left, Call] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._calls = datacentre_calls.Calls(self.wait_s, answered=lambda: self.answered())
 
     def _now(self) -> float:
         """The time outages' starts are stamped and compared on (``wall``)."""
         return self.wall() if self.wall is not None else self.store.now()
 
     def forget(self) -> None:
-        """What was observed and applied, and the backoffs, go: another leader may have changed them."""
+        """What was observed and applied, and the backoffs, go: another leader may have
+        changed them. Calls in flight are cancelled: what they answer is of the last term."""
+        self._calls.cancel(lambda key, call: False)
         self.applied.clear()
         self._not_as_asked.clear()
         self._applied_through.clear()
@@ -153,34 +204,71 @@ class DataCentreSync:
                                                              len(self.applied.pop(site.name, ())))
         # a record of the target its Site drives now was read racing the apply that drops it
         records = [d for d in deleted if d.target != driven.get(d.name)]
+        left = {Left(d.name, d.target) for d in records}
+        # a call to what no Site drives any more (deleted, moved, abandoned, declared again where it was
+        # being removed from) is cancelled: its answer is of no use, and what follows must not race it
+        self._calls.cancel(lambda key, call: key in left if isinstance(key, Left) else key in declared and call.target == driven[key])
         if abandoned := self.datacentres.sites() - declared - {d.name for d in records}:
             await self._abandon(abandoned)
         for kept in (self._backoff, self._retiring):  # removed, or abandoned
-            for key in [k for k in kept if isinstance(k, Left) and k not in {Left(d.name, d.target) for d in records}]:
+            for key in [k for k in kept if isinstance(k, Left) and k not in left]:
                 del kept[key]
-        results = await asyncio.gather(*(self._observe_one(s) for s in sites),
-                                       *(self._retire(d, moved=d.name in driven) for d in records))
-        for site, observation in zip(sites, results):
-            self.observed[site.name] = observation
+        taken = await self.settle()  # what ended since the last pass: not called again in this one
+        for site in sites:
+            if site.name not in taken:
+                self._observe_one(site)
+        for record in records:
+            if Left(record.name, record.target) not in taken:
+                self._retire(record, moved=record.name in driven)
+        await self.settle()
 
-    async def _retire(self, record: store_mod.DeletedSite, moved: bool) -> None:
+    async def settle(self) -> set[str | Left]:
+        """Take what each call to a data centre that has ended answered, waiting a second at
+        most (``wait_s``) for those begun since the last settle; the keys of those taken. A
+        site whose call is still running is planned as last observed (its applications as
+        last applied) until a later settle takes it."""
+        taken: set[str | Left] = set()
+        for ended in await self._calls.settle():
+            match ended.note:
+                case Observing() as call:
+                    await self._observed(call, ended)
+                case Applying() as call:
+                    await self._applied(str(ended.key), call, ended)
+                case Retiring() as call:
+                    await self._retired(call, ended)
+            taken.add(ended.key)
+        return taken
+
+    async def close(self) -> None:
+        """The calls in flight are cancelled: the leader stops, or steps down."""
+        await self._calls.close()
+
+    def _retire(self, record: store_mod.DeletedSite, moved: bool) -> None:
         """A target a data-centre Site left (``moved``: it is still declared, elsewhere): its
         Serve applications are removed before its record in the store goes, or they would run
         on, owned by nothing. A cluster that cannot be reached is tried again with a backoff
         of its own (the site's new target is not held up by its old one), each new error an
         event on the Site."""
-        site, key = record.name, Left(record.name, record.target)
+        key = Left(record.name, record.target)
         backoff = self._backoff.get(key)
-        if backoff is not None and backoff.next_try > self.clock():
+        if self._calls.busy(key) or (backoff is not None and backoff.next_try > self.clock()):
             return
+        self._calls.start(key, self._removing(record), Retiring(record, moved))
+
+    async def _removing(self, record: store_mod.DeletedSite) -> int:
+        return await self.datacentres.retire(record.name, schema.SiteSpec.model_validate(record.spec))
+
+    async def _retired(self, call: Retiring, ended: Ended) -> None:
+        """What removing the applications a Site left answered (how many ran there)."""
+        record, moved = call.record, call.moved
+        site, key = record.name, Left(record.name, record.target)
         what = f"the Site moved off {record.target}" if moved else "the Site is deleted"
-        try:
-            removed = await self.datacentres.retire(site, schema.SiteSpec.model_validate(record.spec))
-        except Exception as exc:  # whatever the cause, tried again: this site's alone
-            if not isinstance(exc, (serve_config.DataCentreError, OSError, RuntimeError, ValueError)):
-                log.exception("data centre %s: removing its Serve applications failed", site)
-            await self._failed(site, exc, f"{what}, but its Serve applications there are not removed yet: ", key=key)
+        if (error := ended.error) is not None:  # whatever the cause, tried again: this site's alone
+            if not isinstance(error, (serve_config.DataCentreError, OSError, RuntimeError, ValueError)):
+                log.error("data centre %s: removing its Serve applications failed", site, exc_info=error)
+            await self._failed(site, error, f"{what}, but its Serve applications there are not removed yet: ", key=key)
             return
+        removed: int = ended.result
         # a failed write leaves it for the next pass, whose apply([]) finds nothing left
         await self.store.run(self.store.forget_deleted_site, record, lease=self.lease())
         self._backoff.pop(key, None)
@@ -201,36 +289,53 @@ class DataCentreSync:
             self._backoff.pop(site, None)
             log.warning("data centre %s: the Serve applications the Site left are abandoned: no longer removed", site)
 
-    async def _observe_one(self, site: snap.SiteRecord) -> snap.DataCentreObservation:
-        """What runs on ``site``'s cluster. A backoff from observing it holds the next try;
-        one from applying does not: the cluster answered, and what it runs (the last apply's
-        applications, say, that a drain waits to see removed) is seen while the apply waits."""
+    def _observe_one(self, site: snap.SiteRecord) -> None:
+        """Observe what runs on ``site``'s cluster, unless a call to it is in flight (an
+        observation or an apply: one at a time). A backoff from observing it holds the next
+        try; one from applying does not: the cluster answered, and what it runs (the last
+        apply's applications, say, that a drain waits to see removed) is seen while the apply waits."""
+        if self._calls.busy(site.name):
+            return
         backoff = self._backoff.get(site.name)
         if backoff is not None and backoff.unreachable and backoff.next_try > self.clock():
-            return self._unreachable(site.name)
-        try:
-            actuator = await self.datacentres.actuator(site.name, site.spec)
-            if self._applied_through.get(site.name, actuator) is not actuator:
-                # what the last apply gave through another (its cluster a head that exited since, or the site as it
-                # was set before) is not known to run as given: applied again
-                self.applied.pop(site.name, None)
-                self._not_as_asked.pop(site.name, None)
-                del self._applied_through[site.name]
-            apps = await actuator.observe()
-        except (serve_config.DataCentreError, OSError, RuntimeError) as exc:
-            await self._failed(site.name, exc, unreachable=True, target=target_of(site.spec))
-            return self._unreachable(site.name, str(exc))
-        except Exception as exc:  # an adapter's fault is this site's alone: the others' pass goes on
-            log.exception("data centre %s: observing it failed", site.name)
-            await self._failed(site.name, exc, f"observing it failed: {type(exc).__name__}: ", unreachable=True,
-                                  target=target_of(site.spec))
-            return self._unreachable(site.name)
+            self.observed[site.name] = self._unreachable(site.name)
+            return
+        self._calls.start(site.name, self._observing(site), Observing(site, target_of(site.spec)))
+
+    async def _observing(self, site: snap.SiteRecord) -> tuple[serve_config.DataCentreActuator, Mapping[str, serve_config.ServeAppStatus]]:
+        actuator = await self.datacentres.actuator(site.name, site.spec)
+        return actuator, await actuator.observe()
+
+    async def _observed(self, call: Observing, ended: Ended) -> None:
+        """What observing a site answered (its actuator, and what it runs): its observation,
+        for the passes from now on."""
+        site = call.site.name
+        if (error := ended.error) is not None:
+            if isinstance(error, (serve_config.DataCentreError, OSError, RuntimeError)):
+                await self._failed(site, error, unreachable=True, target=call.target)
+                self.observed[site] = self._unreachable(site, str(error))
+                return
+            # an adapter's fault is this site's alone: the others' pass goes on
+            log.error("data centre %s: observing it failed", site, exc_info=error)
+            await self._failed(site, error, f"observing it failed: {type(error).__name__}: ", unreachable=True, target=call.target)
+            self.observed[site] = self._unreachable(site)
+            return
+        actuator: serve_config.DataCentreActuator
+        apps: Mapping[str, serve_config.ServeAppStatus]
+        actuator, apps = ended.result
+        if self._applied_through.get(site, actuator) is not actuator:
+            # what the last apply gave through another (its cluster a head that exited since, or the site as it
+            # was set before) is not known to run as given: applied again
+            self.applied.pop(site, None)
+            self._not_as_asked.pop(site, None)
+            del self._applied_through[site]
+        backoff = self._backoff.get(site)
         if backoff is not None and backoff.unreachable:
-            await self._recovered(site.name, backoff)
+            await self._recovered(site, backoff)
             backoff = None
         # the site's status says why its apply is retried
-        return snap.DataCentreObservation(True, apps, error=backoff.last_error if backoff is not None else "", drift=actuator.drift,
-                                          refused=backoff is not None and backoff.refused)
+        self.observed[site] = snap.DataCentreObservation(True, apps, error=backoff.last_error if backoff is not None else "",
+                                                         drift=actuator.drift, refused=backoff is not None and backoff.refused)
 
     def _unreachable(self, site: str, error: str | None = None) -> snap.DataCentreObservation:
         """``site`` out of reach: lost once it has been for ``lost_after``, counted from when
@@ -274,22 +379,37 @@ class DataCentreSync:
         self._backoff.pop(site, None)
 
     async def apply(self, site: str, apps: tuple[serve_config.ServeAppSpec, ...], drift: str = "") -> None:
+        """Begin giving ``site``'s cluster ``apps``; what it answers is taken at a settle. A
+        site with a call in flight (its observation, or the last apply) is left: the pass
+        after its answer plans again with it."""
         backoff = self._backoff.get(site)
-        if backoff is not None and backoff.next_try > self.clock():
+        if self._calls.busy(site) or (backoff is not None and backoff.next_try > self.clock()):
             return
         obj = await self.store.run(self.store.get, "Site", site)
-        if obj is None:
+        if obj is None or self._calls.busy(site):
             return
-        try:
-            actuator = await self.datacentres.actuator(site, catalog.parse_site(obj))
-            not_as_asked = dict(await actuator.apply(apps))
-        except (serve_config.DataCentreError, OSError, RuntimeError, ValueError) as exc:
-            await self._failed(site, exc, target=store_mod.datacentre_target(obj.spec))
+        self._calls.start(site, self._applying(site, obj, apps), Applying(store_mod.datacentre_target(obj.spec), apps, drift))
+
+    async def _applying(self, site: str, obj: store_mod.StoredObject,
+                        apps: tuple[serve_config.ServeAppSpec, ...]) -> tuple[serve_config.DataCentreActuator, dict[str, str]]:
+        actuator = await self.datacentres.actuator(site, catalog.parse_site(obj))
+        return actuator, dict(await actuator.apply(apps))
+
+    async def _applied(self, site: str, call: Applying, ended: Ended) -> None:
+        """What applying a site's applications answered (its actuator, and what it did not apply as asked)."""
+        apps, drift = call.apps, call.drift
+        if (error := ended.error) is not None:
+            if isinstance(error, (serve_config.DataCentreError, OSError, RuntimeError, ValueError)):
+                await self._failed(site, error, target=call.target)
+                return
+            # as in _observed: this site's alone
+            log.error("data centre %s: applying its Serve applications failed", site, exc_info=error)
+            await self._failed(site, error, f"applying failed: {type(error).__name__}: ", target=call.target)
             return
-        except Exception as exc:  # as in _observe_one: this site's alone
-            log.exception("data centre %s: applying its Serve applications failed", site)
-            await self._failed(site, exc, f"applying failed: {type(exc).__name__}: ", target=store_mod.datacentre_target(obj.spec))
-            return
+        actuator: serve_config.DataCentreActuator
+        not_as_asked: dict[str, str]
+        actuator, not_as_asked = ended.result
+        backoff = self._backoff.get(site)
         if backoff is not None and backoff.unreachable:  # the cluster answered this apply before the next observe
             await self._recovered(site, backoff)
         self._backoff.pop(site, None)

@@ -3,7 +3,8 @@
 A pass runs when something changed (an apply, an agent joining or going silent) and at
 least every ``resync_s`` to observe data centres. The loop never dies: a failing pass
 is logged and retried with backoff; a data centre that cannot be reached is retried on
-its own schedule and reported in status and events without holding up other sites.
+its own schedule and reported in status and events without holding up other sites, and
+one that answers slowly costs a pass a second at most (``datacentre_calls.WAIT_S``).
 What the pass tells the other replicas through the store is written beside it by
 :mod:`orchestrator.reconciler.publishing`.
 """
@@ -78,7 +79,8 @@ class Reconciler:
 
     def __post_init__(self) -> None:
         self.dc_sync = datacentre_sync.DataCentreSync(self.store, self.datacentres, clock=lambda: self.clock(), lease=lambda: self.lease,
-                                                      lost_after=self.datacentre_lost_after_s)
+                                                      lost_after=self.datacentre_lost_after_s,
+                                                      answered=lambda: self.trigger("a data centre answered a call that outlived its pass"))
         self.publisher = publishing.Publisher(self.store, self.table, clock=lambda: self.clock(), lease=lambda: self.lease,
                                               load_publish_s=self.load_publish_s)
         # A request for a model scaled to zero starts a pass at once, not at the next resync.
@@ -139,6 +141,7 @@ class Reconciler:
             await self._run()
         finally:
             notes.cancel()
+            await self.dc_sync.close()  # a data centre's call still in flight: of no use to the next run or leader
             await self.publishes_done()  # a write in a thread goes on anyway: the store stays open until it ends
 
     async def _run(self) -> None:
@@ -452,6 +455,7 @@ class Reconciler:
         # before the rows are written: `get placements` reads the rows, then takes this.
         self.last_snapshot = snapshot
         await self._execute_all(plan.actions)
+        await self.dc_sync.settle()  # the applies it began, waited for a second at most
         self.last_plan = plan
         # after the pass's sets and applications went out: what they no longer name can go
         live = artifact_use.live(snapshot.models, self._sent(snapshot), self.dc_sync.applied)

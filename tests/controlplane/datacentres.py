@@ -5,6 +5,7 @@ The emulator itself is conftest.py's ``kube``."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import threading
@@ -93,14 +94,24 @@ class Cluster:
 
 class ServeDashboard:
     """A Ray dashboard's Serve REST API on loopback, whose applications run as soon as they
-    are PUT; ``stop()`` takes the cluster away for good."""
+    are PUT; ``stop()`` takes the cluster away for good. ``stall()`` makes it take requests
+    and answer none (of the methods given, or all) until ``release()``, as a dashboard that
+    answers at the client's timeout; ``requests``: the method of each request it took, in
+    order, and ``held`` those it holds now."""
 
     def __init__(self) -> None:
         self.applications: dict[str, dict[str, Any]] = {}
+        self.requests: list[str] = []
+        self.held: list[str] = []
+        self._stalled: frozenset[str] = frozenset()
+        self._open = threading.Event()
+        self._open.set()
+        self._lock = threading.Lock()
         dashboard = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                dashboard.took(self.command)
                 if self.path.rstrip("/") != "/api/serve/applications":
                     return self.send_error(404)
                 self.answer({"applications": {name: dashboard.running(app) for name, app in dict(dashboard.applications).items()},
@@ -108,6 +119,7 @@ class ServeDashboard:
 
             def do_PUT(self) -> None:
                 config = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                dashboard.took(self.command)
                 dashboard.applications = {a["name"]: a for a in config["applications"]}
                 self.answer({})
 
@@ -117,7 +129,8 @@ class ServeDashboard:
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                with contextlib.suppress(ConnectionError):  # a held request its client gave up on
+                    self.wfile.write(data)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -125,6 +138,26 @@ class ServeDashboard:
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def took(self, method: str) -> None:
+        """A request came: held while ``method`` is stalled (at most a minute: a test that
+        forgot to release it ends anyway)."""
+        with self._lock:
+            self.requests.append(method)
+            held = method in self._stalled and not self._open.is_set()
+            if held:
+                self.held.append(method)
+        if held:
+            self._open.wait(60)
+            with self._lock:
+                self.held.remove(method)
+
+    def stall(self, *methods: str) -> None:
+        self._stalled = frozenset(methods or ("GET", "PUT"))
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
 
     @staticmethod
     def running(app: Mapping[str, Any]) -> dict[str, Any]:
@@ -134,6 +167,7 @@ class ServeDashboard:
                 "deployments": {"Ingress": {"target_num_replicas": replicas, "replicas": [{"state": "RUNNING"}] * replicas}}}
 
     def stop(self) -> None:
+        self.release()
         self._server.shutdown()
         self._server.server_close()
 
