@@ -52,7 +52,7 @@ from orchestrator import fleet_metrics, runloop, server_config, server_options, 
 from edgeplane_proto import identity, reconnect
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
-from orchestrator.gateway import openai_routes, proxy, upstream, wire
+from orchestrator.gateway import correlation, openai_routes, proxy, upstream, wire
 from orchestrator.gateway import options as gateway_options
 from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.reconciler import observed
@@ -267,9 +267,10 @@ class ControlPlane(server_views.ServerViews):
                                 + captures_api.routes(self.authenticator, self.store, self.captures)
                                 + distill_api.routes(self.authenticator, self.store, self.captures, self.artifacts, self.changed,
                                                      self.cascades_view, runs=self.distills))
-        # another web site's page, through the operator's browser, is refused (api/origins.py)
+        # another web site's page, through the operator's browser, is refused (api/origins.py);
+        # every answer, that refusal included, carries its request's id (gateway/correlation.py)
         guard = origins.guard_for(cfg.auth != "token", cfg.allowed_hosts, cfg.public_url)
-        self._uvicorn = runloop.http_server(origins.OriginGuard(app, guard))
+        self._uvicorn = runloop.http_server(correlation.Correlated(origins.OriginGuard(app, guard)))
         self._tasks.append(asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="http"))
         for _ in range(500):
             if self._uvicorn.started:

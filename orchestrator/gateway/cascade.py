@@ -49,6 +49,7 @@ from edgeplane_proto import oip
 from orchestrator.distill import capture as capture_mod
 from orchestrator.distill import store as capture_store
 from orchestrator.gateway import cascade_rules as rules
+from orchestrator.gateway import correlation
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import failover
 from orchestrator.gateway import routing
@@ -276,6 +277,7 @@ class CascadeHandler:
         totals = self.stats.totals(route.deployment)
         totals.requests += 1
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
+        headers.update(correlation.forwarded(request.scope))  # one id at every stage's replicas
         stage = rules.first_stage(route, mode)
         ranked = self.ranking(route, stage, caller)
         trip = Trip(caller=caller, mode=mode, body=kept)

@@ -44,6 +44,7 @@ from starlette.types import Send
 
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import cascade_rules as rules
+from orchestrator.gateway import correlation
 from orchestrator.gateway import failover
 from orchestrator.gateway import openai_routes, routing
 from orchestrator.gateway.upstream import OutOfDescriptors, UpstreamError, UpstreamTimeout
@@ -73,6 +74,7 @@ class _Request:
     arrived: float  # the caller's request (time.perf_counter), which its first token is timed from
     totals: cascade_mod.Totals
     trip: cascade_mod.Trip
+    forwarded: Mapping[str, str]  # the caller's id and trace context, for every stage's replicas (correlation.forwarded)
 
     @property
     def chat(self) -> bool:
@@ -90,7 +92,7 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
     totals = handler.stats.totals(route.deployment)
     totals.requests += 1
     trip = cascade_mod.Trip(mode=mode, failovers=failover.Failovers(owner.gw.metrics.failovers, route.model))
-    req = _Request(owner, handler, route, body, suffix, stream, handler.clock(), arrived, totals, trip)
+    req = _Request(owner, handler, route, body, suffix, stream, handler.clock(), arrived, totals, trip, correlation.forwarded(request.scope))
     stage = rules.first_stage(route, mode)
     ranked = handler.ranking(route, stage, caller)
     answer: _Answer | None = None
@@ -222,7 +224,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
             try:
                 # The head comes once the answer is generated (OpenAIGateway.post); the body right after it.
                 async with await owner.post(f"{e.url}/v1{req.suffix}", json.dumps({**body, "model": openai_routes.engine_model(e, e.model)}).encode(),
-                                            {"content-type": "application/json"}, stream=False) as resp:
+                                            {"content-type": "application/json", **req.forwarded}, stream=False) as resp:
                     async with asyncio.timeout(owner.first_token_timeout):
                         status, content = resp.status, await resp.body()
                     headers = resp.headers
@@ -413,5 +415,5 @@ def _relay(req: _Request, stage: int, ranked: list[routing.Ranked], escalated_at
     raw = json.dumps({**req.body, "model": req.route.model}).encode()
     hooks = _StageHooks(req, stage, escalated_at, escalated_why, fallback)
     return openai_routes.relay(req.owner, req.route.model, ranked[: req.owner.gw.max_attempts], req.suffix, raw, req.stream,
-                               chat=req.chat, arrived=req.arrived, hooks=hooks, failovers=req.trip.failovers)
+                               chat=req.chat, arrived=req.arrived, forwarded=req.forwarded, hooks=hooks, failovers=req.trip.failovers)
 

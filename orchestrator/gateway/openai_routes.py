@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -61,7 +62,7 @@ from starlette.types import Receive, Scope, Send
 
 from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
-from orchestrator.gateway import caller_watch, cascade_rules, event_stream, failover, openai_cascade, routing
+from orchestrator.gateway import caller_watch, cascade_rules, correlation, event_stream, failover, openai_cascade, routing
 from orchestrator.gateway.proxy import Gateway, Timed
 from orchestrator.gateway.upstream import OutOfDescriptors, Stream, UpstreamError, UpstreamTimeout
 
@@ -332,6 +333,7 @@ class OpenAIGateway:
         if isinstance(ranked, Response):
             return self._refuse(model, ranked)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
+        headers.update(correlation.forwarded(request.scope))  # one id at every replica tried
         relayed = _Relay(self, model, ranked[: self.gw.max_attempts], suffix, raw, headers, stream, chat=suffix == "/chat/completions",
                          arrived=arrived)
         return Timed(self.gw.metrics.latency, model, arrived, relayed)
@@ -372,12 +374,14 @@ def engine_model(e: routing.Endpoint, asked: str) -> str:
 
 
 def relay(owner: OpenAIGateway, model: str, ranked: list[routing.Ranked], suffix: str, raw: bytes, stream: bool, *, chat: bool,
-          arrived: float, hooks: RelayHooks | None = None, failovers: failover.Failovers | None = None) -> Response:
+          arrived: float, forwarded: Mapping[str, str], hooks: RelayHooks | None = None,
+          failovers: failover.Failovers | None = None) -> Response:
     """Send ``raw`` (a JSON body) to the first of ``ranked`` that answers and relay its answer
-    (its first token timed from ``arrived``, the caller's request: ``time.perf_counter``);
+    (its first token timed from ``arrived``, the caller's request: ``time.perf_counter``), with
+    the caller's id and trace context (``forwarded``, :func:`correlation.forwarded`);
     ``failovers``: the request's, when replicas before these failed it (a cascade's earlier stages)."""
-    return _Relay(owner, model, ranked, suffix, raw, {"content-type": "application/json"}, stream, chat=chat, arrived=arrived, hooks=hooks,
-                  failovers=failovers)
+    return _Relay(owner, model, ranked, suffix, raw, {"content-type": "application/json", **forwarded}, stream, chat=chat, arrived=arrived,
+                  hooks=hooks, failovers=failovers)
 
 
 class _Relay(Response):

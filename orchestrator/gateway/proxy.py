@@ -33,6 +33,7 @@ from orchestrator import urlpath
 from orchestrator.api import bodies
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import cascade_rules
+from orchestrator.gateway import correlation
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import failover
 from orchestrator.gateway import routing
@@ -222,6 +223,7 @@ class Gateway:
             refused(model, ranked.status)
             return _error(ranked.status, ranked.reason, retry_after=ranked.retry_after)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
+        headers.update(correlation.forwarded(request.scope))  # one id at every replica tried
         failures = []
         missing = 0  # replicas that answered 404
         # The Retry-After of each replica that answered 503 (not down: not ready, or draining), None for each 404

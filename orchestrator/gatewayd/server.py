@@ -40,7 +40,7 @@ from orchestrator.gatewayd import follow
 from orchestrator import runloop, urlpath
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
-from orchestrator.gateway import openai_routes, options, proxy, routing, series, upstream, wire
+from orchestrator.gateway import correlation, openai_routes, options, proxy, routing, series, upstream, wire
 from orchestrator.security import admission, ratelimit
 
 log = logging.getLogger("edgeplane.gateway")
@@ -130,13 +130,14 @@ class StandaloneGateway:
                                      ready=lambda: self.follower.ready, admit=self._admit,
                                      max_body=cfg.gateway_max_body, cold_start_s=cfg.cold_start_timeout_s, cascade=cascades)
         self.openai_gateway = openai_routes.OpenAIGateway(self.gateway, registry=self.registry, first_token_timeout=cfg.first_token_timeout_s)
+        # every answer carries its request's id, which each replica tried was sent (gateway/correlation.py)
         app: ASGIApp = Starlette(routes=self.gateway.routes() + self.openai_gateway.routes(sdk_models=True) + [
             Route("/v1/endpoints/{model}", self._endpoints, methods=["GET"]),
             Route("/readyz", self._readyz, methods=["GET"]),
             Route("/healthz", self._healthz, methods=["GET"]),
             Route("/metrics", self._metrics, methods=["GET"]),
         ], exception_handlers=methods.EXCEPTION_HANDLERS)
-        self._uvicorn = runloop.http_server(app)
+        self._uvicorn = runloop.http_server(correlation.Correlated(app))
         self._serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="gateway-http")
         self._following = asyncio.create_task(self.follower.run(), name="gateway-follow")
         for _ in range(500):

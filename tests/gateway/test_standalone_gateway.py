@@ -161,6 +161,28 @@ async def test_v2_inference_and_openai_chat_through_the_standalone_gateway(gatew
         assert result.site == "edge-paris" and result.outputs["output"].shape == (1, 4)
 
 
+async def test_both_gateways_return_the_request_id_of_each_answer(gateway: gatewayd.StandaloneGateway, fleet: harness.Fleet) -> None:
+    assert fleet.cp is not None
+    for url in (gateway.http_url, fleet.cp.http_url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            served = await http.post("/v2/models/intent/infer", json=BODY, headers={"x-request-id": "ticket-81.1"})
+            assert served.status_code == 200 and served.headers["x-request-id"] == "ticket-81.1", url
+            missing = await http.post("/v2/models/nope/infer", json=BODY, headers={"x-request-id": "ticket-81.2"})
+            assert missing.status_code == 404 and missing.headers["x-request-id"] == "ticket-81.2", url
+            replaced = await http.post("/v2/models/intent/infer", json=BODY, headers={"x-request-id": "jane@example.com"})
+            made = replaced.headers["x-request-id"]
+            assert len(made) == 32 and int(made, 16) >= 0, url
+        sdk = openai.AsyncOpenAI(base_url=f"{url}/openai/v1", api_key="unused", max_retries=0, timeout=60)
+        try:
+            whole = await sdk.chat.completions.create(model="chat", messages=USER, max_tokens=2, extra_headers={"x-request-id": "ticket-81.3"})
+            assert whole._request_id == "ticket-81.3", url
+            with pytest.raises(openai.NotFoundError) as unknown:
+                await sdk.chat.completions.create(model="nope", messages=USER, extra_headers={"x-request-id": "ticket-81.4"})
+            assert unknown.value.request_id == "ticket-81.4", url
+        finally:
+            await sdk.close()
+
+
 async def test_a_model_added_reaches_the_gateway_through_the_watch(gateway: gatewayd.StandaloneGateway, fleet: harness.Fleet,
                                                                    artifacts: tuple[Any, onnx_models.BuiltModel, Any]) -> None:
     assert fleet.cp is not None
