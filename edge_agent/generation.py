@@ -38,10 +38,11 @@ import edge_agent
 from edge_agent import errors, openai_api, refusals, registry
 from edge_agent.admission import DEFAULT_MAX_CONCURRENT, Admission, Retired
 from edge_agent.httpmessages import Request, Response
+from edge_agent.httpmessages import request_id as request_id_of
 from edge_agent.httpserver import Passthrough, StreamingResponse
 from edge_agent.metrics import AgentMetrics
 from edge_agent.runtime import genai
-from edgeplane_proto import encoding
+from edgeplane_proto import correlation, encoding
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +274,7 @@ class GenerationServer:
             self._metrics.observe_error(label, 400)
             raise openai_api.ApiError(400, str(exc), param="messages" if chat else "prompt") from None
         self._metrics.generation(served.name, "prompt_tokens", n)
-        seq = _Sequence(self, state, prompt, options, started)
+        seq = _Sequence(self, state, prompt, options, started, request_id_of(request.headers))
         shaper = openai_api.Shaper(body, ("chatcmpl-" if chat else "cmpl-") + f"{_IDS.getrandbits(96):024x}")
         if body.stream:
             direct = None if body.options.logprobs else seq.passthrough(shaper.token_event)
@@ -289,7 +290,7 @@ class _Sequence:
     it between two steps if it is still running; the slot is freed when its thread returns."""
 
     def __init__(self, server: GenerationServer, state: _Model, prompt: Any, options: genai.SamplingOptions,
-                 started: float) -> None:
+                 started: float, request_id: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._metrics = server._metrics
         self._pending: collections.deque[genai.TokenEvent | genai.Finished | Failed] = collections.deque()
@@ -344,7 +345,7 @@ class _Sequence:
             try:
                 return runtime.generate(prompt, options, emit, cancel, window).completion_tokens
             except Exception as exc:  # a native error mid-generation: end this stream with it
-                log.exception("generation for %s failed", name)
+                log.exception("generation for %s failed%s", name, correlation.in_log(request_id))
                 emit(Failed(f"generation failed: {exc}"))
                 return 0
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import types
 import urllib.parse
@@ -48,8 +49,10 @@ import httptools
 
 from edge_agent import refusals
 from edge_agent.httpmessages import Handler, Request, Response, encode, encode_stream_head
+from edge_agent.httpmessages import request_id as request_id_of
 # Streamed answers are their own module; handlers and tests know them by these names too.
 from edge_agent.httpstream import LAST_CHUNK, Passthrough, StreamingResponse, encode_chunk
+from edgeplane_proto import correlation
 from edgeplane_proto.headers import DRAINING
 
 if TYPE_CHECKING:  # the listener imports this module to make its connections
@@ -315,18 +318,19 @@ class _Connection(asyncio.BufferedProtocol):
             if not self._reading and self._last_words is None and self._transport is not None:
                 self._transport.resume_reading()
                 self._reading = True
+            request_id = request_id_of(request.headers)  # returned on the answer, and named if it fails
             try:
                 response = await self._server.handler(request)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("%s %s failed", request.method, request.path)
+                log.exception("%s %s failed%s", request.method, request.path, correlation.in_log(request_id))
                 response = _error(500, "internal error", "internal_error", request.path)
             finally:
                 self._server.pending -= 1
             keep_alive = keep_alive and not self._server.stopping
             if isinstance(response, StreamingResponse):
-                if not await self._stream(response, keep_alive):
+                if not await self._stream(response, keep_alive, request_id):
                     return
                 if not keep_alive:
                     self.close()
@@ -336,7 +340,7 @@ class _Connection(asyncio.BufferedProtocol):
             if (self._closing or not self._writable.is_set()) and not await self._wait_writable():
                 return
             self._transport.write(encode(response, keep_alive, head_only=request.method == "HEAD",
-                                         announce="connection" in request.headers))
+                                         announce="connection" in request.headers, request_id=request_id))
             if not keep_alive:
                 self.close()
                 return
@@ -353,16 +357,17 @@ class _Connection(asyncio.BufferedProtocol):
             if self._server.stopping:
                 self.close()
 
-    async def _stream(self, response: StreamingResponse, keep_alive: bool) -> bool:
+    async def _stream(self, response: StreamingResponse, keep_alive: bool, request_id: str | None) -> bool:
         """Send a chunked response; False when the client went away first (the producer
         is closed either way). A producer that fails mid-stream ends the connection
-        without the last chunk, so the client sees a truncated body, never a complete one."""
+        without the last chunk, so the client sees a truncated body, never a complete one,
+        and the log names the request's ``request_id``."""
         chunks = response.chunks
         passthrough = None
         try:
             if not await self._wait_writable():
                 return False
-            self._transport.write(encode_stream_head(response, keep_alive))
+            self._transport.write(encode_stream_head(response, keep_alive, request_id))
             if response.passthrough is not None:
                 passthrough = self._passthrough = Passthrough(self._loop, self._transport)
                 response.passthrough(passthrough)
@@ -388,7 +393,7 @@ class _Connection(asyncio.BufferedProtocol):
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("stream failed")
+            log.exception("stream failed%s", correlation.in_log(request_id))
             self.close()
             return False
         finally:
@@ -444,6 +449,8 @@ class _Connection(asyncio.BufferedProtocol):
         Requests before it that are still being answered get their answers first."""
         if self._closing or self._last_words is not None:
             return
+        if self._in_message and (request_id := request_id_of(self._headers)) is not None:  # the head as far as it came
+            response = dataclasses.replace(response, headers=(*response.headers, (correlation.HEADER, request_id)))
         if not self.idle:
             self._last_words, self._drain_after = response, drain
             self._disarm()

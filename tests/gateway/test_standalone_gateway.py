@@ -161,7 +161,7 @@ async def test_v2_inference_and_openai_chat_through_the_standalone_gateway(gatew
         assert result.site == "edge-paris" and result.outputs["output"].shape == (1, 4)
 
 
-async def test_both_gateways_return_the_request_id_of_each_answer(gateway: gatewayd.StandaloneGateway, fleet: harness.Fleet) -> None:
+async def test_both_gateways_and_an_agent_return_the_request_id_of_each_answer(gateway: gatewayd.StandaloneGateway, fleet: harness.Fleet) -> None:
     assert fleet.cp is not None
     for url in (gateway.http_url, fleet.cp.http_url):
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:
@@ -181,6 +181,14 @@ async def test_both_gateways_return_the_request_id_of_each_answer(gateway: gatew
             assert unknown.value.request_id == "ticket-81.4", url
         finally:
             await sdk.close()
+    agent = next(e for e in fleet.cp.table.endpoints("intent") if e.site == "edge-paris")  # a real agent process, called directly
+    async with httpx.AsyncClient(base_url=agent.url, timeout=60) as http:
+        served = await http.post("/v2/models/intent/infer", json=BODY, headers={"x-request-id": "ticket-81.5"})
+        missing = await http.post("/v2/models/nope/infer", json=BODY, headers={"x-request-id": "ticket-81.6"})
+        unnamed = await http.post("/v2/models/intent/infer", json=BODY)
+    assert (served.status_code, served.headers.get("x-request-id")) == (200, "ticket-81.5")
+    assert (missing.status_code, missing.headers.get("x-request-id")) == (404, "ticket-81.6")
+    assert "x-request-id" not in unnamed.headers  # an agent returns an id, and makes none
 
 
 async def test_a_model_added_reaches_the_gateway_through_the_watch(gateway: gatewayd.StandaloneGateway, fleet: harness.Fleet,
