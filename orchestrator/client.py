@@ -48,9 +48,9 @@ more requests at once than ``max_connections``, 100 by default, the client's own
 which ejects no replica), :class:`InferenceError`, :class:`StreamCut`, :class:`BadAnswer`.
 
 This module decides where each request goes and sends it; the parts it decides with live
-beside it, each importable from here as well: the error tree in
-:mod:`orchestrator.clienterrors`, the endpoint list cache in :mod:`orchestrator.clientcache`,
-a chat's answer and the OpenAI wire format it is read from in :mod:`orchestrator.clientchat`,
+beside it, each importable from here as well: one attempt, and what its answer is, in
+:mod:`orchestrator.clientattempt`, the error tree in :mod:`orchestrator.clienterrors`, the
+endpoint list cache in :mod:`orchestrator.clientcache`, a chat's answer and the OpenAI wire format it is read from in :mod:`orchestrator.clientchat`,
 an :class:`AsyncClient`'s HTTP client for each event loop in :mod:`orchestrator.clientloops`,
 an answer's body read within its bound in :mod:`orchestrator.clientbody`, its connection pool
 in :mod:`orchestrator.clientpool`, and the checks of what a caller gives in :mod:`orchestrator.clientargs`.
@@ -58,21 +58,19 @@ in :mod:`orchestrator.clientpool`, and the checks of what a caller gives in :mod
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 import urllib.parse
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import numpy as np
 
 from edgeplane_proto import oip
 from orchestrator import clientargs as args
-from orchestrator import clientbody, clientchat, clientpool, proxyenv
+from orchestrator import clientattempt, clientbody, clientchat, clientpool, proxyenv
+from orchestrator.clientattempt import Attempt, InferResult
 from orchestrator.clientbody import MAX_ANSWER_BYTES
 from orchestrator.clientpool import MAX_CONNECTIONS
 from orchestrator.clientcache import EndpointCache
@@ -83,53 +81,6 @@ from orchestrator.urlpath import path_segment
 
 __all__ = ["MAX_ANSWER_BYTES", "MAX_CONNECTIONS", "AsyncClient", "BadAnswer", "Chat", "Client", "EdgeplaneError", "EndpointCache", "InferResult",
            "InferenceError", "NoEndpoint", "PoolFull", "StreamCut", "TimedOut", "Unreachable"]
-
-
-@dataclass(frozen=True)
-class InferResult:
-    outputs: Mapping[str, np.ndarray]
-    site: str
-    url: str
-    attempts: int
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.outputs[name]
-
-
-def _decode(resp: httpx.Response) -> Mapping[str, np.ndarray] | str:
-    """The outputs of a v2 response, or why the body is not one (a proxy's page, another
-    service at that URL)."""
-    header = resp.headers.get(oip.BINARY_HEADER)
-    try:
-        decoded = oip.decode_response(resp.content, int(header) if header else None)
-    except ValueError as exc:  # oip.ProtocolError, or a header that is not a number
-        return f"HTTP {resp.status_code} ({resp.headers.get('content-type', 'no content type')}) with no v2 inference response: {exc}"
-    return {t.name: t.array for t in decoded.outputs}
-
-
-def _gateway_refusal(resp: httpx.Response) -> EdgeplaneError:
-    """A gateway's 4xx or 5xx answer: its 404 and 503 say no replica can answer (for now,
-    with the 503's Retry-After), anything else is a refusal."""
-    refusal = clientchat.read_refusal(resp)
-    if resp.status_code in (404, 503):
-        return NoEndpoint(refusal.args[0], retry_after=refusal.retry_after)
-    return refusal
-
-
-@functools.lru_cache(maxsize=1024)
-def _url(url: str) -> httpx.URL:
-    """Parsed once per replica URL: httpx's parser takes half of building a request."""
-    return httpx.URL(url)
-
-
-@dataclass(frozen=True)
-class _Attempt:
-    url: httpx.URL
-    headers: dict[str, str]
-    endpoint: str | None = None  # base URL of a replica; None for a gateway
-    site: str | None = None
-    gateway: str = ""  # base URL of the gateway (attempts through one)
-    last: bool = True  # the last gateway: its answer is the caller's, whatever it is
 
 
 class _Base:
@@ -161,7 +112,7 @@ class _Base:
             headers[oip.BINARY_HEADER] = str(header_len)
         return body, headers
 
-    def _request(self, attempt: _Attempt, body: bytes) -> httpx.Request:
+    def _request(self, attempt: Attempt, body: bytes) -> httpx.Request:
         """An inference post, built once per attempt and handed to ``send``: merging
         the client's base URL, parameters and headers into each request
         (``httpx.Client.post``) cost about 0.1 ms a call, more than encoding and decoding
@@ -211,27 +162,27 @@ class _Base:
             self.cache.invalidate(self.listing_key(model))
         return self.cache.order(self.listing_key(model))
 
-    def _attempts(self, model: str, endpoints: list[dict[str, Any]], headers: dict[str, str]) -> Iterator[_Attempt]:
+    def _attempts(self, model: str, endpoints: list[dict[str, Any]], headers: dict[str, str]) -> Iterator[Attempt]:
         """The replicas nearest first, then the gateways; made as they are needed (the
         first one nearly always answers)."""
         for e in endpoints:
-            yield _Attempt(_url(e["inferUrl"]), headers, e["url"], e["site"])
+            yield Attempt(clientattempt.url(e["inferUrl"]), headers, e["url"], e["site"])
         through = {**headers, **self._auth, **args.caller_headers(self.location, self.region, self.residency)}
         gateways = self._gateways()
         for i, gateway in enumerate(gateways):
-            yield _Attempt(_url(f"{gateway}/v2/models/{path_segment(model)}/infer"), through, gateway=gateway, last=i == len(gateways) - 1)
+            yield Attempt(clientattempt.url(f"{gateway}/v2/models/{path_segment(model)}/infer"), through, gateway=gateway, last=i == len(gateways) - 1)
 
-    def _chat_attempts(self, model: str, endpoints: list[dict[str, Any]]) -> Iterator[_Attempt]:
+    def _chat_attempts(self, model: str, endpoints: list[dict[str, Any]]) -> Iterator[Attempt]:
         """Generative replicas nearest first, then the gateways' OpenAI routes."""
         for e in endpoints:
             if e.get("api") == "openai":
-                yield _Attempt(_url(f"{e['url']}/v1/chat/completions"), {"content-type": "application/json"}, e["url"], e["site"])
+                yield Attempt(clientattempt.url(f"{e['url']}/v1/chat/completions"), {"content-type": "application/json"}, e["url"], e["site"])
         through = {"content-type": "application/json", **self._auth, **args.caller_headers(self.location, self.region, self.residency)}
         gateways = self._gateways()
         for i, gateway in enumerate(gateways):
-            yield _Attempt(_url(f"{gateway}/openai/v1/chat/completions"), through, gateway=gateway, last=i == len(gateways) - 1)
+            yield Attempt(clientattempt.url(f"{gateway}/openai/v1/chat/completions"), through, gateway=gateway, last=i == len(gateways) - 1)
 
-    def _gateway_failed(self, attempt: _Attempt, resp: httpx.Response | None) -> bool:
+    def _gateway_failed(self, attempt: Attempt, resp: httpx.Response | None) -> bool:
         """Whether a gateway's failure sends the request to the next gateway: a connection
         error (the gateway is then tried last for a while) or a 5xx, unless it is the last."""
         if resp is None:
@@ -288,7 +239,7 @@ class _Base:
         chat.attempts, chat.finish_reason, chat.usage, chat._ended = number, None, None, False
         return {"connect": min(2.0, left), "read": left, "write": left, "pool": left}
 
-    def _chat_refused(self, chat: Chat, model: str, attempt: _Attempt, resp: httpx.Response | None,
+    def _chat_refused(self, chat: Chat, model: str, attempt: Attempt, resp: httpx.Response | None,
                       error: Exception | None) -> bool:
         """Whether to try the next attempt (True); raises for a refusal or when the gateway failed."""
         if attempt.endpoint is not None:
@@ -310,16 +261,16 @@ class _Base:
                 raise TimedOut(self._seconds, chat.attempts) from error  # nothing listening there is Unreachable
             raise Unreachable(error) from error
         if resp.status_code >= 400:
-            raise _gateway_refusal(resp)
+            raise clientattempt.gateway_refusal(resp)
         return False
 
-    def _chat_request(self, attempt: _Attempt, body: bytes, timeouts: dict[str, float]) -> httpx.Request:
+    def _chat_request(self, attempt: Attempt, body: bytes, timeouts: dict[str, float]) -> httpx.Request:
         return httpx.Request("POST", attempt.url, content=body, headers=attempt.headers, extensions={"timeout": timeouts})
 
-    def _chat_answering(self, chat: Chat, attempt: _Attempt, resp: httpx.Response) -> None:
+    def _chat_answering(self, chat: Chat, attempt: Attempt, resp: httpx.Response) -> None:
         chat.site, chat.url = resp.headers.get("x-edgeplane-site", attempt.site or ""), attempt.endpoint or attempt.gateway
 
-    def _chat_failed(self, chat: Chat, attempt: _Attempt, exc: Exception) -> None:
+    def _chat_failed(self, chat: Chat, attempt: Attempt, exc: Exception) -> None:
         """After a failed answer: a cut once text has arrived, an error from the gateway,
         else the replica is ejected and the next attempt follows."""
         if chat.text:
@@ -334,7 +285,7 @@ class _Base:
             raise EdgeplaneError(f"the gateway's answer failed: {exc}") from None
         self.cache.eject(attempt.endpoint)
 
-    def _chat_line(self, chat: Chat, attempt: _Attempt, line: str) -> str | None:
+    def _chat_line(self, chat: Chat, attempt: Attempt, line: str) -> str | None:
         """The text of one line; raises ``clientchat.Retry`` before the first token, ``StreamCut``
         after, and ``TimedOut`` when the chat's timeout has passed with no text yet: a
         keep-alive comment or an empty ``role`` delta is no answer, though each restarts the
@@ -366,7 +317,7 @@ class _Base:
         if not chat.text and time.perf_counter() >= chat._deadline:
             raise TimedOut(self._seconds, chat.attempts)
 
-    def _outcome(self, model: str, attempt: _Attempt, number: int, resp: httpx.Response | None,
+    def _outcome(self, model: str, attempt: Attempt, number: int, resp: httpx.Response | None,
                  error: Exception | None) -> InferResult | None:
         """The result, None to try the next attempt, or an exception for a refusal."""
         if attempt.endpoint is not None:  # a replica, directly
@@ -378,7 +329,7 @@ class _Base:
                 return None
             if resp.status_code >= 400:
                 raise clientchat.read_refusal(resp)
-            outputs = _decode(resp)
+            outputs = clientattempt.decode(resp)
             if isinstance(outputs, str):  # not a v2 answer: a broken replica, like a 5xx
                 self.cache.eject(attempt.endpoint)
                 return None
@@ -392,8 +343,8 @@ class _Base:
         if resp is None:
             raise Unreachable(error) from error
         if resp.status_code >= 400:
-            raise _gateway_refusal(resp)
-        outputs = _decode(resp)
+            raise clientattempt.gateway_refusal(resp)
+        outputs = clientattempt.decode(resp)
         if isinstance(outputs, str):
             if not attempt.last:
                 return None
@@ -442,7 +393,7 @@ class Client(_Base):
                 self.cache.eject(gateway)
         return self._endpoints_answer(model, resp)
 
-    def _post(self, attempt: _Attempt, body: bytes) -> httpx.Response:
+    def _post(self, attempt: Attempt, body: bytes) -> httpx.Response:
         return self._read(self._request(attempt, body))
 
     def _read(self, request: httpx.Request) -> httpx.Response:
@@ -546,7 +497,7 @@ class AsyncClient(_Base):
                 self.cache.eject(gateway)
         return self._endpoints_answer(model, resp)
 
-    async def _post(self, attempt: _Attempt, body: bytes) -> httpx.Response:
+    async def _post(self, attempt: Attempt, body: bytes) -> httpx.Response:
         return await self._read(self._request(attempt, body))
 
     async def _read(self, request: httpx.Request) -> httpx.Response:

@@ -1,0 +1,68 @@
+"""One attempt of a Python client's call, and what its answer is.
+
+A call (:mod:`orchestrator.client`) is tried at replica after replica, then at the gateways:
+each try is an :class:`Attempt` (where it goes, with which headers), and its answer reads
+as a v2 inference's outputs (:func:`decode`), a gateway's refusal as the client raises it
+(:func:`gateway_refusal`), or the :class:`InferResult` the caller gets. Values and pure
+functions: which attempt comes next, and what to do with its answer, is the client's.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+from edgeplane_proto import oip
+from orchestrator import clientchat
+from orchestrator.clienterrors import EdgeplaneError, NoEndpoint
+
+
+@dataclass(frozen=True)
+class InferResult:
+    outputs: Mapping[str, np.ndarray]
+    site: str
+    url: str
+    attempts: int
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.outputs[name]
+
+
+def decode(resp: httpx.Response) -> Mapping[str, np.ndarray] | str:
+    """The outputs of a v2 response, or why the body is not one (a proxy's page, another
+    service at that URL)."""
+    header = resp.headers.get(oip.BINARY_HEADER)
+    try:
+        decoded = oip.decode_response(resp.content, int(header) if header else None)
+    except ValueError as exc:  # oip.ProtocolError, or a header that is not a number
+        return f"HTTP {resp.status_code} ({resp.headers.get('content-type', 'no content type')}) with no v2 inference response: {exc}"
+    return {t.name: t.array for t in decoded.outputs}
+
+
+def gateway_refusal(resp: httpx.Response) -> EdgeplaneError:
+    """A gateway's 4xx or 5xx answer: its 404 and 503 say no replica can answer (for now,
+    with the 503's Retry-After), anything else is a refusal."""
+    refusal = clientchat.read_refusal(resp)
+    if resp.status_code in (404, 503):
+        return NoEndpoint(refusal.args[0], retry_after=refusal.retry_after)
+    return refusal
+
+
+@functools.lru_cache(maxsize=1024)
+def url(address: str) -> httpx.URL:
+    """Parsed once per replica URL: httpx's parser takes half of building a request."""
+    return httpx.URL(address)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    url: httpx.URL
+    headers: dict[str, str]
+    endpoint: str | None = None  # base URL of a replica; None for a gateway
+    site: str | None = None
+    gateway: str = ""  # base URL of the gateway (attempts through one)
+    last: bool = True  # the last gateway: its answer is the caller's, whatever it is
