@@ -47,6 +47,11 @@ way raises an :class:`EdgeplaneError`, never an ``httpx`` exception: :class:`NoE
 more requests at once than ``max_connections``, 100 by default, the client's own condition,
 which ejects no replica), :class:`InferenceError`, :class:`StreamCut`, :class:`BadAnswer`.
 
+Request ids: each call goes by one ``X-Request-Id`` (``request_id=``, else one the client
+makes), sent to every replica and gateway it tries (a gateway sends it on to its replicas),
+and carried by its result (``InferResult.request_id``, ``Chat.request_id``) and by every
+error it raises (``EdgeplaneError.request_id``), for an operator to find it in the logs.
+
 This module decides where each request goes and sends it; the parts it decides with live
 beside it, each importable from here as well: one attempt, and what its answer is, in
 :mod:`orchestrator.clientattempt`, the error tree in :mod:`orchestrator.clienterrors`, the
@@ -67,7 +72,7 @@ from typing import Any
 
 import httpx
 
-from edgeplane_proto import oip
+from edgeplane_proto import correlation, oip
 from orchestrator import clientargs as args
 from orchestrator import clientattempt, clientbody, clientchat, clientpool, proxyenv
 from orchestrator.clientattempt import Attempt, InferResult
@@ -105,9 +110,11 @@ class _Base:
         self.max_connections = args.count(max_connections, "max_connections", "connections")
         self._pool = clientpool.Pool(self.max_connections if own_pool else None, self._seconds)  # a transport given holds its own
 
-    def _body(self, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> tuple[bytes, dict[str, str]]:
+    def _body(self, inputs: Mapping[str, Any] | Sequence[oip.Tensor], request_id: str | None) -> tuple[bytes, dict[str, str]]:
+        """An inference's body and headers, its ``X-Request-Id`` among them (``request_id``, or a new one)."""
+        rid = args.request_id(request_id)
         body, header_len = oip.encode_request(args.tensors(inputs), binary=self.binary)
-        headers = {"content-type": "application/octet-stream" if header_len is not None else "application/json"}
+        headers = {"content-type": "application/octet-stream" if header_len is not None else "application/json", correlation.HEADER: rid}
         if header_len is not None:
             headers[oip.BINARY_HEADER] = str(header_len)
         return body, headers
@@ -172,12 +179,13 @@ class _Base:
         for i, gateway in enumerate(gateways):
             yield Attempt(clientattempt.url(f"{gateway}/v2/models/{path_segment(model)}/infer"), through, gateway=gateway, last=i == len(gateways) - 1)
 
-    def _chat_attempts(self, model: str, endpoints: list[dict[str, Any]]) -> Iterator[Attempt]:
+    def _chat_attempts(self, model: str, endpoints: list[dict[str, Any]], request_id: str) -> Iterator[Attempt]:
         """Generative replicas nearest first, then the gateways' OpenAI routes."""
+        headers = {"content-type": "application/json", correlation.HEADER: request_id}
         for e in endpoints:
             if e.get("api") == "openai":
-                yield Attempt(clientattempt.url(f"{e['url']}/v1/chat/completions"), {"content-type": "application/json"}, e["url"], e["site"])
-        through = {"content-type": "application/json", **self._auth, **args.caller_headers(self.location, self.region, self.residency)}
+                yield Attempt(clientattempt.url(f"{e['url']}/v1/chat/completions"), headers, e["url"], e["site"])
+        through = {**headers, **self._auth, **args.caller_headers(self.location, self.region, self.residency)}
         gateways = self._gateways()
         for i, gateway in enumerate(gateways):
             yield Attempt(clientattempt.url(f"{gateway}/openai/v1/chat/completions"), through, gateway=gateway, last=i == len(gateways) - 1)
@@ -189,10 +197,12 @@ class _Base:
             self.cache.eject(attempt.gateway)
         return not attempt.last and (resp is None or resp.status_code >= 500)
 
-    def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, stream: bool = True, **params: Any) -> Chat:
+    def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, stream: bool = True, request_id: str | None = None,
+             **params: Any) -> Chat:
         """The answer's text deltas as they arrive (one delta with ``stream=False``);
         ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...;
-        ``n`` other than 1 is a ``ValueError``: the answer is one choice). The endpoint
+        ``n`` other than 1 is a ``ValueError``: the answer is one choice); ``request_id``: its
+        ``X-Request-Id`` (one is made when None), ``chat.request_id`` and its errors'. The endpoint
         list's lookup and the replicas and gateways tried share the client's ``timeout``;
         :class:`TimedOut` when no answer came within it. A streamed answer that has begun
         may go on past it, each of its pieces within the time that was left when its
@@ -200,7 +210,7 @@ class _Base:
         args.model_name(model)
         args.check_messages(messages)
         clientchat.check_one_choice(params)
-        chat = Chat(None)
+        chat = Chat(None, request_id=args.request_id(request_id))
         # Client: an iterator; AsyncClient: an async one. It refers to the chat weakly: the chat
         # refers to it, and a cycle would keep an answer the caller dropped streaming until
         # the next cycle collection. (Only the closing of a dropped chat runs without it.)
@@ -333,7 +343,7 @@ class _Base:
             if isinstance(outputs, str):  # not a v2 answer: a broken replica, like a 5xx
                 self.cache.eject(attempt.endpoint)
                 return None
-            return InferResult(outputs, attempt.site or "", attempt.endpoint, number)
+            return InferResult(outputs, attempt.site or "", attempt.endpoint, number, attempt.headers[correlation.HEADER])
         # Every direct endpoint failed or none is known: the gateway decided and failed over.
         self.cache.invalidate(self.listing_key(model))
         if self._gateway_failed(attempt, resp):
@@ -349,7 +359,7 @@ class _Base:
             if not attempt.last:
                 return None
             raise BadAnswer(f"{attempt.gateway} answered {outputs[:300]}; is it an edgeplane gateway?")
-        return InferResult(outputs, resp.headers.get("x-edgeplane-site", ""), attempt.gateway, number)
+        return InferResult(outputs, resp.headers.get("x-edgeplane-site", ""), attempt.gateway, number, attempt.headers[correlation.HEADER])
 
 
 class Client(_Base):
@@ -404,23 +414,26 @@ class Client(_Base):
         finally:
             resp.close()
 
-    def infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> InferResult:
+    def infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor], *, request_id: str | None = None) -> InferResult:
+        """``inputs``' outputs from the nearest replica that answers; ``request_id``: the call's
+        ``X-Request-Id`` (one is made when None), on its result and on any error it raises."""
         args.model_name(model)
-        body, headers = self._body(inputs)
-        for number, attempt in enumerate(self._attempts(model, self.endpoints(model), headers), start=1):
-            resp, error = None, None
-            try:
-                resp = self._post(attempt, body)
-            except (httpx.HTTPError, BadAnswer) as exc:
-                error = exc
-            result = self._outcome(model, attempt, number, resp, error)
-            if result is not None:
-                return result
-        raise EdgeplaneError("no attempt left")  # the gateway attempt always answers or raises
+        body, headers = self._body(inputs, request_id)
+        with clientattempt.named(headers):
+            for number, attempt in enumerate(self._attempts(model, self.endpoints(model), headers), start=1):
+                resp, error = None, None
+                try:
+                    resp = self._post(attempt, body)
+                except (httpx.HTTPError, BadAnswer) as exc:
+                    error = exc
+                result = self._outcome(model, attempt, number, resp, error)
+                if result is not None:
+                    return result
+            raise EdgeplaneError("no attempt left")  # the gateway attempt always answers or raises
 
     def _chat(self, chat: Chat, model: str, messages: Sequence[Mapping[str, str]], stream: bool, params: Mapping[str, Any]) -> Iterator[str]:
         body = self._chat_started(chat, model, messages, stream, params)
-        for number, attempt in enumerate(self._chat_attempts(model, self._endpoints(model, False, chat._deadline)), start=1):
+        for number, attempt in enumerate(self._chat_attempts(model, self._endpoints(model, False, chat._deadline), chat.request_id), start=1):
             request = self._chat_request(attempt, body, self._chat_begins(chat, number))
             try:
                 resp = self._pool.send(self._http, request)
@@ -508,23 +521,25 @@ class AsyncClient(_Base):
         finally:
             await resp.aclose()
 
-    async def infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> InferResult:
+    async def infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor], *, request_id: str | None = None) -> InferResult:
+        """As :meth:`Client.infer`."""
         args.model_name(model)
-        body, headers = self._body(inputs)
-        for number, attempt in enumerate(self._attempts(model, await self.endpoints(model), headers), start=1):
-            resp, error = None, None
-            try:
-                resp = await self._post(attempt, body)
-            except (httpx.HTTPError, BadAnswer) as exc:
-                error = exc
-            result = self._outcome(model, attempt, number, resp, error)
-            if result is not None:
-                return result
-        raise EdgeplaneError("no attempt left")
+        body, headers = self._body(inputs, request_id)
+        with clientattempt.named(headers):
+            for number, attempt in enumerate(self._attempts(model, await self.endpoints(model), headers), start=1):
+                resp, error = None, None
+                try:
+                    resp = await self._post(attempt, body)
+                except (httpx.HTTPError, BadAnswer) as exc:
+                    error = exc
+                result = self._outcome(model, attempt, number, resp, error)
+                if result is not None:
+                    return result
+            raise EdgeplaneError("no attempt left")
 
     async def _chat(self, chat: Chat, model: str, messages: Sequence[Mapping[str, str]], stream: bool, params: Mapping[str, Any]) -> AsyncIterator[str]:
         body = self._chat_started(chat, model, messages, stream, params)
-        for number, attempt in enumerate(self._chat_attempts(model, await self._endpoints(model, False, chat._deadline)), start=1):
+        for number, attempt in enumerate(self._chat_attempts(model, await self._endpoints(model, False, chat._deadline), chat.request_id), start=1):
             request = self._chat_request(attempt, body, self._chat_begins(chat, number))
             try:
                 resp = await self._pool.asend(self._http, request)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeplane_proto import oip, oip_tensors
+from edgeplane_proto import correlation, oip, oip_tensors
 from orchestrator import urlpath
 
 #: The longest ``timeout`` a client takes, in seconds (a year): past some 10^10 s the
@@ -89,6 +89,20 @@ def count(value: Any, name: str, unit: str) -> int:
     if value < 1:
         raise ValueError(f"{name} {value!r}: give a whole number of {unit}, 1 or more")
     return int(value)
+
+
+def request_id(value: Any) -> str:
+    """The ``X-Request-Id`` a call goes by: the caller's, or a new one (None). One that a
+    replica or gateway would not keep (``edgeplane_proto.correlation``) is refused here,
+    rather than replaced on the way, where the caller would not find its own id."""
+    if value is None:
+        return correlation.new_request_id()
+    if not isinstance(value, str):
+        raise TypeError(f"request_id must be a string, not {type(value).__name__}")
+    if correlation.request_id(value) is None:
+        raise ValueError(f"request_id {value[:140]!r}: give 1 to {correlation.MAX_LENGTH} characters of letters, digits "
+                         "and -_.:+/= (a UUID, say)")
+    return value
 
 
 def model_name(model: Any) -> str:

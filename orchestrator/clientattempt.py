@@ -3,20 +3,22 @@
 A call (:mod:`orchestrator.client`) is tried at replica after replica, then at the gateways:
 each try is an :class:`Attempt` (where it goes, with which headers), and its answer reads
 as a v2 inference's outputs (:func:`decode`), a gateway's refusal as the client raises it
-(:func:`gateway_refusal`), or the :class:`InferResult` the caller gets. Values and pure
+(:func:`gateway_refusal`), or the :class:`InferResult` the caller gets. Every attempt of a
+call carries its one ``X-Request-Id``, on its result and on any error it raises (:func:`named`). Values and pure
 functions: which attempt comes next, and what to do with its answer, is the client's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import httpx
 import numpy as np
 
-from edgeplane_proto import oip
+from edgeplane_proto import correlation, oip
 from orchestrator import clientchat
 from orchestrator.clienterrors import EdgeplaneError, NoEndpoint
 
@@ -27,6 +29,7 @@ class InferResult:
     site: str
     url: str
     attempts: int
+    request_id: str = ""  # the call's X-Request-Id, sent to every attempt
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.outputs[name]
@@ -41,6 +44,16 @@ def decode(resp: httpx.Response) -> Mapping[str, np.ndarray] | str:
     except ValueError as exc:  # oip.ProtocolError, or a header that is not a number
         return f"HTTP {resp.status_code} ({resp.headers.get('content-type', 'no content type')}) with no v2 inference response: {exc}"
     return {t.name: t.array for t in decoded.outputs}
+
+
+@contextlib.contextmanager
+def named(headers: Mapping[str, str]) -> Iterator[None]:
+    """Every client error raised within it is named by the call's id (``headers``' ``X-Request-Id``)."""
+    try:
+        yield
+    except EdgeplaneError as exc:
+        exc.request_id = headers[correlation.HEADER]
+        raise
 
 
 def gateway_refusal(resp: httpx.Response) -> EdgeplaneError:

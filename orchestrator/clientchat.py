@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from edgeplane_proto import retry_after as retry_header
-from orchestrator.clienterrors import InferenceError, StreamCut
+from orchestrator.clienterrors import EdgeplaneError, InferenceError, StreamCut
 
 #: The longest line of an event stream the client takes, in bytes (a token's event is
 #: a few hundred): the gateway's relay holds a replica's events to the same size
@@ -55,6 +55,7 @@ class Chat:
     finish_reason: str | None = None
     attempts: int = 0
     text: str = ""
+    request_id: str = ""  # its X-Request-Id, sent to every attempt; on every error it raises too
     _ended: bool = field(default=False, repr=False)  # the stream's [DONE] arrived
     _started: float = field(default=0.0, repr=False)  # time.perf_counter() when the chat began (before the endpoint lookup)
     _deadline: float = field(default=math.inf, repr=False)  # and when its timeout ends
@@ -103,13 +104,21 @@ class _Reading:
         return self
 
     def __next__(self) -> str:
-        return next(self._deltas)
+        try:
+            return next(self._deltas)
+        except EdgeplaneError as exc:  # whichever attempt raised it: the chat's one id
+            exc.request_id = self._chat.request_id
+            raise
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self
 
     async def __anext__(self) -> str:
-        return await self._deltas.__anext__()
+        try:
+            return await self._deltas.__anext__()
+        except EdgeplaneError as exc:
+            exc.request_id = self._chat.request_id
+            raise
 
 
 @dataclass(frozen=True)

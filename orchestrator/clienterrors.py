@@ -14,13 +14,20 @@ uses: each ``httpx`` exception is translated where it is caught. ::
 
 Arguments that cannot work are not in this tree: they raise ``ValueError`` (``TypeError``
 for a wrong type) before anything is sent.
+
+Each error a call raises carries the call's ``request_id``: the ``X-Request-Id`` it sent to
+every replica and gateway it tried, which their logs and the gateway's answers name.
 """
 
 from __future__ import annotations
 
 
 class EdgeplaneError(Exception):
-    """Base of the client's errors."""
+    """Base of the client's errors. ``request_id``: the id of the call that raised it (its
+    ``X-Request-Id``, the caller's or one the client made), to quote to an operator; None
+    for one raised before the call began."""
+
+    request_id: str | None = None
 
 
 class NoEndpoint(EdgeplaneError):
