@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 import edge_agent
-from edge_agent import artifacts, assignments, build, capacity, errors, http, httplistener, registry, state, tls, uplink
+from edge_agent import artifacts, assignments, build, capacity, errors, http, httplistener, registry, runtime, state, tls, uplink
 from edge_agent.retry import Jitter
 from edge_agent.runtime import onnx
 
@@ -69,6 +70,7 @@ class AgentConfig:
     intra_op_threads: int = 0  # onnxruntime threads per run; 0 = onnxruntime's default
     spin_between_runs: bool = False  # onnxruntime's idle threads spin-wait after a run (see runtime.onnx)
     spin_after_run_us: int = 0  # or only this long (0: they sleep when the run ends)
+    runtimes: tuple[str, ...] | None = None  # the model runtimes offered (--runtimes); None: every one installed
 
     @property
     def control_planes(self) -> list[str]:
@@ -113,6 +115,8 @@ class Agent:
         self._reconnect_rng = reconnect_rng  # the uplink's reconnect jitter (its own Random unless given)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self._probe = probe or capacity.CapacityProbe(onnx.available_providers)
+        # reported with the capacity: the control plane assigns this agent no model of another runtime
+        self.runtimes = config.runtimes if config.runtimes is not None else runtime.installed()
         # the cores this process may use (affinity, cgroup quota), which it reports too: a
         # container given 2 of a host's 64 would otherwise run 64 models at once on them
         self.workers = config.workers or self._probe.cpu_cores()
@@ -132,6 +136,7 @@ class Agent:
             retry=model_retry or registry.RetryPolicy(),
             load_package=self._load_package,
             memory_available=self._probe.memory_available,
+            runtimes=self.runtimes,
         )
         queued = config.max_queued_runs or http.QUEUED_RUNS_PER_WORKER * self.workers
         self.server = http.InferenceServer(self.registry, self._executor, inline_max_s=config.inline_max_ms / 1000,
@@ -168,7 +173,7 @@ class Agent:
     # -- Reporter protocol for the uplink ---------------------------------------------
 
     def capacity(self) -> capacity.Capacity:
-        return self._probe.capacity()
+        return dataclasses.replace(self._probe.capacity(), runtimes=self.runtimes)
 
     def load(self) -> capacity.Load:
         return self._probe.load()

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 import edge_agent
-from edge_agent import build, errors
+from edge_agent import build, errors, runtime
 from edgeplane_proto import endpoint_url
 
 if TYPE_CHECKING:
@@ -144,6 +144,24 @@ def _sha256(value: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise argparse.ArgumentTypeError(f"{value!r} is not a SHA-256 (64 hex digits, as 'edgeplane token create' prints it)")
     return digest
+
+
+def _runtimes(value: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"needs at least one of {', '.join(runtime.KNOWN)}")
+    for name in names:
+        if name not in runtime.KNOWN:
+            raise argparse.ArgumentTypeError(f"{name!r} is not a runtime an agent runs ({', '.join(runtime.KNOWN)})")
+    return names
+
+
+def _check_runtimes(offered: tuple[str, ...]) -> None:
+    """Offered runtimes are installed here: the control plane would assign models that fail to load."""
+    missing = [name for name in offered if name not in runtime.installed()]
+    if missing:
+        raise SystemExit(f"edgeplane-agent: --runtimes {','.join(offered)}: {', '.join(missing)} is not installed here "
+                         "(onnx-genai needs onnxruntime-genai with its library: pip install 'edgeplane[cpu]' or 'edgeplane[gpu]')")
 
 
 def _check_ca_file(path: pathlib.Path) -> None:
@@ -316,6 +334,9 @@ def parser() -> argparse.ArgumentParser:
     spin.add_argument("--spin-between-runs", action="store_true",
                       help="let onnxruntime's idle threads spin-wait after each run as long as its default does "
                            "(milliseconds): cores kept busy between requests (docs/agent.md)")
+    p.add_argument("--runtimes", type=_runtimes, default=None, metavar="RUNTIME[,RUNTIME...]",
+                   help="the model runtimes this agent offers, of onnx and onnx-genai; the control plane assigns it no "
+                        "model of another [every one installed here: onnx, and onnx-genai with onnxruntime-genai]")
     p.add_argument("--log-level", default="info", type=str.lower, choices=("debug", "info", "warning", "error"),  # argtypes.LOG_LEVELS (no import: the agent stands alone)
                    help="log verbosity [info]")
     return p
@@ -326,6 +347,8 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
 
     if args.ca_file is not None:
         _check_ca_file(args.ca_file)
+    if args.runtimes is not None:
+        _check_runtimes(args.runtimes)
     return daemon.AgentConfig(
         control_plane=args.control_plane,
         site=args.site,
@@ -356,6 +379,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         grpc_listen=args.grpc_listen,
         spin_between_runs=args.spin_between_runs,
         spin_after_run_us=args.spin_after_run_us,
+        runtimes=args.runtimes,
     )
 
 

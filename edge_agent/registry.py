@@ -29,7 +29,7 @@ import math
 import random
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -138,6 +138,7 @@ class ModelRegistry:
         on_attempt_end: Callable[[], None] = lambda: None,
         load_package: PackageLoader | None = None,
         memory_available: Callable[[], int | None] = lambda: None,
+        runtimes: Collection[str] = (assignments.RUNTIME_ONNX, assignments.RUNTIME_GENAI),
         retry: RetryPolicy = MODEL_RETRY,
         clock: Callable[[], float] = time.monotonic,
         rng: Jitter | None = None,
@@ -147,6 +148,8 @@ class ModelRegistry:
         self._load_package = load_package
         self._memory_available = memory_available  # bytes this agent may still use (None: not measured)
         self._loads = asyncio.Lock()  # loads take turns (see footprint)
+        # those offered: a model of another is refused before its download
+        self._runtimes = tuple(r for r in runtimes if r != assignments.RUNTIME_GENAI or load_package is not None)
         self._on_change = on_change
         self._on_attempt_end = on_attempt_end
         self._retry = retry
@@ -287,15 +290,16 @@ class ModelRegistry:
                 slot.message = f"downloading {want.artifact_url}: {done}{attempt}"
                 self._on_change()
 
+        if want.runtime not in self._runtimes:  # a control plane of a release before agents said what they run
+            self._failed(slot, want, f"this agent does not run {want.runtime} models (it runs: {', '.join(self._runtimes) or 'none'})")
+            return
         try:
             path = await self._cache.fetch(want.artifact_url, want.sha256, downloading, want.artifact_hosts,
                                            package=want.runtime == assignments.RUNTIME_GENAI)
             slot.message = "loading"
             runtime: onnx.OnnxModel | genai.GenAIModel
             async with self._loads:  # one at a time: each weighed against what the one before left free
-                if want.runtime == assignments.RUNTIME_GENAI:
-                    if self._load_package is None:
-                        raise errors.ModelLoadError("this agent cannot serve onnx-genai models")
+                if want.runtime == assignments.RUNTIME_GENAI and self._load_package is not None:
                     kv_per_token, context = await asyncio.to_thread(_host_kv, path)
                     self._weigh(footprint.genai_need(path.stat().st_size, kv_per_token, context,
                                                      want.max_concurrent_sequences or admission.DEFAULT_MAX_CONCURRENT))

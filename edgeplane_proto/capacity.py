@@ -38,6 +38,9 @@ class Capacity:
     memory_total_bytes: int = 0
     gpus: tuple[Gpu, ...] = ()
     execution_providers: tuple[str, ...] = ()
+    # The model runtimes the agent runs ("onnx", "onnx-genai"); empty from an agent of a
+    # release before it reported them (what the control plane then takes it to run is its own).
+    runtimes: tuple[str, ...] = ()
 
     def to_proto(self) -> pb.Capacity:
         return pb.Capacity(
@@ -45,6 +48,7 @@ class Capacity:
             memory_total_bytes=self.memory_total_bytes,
             gpus=[g.to_proto() for g in self.gpus],
             execution_providers=list(self.execution_providers),
+            runtimes=list(self.runtimes),
         )
 
     @classmethod
@@ -54,4 +58,5 @@ class Capacity:
             memory_total_bytes=msg.memory_total_bytes,
             gpus=tuple(Gpu.from_proto(g) for g in msg.gpus),
             execution_providers=tuple(msg.execution_providers),
+            runtimes=tuple(msg.runtimes),
         )

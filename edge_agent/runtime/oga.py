@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent import runtime
+
 _P = ctypes.c_void_p
 _OUT = ctypes.POINTER(ctypes.c_void_p)
 _I32 = ctypes.POINTER(ctypes.c_int32)
@@ -142,7 +144,7 @@ def api() -> Any:
     import onnxruntime_genai
 
     folder = pathlib.Path(onnxruntime_genai.__file__).parent
-    found = sorted(folder.glob("libonnxruntime-genai.so*")) + sorted(folder.glob("libonnxruntime-genai*.dylib"))
+    found = [path for pattern in runtime.GENAI_LIBRARIES for path in sorted(folder.glob(pattern))]
     if not found:
         raise OSError(f"the installed onnxruntime-genai has no libonnxruntime-genai.so in {folder}")
     return _Api(str(found[0]))

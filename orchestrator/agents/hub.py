@@ -246,15 +246,10 @@ class AgentHub(relayed.RelayedAgents):
             self._emit(model.AgentEventKind.CAPACITY_CHANGED, record, "capacity changed")
         if beat.gpu_free_bytes and record.capacity.gpus:
             free = dict(beat.gpu_free_bytes)
-            record.capacity = model.Capacity(
-                record.capacity.cpu_cores,
-                record.capacity.memory_total_bytes,
-                tuple(
-                    model.Gpu(g.index, g.model, g.memory_total_bytes, free.get(g.index, g.memory_free_bytes))
-                    for g in record.capacity.gpus
-                ),
-                record.capacity.execution_providers,
-            )
+            record.capacity = dataclasses.replace(record.capacity, gpus=tuple(
+                model.Gpu(g.index, g.model, g.memory_total_bytes, free.get(g.index, g.memory_free_bytes))
+                for g in record.capacity.gpus
+            ))
         if beat.models is not None:
             models = {m.name: m for m in beat.models}
             # neither do request counters nor a download's progress (a loading model's message,

@@ -25,6 +25,7 @@ COLUMNS: dict[str, list[tuple[str, Any]]] = {
         ("CPU", lambda o: _num(_capacity(o).get("cpu"))),
         ("MEM GiB", lambda o: _num(_capacity(o).get("memoryGiB"))),
         ("GPUS", lambda o: _gpus(_capacity(o).get("gpus") or [])),
+        ("RUNTIMES", lambda o: runtimes(o)),
         ("HEALTH", lambda o: o.get("status", {}).get("health", "-")),
         ("SCHEDULING", lambda o: scheduling(o.get("status", {}))),
         ("POWER W", lambda o: power(o.get("status", {}))),
@@ -56,6 +57,15 @@ def scheduling(status: dict[str, Any]) -> str:
         left = m.get("replicasLeft", 0)
         return f"Draining ({left} replica{'' if left == 1 else 's'} left)"
     return str(m.get("state", "-"))
+
+
+def runtimes(site: dict[str, Any]) -> str:
+    """The model runtimes a site runs replicas of: its agent's (``onnx,onnx-genai``), every
+    one in a data centre (``any``), none known without an agent (``-``)."""
+    agent = site.get("status", {}).get("agent")
+    if agent is not None:
+        return ",".join(agent.get("runtimes") or []) or "-"  # a control plane of an earlier release says none
+    return "any" if site["spec"].get("tier") == "datacenter" else "-"
 
 
 def power(status: dict[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """Map validated manifests plus observed state onto the scheduler's input values.
 
 This is where "an agent's measured capacity wins over the declared one", where an edge
-site without a live agent becomes unhealthy, and where ``EU`` becomes 27 countries.
+site without a live agent becomes unhealthy, where an edge site runs the runtimes its agent
+runs, and where ``EU`` becomes 27 countries.
 """
 
 from __future__ import annotations
@@ -29,6 +30,24 @@ def measured_gpus(capacity: agent_model.Capacity) -> tuple[sched.GpuGroup, ...]:
     return tuple(sched.GpuGroup(m, n, mem) for (m, mem), n in sorted(groups.items()))
 
 
+#: What an agent that reports no runtimes runs: one of a release before agents reported them,
+#: most of which ran no generative model (onnx-genai came later, and needs onnxruntime-genai).
+LEGACY_RUNTIMES = frozenset({sched.Runtime.ONNX})
+RUNTIME_NAMES = frozenset(r.value for r in sched.EDGE_RUNTIMES)
+
+
+def agent_runtimes(agent: agent_model.AgentStatus, sent: Iterable[agent_model.Assignment] = ()) -> frozenset[sched.Runtime]:
+    """The runtimes ``agent``'s site runs replicas of: those it reports (a name this release
+    does not know is left out). One that reports none is of a release before agents reported
+    them: it runs ``LEGACY_RUNTIMES``, and the runtime of any model it serves of those it was
+    ``sent`` (it evidently runs that one), so that a control plane upgraded before its agents
+    leaves their generative models where they serve."""
+    if agent.capacity.runtimes:
+        return frozenset(sched.Runtime(r) for r in agent.capacity.runtimes if r in RUNTIME_NAMES)
+    serving = {a.runtime for a in sent if (m := agent.models.get(a.model)) is not None and m.serving}
+    return LEGACY_RUNTIMES | {sched.Runtime(r) for r in serving if r in RUNTIME_NAMES}
+
+
 def site_health(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: snap.DataCentreObservation | None,
                 rejoining: bool = False) -> tuple[bool, str]:
     """Whether the scheduler may keep and place replicas at the site, and the status's word
@@ -50,7 +69,7 @@ def site_health(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, 
 def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: snap.DataCentreObservation | None,
             rejoining: Sequence[sched.Variant] | None = None, *,
             cordoned: Sequence[tuple[str, sched.Variant]] | None = None, draining: bool = False,
-            out_of_reach: bool = False) -> sched.Site:
+            out_of_reach: bool = False, sent: Iterable[agent_model.Assignment] = ()) -> sched.Site:
     """The scheduler's view of a site. ``rejoining``: the site is rejoining (see
     ``site_health``) and holds replicas of these variants; until its agent reports its
     capacity again, the site is as big as they are (its declared capacity may be missing, as
@@ -62,7 +81,8 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
     its replicas are placed elsewhere. ``out_of_reach``: a data centre held as ``cordoned``
     because it does not answer, not for maintenance (a reason says so, and since when ``dc``
     was first found so). The room it holds for replicas that leave it once their
-    replacements serve (``Site.held``) is the reconciler's to add (``maintenance.holding``)."""
+    replacements serve (``Site.held``) is the reconciler's to add (``maintenance.holding``).
+    ``sent``: what the site's agent was last sent (``agent_runtimes``)."""
     spec = record.spec
     healthy, _ = site_health(record, agent, dc, rejoining is not None)
     cpu = spec.capacity.cpu if spec.capacity else 0.0
@@ -97,6 +117,7 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
         admits=Counter((d, v.name) for d, v in cordoned) if cordoned is not None else None,
         out_of_reach=out_of_reach,
         out_of_reach_since=dc.unreachable_at if out_of_reach and dc is not None else None,
+        runtimes=agent_runtimes(agent, sent) if agent is not None and spec.tier == "edge" else None,
     )
 
 

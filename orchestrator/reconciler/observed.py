@@ -137,7 +137,7 @@ def _agent_doc(a: agent_model.AgentStatus) -> dict[str, Any]:
         "site": a.site, "agentId": a.agent_id, "endpointUrl": a.endpoint_url, "healthy": a.healthy, "reported": a.reported,
         "location": [loc.country, loc.region, loc.lat, loc.lon], "labels": dict(a.labels), "agentVersion": a.agent_version,
         "capacity": {"cpuCores": c.cpu_cores, "memoryTotalBytes": c.memory_total_bytes, "executionProviders": list(c.execution_providers),
-                     "gpus": [[g.index, g.model, g.memory_total_bytes] for g in c.gpus]},
+                     "gpus": [[g.index, g.model, g.memory_total_bytes] for g in c.gpus], "runtimes": list(c.runtimes)},
         "providers": list(a.providers), "assignmentVersion": a.assignment_version, "heartbeatInterval": a.heartbeat_interval,
         "via": a.via,
         "models": [[m.name, m.sha256, m.phase.value, m.message, m.provider, m.serving_sha256, m.deployment, m.variant, m.failures]
@@ -155,7 +155,7 @@ def _agent(d: Mapping[str, Any]) -> agent_model.AgentStatus:
         last_heartbeat=1.0 if d["reported"] else 0.0, joined_at=0.0,
         location=agent_model.Location(*_row(d["location"], 4)), labels=agent_model.frozen_mapping(d["labels"]), agent_version=d["agentVersion"],
         capacity=agent_model.Capacity(c["cpuCores"], c["memoryTotalBytes"], tuple(agent_model.Gpu(*_row(g, 3)) for g in c["gpus"]),
-                                      tuple(c["executionProviders"])),
+                                      tuple(c["executionProviders"]), tuple(c.get("runtimes", ()))),  # absent from an earlier leader's
         providers=tuple(d["providers"]), inflight=0, cpu_percent=0.0, memory_available_bytes=0,
         models={m.name: m for m in models}, assignment_version=d["assignmentVersion"], heartbeat_interval=d["heartbeatInterval"],
         via=d["via"],

@@ -159,7 +159,7 @@ def scheduler_inputs(s: snap.Snapshot) -> tuple[list[sched_model.Site], list[sch
     sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name),
                                [v for _, v in held[r.name]] if r.name in s.rejoining else None,
                                cordoned=_staying(r, held[r.name], deployments) if r.name in cordoned else None,
-                               draining=r.name in draining, out_of_reach=r.name in unseen)
+                               draining=r.name in draining, out_of_reach=r.name in unseen, sent=s.assignments.get(r.name, ()))
              for r in s.sites]
     return sites, deployments, current
 
@@ -484,8 +484,7 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
 
 
 def site_status(s: snap.Snapshot, record: snap.SiteRecord) -> dict[str, Any]:
-    agent = s.agent_by_site.get(record.name)
-    dc = s.datacentres.get(record.name)
+    agent, dc = s.agent_by_site.get(record.name), s.datacentres.get(record.name)
     _, health = inventory.site_health(record, agent, dc, record.name in s.rejoining)
     status: dict[str, Any] = {"health": health}
     if agent is not None:
@@ -495,6 +494,7 @@ def site_status(s: snap.Snapshot, record: snap.SiteRecord) -> dict[str, Any]:
             "capacity": {"cpu": caps.cpu_cores, "memoryGiB": round(caps.memory_total_bytes / inventory.GIB, 2),
                          "gpus": [{"model": g.model, "count": g.count, "memoryGiB": g.memory_gib} for g in inventory.measured_gpus(caps)]},
             "agent": {"id": agent.agent_id, "endpoint": agent.endpoint_url, "version": agent.agent_version,
+                      "runtimes": sorted(inventory.agent_runtimes(agent, s.assignments.get(record.name, ()))),
                       "providers": list(agent.providers), "models": {n: m.phase.value for n, m in sorted(agent.models.items())}},
         })
     elif record.spec.capacity is not None:

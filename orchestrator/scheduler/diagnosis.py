@@ -2,8 +2,9 @@
 
 The planner knows *that* it fell short; this module finds *which* rule binds by walking
 the filters in the order a person would check them (countries, tiers, selector, health,
-cordons, hardware, free capacity, power budget, spread) and names the first one that leaves too little, with the
-numbers: "needs 2×80 GiB GPU in FR datacenter sites; FR datacenter sites have 1 free".
+cordons, the runtimes agents run, hardware, free capacity, power budget, spread) and names
+the first one that leaves too little, with the numbers: "needs 2×80 GiB GPU in FR
+datacenter sites; FR datacenter sites have 1 free".
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from orchestrator import units
 from orchestrator.scheduler.capacity import Capacity
 from orchestrator.scheduler.fleet import WATTS_SLACK, Fleet
-from orchestrator.scheduler.model import ALL_TIERS, Deployment, Site, Variant
+from orchestrator.scheduler.model import ALL_TIERS, Deployment, Runtime, Site, Variant
 from orchestrator.scheduler.residency import EU_COUNTRIES
 from orchestrator.scheduler.result import Shortfall
 
@@ -93,6 +94,13 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> Shortfall:
         variant_tiers |= fleet.variant_tiers_mask(deployment, variant)
     if not (mask & healthy & variant_tiers).any():
         return short(_no_variant(deployment))
+    runs = np.zeros(fleet.size, dtype=bool)
+    for variant in deployment.variants:
+        runs |= fleet.variant_tiers_mask(deployment, variant) & fleet.runtime_mask(variant.runtime)
+    if not (mask & healthy & runs).any():
+        wanted = {v.runtime for v in deployment.variants if (mask & healthy & fleet.variant_tiers_mask(deployment, v)).any()}
+        return short(runtime_reasons(fleet, np.flatnonzero(mask & healthy & variant_tiers), wanted))
+    healthy = healthy & runs  # what the hardware is quoted of: sites whose agents run the model
     variants = job.variants()
     need = " or ".join(f"{v.name} ({v.describe()})" for v in variants)
     head = f"needs {job.wanted} × {need} in {where}"
@@ -148,6 +156,19 @@ def _since(site: Site) -> str:
     if site.out_of_reach_since is None:
         return site.name
     return f"{site.name} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(site.out_of_reach_since))}"
+
+
+def runtime_reasons(fleet: Fleet, sites: np.ndarray, wanted: set[Runtime]) -> str:
+    """e.g. "site edge-x: its agent cannot run onnx-genai (it runs: onnx)", of the first
+    three of ``sites``, none of whose agents runs any of ``wanted``."""
+    shown = "; ".join(runtime_reason(fleet, int(s), wanted) for s in sites[:3])
+    return shown + (f"; and {sites.size - 3} more sites" if sites.size > 3 else "")
+
+
+def runtime_reason(fleet: Fleet, site: int, wanted: set[Runtime]) -> str:
+    runs = fleet.sites[site].runtimes or ()
+    return (f"site {fleet.names[site]}: its agent cannot run {' or '.join(sorted(wanted))} "
+            f"(it runs: {', '.join(sorted(runs)) or 'none'})")
 
 
 def _taken_reason(fleet: Fleet, job: Job, room: np.ndarray) -> str:

@@ -1,9 +1,10 @@
 """The site inventory as arrays, so that filtering 10,000 sites is a handful of vector ops.
 
 Every hard constraint that depends only on a site (country, tier, labels, health, total
-hardware) becomes a boolean mask; free capacity lives in mutable arrays that the planner
-draws down as it places replicas (``capacity.Capacity``). The exact baseline and the
-diagnostics read the same masks, so "feasible" means one thing everywhere.
+hardware, the runtimes its agent runs) becomes a boolean mask; free capacity lives in
+mutable arrays that the planner draws down as it places replicas (``capacity.Capacity``).
+The exact baseline and the diagnostics read the same masks, so "feasible" means one thing
+everywhere.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy.typing as npt
 from scipy.spatial import cKDTree
 
 from orchestrator.scheduler import geo
-from orchestrator.scheduler.model import DemandPoint, Deployment, Site, Tier, Variant
+from orchestrator.scheduler.model import DemandPoint, Deployment, Runtime, Site, Tier, Variant
 
 NEAREST_KEPT = 256  # sites remembered per demand point, nearest first
 
@@ -58,6 +59,10 @@ class Fleet:
         self.region_ids = {name: i for i, name in enumerate(self.region_names)}
         self.region = np.array([self.region_ids[s.region] for s in self.sites], dtype=np.int64)
         self.is_edge = np.array([s.tier is Tier.EDGE for s in self.sites], dtype=bool)
+        # the runtimes each site runs, as an index into the few distinct sets (None: any)
+        runtime_ids: dict[frozenset[Runtime] | None, int] = {}
+        self._runtimes = np.array([runtime_ids.setdefault(s.runtimes, len(runtime_ids)) for s in self.sites], dtype=np.int64)
+        self._runtime_sets = list(runtime_ids)
         self.healthy = np.array([s.open for s in self.sites], dtype=bool)  # a draining site counts as unhealthy here
         self.draining = np.array([s.draining for s in self.sites], dtype=bool)
         restricted = np.array([s.admits is not None for s in self.sites], dtype=bool)
@@ -99,6 +104,7 @@ class Fleet:
         self._residency_cache: dict[frozenset[str] | None, BoolArray] = {}
         self._label_cache: dict[tuple[str, str], BoolArray] = {}
         self._tier_cache: dict[frozenset[Tier], BoolArray] = {}
+        self._runtime_cache: dict[Runtime, BoolArray] = {}
         self._near_cache: dict[tuple[float, float], tuple[IntArray, FloatArray]] = {}
         self._by_intensity: IntArray | None = None
         self._kdtree: cKDTree | None = None
@@ -164,6 +170,15 @@ class Fleet:
             self._tier_cache[tiers] = mask
         return mask
 
+    def runtime_mask(self, runtime: Runtime) -> BoolArray:
+        """Sites that run replicas of ``runtime`` (``Site.runtimes``): read-only, cached."""
+        mask = self._runtime_cache.get(runtime)
+        if mask is None:
+            mask = np.array([found is None or runtime in found for found in self._runtime_sets], dtype=bool)[self._runtimes]
+            mask.flags.writeable = False
+            self._runtime_cache[runtime] = mask
+        return mask
+
     def selector_mask(self, selector: Mapping[str, str]) -> BoolArray:
         mask = np.ones(self.size, dtype=bool)
         for key, value in sorted(selector.items()):
@@ -192,7 +207,8 @@ class Fleet:
 
     def eligible_masks(self, deployment: Deployment) -> dict[str, BoolArray]:
         """Per variant name that may run somewhere: the sites allowed for the deployment
-        whose tier takes that variant and whose total hardware holds one replica."""
+        whose tier takes that variant, that run its runtime and whose total hardware holds
+        one replica."""
         allowed = self.placement_mask(deployment)
         rules = deployment.placement
         out: dict[str, BoolArray] = {}
@@ -203,11 +219,12 @@ class Fleet:
                 rules.tiers,
                 tuple(sorted(rules.site_selector.items())),
                 tiers,
+                variant.runtime,
                 self.hardware_key(variant),
             )
             mask = self._eligible_cache.get(key)
             if mask is None:
-                mask = self._shared(allowed & self.tier_mask(tiers) & self.hardware_mask(variant))
+                mask = self._shared(allowed & self.tier_mask(tiers) & self.runtime_mask(variant.runtime) & self.hardware_mask(variant))
                 self._eligible_cache[key] = mask
             out[name] = mask if not self._restricted_at.size else self._shared(mask & self.admits_mask(deployment.name, name))
         return out

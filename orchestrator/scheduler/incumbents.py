@@ -2,10 +2,11 @@
 
 Their capacity is reserved before anything new is placed, so a re-plan never evicts a
 healthy replica to make room for another deployment. Replicas that broke a rule (site
-unhealthy or gone, residency, tier or selector changed, no longer fits, over a lowered
-power budget, another deployment of the model on the same edge site) are released, each
-with its reason. The full plan (``planner``) and the plan in force (``standing``) seat
-incumbents this one way, so a repair keeps exactly what a full plan would.
+unhealthy or gone, residency, tier or selector changed, its agent does not run the variant's
+runtime, no longer fits, over a lowered power budget, another deployment of the model on the
+same edge site) are released, each with its reason. The full plan (``planner``) and the
+plan in force (``standing``) seat incumbents this one way, so a repair keeps exactly what a
+full plan would.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ def _broken_rule(fleet: Fleet, capacity: Capacity, job: Job, site: int, variant:
             return f"tier {fleet.sites[site].tier} no longer allowed"
         return f"site {name} no longer matches the site selector"
     if variant not in job.eligible or not job.eligible[variant][site]:
+        runtime = next((v.runtime for v in job.deployment.variants if v.name == variant), None)
+        if runtime is not None and not fleet.runtime_mask(runtime)[site]:
+            return diagnosis.runtime_reason(fleet, site, {runtime})
         size = next((v for v in job.variants() if v.name == variant), None)
         if size is not None and capacity.power_short(site, size) and _sized(fleet, site, size):  # the budget, not the hardware
             return f"no longer within the power budget: {diagnosis.power_reason(fleet, capacity, site, size)}"

@@ -105,9 +105,14 @@ class Site:
     # the epoch; None: not known).
     out_of_reach: bool = False
     out_of_reach_since: float | None = None
+    # The runtimes the site runs replicas of, None for every one: an edge site runs what its
+    # agent runs (``reconciler.inventory.agent_runtimes``), a hard limit like its hardware.
+    runtimes: frozenset[Runtime] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tier", Tier(self.tier))
+        if self.runtimes is not None:
+            object.__setattr__(self, "runtimes", frozenset(Runtime(r) for r in self.runtimes))
         if self.admits is not None:
             object.__setattr__(self, "admits", MappingProxyType({pair: n for pair, n in self.admits.items() if n > 0}))
         object.__setattr__(self, "country", self.country.upper())

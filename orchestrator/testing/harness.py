@@ -69,13 +69,20 @@ def terminate(process: subprocess.Popen[Any], timeout: float) -> int:
     return process.returncode
 
 
+#: How Python runs ``edgeplane-agent``.
+AGENT_ENTRY = ("-m", "edge_agent.main")
+#: As on a machine where onnxruntime-genai is not installed: its import fails.
+WITHOUT_GENAI = ("-c", "import sys; sys.modules['onnxruntime_genai'] = None; from edge_agent import main; sys.exit(main.main())")
+
+
 def agent_command(
     control_plane: str, site: str, data_dir: pathlib.Path, *, token: str = BOOTSTRAP_TOKEN, country: str = "", region: str = "",
     lat: float | None = None, lon: float | None = None, heartbeat_interval: float = 0.5, listen: str = "127.0.0.1:0",
-    extra: tuple[str, ...] = (), tls: tuple[pathlib.Path, str] | None = None,
+    extra: tuple[str, ...] = (), tls: tuple[pathlib.Path, str] | None = None, entry: tuple[str, ...] = AGENT_ENTRY,
 ) -> list[str]:
-    """``tls`` = (the control plane's CA file, its join address) for mutual TLS; None = ``--insecure``."""
-    cmd = [sys.executable, "-m", "edge_agent.main", "--control-plane", control_plane, "--site", site, "--token", token,
+    """``tls`` = (the control plane's CA file, its join address) for mutual TLS; None = ``--insecure``.
+    ``entry``: what Python runs, before the agent's flags (``WITHOUT_GENAI``: an agent without onnxruntime-genai)."""
+    cmd = [sys.executable, *entry, "--control-plane", control_plane, "--site", site, "--token", token,
            "--data-dir", str(data_dir), "--listen", listen, "--heartbeat-interval", str(heartbeat_interval)]
     cmd += ["--ca-file", str(tls[0]), "--join-address", tls[1]] if tls else ["--insecure"]
     if country:
@@ -203,12 +210,13 @@ class Fleet:
         return self.cp
 
     async def start_agent(self, site: str, *, country: str = "", region: str = "", lat: float | None = None, lon: float | None = None,
-                          wait_joined: bool = True, heartbeat_interval: float = 0.5, extra: tuple[str, ...] = ()) -> AgentProcess:
+                          wait_joined: bool = True, heartbeat_interval: float = 0.5, extra: tuple[str, ...] = (),
+                          entry: tuple[str, ...] = AGENT_ENTRY) -> AgentProcess:
         assert self.cp is not None, "start the control plane first"
         data_dir = self.root / "agents" / site
         tls = (self.cp.ca_file, self.cp.agent_join_target) if self.cp.ca_file is not None else None
         cmd = agent_command(self.cp.agent_target, site, data_dir, country=country, region=region, lat=lat, lon=lon,
-                            heartbeat_interval=heartbeat_interval, extra=extra, tls=tls)
+                            heartbeat_interval=heartbeat_interval, extra=extra, tls=tls, entry=entry)
         agent = await spawn_agent_async(cmd, site, data_dir)
         self.agents[site] = agent
         if wait_joined:

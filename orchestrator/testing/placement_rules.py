@@ -21,7 +21,8 @@ def eligible(s: Site, d: Deployment) -> bool:
     if any(s.labels.get(k) != v for k, v in rules.site_selector.items()):
         return False
     return any(
-        s.cpu >= v.cpu
+        (s.runtimes is None or v.runtime in s.runtimes)
+        and s.cpu >= v.cpu
         and s.memory_gib * 1024 >= v.memory_mib
         and (not v.gpus or any(g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib for g in s.gpus))
         and (s.power_budget_watts is None or v.watts * s.pue <= s.power_budget_watts + 1e-6)
@@ -48,7 +49,10 @@ def violations(sites: Sequence[Site], deployments: Sequence[Deployment], replica
             found.append(f"{r}: tier/variant")
         if any(s.labels.get(k) != v for k, v in rules.site_selector.items()):
             found.append(f"{r}: selector")
-        use.setdefault(r.site, []).append(next(v for v in d.variants if v.name == r.variant))
+        variant = next(v for v in d.variants if v.name == r.variant)
+        if s.runtimes is not None and variant.runtime not in s.runtimes:
+            found.append(f"{r}: runtime {variant.runtime}")
+        use.setdefault(r.site, []).append(variant)
         if s.tier is Tier.EDGE:
             serving.setdefault((r.site, d.model), set()).add(d.name)
     for (name, model), names in sorted(serving.items()):

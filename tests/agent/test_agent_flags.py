@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from edge_agent import main as agent_main
+from orchestrator.testing import harness
 
 BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp/unused"]
 
@@ -59,6 +60,8 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
     (["--site", "edge-x", "--control-plane", "cp:65535"],
      "argument --control-plane: 'cp:65535': the join listener is looked for at the next port, and 65535 has none: give --join-address"),
     (["--site", "edge-x", "--control-plane", "cp-a:8081,[::1]:65535", "--ca-sha256", "ab" * 32], "'[::1]:65535': the join listener"),
+    (["--site", "edge-x", "--runtimes", "onnx,vllm"], "argument --runtimes: 'vllm' is not a runtime an agent runs (onnx, onnx-genai)"),
+    (["--site", "edge-x", "--runtimes", " , "], "argument --runtimes: needs at least one of onnx, onnx-genai"),
 ])
 def test_a_bad_flag_is_a_usage_error(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -95,6 +98,34 @@ def test_good_flags_reach_the_config(tmp_path: pathlib.Path) -> None:
         BASE + ["--site", "edge-x", "--advertise-url", "https://[2001:db8::5]:8443/"])).advertise_url == "https://[2001:db8::5]:8443/"
     assert agent_main.config_from_args(agent_main.parser().parse_args(
         BASE + ["--site", "edge-x", "--max-queued-runs", "8"])).max_queued_runs == 8
+
+
+def test_runtimes_offered_reach_the_config_once_each_and_default_to_those_installed() -> None:
+    def config(*args: str) -> tuple[str, ...] | None:
+        return agent_main.config_from_args(agent_main.parser().parse_args(BASE + ["--site", "edge-x", *args])).runtimes
+    assert config() is None  # the agent offers what it finds installed (edge_agent.runtime.installed)
+    assert config("--runtimes", "onnx") == ("onnx",)
+    assert config("--runtimes", "onnx-genai, onnx,onnx-genai") == ("onnx-genai", "onnx")
+
+
+#: An agent's Python on a machine without onnxruntime-genai: its import fails, as when it is not installed.
+WITHOUT_GENAI = "import sys; sys.modules['onnxruntime_genai'] = None; "
+
+
+def test_the_agent_offers_onnx_genai_only_where_onnxruntime_genai_is_installed() -> None:
+    code = "from edge_agent import runtime; print(','.join(runtime.installed())); print(sorted(set(sys.modules) & {'onnxruntime_genai'}))"
+    assert subprocess.run([sys.executable, "-c", "import sys; " + code], capture_output=True, text=True,
+                          check=True).stdout.split() == ["onnx,onnx-genai", "[]"]  # looked up, not imported
+    assert subprocess.run([sys.executable, "-c", WITHOUT_GENAI + code], capture_output=True, text=True,
+                          check=True).stdout.split()[0] == "onnx"
+
+
+def test_offering_a_runtime_not_installed_stops_the_start() -> None:
+    proc = subprocess.run([sys.executable, *harness.WITHOUT_GENAI, *BASE, "--site", "edge-x", "--runtimes", "onnx,onnx-genai"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "edgeplane-agent: --runtimes onnx,onnx-genai: onnx-genai is not installed here (onnx-genai needs onnxruntime-genai "
+        "with its library: pip install 'edgeplane[cpu]' or 'edgeplane[gpu]')"), proc.stderr
 
 
 def test_the_artifact_size_limit_takes_the_documented_edge_model_and_can_be_set() -> None:

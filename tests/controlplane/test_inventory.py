@@ -47,9 +47,10 @@ async def test_an_undeclared_agent_registers_its_site_with_measured_capacity(tmp
         assert status["capacity"]["cpu"] == psutil.cpu_count(logical=True) or status["capacity"]["cpu"] == os.cpu_count()
         assert abs(status["capacity"]["memoryGiB"] - psutil.virtual_memory().total / 1024**3) < 0.5
         assert "CPUExecutionProvider" in status["agent"]["providers"]
+        assert status["agent"]["runtimes"] == ["onnx", "onnx-genai"]  # what this machine has installed
         table = await cli(cp.http_url, "get", "sites")
         line = next(x for x in table.stdout.splitlines() if x.startswith("edge-porto"))
-        assert "Healthy" in line and "measured" in line
+        assert "Healthy" in line and "measured" in line and "onnx,onnx-genai" in line.split()
         events = [e for e in cp.store.events(limit=1000) if e.name == "edge-porto"]
         assert "agent-joined" in {e.action for e in events}
         assert any(e.action == "created" and "registered by its agent" in e.reason and e.actor.startswith("agent:") for e in events)

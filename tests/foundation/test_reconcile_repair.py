@@ -94,8 +94,8 @@ def test_a_data_centre_another_writer_changed_is_given_this_leader_s_apps_again(
 
 
 def joined(site: str) -> agent_model.AgentStatus:
-    """A healthy agent at ``site`` that measured 8 cores and 32 GiB."""
-    capacity = agent_model.Capacity(8, 32 << 30, (), ("CPUExecutionProvider",))
+    """A healthy agent at ``site`` that measured 8 cores and 32 GiB, and runs generative models too."""
+    capacity = agent_model.Capacity(8, 32 << 30, (), ("CPUExecutionProvider",), ("onnx", "onnx-genai"))
     return agent_model.AgentStatus(site, f"agt-{site}", "http://127.0.0.1:9", True, 0.0, 0.0, agent_model.Location("", "", None, None), {},
                                    "test", capacity, ("CPUExecutionProvider",), 0, 0.0, 16 << 30, {}, 0, 0.5)
 

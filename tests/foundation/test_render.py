@@ -319,3 +319,14 @@ def test_a_drain_s_progress_line_counts_its_replicas_left_in_words() -> None:
     from orchestrator.cli import maintenance as cli_maintenance
     assert cli_maintenance.progress_line("s", {"state": "Draining", "replicasLeft": 1}) == "site s: Draining, 1 replica left"
     assert cli_maintenance.progress_line("s", {"state": "Draining", "replicasLeft": 2}) == "site s: Draining, 2 replicas left"
+
+
+@pytest.mark.parametrize(("tier", "status", "shown"), [
+    ("edge", {"agent": {"runtimes": ["onnx", "onnx-genai"]}}, "onnx,onnx-genai"),
+    ("edge", {"agent": {"runtimes": ["onnx"]}}, "onnx"),
+    ("edge", {"agent": {}}, "-"),  # a control plane of an earlier release does not say
+    ("edge", {"health": "NoAgent"}, "-"),
+    ("datacenter", {"health": "Healthy"}, "any"),  # its Ray cluster runs every runtime
+])
+def test_a_site_shows_the_runtimes_its_agent_runs(tier: str, status: dict[str, Any], shown: str) -> None:
+    assert render.runtimes({"metadata": {"name": "s"}, "spec": {"tier": tier}, "status": status}) == shown
