@@ -23,8 +23,9 @@ What it does, in order, and why nothing is published otherwise:
    publishes nothing (``failed``). Those reads are a store call of their own, before the
    apply's: a store that does not answer them has applied nothing, and the result says so.
    Before them the zone's records are read again: a record the run trained on that was
-   erased meanwhile (not expired) publishes nothing either, and the candidate, derived from
-   it, is deleted (``failed``, saying how many).
+   erased meanwhile (not expired, by its own expiry or a retention lowered meanwhile)
+   publishes nothing either, and the candidate, derived from it, is deleted (``failed``,
+   saying how many).
    One run per deployment at a time.
 
 The result's ``state`` says how the run ended: ``published``, ``rejected`` (the gate kept
@@ -174,11 +175,16 @@ def _summary(result: dict[str, Any]) -> str:
     return (f"not published: {why}" + (f" ({measured})" if measured else ""))[:500]
 
 
-def erased_meanwhile(read: Sequence[tuple[str, float, float]], held: set[str], now: float, retention_s: float) -> int:
+def erased_meanwhile(read: Sequence[tuple[str, float, float]], held: set[str], now: float, retention_s: float,
+                     covered: capture_mod.Covered | None = None) -> int:
     """How many of the records a run ``read`` (id, captured at, expires at) its zone no longer
-    ``held`` though none of them is due to expire by ``now`` (by its own expiry or the
-    deployment's retention): erased while the run trained (a data subject's erasure; or
-    purged, capture turned off meanwhile), not expired."""
+    ``held`` though none of them is due to expire by ``now`` (by its own expiry, or the
+    deployment's retention: ``retention_s``, the one the run read them under, or the one in
+    force now, ``covered``, when shorter): erased while the run trained (a data subject's
+    erasure; or purged, capture turned off meanwhile), not expired (a retention lowered
+    meanwhile expires those past it, as the purge does)."""
+    if covered is not None:
+        retention_s = min(retention_s, covered.retention_s)
     return sum(1 for record_id, captured_at, expires_at in read
                if record_id not in held and now < min(expires_at, captured_at + retention_s))
 
@@ -265,14 +271,15 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             read.extend((r.id, r.captured_at, r.expires_at) for r in records)
             return _run(plan, records, progress)
 
-        def erased() -> str | None:
+        def erased(covered: capture_mod.Covered | None) -> str | None:
             """Why the student must not be published when records it trained on were erased
-            since they were read (it learned from them); None when none was."""
+            since they were read (it learned from them); None when none was. ``covered``:
+            what the deployment's capture keeps now (None: capture off, or not read)."""
             try:
                 held = captures.zone(plan["zone"]).held([r[0] for r in read])
             except (sqlite3.Error, OSError) as exc:
                 return f"the zone's records could not be read again to check that none was erased during the run: {exc}"
-            n = erased_meanwhile(read, held, clock(), plan["spec"].cascade.capture.retentionDays * capture_mod.DAY_S)
+            n = erased_meanwhile(read, held, clock(), plan["spec"].cascade.capture.retentionDays * capture_mod.DAY_S, covered)
             if not n:
                 return None
             return (f"{n} of the records it trained on {'was' if n == 1 else 'were'} erased during the run (a data subject's "
@@ -334,7 +341,11 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                                                                                         result["artifact"])),
                                                actor=caller.identity, reason=f"distill {name}: new {plan['edge']} artifact")
 
-            if (why := await asyncio.to_thread(erased)) is not None:
+            try:  # a retention lowered during the run expired what it purged: not erased
+                covered = (await store.run(catalog.capture_retention, store)).get(name)
+            except store_mod.StoreError:  # the retention the run read under stands (the reads below say the store is down)
+                covered = None
+            if (why := await asyncio.to_thread(erased, covered)) is not None:
                 # the candidate is derived from the erased records: not kept where it was written
                 kept = plan["root"] / result["artifact"]["uri"]
                 if kept.resolve() != plan["current"].resolve():

@@ -228,6 +228,23 @@ async def test_a_record_erased_while_a_run_trains_is_in_no_student_it_publishes(
     assert list((plane.artifacts / "distilled").glob("*.onnx")) == []
 
 
+async def test_records_a_retention_lowered_during_a_run_purges_are_expired_not_erased(plane: Plane) -> None:
+    """The operator lowers retentionDays while the run trains, and the retention purge
+    deletes what it trained on that is older than that now: those records expired, as one
+    past its own expiry would have, and no data subject asked for them to go, so the run is
+    not failed as if they had."""
+    plane.capture(2000, age_days=0.5)
+    plane.capture(500, age_days=10)  # kept under retentionDays 30, past the 1 the operator lowers it to
+
+    async def meanwhile() -> None:
+        plane.apply(plane.manifests(retentionDays=1))
+        assert plane.captures.purge(NOW, catalog.capture_retention(plane.store)) == 500
+    async with serving(plane.app()) as http:
+        result = await run_while(http, meanwhile)
+    assert "erased" not in result.get("error", ""), result["error"]
+    assert result["published"], result
+
+
 async def test_a_run_whose_publish_the_store_refuses_still_ends_with_its_result(plane: Plane) -> None:
     """The state store's disk fills while the run trains: neither the new Model nor the
     distill event can be written, and the caller is told so in the result line, where the
