@@ -42,9 +42,12 @@ def pushes(s: snap.Snapshot, assigned: Mapping[str, tuple[agent_model.Assignment
 
 
 def agents_to_forget(agents: Iterable[agent_model.AgentStatus], stored_sites: Collection[str],
-                     sent: Mapping[str, tuple[agent_model.Assignment, ...]]) -> list[str]:
+                     sent: Mapping[str, tuple[agent_model.Assignment, ...]], pushed: Iterable[act.PushAssignments] = ()) -> list[str]:
     """The sites of the lost agents among ``agents`` whose Site is not in ``stored_sites``
-    and which were last sent (``sent``, by site) an empty set, or none: a deleted Site's
-    agent stays while connected, and is forgotten once lost and told to serve nothing (a
-    pass sends it the empty set, the pass after forgets it)."""
-    return [a.site for a in agents if not a.healthy and a.site not in stored_sites and not sent.get(a.site)]
+    and which were last sent (``sent``, by site) an empty set, or none, and are not sent one
+    now (``pushed``, a pass's): a deleted Site's agent stays while connected, and is forgotten
+    once lost and told to serve nothing (a pass sends it the empty set, the pass after
+    forgets it; so too one sent none since this control plane started, which serves what it
+    cached). A follower, which sends nothing, forgets one the leader never sent a set."""
+    now = {p.site for p in pushed}
+    return [a.site for a in agents if not a.healthy and a.site not in stored_sites and not sent.get(a.site) and a.site not in now]

@@ -565,7 +565,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
                                     frozenset(starting)))
     out.append(act.PublishCascades(cascade_routes(s)))
     out.extend(pushes)
-    out.extend(act.ForgetAgent(site) for site in delivery.agents_to_forget(s.agents, s.site_by_name, s.assignments))
+    out.extend(act.ForgetAgent(site) for site in delivery.agents_to_forget(s.agents, s.site_by_name, s.assignments, pushes))
     for site, apps in serve_apps(s, rows).items():
         dc = s.datacentres.get(site)
         if apps != s.applied_apps.get(site) or (dc is not None and (not dc.reachable or dc.drift)):

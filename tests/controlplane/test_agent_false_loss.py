@@ -155,3 +155,34 @@ async def test_the_lost_agent_of_a_deleted_site_is_still_told_to_serve_nothing(t
         assert received[-1].assignments == (), f"its agent was last sent {received[-1]}: it serves on"
     finally:
         await fleet.close()
+
+
+async def test_the_lost_agent_of_a_deleted_site_sent_no_set_yet_is_still_told_to_serve_nothing(tmp_path: pathlib.Path) -> None:
+    """edge-b's agent joined this control plane and was sent no set yet (it serves what it
+    cached) when its Site is deleted and it is lost: the empty set still reaches it before
+    the hub forgets it, as for one that was sent a set."""
+    fleet = Fleet(tmp_path)
+    try:
+        for site in SITES:
+            fleet.agents.join(site)
+            fleet.agents.beat(site)
+        hub = fleet.agents.hub
+        assert hub.assignments("edge-b") is None
+        received: list[agent_model.AssignmentSet] = []
+
+        async def watch() -> None:
+            async for got in hub.watch_assignments("edge-b", fleet.agents.ids["edge-b"]):
+                received.append(got)
+
+        watching = asyncio.create_task(watch())
+        await asyncio.sleep(0)  # its stream is open, waiting for a set, as the agent's is
+        catalog.delete_object(fleet.store, "Site", "edge-b", actor="test")
+        await fleet.b_late()
+        for _ in range(3):  # the passes after: it is forgotten by then
+            await fleet.reconcile()
+        async with asyncio.timeout(10):
+            await watching
+        assert hub.status("edge-b") is None, "the lost agent of a deleted Site is forgotten"
+        assert received and received[-1].assignments == (), f"its agent was sent {received}: it serves on what it cached"
+    finally:
+        await fleet.close()
