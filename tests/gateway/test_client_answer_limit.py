@@ -10,16 +10,16 @@ import contextlib
 import dataclasses
 import gzip
 import json
-import socket
 from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
 
-from edge_agent import httplistener, httpmessages, httpstream
+from edge_agent import httpmessages, httpstream
 from edgeplane_proto import oip
 from orchestrator import client as client_mod
 from orchestrator.gateway import upstream
+from orchestrator.testing import loopback
 
 from .loopback import cache_with, v2_server
 
@@ -52,21 +52,9 @@ async def sending(chunks: int, chunk: int = MIB) -> AsyncIterator[Sending]:
     async def handle(request: httpmessages.Request) -> httpstream.StreamingResponse:
         return httpstream.StreamingResponse(200, body(server), content_type="application/octet-stream")
 
-    async with serving(handle) as url:
+    async with loopback.replica(handle) as url:
         server = Sending(url, chunks * chunk)
         yield server
-
-
-@contextlib.asynccontextmanager
-async def serving(handle: httpmessages.Handler) -> AsyncIterator[str]:
-    server = httplistener.HttpServer(handle)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await server.start(sock)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        await server.shutdown(1)
 
 
 async def test_an_answer_past_the_default_bound_is_refused_not_read_whole() -> None:
@@ -110,7 +98,7 @@ async def test_an_answer_is_held_to_the_bound_inflated_or_by_the_length_it_decla
     async def handle(request: httpmessages.Request) -> httpmessages.Response:
         return httpmessages.Response(200, body, content_type="application/octet-stream", headers=headers)
 
-    async with serving(handle) as url:
+    async with loopback.replica(handle) as url:
         async with client_mod.AsyncClient(url, direct=False, timeout=10, max_answer_bytes=MIB) as c:
             with pytest.raises(client_mod.BadAnswer, match=f"larger than {MIB} bytes"):
                 await c.infer("m", {"input": X})
@@ -140,7 +128,7 @@ async def test_a_chat_s_whole_answer_or_refusal_past_the_bound_is_refused(status
     async def handle(request: httpmessages.Request) -> httpmessages.Response:
         return httpmessages.Response(status, content if status == 200 else json.dumps({"error": "x" * (2 * MIB)}).encode())
 
-    async with serving(handle) as url:
+    async with loopback.replica(handle) as url:
         async with client_mod.AsyncClient(url, direct=False, timeout=10, max_answer_bytes=MIB) as c:
             with pytest.raises(client_mod.BadAnswer, match=f"larger than {MIB} bytes"):
                 [t async for t in c.chat("m", HELLO, stream=False)]
@@ -158,7 +146,7 @@ async def test_an_endpoint_list_past_the_bound_is_no_list() -> None:
         body, header_len = oip.encode_response(oip.InferResponse("m", (oip.Tensor("output", decoded.inputs[0].array),)), binary=True)
         return httpmessages.Response(200, body, headers=((oip.BINARY_HEADER, str(header_len)), ("x-edgeplane-site", "via-gateway")))
 
-    async with serving(handle) as url:
+    async with loopback.replica(handle) as url:
         async with client_mod.AsyncClient(url, timeout=10, max_answer_bytes=MIB) as c:
             assert await c.endpoints("m") == []
             result = await c.infer("m", {"input": X})
