@@ -34,6 +34,7 @@ BENCHMARKS = (
     "simulate",
     "manifest_read",
     "control_plane_scale",
+    "reconcile_pass",
     "vllm_gpu",
     "distill",
     "failover",

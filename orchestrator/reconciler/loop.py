@@ -36,6 +36,7 @@ from orchestrator.reconciler import observed as observed_mod
 from orchestrator.reconciler import planning, publishing
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.reconciler.datacentres import DataCentres
+from orchestrator.scheduler import standing as standing_mod
 from orchestrator.store import sqlite as store_mod
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class Reconciler:
     _sources: dict[str, str] = field(default_factory=dict)
     _inherit: bool = True  # the next pass first takes the sources the last leader published
     _unservable: set[str] = field(default_factory=set)  # versions in sets that cannot be checked here (warned once)
+    # The pass's pure planning step (a seam: a test holds a pass mid-plan through it).
+    planner: Callable[[snap.Snapshot, standing_mod.Standing | None], planning.PassPlan] = planning.plan_pass
+    _standing: standing_mod.Standing | None = None  # the plan in force, for the next pass to repair
 
     def __post_init__(self) -> None:
         self.dc_sync = datacentre_sync.DataCentreSync(self.store, self.datacentres, clock=lambda: self.clock(), lease=lambda: self.lease,
@@ -372,7 +376,13 @@ class Reconciler:
         in :meth:`execute`: on PostgreSQL one may wait on a stalled database or on another
         replica's lock, and on the event loop it would hold the whole replica (API, gateway,
         agents, health probes) with it. The hub, the table and this reconciler's own state
-        are read and changed on the loop only. ``desired``: already read."""
+        are read and changed on the loop only. ``desired``: already read.
+
+        The snapshot is planned in a worker thread while the loop goes on changing all of
+        those, so it holds nothing the loop changes: the stored objects are read anew; the
+        agents' statuses, data-centre observations and autoscaler recommendations are
+        frozen values that the loop replaces whole, never changes in place, and each mapping
+        of them is the pass's own copy."""
         if desired is None:
             desired = await self.store.run(self.read_desired)
         sites, models, deployments = desired.sites, desired.models, desired.deployments
@@ -400,12 +410,12 @@ class Reconciler:
             deployments=deployments,
             placements=placements,
             agents=agents,
-            datacentres=dict(self.dc_sync.observed),
+            datacentres=dict(self.dc_sync.observed),  # copies: observing a data centre replaces its entry on the loop
             artifacts=refs,
             versions=versions,
             assignments=assignments,  # agents of sites no longer stored too: they are told to serve nothing
             applied_apps=dict(self.dc_sync.applied),
-            autoscale=autoscale,
+            autoscale=dict(autoscale),  # the autoscaler's latest too, which the next evaluation replaces
             rejoining=rejoining,
             remembered={site: self._remembered[site] for site in rejoining if site in self._remembered},
             maintenance=desired.maintenance,
@@ -448,7 +458,12 @@ class Reconciler:
             await self._hold(desired)
             return None
         snapshot = await self.gather(desired)
-        plan = planning.plan_pass(snapshot, self.last_plan.standing if self.last_plan is not None else None)
+        # The plan in force, which a repair changes in place, is the pass's while it plans: a
+        # pass cancelled mid-plan (a step-down) leaves its thread to finish with it, and the
+        # next pass, finding none, plans in full rather than repair the same one beside it.
+        standing, self._standing = self._standing, None
+        plan = await self._plan(snapshot, standing)
+        self._standing = plan.standing
         # What `get placements` pairs the stored rows with from now on: this pass writes its
         # rows and may then wait seconds (a data centre's apps deploying); shown with the
         # previous snapshot, rows on sites that snapshot did not know read "SiteGone". Set
@@ -472,6 +487,15 @@ class Reconciler:
         )
         await self._pass_ended()
         return plan
+
+    async def _plan(self, snapshot: snap.Snapshot, standing: standing_mod.Standing | None) -> planning.PassPlan:
+        """The pass's plan, made in a worker thread: at 1,000 Sites planning takes hundreds of
+        milliseconds, and made on the event loop, every heartbeat, gateway request and API
+        call waited as long. On asyncio's pool, not the store's: planning touches no
+        database, and on a store thread it would hold up the store calls queued behind it
+        (agents' joins among them). It plans from what is the pass's own or frozen (see
+        :meth:`gather`)."""
+        return await asyncio.to_thread(self.planner, snapshot, standing)
 
     async def _hold(self, desired: snap.Desired) -> None:
         """A pass on hold: nothing is observed (observing a data centre removes what a Site
