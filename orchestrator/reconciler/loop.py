@@ -19,8 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from orchestrator import catalog, views
-from orchestrator import maintenance as maintenance_mod
+from orchestrator import views
 from orchestrator.backoff import Backoff
 from orchestrator.agents import errors as agent_errors
 from orchestrator.agents import hub as hub_mod
@@ -32,6 +31,7 @@ from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import artifact_use
 from orchestrator.reconciler import autoscaler as autoscaler_mod
 from orchestrator.reconciler import datacentre_sync, hold
+from orchestrator.reconciler import desired as desired_mod
 from orchestrator.reconciler import observed as observed_mod
 from orchestrator.reconciler import planning, publishing
 from orchestrator.reconciler import snapshot as snap
@@ -80,6 +80,7 @@ class Reconciler:
     # The pass's pure planning step (a seam: a test holds a pass mid-plan through it).
     planner: Callable[[snap.Snapshot, standing_mod.Standing | None], planning.PassPlan] = planning.plan_pass
     _standing: standing_mod.Standing | None = None  # the plan in force, for the next pass to repair
+    desired_reader: desired_mod.DesiredReader = field(default_factory=desired_mod.DesiredReader)  # stored objects, parsed once a write
 
     def __post_init__(self) -> None:
         self.dc_sync = datacentre_sync.DataCentreSync(self.store, self.datacentres, clock=lambda: self.clock(), lease=lambda: self.lease,
@@ -290,22 +291,10 @@ class Reconciler:
         """The stored Sites, Models and ModelDeployments as validated values, read in one
         query: applies run in threads (and on other replicas), and three reads could see a
         new deployment without the new Model it names. One this version no longer reads is
-        left out, with why: the fleet is then on hold (:mod:`orchestrator.reconciler.hold`)."""
-        stored: dict[str, list[store_mod.StoredObject]] = {"Site": [], "Model": [], "ModelDeployment": []}
-        for o in self.store.list():
-            stored.setdefault(o.kind, []).append(o)
-        parsers = {"Site": catalog.parse_site, "Model": catalog.parse_model, "ModelDeployment": catalog.parse_deployment}
-        read = {kind: catalog.read_each(stored[kind], parse) for kind, parse in parsers.items()}
-        by_name = {(o.kind, o.name): o for objs in stored.values() for o in objs}
-        maintenance, bad_maintenance = maintenance_mod.read_each(stored.get(maintenance_mod.KIND, ()))
-        unreadable = {(kind, name): why for kind, (_, bad) in read.items() for name, why in bad.items()}
-        unreadable.update(((maintenance_mod.KIND, name), why) for name, why in bad_maintenance.items())
-        return snap.Desired(
-            tuple(snap.SiteRecord(n, dict((o := by_name["Site", n]).labels), spec, o.created_at) for n, spec in read["Site"][0].items()),
-            read["Model"][0],
-            tuple(snap.DeploymentRecord(n, (o := by_name["ModelDeployment", n]).generation, spec, store_mod.capture_since(o), o.created_at)
-                  for n, spec in read["ModelDeployment"][0].items()),
-            unreadable, maintenance)
+        left out, with why: the fleet is then on hold (:mod:`orchestrator.reconciler.hold`).
+        Only the objects written since the last read are decoded and validated again
+        (:mod:`orchestrator.reconciler.desired`)."""
+        return self.desired_reader.read(self.store)
 
     def _read_stored(self) -> tuple[snap.Desired, tuple[store_mod.PlacementRow, ...]]:
         """What :meth:`current` reads from the store, in a worker thread."""
@@ -379,7 +368,8 @@ class Reconciler:
         are read and changed on the loop only. ``desired``: already read.
 
         The snapshot is planned in a worker thread while the loop goes on changing all of
-        those, so it holds nothing the loop changes: the stored objects are read anew; the
+        those, so it holds nothing the loop changes: the stored objects as read (frozen, and
+        shared with the passes before that read them unchanged: ``desired_reader``); the
         agents' statuses, data-centre observations and autoscaler recommendations are
         frozen values that the loop replaces whole, never changes in place, and each mapping
         of them is the pass's own copy."""

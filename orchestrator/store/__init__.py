@@ -10,7 +10,7 @@ from __future__ import annotations
 import pathlib
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from orchestrator.store.threads import DEFAULT_THREADS
@@ -25,6 +25,7 @@ from orchestrator.store.values import (
     StoredObject,
     StoreError,
     TokenInfo,
+    Unchanged,
     WriteOutcome,
 )
 
@@ -56,6 +57,10 @@ class StateStore(Protocol):
     def store_id(self) -> str: ...
     def get(self, kind: str, name: str) -> StoredObject | None: ...
     def list(self, kind: str | None = None, after: str | None = None, limit: int | None = None) -> list[StoredObject]: ...
+    def list_changed(self, kinds: Collection[str], held: Mapping[tuple[str, str], tuple[int, float]]) -> list[StoredObject | Unchanged]:
+        """The objects of ``kinds`` as :meth:`list` returns them, in one read, but those ``held``
+        as of their current write (``StoredObject.written``) named only (:class:`Unchanged`)."""
+        ...
     def apply(self, writes: Sequence[ObjectWrite] | Callable[[], Sequence[ObjectWrite]], event: Event | None = None,
               dry_run: bool = False, also: Sequence[Event] = ()) -> list[WriteOutcome]:
         """All ``writes`` or none; a function for them decides them under the lock every

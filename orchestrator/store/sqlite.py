@@ -45,6 +45,7 @@ from orchestrator.store.values import (  # re-exported: the control plane names 
     StoreError,
     StoreUnavailable,
     TokenInfo,
+    Unchanged,
     WriteOutcome,
     capture_since,
     datacentre_target,
@@ -54,7 +55,7 @@ from orchestrator.store.values import (  # re-exported: the control plane names 
 
 __all__ = [
     "AgentSaved", "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow", "SCHEMA", "Store",
-    "StoredObject", "StoreError", "StoreUnavailable", "TokenInfo", "WriteOutcome", "_canonical", "capture_since", "datacentre_target", "digest", "new_secret",
+    "StoredObject", "StoreError", "StoreUnavailable", "TokenInfo", "Unchanged", "WriteOutcome", "_canonical", "capture_since", "datacentre_target", "digest", "new_secret",
 ]
 
 #: a deleted data-centre Site whose applications are still to be removed, as earlier versions

@@ -59,6 +59,23 @@ class StoredObject:
     #: :func:`capture_since`.
     capture_since: float | None = None
 
+    @property
+    def written(self) -> tuple[int, float]:
+        """Which write of the object this is: its resource version and when it was written
+        (a status is no write: it changes neither). The time too, since a store's counter can
+        go back (a backup restored, a standby that missed the last commits) and number another
+        write with a version seen before."""
+        return self.resource_version, self.updated_at
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """An object the caller holds already as of its current write, named only
+    (:meth:`~orchestrator.store.sql.SqlStore.list_changed`)."""
+
+    kind: str
+    name: str
+
 
 @dataclass(frozen=True)
 class ObjectWrite:

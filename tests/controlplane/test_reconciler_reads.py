@@ -11,7 +11,8 @@ import dataclasses
 import logging
 import pathlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -35,6 +36,8 @@ from orchestrator.scheduler.residency import EU_COUNTRIES
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness, manifests, onnx_models
 
+T = TypeVar("T")
+
 
 class ApplyingMidRead(store_mod.Store):
     """A store that another writer changes after its second read: an apply in a worker thread,
@@ -44,7 +47,13 @@ class ApplyingMidRead(store_mod.Store):
     reads = 0
 
     def list(self, kind: str | None = None) -> list[store_mod.StoredObject]:
-        got = super().list(kind)
+        return self.counted(super().list(kind))
+
+    def list_changed(self, kinds: Collection[str], held: Mapping[tuple[str, str], tuple[int, float]]
+                     ) -> list[store_mod.StoredObject | store_mod.Unchanged]:
+        return self.counted(super().list_changed(kinds, held))
+
+    def counted(self, got: list[T]) -> list[T]:
         self.reads += 1
         if self.reads == 2 and self.change is not None:
             change, self.change = self.change, None
@@ -499,10 +508,10 @@ class ReadingHeld(store_mod.Store):
         super().__init__(path)
         self.go = threading.Event()
 
-    def list(self, kind: str | None = None) -> list[store_mod.StoredObject]:
-        if kind is None:
-            assert self.go.wait(30), "the pass's read was never let through"
-        return super().list(kind)
+    def list_changed(self, kinds: Collection[str], held: Mapping[tuple[str, str], tuple[int, float]]
+                     ) -> list[store_mod.StoredObject | store_mod.Unchanged]:
+        assert self.go.wait(30), "the pass's read was never let through"
+        return super().list_changed(kinds, held)
 
 
 async def test_a_model_noted_as_being_placed_before_the_hold_began_is_answered_with_the_hold(tmp_path: pathlib.Path) -> None:

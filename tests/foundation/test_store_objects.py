@@ -248,6 +248,26 @@ def test_delete(store: Store) -> None:
     assert store.get("Site", "a") is None and store.list("Site") == []
 
 
+def test_a_list_of_what_changed_names_only_what_the_reader_holds_as_of_its_current_write(store: Store, clock: FakeClock) -> None:
+    """What a reconcile pass reads: the objects of the kinds it names, but those it holds as of
+    their current write named only, not decoded again. A status is no write; a write is, and
+    so is an object deleted and created again with the same spec."""
+    store.apply([write("a", {"x": 1}), write("b", {"y": 1}), write("m", {"z": 1}, kind="Model")], WHO)
+    first = store.list_changed(["Site"], {})
+    assert [(o.name, dict(o.spec)) for o in first if isinstance(o, store_mod.StoredObject)] == [("a", {"x": 1}), ("b", {"y": 1})]
+    held = {(o.kind, o.name): o.written for o in first if isinstance(o, store_mod.StoredObject)}
+    assert store.set_status("Site", "a", {"health": "Healthy"})
+    assert store.list_changed(["Site"], held) == [store_mod.Unchanged("Site", "a"), store_mod.Unchanged("Site", "b")]
+
+    clock.now += 1
+    store.apply([write("a", {"x": 2})], WHO)
+    store.delete("Site", "b", WHO)
+    store.apply([write("b", {"y": 1})], WHO)
+    again = store.list_changed(["Model", "Site"], held)
+    assert [(o.kind, o.name, dict(o.spec)) for o in again if isinstance(o, store_mod.StoredObject)] == [
+        ("Model", "m", {"z": 1}), ("Site", "a", {"x": 2}), ("Site", "b", {"y": 1})]
+
+
 def test_a_sqlite_url_opens_the_file_it_names(tmp_path: pathlib.Path) -> None:
     store = open_store(f"sqlite://{tmp_path}/state.db")
     try:
