@@ -12,11 +12,12 @@ errors, the shape of Serve's status JSON - stays in this module; the reconciler 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import pathlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Self
 from urllib.parse import urlsplit
 
@@ -76,6 +77,27 @@ def token_from_file(path: str | pathlib.Path) -> TokenProvider:
     return provide
 
 
+class ClusterWrites:
+    """The Serve config writes to one Ray cluster, one at a time.
+
+    A PUT replaces the whole config, so an apply reads it, keeps the applications it does
+    not own and writes them back. Two sites sharing a cluster (the embedded one, say),
+    applied at once, each wrote back the other's applications as it had read them: the
+    later PUT undid the earlier one's changes, and the next observation of that site found
+    them "configured otherwise". Serve's REST API has no conditional write, so the actuators
+    of one cluster share one of these and each reads and writes in its turn."""
+
+    def __init__(self) -> None:
+        self._turn = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, dashboard_url: str) -> AsyncIterator[None]:
+        if self._turn.locked():
+            log.debug("an apply to %s waits for another site's to end", dashboard_url)
+        async with self._turn:
+            yield
+
+
 class RayServeActuator:
     """Declarative Serve applications on one Ray cluster, through its dashboard's REST API.
 
@@ -85,7 +107,9 @@ class RayServeActuator:
     the proxy); a running Serve keeps its own. Applications this actuator owns are those
     named with ``owned_prefix``, or those ``owns(name)`` accepts: several sites sharing
     one Ray cluster each pass a predicate that recognises only their own applications, so
-    one site's ``apply()`` never removes another's. ``transport`` is the seam for tests.
+    one site's ``apply()`` never removes another's, and pass the cluster's one ``writes``,
+    so that neither writes back what the other changed meanwhile. ``transport`` is the
+    seam for tests.
     """
 
     def __init__(
@@ -99,6 +123,7 @@ class RayServeActuator:
         owns: Callable[[str], bool] | None = None,
         timeout_s: float = 15.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        writes: ClusterWrites | None = None,
     ) -> None:
         self._dashboard_url = dashboard_url.rstrip("/")
         self._token_provider = token_provider
@@ -106,6 +131,7 @@ class RayServeActuator:
         self._http_options = dict(http_options or {})
         self._owned_prefix = owned_prefix
         self._owns = owns or (lambda name: serve_config.is_owned(name, owned_prefix))
+        self._writes = writes or ClusterWrites()
         self._client = proxyenv.async_client(transport, base_url=self._dashboard_url, timeout=timeout_s)
         # Ingress deployment of each ray-serve application, learnt from the cluster, so
         # that an application without an explicit ``deployment`` can still be sized.
@@ -130,17 +156,18 @@ class RayServeActuator:
                     f"application {app.name!r} is not one this actuator owns "
                     f"(prefix {self._owned_prefix!r})"
                 )
-        details = await self._get_details()
-        self._learn_ingress(details)
-        config = self._merge(details, apps)
-        log.info(
-            "applying %d edgeplane Serve application(s) to %s (%d others kept)",
-            len(apps),
-            self._dashboard_url,
-            len(config["applications"]) - len(apps),
-        )
-        await self._request("PUT", APPLICATIONS_PATH, json=config)
-        self._sent = {a["name"]: a for a in config["applications"] if self._owns(a["name"])}
+        async with self._writes.turn(self._dashboard_url):  # what is read here is written back
+            details = await self._get_details()
+            self._learn_ingress(details)
+            config = self._merge(details, apps)
+            log.info(
+                "applying %d edgeplane Serve application(s) to %s (%d others kept)",
+                len(apps),
+                self._dashboard_url,
+                len(config["applications"]) - len(apps),
+            )
+            await self._request("PUT", APPLICATIONS_PATH, json=config)
+            self._sent = {a["name"]: a for a in config["applications"] if self._owns(a["name"])}
         return {}  # Serve takes every application; one no node holds waits, as observe() says
 
     async def observe(self) -> Mapping[str, ServeAppStatus]:

@@ -97,6 +97,8 @@ class DataCentres:
         # by site: its spec, its actuator, and for the embedded cluster the endpoints of the
         # one it drives (a new head has new ports: an actuator on the old one reaches nothing)
         self._actuators: dict[str, tuple[schema.SiteSpec, serve_config.DataCentreActuator, local_ray.LocalRayEndpoints | None]] = {}
+        # by Ray dashboard: the sites' actuators on one cluster write its Serve config in turn
+        self._writes: dict[str, ray_serve.ClusterWrites] = {}
 
     async def actuator(self, site: str, spec: schema.SiteSpec) -> serve_config.DataCentreActuator:
         """The actuator of ``site``, built anew when its spec changed or its embedded Ray
@@ -116,15 +118,21 @@ class DataCentres:
         if spec.ray is not None:
             owns = planning.owns_app(site)  # sites may share one cluster: touch only this site's apps
             if spec.ray.address == "local":
-                return (local or await self.local.ensure()).actuator(owns=owns)
+                endpoints = local or await self.local.ensure()
+                return endpoints.actuator(owns=owns, writes=self._cluster_writes(endpoints.dashboard_url))
             token = ray_serve.token_from_file(spec.ray.tokenFile) if spec.ray.tokenFile else ray_serve.no_token
-            return ray_serve.RayServeActuator(spec.ray.address, token_provider=token, serve_url=spec.ray.serveUrl, owns=owns)
+            return ray_serve.RayServeActuator(spec.ray.address, token_provider=token, serve_url=spec.ray.serveUrl, owns=owns,
+                                              writes=self._cluster_writes(spec.ray.address))
         if self._kube_factory is not None:
             return self._kube_factory(site, spec)
         assert spec.kubernetes is not None  # SiteSpec guarantees ray or kubernetes for a data centre
         client = kuberay.api_client_for(spec.kubernetes.context)
         shape = rayservice.RayClusterShape(llm_image=spec.kubernetes.llmImage) if spec.kubernetes.llmImage else None
         return kuberay.KubeRayActuator(client, spec.kubernetes.namespace, site, shape=shape)
+
+    def _cluster_writes(self, dashboard_url: str) -> ray_serve.ClusterWrites:
+        """The one :class:`~orchestrator.adapters.ray_serve.ClusterWrites` of the cluster at ``dashboard_url``."""
+        return self._writes.setdefault(dashboard_url.rstrip("/"), ray_serve.ClusterWrites())
 
     def target(self, site: str) -> str | None:
         """Where the actuator held for ``site`` drives its applications; None if none is held."""
