@@ -66,6 +66,11 @@ async def hanging(endpoint_list: bytes | None = None) -> AsyncIterator[str]:
         await server.wait_closed()
 
 
+#: How long a test waits for an event a server sees (``Streaming.left``): a guard against a
+#: hang only, far above the few milliseconds it takes, on a loaded machine too.
+HANG_GUARD_S = 60.0
+
+
 @dataclasses.dataclass
 class Streaming:
     url: str
@@ -99,7 +104,9 @@ async def streaming(event: bytes, *, opening: bytes = b"", every_s: float = 0.05
                 if (await asyncio.wait([gone], timeout=every_s))[0]:
                     break
         except ConnectionError:
-            pass
+            # The caller left and writing to it saw that first: ``gone``, cancelled next, may
+            # not have read it yet and would never set ``left`` (likely on a busy machine).
+            left.set()
         finally:
             gone.cancel()
             writer.close()

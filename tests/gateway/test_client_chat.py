@@ -19,7 +19,7 @@ from edge_agent import httplistener, httpmessages
 from orchestrator import client as client_mod
 from orchestrator import clientchat
 
-from .loopback import answering, hanging, refused_url, streaming
+from .loopback import HANG_GUARD_S, answering, hanging, refused_url, streaming
 
 
 async def test_a_chat_moves_to_the_next_gateway_before_its_first_token() -> None:
@@ -309,7 +309,7 @@ async def test_a_chat_read_in_part_can_be_closed_and_frees_its_connection(how: s
             else:
                 answer = await asyncio.to_thread(read_in_part)
                 assert answer.text == "hi!" and answer.url == replica.url
-            await asyncio.wait_for(replica.left.wait(), 2)
+            await asyncio.wait_for(replica.left.wait(), HANG_GUARD_S)
 
 
 @pytest.mark.parametrize("how", ["async with", "aclose", "dropped"])
@@ -327,7 +327,7 @@ async def test_an_async_chat_read_in_part_can_be_closed_and_frees_its_connection
                 if how == "aclose":
                     await answer.aclose()
                 assert answer.text == "hi!" and answer.url == replica.url
-            await asyncio.wait_for(replica.left.wait(), 2)
+            await asyncio.wait_for(replica.left.wait(), HANG_GUARD_S)
 
 
 async def test_a_chat_that_moves_on_keeps_nothing_of_the_failed_attempt_but_its_time() -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator import client as client_mod
 
-from .loopback import streaming, v2_server
+from .loopback import HANG_GUARD_S, streaming, v2_server
 
 X = np.ones((1, 4), dtype=np.float32)
 HI = [{"role": "user", "content": "hi"}]
@@ -80,7 +80,7 @@ async def test_a_full_pool_leaves_the_replica_in_rotation_and_says_how_to_grow_i
         assert "connections were all busy" in str(raised.value) and "max_connections" in str(raised.value), str(raised.value)
         assert cache.ejected() == frozenset()
         assert [e["url"] for e in cache.order("m")] == [replica.url]
-        await asyncio.wait_for(replica.left.wait(), 5)  # the held chat closed with the client
+        await asyncio.wait_for(replica.left.wait(), HANG_GUARD_S)  # the held chat closed with the client
 
 
 @pytest.mark.parametrize("sync", [False, True], ids=["AsyncClient", "Client"])
@@ -102,7 +102,7 @@ async def test_a_full_pool_does_not_move_the_request_off_a_gateway(sync: bool) -
                     await c.infer("m", {"input": X})
                 cache = c.cache
         assert cache.ejected() == frozenset()
-        await asyncio.wait_for(first.left.wait(), 5)
+        await asyncio.wait_for(first.left.wait(), HANG_GUARD_S)
 
 
 async def test_max_connections_sizes_the_pool() -> None:
@@ -117,7 +117,7 @@ async def test_max_connections_sizes_the_pool() -> None:
             async with client_mod.AsyncClient(chatting.url, cache=cache, timeout=TIMEOUT, max_connections=2) as c, aholding(c):
                 result = await c.infer("m", {"input": X})
                 assert result.site == "edge-v2" and np.array_equal(result["output"], X * 2)
-            await asyncio.wait_for(chatting.left.wait(), 5)
+            await asyncio.wait_for(chatting.left.wait(), HANG_GUARD_S)
     finally:
         await v2.shutdown(1)
 
@@ -131,5 +131,5 @@ async def test_a_full_pool_of_a_transport_given_says_the_transport_holds_it() ->
             with pytest.raises(client_mod.PoolFull, match=r"transport given.*httpx\.Limits\(max_connections=N\)") as raised:
                 await c.infer("m", {"input": X})
             assert raised.value.connections is None and c.cache.ejected() == frozenset()
-        await asyncio.wait_for(gateway.left.wait(), 5)
+        await asyncio.wait_for(gateway.left.wait(), HANG_GUARD_S)
     await transport.aclose()
