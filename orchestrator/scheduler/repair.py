@@ -14,7 +14,9 @@ variant, where its small one would leave room for both. Switching it there keeps
 and its site (so its latency), and costs only what the objective charges a smaller variant
 (carbon, fit, a start), far less than a missing replica. Only replicas this plan started
 are switched: a running replica is never downsized for another deployment, since on a
-full site its smaller self cannot start before it stops.
+full site its smaller self cannot start before it stops. Room the smaller variant leaves
+beyond what the short deployment takes goes to the switched one if it is short too: left
+empty, the plan could hold fewer replicas than it would without the switch.
 
 When neither frees room, ``trade_down`` looks at sizes: a deployment of two-GPU replicas
 grown past its minimum may hold the GPUs that two one-GPU replicas of a short deployment
@@ -168,7 +170,7 @@ def _switch_once(fleet: Fleet, capacity: Capacity, job: Job, held: dict[Job, Cou
                     switched = _switch(fleet, capacity, job, variant, site, other, key[1])
                     if switched is not None:
                         counts[key] -= 1
-                        counts[(site, switched)] += 1
+                        counts[(site, switched[0])] += 1 + switched[1]
                         return True
                     tries -= 1
                     if tries == 0:
@@ -176,10 +178,12 @@ def _switch_once(fleet: Fleet, capacity: Capacity, job: Job, held: dict[Job, Cou
     return False
 
 
-def _switch(fleet: Fleet, capacity: Capacity, job: Job, variant: Variant, site: int, other: Job, name: str) -> str | None:
+def _switch(fleet: Fleet, capacity: Capacity, job: Job, variant: Variant, site: int, other: Job,
+            name: str) -> tuple[str, int] | None:
     """Switch one replica of ``other`` at ``site`` from variant ``name`` to another of its
     variants if ``variant`` of ``job`` then fits beside it, and place as many of ``job``'s
-    there as then fit; the variant switched to, or None."""
+    there as then fit, then as many more of ``other``'s switched variant: the variant
+    switched to and how many more of it ``other`` placed, or None."""
     i = max(n for n, (s, v, _) in enumerate(other.placed) if s == site and v.name == name)
     _, theirs, their_group = other.placed[i]
     ours = capacity.trade(site, theirs, their_group, other.deployment.name, site, variant, job.deployment.name)
@@ -205,9 +209,17 @@ def _switch(fleet: Fleet, capacity: Capacity, job: Job, variant: Variant, site: 
         return None
     other.placed[i] = (site, found[0], found[1])
     job.placed.append((site, variant, ours))
-    spread = job.spread
-    if spread is not None:
-        spread.shift(int(spread.keys[site]), +1)
+    if job.spread is not None:
+        job.spread.shift(int(job.spread.keys[site]), +1)
+    _fill(capacity, job, site, variant)
+    # what is left goes to ``other`` if it is short too (planned with its large variant, it often is)
+    return found[0].name, _fill(capacity, other, site, found[0])
+
+
+def _fill(capacity: Capacity, job: Job, site: int, variant: Variant) -> int:
+    """Place replicas of ``variant`` of ``job`` at ``site`` while it is short of its
+    wanted count, they fit and its spread allows: how many."""
+    spread, before = job.spread, len(job.placed)
     while len(job.placed) < job.wanted and (spread is None or spread.allows(int(spread.keys[site]))):
         more = capacity.take(site, variant, job.deployment.name)
         if more is None:
@@ -215,7 +227,7 @@ def _switch(fleet: Fleet, capacity: Capacity, job: Job, variant: Variant, site: 
         job.placed.append((site, variant, more))
         if spread is not None:
             spread.shift(int(spread.keys[site]), +1)
-    return found[0].name
+    return len(job.placed) - before
 
 
 def trade_down(capacity: Capacity, job: Job, jobs: Sequence[Job]) -> None:

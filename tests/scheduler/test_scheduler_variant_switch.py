@@ -121,6 +121,23 @@ def test_a_repair_switches_the_replica_it_placed_and_never_a_kept_one():
     }
 
 
+def test_room_a_switch_leaves_over_goes_to_the_switched_deployment_when_it_is_short():
+    # ``d1`` (planned first: its large variant wants a GPU) finds the German site full of
+    # ``d0``'s ``l``, ``s``, ``s``, one short of four. Switching the ``l`` to ``s`` frees 3
+    # CPUs; ``d1``'s ``m`` takes 2, and the one left is ``d0``'s fourth ``s``: five replicas,
+    # as many as the plan without the switch finds (it trades ``d0``'s ``l`` away instead).
+    large, small = Variant("l", "ray-serve", cpu=4, memory_mib=4096), Variant("s", "onnx", cpu=1, memory_mib=1024)
+    gpu = Variant("xl", "ray-serve", cpu=6, memory_mib=8192, gpus=1, gpu_memory_gib=24)
+    medium = Variant("m", "onnx", cpu=2, memory_mib=2048, power_watts=30)
+    sites = [dc(cpu=6), dataclasses.replace(site("dc-fr", "paris", tier="datacenter", cpu=4), labels={})]
+    d0 = deployment("d0", variants=(large, small), residency={"DE"}, replicas=(2, 4))
+    d1 = deployment("d1", variants=(gpu, medium), residency={"DE"}, replicas=(0, 2))
+    deployments = [dataclasses.replace(d0, autoscaled_replicas=4), dataclasses.replace(d1, autoscaled_replicas=2)]
+    result = plan(sites, deployments)
+    assert held(result) == {("d0", "s"): 4, ("d1", "m"): 1}
+    assert violations(sites, deployments, result.as_running()) == []
+
+
 # -- random small fleets: hard rules hold, and no plan places fewer replicas ---------------
 
 VARIANTS = [
