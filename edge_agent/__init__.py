@@ -12,6 +12,7 @@ serves them over the Open Inference Protocol, and keeps serving when the uplink 
 ``httpserver`` the HTTP/1.1 connections those routes run on (``httpstream``: their streamed
              answers; ``refusals``: the errors they answer themselves, in the shape of the
              API asked; ``httplistener``: the listener, its connection limit and the drain)
+``inflight``   the memory budget of requests in flight, and the refusal of one past it
 ``metrics``    the Prometheus series, in the text format
 ``capacity``   measured hardware and load
 ``state``      what survives a restart (last assignment set, identity)

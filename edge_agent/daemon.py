@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 import grpc
 
 import edge_agent
-from edge_agent import artifacts, assignments, build, capacity, errors, http, httplistener, registry, runtime, state, tls, uplink
+from edge_agent import (artifacts, assignments, build, capacity, errors, http, httplistener, inflight, registry, runtime, state,
+                        tls, uplink)
 from edge_agent.retry import Jitter
 from edge_agent.runtime import onnx
 
@@ -64,6 +65,9 @@ class AgentConfig:
     write_timeout: float = 60.0  # a client that reads nothing for this long is dropped
     max_connections: int = 0  # HTTP connections at once (0: half the open-file limit)
     max_queued_runs: int = 0  # inference runs waiting for a worker (0: 32 per worker); one more is refused
+    # memory requests in flight may hold, all together (0: half of what the agent has free,
+    # measured at the start and whenever the models served change); one more is refused
+    max_inflight_bytes: int = 0
     workers: int = 0  # inference threads; 0 = one per core this process may use
     inline_max_ms: float = 20.0  # runs this short, alone in flight, stay on the event loop; 0 = never
     grpc_listen: tuple[str, int] | None = None  # also serve v2 over gRPC here
@@ -139,8 +143,10 @@ class Agent:
             runtimes=self.runtimes,
         )
         queued = config.max_queued_runs or http.QUEUED_RUNS_PER_WORKER * self.workers
+        self.budget = inflight.Budget()  # the memory requests in flight may hold
+        self.budget.resize(self._inflight_limit())
         self.server = http.InferenceServer(self.registry, self._executor, inline_max_s=config.inline_max_ms / 1000,
-                                           max_inflight=self.workers + queued)
+                                           max_inflight=self.workers + queued, budget=self.budget)
         self.server.max_body_bytes = config.max_body_bytes
         self._desired = assignments.EMPTY
         # whether _desired is the control plane's word (or a set it sent before): until
@@ -223,7 +229,7 @@ class Agent:
         self.endpoint_url = cfg.advertise_url or _default_url(cfg.listen_host, port)
         self._http = httplistener.HttpServer(
             self.server.handle, httplistener.Limits(max_body_bytes=cfg.max_body_bytes, write_timeout=cfg.write_timeout,
-                                                    max_connections=cfg.max_connections)
+                                                    max_connections=cfg.max_connections), self.budget
         )
         await self._http.start(sock)
         http_server = self._http
@@ -362,7 +368,16 @@ class Agent:
             # versions no longer wanted; an unpack of a wanted one may be under way
             await asyncio.to_thread(_prune_packages, self.models_dir, keep, keep)
 
+    def _inflight_limit(self) -> int | None:
+        """The memory requests in flight may hold: ``--max-inflight-bytes``, or a share of what
+        the agent has free now and what requests in flight hold (theirs to give back)."""
+        if self.config.max_inflight_bytes:
+            return self.config.max_inflight_bytes
+        return inflight.default_limit(self._probe.memory_available() + self.budget.held)
+
     def _models_changed(self) -> None:
+        if not self.config.max_inflight_bytes:  # a model loaded or let go of: what is free has changed
+            self.budget.resize(self._inflight_limit())
         self.server.models_changed()
         if self.uplink is not None:
             self.uplink.nudge()

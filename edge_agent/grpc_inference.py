@@ -6,9 +6,12 @@ come as raw bytes (``raw_input_contents``) or typed values (``contents``), and a
 carry raw bytes (``raw_output_contents``). Errors are gRPC status codes: NOT_FOUND for a
 model not served here, UNAVAILABLE while it loads or while the agent drains,
 INVALID_ARGUMENT for a request that does not fit the model, RESOURCE_EXHAUSTED for one over
-the size limit (enforced by the server before the handler runs) and for one that finds the
-runs queue full (with ``grpc-retry-pushback-ms``, gRPC's Retry-After). A call whose deadline
-passes, or that its client cancels, before its run starts leaves no run behind.
+the size limit (enforced by the server before the handler runs), for one that finds the
+runs queue full or the memory budget of requests in flight held by others (with
+``grpc-retry-pushback-ms``, gRPC's Retry-After), and for one that needs more memory than
+that whole budget (``edge_agent.inflight``: a message is charged twice its size, and its
+typed values what each becomes on its way to an array, before it is parsed). A call whose
+deadline passes, or that its client cancels, before its run starts leaves no run behind.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 import edge_agent
-from edge_agent import errors, http, registry
+from edge_agent import errors, http, inflight, registry
 from edgeplane_proto import oip, oip_tensors
 from edgeplane_proto.inference.v2 import inference_pb2 as pb
 
@@ -115,13 +118,33 @@ class InferenceServicer:
             outputs=[pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in runtime.outputs],
         )
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        """ModelInfer as it arrives: charged against the memory budget before it is parsed,
+        given back once it is answered or failed."""
+        hold = self._server.budget.take(MESSAGE_COPIES * len(raw), "its message, and the message parsed")
+        if isinstance(hold, inflight.Refused):
+            await _refuse_memory(context, hold)
+        assert isinstance(hold, inflight.Hold)
+        try:
+            request = await _parse(pb.ModelInferRequest, raw, context)
+            return await self.ModelInfer(request, context, hold)
+        finally:
+            hold.release()
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext,
+                         hold: inflight.Hold | None = None) -> pb.ModelInferResponse:
         started = time.perf_counter()
         metrics = self._server.metrics
         served = await self._served(request.model_name, context, count=True, version=request.model_version)
+        values = 0 if hold is None or request.raw_input_contents else _typed_values(request)
+        if values:
+            refused = hold.grow(values * inflight.GRPC_VALUE_BYTES, _TYPED) if hold is not None else None
+            if refused is not None:
+                metrics.observe_error(served.name, refused.status)
+                await _refuse_memory(context, refused)
         try:
             # Always a worker: gRPC hands no count of the calls waiting behind this one.
-            response = await self._server.compute(served, _infer, False, served, request)
+            response = await self._server.compute(served, _infer, False, served, request, hold=hold)
         except (oip.ProtocolError, errors.InvalidInput) as exc:
             metrics.observe_error(served.name, 400)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -133,28 +156,52 @@ class InferenceServicer:
         return response
 
 
+#: A ModelInfer message is held twice while it is served: gRPC's bytes and the parsed message.
+MESSAGE_COPIES = 2
+_TYPED = (f"its message, the message parsed, and up to {inflight.GRPC_VALUE_BYTES} bytes for each value in typed "
+          "contents; raw_input_contents need none")
+
+
+def _typed_values(request: pb.ModelInferRequest) -> int:
+    """How many values the request's inputs carry in typed ``contents``."""
+    return sum(len(getattr(t.contents, _CONTENTS.get(t.datatype, "bytes_contents"))) for t in request.inputs)
+
+
+async def _refuse_memory(context: grpc.aio.ServicerContext, refused: inflight.Refused) -> None:
+    """End a call refused for the memory it would hold: RESOURCE_EXHAUSTED, with when to
+    retry when other requests held the budget."""
+    pushback = () if refused.retry_after is None else (("grpc-retry-pushback-ms", str(refused.retry_after * 1000)),)
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused.message, trailing_metadata=pushback)
+
+
+async def _parse(message: Any, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+    """A body that is not the message gets INVALID_ARGUMENT naming it, not gRPC's UNKNOWN
+    "unexpected DecodeError"."""
+    try:
+        return message.FromString(raw)
+    except DecodeError as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {message.DESCRIPTOR.name}: {exc}")
+
+
 def _handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
-    """The service's methods, each parsing its own request: a body that is not the message
-    gets INVALID_ARGUMENT naming it, not gRPC's UNKNOWN "unexpected DecodeError"."""
+    """The service's methods, each parsing its own request (ModelInfer once it is charged
+    against the memory budget: ``InferenceServicer.infer``)."""
 
     def parsing(message: Any, method: Any) -> Any:
         async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                request = message.FromString(raw)
-            except DecodeError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {message.DESCRIPTOR.name}: {exc}")
-            return await method(request, context)
+            return await method(await _parse(message, raw, context), context)
 
         return call
 
     methods = {
         "ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyRequest, "ModelReady": pb.ModelReadyRequest,
-        "ServerMetadata": pb.ServerMetadataRequest, "ModelMetadata": pb.ModelMetadataRequest, "ModelInfer": pb.ModelInferRequest,
+        "ServerMetadata": pb.ServerMetadataRequest, "ModelMetadata": pb.ModelMetadataRequest,
     }
+    calls: dict[str, Any] = {name: parsing(message, getattr(servicer, name)) for name, message in methods.items()}
+    calls["ModelInfer"] = servicer.infer
     return grpc.method_handlers_generic_handler(SERVICE, {
-        name: grpc.unary_unary_rpc_method_handler(parsing(message, getattr(servicer, name)),
-                                                  response_serializer=lambda m: m.SerializeToString())
-        for name, message in methods.items()
+        name: grpc.unary_unary_rpc_method_handler(call, response_serializer=lambda m: m.SerializeToString())
+        for name, call in calls.items()
     })
 
 

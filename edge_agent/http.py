@@ -13,6 +13,11 @@ to a worker and back costs about 0.1 ms and lands on a cold thread, which one re
 time cannot hide (measured against raw ``session.run``: 0.53x -> 0.74x for a 1 ms model,
 0.77x -> 0.87x for a 9 ms one). A request arriving meanwhile waits at most one short step,
 while onnxruntime's own threads use the cores.
+
+A request's body is charged against the memory budget of requests in flight by the HTTP
+server (``edge_agent.inflight``); what decoding its JSON may take is charged here, before
+the parse takes it, and a request that does not fit is refused at once (503, or 413 past
+the whole budget).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any, NamedTuple, TypeVar
 import edge_agent
 from typing import TYPE_CHECKING
 
-from edge_agent import errors, refusals, registry
+from edge_agent import errors, inflight, refusals, registry
 from edge_agent.metrics import CONTENT_TYPE, AgentMetrics
 from edge_agent.httpmessages import Request, Response
 from edge_agent.httpserver import StreamingResponse
@@ -50,6 +55,9 @@ DEFAULT_INLINE_MAX_S = 0.02  # steps this short, alone in flight, skip the worke
 QUEUED_RUNS_PER_WORKER = 32  # runs waiting for a worker, by default (--max-queued-runs 0)
 DEFERRED_RELEASE_MIN_BYTES = 64 * 1024  # JSON parts this large are freed after their answer is out
 _BINARY_HEADER = oip.BINARY_HEADER.lower()  # as the HTTP server keeps header names
+_JSON_FREE_MAX_BYTES = inflight.JSON_FREE_MAX_BYTES
+_DECODED = (f"its body, and up to {inflight.JSON_DECODE_FACTOR} x its JSON while that is decoded; binary tensors "
+            f"({oip.BINARY_HEADER}) need no decoding")
 
 # How the server and its models describe themselves, over HTTP and gRPC alike (a v2 client
 # may choose its behaviour from them). The platform is Triton's name for onnxruntime.
@@ -112,7 +120,10 @@ class InferenceServer:
         executor: Executor,
         inline_max_s: float = DEFAULT_INLINE_MAX_S,
         max_inflight: int | None = None,
+        budget: inflight.Budget | None = None,
     ) -> None:
+        """``budget``: the memory requests in flight may hold (none: no bound), shared with
+        the HTTP server, which charges their bodies; this server charges their decoding."""
         self._models = models
         self._executor = executor
         self._inline_max_s = inline_max_s
@@ -123,11 +134,12 @@ class InferenceServer:
         # that wait behind it are only visible there.
         self.received: Callable[[], int] = lambda: self.inflight
         self.inflight = 0
+        self.budget = budget or inflight.Budget()
         self.max_body_bytes = edge_agent.DEFAULT_MAX_REQUEST_BYTES  # of a compressed body once inflated
         self.ready = False
         self.draining = False
         self.metrics = AgentMetrics(lambda: self.inflight + (self._generation.active if self._generation else 0),
-                                    lambda: len(models.serving()))
+                                    lambda: len(models.serving()), self.budget)
         self._generation: generation.GenerationServer | None = None
         self._fixed = {
             "/v2/health/live": self.live,
@@ -249,11 +261,13 @@ class InferenceServer:
         return Response(200, self.metrics.render(), content_type=CONTENT_TYPE)
 
     async def compute(self, served: registry.ServedModel, step: Callable[..., T], small: bool, *args: Any,
-                      body_bytes: int | None = None) -> T:
+                      body_bytes: int | None = None, hold: inflight.Hold | None = None) -> T:
         """Run ``step(*args)`` (decode, ``session.run``, encode) for ``served``: on the event
         loop when it is alone in flight, small, and the model's runs are short; on a
         worker thread otherwise. Shared by the HTTP and gRPC front ends. :class:`errors.Overloaded`
-        when as many runs are in flight as the agent takes (the pool's queue is full)."""
+        when as many runs are in flight as the agent takes (the pool's queue is full).
+        ``hold``: the request's share of the memory budget, kept until a run on a worker ends
+        (it goes on when its caller leaves)."""
         if self.inflight >= self._max_inflight:
             wait_s = served.run_s  # what an answer takes now, its wait for a worker included
             raise errors.Overloaded(f"this agent has {self.inflight} runs in flight, as many as it queues; retry later",
@@ -265,12 +279,16 @@ class InferenceServer:
             self.inflight -= 1
             if job is None or not job.cancelled():  # failed runs count (a slow refusal is slow); dropped ones did not run
                 served.answered(time.perf_counter() - started, body_bytes)
+            if job is not None and hold is not None:
+                hold.release()
 
         if small and self.inflight == 1 and self.received() <= 1 and served.run_s <= self._inline_max_s:
             try:
                 return step(*args)
             finally:
                 finished()
+        if hold is not None:
+            hold.pin()
         run = self._executor.submit(step, *args)  # what run_in_executor does, keeping the run's future
         job = asyncio.wrap_future(run)
         job.add_done_callback(finished)
@@ -294,6 +312,10 @@ class InferenceServer:
                 self.metrics.observe_error(name, plain.status)
                 return Response(plain.status, oip.error_body(plain.message), headers=tuple(encoding_mod.refusal_headers(plain.status).items()))
             request = plain
+            if request.hold is not None:  # the inflated bytes too
+                refused = request.hold.grow(len(request.body), "its body, inflated")
+                if refused is not None:
+                    return self._refused_memory(name, refused)
         header = request.headers.get(_BINARY_HEADER)
         header_length: int | None = None
         if header is not None:
@@ -301,13 +323,18 @@ class InferenceServer:
                 self.metrics.observe_error(name, 400)
                 return _error(400, f"{oip.BINARY_HEADER} must be a non-negative integer")
             header_length = int(header)
+        json_bytes = len(request.body) if header_length is None else header_length
+        if json_bytes > _JSON_FREE_MAX_BYTES and request.hold is not None:  # before the parse takes it
+            refused = request.hold.grow(inflight.json_decode_bytes(min(json_bytes, len(request.body))), _DECODED)
+            if refused is not None:
+                return self._refused_memory(name, refused)
         # Small: no more bytes than this model usually gets (one large batch, or a JSON body
         # where binary ones are usual, is not computed on the loop). The step's usual time,
         # JSON parse included, is what ``compute`` bounds.
         small = served.usual_size(len(request.body))
         try:
             payload, out_header, parsed = await self.compute(served, _infer_sync, small, served, request.body,
-                                                             header_length, body_bytes=len(request.body))
+                                                             header_length, body_bytes=len(request.body), hold=request.hold)
         except (oip.ProtocolError, errors.InvalidInput) as exc:
             self.metrics.observe_error(name, 400)
             return _error(400, str(exc))
@@ -319,7 +346,7 @@ class InferenceServer:
         # is written: its numbers are freed while the caller reads the answer. A small one,
         # such as the head of binary tensors however large, is freed here (the turn it would
         # cost is an epoll_wait more per request).
-        if (len(request.body) if header_length is None else header_length) >= DEFERRED_RELEASE_MIN_BYTES:
+        if json_bytes >= DEFERRED_RELEASE_MIN_BYTES:
             asyncio.get_running_loop().call_soon(_release, parsed)
         if out_header is None:
             return Response(200, payload)
@@ -329,6 +356,13 @@ class InferenceServer:
             content_type="application/octet-stream",
             headers=((oip.BINARY_HEADER, str(out_header)),),
         )
+
+    def _refused_memory(self, name: str, refused: inflight.Refused) -> Response:
+        """The answer to an inference refused for the memory it would take (counted with the
+        model's other refusals; the budget counts it too)."""
+        self.metrics.observe_error(name, refused.status)
+        headers = () if refused.retry_after is None else (("retry-after", str(refused.retry_after)),)
+        return Response(refused.status, oip.error_body(refused.message), headers=headers)
 
 
 def _release(_: object) -> None:

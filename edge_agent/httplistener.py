@@ -24,7 +24,7 @@ import socket
 from dataclasses import dataclass
 
 import edge_agent
-from edge_agent import httpserver
+from edge_agent import httpserver, inflight
 from edge_agent.httpmessages import Handler
 
 DEFAULT_MAX_BODY_BYTES = edge_agent.DEFAULT_MAX_REQUEST_BYTES
@@ -63,9 +63,12 @@ def default_max_connections() -> int:
 class HttpServer:
     """Serves ``handler`` on a bound, listening-ready socket."""
 
-    def __init__(self, handler: Handler, limits: Limits | None = None) -> None:
+    def __init__(self, handler: Handler, limits: Limits | None = None, budget: inflight.Budget | None = None) -> None:
+        """``budget``: the memory requests in flight may hold (``edge_agent.inflight``; none:
+        no bound), shared with whatever else charges it (the agent's gRPC server)."""
         self.handler = handler
         self.limits = limits or Limits()
+        self.budget = budget or inflight.Budget()
         self.max_connections = self.limits.max_connections or default_max_connections()
         self.turned_away = 0  # connections answered 503 at once: max_connections were open
         self.connections: set[httpserver._Connection] = set()

@@ -14,9 +14,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 from edge_agent.httpstream import StreamingResponse
 from edgeplane_proto import correlation
+
+if TYPE_CHECKING:
+    from edge_agent import inflight
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,9 @@ class Request:
     query: str
     headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
     body: bytes
+    # What the request holds of the memory budget of requests in flight (None: it holds
+    # nothing): a handler may charge it more, and the server gives it back after the answer.
+    hold: inflight.Hold | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,10 @@ which connections are taken in and the drain, ``edge_agent.httplistener``'s):
 - ``Expect: 100-continue`` answered before the body is read (curl sends it for bodies
   over 1 KiB);
 - limits: header bytes (431), body bytes (413, refused from ``Content-Length`` before the
-  body is read), time to receive a whole request, idle keep-alive time;
+  body is read), time to receive a whole request, idle keep-alive time; and the memory of
+  all requests in flight (``edge_agent.inflight``): each body is charged from its
+  ``Content-Length`` (a chunked one as it arrives), refused 503 when the requests in flight
+  hold the budget, and given back once its answer is written or the request fails;
 - malformed input gets a 400 and the connection is closed; a handler's exception a 500;
   nothing a client sends stops the server. These errors are shaped for the API the request
   was for (``edge_agent.refusals``: OpenAI's error object under ``/v1``), and a body still on
@@ -47,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import httptools
 
-from edge_agent import refusals
+from edge_agent import inflight, refusals
 from edge_agent.httpmessages import Handler, Request, Response, encode, encode_stream_head
 from edge_agent.httpmessages import request_id as request_id_of
 # Streamed answers are their own module; handlers and tests know them by these names too.
@@ -79,6 +82,7 @@ class Server(Protocol):
     max_connections: int
     stopping: bool  # draining: each answer closes its connection, and an idle one closes
     pending: int  # requests received and not answered yet, on every connection
+    budget: inflight.Budget  # the memory requests in flight may hold, all connections together
 
     @property
     def read_buffer(self) -> memoryview: ...
@@ -172,6 +176,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._rearm_at = BODY_PROGRESS_BYTES
+        self._hold: inflight.Hold | None = None  # what the request being received holds of the budget: its body
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -193,7 +198,11 @@ class _Connection(asyncio.BufferedProtocol):
         self._closing = True
         self._end_passthrough()
         self._server.pending -= len(self._queue)  # received, never to be answered
+        for request, _ in self._queue:
+            if request.hold is not None:
+                request.hold.release()
         self._queue.clear()
+        self._let_go_of_receiving()
         self._stop_timer()
         self._stop_watching_writes()
         self._server.forget(self)
@@ -220,6 +229,8 @@ class _Connection(asyncio.BufferedProtocol):
             if last is not None and ("upgrade" in last.headers or last.method == "CONNECT"):
                 self._queue.pop()  # the parser completed the upgrade request: it is not served
                 self._server.pending -= 1
+                if last.hold is not None:
+                    last.hold.release()
                 path = last.path
             self._refuse(_error(400, "protocol upgrades are not supported", "upgrade_not_supported", path))
         except httptools.HttpParserError as exc:
@@ -265,8 +276,15 @@ class _Connection(asyncio.BufferedProtocol):
             raise _Refused(Response(503, refusals.error_body(503, "the agent is stopping; retry at another replica", "draining",
                                                              self._target()), headers=(("retry-after", "1"), (DRAINING, "1"))), drain=True)
         declared = self._headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._limits.max_body_bytes:
-            raise self._too_large()
+        if declared is not None and declared.isdigit():
+            size = int(declared)
+            if size > self._limits.max_body_bytes:
+                raise self._too_large()
+            if size:  # charged before a byte of it is read (or a 100 Continue asks for it)
+                taken = self._server.budget.take(size, "its body")
+                if not isinstance(taken, inflight.Hold):
+                    raise self._refused(taken)
+                self._hold = taken
         if self._headers.get("expect", "").lower() == "100-continue":
             if self.idle:
                 self._write(_CONTINUE)
@@ -278,6 +296,9 @@ class _Connection(asyncio.BufferedProtocol):
         if self._body_bytes > self._limits.max_body_bytes:
             raise self._too_large()
         self._body.append(body)
+        hold = self._hold
+        if hold is None or self._body_bytes > hold.bytes:  # a chunked body: charged as it arrives
+            self._charge(self._body_bytes - (0 if hold is None else hold.bytes))
         if self._body_bytes >= self._rearm_at:
             self._rearm_at = self._body_bytes + BODY_PROGRESS_BYTES
             self._arm(self._limits.request_timeout)
@@ -300,7 +321,9 @@ class _Connection(asyncio.BufferedProtocol):
             query=query,
             headers=self._headers,
             body=body,
+            hold=self._hold,
         )
+        self._hold = None  # the request's now: given back once it is answered
         self._queue.append((request, self._parser.should_keep_alive()))
         self._server.pending += 1
         self._in_message = False
@@ -315,35 +338,39 @@ class _Connection(asyncio.BufferedProtocol):
     async def _answer(self) -> None:
         while self._queue and not self._closing:
             request, keep_alive = self._queue.popleft()
-            if not self._reading and self._last_words is None and self._transport is not None:
-                self._transport.resume_reading()
-                self._reading = True
-            request_id = request_id_of(request.headers)  # returned on the answer, and named if it fails
             try:
-                response = await self._server.handler(request)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("%s %s failed%s", request.method, request.path, correlation.in_log(request_id))
-                response = _error(500, "internal error", "internal_error", request.path)
-            finally:
-                self._server.pending -= 1
-            keep_alive = keep_alive and not self._server.stopping
-            if isinstance(response, StreamingResponse):
-                if not await self._stream(response, keep_alive, request_id):
+                if not self._reading and self._last_words is None and self._transport is not None:
+                    self._transport.resume_reading()
+                    self._reading = True
+                request_id = request_id_of(request.headers)  # returned on the answer, and named if it fails
+                try:
+                    response = await self._server.handler(request)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("%s %s failed%s", request.method, request.path, correlation.in_log(request_id))
+                    response = _error(500, "internal error", "internal_error", request.path)
+                finally:
+                    self._server.pending -= 1
+                keep_alive = keep_alive and not self._server.stopping
+                if isinstance(response, StreamingResponse):
+                    if not await self._stream(response, keep_alive, request_id):
+                        return
+                    if not keep_alive:
+                        self.close()
+                        return
+                    continue
+                # (room to write, the usual case, is checked here: it makes no coroutine)
+                if (self._closing or not self._writable.is_set()) and not await self._wait_writable():
                     return
+                self._transport.write(encode(response, keep_alive, head_only=request.method == "HEAD",
+                                             announce="connection" in request.headers, request_id=request_id))
                 if not keep_alive:
                     self.close()
                     return
-                continue
-            # (room to write, the usual case, is checked here: it makes no coroutine)
-            if (self._closing or not self._writable.is_set()) and not await self._wait_writable():
-                return
-            self._transport.write(encode(response, keep_alive, head_only=request.method == "HEAD",
-                                         announce="connection" in request.headers, request_id=request_id))
-            if not keep_alive:
-                self.close()
-                return
+            finally:  # the answer is written, or will never be: what the request held is given back
+                if request.hold is not None:
+                    request.hold.release()
         if self._closing:
             return
         if self._last_words is not None:
@@ -447,6 +474,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _refuse(self, response: Response, drain: bool = False) -> None:
         """Answer an unusable request and close: what follows on the wire is unreadable.
         Requests before it that are still being answered get their answers first."""
+        self._let_go_of_receiving()
         if self._closing or self._last_words is not None:
             return
         if self._in_message and (request_id := request_id_of(self._headers)) is not None:  # the head as far as it came
@@ -483,6 +511,34 @@ class _Connection(asyncio.BufferedProtocol):
     def _target(self) -> str | None:
         """The path of the request being received, as far as it came (for a refusal's shape)."""
         return refusals.target_path(self._url) if self._in_message else None
+
+    def _charge(self, n: int) -> None:
+        """Charge the request being received ``n`` more bytes of a chunked body; refused (503,
+        or 413 past the whole budget) when they do not fit."""
+        if self._hold is None:
+            taken = self._server.budget.take(n, "its body")
+            if isinstance(taken, inflight.Hold):
+                self._hold = taken
+                return
+            refused = taken
+        else:
+            refused = self._hold.grow(n, "its body")
+            if refused is None:
+                return
+        raise self._refused(refused)
+
+    def _refused(self, refused: inflight.Refused) -> _Refused:
+        """The answer to a request whose body does not fit the budget: its body still on its
+        way is read and dropped."""
+        headers = () if refused.retry_after is None else (("retry-after", str(refused.retry_after)),)
+        return _Refused(Response(refused.status, refusals.error_body(refused.status, refused.message, refused.code,
+                                                                     self._target()), headers=headers), drain=True)
+
+    def _let_go_of_receiving(self) -> None:
+        """The request being received will not be served: what it held is given back."""
+        if self._hold is not None:
+            self._hold.release()
+            self._hold = None
 
     def _too_large(self) -> _Refused:
         return _Refused(_error(413, f"request body exceeds {self._limits.max_body_bytes} bytes", "request_too_large",

@@ -311,6 +311,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-bytes", type=_count(1, 2**40), default=edge_agent.DEFAULT_MAX_REQUEST_BYTES,
                    help="largest request body (over gRPC at most 2 GiB less a byte, gRPC's own ceiling) "
                         f"[{edge_agent.DEFAULT_MAX_REQUEST_BYTES}]")
+    p.add_argument("--max-inflight-bytes", type=_count(0, 2**50), default=0, metavar="N",
+                   help="memory all requests in flight may hold together (their bodies, and what decoding their JSON "
+                        "takes); one more is answered 503 with Retry-After (RESOURCE_EXHAUSTED over "
+                        "gRPC), one larger than N 413 (0 = half the memory the agent has free, measured at the start "
+                        "and whenever the models it serves change) [0]")
     p.add_argument("--drain-timeout", type=_positive, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, how long requests in flight may take to finish [30]")
     p.add_argument("--write-timeout", type=_positive, default=60.0, metavar="SECONDS",
@@ -374,6 +379,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         write_timeout=args.write_timeout,
         max_connections=args.max_connections,
         max_queued_runs=args.max_queued_runs,
+        max_inflight_bytes=args.max_inflight_bytes,
         workers=args.workers,
         inline_max_ms=max(0.0, args.inline_max_ms),
         grpc_listen=args.grpc_listen,

@@ -1,6 +1,6 @@
 """The agent's Prometheus metrics, written in the text exposition format (version 0.0.4).
 
-The agent has twelve metric families and one writer (the event loop), so it keeps them in
+The agent has fifteen metric families and one writer (the event loop), so it keeps them in
 plain dicts and renders the text itself: importing ``prometheus_client`` costs 3 MB resident
 (its exposition module brings an HTTP server, WSGI and ``urllib.request``), a lot in an
 80 MB budget. The tests parse this output with ``prometheus_client``'s own parser.
@@ -11,6 +11,8 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable
+
+from edge_agent.inflight import Budget
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -35,11 +37,13 @@ class _Histogram:
 
 
 class AgentMetrics:
-    """Requests by model and status, inference latency by model, in-flight and serving."""
+    """Requests by model and status, inference latency by model, in-flight and serving, and
+    the memory requests in flight hold (``budget``: none, no bound)."""
 
-    def __init__(self, inflight: Callable[[], int], serving: Callable[[], int]) -> None:
+    def __init__(self, inflight: Callable[[], int], serving: Callable[[], int], budget: Budget | None = None) -> None:
         self._inflight = inflight
         self._serving = serving
+        self._budget = budget
         self._requests: dict[tuple[str, str], int] = {}
         self._latency: dict[str, _Histogram] = {}
         # Generative models: outcomes, token counts, time to first token, running/queued.
@@ -138,7 +142,23 @@ class AgentMetrics:
                 "the agent's connection limit (--max-connections) was reached",
                 "# TYPE edgeplane_agent_http_connections_refused_total counter",
                 f"edgeplane_agent_http_connections_refused_total {_number(turned_away)}"]
+        out += self._render_memory()
         return ("\n".join(out) + "\n").encode()
+
+    def _render_memory(self) -> list[str]:
+        budget = self._budget or Budget()
+        limit = math.inf if budget.limit is None else budget.limit
+        return ["# HELP edgeplane_agent_inflight_bytes Memory held by requests in flight (bodies, and their JSON's "
+                "decoding), as charged against --max-inflight-bytes",
+                "# TYPE edgeplane_agent_inflight_bytes gauge", f"edgeplane_agent_inflight_bytes {_number(budget.held)}",
+                "# HELP edgeplane_agent_inflight_bytes_limit The memory requests in flight may hold (--max-inflight-bytes)",
+                "# TYPE edgeplane_agent_inflight_bytes_limit gauge",
+                f"edgeplane_agent_inflight_bytes_limit {_number(limit)}",
+                "# HELP edgeplane_agent_requests_refused_for_memory_total Requests refused for the memory they would hold: "
+                "503, requests in flight held it; 413, more than all of them may hold",
+                "# TYPE edgeplane_agent_requests_refused_for_memory_total counter",
+                f'edgeplane_agent_requests_refused_for_memory_total{{code="413"}} {_number(budget.refused_too_large)}',
+                f'edgeplane_agent_requests_refused_for_memory_total{{code="503"}} {_number(budget.refused_busy)}']
 
     def _render_generation(self) -> list[str]:
         gauges = self.generation_gauges()  # live: a model no longer assigned may still finish a stream

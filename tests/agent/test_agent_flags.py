@@ -42,6 +42,7 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
     (["--site", "edge-x", "--advertise-url", "http://0.0.0.0:8090"], "argument --advertise-url: 'http://0.0.0.0:8090' is an address to listen on, not one others can reach"),
     (["--site", "edge-x", "--workers", "-1"], "argument --workers: -1 is not from 0 to 1024"),
     (["--site", "edge-x", "--max-queued-runs", "-1"], "argument --max-queued-runs: -1 is not from 0 to"),
+    (["--site", "edge-x", "--max-inflight-bytes", "-1"], "argument --max-inflight-bytes: -1 is not from 0 to"),
     (["--site", "edge-x", "--max-request-bytes", "0"], "argument --max-request-bytes: 0 is not from 1 to"),
     (["--site", "edge-x", "--inline-max-ms", "-5"], "argument --inline-max-ms: must be >= 0"),
     (["--site", "edge-x", "--max-artifact-gb", "0"], "argument --max-artifact-gb: must be > 0"),
@@ -98,6 +99,9 @@ def test_good_flags_reach_the_config(tmp_path: pathlib.Path) -> None:
         BASE + ["--site", "edge-x", "--advertise-url", "https://[2001:db8::5]:8443/"])).advertise_url == "https://[2001:db8::5]:8443/"
     assert agent_main.config_from_args(agent_main.parser().parse_args(
         BASE + ["--site", "edge-x", "--max-queued-runs", "8"])).max_queued_runs == 8
+    assert agent_main.config_from_args(agent_main.parser().parse_args(
+        BASE + ["--site", "edge-x", "--max-inflight-bytes", "268435456"])).max_inflight_bytes == 256 << 20
+    assert agent_main.config_from_args(agent_main.parser().parse_args(BASE + ["--site", "edge-x"])).max_inflight_bytes == 0
 
 
 def test_runtimes_offered_reach_the_config_once_each_and_default_to_those_installed() -> None:

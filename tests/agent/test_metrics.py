@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from edge_agent import inflight
 from edge_agent.metrics import AgentMetrics
 
 
@@ -47,7 +48,23 @@ def test_counters_histograms_and_gauges_parse_back() -> None:
 def test_empty_metrics_still_parse() -> None:
     samples = _samples(AgentMetrics(lambda: 0, lambda: 0).render().decode())
     assert samples == {("edgeplane_agent_inflight", ()): 0, ("edgeplane_agent_models_serving", ()): 0,
-                       ("edgeplane_agent_http_connections", ()): 0, ("edgeplane_agent_http_connections_refused_total", ()): 0}
+                       ("edgeplane_agent_http_connections", ()): 0, ("edgeplane_agent_http_connections_refused_total", ()): 0,
+                       ("edgeplane_agent_inflight_bytes", ()): 0, ("edgeplane_agent_inflight_bytes_limit", ()): float("inf"),
+                       ("edgeplane_agent_requests_refused_for_memory_total", (("code", "413"),)): 0,
+                       ("edgeplane_agent_requests_refused_for_memory_total", (("code", "503"),)): 0}
+
+
+def test_the_memory_of_requests_in_flight_and_its_refusals() -> None:
+    budget = inflight.Budget(1000)
+    held = budget.take(600, "its body")
+    assert isinstance(held, inflight.Hold)
+    assert isinstance(budget.take(600, "its body"), inflight.Refused)  # 503: the others hold it
+    assert isinstance(budget.take(1001, "its body"), inflight.Refused)  # 413: more than all of it
+    samples = _samples(AgentMetrics(lambda: 0, lambda: 0, budget).render().decode())
+    assert samples[("edgeplane_agent_inflight_bytes", ())] == 600
+    assert samples[("edgeplane_agent_inflight_bytes_limit", ())] == 1000
+    assert samples[("edgeplane_agent_requests_refused_for_memory_total", (("code", "503"),))] == 1
+    assert samples[("edgeplane_agent_requests_refused_for_memory_total", (("code", "413"),))] == 1
 
 
 def test_model_load_counts_answers_and_their_seconds() -> None:
