@@ -44,8 +44,8 @@ def events(cp: server.ControlPlane, action: str) -> list[str]:
     return [e.reason for e in cp.store.events(kind="Site", name="dc-local", limit=1000) if e.action == action]
 
 
-async def test_an_embedded_ray_head_that_exits_is_started_again_with_its_applications(
-        fleet: harness.Fleet, tmp_path: pathlib.Path) -> None:
+async def serving_one_application(fleet: harness.Fleet, tmp_path: pathlib.Path) -> server.ControlPlane:
+    """A control plane whose embedded Ray head (the stand-in) serves Site dc-local's one application."""
     cp = await fleet.start_control_plane(local_ray_executable=ray_command(tmp_path), resync_s=0.2)
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
         applied = await http.post("/v1/apply", content=bundle(site("dc-local", "ray: {address: local}"), MODEL,
@@ -53,6 +53,13 @@ async def test_an_embedded_ray_head_that_exits_is_started_again_with_its_applica
         assert applied.status_code == 200, applied.text
     local = cp.datacentres.local
     await harness.wait_until(lambda: len(held(local.endpoints)) == 1, 30, what="the application on the embedded Ray")
+    return cp
+
+
+async def test_an_embedded_ray_head_that_exits_is_started_again_with_its_applications(
+        fleet: harness.Fleet, tmp_path: pathlib.Path) -> None:
+    cp = await serving_one_application(fleet, tmp_path)
+    local = cp.datacentres.local
     first = local.endpoints
     assert first is not None
     (app,) = held(first)
@@ -71,13 +78,9 @@ async def test_a_site_deleted_after_its_embedded_ray_head_exited_has_nothing_lef
         fleet: harness.Fleet, tmp_path: pathlib.Path) -> None:
     """What ran on a head that exited stopped with it: the deleted Site's removal is done at
     once, not tried against the old head's address for good."""
-    cp = await fleet.start_control_plane(local_ray_executable=ray_command(tmp_path), resync_s=0.2)
+    cp = await serving_one_application(fleet, tmp_path)
+    local = cp.datacentres.local
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-        applied = await http.post("/v1/apply", content=bundle(site("dc-local", "ray: {address: local}"), MODEL,
-                                                               deployment("d", "dc-local")))
-        assert applied.status_code == 200, applied.text
-        local = cp.datacentres.local
-        await harness.wait_until(lambda: len(held(local.endpoints)) == 1, 30, what="the application on the embedded Ray")
         assert local.endpoints is not None
         os.kill(int((local.endpoints.temp_dir / "head.pid").read_text()), signal.SIGKILL)
         await harness.wait_until(lambda: held(local.endpoints) == set(), 30, what="the head to have exited")
