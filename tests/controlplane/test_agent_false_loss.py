@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+from collections.abc import AsyncIterator
+
+import pytest
 
 from orchestrator import catalog, maintenance
 from orchestrator.agents import model as agent_model
@@ -72,117 +75,105 @@ class Fleet:
         self.store.close()
 
 
-async def test_an_agent_falsely_lost_is_sent_no_set_that_unloads_what_it_serves_again_once_back(tmp_path: pathlib.Path) -> None:
+@pytest.fixture
+async def fleet(tmp_path: pathlib.Path) -> AsyncIterator[Fleet]:
+    made = Fleet(tmp_path)
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+async def test_an_agent_falsely_lost_is_sent_no_set_that_unloads_what_it_serves_again_once_back(fleet: Fleet) -> None:
     """intent-fr spreads one replica per site over the two: while edge-b is lost its replica
     has nowhere to go and leaves the plan and the gateway's table; once its heartbeats are
     back the replica is placed there again. edge-b's agent is never sent a set without it."""
-    fleet = Fleet(tmp_path)
-    try:
-        await fleet.serving()
-        await fleet.b_late()
-        assert {row.site for row in fleet.store.placements()} == {"edge-a"}  # the loss moves what it can, as before
-        assert {e.site for e in fleet.table.all_endpoints()} == {"edge-a"}
-        await fleet.reconcile()  # a pass more while it is lost
-        fleet.agents.beat("edge-b")  # its heartbeats are back
-        assert fleet.agents.hub.status("edge-b").healthy  # type: ignore[union-attr]
-        await fleet.reconcile()
-        assert {row.site for row in fleet.store.placements()} == set(SITES)
-        without = [s.version for s in fleet.sent_to_b if "intent" not in {a.model for a in s.assignments}]
-        assert not without, f"edge-b's agent, lost only by late heartbeats, was sent sets without intent (versions {without})"
-        assert "intent" in fleet.models_sent_to_b(-1)
-    finally:
-        await fleet.close()
+    await fleet.serving()
+    await fleet.b_late()
+    assert {row.site for row in fleet.store.placements()} == {"edge-a"}  # the loss moves what it can, as before
+    assert {e.site for e in fleet.table.all_endpoints()} == {"edge-a"}
+    await fleet.reconcile()  # a pass more while it is lost
+    fleet.agents.beat("edge-b")  # its heartbeats are back
+    assert fleet.agents.hub.status("edge-b").healthy  # type: ignore[union-attr]
+    await fleet.reconcile()
+    assert {row.site for row in fleet.store.placements()} == set(SITES)
+    without = [s.version for s in fleet.sent_to_b if "intent" not in {a.model for a in s.assignments}]
+    assert not without, f"edge-b's agent, lost only by late heartbeats, was sent sets without intent (versions {without})"
+    assert "intent" in fleet.models_sent_to_b(-1)
 
 
-async def test_an_agent_falsely_lost_is_sent_the_smaller_set_once_back_when_the_plan_still_leaves_it_out(
-        tmp_path: pathlib.Path) -> None:
+async def test_an_agent_falsely_lost_is_sent_the_smaller_set_once_back_when_the_plan_still_leaves_it_out(fleet: Fleet) -> None:
     """The plan made once its heartbeats are back still has no replica there (its
     deployment was cut to one replica meanwhile): then the set shrinks, and the agent unloads."""
-    fleet = Fleet(tmp_path)
-    try:
-        await fleet.serving()
-        await fleet.b_late()
-        catalog.apply_documents(fleet.store, loader.load_text(manifests.deployment(
-            "intent-fr", "intent", 1, manifests.spread_by_site(residency=["FR"], tiers=["edge"]))), actor="test")
-        await fleet.reconcile()
-        assert "intent" in fleet.models_sent_to_b(-1)  # lost: nothing taken from it yet
-        fleet.agents.beat("edge-b")
-        await fleet.reconcile()
-        assert {row.site for row in fleet.store.placements()} == {"edge-a"}
-        assert fleet.models_sent_to_b(-1) == set()
-    finally:
-        await fleet.close()
+    await fleet.serving()
+    await fleet.b_late()
+    catalog.apply_documents(fleet.store, loader.load_text(manifests.deployment(
+        "intent-fr", "intent", 1, manifests.spread_by_site(residency=["FR"], tiers=["edge"]))), actor="test")
+    await fleet.reconcile()
+    assert "intent" in fleet.models_sent_to_b(-1)  # lost: nothing taken from it yet
+    fleet.agents.beat("edge-b")
+    await fleet.reconcile()
+    assert {row.site for row in fleet.store.placements()} == {"edge-a"}
+    assert fleet.models_sent_to_b(-1) == set()
 
 
-async def test_the_lost_agent_of_a_drained_site_is_sent_the_set_the_drain_leaves_it(tmp_path: pathlib.Path) -> None:
+async def test_the_lost_agent_of_a_drained_site_is_sent_the_set_the_drain_leaves_it(fleet: Fleet) -> None:
     """An operator drained edge-b: whatever the plan takes from it goes, its agent lost or not."""
-    fleet = Fleet(tmp_path)
-    try:
-        await fleet.serving()
-        maintenance.take_out(fleet.store, "edge-b", maintenance.Mode.DRAIN, actor="test", reason="new disk", now=0.0, force=True)
-        await fleet.b_late()
-        await fleet.reconcile()
-        assert {row.site for row in fleet.store.placements()} == {"edge-a"}
-        assert fleet.models_sent_to_b(-1) == set()
-    finally:
-        await fleet.close()
+    await fleet.serving()
+    maintenance.take_out(fleet.store, "edge-b", maintenance.Mode.DRAIN, actor="test", reason="new disk", now=0.0, force=True)
+    await fleet.b_late()
+    await fleet.reconcile()
+    assert {row.site for row in fleet.store.placements()} == {"edge-a"}
+    assert fleet.models_sent_to_b(-1) == set()
 
 
-async def test_the_lost_agent_of_a_deleted_site_is_still_told_to_serve_nothing(tmp_path: pathlib.Path) -> None:
+async def test_the_lost_agent_of_a_deleted_site_is_still_told_to_serve_nothing(fleet: Fleet) -> None:
     """edge-b's Site is deleted while its agent, still connected, is lost: the set its watch
     stream sends it is the empty one, before the hub forgets it and the stream ends."""
-    fleet = Fleet(tmp_path)
-    try:
-        await fleet.serving()
-        hub = fleet.agents.hub
-        received: list[agent_model.AssignmentSet] = []
-        ready = asyncio.Event()
+    await fleet.serving()
+    hub = fleet.agents.hub
+    received: list[agent_model.AssignmentSet] = []
+    ready = asyncio.Event()
 
-        async def watch() -> None:
-            async for got in hub.watch_assignments("edge-b", fleet.agents.ids["edge-b"]):
-                received.append(got)
-                ready.set()
+    async def watch() -> None:
+        async for got in hub.watch_assignments("edge-b", fleet.agents.ids["edge-b"]):
+            received.append(got)
+            ready.set()
 
-        watching = asyncio.create_task(watch())
-        await ready.wait()  # the set it serves now
-        catalog.delete_object(fleet.store, "Site", "edge-b", actor="test")
-        await fleet.b_late()
-        for _ in range(3):  # the passes after: it is forgotten by then
-            await fleet.reconcile()
-        async with asyncio.timeout(10):
-            await watching
-        assert hub.status("edge-b") is None, "the lost agent of a deleted Site is forgotten"
-        assert received[-1].assignments == (), f"its agent was last sent {received[-1]}: it serves on"
-    finally:
-        await fleet.close()
+    watching = asyncio.create_task(watch())
+    await ready.wait()  # the set it serves now
+    catalog.delete_object(fleet.store, "Site", "edge-b", actor="test")
+    await fleet.b_late()
+    for _ in range(3):  # the passes after: it is forgotten by then
+        await fleet.reconcile()
+    async with asyncio.timeout(10):
+        await watching
+    assert hub.status("edge-b") is None, "the lost agent of a deleted Site is forgotten"
+    assert received[-1].assignments == (), f"its agent was last sent {received[-1]}: it serves on"
 
 
-async def test_the_lost_agent_of_a_deleted_site_sent_no_set_yet_is_still_told_to_serve_nothing(tmp_path: pathlib.Path) -> None:
+async def test_the_lost_agent_of_a_deleted_site_sent_no_set_yet_is_still_told_to_serve_nothing(fleet: Fleet) -> None:
     """edge-b's agent joined this control plane and was sent no set yet (it serves what it
     cached) when its Site is deleted and it is lost: the empty set still reaches it before
     the hub forgets it, as for one that was sent a set."""
-    fleet = Fleet(tmp_path)
-    try:
-        for site in SITES:
-            fleet.agents.join(site)
-            fleet.agents.beat(site)
-        hub = fleet.agents.hub
-        assert hub.assignments("edge-b") is None
-        received: list[agent_model.AssignmentSet] = []
+    for site in SITES:
+        fleet.agents.join(site)
+        fleet.agents.beat(site)
+    hub = fleet.agents.hub
+    assert hub.assignments("edge-b") is None
+    received: list[agent_model.AssignmentSet] = []
 
-        async def watch() -> None:
-            async for got in hub.watch_assignments("edge-b", fleet.agents.ids["edge-b"]):
-                received.append(got)
+    async def watch() -> None:
+        async for got in hub.watch_assignments("edge-b", fleet.agents.ids["edge-b"]):
+            received.append(got)
 
-        watching = asyncio.create_task(watch())
-        await asyncio.sleep(0)  # its stream is open, waiting for a set, as the agent's is
-        catalog.delete_object(fleet.store, "Site", "edge-b", actor="test")
-        await fleet.b_late()
-        for _ in range(3):  # the passes after: it is forgotten by then
-            await fleet.reconcile()
-        async with asyncio.timeout(10):
-            await watching
-        assert hub.status("edge-b") is None, "the lost agent of a deleted Site is forgotten"
-        assert received and received[-1].assignments == (), f"its agent was sent {received}: it serves on what it cached"
-    finally:
-        await fleet.close()
+    watching = asyncio.create_task(watch())
+    await asyncio.sleep(0)  # its stream is open, waiting for a set, as the agent's is
+    catalog.delete_object(fleet.store, "Site", "edge-b", actor="test")
+    await fleet.b_late()
+    for _ in range(3):  # the passes after: it is forgotten by then
+        await fleet.reconcile()
+    async with asyncio.timeout(10):
+        await watching
+    assert hub.status("edge-b") is None, "the lost agent of a deleted Site is forgotten"
+    assert received and received[-1].assignments == (), f"its agent was sent {received}: it serves on what it cached"
