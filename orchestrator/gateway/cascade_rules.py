@@ -192,10 +192,36 @@ def confidence_of(rule: TensorRule, scores: np.ndarray) -> float:
         raise ValueError(f"output {rule.output!r} has shape {list(np.shape(scores))}; a confidence needs [batch, classes >= 2]")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"output {rule.output!r} holds NaN or infinite scores")
-    p = _softmax(x) if rule.logits else x
+    if rule.logits:
+        p = _softmax(x)
+    else:
+        _check_probabilities(rule, x)
+        p = x
     top2 = np.sort(p, axis=-1)[:, -2:]
     per_row = top2[:, 1] if rule.measure == "top" else top2[:, 1] - top2[:, 0]
     return float(per_row.min())
+
+
+#: How far a row of probabilities may sum from 1: a softmax's rows are 1 only up to their
+#: precision's rounding (float16 at 32,000 classes: ~3e-4), far from what logits sum to.
+PROBABILITY_SUM_TOLERANCE = 1e-2
+
+
+def _check_probabilities(rule: TensorRule, x: np.ndarray) -> None:
+    """Refuse scores the rule reads as probabilities that are none: logits (or a quantized
+    0..255 output) read so would make the top one a "probability" above any threshold, and
+    the stage sure of every answer."""
+    low, high = float(x.min()), float(x.max())
+    sums = x.sum(axis=-1)
+    worst = float(sums[np.argmax(np.abs(sums - 1.0))])
+    if low < 0.0 or high > 1.0:
+        found = f"range from {low:g} to {high:g}"
+    elif abs(worst - 1.0) > PROBABILITY_SUM_TOLERANCE:
+        found = f"has a row that sums to {worst:.4g}"
+    else:
+        return
+    raise ValueError(f"output {rule.output!r} holds no probabilities (its scores {found}); if the model answers logits, "
+                     f"set escalate.confidence.scores: logits")
 
 
 def precision_of(scores: np.ndarray) -> np.dtype[Any]:

@@ -70,6 +70,33 @@ def test_an_answer_that_cannot_be_judged_escalates(outputs: dict[str, np.ndarray
     assert verdict.escalate and verdict.confidence is None and reason in verdict.reason
 
 
+@pytest.mark.parametrize(("scores", "what"), [
+    (np.array([[2.1, -0.3, 0.5]], np.float32), "from -0.3 to 2.1"),  # logits: the top one is no probability
+    (np.array([[0.9, 0.8, 0.7]], np.float32), "sums to 2.4"),  # logits that fall inside [0, 1]: a row is no distribution
+    (np.array([[0.95, 0.05], [3.0, 1.0]], np.float32), "from 0.05 to 3"),  # a batch: any row read wrong
+    (np.array([[230, 25]], np.uint8), "from 25 to 230"),  # a quantized output's 0..255
+])
+def test_scores_that_are_no_probabilities_escalate_saying_the_rule_reads_them_wrong(scores: np.ndarray, what: str) -> None:
+    """``scores`` defaults to probabilities: a model answering logits under it was read as
+    sure of every answer (a top "probability" of 2.1 is not below 0.8), so the edge answered
+    everything, its confidence header above 1. Such an answer cannot be judged: it escalates,
+    and the reason says what to set."""
+    verdict = rules.judge_tensor(TOP, {"probabilities": scores})
+    assert verdict.escalate and verdict.confidence is None
+    assert what in verdict.reason and "scores: logits" in verdict.reason, verdict.reason
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_probabilities_in_any_precision_are_judged_as_they_are(dtype: type) -> None:
+    """A softmax's rows sum to 1 only up to their precision's rounding (float16: ~3e-4 at
+    32,000 classes): that is no reason to doubt them."""
+    z = np.random.default_rng(0).standard_normal((8, 32_000)) * 3
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).astype(dtype)
+    verdict = rules.judge_tensor(rules.TensorRule("p", logits=False, measure="top", below=1e-3), {"p": p})
+    assert not verdict.escalate and verdict.confidence is not None, verdict.reason
+
+
 def chat(content: str = "Paris.", finish: str = "stop", logprobs: list[float] | None = None) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
     if logprobs is not None:
