@@ -2,7 +2,8 @@
 
 ``tune`` replays a labelled sample through the gateway twice per line — the first stage
 alone (``X-Edgeplane-Cascade: force-first``) and the last stage alone (``force-last``),
-each at the nearest replica the caller may use — and computes from those answers, for a
+each at the nearest replica of the named deployment the caller may use (called by the
+deployment's name: by its model's, another deployment's cascade may run) — and computes from those answers, for a
 sweep of thresholds, what the cascade would do: the share answered by the first stage,
 accuracy against the labels (or agreement with the last stage where a line has none),
 mean latency and energy per request. The sweep itself (:func:`sweep`) is a pure function
@@ -112,7 +113,7 @@ def sweep(replayed: Sequence[Replayed], thresholds: Sequence[float]) -> list[Swe
     return out
 
 
-def _rule(api: ApiClient, name: str) -> tuple[str, cascade_rules.TensorRule]:
+def _rule(api: ApiClient, name: str) -> cascade_rules.TensorRule:
     dep = api.request("GET", f"/v1/modeldeployments/{path_segment(name)}")
     cascade = dep.get("spec", {}).get("cascade")
     if not cascade:
@@ -120,7 +121,7 @@ def _rule(api: ApiClient, name: str) -> tuple[str, cascade_rules.TensorRule]:
     rule = cascade_rules.rule_of(cascade_schema.Escalation.model_validate(cascade["stages"][0].get("escalate") or {}))
     if not isinstance(rule, cascade_rules.TensorRule):
         raise CliError(f"cascade tune sweeps a confidence threshold; the first stage of {name!r} has no 'confidence' rule")
-    return dep["spec"]["model"], rule
+    return rule
 
 
 def _sample_text(path: str) -> str:
@@ -176,10 +177,10 @@ def _class_index(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _call(api: ApiClient, model: str, body: dict[str, Any], mode: str, headers: dict[str, str], rule: cascade_rules.TensorRule,
+def _call(api: ApiClient, name: str, body: dict[str, Any], mode: str, headers: dict[str, str], rule: cascade_rules.TensorRule,
           where: str) -> tuple[np.ndarray, float, float]:
     started = time.perf_counter()
-    resp = api.raw("POST", f"/v2/models/{path_segment(model)}/infer", json=body, headers={**headers, "x-edgeplane-cascade": mode})
+    resp = api.raw("POST", f"/v2/models/{path_segment(name)}/infer", json=body, headers={**headers, "x-edgeplane-cascade": mode})
     ms = (time.perf_counter() - started) * 1000
     doc = json_of(resp)
     if doc is None:
@@ -206,13 +207,13 @@ def _call(api: ApiClient, model: str, body: dict[str, Any], mode: str, headers: 
     return scores, ms, joules
 
 
-def replay(api: ApiClient, model: str, rule: cascade_rules.TensorRule, samples: Sequence[tuple[dict[str, Any], tuple[int, ...] | None]],
+def replay(api: ApiClient, name: str, rule: cascade_rules.TensorRule, samples: Sequence[tuple[dict[str, Any], tuple[int, ...] | None]],
            headers: dict[str, str], path: str) -> list[Replayed]:
     out = []
     for i, (body, labels) in enumerate(samples, 1):
         where = f"{path} sample {i}"
-        first, first_ms, first_j = _call(api, model, body, "force-first", headers, rule, where)
-        last, last_ms, last_j = _call(api, model, body, "force-last", headers, rule, where)
+        first, first_ms, first_j = _call(api, name, body, "force-first", headers, rule, where)
+        last, last_ms, last_j = _call(api, name, body, "force-last", headers, rule, where)
         if not np.isfinite(first).all():
             confidence = -np.inf  # the gateway escalates an answer with NaN or infinite scores, at any threshold
         else:
@@ -246,9 +247,10 @@ def cmd_tune(api: ApiClient, args: argparse.Namespace) -> int:
         raise CliError("the cascade's deployment name is empty (edgeplane get cascades)", 2)
     thresholds = _thresholds(args.thresholds)
     samples = _lines(args.file)
-    model, rule = _rule(api, args.name)
+    rule = _rule(api, args.name)
     headers = infer.caller_headers(args)
-    rows = sweep(replay(api, model, rule, samples, headers, "<stdin>" if args.file == "-" else args.file), thresholds)
+    # by the deployment's name: its own cascade (by the model's, another deployment's may run for this caller)
+    rows = sweep(replay(api, args.name, rule, samples, headers, "<stdin>" if args.file == "-" else args.file), thresholds)
     if args.output in ("json", "yaml"):
         render.dump({"cascade": args.name, "samples": len(samples), "rule": asdict(rule), "rows": [asdict(r) for r in rows]}, args.output)
         return 0

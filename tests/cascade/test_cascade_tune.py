@@ -1,20 +1,31 @@
 """``cascade tune``'s sweep: a pure function of the replayed answers; and the replay, which
-must read a first stage's answer as the gateway judges it."""
+must read a first stage's answer as the gateway judges it, from the cascade it names."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import pathlib
 import threading
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from edgeplane_proto import oip
+from orchestrator.cli import main as cli_main
 from orchestrator.cli.cascade import Replayed, replay, sweep
 from orchestrator.cli.http import ApiClient
-from orchestrator.gateway import cascade_rules
+from orchestrator.gateway import cascade, cascade_rules, endpoints, proxy, routing
 from orchestrator.testing import loopback
+
+from .transport import Transport
 
 
 def sample(confidence: float, first: int, last: int, label: int | None) -> Replayed:
@@ -102,3 +113,50 @@ def test_a_first_stage_answer_with_nan_counts_as_escalated_at_every_threshold(ga
     finally:
         api.close()
     assert [r.firstStageShare for r in sweep(replayed, [0.5, 0.99])[2:]] == [0.0, 0.0]
+
+
+def two_cascades_of_one_model() -> tuple[Starlette, Transport]:
+    """The real gateway's routes over one model, ``task``, with two cascades in two
+    jurisdictions (task-eu: Paris and Frankfurt; task-ch: Geneva and Zurich), and each
+    deployment as ``GET /v1/modeldeployments/{name}`` answers it."""
+    rule = {"confidence": {"output": "p", "scores": "probabilities", "measure": "top", "below": 0.8}}
+
+    def route(deployment: str) -> cascade_rules.CascadeRoute:
+        return cascade_rules.CascadeRoute("task", deployment, (
+            cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.TensorRule("p", False, "top", 0.8)),
+            cascade_rules.StageRoute("large", frozenset({"datacenter"}), None)))
+
+    def ep(deployment: str, site: str, tier: str, country: str, lat: float, lon: float) -> routing.Endpoint:
+        return routing.Endpoint("task", deployment, site, tier, country, "", lat, lon, f"http://{site}")
+
+    fleet = [ep("task-eu", "edge-fr", "edge", "FR", 48.85, 2.35), ep("task-eu", "dc-de", "datacenter", "DE", 50.1, 8.7),
+             ep("task-ch", "edge-ch", "edge", "CH", 46.2, 6.1), ep("task-ch", "dc-ch", "datacenter", "CH", 47.4, 8.5)]
+    table = endpoints.EndpointTable()
+    table.replace(fleet)
+    eu, ch = route("task-eu"), route("task-ch")
+    table.set_cascades({"task": eu, "task-eu": eu, "task-ch": ch})  # as the reconciler publishes them
+    transport = Transport({e.url: "sure" for e in fleet})
+    registry = CollectorRegistry()
+    handler = cascade.CascadeHandler(table, transport, cascade.CascadeMetrics.create(registry))  # type: ignore[arg-type]
+    gw = proxy.Gateway(table, transport, proxy.GatewayMetrics.create(registry), cascade=handler)  # type: ignore[arg-type]
+
+    async def deployment(request: Request) -> JSONResponse:
+        return JSONResponse({"spec": {"model": "task", "variant": {"edge": "small", "datacenter": "large"},
+                                      "cascade": {"stages": [{"variant": "small", "escalate": rule}, {"variant": "large"}]}}})
+
+    return Starlette(routes=[*gw.routes(), Route("/v1/modeldeployments/{name}", deployment)]), transport
+
+
+@pytest.mark.asyncio
+async def test_tune_replays_through_the_named_cascade_not_another_deployment_of_its_model(tmp_path: pathlib.Path,
+                                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """tune task-eu from Geneva, stating no residency: task-ch's Swiss replicas are the
+    nearest of the model's, but the sweep is task-eu's threshold over task-eu's stages."""
+    app, transport = two_cascades_of_one_model()
+    sample = tmp_path / "sample.jsonl"
+    sample.write_text(json.dumps({"input": [[0.0, 1.0]], "label": 0}) + "\n")
+    async with loopback.serving(app) as port:
+        code = await asyncio.to_thread(cli_main.main, ["--server", f"http://127.0.0.1:{port}", "cascade", "tune", "task-eu",
+                                                       "-f", str(sample), "--location", "46.20,6.14", "-o", "json"])
+    assert code == 0, capsys.readouterr().err
+    assert transport.calls == ["http://edge-fr", "http://dc-de"], transport.calls  # first stage alone, then last stage alone

@@ -450,7 +450,8 @@ CASCADE = {"spec": {"model": "m", "cascade": {"stages": [{"variant": "small", "e
 
 
 def cascade_gateway(canned: Canned, answer: Any) -> None:
-    canned.on("GET", "/v1/modeldeployments/c", 200, CASCADE).on("POST", "/v2/models/m/infer", 200, answer)
+    # replayed by the deployment's name: its own cascade, whatever other deployments model m has
+    canned.on("GET", "/v1/modeldeployments/c", 200, CASCADE).on("POST", "/v2/models/c/infer", 200, answer)
 
 
 GOOD = {"outputs": [{"name": "probs", "datatype": "FP32", "shape": [1, 2], "data": [0.9, 0.1]}]}
