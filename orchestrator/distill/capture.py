@@ -6,8 +6,10 @@ that tests can state them exactly:
 - :func:`zone_for` — the jurisdiction of a record: the first zone of the cascade's
   ``capture.zones`` whose countries all lie inside the caller's residency
   (``X-Edgeplane-Residency``), or, for a caller who states none, the first zone that
-  holds the country of the site that received the request. No such zone: the request
-  is not captured, since no store may hold it.
+  holds the country of the site that received the request; either way, only a zone
+  inside the deployment's own residency (``placement.residency``: an ``EU`` store may be
+  in Germany, no place for a deployment held to France). No such zone: the request is
+  not captured, since no store may hold it.
 - :class:`Sampler` — the sample rate and the daily cap per zone (UTC days); the random
   draw and the clock are injected.
 - :func:`expired` — retention: a record captured at ``t`` is gone after ``t +
@@ -60,10 +62,15 @@ def zone_countries(zone: str) -> frozenset[str]:
     return expand_residency([zone])
 
 
-def zone_for(zones: Sequence[str], caller_residency: frozenset[str], site_country: str | None) -> str | None:
-    """The zone whose store keeps this request's record, or None (not captured)."""
+def zone_for(zones: Sequence[str], caller_residency: frozenset[str], site_country: str | None,
+             deployment_residency: frozenset[str] = frozenset()) -> str | None:
+    """The zone whose store keeps this request's record, or None (not captured).
+    ``deployment_residency``: the countries the deployment's ``placement.residency`` allows
+    (empty: any), which bind every record as they bind where it may be served."""
     for zone in zones:
         countries = zone_countries(zone)
+        if deployment_residency and not countries <= deployment_residency:
+            continue
         if caller_residency:
             if countries <= caller_residency:
                 return zone

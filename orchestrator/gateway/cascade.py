@@ -198,6 +198,7 @@ class Trip:
     # refused the connection or failed never had it), and its country, which picks the capture zone
     first_site: str | None = None
     first_country: str | None = None
+    first_allowed: frozenset[str] = frozenset()  # the deployment's residency, as its replica carries it (empty: any)
     first_confidence: float | None = None
     escalated: bool = False  # counted once in Totals.escalated, however many stages it passes
     # edgeplane_gateway_failovers_total, by the site moved on from, whether the next replica is this stage's or a later one's
@@ -426,7 +427,7 @@ class CascadeHandler:
                 continue
             trip.failovers.answered()
             if trip.first_site is None:
-                trip.first_site, trip.first_country = e.site, e.country
+                trip.first_site, trip.first_country, trip.first_allowed = e.site, e.country, e.allowed_countries
             return _Attempt(stage, upstream.status, upstream.body, upstream.headers, e.site, e.tier)
         return busy
 
@@ -510,7 +511,7 @@ class CascadeHandler:
 
     def _capture(self, route: rules.CascadeRoute, policy: capture_mod.CapturePolicy, answer: _Attempt, trip: Trip) -> None:
         residency = trip.caller.residency if trip.caller is not None else frozenset()
-        zone = capture_mod.zone_for(policy.zones, residency, trip.first_country)
+        zone = capture_mod.zone_for(policy.zones, residency, trip.first_country, trip.first_allowed)
         now = self.wall()
         if zone is None or self.capture is None or not self.sampler.take(route.deployment, zone, policy, now):
             return

@@ -110,6 +110,23 @@ def test_a_request_is_filed_in_the_zone_of_the_replica_that_received_it_after_a_
     assert (record.zone, record.site) == ("CH", "edge-ch")
 
 
+@pytest.mark.parametrize(("zones", "kept_in"), [
+    (("EU",), None),  # an EU store may be in Germany: no place for a deployment held to France
+    (("EU", "FR"), "FR"),
+    (("FR",), "FR"),
+])
+def test_a_caller_stating_no_residency_is_kept_only_inside_the_deployments_residency(zones: tuple[str, ...],
+                                                                                    kept_in: str | None) -> None:
+    """The deployment's placement.residency binds its callers' data as a caller's own
+    X-Edgeplane-Residency does: routing keeps a FR deployment's requests in France, and its
+    records may not go where they could not be served."""
+    fleet = [dataclasses.replace(ep(site, tier, "FR"), allowed_countries=frozenset({"FR"}))
+             for site, tier in (("edge-fr", "edge"), ("dc-fr", "datacenter"))]
+    route = dataclasses.replace(ROUTE, capture=dataclasses.replace(POLICY, zones=zones))
+    records = serve(route, fleet, {"edge-fr": "unsure", "dc-fr": "sure"}, routing.Caller())
+    assert [r.zone for r in records] == ([kept_in] if kept_in else [])
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(edge_country=st.sampled_from(COUNTRIES), dc_country=st.sampled_from(COUNTRIES),
        zones=st.lists(st.sampled_from(["EU", *COUNTRIES]), min_size=1, max_size=4, unique=True),
