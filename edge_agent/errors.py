@@ -10,6 +10,7 @@
     │                            or sequences for a generative model's slot (-> HTTP 429)
     ├── ControlPlaneError        the uplink failed
     │   ├── AgentUnavailable     control plane unreachable: back off and retry
+    │   ├── ControlPlaneBusy     joins refused for now: retry when it says
     │   ├── JoinRefused          token/credential refused, site taken, bad request
     │   ├── NotJoined            the control plane forgot us: join again
     │   └── RenewalDue           the client certificate is due: join again with a CSR
@@ -57,6 +58,12 @@ class ControlPlaneError(AgentError):
 
 class AgentUnavailable(ControlPlaneError):
     pass
+
+
+class ControlPlaneBusy(ControlPlaneError):
+    def __init__(self, message: str, retry_after_s: float) -> None:  # retry_after_s: what the control plane asked
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class RenewalDue(ControlPlaneError):

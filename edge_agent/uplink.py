@@ -22,7 +22,8 @@ import grpc
 
 import edge_agent
 from edge_agent import assignments, capacity, diagnosis, errors, registry, state, tls
-from edge_agent.retry import RECONNECT, Jitter, RetryPolicy
+from edge_agent.retry import RECONNECT, Jitter, RetryPolicy, pushback_delay
+from edgeplane_proto import reconnect
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 
@@ -59,8 +60,20 @@ def translate(exc: grpc.RpcError, hint: str = "") -> errors.ControlPlaneError:
         return errors.JoinRefused(f"{code.name}: {detail}", code.name)  # type: ignore[union-attr]
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         return errors.NotJoined(detail or "not joined")
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and (asked := _pushback(exc)) is not None:
+        return errors.ControlPlaneBusy(f"control plane busy: {detail}", asked)
     name = code.name if code is not None else "ERROR"
     return errors.AgentUnavailable(f"control plane unavailable ({name}: {detail}){'; ' + hint if hint else ''}")
+
+
+def _pushback(exc: grpc.RpcError) -> float | None:
+    """The seconds a refusal asks to wait (``edgeplane_proto.reconnect.PUSHBACK_KEY``); None
+    for none, or one that is not a whole number of milliseconds."""
+    trailing = exc.trailing_metadata() if isinstance(exc, grpc.aio.AioRpcError) else None
+    value = dict(trailing or ()).get(reconnect.PUSHBACK_KEY)
+    if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 9:
+        return None
+    return int(value) / 1000
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,8 @@ def _report(exc: Exception) -> None:
     traceback only for what it did not foresee."""
     if isinstance(exc, errors.JoinRefused):
         log.error("control plane refused this agent: %s", exc)
+    elif isinstance(exc, errors.ControlPlaneBusy):
+        log.info("%s", exc)
     elif isinstance(exc, errors.NotJoined):
         log.warning("control plane asks to join again: %s", exc)
     elif isinstance(exc, errors.AgentUnavailable):
@@ -175,10 +190,12 @@ class Uplink:
         rng: Jitter | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         """``clock``: the wall clock, for what is dated (certificates, heartbeats' send
         times); ``monotonic``: for how long a session lasted, which a step of the wall clock
-        (NTP, a virtual machine resumed) must not lengthen or shorten."""
+        (NTP, a virtual machine resumed) must not lengthen or shorten; ``sleep``: the wait
+        between two sessions (a stop ends it sooner)."""
         # several control-plane replicas: a session that cannot be had moves to the next address
         self._targets = [target] if isinstance(target, str) else list(target)
         if not self._targets:
@@ -194,6 +211,7 @@ class Uplink:
         self._rng = rng or random.Random()
         self._clock = clock
         self._monotonic = monotonic
+        self._sleep = sleep
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.interval = _asked_interval(facts.heartbeat_interval) or DEFAULT_HEARTBEAT_S  # until the join answers
@@ -234,8 +252,18 @@ class Uplink:
                 if self._stopping.is_set():
                     return  # ended by the stop itself (the signal may have reached the identity tool too): nothing to report
                 _report(exc)
+                busy = exc if isinstance(exc, errors.ControlPlaneBusy) else None
+            else:
+                busy = None
             if self._stopping.is_set():
                 return
+            if busy is not None:
+                # Refused while the control plane works through other joins: it said when to
+                # come back, which is when it can take this one; the backoff ladder stands.
+                delay = pushback_delay(busy.retry_after_s, self._rng)
+                log.info("reconnecting to %s in %.1fs, as it asked", self._target, delay)
+                await self._rest(delay)
+                continue
             if self._answered and self._monotonic() - started >= self.interval:
                 # The control plane answered and the session lasted a heartbeat: it restarted
                 # or dropped us, not an outage. One that ends every session at once (a crash
@@ -246,9 +274,18 @@ class Uplink:
             attempt += 1
             delay = 0.0 if self._current else self._backoff.delay(-(-attempt // len(self._targets)), self._rng)
             log.info("reconnecting to %s in %.1fs", self._target, delay)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._stopping.wait()
+            await self._rest(delay)
+
+    async def _rest(self, delay: float) -> None:
+        """Wait ``delay`` seconds between sessions, or until the agent stops."""
+        resting = asyncio.ensure_future(self._sleep(delay))
+        stopped = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({resting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (resting, stopped):
+                task.cancel()
+            await asyncio.gather(resting, stopped, return_exceptions=True)
 
     async def stop(self) -> None:
         """Send one last heartbeat marked draining (best effort) and end the session: the task

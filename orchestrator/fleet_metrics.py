@@ -43,6 +43,14 @@ class FleetCollector:
         hb = CounterMetricFamily("edgeplane_heartbeats_received", "Agent heartbeats received since start")
         hb.add_metric([], beats)
         yield hb
+        joins = getattr(self.cp, "joins", None)
+        refused = CounterMetricFamily("edgeplane_agent_joins_refused", "Agent joins refused since start because as many "
+                                      "as --max-joins were being worked on (each told when to join again)")
+        refused.add_metric([], joins.refused_total if joins is not None else 0)
+        yield refused
+        working = GaugeMetricFamily("edgeplane_agent_joins_in_progress", "Agent joins being worked on now (at most --max-joins)")
+        working.add_metric([], joins.in_progress if joins is not None else 0)
+        yield working
         r = CounterMetricFamily("edgeplane_reconcile_passes", "Reconcile passes completed since start")
         r.add_metric([], passes)
         yield r

@@ -32,6 +32,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from orchestrator import capture_retention, catalog, console, event_retention, following, leadership
+from orchestrator.agents import admission as agent_admission
 from orchestrator.agents import auth as agent_auth
 from orchestrator.agents import errors as agent_errors
 from orchestrator.agents import hub as hub_mod
@@ -171,6 +172,7 @@ class ControlPlane(server_views.ServerViews):
             heartbeat_interval=cfg.heartbeat_interval_s,
             missed_heartbeats=cfg.missed_heartbeats,
         )
+        self.joins = agent_admission.JoinGate(cfg.max_joins)  # a fleet rejoining at once is taken in turns
         agent_host = cfg.agent_host or cfg.host
         mtls = None
         if not cfg.insecure_agents:
@@ -230,7 +232,7 @@ class ControlPlane(server_views.ServerViews):
         self._background.append(asyncio.create_task(self._log_agent_events(), name="agent-events"))
         try:
             self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port, mtls=mtls,
-                                                                        more=(self.relay_servicer.handler(),))
+                                                                        more=(self.relay_servicer.handler(),), joins=self.joins)
         except OSError:
             sock.close()
             raise

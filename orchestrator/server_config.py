@@ -18,6 +18,7 @@ from typing import Any
 
 from orchestrator import event_retention
 from orchestrator.adapters import local_ray
+from orchestrator.agents import admission as agent_admission
 from orchestrator.gateway import options as gateway_options
 from orchestrator.security import ca as ca_mod
 from orchestrator.simulation import budget as sim_budget
@@ -46,6 +47,7 @@ class ServerConfig:
     position: tuple[float, float] | None = None  # the gateway's own location
     heartbeat_interval_s: float = 5.0
     missed_heartbeats: int = 3
+    max_joins: int = agent_admission.MAX_JOINS  # agent joins worked on at once; one more: RESOURCE_EXHAUSTED with when to retry
     resync_s: float = 5.0
     artifact_roots: tuple[pathlib.Path, ...] = ()
     artifact_hosts: tuple[str, ...] = ()  # allowed hosts of remote artifact URLs; empty = any
@@ -122,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         new_agent_ca=args.new_agent_ca,
         agent_cert_ttl_s=args.agent_cert_days * 86400.0,
         auth=args.auth, position=position, heartbeat_interval_s=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
+        max_joins=args.max_joins,
         artifact_roots=tuple(pathlib.Path(r) for r in args.artifact_root), artifact_hosts=tuple(args.artifact_host), public_url=args.public_url, bootstrap_tokens=tokens,
         allowed_hosts=tuple(args.allowed_host),
         agent_tls_names=tuple(args.agent_tls_name),

@@ -8,6 +8,7 @@ import argparse
 import os
 
 from orchestrator import argtypes, event_retention
+from orchestrator.agents.admission import MAX_JOINS
 from orchestrator.gateway import options as gateway_options
 from orchestrator.security.ca import AGENT_DAYS
 from orchestrator.store import threads as store_threads
@@ -75,6 +76,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "0.05 to 300; default 5")
     p.add_argument("--missed-heartbeats", type=argtypes.whole_number(1, 100), default=3,
                    help="an agent is unhealthy after this many missed heartbeats (1 to 100; default 3)")
+    p.add_argument("--max-joins", type=argtypes.whole_number(1, 100_000), default=MAX_JOINS, metavar="N",
+                   help="agent joins worked on at once; one more is refused at once (RESOURCE_EXHAUSTED) with when to "
+                        f"join again, which agents wait for (docs/agent.md; default {MAX_JOINS})")
     p.add_argument("--artifact-root", action="append", default=[], help="folder local artifact URIs may read from (repeatable)")
     p.add_argument("--artifact-host", action="append", default=[],
                    help="allowed host for http(s) artifact URIs, exact or .domain for subdomains (repeatable; default: any)")

@@ -18,9 +18,9 @@ from typing import Protocol, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from edgeplane_proto import identity
+from edgeplane_proto import identity, reconnect
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
-from orchestrator.agents import errors, hub, model
+from orchestrator.agents import admission, errors, hub, model
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,10 @@ class AgentControlServicer:
     INVALID_ARGUMENT with a reason instead of gRPC's generic UNKNOWN and a stack trace.
     """
 
-    def __init__(self, agent_hub: hub.AgentHub, *, issuer: CertificateIssuer | None = None) -> None:
+    def __init__(self, agent_hub: hub.AgentHub, *, issuer: CertificateIssuer | None = None,
+                 joins: admission.JoinGate | None = None) -> None:
         self._hub = agent_hub
+        self._joins = joins if joins is not None else admission.JoinGate()
         # With an issuer, every stream must come with a client certificate naming its site.
         self._issuer = issuer
 
@@ -111,6 +113,22 @@ class AgentControlServicer:
         )
 
     async def Join(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
+        """At most the gate's limit of joins at once: one more is refused before anything of it
+        is read, RESOURCE_EXHAUSTED with when to come back (:mod:`admission`)."""
+        place = self._joins.enter()
+        if isinstance(place, admission.Refused):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this control plane is working on {place.limit} agent joins at once (--max-joins); "
+                f"join again in {place.retry_after_s:.1f}s",
+                trailing_metadata=((reconnect.PUSHBACK_KEY, str(round(place.retry_after_s * 1000))),),
+            )
+        try:
+            return await self._join(raw, context)
+        finally:
+            self._joins.leave(place)
+
+    async def _join(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
         try:
             request = _parse(pb.JoinRequest, raw)
         except _Malformed as exc:
@@ -332,12 +350,14 @@ async def start_agent_server(
     max_receive_bytes: int = MAX_RECEIVE_BYTES,
     sweep_period: float | None = None,
     more: Sequence[grpc.GenericRpcHandler] = (),
+    joins: admission.JoinGate | None = None,
 ) -> AgentServer:
     """Listen for agents on ``host:port`` (0 = any free port) and start sweeping health;
-    ``more`` services share the listener (the replica relay)."""
+    ``more`` services share the listener (the replica relay); ``joins`` bounds the joins
+    worked on at once (default :data:`admission.MAX_JOINS`)."""
     server = grpc.aio.server(options=server_options(max_receive_bytes))
     issuer = mtls.issuer if mtls is not None else None
-    server.add_generic_rpc_handlers((AgentControlServicer(agent_hub, issuer=issuer).handler(), *more))
+    server.add_generic_rpc_handlers((AgentControlServicer(agent_hub, issuer=issuer, joins=joins).handler(), *more))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     join_port = None
     if mtls is not None:

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import fleet_metrics
-from orchestrator.agents import auth, hub, model
+from orchestrator.agents import admission, auth, hub, model
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
@@ -128,3 +128,19 @@ def test_an_agent_relayed_by_a_follower_is_counted_once_across_replicas() -> Non
         return agents, registry.get_sample_value("edgeplane_heartbeats_received_total") or 0
 
     assert scraped(leader) == (1, 1) and scraped(follower) == (1, 1)
+
+
+def test_joins_refused_for_a_busy_control_plane_are_counted() -> None:
+    """A join over --max-joins is refused (tests/agent/test_join_admission.py): the counter an
+    operator watches at a restart moves, and the gauge says how many are under way."""
+    gate = admission.JoinGate(1)
+    registry = CollectorRegistry()
+    registry.register(fleet_metrics.FleetCollector(types.SimpleNamespace(joins=gate, elector=None)))  # type: ignore[arg-type]
+    assert registry.get_sample_value("edgeplane_agent_joins_refused_total") == 0
+    held = gate.enter()
+    assert isinstance(gate.enter(), admission.Refused) and isinstance(gate.enter(), admission.Refused)
+    assert registry.get_sample_value("edgeplane_agent_joins_refused_total") == 2
+    assert registry.get_sample_value("edgeplane_agent_joins_in_progress") == 1
+    assert isinstance(held, admission.Admitted)
+    gate.leave(held)
+    assert registry.get_sample_value("edgeplane_agent_joins_in_progress") == 0
