@@ -165,6 +165,8 @@ def _replica_state(s: snap.Snapshot, row: Any, holding: Collection[tuple[str, st
         out = {"state": state.phase.value if agent.healthy else "AgentUnhealthy", "ready": ready, "provider": state.provider}
         return out | ({"reason": state.message} if state.message and ready < row.replicas else {})
     dc = s.datacentres.get(row.site)
+    if dc is not None and dc.waiting:
+        return {"state": "Waiting", "ready": 0, "reason": dc.error}
     if dc is None or not dc.reachable:
         why = dc.error if dc is not None and dc.error else "the data centre does not answer"
         # not seen, so not counted ready; but not gone either: the gateway still routes to it

@@ -301,6 +301,9 @@ class DataCentreSync:
             self.observed[site.name] = self._unreachable(site.name)
             return
         self._calls.start(site.name, self._observing(site), Observing(site, target_of(site.spec)))
+        # not observed yet (a new site, or one moved to a new target): until its answer comes it
+        # is awaited, out of reach, not planned as a cluster that answers
+        self.observed.setdefault(site.name, snap.DataCentreObservation.awaited())
 
     async def _observing(self, site: snap.SiteRecord) -> tuple[serve_config.DataCentreActuator, Mapping[str, serve_config.ServeAppStatus]]:
         actuator = await self.datacentres.actuator(site.name, site.spec)

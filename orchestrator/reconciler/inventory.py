@@ -56,13 +56,14 @@ def site_health(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, 
     reach keeps its replicas until it is declared lost (``DataCentreObservation.lost``), as
     an agent keeps them through a missed heartbeat: its cluster most likely still serves
     (an API server restarting, a dropped connection), and moving off rebuilds elsewhere what
-    runs there, then deletes it once it answers."""
+    runs there, then deletes it once it answers. One not observed yet (its first observation
+    still running) is ``Waiting``: held alike, nothing known of it to route to."""
     if record.spec.tier == "edge":
         if agent is None:
             return (True, "Rejoining") if rejoining else (False, "NoAgent")
         return (True, "Healthy") if agent.healthy else (False, "Unhealthy")
     if dc is not None and not dc.reachable:
-        return not dc.lost, "Unreachable"
+        return not dc.lost, "Waiting" if dc.waiting else "Unreachable"
     return True, "Healthy"
 
 
@@ -117,6 +118,7 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
         admits=Counter((d, v.name) for d, v in cordoned) if cordoned is not None else None,
         out_of_reach=out_of_reach,
         out_of_reach_since=dc.unreachable_at if out_of_reach and dc is not None else None,
+        first_answer_awaited=out_of_reach and dc is not None and dc.waiting,
         runtimes=agent_runtimes(agent, sent) if agent is not None and spec.tier == "edge" else None,
     )
 

@@ -435,7 +435,9 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
         dc = s.datacentres.get(r.site)
         if dc is not None:
             app = dc.apps.get(app_name(r.site, d.name, r.variant))
-            if not dc.reachable or dc.refused:  # a refused apply is the operator's to fix; a retryable one is retried
+            if dc.waiting:  # not known yet to fail: its replicas may well come
+                notes.append(f"{r.site}: {dc.error}")
+            elif not dc.reachable or dc.refused:  # a refused apply is the operator's to fix; a retryable one is retried
                 problems.append("; ".join(filter(None, [f"{r.site}: {dc.error}", dc.routed_unseen(app_name(r.site, d.name, r.variant))])))
             elif app is not None and app.status in (serve_config.ServeAppState.DEPLOY_FAILED, serve_config.ServeAppState.UNHEALTHY):
                 problems.append(f"{r.site}: {app.status.value}: {app.message}")
@@ -499,7 +501,7 @@ def site_status(s: snap.Snapshot, record: snap.SiteRecord) -> dict[str, Any]:
         })
     elif record.spec.capacity is not None:
         status["capacitySource"] = "declared"
-    if dc is not None and dc.error:
+    if dc is not None and dc.error and not dc.waiting:
         status["error"] = dc.error
     return status
 

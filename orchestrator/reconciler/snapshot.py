@@ -55,6 +55,10 @@ class Desired:
     maintenance: Mapping[str, maintenance_mod.Maintenance] = field(default_factory=dict)  # by site: cordoned or draining
 
 
+#: A data centre's ``error`` while its first observation is still running.
+FIRST_ANSWER_AWAITED = "waiting for its first answer (its first observation is still running)"
+
+
 @dataclass(frozen=True)
 class DataCentreObservation:
     reachable: bool
@@ -77,6 +81,15 @@ class DataCentreObservation:
     # Reachable: the apply being retried was refused (``error``), not failed for a while
     # (Ray starting, say): the deployments waiting on it are Failing, not starting.
     refused: bool = False
+    # Not observed yet: its first observation is still running (a call that outlived its
+    # pass's wait). Planned as out of reach (``reachable`` False, ``error`` saying so):
+    # nothing new is placed there and nothing routed to it, until it answers or fails.
+    waiting: bool = False
+
+    @classmethod
+    def awaited(cls) -> DataCentreObservation:
+        """A site whose first observation is still running."""
+        return cls(False, error=FIRST_ANSWER_AWAITED, waiting=True)
 
     @property
     def routed(self) -> Mapping[str, serve_config.ServeAppStatus]:

@@ -152,7 +152,10 @@ def _not_admitting(fleet: Fleet, matching: np.ndarray, healthy: np.ndarray, wher
 
 
 def _since(site: Site) -> str:
-    """``dc-paris since 2026-03-01T08:30:00Z``, or the name alone when the outage's start is not known."""
+    """``dc-paris since 2026-03-01T08:30:00Z``, ``dc-paris waiting for its first answer``, or
+    the name alone when the outage's start is not known."""
+    if site.first_answer_awaited:
+        return f"{site.name} waiting for its first answer"
     if site.out_of_reach_since is None:
         return site.name
     return f"{site.name} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(site.out_of_reach_since))}"

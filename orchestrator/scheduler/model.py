@@ -102,9 +102,11 @@ class Site:
     # A data centre out of reach but not declared lost is held as a cordoned site is
     # (``admits``): it most likely still serves, and takes nothing new until it answers. A
     # reason names it out of reach, not cordoned, and since when (wall clock, seconds since
-    # the epoch; None: not known).
+    # the epoch; None: not known). ``first_answer_awaited``: it has not answered yet at all
+    # (its first observation is still running), which the reason says instead.
     out_of_reach: bool = False
     out_of_reach_since: float | None = None
+    first_answer_awaited: bool = False
     # The runtimes the site runs replicas of, None for every one: an edge site runs what its
     # agent runs (``reconciler.inventory.agent_runtimes``), a hard limit like its hardware.
     runtimes: frozenset[Runtime] | None = None

@@ -158,3 +158,29 @@ async def test_a_call_held_when_the_reconciler_stops_is_cancelled(slow: Fleet) -
     slow.reconciler.stop()
     await slow.running  # ends without its answer
     assert calls_in_flight() == [] and slow.dashboard.held == ["GET"]
+
+
+async def test_a_site_whose_first_observation_is_held_is_waited_for_not_planned_as_answering(slow: Fleet) -> None:
+    """dc-1's first observation is held: nothing is known of it yet, so nothing new is
+    placed there or routed to it, its status and d's reason say it is awaited; once it
+    answers, d is placed there and applied."""
+    slow.dashboard.stall()
+    slow.apply(datacentres.site("dc-1", on=f"ray: {{address: '{slow.dashboard.url}'}}"), datacentres.MODEL, datacentres.deployment("d", "dc-1"))
+    await harness.wait_until(lambda: slow.dashboard.held == ["GET"], 30, what="dc-1's first observation held")
+    await slow.reconciler.wait_for_pass(slow.reconciler.passes + 2)  # passes planned while it is held
+
+    def status(kind: str, name: str) -> dict[str, object]:
+        stored = slow.store.get(kind, name)
+        return dict(stored.status) if stored is not None else {}
+
+    assert slow.store.placements() == []
+    assert [e for e in slow.reconciler.table.all_endpoints() if e.site == "dc-1"] == []
+    assert status("Site", "dc-1")["health"] == "Waiting"
+    d = status("ModelDeployment", "d")
+    assert d["phase"] == "Unschedulable" and "dc-1 waiting for its first answer" in str(d["reason"]), d
+    assert slow.events("datacentre-error") == []
+
+    slow.dashboard.release()
+    await harness.wait_until(lambda: "ep-d.v.dc-1" in slow.dashboard.applications, 30, what="d applied on dc-1")
+    await harness.wait_until(lambda: status("ModelDeployment", "d").get("phase") == "Running", 30, what="d running")
+    assert status("Site", "dc-1")["health"] == "Healthy"

@@ -29,8 +29,9 @@ const state = { sites: [], deployments: [], placements: [], events: [], lastEven
                 whatifRun: null };  // the running what-if's AbortController: given up at sign-out or at the next run
 
 // A site's health word, as the table colours it; anything else is bad. A Rejoining site kept
-// its replicas over a control-plane restart and waits for its agent to come back.
-const HEALTH_CLASS = { Healthy: "Healthy", Rejoining: "waiting" };
+// its replicas over a control-plane restart and waits for its agent to come back; a Waiting
+// data centre has not answered its first observation yet.
+const HEALTH_CLASS = { Healthy: "Healthy", Rejoining: "waiting", Waiting: "waiting" };
 
 // A site's maintenance as `edgeplane get sites` words it (render.scheduling), and the
 // tooltip's lines on it: who took it out, since when, why, and what a drain waits for.
