@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import pathlib
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Self
@@ -137,6 +138,7 @@ class RayServeActuator:
         # that an application without an explicit ``deployment`` can still be sized.
         self._ingress: dict[str, str] = {}
         self._sent: dict[str, dict[str, Any]] | None = None  # our applications as the last PUT gave them
+        self._refused: dict[str, str] = {}  # by name: ours the last apply asked for and Ray refused, why
         self.drift = ""
 
     def __repr__(self) -> str:  # never shows the token
@@ -166,9 +168,49 @@ class RayServeActuator:
                 self._dashboard_url,
                 len(config["applications"]) - len(apps),
             )
-            await self._request("PUT", APPLICATIONS_PATH, json=config)
+            config, refused = await self._put(config, details)
             self._sent = {a["name"]: a for a in config["applications"] if self._owns(a["name"])}
-        return {}  # Serve takes every application; one no node holds waits, as observe() says
+        self._refused = refused
+        # one no node holds waits, as observe() says; one Ray refused is reported by observe() too
+        return {name: f"refused by Ray Serve: {why}" + ("; it runs as it was" if name in self._sent else "")
+                for name, why in refused.items()}
+
+    async def _put(self, config: dict[str, Any], details: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """PUT ``config``: the config the cluster took, and ours Ray refused, by name: why.
+
+        Serve's PUT is one config for every application on the cluster: a 400 for one left
+        all the others unapplied. Where Ray's answer names applications of ours (its schema's
+        error locations, ``applications.<index>``), the config is sent again with each of them
+        as it runs on the cluster, or without it if it runs nowhere (one refused as it runs
+        too is left out), so that one bad application fails alone. A refusal that names
+        none, or names another owner's, refuses the apply as a whole, as before."""
+        refused: dict[str, str] = {}
+        for _ in range(2 * len(config["applications"]) + 1):  # each retry drops or reverts one of ours at least
+            try:
+                await self._request("PUT", APPLICATIONS_PATH, json=config)
+                return config, refused
+            except ServeConfigRejected as exc:
+                named = refused_applications(exc.detail, [a.get("name", "") for a in config["applications"]])
+                if not named or not all(self._owns(name) for name in named):
+                    raise
+                log.warning("Ray Serve on %s refused %s; applying the others", self._dashboard_url, ", ".join(sorted(named)))
+                config = self._without(config, details, named, kept=set(refused))
+                refused.update({name: why for name, why in named.items() if name not in refused})
+        raise ServeConfigRejected("refused again after leaving out each application it named")
+
+    def _without(self, config: dict[str, Any], details: Mapping[str, Any], refused: Mapping[str, str], kept: set[str]) -> dict[str, Any]:
+        """``config`` with each ``refused`` application as it runs on the cluster, or left out
+        where it runs nowhere or was already sent as it runs (``kept``)."""
+        running = {name: app.get("deployed_app_config") for name, app in (details.get("applications") or {}).items()
+                   if app.get("source") == "declarative" and app.get("deployed_app_config")}
+        applications = []
+        for entry in config["applications"]:
+            name = entry.get("name", "")
+            if name not in refused:
+                applications.append(entry)
+            elif name in running and name not in kept:
+                applications.append(running[name])
+        return {**config, "applications": applications}
 
     async def observe(self) -> Mapping[str, ServeAppStatus]:
         details = await self._get_details()
@@ -184,6 +226,10 @@ class RayServeActuator:
         nodes: list[Mapping[str, float]] | None = None
         for name, app in owned.items():
             status = status_from_details(name, app, serve_url)
+            if (why := self._refused.get(name)) is not None:  # runs as it was: its change was refused
+                message = f"refused by Ray Serve: {why}; it runs as it was"
+                statuses[name] = dataclasses.replace(status, message=message, detail=message)
+                continue
             if status.replicas_running < status.replicas_target:
                 if nodes is None:
                     nodes = await self._node_capacities()
@@ -191,6 +237,10 @@ class RayServeActuator:
                 if reason:
                     status = dataclasses.replace(status, message=reason, detail=reason)
             statuses[name] = status
+        for name, why in self._refused.items():
+            if name not in statuses:  # runs nowhere: failed, saying what Ray said, for its deployment's status
+                message = f"refused by Ray Serve: {why}"
+                statuses[name] = ServeAppStatus(name, ServeAppState.DEPLOY_FAILED, message, 0, 0, None, detail=message)
         return statuses
 
     async def close(self) -> None:
@@ -322,6 +372,27 @@ class RayServeActuator:
                 response.status_code,
             )
         return response
+
+
+# An error's location in Ray's answer to a config its schema refuses (``repr`` of pydantic's
+# ValidationError): ``applications.1.import_path`` (pydantic 2) or ``applications -> 1 -> import_path`` (1).
+_LOCATION = re.compile(r"^applications(?:\.| -> )(\d+)(?:(?:\.| -> )(\S.*))?$")
+
+
+def refused_applications(answer: str, names: Sequence[str]) -> dict[str, str]:
+    """The applications (of ``names``, in the order PUT) that Ray's 400 ``answer`` names,
+    each with what it says of it (``field: message``); empty where it names none (a
+    refusal of the config as a whole, or one not worded as its schema's)."""
+    said: dict[str, list[str]] = {}
+    lines = answer.splitlines()
+    for i, line in enumerate(lines):
+        if (at := _LOCATION.match(line.rstrip())) is None or int(at[1]) >= len(names):
+            continue
+        message = lines[i + 1].strip() if i + 1 < len(lines) and lines[i + 1][:1].isspace() else ""
+        message = re.sub(r"\s*[\[(]type=[^\])]*[\])]$", "", message)  # pydantic's error type, for the reader of its code
+        field_name = (at[2] or "").split(".constrained-")[0]
+        said.setdefault(names[int(at[1])], []).append(": ".join(filter(None, [field_name, message])))
+    return {name: "; ".join(dict.fromkeys(parts)) for name, parts in said.items()}
 
 
 def _says_all_of(seen: Any, sent: Any) -> bool:

@@ -97,10 +97,13 @@ class ServeDashboard:
     are PUT; ``stop()`` takes the cluster away for good. ``stall()`` makes it take requests
     and answer none (of the methods given, or all) until ``release()``, as a dashboard that
     answers at the client's timeout; ``requests``: the method of each request it took, in
-    order, and ``held`` those it holds now."""
+    order, and ``held`` those it holds now. ``validates``: a PUT is checked as Ray's dashboard
+    checks it (Ray Serve's own ``ServeDeploySchema``), one it refuses answered 400 with the
+    text Ray answers, and nothing of it applied."""
 
-    def __init__(self) -> None:
+    def __init__(self, validates: bool = False) -> None:
         self.applications: dict[str, dict[str, Any]] = {}
+        self.validates = validates
         self.requests: list[str] = []
         self.held: list[str] = []
         self._stalled: frozenset[str] = frozenset()
@@ -120,13 +123,15 @@ class ServeDashboard:
             def do_PUT(self) -> None:
                 config = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 dashboard.took(self.command)
+                if (refused := dashboard.refusal(config)) is not None:
+                    return self.answer(refused, 400)
                 dashboard.applications = {a["name"]: a for a in config["applications"]}
                 self.answer({})
 
-            def answer(self, body: Any) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
+            def answer(self, body: Any, status: int = 200) -> None:
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "text/plain" if isinstance(body, str) else "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 with contextlib.suppress(ConnectionError):  # a held request its client gave up on
@@ -151,6 +156,20 @@ class ServeDashboard:
             self._open.wait(60)
             with self._lock:
                 self.held.remove(method)
+
+    def refusal(self, config: Any) -> str | None:
+        """What Ray's dashboard answers a Serve config it refuses (``repr`` of the validation
+        error, as its ``put_all_applications`` does), None for one it takes."""
+        if not self.validates:
+            return None
+        import pydantic
+        from ray.serve.schema import ServeDeploySchema  # Ray's own check; imported only where asked for, it takes seconds
+
+        try:
+            ServeDeploySchema.model_validate(config)
+        except pydantic.ValidationError as exc:
+            return repr(exc)
+        return None
 
     def stall(self, *methods: str) -> None:
         self._stalled = frozenset(methods or ("GET", "PUT"))
