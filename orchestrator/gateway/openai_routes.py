@@ -247,21 +247,23 @@ class OpenAIGateway:
         if isinstance(caller, routing.NoRoute):
             return error(caller.status, caller.reason)
         data = []
-        for model in self.gw.table.models():
-            ranked = self._ranked(model, request, caller, limit=1)
+        for name in sorted({*self.gw.table.models(), *self.gw.table.cascades}):  # a cascade by its deployment's name too
+            model, deployment = self.gw.table.target(name)
+            ranked = self._ranked(model, request, caller, limit=1, deployment=deployment)
             if isinstance(ranked, list) and any(r.endpoint.api == routing.API_OPENAI for r in ranked):
-                data.append({"id": model, "object": "model", "created": 0, "owned_by": "edgeplane"})
+                data.append({"id": name, "object": "model", "created": 0, "owned_by": "edgeplane"})
         return Response(json.dumps({"object": "list", "data": data}), media_type="application/json")
 
     async def get_model(self, request: Request) -> Response:
-        model = request.path_params["model"]
-        refused = await self._admit(request, model, inference=False)
+        name = request.path_params["model"]
+        refused = await self._admit(request, name, inference=False)
         if refused is not None:
             return refused
-        ranked = self._openai_candidates(model, request, limit=1)
+        model, deployment = self.gw.table.target(name)  # as a chat by that name is routed
+        ranked = self._openai_candidates(model, request, limit=1, deployment=deployment)
         if isinstance(ranked, Response):
             return ranked
-        return Response(json.dumps({"id": model, "object": "model", "created": 0, "owned_by": "edgeplane"}),
+        return Response(json.dumps({"id": name, "object": "model", "created": 0, "owned_by": "edgeplane"}),
                         media_type="application/json", headers={"x-edgeplane-site": ranked[0].endpoint.site})
 
     async def chat(self, request: Request) -> Response:

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -16,9 +17,9 @@ from starlette.applications import Starlette
 from edge_agent import httpmessages
 from orchestrator.api import methods
 from orchestrator.gateway import cascade, cascade_rules, endpoints, openai_routes, proxy, routing, upstream
-from orchestrator.testing.loopback import replica
+from orchestrator.testing.loopback import replica, serving
 from tests.gateway.openai_cascades import (CHAT, DC, Handle, answering, answering_42, at_capacity, cascade_of, chat_answer, chat_reply,
-                                        endpoint, gateway, refusing, truncated)
+                                        endpoint, gateway, gateway_app, refusing, truncated)
 
 
 async def test_an_escalated_stage_on_vllm_is_asked_for_its_served_model_name() -> None:
@@ -256,3 +257,34 @@ async def test_a_call_by_the_model_name_is_served_by_a_deployment_without_a_casc
             resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json=CHAT, headers={"x-edgeplane-residency": "US"})
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-edgeplane-site"] == "edge-us" and asked == ["edge-us"]
+
+
+async def test_the_sdk_finds_a_cascade_by_its_deployment_name_where_the_caller_may_reach_it() -> None:
+    """A cascade is called by its deployment's name like any model: ``models.retrieve`` and
+    ``models.list`` know that name too, for the callers whose residency one of its replicas
+    serves (an application checks the name it was configured with before it chats)."""
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    async with replica(answering("from edge-fr")) as fr, replica(answering("from edge-ch")) as ch:
+        table = endpoints.EndpointTable()
+        table.replace([routing.Endpoint("chat", "chat-eu", "edge-fr", "edge", "FR", "", 48.85, 2.35, fr, api=routing.API_OPENAI,
+                                        allowed_countries=frozenset({"FR"})),
+                       routing.Endpoint("chat", "chat-ch", "edge-ch", "edge", "CH", "", 46.2, 6.1, ch, api=routing.API_OPENAI,
+                                        allowed_countries=frozenset({"CH"}))])
+        eu = cascade_rules.CascadeRoute("chat", "chat-eu", (first, DC), {})
+        table.set_cascades({"chat": eu, "chat-eu": eu, "chat-ch": cascade_rules.CascadeRoute("chat", "chat-ch", (first, DC), {})})
+        async with gateway_app(table) as app, serving(app) as port:
+            sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/openai/v1", api_key="unused", max_retries=0, timeout=30)
+            try:
+                assert (await sdk.models.retrieve("chat-eu")).id == "chat-eu"
+                answer = await sdk.chat.completions.create(model="chat-eu", messages=CHAT["messages"], max_tokens=4)
+                assert answer.choices[0].message.content == "from edge-fr"
+                assert [m.id for m in (await sdk.models.list()).data] == ["chat", "chat-ch", "chat-eu"]
+                swiss = {"X-Edgeplane-Residency": "CH"}
+                assert [m.id for m in (await sdk.models.list(extra_headers=swiss)).data] == ["chat", "chat-ch"]
+                with pytest.raises(openai.APIStatusError) as refused:  # its replicas are all outside the caller's residency
+                    await sdk.models.retrieve("chat-eu", extra_headers=swiss)
+                assert refused.value.status_code == 503
+                with pytest.raises(openai.NotFoundError):
+                    await sdk.models.retrieve("chat-us")
+            finally:
+                await sdk.close()
