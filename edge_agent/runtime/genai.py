@@ -16,6 +16,9 @@ This module adds what a server needs around its ``Generator`` loop:
 - stop strings are matched here, in the generating thread, so generation ends on the
   token that completes one and the text before it is all that is sent (text that could be
   the start of a stop string is held back until it cannot be);
+- the text of tokens that are parts of a character is read here from their bytes, in a
+  byte-level vocabulary (:class:`TextStream`): the library's stream decoder dropped the
+  text after bytes that make no character;
 - log-probabilities come from the step's logits (a log-softmax over the vocabulary),
   computed only when asked for, with each token's own bytes (``runtime.token_bytes``: the
   library decodes a token that is part of a character, a special token or a NUL to U+FFFD).
@@ -39,12 +42,13 @@ written at once.) ``bench/genai_agent.py`` measures both.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import pathlib
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -194,19 +198,59 @@ def cuda_available() -> bool:
         return False
 
 
-def _shown_tokens(directory: pathlib.Path) -> tuple[dict[int, Piece], bool, re.Pattern[str] | None]:
-    """The tokens whose text the library does not decode (parts of a character, special
-    tokens, NUL), as logprobs show them, from the model's tokenizer.json; whether it
-    spells out its tokens' bytes in a way :mod:`token_bytes` reads; and a pattern that
-    finds the text of its special tokens (None: it has none)."""
+@dataclass(frozen=True)
+class _Vocabulary:
+    """What the model's tokenizer.json says that the library does not: the tokens whose
+    text it does not decode (parts of a character, special tokens, NUL), as logprobs show
+    them; whether it spells out its tokens' bytes in a way :mod:`token_bytes` reads; a
+    pattern that finds the text of its special tokens (None: it has none); and, in a
+    byte-level vocabulary, the bytes of the tokens that are parts of a character, which
+    :class:`TextStream` reads itself."""
+
+    pieces: dict[int, Piece]
+    bytes_known: bool
+    specials: re.Pattern[str] | None
+    partial: dict[int, bytes]
+
+
+def _vocabulary(directory: pathlib.Path) -> _Vocabulary:
     try:
         tokenizer = json.loads((directory / "tokenizer.json").read_bytes())
     except (OSError, ValueError):  # none: its tokens' text is all there is
-        return {}, False, None
+        return _Vocabulary({}, False, None, {})
     pieces = {token_id: Piece(text, raw) for token_id, (text, raw) in token_bytes.shown_tokens(tokenizer).items()}
     specials = sorted(set(token_bytes.special_texts(tokenizer)), key=len, reverse=True)  # the longest of overlapping ones
     pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
-    return pieces, token_bytes.spells_bytes(tokenizer), pattern
+    return _Vocabulary(pieces, token_bytes.spells_bytes(tokenizer), pattern, token_bytes.byte_level_partial_tokens(tokenizer))
+
+
+class TextStream:
+    """The answer's text token by token. The library's stream decoder holds the bytes of an
+    unfinished character, and when the next token does not finish it (a model sampled hot
+    writes 0xC3 then "a"), it dropped that token's text and often more. So the tokens that
+    are parts of a character (``partial``: their bytes) are read here, by Python's UTF-8
+    decoder, which gives U+FFFD for bytes that make no character and keeps what follows;
+    every other token is the library's to decode, as before."""
+
+    def __init__(self, stream: oga.TokenizerStream, partial: Mapping[int, bytes]) -> None:
+        self._stream = stream
+        self._partial = partial
+        self._bytes = codecs.getincrementaldecoder("utf-8")("replace")
+        self._open = False  # bytes of a character may be held
+
+    def decode(self, token: int) -> str:
+        raw = self._partial.get(token)
+        if raw is not None:
+            self._open = True
+            return self._bytes.decode(raw)
+        return self.flush() + self._stream.decode(token)
+
+    def flush(self) -> str:
+        """U+FFFD for the bytes of a character that did not come ("" when none are held)."""
+        if not self._open:
+            return ""
+        self._open = False
+        return self._bytes.decode(b"", final=True)
 
 
 def _has_gpu() -> bool:
@@ -233,8 +277,9 @@ class GenAIModel:
         # Read here, where a load is expected to take time: parsing a tokenizer.json of 10-17 MB
         # holds the GIL for about a second, which in the first request for logprobs stalled the
         # event loop and that request's first token.
-        self._pieces: dict[int, Piece]
-        self._pieces, self._bytes_known, self._specials = _shown_tokens(directory)
+        vocabulary = _vocabulary(directory)
+        self._pieces: dict[int, Piece] = vocabulary.pieces
+        self._bytes_known, self._specials, self._partial = vocabulary.bytes_known, vocabulary.specials, vocabulary.partial
 
     @classmethod
     def load(cls, directory: pathlib.Path, *, use_cuda: bool | None = None, spin_between_runs: bool = False,
@@ -307,7 +352,7 @@ class GenAIModel:
         generator = oga.Generator(self._model, search)
         stream = oga.TokenizerStream(self._tokenizer)
         try:
-            reason, produced, rest = self._steps(generator, stream, prompt, options, emit, cancel, window)
+            reason, produced, rest = self._steps(generator, TextStream(stream, self._partial), prompt, options, emit, cancel, window)
         finally:  # the KV cache goes now, not when the collector gets to it
             stream.close()
             generator.close()
@@ -320,7 +365,7 @@ class GenAIModel:
         library refuses one past the vocabulary, which would fail the request in mid-call."""
         return min(asked, self.vocab_size) if self.vocab_size else asked
 
-    def _steps(self, generator: oga.Generator, stream: oga.TokenizerStream, prompt: np.ndarray, options: SamplingOptions,
+    def _steps(self, generator: oga.Generator, stream: TextStream, prompt: np.ndarray, options: SamplingOptions,
                emit: Callable[[TokenEvent | Finished], None], cancel: Cancel, window: Window | None) -> tuple[str, int, str]:
         """Prefill, then one step per token; ``(finish reason, tokens produced, held-back text)``."""
         chunk = self.prefill_chunk
@@ -331,6 +376,7 @@ class GenAIModel:
         stops = StopMatcher(options.stop)
         produced = 0
         reason = "length"
+        stopped = False
         while produced < options.max_tokens:
             if cancel.is_set:
                 reason = "cancelled"
@@ -359,8 +405,12 @@ class GenAIModel:
             if window is not None:
                 window.wait(produced)
         # A completed stop string leaves nothing held back; the end-of-sequence token, also
-        # reason "stop", ends an answer whose held-back text was never part of one.
-        return reason, produced, stops.flush()
+        # reason "stop", ends an answer whose held-back text was never part of one (nor
+        # were the bytes of a character that did not come: U+FFFD).
+        if stopped or reason == "cancelled":
+            return reason, produced, stops.flush()
+        last, stopped = stops.feed(stream.flush())
+        return ("stop" if stopped else reason), produced, last + stops.flush()
 
     def _logprobs(self, raw: object, token: int, top_n: int) -> tuple[float, tuple[tuple[Piece, float], ...]]:
         logits = np.asarray(raw, dtype=np.float64).reshape(-1)

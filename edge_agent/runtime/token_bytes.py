@@ -57,6 +57,15 @@ def special_texts(tokenizer: Any) -> tuple[str, ...]:
                  and token["content"])
 
 
+def byte_level_partial_tokens(tokenizer: Any) -> dict[int, bytes]:
+    """:func:`partial_tokens` of a byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM): there a
+    token's text is its bytes, whatever came before it, so an answer's text is its tokens'
+    bytes read as UTF-8 (empty for a vocabulary of another kind: a SentencePiece one's
+    text depends on where a token stands)."""
+    decoder = tokenizer.get("decoder") if isinstance(tokenizer, Mapping) else None
+    return partial_tokens(tokenizer) if "ByteLevel" in set(_decoder_types(decoder)) else {}
+
+
 def spells_bytes(tokenizer: Any) -> bool:
     """Whether a parsed ``tokenizer.json`` spells out the bytes of its tokens in a way read
     here (a byte-level BPE, byte fallback): when it does not, a token the library decodes to

@@ -20,7 +20,7 @@ from edge_agent import registry
 from edgeplane_proto.inference.v2 import inference_pb2 as pb
 from edgeplane_proto.inference.v2 import inference_pb2_grpc as pb_grpc
 from orchestrator.agents import model
-from orchestrator.testing import harness
+from orchestrator.testing import genai_model, harness
 
 from .conftest import SITE, ArtifactServer, ControlPlane, MakeAgent
 from .genai_serving import MODEL, USER, Packages, Serving, assignment, chatml, serve, token_count, wait_state
@@ -253,3 +253,18 @@ async def test_a_package_escaping_its_folder_is_refused_before_anything_is_writt
     r = await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, temperature=0)
     assert r.usage.completion_tokens == 2
     assert json.loads(r.model_dump_json())["model"] == MODEL
+
+
+async def test_text_after_bytes_that_make_no_character_is_not_lost(small: Serving) -> None:
+    """Sampled hot, a byte-level model writes bytes that make no character (0xC3 then "a"):
+    the answer is its tokens' bytes read as UTF-8, each such byte a U+FFFD, and the text
+    after it is all there, streamed or not (the library's own stream decoder dropped the
+    token after such a byte, and more: " the" became "the")."""
+    asked = {"model": MODEL, "messages": USER, "max_tokens": 48, "temperature": 2.0, "seed": 7, "logprobs": True}
+    whole = await small.client.chat.completions.create(**asked)
+    items = whole.choices[0].logprobs.content
+    spoken = b"".join(bytes(i.bytes) for i in items if i.token not in genai_model.SPECIAL_TOKENS).decode("utf-8", "replace")
+    assert "\ufffd" in spoken  # the test asks what it means to: bytes that make no character
+    assert whole.choices[0].message.content == spoken
+    streamed = [c async for c in await small.client.chat.completions.create(**asked, stream=True)]
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == spoken
