@@ -236,8 +236,10 @@ class ControlPlane(server_views.ServerViews):
         except OSError:
             sock.close()
             raise
-        self.agent_target = f"{agent_host}:{self._agent_server.port}"
-        self.agent_join_target = f"{agent_host}:{self._agent_server.join_port}" if self._agent_server.join_port else None
+        # as agents take it (--control-plane, --join-address): an IPv6 host in brackets
+        self.agent_target = server_config.address(agent_host, self._agent_server.port)
+        join_port = self._agent_server.join_port
+        self.agent_join_target = server_config.address(agent_host, join_port) if join_port else None
         self.ca_file = cfg.data_dir / "ca" / "ca.crt" if mtls else None
 
         self._http = upstream.UpstreamPool(connect_timeout=2.0, timeout=30.0)

@@ -378,5 +378,5 @@ async def start_agent_server(
     await server.start()
     sweeper = asyncio.create_task(agent_hub.run_sweeper(sweep_period), name="agent-hub-sweeper")
     mode = "mutual TLS, joins on port %d" % join_port if join_port else ("tls" if tls else "insecure")
-    log.info("agent gRPC listening on %s:%d (%s)", host, bound, mode)
+    log.info("agent gRPC listening on %s (%s)", f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}", mode)
     return AgentServer(server, bound, sweeper, join_port)

@@ -1,0 +1,38 @@
+"""A control plane and its agents on an IPv6 address, as a dual-stack or IPv6-only host runs
+them: what the control plane says agents dial is an address they take, and they join there.
+Skipped where this machine has no ::1."""
+
+from __future__ import annotations
+
+import pathlib
+import socket
+
+import pytest
+
+from orchestrator.testing import harness
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+
+
+async def test_an_agent_joins_at_the_address_a_control_plane_on_ipv6_names(tmp_path: pathlib.Path) -> None:
+    """``edgeplane serve --host ::1`` said 'agents ::1:8081' and 'first joins on ::1:8082':
+    an agent given that address refused it (an IPv6 address goes in brackets)."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane(host="::1")
+        assert cp.agent_target.startswith("[::1]:") and (cp.agent_join_target or "").startswith("[::1]:")
+        await fleet.start_agent("edge-lyon", country="FR", lat=45.76, lon=4.83)  # given cp.agent_target, with mutual TLS
+        status = cp.hub.status("edge-lyon")
+        assert status is not None and status.healthy
+    finally:
+        await fleet.stop()
