@@ -104,6 +104,11 @@ class ArtifactCatalog:
     #: ends at its next chunk: the control plane's stop is not to wait for it.
     _closed: threading.Event = field(default_factory=threading.Event)
 
+    def __post_init__(self) -> None:
+        # --public-url http://cp.example:8080/ (or .../edgeplane/): the artifacts' URLs join
+        # it with a path of their own, and a route under "//v1/..." is none the server has
+        self.public_base = self.public_base.rstrip("/")
+
     def close(self) -> None:
         """End the checks in progress, and refuse those to come, with :class:`CatalogClosed`."""
         self._closed.set()
