@@ -172,6 +172,10 @@ def client_options() -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.enable_retries", 0),
+        # Directly, whatever http_proxy / https_proxy this host sets: the agent reads no proxy
+        # settings (docs/deploy.md), and gRPC would send its connection, loopback included,
+        # to a proxy that answers the CONNECT with a refusal on a corporate network.
+        ("grpc.enable_http_proxy", 0),
     ]
 
 

@@ -286,7 +286,8 @@ class RelayClient:
 
     async def _connect(self, leader: Leader) -> None:
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.keepalive_time_ms", 10_000),
-                   ("grpc.keepalive_timeout_ms", 5_000), ("grpc.keepalive_permit_without_calls", 1)]
+                   ("grpc.keepalive_timeout_ms", 5_000), ("grpc.keepalive_permit_without_calls", 1),
+                   ("grpc.enable_http_proxy", 0)]  # directly, as an agent dials: gRPC would follow this host's http_proxy
         if self._tls is None:
             channel = grpc.aio.insecure_channel(leader.address, options=options)
         else:
