@@ -32,6 +32,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator import client as client_mod
+from orchestrator import proxyenv
 from orchestrator.artifacts import genai_package
 from orchestrator.manifests import loader
 from orchestrator.testing import examples, harness
@@ -199,7 +200,7 @@ async def run(args: argparse.Namespace) -> int:
         files = [(p.name, p.read_text()) for p in loader.manifest_files(examples)]
         sites = [f for f in files if f[0] == "sites.yaml"]
         workloads = [f for f in files if f[0] != "sites.yaml"]
-        async with httpx.AsyncClient(base_url=cp.http_url, timeout=60) as http:
+        async with proxyenv.async_client(base_url=cp.http_url, timeout=60) as http:  # NO_PROXY read as the CLI reads it
             console.print("[bold]2/5[/] declaring the sites (manifests/examples/sites.yaml)")
             (await http.post("/v1/apply", content=loader.bundle(sites))).raise_for_status()
             console.print("[bold]3/5[/] starting edge agents: " + ", ".join(f"{s} ({a['country']})" for s, a in AGENTS.items()) + "; edge-zurich has none")

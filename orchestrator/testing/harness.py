@@ -23,9 +23,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
-from orchestrator import server, server_config
+from orchestrator import proxyenv, server, server_config
 from orchestrator.adapters import local_ray
 from orchestrator.gatewayd import server as gatewayd
 
@@ -283,7 +281,7 @@ async def serving_fleet(root: pathlib.Path, yaml_text: str, agents: Mapping[str,
     f = Fleet(root)
     try:
         cp = await f.start_control_plane(local_ray_endpoints=local_ray_endpoints, **overrides)
-        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        async with proxyenv.async_client(base_url=cp.http_url, timeout=30) as http:
             resp = await http.post("/v1/apply", content=yaml_text)
             assert resp.status_code == 200, resp.text
         for site, where in agents.items():

@@ -7,6 +7,7 @@ import contextlib
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 
@@ -76,3 +77,22 @@ def _children(pid: int) -> list[int]:
             except OSError:
                 continue  # gone meanwhile
     return out
+
+
+@pytest.mark.timeout(240)
+def test_the_demo_runs_on_a_host_whose_proxy_settings_exempt_loopback(tmp_path: pathlib.Path) -> None:
+    """A corporate host's HTTP_PROXY, with loopback exempt as docs/deploy.md says
+    (NO_PROXY=127.0.0.0/8): the demo's calls to its own control plane went to the proxy
+    all the same (httpx reads the block as the one host 127.0.0.0), and it ended in a traceback."""
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen()  # never answered: a request sent there waits, then fails
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update(HTTP_PROXY=f"http://127.0.0.1:{proxy.getsockname()[1]}", NO_PROXY="127.0.0.0/8")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli.main", "demo", "--no-ray", "--no-real-model", "--requests", "1"],
+                              capture_output=True, text=True, timeout=220, env=env, cwd=tmp_path)
+    finally:
+        proxy.close()
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1/1" in proc.stdout and "stopping agents" in proc.stdout, proc.stdout[-3000:]
