@@ -73,6 +73,17 @@ def host_name(text: str) -> str:
     return name
 
 
+def listen_host(text: str) -> str:
+    """argparse type of a host to serve on (``--host``, ``--agent-host``): an IPv6 address
+    with or without the brackets URLs and ``edgeplane-agent --listen`` write it in."""
+    host = text.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or "[" in host or "]" in host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a host name or address to serve on (e.g. 0.0.0.0, ::, [::1])")
+    return host
+
+
 def reachable_url(text: str) -> str:
     """argparse type of a URL this process gives others to reach it (``--public-url``): the
     rule an agent's endpoint is held to (:mod:`edgeplane_proto.endpoint_url`)."""

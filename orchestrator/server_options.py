@@ -56,9 +56,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audit-retention", type=argtypes.duration(event_retention.MIN_S), default=event_retention.AUDIT_S,
                    metavar="DURATION", help="the same for the audit trail, what callers did (applies, deletes, tokens, "
                                             "captures read); a site's revocation is kept for good [365d]")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP address for the API and gateway")
+    p.add_argument("--host", type=argtypes.listen_host, default="127.0.0.1", help="HTTP address for the API and gateway")
     p.add_argument("--port", type=argtypes.port_number, default=8080, help="HTTP port for the API, the gateway and the console")
-    p.add_argument("--agent-host", help="gRPC address for agents (default: --host)")
+    p.add_argument("--agent-host", type=argtypes.listen_host, help="gRPC address for agents (default: --host)")
     p.add_argument("--agent-port", type=argtypes.port_number, default=8081, help="agents' gRPC port (mutual TLS)")
     p.add_argument("--agent-join-port", type=argtypes.port_number, metavar="PORT",
                    help="first joins: bootstrap token + CSR over TLS (default: --agent-port + 1, where agents look for it; 8082)")
@@ -108,7 +108,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-plane", nargs="+", required=True, metavar="URL",
                    help="the control plane's URL; several (replicas of it) are tried in turn when one fails")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    p.add_argument("--host", type=argtypes.listen_host, default="127.0.0.1", help="address to serve on")
     p.add_argument("--port", type=argtypes.port_number, default=8088, help="port to serve on")
     p.add_argument("--token", default=argparse.SUPPRESS,
                    help="API token (any role) to read the control plane's endpoint table "

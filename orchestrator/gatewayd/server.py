@@ -111,9 +111,9 @@ class StandaloneGateway:
             sock.bind((cfg.host, cfg.port))
         except OSError as exc:
             sock.close()
-            raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (--host/--port): {exc.strerror or exc}") from exc
+            raise OSError(f"cannot listen on {_address(cfg.host, cfg.port)} (--host/--port): {exc.strerror or exc}") from exc
         port = sock.getsockname()[1]
-        self.http_url = f"http://{f'[{cfg.host}]' if ':' in cfg.host else cfg.host}:{port}"
+        self.http_url = f"http://{_address(cfg.host, port)}"
 
         self.table = endpoints_mod.EndpointTable()
         self.follower = follow.TableFollower(urls, self.table, token=cfg.token, silence_s=cfg.silence_s, backoff_max_s=cfg.backoff_max_s)
@@ -187,6 +187,10 @@ class StandaloneGateway:
     async def _metrics(self, request: Request) -> Response:
         series.prune(self.table, self.openai_gateway.labelled())
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _gateway_position(text: str | None) -> tuple[float, float] | None:

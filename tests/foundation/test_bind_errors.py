@@ -203,3 +203,34 @@ def test_a_second_control_plane_on_the_same_state_file_is_refused(tmp_path: path
         first.stop()
     again = start_control_plane(tmp_path / "data", offline_fleet)
     again.stop()
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+@pytest.mark.parametrize("command", [
+    ["serve", "--agent-host", "[::1]", "--agent-port", "0", "--agent-join-port", "0"],
+    ["gateway", "--control-plane", "http://[::1]:9"],
+])
+def test_an_ipv6_host_to_serve_on_is_taken_in_brackets_too(command: list[str], tmp_path: pathlib.Path) -> None:
+    """``--host [::1]``, as an agent's ``--listen [::1]:9001`` and every URL write it, failed
+    to start: 'cannot listen on [[::1]]:8080 ...: Name or service not known'."""
+    port = support.free_port()
+    proc = subprocess.Popen([str(support.EDGEPLANE), *command, "--host", "[::1]", "--port", str(port), "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=support.clean_env(), cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()  # printed once it listens; empty if it exits first
+        assert f"http://[::1]:{port}" in banner, banner or proc.communicate(timeout=60)[1]
+        with socket.create_connection(("::1", port), timeout=10):
+            pass
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
