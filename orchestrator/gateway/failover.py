@@ -33,7 +33,7 @@ from edgeplane_proto import retry_after as retry_header
 from edgeplane_proto.headers import DRAINING
 
 #: The longest Retry-After the gateway passes on from a replica that is unavailable for now.
-MAX_RETRY_AFTER_S = 60
+MAX_RETRY_AFTER_S = retry_header.MAX_SECONDS
 
 
 def retry_after_s(value: str | None, now: datetime.datetime | None = None) -> int:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pytest
 
 from edge_agent import diskspace, errors, openai_api, packages
+from edgeplane_proto import retry_after
 from edge_agent.admission import Admission, Retired
 from edge_agent.runtime import genai, token_bytes
 from edge_agent.runtime.genai import StopMatcher
@@ -246,6 +247,21 @@ async def test_admission_bounds_running_and_queued_and_hands_slots_on_in_order()
     assert gate.queued == 0
     gate.release()
     assert gate.active == 0
+
+
+async def test_the_wait_a_full_admission_asks_for_is_one_an_openai_client_honours() -> None:
+    """Sequences held for minutes used to ask for a Retry-After of as many seconds (here
+    1,442): the openai SDK ignores one over 60 s and retries after its own 0.5-8 s instead."""
+    gate = Admission(1, 1)
+    await gate.acquire()
+    gate.release(3600.0)  # one long sequence: the moving average grows to 720 s
+    await gate.acquire()
+    waiter = asyncio.create_task(gate.acquire())
+    await asyncio.sleep(0)
+    with pytest.raises(errors.Overloaded) as full:
+        await gate.acquire()
+    assert full.value.retry_after == retry_after.MAX_SECONDS
+    waiter.cancel()
 
 
 @pytest.mark.parametrize("order", ["cancel, release, leaver runs", "release, cancel, leaver runs", "cancel, leaver runs, release"])
