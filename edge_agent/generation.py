@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import edge_agent
-from edge_agent import errors, openai_api, refusals, registry
+from edge_agent import errors, inflight, openai_api, refusals, registry
 from edge_agent.admission import DEFAULT_MAX_CONCURRENT, Admission, Retired
 from edge_agent.httpmessages import Request, Response
 from edge_agent.httpmessages import request_id as request_id_of
@@ -221,11 +221,16 @@ class GenerationServer:
     async def _inflated(self, request: Request) -> bytes:
         """The body as sent before its ``Content-Encoding``: here, not in front of this server,
         so that every server of these routes (the agent, a data-centre replica) takes the same
-        bodies and refuses the same ones (415, 413 past the limit once inflated)."""
-        plain = await encoding.inflate_off_loop(request.body, request.headers.get("content-encoding"), self.max_body_bytes)
+        bodies and refuses the same ones (415, 413 past the limit once inflated). On the
+        agent, charged to the request's hold of the memory budget as it inflates."""
+        meter = None if request.hold is None else inflight.Inflating(request.hold)
+        plain = await encoding.inflate_off_loop(request.body, request.headers.get("content-encoding"), self.max_body_bytes,
+                                                meter)
         if isinstance(plain, encoding.Refused):
             raise openai_api.ApiError(plain.status, plain.message, code=plain.code,
                                       headers=tuple(encoding.refusal_headers(plain.status).items()))
+        if isinstance(plain, inflight.Refused):
+            raise _refused_memory(plain)
         return plain
 
     async def _generate(self, request: Request, chat: bool) -> Response | StreamingResponse:
@@ -283,6 +288,13 @@ class GenerationServer:
             return await _whole(shaper, seq.batches())
         finally:
             seq.close()
+
+
+def _refused_memory(refused: inflight.Refused) -> openai_api.ApiError:
+    """A request refused for the memory it would take, as OpenAI's error object (503: retry)."""
+    headers = () if refused.retry_after is None else (("retry-after", str(refused.retry_after)),)
+    return openai_api.ApiError(refused.status, refused.message, type_="server_error" if refused.status == 503 else
+                               "invalid_request_error", code=refused.code, headers=headers)
 
 
 class _Sequence:

@@ -72,13 +72,17 @@ class Refusal(NamedTuple):
     code: str | None = None  # OpenAI's error code, for the /v1 routes
 
 
-async def inflated(request: Request, limit: int) -> Request | Refusal:
+async def inflated(request: Request, limit: int) -> Request | Refusal | inflight.Refused:
     """``request`` with its body as sent before its ``Content-Encoding`` (at most ``limit``
-    bytes of it), or why it cannot be had (the v2 routes; the /v1 routes inflate in
-    ``generation``, which data-centre replicas run too)."""
-    body = await encoding_mod.inflate_off_loop(request.body, request.headers.get("content-encoding"), limit)
+    bytes of it), charged to its hold of the memory budget as it inflates; or why it cannot
+    be had (the v2 routes; the /v1 routes inflate in ``generation``, which data-centre
+    replicas run too)."""
+    meter = None if request.hold is None else inflight.Inflating(request.hold)
+    body = await encoding_mod.inflate_off_loop(request.body, request.headers.get("content-encoding"), limit, meter)
     if isinstance(body, encoding_mod.Refused):
         return Refusal(*body)
+    if isinstance(body, inflight.Refused):
+        return body
     return dataclasses.replace(request, body=body)
 
 
@@ -311,11 +315,9 @@ class InferenceServer:
             if isinstance(plain, Refusal):
                 self.metrics.observe_error(name, plain.status)
                 return Response(plain.status, oip.error_body(plain.message), headers=tuple(encoding_mod.refusal_headers(plain.status).items()))
+            if isinstance(plain, inflight.Refused):
+                return self._refused_memory(name, plain)
             request = plain
-            if request.hold is not None:  # the inflated bytes too
-                refused = request.hold.grow(len(request.body), "its body, inflated")
-                if refused is not None:
-                    return self._refused_memory(name, refused)
         header = request.headers.get(_BINARY_HEADER)
         header_length: int | None = None
         if header is not None:

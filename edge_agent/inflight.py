@@ -12,7 +12,10 @@ waiting for room; one larger than the whole budget gets a 413 that says so. What
 
 - over HTTP, the body: from ``Content-Length`` before a byte of it is read (a client that
   sent ``Expect: 100-continue`` sends none of a refused body), or as a chunked body
-  arrives; a compressed body's inflated bytes too, once inflated;
+  arrives; a compressed body's inflated bytes too, as it inflates: each piece (64 KiB, then
+  twice the one before, up to 1 MiB) before it is made, at twice its most for zlib's buffers
+  and the piece, and the pieces' join once more while it is made, so that a burst of small
+  bodies that inflate to large ones is refused as they grow, not once they are whole;
 - the decoding of a v2 JSON part (:func:`json_decode_bytes`): an upper bound from its
   length alone, since what a document holds is only known once it is parsed, when the
   memory is already taken;
@@ -145,11 +148,22 @@ class Hold:
     def grow(self, n: int, what: str) -> Refused | None:
         """Charge ``n`` bytes more (a chunked body's next bytes, a JSON part's decoding); on a
         refusal the hold keeps what it had, to be released as usual. ``what``: how the
-        request's bytes were counted, all of them, for the 413's message."""
+        request's bytes were counted, all of them, for the 413's message. Once given back, the
+        hold charges nothing more: its request is ending."""
+        if not self._holders:
+            return None
         refused = self._budget.charge(n, self.bytes + n, what)
         if refused is None:
             self.bytes += n
         return refused
+
+    def shrink(self, n: int) -> None:
+        """Give ``n`` of the bytes held back before the request ends (a piece of an inflated
+        body came out smaller than charged)."""
+        if self._holders:
+            n = min(n, self.bytes)
+            self.bytes -= n
+            self._budget.held -= n
 
     def pin(self) -> None:
         self._holders += 1
@@ -161,3 +175,19 @@ class Hold:
         if not self._holders:
             self._budget.held -= self.bytes
             self.bytes = 0
+
+
+class Inflating:
+    """A compressed body's inflation charged to its request's hold, piece by piece
+    (``edgeplane_proto.encoding.Meter``)."""
+
+    __slots__ = ("_hold",)
+
+    def __init__(self, hold: Hold) -> None:
+        self._hold = hold
+
+    def charge(self, n: int) -> Refused | None:
+        return self._hold.grow(n, "its body, inflated")
+
+    def give_back(self, n: int) -> None:
+        self._hold.shrink(n)
