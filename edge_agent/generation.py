@@ -67,6 +67,7 @@ INLINE_PROMPT_CHARS = 16 * 1024
 # prompt is tokenized: tens of MiB of JSON hold the event loop for seconds; a smaller one
 # costs less than the hand-over to a thread.
 INLINE_BODY_BYTES = 64 * 1024
+_DECODED = f"its body, and up to {inflight.JSON_DECODE_FACTOR} x it while it is decoded"
 _READ = ("GET", "HEAD")
 _ROUTES = {"/v1/models": _READ, **{path: ("POST",) for path in refusals.GENERATE_PATHS}}
 
@@ -238,6 +239,10 @@ class GenerationServer:
         label = "(unknown)"
         try:
             raw = await self._inflated(request)
+            if request.hold is not None and len(raw) > inflight.JSON_FREE_MAX_BYTES:  # before the parse takes it
+                refused = request.hold.grow(inflight.openai_decode_bytes(len(raw)), _DECODED)
+                if refused is not None:
+                    raise _refused_memory(refused)
             if len(raw) > INLINE_BODY_BYTES:
                 body = await asyncio.to_thread(openai_api.parse, raw, chat=chat, interruptible=True)
             else:

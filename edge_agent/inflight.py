@@ -19,6 +19,7 @@ waiting for room; one larger than the whole budget gets a 413 that says so. What
 - the decoding of a v2 JSON part (:func:`json_decode_bytes`): an upper bound from its
   length alone, since what a document holds is only known once it is parsed, when the
   memory is already taken;
+- the decoding of an OpenAI body on ``/v1`` (:func:`openai_decode_bytes`), likewise;
 - over gRPC, the message twice (gRPC's bytes and the parsed message) and, for values sent
   as typed ``contents`` instead of raw bytes, what each becomes on its way to an array.
 
@@ -54,6 +55,13 @@ JSON_DECODE_FACTOR = 52
 #: A JSON part this short decodes within about 100 KB, and at most one per worker is decoded
 #: at a time: not charged (the head of binary tensors is such a part, 150 bytes or so).
 JSON_FREE_MAX_BYTES = 2048
+#: An OpenAI chat or completion body (``/v1``) decodes to many times its length too: up to
+#: 48 x measured for single values nested in lists (the same bound as a v2 part, then), 9 x
+#: for a prompt with a character past U+FFFF, 2 x for plain text. Past the values such a
+#: body may hold (``openai_api.MAX_BODY_VALUES``, 2^18, each under 128 bytes decoded) only
+#: its strings grow with it: a long prompt is charged this per byte, and those values once.
+OPENAI_STRING_FACTOR = 10
+OPENAI_VALUES_BYTES = (1 << 18) * 128
 #: What a gRPC value sent in typed ``contents`` may take on its way to an array.
 GRPC_VALUE_BYTES = 64
 #: Seconds a refused client is told to wait: requests in flight usually end within it.
@@ -71,6 +79,13 @@ def default_limit(available: int | None) -> int | None:
 def json_decode_bytes(length: int) -> int:
     """What decoding a v2 JSON part of ``length`` bytes may take beyond the part itself."""
     return 0 if length <= JSON_FREE_MAX_BYTES else JSON_DECODE_FACTOR * length
+
+
+def openai_decode_bytes(length: int) -> int:
+    """What decoding a /v1 body of ``length`` bytes may take beyond the body itself."""
+    if length <= JSON_FREE_MAX_BYTES:
+        return 0
+    return min(JSON_DECODE_FACTOR * length, OPENAI_STRING_FACTOR * length + OPENAI_VALUES_BYTES)
 
 
 @dataclass(frozen=True)

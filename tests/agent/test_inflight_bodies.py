@@ -1,7 +1,8 @@
 """What a body takes beyond its bytes on the wire is charged to the memory budget of requests
 in flight before it is taken: a compressed body as it inflates, piece by piece, so that a
 burst of small compressed bodies that inflate to large ones never holds more than the
-budget. A real agent with a small budget, real HTTP on loopback, real onnxruntime; the
+budget; an OpenAI chat or completion body for what decoding its JSON may take, before it
+is parsed. A real agent with a small budget, real HTTP on loopback, real onnxruntime; the
 memory is this process's own peak resident size (``/proc/self/status``), which the test
 resets (``/proc/self/clear_refs``) before the burst."""
 
@@ -14,12 +15,14 @@ import pathlib
 import zlib
 
 import numpy as np
+import pytest
 
+from edge_agent import inflight
 from edgeplane_proto import oip
 
 from .conftest import ControlPlane, MakeAgent, Models
 from .test_agent import reference
-from .test_inflight_memory import BUDGET, MB, Raw, held, serving
+from .test_inflight_memory import BUDGET, MB, Raw, held, metrics, serving
 
 STATUS = pathlib.Path("/proc/self/status")
 
@@ -108,3 +111,57 @@ async def test_a_compressed_chat_body_is_charged_as_it_inflates(
     for conn in waiting:
         conn.close()
     await held(agent, 0)
+
+
+def chat_body(length: int) -> bytes:
+    """A chat body of about ``length`` bytes, its one message a long string."""
+    return json.dumps({"model": "chat", "messages": [{"role": "user", "content": "a" * (length - 60)}]}).encode()
+
+
+async def test_a_chat_body_is_charged_what_decoding_it_may_take(
+    control_plane: ControlPlane, make_agent: MakeAgent, models: Models
+) -> None:
+    agent, port = await serving(control_plane, make_agent, models, max_inflight_bytes=BUDGET)
+    small = chat_body(20_000)  # about 1 MB to decode, at most: read, and the model looked for
+    assert inflight.openai_decode_bytes(len(small)) == inflight.JSON_DECODE_FACTOR * len(small)
+    status, _, error = await post(port, small, {}, path="/v1/chat/completions")
+    assert status == 404 and json.loads(error)["error"]["code"] == "model_not_found", error
+    await held(agent, 0)
+
+    _, body, header = zeros(MB // 32)
+    waiting = []
+    for n in range(1, 3):  # two bodies on their way hold two of the four MiB: its decoding does not fit
+        conn = await Raw.open(port)
+        await conn.head(len(body), headers={oip.BINARY_HEADER: str(header)})
+        await held(agent, n * len(body))
+        waiting.append(conn)
+    status, answer_headers, error = await post(port, chat_body(40_000), {}, path="/v1/chat/completions")
+    assert status == 503 and answer_headers["retry-after"] == "1", error
+    assert json.loads(error)["error"]["code"] == "server_busy"
+    for conn in waiting:
+        conn.close()
+    await held(agent, 0)
+
+    status, _, error = await post(port, chat_body(100_000), {}, path="/v1/chat/completions")  # more than all of it
+    assert status == 413, error
+    refused = json.loads(error)["error"]
+    assert refused["code"] == "request_too_large"
+    assert "its body, and up to 52 x it while it is decoded" in refused["message"]
+    await held(agent, 0)
+    seen = await metrics(port)
+    assert seen['edgeplane_agent_requests_refused_for_memory_total{code="503"}'] == 1
+    assert seen['edgeplane_agent_requests_refused_for_memory_total{code="413"}'] == 1
+    assert seen['edgeplane_agent_infer_requests_total{code="413",model="(unknown)"}'] == 1  # its model not read yet
+
+
+@pytest.mark.parametrize(("length", "charged"), [
+    (100, 0), (inflight.JSON_FREE_MAX_BYTES, 0),
+    (64 * 1024, inflight.JSON_DECODE_FACTOR * 64 * 1024),  # read by json.loads, no bound on its values: 52 x
+    (512 * 1024, inflight.JSON_DECODE_FACTOR * 512 * 1024),
+    # past the values the body may hold, only its strings grow with it (a string with one
+    # character past U+FFFF takes 4 bytes a character, in the body's text and in its own)
+    (MB, inflight.OPENAI_STRING_FACTOR * MB + inflight.OPENAI_VALUES_BYTES),
+    (64 * MB, inflight.OPENAI_STRING_FACTOR * 64 * MB + inflight.OPENAI_VALUES_BYTES),
+])
+def test_what_decoding_a_chat_body_is_charged(length: int, charged: int) -> None:
+    assert inflight.openai_decode_bytes(length) == charged
