@@ -140,10 +140,13 @@ class Agent:
             retry=model_retry or registry.RetryPolicy(),
             load_package=self._load_package,
             memory_available=self._probe.memory_available,
+            kept_for_requests=self._kept_for_requests,
+            loading=self._loading,
             runtimes=self.runtimes,
         )
         queued = config.max_queued_runs or http.QUEUED_RUNS_PER_WORKER * self.workers
         self.budget = inflight.Budget()  # the memory requests in flight may hold
+        self._load_bytes = 0  # what the load under way needs (footprint), beside which the default budget is sized
         self.budget.resize(self._inflight_limit())
         self.server = http.InferenceServer(self.registry, self._executor, inline_max_s=config.inline_max_ms / 1000,
                                            max_inflight=self.workers + queued, budget=self.budget)
@@ -370,10 +373,22 @@ class Agent:
 
     def _inflight_limit(self) -> int | None:
         """The memory requests in flight may hold: ``--max-inflight-bytes``, or a share of what
-        the agent has free now and what requests in flight hold (theirs to give back)."""
+        the agent has free now and what requests in flight hold (theirs to give back), less
+        what the load under way needs."""
         if self.config.max_inflight_bytes:
             return self.config.max_inflight_bytes
-        return inflight.default_limit(self._probe.memory_available() + self.budget.held)
+        return inflight.limit(0, self._probe.memory_available() + self.budget.held, self._load_bytes)
+
+    def _kept_for_requests(self, need: int, available: int) -> int:
+        """What requests in flight may hold while a load of ``need`` bytes runs, with
+        ``available`` free: what the budget will be then, and at least what they hold now."""
+        return max(self.budget.held, inflight.limit(self.config.max_inflight_bytes, available + self.budget.held, need) or 0)
+
+    def _loading(self, need: int) -> None:
+        """A load of ``need`` bytes starts (0: it ended): the default budget makes room for it."""
+        self._load_bytes = need
+        if not self.config.max_inflight_bytes:
+            self.budget.resize(self._inflight_limit())
 
     def _models_changed(self) -> None:
         if not self.config.max_inflight_bytes:  # a model loaded or let go of: what is free has changed

@@ -10,6 +10,15 @@ this agent has free (as the capacity probe measures it: the cgroup's limit less 
 set), and refuses that model alone, with the arithmetic, when it does not fit. Loads take
 turns, so each is weighed after the one before has taken its share.
 
+Requests in flight take memory too, up to their budget (``edge_agent.inflight``), and may
+take it while a model loads: a load weighed against all that is free could be admitted with
+memory the budget promises them, and the two together pass what the box holds. So a load
+must fit beside what requests may hold while it runs: an explicit ``--max-inflight-bytes``
+whole; the default budget, a share of what is free, is lowered for the load's time to that
+share of what the load leaves, so that the default lets models load as large as before
+(less 16 MiB) and requests are refused a little sooner while one does. Either way at least
+what requests hold now.
+
 What a load needs, measured with onnxruntime 1.32 and onnxruntime-genai 0.18 on the CPU (``/proc/self/status``, VmHWM):
 
 - an ONNX file, loaded from the bytes the agent verified, peaked at 3.0 x its size (those
@@ -64,14 +73,16 @@ def genai_need(package_bytes: int, kv_bytes_per_token: int, context_length: int,
     return Need(weights + kv, why)
 
 
-def refusal(need: Need, available: int | None) -> str | None:
-    """Why a load of ``need`` is refused with ``available`` bytes free (None: it fits, or
-    what is free is not known)."""
-    if available is None or need.bytes <= available:
+def refusal(need: Need, available: int | None, kept: int = 0) -> str | None:
+    """Why a load of ``need`` is refused with ``available`` bytes free, ``kept`` of them for
+    requests in flight while it loads (None: it fits, or what is free is not known)."""
+    if available is None or need.bytes + kept <= available:
         return None
+    of_them = f", {kept / MB:.1f} MB of them for requests in flight (--max-inflight-bytes)" if kept else ""
     return (f"needs about {need.bytes / MB:.1f} MB of memory to load ({need.why}), and {available / MB:.1f} MB are "
-            f"available to this agent: not loaded, so that running out of memory does not end the agent and every "
-            f"model it serves (free memory, or assign this model to a larger site)")
+            f"available to this agent{of_them}: not loaded, so that running out of memory does not end the agent and "
+            f"every model it serves (free memory{', lower --max-inflight-bytes' if kept else ''}, or assign this model "
+            f"to a larger site)")
 
 
 def package_kv(package: pathlib.Path) -> tuple[int, int]:

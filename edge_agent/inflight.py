@@ -76,6 +76,15 @@ def default_limit(available: int | None) -> int | None:
     return max(MIN_DEFAULT_BYTES, int(available * DEFAULT_SHARE))
 
 
+def limit(configured: int, available: int | None, loading: int = 0) -> int | None:
+    """The budget: ``--max-inflight-bytes`` (``configured``) when given, else the default
+    share of what is free (``available``, what requests hold counted in) beside the loads
+    under way (``loading`` bytes: see ``edge_agent.footprint``)."""
+    if configured:
+        return configured
+    return default_limit(None if available is None else max(0, available - loading))
+
+
 def json_decode_bytes(length: int) -> int:
     """What decoding a v2 JSON part of ``length`` bytes may take beyond the part itself."""
     return 0 if length <= JSON_FREE_MAX_BYTES else JSON_DECODE_FACTOR * length

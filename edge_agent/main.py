@@ -315,7 +315,8 @@ def parser() -> argparse.ArgumentParser:
                    help="memory all requests in flight may hold together (their bodies, and what decoding their JSON "
                         "takes); one more is answered 503 with Retry-After (RESOURCE_EXHAUSTED over "
                         "gRPC), one larger than N 413 (0 = half the memory the agent has free, measured at the start "
-                        "and whenever the models it serves change) [0]")
+                        "and whenever the models it serves change; while a model loads, half of what its load "
+                        "leaves). A model's load must fit beside it [0]")
     p.add_argument("--drain-timeout", type=_positive, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, how long requests in flight may take to finish [30]")
     p.add_argument("--write-timeout", type=_positive, default=60.0, metavar="SECONDS",

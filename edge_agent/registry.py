@@ -138,6 +138,8 @@ class ModelRegistry:
         on_attempt_end: Callable[[], None] = lambda: None,
         load_package: PackageLoader | None = None,
         memory_available: Callable[[], int | None] = lambda: None,
+        kept_for_requests: Callable[[int, int], int] = lambda need, available: 0,
+        loading: Callable[[int], None] = lambda need: None,
         runtimes: Collection[str] = (assignments.RUNTIME_ONNX, assignments.RUNTIME_GENAI),
         retry: RetryPolicy = MODEL_RETRY,
         clock: Callable[[], float] = time.monotonic,
@@ -147,6 +149,9 @@ class ModelRegistry:
         self._load = load
         self._load_package = load_package
         self._memory_available = memory_available  # bytes this agent may still use (None: not measured)
+        # what requests in flight may hold while a load of (need) bytes runs, with (available) free
+        self._kept_for_requests = kept_for_requests
+        self._loading = loading  # a load of this many bytes starts (0: it ended)
         self._loads = asyncio.Lock()  # loads take turns (see footprint)
         # those offered: a model of another is refused before its download
         self._runtimes = tuple(r for r in runtimes if r != assignments.RUNTIME_GENAI or load_package is not None)
@@ -301,14 +306,22 @@ class ModelRegistry:
             async with self._loads:  # one at a time: each weighed against what the one before left free
                 if want.runtime == assignments.RUNTIME_GENAI and self._load_package is not None:
                     kv_per_token, context = await asyncio.to_thread(_host_kv, path)
-                    self._weigh(footprint.genai_need(path.stat().st_size, kv_per_token, context,
-                                                     want.max_concurrent_sequences or admission.DEFAULT_MAX_CONCURRENT))
-                    runtime = await asyncio.to_thread(self._load_package, path, want.sha256)
+                    need = self._weigh(footprint.genai_need(path.stat().st_size, kv_per_token, context,
+                                                            want.max_concurrent_sequences or admission.DEFAULT_MAX_CONCURRENT))
+                    self._loading(need)
+                    try:
+                        runtime = await asyncio.to_thread(self._load_package, path, want.sha256)
+                    finally:
+                        self._loading(0)
                 else:
-                    self._weigh(footprint.onnx_need(path.stat().st_size))
-                    data = await self._cache.read(want.sha256)
-                    runtime = await asyncio.to_thread(self._load, data)
-                    del data  # before the next load is weighed
+                    need = self._weigh(footprint.onnx_need(path.stat().st_size))
+                    self._loading(need)
+                    try:
+                        data = await self._cache.read(want.sha256)
+                        runtime = await asyncio.to_thread(self._load, data)
+                        del data  # before the next load is weighed
+                    finally:
+                        self._loading(0)
         except errors.AgentError as exc:
             self._failed(slot, want, str(exc))
             return
@@ -327,11 +340,15 @@ class ModelRegistry:
         self._on_change()
         _release_freed_memory()  # the load's temporary buffers (and the version it replaced)
 
-    def _weigh(self, need: footprint.Need) -> None:
-        """Refuse a load that needs more memory than this agent has free (footprint)."""
-        refused = footprint.refusal(need, self._memory_available())
+    def _weigh(self, need: footprint.Need) -> int:
+        """Refuse a load that needs more memory than this agent has free beside what requests
+        in flight may hold while it runs (footprint); the bytes it needs when it fits."""
+        available = self._memory_available()
+        kept = 0 if available is None else self._kept_for_requests(need.bytes, available)
+        refused = footprint.refusal(need, available, kept)
         if refused is not None:
             raise errors.ModelLoadError(refused)
+        return need.bytes
 
     def _failed(self, slot: _Slot, want: assignments.Assignment, reason: str) -> None:
         if slot.assignment is not want or self._slots.get(want.model) is not slot:

@@ -244,6 +244,7 @@ async def make_agent(tmp_path: pathlib.Path) -> AsyncIterator[MakeAgent]:
         clock: Callable[[], float] = time.time,
         reconnect_rng: retry.Jitter | None = None,
         probe: capacity.CapacityProbe | None = None,
+        load_model: registry.Loader | None = None,
         **overrides: object,
     ) -> daemon.Agent:
         config = daemon.AgentConfig(
@@ -263,8 +264,8 @@ async def make_agent(tmp_path: pathlib.Path) -> AsyncIterator[MakeAgent]:
             labels={"tier": "edge"},
             **overrides,  # type: ignore[arg-type]
         )
-        agent = daemon.Agent(config, probe=probe, model_retry=model_retry or registry.RetryPolicy(), clock=clock,
-                             reconnect_rng=reconnect_rng)
+        agent = daemon.Agent(config, probe=probe, load_model=load_model, model_retry=model_retry or registry.RetryPolicy(),
+                             clock=clock, reconnect_rng=reconnect_rng)
         await agent.start()
         started.append(agent)
         return agent

@@ -13,7 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
-from edge_agent import capacity, footprint, registry
+from edge_agent import capacity, daemon, footprint, inflight, registry
+from edge_agent.runtime import onnx
 from orchestrator.agents import model
 from orchestrator.testing import onnx_models
 
@@ -102,10 +103,12 @@ async def test_a_model_too_large_for_the_containers_memory_is_refused_and_the_ot
 
 async def test_a_set_of_more_models_than_fit_loads_what_fits_and_refuses_the_rest(
         control_plane: ControlPlane, make_agent: MakeAgent, large: Large) -> None:
-    # Room for one model's load, 3.5 x 48 MB over what this process holds now: the first model
+    # Room for one model's load, 3.75 x 48 MB over what this process holds now: the first model
     # loaded keeps 1 x its size, so the second's load no longer fits. Loads take turns, so the
-    # second is weighed after the first took its share, not beside it.
-    probe = UnderLimit(resident_bytes() + 7 * large.size // 2)
+    # second is weighed after the first took its share, not beside it. Each beside the least
+    # requests in flight may hold while it loads, and a quarter of a model's size for what
+    # this process's other work leaves resident meanwhile.
+    probe = UnderLimit(resident_bytes() + 15 * large.size // 4 + inflight.MIN_DEFAULT_BYTES)
     agent = await make_agent(control_plane, probe=probe, model_retry=FAST_RETRY)
     control_plane.hub.set_assignments(SITE, [assignment(large.a_url, large.a, name="large-a"),
                                              assignment(large.b_url, large.b, name="large-b")], version=1)
@@ -131,7 +134,8 @@ async def test_a_generative_model_is_weighed_with_the_kv_cache_of_every_sequence
         control_plane: ControlPlane, make_agent: MakeAgent, packages: genai_serving.Packages, tmp_path: pathlib.Path) -> None:
     slow = packages.slow  # context 4096
     kv = slow.kv_bytes_per_token * slow.context_length
-    free = int(1.25 * slow.size_bytes) + 8 * kv  # its weights and the caches of 8 sequences
+    # its weights and the caches of 8 sequences, beside the least requests in flight may hold
+    free = int(1.25 * slow.size_bytes) + 8 * kv + inflight.MIN_DEFAULT_BYTES
     agent = await make_agent(control_plane, probe=contained(tmp_path, 1 << 30, (1 << 30) - free), model_retry=FAST_RETRY)
     control_plane.hub.set_assignments(SITE, [genai_serving.assignment(packages.slow_url, slow.sha256, concurrent=64)], version=1)
     refused = await genai_serving.wait_state(control_plane, lambda s: s.phase is model.ModelPhase.FAILED)
@@ -146,13 +150,63 @@ async def test_a_generative_model_is_weighed_with_the_kv_cache_of_every_sequence
         assert answer.status_code == 200, answer.text
 
 
-@pytest.mark.parametrize(("need", "available", "refused"), [
-    (footprint.onnx_need(100 * MB), None, False),  # not measured: no refusal
-    (footprint.onnx_need(100 * MB), 300 * MB, False),  # exactly what it needs
-    (footprint.onnx_need(100 * MB), 300 * MB - 1, True),
-    (footprint.genai_need(100 * MB, 1024, 2048, 4), 125 * MB + 8 * MB, False),
-    (footprint.genai_need(100 * MB, 1024, 2048, 4), 125 * MB + 8 * MB - 1, True),
-    (footprint.genai_need(100 * MB, 0, 0, 4), 125 * MB, False),  # its KV cache's shape unknown: weights alone
+@pytest.mark.parametrize(("need", "available", "kept", "refused"), [
+    (footprint.onnx_need(100 * MB), None, 0, False),  # not measured: no refusal
+    (footprint.onnx_need(100 * MB), 300 * MB, 0, False),  # exactly what it needs
+    (footprint.onnx_need(100 * MB), 300 * MB - 1, 0, True),
+    (footprint.onnx_need(100 * MB), 300 * MB, 1, True),  # not beside what requests in flight may hold
+    (footprint.onnx_need(100 * MB), 316 * MB, 16 * MB, False),
+    (footprint.genai_need(100 * MB, 1024, 2048, 4), 125 * MB + 8 * MB, 0, False),
+    (footprint.genai_need(100 * MB, 1024, 2048, 4), 125 * MB + 8 * MB - 1, 0, True),
+    (footprint.genai_need(100 * MB, 0, 0, 4), 125 * MB, 0, False),  # its KV cache's shape unknown: weights alone
 ])
-def test_what_a_load_needs_against_what_is_free(need: footprint.Need, available: int | None, refused: bool) -> None:
-    assert (footprint.refusal(need, available) is not None) is refused
+def test_what_a_load_needs_against_what_is_free(need: footprint.Need, available: int | None, kept: int, refused: bool) -> None:
+    assert (footprint.refusal(need, available, kept) is not None) is refused
+
+
+@pytest.mark.parametrize(("configured", "available", "loading", "limit"), [
+    (100 * MB, 1 << 30, 0, 100 * MB),  # --max-inflight-bytes: the same, whatever loads
+    (100 * MB, 1 << 30, 900 * MB, 100 * MB),
+    (0, 400 * MB, 0, 200 * MB),  # by default, half of what is free
+    (0, 400 * MB, 300 * MB, 50 * MB),  # half of what the load under way leaves
+    (0, 400 * MB, 400 * MB, inflight.MIN_DEFAULT_BYTES),
+    (0, None, 100 * MB, None),  # not measured: no bound
+])
+def test_what_requests_in_flight_may_hold_beside_a_load(configured: int, available: int | None, loading: int,
+                                                        limit: int | None) -> None:
+    assert inflight.limit(configured, available, loading) == limit
+
+
+async def test_a_load_leaves_the_memory_requests_in_flight_may_hold(
+        control_plane: ControlPlane, make_agent: MakeAgent, large: Large, tmp_path: pathlib.Path) -> None:
+    # 200 MB free: the 48 MB model's load (about 3 x 48 MB) fits alone, not beside the 100 MB
+    # --max-inflight-bytes promises requests: both at once would pass what the box holds.
+    agent = await make_agent(control_plane, probe=contained(tmp_path, 1 << 30, (1 << 30) - 200 * MB),
+                             model_retry=FAST_RETRY, max_inflight_bytes=100 * MB)
+    control_plane.hub.set_assignments(SITE, [assignment(large.a_url, large.a, name="large")], version=1)
+    refused = await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.FAILED, name="large")
+    assert (f"needs about {3 * large.size / MB:.1f} MB of memory to load (3 x its {large.size / MB:.1f} MB file), and "
+            "200.0 MB are available to this agent, 100.0 MB of them for requests in flight (--max-inflight-bytes)"
+            in refused.message)
+    assert agent.registry.get("large") is None
+
+
+async def test_by_default_requests_in_flight_hold_less_while_a_model_loads(
+        control_plane: ControlPlane, make_agent: MakeAgent, large: Large, tmp_path: pathlib.Path) -> None:
+    # 200 MB free, and by default requests may hold half of it; while the 48 MB model loads
+    # (about 3 x 48 MB), they may hold half of what the load leaves, and then half of what
+    # is free again.
+    seen: list[int | None] = []
+    agents: list[daemon.Agent] = []
+
+    def load(data: bytes) -> onnx.OnnxModel:
+        seen.append(agents[0].budget.limit)
+        return onnx.OnnxModel.load(data)
+
+    agent = await make_agent(control_plane, probe=contained(tmp_path, 1 << 30, (1 << 30) - 200 * MB), load_model=load)
+    agents.append(agent)
+    assert agent.budget.limit == 100 * MB
+    control_plane.hub.set_assignments(SITE, [assignment(large.a_url, large.a, name="large")], version=1)
+    await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY, name="large")
+    assert seen == [inflight.default_limit(200 * MB - footprint.onnx_need(large.size).bytes)]
+    assert agent.budget.limit == 100 * MB
