@@ -123,7 +123,10 @@ def _check_deployment(issue: Callable[[Path, str], ManifestIssue], spec: schema.
 def _check_cascade(issue: Callable[[Path, str], ManifestIssue], spec: schema.ModelDeploymentSpec, cascade: cascade_schema.Cascade,
                    model: str, variants: Mapping[str, schema.Variant]) -> list[ManifestIssue]:
     """Stages are variants this deployment places on distinct tiers, each rule fits its
-    stage's runtime, and every stage accepts what the first one does."""
+    stage's runtime, and every stage accepts what the first one does; capture only where it
+    keeps something: a generative cascade is answered on the OpenAI routes, which capture
+    nothing. Only here, where an apply is judged: a deployment an earlier release stored with
+    it still reads, and runs, capturing nothing."""
     if not isinstance(spec.variant, dict):
         return [issue(("spec", "cascade"), "a cascade needs one variant per tier in spec.variant "
                                            "(e.g. {edge: distilled, datacenter: full}): its stages are those variants")]
@@ -155,6 +158,14 @@ def _check_cascade(issue: Callable[[Path, str], ManifestIssue], spec: schema.Mod
             first = (i, variant)
         else:
             out.extend(issue((*at, "variant"), m) for m in _incompatible(first[1], variant))
+    generative = [(s.variant, variants[s.variant].runtime) for s in cascade.stages
+                  if s.variant in variants and variants[s.variant].runtime in cascade_schema.GENERATIVE_RUNTIMES]
+    if cascade.capture is not None and generative:
+        name, runtime = generative[0]
+        out.append(issue(("spec", "cascade", "capture"),
+                         f"variant {name!r} is generative ({runtime}): its cascade runs on the OpenAI routes, which keep no "
+                         "record, so capture captures nothing; only tensor cascades are captured and distilled "
+                         "(docs/distillation.md): remove capture"))
     return out
 
 
