@@ -31,7 +31,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from orchestrator import capture_retention, catalog, console, event_retention, following, leadership
+from orchestrator import capture_counts, capture_retention, catalog, console, event_retention, following, leadership
 from orchestrator.agents import admission as agent_admission
 from orchestrator.agents import auth as agent_auth
 from orchestrator.agents import errors as agent_errors
@@ -249,7 +249,7 @@ class ControlPlane(server_views.ServerViews):
             self.authenticator.tokens.known,
         )
         self.captures = capture_store.ZoneStores(cfg.data_dir / "captures")  # one SQLite file per residency zone
-        self.capture_writer = capture_store.CaptureWriter(self.captures, self.registry)
+        self.capture_writer = capture_store.CaptureWriter(self.captures, self.registry, counts=capture_counts.StoreCounts(self.store))
         self.capture_writer.start()
         self._background.append(asyncio.create_task(capture_retention.run(self.store, self.captures), name="capture-retention"))
         self.cascades = cascade_mod.CascadeHandler(self.table, self._http, cascade_mod.CascadeMetrics.create(self.registry),

@@ -11,7 +11,9 @@ that tests can state them exactly:
   in Germany, no place for a deployment held to France). No such zone: the request is
   not captured, since no store may hold it.
 - :class:`Sampler` — the sample rate and the daily cap per zone (UTC days); the random
-  draw and the clock are injected.
+  draw and the clock are injected. Its count is this process's: it spares the write queue
+  what this process alone could not keep, and the count that holds across restarts and
+  replicas is the state store's (:class:`orchestrator.distill.store.CaptureWriter`).
 - :func:`expired` — retention: a record captured at ``t`` is gone after ``t +
   retentionDays``; and :class:`Covered`, what a deployment's policy covers now, by which
   the stores purge what no policy covers any more.

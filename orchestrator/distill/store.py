@@ -14,6 +14,13 @@ either bound is dropped and counted (``edgeplane_capture_dropped_total``). A rec
 zone's store refuses (a full disk, an unwritable directory) is lost too, counted by zone
 (``edgeplane_capture_failed_total``) and logged once per error, not once per record: a
 zone whose disk is full would otherwise log every request the gateway samples.
+
+A deployment's ``dailyCap`` is counted where every replica and every restart sees the same
+count: before a batch is written the writer takes its records' share of the day from
+:class:`DailyCounts` (the control plane's state store), and drops the records past it. The
+gateway's own :class:`~orchestrator.distill.capture.Sampler` only stops queueing what this
+process alone could not keep; a process's memory forgets at a restart, and a second replica
+has its own.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -269,16 +277,33 @@ class ZoneStores:
 MAX_QUEUED_BYTES = 256 << 20
 
 
+class CountUnavailable(Exception):
+    """The daily cap could not be counted (the state store did not answer): the records it
+    was asked for are not kept, since none can be shown to be within the cap."""
+
+
+class DailyCounts(Protocol):
+    """Where the records a deployment captures in a zone on a UTC day are counted against its
+    ``dailyCap``: the control plane's state store (:mod:`orchestrator.capture_counts`)."""
+
+    def take(self, deployment: str, zone: str, day: int, count: int, cap: int) -> int:
+        """Up to ``count`` of what is left of ``cap`` that day: how many may be kept. Raises
+        :class:`CountUnavailable` when it cannot count."""
+        ...
+
+
 class CaptureWriter:
-    """A bounded queue between the gateway and the zone stores."""
+    """A bounded queue between the gateway and the zone stores; ``counts``: where the daily
+    cap is counted (None: the cap a record is offered with is not counted here)."""
 
     def __init__(self, stores: ZoneStores, registry: CollectorRegistry | None = None, *, maxsize: int = 1024, batch: int = 256,
-                 max_bytes: int = MAX_QUEUED_BYTES):
+                 max_bytes: int = MAX_QUEUED_BYTES, counts: DailyCounts | None = None):
         self.stores = stores
-        self.queue: asyncio.Queue[Record] = asyncio.Queue(maxsize)
+        self.counts = counts
+        self.queue: asyncio.Queue[tuple[Record, int | None]] = asyncio.Queue(maxsize)
         self.batch = batch
         self.max_bytes, self.queued_bytes = max_bytes, 0
-        self.captured = self.dropped = self.failed = 0
+        self.captured = self.dropped = self.failed = self.capped = 0
         self._captured_c = Counter("edgeplane_capture_records", "Cascade requests captured for distillation, by zone",
                                    ["zone"], registry=registry) if registry is not None else None
         self._dropped_c = Counter("edgeplane_capture_dropped", "Captured requests dropped because the write queue was full "
@@ -288,12 +313,14 @@ class CaptureWriter:
         self._failing: dict[str, str] = {}  # zone -> the error its writes fail with (logged once), until one succeeds
         self._task: asyncio.Task[None] | None = None
 
-    def offer(self, record: Record) -> bool:
+    def offer(self, record: Record, daily_cap: int | None = None) -> bool:
+        """Queue ``record`` (False: dropped, the queue full); ``daily_cap``: its deployment's
+        ``dailyCap``, counted before it is written."""
         size = _payload(record)
         try:
             if self.queued_bytes + size > self.max_bytes:
                 raise asyncio.QueueFull
-            self.queue.put_nowait(record)
+            self.queue.put_nowait((record, daily_cap))
         except asyncio.QueueFull:
             self.dropped += 1
             if self._dropped_c is not None:
@@ -314,13 +341,13 @@ class CaptureWriter:
             try:
                 await asyncio.to_thread(self._write, items)
             finally:
-                self.queued_bytes -= sum(_payload(r) for r in items)
+                self.queued_bytes -= sum(_payload(r) for r, _ in items)
                 for _ in items:
                     self.queue.task_done()
 
-    def _write(self, items: list[Record]) -> None:
+    def _write(self, items: list[tuple[Record, int | None]]) -> None:
         by_zone: dict[str, list[Record]] = {}
-        for r in items:
+        for r in self._within_cap(items):
             by_zone.setdefault(r.zone, []).append(r)
         for zone, records in by_zone.items():
             try:
@@ -329,10 +356,30 @@ class CaptureWriter:
                 self._lost(zone, records, exc)
                 continue
             if self._failing.pop(zone, None) is not None:
-                log.info("capture: zone %s's store writes again", zone)
+                log.info("capture: zone %s keeps records again", zone)
             self.captured += len(records)
             if self._captured_c is not None:
                 self._captured_c.labels(zone).inc(len(records))
+
+    def _within_cap(self, items: list[tuple[Record, int | None]]) -> list[Record]:
+        """The records of ``items`` their deployment's daily cap still lets be kept, taken
+        from :attr:`counts` (one call per deployment, zone and day of the batch), in order."""
+        if self.counts is None:
+            return [r for r, _ in items]
+        groups: dict[tuple[str, str, int], list[tuple[Record, int]]] = {}
+        for r, cap in items:
+            if cap is not None:
+                groups.setdefault((r.deployment, r.zone, int(r.captured_at // capture.DAY_S)), []).append((r, cap))
+        kept = {id(r) for r, cap in items if cap is None}
+        for (deployment, zone, day), group in groups.items():
+            try:
+                granted = self.counts.take(deployment, zone, day, len(group), min(cap for _, cap in group))
+            except CountUnavailable as exc:
+                self._lost(zone, [r for r, _ in group], exc)
+                continue
+            kept.update(id(r) for r, _ in group[:granted])
+            self.capped += len(group) - granted
+        return [r for r, _ in items if id(r) in kept]
 
     def _lost(self, zone: str, records: list[Record], exc: Exception) -> None:
         self.failed += len(records)
@@ -341,7 +388,7 @@ class CaptureWriter:
         error = f"{type(exc).__name__}: {exc}"
         if self._failing.get(zone) != error:
             self._failing[zone] = error
-            log.warning("capture: zone %s's store cannot write captured records, which are lost until it can (%s); "
+            log.warning("capture: zone %s cannot keep captured records, which are lost until it can (%s); "
                         "each one is counted in edgeplane_capture_failed_total", zone, error)
 
     async def flush(self) -> None:

@@ -219,7 +219,7 @@ class CascadeHandler:
     def __init__(self, table: endpoints_mod.EndpointTable, http: UpstreamPool, metrics: CascadeMetrics,
                  stats: CascadeStats | None = None, *, position: tuple[float, float] | None = None,
                  max_attempts: int = 3, clock: Callable[[], float] = time.perf_counter,
-                 capture: Callable[[capture_store.Record], bool] | None = None, sampler: capture_mod.Sampler | None = None,
+                 capture: Callable[[capture_store.Record, int], bool] | None = None, sampler: capture_mod.Sampler | None = None,
                  wall: Callable[[], float] = time.time, max_body: int = MAX_BODY):
         self.table = table
         self.http = http
@@ -228,7 +228,9 @@ class CascadeHandler:
         self.position = position
         self.max_attempts = max_attempts
         self.clock = clock
-        # distillation capture (spec.cascade.capture): ``capture`` only queues, it never waits
+        # distillation capture (spec.cascade.capture): ``capture`` only queues, it never waits; it
+        # is given the record and its deployment's dailyCap, which it counts where a restart
+        # and other replicas see it (CaptureWriter): ``sampler``'s count is this process's alone
         self.capture = capture
         self.sampler = sampler if sampler is not None else capture_mod.Sampler()
         self.wall = wall
@@ -519,4 +521,4 @@ class CascadeHandler:
         self.capture(capture_store.Record(
             capture_store.Record.new_id(), route.deployment, route.model, zone, now, now + policy.retention_s,
             trip.first_site or answer.site, route.stages[answer.stage].variant, trip.first_confidence,
-            trip.body, trip.body_binary, answer.body, oip.header_length(binary), policy.deployment))
+            trip.body, trip.body_binary, answer.body, oip.header_length(binary), policy.deployment), policy.daily_cap)

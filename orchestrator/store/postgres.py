@@ -102,6 +102,7 @@ CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version BIGINT NOT N
 CREATE TABLE IF NOT EXISTS left_targets (
     name TEXT NOT NULL, target TEXT NOT NULL, spec TEXT NOT NULL, version BIGINT NOT NULL, PRIMARY KEY (name, target)
 );
+CREATE TABLE IF NOT EXISTS daily_counts (key TEXT PRIMARY KEY, day BIGINT NOT NULL, taken BIGINT NOT NULL);  -- capture.dailyCap
 DO $$ BEGIN  -- databases made before leases were kept in epoch seconds, as on SQLite
     IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'leases' AND column_name = 'expires_at'
                AND data_type LIKE 'timestamp%') THEN

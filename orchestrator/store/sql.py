@@ -143,6 +143,24 @@ class SqlStore(Credentials):
         the follower (``close()``), or None where no other process writes (SQLite)."""
         return None
 
+    def take_daily(self, key: str, day: int, count: int, limit: int) -> int:
+        """Take up to ``count`` of the ``limit`` that ``key`` may use on ``day`` (a day number);
+        how many were granted (0 once it is used up). Counted here, in one write transaction,
+        so a restart keeps the count and replicas sharing the store share it. One row a key,
+        its latest day's: a call for an earlier day (a replica whose clock is behind, at
+        midnight) counts in the later one, never in a count started over."""
+        with self._tx() as db:
+            row = self._one(db, "SELECT day, taken FROM daily_counts WHERE key = ?", (key,))
+            taken = 0
+            if row is not None and int(row["day"]) >= day:
+                day, taken = int(row["day"]), int(row["taken"])
+            granted = max(0, min(count, limit - taken))
+            if granted:
+                db.execute(self._q("INSERT INTO daily_counts (key, day, taken) VALUES (?, ?, ?) "
+                                   "ON CONFLICT (key) DO UPDATE SET day = excluded.day, taken = excluded.taken"),
+                           (key, day, taken + granted))
+        return granted
+
     def resource_version(self) -> int:
         return int(self._fetch("SELECT value FROM meta WHERE key = 'resource_version'")[0]["value"])
 

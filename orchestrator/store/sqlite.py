@@ -100,6 +100,7 @@ CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version INTEGER NOT 
 CREATE TABLE IF NOT EXISTS left_targets (
     name TEXT NOT NULL, target TEXT NOT NULL, spec TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (name, target)
 );
+CREATE TABLE IF NOT EXISTS daily_counts (key TEXT PRIMARY KEY, day INTEGER NOT NULL, taken INTEGER NOT NULL);  -- capture.dailyCap
 INSERT OR IGNORE INTO meta (key, value) VALUES ('resource_version', 0);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', random() & 9223372036854775807);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('events_pruned_through', 0);

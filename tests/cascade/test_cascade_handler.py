@@ -34,7 +34,7 @@ def ep(site: str, tier: str, country: str = "FR", **kw: Any) -> routing.Endpoint
 
 def run(fleet: list[routing.Endpoint], behaviour: dict[str, str], caller: routing.Caller = FR, mode: str = "on", *,
         route: cascade_rules.CascadeRoute = ROUTE, headers: dict[str, bytes] | None = None, body: bytes = b"{}",
-        capture: Callable[[capture_store.Record], bool] | None = None) -> tuple[Any, Transport, cascade.CascadeHandler]:
+        capture: Callable[[capture_store.Record, int], bool] | None = None) -> tuple[Any, Transport, cascade.CascadeHandler]:
     table = endpoints.EndpointTable()
     table.replace(fleet)
     table.cascades = {"m": route}
@@ -245,7 +245,7 @@ CAPTURE = capture_mod.CapturePolicy(1.0, 1000, 86400.0, ("EU",))
 def test_only_answers_fit_to_teach_are_captured(behaviour: dict[str, str], mode: str, kept_as: list[tuple[str, float]]) -> None:
     kept: list[capture_store.Record] = []
     response, _, _ = run([EDGE, DC], behaviour, routing.Caller(), mode, route=dataclasses.replace(ROUTE, capture=CAPTURE),
-                         capture=lambda r: kept.append(r) is None)
+                         capture=lambda r, cap: kept.append(r) is None)
     assert response.status_code == 200, response.body
     assert [(r.stage, r.first_confidence) for r in kept] == [(stage, pytest.approx(c)) for stage, c in kept_as]
 
@@ -257,7 +257,7 @@ def test_a_binary_length_that_is_no_number_is_captured_without_one(length: bytes
     kept: list[capture_store.Record] = []
     route = dataclasses.replace(ROUTE, capture=CAPTURE)
     response, _, _ = run([EDGE, DC], {"edge-fr": "sure", "dc-fr": "sure"}, routing.Caller(), route=route,
-                         capture=lambda r: kept.append(r) is None,
+                         capture=lambda r, cap: kept.append(r) is None,
                          headers={"inference-header-content-length": length})
     assert response.status_code == 200, response.body
     [record] = kept
@@ -270,7 +270,7 @@ def test_a_compressed_request_reaches_every_stage_with_its_encoding_and_is_captu
     kept: list[capture_store.Record] = []
     request = b'{"inputs": []}'
     response, transport, _ = run([EDGE, DC], {"edge-fr": "unsure", "dc-fr": "sure"}, routing.Caller(),
-                                 route=dataclasses.replace(ROUTE, capture=CAPTURE), capture=lambda r: kept.append(r) is None,
+                                 route=dataclasses.replace(ROUTE, capture=CAPTURE), capture=lambda r, cap: kept.append(r) is None,
                                  headers={"content-type": b"application/json", "content-encoding": b"gzip"}, body=gzip.compress(request))
     assert response.status_code == 200 and transport.calls == ["http://edge-fr", "http://dc-fr"]
     assert [h.get("content-encoding") for h in transport.headers] == ["gzip", "gzip"]
@@ -280,10 +280,10 @@ def test_a_compressed_request_reaches_every_stage_with_its_encoding_and_is_captu
 
 def test_a_compressed_request_that_cannot_be_inflated_is_refused_before_any_stage_when_captured() -> None:
     response, transport, _ = run([EDGE, DC], {"edge-fr": "sure", "dc-fr": "sure"}, routing.Caller(),
-                                 route=dataclasses.replace(ROUTE, capture=CAPTURE), capture=lambda r: True,
+                                 route=dataclasses.replace(ROUTE, capture=CAPTURE), capture=lambda r, cap: True,
                                  headers={"content-encoding": b"gzip"}, body=b"not gzip")
     assert response.status_code == 400 and b"body is not valid gzip" in response.body and transport.calls == []
     response, transport, _ = run([EDGE, DC], {"edge-fr": "sure", "dc-fr": "sure"}, routing.Caller(),
-                                 route=dataclasses.replace(ROUTE, capture=CAPTURE), capture=lambda r: True,
+                                 route=dataclasses.replace(ROUTE, capture=CAPTURE), capture=lambda r, cap: True,
                                  headers={"content-encoding": b"br"}, body=b"{}")
     assert response.status_code == 415 and response.headers["accept-encoding"] == "gzip, deflate" and transport.calls == []

@@ -69,7 +69,7 @@ def serve(route: cascade_rules.CascadeRoute, fleet: list[routing.Endpoint], beha
     answered: list[int] = []
     handler = cascade.CascadeHandler(table, Transport({f"http://{k}": v for k, v in behaviour.items()}),  # type: ignore[arg-type]
                                      cascade.CascadeMetrics.create(CollectorRegistry()),
-                                     capture=lambda r: kept.append(r) is None, sampler=capture.Sampler(draw=lambda: 0.0),
+                                     capture=lambda r, cap: kept.append(r) is None, sampler=capture.Sampler(draw=lambda: 0.0),
                                      wall=lambda: now)
     request = Request({"type": "http", "method": "POST", "path": "/", "headers": []})
 

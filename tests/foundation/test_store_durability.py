@@ -35,6 +35,19 @@ def test_sequences_only_grow_and_survive_reopen(reopen: Callable[..., Store]) ->
     assert reopen().next_sequences("c", 2) == range(1, 3)
 
 
+def test_a_daily_limit_is_counted_in_the_store_and_survives_reopen(reopen: Callable[..., Store]) -> None:
+    s = reopen()
+    assert [s.take_daily("k", 10, 2, 5), s.take_daily("k", 10, 2, 5), s.take_daily("k", 10, 2, 5)] == [2, 2, 1]
+    assert s.take_daily("other", 10, 3, 3) == 3  # a key of its own
+    s.close()
+    s = reopen()
+    assert s.take_daily("k", 10, 1, 5) == 0  # used up that day, whoever asks
+    assert s.take_daily("k", 10, 2, 7) == 2  # a limit raised that day grants what it adds
+    assert s.take_daily("k", 11, 7, 5) == 5  # a new day
+    assert s.take_daily("k", 10, 1, 5) == 0  # an earlier day (a clock behind) counts in the later one: used up
+    assert s.take_daily("k", 12, 1, 5) == 1
+
+
 def test_a_sequence_block_taken_above_values_handed_out_moves_the_counter_past_them(reopen: Callable[..., Store]) -> None:
     """A restored store's counter is below values already handed out: the caller that knows
     them takes its block above them, and the counter stays past them."""

@@ -1,0 +1,96 @@
+"""``capture.dailyCap`` holds for the day whatever happens to the control plane: a restart on
+its data dir, or several replicas on one PostgreSQL store each capturing through its own
+gateway. Each control plane here is a real one (its capture writer, its state store, its zone
+files); its cascade runs on a loopback transport, as the other capture tests run it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import pathlib
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.requests import Request
+
+from orchestrator import capture_counts, server
+from orchestrator.distill import capture
+from orchestrator.distill import store as capture_store
+from orchestrator.gateway import cascade, endpoints, routing
+from orchestrator.store import sqlite as store_mod
+from orchestrator.testing import harness
+from orchestrator.testing.postgres import PostgresServer
+from tests.cascade.transport import Transport
+from tests.distill.test_capture import POLICY, ROUTE, capturing, ep
+
+CAP = 3
+ROUTE_CAPPED = dataclasses.replace(ROUTE, capture=dataclasses.replace(POLICY, daily_cap=CAP))
+FLEET = [ep("edge-fr", "edge", "FR"), ep("dc-fr", "datacenter", "FR")]
+NOW = 1_800_000_000.0  # one UTC day for every request
+
+
+async def capture_through(cp: server.ControlPlane, n: int) -> None:
+    """``n`` escalated requests through a cascade capturing into ``cp``'s writer, every one sampled,
+    as a gateway that just started (its own sampler) captures them; then written."""
+    table = endpoints.EndpointTable()
+    table.replace(FLEET)
+    table.cascades = {"m": ROUTE_CAPPED}
+    handler = cascade.CascadeHandler(table, Transport({"http://edge-fr": "unsure", "http://dc-fr": "sure"}),  # type: ignore[arg-type]
+                                     cascade.CascadeMetrics.create(CollectorRegistry()), capture=cp.capture_writer.offer,
+                                     sampler=capture.Sampler(draw=lambda: 0.0), wall=lambda: NOW)
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": []})
+
+    async def plain() -> Any:
+        raise AssertionError("cascade off is not asked for")
+    for _ in range(n):
+        assert (await handler.infer(ROUTE_CAPPED, "on", routing.Caller(), request, b'{"inputs": []}', plain)).status_code == 200
+    await cp.capture_writer.flush()
+
+
+def kept(cp: server.ControlPlane) -> int:
+    return sum(cp.captures.zone(zone).count("dep") for zone in cp.captures.zones())
+
+
+async def test_a_restart_does_not_reset_the_daily_cap(tmp_path: pathlib.Path) -> None:
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        capturing(cp.store)  # deployment dep, whose records the retention purge then keeps
+        await capture_through(cp, CAP + 2)
+        assert kept(cp) == CAP
+        await fleet.stop()
+        cp = await fleet.start_control_plane()  # the same data dir and state store
+        await capture_through(cp, CAP + 2)
+        assert kept(cp) == CAP  # not CAP more for the same day: those before the restart were all it could keep
+    finally:
+        await fleet.stop()
+
+
+async def test_replicas_on_one_postgresql_store_share_the_daily_cap(tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
+    async with harness.leader_and_follower(tmp_path, postgres.create_database()) as (leading, following):
+        assert leading.cp is not None and following.cp is not None
+        capturing(leading.cp.store)
+        await asyncio.gather(capture_through(leading.cp, CAP + 1), capture_through(following.cp, CAP + 1))
+        assert kept(leading.cp) + kept(following.cp) == CAP
+
+
+async def test_records_whose_cap_the_state_store_cannot_count_are_lost_and_counted(tmp_path: pathlib.Path,
+                                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """None can be shown to be within the cap: none is kept, and the loss is counted and logged once."""
+    state = store_mod.Store(tmp_path / "state.db")
+    state.close()  # every call now refused
+    registry = CollectorRegistry()
+    writer = capture_store.CaptureWriter(capture_store.ZoneStores(tmp_path / "captures"), registry,
+                                         counts=capture_counts.StoreCounts(state))
+    record = capture_store.Record("r1", "dep", "m", "EU", NOW, NOW + capture.DAY_S, "edge-fr", "large", 0.5, b"{}", None, b"{}", None)
+    writer.start()
+    with caplog.at_level("WARNING", logger=capture_store.__name__):
+        assert writer.offer(record, CAP) and writer.offer(dataclasses.replace(record, id="r2"), CAP)
+        await writer.flush()
+    await writer.stop()
+    assert (writer.failed, writer.captured) == (2, 0)
+    assert registry.get_sample_value("edgeplane_capture_failed_total", {"zone": "EU"}) == 2
+    [warned] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "zone EU" in warned and "daily cap cannot be counted" in warned
+    writer.stores.close()
