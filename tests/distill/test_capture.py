@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -30,6 +30,7 @@ from orchestrator.gateway import cascade, cascade_rules, endpoints, routing, wir
 from orchestrator.manifests import cascade as cascade_schema
 from orchestrator.manifests import loader
 from orchestrator.reconciler import loop, planning, snapshot
+from orchestrator.scheduler.residency import expand_residency
 from orchestrator.store import sqlite as store_mod
 from tests.cascade.transport import Transport
 from tests.foundation.support import sqlite_connection
@@ -127,13 +128,22 @@ def test_a_caller_stating_no_residency_is_kept_only_inside_the_deployments_resid
     assert [r.zone for r in records] == ([kept_in] if kept_in else [])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(edge_country=st.sampled_from(COUNTRIES), dc_country=st.sampled_from(COUNTRIES),
        zones=st.lists(st.sampled_from(["EU", *COUNTRIES]), min_size=1, max_size=4, unique=True),
-       residency=st.sets(st.sampled_from(COUNTRIES), max_size=3), sure=st.booleans())
+       residency=st.sets(st.sampled_from(COUNTRIES), max_size=3),
+       placement=st.sets(st.sampled_from(["EU", *COUNTRIES]), max_size=3), sure=st.booleans())
+@example(edge_country="FR", dc_country="FR", zones=["EU", "FR"], residency=set(), placement={"FR"}, sure=False)
 def test_records_stay_in_the_store_of_their_jurisdiction(edge_country: str, dc_country: str, zones: list[str],
-                                                         residency: set[str], sure: bool) -> None:
-    fleet = [ep("edge", "edge", edge_country), ep("dc", "datacenter", dc_country)]
+                                                         residency: set[str], placement: set[str], sure: bool) -> None:
+    """A record goes only to a zone inside the caller's residency (or, for a caller who states
+    none, holding the country of the site that received the request) and inside the
+    deployment's own ``placement.residency`` (``placement``; empty: any), which its replicas
+    carry as routing does."""
+    allowed = expand_residency(sorted(placement))
+    fleet = [dataclasses.replace(ep(site, tier, country), allowed_countries=allowed)
+             for site, tier, country in (("edge", "edge", edge_country), ("dc", "datacenter", dc_country))]
+    received_in = {"edge": edge_country, "dc": dc_country}
     route = dataclasses.replace(ROUTE, capture=dataclasses.replace(POLICY, zones=tuple(zones)))
     caller = routing.Caller(residency=frozenset(residency))
     records = serve(route, fleet, {"edge": "sure" if sure else "unsure", "dc": "sure"}, caller, n=2)
@@ -154,10 +164,12 @@ def test_records_stay_in_the_store_of_their_jurisdiction(edge_country: str, dc_c
             for r in kept:
                 assert r.zone == zone  # never in another zone's file
                 countries = capture.zone_countries(zone)
+                if allowed:
+                    assert countries <= allowed  # nor outside the deployment's residency
                 if residency:
                     assert countries <= residency  # the caller's data stays inside its residency
                 else:
-                    assert edge_country in countries  # the country the request came in through
+                    assert received_in[r.site] in countries  # the country the request came in through
         assert total == len(records)
         stores.close()
 
