@@ -18,6 +18,7 @@ on its own, and within a file reading goes on at the next ``---`` line.
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 import re
@@ -410,6 +411,20 @@ _DOCUMENT_START = re.compile(r"^---(?=[ \t\r\n\x85\u2028\u2029]|\Z)", re.M)
 _LINE_BREAK = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")  # what PyYAML counts as a new line
 
 
+def _json_tabs_as_spaces(text: str) -> str:
+    """A JSON text indented with tabs (``jq --tab``, Go's ``json.MarshalIndent``), its tabs
+    made spaces: PyYAML's scanner refuses a tab between tokens, where JSON allows it. Only
+    a text JSON reads: a JSON string holds no tab, so each is whitespace between tokens and
+    the text means the same, on the same lines; a YAML text's tabs are left for YAML to judge."""
+    if "\t" not in text or text.lstrip()[:1] not in ("{", "["):
+        return text
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, or nested past what it reads: YAML says why
+        return text
+    return text.replace("\t", " ")
+
+
 class _FileReader:
     """One file's documents, loaded or refused, and its issues. The file is read as one
     stream; where its YAML is malformed, the document it is in is spoiled and the rest is
@@ -417,7 +432,7 @@ class _FileReader:
     past an error; those after it seldom fail, so the first pass keeps the fast path)."""
 
     def __init__(self, text: str, file: str, index: int, count: _Count) -> None:
-        self.text, self.file, self.count = text, file, count
+        self.text, self.file, self.count = _json_tabs_as_spaces(text), file, count
         self.index = index  # of the next document in the file
         self.first = count.documents  # documents met before this file
         self.read: list[LoadedDocument | RefusedDocument] = []

@@ -112,6 +112,8 @@ BAD: list[Bad] = [
     # --- YAML itself -------------------------------------------------------------------
     Bad("yaml-bad-indentation", H + "kind: Site\nmetadata:\n  name: s1\n bad: indentation\nspec: {}\n", "", 5, "malformed YAML"),
     Bad("yaml-tab", GOOD_SITE.replace("  location:\n", "\tlocation: x\n  location:\n"), "", "\tlocation", "malformed YAML"),
+    # JSON nested past what Python's json reads: its tabs are left to YAML, which says so
+    Bad("json-tab-nested-too-deep", "[\t" + "[" * 5000 + "]" * 5000 + "\n", "", 1, "malformed YAML"),
     Bad("yaml-malformed-second-doc", join(GOOD_SITE, H + "kind: Site\nmetadata:\n  name: s2\n bad: indentation\n"), "",
         (" bad: indentation", 1), "malformed YAML", document=1),
     Bad("yaml-duplicate-key", DUP_KEY, "spec.location.country", "country: DE", "duplicate key 'country'"),
@@ -397,6 +399,10 @@ GOOD: list[Good] = [
                                       "spec": support.edge_site_spec()}), [("Site", "s1", 0, 1)]),
     Good("json-list-of-documents", json.dumps([yaml.safe_load(GOOD_SITE), yaml.safe_load(site(name="s2"))], indent=1),
          [("Site", "s1", 0, 2), ("Site", "s2", 1, 2 + len(json.dumps(yaml.safe_load(GOOD_SITE), indent=1).splitlines()))]),
+    # what jq --tab, Go's json.MarshalIndent(v, "", "\t") and many editors write: tabs between
+    # tokens, which PyYAML's scanner refuses but JSON allows (a JSON string holds none)
+    Good("json-indented-with-tabs", json.dumps([yaml.safe_load(GOOD_SITE), yaml.safe_load(site(name="s2"))], indent="\t"),
+         [("Site", "s1", 0, 2), ("Site", "s2", 1, 2 + len(json.dumps(yaml.safe_load(GOOD_SITE), indent="\t").splitlines()))]),
     # what `get -o yaml|json` prints: status and server-set metadata are ignored, a list is its items
     Good("get-output-with-status-and-server-metadata", GOOD_SITE.replace("metadata:\n", "metadata:\n  generation: 3\n"
          "  creationTimestamp: '2026-12-04T17:39:23Z'\n  resourceVersion: '12'\n") + "status: {health: Healthy, anything: [1, 2]}\n",
