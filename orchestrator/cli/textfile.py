@@ -9,6 +9,7 @@ parsers refuse it or read it as part of the first key.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 
@@ -27,7 +28,8 @@ def read(path: str | pathlib.Path, code: int = 1) -> str:
 def manifest_texts(path: str, seen: set[pathlib.Path] | None = None) -> list[tuple[str, str]]:
     """``(name, text)`` of each manifest file ``-f path`` names: the file, or every ``.yaml``,
     ``.yml`` and ``.json`` of the directory. A path that does not exist, a directory without
-    one, or a file or directory this user may not read is a usage error (exit 2) naming it,
+    one, a link among them that leads to no file, or a file or directory this user may not
+    read is a usage error (exit 2) naming it,
     the same from every command that takes ``-f``. ``seen`` (resolved paths) skips a file
     named before (``-f dir -f dir/a.yaml``) and records those read."""
     from orchestrator.manifests import loader  # its schema takes ~0.2 s to import: only commands that read files pay
@@ -41,6 +43,8 @@ def manifest_texts(path: str, seen: set[pathlib.Path] | None = None) -> list[tup
         if not files:
             raise CliError(f"{path}: no .yaml, .yml or .json files in this directory", 2)
         for f in files:
+            if f.is_symlink() and not f.exists():  # a file moved away, or a loop: its part of the fleet is not left out unsaid
+                raise CliError(f"{f}: a link to {os.readlink(f)}, which leads to no file", 2)
             if seen is not None:
                 if f.resolve() in seen:
                     continue

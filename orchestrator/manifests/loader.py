@@ -566,7 +566,9 @@ class _FileReader:
 
 
 def manifest_files(target: pathlib.Path) -> list[pathlib.Path]:
-    """A file, or every ``*.yaml``/``*.yml``/``*.json`` in a directory (sorted, not recursive)."""
+    """A file, or every ``*.yaml``/``*.yml``/``*.json`` in a directory (sorted, not recursive),
+    a link among them that leads to no file included: reading it says so."""
     if target.is_dir():
-        return sorted(p for p in target.iterdir() if p.suffix in (".yaml", ".yml", ".json") and p.is_file())
+        # an entry listed that does not exist is a link that leads nowhere
+        return sorted(p for p in target.iterdir() if p.suffix in (".yaml", ".yml", ".json") and (p.is_file() or not p.exists()))
     return [target]

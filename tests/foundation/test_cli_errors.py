@@ -223,3 +223,21 @@ def test_a_tls_server_that_refuses_the_handshake_is_not_said_to_speak_no_tls(beh
         assert len(proc.stderr.splitlines()) == 1 and proc.stdout == "", proc
         assert proc.stderr.startswith(f"error: the control plane at {url} refused the TLS handshake (sslv3 alert handshake failure): "), proc.stderr
         assert "does not speak TLS" not in proc.stderr and "is 'edgeplane serve' running" not in proc.stderr, proc.stderr
+
+
+def test_a_directory_with_a_broken_link_applies_nothing_and_names_it(serve: support.ServeProcess, tmp_path: pathlib.Path) -> None:
+    """A directory of manifests where one is a link to a file moved away (or a loop): the
+    part of the fleet it held is not silently left out of the apply."""
+    folder = tmp_path / "fleet"
+    folder.mkdir()
+    (folder / "a.yaml").write_text(doc("Site", "cli-before-the-link", support.edge_site_spec()))
+    (folder / "b.yaml").symlink_to(tmp_path / "moved" / "b.yaml")
+    (folder / "c.yaml").symlink_to(folder / "c.yaml")  # a link to itself
+    for command in ("apply", "plan"):
+        proc = cli(command, "-f", str(folder), server_url=serve.url)
+        assert proc.returncode == 2, proc
+        assert proc.stderr.strip() == f"error: {folder / 'b.yaml'}: a link to {tmp_path / 'moved' / 'b.yaml'}, which leads to no file", proc
+    (folder / "b.yaml").unlink()
+    proc = cli("apply", "-f", str(folder), server_url=serve.url)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {folder / 'c.yaml'}: a link to {folder / 'c.yaml'}, which leads to no file"
+    assert "does not exist" in cli("get", "site", "cli-before-the-link", server_url=serve.url).stderr
