@@ -5,6 +5,8 @@ type pointed out, pattern mismatches explained.
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, Protocol
 
 import pydantic
@@ -91,6 +93,8 @@ def validate(data: Any, walker: Walked) -> schema.Document | list[ManifestIssue]
                 message = "required field is missing"
             elif err["type"] == "string_type" and loc in walker.unquoted:
                 message = _quote_hint(walker.unquoted[loc], err.get("input"))
+            elif err["type"] in ("int_type", "float_type") and loc and (hint := _number_hint(loc[-1], err.get("input"))):
+                message = f"{message}, {hint}"
             elif err["type"] == "string_pattern_mismatch":
                 hint = _PATTERN_HINTS.get(str((err.get("ctx") or {}).get("pattern")), "does not match the expected format")
                 message = f"{err.get('input')!r} is not valid: {hint}"
@@ -111,6 +115,46 @@ def _quote_hint(written: str, value: Any) -> str:
     else:
         what = f"a {type(value).__name__}"
     return f"{written} was read as {what}, not text: put it in quotes"
+
+
+#: A Kubernetes quantity (``500m``, ``16Gi``, ``64G``): a number and its unit's size.
+_QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]+)?)(m|k|K|M|G|T|Ki|Mi|Gi|Ti)")
+_QUANTITY_SCALE = {"m": 1e-3, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+                   "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40}
+#: The unit of a number field, by how its name ends, and that unit's size in bytes.
+_FIELD_UNITS = {"MiB": 2.0**20, "GiB": 2.0**30}
+#: A number with an exponent that YAML 1.1 (PyYAML) reads as text: no '.' or no sign (``1e3``, ``1.5e3``).
+_EXPONENT = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
+
+
+def _number_hint(field: str | int, value: Any) -> str | None:
+    """What a number field was given instead, as the user wrote it, and what to write: a
+    Kubernetes quantity (``cpu: 500m``, ``memoryMiB: 16Gi``), a number in quotes, an exponent
+    YAML read as text, a whole number written as a float for a count."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return f"not {value!r}: write it as digits, {int(value)}"
+    if not isinstance(value, str):
+        return None
+    if (quantity := _QUANTITY.fullmatch(value)) is not None:
+        amount = float(quantity.group(1)) * _QUANTITY_SCALE[quantity.group(2)]
+        if field == "cpu" and quantity.group(2) == "m":
+            return f"not {value!r}: cpu counts cores, so {value} is {amount:g}"
+        unit = next((u for u in _FIELD_UNITS if isinstance(field, str) and field.endswith(u)), None)
+        if unit is not None and quantity.group(2) != "m":
+            return f"not {value!r}: {field} is in {unit}, so {value} is {amount / _FIELD_UNITS[unit]:g}"
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    if not math.isfinite(number):  # 'nan' and 'inf' are text to YAML, as are 1e999 and a quoted '.inf'
+        return None
+    if _EXPONENT.fullmatch(value) and not re.search(r"\.[0-9]*[eE][-+]", value):
+        mantissa, exponent = re.split("[eE]", value)
+        as_yaml = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent if exponent[0] in '+-' else '+' + exponent}"
+        digits = f"{int(number)} or " if number.is_integer() and abs(number) < 1e16 else ""
+        return f"not the text {value!r}: YAML reads an exponent without a '.' and a sign as text: write {digits}{as_yaml}"
+    return f"not the text {value!r}: write it without quotes"
 
 
 def _holds(node: Any, part: str | int) -> bool:

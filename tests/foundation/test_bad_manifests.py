@@ -184,6 +184,20 @@ BAD: list[Bad] = [
     Bad("label-value-is-a-number", site(("metadata.labels", {"zone": 5})), "metadata.labels.zone", "zone:",
         "5 was read as a number, not text: put it in quotes"),
     Bad("lon-is-a-string", site(("spec.location.lon", "4.8")), "spec.location.lon", "lon:", "valid number"),
+    # Kubernetes quantities, numbers in quotes and YAML 1.1's exponents: what was written, and what to write
+    Bad("cpu-as-a-kubernetes-quantity", model(("spec.variants[0].resources", {"cpu": "500m"})), "spec.variants[0].resources.cpu",
+        "cpu:", "valid number, not '500m': cpu counts cores, so 500m is 0.5"),
+    Bad("memory-as-a-kubernetes-quantity", model(("spec.variants[0].resources", {"memoryMiB": "16Gi"})),
+        "spec.variants[0].resources.memoryMiB", "memoryMiB:", "valid integer, not '16Gi': memoryMiB is in MiB, so 16Gi is 16384"),
+    Bad("memory-in-decimal-gigabytes", site(("spec.capacity.memoryGiB", "64G")), "spec.capacity.memoryGiB", "memoryGiB:",
+        "valid number, not '64G': memoryGiB is in GiB, so 64G is 59.6046"),
+    Bad("number-in-quotes", site(("spec.capacity.cpu", "8")), "spec.capacity.cpu", "cpu:",
+        "valid number, not the text '8': write it without quotes"),
+    Bad("exponent-yaml-reads-as-text", site(("spec.energy", {"carbonGramsPerKWh": 50, "powerBudgetWatts": "PBW"})).replace(
+        "PBW", "5e3"), "spec.energy.powerBudgetWatts", "powerBudgetWatts:",
+        "valid number, not the text '5e3': YAML reads an exponent without a '.' and a sign as text: write 5000 or 5.0e+3"),
+    Bad("whole-number-as-a-float", model(("spec.variants[0].resources", {"memoryMiB": 2.0e+3})),
+        "spec.variants[0].resources.memoryMiB", "memoryMiB:", "valid integer, not 2000.0: write it as digits, 2000"),
     Bad("variant-name-or-map", join(MODEL, deployment(("spec.variant", ["small"]))), "spec.variant", "variant:", "valid string",
         document=1),
     # --- codes ---------------------------------------------------------------------------
@@ -453,7 +467,7 @@ SUBSET = [c for c in BAD if c.id in {
     "unknown-resources-field", "bad-country", "bad-residency", "duplicate-names-in-file", "missing-model", "ray-serve-at-the-edge",
     "min-greater-than-max", "datacenter-without-runtime", "uri-dot-dot", "uri-nul-in-file-path", "uri-unparsable-host", "error-in-second-document", "json-unknown-field",
     "tier-listed-twice", "residency-listed-twice", "lone-surrogate-in-annotation", "lone-surrogate-in-region", "binary-in-args",
-    "nan-in-args",
+    "nan-in-args", "cpu-as-a-kubernetes-quantity",
 }]
 
 
