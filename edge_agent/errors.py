@@ -21,7 +21,7 @@
 
 from __future__ import annotations
 
-from edgeplane_proto import retry_after as retry_after_mod
+from edgeplane_proto.headers import MAX_RETRY_AFTER_S
 
 
 class AgentError(Exception):
@@ -51,7 +51,7 @@ class InvalidInput(AgentError):
 class Overloaded(AgentError):
     def __init__(self, message: str, retry_after: int) -> None:  # retry_after: seconds, at least 1
         super().__init__(message)
-        self.retry_after = min(retry_after, retry_after_mod.MAX_SECONDS)  # a longer wait would be ignored
+        self.retry_after = min(retry_after, MAX_RETRY_AFTER_S)  # a longer wait would be ignored
 
 
 class ControlPlaneError(AgentError):

@@ -16,10 +16,6 @@ import datetime
 import email.utils
 import re
 
-#: The longest wait edgeplane asks for or honours: the openai SDK ignores a Retry-After over
-#: 60 s (and retries after its own 0.5-8 s), so a longer one would only be ignored.
-MAX_SECONDS = 60
-
 #: The delay-seconds form: ASCII digits only, few enough that reading them costs nothing.
 _SECONDS = re.compile(r"[0-9]{1,18}")
 #: The HTTP date's obsolete asctime form (RFC 9110 5.6.7), which names no zone: "Sun Nov  6 08:49:37 1994".

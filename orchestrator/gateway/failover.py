@@ -30,10 +30,8 @@ from collections.abc import Mapping, Sequence
 from prometheus_client import Counter
 
 from edgeplane_proto import retry_after as retry_header
-from edgeplane_proto.headers import DRAINING
+from edgeplane_proto.headers import DRAINING, MAX_RETRY_AFTER_S
 
-#: The longest Retry-After the gateway passes on from a replica that is unavailable for now.
-MAX_RETRY_AFTER_S = retry_header.MAX_SECONDS
 
 
 def retry_after_s(value: str | None, now: datetime.datetime | None = None) -> int:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 
 from edge_agent import diskspace, errors, openai_api, packages
-from edgeplane_proto import retry_after
+from edgeplane_proto.headers import MAX_RETRY_AFTER_S
 from edge_agent.admission import Admission, Retired
 from edge_agent.runtime import genai, token_bytes
 from edge_agent.runtime.genai import StopMatcher
@@ -260,7 +260,7 @@ async def test_the_wait_a_full_admission_asks_for_is_one_an_openai_client_honour
     await asyncio.sleep(0)
     with pytest.raises(errors.Overloaded) as full:
         await gate.acquire()
-    assert full.value.retry_after == retry_after.MAX_SECONDS
+    assert full.value.retry_after == MAX_RETRY_AFTER_S
     waiter.cancel()
 
 
