@@ -60,16 +60,19 @@ def translate(exc: grpc.RpcError, hint: str = "") -> errors.ControlPlaneError:
         return errors.JoinRefused(f"{code.name}: {detail}", code.name)  # type: ignore[union-attr]
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         return errors.NotJoined(detail or "not joined")
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and (asked := _pushback(exc)) is not None:
+    if (asked := _pushback(exc)) is not None:
         return errors.ControlPlaneBusy(f"control plane busy: {detail}", asked)
     name = code.name if code is not None else "ERROR"
     return errors.AgentUnavailable(f"control plane unavailable ({name}: {detail}){'; ' + hint if hint else ''}")
 
 
 def _pushback(exc: grpc.RpcError) -> float | None:
-    """The seconds a refusal asks to wait (``edgeplane_proto.reconnect.PUSHBACK_KEY``); None
-    for none, or one that is not a whole number of milliseconds."""
-    trailing = exc.trailing_metadata() if isinstance(exc, grpc.aio.AioRpcError) else None
+    """The seconds a busy control plane's refusal (``RESOURCE_EXHAUSTED``) asks to wait
+    (``edgeplane_proto.reconnect.PUSHBACK_KEY``); None for another error, for none, or for
+    one that is not a whole number of milliseconds."""
+    if not isinstance(exc, grpc.aio.AioRpcError) or exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    trailing = exc.trailing_metadata()
     value = dict(trailing or ()).get(reconnect.PUSHBACK_KEY)
     if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 9:
         return None
@@ -425,8 +428,8 @@ class Uplink:
         try:
             response: pb.JoinResponse = await stub.Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
         except grpc.RpcError as exc:
-            if renewal is None or exc.code() in _UNREACHABLE:
-                raise
+            if renewal is None or exc.code() in _UNREACHABLE or _pushback(exc) is not None:
+                raise  # a busy control plane refused the join, not the renewal: the next join asks again
             # Renewal is best effort while the certificate is valid: join without it.
             self._renewal_failed(f"the control plane refused the renewal ({exc.code().name}: {exc.details()})")
             request.ClearField("csr_pem")

@@ -7,6 +7,7 @@ constructor takes it), and the agent's waits go through the sleep its uplink is 
 from __future__ import annotations
 
 import asyncio
+import logging
 import pathlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import ParamSpec, TypeVar
 import grpc
 import pytest
 
-from edge_agent import capacity, registry, state, uplink
+from edge_agent import capacity, errors, registry, state, uplink
 from edgeplane_proto import reconnect
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
@@ -176,3 +177,40 @@ async def test_an_agent_refused_for_a_busy_control_plane_waits_the_time_asked_th
             await asyncio.wait_for(running, 10)
     # the time asked, at the top of its jitter; the backoff's first step would have been 0.5 s
     assert asked == [pytest.approx(HINT_S * reconnect.PUSHBACK_JITTER)]
+
+
+class DueCertificate:
+    """The agent's TLS material as its uplink asks it at a join: a client certificate due for
+    renewal (two thirds through a day's life at the uplink's clock, NOW), and a key and CSR."""
+
+    NOW = 1_000_000.0
+
+    async def renewal_time(self) -> tuple[float, float]:
+        return self.NOW - 1.0, self.NOW + 86400.0
+
+    async def new_request(self, site: str) -> tuple[bytes, bytes]:
+        return b"key", b"csr"
+
+
+async def test_a_renewal_refused_for_a_busy_control_plane_is_asked_again_at_the_next_join(
+        gated: Gated, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The refusal is of any join for now, not of the renewal: the agent joined again at once
+    without its CSR (into the same busy gate) and put the renewal off an hour, or past the
+    expiry of a short-lived certificate. The join asks for the renewal through the uplink's
+    private step, as ``test_uplink_renewal`` does: no public call reaches it without mutual TLS."""
+    caplog.set_level(logging.WARNING, logger="edge_agent.uplink")
+    facts = uplink.JoinFacts(site=LATE, bootstrap_token=TOKEN, endpoint_url="http://127.0.0.1:9", agent_version="test",
+                             heartbeat_interval=None)
+    up = uplink.Uplink(gated.target, facts, state.StateStore(tmp_path), Reporter(), _ignore,
+                       agent_tls=DueCertificate(), clock=lambda: DueCertificate.NOW)  # type: ignore[arg-type]
+    async with grpc.aio.insecure_channel(gated.target) as channel:
+        stub = pb_grpc.AgentControlStub(channel)
+        held = await hold_a_join(gated, stub)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await up._join(stub)
+        gated.authenticator.release.set()
+        await held
+    assert isinstance(uplink.translate(refused.value), errors.ControlPlaneBusy)
+    assert gated.gate.refused_total == 1  # no second join into the busy gate
+    assert not [r for r in caplog.records if "renewal" in r.getMessage()]
+    assert await up._renewal_request() == (b"key", b"csr")  # still due: the next join asks with the same CSR
