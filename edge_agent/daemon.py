@@ -32,6 +32,7 @@ from edge_agent import (artifacts, assignments, build, capacity, errors, http, h
                         tls, uplink)
 from edge_agent.retry import Jitter
 from edge_agent.runtime import onnx
+from edgeplane_proto import hostport
 
 if TYPE_CHECKING:  # imported by the first generative model: an agent that serves none never holds them
     from edge_agent.runtime import genai
@@ -85,8 +86,7 @@ def _bind(host: str, port: int) -> socket.socket:
     try:
         return _bind_socket(host, port)
     except OSError as exc:  # the bare errno says neither what nor where
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise OSError(exc.errno, f"cannot listen on {where} (v2 HTTP API, --listen): {exc.strerror or exc}") from exc
+        raise OSError(exc.errno, f"cannot listen on {hostport.address(host, port)} (v2 HTTP API, --listen): {exc.strerror or exc}") from exc
 
 
 def _bind_socket(host: str, port: int) -> socket.socket:
@@ -408,6 +408,6 @@ def _default_url(host: str, port: int) -> str:
     with contextlib.suppress(ValueError):
         if ipaddress.ip_address(host).is_unspecified:
             host = socket.getfqdn()
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"http://{hostport.address(host, port)}"
 
 

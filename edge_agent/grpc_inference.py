@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 
 import edge_agent
 from edge_agent import errors, http, inflight, registry
-from edgeplane_proto import oip, oip_tensors
+from edgeplane_proto import hostport, oip, oip_tensors
 from edgeplane_proto.inference.v2 import inference_pb2 as pb
 
 SERVICE = "inference.GRPCInferenceService"
@@ -214,7 +214,7 @@ async def start(host: str, port: int, server: http.InferenceServer, max_message_
     ])
     grpc_server.add_generic_rpc_handlers((_handlers(InferenceServicer(server)),))
     try:
-        bound = grpc_server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        bound = grpc_server.add_insecure_port(hostport.address(host, port))
     except RuntimeError as exc:  # grpc's way of saying the address is taken
         raise OSError(f"cannot serve gRPC inference on {host}:{port}: {exc}") from None
     if bound == 0:

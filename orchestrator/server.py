@@ -50,7 +50,7 @@ from orchestrator.api import watch as watch_api
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.distill import store as capture_store
 from orchestrator import fleet_metrics, runloop, server_config, server_options, server_views
-from edgeplane_proto import identity, reconnect
+from edgeplane_proto import hostport, identity, reconnect
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import correlation, openai_routes, proxy, upstream, wire
@@ -212,11 +212,10 @@ class ControlPlane(server_views.ServerViews):
             sock.listen(2048)  # now, not when uvicorn starts: the agents' listener must not bind the same port
         except OSError as exc:  # the bare errno says neither what nor where
             sock.close()
-            raise OSError(exc.errno, f"cannot listen on {server_config.address(cfg.host, cfg.port)} (HTTP API and gateway, --host/--port): "
+            raise OSError(exc.errno, f"cannot listen on {hostport.address(cfg.host, cfg.port)} (HTTP API and gateway, --host/--port): "
                                      f"{exc.strerror or exc}") from exc
         port = sock.getsockname()[1]
-        host_for_url = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        self.http_url = f"http://{host_for_url}:{port}"
+        self.http_url = f"http://{hostport.address(cfg.host, port)}"
         roots = cfg.artifact_roots or (cfg.data_dir / "artifacts",)
         self.artifacts = artifacts.ArtifactCatalog(tuple(pathlib.Path(r).resolve() for r in roots), cfg.public_url or self.http_url,
                                                   allowed_hosts=cfg.artifact_hosts)
@@ -237,9 +236,9 @@ class ControlPlane(server_views.ServerViews):
             sock.close()
             raise
         # as agents take it (--control-plane, --join-address): an IPv6 host in brackets
-        self.agent_target = server_config.address(agent_host, self._agent_server.port)
+        self.agent_target = hostport.address(agent_host, self._agent_server.port)
         join_port = self._agent_server.join_port
-        self.agent_join_target = server_config.address(agent_host, join_port) if join_port else None
+        self.agent_join_target = hostport.address(agent_host, join_port) if join_port else None
         self.ca_file = cfg.data_dir / "ca" / "ca.crt" if mtls else None
 
         self._http = upstream.UpstreamPool(connect_timeout=2.0, timeout=30.0)
@@ -431,7 +430,7 @@ class ControlPlane(server_views.ServerViews):
     @property
     def peer_address(self) -> str:
         """Where other replicas dial this one to relay their agents while it leads."""
-        return self.config.peer_address or server_config.address(server_config.peer_host(self.config), self._agent_server.port)
+        return self.config.peer_address or hostport.address(server_config.peer_host(self.config), self._agent_server.port)
 
     def _publish_leader(self, lease: store_mod.Lease) -> None:
         """Tell the followers where to relay their agents, under this lease's fencing token."""

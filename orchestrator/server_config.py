@@ -138,6 +138,3 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         simulation_budget=args.simulate_budget if args.simulate_budget is not None else sim_budget.DEFAULT_BUDGET,
     )
 
-
-def address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

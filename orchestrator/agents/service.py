@@ -18,7 +18,7 @@ from typing import Protocol, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from edgeplane_proto import identity, reconnect
+from edgeplane_proto import hostport, identity, reconnect
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from orchestrator.agents import admission, errors, hub, model
 
@@ -358,12 +358,12 @@ async def start_agent_server(
     server = grpc.aio.server(options=server_options(max_receive_bytes))
     issuer = mtls.issuer if mtls is not None else None
     server.add_generic_rpc_handlers((AgentControlServicer(agent_hub, issuer=issuer, joins=joins).handler(), *more))
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    address = hostport.address(host, port)
     join_port = None
     if mtls is not None:
         bound = _add_port(lambda: server.add_secure_port(address, _renewing_credentials(mtls, mtls.issuer.certificate_pem)),
                           address, "agents, --agent-port")
-        join_address = f"[{host}]:{mtls.join_port}" if ":" in host else f"{host}:{mtls.join_port}"
+        join_address = hostport.address(host, mtls.join_port)
         join_port = _add_port(lambda: server.add_secure_port(join_address, _renewing_credentials(mtls, None)),
                               join_address, "agent joins, --agent-join-port")
     elif tls is None:
@@ -378,5 +378,5 @@ async def start_agent_server(
     await server.start()
     sweeper = asyncio.create_task(agent_hub.run_sweeper(sweep_period), name="agent-hub-sweeper")
     mode = "mutual TLS, joins on port %d" % join_port if join_port else ("tls" if tls else "insecure")
-    log.info("agent gRPC listening on %s (%s)", f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}", mode)
+    log.info("agent gRPC listening on %s (%s)", hostport.address(host, bound), mode)
     return AgentServer(server, bound, sweeper, join_port)

@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from edgeplane_proto import oip
+from edgeplane_proto import hostport, oip
 from orchestrator.api import methods
 from orchestrator.gatewayd import follow
 from orchestrator import runloop, urlpath
@@ -111,9 +111,9 @@ class StandaloneGateway:
             sock.bind((cfg.host, cfg.port))
         except OSError as exc:
             sock.close()
-            raise OSError(f"cannot listen on {_address(cfg.host, cfg.port)} (--host/--port): {exc.strerror or exc}") from exc
+            raise OSError(f"cannot listen on {hostport.address(cfg.host, cfg.port)} (--host/--port): {exc.strerror or exc}") from exc
         port = sock.getsockname()[1]
-        self.http_url = f"http://{_address(cfg.host, port)}"
+        self.http_url = f"http://{hostport.address(cfg.host, port)}"
 
         self.table = endpoints_mod.EndpointTable()
         self.follower = follow.TableFollower(urls, self.table, token=cfg.token, silence_s=cfg.silence_s, backoff_max_s=cfg.backoff_max_s)
@@ -187,10 +187,6 @@ class StandaloneGateway:
     async def _metrics(self, request: Request) -> Response:
         series.prune(self.table, self.openai_gateway.labelled())
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _gateway_position(text: str | None) -> tuple[float, float] | None:
