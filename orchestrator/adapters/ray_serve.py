@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from edgeplane_proto import oip
+from edgeplane_proto import hostport, oip
 from orchestrator import proxyenv
 from orchestrator.adapters import serve_config
 from orchestrator.adapters.serve_config import (
@@ -309,7 +309,7 @@ class RayServeActuator:
         if not port:
             return None
         host = urlsplit(self._dashboard_url).hostname or "127.0.0.1"
-        return f"http://{host}:{port}"
+        return f"http://{hostport.address(host, port)}"
 
     async def _node_capacities(self) -> list[Mapping[str, float]]:
         """Total resources of each live node; empty if the state API cannot tell."""

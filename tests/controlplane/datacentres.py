@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import kmock
 import kubernetes
 
+from edgeplane_proto import hostport
 from orchestrator import server
 from orchestrator.adapters import kuberay, rayservice, serve_config
 from orchestrator.manifests import schema
@@ -99,9 +101,10 @@ class ServeDashboard:
     answers at the client's timeout; ``requests``: the method of each request it took, in
     order, and ``held`` those it holds now. ``validates``: a PUT is checked as Ray's dashboard
     checks it (Ray Serve's own ``ServeDeploySchema``), one it refuses answered 400 with the
-    text Ray answers, and nothing of it applied."""
+    text Ray answers, and nothing of it applied. ``host``: the loopback address it listens on
+    (``::1`` for a dashboard reached over IPv6)."""
 
-    def __init__(self, validates: bool = False) -> None:
+    def __init__(self, validates: bool = False, host: str = "127.0.0.1") -> None:
         self.applications: dict[str, dict[str, Any]] = {}
         self.validates = validates
         self.requests: list[str] = []
@@ -140,8 +143,10 @@ class ServeDashboard:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        server_class = type("Server", (http.server.ThreadingHTTPServer,),
+                            {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
+        self._server = server_class((host, 0), Handler)
+        self.url = f"http://{hostport.address(host, self._server.server_address[1])}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def took(self, method: str) -> None:

@@ -9,7 +9,9 @@ import socket
 
 import pytest
 
+from orchestrator.adapters import ray_serve, serve_config
 from orchestrator.testing import harness
+from tests.controlplane import datacentres
 
 
 def _has_ipv6_loopback() -> bool:
@@ -36,3 +38,18 @@ async def test_an_agent_joins_at_the_address_a_control_plane_on_ipv6_names(tmp_p
         assert status is not None and status.healthy
     finally:
         await fleet.stop()
+
+
+async def test_a_ray_cluster_reached_over_ipv6_serves_at_a_url_in_brackets() -> None:
+    """A Serve application on a Ray cluster whose dashboard is reached at an IPv6 address
+    (``dashboardUrl: http://[::1]:8265``) was given the endpoint ``http://::1:8000/ep-a``,
+    which is no URL: the gateway could not route to it."""
+    dashboard = datacentres.ServeDashboard(host="::1")
+    try:
+        async with ray_serve.RayServeActuator(dashboard.url) as actuator:
+            await actuator.apply([serve_config.ServeAppSpec(name="ep-a", route_prefix="/ep-a", model_name="ep-a", runtime="ray-serve",
+                                                            num_replicas=1, import_path="pkg.mod:app", deployment="Ingress")])
+            seen = await actuator.observe()
+    finally:
+        dashboard.stop()
+    assert seen["ep-a"].endpoint_url == "http://[::1]:8000/ep-a"
