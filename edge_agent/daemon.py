@@ -243,7 +243,7 @@ class Agent:
 
             self._grpc, self.grpc_port = await grpc_inference.start(
                 *cfg.grpc_listen, self.server, cfg.max_body_bytes)
-            log.info("serving v2 over gRPC on %s:%d", cfg.grpc_listen[0], self.grpc_port)
+            log.info("serving v2 over gRPC on %s", hostport.address(cfg.grpc_listen[0], self.grpc_port))
         saved = self.store.load_assignments(cfg.site)
         if saved is not None and saved.assignments:
             log.info("serving %d saved assignment(s) from the local cache", len(saved.assignments))

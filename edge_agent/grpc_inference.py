@@ -213,11 +213,12 @@ async def start(host: str, port: int, server: http.InferenceServer, max_message_
         ("grpc.so_reuseport", 0),
     ])
     grpc_server.add_generic_rpc_handlers((_handlers(InferenceServicer(server)),))
+    address = hostport.address(host, port)
     try:
-        bound = grpc_server.add_insecure_port(hostport.address(host, port))
+        bound = grpc_server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc's way of saying the address is taken
-        raise OSError(f"cannot serve gRPC inference on {host}:{port}: {exc}") from None
+        raise OSError(f"cannot serve gRPC inference on {address}: {exc}") from None
     if bound == 0:
-        raise OSError(f"cannot serve gRPC inference on {host}:{port}")
+        raise OSError(f"cannot serve gRPC inference on {address}")
     await grpc_server.start()
     return grpc_server, bound

@@ -234,3 +234,17 @@ def test_an_ipv6_host_to_serve_on_is_taken_in_brackets_too(command: list[str], t
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+def test_the_agent_names_an_ipv6_grpc_address_it_cannot_bind_in_brackets(tmp_path: pathlib.Path) -> None:
+    """'cannot serve gRPC inference on ::1:9002', an address no flag takes as written."""
+    with socket.socket(socket.AF_INET6) as held:
+        held.bind(("::1", 0))
+        held.listen()
+        busy = held.getsockname()[1]
+        proc = subprocess.run([str(AGENT), "--control-plane", f"127.0.0.1:{support.closed_port()}", "--site", "edge-x", "--token", "t",
+                               "--insecure", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0", "--grpc-listen", f"[::1]:{busy}"],
+                              capture_output=True, text=True, timeout=60, env=support.clean_env())
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc
+    assert f"cannot serve gRPC inference on [::1]:{busy}" in proc.stderr, proc.stderr
