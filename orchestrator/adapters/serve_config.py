@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from orchestrator import import_paths
+
 #: Applications whose name starts with this are edgeplane's; others on a shared cluster are
 #: left exactly as they are.
 OWNED_PREFIX = "ep-"
@@ -241,8 +243,11 @@ def spec_problems(spec: ServeAppSpec) -> list[str]:
             problems.append(f"an {spec.runtime} application needs artifact_uri")
         if not spec.sha256 or not re.fullmatch(r"[0-9a-f]{64}", spec.sha256):
             problems.append(f"an {spec.runtime} application needs sha256 (64 lowercase hex digits)")
-    if spec.runtime == "ray-serve" and (not spec.import_path or ":" not in spec.import_path):
-        problems.append("a ray-serve application needs import_path as 'module:attribute'")
+    if spec.runtime == "ray-serve":
+        if not spec.import_path:
+            problems.append(f"a ray-serve application needs import_path, {import_paths.FORMS}")
+        elif (why := import_paths.problem(spec.import_path)) is not None:
+            problems.append(f"import_path {spec.import_path!r} is not one Ray Serve takes: {why}")
     if (spec.runtime == "vllm") != (spec.llm is not None):
         problems.append("a vllm application needs llm, and only a vllm application takes it")
     elif spec.llm is not None:

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator import import_paths
 from orchestrator.manifests import cascade as cascade_schema
 
 API_VERSION = "edgeplane.io/v1alpha1"
@@ -338,6 +339,15 @@ class Variant(Strict):
 
     llm: LlmSpec | None = None
 
+    # Refused in manifests only: one an earlier version stored still reads, and fails its
+    # deployment alone when a pass renders it (planning.serve_apps), not every pass.
+    @field_validator("importPath")
+    @classmethod
+    def _ray_takes(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and written(info) and (why := import_paths.problem(v)) is not None:
+            raise ValueError(f"{v!r} is not an import path Ray Serve takes: {why}")
+        return v
+
     @model_validator(mode="after")
     def _runtime_fields(self) -> Variant:
         if (self.llm is None) != (self.runtime != "vllm"):
@@ -357,7 +367,7 @@ class Variant(Strict):
                 raise ValueError("'importPath' is for ray-serve variants")
         else:
             if self.importPath is None:
-                raise ValueError("a ray-serve variant needs 'importPath' (module:attribute)")
+                raise ValueError("a ray-serve variant needs 'importPath' (package.module:attribute)")
             if self.artifact is not None:
                 raise ValueError("'artifact' is for onnx and onnx-genai variants")
         if self.runtime == "onnx-genai":

@@ -19,8 +19,13 @@ pytest.importorskip("ray.serve.schema")
 
 
 def app(name: str, import_path: str = "pkg.mod:app") -> serve_config.ServeAppSpec:
-    return serve_config.ServeAppSpec(name=name, route_prefix=f"/{name}", model_name=name, runtime="ray-serve", num_replicas=1,
-                                     import_path=import_path, deployment="Ingress")
+    """A ray-serve application; one with an import path Ray refuses (two colons) is made past
+    the adapter's own check, which holds Ray's rule: it stands for anything of an
+    application that Ray's schema refuses and this adapter does not check (a newer Ray's rule)."""
+    spec = serve_config.ServeAppSpec(name=name, route_prefix=f"/{name}", model_name=name, runtime="ray-serve", num_replicas=1,
+                                     import_path="pkg.mod:app", deployment="Ingress")
+    object.__setattr__(spec, "import_path", import_path)
+    return spec
 
 
 @pytest.fixture

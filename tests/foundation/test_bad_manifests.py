@@ -304,6 +304,8 @@ BAD: list[Bad] = [
         "must name a host"),
     Bad("bad-import-path", model(("spec.variants[1].importPath", "pkg.mod:app()")), "spec.variants[1].importPath", "importPath:",
         "package.module:attribute"),
+    Bad("import-path-without-module", model(("spec.variants[1].importPath", "pkgapp")), "spec.variants[1].importPath", "importPath:",
+        "'pkgapp' is not an import path Ray Serve takes"),
     # --- references between documents ----------------------------------------------------
     Bad("missing-model", MISSING_MODEL, "spec.model", "model: nope", "Model 'nope' does not exist", document=1),
     Bad("missing-variant", join(MODEL, deployment(("spec.variant", "medium"))), "spec.variant", "variant: medium",
