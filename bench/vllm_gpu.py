@@ -8,7 +8,7 @@ network with random weights (seeded) and a byte-level BPE tokenizer trained on g
 text, saved in Hugging Face format. Its answers are gibberish; its tokens are real work.
 
 - **edgeplane**: a ``runtime: vllm`` Model variant goes through the same code as a
-  manifest (``planning.llm_app`` -> ``ServeAppSpec`` -> ``build_openai_app`` config),
+  manifest (``applications.llm_app`` -> ``ServeAppSpec`` -> ``build_openai_app`` config),
   deployed by ``RayServeActuator`` to a local Ray started with the GPU, then one answer is
   streamed with the ``openai`` SDK from the application's route prefix (the endpoint the
   gateway routes OpenAI requests to).
@@ -111,7 +111,7 @@ async def run_edgeplane(path: pathlib.Path, shape: dict[str, Any], tokens: int) 
     from orchestrator.adapters import local_ray, ray_serve
     from orchestrator.adapters.serve_config import ServeAppSpec
     from orchestrator.manifests import schema
-    from orchestrator.reconciler import inventory, planning
+    from orchestrator.reconciler import applications, inventory
 
     variant = schema.Variant.model_validate({
         "name": "tiny", "runtime": "vllm", "resources": {"cpu": 1},
@@ -122,7 +122,7 @@ async def run_edgeplane(path: pathlib.Path, shape: dict[str, Any], tokens: int) 
     })
     assert variant.llm is not None
     memory = inventory.llm_memory(variant.llm)
-    llm = planning.llm_app(variant.llm, "tiny")
+    llm = applications.llm_app(variant.llm, "tiny")
     spec = ServeAppSpec(name="ep-tiny", route_prefix="/ep/bench/tiny", model_name="tiny", runtime="vllm",
                         num_replicas=1, cpu=1, gpus=float(llm.tensor_parallel_size), llm=llm)
     cluster = local_ray.LocalRayCluster(num_gpus=1, startup_timeout_s=180)

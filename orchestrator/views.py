@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator.gateway import wire
 from orchestrator.manifests import loader, schema
-from orchestrator.reconciler import hold, inventory, maintenance, planning, power
+from orchestrator.reconciler import applications, hold, inventory, maintenance, planning, power
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import result as sched_result
 
@@ -170,9 +170,9 @@ def _replica_state(s: snap.Snapshot, row: Any, holding: Collection[tuple[str, st
     if dc is None or not dc.reachable:
         why = dc.error if dc is not None and dc.error else "the data centre does not answer"
         # not seen, so not counted ready; but not gone either: the gateway still routes to it
-        routed = dc.routed_unseen(planning.app_name(row.site, row.deployment, row.variant)) if dc is not None else ""
+        routed = dc.routed_unseen(applications.app_name(row.site, row.deployment, row.variant)) if dc is not None else ""
         return {"state": "Unreachable", "ready": 0, "reason": "; ".join(filter(None, [why, routed]))}
-    app = dc.apps.get(planning.app_name(row.site, row.deployment, row.variant))
+    app = dc.apps.get(applications.app_name(row.site, row.deployment, row.variant))
     if app is None:
         return unsent or {"state": "Pending", "ready": 0, "reason": "the Serve application is not deployed yet"}
     # a replica waiting (for a GPU, say) says why, as Ray Serve reports it

@@ -340,7 +340,7 @@ class Variant(Strict):
     llm: LlmSpec | None = None
 
     # Refused in manifests only: one an earlier version stored still reads, and fails its
-    # deployment alone when a pass renders it (planning.serve_apps), not every pass.
+    # deployment alone when a pass renders it (applications.serve_apps), not every pass.
     @field_validator("importPath")
     @classmethod
     def _ray_takes(cls, v: str | None, info: ValidationInfo) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from orchestrator.adapters import kuberay, local_ray, ray_serve, rayservice, serve_config
 from orchestrator.manifests import schema
-from orchestrator.reconciler import planning
+from orchestrator.reconciler import applications
 from orchestrator.store import values
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class DataCentres:
 
     async def _build(self, site: str, spec: schema.SiteSpec, local: local_ray.LocalRayEndpoints | None = None) -> serve_config.DataCentreActuator:
         if spec.ray is not None:
-            owns = planning.owns_app(site)  # sites may share one cluster: touch only this site's apps
+            owns = applications.owns_app(site)  # sites may share one cluster: touch only this site's apps
             if spec.ray.address == "local":
                 endpoints = local or await self.local.ensure()
                 return endpoints.actuator(owns=owns, writes=self._cluster_writes(endpoints.dashboard_url))

@@ -9,9 +9,8 @@ same actions, which is what makes a pass safe to repeat after a crash.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +19,8 @@ from orchestrator import maintenance as maintenance_mod
 from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
 from orchestrator.gateway import cascade_rules, routing
-from orchestrator.manifests import schema
 from orchestrator.reconciler import actions as act
+from orchestrator.reconciler import applications
 from orchestrator.reconciler import delivery, inventory, rollout
 from orchestrator.reconciler import maintenance as drain
 from orchestrator.reconciler import power as power_mod
@@ -33,54 +32,6 @@ from orchestrator.scheduler import standing as standing_mod
 from orchestrator.store import sqlite as store_mod
 
 ACTOR = "scheduler"
-
-
-# Serve application names: ``ep-<deployment>.<variant>.<site>``, one application per
-# variant of a deployment on a site (a site may run two variants of one deployment, and
-# Serve wants each application's name and route prefix once). Site, deployment and variant
-# names are DNS labels, which hold no ``.`` and no ``_``: the last part says which site owns
-# an application whatever ``-`` the names contain (several sites may share one Ray
-# cluster), and where the name would pass 63 characters, parts are shortened in turn to a
-# prefix, ``_`` and a digest of the whole part, which no full name can spell.
-_NAME_CHARS = 63
-_PART_CHARS = (24, 14, 20)  # deployment, variant, site: 3 + 24 + 1 + 14 + 1 + 20 = 63
-
-
-def _part(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit - 9]}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-
-
-def app_name(site: str, deployment: str, variant: str) -> str:
-    """Serve application of ``variant`` of ``deployment`` on ``site`` (at most 63 characters)."""
-    parts = [deployment, variant, site]
-    for i, limit in enumerate(_PART_CHARS):
-        if len("ep-" + ".".join(parts)) <= _NAME_CHARS:
-            break
-        parts[i] = _part(parts[i], limit)
-    return "ep-" + ".".join(parts)
-
-
-def owns_app(site: str) -> Callable[[str], bool]:
-    """Which applications on a (possibly shared) Ray cluster belong to ``site``: those
-    ``app_name`` gives it, and those named ``ep-<deployment>--<site>`` by earlier versions,
-    which the site's next apply replaces. An earlier name cannot say which of two sites
-    named ``a`` and ``b--a`` owns ``ep-d--b--a``: both claim it, both replace it."""
-    parts = {site, _part(site, _PART_CHARS[2])}
-    legacy = f"--{site if len(site) <= 28 else hashlib.sha256(site.encode()).hexdigest()[:12]}"  # as they shortened it
-
-    def owns(name: str) -> bool:
-        if not name.startswith("ep-"):
-            return False
-        if "." in name:
-            return name.count(".") == 2 and name.rsplit(".", 1)[1] in parts
-        return name.endswith(legacy)
-    return owns
-
-
-def route_prefix(site: str, deployment: str, variant: str) -> str:
-    return f"/ep/{site}/{deployment}/{variant}"
 
 
 @dataclass(frozen=True)
@@ -210,11 +161,6 @@ def placement_events(result: sched_result.PlanResult) -> tuple[store_mod.Event, 
     return tuple(events)
 
 
-def _variant(s: snap.Snapshot, deployment: snap.DeploymentRecord, name: str) -> schema.Variant | None:
-    model = s.models.get(deployment.spec.model)
-    return next((v for v in model.variants if v.name == name), None) if model else None
-
-
 def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]
                      ) -> tuple[dict[str, tuple[agent_model.Assignment, ...]], dict[str, rollout.Rollout]]:
     """What each edge agent should serve, and the deployments whose new version is still
@@ -242,7 +188,7 @@ def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]
     for (name, variant_name), sites in sorted(groups.items()):
         d = deployments[name]
         model = d.spec.model
-        variant = _variant(s, d, variant_name)
+        variant = applications.variant(s, d, variant_name)
         ref = s.artifacts.get((model, variant_name))
         if variant is None or variant.artifact is None or ref is None or ref.url is None:
             continue
@@ -276,67 +222,6 @@ def _sent(s: snap.Snapshot, site: str, model: str) -> agent_model.Assignment | N
     return next((a for a in s.assignments.get(site, ()) if a.model == model), None)
 
 
-def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict[str, tuple[serve_config.ServeAppSpec, ...]]:
-    deployments = s.deployment_by_name
-    dcs = [r.name for r in s.sites if r.spec.tier == "datacenter"]
-    out: dict[str, list[serve_config.ServeAppSpec]] = {site: [] for site in dcs}
-    for row in rows:
-        if row.site not in out or row.deployment not in deployments:
-            continue
-        d = deployments[row.deployment]
-        v = _variant(s, d, row.variant)
-        if v is None:
-            continue
-        common: dict[str, Any] = dict(
-            name=app_name(row.site, d.name, v.name), route_prefix=route_prefix(row.site, d.name, v.name), model_name=d.spec.model,
-            runtime=v.runtime,
-            num_replicas=row.replicas, cpu=v.resources.cpu, memory_mib=v.memory_mib(), gpus=float(v.resources.gpus),
-        )
-        if v.llm is not None:
-            llm = llm_app(v.llm, d.spec.model)
-            common["gpus"] = float(llm.tensor_parallel_size)
-            out[row.site].append(serve_config.ServeAppSpec(**common, llm=llm))
-        elif v.runtime in ("onnx", "onnx-genai"):
-            ref = s.artifacts.get((d.spec.model, v.name))
-            if ref is None or ref.url is None or v.artifact is None:
-                continue
-            if v.generative is not None:
-                g = v.generative
-                common["args"] = {"max_concurrent_sequences": g.maxConcurrentSequences, "max_queued": g.maxQueued}
-            out[row.site].append(serve_config.ServeAppSpec(**common, artifact_uri=ref.url, sha256=v.artifact.sha256,
-                                                           artifact_hosts=ref.hosts))
-        else:
-            out[row.site].append(serve_config.ServeAppSpec(**common, import_path=v.importPath, args=dict(v.args),
-                                                           deployment=sized_deployment(s, row.site, common["name"])))
-    return {site: tuple(sorted(apps, key=lambda a: a.name)) for site, apps in out.items()}
-
-
-def sized_deployment(s: snap.Snapshot, site: str, app: str) -> str | None:
-    """The deployment a ``ray-serve`` application's replica count goes to: the ingress its
-    cluster reports, else the one the last apply named (a pass that could not see the
-    application must not send it unsized, back to its own default count); None until the
-    cluster has reported it, when the application runs with its own defaults."""
-    dc = s.datacentres.get(site)
-    status = dc.apps.get(app) if dc is not None else None
-    if status is not None and status.ingress:
-        return status.ingress
-    return next((a.deployment for a in s.applied_apps.get(site, ()) if a.name == app), None)
-
-
-def llm_app(llm: schema.LlmSpec, model: str) -> serve_config.LlmApp:
-    """The Ray Serve LLM application of a vllm variant: its fields as vLLM engine arguments
-    (``engineArgs`` last, which the manifest keeps from repeating these)."""
-    kwargs: dict[str, Any] = {"max_model_len": llm.contextLength, "max_num_seqs": llm.maxConcurrentSequences,
-                              "dtype": llm.dtype, "gpu_memory_utilization": llm.gpuMemoryUtilization}
-    if llm.quantization:
-        kwargs["quantization"] = llm.quantization
-    if llm.kvCacheDtypeBytes == 1:
-        kwargs["kv_cache_dtype"] = "fp8"
-    return serve_config.LlmApp(model_id=llm.servedModelName or model, source=llm.source,
-                               engine_kwargs={**kwargs, **llm.engineArgs}, tensor_parallel_size=llm.tensorParallelSize,
-                               accelerator_type=llm.acceleratorType)
-
-
 def serves_for(state: agent_model.ModelState, deployment: str, sent: Iterable[agent_model.Assignment]) -> bool:
     """Whether an agent's model (``state``) answers for ``deployment``: it says it serves it
     for that deployment (or for none: an older agent), or serves the very bytes of the
@@ -365,7 +250,7 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow],
         if d is None or site is None:
             continue
         loc = site.spec.location
-        v = _variant(s, d, variant_name)
+        v = applications.variant(s, d, variant_name)
         api = routing.API_OPENAI if v is not None and v.runtime in ("onnx-genai", "vllm") else routing.API_V2
         common = dict(model=d.spec.model, deployment=d.name, site=site.name, tier=site.spec.tier, country=loc.country, api=api,
                       region=loc.region or "", lat=loc.lat, lon=loc.lon,
@@ -384,7 +269,7 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow],
                                         version=oip.model_version(state.serving_sha256), **common))
         else:
             dc = s.datacentres.get(site.name)
-            app = dc.routed.get(app_name(site.name, d.name, variant_name)) if dc else None
+            app = dc.routed.get(applications.app_name(site.name, d.name, variant_name)) if dc else None
             if app is None or app.endpoint_url is None or app.replicas_running < 1:
                 continue
             if v is not None and v.llm is not None:  # Ray Serve LLM: OpenAI routes under the route prefix
@@ -410,7 +295,7 @@ def row_ready(s: snap.Snapshot, row: store_mod.PlacementRow, model: str | None) 
         return row.replicas if (agent is not None and agent.healthy and state is not None
                                 and serves_for(state, row.deployment, s.assignments.get(row.site, ()))) else 0
     dc = s.datacentres.get(row.site)
-    app = dc.apps.get(app_name(row.site, row.deployment, row.variant)) if dc is not None and dc.reachable else None
+    app = dc.apps.get(applications.app_name(row.site, row.deployment, row.variant)) if dc is not None and dc.reachable else None
     return min(row.replicas, app.replicas_running) if app is not None else 0
 
 
@@ -434,11 +319,11 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
             problems.append(ref.error)
         dc = s.datacentres.get(r.site)
         if dc is not None:
-            app = dc.apps.get(app_name(r.site, d.name, r.variant))
+            app = dc.apps.get(applications.app_name(r.site, d.name, r.variant))
             if dc.waiting:  # not known yet to fail: its replicas may well come
                 notes.append(f"{r.site}: {dc.error}")
             elif not dc.reachable or dc.refused:  # a refused apply is the operator's to fix; a retryable one is retried
-                problems.append("; ".join(filter(None, [f"{r.site}: {dc.error}", dc.routed_unseen(app_name(r.site, d.name, r.variant))])))
+                problems.append("; ".join(filter(None, [f"{r.site}: {dc.error}", dc.routed_unseen(applications.app_name(r.site, d.name, r.variant))])))
             elif app is not None and app.status in (serve_config.ServeAppState.DEPLOY_FAILED, serve_config.ServeAppState.UNHEALTHY):
                 problems.append(f"{r.site}: {app.status.value}: {app.message}")
             elif app is not None and app.message and app.replicas_running < app.replicas_target:
@@ -517,7 +402,7 @@ def still_serving(s: snap.Snapshot, site: str) -> bool:
     agent = s.agent_by_site.get(site)
     if agent is not None and agent.healthy and any(m.serving for m in agent.models.values()):
         return True
-    dc, owns = s.datacentres.get(site), owns_app(site)
+    dc, owns = s.datacentres.get(site), applications.owns_app(site)
     if dc is not None and not dc.reachable and (dc.lost or dc.last_apps is None):
         return not dc.lost
     seen = {} if dc is None else dc.apps if dc.reachable else dc.last_apps or {}
@@ -568,7 +453,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     out.append(act.PublishCascades(cascade_routes(s)))
     out.extend(pushes)
     out.extend(act.ForgetAgent(site) for site in delivery.agents_to_forget(s.agents, s.site_by_name, s.assignments, pushes))
-    for site, apps in serve_apps(s, rows).items():
+    for site, apps in applications.serve_apps(s, rows).items():
         dc = s.datacentres.get(site)
         if apps != s.applied_apps.get(site) or (dc is not None and (not dc.reachable or dc.drift)):
             out.append(act.ApplyServeApps(site, apps, dc.drift if dc is not None else ""))

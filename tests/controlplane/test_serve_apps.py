@@ -13,7 +13,7 @@ import httpx
 from orchestrator.adapters import ray_serve, serve_config
 from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import actions as act
-from orchestrator.reconciler import planning
+from orchestrator.reconciler import applications, planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.store.values import PlacementRow
 
@@ -47,9 +47,9 @@ spec:
 
 def _running(site: str, variant: str, replicas: int) -> serve_config.ServeAppStatus:
     return serve_config.ServeAppStatus(
-        name=planning.app_name(site, "d", variant), status=serve_config.ServeAppState.RUNNING, message="",
+        name=applications.app_name(site, "d", variant), status=serve_config.ServeAppState.RUNNING, message="",
         replicas_running=replicas, replicas_target=replicas,
-        endpoint_url=f"http://127.0.0.1:8000{planning.route_prefix(site, 'd', variant)}")
+        endpoint_url=f"http://127.0.0.1:8000{applications.route_prefix(site, 'd', variant)}")
 
 
 def _snapshot(*running: serve_config.ServeAppStatus) -> snap.Snapshot:
@@ -90,7 +90,7 @@ async def test_two_variants_of_a_deployment_on_one_site_are_two_applications_the
     assert {(a.import_path, a.num_replicas) for a in apply.apps} == {("pkg.mod:big", 1), ("pkg.mod:small", 2)}
     assert len({a.name for a in apply.apps}) == len({a.route_prefix for a in apply.apps}) == 2
     dashboard = FakeDashboard({})
-    async with ray_serve.RayServeActuator("http://ray:8265", owns=planning.owns_app("dc1"), transport=httpx.MockTransport(dashboard)) as dc1:
+    async with ray_serve.RayServeActuator("http://ray:8265", owns=applications.owns_app("dc1"), transport=httpx.MockTransport(dashboard)) as dc1:
         await dc1.apply(apply.apps)  # refused as a whole when two applications share a name
     assert sorted(a["name"] for a in dashboard.puts[0]["applications"]) == sorted(a.name for a in apply.apps)
 
@@ -129,23 +129,23 @@ def test_an_application_changing_its_replica_count_stays_a_healthy_endpoint() ->
 def test_sites_whose_names_hold_dashes_own_only_their_own_applications() -> None:
     # Site names are DNS labels: "a" and "b--a" are both valid, as are deployments "d" and "d--b".
     pairs = [("a", "d"), ("a", "d--b"), ("b--a", "d"), ("b", "a--d"), ("a" * 63, "d"), ("a" * 62 + "b", "d"), ("a", "d" * 63)]
-    names = {(site, deployment): planning.app_name(site, deployment, "v") for site, deployment in pairs}
+    names = {(site, deployment): applications.app_name(site, deployment, "v") for site, deployment in pairs}
     assert len(set(names.values())) == len(pairs), names
     for (site, deployment), name in names.items():
         assert serve_config.spec_problems(serve_config.ServeAppSpec(
-            name=name, route_prefix=planning.route_prefix(site, deployment, "v"), model_name="m", runtime="ray-serve",
+            name=name, route_prefix=applications.route_prefix(site, deployment, "v"), model_name="m", runtime="ray-serve",
             num_replicas=1, import_path="x:app")) == []
-        owners = {other for other, _ in pairs if planning.owns_app(other)(name)}
+        owners = {other for other, _ in pairs if applications.owns_app(other)(name)}
         assert owners == {site}, (name, owners)
 
 
 async def test_a_site_s_apply_replaces_its_applications_named_the_earlier_way_and_keeps_other_sites() -> None:
     # Earlier versions named an application "ep-<deployment>--<site>", one per deployment on a site.
-    earlier, other_site = "ep-d--dc1", planning.app_name("dc2", "d", "big")
+    earlier, other_site = "ep-d--dc1", applications.app_name("dc2", "d", "big")
     dashboard = FakeDashboard({earlier: _declared(earlier), other_site: _declared(other_site), "team": _declared("team")})
     plan = planning.plan_pass(_snapshot())
     (apply,) = [a for a in plan.actions if isinstance(a, act.ApplyServeApps) and a.site == "dc1"]
-    async with ray_serve.RayServeActuator("http://ray:8265", owns=planning.owns_app("dc1"), transport=httpx.MockTransport(dashboard)) as dc1:
+    async with ray_serve.RayServeActuator("http://ray:8265", owns=applications.owns_app("dc1"), transport=httpx.MockTransport(dashboard)) as dc1:
         assert earlier in await dc1.observe()  # its own, to replace
         await dc1.apply(apply.apps)
     assert sorted(a["name"] for a in dashboard.puts[0]["applications"]) == sorted([other_site, "team", *(a.name for a in apply.apps)])
@@ -189,7 +189,7 @@ async def test_a_ray_serve_application_runs_the_replicas_placed_once_its_ingress
             deployments=tuple(snap.DeploymentRecord(d.name, 1, d.doc.spec) for d in docs if isinstance(d.doc, schema.ModelDeploymentDoc)),
             placements=placements, agents=(), datacentres={"dc1": observed}, artifacts={}, assignments={}, applied_apps=applied)
 
-    async with ray_serve.RayServeActuator("http://ray:8265", owns=planning.owns_app("dc1"), transport=httpx.MockTransport(serve)) as dc1:
+    async with ray_serve.RayServeActuator("http://ray:8265", owns=applications.owns_app("dc1"), transport=httpx.MockTransport(serve)) as dc1:
         for _ in range(3):  # as Reconciler.reconcile_once: observe, plan, apply
             passed = planning.plan_pass(snapshot(snap.DataCentreObservation(True, await dc1.observe(), drift=dc1.drift)))
             placements = planning.placement_rows(passed.result)
@@ -201,7 +201,7 @@ async def test_a_ray_serve_application_runs_the_replicas_placed_once_its_ingress
     assert [r.replicas for r in placements] == [3]
     assert running == [1, 3, 3]
     # a pass that does not see the application (being replaced, say) keeps it sized, not back to Serve's default
-    assert [a.deployment for a in planning.serve_apps(snapshot(snap.DataCentreObservation(True, {})), placements)["dc1"]] == ["Model"]
+    assert [a.deployment for a in applications.serve_apps(snapshot(snap.DataCentreObservation(True, {})), placements)["dc1"]] == ["Model"]
 
 
 def test_an_onnx_application_downloads_through_redirects_only_to_the_allowed_hosts() -> None:
@@ -218,7 +218,7 @@ def test_an_onnx_application_downloads_through_redirects_only_to_the_allowed_hos
     def args(hosts: tuple[str, ...]) -> dict[str, Any]:
         s = dataclasses.replace(base, models={d.name: d.doc.spec for d in docs if isinstance(d.doc, schema.ModelDoc)},
                                 artifacts={("m", "big"): snap.ArtifactRef("https://models.example.com/m.onnx", hosts=hosts)})
-        (app,) = planning.serve_apps(s, [PlacementRow("d", "dc1", "big", 1)])["dc1"]
+        (app,) = applications.serve_apps(s, [PlacementRow("d", "dc1", "big", 1)])["dc1"]
         return serve_config.render_application(app)["args"]
 
     assert args((".example.com", "mirror.example.net")) == {"artifact_uri": "https://models.example.com/m.onnx", "sha256": sha,

@@ -18,13 +18,13 @@ import pytest
 from orchestrator.adapters import serve_config
 from orchestrator.manifests import schema
 from orchestrator.reconciler import datacentres as dc_mod
-from orchestrator.reconciler import planning
+from orchestrator.reconciler import applications
 from orchestrator.testing import harness
 from tests.controlplane import datacentres
 
 
 def app(site: str, replicas: int) -> serve_config.ServeAppSpec:
-    return serve_config.ServeAppSpec(name=planning.app_name(site, "d", "v"), route_prefix=f"/ep/{site}/d/v", model_name="m",
+    return serve_config.ServeAppSpec(name=applications.app_name(site, "d", "v"), route_prefix=f"/ep/{site}/d/v", model_name="m",
                                      runtime="ray-serve", num_replicas=replicas, import_path="pkg.mod:app")
 
 

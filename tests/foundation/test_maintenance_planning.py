@@ -14,7 +14,7 @@ from orchestrator.manifests import schema
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import inventory
 from orchestrator.reconciler import maintenance as drain
-from orchestrator.reconciler import planning
+from orchestrator.reconciler import applications, planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import result as sched_result
 from orchestrator.store import sqlite as store_mod
@@ -35,7 +35,7 @@ def _serving(s: snap.Snapshot) -> snap.Snapshot:
     for row in s.placements:
         if s.site_by_name[row.site].spec.tier != "datacenter":
             continue
-        name = planning.app_name(row.site, row.deployment, row.variant)
+        name = applications.app_name(row.site, row.deployment, row.variant)
         apps.setdefault(row.site, {})[name] = serve_config.ServeAppStatus(
             name, serve_config.ServeAppState.RUNNING, "", row.replicas, row.replicas, f"http://{row.site}.test/{name}")
     return dataclasses.replace(s, datacentres={site: snap.DataCentreObservation(True, apps.get(site, {})) for site in s.datacentres})

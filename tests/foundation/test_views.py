@@ -12,7 +12,7 @@ from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
 from orchestrator.cli import status as status_cli
 from orchestrator.manifests import loader, schema
-from orchestrator.reconciler import autoscaler, planning
+from orchestrator.reconciler import applications, autoscaler, planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.store import sqlite as store_mod
 
@@ -118,7 +118,7 @@ def status_waiting(placements: list[dict[str, object]]) -> dict[str, list[str]]:
 def test_a_waiting_replica_says_why_in_placements_and_status() -> None:
     docs = examples()
     waiting = "Deployment 'full' has 1 replica that cannot be scheduled: resources {'GPU': 1.0} not available"
-    app = serve_config.ServeAppStatus(planning.app_name("dc-paris", "assistant", "full"), serve_config.ServeAppState.DEPLOYING, waiting, 0, 1, None)
+    app = serve_config.ServeAppStatus(applications.app_name("dc-paris", "assistant", "full"), serve_config.ServeAppState.DEPLOYING, waiting, 0, 1, None)
     s = dataclasses.replace(example_snapshot(docs), datacentres={
         "dc-paris": snap.DataCentreObservation(True, {app.name: app}),
         "dc-frankfurt": snap.DataCentreObservation(False, error="connection refused"),

@@ -17,7 +17,7 @@ from rayservice_apps import GPU_APP, LLM_SHAPE, LONG, NS, SHAPE, USER_APP, app, 
 
 from orchestrator.adapters import rayservice, rayservice_status, serve_config
 from orchestrator.adapters.serve_config import ServeAppSpec, ServeAppState
-from orchestrator.reconciler import planning
+from orchestrator.reconciler import applications
 
 
 @pytest.mark.parametrize(
@@ -35,7 +35,7 @@ def test_rendered_rayservice_validates_against_the_crd(
 
 
 def test_two_variants_of_a_deployment_on_a_site_are_two_applications_each_at_its_route(rayservice_validator: Any) -> None:
-    apps = [app(planning.app_name("b--a", "d", v), route_prefix=planning.route_prefix("b--a", "d", v)) for v in ("big", "small")]
+    apps = [app(applications.app_name("b--a", "d", v), route_prefix=applications.route_prefix("b--a", "d", v)) for v in ("big", "small")]
     obj = rayservice.render_rayservice("b--a", NS, apps, SHAPE)
     rayservice_validator.validate(obj)
     running = {"status": "RUNNING", "serveDeploymentStatuses": {serve_config.ONNX_DEPLOYMENT: {"status": "HEALTHY"}}}

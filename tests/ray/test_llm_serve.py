@@ -16,7 +16,7 @@ import pytest
 from orchestrator.adapters import ray_serve, serve_config
 from orchestrator.adapters.serve_config import LlmApp, ServeAppFailed, ServeAppSpec, ServeAppState
 from orchestrator.manifests import schema
-from orchestrator.reconciler import planning
+from orchestrator.reconciler import applications, planning
 
 llm_config_module = pytest.importorskip("ray.llm._internal.serve.core.configs.llm_config",
                                         reason="Ray Serve LLM's config module needs pyarrow (pip install -e '.[dev]')")
@@ -39,13 +39,13 @@ def app_spec(llm: LlmApp, replicas: int = 2, cpu: float = 8) -> ServeAppSpec:
 
 
 GENERATED = [
-    ("gpt-oss-120b-1xH100", planning.llm_app(llm_variant().llm, "gpt")),  # type: ignore[arg-type]
-    ("llama-70b-tp8-fp8-kv", planning.llm_app(llm_variant(
+    ("gpt-oss-120b-1xH100", applications.llm_app(llm_variant().llm, "gpt")),  # type: ignore[arg-type]
+    ("llama-70b-tp8-fp8-kv", applications.llm_app(llm_variant(
         source="s3://weights/llama-3-70b", servedModelName=None, tensorParallelSize=8, acceleratorType="A100-80G",
         quantization=None, kvCacheDtypeBytes=1, weightBytes=141_107_412_992,
         architecture={"layers": 80, "kvHeads": 8, "headDim": 128},
         engineArgs={"enable_prefix_caching": True, "enforce_eager": True}).llm, "llama")),  # type: ignore[arg-type]
-    ("hub-id-no-accelerator", planning.llm_app(llm_variant(source="openai/gpt-oss-20b", acceleratorType=None,
+    ("hub-id-no-accelerator", applications.llm_app(llm_variant(source="openai/gpt-oss-20b", acceleratorType=None,
                                                            dtype="bfloat16").llm, "gpt-20b")),  # type: ignore[arg-type]
 ]
 
@@ -75,7 +75,7 @@ def test_generated_config_validates_against_rays_llmconfig(case_id: str, llm: Ll
 
 
 def test_manifest_fields_become_engine_arguments() -> None:
-    llm = planning.llm_app(llm_variant(kvCacheDtypeBytes=1, gpuMemoryUtilization=0.95,
+    llm = applications.llm_app(llm_variant(kvCacheDtypeBytes=1, gpuMemoryUtilization=0.95,
                                        engineArgs={"enable_prefix_caching": True}).llm, "gpt")  # type: ignore[arg-type]
     assert llm.model_id == "openai/gpt-oss-120b"
     assert dict(llm.engine_kwargs) == {"max_model_len": 32768, "max_num_seqs": 8, "dtype": "auto", "gpu_memory_utilization": 0.95,
@@ -123,7 +123,7 @@ def test_llm_app_status_counts_engine_replicas_not_the_ingress() -> None:
 
 
 async def test_deploying_without_vllm_fails_with_the_import_error(serve_actuator: ray_serve.RayServeActuator) -> None:
-    spec = app_spec(planning.llm_app(llm_variant(acceleratorType=None).llm, "gpt"), replicas=1, cpu=0.1)  # type: ignore[arg-type]
+    spec = app_spec(applications.llm_app(llm_variant(acceleratorType=None).llm, "gpt"), replicas=1, cpu=0.1)  # type: ignore[arg-type]
     await serve_actuator.apply([spec])
     with pytest.raises(ServeAppFailed) as failed:
         await ray_serve.wait_until_running(serve_actuator, [spec.name], timeout_s=90)
@@ -161,7 +161,7 @@ def test_plan_preview_shows_the_gpus_each_replica_takes() -> None:
 
 def test_a_running_llm_app_is_an_openai_endpoint_at_its_route_prefix() -> None:
     s = llm_snapshot()
-    (app,) = planning.serve_apps(s, s.placements)["dc-paris"]
+    (app,) = applications.serve_apps(s, s.placements)["dc-paris"]
     assert app.runtime == "vllm" and app.gpus == 1.0 and app.llm is not None and app.llm.model_id == "openai/gpt-oss-120b"
     running = serve_config.ServeAppStatus(name=app.name, status=ServeAppState.RUNNING, message="", replicas_running=2,
                                           replicas_target=2, endpoint_url=f"http://ray-head:8000{app.route_prefix}")

@@ -1,0 +1,134 @@
+"""A data centre's Serve applications, as a reconcile pass renders them from its placement.
+
+Each placed variant of a deployment on a data-centre site is one Serve application: its
+name (which says which site owns it on a Ray cluster several sites share), its route
+prefix and its spec, sized by the placement's replica count. Apart from
+:mod:`orchestrator.reconciler.planning`, which calls :func:`serve_apps` once a pass and
+reads the names for statuses; pure, as planning is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from orchestrator.adapters import serve_config
+from orchestrator.manifests import schema
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.store import sqlite as store_mod
+
+
+# Serve application names: ``ep-<deployment>.<variant>.<site>``, one application per
+# variant of a deployment on a site (a site may run two variants of one deployment, and
+# Serve wants each application's name and route prefix once). Site, deployment and variant
+# names are DNS labels, which hold no ``.`` and no ``_``: the last part says which site owns
+# an application whatever ``-`` the names contain (several sites may share one Ray
+# cluster), and where the name would pass 63 characters, parts are shortened in turn to a
+# prefix, ``_`` and a digest of the whole part, which no full name can spell.
+_NAME_CHARS = 63
+_PART_CHARS = (24, 14, 20)  # deployment, variant, site: 3 + 24 + 1 + 14 + 1 + 20 = 63
+
+
+def _part(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 9]}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def app_name(site: str, deployment: str, variant: str) -> str:
+    """Serve application of ``variant`` of ``deployment`` on ``site`` (at most 63 characters)."""
+    parts = [deployment, variant, site]
+    for i, limit in enumerate(_PART_CHARS):
+        if len("ep-" + ".".join(parts)) <= _NAME_CHARS:
+            break
+        parts[i] = _part(parts[i], limit)
+    return "ep-" + ".".join(parts)
+
+
+def owns_app(site: str) -> Callable[[str], bool]:
+    """Which applications on a (possibly shared) Ray cluster belong to ``site``: those
+    ``app_name`` gives it, and those named ``ep-<deployment>--<site>`` by earlier versions,
+    which the site's next apply replaces. An earlier name cannot say which of two sites
+    named ``a`` and ``b--a`` owns ``ep-d--b--a``: both claim it, both replace it."""
+    parts = {site, _part(site, _PART_CHARS[2])}
+    legacy = f"--{site if len(site) <= 28 else hashlib.sha256(site.encode()).hexdigest()[:12]}"  # as they shortened it
+
+    def owns(name: str) -> bool:
+        if not name.startswith("ep-"):
+            return False
+        if "." in name:
+            return name.count(".") == 2 and name.rsplit(".", 1)[1] in parts
+        return name.endswith(legacy)
+    return owns
+
+
+def route_prefix(site: str, deployment: str, variant: str) -> str:
+    return f"/ep/{site}/{deployment}/{variant}"
+
+
+def variant(s: snap.Snapshot, deployment: snap.DeploymentRecord, name: str) -> schema.Variant | None:
+    """``deployment``'s Model's variant ``name``; None where the Model or the variant is gone."""
+    model = s.models.get(deployment.spec.model)
+    return next((v for v in model.variants if v.name == name), None) if model else None
+
+
+def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict[str, tuple[serve_config.ServeAppSpec, ...]]:
+    deployments = s.deployment_by_name
+    dcs = [r.name for r in s.sites if r.spec.tier == "datacenter"]
+    out: dict[str, list[serve_config.ServeAppSpec]] = {site: [] for site in dcs}
+    for row in rows:
+        if row.site not in out or row.deployment not in deployments:
+            continue
+        d = deployments[row.deployment]
+        v = variant(s, d, row.variant)
+        if v is None:
+            continue
+        common: dict[str, Any] = dict(
+            name=app_name(row.site, d.name, v.name), route_prefix=route_prefix(row.site, d.name, v.name), model_name=d.spec.model,
+            runtime=v.runtime,
+            num_replicas=row.replicas, cpu=v.resources.cpu, memory_mib=v.memory_mib(), gpus=float(v.resources.gpus),
+        )
+        if v.llm is not None:
+            llm = llm_app(v.llm, d.spec.model)
+            common["gpus"] = float(llm.tensor_parallel_size)
+            out[row.site].append(serve_config.ServeAppSpec(**common, llm=llm))
+        elif v.runtime in ("onnx", "onnx-genai"):
+            ref = s.artifacts.get((d.spec.model, v.name))
+            if ref is None or ref.url is None or v.artifact is None:
+                continue
+            if v.generative is not None:
+                g = v.generative
+                common["args"] = {"max_concurrent_sequences": g.maxConcurrentSequences, "max_queued": g.maxQueued}
+            out[row.site].append(serve_config.ServeAppSpec(**common, artifact_uri=ref.url, sha256=v.artifact.sha256,
+                                                           artifact_hosts=ref.hosts))
+        else:
+            out[row.site].append(serve_config.ServeAppSpec(**common, import_path=v.importPath, args=dict(v.args),
+                                                           deployment=sized_deployment(s, row.site, common["name"])))
+    return {site: tuple(sorted(apps, key=lambda a: a.name)) for site, apps in out.items()}
+
+
+def sized_deployment(s: snap.Snapshot, site: str, app: str) -> str | None:
+    """The deployment a ``ray-serve`` application's replica count goes to: the ingress its
+    cluster reports, else the one the last apply named (a pass that could not see the
+    application must not send it unsized, back to its own default count); None until the
+    cluster has reported it, when the application runs with its own defaults."""
+    dc = s.datacentres.get(site)
+    status = dc.apps.get(app) if dc is not None else None
+    if status is not None and status.ingress:
+        return status.ingress
+    return next((a.deployment for a in s.applied_apps.get(site, ()) if a.name == app), None)
+
+
+def llm_app(llm: schema.LlmSpec, model: str) -> serve_config.LlmApp:
+    """The Ray Serve LLM application of a vllm variant: its fields as vLLM engine arguments
+    (``engineArgs`` last, which the manifest keeps from repeating these)."""
+    kwargs: dict[str, Any] = {"max_model_len": llm.contextLength, "max_num_seqs": llm.maxConcurrentSequences,
+                              "dtype": llm.dtype, "gpu_memory_utilization": llm.gpuMemoryUtilization}
+    if llm.quantization:
+        kwargs["quantization"] = llm.quantization
+    if llm.kvCacheDtypeBytes == 1:
+        kwargs["kv_cache_dtype"] = "fp8"
+    return serve_config.LlmApp(model_id=llm.servedModelName or model, source=llm.source,
+                               engine_kwargs={**kwargs, **llm.engineArgs}, tensor_parallel_size=llm.tensorParallelSize,
+                               accelerator_type=llm.acceleratorType)
