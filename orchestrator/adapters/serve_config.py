@@ -165,7 +165,15 @@ class ServeAppSpec:
     def __post_init__(self) -> None:
         problems = spec_problems(self)
         if problems:
-            raise ValueError(f"invalid Serve application {self.name!r}: " + "; ".join(problems))
+            raise InvalidServeApp(self.name, problems)
+
+
+class InvalidServeApp(ValueError):
+    """A :class:`ServeAppSpec` that cannot be rendered; ``problems``: each thing wrong with it."""
+
+    def __init__(self, name: str, problems: Sequence[str]) -> None:
+        super().__init__(f"invalid Serve application {name!r}: " + "; ".join(problems))
+        self.problems = tuple(problems)
 
 
 @dataclass(frozen=True)

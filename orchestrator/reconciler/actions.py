@@ -46,6 +46,15 @@ class ApplyServeApps:
 
 
 @dataclass(frozen=True)
+class ReportUnapplied:
+    """The deployments whose Serve applications the pass could not render (a value the
+    adapter refuses, stored by an earlier version), each with why: each is an event and a
+    log line once, and again only if why changes; their statuses say it at every pass."""
+
+    reasons: Mapping[str, str]  # deployment -> why, one line
+
+
+@dataclass(frozen=True)
 class SetStatus:
     kind: str
     name: str
@@ -90,5 +99,5 @@ class PublishCascades:
     routes: Mapping[str, cascade_rules.CascadeRoute]
 
 
-Action = (RecordPlacement | PushAssignments | ForgetAgent | ApplyServeApps | SetStatuses | PublishEndpoints | RefreshHealth
-          | PublishCascades)
+Action = (RecordPlacement | PushAssignments | ForgetAgent | ApplyServeApps | ReportUnapplied | SetStatuses | PublishEndpoints
+          | RefreshHealth | PublishCascades)

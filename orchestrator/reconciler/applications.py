@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.adapters import serve_config
@@ -73,10 +74,24 @@ def variant(s: snap.Snapshot, deployment: snap.DeploymentRecord, name: str) -> s
     return next((v for v in model.variants if v.name == name), None) if model else None
 
 
-def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict[str, tuple[serve_config.ServeAppSpec, ...]]:
+@dataclass(frozen=True)
+class ServeApps:
+    """What a pass gives each data-centre site: its applications, by site; and, by
+    deployment, why each of its applications that could not be rendered was not (one line)."""
+
+    by_site: dict[str, tuple[serve_config.ServeAppSpec, ...]]
+    unapplied: dict[str, str]
+
+
+def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> ServeApps:
+    """The applications of ``rows`` on data-centre sites. One the Serve adapter refuses (an
+    import path an earlier version stored, which apply refuses now) is left out, or kept as
+    last applied where this leader applied it, and its deployment is said to fail: it fails
+    alone, where it failed the pass, and with it every deployment of the fleet, at every pass."""
     deployments = s.deployment_by_name
     dcs = [r.name for r in s.sites if r.spec.tier == "datacenter"]
     out: dict[str, list[serve_config.ServeAppSpec]] = {site: [] for site in dcs}
+    unapplied: dict[str, list[str]] = {}
     for row in rows:
         if row.site not in out or row.deployment not in deployments:
             continue
@@ -84,28 +99,42 @@ def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict
         v = variant(s, d, row.variant)
         if v is None:
             continue
-        common: dict[str, Any] = dict(
-            name=app_name(row.site, d.name, v.name), route_prefix=route_prefix(row.site, d.name, v.name), model_name=d.spec.model,
-            runtime=v.runtime,
-            num_replicas=row.replicas, cpu=v.resources.cpu, memory_mib=v.memory_mib(), gpus=float(v.resources.gpus),
-        )
-        if v.llm is not None:
-            llm = llm_app(v.llm, d.spec.model)
-            common["gpus"] = float(llm.tensor_parallel_size)
-            out[row.site].append(serve_config.ServeAppSpec(**common, llm=llm))
-        elif v.runtime in ("onnx", "onnx-genai"):
-            ref = s.artifacts.get((d.spec.model, v.name))
-            if ref is None or ref.url is None or v.artifact is None:
-                continue
-            if v.generative is not None:
-                g = v.generative
-                common["args"] = {"max_concurrent_sequences": g.maxConcurrentSequences, "max_queued": g.maxQueued}
-            out[row.site].append(serve_config.ServeAppSpec(**common, artifact_uri=ref.url, sha256=v.artifact.sha256,
-                                                           artifact_hosts=ref.hosts))
-        else:
-            out[row.site].append(serve_config.ServeAppSpec(**common, import_path=v.importPath, args=dict(v.args),
-                                                           deployment=sized_deployment(s, row.site, common["name"])))
-    return {site: tuple(sorted(apps, key=lambda a: a.name)) for site, apps in out.items()}
+        name = app_name(row.site, d.name, v.name)
+        try:
+            spec = app_spec(s, row, d, v, name)
+        except ValueError as exc:  # this deployment's values: its own failure
+            why = "; ".join(exc.problems) if isinstance(exc, serve_config.InvalidServeApp) else " ".join(str(exc).split())
+            spec = next((a for a in s.applied_apps.get(row.site, ()) if a.name == name), None)
+            unapplied.setdefault(d.name, []).append(f"{row.site}: not applied: {why}" + ("; it runs as it was" if spec else ""))
+        if spec is not None:
+            out[row.site].append(spec)
+    return ServeApps({site: tuple(sorted(apps, key=lambda a: a.name)) for site, apps in out.items()},
+                     {name: "; ".join(whys) for name, whys in unapplied.items()})
+
+
+def app_spec(s: snap.Snapshot, row: store_mod.PlacementRow, d: snap.DeploymentRecord, v: schema.Variant,
+             name: str) -> serve_config.ServeAppSpec | None:
+    """The application of ``row`` (variant ``v`` of ``d``), named ``name``; None while an
+    ONNX variant's artifact has no URL to send. :class:`~serve_config.InvalidServeApp`
+    where the adapter refuses what the variant says."""
+    common: dict[str, Any] = dict(
+        name=name, route_prefix=route_prefix(row.site, d.name, v.name), model_name=d.spec.model, runtime=v.runtime,
+        num_replicas=row.replicas, cpu=v.resources.cpu, memory_mib=v.memory_mib(), gpus=float(v.resources.gpus),
+    )
+    if v.llm is not None:
+        llm = llm_app(v.llm, d.spec.model)
+        common["gpus"] = float(llm.tensor_parallel_size)
+        return serve_config.ServeAppSpec(**common, llm=llm)
+    if v.runtime in ("onnx", "onnx-genai"):
+        ref = s.artifacts.get((d.spec.model, v.name))
+        if ref is None or ref.url is None or v.artifact is None:
+            return None
+        if v.generative is not None:
+            g = v.generative
+            common["args"] = {"max_concurrent_sequences": g.maxConcurrentSequences, "max_queued": g.maxQueued}
+        return serve_config.ServeAppSpec(**common, artifact_uri=ref.url, sha256=v.artifact.sha256, artifact_hosts=ref.hosts)
+    return serve_config.ServeAppSpec(**common, import_path=v.importPath, args=dict(v.args),
+                                     deployment=sized_deployment(s, row.site, name))
 
 
 def sized_deployment(s: snap.Snapshot, site: str, app: str) -> str | None:

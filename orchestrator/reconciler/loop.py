@@ -66,6 +66,7 @@ class Reconciler:
     autoscaler: autoscaler_mod.Autoscaler = field(default_factory=autoscaler_mod.Autoscaler)
     _pass_done: asyncio.Condition = field(default_factory=asyncio.Condition)
     _unreadable: dict[tuple[str, str], str] = field(default_factory=dict)  # reported, with why
+    _unapplied: dict[str, str] = field(default_factory=dict)  # deployments whose Serve applications were not rendered: reported, with why
     _stopping: bool = False
     lease: store_mod.Lease | None = None  # several replicas: the leader's lease, which fences its writes of intent
     _takeover: tuple[float, frozenset[str]] | None = None  # a new leader's first pass waits: (until, edge sites to rejoin)
@@ -193,7 +194,7 @@ class Reconciler:
         ``None`` would mean a control plane alone on its database, whose writes are not
         fenced at all. What its passes found unreadable is the next leader's to report."""
         self.stop()
-        self._unreadable = {}
+        self._unreadable, self._unapplied = {}, {}
 
     def lead(self, lease: store_mod.Lease, takeover_s: float = 0.0) -> None:
         """Before :meth:`run` on a replica that just became the leader: what this replica
@@ -214,7 +215,7 @@ class Reconciler:
         self.dc_sync.forget()
         self.publisher.forget()  # another leader may have published since this replica last did
         self._inherit = True
-        self._unreadable = {}  # each term reports what does not read again: its events and log are this leader's
+        self._unreadable, self._unapplied = {}, {}  # each term reports them again: its events and log are this leader's
         self.autoscaler = autoscaler_mod.Autoscaler(self.clock)
         self.converging = False
         self._wake.set()  # the first pass runs at once
@@ -559,6 +560,13 @@ class Reconciler:
                 self.hub.forget_if_lost(site)
             case act.ApplyServeApps(site, apps, drift):
                 await self.dc_sync.apply(site, apps, drift)
+            case act.ReportUnapplied(reasons):
+                for name, why in sorted(reasons.items()):
+                    if self._unapplied.get(name) != why:
+                        log.warning("deployment %s: its Serve application is not applied: %s", name, why)
+                        await self._record(store_mod.Event("reconciler", "serve-app-invalid", "ModelDeployment", name, why))
+                        self._unapplied[name] = why
+                self._unapplied = dict(reasons)
             case act.SetStatuses(items):
                 await self.store.run(self.store.set_statuses, [(i.kind, i.name, i.status) for i in items], lease=self.lease,
                                      created={(i.kind, i.name): i.created_at for i in items if i.created_at is not None})

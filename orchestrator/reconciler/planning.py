@@ -302,17 +302,20 @@ def row_ready(s: snap.Snapshot, row: store_mod.PlacementRow, model: str | None) 
 def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_result.DeploymentPlan | None,
                       mine: list[store_mod.PlacementRow], rolling: rollout.Rollout | None = None,
                       stays: Collection[drain.Stay] = (), handovers: Collection[drain.Handover] = (),
-                      wait: drain.Wait | None = None) -> dict[str, Any]:
+                      wait: drain.Wait | None = None, unapplied: str = "") -> dict[str, Any]:
     """What ``get``/``describe`` show for ``d``; ``mine`` are its placement rows, ``stays``
     its replicas a drain keeps for want of another allowed site: placed and serving still,
     they count, and the deployment is short of nothing while they stay. ``handovers``: its
     replicas kept on sites the plan moved them off until their replacements serve, which
     leave the counts (their replacements are counted) and keep it Progressing. ``wait``: its
-    replicas that wait for room such replicas hold, which come once they leave: Progressing too."""
+    replicas that wait for room such replicas hold, which come once they leave: Progressing too.
+    ``unapplied``: why its Serve applications that could not be rendered were not applied."""
     if plan is None:
         return {"phase": "Invalid", "reason": f"Model {d.spec.model!r} does not exist", "observedGeneration": d.generation}
     problems: list[str] = []  # make the deployment Failing
     notes: list[str] = []  # shown, but the replicas may still come (e.g. waiting for a GPU node)
+    if unapplied:
+        problems.append(unapplied)
     for r in mine:
         ref = s.artifacts.get((d.spec.model, r.variant))
         if ref is not None and ref.error:
@@ -429,9 +432,10 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     starting: set[str] = set()
     statuses: list[act.SetStatus] = []
     stays = drain.stays(drains)
+    serve = applications.serve_apps(s, rows)
     for d in s.deployments:
         status = deployment_status(s, d, result.deployments.get(d.name), rows_of.get(d.name, []), rollouts.get(d.name),
-                                   stays.get(d.name, ()), handovers.get(d.name, ()), waits.get(d.name))
+                                   stays.get(d.name, ()), handovers.get(d.name, ()), waits.get(d.name), serve.unapplied.get(d.name, ""))
         statuses.append(act.SetStatus("ModelDeployment", d.name, status, d.created_at))
         deployed[d.spec.model] = f"deployment {d.name} is {status['phase']}: {status['reason']}"
         if status["phase"] == "Progressing":
@@ -453,10 +457,11 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     out.append(act.PublishCascades(cascade_routes(s)))
     out.extend(pushes)
     out.extend(act.ForgetAgent(site) for site in delivery.agents_to_forget(s.agents, s.site_by_name, s.assignments, pushes))
-    for site, apps in applications.serve_apps(s, rows).items():
+    for site, apps in serve.by_site.items():
         dc = s.datacentres.get(site)
         if apps != s.applied_apps.get(site) or (dc is not None and (not dc.reachable or dc.drift)):
             out.append(act.ApplyServeApps(site, apps, dc.drift if dc is not None else ""))
+    out.append(act.ReportUnapplied(serve.unapplied))
     out.append(act.SetStatuses(tuple(statuses)))
     return PassPlan(tuple(out), result, standing)
 

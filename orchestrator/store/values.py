@@ -128,7 +128,7 @@ class LoggedEvent:
 #: audit retention. An action not named here counts as audit, the longer-kept side.
 FLEET_ACTIONS = frozenset({
     "replica-placed", "replica-removed", "replica-moved",
-    "serve-applied", "serve-reapplied", "serve-removed", "datacentre-error", "datacentre-recovered",
+    "serve-applied", "serve-reapplied", "serve-removed", "serve-app-invalid", "datacentre-error", "datacentre-recovered",
     "agent-joined", "agent-lost", "agent-recovered", "leader-elected", "wake-requested",
 })
 

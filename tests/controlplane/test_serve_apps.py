@@ -201,7 +201,7 @@ async def test_a_ray_serve_application_runs_the_replicas_placed_once_its_ingress
     assert [r.replicas for r in placements] == [3]
     assert running == [1, 3, 3]
     # a pass that does not see the application (being replaced, say) keeps it sized, not back to Serve's default
-    assert [a.deployment for a in applications.serve_apps(snapshot(snap.DataCentreObservation(True, {})), placements)["dc1"]] == ["Model"]
+    assert [a.deployment for a in applications.serve_apps(snapshot(snap.DataCentreObservation(True, {})), placements).by_site["dc1"]] == ["Model"]
 
 
 def test_an_onnx_application_downloads_through_redirects_only_to_the_allowed_hosts() -> None:
@@ -218,7 +218,7 @@ def test_an_onnx_application_downloads_through_redirects_only_to_the_allowed_hos
     def args(hosts: tuple[str, ...]) -> dict[str, Any]:
         s = dataclasses.replace(base, models={d.name: d.doc.spec for d in docs if isinstance(d.doc, schema.ModelDoc)},
                                 artifacts={("m", "big"): snap.ArtifactRef("https://models.example.com/m.onnx", hosts=hosts)})
-        (app,) = applications.serve_apps(s, [PlacementRow("d", "dc1", "big", 1)])["dc1"]
+        (app,) = applications.serve_apps(s, [PlacementRow("d", "dc1", "big", 1)]).by_site["dc1"]
         return serve_config.render_application(app)["args"]
 
     assert args((".example.com", "mirror.example.net")) == {"artifact_uri": "https://models.example.com/m.onnx", "sha256": sha,
@@ -233,3 +233,27 @@ def test_a_pass_publishes_its_routing_before_it_waits_on_a_data_centre() -> None
     kinds = [type(a) for a in planning.plan_pass(_snapshot(_running("dc1", "big", 1))).actions]
     assert kinds[:3] == [act.RecordPlacement, act.PublishEndpoints, act.PublishCascades]
     assert act.ApplyServeApps in kinds
+
+
+def test_an_application_the_adapter_refuses_fails_its_deployment_alone_and_one_applied_before_runs_as_it_was() -> None:
+    """A variant an earlier version stored with an import path the Serve adapter refuses:
+    its application is left out (or kept as this leader last applied it), the deployment
+    says why, and the pass plans on, not raises."""
+    base = _snapshot()
+    models = dict(base.models)
+    (big, small) = models["m"].variants
+    models["m"] = models["m"].model_copy(update={"variants": [big.model_copy(update={"importPath": "pkgapp"}), small]})
+    rows = [PlacementRow("d", "dc1", "big", 1), PlacementRow("d", "dc1", "small", 2)]
+    fresh = applications.serve_apps(dataclasses.replace(base, models=models), rows)
+    assert [a.name for a in fresh.by_site["dc1"]] == [applications.app_name("dc1", "d", "small")]
+    assert fresh.unapplied == {"d": "dc1: not applied: import_path 'pkgapp' is not one Ray Serve takes: it names no module, only an "
+                                    "attribute; write 'package.module:attribute' (or 'package.module.attribute')"}
+
+    before = applications.serve_apps(base, rows).by_site["dc1"]  # what this leader applied while the path was good
+    kept = applications.serve_apps(dataclasses.replace(base, models=models, applied_apps={"dc1": before}), rows)
+    assert kept.by_site["dc1"] == before and kept.unapplied["d"].endswith("; it runs as it was")
+
+    plan = planning.plan_pass(dataclasses.replace(base, models=models))
+    (status,) = [i.status for a in plan.actions if isinstance(a, act.SetStatuses) for i in a.items if i.name == "d"]
+    assert status["phase"] == "Failing" and "dc1: not applied: import_path 'pkgapp'" in status["reason"]
+    assert [a.reasons for a in plan.actions if isinstance(a, act.ReportUnapplied)] == [fresh.unapplied]

@@ -161,7 +161,7 @@ def test_plan_preview_shows_the_gpus_each_replica_takes() -> None:
 
 def test_a_running_llm_app_is_an_openai_endpoint_at_its_route_prefix() -> None:
     s = llm_snapshot()
-    (app,) = applications.serve_apps(s, s.placements)["dc-paris"]
+    (app,) = applications.serve_apps(s, s.placements).by_site["dc-paris"]
     assert app.runtime == "vllm" and app.gpus == 1.0 and app.llm is not None and app.llm.model_id == "openai/gpt-oss-120b"
     running = serve_config.ServeAppStatus(name=app.name, status=ServeAppState.RUNNING, message="", replicas_running=2,
                                           replicas_target=2, endpoint_url=f"http://ray-head:8000{app.route_prefix}")
