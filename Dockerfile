@@ -14,6 +14,8 @@ COPY protos protos
 COPY edgeplane_proto edgeplane_proto
 COPY orchestrator orchestrator
 COPY edge_agent edge_agent
+# the example manifests and artifacts `edgeplane demo` applies: the build puts them in the package
+COPY manifests/examples manifests/examples
 # the build generates the gRPC modules from protos/ (setup.py) into the wheel, and bakes the
 # version agents report with this build's identifier (no .git here: give it, e.g.
 # --build-arg EDGEPLANE_BUILD=$(git describe --always --dirty))

@@ -1,5 +1,5 @@
-"""Build hooks: generate the gRPC code from protos/ before packaging, and compile the one
-native module.
+"""Build hooks: generate the gRPC code from protos/ before packaging, put the example
+manifests in the package, and compile the one native module.
 
 The protocol is defined once in ``protos/`` and the Python modules are produced by
 ``grpc_tools.protoc`` at build time (regular and editable installs alike), so the
@@ -17,6 +17,7 @@ import os
 import pathlib
 import re
 import runpy
+import shutil
 import subprocess
 
 from setuptools import Extension, setup
@@ -37,6 +38,10 @@ class BuildWithProtos(build_py):
         baked = pathlib.Path(self.build_lib) / "edge_agent" / "BUILD"
         baked.parent.mkdir(parents=True, exist_ok=True)
         baked.write_text(build_version(self.distribution.get_version(), build_id()) + "\n", encoding="utf-8")
+        # the example manifests and the artifacts they name, which `edgeplane demo` applies
+        # (orchestrator.testing.harness.EXAMPLES); a source tree reads manifests/examples
+        shutil.copytree(ROOT / "manifests" / "examples", pathlib.Path(self.build_lib) / "orchestrator" / "examples",
+                        dirs_exist_ok=True)
 
 
 def build_id() -> str:

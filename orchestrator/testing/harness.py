@@ -28,7 +28,17 @@ from orchestrator.adapters import local_ray
 from orchestrator.gatewayd import server as gatewayd
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "manifests" / "examples"
+PACKAGED_EXAMPLES = REPO / "orchestrator" / "examples"
+
+
+def examples_folder(packaged: pathlib.Path = PACKAGED_EXAMPLES, checkout: pathlib.Path = REPO / "manifests" / "examples") -> pathlib.Path:
+    """The example manifests and their artifacts: the copy an installed package carries (its
+    build puts ``manifests/examples`` there, setup.py), else the checkout's, which a source
+    tree and an editable install read."""
+    return packaged if packaged.is_dir() else checkout
+
+
+EXAMPLES = examples_folder()
 BOOTSTRAP_TOKEN = "harness-bootstrap-token"
 
 

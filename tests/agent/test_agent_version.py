@@ -4,44 +4,21 @@ then reports at its join and prints for ``--version``."""
 
 from __future__ import annotations
 
-import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import tomllib
 
 from orchestrator.agents import model
 from orchestrator.testing import harness
+from tests import built_package
 
 from .conftest import TOKEN, ControlPlane
 
 
-SOURCES = ("setup.py", "pyproject.toml", "README.md", "protos", "orchestrator", "edge_agent", "edgeplane_proto")
-
-
-def build_package(out: pathlib.Path, build_id: str) -> dict[str, str]:
-    """The package built as a wheel's build builds it, into ``out``; the environment that runs it from there.
-
-    It builds from a copy of the sources: the build generates the gRPC modules where it runs,
-    which other tests of the session import meanwhile."""
-    sources = out.parent / "sources"
-    sources.mkdir()
-    for name in SOURCES:
-        made = harness.REPO / name
-        if made.is_dir():
-            shutil.copytree(made, sources / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-        else:
-            shutil.copy2(made, sources / name)
-    env = {**os.environ, "EDGEPLANE_BUILD": build_id}
-    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(out)], cwd=sources, env=env,
-                   check=True, capture_output=True, timeout=120)
-    return {**os.environ, "PYTHONPATH": str(out), "PYTHONUNBUFFERED": "1"}
-
-
 async def test_a_built_agent_reports_its_build_to_the_control_plane(control_plane: ControlPlane, tmp_path: pathlib.Path) -> None:
     release = tomllib.loads((harness.REPO / "pyproject.toml").read_text())["project"]["version"]
-    env = build_package(tmp_path / "lib", "ci 1234/g5e1f2a3")
+    env = built_package.installed(tmp_path, "ci 1234/g5e1f2a3")
     expected = f"{release}+ci.1234.g5e1f2a3"  # a PEP 440 local label
     printed = subprocess.run([sys.executable, "-m", "edge_agent.main", "--version"], env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=60, check=True).stdout

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from orchestrator.testing import examples
+from tests import built_package
 
 
 @pytest.mark.timeout(240)
@@ -94,5 +95,19 @@ def test_the_demo_runs_on_a_host_whose_proxy_settings_exempt_loopback(tmp_path: 
                               capture_output=True, text=True, timeout=220, env=env, cwd=tmp_path)
     finally:
         proxy.close()
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1/1" in proc.stdout and "stopping agents" in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.mark.timeout(240)
+def test_the_demo_runs_from_the_installed_package_outside_the_checkout(tmp_path: pathlib.Path) -> None:
+    """`pip install edgeplane` then `edgeplane demo`: it read its manifests from beside the
+    checkout (manifests/examples), which an installed package has not, applied no site and
+    ended in a traceback (HTTP 422). The build now puts the examples in the package."""
+    env = built_package.installed(tmp_path)
+    elsewhere = tmp_path / "newcomer"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli.main", "demo", "--no-ray", "--no-real-model", "--requests", "1"],
+                          capture_output=True, text=True, timeout=220, env=env, cwd=elsewhere)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1/1" in proc.stdout and "stopping agents" in proc.stdout, proc.stdout[-3000:]
