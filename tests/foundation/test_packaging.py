@@ -1,5 +1,6 @@
 """Installing edgeplane: the build reads its metadata without deprecation warnings (an SPDX
-license expression) and ``make`` shows pip's progress instead of a silent minute."""
+license expression), the source distribution builds the same package as the checkout, and
+``make`` shows pip's progress instead of a silent minute."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import re
 import subprocess
 import sys
 import tomllib
+
+from tests import built_package
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -35,3 +38,20 @@ def test_make_shows_what_pip_installs() -> None:
     installs = [line for line in (REPO / "Makefile").read_text().splitlines() if "pip install" in line]
     assert installs
     assert not [line for line in installs if re.search(r"\s-q\b|--quiet", line)], installs
+
+
+def test_the_source_distribution_builds_the_whole_package(tmp_path: pathlib.Path) -> None:
+    """`pip install edgeplane-0.1.0.tar.gz` (or pip falling back to the sdist on a platform
+    without a wheel) failed at once: the sdist left out protos/, from which the build
+    generates the gRPC modules, and the example manifests the package carries."""
+    unpacked = built_package.sdist(built_package.checkout_copy(tmp_path / "checkout"), tmp_path / "dist")
+    lib = tmp_path / "lib"
+    built = built_package.build_lib(unpacked, lib)
+    assert built.returncode == 0, built.stdout + built.stderr
+    for module in ("edgeplane_proto/agent/v1/agent_pb2.py", "edgeplane_proto/agent/v1/agent_pb2_grpc.py",
+                   "edgeplane_proto/inference/v2/inference_pb2.py", "edgeplane_proto/inference/v2/inference_pb2_grpc.py",
+                   "orchestrator/console/static/index.html", "orchestrator/examples/sites.yaml", "edge_agent/BUILD"):
+        assert (lib / module).is_file(), module
+    assert sorted(p.name for p in (lib / "orchestrator" / "examples" / "artifacts").iterdir()) == \
+        sorted(p.name for p in (REPO / "manifests" / "examples" / "artifacts").iterdir())
+    assert (unpacked / "edgeplane_proto" / "_jsonfloats.c").is_file()  # the native module builds from it, where it can
