@@ -453,6 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     except (errors.AgentError, OSError) as exc:
         log.error("%s", exc)
         return 1
+    except ModuleNotFoundError as exc:  # the package leaves onnxruntime to its extras: its CPU and CUDA builds share a folder
+        if exc.name != "onnxruntime":
+            raise
+        log.error("onnxruntime is not installed, which the agent runs its models with: pip install 'edgeplane[cpu]', "
+                  "or 'edgeplane[gpu]' for its CUDA build (one of the two)")
+        return 2
     return 0
 
 

@@ -258,11 +258,23 @@ def _command_of(argv: list[str]) -> str | None:
     return None
 
 
+#: What the commands that run models (serve, demo) say where onnxruntime is not installed: the
+#: package leaves it to its extras, as its CPU and CUDA builds install into the same folder.
+NO_ONNXRUNTIME = ("onnxruntime is not installed, which edgeplane runs models with: "
+                  "pip install 'edgeplane[cpu]', or 'edgeplane[gpu]' for its CUDA build (one of the two)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        code = _run(sys.argv[1:] if argv is None else argv)
+        code = _run(argv)
         sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
         return code
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnxruntime":
+            raise
+        print(f"error: edgeplane {_command_of(argv)}: {NO_ONNXRUNTIME}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # the reader stopped reading (`edgeplane get sites -o yaml | head`): nothing more to say,
         # and the interpreter must not complain either when it flushes stdout on exit
