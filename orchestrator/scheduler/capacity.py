@@ -223,6 +223,25 @@ class Capacity:
             self.hold(site, variant, group, deployment)
         return taken
 
+    def save(self) -> Capacity:
+        """A copy of the room left now, to go back to with ``restore``."""
+        saved = Capacity.__new__(Capacity)
+        saved.fleet, saved.bound, saved.budgeted = self.fleet, self.bound, self.budgeted
+        saved.cpu, saved.memory_mib = self.cpu.copy(), self.memory_mib.copy()
+        saved.gpu_count, saved.power = self.gpu_count.copy(), self.power.copy()
+        saved.closed, saved.gone = self.closed.copy(), self.gone.copy()
+        saved._changed, saved._fits = [], {}
+        saved.slots = {site: dict(pairs) for site, pairs in self.slots.items()}
+        return saved
+
+    def restore(self, saved: Capacity) -> None:
+        """Go back to the room left when ``saved`` was taken (``save``)."""
+        for mine, theirs in ((self.cpu, saved.cpu), (self.memory_mib, saved.memory_mib), (self.gpu_count, saved.gpu_count),
+                             (self.power, saved.power), (self.closed, saved.closed), (self.gone, saved.gone)):
+            np.copyto(mine, theirs)
+        self.slots = {site: dict(pairs) for site, pairs in saved.slots.items()}
+        self._changed, self._fits = [], {}  # rare: the masks are rebuilt as they are asked for
+
     def close(self, site: int, gone: bool = False) -> None:
         """Nothing fits at ``site`` any more (it was lost, or left the inventory: ``gone``,
         which a full plan would not know of); what ran there is gone too."""

@@ -20,7 +20,7 @@ A pure function of its arguments. The shape of the algorithm, and why:
    the greedy's early choices (``relocation``).
 5. A deployment still short may shift another's replica to another site, switch one this
    plan started to a smaller variant in its seat, or give one back for two of its own
-   (``repair``).
+   (``repair.fill_short``).
 
 When the hard rules leave room for fewer than ``replicas.min`` replicas, the planner still
 places what fits and reports the deployment Unschedulable with the binding constraint:
@@ -130,13 +130,7 @@ def _plan(
             relocate(capacity, job, job.options, job.spread)
         _keep_if_no_better(fleet, capacity, job)
         job.options = None  # nothing after this phase reads them: free them as we go
-    for job in order:
-        if len(job.placed) < job.wanted:
-            repair.make_room(fleet, capacity, job, order)
-        if len(job.placed) < job.wanted:
-            repair.switch_variant(fleet, capacity, job, order)
-        if len(job.placed) < job.wanted:
-            repair.trade_down(capacity, job, order)
+    repair.fill_short(fleet, capacity, order, order)
     for job in order:
         if len(job.placed) < job.wanted:
             job.shortfall = diagnosis.explain(fleet, capacity, job)

@@ -27,6 +27,11 @@ class DomainCounts:
         self.max_skew = max_skew
         self._low = 0
 
+    def copy(self) -> DomainCounts:
+        copied = DomainCounts((), self.max_skew, self.keys)
+        copied.domains, copied.count, copied.hist, copied._low = self.domains, dict(self.count), Counter(self.hist), self._low
+        return copied
+
     def of(self, domain: int) -> int:
         """Replicas in ``domain`` now."""
         return self.count.get(domain, 0)

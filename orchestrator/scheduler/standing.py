@@ -242,12 +242,8 @@ class Standing:
             # As a full plan would: shift another deployment's replica to make room.
             order = sorted(self.jobs.values(), key=scarcity)
             held = {job.deployment.name: list(job.placed) for job in order}
+            repair.fill_short(fleet, capacity, short, order)
             for job in short:
-                repair.make_room(fleet, capacity, job, order)
-                if len(job.placed) < job.wanted:
-                    repair.switch_variant(fleet, capacity, job, order)
-                if len(job.placed) < job.wanted:
-                    repair.trade_down(capacity, job, order)
                 if len(job.placed) < job.wanted:
                     job.shortfall = diagnosis.explain(fleet, capacity, job)
             for name, placed in held.items():

@@ -53,6 +53,11 @@ def short(variant: Variant = SMALL, wanted: int = 1) -> Deployment:
     return dataclasses.replace(b, autoscaled_replicas=wanted)
 
 
+def wanting(d: Deployment) -> Deployment:
+    """``d`` wanting its ``replicas.max``."""
+    return dataclasses.replace(d, autoscaled_replicas=d.max_replicas)
+
+
 def held(result) -> Counter:
     return Counter((r.deployment, r.variant) for r in result.as_running())
 
@@ -135,6 +140,42 @@ def test_room_a_switch_leaves_over_goes_to_the_switched_deployment_when_it_is_sh
     deployments = [dataclasses.replace(d0, autoscaled_replicas=4), dataclasses.replace(d1, autoscaled_replicas=2)]
     result = plan(sites, deployments)
     assert held(result) == {("d0", "s"): 4, ("d1", "m"): 1}
+    assert violations(sites, deployments, result.as_running()) == []
+
+
+def test_a_switch_is_not_kept_where_trading_the_large_replica_down_places_more():
+    # ``a`` (planned first: its large variant wants a GPU) fills the 6-CPU German site with
+    # ``xl``. Switching it to ``s`` lets ``b``'s 4-CPU ``l`` in (``b`` spreads: it never gives
+    # a replica back) and leaves 1 CPU: ``c`` then trades ``a``'s ``s`` down for two of its
+    # own, three replicas in all. Without the switch, ``c`` trades ``a``'s ``xl`` down for
+    # four: the plan places four.
+    xl = Variant("xl", "ray-serve", cpu=6, memory_mib=8192, gpus=1, gpu_memory_gib=24)
+    large, small = Variant("l", "ray-serve", cpu=4, memory_mib=4096), Variant("s", "onnx", cpu=1, memory_mib=1024)
+    sites = [dc(cpu=6, gpus=(GpuGroup("gpu", 2, 24),), carbon_g_per_kwh=0.0)]
+    deployments = [
+        wanting(deployment("a", variants=(xl, small), replicas=(0, 1))),
+        wanting(deployment("b", variants=(large,), replicas=(0, 1), spread=("site", 1))),
+        wanting(deployment("c", variants=(small,), replicas=(0, 4))),
+    ]
+    result = plan(sites, deployments)
+    assert held(result) == {("c", "s"): 4}
+    assert violations(sites, deployments, result.as_running()) == []
+
+
+def test_a_switch_is_not_kept_where_it_makes_a_new_replica_one_that_runs_now():
+    # ``a`` runs ``m`` on the 4-CPU site; the plan starts its ``l`` there instead (``m`` is
+    # an edge variant). Switching that ``l`` back to ``m`` for short ``b`` makes room for two
+    # of ``b``'s ``s``, and the ``m`` is then the replica running now, which no trade gives
+    # back: three replicas. Without the switch, ``b`` trades the new ``l`` down for four.
+    large, medium = Variant("l", "ray-serve", cpu=4, memory_mib=4096), Variant("m", "onnx", cpu=2, memory_mib=2048)
+    small = Variant("s", "onnx", cpu=1, memory_mib=1024)
+    sites = [dc(cpu=4, carbon_g_per_kwh=0.0)]
+    deployments = [
+        wanting(deployment("a", variants=(large, medium), replicas=(0, 1))),
+        wanting(deployment("b", variants=(small,), replicas=(0, 4))),
+    ]
+    result = plan(sites, deployments, [Replica("a", "dc-de", "m")])
+    assert held(result) == {("b", "s"): 4}
     assert violations(sites, deployments, result.as_running()) == []
 
 
