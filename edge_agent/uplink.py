@@ -5,6 +5,9 @@ loops forever: join (with the saved credential when there is one, else the boots
 token), then keep the heartbeat client stream and the assignment server stream open
 until either fails, then back off (exponential, jittered, capped) and start again.
 ``grpc.RpcError`` never leaves this module: it becomes an :mod:`edge_agent.errors` value.
+Under mutual TLS it also enrols (the first join, over the join port) and carries a renewal's
+CSR in a join; when the client certificate is due, and what a failed renewal waits, is
+:mod:`edge_agent.renewal`'s to say.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Protocol
 import grpc
 
 import edge_agent
-from edge_agent import assignments, capacity, diagnosis, errors, registry, state, tls
+from edge_agent import assignments, capacity, diagnosis, errors, registry, renewal, state, tls
 from edge_agent.retry import RECONNECT, Jitter, RetryPolicy, pushback_delay
 from edgeplane_proto import reconnect
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
@@ -33,10 +36,6 @@ log = logging.getLogger(__name__)
 SITE_KEY = "x-edgeplane-site"
 AGENT_ID_KEY = "x-edgeplane-agent-id"
 CREDENTIAL_KEY = "x-edgeplane-credential"
-RENEW_RETRY_S = 3600.0  # after a renewal that failed, at most (renewal_retry)
-RENEW_RETRY_MIN_S = 10.0
-DATES_RETRY_S = 300.0  # after the certificate's dates could not be read: how long it has left is unknown
-RENEW_MIN_GAP_S = 60.0  # between sessions ended for a renewal
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 MAX_RECEIVE_BYTES = 16 * 1024 * 1024
@@ -118,17 +117,6 @@ def _asked_interval(seconds: float | None) -> float:
     if not seconds:
         return 0.0
     return min(max(seconds, edge_agent.MIN_HEARTBEAT_S), edge_agent.MAX_HEARTBEAT_S)
-
-
-def renewal_retry(left: float | None) -> float:
-    """How long after a failed renewal to ask again, given what is left of the certificate
-    (None: its dates could not be read). An hour, or a quarter of what is left when that is
-    sooner (RENEW_RETRY_MIN_S at least), so that a short-lived certificate, or one whose agent
-    was offline through most of its renewal window, gets several tries before it expires:
-    an expired one can only be replaced by enrolling again with a fresh bootstrap token."""
-    if left is None:
-        return DATES_RETRY_S
-    return min(RENEW_RETRY_S, max(RENEW_RETRY_MIN_S, left / 4))
 
 
 def _report(exc: Exception) -> None:
@@ -231,10 +219,8 @@ class Uplink:
             log.error("%s; set aside as %s: joining again with the bootstrap token", exc, kept.name)
             self.identity = None
         self._saved_identity = self.identity  # what identity.json holds
-        self._renew_at: float | None = None  # when the client certificate is due (mutual TLS)
-        self._expires: float | None = None
-        self._pending_csr: tuple[bytes, bytes] | None = None  # (key, CSR) not yet accepted
-        self._renewed_at: float | None = None  # when a session last ended for a renewal
+        # when the client certificate is due (mutual TLS)
+        self._renewal = renewal.Renewal(agent_tls, facts.site, clock) if agent_tls is not None else None
         self._answered = False  # the control plane answered a join in this session
 
     @property
@@ -303,7 +289,8 @@ class Uplink:
     async def _session(self) -> None:
         if self._tls is not None:
             if self._tls.enrolled():
-                await self._check_enrolment(self._tls)
+                assert self._renewal is not None  # made with the TLS material
+                await self._renewal.check(self._facts.bootstrap_token)
             if not self._tls.enrolled():
                 key_pem, csr_pem = await self._tls.new_request(self._facts.site)
                 if self._stopping.is_set():
@@ -349,23 +336,6 @@ class Uplink:
         address = diagnosis.to_probe(found, dial)
         return diagnosis.hint(found, dial, await diagnosis.probe(address) if address else None)
 
-    async def _check_enrolment(self, agent_tls: tls.AgentTls) -> None:
-        """A damaged key or certificate (or a key that is not the certificate's) would fail
-        every TLS handshake: it is set aside and the agent enrols again with its bootstrap
-        token; without one, it says what to do. Read once per certificate (``_schedule``)."""
-        if self._renew_at is not None:
-            return  # this certificate was read already
-        try:
-            await self._schedule()
-        except errors.CertificateUnusable as exc:
-            if not self._facts.bootstrap_token:
-                raise errors.CertificateUnusable(f"{exc}: this agent must enrol again: restart it with a bootstrap "
-                                                 "token (--token)") from None
-            kept = agent_tls.set_aside()
-            log.error("%s: set aside as %s; enrolling again with the bootstrap token", exc, ", ".join(p.name for p in kept))
-        except (OSError, errors.AgentError):
-            pass  # the tool itself failed (a timeout on a loaded machine): the handshake will tell
-
     async def _enroll(self, agent_tls: tls.AgentTls, key_pem: bytes, csr_pem: bytes) -> None:
         """First join over the join port: bootstrap token + CSR in, client certificate out."""
         target = agent_tls.join_target_for(self._target)
@@ -398,7 +368,8 @@ class Uplink:
             raise errors.JoinRefused("the control plane issued no client certificate; is it running with --insecure-agents?")
         self._answered = True
         agent_tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode(), received_at=self._clock())
-        self._renew_at = self._expires = None
+        assert self._renewal is not None  # made with the TLS material
+        self._renewal.forget()
         self._adopt(state.Identity(self._facts.site, response.agent_id, response.credential))
         log.info("enrolled: client certificate for site %s issued by the control plane's CA", self._facts.site)
 
@@ -422,22 +393,23 @@ class Uplink:
 
     async def _join(self, stub: pb_grpc.AgentControlStub) -> None:
         request, metadata = self._join_request()
-        renewal = await self._renewal_request() if self._tls is not None else None
-        if renewal is not None:
-            request.csr_pem = renewal[1].decode()
+        certificate = self._renewal
+        csr = await certificate.request() if certificate is not None else None
+        if csr is not None:
+            request.csr_pem = csr[1].decode()
         try:
             response: pb.JoinResponse = await stub.Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
         except grpc.RpcError as exc:
-            if renewal is None or exc.code() in _UNREACHABLE or _pushback(exc) is not None:
+            if certificate is None or csr is None or exc.code() in _UNREACHABLE or _pushback(exc) is not None:
                 raise  # a busy control plane refused the join, not the renewal: the next join asks again
             # Renewal is best effort while the certificate is valid: join without it.
-            self._renewal_failed(f"the control plane refused the renewal ({exc.code().name}: {exc.details()})")
+            certificate.failed(f"the control plane refused the renewal ({exc.code().name}: {exc.details()})")
             request.ClearField("csr_pem")
-            renewal = None
+            csr = None
             response = await stub.Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
         self._answered = True
-        if renewal is not None:
-            self._renewed(renewal[0], response)
+        if certificate is not None and csr is not None:
+            certificate.renewed(csr[0], response)
         self._adopt(state.Identity(self._facts.site, response.agent_id, response.credential))
         if response.heartbeat_interval_ms:
             self.interval = response.heartbeat_interval_ms / 1000
@@ -448,76 +420,6 @@ class Uplink:
             self._facts.site,
             self.interval,
         )
-
-    async def _schedule(self) -> float:
-        """When the certificate is due (read once, then after each renewal), or, while its
-        dates could not be read, when to read them again; logs an expired one on every
-        attempt, since no join can succeed with it."""
-        assert self._tls is not None
-        renew_at = self._renew_at
-        if renew_at is None or (self._expires is None and self._clock() >= renew_at):
-            renew_at, self._expires = await self._tls.renewal_time()
-            self._renew_at = renew_at
-        if self._expires is not None and self._expires <= self._clock():
-            log.error("the client certificate expired at %s: this agent must enrol again (remove agent.key and "
-                      "agent.crt from its data dir and start it with a new bootstrap token)",
-                      time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._expires)))
-        return self._renew_at
-
-    async def _renewal_request(self) -> tuple[bytes, bytes] | None:
-        """A key and CSR when the certificate is two thirds through its life (the same pair
-        until one is accepted, so reconnect attempts do not each make a key). Best effort:
-        a failure here is logged and the join goes on without renewing."""
-        try:
-            if self._clock() < await self._schedule():
-                return None
-            if self._pending_csr is None:
-                self._pending_csr = await self._tls.new_request(self._facts.site)  # type: ignore[union-attr]
-            return self._pending_csr
-        except (OSError, errors.AgentError) as exc:
-            self._renewal_failed(f"cannot prepare the renewal: {exc}")
-            return None
-
-    def _renewal_failed(self, why: str) -> None:
-        now = self._clock()
-        delay = renewal_retry(None if self._expires is None else self._expires - now)
-        self._renew_at = now + delay
-        log.warning("%s; asking again in %gs", why, delay)
-
-    def _renewed(self, key_pem: bytes, response: pb.JoinResponse) -> None:
-        assert self._tls is not None
-        if not response.certificate_pem:
-            self._renewal_failed("the control plane issued no new client certificate")
-            return
-        try:
-            self._tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode(), received_at=self._clock())
-        except OSError as exc:
-            self._renewal_failed(f"cannot save the renewed certificate: {exc}")
-            return
-        self._pending_csr = None
-        self._renew_at = self._expires = None  # read from the new certificate at the next join
-        log.info("client certificate for site %s renewed; the next connection uses it", self._facts.site)
-
-    async def _renewal_due(self) -> None:
-        """Ends the session (raising RenewalDue) when the certificate is due, so that the
-        next join renews it; a long-lived session would otherwise outlast it. A renewal due
-        again at once (a clock far off) waits a while first (RENEW_MIN_GAP_S, or a quarter of
-        what is left of a short-lived certificate). The identity tool failing to read the
-        certificate's dates ends nothing: they are read again later, the session goes on."""
-        while True:
-            try:
-                due = await self._schedule()
-            except (OSError, errors.AgentError) as exc:
-                self._renewal_failed(f"cannot read the client certificate's dates: {exc}")
-                continue  # _schedule now answers the retry time without running the tool
-            if self._renewed_at is not None and self._expires is not None:
-                due = max(due, self._renewed_at + min(RENEW_MIN_GAP_S, (self._expires - due) / 4))
-            while (wait := due - self._clock()) > 0:
-                await asyncio.sleep(min(wait, 3600.0))
-            if self._expires is not None:
-                break  # due: a renewal; else the dates are read again
-        self._renewed_at = self._clock()
-        raise errors.RenewalDue("client certificate due for renewal")
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         assert self.identity is not None  # set by _join before any stream opens
@@ -547,9 +449,9 @@ class Uplink:
         receiver = asyncio.ensure_future(receive())
         sender = asyncio.ensure_future(heartbeats)
         tasks = {receiver, sender}
-        renewal = asyncio.ensure_future(self._renewal_due()) if self._tls is not None else None
-        if renewal is not None:
-            tasks.add(renewal)
+        renewal_due = asyncio.ensure_future(self._renewal.due()) if self._renewal is not None else None
+        if renewal_due is not None:
+            tasks.add(renewal_due)
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -558,8 +460,8 @@ class Uplink:
                 raise errors.AgentUnavailable("control plane closed the stream")
         finally:
             watch.cancel()
-            if renewal is not None:
-                renewal.cancel()
+            if renewal_due is not None:
+                renewal_due.cancel()
             for task in (receiver, sender):
                 if not task.done():
                     task.cancel()

@@ -197,8 +197,8 @@ async def test_a_renewal_refused_for_a_busy_control_plane_is_asked_again_at_the_
     """The refusal is of any join for now, not of the renewal: the agent joined again at once
     without its CSR (into the same busy gate) and put the renewal off an hour, or past the
     expiry of a short-lived certificate. The join asks for the renewal through the uplink's
-    private step, as ``test_uplink_renewal`` does: no public call reaches it without mutual TLS."""
-    caplog.set_level(logging.WARNING, logger="edge_agent.uplink")
+    private steps: no public call reaches it without mutual TLS."""
+    caplog.set_level(logging.WARNING, logger="edge_agent")
     facts = uplink.JoinFacts(site=LATE, bootstrap_token=TOKEN, endpoint_url="http://127.0.0.1:9", agent_version="test",
                              heartbeat_interval=None)
     up = uplink.Uplink(gated.target, facts, state.StateStore(tmp_path), Reporter(), _ignore,
@@ -213,4 +213,5 @@ async def test_a_renewal_refused_for_a_busy_control_plane_is_asked_again_at_the_
     assert isinstance(uplink.translate(refused.value), errors.ControlPlaneBusy)
     assert gated.gate.refused_total == 1  # no second join into the busy gate
     assert not [r for r in caplog.records if "renewal" in r.getMessage()]
-    assert await up._renewal_request() == (b"key", b"csr")  # still due: the next join asks with the same CSR
+    assert up._renewal is not None
+    assert await up._renewal.request() == (b"key", b"csr")  # still due: the next join asks with the same CSR

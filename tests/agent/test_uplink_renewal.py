@@ -1,17 +1,16 @@
 """When the uplink asks to renew its client certificate again after a renewal failed, and
 what a failing identity tool (the child process that makes keys and reads dates) does to a
-session. The tool is replaced through the agent's TLS object; the clock is the uplink's own."""
+session. The tool is replaced through the agent's TLS object; the clock is the renewal's own."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import pathlib
 import re
 
 import pytest
 
-from edge_agent import capacity, errors, state, uplink
+from edge_agent import errors, renewal
 
 NOW = 1_000_000.0
 DAY = 86400.0
@@ -35,15 +34,6 @@ class Tool:
         raise errors.ControlPlaneError("the identity tool (csr) did not finish in 60s")
 
 
-class Reporter:
-    def capacity(self) -> capacity.Capacity:
-        return capacity.Capacity(cpu_cores=1, memory_total_bytes=1 << 30, gpus=(), execution_providers=())
-
-
-async def _ignore(_: object) -> None:
-    return None
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = NOW
@@ -52,24 +42,20 @@ class Clock:
         return self.now
 
 
-def make_uplink(tmp_path: pathlib.Path, tool: Tool, clock: Clock) -> uplink.Uplink:
-    facts = uplink.JoinFacts(site="edge-a", bootstrap_token="t", endpoint_url="http://127.0.0.1:1", agent_version="0",
-                             heartbeat_interval=None)
-    return uplink.Uplink("127.0.0.1:1", facts, state.StateStore(tmp_path), Reporter(), _ignore,  # type: ignore[arg-type]
-                         agent_tls=tool, clock=clock)  # type: ignore[arg-type]
+def make_renewal(tool: Tool, clock: Clock) -> renewal.Renewal:
+    """The renewal clock an uplink keeps for site edge-a: a join asks it for a renewal, and a
+    session ends when it says one is due; these tests take the two steps alone."""
+    return renewal.Renewal(tool, "edge-a", clock)  # type: ignore[arg-type]
 
 
-# A join asks for a renewal and a session ends when one is due, each inside a session with a
-# control plane; these tests take the two steps alone, through the uplink's private methods,
-# as no public call reaches them without a control plane to join.
-async def renewal_request(up: uplink.Uplink) -> tuple[bytes, bytes] | None:
+async def renewal_request(up: renewal.Renewal) -> tuple[bytes, bytes] | None:
     """The key and CSR the uplink's next join would send for a renewal, or None."""
-    return await up._renewal_request()
+    return await up.request()
 
 
-async def renewal_due(up: uplink.Uplink) -> None:
+async def renewal_due(up: renewal.Renewal) -> None:
     """Raises RenewalDue when a session would end for its certificate's renewal."""
-    await up._renewal_due()
+    await up.due()
 
 
 @pytest.mark.parametrize(("left", "retry"), [
@@ -81,14 +67,14 @@ async def renewal_due(up: uplink.Uplink) -> None:
     (None, 300.0),  # dates unknown: soon, in case the certificate is short-lived
 ])
 def test_a_failed_renewal_is_asked_again_within_what_is_left(left: float | None, retry: float) -> None:
-    assert uplink.renewal_retry(left) == retry
+    assert renewal.renewal_retry(left) == retry
 
 
 async def test_a_renewal_that_fails_with_ten_minutes_left_is_asked_again_before_expiry(
-        tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="edge_agent.uplink")
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="edge_agent.renewal")
     tool, clock = Tool((NOW - 1200.0, NOW + 600.0)), Clock()  # due, ten minutes left
-    up = make_uplink(tmp_path, tool, clock)
+    up = make_renewal(tool, clock)
     assert await renewal_request(up) is None  # the join goes on without renewing
     asked = [float(m.group(1)) for r in caplog.records if (m := re.search(r"asking again in ([0-9.]+)s", r.getMessage()))]
     assert asked and NOW + asked[0] < NOW + 600.0
@@ -98,9 +84,9 @@ async def test_a_renewal_that_fails_with_ten_minutes_left_is_asked_again_before_
 
 
 @pytest.mark.parametrize("when", ["at the join", "at the retry time"])
-async def test_dates_that_cannot_be_read_do_not_end_the_session(tmp_path: pathlib.Path, when: str) -> None:
+async def test_dates_that_cannot_be_read_do_not_end_the_session(when: str) -> None:
     tool, clock = Tool(), Clock()
-    up = make_uplink(tmp_path, tool, clock)
+    up = make_renewal(tool, clock)
     assert await renewal_request(up) is None  # logged; the join goes on
     runs = tool.runs
     if when == "at the retry time":
