@@ -55,6 +55,7 @@ from typing import cast
 
 import httptools
 
+from edgeplane_proto import hostport
 from orchestrator import logthrottle
 
 
@@ -425,11 +426,11 @@ class UpstreamPool:
                     ssl=self._ssl_context() if scheme == "https" else None,
                 )
         except TimeoutError:
-            raise UpstreamError(f"connect to {host}:{port} timed out after {self.connect_timeout:g}s") from None
+            raise UpstreamError(f"connect to {hostport.address(host, port)} timed out after {self.connect_timeout:g}s") from None
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise self._out_of_descriptors(exc) from None
-            raise UpstreamError(f"connect to {host}:{port} failed: {exc.strerror or exc}") from None
+            raise UpstreamError(f"connect to {hostport.address(host, port)} failed: {exc.strerror or exc}") from None
         sock = conn.transport.get_extra_info("socket") if conn.transport else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

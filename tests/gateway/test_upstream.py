@@ -320,3 +320,33 @@ async def test_with_every_replica_ejected_the_next_caller_is_still_tried_on_them
         for server in servers:
             await server.shutdown(1)
     assert second.status_code == 200, second.text
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+async def test_a_replica_on_ipv6_that_cannot_be_reached_is_named_in_brackets() -> None:
+    """A replica at ``http://[::1]:<port>`` that refused the connection was reported as
+    'connect to ::1:<port> failed', an address no URL or flag takes (where does the host
+    end?); it reads 'connect to [::1]:<port> failed', as the replica's URL writes it."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        table = endpoints.EndpointTable()
+        table.replace([routing.Endpoint("m", "dep", "edge-0", "edge", "FR", "", 48.8, 2.3, f"http://[::1]:{port}")])
+        pool = UpstreamPool()
+        app = Starlette(routes=proxy.Gateway(table, pool, proxy.GatewayMetrics.create(CollectorRegistry())).routes())
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+                answer = await http.post("/v2/models/m/infer", content=b'{"inputs": []}')
+        finally:
+            await pool.close()
+    assert answer.status_code == 502, answer.text
+    assert f"connect to [::1]:{port} failed" in answer.json()["error"], answer.text
