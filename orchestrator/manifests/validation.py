@@ -1,6 +1,7 @@
 """A manifest document checked against its kind's schema, with every error said in terms
-of the text: at the field's path and line, unquoted YAML values that were read as another
-type pointed out, pattern mismatches explained.
+of the text: at the field's path and line, an unknown field told the known one it is
+closest to, unquoted YAML values that were read as another type pointed out, pattern
+mismatches explained.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any, Protocol
 
 import pydantic
 
-from orchestrator.manifests import schema
+from orchestrator.manifests import fields, schema
 from orchestrator.manifests.errors import ManifestIssue
 
 Path = tuple[str | int, ...]
@@ -84,13 +85,17 @@ def validate(data: Any, walker: Walked) -> schema.Document | list[ManifestIssue]
         return doc_type.model_validate(data, context=schema.MANIFEST)  # type: ignore[return-value]
     except pydantic.ValidationError as exc:
         messages: dict[Path, list[str]] = {}
+        meant: set[Path] = set()  # a required field a misspelt one was taken for: not also said to be missing
         for err in exc.errors(include_url=False):
             loc = _data_path(data, tuple(err["loc"]), err["type"] == "missing")
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 message = f"unknown field {loc[-1]!r}"
+                if isinstance(loc[-1], str) and (field := _meant(doc_type, data, loc)) is not None:
+                    message += f" (did you mean {field!r}?)"
+                    meant.add((*loc[:-1], field))
             elif err["type"] == "missing":
-                message = "required field is missing"
+                message = _MISSING
             elif err["type"] == "string_type" and loc in walker.unquoted:
                 message = _quote_hint(walker.unquoted[loc], err.get("input"))
             elif err["type"] in ("int_type", "float_type") and loc and (hint := _number_hint(loc[-1], err.get("input"))):
@@ -102,7 +107,23 @@ def validate(data: Any, walker: Walked) -> schema.Document | list[ManifestIssue]
                 messages[loc].append(message)
         # one issue per field: a value failing every member of a union (name or map,
         # count or percentage) gets the members' reasons joined
-        return [issue(loc, "; or ".join(msgs)) for loc, msgs in messages.items()]
+        return [issue(loc, "; or ".join(msgs)) for loc, msgs in messages.items()
+                if not (loc in meant and msgs == [_MISSING])]
+
+
+_MISSING = "required field is missing"
+
+
+def _meant(doc_type: type[pydantic.BaseModel], data: dict[str, Any], loc: Path) -> str | None:
+    """The field of the object holding the unknown field at ``loc`` that it is closest to."""
+    given = _node(data, loc[:-1])
+    return fields.closest(str(loc[-1]), fields.objects_at(doc_type, loc[:-1]), list(given) if isinstance(given, dict) else [])
+
+
+def _node(data: Any, path: Path) -> Any:
+    for part in path:
+        data = data[part] if _holds(data, part) else None
+    return data
 
 
 def _quote_hint(written: str, value: Any) -> str:

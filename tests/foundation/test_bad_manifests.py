@@ -174,6 +174,21 @@ BAD: list[Bad] = [
         "tpus:", "unknown field 'tpus'"),
     Bad("unknown-gpu-field", site(("spec.capacity.gpus", [{"model": "L4", "count": 1, "memoryGiB": 24, "vendor": "x"}])),
         "spec.capacity.gpus[0].vendor", "vendor:", "unknown field"),
+    # a misspelt field: the closest field that object takes, as it is written
+    Bad("misspelt-field", GOOD_SITE.replace("  tier: edge\n", "  teir: edge\n"), "spec.teir", "teir:",
+        "unknown field 'teir' (did you mean 'tier'?)"),
+    Bad("misspelt-top-level-field", GOOD_SITE.replace("spec:\n", "specs:\n"), "specs", "specs:",
+        "unknown field 'specs' (did you mean 'spec'?)"),
+    Bad("misspelt-field-of-a-list-item", MODEL.replace("runtime: onnx\n", "runtme: onnx\n"), "spec.variants[0].runtme", "runtme:",
+        "unknown field 'runtme' (did you mean 'runtime'?)"),
+    Bad("misspelt-field-of-an-optional-object", model(("spec.variants[0].resources", {"cpu": 1, "memoryMib": 2})),
+        "spec.variants[0].resources.memoryMib", "memoryMib:", "unknown field 'memoryMib' (did you mean 'memoryMiB'?)"),
+    Bad("misspelt-field-in-a-list-of-objects", site(("spec.capacity.gpus", [{"modle": "L4", "count": 1, "memoryGiB": 24}])),
+        "spec.capacity.gpus[0].modle", "modle:", "unknown field 'modle' (did you mean 'model'?)"),
+    Bad("misspelt-field-deep-in-a-cascade", join(MODEL, deployment(("spec.cascade", {"stages": [
+        {"variant": "small", "escalate": {"confidance": {"output": "probs", "below": 0.5}}}, {"variant": "big"}]}))),
+        "spec.cascade.stages[0].escalate.confidance", "confidance:", "unknown field 'confidance' (did you mean 'confidence'?)",
+        document=1),
     # --- wrong types -------------------------------------------------------------------
     Bad("cpu-is-a-word", site(("spec.capacity.cpu", "eight")), "spec.capacity.cpu", "cpu:", "valid number"),
     Bad("replicas-is-a-string", join(MODEL, deployment(("spec.replicas.min", "2"))), "spec.replicas.min", "min:", "valid integer",
@@ -383,6 +398,18 @@ def test_duplicate_names_across_files_name_both_files() -> None:
     assert (issue.file, issue.document, issue.field) == ("b.yaml", 1, "metadata.name")
     assert issue.line == len(site(name="s2").splitlines()) + 1 + line_of(GOOD_SITE, "name: s1")
     assert "a.yaml document 0" in issue.message
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    # the field it may mean is not also said to be missing
+    (GOOD_SITE.replace("  tier: edge\n", "  teir: edge\n"), ["spec.teir: unknown field 'teir' (did you mean 'tier'?)"]),
+    # a field already given is no suggestion; nor is a field of another object
+    (site(("spec.location.latt", 1.0)), ["spec.location.latt: unknown field 'latt'"]),
+    (site(("spec.colour", "red")), ["spec.colour: unknown field 'colour'"]),
+    (site(("spec.capacity.regoin", "x")), ["spec.capacity.regoin: unknown field 'regoin'"]),
+], ids=["missing-field-not-said-twice", "given-field", "nothing-close", "another-objects-field"])
+def test_unknown_field_suggests_only_a_close_field_of_its_object(text: str, said: list[str]) -> None:
+    assert [f"{i.field}: {i.message}" for i in check(text)] == said
 
 
 def test_issue_prints_as_file_line_document_field() -> None:
