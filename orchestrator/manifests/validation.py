@@ -79,7 +79,8 @@ def validate(data: Any, walker: Walked) -> schema.Document | list[ManifestIssue]
         return [issue(("apiVersion",), f"apiVersion must be {schema.API_VERSION!r}, got {data.get('apiVersion')!r}")]
     doc_type = schema.DOC_TYPES.get(kind) if isinstance(kind, str) else None
     if doc_type is None:
-        return [issue(("kind",), f"unknown kind {kind!r}; expected one of {', '.join(schema.KINDS)}")]
+        said = "kind is missing" if "kind" not in data else "kind is empty" if kind is None else f"unknown kind {kind!r}"
+        return [issue(("kind",), f"{said}; expected one of {', '.join(schema.KINDS)}")]
     data = without_server_set(data)
     try:
         return doc_type.model_validate(data, context=schema.MANIFEST)  # type: ignore[return-value]

@@ -157,6 +157,8 @@ BAD: list[Bad] = [
     Bad("wrong-apiVersion", GOOD_SITE.replace(API_VERSION, "edgeplane.io/v1"), "apiVersion", "apiVersion:", "apiVersion must be"),
     Bad("missing-apiVersion", GOOD_SITE.replace(f"apiVersion: {API_VERSION}\n", ""), "apiVersion", 1, "apiVersion must be"),
     Bad("unknown-kind", GOOD_SITE.replace("kind: Site", "kind: Sight"), "kind", "kind:", "unknown kind 'Sight'"),
+    Bad("missing-kind", GOOD_SITE.replace("kind: Site\n", ""), "kind", 1, "kind is missing; expected one of Site, Model, ModelDeployment"),
+    Bad("empty-kind", GOOD_SITE.replace("kind: Site\n", "kind:\n"), "kind", "kind:", "kind is empty; expected one of Site, Model"),
     Bad("missing-spec", H + "kind: Site\nmetadata:\n  name: s1\n", "spec", 1, "required field is missing"),
     Bad("missing-name", site(("metadata.name", DELETE)).replace("metadata: {}", "metadata:\n  labels: {a: b}"),
         "metadata.name", "metadata:", "required field is missing"),
@@ -492,7 +494,7 @@ def test_deployment_may_name_a_model_already_stored() -> None:
 
 SUBSET = [c for c in BAD if c.id in {
     "yaml-bad-indentation", "yaml-duplicate-key", "yaml-alias-bomb", "yaml-deep-nesting", "yaml-tag-that-does-not-fit",
-    "not-utf8", "unknown-kind",
+    "not-utf8", "unknown-kind", "missing-kind",
     "unknown-resources-field", "bad-country", "bad-residency", "duplicate-names-in-file", "missing-model", "ray-serve-at-the-edge",
     "min-greater-than-max", "datacenter-without-runtime", "uri-dot-dot", "uri-nul-in-file-path", "uri-unparsable-host", "error-in-second-document", "json-unknown-field",
     "tier-listed-twice", "residency-listed-twice", "lone-surrogate-in-annotation", "lone-surrogate-in-region", "binary-in-args",
