@@ -50,6 +50,49 @@ def closest(unknown: str, models: list[type[pydantic.BaseModel]], given: Sequenc
     return match[0] if match else None
 
 
+#: pydantic's errors for a value that is no mapping, which name the class that reads it
+MAPPING_TYPE_ERRORS = ("model_type", "model_attributes_type", "dict_type")
+#: A value's type as YAML (and JSON) name it.
+_YAML_TYPES = {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", int: "a number", float: "a number"}
+
+
+def mapping_wanted(root: type[pydantic.BaseModel], loc: Path, error: str, value: Any) -> str:
+    """What the object at ``loc`` (or a map of key: value pairs, for a ``dict_type``
+    ``error``) needs that ``value`` is not, in the words of the text: pydantic names the
+    class that reads it ("a valid dictionary or instance of SiteSpec")."""
+    models = None if error == "dict_type" else objects_at(root, loc)
+    label = _label(loc)
+    needed: list[str] = []
+    if models is None:
+        content = "key: value pairs"
+    elif len(models) == 1:
+        needed = required(models[0])
+        content = f"its fields ({_listing(needed or names(models[0]))})"
+    else:
+        content = "its fields"
+    if value is None:
+        return f"{label} is empty; it needs {_listing(needed, 'and')}" if needed else f"{label} is empty; give {content} or leave it out"
+    wanted = f"with {_listing(needed, 'and')}" if needed else "of key: value" if models is None else f"of {content}"
+    return f"Input should be a mapping {wanted}, not {_YAML_TYPES.get(type(value), f'a {type(value).__name__}')}"
+
+
+def _listing(names: list[str], last: str = ",") -> str:
+    """``a, b and c`` (``last`` "and") or ``a, b, c``; past four names, the first four and '...'."""
+    if len(names) > 4:
+        return ", ".join(names[:4]) + ", ..."
+    if last == "and" and len(names) > 1:
+        return f"{', '.join(names[:-1])} and {names[-1]}"
+    return ", ".join(names)
+
+
+def _label(loc: Path) -> str:
+    """The name of what ``loc`` holds, from its last field on: ``spec``, ``variants[0]``."""
+    out = ""
+    for part in loc[max((i for i, part in enumerate(loc) if isinstance(part, str)), default=0):]:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else part
+    return out or "it"
+
+
 def _members(annotation: Any) -> Iterator[Any]:
     """``annotation`` without ``Annotated`` and ``Optional``: each member of a union."""
     origin = typing.get_origin(annotation)

@@ -97,6 +97,8 @@ def validate(data: Any, walker: Walked) -> schema.Document | list[ManifestIssue]
                     meant.add((*loc[:-1], field))
             elif err["type"] == "missing":
                 message = _MISSING
+            elif err["type"] in fields.MAPPING_TYPE_ERRORS:
+                message = fields.mapping_wanted(doc_type, loc, err["type"], err.get("input"))
             elif err["type"] == "string_type" and loc in walker.unquoted:
                 message = _quote_hint(walker.unquoted[loc], err.get("input"))
             elif err["type"] in ("int_type", "float_type") and loc and (hint := _number_hint(loc[-1], err.get("input"))):

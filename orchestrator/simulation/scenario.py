@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator import units
-from orchestrator.manifests import parsing, schema
+from orchestrator.manifests import fields, parsing, schema
 from orchestrator.scheduler import model as sched
 
 #: Grid intensity assumed for an added site that declares no energy figures (gCO2/kWh);
@@ -244,6 +244,8 @@ def parse(data: Any, source: str = "<scenario>") -> Changes:
         where = ".".join(str(p) if str(p).isprintable() and str(p) else repr(p) for p in first["loc"])  # one line
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         reason = first["msg"].removeprefix("Value error, ")
+        if first["type"] in fields.MAPPING_TYPE_ERRORS:
+            reason = fields.mapping_wanted(ScenarioDoc, tuple(first["loc"]), first["type"], first.get("input"))
         raise ScenarioError(f"{source}: {where}: {reason}{more}", tuple(first["loc"]), reason) from None
 
 

@@ -162,7 +162,21 @@ BAD: list[Bad] = [
     Bad("missing-spec", H + "kind: Site\nmetadata:\n  name: s1\n", "spec", 1, "required field is missing"),
     Bad("missing-name", site(("metadata.name", DELETE)).replace("metadata: {}", "metadata:\n  labels: {a: b}"),
         "metadata.name", "metadata:", "required field is missing"),
-    Bad("spec-is-a-list", H + "kind: Site\nmetadata:\n  name: s1\nspec:\n- tier: edge\n", "spec", "spec:", "valid dictionary"),
+    Bad("spec-is-a-list", H + "kind: Site\nmetadata:\n  name: s1\nspec:\n- tier: edge\n", "spec", "spec:",
+        "Input should be a mapping with tier and location, not a list"),
+    # an object left empty or given another type: its fields said, never the class behind them
+    Bad("empty-spec", H + "kind: Site\nmetadata:\n  name: s1\nspec:\n", "spec", "spec:", "spec is empty; it needs tier and location"),
+    Bad("empty-metadata", GOOD_SITE.replace("metadata:\n  name: s1\n", "metadata:\n"), "metadata", "metadata:",
+        "metadata is empty; it needs name"),
+    Bad("empty-list-item", model(("spec.variants[0]", None)), "spec.variants[0]", "- null", "variants[0] is empty; it needs name and runtime"),
+    Bad("empty-object-with-defaults", join(MODEL, deployment(("spec.replicas", None))), "spec.replicas", "replicas:",
+        "replicas is empty; give its fields (min, max) or leave it out", document=1),
+    Bad("location-is-text", site(("spec.location", "Lyon")), "spec.location", "location:",
+        "Input should be a mapping with country, lat and lon, not text"),
+    Bad("empty-labels", site(("metadata.labels", None)), "metadata.labels", "labels:",
+        "labels is empty; give key: value pairs or leave it out"),
+    Bad("labels-is-a-list", site(("metadata.labels", ["zone"])), "metadata.labels", "labels:",
+        "Input should be a mapping of key: value, not a list"),
     Bad("json-unknown-field", JSON_DOC, "spec.colour", '"colour"', "unknown field 'colour'"),
     # --- unknown fields at several depths ----------------------------------------------
     Bad("unknown-top-level-field", GOOD_SITE + "state: {}\n", "state", "state:", "unknown field 'state'"),
@@ -364,7 +378,10 @@ def test_the_table_is_big_enough() -> None:
 
 @pytest.mark.parametrize("case", BAD, ids=[c.id for c in BAD])
 def test_bad_manifest_names_file_document_field_and_line(case: Bad) -> None:
-    assert_names(check(case.text), case, "bad.yaml")
+    issues = check(case.text)
+    assert_names(issues, case, "bad.yaml")
+    # the words of the text, not of the code that reads it (a class name, a Python dictionary)
+    assert not [str(i) for i in issues if "instance of" in i.message or "dictionary" in i.message]
 
 
 @pytest.mark.parametrize("case", [c for c in BAD if c.bundle], ids=[c.id for c in BAD if c.bundle])

@@ -63,6 +63,11 @@ def test_a_bare_spec_and_an_empty_document_are_accepted() -> None:
     ("spec: {sites: {a: {capacity: {cpu: 1, memoryGiB: 1}, capacityFactor: 2}}}", "not both"),
     ("spec: {sites: {a: {powerBudgetWatts: 0}}}", "spec.sites.a.powerBudgetWatts"),
     ("kind: Site", "kind"),
+    # an object left empty or given another type: its fields said, never the class behind them
+    ("spec:\n", "d.yaml: spec: spec is empty; give its fields (fail, demand, sites, addSites) or leave it out"),
+    ("spec: {fail: 3}", "d.yaml: spec.fail: Input should be a mapping of its fields (sites, regions, countries, tiers), not a number"),
+    ("spec: {sites: [a]}", "d.yaml: spec.sites: Input should be a mapping of key: value, not a list"),
+    ("spec: {addSites: [{metadata: {name: x}, spec: }]}", "d.yaml: spec.addSites.0.spec: spec is empty; it needs tier and location"),
     ("[1, 2]", "a scenario is a mapping"),
     ("spec: {fail: [", "d.yaml:1: not valid YAML"),
     ("spec:\n  fail: {sites: [!!int '8{']}", "d.yaml:2: not valid YAML (cannot read '8{' as int)"),
