@@ -107,7 +107,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
     async def apply(request: Request, caller: auth.Caller) -> Response:
         reading = await _read(request)
         if not reading.documents and not reading.issues:
-            return error(422, "the request holds no documents")
+            return error(422, _holds_nothing(reading))
         dry_run = _flag(request, "dryRun")
         result = await store.run(catalog.apply_reading, store, reading, actor=caller.identity,
                                  reason=_reason(request, "apply"), dry_run=dry_run)
@@ -126,9 +126,10 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def delete_bundle(request: Request, caller: auth.Caller) -> Response:
         """``POST /v1/delete``: every object the manifests in the body name, all or none."""
-        docs = await _documents(request)
+        reading = await _read(request)
+        docs = reading.valid()
         if not docs:
-            return error(422, "the request holds no documents")
+            return error(422, _holds_nothing(reading))
         outcomes = await store.run(catalog.delete_documents, store, docs, actor=caller.identity,
                                    reason=_reason(request, "delete"), missing_ok=_flag(request, "ignoreNotFound"))
         if outcomes:
@@ -355,12 +356,23 @@ def build_routes(services: Services) -> list[BaseRoute]:
 async def _read(request: Request) -> loader.Reading:
     """The manifests in the body (``?file=`` names them in errors), those with errors included."""
     body = await bodies.read_body(request, MAX_BODY)
-    return await run_in_threadpool(loader.read_text, body, (request.query_params.get("file") or "<request>")[:256])
+    return await run_in_threadpool(loader.read_text, body, (request.query_params.get("file") or REQUEST)[:256])
 
 
-async def _documents(request: Request) -> list[loader.LoadedDocument]:
-    """The manifests in the body, or :class:`ManifestError` with every issue."""
-    return (await _read(request)).valid()
+#: The name errors give a body (its text before a bundle's first file) that ``?file=`` does not name.
+REQUEST = "<request>"
+
+
+def _holds_nothing(reading: loader.Reading) -> str:
+    """Why a body that holds no documents is refused, naming its files (those of a bundle
+    the CLI sends, or ``?file=``): a file of comments, or an empty one, given by mistake."""
+    files = [f for f in reading.files if f != REQUEST]
+    if not files:
+        return "the request holds no documents"
+    if len(files) == 1:
+        return f"{files[0]} holds no documents"
+    named = f"{', '.join(files[:3])} and {len(files) - 3} more files" if len(files) > 3 else f"{', '.join(files[:-1])} and {files[-1]}"
+    return f"{named} hold no documents"
 
 
 class BadQuery(ValueError):

@@ -567,6 +567,15 @@ def test_cli_refuses_bad_manifest(seeded: support.ServerThread, case: Bad, tmp_p
     assert seeded.cp.store.resource_version() == before
 
 
+@pytest.mark.parametrize("command", [["apply"], ["plan"], ["apply", "--dry-run"], ["delete"]])
+def test_cli_names_the_files_that_hold_no_documents(seeded: support.ServerThread, tmp_path: pathlib.Path, command: list[str]) -> None:
+    (tmp_path / "comments.yaml").write_text("# the fleet, to come\n---\n")
+    (tmp_path / "empty.yaml").write_text("")
+    proc = support.cli(*command, "-f", str(tmp_path / "comments.yaml"), "-f", str(tmp_path / "empty.yaml"), server_url=seeded.url)
+    assert (proc.returncode, proc.stdout) == (1, ""), proc
+    assert proc.stderr == f"error: {tmp_path / 'comments.yaml'} and {tmp_path / 'empty.yaml'} hold no documents\n"
+
+
 def test_cli_refuses_non_utf8_file_locally(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes(GOOD_SITE.replace("s1", "s1-caf\xe9").encode("latin-1"))

@@ -194,12 +194,19 @@ def test_api_reports_every_error_and_applies_nothing(seeded: support.ServerThrea
     assert support.desired_state(store) == before_objects
 
 
-@pytest.mark.parametrize(("body", "said"), [
-    (SITE_UNKNOWN_FIELD, "1 problem(s) in the manifests; nothing was applied"),  # every document refused
-    ("---\n# nothing here\n", "the request holds no documents"),
+@pytest.mark.parametrize(("body", "file", "said"), [
+    (SITE_UNKNOWN_FIELD, None, "1 problem(s) in the manifests; nothing was applied"),  # every document refused
+    ("---\n# nothing here\n", None, "the request holds no documents"),
+    # the files that hold nothing are named, as the CLI sends them or as ?file= names the body
+    ("# nothing here\n", "x.yaml", "x.yaml holds no documents"),
+    (loader.bundle([("dir/a.yaml", "# nothing here\n")]), None, "dir/a.yaml holds no documents"),
+    (loader.bundle([("a.yaml", "# nothing here\n"), ("b.yaml", "")]), None, "a.yaml and b.yaml hold no documents"),
+    (loader.bundle([(f"{n}.yaml", "---\n") for n in "abcde"]), None, "a.yaml, b.yaml, c.yaml and 2 more files hold no documents"),
 ])
-def test_api_tells_a_body_of_refused_documents_from_an_empty_one(seeded: support.ServerThread, body: str, said: str) -> None:
-    r = httpx.post(f"{seeded.url}/v1/apply", content=body, timeout=30)
+@pytest.mark.parametrize("route", ["apply", "apply?dryRun=true", "delete"])
+def test_api_tells_a_body_of_refused_documents_from_an_empty_one(seeded: support.ServerThread, body: str, file: str | None,
+                                                                 said: str, route: str) -> None:
+    r = httpx.post(f"{seeded.url}/v1/{route}", params={"file": file} if file else {}, content=body, timeout=30)
     assert r.status_code == 422 and r.json()["error"] == said, r.text
 
 
