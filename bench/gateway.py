@@ -87,15 +87,18 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 class Setup:
     gateway: subprocess.Popen[bytes] | None = None  # the standalone gateway (bench.genai_gateway's setup has none)
 
-    def __init__(self, root: pathlib.Path):
+    def __init__(self, root: pathlib.Path, access_log: bool = False):
+        """``access_log``: the control plane and the standalone gateway write their access log
+        (to their log files), to measure what it costs."""
         self.root = root
+        logs = ("--access-log",) if access_log else ()
         self.port, self.agent_port, self.join_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = onnx_models.build_mlp(root / "artifacts" / "bench.onnx", in_dim=256, hidden=512, out_dim=16, layers=3, seed=5)
         self.server = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli.main", "serve", "--data-dir", str(root / "cp"), "--port", str(self.port),
              "--agent-port", str(self.agent_port), "--agent-join-port", str(self.join_port), "--artifact-root", str(root / "artifacts"), "--bootstrap-token", harness.BOOTSTRAP_TOKEN,
-             "--heartbeat-interval", "0.5", "--log-level", "warning"],
+             "--heartbeat-interval", "0.5", "--log-level", "warning", *logs],
             stdout=subprocess.DEVNULL, stderr=(root / "cp.log").open("w"))
         wait_for(self._up, 30, "control plane")
         httpx.post(f"{self.url}/v1/apply", content=fleet_yaml(self.model.sha256)).raise_for_status()
@@ -105,7 +108,7 @@ class Setup:
         wait_for(lambda: len(self.endpoints()) == 2, 60, "two endpoints")
         self.gateway_port = free_port()
         self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
-        self.gateway = subprocess.Popen(harness.gateway_command([self.url], port=self.gateway_port, extra=("--log-level", "warning")),
+        self.gateway = subprocess.Popen(harness.gateway_command([self.url], port=self.gateway_port, extra=("--log-level", "warning", *logs)),
                                         stdout=subprocess.DEVNULL, stderr=(root / "gateway.log").open("w"))
         wait_for(self._gateway_ready, 30, "standalone gateway with the endpoint table")
 
@@ -273,11 +276,12 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-ray", action="store_true")
+    p.add_argument("--access-log", action="store_true", help="with the gateways' access log on (it is off by default)")
     p.add_argument("--output", default="gateway.json", help="file name under bench/results/ (a partial run need not replace the full one)")
     args = p.parse_args()
     n = 400 if args.quick else 2000
     root = pathlib.Path(tempfile.mkdtemp(prefix="ep-bench-gw-"))
-    s = Setup(root)
+    s = Setup(root, access_log=args.access_log)
     try:
         paths = measure_paths(s, n, not args.no_ray)
         wide = measure_wide_bodies(s, n // 4)
@@ -304,7 +308,7 @@ def main() -> int:
     console.print(f"failover after kill -9 of the serving agent: p50 {failover['failover_p50_ms']:.1f} ms, max {failover['failover_max_ms']:.1f} ms, "
                   f"failed requests {failover['failed_requests']} over {len(failover['kills'])} kills")
     RESULTS.mkdir(exist_ok=True)
-    result = {"benchmark": "gateway", "requests": n, "paths": paths, "wide_batch64": wide, "failover": failover, "cpu_count": os.cpu_count(),
+    result = {"benchmark": "gateway", "requests": n, "access_log": args.access_log, "paths": paths, "wide_batch64": wide, "failover": failover, "cpu_count": os.cpu_count(),
               **{f"gateway_added_p50_ms_{e}": paths[f"gateway-{e}"]["p50_ms"] - paths[f"direct-vs-gateway-{e}"]["p50_ms"] for e in ("json", "binary")},
               **{f"standalone_gateway_added_p50_ms_{e}": paths[f"standalone-{e}"]["p50_ms"] - paths[f"direct-vs-standalone-{e}"]["p50_ms"]
                  for e in ("json", "binary")},

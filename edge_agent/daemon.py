@@ -32,7 +32,7 @@ from edge_agent import (artifacts, assignments, build, capacity, errors, http, h
                         tls, uplink)
 from edge_agent.retry import Jitter
 from edge_agent.runtime import onnx
-from edgeplane_proto import hostport
+from edgeplane_proto import hostport, logformat
 
 if TYPE_CHECKING:  # imported by the first generative model: an agent that serves none never holds them
     from edge_agent.runtime import genai
@@ -76,6 +76,7 @@ class AgentConfig:
     spin_between_runs: bool = False  # onnxruntime's idle threads spin-wait after a run (see runtime.onnx)
     spin_after_run_us: int = 0  # or only this long (0: they sleep when the run ends)
     runtimes: tuple[str, ...] | None = None  # the model runtimes offered (--runtimes); None: every one installed
+    access_log: bool = False  # one line per HTTP request answered, on edgeplane.access (--access-log)
 
     @property
     def control_planes(self) -> list[str]:
@@ -232,7 +233,8 @@ class Agent:
         self.endpoint_url = cfg.advertise_url or _default_url(cfg.listen_host, port)
         self._http = httplistener.HttpServer(
             self.server.handle, httplistener.Limits(max_body_bytes=cfg.max_body_bytes, write_timeout=cfg.write_timeout,
-                                                    max_connections=cfg.max_connections), self.budget
+                                                    max_connections=cfg.max_connections), self.budget,
+            access=logformat.access_logger(cfg.access_log),
         )
         await self._http.start(sock)
         http_server = self._http

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import mmap
 import os
 import socket
@@ -63,10 +64,14 @@ def default_max_connections() -> int:
 class HttpServer:
     """Serves ``handler`` on a bound, listening-ready socket."""
 
-    def __init__(self, handler: Handler, limits: Limits | None = None, budget: inflight.Budget | None = None) -> None:
+    def __init__(self, handler: Handler, limits: Limits | None = None, budget: inflight.Budget | None = None,
+                 access: logging.Logger | None = None) -> None:
         """``budget``: the memory requests in flight may hold (``edge_agent.inflight``; none:
-        no bound), shared with whatever else charges it (the agent's gRPC server)."""
+        no bound), shared with whatever else charges it (the agent's gRPC server).
+        ``access``: where each answered request's access line goes (``--access-log``,
+        ``edgeplane_proto.logformat``); None: nowhere."""
         self.handler = handler
+        self.access = access
         self.limits = limits or Limits()
         self.budget = budget or inflight.Budget()
         self.max_connections = self.limits.max_connections or default_max_connections()

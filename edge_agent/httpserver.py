@@ -43,14 +43,14 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import types
+import time
 import urllib.parse
-from collections.abc import Coroutine, Generator
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 import httptools
 
-from edge_agent import inflight, refusals
+from edge_agent import access as access_line
+from edge_agent import eagertask, inflight, refusals
 from edge_agent.httpmessages import Handler, Request, Response, encode, encode_stream_head
 from edge_agent.httpmessages import request_id as request_id_of
 # Streamed answers are their own module; handlers and tests know them by these names too.
@@ -78,6 +78,7 @@ class Server(Protocol):
     (``httplistener.HttpServer``)."""
 
     handler: Handler
+    access: logging.Logger | None  # where access lines go (--access-log); None: nowhere
     limits: httplistener.Limits
     max_connections: int
     stopping: bool  # draining: each answer closes its connection, and an idle one closes
@@ -110,39 +111,6 @@ class _Refused(Exception):
         self.drain = drain
 
 
-def _start_eagerly(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
-    """Run ``coro`` now, up to its first real wait; a task carries it on from there, and
-    None means it finished without waiting (Python 3.12's eager tasks, for 3.11).
-
-    Most answers wait for nothing (a short run computed on the loop, then one write): then
-    no task is created and the loop does not go round once more (one ``epoll_wait`` and a
-    task step fewer per request, about a tenth of the tiny model's overhead)."""
-    try:
-        waiting_on = coro.send(None)
-    except StopIteration:
-        return None
-    return loop.create_task(_carry_on(coro, waiting_on))
-
-
-@types.coroutine
-def _carry_on(coro: Coroutine[Any, Any, None], waiting_on: Any) -> Generator[Any, Any, None]:
-    """Drive a coroutine already started by hand, as ``await`` would (values and
-    exceptions, cancellation included, pass through to it)."""
-    while True:
-        try:
-            sent = yield waiting_on
-        except BaseException as exc:  # noqa: BLE001 - thrown in by the task: passed on as is
-            try:
-                waiting_on = coro.throw(exc)
-            except StopIteration:
-                return
-        else:
-            try:
-                waiting_on = coro.send(sent)
-            except StopIteration:
-                return
-
-
 class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: Server) -> None:
         self._server = server
@@ -166,6 +134,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._drain_after = False  # ... and whether to drain the refused request once it is out
         self._passthrough: Passthrough | None = None  # the socket lent to a stream's thread
         self._late = False  # made during the drain: each request is answered 503 draining
+        self._body_out = 0  # body bytes of the answer being written (for its access line)
         self._reset()
 
     def _reset(self) -> None:
@@ -243,7 +212,7 @@ class _Connection(asyncio.BufferedProtocol):
         # Answering starts once the whole read is parsed, so the handler sees every request
         # that arrived with this one (``Server.pending``).
         if self._queue and (self._worker is None or self._worker.done()):
-            self._worker = _start_eagerly(self._loop, self._answer())
+            self._worker = eagertask.start(self._loop, self._answer())
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -338,6 +307,10 @@ class _Connection(asyncio.BufferedProtocol):
     async def _answer(self) -> None:
         while self._queue and not self._closing:
             request, keep_alive = self._queue.popleft()
+            access = self._server.access
+            started = time.perf_counter() if access is not None else 0.0
+            written: int | None = None  # the status of the answer written
+            self._body_out = 0
             try:
                 if not self._reading and self._last_words is None and self._transport is not None:
                     self._transport.resume_reading()
@@ -354,6 +327,7 @@ class _Connection(asyncio.BufferedProtocol):
                     self._server.pending -= 1
                 keep_alive = keep_alive and not self._server.stopping
                 if isinstance(response, StreamingResponse):
+                    written = response.status
                     if not await self._stream(response, keep_alive, request_id):
                         return
                     if not keep_alive:
@@ -365,12 +339,15 @@ class _Connection(asyncio.BufferedProtocol):
                     return
                 self._transport.write(encode(response, keep_alive, head_only=request.method == "HEAD",
                                              announce="connection" in request.headers, request_id=request_id))
+                written, self._body_out = response.status, 0 if request.method == "HEAD" else len(response.body)
                 if not keep_alive:
                     self.close()
                     return
             finally:  # the answer is written, or will never be: what the request held is given back
                 if request.hold is not None:
                     request.hold.release()
+                if access is not None:
+                    access_line.log(access, request, request_id_of(request.headers), written, self._body_out, started)
         if self._closing:
             return
         if self._last_words is not None:
@@ -413,6 +390,7 @@ class _Connection(asyncio.BufferedProtocol):
                 if not await self._wait_writable():  # back-pressure: wait until the client reads
                     return False
                 self._transport.write(encode_chunk(data))
+                self._body_out += len(data)
             if not await self._wait_writable():
                 return False
             self._transport.write(LAST_CHUNK)
@@ -424,6 +402,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.close()
             return False
         finally:
+            if passthrough is not None:
+                self._body_out += passthrough.bytes
             self._end_passthrough()
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:

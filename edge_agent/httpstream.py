@@ -79,6 +79,7 @@ class Passthrough:
         self._lent = False
         self._owed = b""
         self.items = 0  # items the producing thread wrote itself
+        self.bytes = 0  # ... and their bytes (without the chunks' framing)
 
     def send(self, data: bytes) -> bool:
         """Write ``data`` as one chunk now; False if it was not taken (see the class). Any
@@ -95,6 +96,7 @@ class Passthrough:
             self._lent = False
             return False
         self.items += 1
+        self.bytes += len(data)
         if sent < len(frame):
             self._lent = False
             self._owed = frame[sent:]

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import edge_agent
 from edge_agent import build, errors, runtime
-from edgeplane_proto import endpoint_url
+from edgeplane_proto import endpoint_url, logformat
 
 if TYPE_CHECKING:
     from edge_agent import daemon
@@ -343,8 +343,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runtimes", type=_runtimes, default=None, metavar="RUNTIME[,RUNTIME...]",
                    help="the model runtimes this agent offers, of onnx and onnx-genai; the control plane assigns it no "
                         "model of another [every one installed here: onnx, and onnx-genai with onnxruntime-genai]")
-    p.add_argument("--log-level", default="info", type=str.lower, choices=("debug", "info", "warning", "error"),  # argtypes.LOG_LEVELS (no import: the agent stands alone)
-                   help="log verbosity [info]")
+    p.add_argument("--log-level", default="info", type=str.lower, choices=logformat.LEVELS, help="log verbosity [info]")
+    p.add_argument("--log-format", default="text", type=str.lower, choices=logformat.FORMATS,
+                   help="text: a line for people; json: one JSON object a line, for a log shipper (docs/agent.md) [text]")
+    p.add_argument("--access-log", action="store_true",
+                   help="log one line per request answered (edgeplane.access): its id, route, model, status, bytes and "
+                        "duration; never the caller's address, token, query or body (docs/security.md) [off]")
     return p
 
 
@@ -387,6 +391,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         spin_between_runs=args.spin_between_runs,
         spin_after_run_us=args.spin_after_run_us,
         runtimes=args.runtimes,
+        access_log=args.access_log,
     )
 
 
@@ -428,11 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     # Not SIG_IGN, which the agent's child processes would inherit through exec.
     signal.signal(signal.SIGHUP, lambda _signum, _frame: None)
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logformat.configure(args.log_level, args.log_format)
     # Before gRPC is imported: its core would log each failed TLS handshake again, at INFO,
     # in a line of its own beside the uplink's (which says what to change); errors still show.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

@@ -12,11 +12,11 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from edgeplane_proto import endpoint_url
+from edgeplane_proto import endpoint_url, logformat
 
 
 #: ``--log-level`` values, any case (``type=str.lower``).
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = logformat.LEVELS
 
 
 class DefaultsFormatter(argparse.HelpFormatter):

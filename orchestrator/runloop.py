@@ -25,6 +25,8 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import uvicorn
 
+from edgeplane_proto import logformat
+
 log = logging.getLogger(__name__)
 
 #: What stops ``serve`` and the gateway (cleanly, exit code 0), whenever it comes. A second
@@ -284,7 +286,8 @@ def _http_protocol(stopping: Callable[[], bool]) -> Any:
 
 def http_server(app: Any) -> uvicorn.Server:
     """uvicorn for ``app``, driven by the caller's loop and signal handling."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+    # log_config None: uvicorn's loggers write through the process's handler, in its format (edgeplane_proto.logformat)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, log_config=None, lifespan="off",
                                            timeout_graceful_shutdown=DRAIN_GRACE_S, limit_concurrency=4096,
                                            timeout_keep_alive=KEEP_ALIVE_S, http=_http_protocol(lambda: server.should_exit)))
     # uvicorn must not take SIGTERM/SIGINT from its caller: since 0.29 it installs its own
@@ -296,15 +299,16 @@ def http_server(app: Any) -> uvicorn.Server:
 
 
 def main(log_level: str, start: Callable[[], Awaitable[S]], banner: Callable[[S], Iterable[str]],
-         config_errors: tuple[type[Exception], ...]) -> int:
+         config_errors: tuple[type[Exception], ...], *, log_format: str = "text") -> int:
     """Run ``start()``'s service until a signal; a configuration error is one line and exit
-    code 2, an address that cannot be bound (an ``OSError`` naming it) one line and exit code 1."""
+    code 2, an address that cannot be bound (an ``OSError`` naming it) one line and exit code 1.
+    The log (``edgeplane_proto.logformat``) goes to stderr in ``log_format`` from the start."""
     early: list[int] = []  # until serve() hands them to the event loop: kept, so that the service stops as it would later
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, _frame: early.append(signum))
     # Not SIG_IGN, which the processes it starts (an embedded Ray) would inherit through exec.
     signal.signal(signal.SIGHUP, lambda _signum, _frame: None)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logformat.configure(log_level, log_format)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         run(serve(start, banner, early))

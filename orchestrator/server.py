@@ -50,7 +50,7 @@ from orchestrator.api import watch as watch_api
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.distill import store as capture_store
 from orchestrator import fleet_metrics, runloop, server_config, server_options, server_views
-from edgeplane_proto import hostport, identity, reconnect
+from edgeplane_proto import hostport, identity, logformat, reconnect
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import correlation, openai_routes, proxy, upstream, wire
@@ -273,7 +273,7 @@ class ControlPlane(server_views.ServerViews):
         # another web site's page, through the operator's browser, is refused (api/origins.py);
         # every answer, that refusal included, carries its request's id (gateway/correlation.py)
         guard = origins.guard_for(cfg.auth != "token", cfg.allowed_hosts, cfg.public_url)
-        self._uvicorn = runloop.http_server(correlation.Correlated(origins.OriginGuard(app, guard)))
+        self._uvicorn = runloop.http_server(correlation.Correlated(origins.OriginGuard(app, guard), logformat.access_logger(cfg.access_log)))
         self._tasks.append(asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="http"))
         for _ in range(500):
             if self._uvicorn.started:
@@ -561,4 +561,4 @@ def banner(cp: ControlPlane) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     return runloop.main(args.log_level, lambda: ControlPlane(server_config.config_from_args(args)).start(), banner,
-                        (server_config.ConfigError,))
+                        (server_config.ConfigError,), log_format=args.log_format)

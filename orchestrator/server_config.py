@@ -66,6 +66,7 @@ class ServerConfig:
     gateway_max_body: int = gateway_options.MAX_BODY
     cold_start_timeout_s: float = gateway_options.COLD_START_S
     first_token_timeout_s: float = gateway_options.FIRST_TOKEN_S  # streamed generations: see gateway.options
+    access_log: bool = False  # one line per HTTP request answered, on edgeplane.access (--access-log)
     store: str | None = None  # postgresql://… for a shared database; default: <data_dir>/state.db (SQLite)
     leader_lease_s: float = 3.0  # shared database: the leader lease's time to live (renewed every third of it)
     store_poll_s: float = 1.0  # shared database: read what other replicas wrote at least this often (notifications come sooner)
@@ -130,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         agent_tls_names=tuple(args.agent_tls_name),
         gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate, gateway_burst=args.gateway_burst,
         gateway_max_body=args.gateway_max_body,
-        cold_start_timeout_s=args.cold_start_timeout, first_token_timeout_s=args.first_token_timeout,
+        cold_start_timeout_s=args.cold_start_timeout, first_token_timeout_s=args.first_token_timeout, access_log=args.access_log,
         local_ray_cpus=args.local_ray_cpus, local_ray_gpus=args.local_ray_gpus,
         store=args.store, leader_lease_s=args.leader_lease, store_poll_s=args.store_poll, store_threads=args.store_threads,
         peer_address=args.peer_address, simulation_slots=args.simulations, events_retention_s=args.events_retention,

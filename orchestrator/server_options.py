@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from edgeplane_proto import logformat
 from orchestrator import argtypes, event_retention
 from orchestrator.agents.admission import MAX_JOINS
 from orchestrator.gateway import options as gateway_options
@@ -103,6 +104,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPUs the embedded Ray declares [those it finds]; on a machine without any, a number lets replicas "
                         "that ask for a GPU run there anyway (a stand-in, as the demo does)")
     p.add_argument("--log-level", default="info", type=str.lower, choices=argtypes.LOG_LEVELS, help="log verbosity")
+    p.add_argument("--log-format", default="text", type=str.lower, choices=logformat.FORMATS,
+                   help="text: a line for people; json: one JSON object a line, for a log shipper (docs/deploy.md)")
 
 
 def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,3 +118,5 @@ def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: $EDGEPLANE_TOKEN or the file named by $EDGEPLANE_TOKEN_FILE)")
     gateway_options.add_arguments(p)
     p.add_argument("--log-level", default="info", type=str.lower, choices=argtypes.LOG_LEVELS, help="log verbosity")
+    p.add_argument("--log-format", default="text", type=str.lower, choices=logformat.FORMATS,
+                   help="text: a line for people; json: one JSON object a line, for a log shipper (docs/deploy.md)")

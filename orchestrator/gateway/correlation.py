@@ -10,19 +10,22 @@ that calls a replica (the v2 routes, the OpenAI relay, both cascades) takes it w
 stages, shows the same id at each.
 
 A caller's id that cannot be kept is replaced, not refused: the answer's header says which
-id the request went by. Nothing here logs or stores it (docs/security.md: the gateway
-keeps no access log). Per request this costs one pass over the header list and, where the
+id the request went by. Nothing here stores it; with ``--access-log`` (off by default,
+docs/security.md) each request's access line names it (``orchestrator.gateway.access``). Per request this costs one pass over the header list and, where the
 caller gave no id, 16 random bytes (bench/gateway.py measures the gateway's overhead).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgeplane_proto import correlation
+from orchestrator.gateway import access as access_line
 
 #: Where the scope of a request holds what to send on to replicas (a ``dict[str, str]``).
 SCOPE_KEY = "edgeplane.forwarded"
@@ -71,8 +74,11 @@ class Correlated:
     """ASGI middleware: each HTTP request's id and trace context read (:func:`read`) into its
     scope, and its id added to its answer's head."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, access: logging.Logger | None = None) -> None:
+        """``access``: where each request's access line goes (``--access-log``); None: nowhere."""
         self.app = app
+        self.access = access
+        self._templates = access_line.Templates()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,6 +86,8 @@ class Correlated:
             return
         forward = scope[SCOPE_KEY] = read(scope["headers"])
         header = (_ID, forward[correlation.HEADER].encode("latin-1"))
+        app = self.app if self.access is None else functools.partial(access_line.answer, self.app, log=self.access,
+                                                                       request_id=forward[correlation.HEADER], templates=self._templates)
 
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -87,4 +95,4 @@ class Correlated:
                 message = {**message, "headers": [*message.get("headers", ()), header]}
             await send(message)
 
-        await self.app(scope, receive, sending)
+        await app(scope, receive, sending)

@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-token-timeout", type=argtypes.number(*FIRST_TOKEN_RANGE_S), default=FIRST_TOKEN_S, metavar="SECONDS",
                    help="a streamed generation whose replica sends no first token this long is tried on the next replica "
                         "(long prompts on slow hardware may need more)")
+    p.add_argument("--access-log", action="store_true",
+                   help="log one line per request answered (edgeplane.access): its id, route, model, the site that answered, "
+                        "status, bytes and duration; never the caller's address, token, query or body (docs/security.md)")
 
 
 def position(text: str | None) -> tuple[float, float] | None:

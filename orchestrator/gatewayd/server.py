@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from edgeplane_proto import hostport, oip
+from edgeplane_proto import hostport, logformat, oip
 from orchestrator.api import methods
 from orchestrator.gatewayd import follow
 from orchestrator import runloop, urlpath
@@ -62,6 +62,7 @@ class GatewayConfig:
     gateway_max_body: int = options.MAX_BODY
     cold_start_timeout_s: float = options.COLD_START_S
     first_token_timeout_s: float = options.FIRST_TOKEN_S
+    access_log: bool = False  # one line per request answered, on edgeplane.access
     silence_s: float = 15.0  # no event (heartbeats come every 5 s) for this long: the connection is dead
     backoff_max_s: float = 5.0
 
@@ -137,7 +138,7 @@ class StandaloneGateway:
             Route("/healthz", self._healthz, methods=["GET"]),
             Route("/metrics", self._metrics, methods=["GET"]),
         ], exception_handlers=methods.EXCEPTION_HANDLERS)
-        self._uvicorn = runloop.http_server(correlation.Correlated(app))
+        self._uvicorn = runloop.http_server(correlation.Correlated(app, logformat.access_logger(cfg.access_log)))
         self._serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="gateway-http")
         self._following = asyncio.create_task(self.follower.run(), name="gateway-follow")
         for _ in range(500):
@@ -203,7 +204,7 @@ def config_from_args(args: argparse.Namespace, token: str | None) -> GatewayConf
         control_planes=tuple(parse_control_plane(u) for u in args.control_plane), host=args.host, port=args.port, token=token,
         position=_gateway_position(args.location), gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate,
         gateway_burst=args.gateway_burst, gateway_max_body=args.gateway_max_body, cold_start_timeout_s=args.cold_start_timeout,
-        first_token_timeout_s=args.first_token_timeout,
+        first_token_timeout_s=args.first_token_timeout, access_log=args.access_log,
     )
 
 
@@ -212,4 +213,5 @@ def banner(gw: StandaloneGateway) -> list[str]:
 
 
 def main(args: argparse.Namespace, token: str | None) -> int:
-    return runloop.main(args.log_level, lambda: StandaloneGateway(config_from_args(args, token)).start(), banner, (ConfigError,))
+    return runloop.main(args.log_level, lambda: StandaloneGateway(config_from_args(args, token)).start(), banner, (ConfigError,),
+                        log_format=args.log_format)

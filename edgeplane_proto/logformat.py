@@ -1,0 +1,89 @@
+"""How edgeplane's processes log: ``edgeplane serve``, ``edgeplane gateway`` and
+``edgeplane-agent`` all configure logging here (``--log-level``, ``--log-format``,
+``--access-log``), so that a fleet's log shipper reads one format from all of them.
+
+``text`` (the default) is the human line it always was. ``json`` is one object per line,
+``ts`` (RFC 3339, UTC), ``level``, ``logger``, ``msg``, then the record's own fields (those a
+call gave with ``extra=``: an access line's) and ``exc``, a failure's traceback as one string,
+so that no traceback spreads over lines a shipper would take for records of their own. Every
+logger of the process writes through the one handler set here: uvicorn's (``runloop``
+hands it no configuration of its own) and gRPC's included.
+
+The access log (``edgeplane.access``, docs/security.md) is off unless asked for: the
+gateway and the agent then write one line per request, naming the request (its id, method,
+route template, model, the site that answered, status, bytes in and out, duration) and
+nothing of the person who sent it: no address, token, query string or body. It is written
+whatever ``--log-level`` says: an operator who asked for it gets it. This module is shared
+code because the agent stands alone (it never imports the control plane)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+from typing import Any
+
+#: ``--log-format`` values.
+FORMATS = ("text", "json")
+#: ``--log-level`` values, any case.
+LEVELS = ("debug", "info", "warning", "error")
+#: The access log's logger.
+ACCESS = "edgeplane.access"
+TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# What every LogRecord has: the rest of its attributes are the fields a call gave (``extra=``).
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key not in out:
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exc"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, default=str)
+
+
+def formatter(log_format: str) -> logging.Formatter:
+    return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT)
+
+
+def configure(level: str, log_format: str = "text") -> None:
+    """The process's logging: every record at ``level`` or above (the access log's at any
+    level) to stderr, in ``log_format``; what was configured before is replaced."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(log_format))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.getLogger(ACCESS).setLevel(logging.INFO)
+
+
+def access_logger(enabled: bool) -> logging.Logger | None:
+    """The access log's logger when ``enabled`` (``--access-log``), else None: a server given
+    None checks that once per request and does nothing more."""
+    return logging.getLogger(ACCESS) if enabled else None
+
+
+def log_access(log: logging.Logger, request_id: str | None, method: str, route: str | None, model: str | None, site: str | None,
+               status: int | None, bytes_in: int, bytes_out: int, duration_ms: float) -> None:
+    """One request's access line: in text a short line, in JSON these fields. ``route``: the
+    path's template (``/v2/models/{model}/infer``), None for a path no route has (the path
+    itself may hold anything); ``status`` None when no answer was sent; ``site``: the one that
+    answered (at a gateway)."""
+    log.info("%s %s %s model=%s site=%s status=%s in=%d out=%d ms=%.2f", request_id or "-", method, route or "-", model or "-",
+             site or "-", status if status is not None else "-", bytes_in, bytes_out, duration_ms,
+             extra={"request_id": request_id, "method": method, "route": route, "model": model, "site": site,
+                    "status": status, "bytes_in": bytes_in, "bytes_out": bytes_out, "duration_ms": round(duration_ms, 3)})

@@ -1,0 +1,89 @@
+"""``edgeplane-agent --log-format json --access-log`` as a real process: every line it logs
+is one JSON object a log shipper reads, and each request it answers one access line that
+names the request and nothing of the person who sent it (docs/security.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import httpx
+from .conftest import TOKEN, ControlPlane
+
+SITE = "edge-logs-1"
+FIELDS = {"ts", "level", "logger", "msg", "request_id", "method", "route", "model", "site", "status", "bytes_in", "bytes_out",
+          "duration_ms"}
+AGENT = pathlib.Path(sys.executable).parent / "edgeplane-agent"
+
+
+def agent_command() -> list[str]:
+    return [str(AGENT)] if AGENT.exists() else [sys.executable, "-m", "edge_agent.main"]
+
+
+async def run_agent(cp: ControlPlane, data_dir: pathlib.Path, *flags: str) -> tuple[str, asyncio.subprocess.Process]:
+    proc = await asyncio.create_subprocess_exec(
+        *agent_command(), "--control-plane", cp.target, "--site", SITE, "--token", TOKEN, "--listen", "127.0.0.1:0",
+        "--data-dir", str(data_dir), "--heartbeat-interval", "0.5", "--drain-timeout", "2", "--insecure", "--country", "FR",
+        *flags, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None
+    async with asyncio.timeout(30):
+        line = (await proc.stdout.readline()).decode()
+    assert line.startswith("serving "), f"agent did not start: {line!r}"
+    return line.split()[1], proc
+
+
+async def stopped_log(proc: asyncio.subprocess.Process) -> list[str]:
+    """What the agent wrote on stderr, once stopped with SIGTERM."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stderr is not None
+    async with asyncio.timeout(30):
+        err = await proc.stderr.read()
+        assert await proc.wait() == 0
+    return err.decode().splitlines()
+
+
+async def test_a_json_access_line_names_the_request_and_not_who_sent_it(control_plane: ControlPlane, tmp_path: pathlib.Path) -> None:
+    url, proc = await run_agent(control_plane, tmp_path / "agent", "--log-format", "json", "--access-log", "--log-level", "info")
+    body = b'{"inputs": []}'
+    async with httpx.AsyncClient(base_url=url) as client:
+        answer = await client.post("/v2/models/mlp/infer?user=alice%40example.org", content=body,
+                                   headers={"X-Request-Id": "req-logs-0001", "Authorization": "Bearer secret-token-42"})
+        assert answer.status_code == 404
+        assert (await client.get("/v2/health/live", headers={"X-Request-Id": "req-logs-0002"})).status_code == 200
+    lines = await stopped_log(proc)
+    records = [json.loads(line) for line in lines]  # every line: one JSON object, none a traceback or plain text
+    assert all({"ts", "level", "logger", "msg"} <= r.keys() and r["ts"].endswith("Z") for r in records), records
+    access = {r["request_id"]: r for r in records if r["logger"] == "edgeplane.access"}
+    infer = access["req-logs-0001"]
+    assert (infer["method"], infer["route"], infer["model"], infer["status"], infer["bytes_in"]) == (
+        "POST", "/v2/models/{model}/infer", "mlp", 404, len(body))
+    assert infer["bytes_out"] > 0 and infer["duration_ms"] >= 0 and infer["level"] == "info"
+    live = access["req-logs-0002"]
+    assert (live["route"], live["status"], live["model"]) == ("/v2/health/live", 200, None)
+    for r in access.values():  # these fields and no others: nothing of the caller's address
+        assert r.keys() == FIELDS and "127.0.0.1" not in json.dumps(r), r
+    for line in lines:  # nor of the token, the query string or the body, anywhere
+        assert "secret-token-42" not in line and "alice" not in line and '"inputs"' not in line
+
+
+async def test_without_access_log_no_request_is_logged_and_text_stays_the_default(control_plane: ControlPlane,
+                                                                                  tmp_path: pathlib.Path) -> None:
+    url, proc = await run_agent(control_plane, tmp_path / "agent", "--log-level", "info")
+    async with httpx.AsyncClient(base_url=url) as client:
+        assert (await client.get("/v2/health/live", headers={"X-Request-Id": "req-logs-0003"})).status_code == 200
+    lines = await stopped_log(proc)
+    assert lines and not any(line.startswith("{") for line in lines), lines
+    assert not any("req-logs-0003" in line or "edgeplane.access" in line for line in lines), lines
+
+
+def test_a_bad_log_format_is_a_one_line_usage_error(tmp_path: pathlib.Path) -> None:
+    proc = subprocess.run([*agent_command(), "--control-plane", "127.0.0.1:1", "--site", SITE, "--token", TOKEN, "--log-format", "xml"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2, proc
+    assert proc.stderr.strip() == "edgeplane-agent: error: argument --log-format: invalid choice: 'xml' (choose from 'text', 'json')"
+    assert list(tmp_path.iterdir()) == []
