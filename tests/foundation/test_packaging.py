@@ -55,3 +55,17 @@ def test_the_source_distribution_builds_the_whole_package(tmp_path: pathlib.Path
     assert sorted(p.name for p in (lib / "orchestrator" / "examples" / "artifacts").iterdir()) == \
         sorted(p.name for p in (REPO / "manifests" / "examples" / "artifacts").iterdir())
     assert (unpacked / "edgeplane_proto" / "_jsonfloats.c").is_file()  # the native module builds from it, where it can
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_the_gpu_extra_brings_what_counts_the_gpus() -> None:
+    """An agent installed with `pip install 'edgeplane[gpu]'` on a GPU server counts its GPUs
+    through NVML (``import pynvml``, the nvidia-ml-py package), which the extra did not
+    install: the agent reported no GPU, and since what an agent measures wins over what its
+    Site declares, placement saw none there and put no GPU variant on it."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "nvidia-ml-py" in _names(extras["gpu"]), extras["gpu"]
+    assert not _names(extras["cpu"]) & {"nvidia-ml-py", "pynvml"}, extras["cpu"]
