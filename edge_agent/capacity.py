@@ -15,7 +15,8 @@ claims, nor what the host has when the agent runs in a container:
 - CPU load: the whole machine's busy share between two reports, from ``/proc/stat``;
 - GPUs through NVML when ``pynvml`` is importable, only those ``CUDA_VISIBLE_DEVICES``
   leaves to this process (NVML sees the whole host's), and the onnxruntime execution
-  providers that can actually run here.
+  providers that can actually run here: onnxruntime-gpu lists CUDA whether or not there is
+  a GPU, so without one the agent reports, and loads its models on, the others.
 
 The limits read are those of the process's own cgroup (looked up under its path from
 ``/proc/self/cgroup``, or at the mount's root inside a cgroup namespace); a tighter limit
@@ -26,17 +27,19 @@ it 1 MB of its 80 MB.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
 import pathlib
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from edgeplane_proto.capacity import Capacity, Gpu
 
-__all__ = ["Capacity", "CapacityProbe", "Gpu", "Load", "probe_gpus"]
+__all__ = ["Capacity", "CapacityProbe", "Gpu", "Load", "probe_gpus", "usable_providers"]
 
 log = logging.getLogger(__name__)
 PROC = pathlib.Path("/proc")
@@ -66,6 +69,33 @@ def cuda_visible(value: str | None) -> tuple[int | str, ...] | None:
         else:
             break
     return tuple(devices)
+
+
+#: onnxruntime execution providers that run on an NVIDIA GPU. onnxruntime-gpu lists those it
+#: was built with, not those this machine can run: on a machine without a GPU (or with none
+#: left to this process) creating a session with one fails and falls back to the CPU.
+GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
+
+
+def usable_providers(offered: Sequence[str], gpus: Sequence[Gpu]) -> tuple[str, ...]:
+    """The execution providers of ``offered`` (onnxruntime's) that can run here: all of them
+    where this process has a GPU, the others where it has none."""
+    return tuple(offered) if gpus else tuple(p for p in offered if p not in GPU_PROVIDERS)
+
+
+def no_gpu_reason(visible: str | None, nvml_installed: bool) -> str:
+    """Why this process sees no GPU, for the one line that says its GPU providers go unused."""
+    if visible is not None and cuda_visible(visible) == ():
+        return f"CUDA_VISIBLE_DEVICES={visible!r} leaves it none"
+    if not nvml_installed:
+        return "pynvml is not installed (pip install nvidia-ml-py; the gpu extra brings it)"
+    return "NVML finds none (no NVIDIA GPU or driver here)"
+
+
+def why_no_gpu() -> str:
+    """:func:`no_gpu_reason` for this process."""
+    nvml_installed = "pynvml" in sys.modules or importlib.util.find_spec("pynvml") is not None
+    return no_gpu_reason(os.environ.get("CUDA_VISIBLE_DEVICES"), nvml_installed)
 
 
 def probe_gpus() -> tuple[Gpu, ...]:
@@ -147,7 +177,8 @@ def _unqueryable(what: str, exc: Exception) -> None:
 
 class CapacityProbe:
     """Measures capacity and load; the GPU and provider probes, and the roots of ``/proc``
-    and the cgroup file system, are injectable."""
+    and the cgroup file system, are injectable. The execution providers are decided once,
+    at the start (``execution_providers``): the agent's models load on them."""
 
     def __init__(
         self,
@@ -157,11 +188,16 @@ class CapacityProbe:
         proc: pathlib.Path = PROC,
         cgroup_root: pathlib.Path = CGROUP_ROOT,
     ) -> None:
-        self._providers = providers
         self._gpus = gpus
         self._host: _Host = _Linux(proc, cgroup_root) if (proc / "meminfo").is_file() else _Psutil()
         self._host.cpu_percent()  # primes the counter: later calls are deltas
         self._last_gpus: tuple[Gpu, ...] = ()
+        offered = tuple(providers())
+        self.execution_providers = usable_providers(offered, gpus())
+        unused = [p for p in offered if p not in self.execution_providers]
+        if unused:
+            log.warning("onnxruntime offers %s, but this agent has no GPU: %s; it reports none and runs its models on %s",
+                        ", ".join(unused), why_no_gpu(), ", ".join(self.execution_providers) or "the CPU")
 
     def cpu_cores(self) -> int:
         """The CPUs this process may run on, capped by its cgroup's quota."""
@@ -173,7 +209,7 @@ class CapacityProbe:
             cpu_cores=self.cpu_cores(),
             memory_total_bytes=self._host.memory_total(),
             gpus=self._last_gpus,
-            execution_providers=tuple(self._providers()),
+            execution_providers=self.execution_providers,
         )
 
     def memory_available(self) -> int:

@@ -1,6 +1,7 @@
 """The only module that touches onnxruntime.
 
-It picks the execution provider (CUDA when onnxruntime-gpu offers it, else CPU), loads a
+It picks the execution provider (CUDA when onnxruntime-gpu offers it, else CPU; the agent
+gives those it has decided on, CUDA only where it has a GPU: ``capacity``), loads a
 model from bytes that were verified beforehand, describes its tensors in v2 terms, and
 checks every infer request against that description *before* onnxruntime sees it, so a
 bad request is a clear 400 and never a native error.
