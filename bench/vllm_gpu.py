@@ -40,12 +40,26 @@ PROMPT = "Tell me about the placement of replicas in a data centre."
 GPU_MEMORY_UTILIZATION = 0.3  # the model is tiny; leave room for the other engine
 
 
-def skip_reason() -> str | None:
+def nvidia_smi(args: list[str], timeout_s: float) -> tuple[int | None, str]:
+    """``nvidia-smi``'s exit code and what it wrote; (None, why) when it did not answer (a
+    driver stuck on a lost GPU hangs it) or cannot run."""
+    try:
+        proc = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None, f"nvidia-smi did not answer in {timeout_s:g} s"
+    except OSError as exc:
+        return None, f"nvidia-smi cannot run: {exc}"
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def skip_reason(nvidia_smi_timeout_s: float = 30.0) -> str | None:
     if shutil.which("nvidia-smi") is None:
         return "no NVIDIA GPU (nvidia-smi not found)"
-    probe = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0 or "GPU" not in probe.stdout:
-        return f"nvidia-smi lists no GPU: {(probe.stdout + probe.stderr).strip()[:200]}"
+    code, said = nvidia_smi(["-L"], nvidia_smi_timeout_s)
+    if code is None:
+        return said
+    if code != 0 or "GPU" not in said:
+        return f"nvidia-smi lists no GPU: {said[:200]}"
     for module in ("vllm", "torch", "transformers", "tokenizers", "openai"):
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed (pip install 'ray[serve,llm]' vllm openai)"
@@ -172,13 +186,14 @@ def main() -> int:
     if reason:
         print(f"SKIP bench.vllm_gpu: {reason}")
         return 0
+    code, gpu = nvidia_smi(["--query-gpu=name,memory.total", "--format=csv,noheader"], 30.0)  # before the run: its results are not lost to a hang
+    if code != 0:
+        gpu = ""
     with tempfile.TemporaryDirectory(prefix="ep-vllm-") as tmp:
         path = pathlib.Path(tmp) / "tiny-llama"
         shape = build_model(path, args.quick)
         baseline = run_baseline(path, args.tokens)
         edgeplane = asyncio.run(run_edgeplane(path, shape, args.tokens))
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                         capture_output=True, text=True, timeout=30).stdout.strip()
     rows = [("vLLM alone", baseline), ("edgeplane (Ray Serve LLM, streamed)", edgeplane)]
     print(f"\n{'path':<40} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
     for name, r in rows:
