@@ -7,7 +7,10 @@ is not there. Models absent from the desired set are unloaded.
 Each model's fetch and load is an attempt of its own (a task), so a download that takes
 hours holds up no other model, nor a new assignment set: :meth:`ModelRegistry.apply` acts
 on a set at once and waits for no attempt; an attempt at an assignment that changed, or at
-a model no longer assigned, is cancelled (its download child killed).
+a model no longer assigned, is cancelled (its download child killed). A load cannot be
+cut short on its thread: a cancelled attempt keeps its turn among the loads, and the room
+made for it, until its thread ends (:meth:`ModelRegistry._to_its_end`), as its memory is
+taken until then; only a stopping agent does not wait for it.
 
 A failed fetch or load is retried with jittered exponential backoff (:class:`RetryPolicy`,
 1 s doubling to 60 s), because the usual causes pass on their own: a control plane or
@@ -29,9 +32,9 @@ import math
 import random
 import pathlib
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from edge_agent import admission, artifacts, assignments, errors, footprint
 from edge_agent.retry import MODEL_RETRY, Jitter, RetryPolicy
@@ -42,6 +45,7 @@ if TYPE_CHECKING:  # the daemon imports it with the first generative model it lo
     from edge_agent.runtime import genai
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ModelPhase(enum.Enum):
@@ -162,6 +166,7 @@ class ModelRegistry:
         self._rng = rng or random.Random()
         self._slots: dict[str, _Slot] = {}
         self._attempts: set[asyncio.Task[None]] = set()  # cancelled ones too, until they have unwound
+        self._closing = False  # stopping: a cancelled attempt does not wait for its load's thread
         self.applied_version = 0
 
     def get(self, name: str) -> ServedModel | None:
@@ -218,6 +223,7 @@ class ModelRegistry:
 
     async def close(self) -> None:
         """Cancel every attempt and wait for them (download children killed)."""
+        self._closing = True
         for task in self._attempts:
             task.cancel()
         await asyncio.gather(*self._attempts, return_exceptions=True)
@@ -310,16 +316,14 @@ class ModelRegistry:
                                                             want.max_concurrent_sequences or admission.DEFAULT_MAX_CONCURRENT))
                     self._loading(need)
                     try:
-                        runtime = await asyncio.to_thread(self._load_package, path, want.sha256)
+                        runtime = await self._to_its_end(asyncio.to_thread(self._load_package, path, want.sha256))
                     finally:
                         self._loading(0)
                 else:
                     need = self._weigh(footprint.onnx_need(path.stat().st_size))
                     self._loading(need)
                     try:
-                        data = await self._cache.read(want.sha256)
-                        runtime = await asyncio.to_thread(self._load, data)
-                        del data  # before the next load is weighed
+                        runtime = await self._to_its_end(self._read_and_load(want.sha256))
                     finally:
                         self._loading(0)
         except errors.AgentError as exc:
@@ -339,6 +343,25 @@ class ModelRegistry:
         )
         self._on_change()
         _release_freed_memory()  # the load's temporary buffers (and the version it replaced)
+
+    async def _read_and_load(self, sha256: str) -> onnx.OnnxModel:
+        data = await self._cache.read(sha256)
+        return await asyncio.to_thread(self._load, data)  # its bytes let go of with this frame, before the next load
+
+    async def _to_its_end(self, load: Awaitable[T]) -> T:
+        """``load`` (work on a thread, which cannot be cut short), awaited to its end even when
+        its attempt is cancelled (the model unassigned or changed while it loads): its memory is
+        taken until the thread ends, so until then its turn is kept, the next load weighed
+        only after, and requests may not take back the room made for it. An agent stopping
+        does not wait for it."""
+        work = asyncio.ensure_future(load)
+        work.add_done_callback(_retrieved)  # a load no longer wanted: its failure is nobody's
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if not self._closing:
+                await asyncio.wait([work])
+            raise
 
     def _weigh(self, need: footprint.Need) -> int:
         """Refuse a load that needs more memory than this agent has free beside what requests
@@ -371,6 +394,11 @@ def _host_kv(package: pathlib.Path) -> tuple[int, int]:
     from edge_agent.runtime import genai as genai_runtime  # as the package's loader does
 
     return (0, 0) if genai_runtime.cuda_available() else footprint.package_kv(package)
+
+
+def _retrieved(task: asyncio.Future[object]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _release_freed_memory() -> None:

@@ -6,7 +6,9 @@ files the tests write, or from this process's own resident size under a limit th
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import pathlib
+import threading
 from collections.abc import Sequence
 
 import httpx
@@ -210,3 +212,63 @@ async def test_by_default_requests_in_flight_hold_less_while_a_model_loads(
     await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY, name="large")
     assert seen == [inflight.default_limit(200 * MB - footprint.onnx_need(large.size).bytes)]
     assert agent.budget.limit == 100 * MB
+
+
+class HeldLoad:
+    """A loader whose load of ``held`` (a model's sha256) waits on its thread until the test
+    lets it go, as a large model's load would go on for seconds; any other loads at once."""
+
+    def __init__(self, held: str) -> None:
+        self.held = held
+        self.started, self.go_on, self.ended = threading.Event(), threading.Event(), threading.Event()
+        self.others_saw_it_ended: list[bool] = []
+
+    def __call__(self, data: bytes) -> onnx.OnnxModel:
+        if hashlib.sha256(data).hexdigest() != self.held:
+            self.others_saw_it_ended.append(self.ended.is_set())
+            return onnx.OnnxModel.load(data)
+        self.started.set()
+        try:
+            self.go_on.wait(60)  # a hang guard: the test lets it go
+            return onnx.OnnxModel.load(data)
+        finally:
+            self.ended.set()
+
+
+async def test_a_load_cut_short_keeps_its_turn_and_the_lowered_budget_until_its_thread_ends(
+        control_plane: ControlPlane, make_agent: MakeAgent, large: Large, tmp_path: pathlib.Path) -> None:
+    # A model unassigned while it loads: its attempt is cancelled, but its thread goes on
+    # loading it, the memory taken until it ends. Until then requests may not take the
+    # budget back, and the next model's load is not weighed beside it.
+    load = HeldLoad(large.a.sha256)
+    agent = await make_agent(control_plane, probe=contained(tmp_path, 1 << 30, (1 << 30) - 200 * MB), load_model=load)
+    control_plane.hub.set_assignments(SITE, [assignment(large.a_url, large.a, name="large-a")], version=1)
+    assert await asyncio.to_thread(load.started.wait, 60)
+    lowered = inflight.default_limit(200 * MB - footprint.onnx_need(large.size).bytes)
+    assert agent.budget.limit == lowered
+
+    try:
+        control_plane.hub.set_assignments(SITE, [assignment(large.b_url, large.b, name="large-b")], version=2)
+        await control_plane.events.wait_for(lambda e: e.kind is model.AgentEventKind.MODELS_CHANGED
+                                            and "large-b" in e.status.models and "large-a" not in e.status.models)
+        assert agent.budget.limit == lowered, "the budget was given back while the load cut short still ran"
+        assert load.others_saw_it_ended == []
+    finally:
+        load.go_on.set()
+    await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY, name="large-b")
+    assert load.others_saw_it_ended == [True]
+    assert agent.budget.limit == 100 * MB
+
+
+async def test_a_stopping_agent_does_not_wait_for_a_load_it_cut_short(
+        control_plane: ControlPlane, make_agent: MakeAgent, large: Large, tmp_path: pathlib.Path) -> None:
+    load = HeldLoad(large.a.sha256)
+    agent = await make_agent(control_plane, probe=contained(tmp_path, 1 << 30, (1 << 30) - 200 * MB), load_model=load)
+    control_plane.hub.set_assignments(SITE, [assignment(large.a_url, large.a, name="large-a")], version=1)
+    assert await asyncio.to_thread(load.started.wait, 60)
+    try:
+        await asyncio.wait_for(agent.stop(), 30)  # a hang guard: it stops while the load still runs
+        assert not load.ended.is_set()
+    finally:
+        load.go_on.set()
+    assert await asyncio.to_thread(load.ended.wait, 60)
