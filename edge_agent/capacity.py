@@ -16,7 +16,8 @@ claims, nor what the host has when the agent runs in a container:
 - GPUs through NVML when ``pynvml`` is importable, only those ``CUDA_VISIBLE_DEVICES``
   leaves to this process (NVML sees the whole host's), and the onnxruntime execution
   providers that can actually run here: onnxruntime-gpu lists CUDA whether or not there is
-  a GPU, so without one the agent reports, and loads its models on, the others.
+  a GPU, so without one the agent reports, and loads its models on, the others. Its
+  generative models follow the same decision (:meth:`CapacityProbe.generative_on_cuda`).
 
 The limits read are those of the process's own cgroup (looked up under its path from
 ``/proc/self/cgroup``, or at the mount's root inside a cgroup namespace); a tighter limit
@@ -175,20 +176,32 @@ def _unqueryable(what: str, exc: Exception) -> None:
         log.warning("%s", message)
 
 
+def genai_built_with_cuda() -> bool:
+    """Whether the installed onnxruntime-genai was built with CUDA (imports it)."""
+    from edge_agent.runtime import genai
+
+    return genai.built_with_cuda()
+
+
 class CapacityProbe:
-    """Measures capacity and load; the GPU and provider probes, and the roots of ``/proc``
-    and the cgroup file system, are injectable. The execution providers are decided once,
-    at the start (``execution_providers``): the agent's models load on them."""
+    """Measures capacity and load; the GPU and provider probes (onnxruntime's, and whether
+    onnxruntime-genai has CUDA), and the roots of ``/proc`` and the cgroup file system, are
+    injectable. The execution providers are decided once, at the start
+    (``execution_providers``): the agent's models load on them, its generative ones too
+    (:meth:`generative_on_cuda`)."""
 
     def __init__(
         self,
         providers: Callable[[], Sequence[str]],
         gpus: Callable[[], tuple[Gpu, ...]] = probe_gpus,
         *,
+        genai_cuda: Callable[[], bool] = genai_built_with_cuda,
         proc: pathlib.Path = PROC,
         cgroup_root: pathlib.Path = CGROUP_ROOT,
     ) -> None:
         self._gpus = gpus
+        self._genai_cuda = genai_cuda
+        self._generative_on_cuda: bool | None = None
         self._host: _Host = _Linux(proc, cgroup_root) if (proc / "meminfo").is_file() else _Psutil()
         self._host.cpu_percent()  # primes the counter: later calls are deltas
         self._last_gpus: tuple[Gpu, ...] = ()
@@ -198,6 +211,16 @@ class CapacityProbe:
         if unused:
             log.warning("onnxruntime offers %s, but this agent has no GPU: %s; it reports none and runs its models on %s",
                         ", ".join(unused), why_no_gpu(), ", ".join(self.execution_providers) or "the CPU")
+
+    def generative_on_cuda(self) -> bool:
+        """Whether generative models load on CUDA, their KV cache in GPU memory: where this
+        agent runs its models on CUDA (``execution_providers``, decided at the start) and its
+        onnxruntime-genai was built with it; on the CPU otherwise, their KV cache in this
+        machine's memory. Asked at the first generative load, not at the start: asking
+        imports onnxruntime-genai, which an agent that serves no generative model never holds."""
+        if self._generative_on_cuda is None:
+            self._generative_on_cuda = "CUDAExecutionProvider" in self.execution_providers and self._genai_cuda()
+        return self._generative_on_cuda
 
     def cpu_cores(self) -> int:
         """The CPUs this process may run on, capped by its cgroup's quota."""

@@ -141,6 +141,7 @@ class Agent:
             on_attempt_end=self._wake.set,
             retry=model_retry or registry.RetryPolicy(),
             load_package=self._load_package,
+            generative_on_gpu=self._probe.generative_on_cuda,
             memory_available=self._probe.memory_available,
             kept_for_requests=self._kept_for_requests,
             loading=self._loading,
@@ -178,8 +179,15 @@ class Agent:
             directory = packages.unpack(package, sha256, self.models_dir)
         except OSError as exc:  # a full or read-only disk: reported, retried, old version kept
             raise errors.ModelLoadError(f"cannot unpack package {sha256[:12]} into {self.models_dir}: {exc.strerror or exc}") from exc
-        return genai.GenAIModel.load(directory, spin_between_runs=self.config.spin_between_runs,
-                                     spin_after_run_us=self.config.spin_after_run_us)
+        return genai.GenAIModel.load(directory, self.generative_options())
+
+    def generative_options(self) -> genai.LoadOptions:
+        """How this agent loads its generative packages: on CUDA only where it runs its models
+        on a GPU (the probe's decision, which the registry's memory check follows too)."""
+        from edge_agent.runtime import genai
+
+        return genai.LoadOptions(cuda=self._probe.generative_on_cuda(), spin_between_runs=self.config.spin_between_runs,
+                                 spin_after_run_us=self.config.spin_after_run_us)
 
     # -- Reporter protocol for the uplink ---------------------------------------------
 

@@ -141,6 +141,7 @@ class ModelRegistry:
         *,
         on_attempt_end: Callable[[], None] = lambda: None,
         load_package: PackageLoader | None = None,
+        generative_on_gpu: Callable[[], bool] = lambda: False,
         memory_available: Callable[[], int | None] = lambda: None,
         kept_for_requests: Callable[[int, int], int] = lambda need, available: 0,
         loading: Callable[[int], None] = lambda need: None,
@@ -152,6 +153,9 @@ class ModelRegistry:
         self._cache = cache
         self._load = load
         self._load_package = load_package
+        # whether a generative model's KV cache will be in GPU memory (placement counts it),
+        # not this machine's: the decision its package loader follows (daemon)
+        self._generative_on_gpu = generative_on_gpu
         self._memory_available = memory_available  # bytes this agent may still use (None: not measured)
         # what requests in flight may hold while a load of (need) bytes runs, with (available) free
         self._kept_for_requests = kept_for_requests
@@ -311,7 +315,7 @@ class ModelRegistry:
             runtime: onnx.OnnxModel | genai.GenAIModel
             async with self._loads:  # one at a time: each weighed against what the one before left free
                 if want.runtime == assignments.RUNTIME_GENAI and self._load_package is not None:
-                    kv_per_token, context = await asyncio.to_thread(_host_kv, path)
+                    kv_per_token, context = await asyncio.to_thread(_host_kv, path, self._generative_on_gpu)
                     need = self._weigh(footprint.genai_need(path.stat().st_size, kv_per_token, context,
                                                             want.max_concurrent_sequences or admission.DEFAULT_MAX_CONCURRENT))
                     self._loading(need)
@@ -388,12 +392,11 @@ class ModelRegistry:
         self._on_change()
 
 
-def _host_kv(package: pathlib.Path) -> tuple[int, int]:
+def _host_kv(package: pathlib.Path, on_gpu: Callable[[], bool]) -> tuple[int, int]:
     """The package's KV bytes per token and context length where its cache will be in this
-    machine's memory; (0, 0) where it will be on a GPU, whose memory placement counts."""
-    from edge_agent.runtime import genai as genai_runtime  # as the package's loader does
-
-    return (0, 0) if genai_runtime.cuda_available() else footprint.package_kv(package)
+    machine's memory; (0, 0) where it will be on a GPU, whose memory placement counts. (On
+    a thread: the first answer of ``on_gpu`` may import onnxruntime-genai.)"""
+    return (0, 0) if on_gpu() else footprint.package_kv(package)
 
 
 def _retrieved(task: asyncio.Future[object]) -> None:

@@ -23,8 +23,11 @@ This module adds what a server needs around its ``Generator`` loop:
   computed only when asked for, with each token's own bytes (``runtime.token_bytes``: the
   library decodes a token that is part of a character, a special token or a NUL to U+FFFD).
 
-CUDA is used when the installed onnxruntime-genai has it (``onnxruntime-genai-cuda``, the
-``gpu`` extra) and a GPU is present; otherwise the CPU.
+A model loads on CUDA or the CPU as its :class:`LoadOptions` say: the agent decides, once,
+whether it has a GPU (``capacity``), and gives CUDA only there and only where the installed
+onnxruntime-genai has it (``onnxruntime-genai-cuda``, the ``gpu`` extra). This module does
+not look for a GPU itself: a device file says nothing of the GPUs ``CUDA_VISIBLE_DEVICES``
+leaves to the agent, and a model asked for CUDA where it has none failed at every attempt.
 
 The library is called through its C API (``runtime.oga``), which releases the GIL while a
 model loads, a prompt is read and each step runs: its Python binding kept the GIL for all of
@@ -191,11 +194,40 @@ def runtime_seed(seed: int) -> int:
     return int.from_bytes(digest, "little") % (1 << 31)
 
 
-def cuda_available() -> bool:
+def built_with_cuda() -> bool:
+    """Whether the installed onnxruntime-genai was built with CUDA; False where it cannot say."""
     try:
-        return oga.cuda_built() and _has_gpu()
+        return oga.cuda_built()
     except Exception:
         return False
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a package is loaded: on CUDA or the CPU (the caller's decision: see the module
+    docstring), onnxruntime's thread policy (``onnx.spin_entries``) and the prefill chunk."""
+
+    cuda: bool = False
+    spin_between_runs: bool = False
+    spin_after_run_us: int = 0
+    prefill_chunk: int = PREFILL_CHUNK_TOKENS
+
+    @property
+    def provider(self) -> str:
+        """The execution provider, as a model's state reports it."""
+        return CUDA if self.cuda else CPU
+
+    @property
+    def providers(self) -> list[str]:
+        """onnxruntime-genai's providers for the model's config (none: the CPU)."""
+        return ["cuda"] if self.cuda else []
+
+    @property
+    def overlay(self) -> dict[str, object] | None:
+        """What the model's genai_config.json is overlaid with; None: onnxruntime's own
+        thread policy, as the package has it."""
+        entries = onnx.spin_entries(self.spin_between_runs, self.spin_after_run_us)
+        return {"model": {"decoder": {"session_options": entries}}} if entries else None
 
 
 @dataclass(frozen=True)
@@ -253,10 +285,6 @@ class TextStream:
         return self._bytes.decode(b"", final=True)
 
 
-def _has_gpu() -> bool:
-    return pathlib.Path("/dev/nvidia0").exists() or pathlib.Path("/proc/driver/nvidia/gpus").is_dir()
-
-
 class GenAIModel:
     """A loaded onnxruntime-genai model and its tokenizer. ``generate`` is thread safe:
     each call has its own generator (and KV cache)."""
@@ -282,8 +310,7 @@ class GenAIModel:
         self._bytes_known, self._specials, self._partial = vocabulary.bytes_known, vocabulary.specials, vocabulary.partial
 
     @classmethod
-    def load(cls, directory: pathlib.Path, *, use_cuda: bool | None = None, spin_between_runs: bool = False,
-             spin_after_run_us: int = 0, prefill_chunk: int = PREFILL_CHUNK_TOKENS) -> GenAIModel:
+    def load(cls, directory: pathlib.Path, options: LoadOptions = LoadOptions()) -> GenAIModel:
         try:
             oga.api()
         except ImportError as exc:
@@ -291,15 +318,11 @@ class GenAIModel:
                 "onnxruntime-genai is not installed: install edgeplane[cpu] (or [gpu]) to serve onnx-genai models") from exc
         except OSError as exc:
             raise errors.ModelLoadError(f"onnxruntime-genai's library cannot be loaded: {exc}") from exc
-        cuda = cuda_available() if use_cuda is None else use_cuda
-        entries = onnx.spin_entries(spin_between_runs, spin_after_run_us)
-        # No entries: onnxruntime's own thread policy, as the package has it.
-        overlay = {"model": {"decoder": {"session_options": entries}}} if entries else None
         try:
-            model = oga.Model(directory, overlay, providers=["cuda"] if cuda else [])
+            model = oga.Model(directory, options.overlay, providers=options.providers)
         except (oga.OgaError, OSError) as exc:
             raise errors.ModelLoadError(f"onnxruntime-genai could not load the model: {exc}") from exc
-        return cls(directory, model, CUDA if cuda else CPU, prefill_chunk)
+        return cls(directory, model, options.provider, options.prefill_chunk)
 
     # -- prompts ---------------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ def load(artifact_uri: str, sha256: str, artifact_hosts: tuple[str, ...] = ()) -
     directory = packages.unpack(package, sha256, models_root())
     # outside a Ray worker (a replica built in a test) there is no GPU given, and asking would fail
     gpus = ray.get_gpu_ids() if ray.is_initialized() else []
-    return genai.GenAIModel.load(directory, use_cuda=bool(gpus) and genai.cuda_available())
+    return genai.GenAIModel.load(directory, genai.LoadOptions(cuda=bool(gpus) and genai.built_with_cuda()))
 
 
 @serve.deployment(name="GenAIModel")

@@ -55,7 +55,7 @@ class Ticker:
 
 
 def test_other_threads_run_while_a_generation_steps(step_model: pathlib.Path) -> None:
-    model = genai.GenAIModel.load(step_model, use_cuda=False)
+    model = genai.GenAIModel.load(step_model)
     ticks_at_token: list[int] = []
     with Ticker().running() as ticker:
         finished = model.generate(model.encode("The agent"), genai.SamplingOptions(max_tokens=20, temperature=0),
@@ -71,7 +71,7 @@ def test_other_threads_run_while_a_model_loads(step_model: pathlib.Path) -> None
     for _ in range(3):  # the best of three: a busy machine may keep the ticker off a core once
         with Ticker().running() as ticker:
             start = time.perf_counter()
-            genai.GenAIModel.load(step_model, use_cuda=False)
+            genai.GenAIModel.load(step_model)
             end = time.perf_counter()
         inside = [start] + [t for t in ticker.times if start < t < end] + [end]
         longest_pause = max(b - a for a, b in zip(inside, inside[1:], strict=False))
@@ -145,7 +145,7 @@ def test_a_model_the_library_cannot_load_is_a_load_error_with_its_message(tmp_pa
     folder = genai_model.build_model_dir(tmp_path / "m")
     (folder / "model.onnx").write_bytes(b"not an onnx graph")
     with pytest.raises(errors.ModelLoadError, match="onnxruntime-genai could not load the model: .*\\S"):
-        genai.GenAIModel.load(folder, use_cuda=False)
+        genai.GenAIModel.load(folder)
     (folder / "genai_config.json").write_text("{")
     with pytest.raises(errors.ModelLoadError, match="onnxruntime-genai could not load the model"):
-        genai.GenAIModel.load(folder, use_cuda=False)
+        genai.GenAIModel.load(folder)

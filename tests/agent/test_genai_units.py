@@ -212,7 +212,7 @@ def test_text_held_back_for_a_stop_string_is_sent_when_the_model_ends_its_answer
     from orchestrator.testing import genai_model
 
     # With this bias the model answers " the" to "Where" and then ends on its end-of-sequence token.
-    runtime = genai.GenAIModel.load(genai_model.build_model_dir(tmp_path, eos_bias=-1.0), use_cuda=False)
+    runtime = genai.GenAIModel.load(genai_model.build_model_dir(tmp_path, eos_bias=-1.0))
 
     def answer(stop: tuple[str, ...]) -> tuple[str, genai.Finished]:
         events: list[object] = []
@@ -435,7 +435,7 @@ def test_the_byte_tokens_of_a_byte_level_vocabulary_are_the_bytes_they_stand_for
 def test_a_model_reads_the_bytes_of_its_tokens_when_it_loads_not_at_the_first_request_for_logprobs(
         tmp_path: pathlib.Path) -> None:
     folder = genai_model.build_model_dir(tmp_path / "tiny")
-    model = genai.GenAIModel.load(folder, use_cuda=False)
+    model = genai.GenAIModel.load(folder)
     (folder / "tokenizer.json").unlink()  # tens of MB to parse, for a real model: not on a generation's way
     ids = [int(i) for i in model.encode("é")]
     assert [model.token_piece(i) for i in ids[-2:]] == [genai.Piece("bytes:\\xc3", b"\xc3"), genai.Piece("bytes:\\xa9", b"\xa9")]
@@ -444,7 +444,7 @@ def test_a_model_reads_the_bytes_of_its_tokens_when_it_loads_not_at_the_first_re
 def test_logprobs_show_special_tokens_and_nul_by_their_own_text(tmp_path: pathlib.Path) -> None:
     folder = genai_model.build_model_dir(tmp_path / "tiny")
     vocab = json.loads((folder / "tokenizer.json").read_bytes())["model"]["vocab"]
-    model = genai.GenAIModel.load(folder, use_cuda=False)
+    model = genai.GenAIModel.load(folder)
     for special in genai_model.SPECIAL_TOKENS:  # the library decodes each to "" or U+FFFD
         assert model.token_piece(vocab[special]) == genai.Piece(special, special.encode())
     assert model.token_piece(vocab["\u0100"]) == genai.Piece("\x00", b"\x00")  # NUL, in a byte-level vocabulary
@@ -460,7 +460,7 @@ def test_a_token_of_a_vocabulary_whose_bytes_are_not_read_shows_unknown_bytes_th
     tokenizer = json.loads((folder / "tokenizer.json").read_bytes())
     del tokenizer["decoder"]
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
-    model = genai.GenAIModel.load(folder, use_cuda=False)
+    model = genai.GenAIModel.load(folder)
     vocab = tokenizer["model"]["vocab"]
     assert model.token_piece(vocab["\u00c3"]) == genai.Piece("\ufffd", None)  # 0xC3
     special = genai_model.SPECIAL_TOKENS[0]
@@ -511,7 +511,7 @@ def test_a_generative_model_loads_with_either_spinning_policy_and_generates_the_
     genai_model.build_model_dir(tmp_path)
     texts = []
     for spin, spin_us in ((False, 0), (True, 0), (False, 250)):
-        runtime = genai.GenAIModel.load(tmp_path, use_cuda=False, spin_between_runs=spin, spin_after_run_us=spin_us)
+        runtime = genai.GenAIModel.load(tmp_path, genai.LoadOptions(spin_between_runs=spin, spin_after_run_us=spin_us))
         events: list[object] = []
         runtime.generate(runtime.encode("The agent"), genai.SamplingOptions(max_tokens=8, temperature=0), events.append,
                          genai.Cancel())
@@ -526,7 +526,7 @@ def test_a_prompt_read_in_chunks_gives_the_answer_and_logprobs_of_one_read(tmp_p
     prompt_text = "the edge site serves tokens quickly and the gateway routes the request " * 6
     answers = []
     for chunk in (4096, 64, 7):
-        runtime = genai.GenAIModel.load(tmp_path, use_cuda=False, prefill_chunk=chunk)
+        runtime = genai.GenAIModel.load(tmp_path, genai.LoadOptions(prefill_chunk=chunk))
         prompt = runtime.encode(prompt_text)
         assert 150 < prompt.shape[0] < 200  # several chunks, within the context of 256
         events: list[object] = []
@@ -572,7 +572,7 @@ def test_a_cancel_while_a_long_prompt_is_read_stops_the_read_at_the_next_chunk(t
     """A client that leaves while its prompt is read frees the model's slot (and the requests
     queued behind it) within a chunk: the rest of the prompt is never read, and no token made."""
     genai_model.build_model_dir(tmp_path)
-    runtime = genai.GenAIModel.load(tmp_path, use_cuda=False, prefill_chunk=16)
+    runtime = genai.GenAIModel.load(tmp_path, genai.LoadOptions(prefill_chunk=16))
     prompt = runtime.encode("the edge site serves tokens quickly and the gateway routes the request " * 6)
     chunks = -(-int(prompt.shape[0]) // 16)
     assert chunks >= 8

@@ -5,22 +5,31 @@ agent reported it to the control plane as one it runs, and asked onnxruntime for
 model load, where it failed (a traceback-like "EP Error" banner, or a library that does not
 load) and fell back to the CPU; the session then kept the model's bytes for that fallback.
 Now it reports the providers it runs on, and says once, at the start, why CUDA is not one.
-Real onnxruntime (the CPU build: asked for CUDA, it warns and runs on the CPU), real gRPC
-and HTTP; what onnxruntime offers and what NVML sees are the probe's constructor seams.
+Its generative models follow the same decision: onnxruntime-genai was given CUDA wherever
+/dev/nvidia0 existed, so with the GPU hidden from the agent (``CUDA_VISIBLE_DEVICES=""``) a
+package failed to load at every attempt and its KV cache was not weighed against this
+machine's memory. Real onnxruntime and onnxruntime-genai (the CPU builds: a load on CUDA is
+checked on the options the agent builds, not made), real gRPC and HTTP; what onnxruntime
+offers, whether onnxruntime-genai has CUDA and what NVML sees are the probe's constructor seams.
 """
 
 from __future__ import annotations
 
 import logging
+import pathlib
 import warnings
+from collections.abc import Sequence
 
 import pytest
 
-from edge_agent import capacity
+from edge_agent import capacity, inflight
 from orchestrator.agents import model
 
+from . import genai_serving
 from .conftest import SITE, ControlPlane, MakeAgent, Models
 from .test_agent import assignment, wait_model
+from .test_capacity import fake_proc, files
+from .test_model_memory import FAST_RETRY, MB
 
 GPU_BUILD = ("CUDAExecutionProvider", "CPUExecutionProvider")
 L4 = capacity.Gpu(0, "NVIDIA L4", 24 << 30, 20 << 30)
@@ -79,3 +88,65 @@ def test_the_line_says_why_there_is_no_gpu(monkeypatch: pytest.MonkeyPatch, capl
 ])
 def test_why_there_is_no_gpu(visible: str | None, nvml: bool, says: str) -> None:
     assert says in capacity.no_gpu_reason(visible, nvml)
+
+
+def in_container(root: pathlib.Path, free: int, gpus: Sequence[capacity.Gpu]) -> capacity.CapacityProbe:
+    """A probe of onnxruntime-gpu and onnxruntime-genai-cuda (the gpu extra) in a container
+    of 1 GiB with ``free`` bytes of it free, NVML seeing ``gpus``."""
+    cgroups = root / "cgroup"
+    files(cgroups, cgroup_controllers="cpu memory")
+    files(cgroups / "agent", memory_max=str(1 << 30), memory_current=str((1 << 30) - free))
+    return capacity.CapacityProbe(lambda: GPU_BUILD, gpus=lambda: tuple(gpus), genai_cuda=lambda: True,
+                                  proc=fake_proc(root, "0::/agent\n"), cgroup_root=cgroups)
+
+
+async def test_a_generative_model_without_a_gpu_loads_on_the_cpu_its_kv_cache_weighed_in_memory(
+        control_plane: ControlPlane, make_agent: MakeAgent, packages: genai_serving.Packages, tmp_path: pathlib.Path) -> None:
+    small = packages.small
+    kv = small.kv_bytes_per_token * small.context_length
+    # its weights and the caches of 8 sequences, beside the least requests in flight may hold
+    free = int(1.25 * small.size_bytes) + 8 * kv + inflight.MIN_DEFAULT_BYTES
+    agent = await make_agent(control_plane, probe=in_container(tmp_path, free, ()), model_retry=FAST_RETRY)
+    options = agent.generative_options()
+    assert (options.cuda, options.providers) == (False, [])
+    control_plane.hub.set_assignments(SITE, [genai_serving.assignment(packages.small_url, small.sha256, concurrent=64)], version=1)
+    refused = await genai_serving.wait_state(control_plane, lambda s: s.phase is model.ModelPhase.FAILED)
+    assert f"{64 * kv / MB:.1f} MB of KV cache for 64 sequence(s)" in refused.message, refused.message
+    control_plane.hub.set_assignments(SITE, [genai_serving.assignment(packages.small_url, small.sha256, concurrent=8)], version=2)
+    state = await genai_serving.wait_state(control_plane, lambda s: s.phase is model.ModelPhase.READY)
+    assert state.provider == "CPUExecutionProvider"
+
+
+async def test_a_generative_model_with_a_gpu_is_configured_for_cuda_its_kv_cache_left_to_placement(
+        control_plane: ControlPlane, make_agent: MakeAgent, packages: genai_serving.Packages, tmp_path: pathlib.Path) -> None:
+    small = packages.small
+    # too little for its weights: refused before a load on CUDA is tried, saying what it was weighed with
+    free = small.size_bytes + inflight.MIN_DEFAULT_BYTES
+    agent = await make_agent(control_plane, probe=in_container(tmp_path, free, (L4,)), model_retry=FAST_RETRY)
+    options = agent.generative_options()
+    assert (options.cuda, options.providers, options.provider) == (True, ["cuda"], "CUDAExecutionProvider")
+    control_plane.hub.set_assignments(SITE, [genai_serving.assignment(packages.small_url, small.sha256, concurrent=64)], version=1)
+    refused = await genai_serving.wait_state(control_plane, lambda s: s.phase is model.ModelPhase.FAILED)
+    assert f"(1.25 x its {small.size_bytes / MB:.1f} MB package)" in refused.message, refused.message
+    assert "KV cache" not in refused.message, refused.message  # in GPU memory, which placement counts
+
+
+@pytest.mark.parametrize(("offered", "gpus", "genai_cuda", "on_cuda"), [
+    (GPU_BUILD, (L4,), True, True),
+    (GPU_BUILD, (), True, False),  # no GPU left to the agent: whatever the libraries have
+    (GPU_BUILD, (L4,), False, False),  # onnxruntime-genai's CPU build
+    (("CPUExecutionProvider",), (L4,), True, False),
+])
+def test_where_generative_models_run(offered: tuple[str, ...], gpus: tuple[capacity.Gpu, ...], genai_cuda: bool,
+                                     on_cuda: bool) -> None:
+    asked: list[bool] = []
+
+    def genai_has_cuda() -> bool:
+        asked.append(genai_cuda)
+        return genai_cuda
+
+    probe = capacity.CapacityProbe(lambda: offered, gpus=lambda: gpus, genai_cuda=genai_has_cuda)
+    assert asked == []  # not at the start: asking imports onnxruntime-genai
+    assert probe.generative_on_cuda() is on_cuda
+    assert probe.generative_on_cuda() is on_cuda
+    assert len(asked) <= 1
