@@ -39,9 +39,12 @@ class BuildWithProtos(build_py):
         baked.parent.mkdir(parents=True, exist_ok=True)
         baked.write_text(build_version(self.distribution.get_version(), build_id()) + "\n", encoding="utf-8")
         # the example manifests and the artifacts they name, which `edgeplane demo` applies
-        # (orchestrator.testing.harness.EXAMPLES); a source tree reads manifests/examples
-        shutil.copytree(ROOT / "manifests" / "examples", pathlib.Path(self.build_lib) / "orchestrator" / "examples",
-                        dirs_exist_ok=True)
+        # (orchestrator.testing.harness.EXAMPLES); a source tree reads manifests/examples. Copied
+        # whole over no earlier build's copy: the demo applies every manifest there, and one
+        # removed or renamed since would otherwise stay in build/ and in the package
+        examples = pathlib.Path(self.build_lib) / "orchestrator" / "examples"
+        shutil.rmtree(examples, ignore_errors=True)
+        shutil.copytree(ROOT / "manifests" / "examples", examples)
 
 
 def build_id() -> str:

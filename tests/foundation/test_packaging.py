@@ -69,3 +69,19 @@ def test_the_gpu_extra_brings_what_counts_the_gpus() -> None:
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert "nvidia-ml-py" in _names(extras["gpu"]), extras["gpu"]
     assert not _names(extras["cpu"]) & {"nvidia-ml-py", "pynvml"}, extras["cpu"]
+
+
+def test_a_build_over_an_earlier_one_carries_only_the_examples_there_now(tmp_path: pathlib.Path) -> None:
+    """pip builds a checkout in its build/ folder, where the last build's files stay: an
+    example manifest removed since (or renamed) stayed in the package's examples, and
+    `edgeplane demo`, which applies every manifest there, applied it too."""
+    sources = built_package.checkout_copy(tmp_path / "sources")
+    lib = tmp_path / "lib"
+    assert (first := built_package.build_lib(sources, lib)).returncode == 0, first.stdout + first.stderr
+    examples = sources / "manifests" / "examples"
+    (examples / "deployments.yaml").rename(examples / "fleet-deployments.yaml")
+    assert (second := built_package.build_lib(sources, lib)).returncode == 0, second.stdout + second.stderr
+
+    def files(folder: pathlib.Path) -> list[str]:
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert files(lib / "orchestrator" / "examples") == files(examples)
