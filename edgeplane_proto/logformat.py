@@ -22,6 +22,7 @@ import datetime
 import json
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 #: ``--log-format`` values.
@@ -37,15 +38,20 @@ _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record, on one line."""
+    """One JSON object per record, on one line, whatever the record holds: a formatter that
+    raises loses the line, and logging writes a traceback over many lines in its place."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
         }
+        try:
+            out["msg"] = record.getMessage()
+        except Exception:  # arguments that do not fit the message (a slip in a log call): both, as given
+            out["msg"] = _text(record.msg, str)
+            out["args"] = _text(record.args, repr)
         for key, value in record.__dict__.items():
             if key not in _STANDARD and key not in out:
                 out[key] = value
@@ -55,7 +61,26 @@ class JsonFormatter(logging.Formatter):
             out["exc"] = record.exc_text
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(out, default=str)
+        try:
+            return json.dumps(out, default=str, allow_nan=False)
+        except Exception:  # a field JSON cannot write (a key that is no text, a loop, NaN, no str()): that field as text
+            return json.dumps({key: _writable(value) for key, value in out.items()}, default=str, allow_nan=False)
+
+
+def _writable(value: Any) -> Any:
+    """``value`` where JSON writes it (with ``str`` for what it does not know), else its text."""
+    try:
+        json.dumps(value, default=str, allow_nan=False)
+    except Exception:
+        return _text(value, str)
+    return value
+
+
+def _text(value: Any, show: Callable[[Any], str]) -> str:
+    try:
+        return show(value)
+    except Exception:
+        return f"<{type(value).__name__} that cannot be shown>"
 
 
 def formatter(log_format: str) -> logging.Formatter:
