@@ -1,12 +1,11 @@
 """The agent's access line (``--access-log``, off by default): which route of the agent's
-fixed API a request took, so that the line names its template and model and never its path
-as sent (a path no route has may hold anything: docs/security.md). The line itself is
+fixed API a request took, so that the line names its template and model (one the agent is assigned:
+``logformat.AccessLog``) and never its path as sent (a path no route has may hold anything: docs/security.md). The line itself is
 ``edgeplane_proto.logformat``'s, shared with the gateway; ``edge_agent.httpserver`` writes
 it once an answer is written."""
 
 from __future__ import annotations
 
-import logging
 import time
 
 from edge_agent import refusals
@@ -36,9 +35,9 @@ def route_of(path: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def log(access: logging.Logger, request: Request, request_id: str | None, status: int | None, bytes_out: int, started: float) -> None:
+def log(access: logformat.AccessLog, request: Request, request_id: str | None, status: int | None, bytes_out: int, started: float) -> None:
     """``request``'s access line: answered ``status`` (None: no answer was written) with
     ``bytes_out`` of body, ``started`` at ``time.perf_counter()``."""
     route, model = route_of(request.path)
-    logformat.log_access(access, request_id, request.method, route, model, None, status, len(request.body), bytes_out,
-                         (time.perf_counter() - started) * 1000)
+    access.write(request_id, request.method, route, model, None, status, len(request.body), bytes_out,
+                 (time.perf_counter() - started) * 1000)

@@ -243,7 +243,7 @@ class Agent:
         self._http = httplistener.HttpServer(
             self.server.handle, httplistener.Limits(max_body_bytes=cfg.max_body_bytes, write_timeout=cfg.write_timeout,
                                                     max_connections=cfg.max_connections), self.budget,
-            access=logformat.access_logger(cfg.access_log),
+            access=logformat.access_log(cfg.access_log, self.registry.known),
         )
         await self._http.start(sock)
         http_server = self._http

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import mmap
 import os
 import socket
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import edge_agent
 from edge_agent import httpserver, inflight
 from edge_agent.httpmessages import Handler
+from edgeplane_proto import logformat
 
 DEFAULT_MAX_BODY_BYTES = edge_agent.DEFAULT_MAX_REQUEST_BYTES
 
@@ -65,7 +65,7 @@ class HttpServer:
     """Serves ``handler`` on a bound, listening-ready socket."""
 
     def __init__(self, handler: Handler, limits: Limits | None = None, budget: inflight.Budget | None = None,
-                 access: logging.Logger | None = None) -> None:
+                 access: logformat.AccessLog | None = None) -> None:
         """``budget``: the memory requests in flight may hold (``edge_agent.inflight``; none:
         no bound), shared with whatever else charges it (the agent's gRPC server).
         ``access``: where each answered request's access line goes (``--access-log``,

@@ -55,7 +55,7 @@ from edge_agent.httpmessages import Handler, Request, Response, encode, encode_s
 from edge_agent.httpmessages import request_id as request_id_of
 # Streamed answers are their own module; handlers and tests know them by these names too.
 from edge_agent.httpstream import LAST_CHUNK, Passthrough, StreamingResponse, encode_chunk
-from edgeplane_proto import correlation
+from edgeplane_proto import correlation, logformat
 from edgeplane_proto.headers import DRAINING
 
 if TYPE_CHECKING:  # the listener imports this module to make its connections
@@ -78,7 +78,7 @@ class Server(Protocol):
     (``httplistener.HttpServer``)."""
 
     handler: Handler
-    access: logging.Logger | None  # where access lines go (--access-log); None: nowhere
+    access: logformat.AccessLog | None  # where access lines go (--access-log); None: nowhere
     limits: httplistener.Limits
     max_connections: int
     stopping: bool  # draining: each answer closes its connection, and an idle one closes

@@ -11,13 +11,15 @@ hands it no configuration of its own) and gRPC's included.
 
 The access log (``edgeplane.access``, docs/security.md) is off unless asked for: the
 gateway and the agent then write one line per request, naming the request (its id, method,
-route template, model, the site that answered, status, bytes in and out, duration) and
-nothing of the person who sent it: no address, token, query string or body. It is written
+route template, the model its path names when the server knows it, the site that answered,
+status, bytes in and out, duration) and nothing of the person who sent it: no address, token,
+query string or body, nor a model's name the server does not know. It is written
 whatever ``--log-level`` says: an operator who asked for it gets it. This module is shared
 code because the agent stands alone (it never imports the control plane)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -96,19 +98,31 @@ def configure(level: str, log_format: str = "text") -> None:
     logging.getLogger(ACCESS).setLevel(logging.INFO)
 
 
-def access_logger(enabled: bool) -> logging.Logger | None:
-    """The access log's logger when ``enabled`` (``--access-log``), else None: a server given
-    None checks that once per request and does nothing more."""
-    return logging.getLogger(ACCESS) if enabled else None
+@dataclasses.dataclass(frozen=True)
+class AccessLog:
+    """Where a server's access lines go (``--access-log``), and the model names it knows
+    (``known``: the gateway's endpoint table, the agent's assignments). A model's name in a
+    path is the caller's text until the server knows it, and may hold anything (an e-mail
+    address, a line break and a line of the caller's): a line names only a known one."""
+
+    log: logging.Logger
+    known: Callable[[str], bool]
+
+    def write(self, request_id: str | None, method: str, route: str | None, model: str | None, site: str | None,
+              status: int | None, bytes_in: int, bytes_out: int, duration_ms: float) -> None:
+        """One request's access line: in text a short line, in JSON these fields. ``route``: the
+        path's template (``/v2/models/{model}/infer``), None for a path no route has (the path
+        itself may hold anything); ``model``: the name the path gives, written only when known;
+        ``status`` None when no answer was sent; ``site``: the one that answered (at a gateway)."""
+        model = model if model is not None and self.known(model) else None
+        self.log.info("%s %s %s model=%s site=%s status=%s in=%d out=%d ms=%.2f", request_id or "-", method, route or "-",
+                      model or "-", site or "-", status if status is not None else "-", bytes_in, bytes_out, duration_ms,
+                      extra={"request_id": request_id, "method": method, "route": route, "model": model, "site": site,
+                             "status": status, "bytes_in": bytes_in, "bytes_out": bytes_out, "duration_ms": round(duration_ms, 3)})
 
 
-def log_access(log: logging.Logger, request_id: str | None, method: str, route: str | None, model: str | None, site: str | None,
-               status: int | None, bytes_in: int, bytes_out: int, duration_ms: float) -> None:
-    """One request's access line: in text a short line, in JSON these fields. ``route``: the
-    path's template (``/v2/models/{model}/infer``), None for a path no route has (the path
-    itself may hold anything); ``status`` None when no answer was sent; ``site``: the one that
-    answered (at a gateway)."""
-    log.info("%s %s %s model=%s site=%s status=%s in=%d out=%d ms=%.2f", request_id or "-", method, route or "-", model or "-",
-             site or "-", status if status is not None else "-", bytes_in, bytes_out, duration_ms,
-             extra={"request_id": request_id, "method": method, "route": route, "model": model, "site": site,
-                    "status": status, "bytes_in": bytes_in, "bytes_out": bytes_out, "duration_ms": round(duration_ms, 3)})
+def access_log(enabled: bool, known: Callable[[str], bool]) -> AccessLog | None:
+    """The access log when ``enabled`` (``--access-log``), naming the models ``known`` says
+    the server has; else None: a server given None checks that once per request and does
+    nothing more."""
+    return AccessLog(logging.getLogger(ACCESS), known) if enabled else None

@@ -273,7 +273,7 @@ class ControlPlane(server_views.ServerViews):
         # another web site's page, through the operator's browser, is refused (api/origins.py);
         # every answer, that refusal included, carries its request's id (gateway/correlation.py)
         guard = origins.guard_for(cfg.auth != "token", cfg.allowed_hosts, cfg.public_url)
-        self._uvicorn = runloop.http_server(correlation.Correlated(origins.OriginGuard(app, guard), logformat.access_logger(cfg.access_log)))
+        self._uvicorn = runloop.http_server(correlation.Correlated(origins.OriginGuard(app, guard), logformat.access_log(cfg.access_log, self.table.knows)))
         self._tasks.append(asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="http"))
         for _ in range(500):
             if self._uvicorn.started:

@@ -4,7 +4,8 @@ the agent's format too).
 
 It names the request, never the person: its id (``X-Request-Id``, as answered), method,
 the template of the route it took (``/v2/models/{model}/infer``; None for a path no route
-has, which may hold anything), the model its path names, the site that answered (the
+has, which may hold anything), the model its path names when the endpoint table knows it
+(until then the name is the caller's text), the site that answered (the
 ``X-Edgeplane-Site`` every replica's answer carries: a route that fails over says which
 replica answered in the end), status, body bytes in and out and the time from its head to
 the end of its answer. No client address, token, query string or body.
@@ -14,7 +15,6 @@ when it is off, its one check of that is all a request pays."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -61,7 +61,7 @@ class Templates:
         return self._known[key]
 
 
-async def answer(app: ASGIApp, scope: Scope, receive: Receive, send: Send, log: logging.Logger, request_id: str,
+async def answer(app: ASGIApp, scope: Scope, receive: Receive, send: Send, log: logformat.AccessLog, request_id: str,
                  templates: Templates) -> None:
     """``app``'s answer to the request of ``scope``, and its access line in ``log``."""
     started = time.perf_counter()
@@ -92,5 +92,5 @@ async def answer(app: ASGIApp, scope: Scope, receive: Receive, send: Send, log: 
         params = scope.get("path_params")
         model = params.get("model") if params else None
         route = templates.of(scope)
-        logformat.log_access(log, request_id, scope["method"], route, model and str(model), site, status, bytes_in,
-                             0 if scope["method"] == "HEAD" else bytes_out, (time.perf_counter() - started) * 1000)
+        log.write(request_id, scope["method"], route, model and str(model), site, status, bytes_in,
+                  0 if scope["method"] == "HEAD" else bytes_out, (time.perf_counter() - started) * 1000)

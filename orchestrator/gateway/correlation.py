@@ -18,13 +18,12 @@ caller gave no id, 16 random bytes (bench/gateway.py measures the gateway's over
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Mapping
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edgeplane_proto import correlation
+from edgeplane_proto import correlation, logformat
 from orchestrator.gateway import access as access_line
 
 #: Where the scope of a request holds what to send on to replicas (a ``dict[str, str]``).
@@ -74,7 +73,7 @@ class Correlated:
     """ASGI middleware: each HTTP request's id and trace context read (:func:`read`) into its
     scope, and its id added to its answer's head."""
 
-    def __init__(self, app: ASGIApp, access: logging.Logger | None = None) -> None:
+    def __init__(self, app: ASGIApp, access: logformat.AccessLog | None = None) -> None:
         """``access``: where each request's access line goes (``--access-log``); None: nowhere."""
         self.app = app
         self.access = access

@@ -138,7 +138,7 @@ class StandaloneGateway:
             Route("/healthz", self._healthz, methods=["GET"]),
             Route("/metrics", self._metrics, methods=["GET"]),
         ], exception_handlers=methods.EXCEPTION_HANDLERS)
-        self._uvicorn = runloop.http_server(correlation.Correlated(app, logformat.access_logger(cfg.access_log)))
+        self._uvicorn = runloop.http_server(correlation.Correlated(app, logformat.access_log(cfg.access_log, self.table.knows)))
         self._serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="gateway-http")
         self._following = asyncio.create_task(self.follower.run(), name="gateway-follow")
         for _ in range(500):

@@ -60,8 +60,9 @@ async def test_a_json_access_line_names_the_request_and_not_who_sent_it(control_
     assert all({"ts", "level", "logger", "msg"} <= r.keys() and r["ts"].endswith("Z") for r in records), records
     access = {r["request_id"]: r for r in records if r["logger"] == "edgeplane.access"}
     infer = access["req-logs-0001"]
+    # mlp is not assigned here: the name is the caller's text, which the line does not hold
     assert (infer["method"], infer["route"], infer["model"], infer["status"], infer["bytes_in"]) == (
-        "POST", "/v2/models/{model}/infer", "mlp", 404, len(body))
+        "POST", "/v2/models/{model}/infer", None, 404, len(body))
     assert infer["bytes_out"] > 0 and infer["duration_ms"] >= 0 and infer["level"] == "info"
     live = access["req-logs-0002"]
     assert (live["route"], live["status"], live["model"]) == ("/v2/health/live", 200, None)
@@ -69,6 +70,23 @@ async def test_a_json_access_line_names_the_request_and_not_who_sent_it(control_
         assert r.keys() == FIELDS and "127.0.0.1" not in json.dumps(r), r
     for line in lines:  # nor of the token, the query string or the body, anywhere
         assert "secret-token-42" not in line and "alice" not in line and '"inputs"' not in line
+
+
+async def test_a_model_name_the_agent_does_not_serve_is_not_written(control_plane: ControlPlane, tmp_path: pathlib.Path) -> None:
+    """A model's name in a path is the caller's text until the agent knows it: written, it put
+    an e-mail address in the log, and in text a line break and a line of the caller's."""
+    url, proc = await run_agent(control_plane, tmp_path / "agent", "--access-log", "--log-level", "info")
+    forged = "carol%40example.org%0A2025-05-02%2010%3A02%3A03%2C412%20INFO%20edgeplane.access%3A%20forged"
+    async with httpx.AsyncClient(base_url=url) as client:
+        for path in (f"/v2/models/{forged}/infer", f"/v2/models/{forged}/ready", f"/v1/models/{forged}"):
+            method = "POST" if path.endswith("/infer") else "GET"
+            answer = await client.request(method, path, content=b"{}" if method == "POST" else None,
+                                          headers={"X-Request-Id": f"req-logs-{len(path)}"})
+            assert answer.status_code == 404, answer.text
+    lines = await stopped_log(proc)
+    access = [line for line in lines if "edgeplane.access" in line]
+    assert len(access) == 3 and all(" model=- site=- status=404 " in line for line in access), lines
+    assert not any("carol" in line or "forged" in line for line in lines), lines
 
 
 async def test_without_access_log_no_request_is_logged_and_text_stays_the_default(control_plane: ControlPlane,

@@ -72,7 +72,8 @@ def test_json_lines_and_an_access_line_per_request_with_nothing_personal(command
     assert records and all({"ts", "level", "logger", "msg"} <= r.keys() and r["ts"].endswith("Z") for r in records), lines
     access = {r["request_id"]: r for r in records if r["logger"] == "edgeplane.access"}
     line = access["req-gw-0001"]
-    assert (line["method"], line["route"], line["model"], line["status"]) == ("POST", "/v2/models/{model}/infer", "mlp", infer.status_code)
+    # no model is deployed: the name is the caller's text, which the line does not hold
+    assert (line["method"], line["route"], line["model"], line["status"]) == ("POST", "/v2/models/{model}/infer", None, infer.status_code)
     assert line["bytes_in"] in (0, len(BODY))  # the body bytes read: none when refused before its body (no endpoint table yet)
     assert line["bytes_out"] == len(infer.content) and line["duration_ms"] >= 0 and line["site"] is None
     assert (access["req-gw-0002"]["route"], access["req-gw-0002"]["status"]) == (None, missing.status_code)
@@ -80,6 +81,27 @@ def test_json_lines_and_an_access_line_per_request_with_nothing_personal(command
         assert r.keys() == FIELDS and "127.0.0.1" not in json.dumps(r), r
     for text in lines:  # nor of the token, the query string, a path no route has or the body, anywhere
         assert SECRET not in text and "alice" not in text and "bob" not in text and '"inputs"' not in text
+
+
+#: A model's name as a caller may write it in a path: an e-mail address, and a line break
+#: followed by what would read as an access line of its own.
+FORGED = "carol%40example.org%0A2025-05-02%2010%3A02%3A03%2C412%20INFO%20edgeplane.access%3A%20forged"
+
+
+@pytest.mark.parametrize("command", [serve, gateway])
+def test_a_model_name_the_gateway_does_not_know_is_not_written(command, tmp_path: pathlib.Path) -> None:
+    """A model's name in a path is the caller's text until the gateway knows it: written, it
+    put an e-mail address in the log, and in text a line break and a line of the caller's."""
+    proc, url = started(command(tmp_path, "--access-log", "--log-level", "info"), tmp_path)
+    try:
+        with httpx.Client(base_url=url) as client:
+            answer = client.post(f"/v2/models/{FORGED}/infer", content=BODY, headers={"X-Request-Id": "req-gw-0004"})
+    finally:
+        lines = stopped_log(proc, tmp_path)
+    assert answer.status_code in (404, 503), answer.text
+    [line] = [text for text in lines if "req-gw-0004" in text]
+    assert f" POST /v2/models/{{model}}/infer model=- site=- status={answer.status_code} " in line, line
+    assert not any("carol" in text or "forged" in text for text in lines), lines
 
 
 @pytest.mark.parametrize("command", [serve, gateway])

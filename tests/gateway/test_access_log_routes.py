@@ -40,7 +40,8 @@ def app() -> Starlette:
 
 @pytest.fixture
 async def gateway() -> AsyncIterator[str]:
-    server = runloop.http_server(correlation.Correlated(app(), logformat.access_logger(True)))
+    known = {"mlp", "v2", "infer", "org/model-7b"}.__contains__  # the models the gateway's table has
+    server = runloop.http_server(correlation.Correlated(app(), logformat.access_log(True, known)))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -61,6 +62,9 @@ async def gateway() -> AsyncIterator[str]:
     ("GET", "/v2/health/live", "/v2/health/live", None, None, 200),
     ("GET", "/openai/v1/models/org/model-7b", "/openai/v1/models/{model:path}", "org/model-7b", None, 200),
     ("GET", "/v2/models/carol@example.org/nowhere", None, None, None, 404),  # a path no route has: not written
+    # a model the table does not know: its name is the caller's text, not written
+    ("POST", "/v2/models/carol@example.org/infer", "/v2/models/{model}/infer", None, "edge-paris", 200),
+    ("GET", "/openai/v1/models/carol@example.org", "/openai/v1/models/{model:path}", None, None, 200),
 ])
 async def test_an_access_line_names_the_route_model_and_site(gateway: str, caplog: pytest.LogCaptureFixture, method: str, path: str,
                                                              route: str | None, model: str | None, site: str | None, status: int) -> None:
