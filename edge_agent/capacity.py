@@ -186,8 +186,11 @@ def genai_built_with_cuda() -> bool:
 class CapacityProbe:
     """Measures capacity and load; the GPU and provider probes (onnxruntime's, and whether
     onnxruntime-genai has CUDA), and the roots of ``/proc`` and the cgroup file system, are
-    injectable. The execution providers are decided once, at the start
-    (``execution_providers``): the agent's models load on them, its generative ones too
+    injectable. The execution providers the agent's models load on (``execution_providers``)
+    follow the GPUs the last probe found: decided at the start, and again with each capacity
+    probe (at each join, and now and then), so that a GPU seen later (a driver loaded late, a
+    GPU reset that ended) is used by the models loaded from then on, as placement, which
+    counts the GPUs reported, expects; its generative models follow them too
     (:meth:`generative_on_cuda`)."""
 
     def __init__(
@@ -201,26 +204,29 @@ class CapacityProbe:
     ) -> None:
         self._gpus = gpus
         self._genai_cuda = genai_cuda
-        self._generative_on_cuda: bool | None = None
+        self._genai_has_cuda: bool | None = None
         self._host: _Host = _Linux(proc, cgroup_root) if (proc / "meminfo").is_file() else _Psutil()
         self._host.cpu_percent()  # primes the counter: later calls are deltas
         self._last_gpus: tuple[Gpu, ...] = ()
-        offered = tuple(providers())
-        self.execution_providers = usable_providers(offered, gpus())
-        unused = [p for p in offered if p not in self.execution_providers]
+        self._offered = tuple(providers())
+        self.execution_providers = usable_providers(self._offered, gpus())
+        unused = [p for p in self._offered if p not in self.execution_providers]
         if unused:
             log.warning("onnxruntime offers %s, but this agent has no GPU: %s; it reports none and runs its models on %s",
                         ", ".join(unused), why_no_gpu(), ", ".join(self.execution_providers) or "the CPU")
 
     def generative_on_cuda(self) -> bool:
         """Whether generative models load on CUDA, their KV cache in GPU memory: where this
-        agent runs its models on CUDA (``execution_providers``, decided at the start) and its
-        onnxruntime-genai was built with it; on the CPU otherwise, their KV cache in this
-        machine's memory. Asked at the first generative load, not at the start: asking
-        imports onnxruntime-genai, which an agent that serves no generative model never holds."""
-        if self._generative_on_cuda is None:
-            self._generative_on_cuda = "CUDAExecutionProvider" in self.execution_providers and self._genai_cuda()
-        return self._generative_on_cuda
+        agent runs its models on CUDA now (``execution_providers``, as the last probe left
+        them) and its onnxruntime-genai was built with it; on the CPU otherwise, their KV
+        cache in this machine's memory. The library is asked once, at the first generative
+        load on a GPU, not at the start: asking imports onnxruntime-genai, which an agent
+        that serves no generative model never holds."""
+        if "CUDAExecutionProvider" not in self.execution_providers:
+            return False
+        if self._genai_has_cuda is None:
+            self._genai_has_cuda = self._genai_cuda()
+        return self._genai_has_cuda
 
     def cpu_cores(self) -> int:
         """The CPUs this process may run on, capped by its cgroup's quota."""
@@ -228,12 +234,27 @@ class CapacityProbe:
 
     def capacity(self) -> Capacity:
         self._last_gpus = self._gpus()
+        self._follow_gpus()
         return Capacity(
             cpu_cores=self.cpu_cores(),
             memory_total_bytes=self._host.memory_total(),
             gpus=self._last_gpus,
             execution_providers=self.execution_providers,
         )
+
+    def _follow_gpus(self) -> None:
+        """The providers for the GPUs just probed, and one line when that changes them."""
+        usable = usable_providers(self._offered, self._last_gpus)
+        if usable == self.execution_providers:
+            return
+        gained = [p for p in usable if p not in self.execution_providers]
+        if gained:
+            log.warning("this agent now has a GPU (%s): models loaded from now on run on %s; those loaded before stay where "
+                        "they are until loaded again", ", ".join(g.model for g in self._last_gpus), ", ".join(usable))
+        else:
+            log.warning("this agent no longer has a GPU: %s; models loaded from now on run on %s", why_no_gpu(),
+                        ", ".join(usable) or "the CPU")
+        self.execution_providers = usable
 
     def memory_available(self) -> int:
         """Bytes this process may still use: what the machine has available, capped by what

@@ -129,14 +129,13 @@ class Agent:
         self.store = state.StateStore(config.data_dir)
         self.cache = artifacts.ArtifactCache(config.data_dir / "cache", allow_file_urls=config.allow_file_artifacts,
                                              max_bytes=config.max_artifact_bytes, unpack_root=self.models_dir)
-        load_onnx = functools.partial(onnx.OnnxModel.load, providers=onnx.choose_providers(self._probe.execution_providers),
-                                      intra_op_threads=config.intra_op_threads,
+        load_onnx = functools.partial(onnx.OnnxModel.load, intra_op_threads=config.intra_op_threads,
                                       spin_between_runs=config.spin_between_runs,
                                       spin_after_run_us=config.spin_after_run_us)
         self._wake = asyncio.Event()  # a new desired set, or a model's attempt ended
         self.registry = registry.ModelRegistry(
             self.cache,
-            load_model or load_onnx,
+            load_model or (lambda data: load_onnx(data, providers=onnx.choose_providers(self._probe.execution_providers))),
             on_change=self._models_changed,
             on_attempt_end=self._wake.set,
             retry=model_retry or registry.RetryPolicy(),

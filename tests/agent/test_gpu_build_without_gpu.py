@@ -150,3 +150,61 @@ def test_where_generative_models_run(offered: tuple[str, ...], gpus: tuple[capac
     assert probe.generative_on_cuda() is on_cuda
     assert probe.generative_on_cuda() is on_cuda
     assert len(asked) <= 1
+
+
+class GpuLater:
+    """NVML's view of a machine whose GPU is seen only after the agent started (its driver
+    loaded late in the boot, or a GPU reset that ended): none, then ``L4``."""
+
+    def __init__(self) -> None:
+        self.gpus: tuple[capacity.Gpu, ...] = ()
+
+    def __call__(self) -> tuple[capacity.Gpu, ...]:
+        return self.gpus
+
+
+def test_a_gpu_seen_after_the_start_brings_cuda_back(caplog: pytest.LogCaptureFixture) -> None:
+    """The providers were decided once, at the start: a GPU seen later was reported (the
+    capacity is probed again at each join and now and then) while every model went on
+    loading on the CPU, and placement, which counts the GPUs an agent reports, put GPU
+    variants there. The providers now follow the GPUs each probe finds, and say so."""
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    nvml = GpuLater()
+    probe = capacity.CapacityProbe(lambda: GPU_BUILD, gpus=nvml)
+    assert probe.capacity().execution_providers == ("CPUExecutionProvider",)
+    nvml.gpus = (L4,)
+    measured = probe.capacity()
+    assert (measured.gpus, measured.execution_providers) == ((L4,), GPU_BUILD)
+    assert probe.execution_providers == GPU_BUILD  # what the next model loads on
+    assert any("now has a GPU" in line for line in _no_gpu_lines(caplog)), _no_gpu_lines(caplog)
+    nvml.gpus = ()  # lost again: its models load on the CPU, as at a start without one
+    assert probe.capacity().execution_providers == ("CPUExecutionProvider",)
+
+
+async def test_a_model_loaded_after_a_gpu_is_seen_is_asked_for_cuda(
+    control_plane: ControlPlane, make_agent: MakeAgent, models: Models
+) -> None:
+    nvml = GpuLater()
+    agent = await make_agent(control_plane, probe=capacity.CapacityProbe(lambda: GPU_BUILD, gpus=nvml))
+    nvml.gpus = (L4,)
+    assert agent.capacity().execution_providers == GPU_BUILD  # probed again, as a join or a heartbeat does
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        control_plane.hub.set_assignments(SITE, [assignment(models.v1_url, models.v1)], version=1)
+        await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY)
+    # onnxruntime's CPU build, asked for CUDA, says it is not there and runs on the CPU
+    assert [str(w.message) for w in caught if "CUDAExecutionProvider" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_generative_models_follow_a_gpu_seen_after_the_start() -> None:
+    """Where generative models ran was decided at the first one's load and kept: a GPU seen
+    later left them on the CPU while the agent's other models went to CUDA."""
+    nvml = GpuLater()
+    probe = capacity.CapacityProbe(lambda: GPU_BUILD, gpus=nvml, genai_cuda=lambda: True)
+    assert probe.generative_on_cuda() is False
+    nvml.gpus = (L4,)
+    probe.capacity()
+    assert probe.generative_on_cuda() is True
+    nvml.gpus = ()
+    probe.capacity()
+    assert probe.generative_on_cuda() is False
