@@ -5,25 +5,13 @@ Skipped where this machine has no ::1."""
 from __future__ import annotations
 
 import pathlib
-import socket
-
-import pytest
 
 from orchestrator.adapters import ray_serve, serve_config
 from orchestrator.testing import harness
 from tests.controlplane import datacentres
+from tests.ipv6 import needs_ipv6_loopback
 
-
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+pytestmark = needs_ipv6_loopback
 
 
 async def test_an_agent_joins_at_the_address_a_control_plane_on_ipv6_names(tmp_path: pathlib.Path) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 import edge_agent
 from orchestrator import server_config
+from tests.ipv6 import needs_ipv6_loopback
 
 from . import support
 from .conftest import start_control_plane
@@ -205,16 +206,7 @@ def test_a_second_control_plane_on_the_same_state_file_is_refused(tmp_path: path
     again.stop()
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+@needs_ipv6_loopback
 @pytest.mark.parametrize("command", [
     ["serve", "--agent-host", "[::1]", "--agent-port", "0", "--agent-join-port", "0"],
     ["gateway", "--control-plane", "http://[::1]:9"],
@@ -236,7 +228,7 @@ def test_an_ipv6_host_to_serve_on_is_taken_in_brackets_too(command: list[str], t
         proc.communicate(timeout=60)
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+@needs_ipv6_loopback
 def test_the_agent_names_an_ipv6_grpc_address_it_cannot_bind_in_brackets(tmp_path: pathlib.Path) -> None:
     """'cannot serve gRPC inference on ::1:9002', an address no flag takes as written."""
     with socket.socket(socket.AF_INET6) as held:

@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 from edge_agent import httplistener, httpmessages
 from orchestrator.gateway import endpoints, proxy, routing
 from orchestrator.gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
+from tests.ipv6 import needs_ipv6_loopback
 
 
 def idle_connections(pool: UpstreamPool) -> dict[tuple[str, str, int], list[Any]]:
@@ -322,16 +323,7 @@ async def test_with_every_replica_ejected_the_next_caller_is_still_tried_on_them
     assert second.status_code == 200, second.text
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+@needs_ipv6_loopback
 async def test_a_replica_on_ipv6_that_cannot_be_reached_is_named_in_brackets() -> None:
     """A replica at ``http://[::1]:<port>`` that refused the connection was reported as
     'connect to ::1:<port> failed', an address no URL or flag takes (where does the host
