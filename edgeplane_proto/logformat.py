@@ -15,7 +15,18 @@ route template, the model its path names when the server knows it, the site that
 status, bytes in and out, duration) and nothing of the person who sent it: no address, token,
 query string or body, nor a model's name the server does not know. It is written
 whatever ``--log-level`` says: an operator who asked for it gets it. This module is shared
-code because the agent stands alone (it never imports the control plane)."""
+code because the agent stands alone (it never imports the control plane).
+
+Log lines name what callers and agents wrote (a model name in a URL's path, a site's name, a
+replica's error), and a text line written as given would let them write lines of their own
+into the log, or move and colour an operator's terminal. So in ``text`` every control
+character of a record (C0, DEL, C1, and the Unicode line and paragraph separators) is
+written as its Python escape (``\n``, ``\r``, ``\t``, ``\x1b``, ``\x9b``, ``\u2028``) by
+:class:`TextFormatter`, the one place that writes text lines: one record is one line, a
+traceback's own line breaks excepted. ``json`` escapes them as JSON does. An access line also
+cuts a caller's value (the model, the site) to :data:`MAX_VALUE` characters, and in text
+writes its spaces as ``\x20``, so that its ``key=value`` fields cannot be faked either
+(:func:`access_value`). docs/security.md says the same."""
 
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +46,13 @@ LEVELS = ("debug", "info", "warning", "error")
 #: The access log's logger.
 ACCESS = "edgeplane.access"
 TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: The most characters of a caller's value (a model name, a site) an access line writes.
+MAX_VALUE = 256
+
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 # What every LogRecord has: the rest of its attributes are the fields a call gave (``extra=``).
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
@@ -85,8 +104,36 @@ def _text(value: Any, show: Callable[[Any], str]) -> str:
         return f"<{type(value).__name__} that cannot be shown>"
 
 
+def _escaped(found: re.Match[str]) -> str:
+    char = found.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape(text: str) -> str:
+    """``text`` with each control character written as its Python escape: one line, nothing a
+    terminal acts on."""
+    return _CONTROL.sub(_escaped, text)
+
+
+class TextFormatter(logging.Formatter):
+    """The text line, its control characters escaped (:func:`escape`); a traceback keeps its
+    line breaks, its other control characters escaped too."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return _CONTROL_BUT_NEWLINE.sub(_escaped, super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _CONTROL_BUT_NEWLINE.sub(_escaped, super().formatStack(stack_info))
+
+
 def formatter(log_format: str) -> logging.Formatter:
-    return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT)
+    return JsonFormatter() if log_format == "json" else TextFormatter()
 
 
 def configure(level: str, log_format: str = "text") -> None:
@@ -113,10 +160,12 @@ class AccessLog:
         """One request's access line: in text a short line, in JSON these fields. ``route``: the
         path's template (``/v2/models/{model}/infer``), None for a path no route has (the path
         itself may hold anything); ``model``: the name the path gives, written only when known;
-        ``status`` None when no answer was sent; ``site``: the one that answered (at a gateway)."""
-        model = model if model is not None and self.known(model) else None
+        ``status`` None when no answer was sent; ``site``: the one that answered (at a gateway);
+        both cut to :data:`MAX_VALUE` characters (:func:`access_value`)."""
+        model = access_value(model) if model is not None and self.known(model) else None
+        site = access_value(site)
         self.log.info("%s %s %s model=%s site=%s status=%s in=%d out=%d ms=%.2f", request_id or "-", method, route or "-",
-                      model or "-", site or "-", status if status is not None else "-", bytes_in, bytes_out, duration_ms,
+                      _spaceless(model), _spaceless(site), status if status is not None else "-", bytes_in, bytes_out, duration_ms,
                       extra={"request_id": request_id, "method": method, "route": route, "model": model, "site": site,
                              "status": status, "bytes_in": bytes_in, "bytes_out": bytes_out, "duration_ms": round(duration_ms, 3)})
 
@@ -126,3 +175,16 @@ def access_log(enabled: bool, known: Callable[[str], bool]) -> AccessLog | None:
     the server has; else None: a server given None checks that once per request and does
     nothing more."""
     return AccessLog(logging.getLogger(ACCESS), known) if enabled else None
+
+
+def access_value(value: str | None) -> str | None:
+    """A caller's ``value`` as an access line keeps it: its first :data:`MAX_VALUE` characters,
+    then ``...(+N)`` for the N left out."""
+    if value is None or len(value) <= MAX_VALUE:
+        return value
+    return f"{value[:MAX_VALUE]}...(+{len(value) - MAX_VALUE})"
+
+
+def _spaceless(value: str | None) -> str:
+    """``value`` as one ``key=value`` field of a text access line: ``-`` for none, a space ``\\x20``."""
+    return "-" if not value else value.replace(" ", "\\x20")

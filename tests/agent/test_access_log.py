@@ -105,3 +105,25 @@ def test_a_bad_log_format_is_a_one_line_usage_error(tmp_path: pathlib.Path) -> N
     assert proc.returncode == 2, proc
     assert proc.stderr.strip() == "edgeplane-agent: error: argument --log-format: invalid choice: 'xml' (choose from 'text', 'json')"
     assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_path_of_control_characters_gives_one_access_line_with_nothing_a_terminal_acts_on(control_plane: ControlPlane,
+                                                                                                  tmp_path: pathlib.Path) -> None:
+    url, proc = await run_agent(control_plane, tmp_path / "agent", "--access-log")
+    forged = "/v2/models/mlp%0A2025-05-02%2010:02:03,412%20INFO%20edgeplane.access:%20forged%0D%1B%5B31m%1B%5B2J%C2%9B/infer"
+    async with httpx.AsyncClient(base_url=url) as client:
+        assert (await client.post(forged, content=b"{}", headers={"X-Request-Id": "req-logs-0004"})).status_code == 404
+        assert (await client.post(f"/v2/models/{'m' * 10_000}/infer", content=b"{}",
+                                  headers={"X-Request-Id": "req-logs-0005"})).status_code == 404
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stderr is not None
+    async with asyncio.timeout(30):
+        err = await proc.stderr.read()
+        assert await proc.wait() == 0
+    assert b"\x1b" not in err and b"\r" not in err and "\x9b".encode() not in err, err
+    lines = err.decode().splitlines()
+    line = [text for text in lines if "req-logs-0004" in text]
+    assert len(line) == 1 and not any("forged" in text and "req-logs-0004" not in text for text in lines), lines
+    assert " model=- site=- " in line[0], line  # a name the agent does not serve is not written at all
+    long = [text for text in lines if "req-logs-0005" in text]
+    assert len(long) == 1 and " model=- site=- " in long[0], long

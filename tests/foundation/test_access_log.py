@@ -122,3 +122,27 @@ def test_an_unknown_log_format_is_a_one_line_usage_error(command: list[str], tmp
     assert proc.returncode == 2, proc
     assert proc.stderr.strip() == f"edgeplane {command[0]}: error: argument --log-format: invalid choice: 'xml' (choose from 'text', 'json')"
     assert list(tmp_path.iterdir()) == []
+
+
+# A model name that spells a second log line, colours the operator's terminal and clears it
+# (percent-encoded in the path, decoded by the server), and one of 10,000 characters.
+FORGED_PATH = "/v2/models/mlp%0A2025-05-02%2010:02:03,412%20INFO%20edgeplane.access:%20forged%0D%1B%5B31m%1B%5B2J%C2%9B/infer"
+
+
+@pytest.mark.parametrize("command", [serve, gateway])
+def test_a_path_of_control_characters_gives_one_access_line_with_nothing_a_terminal_acts_on(command, tmp_path: pathlib.Path) -> None:
+    proc, url = started(command(tmp_path, "--access-log"), tmp_path)
+    try:
+        with httpx.Client(base_url=url) as client:
+            client.post(FORGED_PATH, content=BODY, headers={"X-Request-Id": "req-gw-0004"})
+            client.post(f"/v2/models/{'m' * 10_000}/infer", content=BODY, headers={"X-Request-Id": "req-gw-0005"})
+    finally:
+        stopped_log(proc, tmp_path)
+    text = (tmp_path / "log").read_bytes()
+    assert b"\x1b" not in text and b"\r" not in text and "\x9b".encode() not in text, text
+    lines = text.decode().splitlines()
+    forged = [line for line in lines if "req-gw-0004" in line]
+    assert len(forged) == 1 and not any("forged" in line and "req-gw-0004" not in line for line in lines), lines
+    assert " model=- site=- " in forged[0], forged  # a name the gateway does not know is not written at all
+    long = [line for line in lines if "req-gw-0005" in line]
+    assert len(long) == 1 and " model=- site=- " in long[0], long
