@@ -64,7 +64,7 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
             print(line, file=sys.stderr, flush=True)
         for e in step.shown:
             if output == "table":
-                print("\t".join(str(c) for c in _event_row(e, reason_width)))
+                print("\t".join(render.one_line(c) for c in _event_row(e, reason_width)))
             elif output == "json":
                 print(render.json_text(e, sort_keys=True))
             else:

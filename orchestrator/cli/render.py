@@ -14,6 +14,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from edgeplane_proto import logformat
 from orchestrator import units
 
 COLUMNS: dict[str, list[tuple[str, Any]]] = {
@@ -155,6 +156,14 @@ def column_caps(widths: Sequence[int], room: int) -> list[int] | None:
     return None
 
 
+def one_line(value: Any) -> str:
+    """``value`` as a cell of a line a person reads: what users, agents and Ray wrote (a reason,
+    a description, an error) with each control character escaped as the text log writes it
+    (``\\n``, ``\\t``, ``\\x1b``: ``edgeplane_proto.logformat.escape``), so that it neither
+    starts a row or column of its own nor moves or colours the terminal."""
+    return logformat.escape(str(value))
+
+
 def table(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """One object a line under a header. A terminal gets its own width (the first column whole,
     the widest others cut with "…" first, a long REASON at 70 characters; a table that cannot
@@ -165,8 +174,8 @@ def table(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any
     pipelines set for coloured logs, for one, and would cut a pipe's lines to 80 columns."""
     # Every string goes in as Text: rich reads "[...]" in a plain str as markup, and the cells
     # hold what users wrote (an event's reason, a token's description): "[incident-42]" vanished
-    # and "[/x]" raised MarkupError.
-    cells = [[Text(str(c)) for c in r] for r in rows]
+    # and "[/x]" raised MarkupError. Their control characters are escaped (one_line).
+    cells = [[Text(one_line(c)) for c in r] for r in rows]
     heads = [Text(h) for h in headers]
     widths = [max([heads[i].cell_len, *(r[i].cell_len for r in cells if i < len(r))]) for i in range(len(heads))]
     terminal = _stdout_is_terminal()

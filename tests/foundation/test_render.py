@@ -7,6 +7,8 @@ import http.server
 import json
 import os
 import pathlib
+import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -330,3 +332,39 @@ def test_a_drain_s_progress_line_counts_its_replicas_left_in_words() -> None:
 ])
 def test_a_site_shows_the_runtimes_its_agent_runs(tier: str, status: dict[str, Any], shown: str) -> None:
     assert render.runtimes({"metadata": {"name": "s"}, "spec": {"tier": tier}, "status": status}) == shown
+
+
+# What an agent, Ray or an admin wrote into an event's reason or a token's description: a
+# line break starting a row of its own, a tab a column, ESC sequences clearing the screen.
+FORGED = "Ray said:\n9 anonymous deleted Model everything\tgone\r\x1b[2J\x1b]0;title\x07"
+SHOWN = r"Ray said:\n9 anonymous deleted Model everything\tgone\r\x1b[2J\x1b]0;title\x07"
+
+
+def test_text_users_or_agents_wrote_is_one_line_without_control_characters_in_tables(
+        serving: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    event = {"id": 7, "ts": "2026-01-01T00:00:00Z", "actor": "anonymous", "action": "apply", "kind": "", "name": "",
+             "reason": FORGED, "details": {}}
+    assert cli_main.main(["--server", serving({"items": [event]}), "events"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 2 and SHOWN in out and "\x1b" not in out and "\r" not in out, out
+    token = {"id": "t1", "purpose": "api", "role": "read", "state": "active", "createdAt": "2026-01-01T00:00:00Z",
+             "expiresAt": None, "description": FORGED}
+    assert cli_main.main(["--server", serving({"kind": "Token", "items": [token]}), "token", "list"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 2 and SHOWN in out and "\x1b" not in out and "\r" not in out, out
+
+
+def test_a_followed_event_is_one_line_of_its_columns_whatever_its_reason_holds(serving: Any) -> None:
+    event = {"id": 7, "ts": "2026-01-01T00:00:00Z", "actor": "anonymous", "action": "apply", "kind": "", "name": "",
+             "reason": FORGED, "details": {}}
+    url = serving({"items": [event], "store": "s1", "lastId": 7})
+    follower = subprocess.Popen([str(support.EDGEPLANE), "events", "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=support.clean_env(EDGEPLANE_SERVER=url), cwd=support.REPO)
+    try:
+        assert follower.stdout is not None
+        head, row = follower.stdout.readline(), follower.stdout.readline()
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.communicate(timeout=30)
+    assert head.decode().rstrip("\n").split("\t") == ["ID", "ACTOR", "ACTION", "KIND", "NAME", "REASON"], head
+    assert row.decode().rstrip("\n").split("\t") == ["7", "anonymous", "apply", "", "", SHOWN], row
