@@ -40,23 +40,31 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
     if args.output in ("json", "yaml"):
         render.dump(data, args.output)
         return 0
-    print(f"control plane {api.server}: {health.get('status')}")
-    print(_leadership_line(data["controlPlane"]))
+    say(f"control plane {api.server}: {health.get('status')}")
+    say(_leadership_line(data["controlPlane"]))
     if data["controlPlane"].get("agentCa"):  # absent with --insecure-agents
-        print(*agent_ca_lines(data["controlPlane"]["agentCa"]), sep="\n")
+        say(*agent_ca_lines(data["controlPlane"]["agentCa"]))
     if data["controlPlane"].get("hold"):  # a stored object does not read: nothing is planned or sent until it does
-        print(data["controlPlane"]["hold"])
-    print(f"sites: {data['sites']} ({data['healthySites']} healthy), replicas placed: {data['replicas']}")
+        say(data["controlPlane"]["hold"])
+    say(f"sites: {data['sites']} ({data['healthySites']} healthy), replicas placed: {data['replicas']}")
     for name, state in data["maintenance"].items():
-        print(f"  {name}: {state}")
+        say(f"  {name}: {state}")
     for name, power in data["power"].items():  # over: replicas moving off after the budget was lowered
         over = " (over budget)" if power.get("estimatedWatts", 0) > power.get("budgetWatts", 0) else ""
-        print(f"  {name}: power {render.power({'power': power})} W{over}")
+        say(f"  {name}: power {render.power({'power': power})} W{over}")
     for name, phase in data["deployments"].items():
-        print(f"  {name}: {phase}" + (f": {data['problems'][name]}" if data["problems"].get(name) else ""))
+        say(f"  {name}: {phase}" + (f": {data['problems'][name]}" if data["problems"].get(name) else ""))
         for reason in data["waiting"].get(name, []):
-            print(f"    waiting: {reason}")
+            say(f"    waiting: {reason}")
     return 0
+
+
+def say(*lines: str) -> None:
+    """Print ``lines``, one each: they hold what agents, Ray and the store said (an error, a
+    reason), whose control characters are escaped (:func:`render.one_line`), so that each stays
+    the one line it is and moves no terminal."""
+    for line in lines:
+        print(render.one_line(line))
 
 
 def _leadership_line(cp: dict[str, Any]) -> str:

@@ -368,3 +368,29 @@ def test_a_followed_event_is_one_line_of_its_columns_whatever_its_reason_holds(s
         follower.communicate(timeout=30)
     assert head.decode().rstrip("\n").split("\t") == ["ID", "ACTOR", "ACTION", "KIND", "NAME", "REASON"], head
     assert row.decode().rstrip("\n").split("\t") == ["7", "anonymous", "apply", "", "", SHOWN], row
+
+
+class _Fleet(loopback.CannedHandler):
+    """A control plane whose one deployment failed at a site whose agent reported :data:`FORGED`."""
+
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        path = self.path.split("?")[0]
+        deployment = {"metadata": {"name": "intent"}, "status": {"phase": "Failing", "reason": f"edge-1: {FORGED}"}}
+        placement = {"deployment": "intent", "site": "edge-1", "replicas": 1, "ready": 0, "reason": FORGED}
+        bodies = {"/healthz": {"status": "ok"}, "/v1/sites": {"items": []}, "/v1/modeldeployments": {"items": [deployment]},
+                  "/v1/placements": {"items": [placement]}, "/v1/controlplane": {"replica": "r1", "role": "leader"}}
+        self.reply(200, json.dumps(bodies[path]).encode())
+
+
+def test_status_writes_what_agents_reported_on_its_own_lines_without_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fleet)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert cli_main.main(["--server", f"http://127.0.0.1:{httpd.server_address[1]}", "status"]) == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out, out
+    assert out.splitlines()[-2:] == [f"  intent: Failing: edge-1: {SHOWN}", f"    waiting: edge-1: {SHOWN}"], out
