@@ -91,9 +91,10 @@ def target_of(spec: schema.SiteSpec) -> str | None:
 
 
 class DataCentres:
-    def __init__(self, local: LocalRay, kube_factory: ActuatorFactory | None = None):
+    def __init__(self, local: LocalRay, kube_factory: ActuatorFactory | None = None, kubeconfig: str | None = None):
         self.local = local
         self._kube_factory = kube_factory
+        self._kubeconfig = kubeconfig  # the file KubeRay sites' contexts are read from; None: $KUBECONFIG, else ~/.kube/config
         # by site: its spec, its actuator, and for the embedded cluster the endpoints of the
         # one it drives (a new head has new ports: an actuator on the old one reaches nothing)
         self._actuators: dict[str, tuple[schema.SiteSpec, serve_config.DataCentreActuator, local_ray.LocalRayEndpoints | None]] = {}
@@ -126,7 +127,9 @@ class DataCentres:
         if self._kube_factory is not None:
             return self._kube_factory(site, spec)
         assert spec.kubernetes is not None  # SiteSpec guarantees ray or kubernetes for a data centre
-        client = kuberay.api_client_for(spec.kubernetes.context)
+        # loading a kubeconfig may run its exec credential plugin (aws eks get-token, say), which takes
+        # seconds or waits on a login: in a worker thread, it holds up this site's call alone
+        client = await asyncio.to_thread(kuberay.api_client_for, spec.kubernetes.context, self._kubeconfig)
         shape = rayservice.RayClusterShape(llm_image=spec.kubernetes.llmImage) if spec.kubernetes.llmImage else None
         return kuberay.KubeRayActuator(client, spec.kubernetes.namespace, site, shape=shape)
 

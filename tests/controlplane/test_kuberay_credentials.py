@@ -1,0 +1,116 @@
+"""A KubeRay site whose kubeconfig gets its credentials from a command (an exec plugin, as
+EKS's ``aws eks get-token`` and GKE's ``gke-gcloud-auth-plugin`` do) that answers slowly
+holds up only itself, as a slow Kubernetes API does: loading the kubeconfig runs that
+command, and run on the control plane's event loop it held the whole control plane (every
+pass, heartbeat and API call) until the command answered. The command here is a real
+process the test holds until it releases it; the Kubernetes API is the stateful emulator
+(kmock) over real HTTP; the edge agent is joined to a real hub."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import pathlib
+import sys
+from collections.abc import AsyncIterator
+
+import kmock
+import pytest
+import yaml
+
+from orchestrator import catalog
+from orchestrator.manifests import loader
+from orchestrator.reconciler import datacentres as dc_mod
+from orchestrator.reconciler import loop
+from orchestrator.store import sqlite as store_mod
+from orchestrator.testing import harness, manifests
+from tests.controlplane import datacentres, support
+
+#: An exec credential plugin that says it started, then answers once the test writes to its
+#: FIFO (20 s at most, so that a control plane it holds still ends), and says it answered.
+PLUGIN = """
+import json, os, select, sys
+folder = sys.argv[1]
+open(os.path.join(folder, "started"), "w").close()
+fifo = os.open(os.path.join(folder, "release"), os.O_RDONLY | os.O_NONBLOCK)
+select.select([fifo], [], [], 20)
+open(os.path.join(folder, "answered"), "w").close()
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential", "status": {"token": "t"}}))
+"""
+
+
+def kubeconfig(folder: pathlib.Path, server: str) -> pathlib.Path:
+    """A kubeconfig whose context ``slow`` reaches ``server`` with a token the plugin gives."""
+    (folder / "plugin.py").write_text(PLUGIN)
+    os.mkfifo(folder / "release")
+    path = folder / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "slow",
+        "clusters": [{"name": "emulator", "cluster": {"server": server}}],
+        "users": [{"name": "plugin", "user": {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": sys.executable,
+                                                       "args": [str(folder / "plugin.py"), str(folder)]}}}],
+        "contexts": [{"name": "slow", "context": {"cluster": "emulator", "user": "plugin"}}],
+    }))
+    return path
+
+
+def release(folder: pathlib.Path) -> None:
+    """Let the plugin answer (it reads nothing; a writer opening its FIFO is the signal)."""
+    if not (folder / "answered").exists():
+        with open(os.open(folder / "release", os.O_WRONLY | os.O_NONBLOCK), "w") as fifo:
+            fifo.write("go\n")
+
+
+@pytest.fixture
+async def held(tmp_path: pathlib.Path, kube: kmock.KubernetesEmulator) -> AsyncIterator[tuple[loop.Reconciler, store_mod.Store, pathlib.Path]]:
+    """A reconciler whose data centres are reached through the kubeconfig above, its loop running."""
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    store = store_mod.Store(tmp_path / "state.db")
+    through = dc_mod.DataCentres(dc_mod.LocalRay(), kubeconfig=str(kubeconfig(folder, str(kube.url).rstrip("/"))))
+    _, reconciler = support.reconciler_with_agents(store, ("edge-a",), tmp_path, through)
+    reconciler.resync_s = 0.2
+    running = asyncio.create_task(reconciler.run())
+    try:
+        yield reconciler, store, folder
+    finally:
+        if (folder / "started").exists():
+            release(folder)
+        reconciler.stop()
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await reconciler.datacentres.close()
+        store.close()
+
+
+async def test_a_kuberay_site_whose_credentials_command_is_held_is_waited_for_and_holds_up_nothing_else(
+        held: tuple[loop.Reconciler, store_mod.Store, pathlib.Path], kube: kmock.KubernetesEmulator, tmp_path: pathlib.Path) -> None:
+    reconciler, store, folder = held
+    (tmp_path / "m1.onnx").write_bytes(b"m1")
+    edge = manifests.bundle(manifests.edge_site("edge-a", "FR", 48.0, 2.35, region="fr"),
+                            manifests.onnx_model("m1", "m1.onnx", hashlib.sha256(b"m1").hexdigest()),
+                            manifests.deployment("on-m1", "m1", 1, {"tiers": ["edge"]}))
+    dc = datacentres.bundle(datacentres.site("dc-1", on="kubernetes: {context: slow, namespace: ns-dc-1}"), datacentres.MODEL,
+                            datacentres.deployment("d", "dc-1"))
+    catalog.apply_documents(store, loader.load_text(manifests.bundle(edge, dc)), actor="test")
+    reconciler.applied("test")
+
+    def sent_to_edge() -> set[str]:
+        got = reconciler.hub.assignments("edge-a")
+        return set() if got is None else {a.model for a in got.assignments}
+
+    def status(kind: str, name: str) -> dict[str, object]:
+        stored = store.get(kind, name)
+        return dict(stored.status) if stored is not None else {}
+
+    await harness.wait_until(lambda: (folder / "started").exists(), 30, what="dc-1's credentials asked for")
+    await harness.wait_until(lambda: sent_to_edge() == {"m1"}, 30, what="edge-a sent m1")
+    assert not (folder / "answered").exists(), "edge-a was sent its set only once dc-1's credentials came"
+    await harness.wait_until(lambda: status("Site", "dc-1").get("health") == "Waiting", 30, what="dc-1 Waiting")
+    assert "dc-1 waiting for its first answer" in str(status("ModelDeployment", "d").get("reason")), status("ModelDeployment", "d")
+
+    release(folder)
+    await harness.wait_until(lambda: datacentres.has_rayservice(kube, "dc-1"), 30, what="dc-1's RayService")
+    assert "ep-d.v.dc-1" in kube.objects[datacentres.RES, "ns-dc-1", "edgeplane-dc-1"]["spec"]["serveConfigV2"]
+    await harness.wait_until(lambda: status("Site", "dc-1").get("health") == "Healthy", 30, what="dc-1 Healthy")
