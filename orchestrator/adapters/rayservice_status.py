@@ -86,7 +86,8 @@ def statuses_from_rayservice(
         elif name in standing:
             read = _stand_in(standing[name], target, url, upcoming.get(name), pending.get("rayClusterName") or "")
         elif upcoming.get(name):
-            read = _on_new_cluster(_reading(name, upcoming[name], target, url), pending.get("rayClusterName") or "")
+            read = _on_new_cluster(_reading(name, upcoming[name], target, url), pending.get("rayClusterName") or "",
+                                   {n: s for n, app in upcoming.items() if n != name and (s := _failed(app))})
         else:
             detail = waiting or "the RayService has not reported this application yet"
             read = ServeAppStatus(name=name, status=ServeAppState.NOT_STARTED, message=serve_config.summarize_message(detail),
@@ -150,15 +151,25 @@ def _stand_in(kept: ServeAppStatus, target: int, url: str, upcoming: Mapping[str
                                detail=f"{new.status.value} {where}: {new.detail}")
 
 
-def _on_new_cluster(read: ServeAppStatus, cluster: str) -> ServeAppStatus:
+def _on_new_cluster(read: ServeAppStatus, cluster: str, failed: Mapping[str, str]) -> ServeAppStatus:
     """An application on a Ray cluster KubeRay sends no traffic to yet (a site's first, or
     one it builds beside the active cluster), which it does once every application there
-    runs: its failures are its own to show, but none of its replicas answers."""
+    runs: its failures are its own to show, but none of its replicas answers, and the
+    applications that ``failed`` there (by name: their state), which KubeRay waits on, are named."""
     if read.status not in (ServeAppState.RUNNING, ServeAppState.DEPLOYING):
         return dataclasses.replace(read, replicas_running=0)
     why = read.detail or f"starting on Ray cluster {cluster}; KubeRay sends it traffic once every application runs there"
+    if failed:
+        names = ", ".join(f"{n} ({s})" for n, s in sorted(failed.items()))
+        why += f", and {names} failed there: it answers once {'that one runs or is' if len(failed) == 1 else 'those run or are'} removed"
     return dataclasses.replace(read, status=ServeAppState.DEPLOYING, replicas_running=0,
                                message=serve_config.summarize_message(why), detail=why)
+
+
+def _failed(app: Mapping[str, Any]) -> str:
+    """The state of an application KubeRay reported that failed (DEPLOY_FAILED, UNHEALTHY), else ""."""
+    state = serve_config.parse_state(app.get("status") or "NOT_STARTED") if isinstance(app, Mapping) else None
+    return state.value if state in (ServeAppState.DEPLOY_FAILED, ServeAppState.UNHEALTHY) else ""
 
 
 def _answering(state: ServeAppState, deployments: Mapping[str, Any], target: int) -> int:

@@ -126,6 +126,23 @@ def test_an_application_on_a_sites_first_cluster_reads_as_its_pending_cluster_re
     assert (status.status, status.message, status.replicas_running, status.answers) == (state, message, 0, False)
 
 
+def test_an_application_on_a_sites_first_cluster_names_the_failed_one_kuberay_waits_on() -> None:
+    """KubeRay sends a site's first cluster traffic only once every application runs there:
+    one failed holds the others, which said they were starting, with no word of why they never did."""
+    bad = ServeAppSpec(name="ep-bad", route_prefix="/ep/bad", model_name="bad", runtime="ray-serve", num_replicas=1,
+                       import_path="llm_service.app:build")
+    obj = rayservice.render_rayservice("paris-dc", "edge-dc", [onnx_app(), bad], SHAPE)
+    obj["status"] = {"conditions": INITIALIZING, "activeServiceStatus": {}, "pendingServiceStatus": {
+        "rayClusterName": "edgeplane-paris-dc-abc12", "applicationStatuses": {"ep-intent": HEALTHY, "ep-bad": IMPORT_FAILED}}}
+    statuses = rayservice_status.statuses_from_rayservice(obj, "http://svc:8000")
+    assert (statuses["ep-bad"].status, statuses["ep-bad"].message) == (
+        ServeAppState.DEPLOY_FAILED, "ModuleNotFoundError: No module named 'llm_service'")
+    intent = statuses["ep-intent"]
+    assert (intent.status, intent.replicas_running, intent.message) == (
+        ServeAppState.DEPLOYING, 0, "starting on Ray cluster edgeplane-paris-dc-abc12; KubeRay sends it traffic once every "
+        "application runs there, and ep-bad (DEPLOY_FAILED) failed there: it answers once that one runs or is removed")
+
+
 def test_an_application_not_reported_on_any_cluster_says_what_kuberay_waits_for() -> None:
     status = read({"conditions": INITIALIZING})
     assert (status.status, status.message, status.replicas_running) == (
