@@ -48,6 +48,12 @@ class FleetCollector:
                                       "as --max-joins were being worked on (each told when to join again)")
         refused.add_metric([], joins.refused_total if joins is not None else 0)
         yield refused
+        failures = getattr(self.cp, "failed_joins", None)
+        for_failures = CounterMetricFamily("edgeplane_agent_joins_refused_for_failures", "Agent joins refused since start, before "
+                                           "being worked on, because their address (or certificate's site) failed more joins than "
+                                           "--join-failure-rate and --join-failure-burst allow")
+        for_failures.add_metric([], failures.refused_total if failures is not None else 0)
+        yield for_failures
         working = GaugeMetricFamily("edgeplane_agent_joins_in_progress", "Agent joins being worked on now (at most --max-joins)")
         working.add_metric([], joins.in_progress if joins is not None else 0)
         yield working

@@ -139,8 +139,9 @@ class ControlPlane(server_views.ServerViews):
         if cfg.simulation_slots < 1 or cfg.simulation_budget < 1:
             raise server_config.ConfigError("--simulations and --simulate-budget must be 1 or more")
         retention = event_retention.Retention(cfg.events_retention_s, cfg.audit_retention_s)
-        wrong = gateway_options.problem(cfg.gateway_auth, cfg.gateway_rate, cfg.gateway_burst, cfg.gateway_max_body, cfg.cold_start_timeout_s,
-                                        cfg.first_token_timeout_s) or retention.problem()
+        wrong = (gateway_options.problem(cfg.gateway_auth, cfg.gateway_rate, cfg.gateway_burst, cfg.gateway_max_body,
+                                         cfg.cold_start_timeout_s, cfg.first_token_timeout_s)
+                 or retention.problem() or agent_admission.failure_limit_problem(cfg.join_failure_rate, cfg.join_failure_burst))
         if wrong:
             raise server_config.ConfigError(wrong)
         for flag, value, (low, high) in (("--leader-lease", cfg.leader_lease_s, server_options.LEADER_LEASE_S),
@@ -173,6 +174,7 @@ class ControlPlane(server_views.ServerViews):
             missed_heartbeats=cfg.missed_heartbeats,
         )
         self.joins = agent_admission.JoinGate(cfg.max_joins)  # a fleet rejoining at once is taken in turns
+        self.failed_joins = agent_admission.failed_joins(cfg.join_failure_rate, cfg.join_failure_burst)  # a flood of made-up tokens slowed
         agent_host = cfg.agent_host or cfg.host
         mtls = None
         if not cfg.insecure_agents:
@@ -231,7 +233,8 @@ class ControlPlane(server_views.ServerViews):
         self._background.append(asyncio.create_task(self._log_agent_events(), name="agent-events"))
         try:
             self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port, mtls=mtls,
-                                                                        more=(self.relay_servicer.handler(),), joins=self.joins)
+                                                                        more=(self.relay_servicer.handler(),), joins=self.joins,
+                                                                        failures=self.failed_joins)
         except OSError:
             sock.close()
             raise

@@ -48,6 +48,8 @@ class ServerConfig:
     heartbeat_interval_s: float = 5.0
     missed_heartbeats: int = 3
     max_joins: int = agent_admission.MAX_JOINS  # agent joins worked on at once; one more: RESOURCE_EXHAUSTED with when to retry
+    join_failure_rate: float = agent_admission.JOIN_FAILURE_RATE  # failed joins/s a peer earns; 0 = no limit
+    join_failure_burst: float = agent_admission.JOIN_FAILURE_BURST  # failed joins a peer may make at once; over: RESOURCE_EXHAUSTED
     resync_s: float = 5.0
     artifact_roots: tuple[pathlib.Path, ...] = ()
     artifact_hosts: tuple[str, ...] = ()  # allowed hosts of remote artifact URLs; empty = any
@@ -125,7 +127,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         new_agent_ca=args.new_agent_ca,
         agent_cert_ttl_s=args.agent_cert_days * 86400.0,
         auth=args.auth, position=position, heartbeat_interval_s=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
-        max_joins=args.max_joins,
+        max_joins=args.max_joins, join_failure_rate=args.join_failure_rate, join_failure_burst=args.join_failure_burst,
         artifact_roots=tuple(pathlib.Path(r) for r in args.artifact_root), artifact_hosts=tuple(args.artifact_host), public_url=args.public_url, bootstrap_tokens=tokens,
         allowed_hosts=tuple(args.allowed_host),
         agent_tls_names=tuple(args.agent_tls_name),

@@ -9,7 +9,7 @@ import os
 
 from edgeplane_proto import logformat
 from orchestrator import argtypes, event_retention
-from orchestrator.agents.admission import MAX_JOINS
+from orchestrator.agents.admission import JOIN_FAILURE_BURST, JOIN_FAILURE_RATE, MAX_JOINS
 from orchestrator.gateway import options as gateway_options
 from orchestrator.security.ca import AGENT_DAYS
 from orchestrator.store import threads as store_threads
@@ -80,6 +80,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-joins", type=argtypes.whole_number(1, 100_000), default=MAX_JOINS, metavar="N",
                    help="agent joins worked on at once; one more is refused at once (RESOURCE_EXHAUSTED) with when to "
                         f"join again, which agents wait for (docs/agent.md; default {MAX_JOINS})")
+    p.add_argument("--join-failure-rate", type=argtypes.number(0), default=JOIN_FAILURE_RATE, metavar="PER_S",
+                   help="failed agent joins (a wrong bootstrap token, credential or certificate) an address earns per second; "
+                        "one over its budget is refused at once (RESOURCE_EXHAUSTED) with when to join again; 0 = no limit "
+                        f"(docs/security.md; default {JOIN_FAILURE_RATE:g})")
+    p.add_argument("--join-failure-burst", type=argtypes.number(0), default=JOIN_FAILURE_BURST, metavar="N",
+                   help=f"failed agent joins an address may make at once (default {JOIN_FAILURE_BURST:g}); joins that succeed spend none")
     p.add_argument("--artifact-root", action="append", default=[], help="folder local artifact URIs may read from (repeatable)")
     p.add_argument("--artifact-host", action="append", default=[],
                    help="allowed host for http(s) artifact URIs, exact or .domain for subdomains (repeatable; default: any)")

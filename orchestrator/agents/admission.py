@@ -15,6 +15,18 @@ refused come back about as fast as the gate drains instead of all together; neve
 than ``MIN_RETRY_S``, never later than the protocol's ``PUSHBACK_MAX_S``.
 :func:`retry_after` decides that from numbers alone; :class:`JoinGate` keeps the counts,
 on the event loop.
+
+Failed joins: a join takes its place before its token or certificate is checked, so a
+flood of joins with made-up bootstrap tokens would hold places real agents wait for, and
+cost a store lookup each. So the joins that fail to authenticate are counted per peer
+(:class:`FailedJoins`, a token bucket of :mod:`orchestrator.security.ratelimit`: ``burst``
+failures at once, ``rate`` more per second; ``edgeplane serve --join-failure-rate`` and
+``--join-failure-burst``), and a join from a peer with none left is refused before it takes
+a place or is read, with when it may fail again. Only failures spend: a site behind NAT
+whose agents join well shares its address freely. A join that comes with a verified client
+certificate is counted by the certificate's site, not its address, so a stranger failing
+from an address shared with enrolled agents never holds their rejoins back; first joins
+(bootstrap token, no certificate) and agents without TLS are counted by address.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgeplane_proto import reconnect
+from orchestrator.security import ratelimit
 
 #: Joins worked on at once by default: enough to keep the store's threads busy (a join is a
 #: few milliseconds of them), few enough that none waits long behind the others.
@@ -35,6 +48,12 @@ MIN_RETRY_S = reconnect.RECONNECT_INITIAL_S
 FIRST_JOIN_S = 0.05
 #: Weight of the latest join in the running mean of how long joins take.
 SMOOTHING = 0.2
+#: Failed joins a peer may make at once by default: more than a few agents behind one
+#: address, each with a token gone stale, fail in a reconnect step.
+JOIN_FAILURE_BURST = 20.0
+#: Failed joins a peer earns per second by default (one every 5 s): an agent refused for its
+#: token retries at most every ``reconnect.RECONNECT_MAX_S``; a flood is slowed to this many store lookups.
+JOIN_FAILURE_RATE = 0.2
 
 
 @dataclass(frozen=True)
@@ -93,3 +112,59 @@ class JoinGate:
         """A join ended (granted, refused by the hub, or failed): its place is free again."""
         self.in_progress -= 1
         self._join_s += SMOOTHING * (self._clock() - admitted.started - self._join_s)
+
+
+@dataclass(frozen=True)
+class TooManyFailures:
+    """A join refused because its peer failed too many joins; it may try again in ``retry_after_s``."""
+
+    retry_after_s: float
+    rate: float
+
+
+class FailedJoins:
+    """Failed join authentications per peer, in ``limiter``'s buckets (rate 0: not limited)."""
+
+    def __init__(self, limiter: ratelimit.RateLimiter) -> None:
+        self.limiter = limiter
+        #: Joins refused since start for their peer's failures (``edgeplane_agent_joins_refused_for_failures_total``).
+        self.refused_total = 0
+
+    def check(self, peer: str) -> TooManyFailures | None:
+        """Refuse a join of ``peer`` with none of its failures left; spends nothing."""
+        wait = self.limiter.wait(peer)
+        if wait is None:
+            return None
+        self.refused_total += 1
+        return TooManyFailures(min(max(wait, MIN_RETRY_S), reconnect.PUSHBACK_MAX_S), self.limiter.limit.rate)
+
+    def failed(self, peer: str) -> None:
+        """A join of ``peer`` failed to authenticate: it spends one of its failures."""
+        self.limiter.take(peer)
+
+
+def failure_limit_problem(rate: float, burst: float) -> str | None:
+    """What is wrong with ``--join-failure-rate`` / ``--join-failure-burst``, or None."""
+    if rate < 0 or burst < 0:
+        return "--join-failure-rate and --join-failure-burst must be >= 0"
+    if 0 < rate < ratelimit.MIN_RATE:
+        return f"--join-failure-rate {rate:g} is too slow: give 0 (no limit) or {ratelimit.MIN_RATE:g} failed joins/s or more"
+    if 0 < burst < 1:
+        return f"--join-failure-burst {burst:g} is less than one failed join: give 1 or more (0: the rate)"
+    return None
+
+
+def failed_joins(rate: float = JOIN_FAILURE_RATE, burst: float = JOIN_FAILURE_BURST) -> FailedJoins:
+    return FailedJoins(ratelimit.RateLimiter(ratelimit.RateLimit(rate, burst)))
+
+
+def peer_key(peer: str, site: str | None) -> str:
+    """Whose failures a join spends: ``site:<site>`` for one with a verified client certificate,
+    else ``addr:<host>`` of gRPC's peer string (``ipv4:10.0.0.7:51234``, ``ipv6:[::1]:51234``)."""
+    if site is not None:
+        return f"site:{site}"
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host, sep, port = rest.rpartition(":")
+        return f"addr:{host.strip('[]') if sep and port.isdigit() else rest}"
+    return f"addr:{peer}"

@@ -90,9 +90,10 @@ class AgentControlServicer:
     """
 
     def __init__(self, agent_hub: hub.AgentHub, *, issuer: CertificateIssuer | None = None,
-                 joins: admission.JoinGate | None = None) -> None:
+                 joins: admission.JoinGate | None = None, failures: admission.FailedJoins | None = None) -> None:
         self._hub = agent_hub
         self._joins = joins if joins is not None else admission.JoinGate()
+        self._failures = failures if failures is not None else admission.failed_joins()
         # With an issuer, every stream must come with a client certificate naming its site.
         self._issuer = issuer
 
@@ -114,7 +115,17 @@ class AgentControlServicer:
 
     async def Join(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
         """At most the gate's limit of joins at once: one more is refused before anything of it
-        is read, RESOURCE_EXHAUSTED with when to come back (:mod:`admission`)."""
+        is read, RESOURCE_EXHAUSTED with when to come back (:mod:`admission`); so is, before it
+        takes a place, one from a peer that failed too many joins."""
+        peer = admission.peer_key(context.peer() or "", _peer_site(context))
+        over = self._failures.check(peer)
+        if over is not None:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many agent joins from {peer.partition(':')[2]!r} failed to authenticate (--join-failure-rate "
+                f"{over.rate:g}/s); check its bootstrap token or certificate, and join again in {over.retry_after_s:.1f}s",
+                trailing_metadata=((reconnect.PUSHBACK_KEY, str(round(over.retry_after_s * 1000))),),
+            )
         place = self._joins.enter()
         if isinstance(place, admission.Refused):
             await context.abort(
@@ -124,11 +135,11 @@ class AgentControlServicer:
                 trailing_metadata=((reconnect.PUSHBACK_KEY, str(round(place.retry_after_s * 1000))),),
             )
         try:
-            return await self._join(raw, context)
+            return await self._join(raw, context, peer)
         finally:
             self._joins.leave(place)
 
-    async def _join(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
+    async def _join(self, raw: bytes, context: grpc.aio.ServicerContext, who: str) -> pb.JoinResponse:
         try:
             request = _parse(pb.JoinRequest, raw)
         except _Malformed as exc:
@@ -148,6 +159,7 @@ class AgentControlServicer:
         )
         peer = _peer_site(context)
         if peer is not None and peer != request.site:
+            self._failures.failed(who)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this certificate is for site {peer!r}, not {request.site!r}")
         if request.csr_pem:  # refused before the join touches the site's record
             if self._issuer is None:
@@ -166,6 +178,8 @@ class AgentControlServicer:
                 bootstrap = await self._hub.check_enrolment(request.site, request.bootstrap_token)
             response = (await self._hub.join_async(application, bootstrap)).to_proto()
         except errors.AgentHubError as exc:
+            if isinstance(exc, errors.NotAuthenticated):
+                self._failures.failed(who)
             await context.abort(_status_code(exc), str(exc))
             raise  # unreachable: abort raises
         if request.csr_pem:
@@ -351,13 +365,15 @@ async def start_agent_server(
     sweep_period: float | None = None,
     more: Sequence[grpc.GenericRpcHandler] = (),
     joins: admission.JoinGate | None = None,
+    failures: admission.FailedJoins | None = None,
 ) -> AgentServer:
     """Listen for agents on ``host:port`` (0 = any free port) and start sweeping health;
     ``more`` services share the listener (the replica relay); ``joins`` bounds the joins
-    worked on at once (default :data:`admission.MAX_JOINS`)."""
+    worked on at once (default :data:`admission.MAX_JOINS`), ``failures`` the failed joins
+    a peer may make (default :func:`admission.failed_joins`)."""
     server = grpc.aio.server(options=server_options(max_receive_bytes))
     issuer = mtls.issuer if mtls is not None else None
-    server.add_generic_rpc_handlers((AgentControlServicer(agent_hub, issuer=issuer, joins=joins).handler(), *more))
+    server.add_generic_rpc_handlers((AgentControlServicer(agent_hub, issuer=issuer, joins=joins, failures=failures).handler(), *more))
     address = hostport.address(host, port)
     join_port = None
     if mtls is not None:

@@ -1,8 +1,10 @@
-"""Per-client token buckets for the gateway.
+"""Per-client token buckets: the gateway's rate limit, and the failed agent joins an address may make.
 
 Pure bookkeeping with an injected clock: :meth:`RateLimiter.take` says whether a request
 may pass now and, when not, how long the client should wait (the ``Retry-After``). Keys
 are whatever identifies a client (the bearer token's digest, else the peer address).
+:meth:`RateLimiter.wait` asks the same without spending: the agent service spends only
+for a join that failed, and asks before each join whether its address has any left.
 The table of buckets is bounded: when full, the least recently used key is dropped, so a
 flood of distinct addresses costs memory proportional to ``max_clients`` only.
 """
@@ -54,9 +56,7 @@ class RateLimiter:
         if not self.limit.enabled:
             return None
         now = self._clock()
-        capacity = self.limit.capacity()
-        tokens, updated = self._buckets.pop(key, (capacity, now))
-        tokens = min(capacity, tokens + (now - updated) * self.limit.rate)
+        tokens = self._refilled(key, now)
         if tokens >= cost:
             self._buckets[key] = (tokens - cost, now)
             allowed = None
@@ -66,6 +66,19 @@ class RateLimiter:
         while len(self._buckets) > self._max_clients:
             self._buckets.popitem(last=False)
         return allowed
+
+    def wait(self, key: str, cost: float = 1.0) -> float | None:
+        """What :meth:`take` would answer now, spending nothing and keeping no bucket."""
+        if not self.limit.enabled or key not in self._buckets:
+            return None
+        tokens = self._refilled(key, self._clock())
+        return None if tokens >= cost else (cost - tokens) / self.limit.rate
+
+    def _refilled(self, key: str, now: float) -> float:
+        capacity = self.limit.capacity()
+        tokens, updated = self._buckets.pop(key, (capacity, now))
+        self._buckets[key] = (tokens, updated)  # the most recently used, for the table's bound
+        return min(capacity, tokens + (now - updated) * self.limit.rate)
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pathlib
 
+import grpc
 import httpx
 import pytest
 
+from edgeplane_proto.agent.v1 import agent_pb2 as pb
+from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from orchestrator import server, server_config
 from orchestrator.cli import main as cli_main
 from orchestrator.gatewayd import server as gatewayd
@@ -284,6 +287,7 @@ async def test_api_limits_body_and_objects_per_apply(tmp_path: pathlib.Path) -> 
     # a bucket smaller than one request refuses every request forever, whatever the rate
     (dict(gateway_rate=10.0, gateway_burst=0.5), "--gateway-burst 0.5 is less than one request"),
     (dict(first_token_timeout_s=0.0), "--first-token-timeout must be from 1 to 3600 seconds"),
+    (dict(join_failure_rate=-1.0), "--join-failure-rate"), (dict(join_failure_burst=0.5), "--join-failure-burst 0.5"),
 ])
 async def test_bad_gateway_settings_refuse_to_start(tmp_path: pathlib.Path, overrides: dict[str, object], message: str) -> None:
     with pytest.raises(server_config.ConfigError, match=message):
@@ -319,5 +323,35 @@ async def test_the_store_threads_given_are_the_ones_the_store_runs_its_calls_on(
     fleet = await _control_plane(tmp_path, store_threads=2)
     try:
         assert fleet.cp is not None and fleet.cp.store.threads.threads == 2
+    finally:
+        await fleet.stop()
+
+
+async def test_joins_refused_for_their_addresss_failures_are_counted_in_metrics(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Made-up bootstrap tokens sent to the join port were each looked up in the store, as
+    many as were sent; past --join-failure-burst they are refused unread and counted."""
+    parser = cli_main.build_parser()
+    given = server_config.config_from_args(parser.parse_args(["serve", "--join-failure-rate", "0.01", "--join-failure-burst", "2"]))
+    assert (given.join_failure_rate, given.join_failure_burst) == (0.01, 2.0)
+    fleet = await _control_plane(tmp_path, join_failure_rate=given.join_failure_rate, join_failure_burst=given.join_failure_burst)
+    try:
+        cp = fleet.cp
+        assert cp is not None and cp.ca_file is not None and cp.agent_join_target is not None
+        looked_up = token_lookups.counted(monkeypatch, cp.store)
+        codes = []
+        async with grpc.aio.secure_channel(cp.agent_join_target, grpc.ssl_channel_credentials(cp.ca_file.read_bytes())) as channel:
+            for i in range(5):
+                try:
+                    await pb_grpc.AgentControlStub(channel).Join(
+                        pb.JoinRequest(site="edge-x", bootstrap_token=f"ep_guess{i}", endpoint_url="http://127.0.0.1:9"), timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    codes.append(exc.code())
+        assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 2 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3, codes
+        assert looked_up == ["ep_guess0", "ep_guess1"]
+        async with httpx.AsyncClient(base_url=cp.http_url) as http:
+            metrics = (await http.get("/metrics")).text
+        assert "edgeplane_agent_joins_refused_for_failures_total 3.0" in metrics
+        assert "edgeplane_agent_joins_refused_total 0.0" in metrics
     finally:
         await fleet.stop()
