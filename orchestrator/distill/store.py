@@ -17,7 +17,8 @@ zone whose disk is full would otherwise log every request the gateway samples.
 
 A deployment's ``dailyCap`` is counted where every replica and every restart sees the same
 count: before a batch is written the writer takes its records' share of the day from
-:class:`DailyCounts` (the control plane's state store), and drops the records past it. The
+:class:`DailyCounts` (the control plane's state store), and drops the records past it, counted
+by zone (``edgeplane_capture_capped_total``). The
 gateway's own :class:`~orchestrator.distill.capture.Sampler` only stops queueing what this
 process alone could not keep; a process's memory forgets at a restart, and a second replica
 has its own.
@@ -310,6 +311,8 @@ class CaptureWriter:
                                   "(in records or bytes)", registry=registry) if registry is not None else None
         self._failed_c = Counter("edgeplane_capture_failed", "Captured requests lost because their zone's store could not write them, by zone",
                                  ["zone"], registry=registry) if registry is not None else None
+        self._capped_c = Counter("edgeplane_capture_capped", "Captured requests not kept because their deployment's "
+                                 "capture.dailyCap was reached for the day, by zone", ["zone"], registry=registry) if registry is not None else None
         self._failing: dict[str, str] = {}  # zone -> the error its writes fail with (logged once), until one succeeds
         self._task: asyncio.Task[None] | None = None
 
@@ -379,6 +382,8 @@ class CaptureWriter:
                 continue
             kept.update(id(r) for r, _ in group[:granted])
             self.capped += len(group) - granted
+            if self._capped_c is not None and granted < len(group):
+                self._capped_c.labels(zone).inc(len(group) - granted)
         return [r for r, _ in items if id(r) in kept]
 
     def _lost(self, zone: str, records: list[Record], exc: Exception) -> None:

@@ -10,6 +10,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from starlette.requests import Request
@@ -94,3 +95,21 @@ async def test_records_whose_cap_the_state_store_cannot_count_are_lost_and_count
     [warned] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "zone EU" in warned and "daily cap cannot be counted" in warned
     writer.stores.close()
+
+
+async def test_records_past_the_daily_cap_are_counted_in_metrics_by_zone(tmp_path: pathlib.Path) -> None:
+    """The records a cap refused were counted in the writer's memory alone: /metrics showed
+    the captures and none of the refusals, so a cap set too low read as a quiet cascade."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        capturing(cp.store)
+        await capture_through(cp, CAP)
+        await capture_through(cp, 2)  # as a second gateway, or this one restarted: its own count, the day's in the store
+        [zone] = cp.captures.zones()
+        async with httpx.AsyncClient(base_url=cp.http_url) as http:
+            metrics = (await http.get("/metrics")).text
+        assert f'edgeplane_capture_records_total{{zone="{zone}"}} {CAP}.0' in metrics
+        assert f'edgeplane_capture_capped_total{{zone="{zone}"}} 2.0' in metrics, metrics
+    finally:
+        await fleet.stop()
