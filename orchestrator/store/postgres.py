@@ -130,6 +130,14 @@ INDEX_LOCK = 0x6564_6769  # the session lock of the replica building the events 
 #: own transactions send their statements back to back (milliseconds apart).
 IDLE_IN_TRANSACTION_S = 5.0
 
+#: How long a statement waits for a lock another session holds before it fails, as long as a
+#: call on SQLite waits for a file another process holds (``sqlite.BUSY_TIMEOUT_S``). The
+#: store's own writers hold theirs for milliseconds, a paused one for IDLE_IN_TRANSACTION_S at
+#: most; a session that is not the store's (an operator's psql left open in a transaction
+#: that locked a row, a migration's ALTER TABLE) would otherwise hold the call, and every call
+#: queued behind it on the replica's one connection, for as long as it stays open.
+LOCK_WAIT_S = 30.0
+
 CHANNEL = "edgeplane_changes"  # what a write transaction changed, told to every replica at its commit (NOTIFY)
 
 
@@ -139,7 +147,7 @@ class PostgresStore(SqlStore):
 
     def __init__(self, url: str, clock: Callable[[], float] | None = None, connect_timeout_s: float = 5.0,
                  idle_in_transaction_s: float = IDLE_IN_TRANSACTION_S, threads: int = DEFAULT_THREADS,
-                 wall: Callable[[], float] = time.time):
+                 lock_wait_s: float = LOCK_WAIT_S, wall: Callable[[], float] = time.time):
         """``clock``: the store's time, when given (a test's, to make tokens expire); by default
         the database server's clock, which this replica reads as ``wall`` (its own clock) plus
         their difference, measured on each connection and each lease call (:meth:`now`)."""
@@ -155,6 +163,7 @@ class PostgresStore(SqlStore):
         self._clock = clock if clock is not None else self._database_time
         self._timeout = connect_timeout_s
         self._idle_in_transaction_ms = max(1, round(idle_in_transaction_s * 1000))
+        self._lock_wait_s = lock_wait_s
         self._lock = ConnectionLock()  # the lease's calls first
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
         self._closed = False
@@ -224,7 +233,9 @@ class PostgresStore(SqlStore):
         if self._conn is None or self._conn.closed or self._conn.broken:
             try:
                 self._conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, **self.connect_options())
-                self._conn.execute(f"SET idle_in_transaction_session_timeout = {self._idle_in_transaction_ms}")
+                self._conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false), "
+                                   "set_config('lock_timeout', %s, false)",
+                                   (str(self._idle_in_transaction_ms), str(max(1, round(self._lock_wait_s * 1000)))))
                 self._read_clock(self._conn)  # before any stamp this connection writes
             except psycopg.OperationalError as e:
                 raise StoreUnavailable(f"cannot reach the PostgreSQL store at {self.path}: {_one_line(e)}") from e
@@ -247,7 +258,7 @@ class PostgresStore(SqlStore):
                     return conn.execute(sql, args).fetchall()  # type: ignore[arg-type]
                 except psycopg.Error as e:
                     if attempt == 2 or not conn.broken:
-                        raise _failed(self.path, e) from e
+                        raise self._failed(e) from e
         raise AssertionError("unreachable")
 
     @contextlib.contextmanager
@@ -266,21 +277,30 @@ class PostgresStore(SqlStore):
                     break
                 except psycopg.Error as e:
                     if attempt == 2 or not conn.broken:
-                        raise _failed(self.path, e) from e
+                        raise self._failed(e) from e
             try:
                 yield conn
             except BaseException as e:
                 with contextlib.suppress(psycopg.Error):
                     conn.execute("ROLLBACK")
                 if isinstance(e, psycopg.Error):
-                    raise _failed(self.path, e) from e
+                    raise self._failed(e) from e
                 raise
             try:
                 if commit and self._pending:  # delivered at the commit, never for a rolled-back write
                     conn.execute("SELECT pg_notify(%s, what) FROM unnest(%s::text[]) AS what", (CHANNEL, sorted(self._pending)))
                 conn.execute("COMMIT" if commit else "ROLLBACK")
             except psycopg.Error as e:
-                raise _failed(self.path, e) from e
+                raise self._failed(e) from e
+
+    def _failed(self, error: psycopg.Error) -> StoreError:
+        """The store's error for a failed statement (:func:`_failed`); one that waited out
+        :data:`LOCK_WAIT_S` says what held it."""
+        if isinstance(error, psycopg.errors.LockNotAvailable):
+            return StoreUnavailable(f"the PostgreSQL store at {self.path} waited {self._lock_wait_s:g} s for a lock another "
+                                    "session holds (a transaction left open: see pg_stat_activity) and gave up; retry once "
+                                    f"it ends: {_one_line(error)}")
+        return _failed(self.path, error)
 
     def _changed(self, db: psycopg.Connection[dict[str, Any]], what: str) -> None:
         self._pending.add(what)

@@ -1,11 +1,13 @@
 """PostgreSQL refusing a statement for a while (a failover that leaves the address on a
-read-only standby, a session the server ended idle in a transaction) is the store's own
-StoreUnavailable, never a psycopg error: callers retry it, and the API answers 503 with
-Retry-After, not a bare 500."""
+read-only standby, a session the server ended idle in a transaction, a lock another session
+holds past a while) is the store's own StoreUnavailable, never a psycopg error: callers retry
+it, and the API answers 503 with Retry-After, not a bare 500."""
 
 from __future__ import annotations
 
 import pathlib
+import queue
+import threading
 import time
 
 import httpx
@@ -81,3 +83,41 @@ def test_an_apply_to_a_read_only_database_is_answered_503_with_retry_after(
         assert support.cli("apply", "-f", str(manifest), server_url=server.url).returncode == 0
     finally:
         server.stop()
+
+
+def test_a_lock_another_session_holds_fails_the_call_after_a_while_and_the_store_goes_on(postgres: PostgresServer) -> None:
+    """An operator's psql session left open in a transaction that locked a row the store
+    writes (BEGIN; SELECT ... FOR UPDATE, then lunch) held the store's call, and every call
+    queued behind it on its one connection, for as long as it stayed open: the server ends
+    only the store's own idle transactions. A call now waits for such a lock as long as
+    SQLite waits for a file another process holds, then fails as unavailable, naming it."""
+    url = postgres.create_database()
+    store = PostgresStore(url, lock_wait_s=0.5)
+    outcome: queue.Queue[BaseException | None] = queue.Queue()
+
+    def write_site() -> None:
+        try:
+            store.apply([ObjectWrite("Site", "a", {}, {"x": 2})], Event("t", "apply", "", "", "r"))
+            outcome.put(None)
+        except BaseException as exc:  # handed to the test
+            outcome.put(exc)
+
+    try:
+        store.apply([ObjectWrite("Site", "a", {}, {"x": 1})], Event("t", "apply", "", "", "r"))
+        with psycopg.connect(url) as operator:  # a transaction, as psql's BEGIN opens
+            operator.execute("SELECT * FROM objects WHERE kind = 'Site' AND name = 'a' FOR UPDATE")
+            threading.Thread(target=write_site, daemon=True).start()
+            try:
+                failed = outcome.get(timeout=20)  # a hang guard: the lock is held for as long as this waits
+            except queue.Empty:
+                failed = None
+                pytest.fail("the store's write still waited on the operator's lock after 20 s")
+            finally:
+                operator.rollback()  # the write, were it still waiting, goes on and the thread ends
+            assert isinstance(failed, StoreUnavailable), failed
+            assert "waited 0.5 s for a lock another session holds" in str(failed), failed
+        assert store.get("Site", "a").spec == {"x": 1}  # nothing written
+        store.apply([ObjectWrite("Site", "a", {}, {"x": 2})], Event("t", "apply", "", "", "r"))
+        assert store.get("Site", "a").spec == {"x": 2}
+    finally:
+        store.close()
