@@ -112,9 +112,11 @@ class Agent:
         model_retry: registry.RetryPolicy | None = None,
         clock: Callable[[], float] = time.time,
         reconnect_rng: Jitter | None = None,
+        state_store: state.StateStore | None = None,
     ) -> None:
         """``clock``: this machine's wall clock, which the uplink reads (certificate dates,
-        the times its heartbeats are sent)."""
+        the times its heartbeats are sent). ``state_store``: what keeps the agent's state
+        under its data dir (by default :class:`state.StateStore` on ``config.data_dir``)."""
         self.config = config
         self._clock = clock
         self._reconnect_rng = reconnect_rng  # the uplink's reconnect jitter (its own Random unless given)
@@ -126,7 +128,7 @@ class Agent:
         # container given 2 of a host's 64 would otherwise run 64 models at once on them
         self.workers = config.workers or self._probe.cpu_cores()
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="infer")
-        self.store = state.StateStore(config.data_dir)
+        self.store = state_store if state_store is not None else state.StateStore(config.data_dir)
         self.cache = artifacts.ArtifactCache(config.data_dir / "cache", allow_file_urls=config.allow_file_artifacts,
                                              max_bytes=config.max_artifact_bytes, unpack_root=self.models_dir)
         load_onnx = functools.partial(onnx.OnnxModel.load, intra_op_threads=config.intra_op_threads,
@@ -344,7 +346,9 @@ class Agent:
 
     async def _receive_assignments(self, desired: assignments.AssignmentSet) -> None:
         try:
-            self.store.save_assignments(self.config.site, desired)  # intent first, then act
+            # intent first, then act; in a worker thread, since its fsync may take seconds on a slow
+            # disk (an SD card, one busy with a download) and the loop serves inference meanwhile
+            await asyncio.to_thread(self.store.save_assignments, self.config.site, desired)
         except OSError as exc:  # a full or failing disk: the control plane's word still holds
             log.error("cannot save assignment set v%d in %s: %s; acting on it anyway (a restart while the control plane "
                       "is unreachable would serve the last set saved)", desired.version, self.config.data_dir, exc.strerror or exc)

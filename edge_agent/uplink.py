@@ -370,18 +370,19 @@ class Uplink:
         agent_tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode(), received_at=self._clock())
         assert self._renewal is not None  # made with the TLS material
         self._renewal.forget()
-        self._adopt(state.Identity(self._facts.site, response.agent_id, response.credential))
+        await self._adopt(state.Identity(self._facts.site, response.agent_id, response.credential))
         log.info("enrolled: client certificate for site %s issued by the control plane's CA", self._facts.site)
 
-    def _adopt(self, identity: state.Identity) -> None:
+    async def _adopt(self, identity: state.Identity) -> None:
         """Take the identity the control plane issued, and write it unless ``identity.json``
         already holds it. Held in memory first, so that a save that fails (a full disk) still
         rejoins as this agent, and compared with the file, not with memory, so that the next
         join writes what the failed save could not: a restart would otherwise spend the
-        bootstrap token again."""
+        bootstrap token again. Written in a worker thread: its fsync may take seconds on a
+        slow disk, during which the event loop serves inference and health probes."""
         self.identity = identity
         if identity != self._saved_identity:
-            self._store.save_identity(identity)
+            await asyncio.to_thread(self._store.save_identity, identity)
             self._saved_identity = identity
 
     def _join_request(self) -> tuple[pb.JoinRequest, tuple[tuple[str, str], ...]]:
@@ -410,7 +411,7 @@ class Uplink:
         self._answered = True
         if certificate is not None and csr is not None:
             certificate.renewed(csr[0], response)
-        self._adopt(state.Identity(self._facts.site, response.agent_id, response.credential))
+        await self._adopt(state.Identity(self._facts.site, response.agent_id, response.credential))
         if response.heartbeat_interval_ms:
             self.interval = response.heartbeat_interval_ms / 1000
         log.info(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from edge_agent import capacity, daemon, httplistener, httpmessages, registry, retry
+from edge_agent import capacity, daemon, httplistener, httpmessages, registry, retry, state
 from orchestrator.agents import auth, hub, model, relay, relay_leader, service
 from orchestrator.testing import onnx_models
 
@@ -245,6 +245,7 @@ async def make_agent(tmp_path: pathlib.Path) -> AsyncIterator[MakeAgent]:
         reconnect_rng: retry.Jitter | None = None,
         probe: capacity.CapacityProbe | None = None,
         load_model: registry.Loader | None = None,
+        state_store: state.StateStore | None = None,
         **overrides: object,
     ) -> daemon.Agent:
         config = daemon.AgentConfig(
@@ -265,7 +266,7 @@ async def make_agent(tmp_path: pathlib.Path) -> AsyncIterator[MakeAgent]:
             **overrides,  # type: ignore[arg-type]
         )
         agent = daemon.Agent(config, probe=probe, load_model=load_model, model_retry=model_retry or registry.RetryPolicy(),
-                             clock=clock, reconnect_rng=reconnect_rng)
+                             clock=clock, reconnect_rng=reconnect_rng, state_store=state_store)
         await agent.start()
         started.append(agent)
         return agent
