@@ -172,7 +172,7 @@ class Agent:
         """Unpacked generative-model packages, one folder per sha256."""
         return self.config.data_dir / "models"
 
-    def _load_package(self, package: pathlib.Path, sha256: str) -> genai.GenAIModel:
+    def _load_package(self, package: pathlib.Path, sha256: str, cuda: bool) -> genai.GenAIModel:
         from edge_agent import packages
         from edge_agent.runtime import genai
 
@@ -180,14 +180,15 @@ class Agent:
             directory = packages.unpack(package, sha256, self.models_dir)
         except OSError as exc:  # a full or read-only disk: reported, retried, old version kept
             raise errors.ModelLoadError(f"cannot unpack package {sha256[:12]} into {self.models_dir}: {exc.strerror or exc}") from exc
-        return genai.GenAIModel.load(directory, self.generative_options())
+        return genai.GenAIModel.load(directory, self.generative_options(cuda))
 
-    def generative_options(self) -> genai.LoadOptions:
-        """How this agent loads its generative packages: on CUDA only where it runs its models
-        on a GPU (the probe's decision, which the registry's memory check follows too)."""
+    def generative_options(self, cuda: bool) -> genai.LoadOptions:
+        """How this agent loads a generative package: on CUDA as the registry weighed its load
+        (``cuda``: the probe's ``generative_on_cuda`` when the load began, asked once for both,
+        since a capacity probe may find a GPU gone or come in between)."""
         from edge_agent.runtime import genai
 
-        return genai.LoadOptions(cuda=self._probe.generative_on_cuda(), spin_between_runs=self.config.spin_between_runs,
+        return genai.LoadOptions(cuda=cuda, spin_between_runs=self.config.spin_between_runs,
                                  spin_after_run_us=self.config.spin_after_run_us)
 
     # -- Reporter protocol for the uplink ---------------------------------------------

@@ -128,8 +128,8 @@ class _Slot:
 
 
 Loader = Callable[[bytes], onnx.OnnxModel]
-#: Loads a generative package: (the cached package file, its sha256) -> the model.
-PackageLoader = Callable[[pathlib.Path, str], "genai.GenAIModel"]
+#: Loads a generative package: (the cached package file, its sha256, whether on a GPU) -> the model.
+PackageLoader = Callable[[pathlib.Path, str, bool], "genai.GenAIModel"]
 
 
 class ModelRegistry:
@@ -153,8 +153,8 @@ class ModelRegistry:
         self._cache = cache
         self._load = load
         self._load_package = load_package
-        # whether a generative model's KV cache will be in GPU memory (placement counts it),
-        # not this machine's: the decision its package loader follows (daemon)
+        # whether a generative model loads on a GPU, its KV cache in GPU memory (placement
+        # counts it), not this machine's: asked once a load, which is weighed and made so
         self._generative_on_gpu = generative_on_gpu
         self._memory_available = memory_available  # bytes this agent may still use (None: not measured)
         # what requests in flight may hold while a load of (need) bytes runs, with (available) free
@@ -315,12 +315,15 @@ class ModelRegistry:
             runtime: onnx.OnnxModel | genai.GenAIModel
             async with self._loads:  # one at a time: each weighed against what the one before left free
                 if want.runtime == assignments.RUNTIME_GENAI and self._load_package is not None:
-                    kv_per_token, context = await asyncio.to_thread(_host_kv, path, self._generative_on_gpu)
+                    # one answer for the weighing and the load: the GPUs a probe finds may change
+                    # between them (the first answer may import onnxruntime-genai: on a thread)
+                    on_gpu = await asyncio.to_thread(self._generative_on_gpu)
+                    kv_per_token, context = (0, 0) if on_gpu else await asyncio.to_thread(footprint.package_kv, path)
                     need = self._weigh(footprint.genai_need(path.stat().st_size, kv_per_token, context,
                                                             want.max_concurrent_sequences or admission.DEFAULT_MAX_CONCURRENT))
                     self._loading(need)
                     try:
-                        runtime = await self._to_its_end(asyncio.to_thread(self._load_package, path, want.sha256))
+                        runtime = await self._to_its_end(asyncio.to_thread(self._load_package, path, want.sha256, on_gpu))
                     finally:
                         self._loading(0)
                 else:
@@ -390,13 +393,6 @@ class ModelRegistry:
         slot.message += f"; retrying in {delay:.1f}s (failed {slot.failures}x)"
         log.error("model %s sha256 %s failed: %s", want.model, want.sha256[:12], slot.message)
         self._on_change()
-
-
-def _host_kv(package: pathlib.Path, on_gpu: Callable[[], bool]) -> tuple[int, int]:
-    """The package's KV bytes per token and context length where its cache will be in this
-    machine's memory; (0, 0) where it will be on a GPU, whose memory placement counts. (On
-    a thread: the first answer of ``on_gpu`` may import onnxruntime-genai.)"""
-    return (0, 0) if on_gpu() else footprint.package_kv(package)
 
 
 def _retrieved(task: asyncio.Future[object]) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -90,13 +90,16 @@ def test_why_there_is_no_gpu(visible: str | None, nvml: bool, says: str) -> None
     assert says in capacity.no_gpu_reason(visible, nvml)
 
 
-def in_container(root: pathlib.Path, free: int, gpus: Sequence[capacity.Gpu]) -> capacity.CapacityProbe:
-    """A probe of onnxruntime-gpu and onnxruntime-genai-cuda (the gpu extra) in a container
-    of 1 GiB with ``free`` bytes of it free, NVML seeing ``gpus``."""
+def in_container(root: pathlib.Path, free: int, gpus: Sequence[capacity.Gpu] | Callable[[], tuple[capacity.Gpu, ...]], *,
+                 genai_cuda: Callable[[], bool] = lambda: True) -> capacity.CapacityProbe:
+    """A probe of onnxruntime-gpu and onnxruntime-genai-cuda (the gpu extra: ``genai_cuda``
+    answers whether it has CUDA) in a container of 1 GiB with ``free`` bytes of it free, NVML
+    seeing ``gpus`` (or what it returns at each probe)."""
     cgroups = root / "cgroup"
     files(cgroups, cgroup_controllers="cpu memory")
     files(cgroups / "agent", memory_max=str(1 << 30), memory_current=str((1 << 30) - free))
-    return capacity.CapacityProbe(lambda: GPU_BUILD, gpus=lambda: tuple(gpus), genai_cuda=lambda: True,
+    seen = gpus if callable(gpus) else lambda: tuple(gpus)
+    return capacity.CapacityProbe(lambda: GPU_BUILD, gpus=seen, genai_cuda=genai_cuda,
                                   proc=fake_proc(root, "0::/agent\n"), cgroup_root=cgroups)
 
 
@@ -106,8 +109,9 @@ async def test_a_generative_model_without_a_gpu_loads_on_the_cpu_its_kv_cache_we
     kv = small.kv_bytes_per_token * small.context_length
     # its weights and the caches of 8 sequences, beside the least requests in flight may hold
     free = int(1.25 * small.size_bytes) + 8 * kv + inflight.MIN_DEFAULT_BYTES
-    agent = await make_agent(control_plane, probe=in_container(tmp_path, free, ()), model_retry=FAST_RETRY)
-    options = agent.generative_options()
+    probe = in_container(tmp_path, free, ())
+    agent = await make_agent(control_plane, probe=probe, model_retry=FAST_RETRY)
+    options = agent.generative_options(probe.generative_on_cuda())
     assert (options.cuda, options.providers) == (False, [])
     control_plane.hub.set_assignments(SITE, [genai_serving.assignment(packages.small_url, small.sha256, concurrent=64)], version=1)
     refused = await genai_serving.wait_state(control_plane, lambda s: s.phase is model.ModelPhase.FAILED)
@@ -122,8 +126,9 @@ async def test_a_generative_model_with_a_gpu_is_configured_for_cuda_its_kv_cache
     small = packages.small
     # too little for its weights: refused before a load on CUDA is tried, saying what it was weighed with
     free = small.size_bytes + inflight.MIN_DEFAULT_BYTES
-    agent = await make_agent(control_plane, probe=in_container(tmp_path, free, (L4,)), model_retry=FAST_RETRY)
-    options = agent.generative_options()
+    probe = in_container(tmp_path, free, (L4,))
+    agent = await make_agent(control_plane, probe=probe, model_retry=FAST_RETRY)
+    options = agent.generative_options(probe.generative_on_cuda())
     assert (options.cuda, options.providers, options.provider) == (True, ["cuda"], "CUDAExecutionProvider")
     control_plane.hub.set_assignments(SITE, [genai_serving.assignment(packages.small_url, small.sha256, concurrent=64)], version=1)
     refused = await genai_serving.wait_state(control_plane, lambda s: s.phase is model.ModelPhase.FAILED)
@@ -208,3 +213,30 @@ def test_generative_models_follow_a_gpu_seen_after_the_start() -> None:
     nvml.gpus = ()
     probe.capacity()
     assert probe.generative_on_cuda() is False
+
+
+async def test_a_gpu_lost_while_a_generative_model_is_weighed_does_not_load_it_unweighed_on_the_cpu(
+        control_plane: ControlPlane, make_agent: MakeAgent, packages: genai_serving.Packages, tmp_path: pathlib.Path) -> None:
+    """A generative load asked where it runs twice: when it was weighed (on a GPU: its KV cache
+    in GPU memory, left to placement) and again when it loaded. A capacity probe between the
+    two (a heartbeat's) that found the GPU gone had it load on the CPU, the KV cache of its 64
+    sequences never weighed against this machine's memory, which it does not fit. A load now
+    runs where it was weighed (on CUDA: it fails, as a load on a GPU just lost does), and the
+    next attempt is weighed for the CPU and refused, saying why."""
+    small = packages.small
+    kv = small.kv_bytes_per_token * small.context_length
+    free = int(1.25 * small.size_bytes) + 8 * kv + inflight.MIN_DEFAULT_BYTES  # its weights and 8 sequences' caches
+    nvml = GpuLater()
+    nvml.gpus = (L4,)
+
+    def lost_while_weighed() -> bool:  # onnxruntime-genai asked whether it has CUDA: at the first load weighed for a GPU
+        nvml.gpus = ()
+        probe.capacity()  # a heartbeat's probe, meanwhile, finds the GPU gone
+        return True
+
+    probe = in_container(tmp_path, free, nvml, genai_cuda=lost_while_weighed)
+    await make_agent(control_plane, probe=probe, model_retry=FAST_RETRY)
+    control_plane.hub.set_assignments(SITE, [genai_serving.assignment(packages.small_url, small.sha256, concurrent=64)], version=1)
+    ended = await genai_serving.wait_state(control_plane, lambda s: s.phase is model.ModelPhase.READY or "KV cache" in s.message)
+    assert ended.phase is model.ModelPhase.FAILED, (ended.phase, ended.provider)  # never on the CPU unweighed
+    assert f"{64 * kv / MB:.1f} MB of KV cache for 64 sequence(s)" in ended.message, ended.message
