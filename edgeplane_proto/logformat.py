@@ -85,7 +85,8 @@ class JsonFormatter(logging.Formatter):
         try:
             return json.dumps(out, default=str, allow_nan=False)
         except Exception:  # a field JSON cannot write (a key that is no text, a loop, NaN, no str()): that field as text
-            return json.dumps({key: _writable(value) for key, value in out.items()}, default=str, allow_nan=False)
+            return json.dumps({key if isinstance(key, str) else _text(key, str): _writable(value) for key, value in out.items()},
+                              default=str, allow_nan=False)
 
 
 def _writable(value: Any) -> Any:

@@ -42,13 +42,14 @@ def _strict(text: str) -> dict[str, Any]:
     ("%s and %s", ("one",), None, "%s and %s", {}),  # too few
     (Unprintable(), (), None, None, {}),  # a message with no text
     ("ok", (), {"table": {(1, 2): 3}}, "ok", {"table": "{(1, 2): 3}"}),  # a key JSON cannot write
+    ("ok", (), {(1, 2): 3}, "ok", {"(1, 2)": 3}),  # a field whose own name is no text
     ("ok", (), {"loop": _looped()}, "ok", {"loop": "{'self': {...}}"}),  # a value that holds itself
     ("ok", (), {"ratio": float("nan"), "big": float("inf")}, "ok", {"ratio": "nan", "big": "inf"}),
     ("ok", (), {"who": Unprintable()}, "ok", None),  # a value with no text
     ("ok", (), {"raw": b"\xff\xfe"}, "ok", {"raw": "b'\\xff\\xfe'"}),  # bytes that are no UTF-8
     ("path %s", ("/tmp/\udcff",), None, "path /tmp/\udcff", {}),  # a lone surrogate (a file name read with surrogateescape)
     ("x" * 1_000_000, (), None, "x" * 1_000_000, {}),
-], ids=["args-wrong-type", "args-too-few", "msg-unprintable", "key-not-text", "cycle", "nan", "value-unprintable", "bytes",
+], ids=["args-wrong-type", "args-too-few", "msg-unprintable", "key-not-text", "field-name-not-text", "cycle", "nan", "value-unprintable", "bytes",
         "surrogate", "long"])
 def test_an_odd_record_is_still_one_json_line(msg: Any, args: tuple[Any, ...], extra: dict[str, Any] | None, said: str | None,
                                               fields: dict[str, Any] | None, capsys: pytest.CaptureFixture[str]) -> None:
