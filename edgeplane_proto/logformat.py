@@ -24,9 +24,10 @@ character of a record (C0, DEL, C1, and the Unicode line and paragraph separator
 written as its Python escape (``\n``, ``\r``, ``\t``, ``\x1b``, ``\x9b``, ``\u2028``) by
 :class:`TextFormatter`, the one place that writes text lines: one record is one line, a
 traceback's own line breaks excepted. ``json`` escapes them as JSON does. An access line also
-cuts a caller's value (the model, the site) to :data:`MAX_VALUE` characters, and in text
-writes its spaces as ``\x20``, so that its ``key=value`` fields cannot be faked either
-(:func:`access_value`). docs/security.md says the same."""
+cuts the model (only one the server knows: :class:`AccessLog`) and the site (what a
+replica's answer said) to :data:`MAX_VALUE` characters, and in text writes their spaces as
+``\x20``, so that its ``key=value`` fields cannot be faked either (:func:`access_value`).
+docs/security.md says the same."""
 
 from __future__ import annotations
 
@@ -179,7 +180,7 @@ def access_log(enabled: bool, known: Callable[[str], bool]) -> AccessLog | None:
 
 
 def access_value(value: str | None) -> str | None:
-    """A caller's ``value`` as an access line keeps it: its first :data:`MAX_VALUE` characters,
+    """``value`` (a model, a site) as an access line keeps it: its first :data:`MAX_VALUE` characters,
     then ``...(+N)`` for the N left out."""
     if value is None or len(value) <= MAX_VALUE:
         return value
