@@ -58,6 +58,20 @@ class KubernetesRejected(KubernetesError):
     retryable = False
 
 
+class CredentialsUnanswered(KubernetesError):
+    """Loading a kubeconfig context ran its credential command (``command``, by file name;
+    None if it could not be told), which has not answered in ``waited_s``; ``again``: an
+    earlier try gave up on the same run, still running, and this one waited on it anew."""
+
+    def __init__(self, command: str | None, context: str | None, waited_s: float, again: bool = False) -> None:
+        said = (f"the kubeconfig's credential command ({command}) has not answered in {waited_s:g} s" if command
+                else f"loading kubeconfig context {context!r} has not ended in {waited_s:g} s")
+        if again:
+            said += ", and is still running: waited on again, not run again"
+        super().__init__(said)
+        self.command, self.context, self.waited_s, self.again = command, context, waited_s, again
+
+
 #: ``spec.kubernetes.context`` naming the cluster the control plane runs in, reached with
 #: its pod's service account (``manifests/deploy/rbac.yaml`` grants it RayServices).
 IN_CLUSTER = "in-cluster"
@@ -74,6 +88,34 @@ def api_client_for(context: str | None = None, config_file: str | None = None, *
         return kubernetes.config.new_client_from_config(config_file=config_file, context=context)
     except (kubernetes.config.ConfigException, OSError) as exc:
         raise KubernetesError(f"cannot load kubeconfig context {context!r}: {exc}") from exc
+
+
+def credential_command(context: str | None = None, config_file: str | None = None) -> str | None:
+    """The command loading ``context`` runs for its credentials, by file name (``aws`` for
+    ``aws eks get-token``): its user's exec plugin, or a legacy auth provider's ``cmd-path``.
+    None if it runs none, or the kubeconfig cannot be read (loading it says why). Reads the
+    kubeconfig only: it runs nothing."""
+    if context == IN_CLUSTER:
+        return None
+    try:
+        merged = kubernetes.config.kube_config.KubeConfigMerger(config_file or kubernetes.config.KUBE_CONFIG_DEFAULT_LOCATION).config
+        config = merged.value if merged is not None else {}
+        name = context or config.get("current-context")
+        entry = _named(config.get("contexts"), name).get("context") or {}
+        user = _named(config.get("users"), entry.get("user")).get("user") or {}
+        command = (user.get("exec") or {}).get("command") or str(((user.get("auth-provider") or {}).get("config") or {}).get("cmd-path") or "")
+    except (kubernetes.config.ConfigException, OSError, yaml.YAMLError, AttributeError, TypeError):
+        return None
+    return os.path.basename(command.split()[0]) if isinstance(command, str) and command.split() else None
+
+
+def _named(entries: Any, name: Any) -> Mapping[str, Any]:
+    """The entry named ``name`` of a kubeconfig list (merged ones are ConfigNodes); {} if none."""
+    for entry in entries or ():
+        value = getattr(entry, "value", entry)
+        if isinstance(value, Mapping) and value.get("name") == name:
+            return value
+    return {}
 
 
 def _in_cluster_client(environ: Mapping[str, str] | None, service_account_dir: str | None) -> Any:

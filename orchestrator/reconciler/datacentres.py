@@ -17,7 +17,7 @@ from typing import Any
 
 from orchestrator.adapters import kuberay, local_ray, ray_serve, rayservice, serve_config
 from orchestrator.manifests import schema
-from orchestrator.reconciler import applications
+from orchestrator.reconciler import applications, kube_clients
 from orchestrator.store import values
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,13 @@ def target_of(spec: schema.SiteSpec) -> str | None:
 
 
 class DataCentres:
-    def __init__(self, local: LocalRay, kube_factory: ActuatorFactory | None = None, kubeconfig: str | None = None):
+    def __init__(self, local: LocalRay, kube_factory: ActuatorFactory | None = None, kubeconfig: str | None = None,
+                 credentials_wait_s: float = kube_clients.WAIT_S):
         self.local = local
         self._kube_factory = kube_factory
-        self._kubeconfig = kubeconfig  # the file KubeRay sites' contexts are read from; None: $KUBECONFIG, else ~/.kube/config
+        # KubeRay sites' clients, from the contexts of ``kubeconfig`` (None: $KUBECONFIG, else ~/.kube/config),
+        # each waited on ``credentials_wait_s`` at most at a try
+        self._kube_clients = kube_clients.ClientLoads(kubeconfig, credentials_wait_s)
         # by site: its spec, its actuator, and for the embedded cluster the endpoints of the
         # one it drives (a new head has new ports: an actuator on the old one reaches nothing)
         self._actuators: dict[str, tuple[schema.SiteSpec, serve_config.DataCentreActuator, local_ray.LocalRayEndpoints | None]] = {}
@@ -128,8 +131,9 @@ class DataCentres:
             return self._kube_factory(site, spec)
         assert spec.kubernetes is not None  # SiteSpec guarantees ray or kubernetes for a data centre
         # loading a kubeconfig may run its exec credential plugin (aws eks get-token, say), which takes
-        # seconds or waits on a login: in a worker thread, it holds up this site's call alone
-        client = await asyncio.to_thread(kuberay.api_client_for, spec.kubernetes.context, self._kubeconfig)
+        # seconds or waits on a login: in a thread of its own, waited on a bounded time, it holds up
+        # this site's call alone, and only that long
+        client = await self._kube_clients.client(site, spec.kubernetes.context)
         shape = rayservice.RayClusterShape(llm_image=spec.kubernetes.llmImage) if spec.kubernetes.llmImage else None
         return kuberay.KubeRayActuator(client, spec.kubernetes.namespace, site, shape=shape)
 
@@ -189,4 +193,5 @@ class DataCentres:
 
     async def close(self) -> None:
         await self.forget(set())
+        await self._kube_clients.close()
         await self.local.stop()

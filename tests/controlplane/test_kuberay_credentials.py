@@ -4,11 +4,17 @@ holds up only itself, as a slow Kubernetes API does: loading the kubeconfig runs
 command, and run on the control plane's event loop it held the whole control plane (every
 pass, heartbeat and API call) until the command answered. The command here is a real
 process the test holds until it releases it; the Kubernetes API is the stateful emulator
-(kmock) over real HTTP; the edge agent is joined to a real hub."""
+(kmock) over real HTTP; the edge agent is joined to a real hub.
+
+A command that never answers (one waiting on a browser login, or on a network call that
+never ends) is waited on a bounded time: its site is then out of reach, saying which
+command has not answered, and tried again on its backoff, which waits on the same run
+rather than running the command again."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -27,12 +33,13 @@ from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness, manifests
 from tests.controlplane import datacentres, support
 
-#: An exec credential plugin that says it started, then answers once the test writes to its
-#: FIFO (20 s at most, so that a control plane it holds still ends), and says it answered.
+#: An exec credential plugin that says it started (a line a run), then answers once the test
+#: writes to its FIFO (20 s at most, so that a control plane it holds still ends), and says it answered.
 PLUGIN = """
 import json, os, select, sys
 folder = sys.argv[1]
-open(os.path.join(folder, "started"), "w").close()
+with open(os.path.join(folder, "started"), "a") as runs:
+    runs.write("run\\n")
 fifo = os.open(os.path.join(folder, "release"), os.O_RDONLY | os.O_NONBLOCK)
 select.select([fifo], [], [], 20)
 open(os.path.join(folder, "answered"), "w").close()
@@ -62,13 +69,20 @@ def release(folder: pathlib.Path) -> None:
             fifo.write("go\n")
 
 
-@pytest.fixture
-async def held(tmp_path: pathlib.Path, kube: kmock.KubernetesEmulator) -> AsyncIterator[tuple[loop.Reconciler, store_mod.Store, pathlib.Path]]:
-    """A reconciler whose data centres are reached through the kubeconfig above, its loop running."""
+def runs(folder: pathlib.Path) -> int:
+    """How many times the plugin was run."""
+    return len((folder / "started").read_text().splitlines()) if (folder / "started").exists() else 0
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: pathlib.Path, kube: kmock.KubernetesEmulator,
+                  **datacentres: float) -> AsyncIterator[tuple[loop.Reconciler, store_mod.Store, pathlib.Path]]:
+    """A reconciler whose data centres (built with ``datacentres``) are reached through the
+    kubeconfig above, its loop running."""
     folder = tmp_path / "plugin"
     folder.mkdir()
     store = store_mod.Store(tmp_path / "state.db")
-    through = dc_mod.DataCentres(dc_mod.LocalRay(), kubeconfig=str(kubeconfig(folder, str(kube.url).rstrip("/"))))
+    through = dc_mod.DataCentres(dc_mod.LocalRay(), kubeconfig=str(kubeconfig(folder, str(kube.url).rstrip("/"))), **datacentres)
     _, reconciler = support.reconciler_with_agents(store, ("edge-a",), tmp_path, through)
     reconciler.resync_s = 0.2
     running = asyncio.create_task(reconciler.run())
@@ -82,6 +96,21 @@ async def held(tmp_path: pathlib.Path, kube: kmock.KubernetesEmulator) -> AsyncI
         await asyncio.gather(running, return_exceptions=True)
         await reconciler.datacentres.close()
         store.close()
+
+
+@pytest.fixture
+async def held(tmp_path: pathlib.Path, kube: kmock.KubernetesEmulator) -> AsyncIterator[tuple[loop.Reconciler, store_mod.Store, pathlib.Path]]:
+    """A reconciler reaching its data centres through the kubeconfig above, waiting on its command as long as it takes here."""
+    async with running(tmp_path, kube) as started:
+        yield started
+
+
+@pytest.fixture
+async def held_past_bound(tmp_path: pathlib.Path,
+                          kube: kmock.KubernetesEmulator) -> AsyncIterator[tuple[loop.Reconciler, store_mod.Store, pathlib.Path]]:
+    """The same, waiting on the command half a second at a time."""
+    async with running(tmp_path, kube, credentials_wait_s=0.5) as started:
+        yield started
 
 
 async def test_a_kuberay_site_whose_credentials_command_is_held_is_waited_for_and_holds_up_nothing_else(
@@ -114,3 +143,31 @@ async def test_a_kuberay_site_whose_credentials_command_is_held_is_waited_for_an
     await harness.wait_until(lambda: datacentres.has_rayservice(kube, "dc-1"), 30, what="dc-1's RayService")
     assert "ep-d.v.dc-1" in kube.objects[datacentres.RES, "ns-dc-1", "edgeplane-dc-1"]["spec"]["serveConfigV2"]
     await harness.wait_until(lambda: status("Site", "dc-1").get("health") == "Healthy", 30, what="dc-1 Healthy")
+
+
+async def test_a_kuberay_site_whose_credentials_command_does_not_answer_in_time_is_unreachable_saying_so_and_the_command_is_not_run_again(
+        held_past_bound: tuple[loop.Reconciler, store_mod.Store, pathlib.Path], kube: kmock.KubernetesEmulator) -> None:
+    reconciler, store, folder = held_past_bound
+    catalog.apply_documents(store, loader.load_text(datacentres.bundle(
+        datacentres.site("dc-1", on="kubernetes: {context: slow, namespace: ns-dc-1}"), datacentres.MODEL,
+        datacentres.deployment("d", "dc-1"))), actor="test")
+    reconciler.applied("test")
+
+    def site() -> dict[str, object]:
+        stored = store.get("Site", "dc-1")
+        return dict(stored.status) if stored is not None else {}
+
+    command = pathlib.Path(sys.executable).name
+    await harness.wait_until(lambda: site().get("health") == "Unreachable", 30, what="dc-1 Unreachable")
+    assert site().get("error") == f"the kubeconfig's credential command ({command}) has not answered in 0.5 s", site()
+    # tried again on its backoff: the run still held is waited on again, and the command not run again
+    await harness.wait_until(lambda: "still running" in str(site().get("error")), 30, what="dc-1 tried again")
+    assert site().get("health") == "Unreachable"
+    assert runs(folder) == 1, "the credential command was run again while its first run was held"
+    errors = [e.reason for e in store.events(kind="Site", name="dc-1", limit=100) if e.action == "datacentre-error"]
+    assert any(command in e and "has not answered in 0.5 s" in e for e in errors), errors
+
+    release(folder)
+    await harness.wait_until(lambda: site().get("health") == "Healthy", 30, what="dc-1 Healthy")
+    await harness.wait_until(lambda: datacentres.has_rayservice(kube, "dc-1"), 30, what="dc-1's RayService")
+    assert runs(folder) == 1, "the credential command was run again once it answered"

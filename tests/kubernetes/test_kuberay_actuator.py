@@ -395,6 +395,39 @@ def test_the_in_cluster_context_uses_the_pods_service_account(tmp_path: pathlib.
         kuberay.api_client_for(kuberay.IN_CLUSTER, environ=pod, service_account_dir=str(tmp_path / "missing"))
 
 
+KUBECONFIG = {
+    "apiVersion": "v1", "kind": "Config", "current-context": "eks",
+    "clusters": [{"name": "c", "cluster": {"server": "https://k.example"}}],
+    "users": [{"name": "eks", "user": {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": "/usr/local/bin/aws",
+                                                "args": ["eks", "get-token"]}}},
+              {"name": "legacy", "user": {"auth-provider": {"name": "gcp", "config": {"cmd-path": "/opt/sdk/bin/gcloud config config-helper"}}}},
+              {"name": "token", "user": {"token": "t"}}],
+    "contexts": [{"name": n, "context": {"cluster": "c", "user": n}} for n in ("eks", "legacy", "token")]
+                + [{"name": "nobody", "context": {"cluster": "c"}}],
+}
+
+
+@pytest.mark.parametrize(("context", "command"), [
+    (None, "aws"),  # the current context
+    ("eks", "aws"),
+    ("legacy", "gcloud"),
+    ("token", None),
+    ("nobody", None),
+    ("unknown", None),
+    (kuberay.IN_CLUSTER, None),
+])
+def test_the_credential_command_a_context_runs_is_named_by_its_file_name(tmp_path: pathlib.Path, context: str | None,
+                                                                          command: str | None) -> None:
+    (tmp_path / "config").write_text(yaml.safe_dump(KUBECONFIG))
+    assert kuberay.credential_command(context, str(tmp_path / "config")) == command
+
+
+def test_no_credential_command_is_named_from_a_kubeconfig_that_cannot_be_read(tmp_path: pathlib.Path) -> None:
+    assert kuberay.credential_command("eks", str(tmp_path / "missing")) is None
+    (tmp_path / "broken").write_text("users: [unclosed")
+    assert kuberay.credential_command("eks", str(tmp_path / "broken")) is None
+
+
 async def test_a_gpu_application_added_and_removed_keeps_the_worker_groups_in_place(
         kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator) -> None:
     def groups() -> list[tuple[str, int]]:
