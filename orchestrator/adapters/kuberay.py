@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import kubernetes
@@ -50,6 +50,14 @@ class KubernetesUnreachable(KubernetesError):
 
 class KubernetesAuthError(KubernetesError):
     retryable = False
+
+
+class CredentialsRefused(KubernetesAuthError):
+    """The API server answered 401 Unauthorized to a client its actuator can load anew: its
+    credentials (a token its credential command gave, or none as the command failed) were
+    refused, and the next try loads its kubeconfig context again, running the command again."""
+
+    retryable = True
 
 
 class KubernetesRejected(KubernetesError):
@@ -138,6 +146,11 @@ class KubeRayActuator:
 
     ``api_client`` is a ``kubernetes.client.ApiClient`` (the seam: point it at any API
     server). With no applications the RayService, and the Ray cluster with it, is deleted.
+    ``reload`` loads the site's client anew (its kubeconfig context, running its credential
+    command again): after the API server answers 401 Unauthorized, the next apply or observe
+    (the site's next try, on its backoff) takes a client from it first. A credential command that failed leaves the kubernetes client with
+    no credentials, and a token whose refresh failed stays expired, both for good: without a
+    new load the site was refused until its spec changed or the control plane restarted.
     """
 
     def __init__(
@@ -149,9 +162,12 @@ class KubeRayActuator:
         shape: rayservice.RayClusterShape | None = None,
         serve_url: str | None = None,
         request_timeout_s: float = 30.0,
+        reload: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
         self._api = kubernetes.client.CustomObjectsApi(api_client)
         self._api_client = api_client
+        self._reload = reload
+        self._refused = False  # the last call was answered 401: the next loads the client anew first
         self._namespace = namespace
         self._site = site
         self._shape = shape or rayservice.RayClusterShape()
@@ -184,6 +200,7 @@ class KubeRayActuator:
                 raise ValueError(
                     f"application {app.name!r} lacks the {serve_config.OWNED_PREFIX!r} prefix"
                 )
+        await self._reloaded()
         if self._earlier is not None:
             await self._delete_earlier(self._earlier)
             self._earlier = None
@@ -251,6 +268,7 @@ class KubeRayActuator:
         self._applied_hash = digest
 
     async def observe(self) -> Mapping[str, ServeAppStatus]:
+        await self._reloaded()
         current = await self._get()
         drift = self._drift(current)
         if current is None:
@@ -344,6 +362,13 @@ class KubeRayActuator:
             if exc.status == 404 and not_found_ok:
                 return None
             reason = _api_reason(exc)
+            if exc.status == 401 and self._reload is not None:
+                self._refused = True  # tried again on the site's backoff, not here
+                raise CredentialsRefused(
+                    f"{where}: the Kubernetes API answered 401 Unauthorized: its credentials were refused; "
+                    f"reloading the kubeconfig context (its credential command run again) at the next try: {reason}",
+                    401,
+                ) from exc
             if exc.status in (401, 403):
                 raise KubernetesAuthError(
                     f"{where}: the Kubernetes API refused the credentials (HTTP {exc.status}): "
@@ -363,6 +388,17 @@ class KubeRayActuator:
             raise KubernetesUnreachable(
                 f"{where}: the Kubernetes API is unreachable: {exc}"
             ) from exc
+
+    async def _reloaded(self) -> None:
+        """After a 401, the client loaded anew, its old one closed, before any call (each
+        binds its method to the client it calls through). A load that fails (its command has
+        not answered in time, say) raises, and the next try loads again."""
+        if not self._refused or self._reload is None:
+            return
+        client = await self._reload()
+        old, self._api_client, self._api = self._api_client, client, kubernetes.client.CustomObjectsApi(client)
+        self._refused = False
+        await asyncio.to_thread(old.close)
 
 
 def _configured(entry: Mapping[str, Any]) -> str:

@@ -132,10 +132,15 @@ class DataCentres:
         assert spec.kubernetes is not None  # SiteSpec guarantees ray or kubernetes for a data centre
         # loading a kubeconfig may run its exec credential plugin (aws eks get-token, say), which takes
         # seconds or waits on a login: in a thread of its own, waited on a bounded time, it holds up
-        # this site's call alone, and only that long
-        client = await self._kube_clients.client(site, spec.kubernetes.context)
+        # this site's call alone, and only that long; loaded the same way again when the cluster refuses
+        # the credentials it gave (401: the command failed, or a token's refresh did)
+        context = spec.kubernetes.context
+
+        async def load() -> Any:
+            return await self._kube_clients.client(site, context)
+
         shape = rayservice.RayClusterShape(llm_image=spec.kubernetes.llmImage) if spec.kubernetes.llmImage else None
-        return kuberay.KubeRayActuator(client, spec.kubernetes.namespace, site, shape=shape)
+        return kuberay.KubeRayActuator(await load(), spec.kubernetes.namespace, site, shape=shape, reload=load)
 
     def _cluster_writes(self, dashboard_url: str) -> ray_serve.ClusterWrites:
         """The one :class:`~orchestrator.adapters.ray_serve.ClusterWrites` of the cluster at ``dashboard_url``."""

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
+import json
 import os
 import pathlib
 import sys
@@ -46,10 +48,38 @@ open(os.path.join(folder, "answered"), "w").close()
 print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential", "status": {"token": "t"}}))
 """
 
+#: An exec credential plugin whose runs do in turn what ``script.json`` in its folder says
+#: (the last again once they are spent): ``token`` answers the token ``t<run>``; ``fail``
+#: exits 1 with no credentials; ``expired`` answers ``t<run>``, expired (a token the client
+#: refreshes, running the plugin again, at its next call); ``hold`` answers ``t<run>`` once
+#: the test writes to its FIFO (20 s at most). A line a run in ``started``.
+SCRIPTED = """
+import json, os, select, sys
+folder = sys.argv[1]
+with open(os.path.join(folder, "started"), "a") as runs:
+    runs.write("run\\n")
+with open(os.path.join(folder, "started")) as runs:
+    run = len(runs.read().splitlines())
+with open(os.path.join(folder, "script.json")) as script:
+    steps = json.load(script)
+step = steps[min(run, len(steps)) - 1]
+if step == "fail":
+    print("error: the session expired; log in again", file=sys.stderr)
+    sys.exit(1)
+if step == "hold":
+    fifo = os.open(os.path.join(folder, "release"), os.O_RDONLY | os.O_NONBLOCK)
+    select.select([fifo], [], [], 20)
+    open(os.path.join(folder, "answered"), "w").close()
+status = {"token": f"t{run}"}
+if step == "expired":
+    status["expirationTimestamp"] = "2000-01-01T00:00:00Z"
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential", "status": status}))
+"""
 
-def kubeconfig(folder: pathlib.Path, server: str) -> pathlib.Path:
-    """A kubeconfig whose context ``slow`` reaches ``server`` with a token the plugin gives."""
-    (folder / "plugin.py").write_text(PLUGIN)
+
+def kubeconfig(folder: pathlib.Path, server: str, plugin: str = PLUGIN) -> pathlib.Path:
+    """A kubeconfig whose context ``slow`` reaches ``server`` with a token ``plugin`` gives."""
+    (folder / "plugin.py").write_text(plugin)
     os.mkfifo(folder / "release")
     path = folder / "kubeconfig"
     path.write_text(yaml.safe_dump({
@@ -63,10 +93,14 @@ def kubeconfig(folder: pathlib.Path, server: str) -> pathlib.Path:
 
 
 def release(folder: pathlib.Path) -> None:
-    """Let the plugin answer (it reads nothing; a writer opening its FIFO is the signal)."""
+    """Let the plugin answer (it reads nothing; a writer opening its FIFO is the signal), if a run waits."""
     if not (folder / "answered").exists():
-        with open(os.open(folder / "release", os.O_WRONLY | os.O_NONBLOCK), "w") as fifo:
-            fifo.write("go\n")
+        try:
+            with open(os.open(folder / "release", os.O_WRONLY | os.O_NONBLOCK), "w") as fifo:
+                fifo.write("go\n")
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # no run holds it open: none waits
+                raise
 
 
 def runs(folder: pathlib.Path) -> int:
@@ -75,14 +109,14 @@ def runs(folder: pathlib.Path) -> int:
 
 
 @contextlib.asynccontextmanager
-async def running(tmp_path: pathlib.Path, kube: kmock.KubernetesEmulator,
+async def running(tmp_path: pathlib.Path, kube: kmock.KubernetesEmulator, plugin: str = PLUGIN,
                   **datacentres: float) -> AsyncIterator[tuple[loop.Reconciler, store_mod.Store, pathlib.Path]]:
     """A reconciler whose data centres (built with ``datacentres``) are reached through the
-    kubeconfig above, its loop running."""
+    kubeconfig above (its credentials from ``plugin``), its loop running."""
     folder = tmp_path / "plugin"
     folder.mkdir()
     store = store_mod.Store(tmp_path / "state.db")
-    through = dc_mod.DataCentres(dc_mod.LocalRay(), kubeconfig=str(kubeconfig(folder, str(kube.url).rstrip("/"))), **datacentres)
+    through = dc_mod.DataCentres(dc_mod.LocalRay(), kubeconfig=str(kubeconfig(folder, str(kube.url).rstrip("/"), plugin)), **datacentres)
     _, reconciler = support.reconciler_with_agents(store, ("edge-a",), tmp_path, through)
     reconciler.resync_s = 0.2
     running = asyncio.create_task(reconciler.run())
@@ -171,3 +205,34 @@ async def test_a_kuberay_site_whose_credentials_command_does_not_answer_in_time_
     await harness.wait_until(lambda: site().get("health") == "Healthy", 30, what="dc-1 Healthy")
     await harness.wait_until(lambda: datacentres.has_rayservice(kube, "dc-1"), 30, what="dc-1's RayService")
     assert runs(folder) == 1, "the credential command was run again once it answered"
+
+
+def dc_1(store: store_mod.Store, reconciler: loop.Reconciler) -> None:
+    """dc-1 declared on context ``slow``, with one deployment."""
+    catalog.apply_documents(store, loader.load_text(datacentres.bundle(
+        datacentres.site("dc-1", on="kubernetes: {context: slow, namespace: ns-dc-1}"), datacentres.MODEL,
+        datacentres.deployment("d", "dc-1"))), actor="test")
+    reconciler.applied("test")
+
+
+@pytest.mark.parametrize("first", ["token", "fail"], ids=["its token refused", "it failed"])
+async def test_a_kuberay_site_whose_credentials_are_refused_loads_its_context_again_on_its_backoff_and_recovers(
+        tmp_path: pathlib.Path, kube: kmock.KubernetesEmulator, first: str) -> None:
+    # the cluster refuses the credentials of the command's first run (a token it refuses, or none: the
+    # command failed, and the client went on without), and takes those of a run after it
+    kube[lambda request: request.headers.get("Authorization") != "Bearer t2"] << 401
+    async with running(tmp_path, kube, SCRIPTED) as (reconciler, store, folder):
+        (folder / "script.json").write_text(json.dumps([first, "token"]))
+        dc_1(store, reconciler)
+
+        def site() -> dict[str, object]:
+            stored = store.get("Site", "dc-1")
+            return dict(stored.status) if stored is not None else {}
+
+        await harness.wait_until(lambda: site().get("health") == "Unreachable", 30, what="dc-1 Unreachable")
+        assert "answered 401 Unauthorized: its credentials were refused; reloading the kubeconfig context" in str(site().get("error")), site()
+        await harness.wait_until(lambda: site().get("health") == "Healthy", 30, what="dc-1 Healthy, its context loaded again")
+        await harness.wait_until(lambda: datacentres.has_rayservice(kube, "dc-1"), 30, what="dc-1's RayService")
+        assert runs(folder) == 2, "the credential command was not run once again, and only once, on the 401"
+        errors = [e.reason for e in store.events(kind="Site", name="dc-1", limit=100) if e.action == "datacentre-error"]
+        assert any("401 Unauthorized" in e for e in errors), errors
