@@ -6,7 +6,11 @@ So the placement for the site becomes one ``RayService`` object (``ray.io/v1``) 
 edgeplane owns, rendered by :mod:`orchestrator.adapters.rayservice` and its status read by
 :mod:`orchestrator.adapters.rayservice_status`; this module creates, patches, deletes and
 observes it. The kubernetes client is synchronous; calls run in a worker thread so the
-control plane's event loop never blocks on the API server.
+control plane's event loop never blocks on the API server. Each is waited on a bounded time
+(:data:`CALL_WAIT_S`): the request has its timeout, but the client refreshes an expiring
+token first, inside the call, by running the kubeconfig's credential command with none, and
+a run that hangs held its site's call for good. The thread cannot be stopped: past the bound
+the call fails, and the site's next call waits on it again rather than begin another.
 """
 
 from __future__ import annotations
@@ -79,6 +83,10 @@ class CredentialsUnanswered(KubernetesError):
         super().__init__(said)
         self.command, self.context, self.waited_s, self.again = command, context, waited_s, again
 
+
+#: How long a call to the API server is waited on: its request's timeout (30 s), and 60 s
+#: for the credential command that refreshing an expiring token runs inside it.
+CALL_WAIT_S = 90.0
 
 #: ``spec.kubernetes.context`` naming the cluster the control plane runs in, reached with
 #: its pod's service account (``manifests/deploy/rbac.yaml`` grants it RayServices).
@@ -163,6 +171,7 @@ class KubeRayActuator:
         serve_url: str | None = None,
         request_timeout_s: float = 30.0,
         reload: Callable[[], Awaitable[Any]] | None = None,
+        call_wait_s: float = CALL_WAIT_S,
     ) -> None:
         self._api = kubernetes.client.CustomObjectsApi(api_client)
         self._api_client = api_client
@@ -178,6 +187,8 @@ class KubeRayActuator:
             f"http://{self._name}-serve-svc.{namespace}.svc.cluster.local:{rayservice.SERVE_PORT}"
         )
         self._timeout = request_timeout_s
+        self._call_wait_s = call_wait_s
+        self._running: asyncio.Future[Any] | None = None  # a call past its bound, still running in its thread
         self._learnt: dict[str, str] = {}
         self._left_out: dict[str, ServeAppStatus] = {}  # by name: applications no pod of the shape holds, as last applied
         self._held: dict[str, tuple[int, str]] = {}  # by name: applications kept short of their ask: the count asked, why
@@ -356,8 +367,23 @@ class KubeRayActuator:
         self, method: Callable[..., _T], *args: Any, not_found_ok: bool = False
     ) -> _T | None:
         where = f"RayService {self._namespace}/{self._name}"
+        if self._running is not None:  # an earlier try's call, past its bound: waited on again, never called beside
+            await asyncio.wait((self._running,), timeout=self._call_wait_s)
+            if not self._running.done():
+                raise KubernetesUnreachable(f"{where}: a call to the Kubernetes API has not ended in {self._call_wait_s:g} s, "
+                                            "and is still running: waited on again, no other call made beside it")
+            self._running = None  # its answer was an earlier try's: dropped
+        call = asyncio.ensure_future(asyncio.to_thread(method, *args, _request_timeout=self._timeout))
+        call.add_done_callback(_retrieved)
+        self._running = call  # held until it ends, even if this try is cancelled
+        await asyncio.wait((call,), timeout=self._call_wait_s)
+        if not call.done():
+            raise KubernetesUnreachable(
+                f"{where}: a call to the Kubernetes API has not ended in {self._call_wait_s:g} s (refreshing its token runs "
+                "the kubeconfig's credential command, which may be what waits); left to end, no other call made beside it")
+        self._running = None
         try:
-            return await asyncio.to_thread(method, *args, _request_timeout=self._timeout)
+            return call.result()
         except ApiException as exc:
             if exc.status == 404 and not_found_ok:
                 return None
@@ -399,6 +425,12 @@ class KubeRayActuator:
         old, self._api_client, self._api = self._api_client, client, kubernetes.client.CustomObjectsApi(client)
         self._refused = False
         await asyncio.to_thread(old.close)
+
+
+def _retrieved(call: asyncio.Future[Any]) -> None:
+    """A call's error is its try's to raise: one a later try dropped is not logged as never retrieved."""
+    if not call.cancelled():
+        call.exception()
 
 
 def _configured(entry: Mapping[str, Any]) -> str:

@@ -92,12 +92,13 @@ def target_of(spec: schema.SiteSpec) -> str | None:
 
 class DataCentres:
     def __init__(self, local: LocalRay, kube_factory: ActuatorFactory | None = None, kubeconfig: str | None = None,
-                 credentials_wait_s: float = kube_clients.WAIT_S):
+                 credentials_wait_s: float = kube_clients.WAIT_S, kube_call_wait_s: float = kuberay.CALL_WAIT_S):
         self.local = local
         self._kube_factory = kube_factory
         # KubeRay sites' clients, from the contexts of ``kubeconfig`` (None: $KUBECONFIG, else ~/.kube/config),
         # each waited on ``credentials_wait_s`` at most at a try
         self._kube_clients = kube_clients.ClientLoads(kubeconfig, credentials_wait_s)
+        self._kube_call_wait_s = kube_call_wait_s  # how long a KubeRay site's call is waited on (its token's refresh inside it)
         # by site: its spec, its actuator, and for the embedded cluster the endpoints of the
         # one it drives (a new head has new ports: an actuator on the old one reaches nothing)
         self._actuators: dict[str, tuple[schema.SiteSpec, serve_config.DataCentreActuator, local_ray.LocalRayEndpoints | None]] = {}
@@ -140,7 +141,8 @@ class DataCentres:
             return await self._kube_clients.client(site, context)
 
         shape = rayservice.RayClusterShape(llm_image=spec.kubernetes.llmImage) if spec.kubernetes.llmImage else None
-        return kuberay.KubeRayActuator(await load(), spec.kubernetes.namespace, site, shape=shape, reload=load)
+        return kuberay.KubeRayActuator(await load(), spec.kubernetes.namespace, site, shape=shape, reload=load,
+                                       call_wait_s=self._kube_call_wait_s)
 
     def _cluster_writes(self, dashboard_url: str) -> ray_serve.ClusterWrites:
         """The one :class:`~orchestrator.adapters.ray_serve.ClusterWrites` of the cluster at ``dashboard_url``."""

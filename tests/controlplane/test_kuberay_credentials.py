@@ -9,7 +9,10 @@ process the test holds until it releases it; the Kubernetes API is the stateful 
 A command that never answers (one waiting on a browser login, or on a network call that
 never ends) is waited on a bounded time: its site is then out of reach, saying which
 command has not answered, and tried again on its backoff, which waits on the same run
-rather than running the command again."""
+rather than running the command again. A command that fails, or gives credentials the
+cluster refuses (401), has its site load the context again on its backoff, running it again;
+one that hangs when the client refreshes a token inside a call has that call waited on a
+bounded time, and no other begun beside it while it runs."""
 
 from __future__ import annotations
 
@@ -49,7 +52,8 @@ print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": 
 """
 
 #: An exec credential plugin whose runs do in turn what ``script.json`` in its folder says
-#: (the last again once they are spent): ``token`` answers the token ``t<run>``; ``fail``
+#: (the last again once they are spent): ``token`` answers the token ``t<run>`` (expiring in
+#: 2100: the client keeps an expiry once given one, and would refresh a token without); ``fail``
 #: exits 1 with no credentials; ``expired`` answers ``t<run>``, expired (a token the client
 #: refreshes, running the plugin again, at its next call); ``hold`` answers ``t<run>`` once
 #: the test writes to its FIFO (20 s at most). A line a run in ``started``.
@@ -70,9 +74,7 @@ if step == "hold":
     fifo = os.open(os.path.join(folder, "release"), os.O_RDONLY | os.O_NONBLOCK)
     select.select([fifo], [], [], 20)
     open(os.path.join(folder, "answered"), "w").close()
-status = {"token": f"t{run}"}
-if step == "expired":
-    status["expirationTimestamp"] = "2000-01-01T00:00:00Z"
+status = {"token": f"t{run}", "expirationTimestamp": "2000-01-01T00:00:00Z" if step == "expired" else "2100-01-01T00:00:00Z"}
 print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential", "status": status}))
 """
 
@@ -236,3 +238,28 @@ async def test_a_kuberay_site_whose_credentials_are_refused_loads_its_context_ag
         assert runs(folder) == 2, "the credential command was not run once again, and only once, on the 401"
         errors = [e.reason for e in store.events(kind="Site", name="dc-1", limit=100) if e.action == "datacentre-error"]
         assert any("401 Unauthorized" in e for e in errors), errors
+
+
+async def test_a_kuberay_site_whose_token_refresh_hangs_in_a_call_is_unreachable_saying_so_and_is_not_called_again_beside_it(
+        tmp_path: pathlib.Path, kube: kmock.KubernetesEmulator) -> None:
+    # the first run gives a token already expired: the first call refreshes it, running the command
+    # again inside the call, and that run hangs
+    async with running(tmp_path, kube, SCRIPTED, kube_call_wait_s=1.0) as (reconciler, store, folder):
+        (folder / "script.json").write_text(json.dumps(["expired", "hold", "token"]))
+        dc_1(store, reconciler)
+
+        def site() -> dict[str, object]:
+            stored = store.get("Site", "dc-1")
+            return dict(stored.status) if stored is not None else {}
+
+        await harness.wait_until(lambda: site().get("health") == "Unreachable", 15, what="dc-1 Unreachable, its call past its bound")
+        assert "has not ended in 1 s" in str(site().get("error")), site()
+        # tried again on its backoff: the call still running is waited on again, and no other begun beside it
+        await harness.wait_until(lambda: "still running" in str(site().get("error")), 30, what="dc-1 tried again")
+        assert site().get("health") == "Unreachable"
+        assert runs(folder) == 2, "a second call was begun beside the one still refreshing its token"
+
+        release(folder)
+        await harness.wait_until(lambda: site().get("health") == "Healthy", 30, what="dc-1 Healthy")
+        await harness.wait_until(lambda: datacentres.has_rayservice(kube, "dc-1"), 30, what="dc-1's RayService")
+        assert runs(folder) == 2
