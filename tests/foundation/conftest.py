@@ -47,8 +47,10 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathl
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathlib.Path) -> Iterator[support.ServeProcess]:
     """``edgeplane serve`` as a subprocess (auth off, loopback), shared by the tests of one
-    module: the command line's tests run ``edgeplane`` against it."""
-    proc = support.ServeProcess(tmp_path_factory.mktemp("cli") / "data", artifact_root=offline_fleet).wait_ready()
+    module: the command line's tests run ``edgeplane`` against it. The example fleet's data
+    centres stay out of reach, never lost, so that what they read does not change under them."""
+    proc = support.ServeProcess(tmp_path_factory.mktemp("cli") / "data", *support.DATA_CENTRES_NEVER_LOST,
+                                artifact_root=offline_fleet).wait_ready()
     try:
         yield proc
     finally:

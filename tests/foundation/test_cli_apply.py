@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import time
 
 import yaml
 
@@ -195,16 +194,10 @@ def test_plan_says_data_centres_out_of_reach_are_out_of_reach(offline_fleet: pat
     said "all 2 healthy matching EU datacenter sites are cordoned" of data centres nobody
     cordoned. It says they are out of reach, and since when. (The control plane declares
     them lost only after 300 s × 100 here, so they stay out of reach, not lost, throughout.)"""
-    serve = support.ServeProcess(tmp_path / "data", "--heartbeat-interval", "300", "--missed-heartbeats", "100",
-                                 artifact_root=offline_fleet).wait_ready()
+    serve = support.ServeProcess(tmp_path / "data", *support.DATA_CENTRES_NEVER_LOST, artifact_root=offline_fleet).wait_ready()
     try:
         ok("apply", "-f", str(offline_fleet), server=serve)
-        for _ in range(120):  # each observed out of reach (a pass or two after the apply)
-            sites = json.loads(ok("get", "sites", "-o", "json", server=serve))["items"]
-            health = {s["metadata"]["name"]: s.get("status", {}).get("health") for s in sites if s["spec"]["tier"] == "datacenter"}
-            if set(health.values()) == {"Unreachable"}:
-                break
-            time.sleep(0.25)
+        health = serve.wait_data_centres_observed()
         assert set(health) == {"dc-frankfurt", "dc-paris"} and set(health.values()) == {"Unreachable"}, health
         plan = json.loads(ok("plan", "-f", str(offline_fleet), "-o", "json", server=serve))
         table = ok("plan", "-f", str(offline_fleet), server=serve)

@@ -80,6 +80,8 @@ def test_describe_and_events(serve: support.ServeProcess, applied) -> None:  # t
     created = json.loads(ok("events", "-o", "json", "--kind", "modeldeployments", "--name", "intent-eu", server=serve))["items"]
     assert created and {(e["kind"], e["name"]) for e in created} == {("ModelDeployment", "intent-eu")}
     assert "intent-eu" in ok("get", "events", server=serve)
+    # the two forms are two reads: of a fleet that a pass has seen, and that no later pass changes
+    assert set(serve.wait_data_centres_observed().values()) == {"Unreachable"}
     status = json.loads(ok("status", "-o", "json", server=serve))
     assert status["sites"] == len(support.example_names()["Site"]) and set(status["deployments"]) == support.example_names()["ModelDeployment"]
     # no agent has joined: the edge-only deployments cannot be placed, and status says why, in both forms
