@@ -85,6 +85,10 @@ async def test_jitter_causes_no_false_evictions_and_a_partition_reroutes(tmp_pat
             proxies[site] = await ChaosProxy(host, int(port), seed=i).start()
             await _spawn(fleet, proxies[site].address, site, lat)
         await harness.wait_until(lambda: len(_serving(cp)) == 1, 60, what="one replica serving")
+        # every agent beating before the jitter: what is measured is jitter on agents that beat,
+        # not how long a join and its first heartbeat take on a starved machine
+        for site in sites:
+            await asyncio.wait_for(cp.hub.next_heartbeat(site), 30)
 
         # 200 ms of jitter on every chunk both ways, for 12 heartbeat intervals
         for p in proxies.values():
