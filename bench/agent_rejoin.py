@@ -32,31 +32,21 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from edgeplane_proto.agent.v1 import agent_pb2 as pb
-from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from rich.console import Console
 from rich.table import Table
 
 from edge_agent import retry
 from edgeplane_proto import reconnect
+from edgeplane_proto.agent.v1 import agent_pb2 as pb
+from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from orchestrator import server, server_config
 from orchestrator.agents import admission, service
-from orchestrator.store import sqlite as store_mod
+from orchestrator.testing import harness
 
 RESULTS = Path(__file__).parent / "results" / "agent_rejoin.json"
 TOKEN = "bench-token"
 LIMIT_S = 900.0  # one path's wait for its log, at most
 UNBOUNDED = 1 << 30  # --max-joins of the baseline: every join worked on as it comes
-
-
-def declare(data_dir: pathlib.Path, agents: int) -> None:
-    store = store_mod.Store(data_dir / "state.db")
-    try:
-        spec = {"tier": "edge", "location": {"country": "FR", "region": "eu-west", "lat": 48.8, "lon": 2.3}}
-        store.apply([store_mod.ObjectWrite("Site", f"site-{i}", {}, spec, expected_version=0) for i in range(agents)],
-                    store_mod.Event("bench", "apply", "Site", "site-0", "the fleet"))
-    finally:
-        store.close()
 
 
 async def control_plane(data_dir: pathlib.Path, max_joins: int) -> server.ControlPlane:
@@ -120,7 +110,7 @@ def joins_logged(cp: server.ControlPlane, since: int) -> int:
 async def rejoin(root: pathlib.Path, agents: int, max_joins: int) -> dict[str, Any]:
     """Agents join once, the control plane restarts, and they all join again at once."""
     data_dir = root / f"joins-{max_joins}"
-    declare(data_dir, agents)
+    harness.declare_edge_sites(data_dir, [f"site-{i}" for i in range(agents)], by="bench")
     fleet = Fleet(agents)
     rng = random.Random(0)
     cp = await control_plane(data_dir, max_joins)

@@ -25,7 +25,9 @@ from typing import Any
 
 from orchestrator import proxyenv, server, server_config
 from orchestrator.adapters import local_ray
+from orchestrator.agents import model as agent_model
 from orchestrator.gatewayd import server as gatewayd
+from orchestrator.store import sqlite as sqlite_store
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PACKAGED_EXAMPLES = REPO / "orchestrator" / "examples"
@@ -40,6 +42,26 @@ def examples_folder(packaged: pathlib.Path = PACKAGED_EXAMPLES, checkout: pathli
 
 EXAMPLES = examples_folder()
 BOOTSTRAP_TOKEN = "harness-bootstrap-token"
+
+
+def declare_edge_sites(data_dir: pathlib.Path, names: list[str], by: str) -> None:
+    """Edge Sites ``names`` (all in Paris) in the store of ``data_dir``, in one write, as a
+    control plane that ran before left them: what a fleet rejoining a restart finds."""
+    store = sqlite_store.Store(data_dir / "state.db")
+    try:
+        spec = {"tier": "edge", "location": {"country": "FR", "region": "eu-west", "lat": 48.8, "lon": 2.3}}
+        store.apply([sqlite_store.ObjectWrite("Site", name, {}, spec, expected_version=0) for name in names],
+                    sqlite_store.Event(by, "apply", "Site", names[0], "the fleet"))
+    finally:
+        store.close()
+
+
+def join_application(site: str) -> agent_model.JoinApplication:
+    """A first join of ``site``'s agent with the harness's bootstrap token, beating every minute."""
+    return agent_model.JoinApplication(
+        site=site, bootstrap_token=BOOTSTRAP_TOKEN, credential=None, agent_id="", endpoint_url="http://127.0.0.1:9",
+        location=agent_model.Location("FR", "eu-west", 48.8, 2.3), labels={}, agent_version="test", heartbeat_interval=60.0,
+        capacity=agent_model.Capacity(4, 8 << 30, (), ("CPUExecutionProvider",)))
 
 
 @dataclass

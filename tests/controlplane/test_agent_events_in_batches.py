@@ -14,34 +14,15 @@ import pathlib
 import pytest
 
 from orchestrator import server, server_config
-from orchestrator.agents import model
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
 
 AGENTS = 300
 
 
-def application(site: str) -> model.JoinApplication:
-    return model.JoinApplication(
-        site=site, bootstrap_token=harness.BOOTSTRAP_TOKEN, credential=None, agent_id="", endpoint_url="http://127.0.0.1:9",
-        location=model.Location("FR", "eu-west", 48.8, 2.3), labels={}, agent_version="test", heartbeat_interval=60.0,
-        capacity=model.Capacity(4, 8 << 30, (), ("CPUExecutionProvider",)))
-
-
-def declared_sites(data_dir: pathlib.Path) -> None:
-    """The fleet's Sites, as a control plane that ran before left them."""
-    store = store_mod.Store(data_dir / "state.db")
-    try:
-        spec = {"tier": "edge", "location": {"country": "FR", "region": "eu-west", "lat": 48.8, "lon": 2.3}}
-        store.apply([store_mod.ObjectWrite("Site", f"edge-{i}", {}, spec, expected_version=0) for i in range(AGENTS)],
-                    store_mod.Event("test", "apply", "Site", "edge-0", "the fleet"))
-    finally:
-        store.close()
-
-
 async def test_a_fleet_joining_at_once_is_logged_in_a_few_writes_in_the_order_it_joined(
         tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    declared_sites(tmp_path)
+    harness.declare_edge_sites(tmp_path, [f"edge-{i}" for i in range(AGENTS)], by="test")
     config = server_config.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, agent_join_port=0, heartbeat_interval_s=60.0,
                                         bootstrap_tokens=(harness.BOOTSTRAP_TOKEN,))
     cp = await server.ControlPlane(config).start()
@@ -56,7 +37,7 @@ async def test_a_fleet_joining_at_once_is_logged_in_a_few_writes_in_the_order_it
 
         monkeypatch.setattr(cp.store, "record", counted)
         for i in range(AGENTS):  # all in one turn of the event loop, as a storm of joins reaches it
-            cp.hub.join(application(f"edge-{i}"))
+            cp.hub.join(harness.join_application(f"edge-{i}"))
         await harness.wait_until(lambda: sum(writes) >= AGENTS, 60, what="every join logged")
         assert sum(writes) == AGENTS
         assert len(writes) <= 3, f"{len(writes)} writes for {AGENTS} joins"

@@ -16,18 +16,10 @@ from collections.abc import Sequence
 import pytest
 
 from orchestrator import server, server_config
-from orchestrator.agents import backlog
-from orchestrator.agents import model
+from orchestrator.agents import backlog, model
 from orchestrator.testing import harness
 
 LIMIT = 20
-
-
-def application(site: str) -> model.JoinApplication:
-    return model.JoinApplication(
-        site=site, bootstrap_token=harness.BOOTSTRAP_TOKEN, credential=None, agent_id="", endpoint_url="http://127.0.0.1:9",
-        location=model.Location("FR", "eu-west", 48.8, 2.3), labels={}, agent_version="test", heartbeat_interval=60.0,
-        capacity=model.Capacity(4, 8 << 30, (), ("CPUExecutionProvider",)))
 
 
 async def logging_on_a_stalled_store(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
@@ -94,7 +86,7 @@ async def test_each_agent_s_latest_loss_or_recovery_is_logged_however_many_waite
     stalled = threading.Event()
     cp = await logging_on_a_stalled_store(tmp_path, monkeypatch, stalled)
     try:
-        ids = {site: cp.hub.join(application(site)).agent_id for site in ("edge-1", "edge-2")}
+        ids = {site: cp.hub.join(harness.join_application(site)).agent_id for site in ("edge-1", "edge-2")}
         for seq in range(1, 401):
             cp.hub.record_heartbeat("edge-1", ids["edge-1"], beat(seq, draining=seq % 2 == 1))
         cp.hub.record_heartbeat("edge-2", ids["edge-2"], beat(1, draining=True))
