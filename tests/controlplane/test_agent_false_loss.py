@@ -127,6 +127,18 @@ async def test_the_lost_agent_of_a_drained_site_is_sent_the_set_the_drain_leaves
     assert fleet.models_sent_to_b(-1) == set()
 
 
+async def delete_b_and_see_its_agent_forgotten(fleet: Fleet, watching: asyncio.Task[None]) -> None:
+    """edge-b's Site deleted and its agent late: the passes after forget it, its assignment
+    stream (``watching``) ending."""
+    catalog.delete_object(fleet.store, "Site", "edge-b", actor="test")
+    await fleet.b_late()
+    for _ in range(3):  # the passes after: it is forgotten by then
+        await fleet.reconcile()
+    async with asyncio.timeout(10):
+        await watching
+    assert fleet.agents.hub.status("edge-b") is None, "the lost agent of a deleted Site is forgotten"
+
+
 async def test_the_lost_agent_of_a_deleted_site_is_still_told_to_serve_nothing(fleet: Fleet) -> None:
     """edge-b's Site is deleted while its agent, still connected, is lost: the set its watch
     stream sends it is the empty one, before the hub forgets it and the stream ends."""
@@ -142,13 +154,7 @@ async def test_the_lost_agent_of_a_deleted_site_is_still_told_to_serve_nothing(f
 
     watching = asyncio.create_task(watch())
     await ready.wait()  # the set it serves now
-    catalog.delete_object(fleet.store, "Site", "edge-b", actor="test")
-    await fleet.b_late()
-    for _ in range(3):  # the passes after: it is forgotten by then
-        await fleet.reconcile()
-    async with asyncio.timeout(10):
-        await watching
-    assert hub.status("edge-b") is None, "the lost agent of a deleted Site is forgotten"
+    await delete_b_and_see_its_agent_forgotten(fleet, watching)
     assert received[-1].assignments == (), f"its agent was last sent {received[-1]}: it serves on"
 
 
@@ -169,11 +175,5 @@ async def test_the_lost_agent_of_a_deleted_site_sent_no_set_yet_is_still_told_to
 
     watching = asyncio.create_task(watch())
     await asyncio.sleep(0)  # its stream is open, waiting for a set, as the agent's is
-    catalog.delete_object(fleet.store, "Site", "edge-b", actor="test")
-    await fleet.b_late()
-    for _ in range(3):  # the passes after: it is forgotten by then
-        await fleet.reconcile()
-    async with asyncio.timeout(10):
-        await watching
-    assert hub.status("edge-b") is None, "the lost agent of a deleted Site is forgotten"
+    await delete_b_and_see_its_agent_forgotten(fleet, watching)
     assert received and received[-1].assignments == (), f"its agent was sent {received}: it serves on what it cached"
