@@ -11,6 +11,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import replace
 from typing import Any
 
+from edgeplane_proto import oip
 from orchestrator.gateway import wire
 from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import applications, hold, inventory, maintenance, planning, power
@@ -56,14 +57,16 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument]) -> dict[s
     for key in sorted(set(before) | set(after), key=lambda k: (k[1], k[0], k[2])):
         deployment, site, variant = key
         b, a = before.get(key, 0), after.get(key, 0)
+        roll: dict[str, str] = {}
         if a == b:
-            change = "unchanged"
+            roll = _version_roll(current, future, deployment, site, variant)
+            change = "new version" if roll else "unchanged"
         elif site in moved_sites:
             change = "moved in" if a > b else "moved out"
         else:
             change = "added" if a > b else "removed"
         changes.append({"site": site, "deployment": deployment, "variant": variant, "before": b, "after": a, "change": change,
-                        **_replica_gpus(future, deployment, variant)})
+                        **roll, **_replica_gpus(future, deployment, variant)})
     now = power.placement_energy(current, current.placements)
     energy = {"watts": result.energy.watts, "gramsCO2PerHour": result.energy.g_co2_per_hour,
               "currentWatts": now.watts, "currentGramsCO2PerHour": now.g_co2_per_hour}
@@ -101,6 +104,33 @@ def held(current: snap.Snapshot) -> dict[str, str]:
 def _ms(value: float | None) -> float | None:
     """Predicted latencies to a tenth of a millisecond: the model is not finer than that."""
     return None if value is None else round(value, 1)
+
+
+def _version_roll(current: snap.Snapshot, future: snap.Snapshot, deployment: str, site: str, variant: str) -> dict[str, str]:
+    """``previousVersion`` and ``version`` (and ``previousModel`` and ``model`` when the
+    deployment names another Model) of replicas kept on ``site`` that would take another
+    model file: the version the site's agent serves (the one a halted rollout keeps there),
+    else the one the Model names now, against the one it would name. Empty when they agree,
+    or when the variant has no artifact (a ray-serve application's own update)."""
+    before, after = _artifact(current, deployment, variant), _artifact(future, deployment, variant)
+    if before is None or after is None:
+        return {}
+    agent = current.agent_by_site.get(site)
+    state = agent.models.get(before[0]) if agent is not None else None
+    if state is not None and state.serving_sha256:
+        before = (before[0], state.serving_sha256)
+    if before == after:
+        return {}
+    roll = {"previousVersion": oip.model_version(before[1]), "version": oip.model_version(after[1])}
+    return roll if before[0] == after[0] else {**roll, "previousModel": before[0], "model": after[0]}
+
+
+def _artifact(s: snap.Snapshot, deployment: str, variant: str) -> tuple[str, str] | None:
+    """(model, sha256) of the file ``deployment``'s ``variant`` serves in ``s``; None without one."""
+    record = s.deployment_by_name.get(deployment)
+    model = s.models.get(record.spec.model) if record is not None else None
+    v = next((x for x in model.variants if x.name == variant), None) if model is not None else None
+    return (record.spec.model, v.artifact.sha256) if record is not None and v is not None and v.artifact is not None else None
 
 
 def _replica_gpus(s: snap.Snapshot, deployment: str, variant: str) -> dict[str, Any]:

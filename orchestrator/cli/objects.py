@@ -96,7 +96,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
     print()
     if changes:
         render.table("Replica changes per site", ["SITE", "DEPLOYMENT", "VARIANT", "BEFORE", "AFTER", "GPUS PER REPLICA", "CHANGE"],
-                     [[c["site"], c["deployment"], c["variant"], c["before"], c["after"], _gpus(c), c["change"]] for c in changes])
+                     [[c["site"], c["deployment"], c["variant"], c["before"], c["after"], _gpus(c), _change(c)] for c in changes])
     else:
         print("No replica changes.")
     deployments = plan.get("deployments", [])
@@ -115,6 +115,16 @@ def _print_plan(plan: dict[str, Any]) -> None:
               + (f" (now {energy['currentWatts']:.0f} W, {energy['currentGramsCO2PerHour']:.0f} gCO2/h)" if "currentWatts" in energy else ""))
     if plan.get("hold"):  # nothing planned takes effect until the hold ends
         print(f"\n{plan['hold']}")
+
+
+def _change(change: dict[str, Any]) -> str:
+    """The CHANGE column: a version roll says from which version to which (``model@version``
+    where the deployment names another Model)."""
+    if "version" not in change:
+        return change["change"]
+    if "model" in change:
+        return f"{change['change']} {change['previousModel']}@{change['previousVersion']} -> {change['model']}@{change['version']}"
+    return f"{change['change']} {change['previousVersion']} -> {change['version']}"
 
 
 def _gpus(change: dict[str, Any]) -> str:

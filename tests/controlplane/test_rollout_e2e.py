@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import pathlib
+import re
 
 import httpx
+import pytest
 import pytest_asyncio
 
+from orchestrator.cli import main as cli_main
+from orchestrator.cli import objects
 from orchestrator.testing import harness, manifests, onnx_models
 
 SITES = {
@@ -126,3 +130,30 @@ async def test_canary_first_one_site_at_a_time_then_a_bad_version_halts(fleet: h
     (rome_sent,) = cp.hub.assignments("edge-rome").assignments
     assert (rome_sent.sha256, {rome_sent.artifact_url}) == (v2.sha256, kept_url)
     assert len(sent(cp, v3)) == 1 and serving(cp, v2.sha256) == set(SITES)  # still halted
+
+
+async def test_plan_shows_a_new_version_as_a_version_roll_on_each_site(fleet: harness.Fleet, tmp_path: pathlib.Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    cp = fleet.cp
+    assert cp is not None
+    art = tmp_path / "artifacts"
+    v1 = onnx_models.build_mlp(art / "v1.onnx", in_dim=8, hidden=16, out_dim=4, seed=1)
+    v2 = onnx_models.build_mlp(art / "v2.onnx", in_dim=8, hidden=16, out_dim=4, seed=2)
+    await apply(cp, fleet_yaml("v1.onnx", v1.sha256))
+    for site, where in SITES.items():
+        await fleet.start_agent(site, **where)
+    await harness.wait_until(lambda: serving(cp, v1.sha256) == set(SITES), 60, what="v1 everywhere")
+    async with httpx.AsyncClient(base_url=cp.http_url) as http:
+        resp = await http.post("/v1/apply", params={"dryRun": "true"}, content=fleet_yaml("v2.onnx", v2.sha256))
+        assert resp.status_code == 200, resp.text
+    plan = resp.json()["plan"]
+    rolls = {c["site"]: (c["change"], c["before"], c["after"], c.get("previousVersion"), c.get("version")) for c in plan["changes"]}
+    assert rolls == {s: ("new version", 1, 1, v1.sha256[:12], v2.sha256[:12]) for s in SITES}, plan["changes"]
+    manifest = tmp_path / "v2.yaml"
+    manifest.write_text(fleet_yaml("v2.onnx", v2.sha256))
+    code = await asyncio.to_thread(cli_main.main, ["--server", cp.http_url, "plan", "-f", str(manifest), "--exit-code"])
+    printed = capsys.readouterr().out
+    assert code == objects.EXIT_CHANGES, printed
+    assert "No replica changes" not in printed, printed
+    for site in SITES:
+        assert re.search(rf"{site}\s.*new version {v1.sha256[:12]} -> {v2.sha256[:12]}", printed), printed
