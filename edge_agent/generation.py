@@ -42,7 +42,7 @@ from edge_agent.httpmessages import request_id as request_id_of
 from edge_agent.httpserver import Passthrough, StreamingResponse
 from edge_agent.metrics import AgentMetrics
 from edge_agent.runtime import genai
-from edgeplane_proto import correlation, encoding
+from edgeplane_proto import correlation, encoding, oip
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,8 @@ class GenerationServer:
             raise openai_api.ApiError(400, str(exc), param="messages" if chat else "prompt") from None
         self._metrics.generation(served.name, "prompt_tokens", n)
         seq = _Sequence(self, state, prompt, options, started, request_id_of(request.headers))
-        shaper = openai_api.Shaper(body, ("chatcmpl-" if chat else "cmpl-") + f"{_IDS.getrandbits(96):024x}")
+        shaper = openai_api.Shaper(body, ("chatcmpl-" if chat else "cmpl-") + f"{_IDS.getrandbits(96):024x}",
+                                   version=oip.model_version(served.sha256))
         if body.stream:
             direct = None if body.options.logprobs else seq.passthrough(shaper.token_event)
             return StreamingResponse(200, _Closing(_sse(shaper, seq.batches()), seq.close), passthrough=direct)

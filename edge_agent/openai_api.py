@@ -479,15 +479,19 @@ def finish_reason(reason: str) -> str:
 class Shaper:
     """Builds the objects of one response (whole, or as stream chunks)."""
 
-    def __init__(self, request: GenerationRequest, request_id: str, created: int | None = None) -> None:
+    def __init__(self, request: GenerationRequest, request_id: str, created: int | None = None, version: str = "") -> None:
         self.request = request
         self.id = request_id
+        # OpenAI's word for the backend that answered: the served package's version, so a
+        # caller tells answers apart across a rollout (the v2 protocol's model_version)
+        self.fingerprint = f"fp_{version}" if version else None
         self.created = int(time.time()) if created is None else created
         self.object = "chat.completion" if request.chat else "text_completion"
         self._template: tuple[bytes, bytes] | None = None
 
     def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.request.model}
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.request.model,
+                "system_fingerprint": self.fingerprint}
 
     def whole(self, text: str, tokens: Sequence[Any], reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         out = self._head(self.object)

@@ -205,6 +205,22 @@ async def test_a_generative_model_is_not_ready_for_v2_over_grpc_as_over_http(
         assert not (await pb_grpc.GRPCInferenceServiceStub(channel).ModelReady(pb.ModelReadyRequest(name=MODEL))).ready
 
 
+async def test_answers_say_which_version_answered_before_and_after_a_new_version(
+        small: Serving, control_plane: ControlPlane, packages: Packages) -> None:
+    """OpenAI's ``system_fingerprint`` names the backend that answered: here the served
+    package's version (``fp_`` and the v2 ``model_version``), in whole answers and in every chunk."""
+    async def fingerprints() -> set[str | None]:
+        whole = await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, temperature=0)
+        text = await small.client.completions.create(model=MODEL, prompt="The agent", max_tokens=2, temperature=0)
+        stream = await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, temperature=0, stream=True)
+        return {whole.system_fingerprint, text.system_fingerprint, *[c.system_fingerprint async for c in stream]}
+
+    assert await fingerprints() == {f"fp_{packages.small.sha256[:12]}"}
+    control_plane.hub.set_assignments(SITE, [assignment(packages.slow_url, packages.slow.sha256)], version=2)
+    await wait_state(control_plane, lambda st: st.serving_sha256 == packages.slow.sha256)
+    assert await fingerprints() == {f"fp_{packages.slow.sha256[:12]}"}
+
+
 # --- packages -------------------------------------------------------------------------------------
 
 
