@@ -228,7 +228,8 @@ class ControlPlane(server_views.ServerViews):
         # still stopping a Ray cluster a killed control plane left; its events trigger this
         # reconciler, whose first pass (once started) sees every agent joined by then.
         self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s,
-                                     datacentre_lost_after_s=cfg.missed_heartbeats * cfg.heartbeat_interval_s)
+                                     datacentre_lost_after_s=cfg.missed_heartbeats * cfg.heartbeat_interval_s,
+                                     failback_after_s=cfg.failback_after_s)
         self.relay_servicer = relay_leader.RelayServicer(self.hub, lambda: self._relay_secret)
         self._background.append(asyncio.create_task(self._log_agent_events(), name="agent-events"))
         try:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator import event_retention
+from orchestrator import event_retention, server_options
 from orchestrator.adapters import local_ray
 from orchestrator.agents import admission as agent_admission
 from orchestrator.gateway import options as gateway_options
@@ -47,6 +47,7 @@ class ServerConfig:
     position: tuple[float, float] | None = None  # the gateway's own location
     heartbeat_interval_s: float = 5.0
     missed_heartbeats: int = 3
+    failback_after_s: float = server_options.FAILBACK_AFTER_S  # a lost site back this long gets its replicas back; 0: never
     max_joins: int = agent_admission.MAX_JOINS  # agent joins worked on at once; one more: RESOURCE_EXHAUSTED with when to retry
     join_failure_rate: float = agent_admission.JOIN_FAILURE_RATE  # failed joins/s a peer earns; 0 = no limit
     join_failure_burst: float = agent_admission.JOIN_FAILURE_BURST  # failed joins a peer may make at once; over: RESOURCE_EXHAUSTED
@@ -127,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         new_agent_ca=args.new_agent_ca,
         agent_cert_ttl_s=args.agent_cert_days * 86400.0,
         auth=args.auth, position=position, heartbeat_interval_s=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
+        failback_after_s=args.failback_after,
         max_joins=args.max_joins, join_failure_rate=args.join_failure_rate, join_failure_burst=args.join_failure_burst,
         artifact_roots=tuple(pathlib.Path(r) for r in args.artifact_root), artifact_hosts=tuple(args.artifact_host), public_url=args.public_url, bootstrap_tokens=tokens,
         allowed_hosts=tuple(args.allowed_host),

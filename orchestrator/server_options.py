@@ -14,6 +14,13 @@ from orchestrator.gateway import options as gateway_options
 from orchestrator.security.ca import AGENT_DAYS
 from orchestrator.store import threads as store_threads
 
+#: ``--failback-after``'s default, in seconds: five minutes (orchestrator.reconciler.failback).
+#: An edge site's agent is declared lost after three missed heartbeats (15 s by default); a
+#: site that comes back and goes again (a rebooting box, a flaky backhaul) does so within
+#: minutes, and moving replicas onto it each time would take their traffic down with it.
+#: Outages worth failing back from last far longer than the minutes the stand-ins serve on.
+FAILBACK_AFTER_S = 300.0
+
 
 #: The ranges the server's timing options take (``ControlPlane.start`` checks a config built
 #: in code against the same ones).
@@ -77,6 +84,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "0.05 to 300; default 5")
     p.add_argument("--missed-heartbeats", type=argtypes.whole_number(1, 100), default=3,
                    help="an agent is unhealthy after this many missed heartbeats (1 to 100; default 3)")
+    p.add_argument("--failback-after", type=argtypes.number(0), default=FAILBACK_AFTER_S, metavar="SECONDS",
+                   help="replicas moved off a lost site may move back once it has been healthy again this long "
+                        f"(docs/scheduler.md, \"Failback\"); 0 = never; default {FAILBACK_AFTER_S:g}")
     p.add_argument("--max-joins", type=argtypes.whole_number(1, 100_000), default=MAX_JOINS, metavar="N",
                    help="agent joins worked on at once; one more is refused at once (RESOURCE_EXHAUSTED) with when to "
                         f"join again, which agents wait for (docs/agent.md; default {MAX_JOINS})")

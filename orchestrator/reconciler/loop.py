@@ -32,6 +32,7 @@ from orchestrator.reconciler import artifact_use
 from orchestrator.reconciler import autoscaler as autoscaler_mod
 from orchestrator.reconciler import datacentre_sync, hold
 from orchestrator.reconciler import desired as desired_mod
+from orchestrator.reconciler import failback as failback_mod
 from orchestrator.reconciler import observed as observed_mod
 from orchestrator.reconciler import planning, publishing
 from orchestrator.reconciler import snapshot as snap
@@ -55,6 +56,7 @@ class Reconciler:
     # A data centre out of reach this long is declared lost, as an agent is after its missed
     # heartbeats (the server passes that time); by default never: not known gone, never drained.
     datacentre_lost_after_s: float = math.inf
+    failback_after_s: float = 0.0  # a lost site's replicas move back once it is healthy this long (0: never; see failback)
     passes: int = 0
     last_plan: planning.PassPlan | None = None
     last_snapshot: snap.Snapshot | None = None
@@ -81,6 +83,7 @@ class Reconciler:
     # The pass's pure planning step (a seam: a test holds a pass mid-plan through it).
     planner: Callable[[snap.Snapshot, standing_mod.Standing | None], planning.PassPlan] = planning.plan_pass
     _standing: standing_mod.Standing | None = None  # the plan in force, for the next pass to repair
+    _failback: failback_mod.Failback | None = None  # the seats stand-ins stood in for (None: none yet, or a new term)
     desired_reader: desired_mod.DesiredReader = field(default_factory=desired_mod.DesiredReader)  # stored objects, parsed once a write
 
     def __post_init__(self) -> None:
@@ -213,6 +216,7 @@ class Reconciler:
         self.lease = lease
         self._stopping = False
         self.dc_sync.forget()
+        self._failback = None  # stand-ins another leader placed are not known here
         self.publisher.forget()  # another leader may have published since this replica last did
         self._inherit = True
         self._unreadable, self._unapplied = {}, {}  # each term reports them again: its events and log are this leader's
@@ -410,6 +414,7 @@ class Reconciler:
             rejoining=rejoining,
             remembered={site: self._remembered[site] for site in rejoining if site in self._remembered},
             maintenance=desired.maintenance,
+            failback=dataclasses.replace(self._failback or failback_mod.Failback(), after_s=self.failback_after_s, now=self.clock()),
         )
 
     def _sent(self, s: snap.Snapshot) -> list[tuple[agent_model.Assignment, ...]]:
@@ -454,7 +459,7 @@ class Reconciler:
         # next pass, finding none, plans in full rather than repair the same one beside it.
         standing, self._standing = self._standing, None
         plan = await self._plan(snapshot, standing)
-        self._standing = plan.standing
+        self._standing, self._failback = plan.standing, plan.failback
         # What `get placements` pairs the stored rows with from now on: this pass writes its
         # rows and may then wait seconds (a data centre's apps deploying); shown with the
         # previous snapshot, rows on sites that snapshot did not know read "SiteGone". Set

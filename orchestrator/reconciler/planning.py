@@ -22,6 +22,7 @@ from orchestrator.gateway import cascade_rules, routing
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import applications
 from orchestrator.reconciler import delivery, inventory, rollout
+from orchestrator.reconciler import failback as failback_mod
 from orchestrator.reconciler import maintenance as drain
 from orchestrator.reconciler import power as power_mod
 from orchestrator.reconciler import snapshot as snap
@@ -40,6 +41,8 @@ class PassPlan:
     result: sched_result.PlanResult
     # The plan in force, kept for the next pass to repair a site loss without a full plan.
     standing: standing_mod.Standing | None = field(default=None, compare=False, repr=False)
+    # What the failback rule knows for the next pass (the seats stand-ins stood in for).
+    failback: failback_mod.Failback = field(default_factory=failback_mod.Failback, compare=False, repr=False)
 
 
 def schedule(s: snap.Snapshot) -> sched_result.PlanResult:
@@ -49,22 +52,24 @@ def schedule(s: snap.Snapshot) -> sched_result.PlanResult:
 
 
 def plan_full(s: snap.Snapshot, sites: Sequence[sched_model.Site], deployments: Sequence[sched_model.Deployment],
-              current: Sequence[sched_model.Replica]) -> tuple[sched_result.PlanResult, bool, dict[str, drain.Wait]]:
+              current: Sequence[sched_model.Replica], returning: Sequence[sched_model.Replica] = ()
+              ) -> tuple[sched_result.PlanResult, bool, dict[str, drain.Wait]]:
     """A full plan of ``s`` (``scheduler_inputs``, or those as a what-if changes them: its
     sites are sized as given): one that gives the room of replicas kept until replaced to
     newcomers is made again with that room held, so that they go elsewhere or wait. The
     plan; whether it was made again; the replicas each deployment waits for meanwhile
-    (``maintenance.room_held``)."""
-    result = planner.plan(sites, deployments, current)
+    (``maintenance.room_held``). ``returning``: a failback's seats (``failback``)."""
+    result = planner.plan(sites, deployments, current, returning=returning)
     held = drain.room_held(s, result, placement_rows(result), lambda row, model: row_ready(s, row, model), sites)
     if not held:
         return result, False, {}
-    second = planner.plan(drain.holding(sites, deployments, held), deployments, current)
+    second = planner.plan(drain.holding(sites, deployments, held), deployments, current, returning=returning)
     return second, True, drain.waits(result, second, held)
 
 
 def schedule_pass(s: snap.Snapshot, standing: standing_mod.Standing | None
-                  ) -> tuple[sched_result.PlanResult, standing_mod.Standing | None, dict[str, drain.Wait]]:
+                  ) -> tuple[sched_result.PlanResult, standing_mod.Standing | None, dict[str, drain.Wait], failback_mod.Failback,
+                             tuple[store_mod.Event, ...]]:
     """``schedule`` for a reconcile pass, with the plan in force of the one before.
 
     When ``standing`` is that plan (the same deployments, every replica where it put it)
@@ -72,8 +77,23 @@ def schedule_pass(s: snap.Snapshot, standing: standing_mod.Standing | None
     else does, in milliseconds. Otherwise a full plan; one that changes nothing becomes
     the standing plan the next pass may repair (the placement is at rest). One that gives
     the room of replicas kept until replaced to newcomers is made again with that room
-    held: the replicas each deployment waits for meanwhile (``maintenance.room_held``)."""
+    held: the replicas each deployment waits for meanwhile (``maintenance.room_held``).
+    Where a lost site has been back for the failback hold-down, the pass plans in full with
+    the seats its replicas left counted as running (``failback``). Also what the failback
+    rule knows for the next pass, and this pass's ``failback`` events."""
     sites, deployments, current = scheduler_inputs(s)
+    due = s.failback.due(sites)
+    if due:
+        result, _, waits = plan_full(s, sites, deployments, current, s.failback.returning(due))
+    else:
+        result, standing, waits = _scheduled(s, sites, deployments, current, standing)
+    return result, None if due else standing, waits, s.failback.after(sites, result, due), s.failback.events(due, result)
+
+
+def _scheduled(s: snap.Snapshot, sites: Sequence[sched_model.Site], deployments: Sequence[sched_model.Deployment],
+               current: Sequence[sched_model.Replica], standing: standing_mod.Standing | None
+               ) -> tuple[sched_result.PlanResult, standing_mod.Standing | None, dict[str, drain.Wait]]:
+    """``schedule_pass``'s plan, no failback due."""
     if standing is not None and standing.stands_for(deployments, current):
         repaired = standing.repair(sites)
         if repaired is not None:
@@ -418,7 +438,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     or a data centre: a Ray dashboard's calls take seconds, and until the table is replaced
     the gateway routes by the last one, to a replica the placement just took away (a
     stricter residency's, say)."""
-    result, standing, waits = schedule_pass(s, standing)
+    result, standing, waits, failback, failed_back = schedule_pass(s, standing)
     def ready(row: store_mod.PlacementRow, model: str) -> int:
         return row_ready(s, row, model)
     planned = placement_rows(result)
@@ -449,7 +469,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
                     for r in s.sites)
     out: list[act.Action] = []
     if rows != tuple(s.placements):
-        out.append(act.RecordPlacement(rows, drain.events(s, result, planned, rows, placement_events(result), ready)))
+        out.append(act.RecordPlacement(rows, failed_back + drain.events(s, result, planned, rows, placement_events(result), ready)))
     regions = routing.RegionIndex.from_points((r.spec.location.region or "", r.spec.location.lat, r.spec.location.lon) for r in s.sites)
     pushes = delivery.pushes(s, assigned)  # the others keep what they were last sent
     out.append(act.PublishEndpoints(endpoints(s, rows, {p.site: p.assignments for p in pushes}), regions, deployed, frozenset(cold),
@@ -463,7 +483,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
             out.append(act.ApplyServeApps(site, apps, dc.drift if dc is not None else ""))
     out.append(act.ReportUnapplied(serve.unapplied))
     out.append(act.SetStatuses(tuple(statuses)))
-    return PassPlan(tuple(out), result, standing)
+    return PassPlan(tuple(out), result, standing, failback)
 
 
 def cascade_routes(s: snap.Snapshot) -> dict[str, cascade_rules.CascadeRoute]:

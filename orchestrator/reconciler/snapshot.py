@@ -16,6 +16,7 @@ from orchestrator.agents import model as agent_model
 from orchestrator.gateway import routing
 from orchestrator.manifests import schema
 from orchestrator.reconciler import autoscaler
+from orchestrator.reconciler import failback as failback_mod
 from orchestrator.store import sqlite as store_mod
 
 
@@ -149,6 +150,9 @@ class Snapshot:
     # whose source it knows: one a halted rollout keeps may be named by no stored Model, and
     # the URL it was sent with may be a leader's that is gone.
     versions: Mapping[str, str] = field(default_factory=dict)
+    # What the failback rule knows (the seats replicas left on sites lost since), with the
+    # reconciler's clock as the pass gathered: a pure pass decides when they move back.
+    failback: failback_mod.Failback = field(default_factory=failback_mod.Failback)
 
     # Lookups by name, built once per snapshot: a pass touches every site and deployment,
     # and scanning the lists for each would make it quadratic in the fleet's size.

@@ -39,6 +39,7 @@ def build(
     jobs: Sequence[Job],
     current: Sequence[Replica],
     dropped: Mapping[Replica, str],
+    returned: Mapping[str, Counter[tuple[str, str]]] | None = None,
 ) -> PlanResult:
     replicas: list[PlannedReplica] = []
     actions: list[Action] = []
@@ -49,7 +50,7 @@ def build(
         one, cost = build_one(fleet, job, dropped)
         plans[job.deployment.name] = one
         replicas.extend(one.replicas)
-        actions.extend(actions_of(fleet, job, one, dropped))
+        actions.extend(actions_of(fleet, job, one, dropped, (returned or {}).get(job.deployment.name)))
         energy = energy + one.energy
         objective = objective + cost
     known = {job.deployment.name for job in jobs}
@@ -189,8 +190,12 @@ def _clamped(asked: int, wanted: int, bounds: str) -> str:
     return f"{asked}, within {bounds}"
 
 
-def actions_of(fleet: Fleet, job: Job, plan: DeploymentPlan, dropped: Mapping[Replica, str]) -> list[Action]:
-    """Count differences per (site, variant) → moves first, then places, then removals."""
+def actions_of(fleet: Fleet, job: Job, plan: DeploymentPlan, dropped: Mapping[Replica, str],
+               returned: Counter[tuple[str, str]] | None = None) -> list[Action]:
+    """Count differences per (site, variant) → moves first, then places, then removals.
+    ``returned``: the seats the deployment's stand-ins stood in for (``planner.plan``'s
+    ``returning``), by (site, variant): a move there says it is a failback."""
+    back = Counter(returned or ())
     name = job.deployment.name
     placed = Counter((r.site, r.variant) for r in plan.replicas)
     running = Counter({(fleet.names[s], v): n for (s, v), n in job.running.items()})
@@ -212,6 +217,9 @@ def actions_of(fleet: Fleet, job: Job, plan: DeploymentPlan, dropped: Mapping[Re
     out: list[Action] = []
     pairs = min(len(gone), len(new))
     for (from_site, from_variant, why), (to_site, to_variant) in zip(gone[:pairs], new[:pairs]):
+        if back[(to_site, to_variant)] > 0 and why == "a better site was found":
+            back[(to_site, to_variant)] -= 1
+            why = f"failback: site {to_site} is back, where it ran before the site was lost"
         out.append(
             MoveReplica(
                 name,

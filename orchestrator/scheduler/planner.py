@@ -68,16 +68,24 @@ def plan(
     weights: Weights = DEFAULT_WEIGHTS,
     tuning: Tuning = DEFAULT_TUNING,
     region_locations: Mapping[str, tuple[float, float]] | None = None,
+    returning: Iterable[Replica] = (),
 ) -> PlanResult:
     """Plan where every replica of ``deployments`` runs, starting from ``current``.
 
     ``weights`` apply to deployments without their own; ``region_locations`` places
     demand regions that have no sites (others sit at the centroid of their sites).
+    ``returning``: the seats replicas of ``current`` stood in for while their site was
+    lost (a failback: the site is back). For the costs alone they count as seats the
+    deployment runs, beside the stand-ins' own: going back costs no move, nor does
+    staying, and the keep check does not hold the deployment to the stand-ins' seats, so
+    latency, carbon and fit decide as in a plan from nothing. They run nowhere: a
+    replica the plan puts there is placed (and its stand-in moved), as any other.
     """
     # A plan allocates tens of thousands of short-lived, acyclic objects; the cyclic
     # collector would walk the whole heap several times over for nothing.
     with gcpause.paused():
-        return _plan(sites, deployments, current, weights=weights, tuning=tuning, region_locations=region_locations)
+        return _plan(sites, deployments, current, weights=weights, tuning=tuning, region_locations=region_locations,
+                     returning=returning)
 
 
 def _plan(
@@ -88,6 +96,7 @@ def _plan(
     weights: Weights,
     tuning: Tuning,
     region_locations: Mapping[str, tuple[float, float]] | None,
+    returning: Iterable[Replica] = (),
 ) -> PlanResult:
     fleet = Fleet(sites, region_locations)
     names = [d.name for d in deployments]
@@ -102,6 +111,7 @@ def _plan(
     capacity = Capacity(fleet, bound_gpu_models(deployments))
     current = sorted(current, key=lambda r: (r.deployment, r.site, r.variant))
     dropped = seat_incumbents(fleet, capacity, jobs, current)
+    running = _credit(fleet, jobs, returning)
     order = sorted(jobs.values(), key=scarcity)
     # Phase 1: every deployment gets its min and as many replicas as ran before (the
     # replacements of lost ones included) before any grows, so a flexible deployment
@@ -128,13 +138,32 @@ def _plan(
         # where it trades one point's latency against another's.
         if tuning.improve and len(job.demand) > 1 and job.placed and job.options is not None:
             relocate(capacity, job, job.options, job.spread)
-        _keep_if_no_better(fleet, capacity, job)
+        if job not in running:  # a failback's stand-ins are not held to their seats
+            _keep_if_no_better(fleet, capacity, job)
         job.options = None  # nothing after this phase reads them: free them as we go
     repair.fill_short(fleet, capacity, order, order)
     for job in order:
         if len(job.placed) < job.wanted:
             job.shortfall = diagnosis.explain(fleet, capacity, job)
-    return outcome.build(fleet, list(jobs.values()), current, dropped)
+    returned: dict[str, Counter[tuple[str, str]]] = {}
+    for job, really in running.items():  # the result tells what runs now
+        returned[job.deployment.name] = Counter({(fleet.names[s], v): n for (s, v), n in (job.running - really).items()})
+        job.running = really
+    return outcome.build(fleet, list(jobs.values()), current, dropped, returned)
+
+
+def _credit(fleet: Fleet, jobs: Mapping[str, Job], returning: Iterable[Replica]) -> dict[Job, Counter[tuple[int, str]]]:
+    """Count the ``returning`` seats (``plan``) among their deployments' running ones, for
+    the search's costs; what each such deployment really runs, to put back once it is done.
+    Seats on sites not in the fleet, or of deployments or variants not planned, count for none."""
+    really: dict[Job, Counter[tuple[int, str]]] = {}
+    for replica in returning:
+        job, site = jobs.get(replica.deployment), fleet.index.get(replica.site)
+        if job is None or site is None or replica.variant not in job.eligible:
+            continue
+        really.setdefault(job, Counter(job.running))
+        job.running[(site, replica.variant)] += 1
+    return really
 
 # -- one deployment ------------------------------------------------------------------------
 

@@ -127,7 +127,7 @@ class LoggedEvent:
 #: (applies, deletes, tokens, revocations, captures read): the audit trail, kept for the
 #: audit retention. An action not named here counts as audit, the longer-kept side.
 FLEET_ACTIONS = frozenset({
-    "replica-placed", "replica-removed", "replica-moved",
+    "replica-placed", "replica-removed", "replica-moved", "failback",
     "serve-applied", "serve-reapplied", "serve-removed", "serve-app-invalid", "datacentre-error", "datacentre-recovered",
     "agent-joined", "agent-lost", "agent-recovered", "leader-elected", "wake-requested",
 })

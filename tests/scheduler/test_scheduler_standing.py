@@ -288,3 +288,22 @@ def test_losing_a_full_spread_domain_lets_the_repair_place_what_it_held_short():
     assert repaired is not None and violations(lost, [spread, filler], repaired.as_running()) == []
     assert (repaired.deployments["d"].placed, repaired.deployments["d"].status) == (2, Status.SCHEDULED)
     assert any(isinstance(a, PlaceReplica) and a.deployment == "d" and a.site == "hall" for a in repaired.actions)
+
+
+def test_a_plan_with_the_seats_stand_ins_stood_in_for_returning_puts_them_where_a_plan_from_nothing_does():
+    """After a repair the stand-ins run and the lost seats do not: a full plan charges a move
+    (and the keep margin) to go back, and keeps them for good. Counted as running
+    (``returning``, a failback), neither going back nor staying costs a move, and the plan
+    is the one a plan from nothing makes; the moves back say they are a failback."""
+    running, standing = standing_plan()
+    repaired = standing.repair(down(SITES, "paris-1"))
+    assert repaired is not None and repaired.actions
+    stand_ins = apply(running, repaired.actions)
+    seats = [Replica(a.deployment, a.from_site, a.from_variant) for a in repaired.actions if isinstance(a, MoveReplica)]
+    kept = plan(SITES, DEPLOYMENTS, list(stand_ins.elements()))
+    assert not any(a.to_site == "paris-1" for a in kept.actions if isinstance(a, MoveReplica)), kept.actions
+    back = plan(SITES, DEPLOYMENTS, list(stand_ins.elements()), returning=seats)
+    assert Counter(back.as_running()) == Counter(plan(SITES, DEPLOYMENTS).as_running())
+    moved = [a for a in back.actions if isinstance(a, MoveReplica)]
+    assert moved and all(a.to_site == "paris-1" and a.reason.startswith("failback: site paris-1 is back") for a in moved), back.actions
+    assert all(r.kept == (r.site != "paris-1") for r in back.replicas if r.deployment == "fr-a"), back.replicas

@@ -1,0 +1,91 @@
+"""Failback: replicas moved off a lost site go back once it has stayed healthy a while.
+
+A site's loss moves its replicas to stand-ins elsewhere (the plan in force repaired, or a
+full plan). Nothing moved them back by itself: a repair moves only what is lost, and a
+full plan charges a move (and the keep margin) for going back while the stand-ins' seats
+cost none, so after an edge site's outage of a minute the fleet stayed on its stand-ins
+for good, where a plan from nothing puts the replicas back on the site, nearer their demand.
+
+So a pass remembers, per site, the seats its replicas left while it was lost (deployment,
+site, variant: ``Failback.seats``). Once the site is healthy again and has stayed so for
+the hold-down (``edgeplane serve --failback-after``), one pass plans the fleet in full with
+those seats counted as ones their deployments run (``planner.plan``'s ``returning``): going
+back costs no move and staying costs none, and the planner's latency, carbon and fit decide
+between each seat and its stand-in, as in a plan from nothing. The seats are then
+forgotten, whatever that plan did. A site lost again within the hold-down starts it over,
+and nothing moves meanwhile: a flapping site draws no traffic back to it. The moves are
+those of any plan, made before they break (``maintenance.keep_until_replaced``).
+
+Decided purely: the memory is a value the pass finds in its snapshot, with the
+reconciler's clock read once as it gathered (``now``), and hands back with its plan. It is
+the leader's, in memory: a restarted control plane or a new leader knows of no stand-in,
+and they stay where they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from orchestrator.scheduler import model as sched_model
+from orchestrator.scheduler import result as sched_result
+from orchestrator.store import sqlite as store_mod
+
+ACTOR = "scheduler"
+
+
+@dataclass(frozen=True)
+class Failback:
+    """What the failback rule knows as a pass begins."""
+
+    after_s: float = 0.0  # the hold-down; 0: replicas moved off a lost site never move back
+    now: float = 0.0  # the reconciler's clock when the pass gathered
+    # Per site lost since, the seats its replicas left for stand-ins elsewhere.
+    seats: Mapping[str, tuple[sched_model.Replica, ...]] = field(default_factory=dict)
+    # Of those sites, the ones healthy again: since when (``now`` of the pass that first found them so).
+    back_since: Mapping[str, float] = field(default_factory=dict)
+
+    def due(self, sites: Sequence[sched_model.Site]) -> frozenset[str]:
+        """The sites whose replicas may move back in this pass: healthy again, and for the hold-down."""
+        if self.after_s <= 0:
+            return frozenset()
+        healthy = {site.name for site in sites if site.healthy}
+        return frozenset(name for name, since in self.back_since.items()
+                         if name in healthy and name in self.seats and self.now - since >= self.after_s)
+
+    def returning(self, due: Iterable[str]) -> list[sched_model.Replica]:
+        """The seats the stand-ins of the ``due`` sites stood in for (``planner.plan``'s ``returning``)."""
+        return [seat for name in sorted(due) for seat in self.seats.get(name, ())]
+
+    def after(self, sites: Sequence[sched_model.Site], result: sched_result.PlanResult, due: Iterable[str]) -> Failback:
+        """The memory for the next pass: the ``due`` sites' seats forgotten (their failback
+        was planned), the seats the plan's moves leave on sites lost now added, and each
+        remembered site's return noted, or its loss, which starts its hold-down over. A
+        site no longer in the inventory is forgotten."""
+        if self.after_s <= 0:
+            return self
+        by_name = {site.name: site for site in sites}
+        done = frozenset(due)
+        seats = {name: list(kept) for name, kept in self.seats.items() if name in by_name and name not in done}
+        for a in result.actions:
+            source = by_name.get(a.from_site) if isinstance(a, sched_result.MoveReplica) else None
+            if source is not None and not source.healthy:
+                seats.setdefault(a.from_site, []).append(sched_model.Replica(a.deployment, a.from_site, a.from_variant))
+        back = {name: self.back_since.get(name, self.now) for name in seats if by_name[name].healthy}
+        return Failback(self.after_s, self.now, {name: tuple(kept) for name, kept in seats.items()}, back)
+
+    def events(self, due: Iterable[str], result: sched_result.PlanResult) -> tuple[store_mod.Event, ...]:
+        """One ``failback`` event per ``due`` site the plan moves replicas back to."""
+        out = []
+        for site in sorted(due):
+            moved = [a for a in result.actions if isinstance(a, sched_result.MoveReplica) and a.to_site == site]
+            if moved:
+                names = sorted({a.deployment for a in moved})
+                out.append(store_mod.Event(
+                    ACTOR, "failback", "Site", site,
+                    f"healthy again for {self.now - self.back_since[site]:.0f} s (--failback-after {self.after_s:g}): "
+                    f"{len(moved)} replica(s) of {', '.join(names)} move back from the sites that stood in for it, "
+                    "each stand-in leaving once its replacement serves",
+                    {"replicas": len(moved), "deployments": names}))
+        return tuple(out)
+

@@ -1,0 +1,132 @@
+"""An edge site lost and back: its replicas, moved to stand-ins while it was away, move back
+once it has stayed healthy for the hold-down (``--failback-after``), where a plan from
+nothing puts them; a site flapping within the hold-down draws nothing back, and with
+failback off nothing moves back at all. Passes are planned as the reconciler plans them,
+each with the time it gathered at (``Failback.now``): no clock is read."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from orchestrator.reconciler import actions as act
+from orchestrator.reconciler import failback as failback_mod
+from orchestrator.reconciler import planning
+from orchestrator.scheduler import result as sched_result
+
+from .test_reconcile_repair import joined
+from .test_views import example_snapshot, examples
+
+HOLD_S = 300.0
+LYON = "edge-lyon"
+
+
+class Fleet:
+    """The example fleet with every edge agent joined, passed pass after pass as the
+    reconciler passes it: the rows each pass writes and the failback memory it hands on."""
+
+    def __init__(self, after_s: float) -> None:
+        s = example_snapshot(examples())
+        self.edge = sorted(r.name for r in s.sites if r.spec.tier == "edge")
+        self.s = dataclasses.replace(s, agents=tuple(joined(site) for site in self.edge),
+                                     failback=failback_mod.Failback(after_s))
+        self.standing = None
+        self.plans: list[planning.PassPlan] = []
+
+    def step(self, now: float, *, lyon_healthy: bool = True) -> planning.PassPlan:
+        agents = tuple(dataclasses.replace(joined(site), healthy=lyon_healthy or site != LYON) for site in self.edge)
+        s = dataclasses.replace(self.s, agents=agents, failback=dataclasses.replace(self.s.failback, now=now))
+        plan = planning.plan_pass(s, self.standing)
+        written = [a for a in plan.actions if isinstance(a, act.RecordPlacement)]
+        self.s = dataclasses.replace(s, placements=written[0].rows if written else s.placements, failback=plan.failback)
+        self.standing = plan.standing
+        self.plans.append(plan)
+        return plan
+
+    def settle(self, now: float, **health: bool) -> None:
+        """Passes until one changes nothing (a handful at most)."""
+        for _ in range(6):
+            if not self.step(now, **health).result.actions:
+                return
+        raise AssertionError("the placement did not come to rest")
+
+    def rows(self) -> set[tuple[str, str, str, int]]:
+        return {(r.deployment, r.site, r.variant, r.replicas) for r in self.s.placements}
+
+
+def on(rows: set[tuple[str, str, str, int]], site: str) -> set[tuple[str, str, str, int]]:
+    return {r for r in rows if r[1] == site}
+
+
+def moves(plan: planning.PassPlan) -> list[sched_result.MoveReplica]:
+    return [a for a in plan.result.actions if isinstance(a, sched_result.MoveReplica)]
+
+
+def lose_lyon(fleet: Fleet, at: float) -> set[tuple[str, str, str, int]]:
+    """Settle the fleet, lose edge-lyon and settle again: the rows before the loss."""
+    fleet.settle(0.0)
+    good = fleet.rows()
+    assert on(good, LYON), "the example fleet runs replicas on edge-lyon"
+    lost = fleet.step(at, lyon_healthy=False)
+    assert moves(lost) and all(m.from_site == LYON for m in moves(lost)), lost.result.actions
+    fleet.settle(at, lyon_healthy=False)
+    assert not on(fleet.rows(), LYON)
+    return good
+
+
+def test_replicas_move_back_once_the_site_has_stayed_healthy_for_the_hold_down() -> None:
+    fleet = Fleet(HOLD_S)
+    good = lose_lyon(fleet, 10.0)
+    stood_in = fleet.rows()
+    for now in (100.0, 200.0, 399.0):  # back at 100: held down until 400
+        assert not fleet.step(now).result.actions
+        assert fleet.rows() == stood_in
+    back = fleet.step(400.0)
+    assert moves(back) and all(m.to_site == LYON and m.reason.startswith("failback: site edge-lyon is back") for m in moves(back)), \
+        back.result.actions
+    (written,) = [a for a in back.actions if isinstance(a, act.RecordPlacement)]
+    (event,) = [e for e in written.events if e.action == "failback"]
+    assert (event.kind, event.name, event.details["replicas"]) == ("Site", LYON, len(moves(back))), event
+    # where a plan from nothing puts them: the placement before the loss
+    fresh = planning.plan_pass(dataclasses.replace(fleet.s, placements=(), failback=failback_mod.Failback()))
+    assert set(planning.placement_rows(back.result)) == set(planning.placement_rows(fresh.result))
+    assert {(r.deployment, r.site, r.variant, r.replicas) for r in planning.placement_rows(back.result)} == good
+    # make before break: a stand-in leaving a site is kept there until its replacement serves
+    assert any(r.site != LYON and (r.deployment, r.site, r.variant, r.replicas) not in good for r in written.rows), written.rows
+    # and the passes after, replacements still loading, do not move anything back again
+    for now in (405.0, 410.0, 1000.0):
+        again = fleet.step(now)
+        assert not [m for m in moves(again) if m.from_site == LYON], again.result.actions
+        assert on({(r.deployment, r.site, r.variant, r.replicas) for r in planning.placement_rows(again.result)}, LYON) == on(good, LYON)
+
+
+def test_a_site_flapping_within_the_hold_down_draws_nothing_back() -> None:
+    fleet = Fleet(HOLD_S)
+    lose_lyon(fleet, 10.0)
+    stood_in = fleet.rows()
+    # back at 100, lost again at 300, back at 350, lost at 600, back at 700: never 300 s healthy until 1000
+    for now, healthy in ((100.0, True), (300.0, False), (350.0, True), (600.0, False), (700.0, True), (999.0, True)):
+        plan = fleet.step(now, lyon_healthy=healthy)
+        assert not plan.result.actions, (now, plan.result.actions)
+        assert fleet.rows() == stood_in
+        assert not [e for a in plan.actions if isinstance(a, act.RecordPlacement) for e in a.events if e.action == "failback"]
+    assert [m.to_site for m in moves(fleet.step(1000.0))] and on(fleet.rows(), LYON)
+
+
+def test_with_failback_off_nothing_moves_back() -> None:
+    fleet = Fleet(0.0)
+    lose_lyon(fleet, 10.0)
+    stood_in = fleet.rows()
+    for now in (100.0, 400.0, 10_000.0, 1e6):
+        assert not fleet.step(now).result.actions
+    assert fleet.rows() == stood_in and not on(stood_in, LYON)
+    assert fleet.s.failback == failback_mod.Failback(0.0, 1e6)  # nothing remembered
+
+
+def test_a_site_deleted_while_lost_is_forgotten() -> None:
+    fleet = Fleet(HOLD_S)
+    lose_lyon(fleet, 10.0)
+    assert LYON in fleet.s.failback.seats
+    fleet.s = dataclasses.replace(fleet.s, sites=tuple(r for r in fleet.s.sites if r.name != LYON))
+    fleet.step(20.0, lyon_healthy=False)
+    assert LYON not in fleet.s.failback.seats
+
