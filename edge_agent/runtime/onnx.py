@@ -144,6 +144,7 @@ class OnnxModel:
             session = ort.InferenceSession(data, sess_options=options, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise errors.ModelLoadError(f"onnxruntime could not load the model: {exc}") from exc
+        _refuse_unless_tensors(session)
         if chosen == ["CPUExecutionProvider"]:
             _forget_model_bytes(session)
         return cls(session)
@@ -182,6 +183,20 @@ class OnnxModel:
             return self._session.run(outputs, feeds)
         except Exception as exc:  # shape errors deeper in the graph, e.g. broadcasting
             raise errors.InvalidInput(f"model rejected the input: {_short(exc)}") from exc
+
+
+def _refuse_unless_tensors(session: ort.InferenceSession) -> None:
+    """A model is served only if every input and output is a tensor: the Open Inference
+    Protocol has no datatype for onnxruntime's sequences and maps, and one given back would
+    reach the caller as BYTES holding Python's text of it (``"{0: 0.2, 1: 0.8}"``)."""
+    for kind, nodes in (("input", session.get_inputs()), ("output", session.get_outputs())):
+        for node in nodes:
+            if not node.type.startswith("tensor("):
+                hint = (" (skl2onnx gives a classifier's probabilities so unless it converts it with "
+                        "options={id(model): {'zipmap': False}})") if node.type.startswith("seq(map(") else ""
+                raise errors.ModelLoadError(
+                    f"the model's {kind} {node.name!r} is {node.type}, not a tensor: the Open Inference Protocol "
+                    f"carries tensors only; export the model with tensor {kind}s{hint}")
 
 
 def _forget_model_bytes(session: ort.InferenceSession) -> None:
