@@ -52,6 +52,7 @@ class TensorSpec:
     name: str
     datatype: str  # v2 datatype name
     shape: tuple[int, ...]  # -1 = any size
+    optional: bool = False  # an input the graph runs without (``optional(tensor(...))``)
 
     def check(self, array: np.ndarray, datatype: str) -> None:
         if datatype != self.datatype:
@@ -72,9 +73,15 @@ class TensorSpec:
 
 
 def _spec(node: Any) -> TensorSpec:
-    datatype = _ORT_TO_V2.get(node.type, node.type)
+    """An input of type ``optional(tensor(float))`` is an FP32 tensor a request may leave out:
+    onnxruntime takes the array as it is, or runs the graph without it."""
+    kind = node.type
+    optional = kind.startswith("optional(tensor(") and kind.endswith(")")
+    if optional:
+        kind = kind.removeprefix("optional(").removesuffix(")")
+    datatype = _ORT_TO_V2.get(kind, kind)
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
-    return TensorSpec(node.name, datatype, shape)
+    return TensorSpec(node.name, datatype, shape, optional)
 
 
 #: Intra-op threads spin while a run hands them work (waking a sleeping thread for each
@@ -161,7 +168,7 @@ class OnnxModel:
             if datatype == "BYTES":
                 array = _utf8_strings(array, name)
             feeds[name] = array
-        missing = [n for n in self._inputs_by_name if n not in feeds]
+        missing = [s.name for s in self.inputs if s.name not in feeds and not s.optional]
         if missing:
             raise errors.InvalidInput(f"missing input(s): {', '.join(missing)}")
         return feeds
@@ -186,12 +193,13 @@ class OnnxModel:
 
 
 def _refuse_unless_tensors(session: ort.InferenceSession) -> None:
-    """A model is served only if every input and output is a tensor: the Open Inference
-    Protocol has no datatype for onnxruntime's sequences and maps, and one given back would
-    reach the caller as BYTES holding Python's text of it (``"{0: 0.2, 1: 0.8}"``)."""
+    """A model is served only if every input and output is a tensor (an input may be an
+    optional one): the Open Inference Protocol has no datatype for onnxruntime's sequences
+    and maps, and one given back would reach the caller as BYTES holding Python's text of it
+    (``"{0: 0.2, 1: 0.8}"``)."""
     for kind, nodes in (("input", session.get_inputs()), ("output", session.get_outputs())):
         for node in nodes:
-            if not node.type.startswith("tensor("):
+            if not node.type.startswith("tensor(") and not (kind == "input" and node.type.startswith("optional(tensor(")):
                 hint = (" (skl2onnx gives a classifier's probabilities so unless it converts it with "
                         "options={id(model): {'zipmap': False}})") if node.type.startswith("seq(map(") else ""
                 raise errors.ModelLoadError(

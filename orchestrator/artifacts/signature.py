@@ -40,7 +40,10 @@ def read(path: pathlib.Path, sha256: str) -> dict[str, list[dict[str, Any]]]:
 
 
 def _tensor(value: onnx.ValueInfoProto) -> dict[str, Any]:
-    tensor = value.type.tensor_type
+    kind = value.type
+    if kind.HasField("optional_type"):  # an input a request may leave out: described by its tensor, as agents do
+        kind = kind.optional_type.elem_type
+    tensor = kind.tensor_type
     shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
     datatype = V2_DATATYPES.get(tensor.elem_type, onnx.TensorProto.DataType.Name(tensor.elem_type))
     return {"name": value.name, "datatype": datatype, "shape": shape}
