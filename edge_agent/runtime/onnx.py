@@ -9,7 +9,7 @@ bad request is a clear 400 and never a native error.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,7 +150,7 @@ class OnnxModel:
         try:
             session = ort.InferenceSession(data, sess_options=options, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise errors.ModelLoadError(f"onnxruntime could not load the model: {exc}") from exc
+            raise errors.ModelLoadError(_external_data_refusal(data) or f"onnxruntime could not load the model: {exc}") from exc
         _refuse_unless_tensors(session)
         if chosen == ["CPUExecutionProvider"]:
             _forget_model_bytes(session)
@@ -190,6 +190,41 @@ class OnnxModel:
             return self._session.run(outputs, feeds)
         except Exception as exc:  # shape errors deeper in the graph, e.g. broadcasting
             raise errors.InvalidInput(f"model rejected the input: {_short(exc)}") from exc
+
+
+def _external_data_refusal(data: bytes) -> str | None:
+    """Why a model that keeps its weights in ONNX external data files (as exporters write
+    one past 2 GB) did not load, or None when it keeps none there. The artifact is one file,
+    the one verified: onnxruntime, given its bytes, looks for those files in the process's
+    working directory and says so, which tells a user nothing. Asked only once a load has
+    failed, so only an agent that has such a failure to explain imports the onnx package."""
+    if b"location" not in data:  # the key every external data entry has
+        return None
+    import onnx
+
+    try:
+        graph = onnx.load_model_from_string(data).graph
+    except Exception:  # noqa: BLE001 - not a model onnx reads either: onnxruntime's own words stand
+        return None
+    files = sorted({entry.value for tensor in _tensors(graph) if tensor.data_location == onnx.TensorProto.EXTERNAL
+                    for entry in tensor.external_data if entry.key == "location"})
+    if not files:
+        return None
+    return (f"the model keeps its weights in ONNX external data ({', '.join(files)}), which an onnx artifact does not "
+            "carry: it is one self-contained ONNX file, verified by its sha256; save the model with its weights inside "
+            "(onnx.save_model(model, path, save_as_external_data=False)), which ONNX allows up to 2 GB")
+
+
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor a graph holds: its initializers, and those of its nodes' attributes and subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _tensors(subgraph)
 
 
 def _refuse_unless_tensors(session: ort.InferenceSession) -> None:
