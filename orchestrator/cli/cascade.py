@@ -13,6 +13,9 @@ guessing a threshold.
 Sample lines are JSON objects: ``{"inputs": [...v2 inputs...], "label": 2}`` or
 ``{"input": [[...]], "label": [2, 0]}`` (tensor name → nested list, as ``infer --data``);
 ``label`` is a class index per row, optional. ``-f -`` reads the sample from standard input.
+Under a multi-label rule (``scores: independent``) a row's answer is the set of labels
+whose probability is at least 0.5, and ``label`` lists the labels that apply: ``[0, 3]``
+for a sample of one row, ``[[0, 3], []]`` one list per row; a row is right when its set is.
 """
 
 from __future__ import annotations
@@ -58,14 +61,18 @@ def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
     return 0
 
 
+#: One row's answer: its class, or a multi-label answer's labels that apply (in order).
+Prediction = int | tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class Replayed:
     """One sample line's answers from the first and the last stage."""
 
     confidence: float  # the first stage's, under its rule (least sure row)
-    first: tuple[int, ...]  # predicted class per row
-    last: tuple[int, ...]
-    labels: tuple[int, ...] | None
+    first: tuple[Prediction, ...]  # predicted class (or labels) per row
+    last: tuple[Prediction, ...]
+    labels: tuple[Prediction, ...] | None
     first_ms: float
     last_ms: float
     first_j: float
@@ -134,7 +141,7 @@ def _sample_text(path: str) -> str:
         raise CliError(f"-f {path}: cannot read the file: {exc.strerror or exc}", 2) from exc
 
 
-def _lines(path: str) -> list[tuple[dict[str, Any], tuple[int, ...] | None]]:
+def _lines(path: str, rule: cascade_rules.TensorRule) -> list[tuple[dict[str, Any], tuple[Prediction, ...] | None]]:
     text = _sample_text(path)
     path = "<stdin>" if path == "-" else path
     out = []
@@ -154,9 +161,14 @@ def _lines(path: str) -> list[tuple[dict[str, Any], tuple[int, ...] | None]]:
         if not isinstance(doc, dict):
             raise CliError(f"{path}:{number}: a sample is a JSON object with \"inputs\" (or tensor names) and an optional \"label\"")
         label = doc.pop("label", None)
-        labels: tuple[int, ...] | None
+        labels: tuple[Prediction, ...] | None
         if label is None:
             labels = None
+        elif rule.independent:
+            labels = _label_sets(label)
+            if labels is None:
+                raise CliError(f"{path}:{number}: \"label\" must list the labels that apply (label indices, 0 or more): [0, 3] "
+                               "for one row, or one such list per row ([[0, 3], []])")
         elif _class_index(label):
             labels = (label,)
         elif isinstance(label, list) and label and all(_class_index(x) for x in label):
@@ -175,6 +187,30 @@ def _lines(path: str) -> list[tuple[dict[str, Any], tuple[int, ...] | None]]:
 
 def _class_index(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _label_set(x: Any) -> tuple[int, ...] | None:
+    if not isinstance(x, list) or not all(_class_index(i) for i in x):
+        return None
+    return tuple(sorted(set(x)))
+
+
+def _label_sets(label: Any) -> tuple[tuple[int, ...], ...] | None:
+    """A multi-label sample's labels, one set per row: a flat list is one row's."""
+    if isinstance(label, list) and label and all(isinstance(row, list) for row in label):
+        rows = [_label_set(row) for row in label]
+        return None if any(r is None for r in rows) else tuple(r for r in rows if r is not None)
+    one = _label_set(label)
+    return None if one is None else (one,)
+
+
+def predictions(rule: cascade_rules.TensorRule, scores: np.ndarray) -> tuple[Prediction, ...]:
+    """Each row's answer: its top class, or under a multi-label rule the labels whose
+    probability is at least 0.5 (a logit at least 0)."""
+    rows = np.atleast_2d(scores)
+    if rule.independent:
+        return tuple(tuple(int(i) for i in np.flatnonzero(row >= (0.0 if rule.logits else 0.5))) for row in rows)
+    return tuple(int(x) for x in rows.argmax(-1))
 
 
 def _call(api: ApiClient, name: str, body: dict[str, Any], mode: str, headers: dict[str, str], rule: cascade_rules.TensorRule,
@@ -207,7 +243,7 @@ def _call(api: ApiClient, name: str, body: dict[str, Any], mode: str, headers: d
     return scores, ms, joules
 
 
-def replay(api: ApiClient, name: str, rule: cascade_rules.TensorRule, samples: Sequence[tuple[dict[str, Any], tuple[int, ...] | None]],
+def replay(api: ApiClient, name: str, rule: cascade_rules.TensorRule, samples: Sequence[tuple[dict[str, Any], tuple[Prediction, ...] | None]],
            headers: dict[str, str], path: str) -> list[Replayed]:
     out = []
     for i, (body, labels) in enumerate(samples, 1):
@@ -224,8 +260,7 @@ def replay(api: ApiClient, name: str, rule: cascade_rules.TensorRule, samples: S
         rows = len(np.atleast_2d(first))
         if labels is not None and len(labels) != rows:
             raise CliError(f"{where}: {len(labels)} label(s) for {rows} row(s): give one label per row")
-        out.append(Replayed(confidence, tuple(int(x) for x in np.atleast_2d(first).argmax(-1)),
-                            tuple(int(x) for x in np.atleast_2d(last).argmax(-1)), labels, first_ms, last_ms, first_j, last_j,
+        out.append(Replayed(confidence, predictions(rule, first), predictions(rule, last), labels, first_ms, last_ms, first_j, last_j,
                             cascade_rules.precision_of(first)))
     return out
 
@@ -242,20 +277,23 @@ def _thresholds(text: str | None) -> tuple[float, ...]:
     return values
 
 
+_SCORES = {(False, False): "probabilities", (True, False): "logits→softmax", (False, True): "independent label probabilities",
+           (True, True): "independent logits→sigmoid"}
+
+
 def cmd_tune(api: ApiClient, args: argparse.Namespace) -> int:
     if not args.name:
         raise CliError("the cascade's deployment name is empty (edgeplane get cascades)", 2)
     thresholds = _thresholds(args.thresholds)
-    samples = _lines(args.file)
-    rule = _rule(api, args.name)
+    rule = _rule(api, args.name)  # first: a sample's labels read as its rule answers (a class, or labels that apply)
+    samples = _lines(args.file, rule)
     headers = infer.caller_headers(args)
     # by the deployment's name: its own cascade (by the model's, another deployment's may run for this caller)
     rows = sweep(replay(api, args.name, rule, samples, headers, "<stdin>" if args.file == "-" else args.file), thresholds)
     if args.output in ("json", "yaml"):
         render.dump({"cascade": args.name, "samples": len(samples), "rule": asdict(rule), "rows": [asdict(r) for r in rows]}, args.output)
         return 0
-    print(f"cascade {args.name}: {len(samples)} samples, {rule.measure} {'logits→softmax' if rule.logits else 'probabilities'} "
-          f"of {rule.output!r}")
+    print(f"cascade {args.name}: {len(samples)} samples, {rule.measure} {_SCORES[rule.logits, rule.independent]} of {rule.output!r}")
     render.table(None, ["ROUTE", "FIRST STAGE", "ACCURACY", "AGREES WITH LAST", "MEAN MS", "J/REQ"],
                  [[r.name, f"{r.firstStageShare:.1%}", "-" if r.accuracy is None else f"{r.accuracy:.2%}", f"{r.agreement:.2%}",
                    f"{r.meanMs:.2f}", f"{r.energyPerRequestJ:.4g}"] for r in rows])

@@ -22,7 +22,10 @@ decision it takes is one of these functions of data, so each can be table-tested
   can run, and why.
 
 A batched tensor request is judged as a whole: its confidence is that of its least sure
-row, and the whole request escalates when that is below the threshold.
+row, and the whole request escalates when that is below the threshold. A multi-label
+(sigmoid) model's row is as sure as its least sure label: each label is a yes/no answer of
+its own, sure as far as its probability is from 0.5 (``max(p, 1 - p)``), and one label in
+doubt makes the answer one to check.
 """
 
 from __future__ import annotations
@@ -50,9 +53,10 @@ MODES: tuple[Mode, ...] = ("on", "off", "force-last", "force-first")
 @dataclass(frozen=True)
 class TensorRule:
     output: str
-    logits: bool  # scores are logits: take a softmax first
+    logits: bool  # scores are logits: take a softmax (a sigmoid, when independent) first
     measure: Literal["top", "margin"]
     below: float
+    independent: bool = False  # a multi-label model's: each score its own label's, rows need not sum to 1
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,8 @@ def rule_of(escalation: cascade_schema.Escalation | None) -> Rule | None:
         return None
     if escalation.confidence is not None:
         c = escalation.confidence
-        return TensorRule(c.output, c.scores == "logits", c.measure, c.below)
+        return TensorRule(c.output, c.scores in ("logits", "independent-logits"), c.measure, c.below,
+                          independent=c.scores in cascade_schema.INDEPENDENT_SCORES)
     if escalation.generative:
         return GenerativeRule(escalation.meanLogprobBelow, escalation.truncated, tuple(escalation.refusal))
     return None
@@ -180,7 +185,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def confidence_of(rule: TensorRule, scores: np.ndarray) -> float:
-    """The least sure row's confidence (top probability or margin) in ``scores``."""
+    """The least sure row's confidence (top probability or margin) in ``scores``; for
+    independent scores, the least sure label's: ``max(p, 1 - p)``, or its margin ``|2p - 1|``."""
     kind = np.asarray(scores).dtype.kind
     if kind not in "biuf":  # a BYTES tensor holds text, even where the text reads as a number
         raise ValueError(f"output {rule.output!r} holds {'bytes' if kind in 'OSU' else 'no numbers'}, not scores")
@@ -188,10 +194,17 @@ def confidence_of(rule: TensorRule, scores: np.ndarray) -> float:
         x = np.asarray(scores, dtype=np.float64)
     if x.ndim == 1:
         x = x[None, :]
-    if x.ndim != 2 or x.shape[1] < 2 or x.shape[0] < 1:
-        raise ValueError(f"output {rule.output!r} has shape {list(np.shape(scores))}; a confidence needs [batch, classes >= 2]")
+    least = 1 if rule.independent else 2  # one sigmoid label is an answer; one softmax class is none
+    if x.ndim != 2 or x.shape[1] < least or x.shape[0] < 1:
+        raise ValueError(f"output {rule.output!r} has shape {list(np.shape(scores))}; a confidence needs "
+                         f"{'[batch, labels >= 1]' if rule.independent else '[batch, classes >= 2]'}")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"output {rule.output!r} holds NaN or infinite scores")
+    if rule.independent:
+        p = _sigmoid(x) if rule.logits else _check_independent(rule, x)
+        sure = np.maximum(p, 1.0 - p)  # each label's own top probability: yes or no
+        per_label = sure if rule.measure == "top" else 2.0 * sure - 1.0
+        return float(per_label.min())
     if rule.logits:
         p = _softmax(x)
     else:
@@ -200,6 +213,21 @@ def confidence_of(rule: TensorRule, scores: np.ndarray) -> float:
     top2 = np.partition(p, -2, axis=-1)[:, -2:]  # the two largest, in order: nothing else is sorted
     per_row = top2[:, 1] if rule.measure == "top" else top2[:, 1] - top2[:, 0]
     return float(per_row.min())
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp of a large negative logit's negation: inf, and the label's probability 0
+        return 1.0 / (1.0 + np.exp(-x))
+
+
+def _check_independent(rule: TensorRule, x: np.ndarray) -> np.ndarray:
+    """Refuse independent scores outside 0..1: a sigmoid's logits read as probabilities
+    would make most labels look sure."""
+    low, high = float(x.min()), float(x.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"output {rule.output!r} holds no probabilities (its scores range from {low:g} to {high:g}); if the "
+                         f"model answers logits before its sigmoid, set escalate.confidence.scores: independent-logits")
+    return x
 
 
 #: How far a row of probabilities may sum from 1: a softmax's rows are 1 only up to their
@@ -215,13 +243,14 @@ def _check_probabilities(rule: TensorRule, x: np.ndarray) -> None:
     sums = x.sum(axis=-1)
     worst = float(sums[np.argmax(np.abs(sums - 1.0))])
     if low < 0.0 or high > 1.0:
-        found = f"range from {low:g} to {high:g}"
+        found, fix = f"range from {low:g} to {high:g}", "if the model answers logits, set escalate.confidence.scores: logits"
     elif abs(worst - 1.0) > PROBABILITY_SUM_TOLERANCE:
         found = f"has a row that sums to {worst:.4g}"
+        fix = ("if the model answers one probability per label (a multi-label, sigmoid model), set escalate.confidence.scores: "
+               "independent; if it answers logits, scores: logits")
     else:
         return
-    raise ValueError(f"output {rule.output!r} holds no probabilities (its scores {found}); if the model answers logits, "
-                     f"set escalate.confidence.scores: logits")
+    raise ValueError(f"output {rule.output!r} holds no probabilities (its scores {found}); {fix}")
 
 
 def precision_of(scores: np.ndarray) -> np.dtype[Any]:
@@ -249,8 +278,10 @@ def judge_tensor(rule: TensorRule, outputs: Mapping[str, np.ndarray]) -> Verdict
     except ValueError as exc:
         return Verdict(True, None, str(exc))
     if is_below(confidence, rule.below, precision_of(scores)):
-        return Verdict(True, confidence, f"{rule.measure} {'probability' if rule.measure == 'top' else 'margin'} "
-                                         f"{confidence:.3f} < {rule.below:g}")
+        what = "top probability" if rule.measure == "top" else "margin"
+        if rule.independent:
+            what = f"least sure label's {what}"
+        return Verdict(True, confidence, f"{what} {confidence:.3f} < {rule.below:g}")
     return Verdict(False, confidence, "")
 
 

@@ -71,7 +71,8 @@ def endpoint_from_json(d: Mapping[str, Any]) -> routing.Endpoint:
 
 def _rule_to_json(rule: rules.Rule | None) -> dict[str, Any] | None:
     if isinstance(rule, rules.TensorRule):
-        return {"kind": "tensor", "output": rule.output, "logits": rule.logits, "measure": rule.measure, "below": rule.below}
+        return {"kind": "tensor", "output": rule.output, "logits": rule.logits, "measure": rule.measure, "below": rule.below,
+                "independent": rule.independent}
     if isinstance(rule, rules.GenerativeRule):
         return {"kind": "generative", "meanLogprobBelow": rule.mean_logprob_below, "truncated": rule.truncated,
                 "refusal": list(rule.refusal)}
@@ -82,7 +83,8 @@ def _rule_from_json(d: Mapping[str, Any] | None) -> rules.Rule | None:
     if d is None:
         return None
     if d["kind"] == "tensor":
-        return rules.TensorRule(str(d["output"]), bool(d["logits"]), d["measure"], float(d["below"]))
+        return rules.TensorRule(str(d["output"]), bool(d["logits"]), d["measure"], float(d["below"]),
+                                bool(d.get("independent", False)))  # absent from an earlier release's table
     if d["kind"] == "generative":
         below = d.get("meanLogprobBelow")
         return rules.GenerativeRule(float(below) if below is not None else None, bool(d.get("truncated", False)),

@@ -40,6 +40,9 @@ MAX_STAGES = 2
 
 VariantName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
 TensorName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+#: ``escalate.confidence.scores`` of a multi-label model: one probability per label, each
+#: its own yes/no answer (a sigmoid's), or the logits before that sigmoid.
+INDEPENDENT_SCORES = frozenset({"independent", "independent-logits"})
 
 
 class _Strict(BaseModel):
@@ -52,12 +55,23 @@ class Confidence(_Strict):
 
     #: The output tensor holding one score per class, shape ``[batch, classes]`` (or ``[classes]``).
     output: TensorName
-    #: ``probabilities`` (used as they are) or ``logits`` (a softmax is taken first).
-    scores: Literal["probabilities", "logits"] = "probabilities"
-    #: ``top``: the best class's probability; ``margin``: best minus second best.
+    #: ``probabilities`` (used as they are) or ``logits`` (a softmax is taken first), one
+    #: class per row; ``independent`` (a multi-label model's: each score its label's own
+    #: probability in 0..1) or ``independent-logits`` (a sigmoid is taken of each first).
+    scores: Literal["probabilities", "logits", "independent", "independent-logits"] = "probabilities"
+    #: ``top``: the best class's probability; ``margin``: best minus second best. For
+    #: independent scores, of each label's yes and no: ``max(p, 1 - p)``, or ``|2p - 1|``.
     measure: Literal["top", "margin"] = "top"
     #: Escalate when the confidence is below this; in (0, 1].
     below: float = Field(gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _can_escalate(self) -> Confidence:
+        if self.scores in INDEPENDENT_SCORES and self.measure == "top" and self.below <= 0.5:
+            raise ValueError(f"scores: {self.scores} with measure: top reads each label as sure as max(p, 1 - p), never below "
+                             f"0.5, so below: {self.below:g} would escalate nothing; give a threshold above 0.5 (0.9: every "
+                             "label's probability at most 0.1 or at least 0.9), or measure: margin (|2p - 1|, 0 to 1)")
+        return self
 
 
 class Escalation(_Strict):

@@ -98,11 +98,11 @@ def manifests(student: BuiltModel, teacher: BuiltModel, *, threshold: float,
               edges: dict[str, tuple[str, float, float]], datacentre: tuple[str, str, float, float],
               student_watts: float = 10.0, teacher_watts: float = 250.0, residency: tuple[str, ...] = ("EU",),
               name: str = "task", deployment: str | None = None, dc_cpu: float = 1.0,
-              capture: dict[str, object] | None = None) -> str:
+              capture: dict[str, object] | None = None, scores: str = "probabilities") -> str:
     """Sites (``edges``: name -> (country, lat, lon); ``datacentre``: (name, country, lat,
     lon) on the local Ray cluster), the Model with both variants (artifacts named by file
     under an artifact root), and the cascading deployment: one replica per site; ``capture``
-    is its ``spec.cascade.capture``."""
+    is its ``spec.cascade.capture``, ``scores`` its first stage's ``confidence.scores``."""
     docs: list[dict[str, object]] = []
     for site, (country, lat, lon) in edges.items():
         docs.append({"kind": "Site", "metadata": {"name": site},
@@ -112,8 +112,8 @@ def manifests(student: BuiltModel, teacher: BuiltModel, *, threshold: float,
                  "spec": {"tier": "datacenter", "location": {"country": country, "lat": lat, "lon": lon},
                           "capacity": {"cpu": 64, "memoryGiB": 256}, "energy": {"carbonGramsPerKWh": 60, "pue": 1.3},
                           "ray": {"address": "local"}}})
-    io = {"inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, student.in_dim]}],
-          "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, student.out_dim]}]}
+    io = {"inputs": [{"name": student.input_name, "datatype": "FP32", "shape": [-1, student.in_dim]}],
+          "outputs": [{"name": student.output_name, "datatype": "FP32", "shape": [-1, student.out_dim]}]}
     docs.append({"kind": "Model", "metadata": {"name": name}, "spec": {"variants": [
         {"name": "student", "runtime": "onnx", "artifact": {"uri": student.path.name, "sha256": student.sha256},
          "resources": {"cpu": 0.5, "memoryMiB": 128}, "powerWatts": student_watts, **io},
@@ -126,7 +126,7 @@ def manifests(student: BuiltModel, teacher: BuiltModel, *, threshold: float,
         "replicas": {"min": replicas, "max": replicas},
         "placement": {"residency": list(residency), "spread": {"by": "site", "maxSkew": 1}},
         "cascade": {"stages": [
-            {"variant": "student", "escalate": {"confidence": {"output": OUTPUT, "below": threshold}}},
+            {"variant": "student", "escalate": {"confidence": {"output": student.output_name, "scores": scores, "below": threshold}}},
             {"variant": "teacher"},
         ], **({"capture": capture} if capture is not None else {})},
     }})

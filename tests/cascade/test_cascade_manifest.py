@@ -67,6 +67,9 @@ BAD: list[tuple[str, Any, Any, str, str]] = [
      "spec.cascade.stages[0].escalate.confidence.below", "greater than 0"),
     ("unknown scores", {}, deployment(stages({"confidence": {"output": "probabilities", "scores": "odds", "below": 0.5}})),
      "spec.cascade.stages[0].escalate.confidence.scores", "probabilities"),
+    ("independent top below 0.5 never escalates", {},
+     deployment(stages({"confidence": {"output": "probabilities", "scores": "independent", "below": 0.5}})),
+     "spec.cascade.stages[0].escalate.confidence", "would escalate nothing; give a threshold above 0.5"),
     ("positive logprob", {}, deployment(stages({"meanLogprobBelow": 0.5})),
      "spec.cascade.stages[0].escalate.meanLogprobBelow", "less than 0"),
     ("bad refusal pattern", {}, deployment(stages({"refusal": ["(unclosed"]})),
@@ -113,6 +116,13 @@ def test_bad_cascade_names_field_and_line(changes: dict[str, Any], dep: dict[str
     assert hit, issues
     assert any(message in i for i in hit), issues
     assert all(i.startswith("cascade.yaml:") and "(document 1)" in i for i in hit), issues
+
+
+@pytest.mark.parametrize("scores", ["independent", "independent-logits"])
+@pytest.mark.parametrize(("measure", "below"), [("top", 0.9), ("margin", 0.5)])
+def test_multi_label_rules_are_valid(scores: str, measure: str, below: float) -> None:
+    rule = {"confidence": {"output": "probabilities", "scores": scores, "measure": measure, "below": below}}
+    assert check(model(), deployment(stages(rule))) == []
 
 
 def test_undeclared_inputs_are_not_compared() -> None:

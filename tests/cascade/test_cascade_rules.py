@@ -97,6 +97,52 @@ def test_probabilities_in_any_precision_are_judged_as_they_are(dtype: type) -> N
     assert not verdict.escalate and verdict.confidence is not None, verdict.reason
 
 
+TAGS = rules.TensorRule("tags", logits=False, measure="top", below=0.9, independent=True)
+TAGS_MARGIN = rules.TensorRule("tags", logits=False, measure="margin", below=0.6, independent=True)
+TAG_LOGITS = rules.TensorRule("tags", logits=True, measure="top", below=0.9, independent=True)
+
+
+@pytest.mark.parametrize(("rule", "scores", "escalate", "confidence"), [
+    (TAGS, np.array([[0.98, 0.02, 0.97]]), False, 0.97),  # every label far from 0.5: sure (its row sums to 1.97)
+    (TAGS, np.array([[0.98, 0.02, 0.6]]), True, 0.6),  # one label in doubt: the answer is
+    (TAGS, np.array([[0.98, 0.05, 0.0]]), False, 0.95),  # a label sure it does not apply is as sure as one that does
+    (TAGS, np.array([[0.0, 0.0, 0.0]]), False, 1.0),  # no label applies, surely
+    (TAGS, np.array([0.99, 0.93]), False, 0.93),  # one row without a batch axis
+    (TAGS, np.array([[0.99], [0.4]]), True, 0.6),  # one label (a binary sigmoid): the least sure row
+    (TAGS_MARGIN, np.array([[0.9, 0.15]]), False, 0.7),  # |2p - 1|
+    (TAGS_MARGIN, np.array([[0.9, 0.25]]), True, 0.5),
+    (TAG_LOGITS, np.array([[4.0, -5.0]]), False, 1 / (1 + math.exp(-4))),  # a sigmoid first
+    (TAG_LOGITS, np.array([[4.0, 0.5]]), True, 1 / (1 + math.exp(-0.5))),
+    (TAG_LOGITS, np.array([[1e308, -1e308]]), False, 1.0),  # no overflow warning
+])
+def test_a_multi_label_answer_is_as_sure_as_its_least_sure_label(rule: rules.TensorRule, scores: np.ndarray, escalate: bool,
+                                                                  confidence: float) -> None:
+    """A multi-label (sigmoid) model answers one probability per label, rows not summing to
+    1: read as probabilities, every answer was refused and escalated. Under ``scores:
+    independent`` each label is a yes/no answer, sure as far as it is from 0.5."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        verdict = rules.judge_tensor(rule, {"tags": scores})
+    assert (verdict.escalate, verdict.confidence) == (escalate, pytest.approx(confidence))
+    if escalate:
+        assert verdict.reason.startswith("least sure label's"), verdict.reason
+
+
+@pytest.mark.parametrize(("scores", "reason"), [
+    (np.array([[2.5, -1.0]]), "scores: independent-logits"),  # a sigmoid's logits read as probabilities
+    (np.zeros((1, 0)), "[batch, labels >= 1]"),
+    (np.array([[np.nan, 0.9]]), "NaN"),
+])
+def test_a_multi_label_answer_that_cannot_be_judged_escalates(scores: np.ndarray, reason: str) -> None:
+    verdict = rules.judge_tensor(TAGS, {"tags": scores})
+    assert verdict.escalate and verdict.confidence is None and reason in verdict.reason, verdict.reason
+
+
+def test_a_multi_label_answer_read_as_probabilities_says_to_set_independent() -> None:
+    verdict = rules.judge_tensor(TOP, {"probabilities": np.array([[0.98, 0.02, 0.97]], np.float32)})
+    assert verdict.escalate and "scores: independent" in verdict.reason, verdict.reason
+
+
 def chat(content: str = "Paris.", finish: str = "stop", logprobs: list[float] | None = None) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
     if logprobs is not None:

@@ -47,6 +47,16 @@ def test_a_table_survives_the_wire_unchanged() -> None:
     assert wire.table_to_json(copy) == doc
 
 
+def test_a_multi_label_rule_survives_the_wire_and_an_earlier_releases_reads_as_one_class_per_row() -> None:
+    """A gateway judging a multi-label stage's answers as one class per row would escalate all of them."""
+    rule = cascade_rules.TensorRule("tags", True, "top", 0.9, independent=True)
+    route = dataclasses.replace(ROUTE, stages=(dataclasses.replace(ROUTE.stages[0], rule=rule), *ROUTE.stages[1:]))
+    doc = json.loads(json.dumps(wire.cascade_to_json(route)))
+    assert wire.cascade_from_json(doc, ROUTE.energy).stages[0].rule == rule
+    del doc["stages"][0]["rule"]["independent"]
+    assert wire.cascade_from_json(doc, ROUTE.energy).stages[0].rule == dataclasses.replace(rule, independent=False)
+
+
 def test_the_gateways_own_load_and_ejections_stay_local() -> None:
     table = full_table()
     before = wire.table_to_json(table)
