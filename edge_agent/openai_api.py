@@ -351,6 +351,11 @@ def parse(raw: bytes, *, chat: bool, interruptible: bool = False) -> GenerationR
         lp = _integer(body, "logprobs", 0, 5)
         want_logprobs, top = lp is not None, lp or 0
         echo = _flag(body, "echo")
+        if echo and want_logprobs:
+            # OpenAI's answer then holds the prompt's tokens' logprobs too; this server computes
+            # only the completion's, and an answer must not quietly leave the others out
+            raise _bad("echo", "with logprobs asks for the prompt's token logprobs too, which this model server does not compute; "
+                               "send echo or logprobs, not both", code="unsupported_parameter")
     seed = _integer(body, "seed", -(1 << 63), (1 << 64) - 1)
     options = SamplingOptions(
         max_tokens=max_tokens or 0,

@@ -212,8 +212,13 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
     owner, handler = req.owner, req.handler
     body = {k: v for k, v in req.body.items() if k != "stream_options"}
     body["stream"] = False
+    echoed = ""  # the prompt this gateway echoes, having asked the stage for logprobs instead
     if logprobs and not _asks_logprobs(body):
         body["logprobs"] = True if req.chat else 1
+        if not req.chat and body.get("echo") is True and isinstance(body.get("prompt"), str):
+            # echo with logprobs asks for the prompt's logprobs too (which the agent refuses, and
+            # which would be judged as the answer's): the stage answers alone, the prompt is put back here
+            body["echo"], echoed = False, body["prompt"]
     busy: _Answer | None = None
     for choice in ranked[: owner.gw.max_attempts]:
         e = choice.endpoint
@@ -263,8 +268,17 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
             req.trip.failovers.answered()
             return _Answer(stage, status, content, e.site, e.tier)
         req.trip.failovers.answered()
-        return _Answer(stage, 200, parsed, e.site, e.tier)
+        return _Answer(stage, 200, _with_prompt(parsed, echoed) if echoed else parsed, e.site, e.tier)
     return busy
+
+
+def _with_prompt(answer: dict[str, Any], prompt: str) -> dict[str, Any]:
+    """A text completion as it would be echoed: each choice's text after the prompt."""
+    choices = answer.get("choices")
+    if not isinstance(choices, list):
+        return answer
+    return {**answer, "choices": [{**c, "text": prompt + c["text"]} if isinstance(c, dict) and isinstance(c.get("text"), str) else c
+                                  for c in choices]}
 
 
 def _asks_logprobs(body: Mapping[str, Any]) -> bool:

@@ -161,6 +161,21 @@ async def test_completions_parameters_that_were_ignored_are_refused(small: Servi
     await still_serves(small)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("logprobs", [0, 3])
+async def test_echo_with_logprobs_is_refused_as_it_cannot_give_the_prompts_logprobs(small: Serving, logprobs: int, stream: bool) -> None:
+    """OpenAI answers echo with logprobs with the prompt's token logprobs too; the answer held
+    the completion's only, under text that began with the prompt, so the tokens did not spell it."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        await small.client.completions.create(model=MODEL, prompt="The agent", max_tokens=2, echo=True, logprobs=logprobs, stream=stream)
+    assert (refused.value.param, refused.value.code) == ("echo", "unsupported_parameter"), refused.value.body
+    assert "prompt's token logprobs" in refused.value.body["message"]  # type: ignore[index]
+    echoed = await small.client.completions.create(model=MODEL, prompt="The agent", max_tokens=2, temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith("The agent") and echoed.choices[0].logprobs is None
+    scored = await small.client.completions.create(model=MODEL, prompt="The agent", max_tokens=2, temperature=0, logprobs=logprobs)
+    assert scored.choices[0].logprobs is not None and len(scored.choices[0].logprobs.token_logprobs or []) == 2
+
+
 async def test_null_and_neutral_values_are_the_defaults(small: Serving) -> None:
     # OpenAI's optional parameters are nullable, and a neutral value asks for nothing: both are answered
     chat = await small.client.chat.completions.create(

@@ -150,6 +150,22 @@ async def test_no_allowed_stage_2_returns_stage_1_saying_why(sdk: openai.AsyncOp
     assert await metric(fleet, "edgeplane_cascade_not_escalated_total", cascade=DEPLOYMENT, stage="small") == before + 1
 
 
+async def test_an_echoed_completion_is_judged_on_its_own_tokens_and_echoes_the_prompt(sdk: openai.AsyncOpenAI) -> None:
+    """Stage 1 is asked for logprobs for its judge; with the caller's echo that asks for the
+    prompt's logprobs too, which the agent refuses: the stage answers without echo, and the
+    gateway puts the prompt back. A caller asking for both is refused, naming echo."""
+    prompt = "Where does the model run?"
+    plain = await sdk.completions.create(model=DEPLOYMENT, prompt=prompt, max_tokens=4, temperature=0, extra_headers=BERLIN_DE)
+    raw = await sdk.completions.with_raw_response.create(model=DEPLOYMENT, prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                                         extra_headers=BERLIN_DE)
+    answer = raw.parse()
+    assert raw.headers["x-edgeplane-cascade-stage"] == "small" and raw.headers["x-edgeplane-site"] == "edge-berlin"
+    assert answer.choices[0].text == prompt + plain.choices[0].text and answer.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError) as refused:
+        await sdk.completions.create(model=DEPLOYMENT, prompt=prompt, max_tokens=4, echo=True, logprobs=1, extra_headers=BERLIN_DE)
+    assert (refused.value.param, refused.value.code) == ("echo", "unsupported_parameter"), refused.value.body
+
+
 async def test_streams_replay_a_sure_answer_and_relay_an_escalated_one(sdk: openai.AsyncOpenAI) -> None:
     stop = await stop_string(sdk)
     whole = await sdk.chat.completions.create(model=DEPLOYMENT, messages=USER, max_tokens=8, temperature=0, stop=[stop],
