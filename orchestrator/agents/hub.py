@@ -227,6 +227,7 @@ class AgentHub(relayed.RelayedAgents):
             self.lag.observe(self._wall() * 1000.0 - beat.sent_unix_ms)
         first = record.last_heartbeat <= record.joined_at < now  # not AgentStatus.reported until this beat
         record.last_heartbeat = now
+        record.heard = True
         record.broke_at = None
         record.quiet_s = beat.quiet_ms / 1000.0
         record.deadline = now + self._allowance(record)
@@ -297,9 +298,15 @@ class AgentHub(relayed.RelayedAgents):
         for record in self._records.values():
             if record.healthy and now > record.deadline:
                 record.healthy = False
-                if record.broke_at is not None and record.deadline < record.last_heartbeat + self._allowance(record):
+                signed = max(record.last_heartbeat, record.opened_at or record.last_heartbeat)  # its last sign of life
+                if record.broke_at is not None and record.deadline < signed + self._allowance(record):
                     reason = (f"its heartbeat stream ended {now - record.broke_at:.1f}s ago and it did not come back"
                               f" (last heartbeat {now - record.last_heartbeat:.1f}s ago)")
+                elif not record.heard:
+                    reason = (f"no heartbeat since it joined {now - record.joined_at:.1f}s ago "
+                              f"({self.missed_heartbeats} x {record.heartbeat_interval:g}s missed"
+                              + (f", since its heartbeat stream opened {now - record.opened_at:.1f}s ago"
+                                 if record.opened_at is not None else "") + ")")
                 else:
                     reason = (
                         f"no heartbeat for {now - record.last_heartbeat:.1f}s "
@@ -446,11 +453,24 @@ class AgentHub(relayed.RelayedAgents):
 
     def heartbeats_opened(self, site: str, agent_id: str) -> object:
         """A heartbeat stream of ``site``'s agent opened here; give the handle back to
-        :meth:`heartbeats_ended` when it ends."""
+        :meth:`heartbeats_ended` when it ends.
+
+        An authenticated stream opening is a sign of life, as a heartbeat is, and gives the
+        agent the same allowance from now: between a join and its first heartbeat lie the
+        agent's save of its identity, this stream's authentication (its credential checked on
+        the store, which may be busy) and a link that may lag, more than ``missed_heartbeats``
+        intervals on a starved machine. A join followed by no stream, or a stream by no
+        heartbeat, is still lost that long after it. An agent already lost stays so until it
+        beats: an open stream says it lives, not that it serves."""
         record = self._records.get(site)
         if record is None or record.agent_id != agent_id:
             raise errors.NotJoined(f"agent {agent_id!r} does not hold site {site!r}; join again")
         record.streams += 1
+        if record.healthy:
+            now = self._clock()
+            record.opened_at = now
+            record.broke_at = None
+            record.deadline = max(record.deadline, now + self._allowance(record))
         return record
 
     def heartbeats_ended(self, handle: object) -> None:

@@ -254,3 +254,36 @@ async def test_an_agent_joining_with_a_short_interval_is_swept_at_its_pace_from_
         await asyncio.wait_for(lost.wait(), 2.0)  # well before the 2.5 s sleep ends
     finally:
         sweeper.cancel()
+
+
+def test_a_just_joined_agent_whose_stream_opened_is_not_lost_before_its_first_heartbeat(agent_hub, clock, events) -> None:
+    """Between a join and its first heartbeat lie the agent's save of its identity, the
+    stream's authentication (a credential checked on a busy store) and a link that may lag:
+    more than three intervals on a starved machine. An authenticated heartbeat stream that
+    opens is a sign of life, as a heartbeat is, with the same allowance from its opening; a
+    join followed by no stream, or a stream by no heartbeat, is still lost in that time."""
+    grant = agent_hub.join(application())  # 1 s interval, 3 missed
+    clock.now += 2.5
+    stream = agent_hub.heartbeats_opened("edge-1", grant.agent_id)
+    clock.now += 2.0  # 4.5 s after the join, 2 s after the stream opened
+    assert agent_hub.sweep() == []
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat())
+    assert kinds(events) == ["JOINED", "REPORTED"] and agent_hub.snapshot()[0].healthy
+    agent_hub.heartbeats_ended(stream)
+
+    # a join and no stream: lost three intervals after the join
+    silent = agent_hub.join(application("edge-2"))
+    clock.now += 3.01
+    [lost] = [e for e in agent_hub.sweep() if e.site == "edge-2"]
+    assert "no heartbeat since it joined 3.0s ago (3 x 1s missed)" in lost.reason
+
+    # a stream that opened and sent no heartbeat: lost three intervals after it opened
+    quiet = agent_hub.join(application("edge-3"))
+    clock.now += 1.0
+    agent_hub.heartbeats_opened("edge-3", quiet.agent_id)
+    clock.now += 2.9
+    assert [e for e in agent_hub.sweep() if e.site == "edge-3"] == []
+    clock.now += 0.2
+    [lost] = [e for e in agent_hub.sweep() if e.site == "edge-3"]
+    assert "no heartbeat since it joined 4.1s ago (3 x 1s missed, since its heartbeat stream opened 3.1s ago)" in lost.reason
+    assert silent.agent_id != quiet.agent_id
