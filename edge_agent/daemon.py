@@ -113,10 +113,14 @@ class Agent:
         clock: Callable[[], float] = time.time,
         reconnect_rng: Jitter | None = None,
         state_store: state.StateStore | None = None,
+        agent_tls: tls.AgentTls | None = None,
     ) -> None:
         """``clock``: this machine's wall clock, which the uplink reads (certificate dates,
         the times its heartbeats are sent). ``state_store``: what keeps the agent's state
-        under its data dir (by default :class:`state.StateStore` on ``config.data_dir``)."""
+        under its data dir (by default :class:`state.StateStore` on ``config.data_dir``);
+        ``agent_tls``: its mutual-TLS material there (by default :class:`tls.AgentTls` from
+        the config's flags; none with ``config.insecure``)."""
+        self._agent_tls = agent_tls
         self.config = config
         self._clock = clock
         self._reconnect_rng = reconnect_rng  # the uplink's reconnect jitter (its own Random unless given)
@@ -282,7 +286,7 @@ class Agent:
             self.store,
             self,
             self._receive_assignments,
-            agent_tls=None if cfg.insecure else tls.AgentTls(
+            agent_tls=None if cfg.insecure else self._agent_tls or tls.AgentTls(
                 cfg.data_dir, cfg.join_address, cfg.ca_file, cfg.ca_sha256),
             clock=self._clock,
             rng=self._reconnect_rng,

@@ -108,13 +108,16 @@ class Renewal:
         self._renew_at = now + delay
         log.warning("%s; asking again in %gs", why, delay)
 
-    def renewed(self, key_pem: bytes, response: pb.JoinResponse) -> None:
-        """Keep the certificate a join that carried the CSR of ``key_pem`` brought back."""
+    async def renewed(self, key_pem: bytes, response: pb.JoinResponse) -> None:
+        """Keep the certificate a join that carried the CSR of ``key_pem`` brought back,
+        saved in a worker thread: its fsyncs may take seconds on a slow disk, during which
+        the event loop serves inference, health probes and heartbeats."""
         if not response.certificate_pem:
             self.failed("the control plane issued no new client certificate")
             return
         try:
-            self._tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode(), received_at=self._clock())
+            await asyncio.to_thread(self._tls.save, key_pem, response.certificate_pem.encode(), response.ca_pem.encode(),
+                                    received_at=self._clock())
         except OSError as exc:
             self.failed(f"cannot save the renewed certificate: {exc}")
             return

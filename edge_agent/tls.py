@@ -99,7 +99,7 @@ class AgentTls:
         for der in chain:
             if hashlib.sha256(der).hexdigest() == self.ca_sha256:
                 self.data_dir.mkdir(parents=True, exist_ok=True)
-                state.write_bytes_atomic(self.saved_ca_path, ssl.DER_cert_to_PEM_cert(der).encode(), 0o600)
+                await asyncio.to_thread(state.write_bytes_atomic, self.saved_ca_path, ssl.DER_cert_to_PEM_cert(der).encode(), 0o600)
                 return
         raise errors.JoinRefused(f"{target} presented no certificate with SHA-256 {self.ca_sha256} ({len(chain)} in its chain): "
                                  "check --ca-sha256 against 'edgeplane token create' or <control-plane data dir>/ca/ca.crt")
@@ -180,7 +180,7 @@ class AgentTls:
         if received_at is not None:
             schedule["receivedAt"] = received_at
         with contextlib.suppress(OSError):  # only a cache: a read-only disk costs a child process per start
-            state.write_atomic(self.schedule_path, schedule, 0o600)
+            await asyncio.to_thread(state.write_atomic, self.schedule_path, schedule, 0o600)
         return renew_at, not_after - behind
 
     def save(self, key_pem: bytes, certificate_pem: bytes, ca_pem: bytes, received_at: float | None = None) -> None:
@@ -188,7 +188,9 @@ class AgentTls:
         (``.new``), then renamed key first; :meth:`recover` finishes or drops a pair that a
         crash interrupted, so the two never stay mismatched. ``received_at``: when the
         control plane's answer came, by this machine's clock (:meth:`renewal_time` compares
-        it with the certificate's start); kept beside the certificate, best effort."""
+        it with the certificate's start); kept beside the certificate, best effort. Each
+        file is synced, which may take seconds on a slow disk: the agent calls this in a
+        worker thread, never on its event loop."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if ca_pem and self.ca_file is None:
             state.write_bytes_atomic(self.saved_ca_path, ca_pem, 0o600)

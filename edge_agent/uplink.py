@@ -367,7 +367,9 @@ class Uplink:
         if not response.certificate_pem:
             raise errors.JoinRefused("the control plane issued no client certificate; is it running with --insecure-agents?")
         self._answered = True
-        agent_tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode(), received_at=self._clock())
+        # in a worker thread, as every save: its fsyncs may take seconds on a slow disk
+        await asyncio.to_thread(agent_tls.save, key_pem, response.certificate_pem.encode(), response.ca_pem.encode(),
+                                received_at=self._clock())
         assert self._renewal is not None  # made with the TLS material
         self._renewal.forget()
         await self._adopt(state.Identity(self._facts.site, response.agent_id, response.credential))
@@ -410,7 +412,7 @@ class Uplink:
             response = await stub.Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
         self._answered = True
         if certificate is not None and csr is not None:
-            certificate.renewed(csr[0], response)
+            await certificate.renewed(csr[0], response)
         await self._adopt(state.Identity(self._facts.site, response.agent_id, response.credential))
         if response.heartbeat_interval_ms:
             self.interval = response.heartbeat_interval_ms / 1000
