@@ -68,6 +68,8 @@ INLINE_PROMPT_CHARS = 16 * 1024
 # costs less than the hand-over to a thread.
 INLINE_BODY_BYTES = 64 * 1024
 _DECODED = f"its body, and up to {inflight.JSON_DECODE_FACTOR} x it while it is decoded"
+_TOKENIZED = (f"its body, up to {inflight.JSON_DECODE_FACTOR} x it while it is decoded, and up to "
+              f"{inflight.PROMPT_BYTE_FACTOR} x its prompt's text while that is formatted and tokenized")
 _READ = ("GET", "HEAD")
 _ROUTES = {"/v1/models": _READ, **{path: ("POST",) for path in refusals.GENERATE_PATHS}}
 
@@ -256,10 +258,18 @@ class GenerationServer:
             chars = openai_api.prompt_chars(body)
             if chars > limit * MAX_TOKEN_CHARS:
                 raise openai_api.prompt_too_long(body, limit, chars)
+            hold = request.hold
+            tokenizing = 0 if hold is None else inflight.prompt_bytes(openai_api.prompt_utf8_bytes(body))
+            if hold is not None and tokenizing:  # before the tokenizer takes it
+                refused = hold.grow(tokenizing, _TOKENIZED)
+                if refused is not None:
+                    raise _refused_memory(refused)
             if chars > INLINE_PROMPT_CHARS:
                 prompt = await asyncio.to_thread(_tokens, runtime, body, chat)
             else:
                 prompt = _tokens(runtime, body, chat)
+            if hold is not None and tokenizing:  # the tokens stay while the sequence runs
+                hold.shrink(tokenizing - min(tokenizing, int(prompt.nbytes)))
             n = int(prompt.shape[0])
             if n == 0:
                 raise openai_api.ApiError(400, "the prompt is empty", param="prompt" if not chat else "messages")

@@ -19,7 +19,9 @@ waiting for room; one larger than the whole budget gets a 413 that says so. What
 - the decoding of a v2 JSON part (:func:`json_decode_bytes`): an upper bound from its
   length alone, since what a document holds is only known once it is parsed, when the
   memory is already taken;
-- the decoding of an OpenAI body on ``/v1`` (:func:`openai_decode_bytes`), likewise;
+- the decoding of an OpenAI body on ``/v1`` (:func:`openai_decode_bytes`), likewise, and
+  formatting and tokenizing its prompt (:func:`prompt_bytes`), before it is tokenized, the
+  tokens then kept;
 - over gRPC, the message twice (gRPC's bytes and the parsed message) and, for values sent
   as typed ``contents`` instead of raw bytes, what each becomes on its way to an array.
 
@@ -62,6 +64,16 @@ JSON_FREE_MAX_BYTES = 2048
 #: its strings grow with it: a long prompt is charged this per byte, and those values once.
 OPENAI_STRING_FACTOR = 10
 OPENAI_VALUES_BYTES = (1 << 18) * 128
+#: What formatting and tokenizing a ``/v1`` prompt takes, per byte of its text in UTF-8 (a
+#: chat's messages with what their template writes around them), beyond its body's charge:
+#: onnxruntime-genai's tokenizer holds about 30 bytes a token while it works, in memory
+#: Python's allocator never sees, and a byte-level vocabulary makes a token of each byte of
+#: text it has no merge for (characters past U+FFFF, rare scripts). Measured (``VmHWM`` over
+#: formatting and tokenizing, the tiny byte-level BPE of ``orchestrator.testing.genai_model``):
+#: 13 x for plain text, 33 x for a completion of characters past U+FFFF, 42 x for a chat of
+#: them (the template's JSON escapes them 12 bytes each); a 4 MiB body of them took 161 MB
+#: where it was charged 74. Given back once the prompt is tokens, but for the tokens.
+PROMPT_BYTE_FACTOR = 48
 #: What a gRPC value sent in typed ``contents`` may take on its way to an array.
 GRPC_VALUE_BYTES = 64
 #: Seconds a refused client is told to wait: requests in flight usually end within it.
@@ -95,6 +107,12 @@ def openai_decode_bytes(length: int) -> int:
     if length <= JSON_FREE_MAX_BYTES:
         return 0
     return min(JSON_DECODE_FACTOR * length, OPENAI_STRING_FACTOR * length + OPENAI_VALUES_BYTES)
+
+
+def prompt_bytes(utf8_bytes: int) -> int:
+    """What formatting and tokenizing a /v1 prompt of ``utf8_bytes`` may take; as a JSON part,
+    nothing for a short one."""
+    return 0 if utf8_bytes <= JSON_FREE_MAX_BYTES else PROMPT_BYTE_FACTOR * utf8_bytes
 
 
 @dataclass(frozen=True)

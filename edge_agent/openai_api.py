@@ -442,6 +442,17 @@ def prompt_chars(request: GenerationRequest) -> int:
     return sum(MESSAGE_CHARS + len(m["role"]) + len(m["content"]) for m in request.messages)
 
 
+def prompt_utf8_bytes(request: GenerationRequest) -> int:
+    """At most the prompt's length in UTF-8, counted as :func:`prompt_chars` is: a text
+    that is not ASCII (known without reading it) at 4 bytes a character."""
+    def size(text: str) -> int:
+        return len(text) if text.isascii() else 4 * len(text)
+
+    if not request.chat:
+        return size(request.prompt)
+    return sum(MESSAGE_CHARS + size(m["role"]) + size(m["content"]) for m in request.messages)
+
+
 # --- responses ------------------------------------------------------------------------------
 
 
