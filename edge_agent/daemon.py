@@ -76,7 +76,7 @@ class AgentConfig:
     spin_between_runs: bool = False  # onnxruntime's idle threads spin-wait after a run (see runtime.onnx)
     spin_after_run_us: int = 0  # or only this long (0: they sleep when the run ends)
     runtimes: tuple[str, ...] | None = None  # the model runtimes offered (--runtimes); None: every one installed
-    access_log: bool = False  # one line per HTTP request answered, on edgeplane.access (--access-log)
+    access_log: bool = False  # one line per request answered (HTTP and gRPC), on edgeplane.access (--access-log)
 
     @property
     def control_planes(self) -> list[str]:
@@ -246,10 +246,10 @@ class Agent:
         sock = _bind(cfg.listen_host, cfg.listen_port)
         port = sock.getsockname()[1]
         self.endpoint_url = cfg.advertise_url or _default_url(cfg.listen_host, port)
+        access = logformat.access_log(cfg.access_log, self.registry.known)
         self._http = httplistener.HttpServer(
             self.server.handle, httplistener.Limits(max_body_bytes=cfg.max_body_bytes, write_timeout=cfg.write_timeout,
-                                                    max_connections=cfg.max_connections), self.budget,
-            access=logformat.access_log(cfg.access_log, self.registry.known),
+                                                    max_connections=cfg.max_connections), self.budget, access=access,
         )
         await self._http.start(sock)
         http_server = self._http
@@ -259,7 +259,7 @@ class Agent:
             from edge_agent import grpc_inference  # only agents that serve gRPC load it
 
             self._grpc, self.grpc_port = await grpc_inference.start(
-                *cfg.grpc_listen, self.server, cfg.max_body_bytes)
+                *cfg.grpc_listen, self.server, cfg.max_body_bytes, access)
             log.info("serving v2 over gRPC on %s", hostport.address(cfg.grpc_listen[0], self.grpc_port))
         saved = self.store.load_assignments(cfg.site)
         if saved is not None and saved.assignments:

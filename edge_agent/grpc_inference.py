@@ -12,10 +12,12 @@ runs queue full or the memory budget of requests in flight held by others (with
 that whole budget (``edge_agent.inflight``: a message is charged twice its size, and its
 typed values what each becomes on its way to an array, before it is parsed). A call whose
 deadline passes, or that its client cancels, before its run starts leaves no run behind.
+With ``--access-log`` each call is one access line, as over HTTP (:class:`_Line`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -25,7 +27,7 @@ from google.protobuf.message import DecodeError
 
 import edge_agent
 from edge_agent import errors, http, inflight, registry
-from edgeplane_proto import hostport, oip, oip_tensors
+from edgeplane_proto import correlation, hostport, logformat, oip, oip_tensors
 from edgeplane_proto.inference.v2 import inference_pb2 as pb
 
 SERVICE = "inference.GRPCInferenceService"
@@ -118,7 +120,7 @@ class InferenceServicer:
             outputs=[pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in runtime.outputs],
         )
 
-    async def infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def infer(self, raw: bytes, context: grpc.aio.ServicerContext, line: _Line | None = None) -> pb.ModelInferResponse:
         """ModelInfer as it arrives: charged against the memory budget before it is parsed,
         given back once it is answered or failed."""
         hold = self._server.budget.take(MESSAGE_COPIES * len(raw), "its message, and the message parsed")
@@ -127,6 +129,8 @@ class InferenceServicer:
         assert isinstance(hold, inflight.Hold)
         try:
             request = await _parse(pb.ModelInferRequest, raw, context)
+            if line is not None:
+                line.model = request.model_name
             return await self.ModelInfer(request, context, hold)
         finally:
             hold.release()
@@ -183,13 +187,56 @@ async def _parse(message: Any, raw: bytes, context: grpc.aio.ServicerContext) ->
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {message.DESCRIPTOR.name}: {exc}")
 
 
-def _handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+class _Line:
+    """What one call's access line names once its request is parsed: the model it asks for
+    (written only when the agent serves it: ``logformat.AccessLog``)."""
+
+    __slots__ = ("model",)
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+
+
+def _logged(access: logformat.AccessLog, route: str, call: Any) -> Any:
+    """``call`` writing its access line once answered: the fields of an HTTP request's, the
+    method gRPC's ``POST``, the route the method's path, the status the call's gRPC code by
+    name (``OK``, ``NOT_FOUND``; none when its client left first) and the bytes its request
+    and answer messages hold."""
+
+    async def run(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        line = _Line()
+        status: str | None = None
+        out = 0
+        try:
+            response = await call(raw, context, line)
+            status, out = grpc.StatusCode.OK.name, response.ByteSize()
+            return response
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            code = context.code()
+            status = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN.name
+            raise
+        finally:
+            metadata = dict(context.invocation_metadata() or ())
+            access.write(correlation.request_id(metadata.get(correlation.HEADER)), "POST", route, line.model, None, status,
+                         len(raw), out, (time.perf_counter() - started) * 1000)
+
+    return run
+
+
+def _handlers(servicer: InferenceServicer, access: logformat.AccessLog | None = None) -> grpc.GenericRpcHandler:
     """The service's methods, each parsing its own request (ModelInfer once it is charged
-    against the memory budget: ``InferenceServicer.infer``)."""
+    against the memory budget: ``InferenceServicer.infer``), each writing its access line
+    when ``access`` is given."""
 
     def parsing(message: Any, method: Any) -> Any:
-        async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            return await method(await _parse(message, raw, context), context)
+        async def call(raw: bytes, context: grpc.aio.ServicerContext, line: _Line | None = None) -> Any:
+            request = await _parse(message, raw, context)
+            if line is not None:
+                line.model = getattr(request, "name", None)  # ModelReady's and ModelMetadata's model
+            return await method(request, context)
 
         return call
 
@@ -199,20 +246,24 @@ def _handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     }
     calls: dict[str, Any] = {name: parsing(message, getattr(servicer, name)) for name, message in methods.items()}
     calls["ModelInfer"] = servicer.infer
+    if access is not None:
+        calls = {name: _logged(access, f"/{SERVICE}/{name}", call) for name, call in calls.items()}
     return grpc.method_handlers_generic_handler(SERVICE, {
         name: grpc.unary_unary_rpc_method_handler(call, response_serializer=lambda m: m.SerializeToString())
         for name, call in calls.items()
     })
 
 
-async def start(host: str, port: int, server: http.InferenceServer, max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
-    """Serve on ``host:port`` (0 = any free port); returns the server and its port."""
+async def start(host: str, port: int, server: http.InferenceServer, max_message_bytes: int,
+                access: logformat.AccessLog | None = None) -> tuple[grpc.aio.Server, int]:
+    """Serve on ``host:port`` (0 = any free port), each call an access line when ``access``
+    is given (``--access-log``); returns the server and its port."""
     grpc_server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", min(max_message_bytes, MAX_MESSAGE_BYTES)),
         ("grpc.max_send_message_length", -1),  # answers are as large as the model makes them
         ("grpc.so_reuseport", 0),
     ])
-    grpc_server.add_generic_rpc_handlers((_handlers(InferenceServicer(server)),))
+    grpc_server.add_generic_rpc_handlers((_handlers(InferenceServicer(server), access),))
     address = hostport.address(host, port)
     try:
         bound = grpc_server.add_insecure_port(address)

@@ -158,11 +158,12 @@ class AccessLog:
     known: Callable[[str], bool]
 
     def write(self, request_id: str | None, method: str, route: str | None, model: str | None, site: str | None,
-              status: int | None, bytes_in: int, bytes_out: int, duration_ms: float) -> None:
+              status: int | str | None, bytes_in: int, bytes_out: int, duration_ms: float) -> None:
         """One request's access line: in text a short line, in JSON these fields. ``route``: the
         path's template (``/v2/models/{model}/infer``), None for a path no route has (the path
         itself may hold anything); ``model``: the name the path gives, written only when known;
-        ``status`` None when no answer was sent; ``site``: the one that answered (at a gateway);
+        ``status`` the HTTP status (a gRPC call's code by name, ``NOT_FOUND``), None when no
+        answer was sent; ``site``: the one that answered (at a gateway);
         both cut to :data:`MAX_VALUE` characters (:func:`access_value`)."""
         model = access_value(model) if model is not None and self.known(model) else None
         site = access_value(site)

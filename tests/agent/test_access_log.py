@@ -12,7 +12,12 @@ import signal
 import subprocess
 import sys
 
+import grpc
 import httpx
+
+from edgeplane_proto.inference.v2 import inference_pb2 as pb
+from orchestrator import ports
+
 from .conftest import TOKEN, ControlPlane
 
 SITE = "edge-logs-1"
@@ -76,6 +81,41 @@ async def test_a_json_access_line_names_the_request_and_not_who_sent_it(control_
         assert r.keys() == FIELDS and "127.0.0.1" not in json.dumps(r), r
     for line in lines:  # nor of the token, the query string or the body, anywhere
         assert "secret-token-42" not in line and "alice" not in line and '"inputs"' not in line
+
+
+async def test_a_grpc_call_has_its_access_line_with_the_same_fields(control_plane: ControlPlane, tmp_path: pathlib.Path) -> None:
+    """Over gRPC (--grpc-listen) as over HTTP: one line a call, its id from the x-request-id
+    metadata, the method's path as its route, the model only when it is one the agent serves,
+    and the call's gRPC status; in text a name of the caller's is never written."""
+    port = ports.free_port()
+    url, proc = await run_agent(control_plane, tmp_path / "agent", "--log-format", "json", "--access-log", "--log-level", "info",
+                                "--grpc-listen", f"127.0.0.1:{port}")
+    request = pb.ModelInferRequest(model_name=UNKNOWN[0], inputs=[pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32",
+                                                                                                        shape=[1])])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                                   request_serializer=pb.ServerLiveRequest.SerializeToString,
+                                   response_deserializer=pb.ServerLiveResponse.FromString)
+        try:
+            await infer(request, metadata=(("x-request-id", "req-grpc-0001"),))
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() is grpc.StatusCode.NOT_FOUND
+        else:
+            raise AssertionError("a model not served was answered")
+        assert (await live(pb.ServerLiveRequest(), metadata=(("x-request-id", "req-grpc-0002"),))).live
+    lines = await stopped_log(proc)
+    access = {r["request_id"]: r for r in map(json.loads, lines) if r["logger"] == "edgeplane.access"}
+    call = access["req-grpc-0001"]
+    assert (call["method"], call["route"], call["model"], call["status"], call["bytes_in"]) == (
+        "POST", "/inference.GRPCInferenceService/ModelInfer", None, "NOT_FOUND", request.ByteSize())
+    assert call.keys() == FIELDS and call["duration_ms"] >= 0 and call["bytes_out"] == 0, call
+    answered = access["req-grpc-0002"]
+    assert (answered["route"], answered["status"], answered["model"]) == ("/inference.GRPCInferenceService/ServerLive", "OK", None)
+    assert answered["bytes_out"] == pb.ServerLiveResponse(live=True).ByteSize()
+    assert not any("carol" in line or "forged" in line for line in lines), lines
 
 
 async def test_a_model_name_the_agent_does_not_serve_is_not_written(control_plane: ControlPlane, tmp_path: pathlib.Path) -> None:
