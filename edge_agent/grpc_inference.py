@@ -199,7 +199,7 @@ class _Line:
 
 def _logged(access: logformat.AccessLog, route: str, call: Any) -> Any:
     """``call`` writing its access line once answered: the fields of an HTTP request's, the
-    method gRPC's ``POST``, the route the method's path, the status the call's gRPC code by
+    method gRPC's ``POST``, the route the method's path, ``grpc_status`` the call's code by
     name (``OK``, ``NOT_FOUND``; none when its client left first) and the bytes its request
     and answer messages hold."""
 
@@ -220,8 +220,8 @@ def _logged(access: logformat.AccessLog, route: str, call: Any) -> Any:
             raise
         finally:
             metadata = dict(context.invocation_metadata() or ())
-            access.write(correlation.request_id(metadata.get(correlation.HEADER)), "POST", route, line.model, None, status,
-                         len(raw), out, (time.perf_counter() - started) * 1000)
+            access.write(correlation.request_id(metadata.get(correlation.HEADER)), "POST", route, line.model, None, None,
+                         len(raw), out, (time.perf_counter() - started) * 1000, grpc_status=status)
 
     return run
 

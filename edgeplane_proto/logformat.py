@@ -158,19 +158,20 @@ class AccessLog:
     known: Callable[[str], bool]
 
     def write(self, request_id: str | None, method: str, route: str | None, model: str | None, site: str | None,
-              status: int | str | None, bytes_in: int, bytes_out: int, duration_ms: float) -> None:
+              status: int | None, bytes_in: int, bytes_out: int, duration_ms: float, grpc_status: str | None = None) -> None:
         """One request's access line: in text a short line, in JSON these fields. ``route``: the
         path's template (``/v2/models/{model}/infer``), None for a path no route has (the path
         itself may hold anything); ``model``: the name the path gives, written only when known;
-        ``status`` the HTTP status (a gRPC call's code by name, ``NOT_FOUND``), None when no
-        answer was sent; ``site``: the one that answered (at a gateway);
+        ``status`` the HTTP status, None when no answer was sent or for a gRPC call, whose code
+        is ``grpc_status`` by name (``NOT_FOUND``): one JSON field holds one type, which a log
+        store's index of it needs; ``site``: the one that answered (at a gateway);
         both cut to :data:`MAX_VALUE` characters (:func:`access_value`)."""
         model = access_value(model) if model is not None and self.known(model) else None
         site = access_value(site)
         self.log.info("%s %s %s model=%s site=%s status=%s in=%d out=%d ms=%.2f", request_id or "-", method, route or "-",
-                      _spaceless(model), _spaceless(site), status if status is not None else "-", bytes_in, bytes_out, duration_ms,
+                      _spaceless(model), _spaceless(site), grpc_status or (status if status is not None else "-"), bytes_in, bytes_out, duration_ms,
                       extra={"request_id": request_id, "method": method, "route": route, "model": model, "site": site,
-                             "status": status, "bytes_in": bytes_in, "bytes_out": bytes_out, "duration_ms": round(duration_ms, 3)})
+                             "status": status, "grpc_status": grpc_status, "bytes_in": bytes_in, "bytes_out": bytes_out, "duration_ms": round(duration_ms, 3)})
 
 
 def access_log(enabled: bool, known: Callable[[str], bool]) -> AccessLog | None:

@@ -21,8 +21,8 @@ from orchestrator import ports
 from .conftest import TOKEN, ControlPlane
 
 SITE = "edge-logs-1"
-FIELDS = {"ts", "level", "logger", "msg", "request_id", "method", "route", "model", "site", "status", "bytes_in", "bytes_out",
-          "duration_ms"}
+FIELDS = {"ts", "level", "logger", "msg", "request_id", "method", "route", "model", "site", "status", "grpc_status",
+          "bytes_in", "bytes_out", "duration_ms"}
 AGENT = pathlib.Path(sys.executable).parent / "edgeplane-agent"
 #: Model names as a caller may write them in a path (percent-encoded, decoded by the server):
 #: an e-mail address, then a line break and what would read as a log line of its own; ESC
@@ -86,7 +86,8 @@ async def test_a_json_access_line_names_the_request_and_not_who_sent_it(control_
 async def test_a_grpc_call_has_its_access_line_with_the_same_fields(control_plane: ControlPlane, tmp_path: pathlib.Path) -> None:
     """Over gRPC (--grpc-listen) as over HTTP: one line a call, its id from the x-request-id
     metadata, the method's path as its route, the model only when it is one the agent serves,
-    and the call's gRPC status; in text a name of the caller's is never written."""
+    and the call's gRPC code by name in its own field (status, a number on HTTP lines, null);
+    in text a name of the caller's is never written."""
     port = ports.free_port()
     url, proc = await run_agent(control_plane, tmp_path / "agent", "--log-format", "json", "--access-log", "--log-level", "info",
                                 "--grpc-listen", f"127.0.0.1:{port}")
@@ -109,11 +110,11 @@ async def test_a_grpc_call_has_its_access_line_with_the_same_fields(control_plan
     lines = await stopped_log(proc)
     access = {r["request_id"]: r for r in map(json.loads, lines) if r["logger"] == "edgeplane.access"}
     call = access["req-grpc-0001"]
-    assert (call["method"], call["route"], call["model"], call["status"], call["bytes_in"]) == (
-        "POST", "/inference.GRPCInferenceService/ModelInfer", None, "NOT_FOUND", request.ByteSize())
+    assert (call["method"], call["route"], call["model"], call["status"], call["grpc_status"], call["bytes_in"]) == (
+        "POST", "/inference.GRPCInferenceService/ModelInfer", None, None, "NOT_FOUND", request.ByteSize())
     assert call.keys() == FIELDS and call["duration_ms"] >= 0 and call["bytes_out"] == 0, call
     answered = access["req-grpc-0002"]
-    assert (answered["route"], answered["status"], answered["model"]) == ("/inference.GRPCInferenceService/ServerLive", "OK", None)
+    assert (answered["route"], answered["grpc_status"], answered["model"]) == ("/inference.GRPCInferenceService/ServerLive", "OK", None)
     assert answered["bytes_out"] == pb.ServerLiveResponse(live=True).ByteSize()
     assert not any("carol" in line or "forged" in line for line in lines), lines
 
