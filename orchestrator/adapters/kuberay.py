@@ -11,6 +11,12 @@ control plane's event loop never blocks on the API server. Each is waited on a b
 token first, inside the call, by running the kubeconfig's credential command with none, and
 a run that hangs held its site's call for good. The thread cannot be stopped: past the bound
 the call fails, and the site's next call waits on it again rather than begin another.
+
+The threads are the actuator's own daemons, one call at a time per site, not asyncio's
+default pool: a call that never ends held one of its threads for good, and a few sites whose
+API server or credential command hung took them all, and with them the planning, agents'
+checks and the server's stop that run there (``edgeplane serve`` stopped only once a call
+ended). A daemon holds up neither the event loop's shutdown nor the process's exit.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -298,7 +305,7 @@ class KubeRayActuator:
         return {**self._left_out, **statuses}
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._api_client.close)
+        await _in_thread(self._api_client.close)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -373,8 +380,7 @@ class KubeRayActuator:
                 raise KubernetesUnreachable(f"{where}: a call to the Kubernetes API has not ended in {self._call_wait_s:g} s, "
                                             "and is still running: waited on again, no other call made beside it")
             self._running = None  # its answer was an earlier try's: dropped
-        call = asyncio.ensure_future(asyncio.to_thread(method, *args, _request_timeout=self._timeout))
-        call.add_done_callback(_retrieved)
+        call = _in_thread(method, *args, _request_timeout=self._timeout)
         self._running = call  # held until it ends, even if this try is cancelled
         await asyncio.wait((call,), timeout=self._call_wait_s)
         if not call.done():
@@ -424,7 +430,38 @@ class KubeRayActuator:
         client = await self._reload()
         old, self._api_client, self._api = self._api_client, client, kubernetes.client.CustomObjectsApi(client)
         self._refused = False
-        await asyncio.to_thread(old.close)
+        await _in_thread(old.close)
+
+
+def _in_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> asyncio.Future[_T]:
+    """``fn(*args, **kwargs)`` in a daemon thread of its own, its outcome the future's, which
+    neither its awaiting try's end nor a cancel stops (the thread cannot be). An outcome
+    that comes once the loop has closed is dropped, and so is a client whose wait was cancelled."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[_T] = loop.create_future()
+    answer.add_done_callback(_retrieved)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, Exception | None] = (fn(*args, **kwargs), None)
+        except Exception as exc:  # the awaiting try's to raise
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(_settle, answer, *outcome)
+        except RuntimeError:  # the loop closed meanwhile: no one is left to take it
+            pass
+
+    threading.Thread(target=run, name=f"kubernetes {getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return answer
+
+
+def _settle(answer: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
+    if answer.cancelled():
+        return
+    if error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(result)
 
 
 def _retrieved(call: asyncio.Future[Any]) -> None:
