@@ -64,9 +64,10 @@ class KubernetesAuthError(KubernetesError):
 
 
 class CredentialsRefused(KubernetesAuthError):
-    """The API server answered 401 Unauthorized to a client its actuator can load anew: its
-    credentials (a token its credential command gave, or none as the command failed) were
-    refused, and the next try loads its kubeconfig context again, running the command again."""
+    """The API server answered 401 Unauthorized to a client its actuator can load anew, or
+    403 Forbidden to a request it took as anonymous (:data:`ANONYMOUS`): its credentials (a
+    token its credential command gave, or none as the command failed) were refused or not
+    sent, and the next try loads its kubeconfig context again, running the command again."""
 
     retryable = True
 
@@ -90,6 +91,13 @@ class CredentialsUnanswered(KubernetesError):
         super().__init__(said)
         self.command, self.context, self.waited_s, self.again = command, context, waited_s, again
 
+
+#: The user a Kubernetes API server that allows anonymous requests takes one with no
+#: credentials for: it names it in the 403 it answers when RBAC forbids it, where a cluster
+#: that does not allow them answers 401. A request goes without credentials when the
+#: credential command gave none (it failed), so such a 403 reloads the context as a 401
+#: does; a 403 naming any other user is the RBAC refusal it says, and reloads nothing.
+ANONYMOUS = "system:anonymous"
 
 #: How long a call to the API server is waited on: its request's timeout (30 s), and 60 s
 #: for the credential command that refreshing an expiring token runs inside it.
@@ -162,7 +170,8 @@ class KubeRayActuator:
     ``api_client`` is a ``kubernetes.client.ApiClient`` (the seam: point it at any API
     server). With no applications the RayService, and the Ray cluster with it, is deleted.
     ``reload`` loads the site's client anew (its kubeconfig context, running its credential
-    command again): after the API server answers 401 Unauthorized, the next apply or observe
+    command again): after the API server answers 401 Unauthorized (or 403 Forbidden to a
+    request it took as anonymous), the next apply or observe
     (the site's next try, on its backoff) takes a client from it first. A credential command that failed leaves the kubernetes client with
     no credentials, and a token whose refresh failed stays expired, both for good: without a
     new load the site was refused until its spec changed or the control plane restarted.
@@ -183,7 +192,7 @@ class KubeRayActuator:
         self._api = kubernetes.client.CustomObjectsApi(api_client)
         self._api_client = api_client
         self._reload = reload
-        self._refused = False  # the last call was answered 401: the next loads the client anew first
+        self._refused = False  # the last call was answered 401 (or 403 as anonymous): the next loads the client anew first
         self._namespace = namespace
         self._site = site
         self._shape = shape or rayservice.RayClusterShape()
@@ -401,12 +410,26 @@ class KubeRayActuator:
                     f"reloading the kubeconfig context (its credential command run again) at the next try: {reason}",
                     401,
                 ) from exc
-            if exc.status in (401, 403):
-                raise KubernetesAuthError(
-                    f"{where}: the Kubernetes API refused the credentials (HTTP {exc.status}): "
-                    f"{reason}",
-                    exc.status,
+            anonymous = exc.status == 403 and ANONYMOUS in reason
+            if anonymous and self._reload is not None:
+                self._refused = True
+                raise CredentialsRefused(
+                    f"{where}: the Kubernetes API answered 403 Forbidden to a request it took as anonymous "
+                    f"({ANONYMOUS}): no credentials were sent (the kubeconfig's credential command gave none); "
+                    f"reloading the kubeconfig context (its credential command run again) at the next try: {reason}",
+                    403,
                 ) from exc
+            if exc.status == 403:
+                who = ("it took the request as anonymous: no credentials were sent" if anonymous else
+                       "the user its credentials name lacks an RBAC permission")
+                raise KubernetesAuthError(
+                    f"{where}: the Kubernetes API answered 403 Forbidden: {who} (manifests/deploy/rbac.yaml "
+                    f"lists what edgeplane needs in the namespace): {reason}",
+                    403,
+                ) from exc
+            if exc.status == 401:
+                raise KubernetesAuthError(
+                    f"{where}: the Kubernetes API refused the credentials (HTTP 401): {reason}", 401) from exc
             if exc.status in (400, 422):
                 raise KubernetesRejected(f"{where} was rejected: {reason}", exc.status) from exc
             if exc.status == 404:

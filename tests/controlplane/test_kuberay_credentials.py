@@ -263,3 +263,48 @@ async def test_a_kuberay_site_whose_token_refresh_hangs_in_a_call_is_unreachable
         await harness.wait_until(lambda: site().get("health") == "Healthy", 30, what="dc-1 Healthy")
         await harness.wait_until(lambda: datacentres.has_rayservice(kube, "dc-1"), 30, what="dc-1's RayService")
         assert runs(folder) == 2
+
+
+def forbidden(user: str) -> dict[str, object]:
+    """The Status a Kubernetes API server answers 403 with when ``user`` may not read dc-1's RayService."""
+    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
+            "message": f'rayservices.ray.io "edgeplane-dc-1" is forbidden: User "{user}" cannot get resource '
+                       '"rayservices" in API group "ray.io" in the namespace "ns-dc-1"'}
+
+
+async def test_a_kuberay_site_whose_credentials_command_failed_on_a_cluster_that_lets_anonymous_requests_in_loads_its_context_again(
+        tmp_path: pathlib.Path, kube: kmock.KubernetesEmulator) -> None:
+    # a cluster that allows anonymous requests takes one with no credentials (the command failed, and the
+    # client went on without) as system:anonymous, and forbids it: 403, never 401
+    kube[lambda request: "Authorization" not in request.headers] << 403 << forbidden("system:anonymous")
+    async with running(tmp_path, kube, SCRIPTED) as (reconciler, store, folder):
+        (folder / "script.json").write_text(json.dumps(["fail", "token"]))
+        dc_1(store, reconciler)
+
+        def site() -> dict[str, object]:
+            stored = store.get("Site", "dc-1")
+            return dict(stored.status) if stored is not None else {}
+
+        await harness.wait_until(lambda: site().get("health") == "Unreachable", 30, what="dc-1 Unreachable")
+        assert "403 Forbidden to a request it took as anonymous" in str(site().get("error")), site()
+        await harness.wait_until(lambda: site().get("health") == "Healthy", 30, what="dc-1 Healthy, its context loaded again")
+        await harness.wait_until(lambda: datacentres.has_rayservice(kube, "dc-1"), 30, what="dc-1's RayService")
+        assert runs(folder) == 2, "the credential command was not run once again, and only once, on the 403"
+
+
+async def test_a_kuberay_site_whose_user_lacks_the_rbac_permission_says_so_and_does_not_run_its_credentials_command_again(
+        tmp_path: pathlib.Path, kube: kmock.KubernetesEmulator) -> None:
+    kube[lambda request: True] << 403 << forbidden("arn:aws:iam::1:role/edgeplane")
+    async with running(tmp_path, kube, SCRIPTED) as (reconciler, store, folder):
+        (folder / "script.json").write_text(json.dumps(["token"]))
+        dc_1(store, reconciler)
+
+        def site() -> dict[str, object]:
+            stored = store.get("Site", "dc-1")
+            return dict(stored.status) if stored is not None else {}
+
+        await harness.wait_until(lambda: len(list(kube)) >= 3, 30, what="dc-1 tried three times")
+        error = str(site().get("error"))
+        assert "403 Forbidden: the user its credentials name lacks an RBAC permission" in error, site()
+        assert 'User "arn:aws:iam::1:role/edgeplane" cannot get resource "rayservices"' in error, site()
+        assert runs(folder) == 1, "the credential command was run again on a 403 that named a user"
