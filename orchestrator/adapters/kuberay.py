@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from orchestrator.adapters import rayservice, rayservice_status, serve_config
 from orchestrator.adapters.serve_config import (
     DataCentreError,
     ServeAppSpec,
+    ServeAppState,
     ServeAppStatus,
 )
 
@@ -190,6 +192,8 @@ class KubeRayActuator:
         call_wait_s: float = CALL_WAIT_S,
     ) -> None:
         self._api = kubernetes.client.CustomObjectsApi(api_client)
+        self._core = kubernetes.client.CoreV1Api(api_client)  # the RayService's Events
+        self._events_refused = False  # listing them failed (a role without it): said once in the log
         self._api_client = api_client
         self._reload = reload
         self._refused = False  # the last call was answered 401 (or 403 as anonymous): the next loads the client anew first
@@ -307,6 +311,8 @@ class KubeRayActuator:
         self._learn(current)
         statuses = rayservice_status.statuses_from_rayservice(current, self._serve_url, kept=self._active)
         self._active = rayservice_status.keep_active(current, statuses, self._active)
+        if any(s.status is ServeAppState.NOT_STARTED for s in statuses.values()) and (refusal := await self._serve_config_refusal()):
+            statuses = rayservice_status.with_serve_config_refusal(statuses, refusal)
         for name, (wanted, why) in self._held.items():  # its deployment says why it does not grow
             if (held := statuses.get(name)) is not None:
                 statuses[name] = dataclasses.replace(held, replicas_target=wanted, message="; ".join(filter(None, [held.message, why])),
@@ -371,6 +377,21 @@ class KubeRayActuator:
             deployments = list((app.get("serveDeploymentStatuses") or {}).keys())
             if len(deployments) == 1:
                 self._learnt[name] = deployments[0]
+
+    async def _serve_config_refusal(self) -> str:
+        """Why KubeRay could not give its Ray cluster the RayService's Serve config, from the
+        Events it writes on it (its status has no field for it); "" if it could, or the Events
+        cannot be listed (a role without ``list`` on them, say: said once in the log), which
+        fails nothing: the RayService itself was read."""
+        try:
+            listed = await self._call(functools.partial(_events_of, self._core, self._namespace, self._name))
+        except KubernetesError as exc:
+            if not self._events_refused:
+                self._events_refused = True
+                log.warning("%s (listing its Events); why KubeRay could not apply a Serve config is not shown: "
+                            "the control plane needs list on events there (manifests/deploy/rbac.yaml)", exc)
+            return ""
+        return rayservice_status.serve_config_refusal((listed or {}).get("items") or (), self._name)
 
     async def _get(self) -> dict[str, Any] | None:
         return await self._call(
@@ -452,8 +473,20 @@ class KubeRayActuator:
             return
         client = await self._reload()
         old, self._api_client, self._api = self._api_client, client, kubernetes.client.CustomObjectsApi(client)
+        self._core = kubernetes.client.CoreV1Api(client)
         self._refused = False
         await _in_thread(old.close)
+
+
+def _events_of(core: Any, namespace: str, name: str, _request_timeout: float) -> dict[str, Any]:
+    """The Events on the RayService ``name``, as the API server lists them ({} if unreadable)."""
+    answer = core.list_namespaced_event(namespace, field_selector=f"involvedObject.kind=RayService,involvedObject.name={name}",
+                                        _preload_content=False, _request_timeout=_request_timeout)
+    try:
+        listed = json.loads(answer.data)
+    except ValueError:
+        return {}
+    return listed if isinstance(listed, dict) else {}
 
 
 def _in_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> asyncio.Future[_T]:

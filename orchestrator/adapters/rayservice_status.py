@@ -8,13 +8,15 @@ pending until every one runs, a cluster being rebuilt beside the active one repo
 the new cluster's, a status may describe an older spec than the one just patched
 (``observedGeneration``), and the Serve service may have no endpoint while the last
 application statuses still say RUNNING. Each of those is read here into what the
-reconciler counts: replicas answering, or why not.
+reconciler counts: replicas answering, or why not. Why Ray Serve refused the Serve config
+is in none of it: KubeRay writes that in an Event on the RayService only, read here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import datetime
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +99,46 @@ def statuses_from_rayservice(
                                        message=unreachable, detail=unreachable)
         result[name] = read
     return result
+
+
+#: The reasons of the Events KubeRay writes on a RayService each time it gives its Ray
+#: cluster the Serve config (``serveConfigV2``): it failed (Serve refused it, or could not
+#: be reached; the message says which), or it was taken.
+SERVE_CONFIG_FAILED, SERVE_CONFIG_APPLIED = "FailedToUpdateServeApplications", "UpdatedServeApplications"
+
+
+def serve_config_refusal(events: Iterable[Mapping[str, Any]], rayservice: str) -> str:
+    """Why KubeRay's last try to give the RayService ``rayservice``'s Serve config to its
+    Ray cluster failed, from the namespace's ``events``; "" if its last try took it, or none
+    is told. KubeRay tries again at each of its passes until one takes it, each failure
+    counted into the same Event, so the last try is the Event of the two reasons seen last."""
+    tries = [e for e in events if isinstance(e, Mapping) and e.get("reason") in (SERVE_CONFIG_FAILED, SERVE_CONFIG_APPLIED)
+             and (e.get("involvedObject") or {}).get("kind") == "RayService" and (e.get("involvedObject") or {}).get("name") == rayservice]
+    last = max(tries, key=_seen, default=None)
+    return str(last.get("message") or SERVE_CONFIG_FAILED) if last is not None and last.get("reason") == SERVE_CONFIG_FAILED else ""
+
+
+def _seen(event: Mapping[str, Any]) -> datetime.datetime:
+    """When an Event was last seen: a core/v1 Event's ``lastTimestamp``, an events.k8s.io one's
+    series or ``eventTime``; the earliest time if it says none readable."""
+    for at in ((event.get("series") or {}).get("lastObservedTime"), event.get("lastTimestamp"), event.get("eventTime"),
+               event.get("firstTimestamp"), (event.get("metadata") or {}).get("creationTimestamp")):
+        try:
+            seen = datetime.datetime.fromisoformat(str(at)) if at else None
+        except ValueError:
+            continue
+        if seen is not None:
+            return seen if seen.tzinfo is not None else seen.replace(tzinfo=datetime.timezone.utc)
+    return datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+
+
+def with_serve_config_refusal(statuses: Mapping[str, ServeAppStatus], refusal: str) -> dict[str, ServeAppStatus]:
+    """``statuses`` with the applications the RayService has not reported yet saying why
+    KubeRay could not give Serve its config (``refusal``, from :func:`serve_config_refusal`):
+    Serve takes the whole config or none of it, so none of them starts until it does."""
+    why = f"KubeRay could not apply the Serve config: {refusal}"
+    return {name: dataclasses.replace(s, message=serve_config.summarize_message(why), detail=why)
+            if s.status is ServeAppState.NOT_STARTED and not s.replicas_running else s for name, s in statuses.items()}
 
 
 def _reading(name: str, app: Mapping[str, Any], target: int, url: str) -> ServeAppStatus:

@@ -451,3 +451,12 @@ def test_a_stopping_gateway_leaves_the_service_before_it_stops_accepting() -> No
     in_flight = runloop.http_server(None).config.timeout_graceful_shutdown
     assert in_flight is not None
     assert gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > int(seconds) + in_flight
+
+
+def test_the_control_planes_role_grants_each_call_the_kuberay_actuator_makes() -> None:
+    """Its RayServices, and the Events KubeRay writes on them (why Serve refused a Serve config)."""
+    (role,) = [doc for _, _, doc in DOCS if doc["kind"] == "ClusterRole" and doc["metadata"]["name"] == "edgeplane-rayservices"]
+    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    needed = {("ray.io", "rayservices", verb) for verb in ("get", "create", "patch", "delete")} | {("", "events", "list")}
+    assert needed <= granted, needed - granted

@@ -442,3 +442,46 @@ async def test_a_gpu_application_added_and_removed_keeps_the_worker_groups_in_pl
     assert groups() == [("cpu", 1), ("llm-h100-x1", 1), ("gpu", 0)]
     await actuator.apply([app("ep-intent"), llm_app("ep-chat", "H100", 1, 1)])  # as it is: nothing to write
     assert _writes(kube) == ["POST", "PATCH", "PATCH"]
+
+
+EVENTS = kmock.resource("", "v1", "events")
+#: What KubeRay's Event says when Ray Serve refused the Serve config (its API answered 400).
+REFUSED = ("Failed to update serve applications to the RayCluster edge-dc/edgeplane-paris-dc-abc12: UpdateDeployments fail: "
+           "400 Bad Request Unexpected error occurred while applying config: 1 validation error for ServeDeploySchema")
+
+
+def _event(kube: kmock.KubernetesEmulator, name: str, reason: str, at: str, message: str, on: str = "edgeplane-paris-dc") -> None:
+    """An Event on the RayService ``on`` as KubeRay's recorder writes one."""
+    kube.objects[EVENTS, NS, name] = {
+        "apiVersion": "v1", "kind": "Event", "metadata": {"name": name, "namespace": NS},
+        "involvedObject": {"apiVersion": "ray.io/v1", "kind": "RayService", "name": on, "namespace": NS},
+        "reason": reason, "message": message, "type": "Warning" if reason.startswith("Failed") else "Normal",
+        "firstTimestamp": at, "lastTimestamp": at, "count": 1, "source": {"component": "rayservice-controller"}}
+
+
+async def test_a_serve_config_kuberay_could_not_apply_is_said_in_its_applications_status(
+    kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator
+) -> None:
+    """KubeRay writes why Ray Serve refused the Serve config only in an Event on the RayService."""
+    await actuator.apply([app("ep-intent")])
+    _event(kube, "a", "UpdatedServeApplications", "2026-12-07T07:00:00Z", "Updated serve applications")
+    _event(kube, "b", "FailedToUpdateServeApplications", "2026-12-07T07:05:00Z", REFUSED)
+    _event(kube, "c", "FailedToUpdateServeApplications", "2026-12-07T07:09:00Z", "another site's", on="edgeplane-lyon-dc")
+    (pending,) = (await actuator.observe()).values()
+    assert pending.status is ServeAppState.NOT_STARTED
+    assert f"KubeRay could not apply the Serve config: {REFUSED}" in pending.detail, pending
+    assert "KubeRay could not apply the Serve config" in pending.message
+
+    _event(kube, "d", "UpdatedServeApplications", "2026-12-07T07:10:00Z", "Updated serve applications")
+    (pending,) = (await actuator.observe()).values()
+    assert "could not apply" not in pending.detail, pending
+
+
+async def test_events_this_control_plane_may_not_list_leave_its_applications_status_as_it_was(
+    kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator
+) -> None:
+    await actuator.apply([app("ep-intent")])
+    _event(kube, "b", "FailedToUpdateServeApplications", "2026-12-07T07:05:00Z", REFUSED)
+    kube[lambda request: request.resource == EVENTS] << 403
+    (pending,) = (await actuator.observe()).values()
+    assert (pending.status, pending.detail) == (ServeAppState.NOT_STARTED, "the RayService has not reported this application yet")

@@ -263,3 +263,27 @@ def test_a_hand_edited_replica_count_is_read_not_raised(deployment: Any, target:
 def test_the_statuses_read_here_are_ones_the_crd_admits(rayservice_validator: Any, status: dict[str, Any]) -> None:
     obj = rayservice.render_rayservice("paris-dc", "edge-dc", [onnx_app(2)], SHAPE)
     rayservice_validator.validate({**obj, "status": status})
+
+
+def _tried(reason: str, message: str = "", on: str = "edgeplane-dc-1", **times: Any) -> dict[str, Any]:
+    return {"reason": reason, "message": message, "involvedObject": {"kind": "RayService", "name": on}, **times}
+
+
+FAILED, APPLIED = rayservice_status.SERVE_CONFIG_FAILED, rayservice_status.SERVE_CONFIG_APPLIED
+
+
+@pytest.mark.parametrize(("events", "said"), [
+    ([], ""),
+    ([_tried(FAILED, "no", lastTimestamp="2026-01-01T10:00:00Z")], "no"),
+    ([_tried(FAILED, "no", lastTimestamp="2026-01-01T10:00:00Z"), _tried(APPLIED, lastTimestamp="2026-01-01T10:00:01Z")], ""),
+    ([_tried(APPLIED, lastTimestamp="2026-01-01T10:00:00Z"), _tried(FAILED, "no", lastTimestamp="2026-01-01T10:00:01Z")], "no"),
+    # an events.k8s.io Event, read through core/v1: its series, else its eventTime, says when
+    ([_tried(APPLIED, lastTimestamp="2026-01-01T10:00:02Z"),
+      _tried(FAILED, "no", eventTime="2026-01-01T10:00:00.000001Z", series={"lastObservedTime": "2026-01-01T10:00:03.5Z"})], "no"),
+    ([_tried(APPLIED, eventTime="2026-01-01T10:00:02.100000Z"), _tried(FAILED, "no", eventTime="2026-01-01T10:00:02.000000Z")], ""),
+    ([_tried(FAILED, "another RayService's", on="edgeplane-dc-2", lastTimestamp="2026-01-01T10:00:00Z")], ""),
+    ([_tried("UpdatedHeadPodServeLabel", "not a try", lastTimestamp="2026-01-01T10:00:00Z")], ""),
+    ([_tried(FAILED, lastTimestamp="not a time")], FAILED),
+])
+def test_why_kuberay_could_not_apply_the_serve_config_is_its_last_try_that_failed(events: list[dict[str, Any]], said: str) -> None:
+    assert rayservice_status.serve_config_refusal(events, "edgeplane-dc-1") == said
