@@ -16,9 +16,10 @@ This module adds what a server needs around its ``Generator`` loop:
 - stop strings are matched here, in the generating thread, so generation ends on the
   token that completes one and the text before it is all that is sent (text that could be
   the start of a stop string is held back until it cannot be);
-- the text of tokens that are parts of a character is read here from their bytes, in a
-  byte-level vocabulary (:class:`TextStream`): the library's stream decoder dropped the
-  text after bytes that make no character;
+- the text of tokens that are parts of a character (or hold a NUL byte) is read here from
+  their bytes, in a byte-level vocabulary and in one with byte fallback (:class:`TextStream`):
+  the library's stream decoder dropped the text after bytes that make no character, and
+  the NUL;
 - log-probabilities come from the step's logits (a log-softmax over the vocabulary),
   computed only when asked for, with each token's own bytes (``runtime.token_bytes``: the
   library decodes a token that is part of a character, a special token or a NUL to U+FFFD).
@@ -236,8 +237,8 @@ class _Vocabulary:
     text it does not decode (parts of a character, special tokens, NUL), as logprobs show
     them; whether it spells out its tokens' bytes in a way :mod:`token_bytes` reads; a
     pattern that finds the text of its special tokens (None: it has none); and, in a
-    byte-level vocabulary, the bytes of the tokens that are parts of a character, which
-    :class:`TextStream` reads itself."""
+    byte-level vocabulary or one with byte fallback, the bytes of the tokens that are parts
+    of a character or hold a NUL, which :class:`TextStream` reads itself."""
 
     pieces: dict[int, Piece]
     bytes_known: bool
@@ -253,16 +254,19 @@ def _vocabulary(directory: pathlib.Path) -> _Vocabulary:
     pieces = {token_id: Piece(text, raw) for token_id, (text, raw) in token_bytes.shown_tokens(tokenizer).items()}
     specials = sorted(set(token_bytes.special_texts(tokenizer)), key=len, reverse=True)  # the longest of overlapping ones
     pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
-    return _Vocabulary(pieces, token_bytes.spells_bytes(tokenizer), pattern, token_bytes.byte_level_partial_tokens(tokenizer))
+    return _Vocabulary(pieces, token_bytes.spells_bytes(tokenizer), pattern, token_bytes.stream_tokens(tokenizer))
 
 
 class TextStream:
     """The answer's text token by token. The library's stream decoder holds the bytes of an
     unfinished character, and when the next token does not finish it (a model sampled hot
-    writes 0xC3 then "a"), it dropped that token's text and often more. So the tokens that
-    are parts of a character (``partial``: their bytes) are read here, by Python's UTF-8
-    decoder, which gives U+FFFD for bytes that make no character and keeps what follows;
-    every other token is the library's to decode, as before."""
+    writes 0xC3 then "a"), it dropped that token's text and often more (in a byte-level
+    vocabulary and with byte fallback alike), and it drops a NUL. So the tokens that are
+    parts of a character or hold a NUL (``partial``: their bytes,
+    :func:`token_bytes.stream_tokens`) are read here, by Python's UTF-8 decoder, which
+    gives U+FFFD for bytes that make no character and keeps what follows; every other token
+    is the library's to decode, as before (never given one of these, it decodes the next
+    as if they were not there: ``▁and`` is " and")."""
 
     def __init__(self, stream: oga.TokenizerStream, partial: Mapping[int, bytes]) -> None:
         self._stream = stream

@@ -57,13 +57,15 @@ def special_texts(tokenizer: Any) -> tuple[str, ...]:
                  and token["content"])
 
 
-def byte_level_partial_tokens(tokenizer: Any) -> dict[int, bytes]:
-    """:func:`partial_tokens` of a byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM): there a
-    token's text is its bytes, whatever came before it, so an answer's text is its tokens'
-    bytes read as UTF-8 (empty for a vocabulary of another kind: a SentencePiece one's
-    text depends on where a token stands)."""
-    decoder = tokenizer.get("decoder") if isinstance(tokenizer, Mapping) else None
-    return partial_tokens(tokenizer) if "ByteLevel" in set(_decoder_types(decoder)) else {}
+def stream_tokens(tokenizer: Any) -> dict[int, bytes]:
+    """Token id -> the bytes of each token of a parsed ``tokenizer.json`` whose text an answer
+    takes from its bytes, not from the library: in a byte-level BPE (GPT-2, Llama 3, Qwen,
+    SmolLM) or a vocabulary with byte fallback (Llama 2, Mistral, Gemma), a token that is part
+    of a character or holds a NUL byte. Its bytes are its text wherever it stands: a
+    byte-level token's text is its bytes, and a byte-fallback token is one byte (the ``▁``
+    of a SentencePiece vocabulary, whose text depends on where it stands, is in other
+    tokens). Empty for a vocabulary of another kind."""
+    return {token_id: raw for token_id, raw in _token_bytes(tokenizer) if not _is_utf8(raw) or b"\x00" in raw}
 
 
 def spells_bytes(tokenizer: Any) -> bool:

@@ -27,10 +27,16 @@ from .genai_serving import MODEL, Serving, serve
 WHOLE_PROMPT = "The edge site"
 WHOLE = ["▁The", "▁edge", "▁site", "▁serves", "▁", "<0xE6>", "<0x97>", "<0xA5>", "本", "▁", "▁at", "▁", "<0x35>",
          "<0xE2>", "<0x82>", "<0xAC>", "<0x2C>", "▁and", "▁tokens", "<0xF0>", "<0x9F>", "<0x98>", "<0x8A>"]
+#: After 32 words: bytes that make no character (a model sampled hot writes them), each
+#: before more text: a lead byte, one before a newline, a lone continuation byte, a NUL, and
+#: an emoji's first two bytes at the end.
+BROKEN_PROMPT = " ".join(["the"] * 32)
+BROKEN = ["▁the", "<0xE2>", "▁and", "<0xC3>", "<0x0A>", "▁load", "<0xA9>", "▁is", "<0x00>", "▁at", "<0xF0>", "<0x9F>"]
+
 
 @pytest.fixture(scope="module")
 def spm_package(artifact_server: ArtifactServer) -> genai_model.GenAIModel:
-    return genai_spm_model.build_package(artifact_server.root, {3: WHOLE})
+    return genai_spm_model.build_package(artifact_server.root, {3: WHOLE, 32: BROKEN})
 
 
 @pytest.fixture
@@ -60,3 +66,11 @@ async def test_characters_split_into_byte_tokens_and_spaces_come_out_exactly(spm
     assert whole == expected
     assert streamed == expected
 
+
+async def test_text_after_bytes_that_make_no_character_is_not_lost(spm: Serving) -> None:
+    """onnxruntime-genai's stream decoder dropped the text after such bytes (" and" became
+    "nd", the newline and " load" went) and wrote no U+FFFD for them."""
+    expected = " the\ufffd and\ufffd\n load\ufffd is\x00 at\ufffd"
+    whole, streamed = await _answers(spm, BROKEN_PROMPT)
+    assert whole == expected
+    assert streamed == expected
