@@ -4,7 +4,8 @@ The numbers placement uses must be what this process can have, not what a manife
 claims, nor what the host has when the agent runs in a container:
 
 - CPU cores: the CPUs this process may run on (its affinity), capped by its cgroup's CPU
-  quota, rounded up (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``);
+  quota, rounded up (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``); the agent's inference
+  threads, and onnxruntime's threads per session, follow them;
 - memory: ``MemTotal`` / ``MemAvailable`` of ``/proc/meminfo``, capped by the cgroup's
   memory limit and what is left under it (v2 ``memory.max`` / ``memory.current``, v1
   ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``). What is used under the limit is
@@ -231,6 +232,15 @@ class CapacityProbe:
     def cpu_cores(self) -> int:
         """The CPUs this process may run on, capped by its cgroup's quota."""
         return self._host.cpu_cores()
+
+    def session_threads(self) -> int:
+        """The threads an onnxruntime session runs a model on (its intra-op threads): 0,
+        onnxruntime's own default, where this process may use every CPU of the machine; else
+        the cores it may use. onnxruntime counts the host's cores, which neither a cgroup
+        quota nor a cpuset changes: a container given 2 of a host's 64 CPUs would run each
+        model on 32 threads, which the quota then throttles by turns."""
+        cores = self.cpu_cores()
+        return cores if cores < (os.cpu_count() or cores) else 0
 
     def capacity(self) -> Capacity:
         self._last_gpus = self._gpus()

@@ -72,7 +72,7 @@ class AgentConfig:
     workers: int = 0  # inference threads; 0 = one per core this process may use
     inline_max_ms: float = 20.0  # runs this short, alone in flight, stay on the event loop; 0 = never
     grpc_listen: tuple[str, int] | None = None  # also serve v2 over gRPC here
-    intra_op_threads: int = 0  # onnxruntime threads per run; 0 = onnxruntime's default
+    intra_op_threads: int = 0  # onnxruntime threads per session; 0 = the probe's (capacity.CapacityProbe.session_threads)
     spin_between_runs: bool = False  # onnxruntime's idle threads spin-wait after a run (see runtime.onnx)
     spin_after_run_us: int = 0  # or only this long (0: they sleep when the run ends)
     runtimes: tuple[str, ...] | None = None  # the model runtimes offered (--runtimes); None: every one installed
@@ -132,10 +132,12 @@ class Agent:
         # container given 2 of a host's 64 would otherwise run 64 models at once on them
         self.workers = config.workers or self._probe.cpu_cores()
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="infer")
+        # onnxruntime's own default counts the host's cores, which a quota or a cpuset does not change
+        self.intra_op_threads = config.intra_op_threads or self._probe.session_threads()
         self.store = state_store if state_store is not None else state.StateStore(config.data_dir)
         self.cache = artifacts.ArtifactCache(config.data_dir / "cache", allow_file_urls=config.allow_file_artifacts,
                                              max_bytes=config.max_artifact_bytes, unpack_root=self.models_dir)
-        load_onnx = functools.partial(onnx.OnnxModel.load, intra_op_threads=config.intra_op_threads,
+        load_onnx = functools.partial(onnx.OnnxModel.load, intra_op_threads=self.intra_op_threads,
                                       spin_between_runs=config.spin_between_runs,
                                       spin_after_run_us=config.spin_after_run_us)
         self._wake = asyncio.Event()  # a new desired set, or a model's attempt ended
@@ -193,7 +195,7 @@ class Agent:
         from edge_agent.runtime import genai
 
         return genai.LoadOptions(cuda=cuda, spin_between_runs=self.config.spin_between_runs,
-                                 spin_after_run_us=self.config.spin_after_run_us)
+                                 spin_after_run_us=self.config.spin_after_run_us, intra_op_threads=self.intra_op_threads)
 
     # -- Reporter protocol for the uplink ---------------------------------------------
 

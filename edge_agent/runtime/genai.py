@@ -206,12 +206,14 @@ def built_with_cuda() -> bool:
 @dataclass(frozen=True)
 class LoadOptions:
     """How a package is loaded: on CUDA or the CPU (the caller's decision: see the module
-    docstring), onnxruntime's thread policy (``onnx.spin_entries``) and the prefill chunk."""
+    docstring), onnxruntime's thread policy (``onnx.spin_entries``) and threads per session
+    (``intra_op_threads``, 0: onnxruntime's default), and the prefill chunk."""
 
     cuda: bool = False
     spin_between_runs: bool = False
     spin_after_run_us: int = 0
     prefill_chunk: int = PREFILL_CHUNK_TOKENS
+    intra_op_threads: int = 0
 
     @property
     def provider(self) -> str:
@@ -226,8 +228,10 @@ class LoadOptions:
     @property
     def overlay(self) -> dict[str, object] | None:
         """What the model's genai_config.json is overlaid with; None: onnxruntime's own
-        thread policy, as the package has it."""
-        entries = onnx.spin_entries(self.spin_between_runs, self.spin_after_run_us)
+        threads and thread policy, as the package has them."""
+        entries: dict[str, object] = dict(onnx.spin_entries(self.spin_between_runs, self.spin_after_run_us))
+        if self.intra_op_threads:
+            entries["intra_op_num_threads"] = self.intra_op_threads
         return {"model": {"decoder": {"session_options": entries}}} if entries else None
 
 

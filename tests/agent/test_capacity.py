@@ -14,6 +14,10 @@ import psutil
 import pytest
 
 from edge_agent import capacity, daemon
+from orchestrator.agents import model
+
+from .conftest import SITE, ControlPlane, MakeAgent, Models
+from .test_agent import assignment, wait_model
 
 GiB = 1 << 30
 HOST_MEMORY = 64 * GiB
@@ -67,6 +71,27 @@ def test_an_agent_runs_one_inference_thread_per_core_it_may_use(tmp_path: pathli
     agent = daemon.Agent(config, probe=measured)
     assert agent.workers == agent.capacity().cpu_cores == 1
     assert daemon.Agent(dataclasses.replace(config, workers=3), probe=measured).workers == 3
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a quota below the machine's CPUs needs two of them")
+async def test_onnxruntime_runs_one_thread_per_core_the_agent_may_use_not_per_core_of_the_host(
+        control_plane: ControlPlane, make_agent: MakeAgent, models: Models, tmp_path: pathlib.Path) -> None:
+    # onnxruntime sizes a session's threads by the host's cores, which a quota does not
+    # change: a container given one core of many ran as many threads per model on it
+    cgroups = tmp_path / "cgroup"
+    files(cgroups, cgroup_controllers="cpu memory")
+    files(cgroups / "pod", cpu_max="100000 100000")
+    agent = await make_agent(control_plane, probe=probe(fake_proc(tmp_path, "0::/pod\n"), cgroups))
+    control_plane.hub.set_assignments(SITE, [assignment(models.v1_url, models.v1)], version=1)
+    await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY)
+    served = agent.registry.get("mlp")
+    assert served is not None and served.runtime._session.get_session_options().intra_op_num_threads == 1
+    generative = agent.generative_options(cuda=False).overlay
+    assert generative is not None and generative["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 1
+    # where the agent may use every CPU, onnxruntime keeps its own default
+    unlimited = tmp_path / "unlimited"
+    files(unlimited, cgroup_controllers="cpu memory", cpu_max="max 100000")
+    assert probe(fake_proc(tmp_path / "host", "0::/\n"), unlimited).session_threads() == (0 if CORES == os.cpu_count() else CORES)
 
 
 @pytest.mark.parametrize("v1", [False, True])

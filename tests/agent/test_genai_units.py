@@ -513,13 +513,14 @@ def test_a_generative_model_loads_with_either_spinning_policy_and_generates_the_
 
     genai_model.build_model_dir(tmp_path)
     texts = []
-    for spin, spin_us in ((False, 0), (True, 0), (False, 250)):
-        runtime = genai.GenAIModel.load(tmp_path, genai.LoadOptions(spin_between_runs=spin, spin_after_run_us=spin_us))
+    for spin, spin_us, threads in ((False, 0, 0), (True, 0, 0), (False, 250, 0), (True, 0, 1)):
+        runtime = genai.GenAIModel.load(tmp_path, genai.LoadOptions(spin_between_runs=spin, spin_after_run_us=spin_us,
+                                                                    intra_op_threads=threads))
         events: list[object] = []
         runtime.generate(runtime.encode("The agent"), genai.SamplingOptions(max_tokens=8, temperature=0), events.append,
                          genai.Cancel())
         texts.append("".join(e.text for e in events if isinstance(e, genai.TokenEvent)))
-    assert texts[0] and texts[0] == texts[1] == texts[2]
+    assert texts[0] and texts[0] == texts[1] == texts[2] == texts[3]
 
 
 def test_a_prompt_read_in_chunks_gives_the_answer_and_logprobs_of_one_read(tmp_path: pathlib.Path) -> None:
