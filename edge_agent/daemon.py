@@ -227,7 +227,7 @@ class Agent:
         try:  # one agent per data dir: two would share its state, identity and cache
             self._owner = state.hold(self.config.data_dir / "agent.owner")
         except state.Held as held:
-            raise errors.StateError(f"another agent{f' (pid {held.pid})' if held.pid else ''} is using the data dir "
+            raise errors.StateError(f"another agent{f' ({held.holder})' if held.holder else ''} is using the data dir "
                                     f"{self.config.data_dir}: stop it first, or give this one another --data-dir") from None
         try:
             self.store.refuse_newer()  # before this agent writes or sets aside anything of the data dir

@@ -17,6 +17,7 @@ import logging
 import os
 import pathlib
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,30 +97,42 @@ def remove_stale_temporaries(folder: pathlib.Path, before: float) -> list[str]:
 
 
 class Held(Exception):
-    """Another live process holds the lock file; ``pid`` is what it wrote there ("" if unknown)."""
+    """Another live process holds the lock file; ``pid`` and ``host`` are what it wrote there
+    ("" if unknown)."""
 
-    def __init__(self, pid: str) -> None:
+    def __init__(self, pid: str, host: str = "") -> None:
         super().__init__(pid)
         self.pid = pid
+        self.host = host
+
+    @property
+    def holder(self) -> str:
+        """The holder, for a message: "pid 4242"; "pid 1 on host agent-a" when it wrote
+        another host name than this process's, as a process in another container does (its
+        pid is its own namespace's: where containers share a volume, each one's is 1); ""
+        when not known."""
+        if not self.pid:
+            return ""
+        return f"pid {self.pid} on host {self.host}" if self.host and self.host != socket.gethostname() else f"pid {self.pid}"
 
 
 def hold(path: pathlib.Path) -> int:
     """Lock ``path`` (``flock``, created if needed) for as long as the returned descriptor
-    stays open, writing this process's pid in it; :class:`Held` when another process holds
-    it. The kernel drops the lock with its holder, ``kill -9`` included. (The control plane
-    holds its SQLite file so, too.)"""
+    stays open, writing this process's pid and host name in it; :class:`Held` when another
+    process holds it. The kernel drops the lock with its holder, ``kill -9`` included. (The
+    control plane holds its SQLite file so, too.)"""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        pid = os.read(fd, 32).decode(errors="replace").strip()
+        pid, _, host = os.read(fd, 320).decode(errors="replace").strip().partition(" ")
         os.close(fd)
-        raise Held(pid if pid.isdigit() else "") from None
+        raise Held(pid, host.strip()) if pid.isdigit() else Held("") from None
     except OSError:
         os.close(fd)
         raise
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
     return fd
 
 

@@ -149,7 +149,7 @@ def _own(path: str) -> int:
     try:
         return state_files.hold(pathlib.Path(f"{path}.owner"))
     except state_files.Held as held:
-        raise StoreError(f"another control plane{f' (pid {held.pid})' if held.pid else ''} is using {path}: "
+        raise StoreError(f"another control plane{f' ({held.holder})' if held.holder else ''} is using {path}: "
                          "stop it first, or give this one another --data-dir or --store") from None
 
 

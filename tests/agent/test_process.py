@@ -302,6 +302,46 @@ async def test_a_second_agent_on_the_same_data_dir_is_refused_until_the_first_is
     await spawn(control_plane.target, data)  # the kernel dropped the lock with its holder
 
 
+def _in_a_container(host: str) -> list[str]:
+    """A command's prefix that runs it as a container runs its process: pid 1 of a pid
+    namespace of its own, under a host name of its own (an unprivileged user namespace makes
+    both); [] where this machine allows no such namespace."""
+    import subprocess
+
+    prefix = ["unshare", "--user", "--map-root-user", "--uts", "--pid", "--fork", "--kill-child"]
+    try:
+        subprocess.run([*prefix, "true"], check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [*prefix, "sh", "-c", f'hostname {host} && exec "$@"', "sh"]
+
+
+async def test_an_agent_in_another_container_on_the_same_data_dir_is_named_by_its_host(tmp_path: pathlib.Path) -> None:
+    """Two containers given one data dir (a hostPath, a volume): each agent is pid 1 in its
+    own, so 'pid 1' alone named the refused agent itself."""
+    import subprocess
+
+    container = _in_a_container("agent-a")
+    if not container:
+        pytest.skip("this machine allows no user, pid and host name namespaces (unshare)")
+    data = tmp_path / "shared"
+    common = ["--control-plane", f"127.0.0.1:{closed_port()}", "--site", SITE, "--token", TOKEN, "--insecure",
+              "--listen", "127.0.0.1:0", "--data-dir", str(data)]
+    first = await asyncio.create_subprocess_exec(*container, *agent_command(), *common, stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert first.stdout is not None
+        async with asyncio.timeout(30):
+            assert (await first.stdout.readline()).startswith(b"serving ")
+        second = await asyncio.to_thread(subprocess.run, [*agent_command(), *common], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+        assert second.stderr.rstrip().endswith(f"another agent (pid 1 on host agent-a) is using the data dir {data}: "
+                                               "stop it first, or give this one another --data-dir"), second.stderr
+    finally:
+        first.kill()
+        await first.wait()
+
+
 def _fetch_children(pid: int) -> list[psutil.Process]:
     with contextlib.suppress(psutil.Error):
         return [c for c in psutil.Process(pid).children() if "edge_agent.fetch" in " ".join(c.cmdline())]
