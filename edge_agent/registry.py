@@ -1,8 +1,9 @@
 """Which model versions answer requests, and converging them on the desired set.
 
-A new version replaces the serving one only once it is downloaded, verified and loaded;
-until then the previous version keeps serving and the model's state says why the new one
-is not there. Models absent from the desired set are unloaded.
+A new version replaces the serving one only once it is downloaded, verified and loaded,
+and takes what its variant declares (``signature``); until then the previous version keeps
+serving and the model's state says why the new one is not there. Models absent from the
+desired set are unloaded.
 
 Each model's fetch and load is an attempt of its own (a task), so a download that takes
 hours holds up no other model, nor a new assignment set: :meth:`ModelRegistry.apply` acts
@@ -36,7 +37,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from edge_agent import admission, artifacts, assignments, errors, footprint
+from edge_agent import admission, artifacts, assignments, errors, footprint, signature
 from edge_agent.retry import MODEL_RETRY, Jitter, RetryPolicy
 from edge_agent.runtime import onnx
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
@@ -330,7 +331,7 @@ class ModelRegistry:
                     need = self._weigh(footprint.onnx_need(path.stat().st_size))
                     self._loading(need)
                     try:
-                        runtime = await self._to_its_end(self._read_and_load(want.sha256))
+                        runtime = await self._to_its_end(self._read_and_load(want))
                     finally:
                         self._loading(0)
         except errors.AgentError as exc:
@@ -351,9 +352,13 @@ class ModelRegistry:
         self._on_change()
         _release_freed_memory()  # the load's temporary buffers (and the version it replaced)
 
-    async def _read_and_load(self, sha256: str) -> onnx.OnnxModel:
-        data = await self._cache.read(sha256)
-        return await asyncio.to_thread(self._load, data)  # its bytes let go of with this frame, before the next load
+    async def _read_and_load(self, want: assignments.Assignment) -> onnx.OnnxModel:
+        data = await self._cache.read(want.sha256)
+        model = await asyncio.to_thread(self._load, data)  # its bytes let go of with this frame, before the next load
+        refused = signature.mismatch(want.inputs, want.outputs, model.inputs, model.outputs)
+        if refused is not None:  # it would answer 400 to callers writing to the declaration
+            raise errors.ModelLoadError(refused)
+        return model
 
     async def _to_its_end(self, load: Awaitable[T]) -> T:
         """``load`` (work on a thread, which cannot be cut short), awaited to its end even when

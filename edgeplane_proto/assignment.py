@@ -24,6 +24,30 @@ class DesiredState(enum.Enum):
 
 
 @dataclass(frozen=True)
+class DeclaredTensor:
+    """A tensor a Model's variant declares (``spec.variants[].inputs``/``outputs``): a v2
+    datatype name and a shape, ``-1`` a dimension of any size."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_proto(self) -> pb.TensorDeclaration:
+        return pb.TensorDeclaration(name=self.name, datatype=self.datatype, shape=self.shape)
+
+    @classmethod
+    def from_proto(cls, msg: pb.TensorDeclaration) -> DeclaredTensor:
+        return cls(msg.name, msg.datatype, tuple(msg.shape))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> DeclaredTensor:
+        return cls(str(doc["name"]), str(doc["datatype"]), tuple(int(d) for d in doc["shape"]))
+
+
+@dataclass(frozen=True)
 class Assignment:
     model: str
     deployment: str
@@ -37,6 +61,10 @@ class Assignment:
     max_queued: int = 0
     #: where a download may be redirected, besides the URL's own host (empty: anywhere)
     artifact_hosts: tuple[str, ...] = ()
+    #: onnx: what the variant declares the file takes and answers, sent only with the version
+    #: it was declared for (empty: not declared, nothing checked)
+    inputs: tuple[DeclaredTensor, ...] = ()
+    outputs: tuple[DeclaredTensor, ...] = ()
 
     def to_proto(self) -> pb.Assignment:
         return pb.Assignment(
@@ -49,6 +77,8 @@ class Assignment:
             runtime=self.runtime,
             generation=pb.GenerationLimits(max_concurrent_sequences=self.max_concurrent_sequences, max_queued=self.max_queued),
             artifact_hosts=self.artifact_hosts,
+            inputs=[t.to_proto() for t in self.inputs],
+            outputs=[t.to_proto() for t in self.outputs],
         )
 
     @classmethod
@@ -56,7 +86,8 @@ class Assignment:
         state = DesiredState.STOPPED if msg.desired_state == pb.DESIRED_STATE_STOPPED else DesiredState.SERVING
         return cls(msg.model, msg.deployment, msg.variant, msg.artifact_url, msg.sha256.lower(), state,
                    msg.runtime or RUNTIME_ONNX, msg.generation.max_concurrent_sequences, msg.generation.max_queued,
-                   tuple(msg.artifact_hosts))
+                   tuple(msg.artifact_hosts), tuple(DeclaredTensor.from_proto(t) for t in msg.inputs),
+                   tuple(DeclaredTensor.from_proto(t) for t in msg.outputs))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -70,6 +101,8 @@ class Assignment:
             "max_concurrent_sequences": self.max_concurrent_sequences,
             "max_queued": self.max_queued,
             "artifact_hosts": list(self.artifact_hosts),
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
         }
 
     @classmethod
@@ -85,4 +118,6 @@ class Assignment:
             max_concurrent_sequences=int(doc.get("max_concurrent_sequences", 0)),
             max_queued=int(doc.get("max_queued", 0)),
             artifact_hosts=tuple(str(h) for h in doc.get("artifact_hosts", ())),
+            inputs=tuple(DeclaredTensor.from_json(t) for t in doc.get("inputs", ())),
+            outputs=tuple(DeclaredTensor.from_json(t) for t in doc.get("outputs", ())),
         )

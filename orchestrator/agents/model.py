@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
-from edgeplane_proto.assignment import Assignment, DesiredState  # noqa: F401 (part of this module's vocabulary)
+from edgeplane_proto.assignment import Assignment, DeclaredTensor, DesiredState  # noqa: F401 (part of this module's vocabulary)
 from edgeplane_proto.capacity import Capacity, Gpu  # noqa: F401
 
 

@@ -19,6 +19,7 @@ from orchestrator import maintenance as maintenance_mod
 from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
 from orchestrator.gateway import cascade_rules, routing
+from orchestrator.manifests import schema
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import applications
 from orchestrator.reconciler import delivery, inventory, rollout
@@ -231,11 +232,19 @@ def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]
             else:
                 continue
             g = variant.generative
+            # the declaration is of the version the variant names: a kept one may take other tensors
+            declared = variant.runtime == "onnx" and sha == variant.artifact.sha256
             out[site][model] = agent_model.Assignment(
                 model=model, deployment=name, variant=variant_name, artifact_url=url, sha256=sha, runtime=variant.runtime,
                 max_concurrent_sequences=g.maxConcurrentSequences if g else 0, max_queued=g.maxQueued if g else 0,
-                artifact_hosts=ref.hosts)
+                artifact_hosts=ref.hosts, inputs=declared_tensors(variant.inputs) if declared else (),
+                outputs=declared_tensors(variant.outputs) if declared else ())
     return {site: tuple(sorted(a.values(), key=lambda x: x.model)) for site, a in out.items() if site not in held}, rollouts
+
+
+def declared_tensors(specs: Iterable[schema.TensorSpec]) -> tuple[agent_model.DeclaredTensor, ...]:
+    """A variant's declared ``inputs`` or ``outputs`` as an agent (or ONNX application) checks a file against them."""
+    return tuple(agent_model.DeclaredTensor(t.name, t.datatype, tuple(t.shape)) for t in specs)
 
 
 def _sent(s: snap.Snapshot, site: str, model: str) -> agent_model.Assignment | None:

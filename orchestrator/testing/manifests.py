@@ -38,11 +38,16 @@ def edge_site(name: str, country: str, lat: float, lon: float, region: str | Non
     return doc("Site", name, {"tier": "edge", "location": location})
 
 
-def onnx_model(name: str, uri: str, sha256: str, variant: str = "distilled") -> str:
+def onnx_model(name: str, uri: str, sha256: str, variant: str = "distilled", *,
+               inputs: list[dict[str, Any]] | None = None, outputs: list[dict[str, Any]] | None = None) -> str:
+    """A one-variant ONNX Model; ``inputs``/``outputs``: the tensors its variant declares."""
     artifact = {"uri": uri, "sha256": sha256}
-    return doc("Model", name, {"variants": [
-        {"name": variant, "runtime": "onnx", "artifact": artifact, "resources": {"cpu": 0.1, "memoryMiB": 64}},
-    ]})
+    spec: dict[str, Any] = {"name": variant, "runtime": "onnx", "artifact": artifact, "resources": {"cpu": 0.1, "memoryMiB": 64}}
+    if inputs is not None:
+        spec["inputs"] = inputs
+    if outputs is not None:
+        spec["outputs"] = outputs
+    return doc("Model", name, {"variants": [spec]})
 
 
 def deployment(name: str, model: str, replicas: int, placement: dict[str, Any]) -> str:

@@ -1,5 +1,6 @@
 """Rollouts with real agents: a new version reaches a canary first and one site at a
-time; a version the canary cannot load halts the rollout with every site still serving."""
+time; a version the canary cannot load, or whose file does not take what its variant
+declares, halts the rollout with every site still serving."""
 
 from __future__ import annotations
 
@@ -23,7 +24,12 @@ SITES = {
 }
 
 
-def fleet_yaml(uri: str, sha256: str, sites: dict[str, dict] = SITES) -> str:
+#: What the Model's variant declares it takes and answers, when a test declares them.
+DECLARED = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 8]}],
+            "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 4]}]}
+
+
+def fleet_yaml(uri: str, sha256: str, sites: dict[str, dict] = SITES, declared: dict[str, list] | None = None) -> str:
     deployment = manifests.doc("ModelDeployment", "intent-eu", {
         "model": "intent",
         "replicas": {"min": len(sites), "max": len(sites)},
@@ -31,7 +37,7 @@ def fleet_yaml(uri: str, sha256: str, sites: dict[str, dict] = SITES) -> str:
         "rollout": {"canarySteps": [30], "maxUnavailable": 1},
     })
     return manifests.bundle(*(manifests.edge_site(n, **w) for n, w in sites.items()),
-                            manifests.onnx_model("intent", uri, sha256), deployment)
+                            manifests.onnx_model("intent", uri, sha256, **(declared or {})), deployment)
 
 
 @pytest_asyncio.fixture
@@ -157,3 +163,61 @@ async def test_plan_shows_a_new_version_as_a_version_roll_on_each_site(fleet: ha
     assert "No replica changes" not in printed, printed
     for site in SITES:
         assert re.search(rf"{site}\s.*new version {v1.sha256[:12]} -> {v2.sha256[:12]}", printed), printed
+
+
+async def test_a_version_whose_file_breaks_the_declared_inputs_halts_while_callers_see_no_error(
+        fleet: harness.Fleet, tmp_path: pathlib.Path) -> None:
+    cp = fleet.cp
+    assert cp is not None
+    art = tmp_path / "artifacts"
+    v1 = onnx_models.build_mlp(art / "v1.onnx", in_dim=8, hidden=16, out_dim=4, seed=1)
+    v2 = onnx_models.build_mlp(art / "v2.onnx", in_dim=8, hidden=32, out_dim=4, seed=2)  # its batch axis is symbolic
+    v3 = onnx_models.build_mlp(art / "v3.onnx", in_dim=5, hidden=16, out_dim=4, seed=3)  # takes [-1, 5]
+    await apply(cp, fleet_yaml("v1.onnx", v1.sha256, declared=DECLARED))
+    for site, where in SITES.items():
+        await fleet.start_agent(site, **where)
+    await harness.wait_until(lambda: serving(cp, v1.sha256) == set(SITES), 60, what="v1 everywhere")
+
+    # A version that takes what the variant declares ("batch" where it says -1) rolls out.
+    await apply(cp, fleet_yaml("v2.onnx", v2.sha256, declared=DECLARED))
+    await harness.wait_until(lambda: serving(cp, v2.sha256) == set(SITES), 60, what="v2 everywhere")
+
+    def halted() -> dict | None:
+        obj = cp.store.get("ModelDeployment", "intent-eu")
+        return obj.status if obj is not None and "halted" in (obj.status or {}).get("rollout", {}) else None
+
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 8], "data": [0.5] * 8}]}
+    failures: list[str] = []
+    answered = 0
+
+    async def call(http: httpx.AsyncClient, n: int) -> None:
+        nonlocal answered
+        where = list(SITES.values())[n % len(SITES)]  # each site nearest in turn
+        headers = {"x-edgeplane-location": f"{where['lat']},{where['lon']}", "x-edgeplane-residency": "EU"}
+        r = await http.post("/v2/models/intent/infer", json=body, headers=headers)
+        if r.status_code != 200:
+            failures.append(f"{r.status_code}: {r.text[:200]}")
+        answered += 1
+
+    # v3's file takes [-1, 5] where the variant declares [-1, 8]: callers go on as declared.
+    await apply(cp, fleet_yaml("v3.onnx", v3.sha256, declared=DECLARED))
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        for n in range(3000):  # bounded: until the roll halted or went everywhere
+            if halted() is not None or serving(cp, v3.sha256) == set(SITES):
+                break
+            await call(http, n)
+        for n in range(30):  # and after
+            await call(http, n)
+    status = halted()
+    assert status is not None, (failures[:3], cp.store.get("ModelDeployment", "intent-eu").status)
+    assert failures == [], failures[:5]
+    assert answered > 30
+    assert status["phase"] == "Failing"
+    for reason in (status["reason"], status["rollout"]["halted"]):
+        assert "could not load version" in reason and "input 'input'" in reason, reason
+        assert "[-1, 8]" in reason and "[-1, 5]" in reason, reason
+    assert len(sent(cp, v3.sha256)) == 1 and serving(cp, v2.sha256) == set(SITES)
+    # The declaration goes with the version it was written for, never with a kept one (which
+    # a changed declaration may not fit, on a new site or a restarted agent).
+    kept = [a for s in SITES for a in cp.hub.assignments(s).assignments if a.sha256 == v2.sha256]
+    assert len(kept) == 2 and all(a.inputs == () and a.outputs == () for a in kept), kept
