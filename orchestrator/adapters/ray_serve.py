@@ -420,7 +420,10 @@ def status_from_details(name: str, app: Mapping[str, Any], serve_url: str | None
         chosen = engines
     running = sum(1 for d in chosen for r in d.get("replicas") or [] if r.get("state") == "RUNNING")
     target = sum(int(d.get("target_num_replicas") or 0) for d in chosen)
-    detail = str(app.get("message") or "") or serve_config.deployment_messages(deployments)
+    detail = str(app.get("message") or "")
+    told = serve_config.deployment_messages(deployments)
+    if not detail or detail.startswith("Failed to update the deployments"):  # Serve's own words name no cause: its deployments' do
+        detail = "; ".join(filter(None, [detail, told]))
     prefix = app.get("route_prefix")
     endpoint = serve_config.route_url(serve_url, prefix) if serve_url and prefix else None
     return ServeAppStatus(

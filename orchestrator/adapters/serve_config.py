@@ -298,6 +298,7 @@ def render_application(spec: ServeAppSpec, sized_deployment: str | None = None) 
             "artifact_uri": spec.artifact_uri,
             "sha256": spec.sha256,
             "model_name": spec.model_name,
+            **dict(spec.args),  # the variant's declared inputs and outputs, when it declares them
         }
         deployment: str | None = ONNX_DEPLOYMENT
     elif spec.runtime == "onnx-genai":

@@ -132,6 +132,9 @@ def app_spec(s: snap.Snapshot, row: store_mod.PlacementRow, d: snap.DeploymentRe
         if v.generative is not None:
             g = v.generative
             common["args"] = {"max_concurrent_sequences": g.maxConcurrentSequences, "max_queued": g.maxQueued}
+        elif v.inputs or v.outputs:  # what the replica checks the file against; absent: nothing (as it was)
+            common["args"] = {kind: [t.model_dump() for t in tensors] for kind, tensors in (("inputs", v.inputs), ("outputs", v.outputs))
+                              if tensors}
         return serve_config.ServeAppSpec(**common, artifact_uri=ref.url, sha256=v.artifact.sha256, artifact_hosts=ref.hosts)
     return serve_config.ServeAppSpec(**common, import_path=v.importPath, args=dict(v.args),
                                      deployment=sized_deployment(s, row.site, name))

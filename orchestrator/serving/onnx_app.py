@@ -17,7 +17,10 @@ a body is read, and a compressed one inflated as the agent does
 The artifact's sha256 is checked before onnxruntime sees the file, twice: once in
 :func:`build`, which Serve runs when the application is deployed, so a wrong digest fails
 the application at once with a clear message instead of after a round of replica
-restarts; and again in each replica, on the copy that replica loads.
+restarts; and again in each replica, on the copy that replica loads. A replica also
+refuses a file that does not take the inputs (or answer the outputs) its variant declares,
+as an edge agent does (``edge_agent.signature``): its deployment fails naming the tensor
+and both shapes, and callers written to the declaration never get its 400s.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import edge_agent
-from edge_agent import errors
+from edge_agent import errors, signature
 from edge_agent.runtime import onnx as onnx_runtime
 from edgeplane_proto import encoding, oip
+from edgeplane_proto.assignment import DeclaredTensor
 from orchestrator.serving import artifacts, bodies
 
 #: The agent's limit on a request body: as sent, and a compressed one once inflated.
@@ -77,11 +81,15 @@ def _json(doc: Any, status: int = 200) -> Response:
 class OnnxModel:
     """One replica: a verified ONNX file in an onnxruntime session behind the v2 routes."""
 
-    def __init__(self, artifact_uri: str, sha256: str, model_name: str, artifact_hosts: tuple[str, ...] = ()) -> None:
+    def __init__(self, artifact_uri: str, sha256: str, model_name: str, artifact_hosts: tuple[str, ...] = (),
+                 inputs: tuple[DeclaredTensor, ...] = (), outputs: tuple[DeclaredTensor, ...] = ()) -> None:
         path = artifacts.fetch_verified(artifact_uri, sha256, redirect_hosts=artifact_hosts)
         self._model_name = model_name
         self._version = oip.model_version(sha256)  # the version an edge agent gives the same file
         self._model = onnx_runtime.OnnxModel.load(path.read_bytes(), providers=_providers())
+        refused = signature.mismatch(inputs, outputs, self._model.inputs, self._model.outputs)
+        if refused is not None:
+            raise errors.ModelLoadError(refused)
         self._metadata = oip.model_metadata(
             model_name,
             [(t.name, t.datatype, list(t.shape)) for t in self._model.inputs],
@@ -154,11 +162,21 @@ def _string_arg(args: Mapping[str, Any], key: str) -> str:
     return value
 
 
+def _tensors_arg(args: Mapping[str, Any], key: str) -> tuple[DeclaredTensor, ...]:
+    """The variant's declared ``inputs`` or ``outputs`` (absent: none declared)."""
+    value = args.get(key, [])
+    try:
+        return tuple(DeclaredTensor.from_json(t) for t in value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"the onnx application's argument {key!r} must be a list of {{name, datatype, shape}}") from exc
+
+
 def build(args: Mapping[str, Any]) -> serve.Application:
-    """Serve application builder: ``args`` = ``{artifact_uri, sha256, model_name[, artifact_hosts]}``."""
+    """Serve application builder: ``args`` = ``{artifact_uri, sha256, model_name[, artifact_hosts, inputs, outputs]}``."""
     uri = _string_arg(args, "artifact_uri")
     sha256 = _string_arg(args, "sha256")
     model_name = _string_arg(args, "model_name")
     hosts = artifacts.hosts_arg(args)
+    inputs, outputs = _tensors_arg(args, "inputs"), _tensors_arg(args, "outputs")
     artifacts.fetch_verified(uri, sha256, redirect_hosts=hosts)  # fail the deploy now, not after replica retries
-    return OnnxModel.bind(uri, sha256, model_name, hosts)
+    return OnnxModel.bind(uri, sha256, model_name, hosts, inputs, outputs)

@@ -226,6 +226,32 @@ def test_an_onnx_application_downloads_through_redirects_only_to_the_allowed_hos
     assert "artifact_hosts" not in args(())
 
 
+def test_an_onnx_application_is_given_the_inputs_and_outputs_its_variant_declares() -> None:
+    """The replica checks its file against them (orchestrator.serving.onnx_app); a variant
+    declaring none keeps the arguments it had, and either reads back from the cluster as applied."""
+    sha = "a" * 64
+
+    def app(declared: str) -> serve_config.ServeAppSpec:
+        onnx = FLEET.replace(
+            '    - {name: big, runtime: ray-serve, importPath: "pkg.mod:big", resources: {cpu: 2, memoryMiB: 256}, throughputRps: 100}\n',
+            f'    - {{name: big, runtime: onnx, artifact: {{uri: "https://models.example.com/m.onnx", sha256: "{sha}"}}, '
+            f'resources: {{cpu: 2, memoryMiB: 256}}{declared}}}\n')
+        docs = loader.load_text(loader.bundle([("fleet.yaml", onnx)]))
+        s = dataclasses.replace(_snapshot(), models={d.name: d.doc.spec for d in docs if isinstance(d.doc, schema.ModelDoc)},
+                                artifacts={("m", "big"): snap.ArtifactRef("https://models.example.com/m.onnx")})
+        (spec,) = applications.serve_apps(s, [PlacementRow("d", "dc1", "big", 1)]).by_site["dc1"]
+        return spec
+
+    declared = app(", inputs: [{name: x, datatype: FP32, shape: [-1, 8]}], outputs: [{name: y, datatype: INT64, shape: [-1]}]")
+    rendered = serve_config.render_application(declared)
+    assert rendered["args"] == {"artifact_uri": "https://models.example.com/m.onnx", "sha256": sha, "model_name": "m",
+                                "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 8]}],
+                                "outputs": [{"name": "y", "datatype": "INT64", "shape": [-1]}]}
+    assert serve_config.application_from_config(rendered, declared) == declared
+    plain = app("")
+    assert set(serve_config.render_application(plain)["args"]) == {"artifact_uri", "sha256", "model_name"}
+
+
 def test_a_pass_publishes_its_routing_before_it_waits_on_a_data_centre() -> None:
     """The loop runs a pass's actions in order, and a Ray dashboard's calls take seconds: the
     table that follows from the new placement (which may have taken a replica from a country

@@ -226,6 +226,19 @@ async def test_artifact_sha_mismatch_is_refused_before_loading(
     assert mlp.sha256 in failed.value.message
 
 
+async def test_a_file_that_does_not_take_the_declared_inputs_fails_its_application_naming_them(
+    serve_actuator: ray_serve.RayServeActuator, mlp: onnx_models.BuiltModel
+) -> None:
+    declared = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 5]}],
+                "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 4]}]}
+    await serve_actuator.apply([onnx_spec("ep-declared", mlp, args=declared)])
+    with pytest.raises(ServeAppFailed) as failed:
+        await ray_serve.wait_until_running(serve_actuator, ["ep-declared"], timeout_s=90)
+    message = failed.value.message
+    assert "input 'input' is declared FP32 [-1, 5], but the file takes FP32 [-1, 8]" in message, message
+    assert "Traceback" not in message, message
+
+
 async def test_apps_not_owned_by_edgeplane_survive_apply(
     ray_cluster: local_ray.LocalRayEndpoints,
     serve_actuator: ray_serve.RayServeActuator,
