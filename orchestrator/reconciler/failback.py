@@ -46,12 +46,14 @@ class Failback:
     back_since: Mapping[str, float] = field(default_factory=dict)
 
     def due(self, sites: Sequence[sched_model.Site]) -> frozenset[str]:
-        """The sites whose replicas may move back in this pass: healthy again, and for the hold-down."""
+        """The sites whose replicas may move back in this pass: healthy again, for the
+        hold-down, and taking replicas. One cordoned, drained or out of reach (``admits``,
+        ``draining``) would take none back: its seats wait until it takes them again."""
         if self.after_s <= 0:
             return frozenset()
-        healthy = {site.name for site in sites if site.healthy}
+        taking = {site.name for site in sites if site.open and site.admits is None}
         return frozenset(name for name, since in self.back_since.items()
-                         if name in healthy and name in self.seats and self.now - since >= self.after_s)
+                         if name in taking and name in self.seats and self.now - since >= self.after_s)
 
     def returning(self, due: Iterable[str]) -> list[sched_model.Replica]:
         """The seats the stand-ins of the ``due`` sites stood in for (``planner.plan``'s ``returning``)."""

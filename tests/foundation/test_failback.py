@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from orchestrator import maintenance
+
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import failback as failback_mod
 from orchestrator.reconciler import planning
@@ -130,3 +132,21 @@ def test_a_site_deleted_while_lost_is_forgotten() -> None:
     fleet.step(20.0, lyon_healthy=False)
     assert LYON not in fleet.s.failback.seats
 
+
+
+def test_a_site_cordoned_when_its_hold_down_ends_gets_its_replicas_back_once_uncordoned() -> None:
+    """A cordoned (or drained) site takes nothing new: a failback planned then would move
+    nothing back and forget the seats, and the stand-ins would stay for good."""
+    fleet = Fleet(HOLD_S)
+    good = lose_lyon(fleet, 10.0)
+    assert not fleet.step(100.0).result.actions  # back at 100
+    cordon = maintenance.Maintenance(LYON, maintenance.Mode.CORDON, "disk check", "admin", 350.0)
+    fleet.s = dataclasses.replace(fleet.s, maintenance={LYON: cordon})
+    for now in (400.0, 450.0):
+        assert not moves(fleet.step(now)), now
+    assert LYON in fleet.s.failback.seats
+    fleet.s = dataclasses.replace(fleet.s, maintenance={})
+    back = fleet.step(500.0)
+    assert moves(back) and all(m.to_site == LYON and m.reason.startswith("failback: site edge-lyon is back") for m in moves(back)), \
+        back.result.actions
+    assert {(r.deployment, r.site, r.variant, r.replicas) for r in planning.placement_rows(back.result)} == good
