@@ -123,7 +123,7 @@ def _plan(
         for site, variant, group in job.seats:
             capacity.give_back(site, variant, group, job.deployment.name)
         job.started = True
-        ran = sum(job.running.values())
+        ran = sum(running.get(job, job.running).values())  # a failback's seats run nowhere
         grow(
             fleet,
             capacity,

@@ -307,3 +307,17 @@ def test_a_plan_with_the_seats_stand_ins_stood_in_for_returning_puts_them_where_
     moved = [a for a in back.actions if isinstance(a, MoveReplica)]
     assert moved and all(a.to_site == "paris-1" and a.reason.startswith("failback: site paris-1 is back") for a in moved), back.actions
     assert all(r.kept == (r.site != "paris-1") for r in back.replicas if r.deployment == "fr-a"), back.replicas
+
+
+def test_a_failback_grows_no_deployment_past_what_runs_before_every_one_has_its_minimum():
+    """``returning`` seats count for the costs alone: were they counted among the replicas
+    a deployment ran, its first phase would grow it past them into the room another
+    deployment's minimum needs, and hold it there in every plan after."""
+    sites = [site("lyon-1", "lyon", cpu=1, memory_gib=2), site("paris-1", "paris", cpu=1, memory_gib=2),
+             site("marseille-1", "marseille", cpu=1, memory_gib=2)]
+    grown = dataclasses.replace(deployment("a", replicas=(1, 3), demand=(("lyon", 10),)), autoscaled_replicas=3)
+    deployments = [grown, deployment("b", demand=(("paris", 1),))]
+    stand_ins = [Replica("a", "paris-1", "small"), Replica("a", "marseille-1", "small")]
+    back = plan(sites, deployments, stand_ins, returning=[Replica("a", "lyon-1", "small")])
+    assert (back.deployments["b"].placed, back.deployments["a"].placed) == (1, 2), back.actions
+    assert Replica("a", "lyon-1", "small") in back.as_running(), back.actions
