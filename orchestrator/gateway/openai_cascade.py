@@ -215,10 +215,10 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
     echoed = ""  # the prompt this gateway echoes, having asked the stage for logprobs instead
     if logprobs and not _asks_logprobs(body):
         body["logprobs"] = True if req.chat else 1
-        if not req.chat and body.get("echo") is True and isinstance(body.get("prompt"), str):
+        if not req.chat and body.get("echo") is True and (prompt := _one_prompt(body.get("prompt"))) is not None:
             # echo with logprobs asks for the prompt's logprobs too (which the agent refuses, and
             # which would be judged as the answer's): the stage answers alone, the prompt is put back here
-            body["echo"], echoed = False, body["prompt"]
+            body["echo"], echoed = False, prompt
     busy: _Answer | None = None
     for choice in ranked[: owner.gw.max_attempts]:
         e = choice.endpoint
@@ -270,6 +270,13 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
         req.trip.failovers.answered()
         return _Answer(stage, 200, _with_prompt(parsed, echoed) if echoed else parsed, e.site, e.tier)
     return busy
+
+
+def _one_prompt(value: Any) -> str | None:
+    """A completion's prompt as the agent reads it: a string, or a list of one string."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return value if isinstance(value, str) else None
 
 
 def _with_prompt(answer: dict[str, Any], prompt: str) -> dict[str, Any]:

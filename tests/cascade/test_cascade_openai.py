@@ -166,6 +166,18 @@ async def test_an_echoed_completion_is_judged_on_its_own_tokens_and_echoes_the_p
     assert (refused.value.param, refused.value.code) == ("echo", "unsupported_parameter"), refused.value.body
 
 
+async def test_an_echoed_completion_of_a_prompt_given_as_a_list_of_one_string_is_answered(sdk: openai.AsyncOpenAI) -> None:
+    """OpenAI's prompt may be a list of one string, which the agent reads as that string: the
+    judge's logprobs must not be asked beside its echo there either (the agent refuses both)."""
+    prompt = "Where does the model run?"
+    plain = await sdk.completions.create(model=DEPLOYMENT, prompt=prompt, max_tokens=4, temperature=0, extra_headers=BERLIN_DE)
+    raw = await sdk.completions.with_raw_response.create(model=DEPLOYMENT, prompt=[prompt], max_tokens=4, temperature=0, echo=True,
+                                                         extra_headers=BERLIN_DE)
+    answer = raw.parse()
+    assert raw.headers["x-edgeplane-cascade-stage"] == "small"
+    assert answer.choices[0].text == prompt + plain.choices[0].text and answer.choices[0].logprobs is None
+
+
 async def test_streams_replay_a_sure_answer_and_relay_an_escalated_one(sdk: openai.AsyncOpenAI) -> None:
     stop = await stop_string(sdk)
     whole = await sdk.chat.completions.create(model=DEPLOYMENT, messages=USER, max_tokens=8, temperature=0, stop=[stop],
