@@ -78,11 +78,16 @@ def refusal(need: Need, available: int | None, kept: int = 0) -> str | None:
     requests in flight while it loads (None: it fits, or what is free is not known)."""
     if available is None or need.bytes + kept <= available:
         return None
-    of_them = f", {kept / MB:.1f} MB of them for requests in flight (--max-inflight-bytes)" if kept else ""
-    return (f"needs about {need.bytes / MB:.1f} MB of memory to load ({need.why}), and {available / MB:.1f} MB are "
-            f"available to this agent{of_them}: not loaded, so that running out of memory does not end the agent and "
+    return (f"{arithmetic(need, available, kept)}: not loaded, so that running out of memory does not end the agent and "
             f"every model it serves (free memory{', lower --max-inflight-bytes' if kept else ''}, or assign this model "
             f"to a larger site)")
+
+
+def arithmetic(need: Need, available: int, kept: int = 0) -> str:
+    """What a load needs beside what is available (a refusal's, or a replacement's, reason)."""
+    of_them = f", {kept / MB:.1f} MB of them for requests in flight (--max-inflight-bytes)" if kept else ""
+    return (f"needs about {need.bytes / MB:.1f} MB of memory to load ({need.why}), and {available / MB:.1f} MB are "
+            f"available to this agent{of_them}")
 
 
 def package_kv(package: pathlib.Path) -> tuple[int, int]:

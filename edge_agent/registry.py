@@ -116,11 +116,12 @@ class ServedModel:
 
 
 class _Slot:
-    __slots__ = ("assignment", "attempt", "failures", "message", "phase", "retry_at", "serving")
+    __slots__ = ("assignment", "attempt", "failures", "message", "phase", "retry_at", "serving", "serving_bytes")
 
     def __init__(self, assignment: assignments.Assignment) -> None:
         self.assignment = assignment
         self.serving: ServedModel | None = None
+        self.serving_bytes = 0  # the file ``serving`` was loaded from: about what it keeps resident (footprint)
         self.phase = ModelPhase.LOADING
         self.message = ""
         self.failures = 0  # consecutive failed attempts at ``assignment``
@@ -320,15 +321,15 @@ class ModelRegistry:
                     # between them (the first answer may import onnxruntime-genai: on a thread)
                     on_gpu = await asyncio.to_thread(self._generative_on_gpu)
                     kv_per_token, context = (0, 0) if on_gpu else await asyncio.to_thread(footprint.package_kv, path)
-                    need = self._weigh(footprint.genai_need(path.stat().st_size, kv_per_token, context,
-                                                            want.max_concurrent_sequences or admission.DEFAULT_MAX_CONCURRENT))
+                    need = self._weigh(slot, want, footprint.genai_need(
+                        path.stat().st_size, kv_per_token, context, want.max_concurrent_sequences or admission.DEFAULT_MAX_CONCURRENT))
                     self._loading(need)
                     try:
                         runtime = await self._to_its_end(asyncio.to_thread(self._load_package, path, want.sha256, on_gpu))
                     finally:
                         self._loading(0)
                 else:
-                    need = self._weigh(footprint.onnx_need(path.stat().st_size))
+                    need = self._weigh(slot, want, footprint.onnx_need(path.stat().st_size))
                     self._loading(need)
                     try:
                         runtime = await self._to_its_end(self._read_and_load(want))
@@ -344,6 +345,7 @@ class ModelRegistry:
         if slot.assignment is not want or self._slots.get(want.model) is not slot:
             return  # superseded, or unassigned, while it was loading
         slot.serving = ServedModel(want.model, want.sha256, runtime, want.max_concurrent_sequences, want.max_queued)
+        slot.serving_bytes = path.stat().st_size
         slot.failures, slot.retry_at = 0, None
         slot.phase, slot.message = ModelPhase.READY, ""
         log.info(
@@ -375,15 +377,31 @@ class ModelRegistry:
                 await asyncio.wait([work])
             raise
 
-    def _weigh(self, need: footprint.Need) -> int:
+    def _weigh(self, slot: _Slot, want: assignments.Assignment, need: footprint.Need) -> int:
         """Refuse a load that needs more memory than this agent has free beside what requests
-        in flight may hold while it runs (footprint); the bytes it needs when it fits."""
+        in flight may hold while it runs (footprint); the bytes it needs when it fits.
+
+        A new version that does not fit beside the version serving, and would without it,
+        replaces it when its assignment allows (``replace_when_full``): the old version is
+        let go of first, and the model answers nothing until the new one has loaded."""
         available = self._memory_available()
         kept = 0 if available is None else self._kept_for_requests(need.bytes, available)
         refused = footprint.refusal(need, available, kept)
-        if refused is not None:
-            raise errors.ModelLoadError(refused)
-        return need.bytes
+        if refused is None:
+            return need.bytes
+        old = slot.serving
+        if want.replace_when_full and old is not None and available is not None and slot.assignment is want:
+            freed = available + slot.serving_bytes
+            if footprint.refusal(need, freed, self._kept_for_requests(need.bytes, freed)) is None:
+                slot.serving, slot.serving_bytes = None, 0
+                slot.message = (f"replacing sha256 {old.sha256[:12]}: unloaded first, as both versions do not fit in memory "
+                                f"(it {footprint.arithmetic(need, available, kept)} beside it); loading")
+                log.warning("model %s: %s", want.model, slot.message)
+                del old
+                self._on_change()  # the server lets go of it: freed once its requests in flight have their answers
+                _release_freed_memory()
+                return need.bytes
+        raise errors.ModelLoadError(refused)
 
     def _failed(self, slot: _Slot, want: assignments.Assignment, reason: str) -> None:
         if slot.assignment is not want or self._slots.get(want.model) is not slot:

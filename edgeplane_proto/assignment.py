@@ -65,6 +65,9 @@ class Assignment:
     #: it was declared for (empty: not declared, nothing checked)
     inputs: tuple[DeclaredTensor, ...] = ()
     outputs: tuple[DeclaredTensor, ...] = ()
+    #: the version serving may be unloaded first when both do not fit the agent's memory
+    #: (the deployment's ``rollout.strategy: replaceWhenFull``); else make before break
+    replace_when_full: bool = False
 
     def to_proto(self) -> pb.Assignment:
         return pb.Assignment(
@@ -79,6 +82,7 @@ class Assignment:
             artifact_hosts=self.artifact_hosts,
             inputs=[t.to_proto() for t in self.inputs],
             outputs=[t.to_proto() for t in self.outputs],
+            replace_when_full=self.replace_when_full,
         )
 
     @classmethod
@@ -87,7 +91,7 @@ class Assignment:
         return cls(msg.model, msg.deployment, msg.variant, msg.artifact_url, msg.sha256.lower(), state,
                    msg.runtime or RUNTIME_ONNX, msg.generation.max_concurrent_sequences, msg.generation.max_queued,
                    tuple(msg.artifact_hosts), tuple(DeclaredTensor.from_proto(t) for t in msg.inputs),
-                   tuple(DeclaredTensor.from_proto(t) for t in msg.outputs))
+                   tuple(DeclaredTensor.from_proto(t) for t in msg.outputs), msg.replace_when_full)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +107,7 @@ class Assignment:
             "artifact_hosts": list(self.artifact_hosts),
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
+            "replace_when_full": self.replace_when_full,
         }
 
     @classmethod
@@ -120,4 +125,5 @@ class Assignment:
             artifact_hosts=tuple(str(h) for h in doc.get("artifact_hosts", ())),
             inputs=tuple(DeclaredTensor.from_json(t) for t in doc.get("inputs", ())),
             outputs=tuple(DeclaredTensor.from_json(t) for t in doc.get("outputs", ())),
+            replace_when_full=bool(doc.get("replace_when_full", False)),
         )

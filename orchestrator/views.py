@@ -110,8 +110,9 @@ def _version_roll(current: snap.Snapshot, future: snap.Snapshot, deployment: str
     """``previousVersion`` and ``version`` (and ``previousModel`` and ``model`` when the
     deployment names another Model) of replicas kept on ``site`` that would take another
     model file: the version the site's agent serves (the one a halted rollout keeps there),
-    else the one the Model names now, against the one it would name. Empty when they agree,
-    or when the variant has no artifact (a ray-serve application's own update)."""
+    else the one the Model names now, against the one it would name; on an edge site, the
+    deployment's ``strategy`` when it is not make-before-break. Empty when they agree, or
+    when the variant has no artifact (a ray-serve application's own update)."""
     before, after = _artifact(current, deployment, variant), _artifact(future, deployment, variant)
     if before is None or after is None:
         return {}
@@ -122,7 +123,12 @@ def _version_roll(current: snap.Snapshot, future: snap.Snapshot, deployment: str
     if before == after:
         return {}
     roll = {"previousVersion": oip.model_version(before[1]), "version": oip.model_version(after[1])}
-    return roll if before[0] == after[0] else {**roll, "previousModel": before[0], "model": after[0]}
+    if before[0] != after[0]:
+        roll.update(previousModel=before[0], model=after[0])
+    record, tier = future.deployment_by_name[deployment], future.site_by_name.get(site)
+    if record.spec.rollout.strategy != "makeBeforeBreak" and tier is not None and tier.spec.tier == "edge":
+        roll["strategy"] = record.spec.rollout.strategy  # its agent may unload the old version first
+    return roll
 
 
 def _artifact(s: snap.Snapshot, deployment: str, variant: str) -> tuple[str, str] | None:

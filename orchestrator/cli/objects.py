@@ -122,9 +122,11 @@ def _change(change: dict[str, Any]) -> str:
     where the deployment names another Model)."""
     if "version" not in change:
         return change["change"]
+    strategy = f" ({change['strategy']})" if "strategy" in change else ""
     if "model" in change:
-        return f"{change['change']} {change['previousModel']}@{change['previousVersion']} -> {change['model']}@{change['version']}"
-    return f"{change['change']} {change['previousVersion']} -> {change['version']}"
+        return (f"{change['change']} {change['previousModel']}@{change['previousVersion']} -> {change['model']}@{change['version']}"
+                f"{strategy}")
+    return f"{change['change']} {change['previousVersion']} -> {change['version']}{strategy}"
 
 
 def _gpus(change: dict[str, Any]) -> str:

@@ -86,6 +86,8 @@ def _phase(status: dict[str, Any]) -> str:
         total = rollout["upgraded"] + rollout["switching"] + rollout["waiting"]
         step = f", canary {rollout['canaryStep']}" if "canaryStep" in rollout else ""
         out += f", rollout {rollout['upgraded']}/{total}{step}" + (" HALTED" if "halted" in rollout else "")
+        if rollout.get("replacing"):
+            out += f", replacing on {', '.join(rollout['replacing'])}"
     scaling = status.get("autoscaling")
     if scaling and "desiredReplicas" in scaling:
         out += f", autoscaled to {scaling['desiredReplicas']}"

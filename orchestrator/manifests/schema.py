@@ -515,6 +515,10 @@ class Rollout(Strict):
     maxUnavailable: Annotated[int, Field(ge=0, le=100_000)] | Annotated[str, StringConstraints(pattern=PERCENT_PATTERN)] = 1
     #: Canary steps as percentages of the new replicas, e.g. [10, 50, 100].
     canarySteps: list[Annotated[int, Field(ge=1, le=100)]] = Field(default_factory=list)
+    #: ``makeBeforeBreak``: an edge agent loads the new version beside the old one, and one
+    #: whose memory cannot hold both refuses it (the rollout halts). ``replaceWhenFull``:
+    #: such an agent unloads the old version first, and its site answers nothing meanwhile.
+    strategy: Literal["makeBeforeBreak", "replaceWhenFull"] = "makeBeforeBreak"
 
 
 class Autoscaling(Strict):

@@ -238,7 +238,8 @@ def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]
                 model=model, deployment=name, variant=variant_name, artifact_url=url, sha256=sha, runtime=variant.runtime,
                 max_concurrent_sequences=g.maxConcurrentSequences if g else 0, max_queued=g.maxQueued if g else 0,
                 artifact_hosts=ref.hosts, inputs=declared_tensors(variant.inputs) if declared else (),
-                outputs=declared_tensors(variant.outputs) if declared else ())
+                outputs=declared_tensors(variant.outputs) if declared else (),
+                replace_when_full=d.spec.rollout.strategy == "replaceWhenFull")
     return {site: tuple(sorted(a.values(), key=lambda x: x.model)) for site, a in out.items() if site not in held}, rollouts
 
 

@@ -3,8 +3,9 @@
 
 A site that serves an older version of the deployment's model is *waiting*; one that was
 sent the new version and does not serve it yet is *switching* (an agent keeps serving the
-old version until the new one is verified and loaded, so a switching site still answers);
-one that serves it is *upgraded*. A site that served no version gets the new one at once:
+old version until the new one is verified and loaded, so a switching site still answers,
+unless the deployment's ``strategy: replaceWhenFull`` let an agent whose memory cannot hold
+both unload the old one first: such a site is *replacing*); one that serves it is *upgraded*. A site that served no version gets the new one at once:
 there is nothing there to protect (while a rollout is halted it gets the version the other
 sites keep). A site whose agent has joined but not reported yet (it restarted, or this
 control plane did) is sent again what it was last sent, or nothing this pass. A switching
@@ -44,6 +45,7 @@ class Rollout:
     waiting: tuple[str, ...]
     failed: tuple[tuple[str, str], ...] = ()  # (site, what the agent said)
     step: int | None = None  # canary step open now (its percentage), None without canaries
+    replacing: tuple[str, ...] = ()  # switching sites that serve no version meanwhile (replaceWhenFull)
 
     @property
     def done(self) -> bool:
@@ -59,6 +61,8 @@ class Rollout:
         }
         if self.step is not None:
             out["canaryStep"] = f"{self.step}%"
+        if self.replacing:
+            out["replacing"] = list(self.replacing)
         if self.failed:
             site, message = self.failed[0]
             out["halted"] = f"{site} could not load version {self.sha256[:12]}: {message}"
@@ -86,6 +90,7 @@ def plan(
     agent's own report of what it was asked for stands in)."""
     upgraded, switching, waiting, fresh, unknown = [], [], {}, [], []
     failed: list[tuple[str, str]] = []
+    replacing: list[str] = []
     for site in sorted(set(sites)):
         agent = agents.get(site)
         if agent is None or not agent.reported:
@@ -99,6 +104,8 @@ def plan(
             upgraded.append(site)
         elif asked == sha256:
             switching.append(site)
+            if not serving:
+                replacing.append(site)
             if state is not None and state.sha256 == sha256 and (
                     state.failures or state.phase is agent_model.ModelPhase.FAILED):
                 failed.append((site, state.message))
@@ -139,7 +146,8 @@ def plan(
             kept[site] = prior.sha256
     if not switching and not waiting and not kept:
         return Decision(frozenset(new), {}, frozenset(held), None)
-    state = Rollout(sha256, tuple(upgraded), tuple(switching) + tuple(promoted), tuple(kept), tuple(failed), step)
+    state = Rollout(sha256, tuple(upgraded), tuple(switching) + tuple(promoted), tuple(kept), tuple(failed), step,
+                    tuple(replacing))
     return Decision(frozenset(new), kept, frozenset(held), state)
 
 

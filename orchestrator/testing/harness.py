@@ -105,6 +105,25 @@ AGENT_ENTRY = ("-m", "edge_agent.main")
 WITHOUT_GENAI = ("-c", "import sys; sys.modules['onnxruntime_genai'] = None; from edge_agent import main; sys.exit(main.main())")
 
 
+def under_memory_limit(headroom_bytes: int) -> tuple[str, ...]:
+    """As an agent in a container that holds it to ``headroom_bytes`` over what it holds once
+    started (onnxruntime imported): the memory it has free is that limit less its resident
+    memory, read each time it is asked, as a cgroup's ``memory.max`` would make it."""
+    script = (
+        "import sys, pathlib, onnxruntime\n"
+        "from edge_agent import capacity, main\n"
+        "def rss():\n"
+        "    for line in pathlib.Path('/proc/self/status').read_text().splitlines():\n"
+        "        if line.startswith('VmRSS:'):\n"
+        "            return int(line.split()[1]) * 1024\n"
+        "    return 0\n"
+        f"LIMIT = rss() + {int(headroom_bytes)}\n"
+        "capacity.CapacityProbe.memory_available = lambda self: max(0, LIMIT - rss())\n"
+        "sys.exit(main.main())\n"
+    )
+    return ("-c", script)
+
+
 def agent_command(
     control_plane: str, site: str, data_dir: pathlib.Path, *, token: str = BOOTSTRAP_TOKEN, country: str = "", region: str = "",
     lat: float | None = None, lon: float | None = None, heartbeat_interval: float = 0.5, listen: str = "127.0.0.1:0",

@@ -1,0 +1,116 @@
+"""A rollout on a site whose agent cannot hold two versions of its model at once: with
+make before break (the default) the new version is refused there and the rollout halts;
+with ``strategy: replaceWhenFull`` that agent unloads the old version first and the
+rollout completes, the gateway sending the site's callers to the other replica meanwhile.
+Real agents over gRPC (one held to a memory limit as a container's cgroup would hold it),
+real onnxruntime, callers through the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import re
+
+import httpx
+import pytest
+
+from orchestrator.cli import main as cli_main
+from orchestrator.testing import harness, manifests, onnx_models
+
+from .test_changes_under_load import Traffic
+
+MB = 1 << 20
+SMALL, LARGE = "edge-small", "edge-large"
+SITES = {SMALL: dict(country="FR", region="fr", lat=48.85, lon=2.35), LARGE: dict(country="FR", region="fr", lat=45.76, lon=4.83)}
+
+
+def fleet_yaml(model: onnx_models.BuiltModel, strategy: str | None = None) -> str:
+    rollout: dict = {"maxUnavailable": 1}
+    if strategy is not None:
+        rollout["strategy"] = strategy
+    deployment = manifests.doc("ModelDeployment", "intent-fr", {
+        "model": "intent", "replicas": {"min": 2, "max": 2},
+        "placement": {"residency": ["FR"], "tiers": ["edge"], "spread": {"by": "site", "maxSkew": 1}}, "rollout": rollout})
+    return manifests.bundle(*(manifests.edge_site(n, w["country"], w["lat"], w["lon"], region="fr") for n, w in SITES.items()),
+                            manifests.onnx_model("intent", model.path.name, model.sha256), deployment)
+
+
+def build(folder: pathlib.Path, name: str, seed: int) -> onnx_models.BuiltModel:
+    """An 80 MB MLP: onnxruntime takes about 3 x that while it loads it, 1 x once loaded."""
+    return onnx_models.build_mlp(folder / name, in_dim=1024, hidden=4096, out_dim=16, layers=3, seed=seed)
+
+
+def agents(size: int) -> dict[str, dict]:
+    """The small site's agent has room for one version's load and nothing beside it: about
+    3.5 x the model over what it holds once started (a load needs 3 x, and 16 MiB are kept
+    for requests in flight), where loading beside a version that keeps 1 x needs 4 x."""
+    limit = harness.under_memory_limit(7 * size // 2 + 16 * MB)
+    return {SMALL: {**SITES[SMALL], "entry": limit}, LARGE: SITES[LARGE]}
+
+
+def serving(cp, site: str) -> str:  # noqa: ANN001
+    st = cp.hub.status(site)
+    m = st.models.get("intent") if st is not None else None
+    return m.serving_sha256 if m is not None else ""
+
+
+def rollout_of(cp) -> dict:  # noqa: ANN001
+    obj = cp.store.get("ModelDeployment", "intent-fr")
+    return (obj.status or {}).get("rollout", {}) if obj is not None else {}
+
+
+async def apply(cp, body: str) -> None:  # noqa: ANN001
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        resp = await http.post("/v1/apply", content=body)
+        assert resp.status_code == 200, resp.text
+
+
+async def test_make_before_break_halts_where_both_versions_do_not_fit(tmp_path: pathlib.Path) -> None:
+    art = tmp_path / "artifacts"
+    v1, v2 = build(art, "v1.onnx", 1), build(art, "v2.onnx", 2)
+    async with harness.serving_fleet(tmp_path, fleet_yaml(v1), agents(v1.path.stat().st_size), artifact_roots=(art,),
+                                     ready=lambda cp: all(serving(cp, s) == v1.sha256 for s in SITES), what="v1 on both",
+                                     resync_s=0.5) as fleet:
+        cp = fleet.cp
+        assert cp is not None
+        await apply(cp, fleet_yaml(v2))
+        rollout = await harness.wait_until(lambda: r if "halted" in (r := rollout_of(cp)) else None, 60, what="the rollout halted")
+        assert SMALL in rollout["halted"] and "MB of memory to load" in rollout["halted"], rollout
+        assert serving(cp, SMALL) == v1.sha256  # the old version keeps serving there, and stays
+
+
+async def test_replace_when_full_completes_the_rollout_and_no_request_fails(tmp_path: pathlib.Path,
+                                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    art = tmp_path / "artifacts"
+    v1, v2 = build(art, "v1.onnx", 1), build(art, "v2.onnx", 2)
+    async with harness.serving_fleet(tmp_path, fleet_yaml(v1, "replaceWhenFull"), agents(v1.path.stat().st_size),
+                                     artifact_roots=(art,), ready=lambda cp: all(serving(cp, s) == v1.sha256 for s in SITES),
+                                     what="v1 on both", resync_s=0.5) as fleet:
+        cp = fleet.cp
+        assert cp is not None
+        manifest = tmp_path / "v2.yaml"
+        manifest.write_text(fleet_yaml(v2, "replaceWhenFull"))
+        code = await asyncio.to_thread(cli_main.main, ["--server", cp.http_url, "plan", "-f", str(manifest)])
+        printed = capsys.readouterr().out
+        assert code == 0, printed
+        for site in SITES:
+            assert re.search(rf"{site}\s.*new version {v1.sha256[:12]} -> {v2.sha256[:12]} \(replaceWhenFull\)", printed), printed
+
+        replacing: list[list[str]] = []
+        async with Traffic(cp.http_url, v1) as traffic:
+            await apply(cp, fleet_yaml(v2, "replaceWhenFull"))
+            for _ in range(6000):  # bounded: ~60 s at 10 ms
+                if all(serving(cp, s) == v2.sha256 for s in SITES):
+                    break
+                if (r := rollout_of(cp).get("replacing")) and r not in replacing:
+                    replacing.append(r)
+                await asyncio.sleep(0.01)
+            assert all(serving(cp, s) == v2.sha256 for s in SITES), {s: serving(cp, s)[:12] for s in SITES}
+            traffic.answered.clear()
+            await asyncio.wait_for(traffic.answered.wait(), 30)
+        assert traffic.failures == [], traffic.report()
+        assert traffic.served.get(LARGE), traffic.report()
+        assert replacing == [[SMALL]], replacing  # the status said where the old version was unloaded first
+        st = cp.hub.status(SMALL)
+        assert st is not None and st.models["intent"].serving_sha256 == v2.sha256
+        await harness.wait_until(lambda: not rollout_of(cp), 20, what="the rollout finished in status")
