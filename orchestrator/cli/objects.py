@@ -120,6 +120,8 @@ def _print_plan(plan: dict[str, Any]) -> None:
 def _change(change: dict[str, Any]) -> str:
     """The CHANGE column: a version roll says from which version to which (``model@version``
     where the deployment names another Model)."""
+    if "updated" in change:
+        return f"{change['change']}: {', '.join(change['updated'])}"
     if "version" not in change:
         return change["change"]
     strategy = f" ({change['strategy']})" if "strategy" in change else ""
