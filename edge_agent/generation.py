@@ -32,7 +32,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import edge_agent
 from edge_agent import errors, inflight, openai_api, refusals, registry
@@ -70,6 +70,7 @@ INLINE_BODY_BYTES = 64 * 1024
 _DECODED = f"its body, and up to {inflight.JSON_DECODE_FACTOR} x it while it is decoded"
 _TOKENIZED = (f"its body, up to {inflight.JSON_DECODE_FACTOR} x it while it is decoded, and up to "
               f"{inflight.PROMPT_BYTE_FACTOR} x its prompt's text while that is formatted and tokenized")
+T = TypeVar("T")
 _READ = ("GET", "HEAD")
 _ROUTES = {"/v1/models": _READ, **{path: ("POST",) for path in refusals.GENERATE_PATHS}}
 
@@ -246,7 +247,7 @@ class GenerationServer:
                 if refused is not None:
                     raise _refused_memory(refused)
             if len(raw) > INLINE_BODY_BYTES:
-                body = await asyncio.to_thread(openai_api.parse, raw, chat=chat, interruptible=True)
+                body = await _on_worker(request.hold, functools.partial(openai_api.parse, raw, chat=chat, interruptible=True))
             else:
                 body = openai_api.parse(raw, chat=chat)
             served = self._find(body.model)
@@ -265,7 +266,7 @@ class GenerationServer:
                 if refused is not None:
                     raise _refused_memory(refused)
             if chars > INLINE_PROMPT_CHARS:
-                prompt = await asyncio.to_thread(_tokens, runtime, body, chat)
+                prompt = await _on_worker(hold, functools.partial(_tokens, runtime, body, chat))
             else:
                 prompt = _tokens(runtime, body, chat)
             if hold is not None and tokenizing:  # the tokens stay while the sequence runs
@@ -548,6 +549,18 @@ async def _sse(shaper: openai_api.Shaper, batches: AsyncIterator[list[Any]]) -> 
 def _retired(name: str) -> openai_api.ApiError:
     return openai_api.ApiError(503, f"model {name!r} was unloaded or replaced while this request waited; retry",
                                type_="server_error", param="model", code="model_not_ready", headers=(("retry-after", "1"),))
+
+
+async def _on_worker(hold: inflight.Hold | None, step: Callable[[], T]) -> T:
+    """``step()`` on a worker thread, ``hold`` kept until the thread is done with it: a caller
+    that leaves ends the wait, not the decoding or tokenizing, which goes on taking the memory
+    charged for it (as a v2 run on a worker keeps its charge, ``http.InferenceServer.compute``)."""
+    if hold is None:
+        return await asyncio.to_thread(step)
+    hold.pin()
+    job = asyncio.ensure_future(asyncio.to_thread(step))
+    job.add_done_callback(lambda _: hold.release())
+    return await asyncio.shield(job)
 
 
 def _tokens(runtime: genai.GenAIModel, body: openai_api.GenerationRequest, chat: bool) -> Any:

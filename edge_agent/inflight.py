@@ -27,7 +27,7 @@ waiting for room; one larger than the whole budget gets a 413 that says so. What
 
 A request's charge is given back once its answer is written or it fails (the client gone,
 bad input, the model's error), and a run still under way on a worker keeps its request's
-charge until it ends. The bookkeeping is the event loop's alone, so it takes no lock: a
+charge until it ends, as does a ``/v1`` body's decoding or a prompt's tokenizing there. The bookkeeping is the event loop's alone, so it takes no lock: a
 charge is an addition and a comparison on the path of every request.
 
 Measured (``/proc/self/status`` VmHWM over the decode, this release's codec): a JSON part

@@ -3,11 +3,17 @@ tokenizing it takes, before it is tokenized: onnxruntime-genai's tokenizer holds
 bytes a token while it works, outside Python's allocator, and a prompt of characters past
 U+FFFF is a token a byte in a byte-level vocabulary (measured in ``inflight.PROMPT_BYTE_FACTOR``:
 up to 42 x the prompt's UTF-8 bytes, against the 11 x its body was charged for a long one).
+The charge stays while the tokenizer works on a worker thread, even once its caller has left.
 A real agent serving the tiny chat package with a small budget, real HTTP on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import httpx
 
@@ -15,7 +21,7 @@ from edge_agent import inflight
 
 from . import genai_serving as serving
 from .conftest import SITE, ControlPlane, MakeAgent
-from .test_inflight_memory import BUDGET, held
+from .test_inflight_memory import BUDGET, Raw, held, metrics, until
 
 
 def chat_body(content: str) -> bytes:
@@ -44,3 +50,55 @@ async def test_a_prompt_is_charged_what_tokenizing_it_takes_before_it_is_tokeniz
                                  headers={"Content-Type": "application/json"})
         assert answer.status_code == 200, answer.text
         await held(agent, 0)
+
+
+class GatedExecutor(ThreadPoolExecutor):
+    """The event loop's default executor (``asyncio.to_thread``), whose work waits while
+    ``gate`` is closed: a prompt's tokenizing that has not ended when its caller leaves."""
+
+    def __init__(self) -> None:
+        super().__init__(4, thread_name_prefix="gated")
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        closed = not self.gate.is_set()
+
+        def run() -> Any:
+            if closed:
+                self.gate.wait(30)
+            return fn(*args, **kwargs)
+
+        return super().submit(run)
+
+
+async def test_a_prompt_whose_caller_left_stays_charged_until_its_tokenizing_ends(
+        control_plane: ControlPlane, make_agent: MakeAgent, packages: serving.Packages) -> None:
+    executor = GatedExecutor()
+    asyncio.get_running_loop().set_default_executor(executor)
+    agent = await make_agent(control_plane, max_inflight_bytes=BUDGET)
+    control_plane.hub.set_assignments(SITE, [serving.assignment(packages.small_url, packages.small.sha256)], version=1)
+    await serving.wait_state(control_plane, lambda s: s.serving_sha256 == packages.small.sha256)
+    port = int(agent.endpoint_url.rpartition(":")[2])
+    # 30,000 characters: tokenized on a worker thread, its body read on the loop
+    body = chat_body("a" * 30_000)
+    decoded = len(body) + inflight.openai_decode_bytes(len(body))
+    executor.gate.clear()
+    conn = await Raw.open(port)
+    try:
+        await conn.head(len(body), path="/v1/chat/completions", headers={"Content-Type": "application/json"})
+        await conn.send(body)
+        await until(lambda: agent.budget.held > decoded, lambda: f"the prompt was not charged: {agent.budget.held} held")
+        charged = agent.budget.held
+    finally:
+        conn.close()
+    try:
+        for _ in range(200):  # bounded: the agent has seen the caller go (this probe's own connection stays)
+            if (await metrics(port))["edgeplane_agent_http_connections"] == 1:
+                break
+        else:
+            raise AssertionError("the agent never saw its caller leave")
+        assert agent.budget.held == charged, "the prompt's charge was given back while the tokenizer still held it"
+    finally:
+        executor.gate.set()
+    await held(agent, 0)
