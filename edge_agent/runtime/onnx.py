@@ -9,6 +9,7 @@ bad request is a clear 400 and never a native error.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,11 @@ def _spec(node: Any) -> TensorSpec:
     return TensorSpec(node.name, datatype, shape, optional)
 
 
+#: Where onnxruntime looks for the external data files of a model given as bytes (by
+#: default the process's working directory), and a path under which no file can be.
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+NO_FOLDER = os.devnull
+
 #: Intra-op threads spin while a run hands them work (waking a sleeping thread for each
 #: parallel section made runs 5-25 % slower here) and stop spinning when the run ends: idle,
 #: they would burn the cores that the HTTP event loop, co-located callers and the energy
@@ -146,6 +152,10 @@ class OnnxModel:
     ) -> OnnxModel:
         options = session_options(intra_op_threads, spin_between_runs=spin_between_runs,
                                   spin_after_run_us=spin_after_run_us)
+        # The artifact is the verified bytes alone: given bytes, onnxruntime looks for a model's
+        # external data in the process's working directory, and would read a file it found
+        # there by that name as the model's weights. Looked for under a file instead, none is.
+        options.add_session_config_entry(EXTERNAL_DATA_FOLDER, NO_FOLDER)
         chosen = list(providers) if providers else choose_providers(available_providers())
         try:
             session = ort.InferenceSession(data, sess_options=options, providers=chosen)

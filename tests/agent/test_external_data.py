@@ -56,3 +56,26 @@ def test_a_data_centre_replica_says_why_alike(tmp_path: pathlib.Path) -> None:
     sha256 = with_external_data(tmp_path)
     with pytest.raises(errors.ModelLoadError, match=re.escape(REFUSAL)):
         onnx_app.OnnxModel.func_or_class(str(tmp_path / "model.onnx"), sha256, "m")
+
+
+def test_weights_beside_it_in_the_working_directory_are_not_read(tmp_path: pathlib.Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime, given a model's bytes, looks for its external data in the process's
+    working directory: a file found there by that name, which no sha256 covers, would be
+    read as its weights (a replica started in the folder the model was exported to)."""
+    sha256 = with_external_data(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(errors.ModelLoadError, match=re.escape(REFUSAL)):
+        onnx_app.OnnxModel.func_or_class(str(tmp_path / "model.onnx"), sha256, "m")
+
+
+async def test_an_agent_reads_no_weights_from_its_working_directory(
+    control_plane: ControlPlane, make_agent: MakeAgent, artifact_server: ArtifactServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sha256 = with_external_data(artifact_server.root / "external")
+    monkeypatch.chdir(artifact_server.root / "external")  # the agent started where the model was exported
+    await make_agent(control_plane)
+    control_plane.hub.set_assignments(
+        SITE, [model.Assignment("m", "intent", "small", artifact_server.url("external/model.onnx"), sha256)], version=1)
+    state = await wait_model(control_plane, lambda s: s.phase in (model.ModelPhase.FAILED, model.ModelPhase.READY), name="m")
+    assert state.phase is model.ModelPhase.FAILED and REFUSAL in state.message, state
