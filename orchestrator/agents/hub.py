@@ -228,6 +228,7 @@ class AgentHub(relayed.RelayedAgents):
         first = record.last_heartbeat <= record.joined_at < now  # not AgentStatus.reported until this beat
         record.last_heartbeat = now
         record.heard = True
+        record.opened_at = None  # the next stream to open is a sign of life again
         record.broke_at = None
         record.quiet_s = beat.quiet_ms / 1000.0
         record.deadline = now + self._allowance(record)
@@ -460,13 +461,15 @@ class AgentHub(relayed.RelayedAgents):
         agent's save of its identity, this stream's authentication (its credential checked on
         the store, which may be busy) and a link that may lag, more than ``missed_heartbeats``
         intervals on a starved machine. A join followed by no stream, or a stream by no
-        heartbeat, is still lost that long after it. An agent already lost stays so until it
-        beats: an open stream says it lives, not that it serves."""
+        heartbeat, is still lost that long after it. Only the first stream to open after a
+        heartbeat (or the join) counts: an agent whose streams open and end again with no
+        heartbeat on any is lost all the same. An agent already lost stays so until it beats:
+        an open stream says it lives, not that it serves."""
         record = self._records.get(site)
         if record is None or record.agent_id != agent_id:
             raise errors.NotJoined(f"agent {agent_id!r} does not hold site {site!r}; join again")
         record.streams += 1
-        if record.healthy:
+        if record.healthy and record.opened_at is None:
             now = self._clock()
             record.opened_at = now
             record.broke_at = None

@@ -42,7 +42,7 @@ class Record:
     quiet_s: float = 0.0  # the silence its last heartbeat announced (a generative model's load)
     streams: int = 0  # its heartbeat streams open on this hub
     broke_at: float | None = None  # when its last heartbeat stream here (or at its relay) ended, if none came since
-    opened_at: float | None = None  # when a heartbeat stream of it last opened here
+    opened_at: float | None = None  # when a heartbeat stream of it opened here since its last heartbeat, a sign of life
     heard: bool = False  # a heartbeat (or, relayed, its state) came since this record was made
 
     def live(self, now: float) -> bool:

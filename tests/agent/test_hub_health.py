@@ -287,3 +287,20 @@ def test_a_just_joined_agent_whose_stream_opened_is_not_lost_before_its_first_he
     [lost] = [e for e in agent_hub.sweep() if e.site == "edge-3"]
     assert "no heartbeat since it joined 4.1s ago (3 x 1s missed, since its heartbeat stream opened 3.1s ago)" in lost.reason
     assert silent.agent_id != quiet.agent_id
+
+
+def test_an_agent_whose_streams_open_and_end_with_no_heartbeat_is_lost_all_the_same(agent_hub, clock, events) -> None:
+    """A stream's opening is a sign of life once after each heartbeat, not at every opening:
+    an agent whose streams open and end again with no heartbeat on any (each one's heartbeat
+    refused as malformed, a link that drops them before a message passes) reports nothing
+    and is lost, however often it reconnects."""
+    grant = agent_hub.join(application())  # 1 s interval, 3 missed
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat())
+    lost = []
+    for _ in range(20):  # 10 s of streams, each ended after 0.5 s
+        stream = agent_hub.heartbeats_opened("edge-1", grant.agent_id)
+        clock.now += 0.5
+        agent_hub.heartbeats_ended(stream)
+        lost += agent_hub.sweep()
+    assert [e.site for e in lost] == ["edge-1"], "an agent that sent no heartbeat for 10 s was never lost"
+    assert kinds(events)[-1] == "LOST"
