@@ -193,7 +193,7 @@ class KubeRayActuator:
     ) -> None:
         self._api = kubernetes.client.CustomObjectsApi(api_client)
         self._core = kubernetes.client.CoreV1Api(api_client)  # the RayService's Events
-        self._events_refused = False  # listing them failed (a role without it): said once in the log
+        self._events_refused = False  # listing them was forbidden (a role without it): said once in the log
         self._api_client = api_client
         self._reload = reload
         self._refused = False  # the last call was answered 401 (or 403 as anonymous): the next loads the client anew first
@@ -381,12 +381,15 @@ class KubeRayActuator:
     async def _serve_config_refusal(self) -> str:
         """Why KubeRay could not give its Ray cluster the RayService's Serve config, from the
         Events it writes on it (its status has no field for it); "" if it could, or the Events
-        cannot be listed (a role without ``list`` on them, say: said once in the log), which
-        fails nothing: the RayService itself was read."""
+        cannot be listed, which fails nothing: the RayService itself was read. A role without
+        ``list`` on them (a 403 the credentials did not cause) is said once in the log; any
+        other failure (a 500, a call past its bound) at each pass it comes, as a passing one."""
         try:
             listed = await self._call(functools.partial(_events_of, self._core, self._namespace, self._name))
         except KubernetesError as exc:
-            if not self._events_refused:
+            if exc.status_code != 403 or isinstance(exc, CredentialsRefused):
+                log.info("%s (listing its Events); why KubeRay could not apply a Serve config is not shown at this pass", exc)
+            elif not self._events_refused:
                 self._events_refused = True
                 log.warning("%s (listing its Events); why KubeRay could not apply a Serve config is not shown: "
                             "the control plane needs list on events there (manifests/deploy/rbac.yaml)", exc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import pathlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -485,3 +486,21 @@ async def test_events_this_control_plane_may_not_list_leave_its_applications_sta
     kube[lambda request: request.resource == EVENTS] << 403
     (pending,) = (await actuator.observe()).values()
     assert (pending.status, pending.detail) == (ServeAppState.NOT_STARTED, "the RayService has not reported this application yet")
+
+
+async def test_events_not_listed_for_another_reason_do_not_say_a_permission_is_missing(
+    kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A list of the Events that fails at one pass (the API server's 500, a call past its
+    bound) is no missing permission, and does not hide the one a later 403 says is missing."""
+    await actuator.apply([app("ep-intent")])
+    answer = [500]
+    kube[lambda request: request.resource == EVENTS and answer[0] == 500] << 500
+    kube[lambda request: request.resource == EVENTS and answer[0] == 403] << 403
+    with caplog.at_level(logging.INFO, logger=kuberay.__name__):
+        (pending,) = (await actuator.observe()).values()
+        assert pending.status is ServeAppState.NOT_STARTED
+        assert "HTTP 500" in caplog.text and "needs list on events" not in caplog.text, caplog.text
+        answer[0] = 403
+        await actuator.observe()
+        assert "needs list on events" in caplog.text, caplog.text
