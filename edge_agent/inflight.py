@@ -70,9 +70,11 @@ OPENAI_VALUES_BYTES = (1 << 18) * 128
 #: Python's allocator never sees, and a byte-level vocabulary makes a token of each byte of
 #: text it has no merge for (characters past U+FFFF, rare scripts). Measured (``VmHWM`` over
 #: formatting and tokenizing, the tiny byte-level BPE of ``orchestrator.testing.genai_model``):
-#: 13 x for plain text, 33 x for a completion of characters past U+FFFF, 42 x for a chat of
-#: them (the template's JSON escapes them 12 bytes each); a 4 MiB body of them took 161 MB
-#: where it was charged 74. Given back once the prompt is tokens, but for the tokens.
+#: 13 x for plain text, 37 x for ASCII with no merge, 33 x for a completion of characters
+#: past U+FFFF, 42 x for a chat of them (the template's JSON escapes them 12 bytes each; a
+#: 4 MiB body of them took 161 MB where it was charged 74) and the most, 46-47 x, for a chat
+#: of ASCII control characters (escaped 6 bytes each). Given back once the prompt is tokens,
+#: but for the tokens.
 PROMPT_BYTE_FACTOR = 48
 #: What a gRPC value sent in typed ``contents`` may take on its way to an array.
 GRPC_VALUE_BYTES = 64
