@@ -16,6 +16,14 @@ forgotten, whatever that plan did. A site lost again within the hold-down starts
 and nothing moves meanwhile: a flapping site draws no traffic back to it. The moves are
 those of any plan, made before they break (``maintenance.keep_until_replaced``).
 
+The seats are a placement the site held, not the sum of all it ever held. The moves of one
+loss add up, over as many passes as it takes; a new loss of a site that was back (replicas
+placed on it meanwhile, by a plan or a scale-up, and moved off again) remembers, per
+deployment and variant, the larger of its own count and the one remembered. Adding them
+would count a stand-in a plan had put back on the site, and moved off again, once per
+loss: the memory of a site flapping with replicas on it would grow without bound, and its
+failback would credit it with seats it never held at once.
+
 Decided purely: the memory is a value the pass finds in its snapshot, with the
 reconciler's clock read once as it gathered (``now``), and hands back with its plan. It is
 the leader's, in memory: a restarted control plane or a new leader knows of no stand-in,
@@ -24,6 +32,7 @@ and they stay where they are.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +53,9 @@ class Failback:
     seats: Mapping[str, tuple[sched_model.Replica, ...]] = field(default_factory=dict)
     # Of those sites, the ones healthy again: since when (``now`` of the pass that first found them so).
     back_since: Mapping[str, float] = field(default_factory=dict)
+    # Of those sites, the ones lost now: the seats this loss left so far (``seats`` holds, per
+    # deployment and variant, the larger of these and those of the site's earlier losses).
+    losing: Mapping[str, tuple[sched_model.Replica, ...]] = field(default_factory=dict)
 
     def due(self, sites: Sequence[sched_model.Site]) -> frozenset[str]:
         """The sites whose replicas may move back in this pass: healthy again, for the
@@ -61,20 +73,24 @@ class Failback:
 
     def after(self, sites: Sequence[sched_model.Site], result: sched_result.PlanResult, due: Iterable[str]) -> Failback:
         """The memory for the next pass: the ``due`` sites' seats forgotten (their failback
-        was planned), the seats the plan's moves leave on sites lost now added, and each
-        remembered site's return noted, or its loss, which starts its hold-down over. A
-        site no longer in the inventory is forgotten."""
+        was planned), the seats the plan's moves leave on sites lost now added to their
+        loss's (per deployment and variant, the larger of the loss's and the remembered
+        count is remembered), and each remembered site's return noted, or its loss, which
+        starts its hold-down over. A site no longer in the inventory is forgotten."""
         if self.after_s <= 0:
             return self
         by_name = {site.name: site for site in sites}
         done = frozenset(due)
-        seats = {name: list(kept) for name, kept in self.seats.items() if name in by_name and name not in done}
+        seats = {name: Counter(kept) for name, kept in self.seats.items() if name in by_name and name not in done}
+        losing = {name: Counter(kept) for name, kept in self.losing.items() if name in seats and not by_name[name].healthy}
         for a in result.actions:
             source = by_name.get(a.from_site) if isinstance(a, sched_result.MoveReplica) else None
             if source is not None and not source.healthy:
-                seats.setdefault(a.from_site, []).append(sched_model.Replica(a.deployment, a.from_site, a.from_variant))
+                losing.setdefault(a.from_site, Counter())[sched_model.Replica(a.deployment, a.from_site, a.from_variant)] += 1
+        for name, left in losing.items():
+            seats[name] = seats.get(name, Counter()) | left  # per seat, the larger count
         back = {name: self.back_since.get(name, self.now) for name in seats if by_name[name].healthy}
-        return Failback(self.after_s, self.now, {name: tuple(kept) for name, kept in seats.items()}, back)
+        return Failback(self.after_s, self.now, _tuples(seats), back, _tuples(losing))
 
     def events(self, due: Iterable[str], result: sched_result.PlanResult) -> tuple[store_mod.Event, ...]:
         """One ``failback`` event per ``due`` site the plan moves replicas back to."""
@@ -91,3 +107,7 @@ class Failback:
                     {"replicas": len(moved), "deployments": names}))
         return tuple(out)
 
+
+def _tuples(seats: Mapping[str, Counter[sched_model.Replica]]) -> dict[str, tuple[sched_model.Replica, ...]]:
+    """Per site, each seat as many times as counted, in a steady order."""
+    return {name: tuple(sorted(kept.elements(), key=lambda r: (r.deployment, r.variant))) for name, kept in seats.items()}

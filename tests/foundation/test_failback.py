@@ -7,12 +7,15 @@ each with the time it gathered at (``Failback.now``): no clock is read."""
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 from orchestrator import maintenance
+from orchestrator.manifests import schema
 
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import failback as failback_mod
 from orchestrator.reconciler import planning
+from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import result as sched_result
 
 from .test_reconcile_repair import joined
@@ -150,3 +153,69 @@ def test_a_site_cordoned_when_its_hold_down_ends_gets_its_replicas_back_once_unc
     assert moves(back) and all(m.to_site == LYON and m.reason.startswith("failback: site edge-lyon is back") for m in moves(back)), \
         back.result.actions
     assert {(r.deployment, r.site, r.variant, r.replicas) for r in planning.placement_rows(back.result)} == good
+
+
+def seats(fb: failback_mod.Failback, site: str = LYON) -> Counter[tuple[str, str]]:
+    return Counter((r.deployment, r.variant) for r in fb.seats.get(site, ()))
+
+
+def test_a_site_lost_again_and_again_remembers_no_more_seats_than_one_loss_left() -> None:
+    """Each loss of a site that was back remembers, per deployment and variant, the larger
+    of what it left and what was remembered: the memory holds a placement the site had,
+    not the sum of all it ever had, and stays bounded however often it flaps."""
+    s = example_snapshot(examples())
+    (lyon,) = [site for site in planning.scheduler_inputs(s)[0] if site.name == LYON]
+    any_result = planning.plan_pass(s).result
+
+    def step(fb: failback_mod.Failback, now: float, healthy: bool, *left: tuple[str, str]) -> failback_mod.Failback:
+        off = tuple(sched_result.MoveReplica(d, LYON, v, "dc-paris", v, "site edge-lyon is unhealthy") for d, v in left)
+        site = dataclasses.replace(lyon, healthy=healthy)
+        return dataclasses.replace(fb, now=now).after([site], dataclasses.replace(any_result, actions=off), ())
+
+    a, b = ("intent-eu", "distilled"), ("assistant", "small")
+    # one loss, its moves over two passes: they add up
+    fb = step(step(failback_mod.Failback(HOLD_S), 10.0, False, a, b), 11.0, False, a)
+    assert seats(fb) == Counter({a: 2, b: 1})
+    now = 20.0
+    for _ in range(50):  # back, a replica placed there again, lost again, within the hold-down
+        fb = step(fb, now, True)
+        fb = step(fb, now + 5, False, a)
+        now += 10
+        assert seats(fb) == Counter({a: 2, b: 1}), seats(fb)
+    # a loss that leaves more than was remembered remembers that, its passes adding up
+    fb = step(step(step(fb, now, True), now + 1, False, a, a), now + 2, False, a)
+    assert seats(fb) == Counter({a: 3, b: 1})
+    fb = step(fb, now + 3, True)
+    assert seats(fb) == Counter({a: 3, b: 1}) and fb.back_since == {LYON: now + 3}
+
+
+def scaled(s: snap.Snapshot, name: str, replicas: int) -> snap.Snapshot:
+    return dataclasses.replace(s, deployments=tuple(
+        dataclasses.replace(d, generation=d.generation + 1, spec=d.spec.model_copy(update={"replicas": schema.Replicas(min=replicas, max=3)}))
+        if d.name == name else d for d in s.deployments))
+
+
+def test_a_site_flapping_with_replicas_placed_on_it_between_losses_gets_back_what_a_fresh_plan_puts_there() -> None:
+    fleet = Fleet(HOLD_S)
+    good = lose_lyon(fleet, 10.0)
+    held = Counter({(d, v): n for d, _, v, n in on(good, LYON)})  # the most edge-lyon ran at once
+    now = 20.0
+    for cycle in range(6):  # back; doc-fields-fr scaled up, a plan puts replicas on edge-lyon; lost again; scaled down
+        fleet.step(now)
+        fleet.s = scaled(fleet.s, "doc-fields-fr", 2 + cycle % 2)
+        fleet.step(now + 1)
+        assert on(fleet.rows(), LYON), "a plan puts replicas on edge-lyon while it is back"
+        held |= Counter({(d, v): n for d, _, v, n in on(fleet.rows(), LYON)})
+        assert moves(fleet.step(now + 2, lyon_healthy=False))
+        fleet.s = scaled(fleet.s, "doc-fields-fr", 1)
+        fleet.step(now + 3, lyon_healthy=False)
+        assert seats(fleet.s.failback) <= held, (cycle, seats(fleet.s.failback), held)
+        now += 10
+    fleet.step(now)
+    back = fleet.step(now + HOLD_S)
+    assert moves(back) and all(m.to_site == LYON for m in moves(back)), back.result.actions
+    fresh = planning.plan_pass(dataclasses.replace(fleet.s, placements=(), failback=failback_mod.Failback()))
+    planned = {(r.deployment, r.site, r.variant, r.replicas) for r in planning.placement_rows(back.result)}
+    assert on(planned, LYON) == {(r.deployment, r.site, r.variant, r.replicas) for r in planning.placement_rows(fresh.result) if r.site == LYON}
+    assert on(planned, LYON) == on(good, LYON)
+    assert LYON not in fleet.s.failback.seats
