@@ -57,9 +57,9 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument]) -> dict[s
     for key in sorted(set(before) | set(after), key=lambda k: (k[1], k[0], k[2])):
         deployment, site, variant = key
         b, a = before.get(key, 0), after.get(key, 0)
-        roll: dict[str, str] = {}
+        # replicas kept on the site take the new file, whatever its count does
+        roll = _version_roll(current, future, deployment, site, variant) if a and b else {}
         if a == b:
-            roll = _version_roll(current, future, deployment, site, variant)
             change = "new version" if roll else "unchanged"
             if not roll and (updated := _serve_update(current, future, deployment, variant)):
                 change, roll = "updated", {"updated": updated}

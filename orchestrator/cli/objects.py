@@ -118,17 +118,20 @@ def _print_plan(plan: dict[str, Any]) -> None:
 
 
 def _change(change: dict[str, Any]) -> str:
-    """The CHANGE column: a version roll says from which version to which (``model@version``
-    where the deployment names another Model)."""
+    """The CHANGE column: a Ray Serve update names what changed (``updated: importPath``); a
+    version roll says from which version to which (``model@version`` where the deployment
+    names another Model) and the rollout's strategy where it is not the default, after the
+    count's change where there is one (``added, new version a -> b``)."""
     if "updated" in change:
         return f"{change['change']}: {', '.join(change['updated'])}"
     if "version" not in change:
         return change["change"]
     strategy = f" ({change['strategy']})" if "strategy" in change else ""
     if "model" in change:
-        return (f"{change['change']} {change['previousModel']}@{change['previousVersion']} -> {change['model']}@{change['version']}"
-                f"{strategy}")
-    return f"{change['change']} {change['previousVersion']} -> {change['version']}{strategy}"
+        roll = f"new version {change['previousModel']}@{change['previousVersion']} -> {change['model']}@{change['version']}{strategy}"
+    else:
+        roll = f"new version {change['previousVersion']} -> {change['version']}{strategy}"
+    return roll if change["change"] == "new version" else f"{change['change']}, {roll}"
 
 
 def _gpus(change: dict[str, Any]) -> str:

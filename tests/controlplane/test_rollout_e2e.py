@@ -29,10 +29,12 @@ DECLARED = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 8]}],
             "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 4]}]}
 
 
-def fleet_yaml(uri: str, sha256: str, sites: dict[str, dict] = SITES, declared: dict[str, list] | None = None) -> str:
+def fleet_yaml(uri: str, sha256: str, sites: dict[str, dict] = SITES, declared: dict[str, list] | None = None,
+               replicas: int | None = None) -> str:
+    n = len(sites) if replicas is None else replicas
     deployment = manifests.doc("ModelDeployment", "intent-eu", {
         "model": "intent",
-        "replicas": {"min": len(sites), "max": len(sites)},
+        "replicas": {"min": n, "max": n},
         "placement": {"residency": ["EU"], "tiers": ["edge"], "spread": {"by": "site", "maxSkew": 1}},
         "rollout": {"canarySteps": [30], "maxUnavailable": 1},
     })
@@ -221,3 +223,32 @@ async def test_a_version_whose_file_breaks_the_declared_inputs_halts_while_calle
     # a changed declaration may not fit, on a new site or a restarted agent).
     kept = [a for s in SITES for a in cp.hub.assignments(s).assignments if a.sha256 == v2.sha256]
     assert len(kept) == 2 and all(a.inputs == () and a.outputs == () for a in kept), kept
+
+
+async def test_plan_shows_a_new_version_beside_a_replica_change(fleet: harness.Fleet, tmp_path: pathlib.Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A new version applied with another replica count: each site keeping replicas reads
+    both, its count's change and the version roll."""
+    cp = fleet.cp
+    assert cp is not None
+    art = tmp_path / "artifacts"
+    v1 = onnx_models.build_mlp(art / "v1.onnx", in_dim=8, hidden=16, out_dim=4, seed=1)
+    v2 = onnx_models.build_mlp(art / "v2.onnx", in_dim=8, hidden=16, out_dim=4, seed=2)
+    await apply(cp, fleet_yaml("v1.onnx", v1.sha256))
+    for site, where in SITES.items():
+        await fleet.start_agent(site, **where)
+    await harness.wait_until(lambda: serving(cp, v1.sha256) == set(SITES), 60, what="v1 everywhere")
+    doubled = fleet_yaml("v2.onnx", v2.sha256, replicas=2 * len(SITES))
+    async with httpx.AsyncClient(base_url=cp.http_url) as http:
+        resp = await http.post("/v1/apply", params={"dryRun": "true"}, content=doubled)
+        assert resp.status_code == 200, resp.text
+    plan = resp.json()["plan"]
+    rolls = {c["site"]: (c["change"], c["before"], c["after"], c.get("previousVersion"), c.get("version")) for c in plan["changes"]}
+    assert rolls == {s: ("added", 1, 2, v1.sha256[:12], v2.sha256[:12]) for s in SITES}, plan["changes"]
+    manifest = tmp_path / "v2.yaml"
+    manifest.write_text(doubled)
+    code = await asyncio.to_thread(cli_main.main, ["--server", cp.http_url, "plan", "-f", str(manifest), "--exit-code"])
+    printed = capsys.readouterr().out
+    assert code == objects.EXIT_CHANGES, printed
+    for site in SITES:
+        assert re.search(rf"{site}\s.*\badded, new version {v1.sha256[:12]} -> {v2.sha256[:12]}", printed), printed
