@@ -187,9 +187,10 @@ def _budget(spare: float | None, back: float = 0.0) -> float | None:
     return None if spare is None else max(0.0, spare + back)
 
 
-def _target_of(site: sched.Site, by: By) -> str:
-    """What a sweep by ``by`` loses ``site`` with: the site itself, or its region."""
-    return site.name if by == "site" else site.region
+def _target_of(site: sched.Site, by: By) -> str | None:
+    """What a sweep by ``by`` loses ``site`` with: the site itself, or its region (None for
+    a site that declares no region: it is in none, so a region sweep does not lose it)."""
+    return site.name if by == "site" else site.region or None
 
 
 def sweep(state: whatif.State, by: By, targets: Iterable[str] | None = None,
@@ -198,7 +199,9 @@ def sweep(state: whatif.State, by: By, targets: Iterable[str] | None = None,
     sweeper = Sweeper(state)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(state.sites):
-        groups[_target_of(s, by)].append(i)
+        target = _target_of(s, by)
+        if target is not None:
+            groups[target].append(i)
     wanted = list(targets) if targets is not None else sorted(groups)
     for t in wanted:
         if t not in groups:
@@ -221,5 +224,5 @@ def sweep_under(state: whatif.State, by: By, changes: whatif.Changes,
     if changes.empty:
         return sweep(state, by, progress=progress)
     after = whatif.under(state, changes)
-    targets = sorted({_target_of(s, by) for s in after.sites if not whatif.failed(s, changes)})
+    targets = sorted({t for s in after.sites if not whatif.failed(s, changes) and (t := _target_of(s, by)) is not None})
     return dataclasses.replace(sweep(after, by, targets, progress), scenario=changes.describe())

@@ -132,7 +132,7 @@ def failed(site: sched.Site, changes: Changes) -> bool:
 def check(state: State, changes: Changes) -> None:
     """Refuse a scenario that names what the fleet does not have (a typo must not look safe)."""
     names = {s.name for s in state.sites}
-    regions = {s.region for s in state.sites} | {s.region for s in changes.added}
+    regions = {s.region for s in (*state.sites, *changes.added) if s.region}  # a site without one is in none
     named = names | {s.name for s in changes.added}  # built once: a scenario may name many sites
     for name in sorted(changes.fail_sites | set(changes.edits)):
         if name not in named:

@@ -298,3 +298,15 @@ def test_report_as_data_carries_every_part() -> None:
     assert data["moves"][0]["from"] == "edge-paris" and data["moves"][0]["to"] == "edge-lyon"
     assert data["before"]["demand"][0]["point"] == "48.86,2.35" and data["after"]["latencyP95Ms"] > data["before"]["latencyP95Ms"]
     assert data["residency"] == {"crossings": []}
+
+
+def test_a_region_sweep_loses_no_site_that_declares_no_region() -> None:
+    """Lyon (FR) and Berlin (DE) declare no region: they are in none, not in one named ''
+    that a region sweep would lose at once, nor one a scenario may fail."""
+    lyon, berlin = dataclasses.replace(LYON, region=""), dataclasses.replace(BERLIN, region="")
+    st = state(deployment("eu", replicas=3), sites=(PARIS, lyon, berlin, MADRID))
+    result = sweep.sweep(st, "region")
+    assert [(i.target, i.sites) for i in sorted(result.impacts, key=lambda i: i.target)] == [("eu-south", 1), ("eu-west", 1)]
+    assert [i.target for i in sweep.sweep_under(st, "region", scenario.Changes(fail_sites=frozenset({"edge-paris"}))).impacts] == ["eu-south"]
+    with pytest.raises(scenario.ScenarioError, match=r"region '' has no site \(regions: eu-south, eu-west\)"):
+        whatif.simulate(st, scenario.Changes(fail_regions=frozenset({""})))
