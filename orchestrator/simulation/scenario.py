@@ -35,6 +35,9 @@ MAX_VALUES = 500_000
 #: multiply past the float range (infinite or undefined demand) where no drill asks more
 #: than a few thousandfold.
 MAX_DEMAND_FACTOR = 1e6
+#: How far (degrees of latitude and of longitude) a demand change by lat/lon may be from the
+#: demand point it scales: the point as declared, not one near it.
+POINT_TOLERANCE = 1e-6
 
 
 class ScenarioError(ValueError):
@@ -127,7 +130,8 @@ class DemandScale:
         if self.region is not None:
             return p.region == self.region
         if self.point is not None:
-            return p.lat is not None and p.lon is not None and abs(p.lat - self.point[0]) < 1e-6 and abs(p.lon - self.point[1]) < 1e-6
+            return (p.lat is not None and p.lon is not None and abs(p.lat - self.point[0]) < POINT_TOLERANCE
+                    and abs(p.lon - self.point[1]) < POINT_TOLERANCE)
         return True
 
 

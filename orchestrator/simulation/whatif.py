@@ -17,12 +17,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from orchestrator.scheduler import model as sched
 from orchestrator.scheduler import planner
 from orchestrator.scheduler import result as sched_result
 from orchestrator.scheduler.fleet import Fleet
 from orchestrator.simulation import measure as measure_mod
-from orchestrator.simulation.scenario import MAX_DEMAND_FACTOR, Changes, DemandScale, ScenarioError, SiteEdit
+from orchestrator.simulation.scenario import MAX_DEMAND_FACTOR, POINT_TOLERANCE, Changes, DemandScale, ScenarioError, SiteEdit
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ def check(state: State, changes: Changes) -> None:
         if scale.region is not None and scale.region not in demand_regions | regions:
             raise ScenarioError(f"demand region {scale.region!r} is neither a site region nor a deployment's demand region")
     if changes.demand:
+        _check_demand_points(state.deployments, changes.demand)
         _check_demand_factors(state.deployments, changes.demand)
     added: set[str] = set()
     for site in changes.added:
@@ -153,6 +156,32 @@ def check(state: State, changes: Changes) -> None:
         if site.name in added:  # an aliased site repeated, say: one name, one site
             raise ScenarioError(f"added site {site.name!r} is given twice")
         added.add(site.name)
+
+
+def _check_demand_points(deployments: Iterable[sched.Deployment], scales: Sequence[DemandScale]) -> None:
+    """Refuse a change by lat/lon that matches no deployment's demand point: it would scale
+    nothing, and a point mistyped (or copied from a report, which rounds it) must not look
+    harmless. Names the nearest point declared."""
+    wanted = [s.point for s in scales if s.point is not None]
+    if not wanted:
+        return
+    declared = [(p.lat, p.lon) for d in deployments for p in d.demand if p.lat is not None and p.lon is not None]
+    exact = set(declared)
+    lats, lons = np.array([a for a, _ in declared]), np.array([b for _, b in declared])
+    for lat, lon in wanted:
+        if (lat, lon) in exact:
+            continue
+        off_lat, off_lon = np.abs(lats - lat), np.abs(lons - lon)
+        if np.any((off_lat < POINT_TOLERANCE) & (off_lon < POINT_TOLERANCE)):  # as DemandScale.matches
+            continue
+        if declared:
+            nearest = declared[int(np.hypot(off_lat, off_lon).argmin())]
+            hint = f"; the nearest is at {nearest[0]:g},{nearest[1]:g}"
+        else:
+            hint = "; no deployment declares demand by lat/lon"
+        reason = (f"no deployment has demand at {lat:g},{lon:g} (a change by lat/lon scales the demand declared at "
+                  f"those very coordinates){hint}")
+        raise ScenarioError(f"spec.demand: {reason}", ("spec", "demand"), reason)
 
 
 def _check_demand_factors(deployments: Iterable[sched.Deployment], scales: Sequence[DemandScale]) -> None:

@@ -73,6 +73,19 @@ def test_demand_scale_matches_only_its_region_or_point() -> None:
     assert autoscaled.autoscaled_replicas == 6
 
 
+def test_a_demand_change_at_coordinates_no_demand_point_has_is_refused_naming_the_nearest() -> None:
+    """Lyon's demand is declared at 45.764,4.8357 and reported as 45.76,4.84: a change at the
+    reported point (or at a mistyped one) must not be a silent "no change"."""
+    lyon = sched.DemandPoint(rps=40, lat=45.764, lon=4.8357)
+    st = state(deployment("fr", residency={"FR"}, demand=(lyon, *PARIS_DEMAND)))
+    assert whatif.simulate(st, scenario.Changes(demand=(scenario.DemandScale(2, point=(45.764, 4.8357)),))).after.points[0].rps == 80
+    with pytest.raises(scenario.ScenarioError) as refused:
+        whatif.simulate(st, scenario.Changes(demand=(scenario.DemandScale(2, point=(45.76, 4.84)),)))
+    assert str(refused.value) == ("spec.demand: no deployment has demand at 45.76,4.84 (a change by lat/lon scales the demand "
+                                  "declared at those very coordinates); the nearest is at 45.764,4.8357")
+    assert refused.value.field == ("spec", "demand")
+
+
 def test_demand_changes_that_together_multiply_past_the_bound_are_refused_naming_spec_demand() -> None:
     grow = deployment("grow", demand=(sched.DemandPoint(rps=50, region="eu-west"),), replicas=1, max_replicas=4)
     autoscaled = dataclasses.replace(grow, name="auto", autoscaled_replicas=2)
