@@ -240,20 +240,27 @@ def print_report(r: dict[str, Any]) -> None:
         print()
         render.table("Replicas moved", ["DEPLOYMENT", "FROM", "TO", "VARIANT"],
                      [[m["deployment"], m["from"], m["to"], m["variant"]] for m in r["moves"][:50]])
-        if len(r["moves"]) > 50:
-            print(f"... and {len(r['moves']) - 50} more (-o json for all)")
+        _more(len(r["moves"]), "")
     if r["unschedulable"]:
         print()
         render.table("Deployments short of replicas", ["DEPLOYMENT", "PHASE", "PLACED/WANTED", "NEW", "REASON"],
                      [[u["deployment"], u["phase"], f"{u['placed']}/{u['wanted']}", u["newlyShort"], u["reason"]] for u in r["unschedulable"][:50]])
+        _more(len(r["unschedulable"]), " deployments short")
     before = {p["point"]: p for p in b["demand"]}
     rows = [[p["point"], f"{p['rps']:g}", _ms(before.get(p["point"], {}).get("p50Ms")), _ms(before.get(p["point"], {}).get("p95Ms")),
              _ms(p["p50Ms"]), _ms(p["p95Ms"])] for p in a["demand"]]
     if rows:
         print()
         render.table("Predicted latency per demand point (ms)", ["DEMAND", "RPS", "P50 TODAY", "P95 TODAY", "P50", "P95"], rows[:50])
+        _more(len(rows), " demand points")
     crossings = r["residency"]["crossings"]
     print(f"\nResidency audit: {len(crossings)} crossing(s)" + ("" if not crossings else ": " + ", ".join(f"{c['deployment']}@{c['site']}" for c in crossings[:10])))
+
+
+def _more(count: int, what: str, shown: int = 50) -> None:
+    """Say that a table shows only the first ``shown`` of ``count`` rows."""
+    if count > shown:
+        print(f"... and {count - shown} more{what} (-o json for all)")
 
 
 def print_sweep(r: dict[str, Any], top: int) -> None:

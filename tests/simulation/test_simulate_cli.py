@@ -130,3 +130,21 @@ def test_a_scale_to_zero_deployment_starts_at_zero_offline_as_it_does_on_apply(t
     report = json.loads(proc.stdout)
     assert report["before"]["replicas"] == 3  # warm: 300 rps at 100 a replica; cold: none
     assert report["after"]["replicas"] == 4 and report["unschedulable"] == []  # warm at its maximum; cold still none
+
+
+def test_the_text_report_says_when_it_shows_only_some_deployments_short(tmp_path: pathlib.Path) -> None:
+    """Losing the only site leaves 60 deployments short: the table shows 50 and says so,
+    as it does for moves, rather than letting a planner read 50 as all of them."""
+    model = ("apiVersion: edgeplane.io/v1alpha1\nkind: Model\nmetadata: {name: m}\nspec:\n  variants:\n"
+             f"    - {{name: small, runtime: onnx, resources: {{cpu: 1, memoryMiB: 256}}, artifact: {{uri: m.onnx, sha256: {'a' * 64}}}}}\n")
+    site = ("apiVersion: edgeplane.io/v1alpha1\nkind: Site\nmetadata: {name: dc-a}\n"
+            "spec: {tier: datacenter, location: {country: FR, region: fr, lat: 48.8, lon: 2.3}, capacity: {cpu: 100, memoryGiB: 100}, ray: {address: local}}\n")
+    deployment = ("apiVersion: edgeplane.io/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: d{n:02d}}}\n"
+                  "spec: {{model: m, replicas: {{min: 1, max: 1}}, demand: [{{lat: {lat}, lon: 2.3, rps: 1}}]}}\n")
+    (tmp_path / "fleet.yaml").write_text("---\n".join([site, model, *(deployment.format(n=n, lat=40 + n / 10) for n in range(60))]))
+    proc = run_cli("simulate", "-f", str(tmp_path), "--fail-site", "dc-a")
+    assert proc.returncode == 0, proc.stderr
+    assert "60 no longer fit" in proc.stdout
+    assert "d49" in proc.stdout and "d50" not in proc.stdout
+    assert "... and 10 more deployments short (-o json for all)" in proc.stdout
+    assert "... and 10 more demand points (-o json for all)" in proc.stdout
