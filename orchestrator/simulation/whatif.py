@@ -142,6 +142,10 @@ def check(state: State, changes: Changes) -> None:
     for region in sorted(changes.fail_regions):
         if region not in regions:
             raise ScenarioError(f"region {region!r} has no site (regions: {', '.join(sorted(regions)) or 'none'})")
+    countries = {s.country for s in (*state.sites, *changes.added)}
+    for country in sorted(changes.fail_countries):
+        if country not in countries:
+            raise ScenarioError(f"country {country!r} has no site (countries: {', '.join(sorted(countries)) or 'none'})")
     demand_regions = {p.region for d in state.deployments for p in d.demand if p.region}
     for scale in changes.demand:
         if scale.region is not None and scale.region not in demand_regions | regions:

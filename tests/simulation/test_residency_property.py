@@ -49,13 +49,15 @@ def fleets(draw: st.DrawFn) -> tuple[whatif.State, scenario.Changes]:
         ))
     state = whatif.today(fleet, deployments)
     names = [s.name for s in fleet]
+    added = tuple(draw(sites("new", 0, 3)))
+    countries = sorted({s.country for s in (*fleet, *added)})  # a country with no site is refused
     changes = scenario.Changes(
         fail_sites=frozenset(draw(st.sets(st.sampled_from(names), max_size=len(names)))),
-        fail_countries=frozenset(draw(st.sets(st.sampled_from(sorted(COUNTRIES)), max_size=2))),
+        fail_countries=frozenset(draw(st.sets(st.sampled_from(countries), max_size=2))),
         demand=tuple(scenario.DemandScale(f) for f in draw(st.lists(st.floats(0.1, 5), max_size=1))),
         edits={n: scenario.SiteEdit(capacity_factor=draw(st.sampled_from([0.0, 0.5, 3.0])))
                for n in draw(st.sets(st.sampled_from(names), max_size=3))},
-        added=tuple(draw(sites("new", 0, 3))),
+        added=added,
     )
     return state, changes
 

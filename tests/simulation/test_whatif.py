@@ -178,6 +178,7 @@ def test_an_added_site_near_demand_attracts_the_replica() -> None:
 @pytest.mark.parametrize("changes, message", [
     (scenario.Changes(fail_sites=frozenset({"edge-nowhere"})), "site 'edge-nowhere' is not in the fleet"),
     (scenario.Changes(fail_regions=frozenset({"mars"})), "region 'mars' has no site"),
+    (scenario.Changes(fail_countries=frozenset({"GB"})), r"country 'GB' has no site \(countries: DE, ES, FR\)"),
     (scenario.Changes(edits={"nope": scenario.SiteEdit(carbon_g_per_kwh=1)}), "site 'nope' is not in the fleet"),
     (scenario.Changes(demand=(scenario.DemandScale(2, region="atlantis"),)), "demand region 'atlantis'"),
     (scenario.Changes(added=(PARIS,)), "already in the fleet"),
