@@ -138,7 +138,7 @@ async def run_edgeplane(path: pathlib.Path, shape: dict[str, Any], tokens: int) 
     memory = inventory.llm_memory(variant.llm)
     llm = applications.llm_app(variant.llm, "tiny")
     spec = ServeAppSpec(name="ep-tiny", route_prefix="/ep/bench/tiny", model_name="tiny", runtime="vllm",
-                        num_replicas=1, cpu=1, gpus=float(llm.tensor_parallel_size), llm=llm)
+                        num_replicas=1, cpu=1, gpus=float(llm.gpus), llm=llm)
     cluster = local_ray.LocalRayCluster(num_gpus=1, startup_timeout_s=180)
     endpoints = await cluster.start_async()
     try:

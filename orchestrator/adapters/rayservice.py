@@ -178,11 +178,11 @@ def _llm_pods(app: ServeAppSpec) -> int:
 
 
 def _llm_by_group(apps: Sequence[ServeAppSpec]) -> dict[tuple[str, int], list[ServeAppSpec]]:
-    """The LLM applications of each worker group, by (accelerator type, "" for any; tensor-parallel size)."""
+    """The LLM applications of each worker group, by (accelerator type, "" for any; GPUs per replica)."""
     by_group: dict[tuple[str, int], list[ServeAppSpec]] = {}
     for a in apps:
         if a.llm is not None:
-            by_group.setdefault((a.llm.accelerator_type or "", a.llm.tensor_parallel_size), []).append(a)
+            by_group.setdefault((a.llm.accelerator_type or "", a.llm.gpus), []).append(a)
     return by_group
 
 
@@ -194,7 +194,7 @@ def _past_limit(apps: Sequence[ServeAppSpec], shape: RayClusterShape) -> str:
                             ("GPU", shape.gpu_worker, [a for a in plain if a.gpus > 0])):
         if _packed(mine, pod, shape) is None:
             return f"{kind} worker pods"
-    return next((f"{accelerator or 'GPU'} x{tp} LLM worker pods" for (accelerator, tp), mine in sorted(_llm_by_group(apps).items())
+    return next((f"{accelerator or 'GPU'} x{gpus} LLM worker pods" for (accelerator, gpus), mine in sorted(_llm_by_group(apps).items())
                  if sum(map(_llm_pods, mine)) > shape.max_worker_pods), "")
 
 
@@ -290,7 +290,7 @@ def _running_pods(running: Sequence[Any], shape: RayClusterShape) -> dict[str, P
 
 
 def _llm_groups(apps: Sequence[ServeAppSpec], shape: RayClusterShape, running: Sequence[Any] = ()) -> list[dict[str, Any]]:
-    """One worker group per (accelerator type, tensor-parallel size) of the LLM apps: a pod
+    """One worker group per (accelerator type, GPUs per replica) of the LLM apps: a pod
     per replica (its autoscaling maximum when Serve scales it), holding that replica's GPUs,
     on nodes of that GPU model, as big as its largest application asks. A group the cluster
     runs keeps its pod while that still holds every application in it: shrinking it (its
@@ -300,17 +300,17 @@ def _llm_groups(apps: Sequence[ServeAppSpec], shape: RayClusterShape, running: S
     by_kind = _llm_by_group(apps)
     names = _llm_group_names(list(by_kind))
     groups = []
-    for (accelerator, tp), mine in sorted(by_kind.items()):
+    for (accelerator, gpus), mine in sorted(by_kind.items()):
         pods = sum(map(_llm_pods, mine))
         if pods > shape.max_worker_pods:
             raise ClusterShapeError(f"the LLM applications need {pods} GPU pods, above the limit of {shape.max_worker_pods}")
         memory_gib = max([shape.llm_worker.memory_gib]
                          + [a.memory_mib / 1024 / shape.usable_memory_fraction for a in mine])
-        pod = PodShape(cpu=max([shape.llm_worker.cpu] + [a.cpu for a in mine]), memory_gib=math.ceil(memory_gib), gpus=tp)
-        if (was := kept.get(names[accelerator, tp])) is not None and (
+        pod = PodShape(cpu=max([shape.llm_worker.cpu] + [a.cpu for a in mine]), memory_gib=math.ceil(memory_gib), gpus=gpus)
+        if (was := kept.get(names[accelerator, gpus])) is not None and (
                 was.gpus == pod.gpus and was.cpu >= pod.cpu and was.memory_gib >= pod.memory_gib):
             pod = was
-        group = _worker_group(names[accelerator, tp], pods, pod, shape)
+        group = _worker_group(names[accelerator, gpus], pods, pod, shape)
         template = group["template"]["spec"]
         template["containers"] = [_container("ray-worker", shape, pod, image=shape.llm_image)]
         template["tolerations"] = [{"key": shape.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]
@@ -322,7 +322,7 @@ def _llm_groups(apps: Sequence[ServeAppSpec], shape: RayClusterShape, running: S
 
 
 def _llm_group_names(kinds: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
-    """``llm-<accelerator>-x<GPUs>`` per (accelerator type, tensor-parallel size), unique
+    """``llm-<accelerator>-x<GPUs>`` per (accelerator type, GPUs per replica), unique
     (the CRD keys worker groups by name) and short enough for the label KubeRay puts on each
     pod (63 characters): a type that spells the same once lowered and stripped of ``_``/``.``,
     or a long one, gets a digest of its own spelling."""

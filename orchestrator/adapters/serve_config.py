@@ -123,8 +123,8 @@ class ServeAppState(enum.StrEnum):
 class LlmApp:
     """What a ``vllm`` application serves: one Ray Serve LLM ``LLMConfig``.
 
-    ``engine_kwargs`` go to vLLM as they are (context length, dtype, tensor parallelism...).
-    Replicas are the application's ``num_replicas`` unless ``autoscaling`` gives Serve
+    ``engine_kwargs`` go to vLLM as they are (context length, dtype...); a replica's engine
+    runs ``tensor_parallel_size`` x ``pipeline_parallel_size`` workers, one GPU each. Replicas are the application's ``num_replicas`` unless ``autoscaling`` gives Serve
     (min, max) bounds to scale within itself.
     """
 
@@ -132,8 +132,14 @@ class LlmApp:
     source: str
     engine_kwargs: Mapping[str, Any] = field(default_factory=dict)
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     accelerator_type: str | None = None
     autoscaling: tuple[int, int] | None = None
+
+    @property
+    def gpus(self) -> int:
+        """GPUs of one replica: one per engine worker, as Ray Serve LLM counts them."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(frozen=True)
@@ -261,6 +267,8 @@ def spec_problems(spec: ServeAppSpec) -> list[str]:
     elif spec.llm is not None:
         if spec.llm.tensor_parallel_size < 1:
             problems.append("llm.tensor_parallel_size must be >= 1")
+        if spec.llm.pipeline_parallel_size < 1:
+            problems.append("llm.pipeline_parallel_size must be >= 1")
         if spec.llm.autoscaling is not None and not 0 <= spec.llm.autoscaling[0] <= spec.llm.autoscaling[1]:
             problems.append("llm.autoscaling must be (min, max) with 0 <= min <= max")
     return problems
@@ -348,13 +356,15 @@ def _read_application(entry: Mapping[str, Any], asked: ServeAppSpec) -> ServeApp
         (config,) = args["llm_configs"]
         engine = dict(config["engine_kwargs"])
         tp = engine.pop("tensor_parallel_size")
+        pp = engine.pop("pipeline_parallel_size", 1)
         scaling = config["deployment_config"].get("autoscaling_config")
         bounds = (scaling["min_replicas"], scaling["max_replicas"]) if scaling is not None else None
         replicas = scaling["initial_replicas"] if scaling is not None else config["deployment_config"]["num_replicas"]
         loading = config["model_loading_config"]
         llm = LlmApp(model_id=loading["model_id"], source=loading["model_source"], engine_kwargs=engine, tensor_parallel_size=tp,
-                     accelerator_type=config.get("accelerator_type"), autoscaling=bounds)
-        return ServeAppSpec(**common, runtime="vllm", num_replicas=replicas, cpu=config["placement_group_config"]["bundles"][0]["CPU"] * tp,
+                     pipeline_parallel_size=pp, accelerator_type=config.get("accelerator_type"), autoscaling=bounds)
+        return ServeAppSpec(**common, runtime="vllm", num_replicas=replicas,
+                            cpu=config["placement_group_config"]["bundles"][0]["CPU"] * llm.gpus,
                             memory_mib=asked.memory_mib, gpus=asked.gpus, llm=llm)
     (deployment,) = entry["deployments"]
     options = deployment["ray_actor_options"]
@@ -374,12 +384,13 @@ def llm_config(spec: ServeAppSpec) -> dict[str, Any]:
     """The ``LLMConfig`` (as Serve's config file spells it) of a ``vllm`` application.
 
     Each engine worker gets one GPU in one bundle of a ``STRICT_PACK`` placement group, so
-    the ``tensor_parallel_size`` GPUs of a replica are on one node (the planner placed
-    them on one GPU group). The replica's CPU is spread over its bundles.
+    the ``tensor_parallel_size`` x ``pipeline_parallel_size`` GPUs of a replica are on one
+    node (the planner placed them on one GPU group): Ray starts one worker per bundle and
+    needs as many as the engine has workers. The replica's CPU is spread over its bundles.
     """
     llm = spec.llm
     assert llm is not None
-    tp = llm.tensor_parallel_size
+    gpus = llm.gpus
     deployment: dict[str, Any]
     if llm.autoscaling is not None:
         low, high = llm.autoscaling
@@ -387,12 +398,15 @@ def llm_config(spec: ServeAppSpec) -> dict[str, Any]:
         deployment = {"autoscaling_config": {"min_replicas": low, "max_replicas": high, "initial_replicas": initial}}
     else:
         deployment = {"num_replicas": spec.num_replicas}
-    bundle: dict[str, float] = {"CPU": max(spec.cpu / tp, 0.001), "GPU": 1}
+    bundle: dict[str, float] = {"CPU": max(spec.cpu / gpus, 0.001), "GPU": 1}
+    parallel = {"tensor_parallel_size": llm.tensor_parallel_size}
+    if llm.pipeline_parallel_size > 1:
+        parallel["pipeline_parallel_size"] = llm.pipeline_parallel_size
     config: dict[str, Any] = {
         "model_loading_config": {"model_id": llm.model_id, "model_source": llm.source},
-        "engine_kwargs": {**llm.engine_kwargs, "tensor_parallel_size": tp},
+        "engine_kwargs": {**llm.engine_kwargs, **parallel},
         "deployment_config": deployment,
-        "placement_group_config": {"bundles": [dict(bundle) for _ in range(tp)], "strategy": "STRICT_PACK"},
+        "placement_group_config": {"bundles": [dict(bundle) for _ in range(gpus)], "strategy": "STRICT_PACK"},
     }
     if llm.accelerator_type:
         config["accelerator_type"] = llm.accelerator_type

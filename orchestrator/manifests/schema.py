@@ -284,7 +284,7 @@ class Architecture(Strict):
 
 #: ``engineArgs`` keys edgeplane sets itself from the fields above; giving them twice is refused.
 LLM_RESERVED_ENGINE_ARGS = ("model", "served_model_name", "max_model_len", "dtype", "quantization",
-                            "tensor_parallel_size", "max_num_seqs", "kv_cache_dtype")
+                            "tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs", "kv_cache_dtype")
 
 
 class LlmSpec(Strict):
@@ -303,6 +303,8 @@ class LlmSpec(Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     quantization: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")] | None = None
     tensorParallelSize: int = Field(default=1, ge=1, le=64)
+    #: Pipeline stages of a replica, each on ``tensorParallelSize`` GPUs: a replica takes the product.
+    pipelineParallelSize: int = Field(default=1, ge=1, le=64)
     #: Ray's accelerator type (``H100``, ``A100-80G``, ``L4``...); must match the site's GPU model.
     acceleratorType: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] | None = None
     weightBytes: int = Field(ge=1, le=2**50)
@@ -320,6 +322,13 @@ class LlmSpec(Strict):
         if twice:
             raise ValueError(f"set {', '.join(twice)} through the llm fields, not engineArgs")
         return v
+
+    @model_validator(mode="after")
+    def _gpus(self) -> LlmSpec:
+        if self.tensorParallelSize * self.pipelineParallelSize > 64:
+            raise ValueError(f"tensorParallelSize x pipelineParallelSize is {self.tensorParallelSize * self.pipelineParallelSize} "
+                             "GPUs per replica, more than the 64 of any node")
+        return self
 
 
 class Variant(Strict):

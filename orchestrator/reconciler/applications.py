@@ -123,7 +123,7 @@ def app_spec(s: snap.Snapshot, row: store_mod.PlacementRow, d: snap.DeploymentRe
     )
     if v.llm is not None:
         llm = llm_app(v.llm, d.spec.model)
-        common["gpus"] = float(llm.tensor_parallel_size)
+        common["gpus"] = float(llm.gpus)
         return serve_config.ServeAppSpec(**common, llm=llm)
     if v.runtime in ("onnx", "onnx-genai"):
         ref = s.artifacts.get((d.spec.model, v.name))
@@ -163,4 +163,4 @@ def llm_app(llm: schema.LlmSpec, model: str) -> serve_config.LlmApp:
         kwargs["kv_cache_dtype"] = "fp8"
     return serve_config.LlmApp(model_id=llm.servedModelName or model, source=llm.source,
                                engine_kwargs={**kwargs, **llm.engineArgs}, tensor_parallel_size=llm.tensorParallelSize,
-                               accelerator_type=llm.acceleratorType)
+                               pipeline_parallel_size=llm.pipelineParallelSize, accelerator_type=llm.acceleratorType)

@@ -159,6 +159,7 @@ def llm_shape(llm: schema.LlmSpec) -> gpu_memory.LlmShape:
         sliding_window_layers=a.slidingWindowLayers,
         sliding_window_tokens=a.slidingWindowTokens,
         tensor_parallel_size=llm.tensorParallelSize,
+        pipeline_parallel_size=llm.pipelineParallelSize,
         gpu_memory_utilization=llm.gpuMemoryUtilization,
     )
 

@@ -1,7 +1,8 @@
 """How much GPU memory one replica of a large language model takes, and on how many GPUs.
 
 A vLLM replica holds the model's weights and a KV cache big enough for the context and
-concurrency it promises, spread evenly over ``tensor_parallel_size`` GPUs of one node.
+concurrency it promises, spread evenly over its GPUs: ``tensor_parallel_size`` for each of
+its ``pipeline_parallel_size`` stages (which split the layers), all of one node.
 Placement needs that number before anything runs, so it is computed here from what the
 Model manifest declares (weights and the architecture of its ``config.json``), as a pure
 function the planner and ``edgeplane plan`` share::
@@ -9,7 +10,8 @@ function the planner and ``edgeplane plan`` share::
     KV bytes per token of one layer = 2 (K and V) x kv_heads x head_dim x kv_bytes
     KV cache = per-layer bytes x (full layers x context x sequences
                                   + window layers x min(window, context) x sequences)
-    per GPU  = (weights + KV cache) / tensor_parallel_size + RUNTIME_OVERHEAD_GIB
+    GPUs     = tensor_parallel_size x pipeline_parallel_size
+    per GPU  = (weights + KV cache) / GPUs + RUNTIME_OVERHEAD_GIB
     card     = per GPU / gpu_memory_utilization
 
 ``RUNTIME_OVERHEAD_GIB`` is what each GPU holds besides weights and cache: the CUDA
@@ -42,6 +44,7 @@ class LlmShape:
     sliding_window_layers: int = 0
     sliding_window_tokens: int | None = None
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
 
 
@@ -86,10 +89,10 @@ def replica_memory(shape: LlmShape) -> GpuMemory:
     tokens_full = shape.context_length * shape.max_sequences
     tokens_window = window * shape.max_sequences
     kv = per_layer * (full_layers * tokens_full + shape.sliding_window_layers * tokens_window)
-    tp = shape.tensor_parallel_size
-    per_gpu = -(-(shape.weight_bytes + kv) // tp) + int(RUNTIME_OVERHEAD_GIB * GIB)
+    gpus = shape.tensor_parallel_size * shape.pipeline_parallel_size
+    per_gpu = -(-(shape.weight_bytes + kv) // gpus) + int(RUNTIME_OVERHEAD_GIB * GIB)
     return GpuMemory(
-        gpus=tp,
+        gpus=gpus,
         weight_bytes=shape.weight_bytes,
         kv_cache_bytes=kv,
         kv_bytes_per_token=per_layer * full_layers,

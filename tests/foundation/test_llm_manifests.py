@@ -69,6 +69,12 @@ BAD = [
         "architecture:", "slidingWindowLayers (40) is more than layers (36)"),
     Bad("llm-engine-arg-twice", llm_model((f"{V}.llm.engineArgs", {"tensor_parallel_size": 2, "max_model_len": 4096})),
         f"{V}.llm.engineArgs", "engineArgs:", "set max_model_len, tensor_parallel_size through the llm fields"),
+    # Ray Serve LLM gives a replica tensor_parallel_size x pipeline_parallel_size GPUs: one
+    # given past the fields would be placed and sized on tensorParallelSize GPUs alone
+    Bad("llm-pipeline-parallel-in-engine-args", llm_model((f"{V}.llm.engineArgs", {"pipeline_parallel_size": 2})),
+        f"{V}.llm.engineArgs", "engineArgs:", "set pipeline_parallel_size through the llm fields"),
+    Bad("llm-more-gpus-than-a-node", llm_model((f"{V}.llm.tensorParallelSize", 16), (f"{V}.llm.pipelineParallelSize", 8)),
+        f"{V}.llm", "llm:", "tensorParallelSize x pipelineParallelSize is 128 GPUs per replica"),
     Bad("llm-utilization-over-one", llm_model((f"{V}.llm.gpuMemoryUtilization", 1.5)), f"{V}.llm.gpuMemoryUtilization",
         "gpuMemoryUtilization:", "less than or equal to 1"),
     Bad("llm-unknown-field", llm_model((f"{V}.llm.maxTokens", 5)), f"{V}.llm.maxTokens", "maxTokens:", "unknown field"),

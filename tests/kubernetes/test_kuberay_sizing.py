@@ -166,3 +166,14 @@ def test_llm_applications_on_any_gpu_and_on_a_type_named_gpu_are_held_to_the_pod
     assert rayservice.within_limit(apps, shape, {}) == (apps, {})
     groups = rayservice.render_rayservice("s", "ns", apps, shape)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert sorted(g["replicas"] for g in groups if g["groupName"].startswith("llm-")) == [2, 2]
+
+
+def test_a_replica_in_pipeline_stages_gets_a_pod_with_all_its_gpus() -> None:
+    config = serve_config.LlmApp(model_id="l", source="/mnt/models/l", tensor_parallel_size=4, pipeline_parallel_size=2,
+                                 accelerator_type="H100")
+    app = ServeAppSpec(name="ep-l", route_prefix="/ep/l", model_name="l", runtime="vllm", num_replicas=2, cpu=8.0,
+                       memory_mib=64 * 1024, gpus=8.0, llm=config)
+    groups = rayservice.render_rayservice("s", "ns", [app], SHAPE)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    (group,) = [g for g in groups if g["groupName"].startswith("llm-")]
+    (container,) = group["template"]["spec"]["containers"]
+    assert (group["groupName"], group["replicas"], container["resources"]["limits"]["nvidia.com/gpu"]) == ("llm-h100-x8", 2, "8")

@@ -35,7 +35,7 @@ def llm_variant(**llm: Any) -> schema.Variant:
 
 def app_spec(llm: LlmApp, replicas: int = 2, cpu: float = 8) -> ServeAppSpec:
     return ServeAppSpec(name="ep-gpt--dc", route_prefix="/ep/dc/gpt", model_name="gpt", runtime="vllm",
-                        num_replicas=replicas, cpu=cpu, gpus=float(llm.tensor_parallel_size), llm=llm)
+                        num_replicas=replicas, cpu=cpu, gpus=float(llm.gpus), llm=llm)
 
 
 GENERATED = [
@@ -45,6 +45,9 @@ GENERATED = [
         quantization=None, kvCacheDtypeBytes=1, weightBytes=141_107_412_992,
         architecture={"layers": 80, "kvHeads": 8, "headDim": 128},
         engineArgs={"enable_prefix_caching": True, "enforce_eager": True}).llm, "llama")),  # type: ignore[arg-type]
+    ("llama-70b-tp4-pp2", applications.llm_app(llm_variant(
+        source="s3://weights/llama-3-70b", tensorParallelSize=4, pipelineParallelSize=2, quantization=None,
+        weightBytes=141_107_412_992, architecture={"layers": 80, "kvHeads": 8, "headDim": 128}).llm, "llama")),  # type: ignore[arg-type]
     ("hub-id-no-accelerator", applications.llm_app(llm_variant(source="openai/gpt-oss-20b", acceleratorType=None,
                                                            dtype="bfloat16").llm, "gpt-20b")),  # type: ignore[arg-type]
 ]
@@ -63,8 +66,11 @@ def test_generated_config_validates_against_rays_llmconfig(case_id: str, llm: Ll
     assert config.model_loading_config.model_id == llm.model_id
     assert config.model_loading_config.model_source == llm.source
     assert config.engine_kwargs["tensor_parallel_size"] == llm.tensor_parallel_size
+    # Ray starts tensor_parallel_size x pipeline_parallel_size engine workers, one per bundle
+    # (VLLMEngineConfig.num_devices), and the scheduler gave the replica as many GPUs
+    workers = config.engine_kwargs["tensor_parallel_size"] * config.engine_kwargs.get("pipeline_parallel_size", 1)
     bundles = config.placement_group_config["bundles"]
-    assert len(bundles) == llm.tensor_parallel_size and all(b["GPU"] == 1 for b in bundles)
+    assert len(bundles) == workers == llm.gpus and all(b["GPU"] == 1 for b in bundles)
     assert config.placement_group_config["strategy"] == "STRICT_PACK"
     assert sum(b["CPU"] for b in bundles) == pytest.approx(8)
     if autoscaling is None:

@@ -77,12 +77,12 @@ def test_fp8_kv_cache_halves_it():
     assert fp8.kv_cache_bytes * 2 == bf16.kv_cache_bytes == 40 * GIB
 
 
-def llm_variant(name: str, tp: int, context: int, accelerator: str | None = "H100", **arch):
+def llm_variant(name: str, tp: int, context: int, accelerator: str | None = "H100", pp: int = 1, **arch):
     spec = schema.Variant.model_validate({
         "name": name, "runtime": "vllm", "resources": {"cpu": 8, "memoryMiB": 65536},
         "llm": {"source": "/models/llama-3-70b", "contextLength": context, "maxConcurrentSequences": 16,
-                "tensorParallelSize": tp, "weightBytes": 2 * 70_553_706_496, "acceleratorType": accelerator,
-                "architecture": {"layers": 80, "kvHeads": 8, "headDim": 128, **arch}},
+                "tensorParallelSize": tp, "pipelineParallelSize": pp, "weightBytes": 2 * 70_553_706_496,
+                "acceleratorType": accelerator, "architecture": {"layers": 80, "kvHeads": 8, "headDim": 128, **arch}},
     })
     return to_variant(spec)
 
@@ -118,6 +118,19 @@ def test_tp8_at_32k_takes_a_whole_8xh100_node():
     # two nodes of 8 GPUs: two replicas, the third has no GPUs left
     assert status.placed == 2 and status.status is not Status.SCHEDULED
     assert "free H100 GPU(s) with ≥42.14 GiB" in status.reason, status.reason
+
+
+def test_pipeline_stages_multiply_the_gpus_of_a_replica():
+    # TP 4 x PP 2: the 312,906,104,832 B of weights and cache over 8 GPUs, as TP 8 puts them
+    v = llm_variant("llama", tp=4, pp=2, context=32768)
+    assert v.gpus == 8 and v.llm_memory.per_gpu_bytes == 40_723_875_840
+    assert v.gpu_memory_gib == pytest.approx(42.14, abs=0.005)
+    # a site of two 4-GPU nodes cannot hold it; one of 8 can
+    four_per_node = dc("fr-dc", (GpuGroup("H100", 4, 80),) * 2)
+    result = plan([four_per_node, dc("de-dc", H100X8, "frankfurt")], [deployment(variants=(v,), tiers={"datacenter"})], [])
+    assert [r.site for r in result.replicas] == ["de-dc"]
+    alone = plan([four_per_node], [deployment(variants=(v,), tiers={"datacenter"})], []).deployments["d"]
+    assert alone.status is Status.UNSCHEDULABLE and "8×GPU ≥42.1 GiB" in alone.reason, alone.reason
 
 
 def test_accelerator_type_must_match_the_site_gpu_model():
