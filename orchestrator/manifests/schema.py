@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator import import_paths
+from orchestrator import accelerator_types, import_paths
 from orchestrator.manifests import cascade as cascade_schema
 
 API_VERSION = "edgeplane.io/v1alpha1"
@@ -314,6 +314,14 @@ class LlmSpec(Strict):
     #: Fraction of each GPU's memory the engine may take (vLLM's gpu_memory_utilization).
     gpuMemoryUtilization: float = Field(default=0.9, gt=0.1, le=1.0)
     engineArgs: dict[str, Any] = Field(default_factory=dict)
+
+    # Refused in manifests only, as an importPath is: one an earlier version stored still reads.
+    @field_validator("acceleratorType")
+    @classmethod
+    def _ray_knows(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and written(info) and (why := accelerator_types.problem(v)) is not None:
+            raise ValueError(why)
+        return v
 
     @field_validator("engineArgs")
     @classmethod

@@ -80,6 +80,12 @@ BAD = [
     Bad("llm-unknown-field", llm_model((f"{V}.llm.maxTokens", 5)), f"{V}.llm.maxTokens", "maxTokens:", "unknown field"),
     Bad("llm-bad-accelerator", llm_model((f"{V}.llm.acceleratorType", "H100 80GB")), f"{V}.llm.acceleratorType", "acceleratorType:",
         "match"),
+    # Ray Serve LLM refuses a type it does not know when the application deploys
+    # ("Unsupported accelerator type"): nvidia-smi's spelling is not Ray's
+    Bad("llm-accelerator-ray-does-not-know", llm_model((f"{V}.llm.acceleratorType", "A100-80GB")), f"{V}.llm.acceleratorType",
+        "acceleratorType:", "'A100-80GB' is not an accelerator type Ray Serve LLM takes; did you mean 'A100-80G'?"),
+    Bad("llm-accelerator-a-tpu", llm_model((f"{V}.llm.acceleratorType", "TPU-V5P")), f"{V}.llm.acceleratorType",
+        "acceleratorType:", "'TPU-V5P' is a TPU: edgeplane runs vllm replicas on GPUs"),
     Bad("llm-image-with-space", mutate("Site", "dc1", {**KUBE_DC, "kubernetes": {"context": "prod", "llmImage": "ray llm"}}),
         "spec.kubernetes.llmImage", "llmImage:", "match"),
     Bad("vllm-at-the-edge", join(llm_model(), deployment(("spec.variant", "gpt-oss-120b"), ("spec.placement.tiers", ["edge"]))),
@@ -98,6 +104,12 @@ def test_a_good_llm_variant_loads_as_written() -> None:
     assert variant.llm.architecture.slidingWindowTokens == 128
     assert variant.llm.gpuMemoryUtilization == 0.9 and variant.llm.dtype == "auto"
     assert check(llm_model()) == []
+
+
+def test_a_stored_variant_with_an_accelerator_type_ray_does_not_know_still_reads() -> None:
+    """Refused in manifests only: a variant an earlier release stored reads back."""
+    llm = {**GPT_OSS_120B["llm"], "acceleratorType": "H100-80GB"}
+    assert schema.Variant.model_validate({**GPT_OSS_120B, "llm": llm}).llm.acceleratorType == "H100-80GB"  # type: ignore[union-attr]
 
 
 def test_a_kubernetes_site_names_its_llm_image() -> None:

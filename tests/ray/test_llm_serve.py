@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator import accelerator_types
 from orchestrator.adapters import ray_serve, serve_config
 from orchestrator.adapters.serve_config import LlmApp, ServeAppFailed, ServeAppSpec, ServeAppState
 from orchestrator.manifests import schema
@@ -93,6 +94,23 @@ def test_rays_llmconfig_does_check_what_it_is_given() -> None:
     raw = serve_config.llm_config(app_spec(LlmApp(model_id="m", source="/m", accelerator_type="H100-80GB")))
     with pytest.raises(ValueError, match="Unsupported accelerator type"):
         LLMConfig.model_validate(raw)
+
+
+def test_the_manifest_takes_exactly_the_accelerator_types_rays_llmconfig_takes() -> None:
+    """An acceleratorType apply takes is one Ray takes at deploy, and the other way round,
+    but a TPU, which Ray refuses on the GPU bundles edgeplane gives an engine's workers."""
+    rays = {t.value for t in llm_config_module.AcceleratorType} | {"A10"}  # Ray reads A10 as A10G
+    tpus = llm_config_module.TPU_ACCELERATOR_VALUES
+    assert set(accelerator_types.RAY_ACCELERATOR_TYPES) == rays - tpus
+    for name in sorted(rays):
+        raw = serve_config.llm_config(app_spec(LlmApp(model_id="m", source="/m", accelerator_type=name)))
+        if name in tpus:
+            assert "is a TPU" in (accelerator_types.problem(name) or "")
+            with pytest.raises(ValueError, match="Hardware mismatch"):
+                LLMConfig.model_validate(raw)
+        else:
+            assert accelerator_types.problem(name) is None
+            LLMConfig.model_validate(raw)
 
 
 @pytest.mark.parametrize(
