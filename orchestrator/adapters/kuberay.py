@@ -27,7 +27,6 @@ import functools
 import json
 import logging
 import os
-import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -36,7 +35,7 @@ import urllib3
 import yaml
 from kubernetes.client.rest import ApiException
 
-from orchestrator.adapters import rayservice, rayservice_status, serve_config
+from orchestrator.adapters import daemon_calls, rayservice, rayservice_status, serve_config
 from orchestrator.adapters.serve_config import (
     DataCentreError,
     ServeAppSpec,
@@ -493,40 +492,8 @@ def _events_of(core: Any, namespace: str, name: str, _request_timeout: float) ->
 
 
 def _in_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> asyncio.Future[_T]:
-    """``fn(*args, **kwargs)`` in a daemon thread of its own, its outcome the future's, which
-    neither its awaiting try's end nor a cancel stops (the thread cannot be). An outcome
-    that comes once the loop has closed is dropped, and so is a client whose wait was cancelled."""
-    loop = asyncio.get_running_loop()
-    answer: asyncio.Future[_T] = loop.create_future()
-    answer.add_done_callback(_retrieved)
-
-    def run() -> None:
-        try:
-            outcome: tuple[Any, Exception | None] = (fn(*args, **kwargs), None)
-        except Exception as exc:  # the awaiting try's to raise
-            outcome = (None, exc)
-        try:
-            loop.call_soon_threadsafe(_settle, answer, *outcome)
-        except RuntimeError:  # the loop closed meanwhile: no one is left to take it
-            pass
-
-    threading.Thread(target=run, name=f"kubernetes {getattr(fn, '__name__', 'call')}", daemon=True).start()
-    return answer
-
-
-def _settle(answer: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
-    if answer.cancelled():
-        return
-    if error is not None:
-        answer.set_exception(error)
-    else:
-        answer.set_result(result)
-
-
-def _retrieved(call: asyncio.Future[Any]) -> None:
-    """A call's error is its try's to raise: one a later try dropped is not logged as never retrieved."""
-    if not call.cancelled():
-        call.exception()
+    """``fn(*args, **kwargs)`` in a daemon thread of its own (:func:`daemon_calls.start`)."""
+    return daemon_calls.start(functools.partial(fn, *args, **kwargs), f"kubernetes {getattr(fn, '__name__', 'call')}")
 
 
 def _configured(entry: Mapping[str, Any]) -> str:

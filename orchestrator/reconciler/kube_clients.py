@@ -18,11 +18,10 @@ command that never answers holds up neither the event loop's shutdown nor the pr
 from __future__ import annotations
 
 import asyncio
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.adapters import kuberay
+from orchestrator.adapters import daemon_calls, kuberay
 
 #: How long a try waits for a kubeconfig context to load (its credential command to
 #: answer) before its site is out of reach: a command answers in seconds, or waits on
@@ -81,38 +80,11 @@ class ClientLoads:
                 await asyncio.to_thread(load.answer.result().close)
 
     def _start(self, context: str | None) -> _Load:
-        loop = asyncio.get_running_loop()
         load = _Load()
-        load.answer = loop.create_future()
-        load.answer.add_done_callback(_retrieved)
 
-        def run() -> None:
-            try:
-                load.command = kuberay.credential_command(context, self.kubeconfig)  # before it runs: a try that gives up names it
-                outcome: tuple[Any, Exception | None] = (kuberay.api_client_for(context, self.kubeconfig), None)
-            except Exception as exc:  # the awaiting try's to raise
-                outcome = (None, exc)
-            try:
-                loop.call_soon_threadsafe(_settle, load.answer, *outcome)
-            except RuntimeError:  # the loop closed meanwhile: no one is left to take it
-                pass
+        def run() -> Any:
+            load.command = kuberay.credential_command(context, self.kubeconfig)  # before it runs: a try that gives up names it
+            return kuberay.api_client_for(context, self.kubeconfig)
 
-        threading.Thread(target=run, name=f"kubeconfig {context}", daemon=True).start()
+        load.answer = daemon_calls.start(run, f"kubeconfig {context}", dropped=lambda client: client.close())
         return load
-
-
-def _settle(answer: asyncio.Future[Any], client: Any, error: Exception | None) -> None:
-    if answer.cancelled():
-        if client is not None:
-            client.close()
-        return
-    if error is not None:
-        answer.set_exception(error)
-    else:
-        answer.set_result(client)
-
-
-def _retrieved(answer: asyncio.Future[Any]) -> None:
-    """A load's error is its next try's to raise: one that never comes (its site deleted) is not logged as never retrieved."""
-    if not answer.cancelled():
-        answer.exception()
