@@ -28,6 +28,7 @@ import asyncio
 import ctypes
 import enum
 import functools
+import gc
 import logging
 import math
 import random
@@ -116,12 +117,17 @@ class ServedModel:
 
 
 class _Slot:
-    __slots__ = ("assignment", "attempt", "failures", "message", "phase", "retry_at", "serving", "serving_bytes")
+    __slots__ = ("assignment", "attempt", "failures", "message", "phase", "replace_failed", "replaced", "retry_at", "serving",
+                 "serving_as", "serving_bytes")
 
     def __init__(self, assignment: assignments.Assignment) -> None:
         self.assignment = assignment
         self.serving: ServedModel | None = None
+        self.serving_as: assignments.Assignment | None = None  # the assignment ``serving`` was loaded at
         self.serving_bytes = 0  # the file ``serving`` was loaded from: about what it keeps resident (footprint)
+        # replaceWhenFull: the version the attempt under way unloaded first, loaded again if it fails
+        self.replaced: assignments.Assignment | None = None
+        self.replace_failed = ""  # why ``assignment`` failed once it had unloaded the version serving: not again
         self.phase = ModelPhase.LOADING
         self.message = ""
         self.failures = 0  # consecutive failed attempts at ``assignment``
@@ -268,6 +274,7 @@ class ModelRegistry:
             slot = self._slots[want.model] = _Slot(want)
         elif slot.assignment != want:
             slot.failures, slot.retry_at = 0, None  # a new assignment cancels the backoff
+            slot.replace_failed = ""  # and may unload the version serving first
             if slot.attempt is not None:  # and the attempt at the old one
                 slot.attempt.cancel()
                 slot.attempt = None
@@ -278,12 +285,13 @@ class ModelRegistry:
         slot.assignment = want
         slot.retry_at = None
         if want.desired_state is assignments.DesiredState.STOPPED:
-            slot.serving = None
+            slot.serving, slot.serving_as = None, None
             slot.phase, slot.message = ModelPhase.READY, "stopped"
             return
         if slot.serving is not None and slot.serving.sha256 == want.sha256:
             # The same version: only its limits may have changed, and they apply to it as it runs.
             slot.serving.max_concurrent, slot.serving.max_queued = want.max_concurrent_sequences, want.max_queued
+            slot.serving_as = want
             slot.phase, slot.message = ModelPhase.READY, ""
             return
         attempt = f" (attempt {slot.failures + 1})" if slot.failures else ""
@@ -310,10 +318,32 @@ class ModelRegistry:
         if want.runtime not in self._runtimes:  # a control plane of a release before agents said what they run
             self._failed(slot, want, f"this agent does not run {want.runtime} models (it runs: {', '.join(self._runtimes) or 'none'})")
             return
+        slot.replaced = None
+        failure = await self._fetched_and_loaded(slot, want, downloading, want)
+        if failure is not None:
+            if slot.replaced is not None and slot.assignment is want and self._slots.get(want.model) is slot:
+                slot.replace_failed = failure
+                failure += await self._restore(slot, slot.replaced)
+            slot.replaced = None
+            self._failed(slot, want, failure)
+            return
+        slot.replaced = None
+        if slot.assignment is not want or self._slots.get(want.model) is not slot:
+            return  # superseded, or unassigned, while it was loading
+        slot.failures, slot.retry_at = 0, None
+        slot.phase, slot.message = ModelPhase.READY, ""
+        self._on_change()
+        _release_freed_memory()  # the load's temporary buffers (and the version it replaced)
+
+    async def _fetched_and_loaded(self, slot: _Slot, want: assignments.Assignment, progress: Callable[[str], None],
+                                  attempt_of: assignments.Assignment) -> str | None:
+        """Fetch, weigh and load ``want``, serving it in ``slot`` unless the assignment the
+        attempt is of was superseded, or unassigned, meanwhile; why it failed (None: it did not)."""
         try:
-            path = await self._cache.fetch(want.artifact_url, want.sha256, downloading, want.artifact_hosts,
+            path = await self._cache.fetch(want.artifact_url, want.sha256, progress, want.artifact_hosts,
                                            package=want.runtime == assignments.RUNTIME_GENAI)
-            slot.message = "loading"
+            if slot.assignment is want:
+                slot.message = "loading"
             runtime: onnx.OnnxModel | genai.GenAIModel
             async with self._loads:  # one at a time: each weighed against what the one before left free
                 if want.runtime == assignments.RUNTIME_GENAI and self._load_package is not None:
@@ -336,23 +366,31 @@ class ModelRegistry:
                     finally:
                         self._loading(0)
         except errors.AgentError as exc:
-            self._failed(slot, want, str(exc))
-            return
+            exc.__traceback__ = None  # its frames hold the file's bytes and what was loaded (see _restore)
+            return str(exc)
         except Exception as exc:  # a fault of ours or of a library: this model fails, the others go on
             log.exception("model %s sha256 %s: unexpected error while loading", want.model, want.sha256[:12])
-            self._failed(slot, want, f"unexpected error while loading: {type(exc).__name__}: {exc}")
-            return
-        if slot.assignment is not want or self._slots.get(want.model) is not slot:
-            return  # superseded, or unassigned, while it was loading
-        slot.serving = ServedModel(want.model, want.sha256, runtime, want.max_concurrent_sequences, want.max_queued)
-        slot.serving_bytes = path.stat().st_size
-        slot.failures, slot.retry_at = 0, None
-        slot.phase, slot.message = ModelPhase.READY, ""
-        log.info(
-            "model %s sha256 %s serving on %s", want.model, want.sha256[:12], runtime.provider
-        )
+            exc.__traceback__ = None
+            return f"unexpected error while loading: {type(exc).__name__}: {exc}"
+        if slot.assignment is attempt_of and self._slots.get(want.model) is slot:
+            slot.serving = ServedModel(want.model, want.sha256, runtime, want.max_concurrent_sequences, want.max_queued)
+            slot.serving_as, slot.serving_bytes = want, path.stat().st_size
+            log.info("model %s sha256 %s serving on %s", want.model, want.sha256[:12], runtime.provider)
+        return None
+
+    async def _restore(self, slot: _Slot, old: assignments.Assignment) -> str:
+        """After a load that unloaded ``old`` first failed (replaceWhenFull): ``old`` loaded
+        again, weighed as any load, so that the model serves what it served; what the
+        failure's message adds."""
+        # what the failed load took: the file's bytes and the session it made, held by its
+        # traceback's frames and the load's future, in cycles only the collector frees
+        gc.collect()
+        _release_freed_memory()
+        failure = await self._fetched_and_loaded(slot, old, lambda done: None, slot.assignment)
+        if failure is not None:
+            return f"; sha256 {old.sha256[:12]}, unloaded first for it, could not be loaded again: {failure}"
         self._on_change()
-        _release_freed_memory()  # the load's temporary buffers (and the version it replaced)
+        return "; the version it replaced was loaded again"
 
     async def _read_and_load(self, want: assignments.Assignment) -> onnx.OnnxModel:
         data = await self._cache.read(want.sha256)
@@ -383,7 +421,9 @@ class ModelRegistry:
 
         A new version that does not fit beside the version serving, and would without it,
         replaces it when its assignment allows (``replace_when_full``): the old version is
-        let go of first, and the model answers nothing until the new one has loaded."""
+        let go of first, and the model answers nothing until the new one has loaded (or,
+        when the new one fails, the old one again: :meth:`_restore`; a version that failed
+        so does not replace it again)."""
         available = self._memory_available()
         kept = 0 if available is None else self._kept_for_requests(need.bytes, available)
         refused = footprint.refusal(need, available, kept)
@@ -391,9 +431,13 @@ class ModelRegistry:
             return need.bytes
         old = slot.serving
         if want.replace_when_full and old is not None and available is not None and slot.assignment is want:
+            if slot.replace_failed:
+                raise errors.ModelLoadError(f"{refused}; it is not loaded in place of the version serving again, as it "
+                                            f"failed so before: {slot.replace_failed}")
             freed = available + slot.serving_bytes
             if footprint.refusal(need, freed, self._kept_for_requests(need.bytes, freed)) is None:
-                slot.serving, slot.serving_bytes = None, 0
+                slot.replaced = slot.serving_as
+                slot.serving, slot.serving_as, slot.serving_bytes = None, None, 0
                 slot.message = (f"replacing sha256 {old.sha256[:12]}: unloaded first, as both versions do not fit in memory "
                                 f"(it {footprint.arithmetic(need, available, kept)} beside it); loading")
                 log.warning("model %s: %s", want.model, slot.message)

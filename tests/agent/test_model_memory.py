@@ -6,6 +6,7 @@ files the tests write, or from this process's own resident size under a limit th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import pathlib
 import threading
@@ -272,3 +273,47 @@ async def test_a_stopping_agent_does_not_wait_for_a_load_it_cut_short(
     finally:
         load.go_on.set()
     assert await asyncio.to_thread(load.ended.wait, 60)
+
+
+class Serving(capacity.CapacityProbe):
+    """Room for ``limit`` bytes less ``size`` for each model the registry serves (a model
+    keeps about its file's size once loaded): what is free follows what serves, whatever
+    else the test process holds."""
+
+    def __init__(self, limit: int, size: int) -> None:
+        super().__init__(lambda: ["CPUExecutionProvider"], gpus=lambda: ())
+        self.limit, self.size = limit, size
+        self.registry: registry.ModelRegistry | None = None
+
+    def memory_available(self) -> int:
+        return self.limit - self.size * len(self.registry.serving() if self.registry is not None else ())
+
+
+async def test_a_new_version_that_fails_where_it_replaced_the_old_one_hands_the_model_back_to_the_old_one(
+        control_plane: ControlPlane, make_agent: MakeAgent, large: Large) -> None:
+    # Room for one version's load and not beside the other (replaceWhenFull unloads the old
+    # one first); the new file does not take what its variant declares, so its load fails
+    # once the old version is gone. The old one is loaded again and serves, and the new one
+    # is not loaded in its place again at its retries: the model does not serve nothing for good.
+    probe = Serving(7 * large.size // 2 + inflight.MIN_DEFAULT_BYTES, large.size)
+    agent = await make_agent(control_plane, probe=probe, model_retry=FAST_RETRY)
+    probe.registry = agent.registry
+    old = dataclasses.replace(assignment(large.a_url, large.a, name="large"), replace_when_full=True)
+    control_plane.hub.set_assignments(SITE, [old], version=1)
+    await wait_model(control_plane, lambda s: s.serving_sha256 == large.a.sha256, name="large")
+
+    new = dataclasses.replace(assignment(large.b_url, large.b, name="large"), replace_when_full=True,
+                              inputs=(model.DeclaredTensor("input", "FP32", (-1, 5)),))
+    control_plane.hub.set_assignments(SITE, [new], version=2)
+    first = await wait_model(control_plane, lambda s: s.failures == 1, name="large")
+    assert "input 'input' is declared FP32 [-1, 5], but the file takes FP32 [-1, 1024]" in first.message, first
+    assert first.serving_sha256 == large.a.sha256, first
+    assert f"the version it replaced was loaded again; still serving sha256 {large.a.sha256[:12]}" in first.message, first
+    again = await wait_model(control_plane, lambda s: s.failures == 3, name="large")
+    assert again.serving_sha256 == large.a.sha256, again
+    assert "not loaded in place of the version serving again" in again.message, again
+    assert "input 'input' is declared FP32 [-1, 5]" in again.message, again
+    async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
+        answer = await client.post("/v2/models/large/infer", json={"inputs": [
+            {"name": "input", "datatype": "FP32", "shape": [1, 1024], "data": [0.5] * 1024}]})
+        assert answer.status_code == 200, answer.text
