@@ -141,7 +141,10 @@ def _sample_text(path: str) -> str:
         raise CliError(f"-f {path}: cannot read the file: {exc.strerror or exc}", 2) from exc
 
 
-def _lines(path: str, rule: cascade_rules.TensorRule) -> list[tuple[dict[str, Any], tuple[Prediction, ...] | None]]:
+def _lines(path: str) -> list[tuple[dict[str, Any], Any, str]]:
+    """The sample's lines, read and checked before anything is sent: each one's request
+    body, its ``label`` as written (read by :func:`_labelled` once the rule is known) and
+    where it is written (``file:line``)."""
     text = _sample_text(path)
     path = "<stdin>" if path == "-" else path
     out = []
@@ -161,27 +164,37 @@ def _lines(path: str, rule: cascade_rules.TensorRule) -> list[tuple[dict[str, An
         if not isinstance(doc, dict):
             raise CliError(f"{path}:{number}: a sample is a JSON object with \"inputs\" (or tensor names) and an optional \"label\"")
         label = doc.pop("label", None)
+        try:
+            body = infer.body_of(json.dumps(doc), what="the sample")
+        except CliError as exc:
+            raise CliError(f"{path}:{number}: {exc}") from None
+        out.append((body, label, f"{path}:{number}"))
+    if not out:
+        raise CliError(f"{path}: no samples")
+    return out
+
+
+def _labelled(samples: Sequence[tuple[dict[str, Any], Any, str]],
+              rule: cascade_rules.TensorRule) -> list[tuple[dict[str, Any], tuple[Prediction, ...] | None]]:
+    """Each sample's body and its labels as ``rule`` answers: a class per row, or under a
+    multi-label rule the labels that apply per row."""
+    out = []
+    for body, label, where in samples:
         labels: tuple[Prediction, ...] | None
         if label is None:
             labels = None
         elif rule.independent:
             labels = _label_sets(label)
             if labels is None:
-                raise CliError(f"{path}:{number}: \"label\" must list the labels that apply (label indices, 0 or more): [0, 3] "
+                raise CliError(f"{where}: \"label\" must list the labels that apply (label indices, 0 or more): [0, 3] "
                                "for one row, or one such list per row ([[0, 3], []])")
         elif _class_index(label):
             labels = (label,)
         elif isinstance(label, list) and label and all(_class_index(x) for x in label):
             labels = tuple(label)
         else:
-            raise CliError(f"{path}:{number}: \"label\" must be a class index (0 or more) or a list of them (one per row)")
-        try:
-            body = infer.body_of(json.dumps(doc), what="the sample")
-        except CliError as exc:
-            raise CliError(f"{path}:{number}: {exc}") from None
+            raise CliError(f"{where}: \"label\" must be a class index (0 or more) or a list of them (one per row)")
         out.append((body, labels))
-    if not out:
-        raise CliError(f"{path}: no samples")
     return out
 
 
@@ -285,8 +298,9 @@ def cmd_tune(api: ApiClient, args: argparse.Namespace) -> int:
     if not args.name:
         raise CliError("the cascade's deployment name is empty (edgeplane get cascades)", 2)
     thresholds = _thresholds(args.thresholds)
-    rule = _rule(api, args.name)  # first: a sample's labels read as its rule answers (a class, or labels that apply)
-    samples = _lines(args.file, rule)
+    lines = _lines(args.file)  # read and checked before anything is sent
+    rule = _rule(api, args.name)
+    samples = _labelled(lines, rule)  # a sample's labels read as its rule answers (a class, or labels that apply)
     headers = infer.caller_headers(args)
     # by the deployment's name: its own cascade (by the model's, another deployment's may run for this caller)
     rows = sweep(replay(api, args.name, rule, samples, headers, "<stdin>" if args.file == "-" else args.file), thresholds)
