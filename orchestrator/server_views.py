@@ -206,7 +206,8 @@ class ServerViews:
 
     async def simulate(self, body: bytes, each: str | None, top: int | None) -> dict[str, Any]:
         # The store is read and the planning runs off the loop once a slot is free, so the gateway keeps answering.
-        return await self.simulations.run(self.current, body, each, top)
+        leads = self.elector is None or self.elector.leading  # a follower holds no plan in force
+        return await self.simulations.run(self.current, body, each, top, self.reconciler.plan_in_force if leads else lambda: None)
 
     async def metrics(self) -> bytes:
         """``GET /metrics``. What it counts from the store (the placement, and the sites taken

@@ -26,6 +26,7 @@ from orchestrator import views
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import model as sched_model
+from orchestrator.scheduler import standing as standing_mod
 from orchestrator.simulation import budget, report, scenario, sweep, whatif
 
 SWEEPS = ("site", "region")
@@ -41,26 +42,30 @@ class Busy(Exception):
     retry_after_s = RETRY_AFTER_S
 
 
-def state_of(s: snap.Snapshot) -> whatif.State:
+def state_of(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -> whatif.State:
     """The planner's inputs for ``s``, exactly as a reconcile pass builds them, planned as
-    the pass plans them (``planning.plan_full``) whatever sites and demand a what-if gives:
-    the room replicas moved off a site hold there until their replacements serve is held."""
+    the pass would plan them whatever sites and demand a what-if gives
+    (``planning.plan_as_pass``): where only sites are lost, the plan in force
+    (``standing``, the reconciler's; None: the pass has none and plans in full) repaired,
+    else in full, the room replicas moved off a site hold there until their replacements
+    serve held. ``standing`` is not changed."""
     sites, deployments, current = planning.scheduler_inputs(s)
 
     def plan(sites: Sequence[sched_model.Site], deployments: Sequence[sched_model.Deployment],
              current: Sequence[sched_model.Replica]) -> whatif.Planned:
-        result, _, waits = planning.plan_full(s, sites, deployments, current)
+        result, waits, repaired = planning.plan_as_pass(s, standing, sites, deployments, current)
         return whatif.Planned(result, {name: whatif.Waiting(wait.replicas, **views.planned_phase(result.deployments[name], wait))
-                                       for name, wait in waits.items()})
+                                       for name, wait in waits.items()}, "repair" if repaired else "full")
     return whatif.State(tuple(sites), tuple(deployments), tuple(current), plan)
 
 
 def run(s: snap.Snapshot, body: bytes, each: str | None = None, top: int | None = None,
-        work_budget: int | None = None) -> dict[str, Any]:
+        work_budget: int | None = None, standing: standing_mod.Standing | None = None) -> dict[str, Any]:
     """The report of one scenario, or of a sweep of the fleet as the scenario leaves it;
     raises ``scenario.ScenarioError`` (``budget.TooMuchWork`` over ``work_budget``, before
-    any planning; None: no budget). While changes are on hold, ``hold`` says why."""
-    return {**answer(state_of(s), body, each, top, work_budget), **views.held(s)}
+    any planning; None: no budget). While changes are on hold, ``hold`` says why.
+    ``standing``: the reconciler's plan in force (``state_of``)."""
+    return {**answer(state_of(s, standing), body, each, top, work_budget), **views.held(s)}
 
 
 def answer(state: whatif.State, body: bytes, each: str | None = None, top: int | None = None,
@@ -92,9 +97,11 @@ class Simulations:
         self.refused = Counter("edgeplane_simulations_refused", "What-ifs refused before planning, by reason (busy, budget)",
                                ["reason"], registry=registry)
 
-    async def run(self, read: Callable[[], Awaitable[snap.Snapshot]], body: bytes, each: str | None, top: int | None) -> dict[str, Any]:
+    async def run(self, read: Callable[[], Awaitable[snap.Snapshot]], body: bytes, each: str | None, top: int | None,
+                  in_force: Callable[[], standing_mod.Standing | None] = lambda: None) -> dict[str, Any]:
         """``plan`` of the state ``read`` returns, in a free slot and off the event loop;
-        ``Busy`` when no slot is free (before reading anything)."""
+        ``Busy`` when no slot is free (before reading anything). ``in_force``: the plan in
+        force the next pass would repair, asked on the loop once the state is read."""
         if not self._slots.acquire(blocking=False):
             self.refused.labels("busy").inc()
             raise Busy(f"a simulation is already running on this control plane; retry in {RETRY_AFTER_S} s")
@@ -103,7 +110,8 @@ class Simulations:
             # A cancelled request leaves its slot taken until its work ends: the planning's
             # thread, which anyio waits for, and the store read, which goes on in its own
             # worker thread and is shielded here so that the slot goes only when it ends.
-            return await run_in_threadpool(self.plan, await asyncio.shield(reading), body, each, top, self.work_budget)
+            state = await asyncio.shield(reading)
+            return await run_in_threadpool(self.plan, state, body, each, top, self.work_budget, in_force())
         except budget.TooMuchWork:
             self.refused.labels("budget").inc()
             raise

@@ -226,7 +226,10 @@ def print_report(r: dict[str, Any]) -> None:
     s = r["summary"]
     print(f"Scenario {r['name']}: {r['scenario']}")
     print(f"  {s['moved']} replica(s) moved, {s['added']} added, {s['removed']} removed, "
-          f"{s['unschedulableReplicas']} no longer fit; residency crossings: {s['residencyCrossings']}\n")
+          f"{s['unschedulableReplicas']} no longer fit; residency crossings: {s['residencyCrossings']}")
+    if r.get("method") in METHODS:  # a control plane before 'method' says nothing of it
+        print(f"  {METHODS[r['method']]}")
+    print()
     b, a = r["before"], r["after"]
     render.table("Today vs the scenario", ["", "TODAY", "SCENARIO"], [
         ["replicas", b["replicas"], a["replicas"]],
@@ -255,6 +258,13 @@ def print_report(r: dict[str, Any]) -> None:
         _more(len(rows), " demand points")
     crossings = r["residency"]["crossings"]
     print(f"\nResidency audit: {len(crossings)} crossing(s)" + ("" if not crossings else ": " + ", ".join(f"{c['deployment']}@{c['site']}" for c in crossings[:10])))
+
+
+#: How a what-if was planned (``whatif.Planned.method``), as the report says it.
+METHODS = {
+    "repair": "planned by repair: the plan in force repaired, as the next pass would, only the lost replicas moving",
+    "full": "planned in full: every deployment planned again (planner.plan), other replicas may move too",
+}
 
 
 def _more(count: int, what: str, shown: int = 50) -> None:

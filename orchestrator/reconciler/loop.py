@@ -338,6 +338,11 @@ class Reconciler:
         """Why changes to the fleet are on hold as of the last pass, or None."""
         return hold.reason(self._unreadable)
 
+    def plan_in_force(self) -> standing_mod.Standing | None:
+        """The plan the next pass repairs where only sites are lost (None: it plans in full,
+        or a pass holds it now); a what-if repairs a fork of it (``Standing.fork``)."""
+        return self._standing
+
     async def current(self, leaders: observed_mod.Observed | None = None) -> snap.Snapshot:
         """Desired state as stored now, observed state as of the last pass (for previews).
 

@@ -95,10 +95,9 @@ def _scheduled(s: snap.Snapshot, sites: Sequence[sched_model.Site], deployments:
                current: Sequence[sched_model.Replica], standing: standing_mod.Standing | None
                ) -> tuple[sched_result.PlanResult, standing_mod.Standing | None, dict[str, drain.Wait]]:
     """``schedule_pass``'s plan, no failback due."""
-    if standing is not None and standing.stands_for(deployments, current):
-        repaired = standing.repair(sites)
-        if repaired is not None:
-            return repaired, standing, {}
+    repaired = _repaired(standing, sites, deployments, current)
+    if repaired is not None:
+        return repaired, standing, {}
     result, again, waits = plan_full(s, sites, deployments, current)
     if again:  # the plan's newcomers there go elsewhere or wait: not at rest
         return result, None, waits
@@ -108,6 +107,30 @@ def _scheduled(s: snap.Snapshot, sites: Sequence[sched_model.Site], deployments:
         return result, standing_mod.Standing(sites, deployments, current), {}
     except ValueError:  # cannot happen for a plan at rest; the next pass plans in full
         return result, None, {}
+
+
+def _repaired(standing: standing_mod.Standing | None, sites: Sequence[sched_model.Site], deployments: Sequence[sched_model.Deployment],
+              current: Sequence[sched_model.Replica]) -> sched_result.PlanResult | None:
+    """``standing`` repaired for ``sites`` when it is the plan in force for ``deployments``
+    running ``current`` and only sites were lost, came back or were added; else None."""
+    if standing is None or not standing.stands_for(deployments, current):
+        return None
+    return standing.repair(sites)
+
+
+def plan_as_pass(s: snap.Snapshot, standing: standing_mod.Standing | None, sites: Sequence[sched_model.Site],
+                 deployments: Sequence[sched_model.Deployment], current: Sequence[sched_model.Replica]
+                 ) -> tuple[sched_result.PlanResult, dict[str, drain.Wait], bool]:
+    """How the next pass would plan ``s`` were its scheduler inputs ``sites``, ``deployments``
+    and ``current`` (a what-if's), the plan in force being ``standing``, which is left as
+    it is (a fork of it is repaired): ``schedule_pass``'s choice, made the same way. The
+    plan; the replicas each deployment waits for meanwhile; whether it was a repair."""
+    due = s.failback.due(sites)
+    repaired = None if due else _repaired(standing.fork() if standing is not None else None, sites, deployments, current)
+    if repaired is not None:
+        return repaired, {}, True
+    result, _, waits = plan_full(s, sites, deployments, current, s.failback.returning(due) if due else ())
+    return result, waits, False
 
 
 def drain_preview(s: snap.Snapshot, site: str) -> dict[str, Any]:

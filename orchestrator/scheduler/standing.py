@@ -22,12 +22,16 @@ no capacity change: ``repair`` returns None, the caller runs ``planner.plan`` an
 builds a new ``Standing`` from its answer.
 
 Pure like the planner: no I/O, no clock, no globals. A ``Standing`` is mutable on
-purpose: after ``repair`` it holds the repaired plan, the one in force once applied.
+purpose: after ``repair`` it holds the repaired plan, the one in force once applied. A
+what-if asks how the plan in force would be repaired without changing it: ``fork`` copies
+it, under the lock ``repair`` holds, so a pass repairing it meanwhile is waited for.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
@@ -69,6 +73,7 @@ class Standing:
         the same sites and deployments). A replica that breaks a hard rule or finds no
         room is an error: a standing plan is one the planner could have made."""
         self.weights, self.tuning, self.region_locations = weights, tuning, region_locations
+        self._lock = threading.Lock()  # held while repaired or forked
         with gcpause.paused():
             self._build(sites, deployments, placement)
 
@@ -123,10 +128,18 @@ class Standing:
         }
         return Counter((r.deployment, r.site, r.variant) for r in current) == mine
 
+    def fork(self) -> Standing:
+        """A copy of this plan in force that repairs apart from it (the sites and
+        deployments it was built over, immutable, are shared)."""
+        with self._lock:
+            shared: dict[int, object] = {id(x): x for x in (*self.fleet.sites, *self.deployments)}
+            shared[id(self._lock)] = threading.Lock()
+            return copy.deepcopy(self, shared)
+
     def repair(self, sites: Sequence[Site]) -> PlanResult | None:
         """The plan for ``sites``, keeping every replica that still stands; None when
         ``sites`` differ from the standing ones by more than sites lost, back or added."""
-        with gcpause.paused():
+        with self._lock, gcpause.paused():
             change = self._capacity_change(sites)
             if change is not None:
                 lost, back, gone = change

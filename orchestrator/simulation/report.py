@@ -31,6 +31,7 @@ def report(r: whatif.Report) -> dict[str, Any]:
     return {
         "name": r.name,
         "scenario": r.scenario,
+        "method": r.method,
         "summary": {
             "moved": len(r.moved),
             "added": len(r.added),

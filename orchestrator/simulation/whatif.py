@@ -42,6 +42,9 @@ class Waiting:
 class Planned:
     result: sched_result.PlanResult
     waiting: Mapping[str, Waiting]  # by deployment
+    # How it was planned: "repair" (the plan in force repaired, only what was lost moving,
+    # as a pass does when only sites were lost or came back) or "full" (``planner.plan``).
+    method: str = "full"
 
 
 #: How a fleet is planned from its running replicas: (sites, deployments, current) -> Planned.
@@ -60,8 +63,9 @@ class State:
 
     ``plan``: how the control plane plans it. While replicas move, those leaving a site keep
     their room there until their replacements serve, and a pass plans again with that room
-    held: the control plane gives its own (``api.simulate.state_of``), so that a what-if
-    never places a replica where the pass would not."""
+    held; where only sites are lost, a pass repairs the plan in force rather than plan in
+    full: the control plane gives its own (``api.simulate.state_of``), so that a what-if
+    places each replica where the pass would."""
 
     sites: tuple[sched.Site, ...]
     deployments: tuple[sched.Deployment, ...]
@@ -119,6 +123,7 @@ class Report:
     short: tuple[Shortfall, ...]
     crossings: tuple[Crossing, ...]
     replicas: tuple[sched.Replica, ...]  # the simulated placement
+    method: str = "full"  # how it was planned (``Planned.method``)
 
     @property
     def unschedulable_replicas(self) -> int:
@@ -344,6 +349,7 @@ def _report(changes: Changes, before: measure_mod.Metrics, after: measure_mod.Me
         short=short,
         crossings=audit_residency(sites, deployments, replicas),
         replicas=tuple(replicas),
+        method=planned.method,
     )
 
 

@@ -86,6 +86,27 @@ async def test_a_sweep_by_region_ranks_every_region(served) -> None:  # type: ig
     assert (data["scenario"], data["swept"], [i["target"] for i in data["ranked"]]) == ("fail region fr", 1, ["de"])
 
 
+async def test_the_leader_s_what_if_repairs_its_plan_in_force_as_its_next_pass_would(served) -> None:  # type: ignore[no-untyped-def]
+    """The fleet at rest, the reconciler keeps its plan as the one in force; a site lost is
+    answered by a repair of a copy of it (tests/foundation/test_whatif_repair.py), and said so."""
+    cp, admin, _ = served
+    for _ in range(5):  # the pass after the one that placed the fleet finds it at rest
+        if cp.reconciler.plan_in_force() is not None:
+            break
+        passes = cp.reconciler.passes
+        cp.reconciler.trigger("test")
+        await cp.reconciler.wait_for_pass(passes)
+    in_force = cp.reconciler.plan_in_force()
+    assert in_force is not None
+    async with httpx.AsyncClient(base_url=cp.http_url, headers={"authorization": f"Bearer {admin}"}) as http:
+        for _ in range(5):  # asked while a pass held the plan in force, it plans in full: asked again after that pass
+            passes = cp.reconciler.passes
+            resp = await http.post("/v1/simulate", content="spec: {fail: {sites: [edge-a]}}")
+            if resp.json().get("method") == "repair" or cp.reconciler.passes == passes:
+                break
+    assert resp.status_code == 200 and resp.json()["method"] == "repair", resp.text
+
+
 async def test_the_cli_simulates_against_the_control_plane(served) -> None:  # type: ignore[no-untyped-def]
     cp, _, read = served
     proc = await asyncio.to_thread(run_cli, "--server", cp.http_url, "--token", read, "simulate", "--fail-region", "fr", "-o", "json")
