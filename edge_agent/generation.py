@@ -554,12 +554,20 @@ def _retired(name: str) -> openai_api.ApiError:
 async def _on_worker(hold: inflight.Hold | None, step: Callable[[], T]) -> T:
     """``step()`` on a worker thread, ``hold`` kept until the thread is done with it: a caller
     that leaves ends the wait, not the decoding or tokenizing, which goes on taking the memory
-    charged for it (as a v2 run on a worker keeps its charge, ``http.InferenceServer.compute``)."""
+    charged for it (as a v2 run on a worker keeps its charge, ``http.InferenceServer.compute``).
+    Its error once the caller has left is no one's (a bad body, a special token in a message):
+    it is read here, not logged by asyncio as never retrieved."""
     if hold is None:
         return await asyncio.to_thread(step)
     hold.pin()
     job = asyncio.ensure_future(asyncio.to_thread(step))
-    job.add_done_callback(lambda _: hold.release())
+
+    def done(job: asyncio.Future[T]) -> None:
+        hold.release()
+        if not job.cancelled():
+            job.exception()
+
+    job.add_done_callback(done)
     return await asyncio.shield(job)
 
 
