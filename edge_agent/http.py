@@ -285,6 +285,8 @@ class InferenceServer:
                 served.answered(time.perf_counter() - started, body_bytes)
             if job is not None and hold is not None:
                 hold.release()
+            if job is not None and not job.cancelled():
+                job.exception()  # read: a run that failed once its caller had gone is no one's to log
 
         if small and self.inflight == 1 and self.received() <= 1 and served.run_s <= self._inline_max_s:
             try:

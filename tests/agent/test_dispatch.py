@@ -5,6 +5,7 @@ large JSON bodies)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import pathlib
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 
 from edge_agent import http, registry
 from edge_agent.httpmessages import Request
@@ -168,6 +170,42 @@ async def test_a_caller_that_goes_away_keeps_its_slot_until_the_run_ends(server)
             break
         await asyncio.sleep(0.01)
     assert app.inflight == 0
+
+
+async def test_a_run_that_fails_after_its_caller_went_away_logs_no_traceback(
+        tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``total = a + b`` over lengths that do not broadcast: onnxruntime refuses it inside the
+    graph, on a worker, once its caller has gone (the refusal is no one's to read)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["total"])], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n"]), helper.make_tensor_value_info("b", TensorProto.FLOAT, ["m"])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_models.OPSET)])
+    model.ir_version = 8
+    runtime = Recorded(onnx.OnnxModel.load(model.SerializeToString()))
+    runtime.gate = threading.Event()
+    served = registry.ServedModel("m", "0" * 64, runtime)  # type: ignore[arg-type]
+    body, header = oip.encode_request({"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)}, binary=True)
+    mismatched = Request("POST", "/v2/models/m/infer", "", {oip.BINARY_HEADER.lower(): str(header)}, body)
+    with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
+        app = http.InferenceServer(OneModel(served), pool, inline_max_s=0)  # type: ignore[arg-type]
+        call = asyncio.create_task(app.infer("m", mismatched))
+        for _ in range(500):  # bounded: until the worker is inside the run
+            if runtime.threads:
+                break
+            await asyncio.sleep(0.002)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        runtime.gate.set()
+        for _ in range(500):  # bounded: until the run has failed
+            if app.inflight == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert app.inflight == 0
+    gc.collect()  # the failed run is let go of here, where asyncio logs an error no one read
+    unread = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert not unread, unread
 
 
 async def test_a_large_json_body_the_model_usually_gets_stays_on_the_loop(tmp_path: pathlib.Path) -> None:
