@@ -5,7 +5,8 @@ claims, nor what the host has when the agent runs in a container:
 
 - CPU cores: the CPUs this process may run on (its affinity), capped by its cgroup's CPU
   quota, rounded up (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``); the agent's inference
-  threads, and onnxruntime's threads per session, follow them;
+  threads, and onnxruntime's threads per session, follow them, the latter no more than the
+  physical cores those CPUs belong to (``/sys/devices/system/cpu``);
 - memory: ``MemTotal`` / ``MemAvailable`` of ``/proc/meminfo``, capped by the cgroup's
   memory limit and what is left under it (v2 ``memory.max`` / ``memory.current``, v1
   ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``). What is used under the limit is
@@ -35,7 +36,7 @@ import math
 import os
 import pathlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,6 +47,7 @@ __all__ = ["Capacity", "CapacityProbe", "Gpu", "Load", "probe_gpus", "usable_pro
 log = logging.getLogger(__name__)
 PROC = pathlib.Path("/proc")
 CGROUP_ROOT = pathlib.Path("/sys/fs/cgroup")
+CPU_ROOT = pathlib.Path("/sys/devices/system/cpu")
 
 
 @dataclass(frozen=True)
@@ -184,15 +186,54 @@ def genai_built_with_cuda() -> bool:
     return genai.built_with_cuda()
 
 
+def cpu_list(text: str) -> frozenset[int]:
+    """The CPUs of a kernel CPU list (``0-3,8,10-11``), as ``/sys/devices/system/cpu/online``
+    and ``thread_siblings_list`` write them. ValueError for text that is not one."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return frozenset(cpus)
+
+
+def physical_cores(cpus: Iterable[int], siblings: Callable[[int], str | None]) -> int:
+    """How many physical cores ``cpus`` belong to: ``siblings(cpu)`` is the CPU list of the
+    core's hardware threads (its SMT siblings, the CPU itself included), the same text for
+    each of them; a CPU whose core is unknown counts as a core of its own."""
+    cores: set[object] = set()
+    for cpu in cpus:
+        text = siblings(cpu)
+        try:
+            cores.add(cpu_list(text) if text else cpu)
+        except ValueError:
+            cores.add(cpu)
+    return len(cores)
+
+
+def session_threads(cores: int, machine_cpus: int, physical_cores: int) -> int:
+    """The threads an onnxruntime session runs a model on (its intra-op threads), for a process
+    that may use ``cores`` of the machine's ``machine_cpus`` CPUs (its affinity capped by its
+    quota), its affinity's CPUs being ``physical_cores`` physical cores: 0, onnxruntime's own
+    default (a thread per physical core of the machine), where it may use every CPU; else the
+    cores it may use, and no more than those physical cores. onnxruntime counts the host's
+    cores, which neither a cgroup quota nor a cpuset changes: a container given 2 of a host's
+    64 CPUs would run each model on 32 threads, which the quota then throttles by turns; and
+    a thread per CPU of a cpuset holding both hardware threads of some cores (48 of 64 with
+    SMT) would run two on those cores, where onnxruntime's own default runs one."""
+    if cores >= machine_cpus:
+        return 0
+    return max(1, min(cores, physical_cores))
+
+
 class CapacityProbe:
     """Measures capacity and load; the GPU and provider probes (onnxruntime's, and whether
-    onnxruntime-genai has CUDA), and the roots of ``/proc`` and the cgroup file system, are
-    injectable. The execution providers the agent's models load on (``execution_providers``)
-    follow the GPUs the last probe found: decided at the start, and again with each capacity
-    probe (at each join, and now and then), so that a GPU seen later (a driver loaded late, a
-    GPU reset that ended) is used by the models loaded from then on, as placement, which
-    counts the GPUs reported, expects; its generative models follow them too
-    (:meth:`generative_on_cuda`)."""
+    onnxruntime-genai has CUDA), the roots of ``/proc``, the cgroup file system and the CPUs'
+    topology, and the CPUs this process may run on, are injectable. The execution providers
+    the agent's models load on (``execution_providers``) follow the GPUs the last probe found:
+    decided at the start, and again with each capacity probe (at each join, and now and then),
+    so that a GPU seen later (a driver loaded late, a GPU reset that ended) is used by the
+    models loaded from then on, as placement, which counts the GPUs reported, expects; its
+    generative models follow them too (:meth:`generative_on_cuda`)."""
 
     def __init__(
         self,
@@ -202,11 +243,13 @@ class CapacityProbe:
         genai_cuda: Callable[[], bool] = genai_built_with_cuda,
         proc: pathlib.Path = PROC,
         cgroup_root: pathlib.Path = CGROUP_ROOT,
+        cpu_root: pathlib.Path = CPU_ROOT,
+        affinity: Callable[[], Collection[int]] = lambda: os.sched_getaffinity(0),
     ) -> None:
         self._gpus = gpus
         self._genai_cuda = genai_cuda
         self._genai_has_cuda: bool | None = None
-        self._host: _Host = _Linux(proc, cgroup_root) if (proc / "meminfo").is_file() else _Psutil()
+        self._host: _Host = _Linux(proc, cgroup_root, cpu_root, affinity) if (proc / "meminfo").is_file() else _Psutil()
         self._host.cpu_percent()  # primes the counter: later calls are deltas
         self._last_gpus: tuple[Gpu, ...] = ()
         self._offered = tuple(providers())
@@ -234,13 +277,8 @@ class CapacityProbe:
         return self._host.cpu_cores()
 
     def session_threads(self) -> int:
-        """The threads an onnxruntime session runs a model on (its intra-op threads): 0,
-        onnxruntime's own default, where this process may use every CPU of the machine; else
-        the cores it may use. onnxruntime counts the host's cores, which neither a cgroup
-        quota nor a cpuset changes: a container given 2 of a host's 64 CPUs would run each
-        model on 32 threads, which the quota then throttles by turns."""
-        cores = self.cpu_cores()
-        return cores if cores < (os.cpu_count() or cores) else 0
+        """The threads an onnxruntime session runs a model on here (:func:`session_threads`)."""
+        return session_threads(self.cpu_cores(), self._host.machine_cpus(), self._host.physical_cores())
 
     def capacity(self) -> Capacity:
         self._last_gpus = self._gpus()
@@ -282,21 +320,43 @@ class CapacityProbe:
 
 class _Host(Protocol):
     def cpu_cores(self) -> int: ...
+    def machine_cpus(self) -> int: ...
+    def physical_cores(self) -> int: ...
     def memory_total(self) -> int: ...
     def memory_available(self) -> int: ...
     def cpu_percent(self) -> float: ...
 
 
 class _Linux:
-    def __init__(self, proc: pathlib.Path, cgroup_root: pathlib.Path) -> None:
+    def __init__(self, proc: pathlib.Path, cgroup_root: pathlib.Path, cpu_root: pathlib.Path,
+                 affinity: Callable[[], Collection[int]]) -> None:
         self._proc = proc
+        self._cpu_root = cpu_root
+        self._affinity = affinity
         self._cgroups = _cgroup_dirs(proc, cgroup_root)
         self._last_stat: tuple[int, int] | None = None
 
     def cpu_cores(self) -> int:
-        cores = len(os.sched_getaffinity(0))
+        cores = len(self._affinity())
         quota = self._cpu_quota()
         return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+    def machine_cpus(self) -> int:
+        """The machine's CPUs online, as ``os.cpu_count`` counts them (glibc reads this file)."""
+        try:
+            return len(cpu_list((self._cpu_root / "online").read_text()))
+        except (OSError, ValueError):
+            return os.cpu_count() or 1
+
+    def physical_cores(self) -> int:
+        """The physical cores the CPUs this process may run on belong to."""
+        def siblings(cpu: int) -> str | None:
+            try:
+                return (self._cpu_root / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip()
+            except OSError:
+                return None
+
+        return physical_cores(self._affinity(), siblings)
 
     def memory_total(self) -> int:
         limit = self._memory_limit()
@@ -399,6 +459,12 @@ class _Psutil:
 
     def cpu_cores(self) -> int:
         return int(self._psutil.cpu_count(logical=True) or 1)
+
+    def machine_cpus(self) -> int:
+        return self.cpu_cores()
+
+    def physical_cores(self) -> int:
+        return int(self._psutil.cpu_count(logical=False) or self.cpu_cores())
 
     def memory_total(self) -> int:
         return int(self._psutil.virtual_memory().total)

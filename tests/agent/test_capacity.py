@@ -88,10 +88,40 @@ async def test_onnxruntime_runs_one_thread_per_core_the_agent_may_use_not_per_co
     assert served is not None and served.runtime._session.get_session_options().intra_op_num_threads == 1
     generative = agent.generative_options(cuda=False).overlay
     assert generative is not None and generative["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 1
-    # where the agent may use every CPU, onnxruntime keeps its own default
-    unlimited = tmp_path / "unlimited"
-    files(unlimited, cgroup_controllers="cpu memory", cpu_max="max 100000")
-    assert probe(fake_proc(tmp_path / "host", "0::/\n"), unlimited).session_threads() == (0 if CORES == os.cpu_count() else CORES)
+
+
+def fake_cpus(root: pathlib.Path, cpus: int, smt: bool) -> pathlib.Path:
+    """``/sys/devices/system/cpu`` of a machine of ``cpus`` CPUs, CPU n and n + cpus/2 the two
+    hardware threads of one core where ``smt`` (as Linux numbers them on x86)."""
+    files(root, online=f"0-{cpus - 1}")
+    half = cpus // 2
+    for cpu in range(cpus):
+        topology = root / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "thread_siblings_list").write_text(f"{cpu % half},{cpu % half + half}\n" if smt else f"{cpu}\n")
+    return root
+
+
+@pytest.mark.parametrize(("allowed", "quota", "smt", "threads"), [
+    (range(64), None, True, 0),  # every CPU: onnxruntime's own default, one thread per physical core (32)
+    (range(48), None, True, 32),  # a cpuset of 48 CPUs, the two threads of 16 cores among them: 32 cores
+    (range(24), None, True, 24),  # 24 CPUs of 24 cores
+    ([0, 32], None, True, 1),  # the two threads of one core
+    (range(64), 48.0, True, 32),  # a quota of 48 cores' time over 32 cores
+    (range(64), 2.0, True, 2),
+    (range(48), None, False, 48),  # no SMT: a core a CPU
+    (range(64), 1.5, False, 2),
+])
+def test_onnxruntime_runs_no_more_threads_than_the_physical_cores_the_agent_may_use(
+        tmp_path: pathlib.Path, allowed: range | list[int], quota: float | None, smt: bool, threads: int) -> None:
+    # onnxruntime's own default runs a thread per physical core: a thread per CPU of a
+    # cpuset that holds both threads of some cores ran two threads on one core's units
+    cgroups = tmp_path / "cgroup"
+    files(cgroups, cgroup_controllers="cpu memory", cpu_max="max 100000" if quota is None else f"{int(quota * 100000)} 100000")
+    measured = capacity.CapacityProbe(lambda: ["CPUExecutionProvider"], gpus=lambda: (), proc=fake_proc(tmp_path, "0::/\n"),
+                                      cgroup_root=cgroups, cpu_root=fake_cpus(tmp_path / "cpu", 64, smt),
+                                      affinity=lambda: set(allowed))
+    assert measured.session_threads() == threads
 
 
 @pytest.mark.parametrize("v1", [False, True])
