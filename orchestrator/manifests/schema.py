@@ -315,6 +315,20 @@ class LlmSpec(Strict):
     gpuMemoryUtilization: float = Field(default=0.9, gt=0.1, le=1.0)
     engineArgs: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_stages(cls, data: Any, info: ValidationInfo) -> Any:
+        """A variant an earlier release stored with its pipeline stages in ``engineArgs``
+        (then the only place for them; a manifest is now refused them there) reads them as
+        ``pipelineParallelSize``: it reads back, and its replicas get the GPUs they take."""
+        if written(info) or not isinstance(data, dict) or "pipelineParallelSize" in data:
+            return data
+        engine = data.get("engineArgs")
+        if not isinstance(engine, dict) or "pipeline_parallel_size" not in engine:
+            return data
+        rest = {k: v for k, v in engine.items() if k != "pipeline_parallel_size"}
+        return {**data, "engineArgs": rest, "pipelineParallelSize": engine["pipeline_parallel_size"]}
+
     # Refused in manifests only, as an importPath is: one an earlier version stored still reads.
     @field_validator("acceleratorType")
     @classmethod

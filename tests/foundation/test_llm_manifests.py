@@ -112,6 +112,17 @@ def test_a_stored_variant_with_an_accelerator_type_ray_does_not_know_still_reads
     assert schema.Variant.model_validate({**GPT_OSS_120B, "llm": llm}).llm.acceleratorType == "H100-80GB"  # type: ignore[union-attr]
 
 
+def test_a_stored_variant_with_pipeline_stages_in_its_engine_args_reads_them_as_its_pipeline_parallel_size() -> None:
+    """An earlier release took pipeline_parallel_size in engineArgs, which apply now refuses:
+    a variant it stored reads back (one that did not would hold the fleet), its stages read
+    as pipelineParallelSize, so that its replicas are given the GPUs their workers take."""
+    llm = {**GPT_OSS_120B["llm"], "tensorParallelSize": 4, "engineArgs": {"pipeline_parallel_size": 2, "enforce_eager": True}}
+    stored = schema.Variant.model_validate({**GPT_OSS_120B, "llm": llm}).llm
+    assert stored is not None and (stored.tensorParallelSize, stored.pipelineParallelSize) == (4, 2)
+    assert stored.engineArgs == {"enforce_eager": True}
+    assert inventory.llm_shape(stored).pipeline_parallel_size == 2
+
+
 def test_a_kubernetes_site_names_its_llm_image() -> None:
     text = mutate("Site", "dc1", {**KUBE_DC, "kubernetes": {"context": "prod", "llmImage": "registry.example/ray-llm:2.60.0-py311-cu128"}})
     assert check(text) == []
