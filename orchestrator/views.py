@@ -57,12 +57,12 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument]) -> dict[s
     for key in sorted(set(before) | set(after), key=lambda k: (k[1], k[0], k[2])):
         deployment, site, variant = key
         b, a = before.get(key, 0), after.get(key, 0)
-        # replicas kept on the site take the new file, whatever its count does
+        # replicas kept on the site take the new file, or Ray Serve rolls them, whatever its count does
         roll = _version_roll(current, future, deployment, site, variant) if a and b else {}
+        if a and b and not roll and (updated := _serve_update(current, future, deployment, variant)):
+            roll = {"updated": updated}
         if a == b:
-            change = "new version" if roll else "unchanged"
-            if not roll and (updated := _serve_update(current, future, deployment, variant)):
-                change, roll = "updated", {"updated": updated}
+            change = "new version" if "version" in roll else "updated" if roll else "unchanged"
         elif site in moved_sites:
             change = "moved in" if a > b else "moved out"
         else:

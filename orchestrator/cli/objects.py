@@ -118,12 +118,14 @@ def _print_plan(plan: dict[str, Any]) -> None:
 
 
 def _change(change: dict[str, Any]) -> str:
-    """The CHANGE column: a Ray Serve update names what changed (``updated: importPath``); a
+    """The CHANGE column: a Ray Serve update names what changed (``updated: importPath``,
+    after the count's change where there is one: ``added, updated: importPath``); a
     version roll says from which version to which (``model@version`` where the deployment
     names another Model) and the rollout's strategy where it is not the default, after the
     count's change where there is one (``added, new version a -> b``)."""
     if "updated" in change:
-        return f"{change['change']}: {', '.join(change['updated'])}"
+        update = f"updated: {', '.join(change['updated'])}"
+        return update if change["change"] == "updated" else f"{change['change']}, {update}"
     if "version" not in change:
         return change["change"]
     strategy = f" ({change['strategy']})" if "strategy" in change else ""

@@ -46,6 +46,15 @@ async def test_plan_shows_an_import_path_or_args_change_as_an_update_on_each_dat
         printed = capsys.readouterr().out
         assert code == 0 and "No replica changes" not in printed, printed
         assert re.search(r"dc-1\s.*updated: importPath, args", printed), printed
+        # with another replica count too, the site says both, as a version roll does
+        manifest.write_text(changed.replace("replicas: {min: 1, max: 1}", "replicas: {min: 2, max: 2}"))
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            resp = await http.post("/v1/apply", params={"dryRun": "true"}, content=manifest.read_text())
+        rows = [(c["site"], c["change"], c.get("updated")) for c in resp.json()["plan"]["changes"]]
+        assert rows == [("dc-1", "added", ["importPath", "args"])], rows
+        code = await asyncio.to_thread(cli_main.main, ["--server", cp.http_url, "plan", "-f", str(manifest)])
+        printed = capsys.readouterr().out
+        assert re.search(r"dc-1\s.*added, updated: importPath, args", printed), printed
     finally:
         await f.stop()
         dashboard.stop()
