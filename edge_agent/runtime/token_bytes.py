@@ -28,12 +28,6 @@ from typing import Any
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def partial_tokens(tokenizer: Any) -> dict[int, bytes]:
-    """Token id -> the bytes of each token of a parsed ``tokenizer.json`` that is part of a
-    character (its bytes are not valid UTF-8 alone); empty for a vocabulary of another kind."""
-    return {token_id: raw for token_id, raw in _token_bytes(tokenizer) if not _is_utf8(raw)}
-
-
 def shown_tokens(tokenizer: Any) -> dict[int, tuple[str, bytes]]:
     """Token id -> (how logprobs show it, its bytes) for each token of a parsed
     ``tokenizer.json`` whose text the library does not decode: parts of a character and

@@ -424,13 +424,13 @@ def test_the_byte_tokens_of_a_byte_level_vocabulary_are_the_bytes_they_stand_for
     from tokenizers import Tokenizer
 
     folder = genai_model.build_model_dir(tmp_path / "tiny")
-    partial = token_bytes.partial_tokens(json.loads((folder / "tokenizer.json").read_bytes()))
+    partial = token_bytes.stream_tokens(json.loads((folder / "tokenizer.json").read_bytes()))
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     for text in ("é", "€", "😊"):  # each character a token per byte in this vocabulary
         ids = tokenizer.encode(text).ids
         assert b"".join(partial[i] for i in ids) == text.encode(), text
     assert tokenizer.encode("The agent").ids[0] not in partial  # text on its own: not kept
-    assert len(partial) == 128  # 0x80-0xFF: never UTF-8 alone
+    assert len(partial) == 129  # 0x80-0xFF: never UTF-8 alone; and NUL
 
 
 def test_a_model_reads_the_bytes_of_its_tokens_when_it_loads_not_at_the_first_request_for_logprobs(
@@ -481,12 +481,12 @@ def test_a_sentencepiece_vocabulary_s_special_and_nul_tokens_show_as_it_has_them
                                      {"type": "Sequence", "decoders": [{"type": "Replace"}, {"type": "ByteFallback"}]}])
 def test_the_byte_tokens_of_a_sentencepiece_vocabulary_are_the_bytes_they_name(decoder: dict) -> None:
     vocab = {"<unk>": 0, "<0x41>": 1, "<0xE2>": 2, "<0x82>": 3, "\u2581the": 4, "<0xe2>x": 5}
-    assert token_bytes.partial_tokens({"model": {"type": "BPE", "vocab": vocab}, "decoder": decoder}) == {2: b"\xe2", 3: b"\x82"}
+    assert token_bytes.stream_tokens({"model": {"type": "BPE", "vocab": vocab}, "decoder": decoder}) == {2: b"\xe2", 3: b"\x82"}
 
 
 @pytest.mark.parametrize("tokenizer", [None, [], {"model": None}, {"model": {"vocab": {"<0xE2>": 1}}}])
 def test_a_vocabulary_that_names_no_bytes_gives_none(tokenizer: object) -> None:
-    assert token_bytes.partial_tokens(tokenizer) == {}
+    assert token_bytes.stream_tokens(tokenizer) == {}
 
 
 def test_a_character_split_over_tokens_shows_each_token_s_bytes_and_one_text_offset() -> None:
