@@ -143,11 +143,11 @@ def _numbers_to_array(data: Any, dtype: np.dtype[Any], datatype: str, shape: tup
     if isinstance(data, np.ndarray):  # float data the parse read straight into an array
         if data.size != math.prod(shape):
             raise ProtocolError(f"{where}: shape {list(shape)} needs {math.prod(shape)} elements, data has {data.size}")
-        return data.astype(dtype, copy=False).reshape(shape)
+        return (_as_float(data, dtype, datatype, where) if dtype.kind == "f" else data.astype(dtype, copy=False)).reshape(shape)
     if dtype.kind == "f" and isinstance(data, list):
         flat = _flat_floats(data)
         if flat is not None and flat.size == math.prod(shape):
-            return flat.astype(dtype, copy=False).reshape(shape)
+            return _as_float(flat, dtype, datatype, where).reshape(shape)
     if isinstance(data, list) and len(data) > 0 and isinstance(data[0], list):
         _check_depth(data)
     try:
@@ -163,7 +163,26 @@ def _numbers_to_array(data: Any, dtype: np.dtype[Any], datatype: str, shape: tup
         raise ProtocolError(f"{where}: shape {list(shape)} needs {count} elements, data has {values.size}")
     if dtype.kind in "biu" and values.dtype.kind in "iu" and values.size and values.dtype != dtype:
         _check_range(int(values.min()), int(values.max()), dtype, datatype, where)
+    if dtype.kind == "f":
+        return _as_float(values, dtype, datatype, where).reshape(shape)
     return values.astype(dtype, copy=False).reshape(shape)
+
+
+def _as_float(values: np.ndarray, dtype: np.dtype[Any], datatype: str, where: str) -> np.ndarray:
+    """JSON numbers as a float tensor: each rounded to the nearest value of its width, as
+    numpy casts, but one past the width's largest (FP16 70000, FP32 1e39) is refused where
+    the cast would give an infinity the sender did not write, as an integer past its
+    datatype is. An infinity written (the ``Infinity`` literal) stays one."""
+    with np.errstate(over="ignore"):
+        out = values.astype(dtype, copy=False)
+    if out.dtype.itemsize < values.dtype.itemsize or values.dtype.kind != "f":
+        overflowed = np.isinf(out)
+        if overflowed.any():
+            past = values.reshape(-1)[(overflowed & np.isfinite(values)).reshape(-1)]
+            if past.size:
+                raise ProtocolError(f"{where}: data does not fit {datatype}: {float(past[0])!r} is past "
+                                    f"±{float(np.finfo(dtype).max)!r}, the most it holds")
+    return out
 
 
 def _whole_numbers(data: Any, values: np.ndarray, datatype: str, where: str) -> np.ndarray:

@@ -193,16 +193,39 @@ json_numbers = st.one_of(
 def test_flat_json_numbers_decode_as_numpy_casts_them(datatype: str, values: list) -> None:
     # A flat list takes the fast conversion; the result must be what numpy's own
     # conversion of the same list gives, bit for bit (ints cast from int64, not float64).
-    # A boolean among them is refused: numpy would take it for 1 or 0.
+    # A boolean among them is refused: numpy would take it for 1 or 0; so is a number
+    # that the datatype's width would turn into an infinity.
     body = oip.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": [len(values)], "data": values}]})
     with np.errstate(over="ignore"):
-        if any(isinstance(v, bool) for v in values):
-            with pytest.raises(oip.ProtocolError, match=f"inputs\\[0\\] 'x': {datatype} data must be numbers, not JSON booleans"):
-                oip.decode_request(body)
-            return
         expected = np.asarray(values).astype(oip_tensors.DATATYPES[datatype])
-        got = oip.decode_request(body).inputs[0].array
+    if np.isinf(expected).any():
+        with pytest.raises(oip.ProtocolError, match=f"inputs\\[0\\] 'x': data does not fit {datatype}: "):
+            oip.decode_request(body)
+        return
+    if any(isinstance(v, bool) for v in values):
+        with pytest.raises(oip.ProtocolError, match=f"inputs\\[0\\] 'x': {datatype} data must be numbers, not JSON booleans"):
+            oip.decode_request(body)
+        return
+    got = oip.decode_request(body).inputs[0].array
     assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize(("datatype", "value", "largest"), [
+    ("FP16", 70000.0, "65504.0"), ("FP16", -65520, "65504.0"), ("FP16", 1e300, "65504.0"),
+    ("FP32", 1e39, "3.4028234663852886e+38"), ("FP32", -3.5e38, "3.4028234663852886e+38"),
+])
+@pytest.mark.parametrize("length", [1, 1000, 20_000], ids=["short", "long", "native-read"])
+def test_json_numbers_past_a_float_datatypes_largest_are_refused_not_read_as_infinity(
+        datatype: str, value: float, largest: str, length: int) -> None:
+    """FP16 70000 and FP32 1e39 were read as +inf, which the model then ran on, where an
+    integer past its datatype is refused; what JSON says is infinite (the literal) stays so."""
+    data = [0.5] * (length - 1) + [value]
+    body = oip.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": [length], "data": data}]})
+    with pytest.raises(oip.ProtocolError) as refused:
+        oip.decode_request(body)
+    assert str(refused.value) == f"inputs[0] 'x': data does not fit {datatype}: {float(value)!r} is past ±{largest}, the most it holds"
+    infinite = json.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": [2], "data": [float("inf"), 1.0]}]})
+    assert oip.decode_request(infinite.encode()).inputs[0].array.tolist() == [float("inf"), 1.0]
 
 
 def _utf8(item: bytes) -> bool:
