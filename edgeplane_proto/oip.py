@@ -307,6 +307,8 @@ def _tensor_json(t: Tensor) -> dict[str, Any]:
     datatype = oip_tensors.datatype_of(arr)
     if datatype == "BYTES":
         data: list[Any] = _texts(t.name, arr)
+    elif datatype == "BF16":  # orjson writes no bfloat16 array; each is a float32, exactly
+        data = np.ascontiguousarray(arr.reshape(-1).astype(np.float32))
     elif arr.dtype == np.float64:
         # orjson's native numpy writer (3.12, 3.13) overruns its buffer on a few hundred float64
         # values spelt at their longest (24 characters, e.g. -1.1737277190147808e+247) and
@@ -335,7 +337,7 @@ def _texts(name: str, arr: np.ndarray) -> list[str]:
 
 
 def _finite(tensors: Sequence[Tensor]) -> bool:
-    return all(t.array.dtype.kind != "f" or bool(np.isfinite(t.array).all()) for t in tensors)
+    return all(not oip_tensors.floating(t.array.dtype) or bool(np.isfinite(t.array).all()) for t in tensors)
 
 
 def _tolist_default(obj: Any) -> Any:

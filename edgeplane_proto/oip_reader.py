@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - depends on the install
 UNREAD = object()
 
 #: Tensor datatypes whose JSON ``data`` is read straight into an array.
-FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64"})
+FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64", "BF16"})
 
 
 def read(raw: bytes) -> Any:

@@ -14,6 +14,7 @@ The agent's gRPC servicer, which has no body to read, uses these directly. Error
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import sys
@@ -24,7 +25,8 @@ import numpy as np
 import orjson
 
 
-#: v2 datatype name -> numpy dtype (BYTES is handled apart: object arrays of bytes).
+#: v2 datatype name -> numpy dtype (BYTES is handled apart: object arrays of bytes; so is
+#: BF16, which numpy lacks: :func:`bfloat16`).
 DATATYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype(np.uint8),
@@ -44,6 +46,35 @@ _DTYPE_TO_NAME = {dt: name for name, dt in DATATYPES.items()}
 MAX_DIMS = 16
 
 
+@functools.cache
+def bfloat16() -> np.dtype[Any]:
+    """The numpy dtype of BF16 tensors: ``ml_dtypes``' bfloat16 (numpy has none; onnx depends
+    on ml_dtypes), imported with the first BF16 tensor: a process that sees none keeps the
+    1.8 MB it would cost."""
+    import ml_dtypes  # noqa: PLC0415 - with the first BF16 tensor (see above)
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def is_bfloat16(dtype: np.dtype[Any]) -> bool:
+    """Whether ``dtype`` is BF16's, told without importing ml_dtypes."""
+    return dtype.name == "bfloat16" and dtype.itemsize == 2
+
+
+def floating(dtype: np.dtype[Any]) -> bool:
+    """Whether a tensor of ``dtype`` holds floats (FP16, FP32, FP64 or BF16)."""
+    return dtype.kind == "f" or is_bfloat16(dtype)
+
+
+def largest(dtype: np.dtype[Any]) -> float:
+    """The largest finite value of a float dtype."""
+    if is_bfloat16(dtype):
+        import ml_dtypes  # noqa: PLC0415 - imported already: the array is one of its dtypes
+
+        return float(ml_dtypes.finfo(dtype).max)
+    return float(np.finfo(dtype).max)
+
+
 class ProtocolError(ValueError):
     """A v2 body that cannot be decoded: the message is safe to return to the caller."""
 
@@ -52,6 +83,8 @@ def datatype_of(array: np.ndarray) -> str:
     name = _DTYPE_TO_NAME.get(array.dtype)
     if name is not None:
         return name
+    if is_bfloat16(array.dtype):
+        return "BF16"
     if not array.dtype.isnative:  # big-endian (FITS, HDF5, the network's order): same values, same datatype
         name = _DTYPE_TO_NAME.get(array.dtype.newbyteorder("="))
         if name is not None:
@@ -65,7 +98,9 @@ def numpy_dtype(datatype: str) -> np.dtype[Any]:
     try:
         return DATATYPES[datatype]
     except KeyError as exc:
-        known = ", ".join([*DATATYPES, "BYTES"])
+        if datatype == "BF16":
+            return bfloat16()
+        known = ", ".join([*DATATYPES, "BF16", "BYTES"])
         raise ProtocolError(f"unknown datatype {datatype!r} (known: {known})") from exc
 
 
@@ -143,8 +178,8 @@ def _numbers_to_array(data: Any, dtype: np.dtype[Any], datatype: str, shape: tup
     if isinstance(data, np.ndarray):  # float data the parse read straight into an array
         if data.size != math.prod(shape):
             raise ProtocolError(f"{where}: shape {list(shape)} needs {math.prod(shape)} elements, data has {data.size}")
-        return (_as_float(data, dtype, datatype, where) if dtype.kind == "f" else data.astype(dtype, copy=False)).reshape(shape)
-    if dtype.kind == "f" and isinstance(data, list):
+        return (_as_float(data, dtype, datatype, where) if floating(dtype) else data.astype(dtype, copy=False)).reshape(shape)
+    if floating(dtype) and isinstance(data, list):
         flat = _flat_floats(data)
         if flat is not None and flat.size == math.prod(shape):
             return _as_float(flat, dtype, datatype, where).reshape(shape)
@@ -163,7 +198,7 @@ def _numbers_to_array(data: Any, dtype: np.dtype[Any], datatype: str, shape: tup
         raise ProtocolError(f"{where}: shape {list(shape)} needs {count} elements, data has {values.size}")
     if dtype.kind in "biu" and values.dtype.kind in "iu" and values.size and values.dtype != dtype:
         _check_range(int(values.min()), int(values.max()), dtype, datatype, where)
-    if dtype.kind == "f":
+    if floating(dtype):
         return _as_float(values, dtype, datatype, where).reshape(shape)
     return values.astype(dtype, copy=False).reshape(shape)
 
@@ -181,7 +216,7 @@ def _as_float(values: np.ndarray, dtype: np.dtype[Any], datatype: str, where: st
             past = values.reshape(-1)[(overflowed & np.isfinite(values)).reshape(-1)]
             if past.size:
                 raise ProtocolError(f"{where}: data does not fit {datatype}: {float(past[0])!r} is past "
-                                    f"±{float(np.finfo(dtype).max)!r}, the most it holds")
+                                    f"±{largest(dtype)!r}, the most it holds")
     return out
 
 
@@ -337,8 +372,8 @@ def array_from_raw(raw: bytes, datatype: str, shape: Sequence[int], where: str) 
 def array_from_values(values: Sequence[Any], datatype: str, shape: Sequence[int], where: str) -> np.ndarray:
     """A tensor from a typed list of values (``fp32_contents`` and the like)."""
     dtype = None if datatype == "BYTES" else numpy_dtype(datatype)
-    if dtype is not None and dtype.itemsize == 2 and dtype.kind == "f":
-        raise ProtocolError(f"{where}: FP16 tensors travel as raw bytes only")
+    if dtype is not None and dtype.itemsize == 2 and floating(dtype):
+        raise ProtocolError(f"{where}: {datatype} tensors travel as raw bytes only")
     return _array_from_list(values, datatype, check_shape(list(shape), where), where)
 
 

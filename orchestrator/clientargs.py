@@ -144,7 +144,7 @@ def tensors(inputs: Any) -> Mapping[str, np.ndarray] | Sequence[oip.Tensor]:
         try:
             datatype = oip_tensors.datatype_of(array)
         except oip.ProtocolError as exc:
-            raise ValueError(f"input {name!r}: {exc} (v2 datatypes: BOOL, INT8-64, UINT8-64, FP16-64, BYTES)") from None
+            raise ValueError(f"input {name!r}: {exc} (v2 datatypes: BOOL, INT8-64, UINT8-64, FP16-64, BF16 as ml_dtypes.bfloat16, BYTES)") from None
         if datatype == "BYTES" and array.dtype.kind == "O" and not all(isinstance(v, (str, bytes)) for v in array.reshape(-1)):
             odd = next(v for v in array.reshape(-1) if not isinstance(v, (str, bytes)))
             raise ValueError(f"input {name!r}: an object array is sent as BYTES and must hold str or bytes, not {type(odd).__name__}")

@@ -9,6 +9,7 @@ bad request is a clear 400 and never a native error.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_agent import errors
+from edgeplane_proto import oip_tensors
 
 #: Preference order; the first one available wins, CPU is always the fallback.
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -33,6 +35,7 @@ _ORT_TO_V2 = {
     "tensor(int32)": "INT32",
     "tensor(int64)": "INT64",
     "tensor(float16)": "FP16",
+    "tensor(bfloat16)": "BF16",
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
     "tensor(string)": "BYTES",
@@ -138,6 +141,7 @@ class OnnxModel:
         self.outputs = tuple(_spec(n) for n in session.get_outputs())
         self._inputs_by_name = {s.name: s for s in self.inputs}
         self._output_names = [s.name for s in self.outputs]
+        self._bf16_outputs = any(s.datatype == "BF16" for s in self.outputs)
         self.provider = session.get_providers()[0]
 
     @classmethod
@@ -162,13 +166,15 @@ class OnnxModel:
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise errors.ModelLoadError(_external_data_refusal(data) or f"onnxruntime could not load the model: {exc}") from exc
         _refuse_unless_tensors(session)
+        _refuse_strings_in_and_bf16_out(session)
         if chosen == ["CPUExecutionProvider"]:
             _forget_model_bytes(session)
         return cls(session)
 
-    def feeds(self, named: Sequence[tuple[str, np.ndarray, str]]) -> dict[str, np.ndarray]:
-        """Check ``(name, array, v2 datatype)`` triples against the model's inputs."""
-        feeds: dict[str, np.ndarray] = {}
+    def feeds(self, named: Sequence[tuple[str, np.ndarray, str]]) -> dict[str, Any]:
+        """Check ``(name, array, v2 datatype)`` triples against the model's inputs: arrays to
+        run on, a BF16 one as the OrtValue onnxruntime takes it."""
+        feeds: dict[str, Any] = {}
         for name, array, datatype in named:
             spec = self._inputs_by_name.get(name)
             if spec is None:
@@ -177,7 +183,7 @@ class OnnxModel:
             spec.check(array, datatype)
             if datatype == "BYTES":
                 array = _utf8_strings(array, name)
-            feeds[name] = array
+            feeds[name] = _bf16_value(array) if datatype == "BF16" else array
         missing = [s.name for s in self.inputs if s.name not in feeds and not s.optional]
         if missing:
             raise errors.InvalidInput(f"missing input(s): {', '.join(missing)}")
@@ -194,12 +200,41 @@ class OnnxModel:
             )
         return list(requested)
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    def run(self, feeds: dict[str, Any], outputs: list[str]) -> list[np.ndarray]:
         """``feeds`` as :meth:`feeds` makes them, ``outputs`` as :meth:`output_names` does."""
         try:
+            if self._bf16_outputs:
+                return [_array(value) for value in self._session.run_with_ort_values(outputs, _ort_values(feeds))]
             return self._session.run(outputs, feeds)
         except Exception as exc:  # shape errors deeper in the graph, e.g. broadcasting
             raise errors.InvalidInput(f"model rejected the input: {_short(exc)}") from exc
+
+
+# -- BF16 tensors ------------------------------------------------------------------------
+# onnxruntime's Python API knows no numpy dtype for bfloat16 (ml_dtypes' is not numpy's):
+# it takes and gives such a tensor only as an OrtValue, whose bytes are the same.
+
+_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16, without importing onnx
+
+
+def _bf16_value(array: np.ndarray) -> ort.OrtValue:
+    """A BF16 array as the OrtValue onnxruntime takes (a view of its bytes, no copy)."""
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(array).view(np.uint16), _BFLOAT16)
+
+
+def _ort_values(feeds: dict[str, Any]) -> dict[str, ort.OrtValue]:
+    return {name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+            for name, value in feeds.items()}
+
+
+def _array(value: ort.OrtValue) -> np.ndarray:
+    """An output as an array; a BF16 one copied out of onnxruntime's memory (its own output,
+    on the CPU: a session's run gives its outputs there)."""
+    if value.data_type() != "tensor(bfloat16)":
+        return value.numpy()
+    size = value.tensor_size_in_bytes()
+    raw = (ctypes.c_char * size).from_address(value.data_ptr()) if size else b""
+    return np.frombuffer(bytes(raw), dtype=oip_tensors.bfloat16()).reshape(value.shape())
 
 
 def _external_data_refusal(data: bytes) -> str | None:
@@ -250,6 +285,18 @@ def _refuse_unless_tensors(session: ort.InferenceSession) -> None:
                 raise errors.ModelLoadError(
                     f"the model's {kind} {node.name!r} is {node.type}, not a tensor: the Open Inference Protocol "
                     f"carries tensors only; export the model with tensor {kind}s{hint}")
+
+
+def _refuse_strings_in_and_bf16_out(session: ort.InferenceSession) -> None:
+    """A BF16 output comes out of onnxruntime's Python API only from a run on OrtValues,
+    which it cannot make of strings: a model that takes strings and answers BF16 could load
+    and answer nothing but errors."""
+    strings = [n.name for n in session.get_inputs() if n.type in ("tensor(string)", "optional(tensor(string))")]
+    bf16 = [n.name for n in session.get_outputs() if n.type == "tensor(bfloat16)"]
+    if strings and bf16:
+        raise errors.ModelLoadError(
+            f"the model takes strings ({', '.join(map(repr, strings))}) and answers BF16 ({', '.join(map(repr, bf16))}), "
+            "which onnxruntime's Python API cannot run together: export the BF16 outputs as FP32 (a Cast)")
 
 
 def _forget_model_bytes(session: ort.InferenceSession) -> None:

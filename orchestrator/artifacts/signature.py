@@ -23,7 +23,7 @@ V2_DATATYPES = {
     onnx.TensorProto.INT8: "INT8", onnx.TensorProto.INT16: "INT16", onnx.TensorProto.INT32: "INT32",
     onnx.TensorProto.INT64: "INT64", onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.UINT16: "UINT16",
     onnx.TensorProto.UINT32: "UINT32", onnx.TensorProto.UINT64: "UINT64", onnx.TensorProto.BOOL: "BOOL",
-    onnx.TensorProto.STRING: "BYTES",
+    onnx.TensorProto.STRING: "BYTES", onnx.TensorProto.BFLOAT16: "BF16",
 }
 
 
