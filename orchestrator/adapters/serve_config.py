@@ -120,6 +120,16 @@ class ServeAppState(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class LoraAdapters:
+    """The LoRA adapters a ``vllm`` application serves: Ray Serve LLM's ``lora_config``
+    (where they are, how many a replica keeps) and the vLLM arguments that go with it."""
+
+    path: str
+    max_per_replica: int = 16
+    max_rank: int = 16
+
+
+@dataclass(frozen=True)
 class LlmApp:
     """What a ``vllm`` application serves: one Ray Serve LLM ``LLMConfig``.
 
@@ -135,6 +145,7 @@ class LlmApp:
     pipeline_parallel_size: int = 1
     accelerator_type: str | None = None
     autoscaling: tuple[int, int] | None = None
+    lora: LoraAdapters | None = None
 
     @property
     def gpus(self) -> int:
@@ -271,6 +282,8 @@ def spec_problems(spec: ServeAppSpec) -> list[str]:
             problems.append("llm.pipeline_parallel_size must be >= 1")
         if spec.llm.autoscaling is not None and not 0 <= spec.llm.autoscaling[0] <= spec.llm.autoscaling[1]:
             problems.append("llm.autoscaling must be (min, max) with 0 <= min <= max")
+        if spec.llm.lora is not None and (spec.llm.lora.max_per_replica < 1 or spec.llm.lora.max_rank < 1):
+            problems.append("llm.lora.max_per_replica and llm.lora.max_rank must be >= 1")
     return problems
 
 
@@ -357,12 +370,18 @@ def _read_application(entry: Mapping[str, Any], asked: ServeAppSpec) -> ServeApp
         engine = dict(config["engine_kwargs"])
         tp = engine.pop("tensor_parallel_size")
         pp = engine.pop("pipeline_parallel_size", 1)
+        lora = None
+        if (adapters := config.get("lora_config")) is not None:
+            del engine["enable_lora"]
+            lora = LoraAdapters(path=adapters["dynamic_lora_loading_path"], max_per_replica=adapters["max_num_adapters_per_replica"],
+                                max_rank=engine.pop("max_lora_rank"))
+            engine.pop("max_loras")
         scaling = config["deployment_config"].get("autoscaling_config")
         bounds = (scaling["min_replicas"], scaling["max_replicas"]) if scaling is not None else None
         replicas = scaling["initial_replicas"] if scaling is not None else config["deployment_config"]["num_replicas"]
         loading = config["model_loading_config"]
         llm = LlmApp(model_id=loading["model_id"], source=loading["model_source"], engine_kwargs=engine, tensor_parallel_size=tp,
-                     pipeline_parallel_size=pp, accelerator_type=config.get("accelerator_type"), autoscaling=bounds)
+                     pipeline_parallel_size=pp, accelerator_type=config.get("accelerator_type"), autoscaling=bounds, lora=lora)
         return ServeAppSpec(**common, runtime="vllm", num_replicas=replicas,
                             cpu=config["placement_group_config"]["bundles"][0]["CPU"] * llm.gpus,
                             memory_mib=asked.memory_mib, gpus=asked.gpus, llm=llm)
@@ -387,6 +406,8 @@ def llm_config(spec: ServeAppSpec) -> dict[str, Any]:
     the ``tensor_parallel_size`` x ``pipeline_parallel_size`` GPUs of a replica are on one
     node (the planner placed them on one GPU group): Ray starts one worker per bundle and
     needs as many as the engine has workers. The replica's CPU is spread over its bundles.
+    LoRA adapters are Ray's ``lora_config`` and vLLM's ``enable_lora``, ``max_lora_rank``
+    and ``max_loras``, which Ray asks to equal ``max_num_adapters_per_replica``.
     """
     llm = spec.llm
     assert llm is not None
@@ -402,6 +423,8 @@ def llm_config(spec: ServeAppSpec) -> dict[str, Any]:
     parallel = {"tensor_parallel_size": llm.tensor_parallel_size}
     if llm.pipeline_parallel_size > 1:
         parallel["pipeline_parallel_size"] = llm.pipeline_parallel_size
+    if llm.lora is not None:
+        parallel.update(enable_lora=True, max_lora_rank=llm.lora.max_rank, max_loras=llm.lora.max_per_replica)
     config: dict[str, Any] = {
         "model_loading_config": {"model_id": llm.model_id, "model_source": llm.source},
         "engine_kwargs": {**llm.engine_kwargs, **parallel},
@@ -410,6 +433,8 @@ def llm_config(spec: ServeAppSpec) -> dict[str, Any]:
     }
     if llm.accelerator_type:
         config["accelerator_type"] = llm.accelerator_type
+    if llm.lora is not None:
+        config["lora_config"] = {"dynamic_lora_loading_path": llm.lora.path, "max_num_adapters_per_replica": llm.lora.max_per_replica}
     return config
 
 

@@ -44,6 +44,39 @@ class Architecture(_Strict):
         return self
 
 
+#: Where Ray Serve LLM reads LoRA adapters from (its ``is_remote_path``): object stores only.
+LORA_SCHEMES = ("s3://", "gs://", "abfss://", "azure://")
+#: ``engineArgs`` keys ``llm.lora`` sets; giving them there is refused (in manifests).
+LORA_ENGINE_ARGS = ("enable_lora", "max_loras", "max_lora_rank")
+
+
+class LoraSpec(_Strict):
+    """LoRA adapters one replica serves beside its base model (Ray Serve LLM's multi-LoRA).
+
+    ``adaptersFrom`` holds one folder per adapter (``adapter_config.json`` and
+    ``adapter_model.safetensors``), which a request names as ``<model>:<folder>``; a
+    replica loads one on its first request and keeps the ``maxAdaptersPerReplica`` used
+    last, which are also the adapters one batch may mix (vLLM's ``max_loras``, as Ray
+    asks). edgeplane never lists or fetches them.
+    """
+
+    adaptersFrom: Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^\S+$")]
+    maxAdaptersPerReplica: int = Field(default=16, ge=1, le=256)
+    #: The highest rank of any adapter served (vLLM's ``max_lora_rank``, one of the ranks it takes).
+    maxRank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
+
+    @field_validator("adaptersFrom")
+    @classmethod
+    def _ray_reads(cls, v: str) -> str:
+        scheme = next((s for s in LORA_SCHEMES if v.startswith(s)), None)
+        if scheme is None:
+            raise ValueError(f"{v!r} is not a place Ray Serve LLM reads LoRA adapters from: give a folder in object storage "
+                             f"({', '.join(s + '...' for s in LORA_SCHEMES)}) holding one folder per adapter")
+        if not v[len(scheme):].strip("/"):
+            raise ValueError(f"{v!r} names no bucket: give {scheme}<bucket>/<folder of adapters>")
+        return v
+
+
 #: ``engineArgs`` keys edgeplane sets itself from the fields above; giving them twice is refused.
 LLM_RESERVED_ENGINE_ARGS = ("model", "served_model_name", "max_model_len", "dtype", "quantization",
                             "tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs", "kv_cache_dtype")
@@ -76,6 +109,8 @@ class LlmSpec(_Strict):
     #: Fraction of each GPU's memory the engine may take (vLLM's gpu_memory_utilization).
     gpuMemoryUtilization: float = Field(default=0.9, gt=0.1, le=1.0)
     engineArgs: dict[str, Any] = Field(default_factory=dict)
+    #: LoRA adapters served beside the base model; absent: the base model only.
+    lora: LoraSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -107,9 +142,28 @@ class LlmSpec(_Strict):
             raise ValueError(f"set {', '.join(twice)} through the llm fields, not engineArgs")
         return v
 
+    # Refused in manifests only: engineArgs an earlier version stored (enable_lora set by
+    # hand) still read.
+    @field_validator("engineArgs")
+    @classmethod
+    def _lora_through_its_field(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        given = sorted(k for k in v if k in LORA_ENGINE_ARGS)
+        if given and _written(info):
+            raise ValueError(f"set {', '.join(given)} through llm.lora (adaptersFrom, maxAdaptersPerReplica, maxRank), not engineArgs: "
+                             "without it the gateway routes no adapter to the replicas")
+        return v
+
     @model_validator(mode="after")
     def _gpus(self) -> LlmSpec:
         if self.tensorParallelSize * self.pipelineParallelSize > 64:
             raise ValueError(f"tensorParallelSize x pipelineParallelSize is {self.tensorParallelSize * self.pipelineParallelSize} "
                              "GPUs per replica, more than the 64 of any node")
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_names(self) -> LlmSpec:
+        # Ray Serve LLM reads a request's model up to its first ':' as the base model's id
+        if self.lora is not None and self.servedModelName is not None and ":" in self.servedModelName:
+            raise ValueError(f"servedModelName {self.servedModelName!r} holds a ':', which Ray Serve LLM reads as the start of "
+                             "an adapter's name once llm.lora is set: rename it, or leave llm.lora out")
         return self

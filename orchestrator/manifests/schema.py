@@ -28,7 +28,7 @@ from pydantic import (
 
 from orchestrator import import_paths
 from orchestrator.manifests import cascade as cascade_schema
-from orchestrator.manifests.llm import LLM_RESERVED_ENGINE_ARGS, Architecture, LlmSpec  # noqa: F401  (re-exported)
+from orchestrator.manifests.llm import LLM_RESERVED_ENGINE_ARGS, Architecture, LlmSpec, LoraSpec  # noqa: F401  (re-exported)
 
 API_VERSION = "edgeplane.io/v1alpha1"
 KINDS = ("Site", "Model", "ModelDeployment")

@@ -86,6 +86,30 @@ BAD = [
         "acceleratorType:", "'A100-80GB' is not an accelerator type Ray Serve LLM takes; did you mean 'A100-80G'?"),
     Bad("llm-accelerator-a-tpu", llm_model((f"{V}.llm.acceleratorType", "TPU-V5P")), f"{V}.llm.acceleratorType",
         "acceleratorType:", "'TPU-V5P' is a TPU: edgeplane runs vllm replicas on GPUs"),
+    # LoRA adapters: Ray Serve LLM reads them from object storage only, and would refuse
+    # anything else only when the application deploys
+    Bad("lora-from-a-path", llm_model((f"{V}.llm.lora", {"adaptersFrom": "/mnt/adapters"})), f"{V}.llm.lora.adaptersFrom",
+        "adaptersFrom:", "'/mnt/adapters' is not a place Ray Serve LLM reads LoRA adapters from: give a folder in object storage "
+        "(s3://..., gs://..., abfss://..., azure://...)"),
+    Bad("lora-from-https", llm_model((f"{V}.llm.lora", {"adaptersFrom": "https://hf.co/org/adapter"})), f"{V}.llm.lora.adaptersFrom",
+        "adaptersFrom:", "not a place Ray Serve LLM reads LoRA adapters from"),
+    Bad("lora-no-bucket", llm_model((f"{V}.llm.lora", {"adaptersFrom": "s3:///"})), f"{V}.llm.lora.adaptersFrom",
+        "adaptersFrom:", "'s3:///' names no bucket: give s3://<bucket>/<folder of adapters>"),
+    Bad("lora-without-a-place", llm_model((f"{V}.llm.lora", {"maxRank": 16})), f"{V}.llm.lora.adaptersFrom", "lora:",
+        "required field is missing"),
+    Bad("lora-zero-adapters", llm_model((f"{V}.llm.lora", {"adaptersFrom": "s3://a/b", "maxAdaptersPerReplica": 0})),
+        f"{V}.llm.lora.maxAdaptersPerReplica", "maxAdaptersPerReplica:", "greater than or equal to 1"),
+    Bad("lora-too-many-adapters", llm_model((f"{V}.llm.lora", {"adaptersFrom": "s3://a/b", "maxAdaptersPerReplica": 1000})),
+        f"{V}.llm.lora.maxAdaptersPerReplica", "maxAdaptersPerReplica:", "less than or equal to 256"),
+    Bad("lora-rank-vllm-does-not-take", llm_model((f"{V}.llm.lora", {"adaptersFrom": "s3://a/b", "maxRank": 24})),
+        f"{V}.llm.lora.maxRank", "maxRank:", "1, 8, 16, 32, 64, 128, 256, 320 or 512"),
+    Bad("lora-misspelt-field", llm_model((f"{V}.llm.lora", {"adaptersFrom": "s3://a/b", "maxAdapterPerReplica": 4})),
+        f"{V}.llm.lora.maxAdapterPerReplica", "maxAdapterPerReplica:", "maxAdaptersPerReplica"),
+    Bad("lora-through-engine-args", llm_model((f"{V}.llm.engineArgs", {"enable_lora": True, "max_loras": 4})),
+        f"{V}.llm.engineArgs", "engineArgs:", "set enable_lora, max_loras through llm.lora"),
+    # Ray reads a request's model up to its first ':' as the base model
+    Bad("lora-served-name-with-a-colon", llm_model((f"{V}.llm.servedModelName", "gpt:oss"), (f"{V}.llm.lora", {"adaptersFrom": "s3://a/b"})),
+        f"{V}.llm", "llm:", "servedModelName 'gpt:oss' holds a ':'"),
     Bad("llm-image-with-space", mutate("Site", "dc1", {**KUBE_DC, "kubernetes": {"context": "prod", "llmImage": "ray llm"}}),
         "spec.kubernetes.llmImage", "llmImage:", "match"),
     Bad("vllm-at-the-edge", join(llm_model(), deployment(("spec.variant", "gpt-oss-120b"), ("spec.placement.tiers", ["edge"]))),
@@ -104,6 +128,20 @@ def test_a_good_llm_variant_loads_as_written() -> None:
     assert variant.llm.architecture.slidingWindowTokens == 128
     assert variant.llm.gpuMemoryUtilization == 0.9 and variant.llm.dtype == "auto"
     assert check(llm_model()) == []
+
+
+def test_a_variant_with_lora_adapters_loads_as_written() -> None:
+    lora = {"adaptersFrom": "s3://adapters/gpt-oss-120b", "maxAdaptersPerReplica": 32, "maxRank": 64}
+    (doc,) = loader.load_text(llm_model((f"{V}.llm.lora", lora)), "ok.yaml")
+    assert doc.doc.spec.variants[0].llm.lora == schema.LoraSpec(**lora)  # type: ignore[union-attr]
+    (doc,) = loader.load_text(llm_model((f"{V}.llm.lora", {"adaptersFrom": "azure://adapters/gpt"})), "ok.yaml")
+    assert (doc.doc.spec.variants[0].llm.lora.maxAdaptersPerReplica, doc.doc.spec.variants[0].llm.lora.maxRank) == (16, 16)  # type: ignore[union-attr]
+
+
+def test_a_stored_variant_with_lora_engine_args_still_reads() -> None:
+    """Refused in manifests only: engineArgs an earlier release stored read back."""
+    llm = {**GPT_OSS_120B["llm"], "engineArgs": {"enable_lora": True}}
+    assert schema.Variant.model_validate({**GPT_OSS_120B, "llm": llm}).llm.engineArgs == {"enable_lora": True}  # type: ignore[union-attr]
 
 
 def test_a_stored_variant_with_an_accelerator_type_ray_does_not_know_still_reads() -> None:
@@ -139,7 +177,9 @@ def test_the_manifests_in_the_docs_load_and_their_arithmetic_is_what_the_planner
     blocks = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
     docs = [d for block in blocks if "kind:" in block for d in loader.load_text(block, "datacentre.md")]
     variants = {f"{d.name}/{v.name}": v for d in docs if d.kind == "Model" for v in d.doc.spec.variants}  # type: ignore[union-attr]
-    assert set(variants) == {"gpt-oss-120b/h100", "gpt-oss-20b/dc", "gpt-oss-20b/gpu16"}
+    assert set(variants) == {"gpt-oss-120b/h100", "gpt-oss-20b/dc", "gpt-oss-20b/gpu16", "support-chat/dc"}
+    assert variants["support-chat/dc"].llm.lora == schema.LoraSpec(  # type: ignore[union-attr]
+        adaptersFrom="s3://acme-adapters/support-chat", maxAdaptersPerReplica=16, maxRank=32)
     shown = {"gpt-oss-120b/h100": ("71.35", "79.28"), "gpt-oss-20b/dc": ("38.38", "42.64"), "gpt-oss-20b/gpu16": ("15.11", "15.90")}
     for key, (per_gpu, card) in shown.items():
         memory = inventory.llm_memory(variants[key].llm)  # type: ignore[arg-type]

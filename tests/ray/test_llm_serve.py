@@ -16,6 +16,7 @@ import pytest
 from orchestrator import accelerator_types
 from orchestrator.adapters import ray_serve, serve_config
 from orchestrator.adapters.serve_config import LlmApp, ServeAppFailed, ServeAppSpec, ServeAppState
+from orchestrator.manifests import llm as llm_schema
 from orchestrator.manifests import schema
 from orchestrator.reconciler import applications, planning
 
@@ -51,6 +52,14 @@ GENERATED = [
         weightBytes=141_107_412_992, architecture={"layers": 80, "kvHeads": 8, "headDim": 128}).llm, "llama")),  # type: ignore[arg-type]
     ("hub-id-no-accelerator", applications.llm_app(llm_variant(source="openai/gpt-oss-20b", acceleratorType=None,
                                                            dtype="bfloat16").llm, "gpt-20b")),  # type: ignore[arg-type]
+    ("gpt-oss-20b-lora", applications.llm_app(llm_variant(
+        source="openai/gpt-oss-20b", servedModelName=None, lora={"adaptersFrom": "s3://adapters/gpt-oss-20b/", "maxRank": 64}).llm,
+        "gpt-20b")),  # type: ignore[arg-type]
+    ("llama-70b-tp4-lora-azure", applications.llm_app(llm_variant(
+        source="s3://weights/llama-3-70b", tensorParallelSize=4, quantization=None, weightBytes=141_107_412_992,
+        architecture={"layers": 80, "kvHeads": 8, "headDim": 128},
+        lora={"adaptersFrom": "abfss://adapters@account.dfs.core.windows.net/llama", "maxAdaptersPerReplica": 4}).llm,
+        "llama")),  # type: ignore[arg-type]
 ]
 
 
@@ -79,6 +88,46 @@ def test_generated_config_validates_against_rays_llmconfig(case_id: str, llm: Ll
     else:
         assert config.deployment_config["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 2}
     assert (config.accelerator_type or None) == llm.accelerator_type
+    if llm.lora is None:
+        assert config.lora_config is None and not {"enable_lora", "max_loras", "max_lora_rank"} & set(config.engine_kwargs)
+    else:
+        # Ray's multi-LoRA: adapters from the path, an LRU of max_num_adapters_per_replica per
+        # replica (Ray's multiplexing), and vLLM's max_loras equal to it, as Ray asks
+        assert config.lora_config.dynamic_lora_loading_path == llm.lora.path.rstrip("/")
+        assert config.lora_config.max_num_adapters_per_replica == llm.lora.max_per_replica
+        assert config.multiplex_config().max_num_models_per_replica == llm.lora.max_per_replica
+        assert config.engine_kwargs["enable_lora"] is True
+        assert config.engine_kwargs["max_loras"] == llm.lora.max_per_replica
+        assert config.engine_kwargs["max_lora_rank"] == llm.lora.max_rank
+
+
+def test_a_variant_with_lora_renders_rays_multi_lora_and_reads_back_from_the_cluster() -> None:
+    llm = applications.llm_app(llm_variant(lora={"adaptersFrom": "gs://tenants/adapters", "maxAdaptersPerReplica": 8}).llm,
+                               "gpt")  # type: ignore[arg-type]
+    assert llm.lora == serve_config.LoraAdapters(path="gs://tenants/adapters", max_per_replica=8, max_rank=16)
+    spec = app_spec(llm)
+    app = serve_config.render_application(spec)
+    (raw,) = app["args"]["llm_configs"]
+    assert raw["lora_config"] == {"dynamic_lora_loading_path": "gs://tenants/adapters", "max_num_adapters_per_replica": 8}
+    assert {k: raw["engine_kwargs"][k] for k in ("enable_lora", "max_loras", "max_lora_rank")} == \
+        {"enable_lora": True, "max_loras": 8, "max_lora_rank": 16}
+    # a control plane that did not write it (restarted, or a new leader) reads it back as it runs
+    assert serve_config.application_from_config(app, spec) == spec
+    plain = app_spec(applications.llm_app(llm_variant().llm, "gpt"))  # type: ignore[arg-type]
+    assert serve_config.application_from_config(serve_config.render_application(plain), spec) == plain
+
+
+def test_rays_llmconfig_refuses_adapters_where_it_cannot_read_them() -> None:
+    """What the manifest refuses at apply (see tests/foundation/test_llm_manifests.py) Ray
+    would refuse only once the application deploys."""
+    raw = serve_config.llm_config(app_spec(LlmApp(model_id="m", source="/m", lora=serve_config.LoraAdapters(path="/mnt/adapters"))))
+    with pytest.raises(ValueError, match="Invalid lora_config"):
+        LLMConfig.model_validate(raw)
+    for scheme in llm_schema.LORA_SCHEMES:  # every place the manifest takes, Ray takes
+        path = f"{scheme}bucket/adapters"
+        assert schema.LoraSpec(adaptersFrom=path).adaptersFrom == path
+        LLMConfig.model_validate(serve_config.llm_config(app_spec(LlmApp(model_id="m", source="/m",
+                                                                         lora=serve_config.LoraAdapters(path=path)))))
 
 
 def test_manifest_fields_become_engine_arguments() -> None:
