@@ -41,8 +41,9 @@ CALLER_PARAMETERS = ("lat", "lon", "region", "residency")
 
 
 #: Which of a model's replicas an index holds: (deployments (None: all), whether those
-#: deployments are left out instead, tiers (None: all)).
-Selection = tuple[frozenset[str] | None, bool, frozenset[str] | None]
+#: deployments are left out instead, tiers (None: all), whether only those serving LoRA
+#: adapters).
+Selection = tuple[frozenset[str] | None, bool, frozenset[str] | None, bool]
 
 
 @dataclass
@@ -331,14 +332,19 @@ class EndpointTable:
 
     def rank(self, model: str, caller: routing.Caller, position: tuple[float, float] | None,
              api: str | None = routing.API_V2, limit: int | None = None,
-             deployment: str | None = None, version: str | None = None) -> list[routing.Ranked] | routing.NoRoute:
+             deployment: str | None = None, version: str | None = None, *, lora: bool = False) -> list[routing.Ranked] | routing.NoRoute:
         """The model's endpoints that speak ``api`` (any, when None) for ``caller``, best
         first, the ``limit`` best only when given (``routing.rank``'s rule on the live table:
         the gateway's own load and ejections included); ``position`` is the gateway's, for
         callers that give none; ``deployment``: that deployment's endpoints only (:meth:`target`);
-        ``version``: those of them that may answer for it (``routing.holding``'s rule)."""
-        index = self._index(model, None if deployment is None else frozenset({deployment}))
+        ``version``: those of them that may answer for it (``routing.holding``'s rule);
+        ``lora``: those serving LoRA adapters only (``Endpoint.lora``)."""
+        index = self._index(model, None if deployment is None else frozenset({deployment}), lora=lora)
         if index is None:
+            if lora and self._index(model, None if deployment is None else frozenset({deployment})) is not None:
+                whose = f"deployment {deployment!r} of model {model!r}" if deployment is not None else f"model {model!r}"
+                return routing.NoRoute(f"{whose} serves no LoRA adapters: no replica of it running now is of a vllm variant "
+                                       "with llm.lora; ask for the base model without ':<adapter>'", 404)
             if deployment is not None and self._by_model.get(model):
                 return routing.NoRoute(f"deployment {deployment!r} has no replica of model {model!r} running")
             return routing.NoRoute(routing.NOT_PLACED)
@@ -395,23 +401,24 @@ class EndpointTable:
         return kept
 
     def _index(self, model: str, deployments: frozenset[str] | None = None, *, excluded: bool = False,
-               tiers: frozenset[str] | None = None) -> replica_index.ReplicaIndex | None:
+               tiers: frozenset[str] | None = None, lora: bool = False) -> replica_index.ReplicaIndex | None:
         """``model``'s replicas laid out for ranking (of ``deployments`` only, or all but
-        those when ``excluded``; on ``tiers`` only), built by the first request after the
-        model's replicas changed."""
+        those when ``excluded``; on ``tiers`` only; with ``lora``, those serving LoRA adapters
+        only), built by the first request after the model's replicas changed."""
         laid = self._laid_out.get(model)
         if laid is None:
             mine = self._by_model.get(model)
             if mine is None:  # a name any caller may send: nothing is kept of it
                 return None
             laid = self._laid_out[model] = LaidOut(mine)
-        key: Selection = (deployments, excluded, tiers)
+        key: Selection = (deployments, excluded, tiers, lora)
         try:
             return laid.indices[key]
         except KeyError:
             pass
         endpoints = [e for e in laid.endpoints
-                     if (deployments is None or (e.deployment in deployments) != excluded) and (tiers is None or e.tier in tiers)]
+                     if (deployments is None or (e.deployment in deployments) != excluded) and (tiers is None or e.tier in tiers)
+                     and (e.lora or not lora)]
         # None kept too: a deployment or stage with no replica of a model on many sites is asked
         # at every request, and would scan the model's replicas each time
         index = laid.indices[key] = replica_index.ReplicaIndex.build(endpoints) if endpoints else None

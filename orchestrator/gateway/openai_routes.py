@@ -62,7 +62,7 @@ from starlette.types import Receive, Scope, Send
 
 from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
-from orchestrator.gateway import caller_watch, cascade_rules, correlation, event_stream, failover, openai_cascade, routing
+from orchestrator.gateway import adapter_names, caller_watch, cascade_rules, correlation, event_stream, failover, openai_cascade, routing
 from orchestrator.gateway.proxy import Gateway, Timed
 from orchestrator.gateway.upstream import OutOfDescriptors, Stream, UpstreamError, UpstreamTimeout
 
@@ -212,8 +212,8 @@ class OpenAIGateway:
         return error(refused.status_code, str(message), headers=headers, code=code)
 
     def _openai_candidates(self, model: str, request: Request, caller: routing.Caller | None = None,
-                           limit: int | None = None, deployment: str | None = None) -> list[routing.Ranked] | Response:
-        ranked = self._ranked(model, request, caller, limit, deployment)
+                           limit: int | None = None, deployment: str | None = None, *, lora: bool = False) -> list[routing.Ranked] | Response:
+        ranked = self._ranked(model, request, caller, limit, deployment, lora=lora)
         if isinstance(ranked, routing.NoRoute):
             code = "model_not_found" if ranked.status == 404 else None
             return error(ranked.status, ranked.reason, param="model" if ranked.status == 404 else None, code=code,
@@ -225,12 +225,12 @@ class OpenAIGateway:
         return ours
 
     def _ranked(self, model: str, request: Request, caller: routing.Caller | None, limit: int | None,
-                deployment: str | None = None) -> list[routing.Ranked] | routing.NoRoute:
-        """The model's generative replicas, best first; a model with none is ranked whole
-        (over v2 too), so that why it has no replica for the caller is said before that it
-        is not generative."""
+                deployment: str | None = None, *, lora: bool = False) -> list[routing.Ranked] | routing.NoRoute:
+        """The model's generative replicas (``lora``: those serving LoRA adapters), best
+        first; a model with none is ranked whole (over v2 too), so that why it has no replica
+        for the caller is said before that it is not generative."""
         api = routing.API_OPENAI if self.gw.table.serves(model, routing.API_OPENAI) else None
-        return self.gw.candidates(model, request, api=api, caller=caller, limit=limit, deployment=deployment)
+        return self.gw.candidates(model, request, api=api, caller=caller, limit=limit, deployment=deployment, lora=lora)
 
     def _refuse(self, model: str | None, answer: Response) -> Response:
         """``answer``, an error the gateway made itself, counted (``Gateway.refused``)."""
@@ -256,11 +256,15 @@ class OpenAIGateway:
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model"]
-        refused = await self._admit(request, name, inference=False)
+        named = adapter_names.parse(name)
+        refused = await self._admit(request, named.name if isinstance(named, adapter_names.Named) else None, inference=False)
         if refused is not None:
             return refused
-        model, deployment = self.gw.table.target(name)  # as a chat by that name is routed
-        ranked = self._openai_candidates(model, request, limit=1, deployment=deployment)
+        if isinstance(named, str):
+            return error(400, named, param="model", code="invalid_model")
+        # as a chat by that name is routed: an adapter is not looked for, only a replica that may load it
+        model, deployment = self.gw.table.target(named.name)
+        ranked = self._openai_candidates(model, request, limit=1, deployment=deployment, lora=named.adapter is not None)
         if isinstance(ranked, Response):
             return ranked
         return Response(json.dumps({"id": name, "object": "model", "created": 0, "owned_by": "edgeplane"}),
@@ -299,9 +303,13 @@ class OpenAIGateway:
             return self._refuse(None, error(400, "the body is not valid JSON: it is nested too deeply"))
         if not isinstance(body, dict):
             return self._refuse(None, error(400, "the body must be a JSON object"))
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
+        asked = body.get("model")
+        if not isinstance(asked, str) or not asked:
             return self._refuse(None, error(400, "'model' is required and must be a non-empty string", param="model"))
+        named = adapter_names.parse(asked)  # <model>:<adapter>, a LoRA adapter of the model's
+        if isinstance(named, str):
+            return self._refuse(None, error(400, named, param="model", code="invalid_model"))
+        model = named.name
         stream = body.get("stream")
         if stream is None:  # null is OpenAI's default, false
             stream = False
@@ -312,7 +320,10 @@ class OpenAIGateway:
             return self._refuse(model, error(caller.status, caller.reason))
         route = self.gw.table.cascades.get(model) if self.gw.cascade is not None else None
         deployment: str | None = None  # a cascade's deployment's name: plain routing among its replicas only
-        if route is not None and self.gw.cascade is not None:
+        if route is not None and named.adapter is not None:  # only the stage with the adapter can answer: plain routing
+            model, deployment = self.gw.table.target(model)
+            raw = json.dumps({**body, "model": named.asked(model)}).encode()
+        elif route is not None and self.gw.cascade is not None:
             deployment = self.gw.table.target(model)[1]
             mode = cascade_rules.parse_mode(request.headers.get("x-edgeplane-cascade"))
             if mode is None:
@@ -331,13 +342,13 @@ class OpenAIGateway:
             if not await self.gw.table.wait_for_endpoints(model, self.gw.cold_start_s):
                 return self._refuse(model, error(503, f"model {model!r} was scaled to zero and no replica was ready within "
                                                       f"{self.gw.cold_start_s:g}s; retry", headers={"retry-after": "5"}))
-        ranked = self._openai_candidates(model, request, caller, self.gw.max_attempts, deployment)
+        ranked = self._openai_candidates(model, request, caller, self.gw.max_attempts, deployment, lora=named.adapter is not None)
         if isinstance(ranked, Response):
             return self._refuse(model, ranked)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         headers.update(correlation.forwarded(request.scope))  # one id at every replica tried
         relayed = _Relay(self, model, ranked[: self.gw.max_attempts], suffix, raw, headers, stream, chat=suffix == "/chat/completions",
-                         arrived=arrived)
+                         arrived=arrived, adapter=named.adapter)
         return Timed(self.gw.metrics.latency, model, arrived, relayed)
 
     def routes(self, *, sdk_models: bool = False) -> list[BaseRoute]:
@@ -392,8 +403,9 @@ class _Relay(Response):
 
     def __init__(self, owner: OpenAIGateway, model: str, ranked: list[routing.Ranked], suffix: str, raw: bytes,
                  headers: dict[str, str], stream: bool, *, chat: bool, arrived: float, hooks: RelayHooks | None = None,
-                 failovers: failover.Failovers | None = None) -> None:
+                 failovers: failover.Failovers | None = None, adapter: str | None = None) -> None:
         self.owner, self.model, self.ranked, self.suffix = owner, model, ranked, suffix
+        self.named = adapter_names.Named(model, adapter)  # ``raw`` names the model as ``self.named.asked(model)``
         self.failovers = failovers if failovers is not None else failover.Failovers(owner.gw.metrics.failovers, model)
         self.raw, self.fwd_headers, self.stream, self.chat = raw, headers, stream, chat
         self.arrived = arrived  # the caller's request (time.perf_counter), which its first token is timed from
@@ -412,9 +424,9 @@ class _Relay(Response):
         await caller_watch.until_disconnected(self._run(send), receive)
 
     def _body_for(self, e: routing.Endpoint) -> bytes:
-        """The caller's body, naming the model as this replica's engine knows it."""
-        name = engine_model(e, self.model)
-        if name == self.model:
+        """The caller's body, naming the model (and its adapter) as this replica's engine knows it."""
+        name = self.named.asked(engine_model(e, self.model))
+        if name == self.named.asked(self.model):
             return self.raw
         return json.dumps({**json.loads(self.raw), "model": name}).encode()
 

@@ -179,12 +179,12 @@ class Gateway:
 
     def candidates(self, model: str, request: Request, api: str | None = routing.API_V2,
                    caller: routing.Caller | None = None, limit: int | None = None,
-                   deployment: str | None = None, version: str | None = None) -> list[routing.Ranked] | routing.NoRoute:
+                   deployment: str | None = None, version: str | None = None, *, lora: bool = False) -> list[routing.Ranked] | routing.NoRoute:
         """``model``'s replicas for the caller (read from ``request`` unless given), best first;
         the ``limit`` best only, when given (what a request tries: ranking all of a model on
         thousands of sites cost each request milliseconds); with ``deployment``, that
         deployment's only (``EndpointTable.target``); with ``version``, those that may answer
-        for it (``routing.holding``)."""
+        for it (``routing.holding``); with ``lora``, those serving LoRA adapters only."""
         if caller is None:
             found = self.caller(request)
             if isinstance(found, routing.NoRoute):
@@ -200,7 +200,7 @@ class Gateway:
                                        "first pass ends (it may be starting a data centre); retry in a few seconds", 503, retry_after=2)
             known = self.table.models()
             return routing.NoRoute(f"model {model!r} is not deployed" + (f" (deployed models: {', '.join(known)})" if known else ""), 404)
-        return self.table.rank(model, caller, self.position, api, limit, deployment, version)
+        return self.table.rank(model, caller, self.position, api, limit, deployment, version, lora=lora)
 
     async def _forward(self, model: str, request: Request, method: str, suffix: str, body: bytes | None,
                        version: str | None = None, deployment: str | None = None, *, inference: bool = True) -> Response:

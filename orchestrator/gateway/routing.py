@@ -51,6 +51,8 @@ class Endpoint:
     api: str = "v2"
     #: The ``model`` an OpenAI request names at this endpoint (a vllm variant's served model name).
     served_model: str = ""
+    #: Whether it serves LoRA adapters too, asked for as ``<served model>:<adapter>`` (a vllm variant with ``llm.lora``).
+    lora: bool = False
     #: The v2 version the replica answers ``/versions/{v}`` for: the first 12 hex digits of
     #: its model file's sha256 (as the agent and the Ray Serve app name it); "" = not known.
     version: str = ""

@@ -55,7 +55,7 @@ def endpoint_to_json(e: routing.Endpoint) -> dict[str, Any]:
     return {"model": e.model, "deployment": e.deployment, "site": e.site, "tier": e.tier, "country": e.country,
             "region": e.region, "lat": e.lat, "lon": e.lon, "url": e.url, "healthy": e.healthy, "inflight": e.inflight,
             "allowedCountries": sorted(e.allowed_countries), "fallback": list(e.fallback), "api": e.api,
-            "servedModel": e.served_model, "version": e.version}
+            "servedModel": e.served_model, "version": e.version, "lora": e.lora}
 
 
 def endpoint_from_json(d: Mapping[str, Any]) -> routing.Endpoint:
@@ -65,7 +65,7 @@ def endpoint_from_json(d: Mapping[str, Any]) -> routing.Endpoint:
         healthy=bool(d.get("healthy", True)), inflight=int(d.get("inflight", 0)),
         allowed_countries=frozenset(str(c) for c in d.get("allowedCountries", ())),
         fallback=tuple(str(t) for t in d.get("fallback", ())), api=str(d.get("api", routing.API_V2)),
-        served_model=str(d.get("servedModel", "")), version=str(d.get("version", "")),
+        served_model=str(d.get("servedModel", "")), version=str(d.get("version", "")), lora=bool(d.get("lora", False)),
     )
 
 

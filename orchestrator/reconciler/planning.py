@@ -326,7 +326,7 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow],
             if app is None or app.endpoint_url is None or app.replicas_running < 1:
                 continue
             if v is not None and v.llm is not None:  # Ray Serve LLM: OpenAI routes under the route prefix
-                common.update(served_model=v.llm.servedModelName or d.spec.model)
+                common.update(served_model=v.llm.servedModelName or d.spec.model, lora=v.llm.lora is not None)
             out.append(routing.Endpoint(url=app.endpoint_url.rstrip("/"), healthy=app.answers, version=app.version, **common))
     return tuple(out)
 

@@ -17,7 +17,7 @@ from orchestrator.gatewayd import follow
 V2 = routing.Endpoint("intent", "intent-eu", "edge-paris", "edge", "FR", "fr", 48.85, 2.35, "http://10.0.0.1:9000",
                       healthy=True, inflight=2, allowed_countries=frozenset({"FR", "DE"}), fallback=("edge", "datacenter"))
 OPENAI = routing.Endpoint("chat", "chat-eu", "dc-frankfurt", "datacenter", "DE", "de", 50.11, 8.68, "http://10.0.0.2:8000/chat",
-                          healthy=False, api=routing.API_OPENAI, served_model="org/chat-small")
+                          healthy=False, api=routing.API_OPENAI, served_model="org/chat-small", lora=True)
 ROUTE = cascade_rules.CascadeRoute(
     "intent", "intent-eu",
     (cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.TensorRule("probs", True, "margin", 0.2), 4, 12.5),

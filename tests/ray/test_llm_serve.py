@@ -205,7 +205,7 @@ async def test_deploying_without_vllm_fails_with_the_import_error(serve_actuator
     assert status.status is ServeAppState.DEPLOY_FAILED and status.replicas_running == 0
 
 
-def llm_snapshot(apps: dict[str, serve_config.ServeAppStatus] | None = None) -> Any:
+def llm_snapshot(apps: dict[str, serve_config.ServeAppStatus] | None = None, **llm: Any) -> Any:
     from orchestrator.reconciler import snapshot as snap
     from orchestrator.store import sqlite as store_mod
 
@@ -213,7 +213,7 @@ def llm_snapshot(apps: dict[str, serve_config.ServeAppStatus] | None = None) -> 
         "tier": "datacenter", "location": {"country": "FR", "region": "eu-west", "lat": 48.86, "lon": 2.35},
         "capacity": {"cpu": 64, "memoryGiB": 512, "gpus": [{"model": "H100", "count": 8, "memoryGiB": 80}]},
         "ray": {"address": "http://ray-head:8265"}})
-    model = schema.ModelSpec(variants=[llm_variant()])
+    model = schema.ModelSpec(variants=[llm_variant(**llm)])
     dep = schema.ModelDeploymentSpec.model_validate({"model": "gpt", "replicas": {"min": 2, "max": 2},
                                                      "placement": {"residency": ["FR"], "tiers": ["datacenter"]}})
     return snap.Snapshot(
@@ -241,6 +241,10 @@ def test_a_running_llm_app_is_an_openai_endpoint_at_its_route_prefix() -> None:
     (endpoint,) = planning.endpoints(llm_snapshot({app.name: running}), s.placements)
     assert (endpoint.api, endpoint.served_model, endpoint.url) == ("openai", "openai/gpt-oss-120b", running.endpoint_url)
     assert endpoint.allowed_countries and "FR" in endpoint.allowed_countries
+    assert not endpoint.lora
+    # with llm.lora the gateway may send it '<model>:<adapter>' (tests/gateway/test_openai_lora.py)
+    (endpoint,) = planning.endpoints(llm_snapshot({app.name: running}, lora={"adaptersFrom": "s3://a/gpt"}), s.placements)
+    assert endpoint.lora and endpoint.served_model == "openai/gpt-oss-120b"
 
 
 def test_the_gateway_table_ranks_endpoints_by_protocol() -> None:

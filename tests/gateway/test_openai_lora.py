@@ -1,0 +1,137 @@
+"""LoRA adapters at the gateway, through the official ``openai`` SDK: ``<model>:<adapter>``
+goes to the model's replicas that serve adapters (a vllm variant with ``llm.lora``), named
+as Ray Serve LLM expects (``<served model>:<adapter>``), by the same residency and
+nearness rules as the base model; a model without adapters, or a malformed name, is
+refused saying why, before any replica is asked.
+
+The replicas are stand-ins on loopback that answer as Ray Serve LLM's OpenAI ingress does:
+its base model id, or that id and an adapter folder after a ``:``; 404 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import openai
+import pytest
+
+from edge_agent import httpmessages
+from orchestrator.gateway import endpoints, openai_routes, routing
+from orchestrator.testing.loopback import replica, serving
+from tests.gateway.openai_cascades import chat_reply, gateway_app
+
+USER = [{"role": "user", "content": "hi"}]
+BERLIN = {"X-Edgeplane-Location": "52.52,13.40"}
+
+
+def ray_llm(site: str, served: str, asked: list[tuple[str, str]]) -> httpmessages.Handler:
+    """A Ray Serve LLM application serving ``served`` (and its adapters: any ``served:<folder>``)."""
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
+        model = json.loads(request.body)["model"]
+        asked.append((site, model))
+        if model.split(":")[0] != served:
+            return httpmessages.Response(404, openai_routes.error_body(f'Could not find base model with ID "{model}".', 404))
+        return chat_reply(request, f"{model} at {site}")
+    return handle
+
+
+@asynccontextmanager
+async def fleet(asked: list[tuple[str, str]]) -> AsyncIterator[openai.AsyncOpenAI]:
+    """``support`` on a LoRA replica in Paris (FR residency) and a plain one in Frankfurt;
+    ``plain`` on a replica without adapters."""
+    async with replica(ray_llm("dc-paris", "org/support", asked)) as paris, \
+            replica(ray_llm("dc-frankfurt", "org/support", asked)) as frankfurt, \
+            replica(ray_llm("dc-plain", "plain", asked)) as plain:
+        table = endpoints.EndpointTable()
+        table.replace([
+            routing.Endpoint("support", "support-fr", "dc-paris", "datacenter", "FR", "fr", 48.85, 2.35, paris, api=routing.API_OPENAI,
+                             served_model="org/support", lora=True, allowed_countries=frozenset({"FR"})),
+            routing.Endpoint("support", "support-de", "dc-frankfurt", "datacenter", "DE", "de", 50.11, 8.68, frankfurt,
+                             api=routing.API_OPENAI, served_model="org/support"),
+            routing.Endpoint("plain", "plain", "dc-plain", "datacenter", "DE", "de", 50.11, 8.68, plain, api=routing.API_OPENAI),
+        ])
+        async with gateway_app(table) as app, serving(app) as port:
+            sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/openai/v1", api_key="unused", max_retries=0, timeout=30)
+            try:
+                yield sdk
+            finally:
+                await sdk.close()
+
+
+async def test_an_adapter_goes_to_a_replica_serving_adapters_named_as_ray_expects() -> None:
+    asked: list[tuple[str, str]] = []
+    async with fleet(asked) as sdk:
+        # from Berlin the base model's nearest replica is Frankfurt's, which has no adapters
+        base = await sdk.chat.completions.with_raw_response.create(model="support", messages=USER, extra_headers=BERLIN)
+        adapted = await sdk.chat.completions.with_raw_response.create(model="support:tenant-a", messages=USER, extra_headers=BERLIN)
+        streamed = await sdk.chat.completions.create(model="support:tenant-b", messages=USER, stream=True, extra_headers=BERLIN)
+        tokens = "".join([c.choices[0].delta.content or "" async for c in streamed if c.choices])
+        completion = await sdk.completions.create(model="support:v2:tenant-c", prompt="hi", extra_headers=BERLIN)
+    assert base.headers["x-edgeplane-site"] == "dc-frankfurt" and base.parse().choices[0].message.content == "org/support at dc-frankfurt"
+    assert adapted.headers["x-edgeplane-site"] == "dc-paris"
+    assert adapted.parse().choices[0].message.content == "org/support:tenant-a at dc-paris"
+    assert tokens == "org/support:tenant-b at dc-paris"
+    assert completion.model  # an answer came back: what the replica was asked for says the rest
+    assert asked == [("dc-frankfurt", "org/support"), ("dc-paris", "org/support:tenant-a"), ("dc-paris", "org/support:tenant-b"),
+                     ("dc-paris", "org/support:v2:tenant-c")]
+
+
+async def test_an_adapter_of_a_model_without_adapters_is_refused_naming_why() -> None:
+    asked: list[tuple[str, str]] = []
+    async with fleet(asked) as sdk:
+        with pytest.raises(openai.NotFoundError) as refused:
+            await sdk.chat.completions.create(model="plain:tenant-a", messages=USER)
+        with pytest.raises(openai.NotFoundError) as unknown:
+            await sdk.chat.completions.create(model="nothing:tenant-a", messages=USER)
+    assert "model 'plain' serves no LoRA adapters" in refused.value.message and "llm.lora" in refused.value.message
+    assert refused.value.body["code"] == "model_not_found" and refused.value.body["param"] == "model"  # type: ignore[index]
+    assert "model 'nothing' is not deployed" in unknown.value.message
+    assert asked == []
+
+
+@pytest.mark.parametrize(("model", "why"), [
+    ("support:", "names no adapter after ':'"),
+    (":tenant-a", "names no model before ':'"),
+    ("support:../other", "no adapter's name"),
+    ("support:tenant/a", "no adapter's name"),
+    ("support:.hidden", "no adapter's name"),
+])
+async def test_a_malformed_adapter_name_is_refused_before_any_replica_sees_it(model: str, why: str) -> None:
+    asked: list[tuple[str, str]] = []
+    async with fleet(asked) as sdk:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await sdk.chat.completions.create(model=model, messages=USER)
+    assert why in refused.value.message and refused.value.body["param"] == "model"  # type: ignore[index]
+    assert asked == []
+
+
+async def test_an_adapter_keeps_the_residency_of_its_replicas() -> None:
+    """The LoRA replica serves FR callers only: a caller bound to DE gets no adapter, though
+    the base model has a replica for it."""
+    asked: list[tuple[str, str]] = []
+    async with fleet(asked) as sdk:
+        german = {"X-Edgeplane-Residency": "DE"}
+        base = await sdk.chat.completions.with_raw_response.create(model="support", messages=USER, extra_headers=german)
+        with pytest.raises(openai.APIStatusError) as refused:
+            await sdk.chat.completions.create(model="support:tenant-a", messages=USER, extra_headers=german)
+    assert base.headers["x-edgeplane-site"] == "dc-frankfurt"
+    assert refused.value.status_code == 503 and "DE" in refused.value.message
+    assert asked == [("dc-frankfurt", "org/support")]
+
+
+async def test_the_model_list_shows_base_models_and_an_adapter_can_be_retrieved() -> None:
+    """edgeplane does not list the adapters' folders: ``models.list`` shows the base models,
+    and ``models.retrieve`` of ``<model>:<adapter>`` says a replica may load it."""
+    asked: list[tuple[str, str]] = []
+    async with fleet(asked) as sdk:
+        listed = [m.id for m in (await sdk.models.list()).data]
+        retrieved = await sdk.models.retrieve("support:tenant-a")
+        with pytest.raises(openai.NotFoundError):
+            await sdk.models.retrieve("plain:tenant-a")
+        with pytest.raises(openai.BadRequestError):
+            await sdk.models.retrieve("support:")
+    assert listed == ["plain", "support"]
+    assert retrieved.id == "support:tenant-a"
+    assert asked == []
