@@ -29,7 +29,9 @@ import re
 from typing import Annotated, Literal
 
 import pycountry
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
+
+from orchestrator.manifests.strict import Strict
 
 #: Runtimes whose stages answer through the OpenAI routes; ``ray-serve`` may be either.
 GENERATIVE_RUNTIMES = frozenset({"onnx-genai", "vllm"})
@@ -45,12 +47,7 @@ TensorName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 INDEPENDENT_SCORES = frozenset({"independent", "independent-logits"})
 
 
-class _Strict(BaseModel):
-    # the same rules as every manifest model (schema.Strict); kept here to avoid an import cycle
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-
-class Confidence(_Strict):
+class Confidence(Strict):
     """A tensor stage is unsure when its confidence in ``output`` is below ``below``."""
 
     #: The output tensor holding one score per class, shape ``[batch, classes]`` (or ``[classes]``).
@@ -74,7 +71,7 @@ class Confidence(_Strict):
         return self
 
 
-class Escalation(_Strict):
+class Escalation(Strict):
     confidence: Confidence | None = None
     #: Generative: escalate when the answer's mean token log-probability is below this (< 0).
     meanLogprobBelow: float | None = Field(default=None, lt=0, ge=-100)
@@ -110,14 +107,14 @@ class Escalation(_Strict):
         return self
 
 
-class Stage(_Strict):
+class Stage(Strict):
     #: A variant this deployment places (``spec.variant`` per tier names where it runs).
     variant: VariantName
     #: When this stage's answer goes to the next stage; absent on the last stage only.
     escalate: Escalation | None = None
 
 
-class Capture(_Strict):
+class Capture(Strict):
     """Keep a sample of this cascade's requests for distillation (``docs/distillation.md``).
 
     Absent: nothing is captured. A record (inputs, the last stage's output, the first
@@ -145,7 +142,7 @@ class Capture(_Strict):
         return v
 
 
-class Cascade(_Strict):
+class Cascade(Strict):
     stages: list[Stage] = Field(min_length=2)
     #: Opt-in capture of requests for distillation; absent = nothing is kept.
     capture: Capture | None = None

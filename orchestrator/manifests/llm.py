@@ -10,22 +10,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
+from pydantic import Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from orchestrator import accelerator_types
+from orchestrator.manifests.strict import Strict, written
 
 
-class _Strict(BaseModel):
-    # the same rules as every manifest model (schema.Strict); kept here to avoid an import cycle
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-
-def _written(info: ValidationInfo) -> bool:
-    """Whether the value comes from a manifest, not from the store (schema.written)."""
-    return bool((info.context or {}).get("manifest"))
-
-
-class Architecture(_Strict):
+class Architecture(Strict):
     """The numbers of a transformer that size its KV cache (from the model's config.json)."""
 
     layers: int = Field(ge=1, le=1024)
@@ -50,7 +41,7 @@ LORA_SCHEMES = ("s3://", "gs://", "abfss://", "azure://")
 LORA_ENGINE_ARGS = ("enable_lora", "max_loras", "max_lora_rank")
 
 
-class LoraSpec(_Strict):
+class LoraSpec(Strict):
     """LoRA adapters one replica serves beside its base model (Ray Serve LLM's multi-LoRA).
 
     ``adaptersFrom`` holds one folder per adapter (``adapter_config.json`` and
@@ -82,7 +73,7 @@ LLM_RESERVED_ENGINE_ARGS = ("model", "served_model_name", "max_model_len", "dtyp
                             "tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs", "kv_cache_dtype")
 
 
-class LlmSpec(_Strict):
+class LlmSpec(Strict):
     """A large language model served by an engine on GPUs (``runtime: vllm``).
 
     ``source`` is handed to the engine as is: a path on the data centre's storage, an
@@ -118,7 +109,7 @@ class LlmSpec(_Strict):
         """A variant an earlier release stored with its pipeline stages in ``engineArgs``
         (then the only place for them; a manifest is now refused them there) reads them as
         ``pipelineParallelSize``: it reads back, and its replicas get the GPUs they take."""
-        if _written(info) or not isinstance(data, dict) or "pipelineParallelSize" in data:
+        if written(info) or not isinstance(data, dict) or "pipelineParallelSize" in data:
             return data
         engine = data.get("engineArgs")
         if not isinstance(engine, dict) or "pipeline_parallel_size" not in engine:
@@ -130,7 +121,7 @@ class LlmSpec(_Strict):
     @field_validator("acceleratorType")
     @classmethod
     def _ray_knows(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if v is not None and _written(info) and (why := accelerator_types.problem(v)) is not None:
+        if v is not None and written(info) and (why := accelerator_types.problem(v)) is not None:
             raise ValueError(why)
         return v
 
@@ -148,7 +139,7 @@ class LlmSpec(_Strict):
     @classmethod
     def _lora_through_its_field(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         given = sorted(k for k in v if k in LORA_ENGINE_ARGS)
-        if given and _written(info):
+        if given and written(info):
             raise ValueError(f"set {', '.join(given)} through llm.lora (adaptersFrom, maxAdaptersPerReplica, maxRank), not engineArgs: "
                              "without it the gateway routes no adapter to the replicas")
         return v

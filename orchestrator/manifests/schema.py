@@ -17,8 +17,6 @@ from typing import Annotated, Any, Literal, Union
 import pycountry
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     StringConstraints,
     ValidationInfo,
@@ -29,6 +27,7 @@ from pydantic import (
 from orchestrator import import_paths
 from orchestrator.manifests import cascade as cascade_schema
 from orchestrator.manifests.llm import LLM_RESERVED_ENGINE_ARGS, Architecture, LlmSpec, LoraSpec  # noqa: F401  (re-exported)
+from orchestrator.manifests.strict import Strict, written
 
 API_VERSION = "edgeplane.io/v1alpha1"
 KINDS = ("Site", "Model", "ModelDeployment")
@@ -77,16 +76,6 @@ ResidencyCode = Annotated[str, AfterValidator(check_residency)]
 #: added after objects were stored holds for manifests, while a stored object an earlier
 #: version accepted still reads, so the reconciler never stops on it.
 MANIFEST = {"manifest": True}
-
-
-def written(info: ValidationInfo) -> bool:
-    """Whether the value being validated comes from a manifest, not from the store."""
-    return bool((info.context or {}).get("manifest"))
-
-
-class Strict(BaseModel):
-    # NaN and infinity pass or fail range checks confusingly (NaN > 0 is False): refuse them outright
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Metadata(Strict):
