@@ -59,7 +59,7 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument]) -> dict[s
         b, a = before.get(key, 0), after.get(key, 0)
         # replicas kept on the site take the new file, or Ray Serve rolls them, whatever its count does
         roll = _version_roll(current, future, deployment, site, variant) if a and b else {}
-        if a and b and not roll and (updated := _serve_update(current, future, deployment, variant)):
+        if a and b and not roll and (updated := applications.serve_update(current, future, site, deployment, variant)):
             roll = {"updated": updated}
         if a == b:
             change = "new version" if "version" in roll else "updated" if roll else "unchanged"
@@ -131,21 +131,6 @@ def _version_roll(current: snap.Snapshot, future: snap.Snapshot, deployment: str
     if record.spec.rollout.strategy != "makeBeforeBreak" and tier is not None and tier.spec.tier == "edge":
         roll["strategy"] = record.spec.rollout.strategy  # its agent may unload the old version first
     return roll
-
-
-def _serve_update(current: snap.Snapshot, future: snap.Snapshot, deployment: str, variant: str) -> list[str]:
-    """The fields of a ray-serve variant whose change makes Ray Serve roll its application's
-    replicas (``importPath``, ``args``); empty when none changed."""
-    before, after = _variant(current, deployment, variant), _variant(future, deployment, variant)
-    if before is None or after is None or after.runtime != "ray-serve":
-        return []
-    return [f for f in ("importPath", "args") if getattr(before, f) != getattr(after, f)]
-
-
-def _variant(s: snap.Snapshot, deployment: str, variant: str) -> Any:
-    record = s.deployment_by_name.get(deployment)
-    model = s.models.get(record.spec.model) if record is not None else None
-    return next((x for x in model.variants if x.name == variant), None) if model is not None else None
 
 
 def _artifact(s: snap.Snapshot, deployment: str, variant: str) -> tuple[str, str] | None:

@@ -4,7 +4,10 @@ Each placed variant of a deployment on a data-centre site is one Serve applicati
 name (which says which site owns it on a Ray cluster several sites share), its route
 prefix and its spec, sized by the placement's replica count. Apart from
 :mod:`orchestrator.reconciler.planning`, which calls :func:`serve_apps` once a pass and
-reads the names for statuses; pure, as planning is.
+reads the names for statuses; pure, as planning is. :func:`serve_update` sets what it
+renders for a variant before and after a change side by side, so that a plan says which
+change restarts an application's replicas by what Ray Serve would be sent, not by a list
+of fields kept apart from the rendering.
 """
 
 from __future__ import annotations
@@ -150,6 +153,56 @@ def sized_deployment(s: snap.Snapshot, site: str, app: str) -> str | None:
     if status is not None and status.ingress:
         return status.ingress
     return next((a.deployment for a in s.applied_apps.get(site, ()) if a.name == app), None)
+
+
+def serve_update(current: snap.Snapshot, future: snap.Snapshot, site: str, deployment: str, name: str) -> list[str]:
+    """The fields of variant ``name`` of ``deployment`` whose change from ``current`` to
+    ``future`` makes Ray Serve restart its application's replicas on data-centre ``site``
+    (``importPath``, ``args``, ``resources``, ``llm.engineArgs``...); empty when none does.
+
+    The application is rendered before and after as the adapters send it, with the same
+    replica count: a new count is a lightweight update in Ray Serve's terms (the replicas
+    running keep running), which a plan shows as a change of its own; and without the
+    model file, whose change a plan shows as a version roll. A field is named when its new
+    value alone changes what Ray Serve is sent (for ``llm``, each of its own fields), so
+    what only sizes or places replicas (``throughputRps``, ``llm.weightBytes``) names
+    nothing; ``model`` where the deployment naming another Model is what changes it."""
+    tier = current.site_by_name.get(site)
+    before_d, after_d = current.deployment_by_name.get(deployment), future.deployment_by_name.get(deployment)
+    if tier is None or tier.spec.tier != "datacenter" or before_d is None or after_d is None:
+        return []
+    before, after = variant(current, before_d, name), variant(future, after_d, name)
+    if before is None or after is None:
+        return []
+    sent = _sent(current, site, before_d, before)
+    if sent == _sent(current, site, after_d, after):
+        return []
+    fields = [f for f in type(before).model_fields if f not in ("name", "artifact") and getattr(before, f) != getattr(after, f)]
+    changed = []
+    for f in fields:
+        old, new = getattr(before, f), getattr(after, f)
+        if f == "llm" and old is not None and new is not None:
+            changed += [f"llm.{g}" for g in type(old).model_fields if getattr(old, g) != getattr(new, g) and _sent(
+                current, site, before_d, before.model_copy(update={"llm": old.model_copy(update={g: getattr(new, g)})})) != sent]
+        elif _sent(current, site, before_d, before.model_copy(update={f: new})) != sent:
+            changed.append(f)
+    # nothing alone, all together: the deployment names another Model, or the fields only change it together
+    return changed or (["model"] if before_d.spec.model != after_d.spec.model else fields)
+
+
+def _sent(s: snap.Snapshot, site: str, d: snap.DeploymentRecord, v: schema.Variant) -> dict[str, Any] | None:
+    """What Ray Serve is sent for one replica of ``v`` on ``site``, less its model file;
+    None where nothing can be (the adapter refuses it, or an ONNX file has no URL yet)."""
+    try:
+        spec = app_spec(s, store_mod.PlacementRow(d.name, site, v.name, 1), d, v, app_name(site, d.name, v.name))
+    except ValueError:
+        return None
+    if spec is None:
+        return None
+    app = serve_config.render_application(spec)
+    if spec.runtime in ("onnx", "onnx-genai"):
+        app["args"] = {k: x for k, x in app["args"].items() if k not in ("artifact_uri", "sha256", "artifact_hosts")}
+    return app
 
 
 def llm_app(llm: schema.LlmSpec, model: str) -> serve_config.LlmApp:
