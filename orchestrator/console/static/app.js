@@ -253,14 +253,12 @@ function render() {
   renderSiteRows(views);
   $("deployments-body").replaceChildren(...state.deployments.map((d) => {
     const st = d.status || {};
-    const r = st.rollout;
-    const rollout = r ? `${r.upgraded}/${r.upgraded + r.switching + r.waiting} upgraded${r.halted ? " HALTED" : ""}` : "–";
     const a = st.autoscaling;
     // observedPerReplica is absent while no replica reports load (the count is then held): say that instead
     const load = a && a.observedPerReplica !== undefined ? `${a.observedPerReplica} ${a.metric}/replica` : "no load reported";
     const scaling = a && a.desiredReplicas !== undefined ? `${a.desiredReplicas} replicas (${load}, target ${a.target})` : (d.spec.autoscaling ? "waiting for load" : "–");
     const tr = row([text("td", d.metadata.name), text("td", d.spec.model), text("td", st.phase || "Pending", st.phase === "Running" || st.phase === "Scheduled" ? "Healthy" : ""),
-      text("td", `${st.readyReplicas || 0}/${st.replicas || 0}`), text("td", rollout), text("td", scaling)]);
+      text("td", `${st.readyReplicas || 0}/${st.replicas || 0}`), rolloutCell(st.rollout), text("td", scaling)]);
     tr.title = st.reason || "";
     tr.dataset.deployment = d.metadata.name;
     return tr;
@@ -276,6 +274,18 @@ function render() {
   }));
   fillResidencyChoices();
   fillWhatifTargets(views);
+}
+
+// A version rollout as `get modeldeployments` says it: sites upgraded of those rolling, the
+// canary step open, the sites a replaceWhenFull rollout left serving no version meanwhile;
+// and when it halted, which site failed to load the version and why, in the cell itself.
+function rolloutCell(r) {
+  if (!r) return text("td", "–");
+  const step = r.canaryStep ? `, canary ${r.canaryStep}` : "";
+  const replacing = r.replacing && r.replacing.length ? `, replacing on ${r.replacing.join(", ")}` : "";
+  const td = text("td", `${r.upgraded}/${r.upgraded + r.switching + r.waiting} upgraded${step}${replacing}`, "reason");
+  if (r.halted) td.appendChild(text("div", `HALTED: ${r.halted}`, "error"));
+  return td;
 }
 
 // The sites, residency zones and what-if moves on the map, once the base map has loaded.
