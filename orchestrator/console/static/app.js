@@ -58,6 +58,8 @@ function localTime(ts) {
 
 function text(tag, value, cls) { const td = document.createElement(tag); td.textContent = value; if (cls) td.className = cls; return td; }
 
+function titled(node, title) { if (title) node.title = title; return node; }
+
 function row(cells) { const tr = document.createElement("tr"); for (const c of cells) tr.appendChild(c); return tr; }
 
 function showLogin(message) {
@@ -198,6 +200,7 @@ function siteViews() {
     return {
       name: s.metadata.name, tier: s.spec.tier, country: loc.country, region: loc.region || "", lat: loc.lat, lon: loc.lon,
       health: (s.status && s.status.health) || "Unknown", scheduling: scheduling(s.status),
+      error: (s.status && s.status.error) || "",  // why a data centre is out of reach, or its last apply failed
       replicas: here.replicas, models: [...here.models].sort(),
       requests: Math.round(state.requests.get(s.metadata.name) || 0), rate: state.rates.get(s.metadata.name) || 0,
       failed: failed.has(s.metadata.name),
@@ -227,13 +230,13 @@ function renderSiteRows(views) {
   const body = $("sites-body");
   let before = null;
   for (const v of shownViews) {
-    const cells = [[v.name], [v.tier], [v.country], [v.health, HEALTH_CLASS[v.health] || "bad"],
+    const cells = [[v.name], [v.tier], [v.country], [v.health, HEALTH_CLASS[v.health] || "bad", v.error],
       [v.scheduling.word, v.scheduling.state === "Schedulable" ? "" : "maintenance"], [String(v.replicas)],
       [v.models.join(", ")], [v.requests ? `${v.requests} (${v.rate.toFixed(1)}/s)` : "0"]];
     const shown = cells.flat().join("\u0000");
     let r = siteRows.get(v.name);
     if (!r) siteRows.set(v.name, r = { tr: document.createElement("tr"), shown: "" });
-    if (r.shown !== shown) { r.tr.replaceChildren(...cells.map(([value, cls]) => text("td", value, cls))); r.shown = shown; }
+    if (r.shown !== shown) { r.tr.replaceChildren(...cells.map(([value, cls, why]) => titled(text("td", value, cls), why))); r.shown = shown; }
     const at = before ? before.nextSibling : body.firstChild;
     if (at !== r.tr) body.insertBefore(r.tr, at);
     before = r.tr;
@@ -246,8 +249,10 @@ function render() {
   const views = siteViews();
   const healthy = views.filter((v) => v.health === "Healthy").length;
   const rejoining = views.filter((v) => v.health === "Rejoining").length;  // a restarted control plane awaits their agents
+  const waiting = views.filter((v) => v.health === "Waiting").length;  // data centres not observed yet
   const replicas = views.reduce((n, v) => n + v.replicas, 0);
-  $("summary").textContent = `${views.length} sites (${healthy} healthy${rejoining ? `, ${rejoining} rejoining` : ""}) · `
+  $("summary").textContent = `${views.length} sites (${healthy} healthy${rejoining ? `, ${rejoining} rejoining` : ""}`
+    + `${waiting ? `, ${waiting} waiting` : ""}) · `
     + `${state.deployments.length} deployments · ${replicas} replicas`;
   drawMap(views);
   renderSiteRows(views);
