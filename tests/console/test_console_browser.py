@@ -114,8 +114,13 @@ async def test_the_what_if_panel_shows_the_moves_on_the_map(browser, fleet: harn
         await page.click("nav button[data-tab=whatif]")
         await page.select_option("#whatif-kind", "sites")
         await page.select_option("#whatif-target", busiest)
-        await page.click("#whatif-run")
+        async with page.expect_response("**/v1/simulate") as answered:
+            await page.click("#whatif-run")
+        report = await (await answered.value).json()
         await page.wait_for_selector("#whatif-moves tr:nth-child(2)", timeout=15_000)
+        # how it was planned, as `edgeplane simulate` says it under its summary
+        method = await page.locator("#whatif-method").inner_text()
+        assert method.startswith({"repair": "planned by repair: ", "full": "planned in full: "}[report["method"]]), (report["method"], method)
         moves = await page.eval_on_selector_all("#map path.move", "els => els.map(e => [e.dataset.from, e.dataset.to])")
         assert moves and all(src == busiest and dst in AGENTS and dst != busiest for src, dst in moves)
         assert await page.get_attribute(f"#map g.site[data-site={busiest}]", "data-failed") == "true"

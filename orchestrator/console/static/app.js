@@ -412,6 +412,12 @@ function card(label, value, bad) {
 
 function ms(x, m) { return m && !m.demand.length ? "no demand" : x === null || x === undefined ? "unserved" : `${x.toFixed(1)} ms`; }
 
+// How a what-if was planned (the report's `method`), as `edgeplane simulate` says it.
+const METHODS = {
+  repair: "planned by repair: the plan in force repaired, as the next pass would, only the lost replicas moving",
+  full: "planned in full: every deployment planned again (planner.plan), other replicas may move too",
+};
+
 function showReport(r) {
   const s = r.summary, b = r.before, a = r.after;
   const cards = document.createElement("div");
@@ -426,11 +432,17 @@ function showReport(r) {
   moves.id = "whatif-moves";
   moves.appendChild(row([text("th", "deployment"), text("th", "from"), text("th", "to"), text("th", "variant")]));
   for (const m of r.moves) moves.appendChild(row([text("td", m.deployment), text("td", m.from), text("td", m.to), text("td", m.variant)]));
-  const parts = [text("h3", r.scenario), cards, text("h4", `Moves (${r.moves.length})`), moves];
+  const parts = [text("h3", r.scenario), cards];
+  if (r.method in METHODS) {  // a control plane before `method` says nothing of it
+    const method = text("p", METHODS[r.method], "muted");
+    method.id = "whatif-method";
+    parts.push(method);
+  }
+  parts.push(text("h4", `Moves (${r.moves.length})`), moves);
   if (r.unschedulable.length) {
     const t = document.createElement("table");
     t.appendChild(row([text("th", "deployment"), text("th", "placed/wanted"), text("th", "reason")]));
-    for (const u of r.unschedulable) t.appendChild(row([text("td", u.deployment), text("td", `${u.placed}/${u.wanted}`), text("td", u.reason)]));
+    for (const u of r.unschedulable) t.appendChild(row([text("td", u.deployment), text("td", `${u.placed}/${u.wanted}`), text("td", u.reason, "reason")]));
     parts.push(text("h4", "Short of replicas"), t);
   }
   $("whatif-result").replaceChildren(...parts);
