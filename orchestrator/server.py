@@ -223,7 +223,7 @@ class ControlPlane(server_views.ServerViews):
                                                   allowed_hosts=cfg.artifact_hosts)
         self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus,
                                                              record_file=cfg.data_dir / "local-ray.json", ray_executable=cfg.local_ray_executable),
-                                              kube_factory=cfg.kube_factory)
+                                              kube_factory=cfg.kube_factory, owner=await self.store.run(self.store.store_id))
         # Made before the agent listener starts: an agent may rejoin while the start below is
         # still stopping a Ray cluster a killed control plane left; its events trigger this
         # reconciler, whose first pass (once started) sees every agent joined by then.

@@ -176,6 +176,9 @@ class KubeRayActuator:
     (the site's next try, on its backoff) takes a client from it first. A credential command that failed leaves the kubernetes client with
     no credentials, and a token whose refresh failed stays expired, both for good: without a
     new load the site was refused until its spec changed or the control plane restarted.
+    ``ownership``: the RayService is annotated with this control plane's id, and one
+    annotated with another's is neither read as this site's nor changed
+    (:class:`~orchestrator.adapters.serve_config.OwnedElsewhere`).
     """
 
     def __init__(
@@ -189,6 +192,7 @@ class KubeRayActuator:
         request_timeout_s: float = 30.0,
         reload: Callable[[], Awaitable[Any]] | None = None,
         call_wait_s: float = CALL_WAIT_S,
+        ownership: serve_config.Ownership | None = None,
     ) -> None:
         self._api = kubernetes.client.CustomObjectsApi(api_client)
         self._core = kubernetes.client.CoreV1Api(api_client)  # the RayService's Events
@@ -207,6 +211,7 @@ class KubeRayActuator:
         )
         self._timeout = request_timeout_s
         self._call_wait_s = call_wait_s
+        self._ownership = ownership  # None: the RayService is neither marked nor checked (as before owners)
         self._running: asyncio.Future[Any] | None = None  # a call past its bound, still running in its thread
         self._learnt: dict[str, str] = {}
         self._left_out: dict[str, ServeAppStatus] = {}  # by name: applications no pod of the shape holds, as last applied
@@ -231,10 +236,11 @@ class KubeRayActuator:
                     f"application {app.name!r} lacks the {serve_config.OWNED_PREFIX!r} prefix"
                 )
         await self._reloaded()
+        current = await self._get()
+        mark = self._marks(current)  # another's: nothing of it, nor of its earlier name, is touched
         if self._earlier is not None:
             await self._delete_earlier(self._earlier)
             self._earlier = None
-        current = await self._get()
         if current is not None:
             self._learn(current)
         # One application no pod of this shape holds, or past its pod limit, fails alone
@@ -246,13 +252,22 @@ class KubeRayActuator:
         applied = {a.name for a in chosen}
         self._left_out = {name: self._left_out_status(name, why) for name, why in limited.items() if name not in applied}
         self._held = {name: (asked[name].num_replicas, why) for name, why in limited.items() if name in applied}
-        await self._write(current, chosen)
+        await self._write(current, chosen, mark)
         self._applied = {a.name: (a, _configured(entry))
                          for a, entry in zip(chosen, rayservice.render_serve_config(chosen, self._learnt)["applications"])}
         return limited
 
-    async def _write(self, current: dict[str, Any] | None, apps: Sequence[ServeAppSpec]) -> None:
-        """The RayService made to run ``apps``: created, patched, left as it is, or deleted for none."""
+    def _marks(self, current: Mapping[str, Any] | None) -> bool:
+        """Whether the RayService is to be annotated this control plane's (an unmarked one,
+        or one an operator takes over); :class:`OwnedElsewhere` if it is another's."""
+        if self._ownership is None:
+            return False
+        where = f"RayService {self._namespace}/{self._name}"
+        return self._ownership.marks(rayservice.owner_of(current) if current is not None else None, where)
+
+    async def _write(self, current: dict[str, Any] | None, apps: Sequence[ServeAppSpec], mark: bool = False) -> None:
+        """The RayService made to run ``apps``: created, patched, left as it is, or deleted
+        for none; ``mark``: annotated as this control plane's, which alone restarts nothing."""
         if not apps:
             if current is not None:
                 log.info(
@@ -269,6 +284,8 @@ class KubeRayActuator:
         desired = rayservice.render_rayservice(self._site, self._namespace, apps, self._shape, self._learnt,
                                     running.get("workerGroupSpecs") or () if isinstance(running, Mapping) else ())
         digest = desired["metadata"]["annotations"][rayservice.SPEC_HASH_ANNOTATION]
+        if self._ownership is not None:
+            desired["metadata"]["annotations"][rayservice.OWNER_ANNOTATION] = self._ownership.owner
         if current is None:
             log.info("creating RayService %s/%s", self._namespace, self._name)
             await self._call(
@@ -279,6 +296,11 @@ class KubeRayActuator:
             return
         # The hash alone misses a hand edit of the Serve config that left the annotation alone.
         if rayservice.spec_hash(current) == digest and (current.get("spec") or {}).get("serveConfigV2") == desired["spec"]["serveConfigV2"]:
+            if mark:  # an earlier release's, or one taken over: its metadata only
+                log.info("marking RayService %s/%s as this control plane's", self._namespace, self._name)
+                await self._call(
+                    self._api.patch_namespaced_custom_object, rayservice.GROUP, rayservice.VERSION, self._namespace, rayservice.PLURAL,
+                    self._name, {"metadata": {"annotations": {rayservice.OWNER_ANNOTATION: desired["metadata"]["annotations"][rayservice.OWNER_ANNOTATION]}}})
             self._applied_hash = digest
             return
         log.info("patching RayService %s/%s", self._namespace, self._name)
@@ -300,6 +322,7 @@ class KubeRayActuator:
     async def observe(self) -> Mapping[str, ServeAppStatus]:
         await self._reloaded()
         current = await self._get()
+        self._marks(current)  # another's: not this site's to read
         drift = self._drift(current)
         if current is None:
             self.drift, self._active = drift, None

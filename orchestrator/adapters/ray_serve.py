@@ -26,7 +26,7 @@ import httpx
 
 from edgeplane_proto import hostport, oip
 from orchestrator import proxyenv
-from orchestrator.adapters import serve_config
+from orchestrator.adapters import ray_owner, serve_config
 from orchestrator.adapters.serve_config import (
     DataCentreActuator,
     RayAuthError,
@@ -109,7 +109,10 @@ class RayServeActuator:
     named with ``owned_prefix``, or those ``owns(name)`` accepts: several sites sharing
     one Ray cluster each pass a predicate that recognises only their own applications, so
     one site's ``apply()`` never removes another's, and pass the cluster's one ``writes``,
-    so that neither writes back what the other changed meanwhile. ``transport`` is the
+    so that neither writes back what the other changed meanwhile. ``ownership``: the
+    cluster is marked as this control plane's for the site (:mod:`.ray_owner`), and one
+    marked as another's is neither read nor changed
+    (:class:`~orchestrator.adapters.serve_config.OwnedElsewhere`). ``transport`` is the
     seam for tests.
     """
 
@@ -125,6 +128,7 @@ class RayServeActuator:
         timeout_s: float = 15.0,
         transport: httpx.AsyncBaseTransport | None = None,
         writes: ClusterWrites | None = None,
+        ownership: serve_config.Ownership | None = None,
     ) -> None:
         self._dashboard_url = dashboard_url.rstrip("/")
         self._token_provider = token_provider
@@ -133,6 +137,8 @@ class RayServeActuator:
         self._owned_prefix = owned_prefix
         self._owns = owns or (lambda name: serve_config.is_owned(name, owned_prefix))
         self._writes = writes or ClusterWrites()
+        self._ownership = ownership
+        self._unmarkable = False  # the dashboard has no Jobs API: driven as before owners
         self._client = proxyenv.async_client(transport, base_url=self._dashboard_url, timeout=timeout_s)
         # Ingress deployment of each ray-serve application, learnt from the cluster, so
         # that an application without an explicit ``deployment`` can still be sized.
@@ -159,6 +165,8 @@ class RayServeActuator:
                     f"(prefix {self._owned_prefix!r})"
                 )
         async with self._writes.turn(self._dashboard_url):  # what is read here is written back
+            if await self._marks():
+                await self._mark()
             details = await self._get_details()
             self._learn_ingress(details)
             config = self._merge(details, apps)
@@ -213,6 +221,7 @@ class RayServeActuator:
         return {**config, "applications": applications}
 
     async def observe(self) -> Mapping[str, ServeAppStatus]:
+        await self._marks()  # another's: not this site's to read
         details = await self._get_details()
         self._learn_ingress(details)
         serve_url = self._proxy_url(details)
@@ -253,6 +262,19 @@ class RayServeActuator:
         await self.close()
 
     # -- internals ---------------------------------------------------------------------
+
+    async def _marks(self) -> bool:
+        """Whether the cluster is to be marked as this control plane's for the site (unmarked,
+        or taken over); :class:`OwnedElsewhere` if it is another's."""
+        if self._ownership is None or self._unmarkable:
+            return False
+        marks = await ray_owner.marks(self._request, self._ownership, self._dashboard_url)
+        self._unmarkable = marks is None
+        return bool(marks)
+
+    async def _mark(self) -> None:
+        assert self._ownership is not None
+        await ray_owner.mark(self._request, self._ownership, self._dashboard_url)
 
     def _merge(self, details: Mapping[str, Any], apps: Sequence[ServeAppSpec]) -> dict[str, Any]:
         """The full PUT body: ours as specified, everyone else's and the cluster-wide settings

@@ -35,6 +35,9 @@ GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
 MANAGED_BY = "edgeplane"
 SPEC_HASH_ANNOTATION = "edgeplane.io/spec-hash"
 SITE_LABEL = "edgeplane.io/site"
+#: The id of the control plane whose RayService this is (:class:`serve_config.Ownership`): metadata
+#: only, which KubeRay does not pass to the Ray cluster, so writing it restarts nothing.
+OWNER_ANNOTATION = "edgeplane.io/owner"
 SERVE_PORT = 8000
 
 
@@ -344,6 +347,11 @@ def render_serve_config(
             serve_config.render_application(a, (learnt or {}).get(a.name)) for a in apps
         ]
     }
+
+
+def owner_of(obj: Mapping[str, Any]) -> str | None:
+    """The control plane a RayService is marked as owned by; None if unmarked (an earlier release's)."""
+    return ((obj.get("metadata") or {}).get("annotations") or {}).get(OWNER_ANNOTATION)
 
 
 def spec_hash(obj: Mapping[str, Any]) -> str | None:

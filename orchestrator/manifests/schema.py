@@ -148,6 +148,9 @@ class SiteSpec(Strict):
     energy: Energy | None = None
     ray: RaySite | None = None
     kubernetes: KubernetesSite | None = None
+    #: A data centre's cluster whose applications another control plane marked its own
+    #: (its id, as this one's Site status says it): take them over, knowingly.
+    takeOverFrom: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")] | None = None
 
     @model_validator(mode="after")
     def _runtime_matches_tier(self) -> SiteSpec:
@@ -158,6 +161,8 @@ class SiteSpec(Strict):
                 raise ValueError("a datacenter site needs 'capacity'")
         elif self.ray is not None or self.kubernetes is not None:
             raise ValueError("an edge site runs an edgeplane-agent: 'ray' and 'kubernetes' are for datacenter sites")
+        elif self.takeOverFrom is not None:
+            raise ValueError("'takeOverFrom' is for datacenter sites, whose cluster another control plane may own")
         return self
 
 

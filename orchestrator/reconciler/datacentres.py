@@ -78,11 +78,21 @@ class LocalRay:
             self.endpoints = None
 
 
-ActuatorFactory = Callable[[str, schema.SiteSpec], Any]
+#: Builds a KubeRay site's actuator (the seam for tests): its name, its spec and whose its RayService is.
+ActuatorFactory = Callable[[str, schema.SiteSpec, serve_config.Ownership | None], Any]
 
 
 def _is_local(spec: schema.SiteSpec) -> bool:
     return spec.ray is not None and spec.ray.address == "local"
+
+
+def ownership_of(owner: str | None, site: str, spec: schema.SiteSpec) -> serve_config.Ownership | None:
+    """Whose ``site``'s applications on its cluster are: this control plane's (``owner``, its
+    store's id), or another's its Site takes over (``spec.takeOverFrom``). None: unmarked and
+    unchecked, as before owners (a control plane given no id, the embedded cluster it starts)."""
+    if owner is None or (spec.ray is not None and spec.ray.address == "local"):
+        return None
+    return serve_config.Ownership(owner, site, spec.takeOverFrom)
 
 
 def target_of(spec: schema.SiteSpec) -> str | None:
@@ -92,8 +102,12 @@ def target_of(spec: schema.SiteSpec) -> str | None:
 
 class DataCentres:
     def __init__(self, local: LocalRay, kube_factory: ActuatorFactory | None = None, kubeconfig: str | None = None,
-                 credentials_wait_s: float = kube_clients.WAIT_S, kube_call_wait_s: float = kuberay.CALL_WAIT_S):
+                 credentials_wait_s: float = kube_clients.WAIT_S, kube_call_wait_s: float = kuberay.CALL_WAIT_S,
+                 owner: str | None = None):
         self.local = local
+        # this control plane's id, marked on what its sites run on a cluster it does not start,
+        # so that another control plane given the same site there takes none of it (serve_config.Ownership)
+        self._owner = owner
         self._kube_factory = kube_factory
         # KubeRay sites' clients, from the contexts of ``kubeconfig`` (None: $KUBECONFIG, else ~/.kube/config),
         # each waited on ``credentials_wait_s`` at most at a try
@@ -120,6 +134,7 @@ class DataCentres:
         return actuator
 
     async def _build(self, site: str, spec: schema.SiteSpec, local: local_ray.LocalRayEndpoints | None = None) -> serve_config.DataCentreActuator:
+        ownership = ownership_of(self._owner, site, spec)
         if spec.ray is not None:
             owns = applications.owns_app(site)  # sites may share one cluster: touch only this site's apps
             if spec.ray.address == "local":
@@ -127,9 +142,9 @@ class DataCentres:
                 return endpoints.actuator(owns=owns, writes=self._cluster_writes(endpoints.dashboard_url))
             token = ray_serve.token_from_file(spec.ray.tokenFile) if spec.ray.tokenFile else ray_serve.no_token
             return ray_serve.RayServeActuator(spec.ray.address, token_provider=token, serve_url=spec.ray.serveUrl, owns=owns,
-                                              writes=self._cluster_writes(spec.ray.address))
+                                              writes=self._cluster_writes(spec.ray.address), ownership=ownership)
         if self._kube_factory is not None:
-            return self._kube_factory(site, spec)
+            return self._kube_factory(site, spec, ownership)
         assert spec.kubernetes is not None  # SiteSpec guarantees ray or kubernetes for a data centre
         # loading a kubeconfig may run its exec credential plugin (aws eks get-token, say), which takes
         # seconds or waits on a login: in a thread of its own, waited on a bounded time, it holds up
@@ -142,7 +157,7 @@ class DataCentres:
 
         shape = rayservice.RayClusterShape(llm_image=spec.kubernetes.llmImage) if spec.kubernetes.llmImage else None
         return kuberay.KubeRayActuator(await load(), spec.kubernetes.namespace, site, shape=shape, reload=load,
-                                       call_wait_s=self._kube_call_wait_s)
+                                       call_wait_s=self._kube_call_wait_s, ownership=ownership)
 
     def _cluster_writes(self, dashboard_url: str) -> ray_serve.ClusterWrites:
         """The one :class:`~orchestrator.adapters.ray_serve.ClusterWrites` of the cluster at ``dashboard_url``."""
@@ -164,7 +179,8 @@ class DataCentres:
         cluster, or the edge tier). The actuator held for the site does it when it is on that
         target, and is let go (kept for the next try if this raises); any other target gets
         an actuator of its own for the removal, beside the one the site drives now. ``spec``
-        is the store's record: it reaches the target after a restart or a change of leader."""
+        is the store's record: it reaches the target after a restart or a change of leader.
+        What another control plane marked its own there is not removed: none of it is this one's."""
         known = self._actuators.get(site)
         held = known if known is not None and target_of(known[0]) == target_of(spec) else None
         if _is_local(spec):
@@ -183,6 +199,10 @@ class DataCentres:
         try:
             running = len(await actuator.observe())
             await actuator.apply([])
+        except serve_config.OwnedElsewhere as exc:  # another control plane's now: nothing there is this one's to remove
+            log.warning("data centre %s: nothing removed from %s: %s", site, target_of(spec), exc)
+            await actuator.close()
+            return 0
         except BaseException:
             if held is not None and site not in self._actuators:
                 self._actuators[site] = held

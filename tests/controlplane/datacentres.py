@@ -99,13 +99,16 @@ class ServeDashboard:
     are PUT; ``stop()`` takes the cluster away for good. ``stall()`` makes it take requests
     and answer none (of the methods given, or all) until ``release()``, as a dashboard that
     answers at the client's timeout; ``requests``: the method of each request it took, in
-    order, and ``held`` those it holds now. ``validates``: a PUT is checked as Ray's dashboard
+    order, and ``held`` those it holds now (of the Serve API: its Jobs API, ``jobs``, is
+    neither counted nor held). ``validates``: a PUT is checked as Ray's dashboard
     checks it (Ray Serve's own ``ServeDeploySchema``), one it refuses answered 400 with the
     text Ray answers, and nothing of it applied. ``host``: the loopback address it listens on
     (``::1`` for a dashboard reached over IPv6)."""
 
     def __init__(self, validates: bool = False, host: str = "127.0.0.1") -> None:
         self.applications: dict[str, dict[str, Any]] = {}
+        self.jobs: list[dict[str, Any]] = []  # Ray's Jobs API: each as submitted, SUCCEEDED
+        self.job_reads = 0  # how many times they were listed
         self.validates = validates
         self.requests: list[str] = []
         self.held: list[str] = []
@@ -117,6 +120,9 @@ class ServeDashboard:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if self.path.rstrip("/") == "/api/jobs":
+                    dashboard.job_reads += 1
+                    return self.answer(list(dashboard.jobs))
                 dashboard.took(self.command)
                 if self.path.rstrip("/") != "/api/serve/applications":
                     return self.send_error(404)
@@ -130,6 +136,13 @@ class ServeDashboard:
                     return self.answer(refused, 400)
                 dashboard.applications = {a["name"]: a for a in config["applications"]}
                 self.answer({})
+
+            def do_POST(self) -> None:  # a job submitted: it ran at once
+                job = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                if self.path.rstrip("/") != "/api/jobs":
+                    return self.send_error(404)
+                dashboard.jobs.append({**job, "type": "SUBMISSION", "status": "SUCCEEDED", "start_time": len(dashboard.jobs) + 1})
+                self.answer({"job_id": None, "submission_id": job["submission_id"]})
 
             def answer(self, body: Any, status: int = 200) -> None:
                 data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
@@ -198,13 +211,14 @@ class ServeDashboard:
 
 def kuberay_on(kube: kmock.KubernetesEmulator, shape: rayservice.RayClusterShape = SHAPE, **broken: Any) -> Callable[[str, schema.SiteSpec], Any]:
     """A ``kube_factory``: a KubeRay actuator on the emulator per site, or the one given by name."""
-    def build(name: str, spec: schema.SiteSpec) -> Any:
+    def build(name: str, spec: schema.SiteSpec, ownership: serve_config.Ownership | None) -> Any:
         if name in broken:
             return broken[name]
         assert spec.kubernetes is not None
         config = kubernetes.client.Configuration()
         config.host, config.retries = str(kube.url).rstrip("/"), 0
-        return kuberay.KubeRayActuator(kubernetes.client.ApiClient(config), spec.kubernetes.namespace, name, shape=shape)
+        return kuberay.KubeRayActuator(kubernetes.client.ApiClient(config), spec.kubernetes.namespace, name, shape=shape,
+                                       ownership=ownership)
     return build
 
 

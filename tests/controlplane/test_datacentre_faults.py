@@ -98,7 +98,7 @@ async def test_each_outage_of_a_data_centre_is_logged_with_its_end(fleet: harnes
     """A second outage with the same error as the first was in the site's status but not in
     the event log, and was retried after the first one's longer delay."""
     cluster = Outages()
-    cp = await start(fleet, lambda name, spec: cluster)
+    cp = await start(fleet, lambda name, spec, ownership: cluster)
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
         assert (await http.post("/v1/apply", content=site("dc-1"))).status_code == 200
 
@@ -126,7 +126,7 @@ async def test_a_data_centre_is_neither_applied_to_nor_cleared_while_changes_are
     deployment added to the site is not applied, and the Site deleted leaves its applications
     running; deleting that Model ends the hold, and they are removed."""
     cluster = Cluster()
-    cp = await start(fleet, lambda name, spec: cluster)
+    cp = await start(fleet, lambda name, spec, ownership: cluster)
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
         assert (await http.post("/v1/apply", content=bundle(site("dc-1"), MODEL, deployment("d", "dc-1")))).status_code == 200
         await harness.wait_until(lambda: bool(cluster.running), 30, what="dc-1's application")
@@ -168,7 +168,7 @@ async def test_only_an_apply_the_cluster_refuses_makes_its_deployment_failing(fl
     while the site's status says why. A config the cluster refuses is the operator's to fix:
     Failing, naming the site."""
     cluster = Refusing(serve_config.RayUnreachable("http://127.0.0.1:8265", "connection refused"))
-    cp = await start(fleet, lambda name, spec: cluster)
+    cp = await start(fleet, lambda name, spec, ownership: cluster)
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
         applied = await http.post("/v1/apply", content=bundle(site("dc-1"), MODEL, deployment("d", "dc-1")))
         assert applied.status_code == 200, applied.text

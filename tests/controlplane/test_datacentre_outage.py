@@ -227,7 +227,7 @@ class Leaders:
     def __init__(self, tmp_path: pathlib.Path) -> None:
         self.cluster, self.wall = Cluster(), 1000.0
         self.cluster.running = {APP.name: APP}
-        self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(), kube_factory=lambda name, spec: self.cluster)
+        self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(), kube_factory=lambda name, spec, ownership: self.cluster)
         self.store = open_store(tmp_path / "state.db")
         self.sites = [snap.SiteRecord("dc-1", {}, schema.SiteSpec.model_validate(yaml.safe_load(site("dc-1"))["spec"]))]
 

@@ -66,11 +66,11 @@ async def test_a_deleted_sites_applications_are_removed_after_a_restart(fleet: h
     next one (restarted, or another replica taking over) knows the Site only from the
     store, and removes them once the cluster answers."""
     cluster = Cluster()
-    cp = await start(fleet, lambda name, spec: cluster)
+    cp = await start(fleet, lambda name, spec, ownership: cluster)
     await delete_while_unreachable(cp, cluster, "dc-old")
     await fleet.stop()
     cluster.down = False
-    cp = await start(fleet, lambda name, spec: cluster)
+    cp = await start(fleet, lambda name, spec, ownership: cluster)
 
     def removed() -> bool:
         return any(e.action == "serve-removed" for e in cp.store.events(kind="Site", name="dc-old", limit=1000))
@@ -82,7 +82,7 @@ async def test_a_deleted_sites_applications_are_removed_after_a_restart(fleet: h
 
 async def test_a_site_declared_again_takes_over_the_deleted_ones_applications(fleet: harness.Fleet) -> None:
     cluster = Cluster()
-    cp = await start(fleet, lambda name, spec: cluster)
+    cp = await start(fleet, lambda name, spec, ownership: cluster)
     await delete_while_unreachable(cp, cluster, "dc-old")
     assert [d.name for d in cp.store.deleted_sites()] == ["dc-old"]
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
@@ -99,7 +99,7 @@ async def test_a_site_moved_to_the_edge_tier_has_its_applications_removed_after_
     """Moved while its cluster is down, then the control plane stops: the next one knows the
     cluster only from the store, and removes them once it answers."""
     cluster = Cluster()
-    cp = await start(fleet, lambda name, spec: cluster)
+    cp = await start(fleet, lambda name, spec, ownership: cluster)
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
         applied = await http.post("/v1/apply", content=bundle(site("dc"), MODEL, deployment("d", "dc")))
         assert applied.status_code == 200, applied.text
@@ -111,7 +111,7 @@ async def test_a_site_moved_to_the_edge_tier_has_its_applications_removed_after_
                              what="the removal from dc's cluster to fail")
     await fleet.stop()
     cluster.down = False
-    cp = await start(fleet, lambda name, spec: cluster)
+    cp = await start(fleet, lambda name, spec, ownership: cluster)
     await harness.wait_until(lambda: not cluster.running, 30, what="dc's application removed")
     await harness.wait_until(lambda: cp.store.deleted_sites() == [], 10, what="the record of dc's cluster forgotten")
 
@@ -120,7 +120,7 @@ async def test_a_site_declared_again_elsewhere_still_removes_the_deleted_ones_ap
     """Declared again under its name on another cluster before the deleted one's applications
     were removed: they are removed once their cluster answers, and the new one runs its own."""
     clusters = {"ns-dc": Cluster(), "ns-new": Cluster()}
-    cp = await start(fleet, lambda name, spec: clusters[spec.kubernetes.namespace])
+    cp = await start(fleet, lambda name, spec, ownership: clusters[spec.kubernetes.namespace])
     await delete_while_unreachable(cp, clusters["ns-dc"], "dc")
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
         again = await http.post("/v1/apply", content=site("dc", on="kubernetes: {context: test, namespace: ns-new}"))
@@ -141,7 +141,7 @@ async def test_a_site_moved_off_a_cluster_that_is_down_is_applied_to_its_new_one
     one: with the reconciler's clock stopped, a backoff from them would never run out."""
     clusters = {"ns-dc": Cluster(), "ns-new": Cluster()}
     clusters["ns-dc"].down = True
-    cp = await start(fleet, lambda name, spec: clusters[spec.kubernetes.namespace])
+    cp = await start(fleet, lambda name, spec, ownership: clusters[spec.kubernetes.namespace])
     stopped = time.monotonic()
     cp.reconciler.clock = lambda: stopped
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
@@ -159,7 +159,7 @@ async def test_a_site_moved_to_the_edge_tier_counts_its_applications_once(fleet:
     """What it left on its cluster is counted where it is removed: none of it is counted again
     when the Site, declared a data centre once more, is deleted before a pass has seen it."""
     cluster = Cluster()
-    cp = await start(fleet, lambda name, spec: cluster)
+    cp = await start(fleet, lambda name, spec, ownership: cluster)
     edge = site("dc").replace("tier: datacenter", "tier: edge").replace("kubernetes: {context: test, namespace: ns-dc}", "")
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
         applied = await http.post("/v1/apply", content=bundle(site("dc"), MODEL, deployment("d", "dc")))
@@ -182,7 +182,7 @@ async def test_a_deleted_sites_applications_can_be_abandoned_once_its_cluster_is
     would be tried forever, by every leader. An operator gives up on them: nothing is tried
     again, here or after a restart, and the event log says who gave up."""
     cluster = Cluster()
-    cp = await start(fleet, lambda name, spec: cluster)
+    cp = await start(fleet, lambda name, spec, ownership: cluster)
     await delete_while_unreachable(cp, cluster, "dc-old")
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
         abandoned = await http.delete("/v1/sites/dc-old", params={"abandonApplications": "true"},
@@ -197,7 +197,7 @@ async def test_a_deleted_sites_applications_can_be_abandoned_once_its_cluster_is
     assert "dc-old" not in cp.reconciler.datacentres.sites()
     await fleet.stop()
     cluster.down = False
-    cp = await start(fleet, lambda name, spec: cluster)
+    cp = await start(fleet, lambda name, spec, ownership: cluster)
     await cp.reconciler.wait_for_pass(cp.reconciler.passes)
     assert cluster.running  # left as it was: the control plane no longer owns it
     assert not any(e.action == "serve-removed" for e in cp.store.events(kind="Site", name="dc-old", limit=1000))

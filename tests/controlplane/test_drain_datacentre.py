@@ -29,7 +29,7 @@ async def drained_while_down(fleet: harness.Fleet, heartbeat_interval_s: float) 
     declared lost after 3 × ``heartbeat_interval_s``), and dc-a is drained. Returns once
     ``d`` runs on dc-b and nothing is placed on dc-a."""
     clusters = {"dc-a": Cluster(), "dc-b": Cluster()}
-    factory = lambda name, spec: clusters[name]  # noqa: E731
+    factory = lambda name, spec, ownership: clusters[name]  # noqa: E731
     cp = await fleet.start_control_plane(kube_factory=factory, resync_s=0.2)
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
         applied = await http.post("/v1/apply", content=bundle(site("dc-a"), MODEL, deployment("d")))
@@ -93,7 +93,7 @@ async def test_a_drained_data_centre_that_refuses_the_apply_is_draining_while_it
     taken for lost while what it was told to remove is seen running."""
     refusing, other = Refusing(), Cluster()
     clusters = {"dc-a": refusing, "dc-b": other}
-    cp = await fleet.start_control_plane(kube_factory=lambda name, spec: clusters[name], resync_s=0.2)
+    cp = await fleet.start_control_plane(kube_factory=lambda name, spec, ownership: clusters[name], resync_s=0.2)
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
         applied = await http.post("/v1/apply", content=bundle(site("dc-a"), MODEL, deployment("d")))
         assert applied.status_code == 200, applied.text
@@ -116,7 +116,7 @@ async def test_a_data_centre_drained_then_powered_off_stays_drained(fleet: harne
     """Its applications were seen removed before it stopped answering: nothing says they
     came back, and the site is not taken to serve them again until it is declared lost."""
     clusters = {"dc-a": Cluster(), "dc-b": Cluster()}
-    cp = await fleet.start_control_plane(kube_factory=lambda name, spec: clusters[name], resync_s=0.2,
+    cp = await fleet.start_control_plane(kube_factory=lambda name, spec, ownership: clusters[name], resync_s=0.2,
                                          heartbeat_interval_s=60.0)  # not declared lost within the test
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
         applied = await http.post("/v1/apply", content=bundle(site("dc-a"), MODEL, deployment("d")))

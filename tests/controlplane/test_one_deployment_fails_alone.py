@@ -34,7 +34,7 @@ def status(cp: object, name: str) -> dict[str, object]:
 async def test_a_deployment_whose_serve_application_cannot_be_rendered_fails_alone(
         fleet: harness.Fleet, caplog: pytest.LogCaptureFixture) -> None:
     cluster = Cluster()
-    cp = await start(fleet, lambda name, spec: cluster)
+    cp = await start(fleet, lambda name, spec, ownership: cluster)
     cp.store.apply([store_mod.ObjectWrite("Model", "old", {}, LEGACY_MODEL),
                     store_mod.ObjectWrite("ModelDeployment", "d-old", {}, LEGACY_DEPLOYMENT)],
                    store_mod.Event("earlier-version", "apply", "", "", "apply"))

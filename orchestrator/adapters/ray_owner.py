@@ -1,0 +1,78 @@
+"""Which control plane a site's Serve applications on a Ray cluster are, as the cluster says.
+
+Two control planes given one site name on one cluster (staging and production, a copy
+restored from a backup and the original) each took the site's applications as its own and
+applied its config over the other's at every pass, forever. The cluster must say whose they
+are, in a place every control plane reads without restarting a replica: a Serve
+application's fields all do (``runtime_env``, ``args``, a name; a ``user_config`` fails
+where a deployment has no ``reconfigure``), and the Serve config keeps no field of its own.
+Ray's Jobs API keeps a job's ``metadata`` for as long as the cluster (its GCS) lives, as
+long as it keeps the Serve config: the mark is a job that runs ``true`` once (no CPU, no
+replica touched), its metadata naming the site and the owner's id. The newest such job of a
+site is its mark; taking a site over submits a newer one. A cluster whose dashboard has no
+Jobs API (404) cannot be marked: its sites are driven as before owners, said once in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import httpx
+
+from orchestrator.adapters.serve_config import Ownership, RayServeError
+
+log = logging.getLogger(__name__)
+
+JOBS_PATH = "/api/jobs/"
+OWNER_KEY = "edgeplane.io/owner"
+SITE_KEY = "edgeplane.io/site"
+#: The adapter's request to the dashboard (method, path, json=...), raising its errors.
+Request = Callable[..., Awaitable[httpx.Response]]
+
+
+async def marks(request: Request, ownership: Ownership, dashboard_url: str) -> bool | None:
+    """Whether the cluster is to be marked as ``ownership.owner``'s for its site (unmarked,
+    or taken over); :class:`~orchestrator.adapters.serve_config.OwnedElsewhere` if it is
+    another's; None if the dashboard has no Jobs API, which is said in the log."""
+    try:
+        jobs = (await request("GET", JOBS_PATH)).json()
+    except RayServeError as exc:
+        if exc.status_code != 404:
+            raise
+        log.warning("the Ray dashboard at %s has no Jobs API (%s): site %s's applications there cannot be marked as "
+                    "this control plane's, nor another control plane's given the site told apart", dashboard_url, JOBS_PATH, ownership.site)
+        return None
+    except ValueError as exc:
+        raise RayServeError(f"{dashboard_url} answered non-JSON to {JOBS_PATH}") from exc
+    return ownership.marks(marked_owner(jobs, ownership.site), f"Ray cluster at {dashboard_url}")
+
+
+async def mark(request: Request, ownership: Ownership, dashboard_url: str) -> None:
+    """Mark the cluster as ``ownership.owner``'s for its site."""
+    log.info("marking site %s's applications on %s as this control plane's (%s)", ownership.site, dashboard_url, ownership.owner)
+    await request("POST", JOBS_PATH, json=mark_request(ownership))
+
+
+def marked_owner(jobs: Any, site: str) -> str | None:
+    """The owner the newest mark of ``site`` among the cluster's ``jobs`` (the Jobs API's
+    list) names; None if none does. Marks submitted in the same millisecond are ordered by
+    their ids, which name their owners, so every reader takes the same one."""
+    marks = []
+    for job in jobs if isinstance(jobs, list) else ():
+        metadata = job.get("metadata") if isinstance(job, Mapping) else None
+        if isinstance(metadata, Mapping) and metadata.get(SITE_KEY) == site and isinstance(metadata.get(OWNER_KEY), str):
+            marks.append((job.get("start_time") or 0, str(job.get("submission_id") or ""), metadata[OWNER_KEY]))
+    return max(marks)[2] if marks else None
+
+
+def mark_request(ownership: Ownership) -> dict[str, Any]:
+    """The job that marks ``ownership.site``'s applications as ``ownership.owner``'s."""
+    return {
+        "entrypoint": "true",
+        "submission_id": f"edgeplane-owner-{ownership.site}-{ownership.owner}-{secrets.token_hex(4)}",
+        "metadata": {SITE_KEY: ownership.site, OWNER_KEY: ownership.owner},
+        "entrypoint_num_cpus": 0,
+    }

@@ -1,0 +1,106 @@
+"""Two control planes (two stores: staging and production, a copy restored beside its
+original) given one data-centre site on one cluster: the second one takes nothing over and
+says whose the cluster is; an operator's ``takeOverFrom`` takes it over; the first then stops
+applying. Without the mark each applied its config over the other's at every pass, forever.
+KubeRay sites are RayServices on kmock over real HTTP; Ray sites a Serve REST API (and Jobs
+API) on loopback."""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx
+import kmock
+import pytest
+
+from orchestrator import server
+from orchestrator.adapters import ray_owner, rayservice
+from orchestrator.testing import harness
+from tests.controlplane.datacentres import (MODEL, RES, ServeDashboard, bundle, deployment, kuberay_on, site, site_events,
+                                            site_status)
+
+
+@pytest.fixture
+async def fleets(tmp_path: pathlib.Path) -> AsyncIterator[tuple[harness.Fleet, harness.Fleet]]:
+    pair = harness.Fleet(tmp_path / "a"), harness.Fleet(tmp_path / "b")
+    try:
+        yield pair
+    finally:
+        for fleet in pair:
+            await fleet.stop()
+
+
+@pytest.fixture
+def dashboard() -> Iterator[ServeDashboard]:
+    dash = ServeDashboard()
+    yield dash
+    dash.stop()
+
+
+async def apply(cp: server.ControlPlane, manifests: str) -> None:
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        applied = await http.post("/v1/apply", content=manifests)
+        assert applied.status_code == 200, applied.text
+
+
+async def refused_by(cp: server.ControlPlane, other: server.ControlPlane) -> str:
+    """``cp`` says dc-1's cluster is ``other``'s, in its status and one event: the error."""
+    owned = f"is owned by another edgeplane control plane (owner {other.store.store_id()}; this one is {cp.store.store_id()})"
+    await harness.wait_until(lambda: owned in site_status(cp, "dc-1").get("error", ""), 30, what="dc-1 to be refused as another's")
+    assert f"spec.takeOverFrom: {other.store.store_id()}" in site_status(cp, "dc-1")["error"]
+    said = [reason for action, reason in site_events(cp, "dc-1") if owned in reason]
+    assert len(said) == 1 and all(action != "serve-reapplied" for action, _ in site_events(cp, "dc-1")), site_events(cp, "dc-1")
+    return said[0]
+
+
+async def two_owners(fleets: tuple[harness.Fleet, harness.Fleet], on: str, factory: Any, marked: Callable[[], str | None],
+                     state: Callable[[], Any], tries: Callable[[], int]) -> None:
+    """The scenario on one cluster, through ``marked`` (the owner it names), ``state`` (what
+    runs there) and ``tries`` (how many times it has been read)."""
+    first = await fleets[0].start_control_plane(kube_factory=factory, resync_s=0.2)
+    manifests = bundle(site("dc-1", on), MODEL, deployment("d", "dc-1"))
+    await apply(first, manifests)
+    await harness.wait_until(lambda: marked() == first.store.store_id() and bool(state()), 30, what="dc-1 applied and marked")
+
+    second = await fleets[1].start_control_plane(kube_factory=factory, resync_s=0.2)
+    await apply(second, bundle(site("dc-1", on), MODEL, deployment("d", "dc-1"), deployment("e", "dc-1")))
+    await refused_by(second, first)
+    assert marked() == first.store.store_id() and "ep-e.v.dc-1" not in repr(state())  # nothing taken over, nor the second's applied
+
+    taking = site("dc-1", on).replace("  tier: datacenter", f"  tier: datacenter\n  takeOverFrom: {first.store.store_id()}")
+    await apply(second, bundle(taking, MODEL, deployment("d", "dc-1"), deployment("e", "dc-1")))
+    await harness.wait_until(lambda: marked() == second.store.store_id() and "ep-e.v.dc-1" in repr(state()), 30, what="dc-1 taken over")
+    await harness.wait_until(lambda: "error" not in site_status(second, "dc-1"), 30, what="the second's dc-1 status to clear")
+
+    await refused_by(first, second)  # the first sees it lost the cluster
+    await fleets[1].stop()  # what changes there from now on is the first's doing
+    taken, read = copy.deepcopy(state()), tries()
+    await harness.wait_until(lambda: tries() >= read + 2, 30, what="the first to try dc-1 again")
+    assert (marked(), state()) == (second.store.store_id(), taken)  # no fight
+    assert not any(action == "serve-reapplied" for action, _ in site_events(first, "dc-1"))
+
+
+async def test_two_control_planes_on_one_kuberay_site(fleets: tuple[harness.Fleet, harness.Fleet], kube: kmock.KubernetesEmulator) -> None:
+    key = (RES, "ns-dc-1", rayservice.rayservice_name("dc-1"))
+
+    def rayservice_now() -> dict[str, Any] | None:
+        if key not in kube.objects or kube.objects[key].deleted:
+            return None
+        return copy.deepcopy(dict(kube.objects[key].raw))
+
+    def marked() -> str | None:
+        return rayservice.owner_of(rayservice_now() or {})
+
+    def state() -> Any:
+        obj = rayservice_now()
+        return obj and (obj["spec"], rayservice.spec_hash(obj))
+
+    await two_owners(fleets, "", kuberay_on(kube), marked, state, lambda: sum(1 for r in list(kube) if str(r.method) == "method.GET"))
+
+
+async def test_two_control_planes_on_one_ray_site(fleets: tuple[harness.Fleet, harness.Fleet], dashboard: ServeDashboard) -> None:
+    await two_owners(fleets, f"ray: {{address: '{dashboard.url}'}}", None, lambda: ray_owner.marked_owner(dashboard.jobs, "dc-1"),
+                     lambda: dict(dashboard.applications), lambda: dashboard.job_reads)
