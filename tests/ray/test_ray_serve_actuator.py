@@ -14,6 +14,8 @@ from edgeplane_proto import oip
 from orchestrator import ports
 from orchestrator.adapters import local_ray, ray_serve
 from orchestrator.adapters.serve_config import (
+    OwnedElsewhere,
+    Ownership,
     RayAuthError,
     RayUnreachable,
     ServeAppFailed,
@@ -327,3 +329,31 @@ async def test_unreachable_dashboard() -> None:
             await actuator.apply([])
     assert f"127.0.0.1:{port}" in str(down.value) and "ConnectError (" in str(down.value), str(down.value)
     assert down.value.retryable is True
+
+
+async def test_a_site_marked_by_one_control_plane_on_a_real_cluster_is_refused_to_another_until_taken_over(
+    ray_cluster: local_ray.LocalRayEndpoints,
+) -> None:
+    """The mark is a job on Ray's own Jobs API (token auth on, as Ray 2.60 has it): the
+    first control plane marks the site at its first apply, a second one with another id
+    reads it and changes nothing, and one given takeOverFrom marks it as its own."""
+    site = f"owners-{ports.free_port()}"  # marks outlive the test on the shared cluster: one site of its own
+    first = Ownership(owner="a" * 16, site=site)
+    second = Ownership(owner="b" * 16, site=site)
+    async with ray_cluster.actuator(owned_prefix=f"{site}-", ownership=first) as a, \
+            ray_cluster.actuator(owned_prefix=f"{site}-", ownership=second) as b:
+        await a.apply([])
+        with pytest.raises(OwnedElsewhere) as refused:
+            await b.observe()
+        assert first.owner in str(refused.value) and f"takeOverFrom: {first.owner}" in str(refused.value)
+        with pytest.raises(OwnedElsewhere):
+            await b.apply([])
+        await a.observe()  # its own: read as before
+    taking = Ownership(owner=second.owner, site=site, take_over_from=first.owner)
+    async with ray_cluster.actuator(owned_prefix=f"{site}-", ownership=taking) as b, \
+            ray_cluster.actuator(owned_prefix=f"{site}-", ownership=first) as a:
+        await b.apply([])
+        await b.observe()
+        with pytest.raises(OwnedElsewhere) as lost:
+            await a.apply([])
+        assert second.owner in str(lost.value)
