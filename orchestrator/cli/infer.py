@@ -3,6 +3,12 @@
 ``--data`` is JSON inline, ``@FILE`` or ``@-`` (standard input). Data that is no tensor
 (rows of different lengths, a mix of strings and numbers, null) is refused here, before
 anything is sent, as a usage error naming the input.
+
+JSON does not say whether ``[[0, 1, 0]]`` is FP32, INT32 or BOOL, and a replica takes a
+tensor only in its input's own datatype: each input goes in the datatype the model's v2
+metadata (``GET /v2/models/{model}``) declares for it, its values checked to fit it first.
+Only when that metadata cannot be read is the datatype the JSON's (whole numbers INT64,
+other numbers FP32), said in a warning. A v2 body with ``inputs`` is sent as written.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from orchestrator.cli import render, textfile
@@ -22,35 +30,113 @@ from orchestrator.urlpath import path_segment
 MAX_DIMS = 16
 
 
-def body_of(data: str, input_names: Callable[[], list[str]] | None = None, what: str = "--data") -> dict[str, Any]:
-    """The v2 request for ``--data``: ``{"INPUT": [[...]]}``, a v2 body, or a bare array when
-    the model takes one input (``input_names`` asks the model's metadata for its name).
-    ``@FILE`` reads a file, ``@-`` standard input; ``what`` names the source in errors."""
+@dataclass(frozen=True)
+class Declared:
+    """What the model's v2 metadata says of its inputs: each one's datatype by name, in the
+    model's order; ``unread``: why the metadata could not be read (then nothing is declared,
+    and each input's datatype is guessed from its JSON)."""
+
+    datatypes: dict[str, str]
+    unread: str | None = None
+
+
+@dataclass(frozen=True)
+class Given:
+    """One input as ``--data`` gives it: its name (None for a bare array), its shape, its
+    values flat, and the datatype its JSON suggests (``_datatype``)."""
+
+    name: str | None
+    shape: list[int]
+    flat: list[Any]
+    guess: str
+
+
+def read_data(data: str, what: str = "--data") -> Any:
+    """The JSON of ``--data``: inline, ``@FILE`` or ``@-`` (standard input); ``what`` names the source in errors."""
     text = _data_text(data) if data.startswith("@") else data
     try:
-        doc = json.loads(text, parse_constant=_refuse_non_finite, parse_float=_finite_float)
+        return json.loads(text, parse_constant=_refuse_non_finite, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise CliError(f"{what} is not JSON: {exc}", 2) from exc
     except ValueError:  # what the JSON parser leaves to int(), which reads at most 4,300 digits
         raise CliError(f"{what}: an integer too long to read", 2) from None
     except RecursionError:
         raise CliError(f"{what}: JSON nested too deeply (a tensor has at most {MAX_DIMS} dimensions)", 2) from None
-    if isinstance(doc, dict) and "inputs" in doc:
-        return doc  # already a v2 request
-    if isinstance(doc, list) and input_names is not None:
-        names = input_names()
-        if len(names) != 1:
-            raise CliError(f'the model takes {len(names)} inputs ({", ".join(names)}): give {what} as {{"NAME": [[...]], ...}}', 2)
-        doc = {names[0]: doc}
+
+
+def is_v2(doc: Any) -> bool:
+    """Whether ``doc`` is a whole v2 request (it has ``inputs``): it is sent as written."""
+    return isinstance(doc, dict) and "inputs" in doc
+
+
+def given_of(doc: Any, what: str = "--data") -> list[Given]:
+    """The inputs of ``{"INPUT": [[...]], ...}`` or of a bare array, each a tensor: data that
+    is none (rows of different lengths, a mix of strings and numbers, null) is a usage error."""
+    if isinstance(doc, list):
+        shape, flat = _shape(doc, what)
+        return [Given(None, shape, flat, _datatype(flat, what))]
     if not isinstance(doc, dict) or not doc:
         raise CliError(f'{what} must be {{"INPUT": [[...]]}}, a v2 body with "inputs", or an array for a model of one input', 2)
-    inputs = []
+    given = []
     for name, value in doc.items():
         if not name:
             raise CliError(f"{what}: an input name is empty", 2)
         shape, flat = _shape(value, f"{what}: input {name!r}")
-        inputs.append({"name": name, "shape": shape, "datatype": _datatype(flat, f"{what}: input {name!r}"), "data": flat})
+        given.append(Given(name, shape, flat, _datatype(flat, f"{what}: input {name!r}")))
+    return given
+
+
+def request_of(given: list[Given], declared: Declared | None, what: str = "--data") -> dict[str, Any]:
+    """The v2 request of ``given``: each input in the datatype ``declared`` for it, its values
+    checked to fit it (exit 1 naming the input and the value, before anything is sent); an
+    input nothing declares (``declared`` None or unread, a name the model lacks, which its
+    replica then refuses) in the datatype its JSON suggests. A bare array takes the name of
+    the model's one input."""
+    if any(g.name is None for g in given):
+        if declared is None:
+            raise CliError(f'{what} must be {{"INPUT": [[...]]}}, a v2 body with "inputs", or an array for a model of one input', 2)
+        if declared.unread is not None:
+            raise CliError(f'cannot read the name of the model\'s input ({declared.unread}): give {what} as {{"NAME": [[...]]}}')
+        names = list(declared.datatypes)
+        if len(names) != 1:
+            raise CliError(f'the model takes {len(names)} inputs ({", ".join(names)}): give {what} as {{"NAME": [[...]], ...}}', 2)
+        given = [Given(names[0], g.shape, g.flat, g.guess) for g in given]
+    inputs = []
+    for g in given:
+        datatype = declared.datatypes.get(str(g.name)) if declared is not None else None
+        data = g.flat if datatype is None else _encoded(g, datatype, f"{what}: input")
+        inputs.append({"name": g.name, "shape": g.shape, "datatype": datatype or g.guess, "data": data})
     return {"inputs": inputs}
+
+
+def body_of(data: str, what: str = "--data") -> dict[str, Any]:
+    """The v2 request for ``data`` without the model's metadata: a v2 body as written, or
+    ``{"INPUT": [[...]]}`` in the datatypes its JSON suggests."""
+    doc = read_data(data, what)
+    return doc if is_v2(doc) else request_of(given_of(doc, what), None, what)
+
+
+#: The v2 datatypes whose values travel as JSON floats.
+FLOATS = frozenset({"FP16", "FP32", "FP64", "BF16"})
+
+
+def _encoded(given: Given, datatype: str, where: str) -> list[Any]:
+    """``given``'s values as ``datatype`` takes them in JSON (2.0 as 2 for an integer, 1 as
+    true for BOOL), checked as the replica checks them: a fraction for an integer, a value
+    past the datatype's range or width, a string or true/false for numbers is refused."""
+    if datatype == "BYTES":
+        if given.guess != "BYTES":
+            raise CliError(f"{where} {given.name!r}: BYTES data must be strings, got {given.guess} values")
+        return given.flat
+    # here, not at the top: numpy is imported by a command that checks values, not by every command
+    from edgeplane_proto import oip_tensors  # noqa: PLC0415
+
+    try:
+        oip_tensors.array_from_json({"name": given.name, "datatype": datatype, "shape": given.shape, "data": given.flat}, where)
+    except oip_tensors.ProtocolError as exc:
+        raise CliError(str(exc)) from None
+    cast: Callable[[Any], Any] = bool if datatype == "BOOL" else float if datatype in FLOATS else int
+    return [cast(v) for v in given.flat]
 
 
 def _data_text(data: str) -> str:
@@ -128,15 +214,16 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
         raise CliError("MODEL is empty: name the model to call (edgeplane get models)", 2)
     headers = caller_headers(args)
 
-    def input_names() -> list[str]:
-        meta = api.raw("GET", f"/v2/models/{path_segment(args.model)}", headers=headers)
-        doc = json_of(meta)
-        if meta.status_code >= 400 or not isinstance(doc, dict):
-            raise CliError(_error_of(meta, doc))
-        inputs = doc.get("inputs")
-        return [str(i.get("name")) for i in inputs if isinstance(i, dict)] if isinstance(inputs, list) else []
-
-    body = body_of(args.data, input_names)
+    doc = read_data(args.data)
+    if is_v2(doc):
+        body = doc
+    else:
+        given = given_of(doc)  # refused before the model is asked anything
+        declared = declared_of(api.raw("GET", f"/v2/models/{path_segment(args.model)}", headers=headers, timeout=args.timeout))
+        body = request_of(given, declared)
+        if declared.unread is not None:
+            print(f"warning: cannot read the datatypes model {args.model!r} takes ({declared.unread}): "
+                  "whole numbers go as INT64, other numbers as FP32", file=sys.stderr, flush=True)
     started = time.perf_counter()
     # the gateway may wait for a cold start (30 s by default), then for the model: longer than a read of the control plane
     resp = api.raw("POST", f"/v2/models/{path_segment(args.model)}/infer", json=body, headers=headers, timeout=args.timeout)
@@ -165,3 +252,20 @@ def _error_of(resp: Any, doc: Any) -> str:
     """The one-line reason of a refusal: the body's ``error`` when it has one."""
     error = doc.get("error") if isinstance(doc, dict) else None
     return str(error) if error else f"HTTP {resp.status_code}: {resp.text[:200] or resp.reason_phrase}"
+
+
+def declared_of(resp: Any) -> Declared:
+    """The inputs the answer to ``GET /v2/models/{model}`` declares (it may wake a cold
+    model: it waits as the inference does). A refusal the inference would get as well (the
+    model not deployed, a caller header refused) is the command's error; an answer that is
+    no v2 metadata (a replica that failed, a proxy's page) leaves the datatypes unread."""
+    doc = json_of(resp)
+    if 400 <= resp.status_code < 500 and resp.status_code != 429 and isinstance(doc, dict) and doc.get("error"):
+        raise CliError(str(doc["error"]))
+    if resp.status_code >= 400:
+        return Declared({}, " ".join(_error_of(resp, doc).split()))
+    inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    if not isinstance(inputs, list) or not all(isinstance(i, dict) and isinstance(i.get("name"), str)
+                                               and isinstance(i.get("datatype"), str) for i in inputs):
+        return Declared({}, f"HTTP {resp.status_code} with no v2 model metadata: no \"inputs\" list of names and datatypes")
+    return Declared({i["name"]: i["datatype"] for i in inputs})

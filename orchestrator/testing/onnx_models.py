@@ -91,3 +91,23 @@ def build_mlp(
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return BuiltModel(path, sha256_file(path), input_name, output_name, in_dim, out_dim)
+
+
+def build_identity(path: pathlib.Path, inputs: dict[str, int], width: int = 3) -> BuiltModel:
+    """Write a model answering each input as it came (``Identity``), ``inputs`` naming each
+    input and its ``TensorProto`` element type (``TensorProto.FLOAT16``, ``BOOL``...): the
+    output of input ``x`` is ``x_out``, both of shape ``[batch, width]``."""
+    nodes = [helper.make_node("Identity", [name], [f"{name}_out"]) for name in inputs]
+    graph = helper.make_graph(
+        nodes,
+        "identity",
+        [helper.make_tensor_value_info(name, kind, ["batch", width]) for name, kind in inputs.items()],
+        [helper.make_tensor_value_info(f"{name}_out", kind, ["batch", width]) for name, kind in inputs.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeplane")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    first = next(iter(inputs))
+    return BuiltModel(path, sha256_file(path), first, f"{first}_out", width, width)

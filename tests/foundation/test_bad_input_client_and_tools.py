@@ -354,6 +354,12 @@ def test_infer_names_the_datatype_of_json_values(text: str, datatype: str) -> No
     assert infer.body_of(f'{{"x": {text}}}')["inputs"][0]["datatype"] == datatype
 
 
+def model_x(canned: Canned, datatype: str) -> Canned:
+    """``canned`` answering the v2 metadata of model ``m``, of one input ``x`` of ``datatype``
+    (``edgeplane infer`` reads the datatype it sends from it)."""
+    return canned.on("GET", "/v2/models/m", 200, {"name": "m", "inputs": [{"name": "x", "datatype": datatype, "shape": [-1, -1]}]})
+
+
 @pytest.mark.parametrize("method, path, argv", [
     ("GET", "/v1/sites", ["get", "sites"]),
     ("POST", "/v2/models/m/infer", ["infer", "m", "--data", '{"x": [[1]]}']),
@@ -361,7 +367,7 @@ def test_infer_names_the_datatype_of_json_values(text: str, datatype: str) -> No
 def test_a_refusal_nested_past_the_json_parser_is_reported_not_a_bug(canned: Canned, method: str, path: str, argv: list[str]) -> None:
     """Python's JSON parser raises RecursionError, not ValueError, on arrays nested deeper
     than its recursion limit: the refusal was reported as a bug of the CLI."""
-    canned.on(method, path, 400, b'{"error": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    model_x(canned, "INT64").on(method, path, 400, b'{"error": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     one_line_error(support.cli(*argv, server_url=canned.url), 1, '{"error": [[[')
 
 
@@ -375,7 +381,7 @@ def test_infer_waits_as_long_as_its_timeout_and_says_it_had_no_answer() -> None:
         listener.listen()  # accepts (the kernel does), never answers
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         done = support.cli("infer", "m", "--data", '{"x": [[1]]}', "--timeout", "0.3", server_url=url)
-    one_line_error(done, 3, f"the control plane at {url} did not answer POST /v2/models/m/infer within 0.3 s")
+    one_line_error(done, 3, f"the control plane at {url} did not answer GET /v2/models/m within 0.3 s")  # the model's metadata, first
 
 
 def test_infer_json_output_is_json_when_a_model_outputs_nan_or_infinities(canned: Canned) -> None:
@@ -383,7 +389,7 @@ def test_infer_json_output_is_json_when_a_model_outputs_nan_or_infinities(canned
     is no JSON for a script's parser (JavaScript, Go, jq). They are strings, as protobuf writes them."""
     y = np.array([[0.5, np.nan, np.inf, -np.inf]], np.float32)
     body, _ = oip.encode_response(oip.InferResponse("m", (oip.Tensor("y", y),)))
-    canned.on("POST", "/v2/models/m/infer", 200, body)
+    model_x(canned, "FP32").on("POST", "/v2/models/m/infer", 200, body)
     done = support.cli("infer", "m", "--data", '{"x": [[1]]}', "-o", "json", server_url=canned.url)
     assert done.returncode == 0, done.stderr
 
@@ -395,8 +401,8 @@ def test_infer_json_output_is_json_when_a_model_outputs_nan_or_infinities(canned
 
 def test_infer_reads_a_data_file_saved_with_a_byte_order_mark(canned: Canned, tmp_path: pathlib.Path) -> None:
     """What Notepad and PowerShell 5's ``Out-File -Encoding utf8`` write, as ``-f`` manifests already were read."""
-    canned.on("POST", "/v2/models/m/infer", 200, {"model_name": "m", "outputs": [{"name": "y", "datatype": "FP32", "shape": [1],
-                                                                                   "data": [0.5]}]})
+    model_x(canned, "FP32").on("POST", "/v2/models/m/infer", 200, {"model_name": "m", "outputs": [{"name": "y", "datatype": "FP32",
+                                                                                                "shape": [1], "data": [0.5]}]})
     (tmp_path / "input.json").write_bytes(b'\xef\xbb\xbf{"x": [[1.5, 2.5]]}\r\n')
     for data, stdin in ((f"@{tmp_path / 'input.json'}", None), ("@-", '\ufeff{"x": [[1.5, 2.5]]}')):
         done = support.cli("infer", "m", "--data", data, "-o", "json", server_url=canned.url, stdin=stdin)
@@ -405,8 +411,8 @@ def test_infer_reads_a_data_file_saved_with_a_byte_order_mark(canned: Canned, tm
 
 
 def test_infer_reads_data_from_stdin_and_says_when_stdin_is_closed(canned: Canned) -> None:
-    canned.on("POST", "/v2/models/m/infer", 200, {"model_name": "m", "outputs": [{"name": "y", "datatype": "FP32", "shape": [1],
-                                                                                   "data": [0.5]}]})
+    model_x(canned, "INT64").on("POST", "/v2/models/m/infer", 200, {"model_name": "m", "outputs": [{"name": "y", "datatype": "FP32",
+                                                                                                 "shape": [1], "data": [0.5]}]})
     done = support.cli("infer", "m", "--data", "@-", "-o", "json", server_url=canned.url, stdin='{"x": [[1, 2]]}')
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["outputs"][0]["data"] == [0.5]
@@ -418,7 +424,7 @@ def test_infer_reads_data_from_stdin_and_says_when_stdin_is_closed(canned: Canne
 
 @pytest.mark.parametrize("status, body", [(400, [1, 2]), (200, [1, 2]), (200, {"outputs": "none"}), (200, {"outputs": [{"name": "y"}]})])
 def test_infer_says_what_was_wrong_with_an_answer_that_is_not_v2(canned: Canned, status: int, body: Any) -> None:
-    canned.on("POST", "/v2/models/m/infer", status, body)
+    model_x(canned, "INT64").on("POST", "/v2/models/m/infer", status, body)
     one_line_error(support.cli("infer", "m", "--data", '{"x": [1]}', server_url=canned.url), 1)
 
 

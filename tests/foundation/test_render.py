@@ -219,11 +219,14 @@ def test_infer_data_as_a_bare_array_needs_a_model_of_one_input() -> None:
     from orchestrator.cli import infer
     from orchestrator.cli.http import CliError
 
-    assert infer.body_of("[[1.5, 2.5]]", lambda: ["x"]) == {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.5, 2.5]}]}
+    def body_of(data: str, declared: dict[str, str]) -> dict[str, Any]:
+        return infer.request_of(infer.given_of(infer.read_data(data)), infer.Declared(declared))
+
+    assert body_of("[[1.5, 2.5]]", {"x": "FP64"}) == {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP64", "data": [1.5, 2.5]}]}
     with pytest.raises(CliError, match=r'the model takes 2 inputs \(a, b\): give --data as \{"NAME": \[\[...\]\], ...\}'):
-        infer.body_of("[[1.5]]", lambda: ["a", "b"])
+        body_of("[[1.5]]", {"a": "FP32", "b": "FP32"})
     with pytest.raises(CliError, match="or an array for a model of one input"):
-        infer.body_of('"text"', lambda: ["x"])
+        body_of('"text"', {"x": "FP32"})
 
 
 BAD_INPUT = [  # argv ({tmp}: a folder with the files below), environment, exit code, the one line on stderr
