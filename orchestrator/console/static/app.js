@@ -298,7 +298,7 @@ function drawMap(views) {
   if (!state.map) return;
   state.map.drawSites(views);
   renderResidency();
-  if (state.whatif) state.map.drawMoves(state.whatif.moves, new Map(views.map((v) => [v.name, v])));
+  if (state.whatif) state.map.drawMoves(state.whatif.moves.slice(0, WHATIF_ROWS), new Map(views.map((v) => [v.name, v])));
 }
 
 function residencyOf(d) { return (d.spec.placement && d.spec.placement.residency) || []; }
@@ -402,6 +402,19 @@ async function simulate(body, out, signal) {
   }
 }
 
+// A what-if's tables stop at WHATIF_ROWS rows, as `edgeplane simulate` prints them, and the
+// map draws the arrows of the moves listed: losing a region of a large fleet moves thousands
+// of replicas, which no one reads as rows or arrows (and the page would stall drawing them).
+const WHATIF_ROWS = 50;
+
+// The note under a table that lists the first WHATIF_ROWS of `count` rows, as the CLI says it.
+function moreRows(count, what, id) {
+  if (count <= WHATIF_ROWS) return [];
+  const note = text("p", `... and ${count - WHATIF_ROWS} more${what} (edgeplane simulate -o json for all)`, "muted");
+  note.id = id;
+  return [note];
+}
+
 function card(label, value, bad) {
   const div = document.createElement("div");
   div.className = bad ? "card bad" : "card";
@@ -431,19 +444,22 @@ function showReport(r) {
   const moves = document.createElement("table");
   moves.id = "whatif-moves";
   moves.appendChild(row([text("th", "deployment"), text("th", "from"), text("th", "to"), text("th", "variant")]));
-  for (const m of r.moves) moves.appendChild(row([text("td", m.deployment), text("td", m.from), text("td", m.to), text("td", m.variant)]));
+  for (const m of r.moves.slice(0, WHATIF_ROWS)) moves.appendChild(row([text("td", m.deployment), text("td", m.from), text("td", m.to), text("td", m.variant)]));
   const parts = [text("h3", r.scenario), cards];
   if (r.method in METHODS) {  // a control plane before `method` says nothing of it
     const method = text("p", METHODS[r.method], "muted");
     method.id = "whatif-method";
     parts.push(method);
   }
-  parts.push(text("h4", `Moves (${r.moves.length})`), moves);
+  parts.push(text("h4", `Moves (${r.moves.length})`), moves, ...moreRows(r.moves.length, "", "whatif-moves-more"));
   if (r.unschedulable.length) {
     const t = document.createElement("table");
     t.appendChild(row([text("th", "deployment"), text("th", "placed/wanted"), text("th", "reason")]));
-    for (const u of r.unschedulable) t.appendChild(row([text("td", u.deployment), text("td", `${u.placed}/${u.wanted}`), text("td", u.reason, "reason")]));
-    parts.push(text("h4", "Short of replicas"), t);
+    for (const u of r.unschedulable.slice(0, WHATIF_ROWS)) {
+      t.appendChild(row([text("td", u.deployment), text("td", `${u.placed}/${u.wanted}`), text("td", u.reason, "reason")]));
+    }
+    parts.push(text("h4", `Short of replicas (${r.unschedulable.length})`), t,
+      ...moreRows(r.unschedulable.length, " deployments short", "whatif-short-more"));
   }
   $("whatif-result").replaceChildren(...parts);
 }
