@@ -1,6 +1,7 @@
 // The console page: polls the read API once a second and redraws; the what-if panel asks
 // POST /v1/simulate and draws the moves on the map. Read-only: nothing here writes.
 import * as api from "./api.js";
+import { cascadeViews, renderCascades } from "./cascades.js";
 import { FleetMap } from "./map.js";
 
 const $ = (id) => document.getElementById(id);
@@ -20,7 +21,7 @@ function pollDelayMs(failures, retryAfterS, jitter) {
   return Math.max(backoff, Math.min(retryAfterS ?? 0, MAX_RETRY_AFTER_S) * 1000) * (1 + jitter / 5);
 }
 
-const state = { sites: [], deployments: [], placements: [], events: [], lastEvent: 0, reloadEvents: true, store: undefined,
+const state = { sites: [], deployments: [], placements: [], cascades: [], events: [], lastEvent: 0, reloadEvents: true, store: undefined,
                 failures: 0,  // polls failed in a row
                 mapLoading: false,  // the base map is asked (and asked again until it loads)
                 // every table keyed by a site's name is a Map: a site may be named `constructor`
@@ -109,14 +110,15 @@ async function poll() {
   const signedIn = state.signedIn;
   let wait = POLL_MS;
   try {
-    const [sites, deployments, placements, events, metrics] = await Promise.all([
-      api.get("/v1/sites"), api.get("/v1/modeldeployments"), api.get("/v1/placements"), newEvents(),
+    const [sites, deployments, placements, cascades, events, metrics] = await Promise.all([
+      api.get("/v1/sites"), api.get("/v1/modeldeployments"), api.get("/v1/placements"), api.get("/v1/cascades"), newEvents(),
       api.get("/metrics").catch(() => null),  // no counts this time: not a reset
     ]);
     if (signedIn !== state.signedIn) return;  // signed out (and maybe in again) while it was asked
     state.sites = sites.items;
     state.deployments = deployments.items;
     state.placements = placements.items;
+    state.cascades = cascades.items;
     if (events.reloaded) { state.events = []; state.lastEvent = 0; state.store = events.store; }
     for (const e of events.items) { state.events.push(e); state.lastEvent = Math.max(state.lastEvent, e.id); }
     state.events = state.events.slice(-300);
@@ -268,6 +270,7 @@ function render() {
     tr.dataset.deployment = d.metadata.name;
     return tr;
   }));
+  renderCascades($("cascades"), cascadeViews(state.cascades, state.deployments, state.placements));
   const list = $("events-list");
   list.replaceChildren(...state.events.slice(-100).reverse().map((e) => {
     const li = document.createElement("li");
