@@ -516,7 +516,7 @@ def _llm_engine_resources(app: Mapping[str, Any]) -> dict[str, dict[str, float]]
         return {}
     out: dict[str, dict[str, float]] = {}
     for config in (deployed.get("args") or {}).get("llm_configs") or []:
-        model_id = ((config.get("model_loading_config") or {}).get("model_id") or "").replace("/", "--").replace(".", "_")
+        model_id = (config.get("model_loading_config") or {}).get("model_id") or ""
         required: dict[str, float] = {}
         for bundle in (config.get("placement_group_config") or {}).get("bundles") or []:
             for k, v in bundle.items():
@@ -524,7 +524,7 @@ def _llm_engine_resources(app: Mapping[str, Any]) -> dict[str, dict[str, float]]
                     required[k] = required.get(k, 0.0) + float(v)
         if config.get("accelerator_type"):
             required[f"accelerator_type:{config['accelerator_type']}"] = 1.0
-        out[f"{serve_config.LLM_SERVER_DEPLOYMENT}:{model_id}"] = required
+        out[serve_config.llm_deployment(model_id)] = required
     return out
 
 

@@ -42,7 +42,8 @@ GENAI_IMPORT_PATH = "orchestrator.serving.genai_app:build"
 GENAI_DEPLOYMENT = "GenAIModel"
 #: Ray Serve LLM's OpenAI application builder (vLLM engine), for ``vllm`` applications.
 LLM_IMPORT_PATH = "ray.serve.llm:build_openai_app"
-#: Serve names the engine deployment of an LLM application ``LLMServer:<model id>``.
+#: Ray Serve LLM names the engine deployment of an LLM application ``LLMServer:<model id>``
+#: (:func:`llm_deployment`).
 LLM_SERVER_DEPLOYMENT = "LLMServer"
 RUNTIMES = ("onnx", "onnx-genai", "ray-serve", "vllm")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -175,8 +176,10 @@ class LlmApp:
     """What a ``vllm`` application serves: one Ray Serve LLM ``LLMConfig``.
 
     ``engine_kwargs`` go to vLLM as they are (context length, dtype...); a replica's engine
-    runs ``tensor_parallel_size`` x ``pipeline_parallel_size`` workers, one GPU each. Replicas are the application's ``num_replicas`` unless ``autoscaling`` gives Serve
-    (min, max) bounds to scale within itself.
+    runs ``tensor_parallel_size`` x ``pipeline_parallel_size`` workers, one GPU each.
+    Replicas are the application's ``num_replicas`` unless ``autoscaling`` gives Serve
+    (min, max) bounds to scale within itself; either is rendered outside the ``LLMConfig``
+    (:func:`llm_scaling`), so that changing it restarts no engine.
     """
 
     model_id: str
@@ -353,7 +356,8 @@ def render_application(spec: ServeAppSpec, sized_deployment: str | None = None) 
     if spec.llm is not None:
         app["import_path"] = LLM_IMPORT_PATH
         app["args"] = {"llm_configs": [llm_config(spec)]}
-        return app  # sized through its LLMConfig: Serve names the deployments itself
+        app["deployments"] = [llm_scaling(spec)]
+        return app
     if spec.runtime == "onnx":
         app["import_path"] = ONNX_IMPORT_PATH
         app["args"] = {
@@ -417,9 +421,10 @@ def _read_application(entry: Mapping[str, Any], asked: ServeAppSpec) -> ServeApp
             lora = LoraAdapters(path=adapters["dynamic_lora_loading_path"], max_per_replica=adapters["max_num_adapters_per_replica"],
                                 max_rank=engine.pop("max_lora_rank"))
             engine.pop("max_loras")
-        scaling = config["deployment_config"].get("autoscaling_config")
+        (engines,) = entry["deployments"]
+        scaling = engines.get("autoscaling_config")
         bounds = (scaling["min_replicas"], scaling["max_replicas"]) if scaling is not None else None
-        replicas = scaling["initial_replicas"] if scaling is not None else config["deployment_config"]["num_replicas"]
+        replicas = scaling["initial_replicas"] if scaling is not None else engines["num_replicas"]
         loading = config["model_loading_config"]
         llm = LlmApp(model_id=loading["model_id"], source=loading["model_source"], engine_kwargs=engine, tensor_parallel_size=tp,
                      pipeline_parallel_size=pp, accelerator_type=config.get("accelerator_type"), autoscaling=bounds, lora=lora)
@@ -440,8 +445,38 @@ def _read_application(entry: Mapping[str, Any], asked: ServeAppSpec) -> ServeApp
     return ServeAppSpec(**common, runtime="ray-serve", import_path=import_path, args=args, deployment=deployment["name"])
 
 
+def llm_deployment(model_id: str) -> str:
+    """The engine deployment Ray Serve LLM's builder makes for ``model_id``
+    (``build_llm_deployment``): ``LLMServer:`` and the id, ``/`` as ``--`` and ``.`` as ``_``."""
+    return f"{LLM_SERVER_DEPLOYMENT}:{model_id.replace('/', '--').replace('.', '_')}"
+
+
+def llm_scaling(spec: ServeAppSpec) -> dict[str, Any]:
+    """The engines' count of a ``vllm`` application, as an override of the deployment Ray
+    Serve LLM makes for them, outside the application's ``args``.
+
+    Ray Serve rebuilds an application whose ``import_path``, ``runtime_env`` or ``args``
+    change (its code version), every replica restarted: an engine reloading its weights,
+    minutes for a large model. A count or autoscaling bounds changed in the override are a
+    lightweight update, which the engines running keep running through. A fixed count
+    turns the builder's default autoscaling off (``autoscaling_config: null``), which
+    would otherwise keep one replica whatever the count.
+    """
+    llm = spec.llm
+    assert llm is not None
+    override: dict[str, Any] = {"name": llm_deployment(llm.model_id)}
+    if llm.autoscaling is not None:
+        low, high = llm.autoscaling
+        initial = min(max(spec.num_replicas, low), high)
+        override["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "initial_replicas": initial}
+    else:
+        override.update(num_replicas=spec.num_replicas, autoscaling_config=None)
+    return override
+
+
 def llm_config(spec: ServeAppSpec) -> dict[str, Any]:
-    """The ``LLMConfig`` (as Serve's config file spells it) of a ``vllm`` application.
+    """The ``LLMConfig`` (as Serve's config file spells it) of a ``vllm`` application,
+    without its replicas (:func:`llm_scaling`).
 
     Each engine worker gets one GPU in one bundle of a ``STRICT_PACK`` placement group, so
     the ``tensor_parallel_size`` x ``pipeline_parallel_size`` GPUs of a replica are on one
@@ -453,13 +488,6 @@ def llm_config(spec: ServeAppSpec) -> dict[str, Any]:
     llm = spec.llm
     assert llm is not None
     gpus = llm.gpus
-    deployment: dict[str, Any]
-    if llm.autoscaling is not None:
-        low, high = llm.autoscaling
-        initial = min(max(spec.num_replicas, low), high)
-        deployment = {"autoscaling_config": {"min_replicas": low, "max_replicas": high, "initial_replicas": initial}}
-    else:
-        deployment = {"num_replicas": spec.num_replicas}
     bundle: dict[str, float] = {"CPU": max(spec.cpu / gpus, 0.001), "GPU": 1}
     parallel = {"tensor_parallel_size": llm.tensor_parallel_size}
     if llm.pipeline_parallel_size > 1:
@@ -469,7 +497,6 @@ def llm_config(spec: ServeAppSpec) -> dict[str, Any]:
     config: dict[str, Any] = {
         "model_loading_config": {"model_id": llm.model_id, "model_source": llm.source},
         "engine_kwargs": {**llm.engine_kwargs, **parallel},
-        "deployment_config": deployment,
         "placement_group_config": {"bundles": [dict(bundle) for _ in range(gpus)], "strategy": "STRICT_PACK"},
     }
     if llm.accelerator_type:
@@ -480,11 +507,12 @@ def llm_config(spec: ServeAppSpec) -> dict[str, Any]:
 
 
 def configured_replicas(app: Mapping[str, Any]) -> int:
-    """Replicas a rendered application asks for: its sized deployments', or for a Ray
-    Serve LLM application its engines' (fixed, or the autoscaling start). It is read back
-    from a cluster, where a hand may have edited it: a count Serve scales itself
-    (``num_replicas: auto``) counts where it starts, and what is no count counts none."""
-    if app.get("import_path") == LLM_IMPORT_PATH:
+    """Replicas a rendered application asks for: its sized deployments' (for a Ray Serve
+    LLM application its engines', fixed or the autoscaling start). It is read back from a
+    cluster, where a hand may have edited it: a count Serve scales itself (``num_replicas:
+    auto``) counts where it starts, and what is no count counts none. An LLM application an
+    earlier release rendered has its count inside its ``LLMConfig``s."""
+    if app.get("import_path") == LLM_IMPORT_PATH and "deployments" not in app:
         args = app.get("args")
         configs = args.get("llm_configs") if isinstance(args, Mapping) else None
         return sum(_deployment_replicas(c.get("deployment_config"))

@@ -121,3 +121,43 @@ def test_a_serve_config_entry_edgeplane_did_not_render_reads_as_none(edit: Any) 
     entry = serve_config.render_application(onnx("ep-a"))
     edit(entry)
     assert serve_config.application_from_config(entry, onnx("ep-a")) is None
+
+
+async def test_an_llm_application_an_earlier_release_rendered_is_written_once_then_scales_in_place(kube: kmock.KubernetesEmulator) -> None:
+    """An earlier release put an LLM application's count inside its LLMConfig, in the args
+    Ray Serve hashes as its code version: each new count restarted every engine. A control
+    plane that starts writes such an entry once (its args change, so its engines restart
+    that once), then leaves it as it is, and a new count then changes no code version."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeApplicationSchema
+
+    first = actuator_on(kube, SHAPE)
+    try:
+        assert await first.apply([llm("ep-a", 2), ONE_POD]) == {}
+    finally:
+        await first.close()
+    stored = kube.objects[RES, NS, rayservice.rayservice_name(SITE)]
+    earlier = yaml.safe_load(stored["spec"]["serveConfigV2"])
+    entry = next(a for a in earlier["applications"] if a["name"] == "ep-a")
+    entry["args"]["llm_configs"][0]["deployment_config"] = {"num_replicas": entry.pop("deployments")[0]["num_replicas"]}
+    stored.patch({"spec": {"serveConfigV2": yaml.safe_dump(earlier)}})
+    assert serve_config.configured_replicas(entry) == 2  # read back at the count it runs
+
+    def writes() -> int:
+        return sum(str(r.method) != "method.GET" for r in list(kube))
+
+    restarted = actuator_on(kube, SHAPE)
+    try:
+        before = writes()
+        for _ in range(3):
+            assert await restarted.apply([llm("ep-a", 2), ONE_POD]) == {}
+        assert writes() == before + 1
+        rewritten = configured(kube)["ep-a"]
+        assert rewritten == serve_config.render_application(llm("ep-a", 2))
+        assert await restarted.apply([llm("ep-a", 3), ONE_POD]) == {}
+        scaled = configured(kube)["ep-a"]
+        assert serve_config.configured_replicas(scaled) == 3
+        assert get_app_code_version(ServeApplicationSchema.model_validate(scaled)) == \
+            get_app_code_version(ServeApplicationSchema.model_validate(rewritten))
+    finally:
+        await restarted.close()

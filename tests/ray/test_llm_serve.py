@@ -70,7 +70,9 @@ def test_generated_config_validates_against_rays_llmconfig(case_id: str, llm: Ll
         llm = LlmApp(**{**llm.__dict__, "autoscaling": autoscaling})
     app = serve_config.render_application(app_spec(llm))
     assert app["import_path"] == "ray.serve.llm:build_openai_app" and app["route_prefix"] == "/ep/dc/gpt"
-    assert "deployments" not in app  # sized through the LLMConfig, whose deployment names Serve makes up
+    # sized through the engine deployment Ray Serve LLM makes, outside the LLMConfig (see below)
+    (engines,) = app["deployments"]
+    assert engines["name"] == serve_config.llm_deployment(llm.model_id)
     (raw,) = app["args"]["llm_configs"]
     config = LLMConfig.model_validate(raw)
     assert config.model_loading_config.model_id == llm.model_id
@@ -83,10 +85,11 @@ def test_generated_config_validates_against_rays_llmconfig(case_id: str, llm: Ll
     assert len(bundles) == workers == llm.gpus and all(b["GPU"] == 1 for b in bundles)
     assert config.placement_group_config["strategy"] == "STRICT_PACK"
     assert sum(b["CPU"] for b in bundles) == pytest.approx(8)
+    assert config.deployment_config == {}
     if autoscaling is None:
-        assert config.deployment_config == {"num_replicas": 2}
+        assert engines == {"name": engines["name"], "num_replicas": 2, "autoscaling_config": None}
     else:
-        assert config.deployment_config["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 2}
+        assert engines == {"name": engines["name"], "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 2}}
     assert (config.accelerator_type or None) == llm.accelerator_type
     if llm.lora is None:
         assert config.lora_config is None and not {"enable_lora", "max_loras", "max_lora_rank"} & set(config.engine_kwargs)
@@ -99,6 +102,83 @@ def test_generated_config_validates_against_rays_llmconfig(case_id: str, llm: Ll
         assert config.engine_kwargs["enable_lora"] is True
         assert config.engine_kwargs["max_loras"] == llm.lora.max_per_replica
         assert config.engine_kwargs["max_lora_rank"] == llm.lora.max_rank
+
+
+def rays_llm_builder(name: str) -> Any:
+    """A top-level definition of Ray Serve LLM's deployment builder (the module of
+    ``build_llm_deployment``), taken from its installed source: the module itself imports
+    vLLM, which is not installed here."""
+    import ast
+    import importlib.util
+    import pathlib
+
+    import ray.llm._internal.serve.constants as constants
+
+    path = importlib.util.find_spec("ray.llm._internal.serve.core.server.builder").origin
+    assert path is not None
+    tree = ast.parse(pathlib.Path(path).read_text())
+    (node,) = [n for n in tree.body if getattr(n, "name", None) == name
+               or any(getattr(t, "id", None) == name for t in getattr(n, "targets", ()))]
+    namespace = {**vars(constants), "LLMConfig": LLMConfig}
+    exec(compile(ast.Module([node], type_ignores=[]), path, "exec"), namespace)
+    return namespace[name]
+
+
+# (replicas, autoscaling bounds); turning Serve's autoscaling on or off is a new code version in Ray's rule
+SCALINGS = [((2, None), (5, None)), ((5, None), (1, None)), ((2, (1, 4)), (3, (1, 8)))]
+
+
+@pytest.mark.parametrize(("before", "after"), SCALINGS, ids=["more-replicas", "fewer-replicas", "autoscaling-bounds"])
+def test_scaling_an_llm_app_keeps_the_code_version_ray_serve_restarts_its_engines_on(
+        before: tuple[int, tuple[int, int] | None], after: tuple[int, tuple[int, int] | None]) -> None:
+    """Ray Serve rebuilds an application, every replica restarted, when its code version
+    changes: a hash of its import_path, runtime_env and args (get_app_code_version). The
+    engines' count and autoscaling bounds are outside args: Ray applies them to the
+    replicas running (a lightweight update), and a 120B model is not minutes reloading."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeDeploySchema
+
+    llm = applications.llm_app(llm_variant().llm, "gpt")  # type: ignore[arg-type]
+    rendered = [serve_config.render_application(app_spec(LlmApp(**{**llm.__dict__, "autoscaling": bounds}), replicas=n))
+                for n, bounds in (before, after)]
+    old, new = (ServeDeploySchema.model_validate({"applications": [app]}).applications[0] for app in rendered)
+    assert serve_config.configured_replicas(rendered[0]) == before[0] and serve_config.configured_replicas(rendered[1]) == after[0]
+    assert get_app_code_version(old) == get_app_code_version(new)
+
+
+@pytest.mark.parametrize("autoscaling", [None, (1, 4)])
+def test_ray_scales_the_engine_deployment_its_llm_builder_makes(autoscaling: tuple[int, int] | None) -> None:
+    """The count goes to the deployment Ray Serve LLM's builder names (``LLMServer:`` and
+    the model id as its ``_get_deployment_name`` spells it; one Ray does not have fails the
+    application), and Ray's override of the options the builder gives it (autoscaling on by
+    default) runs that count: a count alone would leave the builder's autoscaling at one."""
+    from ray import serve
+    from ray.llm._internal.common.dict_utils import maybe_apply_llm_deployment_config_defaults
+    from ray.serve._private.application_state import override_deployment_info
+    from ray.serve._private.deployment_info import DeploymentInfo
+    from ray.serve.schema import ServeApplicationSchema
+
+    llm = LlmApp(model_id="openai/gpt-oss-1.5b", source="/m", autoscaling=autoscaling)
+    app = serve_config.render_application(app_spec(llm, replicas=3))
+    (raw,) = app["args"]["llm_configs"]
+    config = LLMConfig.model_validate(raw)
+    name = f"LLMServer:{rays_llm_builder('_get_deployment_name')(config)}"
+    assert name == serve_config.llm_deployment(llm.model_id) == "LLMServer:openai--gpt-oss-1_5b"
+    # the engine deployment as build_llm_deployment makes it, the LLMConfig's deployment_config over Ray's defaults
+    options = maybe_apply_llm_deployment_config_defaults(rays_llm_builder("DEFAULT_DEPLOYMENT_OPTIONS"),
+                                                         {**config.deployment_config, "name": name})
+
+    class Engine:
+        pass
+
+    built = serve.deployment(Engine, **options)
+    infos = {name: DeploymentInfo(built._deployment_config, built._replica_config, start_time_ms=0, deployer_job_id="job")}
+    runs = override_deployment_info(infos, ServeApplicationSchema.model_validate(app))[name].deployment_config
+    if autoscaling is None:
+        assert (runs.num_replicas, runs.autoscaling_config) == (3, None)
+    else:
+        scaling = runs.autoscaling_config
+        assert scaling is not None and (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas) == (1, 4, 3)
 
 
 def test_a_variant_with_lora_renders_rays_multi_lora_and_reads_back_from_the_cluster() -> None:
