@@ -17,6 +17,12 @@ each has what the ones before left, and an answer that has not come by then rais
 the replicas tried). ``infer`` gives each attempt the whole timeout: a hung replica costs it
 once and the next one answers, as a v2 inference is short and idempotent.
 
+A numpy array goes in its own dtype, as given. A value given as a plain list or Python
+number goes in the datatype the model declares for its input, read from its v2 metadata
+through the same replicas and gateways and kept per model (:mod:`orchestrator.clientdatatypes`):
+a list does not say whether ``[[0, 1, 0]]`` is FP32, INT32 or BOOL, and a replica takes only
+its input's; a value that datatype cannot hold is a ``ValueError``, and the inference is not sent.
+
 Tensors travel with the v2 binary extension by default (every edgeplane endpoint, agent,
 Ray replica and gateway, speaks it): 256 floats cost about 5 µs to send as bytes and
 140 µs as JSON. Pass ``binary=False`` for a server that only takes JSON.
@@ -74,17 +80,18 @@ import httpx
 
 from edgeplane_proto import correlation, oip
 from orchestrator import clientargs as args
-from orchestrator import clientattempt, clientbody, clientchat, clientpool, proxyenv
+from orchestrator import clientattempt, clientbody, clientchat, clientdatatypes, clientpool, proxyenv
 from orchestrator.clientattempt import Attempt, InferResult
 from orchestrator.clientbody import MAX_ANSWER_BYTES
 from orchestrator.clientpool import MAX_CONNECTIONS
 from orchestrator.clientcache import EndpointCache
 from orchestrator.clientchat import Chat
+from orchestrator.clientdatatypes import DatatypeCache
 from orchestrator.clientloops import LoopClients
 from orchestrator.clienterrors import BadAnswer, EdgeplaneError, InferenceError, NoEndpoint, PoolFull, StreamCut, TimedOut, Unreachable
 from orchestrator.urlpath import path_segment
 
-__all__ = ["MAX_ANSWER_BYTES", "MAX_CONNECTIONS", "AsyncClient", "BadAnswer", "Chat", "Client", "EdgeplaneError", "EndpointCache", "InferResult",
+__all__ = ["MAX_ANSWER_BYTES", "MAX_CONNECTIONS", "AsyncClient", "BadAnswer", "Chat", "Client", "DatatypeCache", "EdgeplaneError", "EndpointCache", "InferResult",
            "InferenceError", "NoEndpoint", "PoolFull", "StreamCut", "TimedOut", "Unreachable"]
 
 
@@ -92,7 +99,8 @@ class _Base:
     def __init__(self, server: str | Sequence[str], *, timeout: float = 30.0, token: str | None = None,
                  location: tuple[float, float] | None = None, region: str | None = None, residency: str | None = None,
                  binary: bool = True, cache: EndpointCache | None = None, direct: bool = True,
-                 max_answer_bytes: int = MAX_ANSWER_BYTES, max_connections: int = MAX_CONNECTIONS, own_pool: bool = True):
+                 max_answer_bytes: int = MAX_ANSWER_BYTES, max_connections: int = MAX_CONNECTIONS, own_pool: bool = True,
+                 datatypes: DatatypeCache | None = None):
         self.servers = args.servers(server)
         self.server = self.servers[0]
         self.direct = direct
@@ -100,6 +108,7 @@ class _Base:
         self.region, self.residency = args.header_value(region, "region"), args.header_value(residency, "residency")
         self.binary = binary
         self.cache = cache or EndpointCache()
+        self.datatypes = datatypes or DatatypeCache()  # of models called with plain lists (clientdatatypes)
         self._asking = args.endpoint_params(self.location, self.region, self.residency)  # the endpoint list's query
         if token is not None and (not isinstance(token, str) or not all("!" <= c <= "~" for c in token)):
             raise ValueError("token: a token is visible ASCII only (no spaces, control or non-ASCII characters)")
@@ -110,9 +119,8 @@ class _Base:
         self.max_connections = args.count(max_connections, "max_connections", "connections")
         self._pool = clientpool.Pool(self.max_connections if own_pool else None, self._seconds)  # a transport given holds its own
 
-    def _body(self, inputs: Mapping[str, Any] | Sequence[oip.Tensor], request_id: str | None) -> tuple[bytes, dict[str, str]]:
-        """An inference's body and headers, its ``X-Request-Id`` among them (``request_id``, or a new one)."""
-        rid = args.request_id(request_id)
+    def _body(self, inputs: Mapping[str, Any] | Sequence[oip.Tensor], rid: str) -> tuple[bytes, dict[str, str]]:
+        """An inference's body and headers, its ``X-Request-Id`` (``rid``) among them."""
         body, header_len = oip.encode_request(args.tensors(inputs), binary=self.binary)
         headers = {"content-type": "application/octet-stream" if header_len is not None else "application/json", correlation.HEADER: rid}
         if header_len is not None:
@@ -295,38 +303,6 @@ class _Base:
             raise EdgeplaneError(f"the gateway's answer failed: {exc}") from None
         self.cache.eject(attempt.endpoint)
 
-    def _chat_line(self, chat: Chat, attempt: Attempt, line: str) -> str | None:
-        """The text of one line; raises ``clientchat.Retry`` before the first token, ``StreamCut``
-        after, and ``TimedOut`` when the chat's timeout has passed with no text yet: a
-        keep-alive comment or an empty ``role`` delta is no answer, though each restarts the
-        read timeout of the transport, so a stuck engine behind a server that sends them
-        would otherwise be waited on for ever."""
-        event = clientchat.parse_event(line)
-        if event is not None and event.done:
-            chat._ended = True
-            return None
-        if event is None:
-            self._check_begun(chat)
-            return None
-        if event.error is not None:
-            if not chat.text:
-                raise clientchat.Retry(event.error)
-            raise clientchat.cut(chat, event.error)
-        if event.finish_reason:
-            chat.finish_reason = event.finish_reason
-        if event.usage:
-            chat.usage = event.usage
-        if event.text and chat.ttft_s is None:
-            chat.ttft_s = time.perf_counter() - chat._started
-            chat.site = attempt.site or chat.site
-        chat.text += event.text
-        self._check_begun(chat)
-        return event.text or None
-
-    def _check_begun(self, chat: Chat) -> None:
-        if not chat.text and time.perf_counter() >= chat._deadline:
-            raise TimedOut(self._seconds, chat.attempts)
-
     def _outcome(self, model: str, attempt: Attempt, number: int, resp: httpx.Response | None,
                  error: Exception | None) -> InferResult | None:
         """The result, None to try the next attempt, or an exception for a refusal."""
@@ -416,9 +392,34 @@ class Client(_Base):
 
     def infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor], *, request_id: str | None = None) -> InferResult:
         """``inputs``' outputs from the nearest replica that answers; ``request_id``: the call's
-        ``X-Request-Id`` (one is made when None), on its result and on any error it raises."""
+        ``X-Request-Id`` (one is made when None), on its result and on any error it raises.
+        A value that is not a numpy array goes in its input's datatype (:mod:`orchestrator.clientdatatypes`)."""
         args.model_name(model)
-        body, headers = self._body(inputs, request_id)
+        rid = args.request_id(request_id)
+        if not clientdatatypes.plain(inputs):
+            return self._infer(model, inputs, rid)
+        args.tensors(inputs)  # what cannot be a tensor is refused before the model's metadata is read
+        held = self._datatypes(model, rid, False)
+        try:
+            return self._infer(model, clientdatatypes.typed(inputs, held), rid)
+        except InferenceError as exc:
+            if not clientdatatypes.refused_datatype(exc) or (fresh := self._datatypes(model, rid, True)) == held:
+                raise
+        return self._infer(model, clientdatatypes.typed(inputs, fresh), rid)
+
+    def _datatypes(self, model: str, rid: str, refresh: bool) -> dict[str, str]:
+        """The datatypes of ``model``'s inputs, kept or read; {} when none could be read."""
+        if not refresh and (held := self.datatypes.get(model)) is not None:
+            return held
+        with clientattempt.named({correlation.HEADER: rid}):  # PoolFull
+            attempts = self._attempts(model, self.endpoints(model), {correlation.HEADER: rid})
+            found = clientdatatypes.read(self._read, attempts, self._timeout, self.cache.eject)
+        if found is not None:
+            self.datatypes.store(model, found)
+        return found or {}
+
+    def _infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor], rid: str) -> InferResult:
+        body, headers = self._body(inputs, rid)
         with clientattempt.named(headers):
             for number, attempt in enumerate(self._attempts(model, self.endpoints(model), headers), start=1):
                 resp, error = None, None
@@ -449,7 +450,7 @@ class Client(_Base):
                     yield clientchat.read_whole(chat, clientbody.read(resp, self.max_answer_bytes))
                     return
                 for line in clientchat.lines_of(resp.iter_bytes()):
-                    text = self._chat_line(chat, attempt, line)
+                    text = clientchat.line_text(chat, attempt.site, line, self._seconds)
                     if text:
                         yield text
                 clientchat.check_ended(chat)
@@ -524,7 +525,30 @@ class AsyncClient(_Base):
     async def infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor], *, request_id: str | None = None) -> InferResult:
         """As :meth:`Client.infer`."""
         args.model_name(model)
-        body, headers = self._body(inputs, request_id)
+        rid = args.request_id(request_id)
+        if not clientdatatypes.plain(inputs):
+            return await self._infer(model, inputs, rid)
+        args.tensors(inputs)
+        held = await self._datatypes(model, rid, False)
+        try:
+            return await self._infer(model, clientdatatypes.typed(inputs, held), rid)
+        except InferenceError as exc:
+            if not clientdatatypes.refused_datatype(exc) or (fresh := await self._datatypes(model, rid, True)) == held:
+                raise
+        return await self._infer(model, clientdatatypes.typed(inputs, fresh), rid)
+
+    async def _datatypes(self, model: str, rid: str, refresh: bool) -> dict[str, str]:
+        if not refresh and (held := self.datatypes.get(model)) is not None:
+            return held
+        with clientattempt.named({correlation.HEADER: rid}):  # PoolFull
+            attempts = self._attempts(model, await self.endpoints(model), {correlation.HEADER: rid})
+            found = await clientdatatypes.aread(self._read, attempts, self._timeout, self.cache.eject)
+        if found is not None:
+            self.datatypes.store(model, found)
+        return found or {}
+
+    async def _infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor], rid: str) -> InferResult:
+        body, headers = self._body(inputs, rid)
         with clientattempt.named(headers):
             for number, attempt in enumerate(self._attempts(model, await self.endpoints(model), headers), start=1):
                 resp, error = None, None
@@ -555,7 +579,7 @@ class AsyncClient(_Base):
                     yield clientchat.read_whole(chat, await clientbody.aread(resp, self.max_answer_bytes))
                     return
                 async for line in clientchat.alines_of(resp.aiter_bytes()):
-                    text = self._chat_line(chat, attempt, line)
+                    text = clientchat.line_text(chat, attempt.site, line, self._seconds)
                     if text:
                         yield text
                 clientchat.check_ended(chat)

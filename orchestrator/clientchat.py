@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from edgeplane_proto import retry_after as retry_header
-from orchestrator.clienterrors import EdgeplaneError, InferenceError, StreamCut
+from orchestrator.clienterrors import EdgeplaneError, InferenceError, StreamCut, TimedOut
 
 #: The longest line of an event stream the client takes, in bytes (a token's event is
 #: a few hundred): the gateway's relay holds a replica's events to the same size
@@ -248,6 +248,40 @@ async def alines_of(chunks: AsyncIterable[bytes]) -> AsyncIterator[str]:
             yield line
     for line in lines.feed(b"", final=True):
         yield line
+
+
+def line_text(chat: Chat, site: str | None, line: str, seconds: float) -> str | None:
+    """The text of one line of ``chat``'s answer from ``site``; raises ``Retry`` before the
+    first token, ``StreamCut`` after, and ``TimedOut`` when the chat's timeout (``seconds``)
+    has passed with no text yet: a keep-alive comment or an empty ``role`` delta is no
+    answer, though each restarts the read timeout of the transport, so a stuck engine
+    behind a server that sends them would otherwise be waited on for ever."""
+    event = parse_event(line)
+    if event is not None and event.done:
+        chat._ended = True
+        return None
+    if event is None:
+        _check_begun(chat, seconds)
+        return None
+    if event.error is not None:
+        if not chat.text:
+            raise Retry(event.error)
+        raise cut(chat, event.error)
+    if event.finish_reason:
+        chat.finish_reason = event.finish_reason
+    if event.usage:
+        chat.usage = event.usage
+    if event.text and chat.ttft_s is None:
+        chat.ttft_s = time.perf_counter() - chat._started
+        chat.site = site or chat.site
+    chat.text += event.text
+    _check_begun(chat, seconds)
+    return event.text or None
+
+
+def _check_begun(chat: Chat, seconds: float) -> None:
+    if not chat.text and time.perf_counter() >= chat._deadline:
+        raise TimedOut(seconds, chat.attempts)
 
 
 def check_ended(chat: Chat) -> None:

@@ -22,12 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from orchestrator import plaintensors
 from orchestrator.cli import render, textfile
 from orchestrator.cli.http import ApiClient, CliError, json_of
+from orchestrator.plaintensors import FLOATS, MAX_DIMS
 from orchestrator.urlpath import path_segment
-
-#: The most dimensions a tensor has (``edgeplane_proto.oip_tensors.MAX_DIMS``; not imported: it brings numpy).
-MAX_DIMS = 16
 
 
 @dataclass(frozen=True)
@@ -116,10 +115,6 @@ def body_of(data: str, what: str = "--data") -> dict[str, Any]:
     return doc if is_v2(doc) else request_of(given_of(doc, what), None, what)
 
 
-#: The v2 datatypes whose values travel as JSON floats.
-FLOATS = frozenset({"FP16", "FP32", "FP64", "BF16"})
-
-
 def _encoded(given: Given, datatype: str, where: str) -> list[Any]:
     """``given``'s values as ``datatype`` takes them in JSON (2.0 as 2 for an integer, 1 as
     true for BOOL), checked as the replica checks them: a fraction for an integer, a value
@@ -128,12 +123,9 @@ def _encoded(given: Given, datatype: str, where: str) -> list[Any]:
         if given.guess != "BYTES":
             raise CliError(f"{where} {given.name!r}: BYTES data must be strings, got {given.guess} values")
         return given.flat
-    # here, not at the top: numpy is imported by a command that checks values, not by every command
-    from edgeplane_proto import oip_tensors  # noqa: PLC0415
-
     try:
-        oip_tensors.array_from_json({"name": given.name, "datatype": datatype, "shape": given.shape, "data": given.flat}, where)
-    except oip_tensors.ProtocolError as exc:
+        plaintensors.typed(str(given.name), given.shape, given.flat, datatype, where)
+    except ValueError as exc:
         raise CliError(str(exc)) from None
     cast: Callable[[Any], Any] = bool if datatype == "BOOL" else float if datatype in FLOATS else int
     return [cast(v) for v in given.flat]
@@ -164,23 +156,13 @@ def _finite_float(token: str) -> float:
     return value
 
 
-def _shape(value: Any, where: str, depth: int = 0) -> tuple[list[int], list[Any]]:
-    """The shape and the flat data of nested lists, which must nest evenly (every row as
-    long as the first) and no deeper than a tensor's dimensions."""
-    if depth > MAX_DIMS:
-        raise CliError(f"{where}: nested deeper than a tensor's {MAX_DIMS} dimensions", 2)
-    if not isinstance(value, list):
-        if depth == 0:
-            return [1], [value]
-        return [], [value]
-    if value and isinstance(value[0], list):
-        inner = [_shape(v, where, depth + 1) for v in value]
-        if any(not isinstance(v, list) for v in value) or any(shape != inner[0][0] for shape, _ in inner):
-            raise CliError(f"{where}: the rows are not all the same length (a tensor is a box: nest the lists evenly)", 2)
-        return [len(value), *inner[0][0]], [x for _, flat in inner for x in flat]
-    if any(isinstance(v, list) for v in value):
-        raise CliError(f"{where}: the rows are not all the same length (a tensor is a box: nest the lists evenly)", 2)
-    return [len(value)], list(value)
+def _shape(value: Any, where: str) -> tuple[list[int], list[Any]]:
+    """The shape and the flat data of nested lists (:func:`plaintensors.shape_of`); data
+    that nests unevenly or too deep is a usage error."""
+    try:
+        return plaintensors.shape_of(value, where)
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
 
 
 def _datatype(flat: list[Any], where: str) -> str:
@@ -264,8 +246,7 @@ def declared_of(resp: Any) -> Declared:
         raise CliError(str(doc["error"]))
     if resp.status_code >= 400:
         return Declared({}, " ".join(_error_of(resp, doc).split()))
-    inputs = doc.get("inputs") if isinstance(doc, dict) else None
-    if not isinstance(inputs, list) or not all(isinstance(i, dict) and isinstance(i.get("name"), str)
-                                               and isinstance(i.get("datatype"), str) for i in inputs):
+    datatypes = plaintensors.datatypes_of(doc)
+    if datatypes is None:
         return Declared({}, f"HTTP {resp.status_code} with no v2 model metadata: no \"inputs\" list of names and datatypes")
-    return Declared({i["name"]: i["datatype"] for i in inputs})
+    return Declared(datatypes)
