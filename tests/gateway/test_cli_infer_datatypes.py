@@ -19,37 +19,20 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from onnx import TensorProto
+
 
 from orchestrator.cli import main as cli
-from orchestrator.testing import harness, loopback, manifests, onnx_models
+from orchestrator.testing import loopback
+
+from . import typed_fleet
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-SITE = {"edge-lyon": dict(country="FR", region="fr", lat=45.76, lon=4.83)}
-TYPED = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "i32": TensorProto.INT32, "u8": TensorProto.UINT8,
-         "flag": TensorProto.BOOL}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    root = tmp_path_factory.mktemp("cli-datatypes")
-    typed = onnx_models.build_identity(root / "artifacts" / "typed.onnx", TYPED)
-    mlp = onnx_models.build_mlp(root / "artifacts" / "intent.onnx", in_dim=3, hidden=8, out_dim=2, seed=1)
-    body = manifests.bundle(
-        manifests.edge_site("edge-lyon", **SITE["edge-lyon"]),
-        manifests.onnx_model("typed", "typed.onnx", typed.sha256),
-        manifests.onnx_model("intent", "intent.onnx", mlp.sha256),
-        manifests.deployment("typed-fr", "typed", 1, {"residency": ["FR"], "tiers": ["edge"]}),
-        manifests.deployment("intent-fr", "intent", 1, {"residency": ["FR"], "tiers": ["edge"]}),
-    )
-
-    def ready(cp: Any) -> bool:
-        return all(any(e.healthy for e in cp.table.endpoints(m)) for m in ("typed", "intent"))
-
-    async with harness.serving_fleet(root, body, SITE, ready=ready, what="typed and intent in Lyon") as fleet:
-        assert fleet.cp is not None
-        yield fleet.cp.http_url
+    async with typed_fleet.serving(tmp_path_factory.mktemp("cli-datatypes"), "intent") as url:
+        yield url
 
 
 async def infer(url: str, model: str, data: Any, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

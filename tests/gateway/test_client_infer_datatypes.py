@@ -20,38 +20,21 @@ import httpx
 import numpy as np
 import pytest
 import pytest_asyncio
-from onnx import TensorProto
+
 
 from orchestrator import client as client_mod
-from orchestrator.testing import harness, manifests, onnx_models
+
+from . import typed_fleet
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-SITE = {"edge-lyon": dict(country="FR", region="fr", lat=45.76, lon=4.83)}
-TYPED = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "i32": TensorProto.INT32, "u8": TensorProto.UINT8,
-         "flag": TensorProto.BOOL}
 PLAIN = {"f32": [[0, 1, 0]], "f16": [[0.5, 1, 2]], "i32": [[1, 2, -3]], "u8": [[0, 200, 255]], "flag": [[1, 0, 1]]}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    root = tmp_path_factory.mktemp("client-datatypes")
-    typed = onnx_models.build_identity(root / "artifacts" / "typed.onnx", TYPED)
-    mlp = onnx_models.build_mlp(root / "artifacts" / "intent.onnx", in_dim=3, hidden=8, out_dim=2, seed=1)
-    body = manifests.bundle(
-        manifests.edge_site("edge-lyon", **SITE["edge-lyon"]),
-        manifests.onnx_model("typed", "typed.onnx", typed.sha256),
-        manifests.onnx_model("intent-classifier", "intent.onnx", mlp.sha256),
-        manifests.deployment("typed-fr", "typed", 1, {"residency": ["FR"], "tiers": ["edge"]}),
-        manifests.deployment("intent-fr", "intent-classifier", 1, {"residency": ["FR"], "tiers": ["edge"]}),
-    )
-
-    def ready(cp: Any) -> bool:
-        return all(any(e.healthy for e in cp.table.endpoints(m)) for m in ("typed", "intent-classifier"))
-
-    async with harness.serving_fleet(root, body, SITE, ready=ready, what="typed and intent-classifier in Lyon") as fleet:
-        assert fleet.cp is not None
-        yield fleet.cp.http_url
+    async with typed_fleet.serving(tmp_path_factory.mktemp("client-datatypes"), "intent-classifier") as url:
+        yield url
 
 
 class Recorded(httpx.HTTPTransport):
@@ -157,7 +140,7 @@ async def test_datatypes_kept_from_before_a_rollout_are_read_again_when_refused(
     """Datatypes held from a model's earlier version (every input FP64 here) go once, are
     refused, and the call goes again in those the model declares now."""
     stale = client_mod.DatatypeCache()
-    stale.store("typed", dict.fromkeys(TYPED, "FP64"))
+    stale.store("typed", dict.fromkeys(typed_fleet.TYPED, "FP64"))
     result, seen = await infer(server, kind, "typed", PLAIN, datatypes=stale)
     assert result["i32_out"].dtype == np.int32 and result["flag_out"].tolist() == [[True, False, True]]
     assert len(posts(seen)) == 2 and [m for m, p in seen if p == "/v2/models/typed"] == ["GET"], seen
