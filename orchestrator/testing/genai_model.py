@@ -131,6 +131,25 @@ def _bigram_logits(tok, text: list[str], vocab: int, eos_ids: list[int], eos_bia
     return logp.astype(np.float32)
 
 
+def kv_cache(rng: np.random.Generator, vocab: int, kv_heads: int, head_size: int, layer: int, kind: str,
+             inits: list[onnx.TensorProto], nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
+             outputs: list[onnx.ValueInfoProto], table: str, names: str) -> None:
+    """One layer's key or value cache, as onnxruntime-genai reads it: the past
+    (``past_key_values.N.key``) with a random embedding of the new tokens appended
+    (``present.N.key``); ``table`` names the embedding and ``names`` prefixes the steps."""
+    inits.append(numpy_helper.from_array((rng.standard_normal((vocab, kv_heads * head_size)) * 0.5).astype(np.float32), table))
+    nodes += [
+        helper.make_node("Gather", [table, "input_ids"], [f"{names}_flat"], axis=0),
+        helper.make_node("Reshape", [f"{names}_flat", "kv_shape"], [f"{names}_heads"]),
+        helper.make_node("Transpose", [f"{names}_heads"], [f"{names}_new"], perm=[0, 2, 1, 3]),
+        helper.make_node("Concat", [f"past_key_values.{layer}.{kind}", f"{names}_new"], [f"present.{layer}.{kind}"], axis=2),
+    ]
+    inputs.append(helper.make_tensor_value_info(
+        f"past_key_values.{layer}.{kind}", TensorProto.FLOAT, ["batch_size", kv_heads, "past_sequence_length", head_size]))
+    outputs.append(helper.make_tensor_value_info(
+        f"present.{layer}.{kind}", TensorProto.FLOAT, ["batch_size", kv_heads, "total_sequence_length", head_size]))
+
+
 def _decoder(vocab: int, layers: int, kv_heads: int, head_size: int, logits_table: np.ndarray, rng: np.random.Generator,
              ffn_layers: int = 0, ffn_dim: int = 0, embed_dim: int = 0, ffn_repeat: int = 1) -> onnx.ModelProto:
     hidden = kv_heads * head_size
@@ -148,18 +167,8 @@ def _decoder(vocab: int, layers: int, kv_heads: int, head_size: int, logits_tabl
     last_value = None
     for layer in range(layers):
         for kind in ("key", "value"):
-            table = f"{kind}_embed_{layer}"
-            inits.append(numpy_helper.from_array((rng.standard_normal((vocab, hidden)) * 0.5).astype(np.float32), table))
-            nodes += [
-                helper.make_node("Gather", [table, "input_ids"], [f"{kind}_{layer}_flat"], axis=0),
-                helper.make_node("Reshape", [f"{kind}_{layer}_flat", "kv_shape"], [f"{kind}_{layer}_heads"]),
-                helper.make_node("Transpose", [f"{kind}_{layer}_heads"], [f"{kind}_{layer}_new"], perm=[0, 2, 1, 3]),
-                helper.make_node("Concat", [f"past_key_values.{layer}.{kind}", f"{kind}_{layer}_new"], [f"present.{layer}.{kind}"], axis=2),
-            ]
-            inputs.append(helper.make_tensor_value_info(
-                f"past_key_values.{layer}.{kind}", TensorProto.FLOAT, ["batch_size", kv_heads, "past_sequence_length", head_size]))
-            outputs.append(helper.make_tensor_value_info(
-                f"present.{layer}.{kind}", TensorProto.FLOAT, ["batch_size", kv_heads, "total_sequence_length", head_size]))
+            kv_cache(rng, vocab, kv_heads, head_size, layer, kind, inits, nodes, inputs, outputs, table=f"{kind}_embed_{layer}",
+                     names=f"{kind}_{layer}")
         last_value = f"present.{layer}.value"
     # Context term: mean of the last layer's value cache over all positions, projected to the vocabulary.
     inits.append(numpy_helper.from_array((rng.standard_normal((hidden, vocab)) * 0.05).astype(np.float32), "context_proj"))

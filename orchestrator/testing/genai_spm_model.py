@@ -79,7 +79,7 @@ def _answer_table(tok, answers: Mapping[int, Sequence[str]], context_length: int
 
 def _decoder(table: np.ndarray, kv_heads: int = 2, head_size: int = 8) -> onnx.ModelProto:
     """Logits: ``table``'s rows at the input's positions (past length onwards); one layer of KV cache."""
-    vocab, hidden = table.shape[1], kv_heads * head_size
+    vocab = table.shape[1]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab])]
@@ -105,17 +105,8 @@ def _decoder(table: np.ndarray, kv_heads: int = 2, head_size: int = 8) -> onnx.M
     inits += [numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero_f"),
               numpy_helper.from_array(np.array([-1], dtype=np.int64), "minus1")]
     for kind in ("key", "value"):
-        inits.append(numpy_helper.from_array((rng.standard_normal((vocab, hidden)) * 0.5).astype(np.float32), f"{kind}_embed"))
-        nodes += [
-            helper.make_node("Gather", [f"{kind}_embed", "input_ids"], [f"{kind}_flat"], axis=0),
-            helper.make_node("Reshape", [f"{kind}_flat", "kv_shape"], [f"{kind}_heads"]),
-            helper.make_node("Transpose", [f"{kind}_heads"], [f"{kind}_new"], perm=[0, 2, 1, 3]),
-            helper.make_node("Concat", [f"past_key_values.0.{kind}", f"{kind}_new"], [f"present.0.{kind}"], axis=2),
-        ]
-        inputs.append(helper.make_tensor_value_info(
-            f"past_key_values.0.{kind}", TensorProto.FLOAT, ["batch_size", kv_heads, "past_sequence_length", head_size]))
-        outputs.append(helper.make_tensor_value_info(
-            f"present.0.{kind}", TensorProto.FLOAT, ["batch_size", kv_heads, "total_sequence_length", head_size]))
+        genai_model.kv_cache(rng, vocab, kv_heads, head_size, 0, kind, inits, nodes, inputs, outputs, table=f"{kind}_embed",
+                             names=kind)
     graph = helper.make_graph(nodes, "edgeplane_spm_answers", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_operatorsetid("", genai_model.OPSET)], producer_name="edgeplane")
     model.ir_version = 8
