@@ -35,6 +35,7 @@ from orchestrator.reconciler import desired as desired_mod
 from orchestrator.reconciler import failback as failback_mod
 from orchestrator.reconciler import observed as observed_mod
 from orchestrator.reconciler import planning, publishing
+from orchestrator.reconciler import rejoin as rejoin_mod
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.reconciler.datacentres import DataCentres
 from orchestrator.scheduler import standing as standing_mod
@@ -72,8 +73,7 @@ class Reconciler:
     _stopping: bool = False
     lease: store_mod.Lease | None = None  # several replicas: the leader's lease, which fences its writes of intent
     _takeover: tuple[float, frozenset[str]] | None = None  # a new leader's first pass waits: (until, edge sites to rejoin)
-    _rejoin: tuple[float, frozenset[str] | None] | None = None  # a restart: (until, edge sites not back yet; None: not read yet)
-    _remembered: dict[str, tuple[routing.Endpoint, ...]] = field(default_factory=dict)  # a restart: the table's endpoints, by site
+    _rejoin: rejoin_mod.RejoinWindow | None = None  # a restart: the edge sites awaited, and until when
     publisher: publishing.Publisher = field(init=False)  # what this leader tells the other replicas through the store
     # sha256 -> the URI a Model named, of each version in use: a version agents are kept on
     # that no stored Model names any more is checked and served from it (see observed_mod)
@@ -233,62 +233,35 @@ class Reconciler:
         endpoints such a site had in the table this control plane started with (the one its
         last run published, see ``ControlPlane``), and gets each agent as it comes back. A
         site not back in that time is lost as any other."""
-        self._rejoin = (self.clock() + rejoin_s, None)
-        by_site: dict[str, list[routing.Endpoint]] = {}
-        for e in self.table.all_endpoints():
-            by_site.setdefault(e.site, []).append(e)
-        self._remembered = {site: tuple(found) for site, found in by_site.items()}
+        self._rejoin = rejoin_mod.RejoinWindow.opened(self.clock(), rejoin_s, self.table.all_endpoints())
         self._wake.set()
 
     def _awaited(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
                  agents: Iterable[agent_model.AgentStatus]) -> frozenset[str]:
         """The edge sites awaited since :meth:`resume` whose agents are not back, whatever the
         deadline; it only reads, so a preview may ask it as a pass does."""
-        if self._rejoin is None:
-            return frozenset()
-        awaited = self._rejoin[1]
-        if awaited is None:
-            edge = {r.name for r in sites if r.spec.tier == "edge"}
-            awaited = frozenset(row.site for row in placements if row.site in edge)
-        return awaited - {a.site for a in agents}
+        return self._rejoin.waiting(sites, placements, agents) if self._rejoin is not None else frozenset()
 
     def _rejoin_open(self) -> bool:
         """Whether the window since :meth:`resume` for edge sites to rejoin is still open."""
-        return self._rejoin is not None and self.clock() < self._rejoin[0]
+        return self._rejoin is not None and self._rejoin.is_open(self.clock())
 
     def _rejoining(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
                    agents: Iterable[agent_model.AgentStatus], on_hold: bool = False) -> frozenset[str]:
-        """The edge sites still awaited since :meth:`resume` (each leaves the set for good
-        when its agent joins). ``on_hold``: for a pass on hold, which plans nothing."""
-        if self._rejoin is None:
-            return frozenset()
-        awaited = self._awaited(sites, placements, agents)
-        if awaited and self._rejoin_open():
-            self._rejoin = (self._rejoin[0], awaited)
-            return awaited
-        self._rejoin, self._remembered = None, {}
-        if awaited:
-            log.warning("%d edge site(s) that served before this control plane started did not rejoin in time (%s): %s",
-                        len(awaited), ", ".join(sorted(awaited)[:5]),
-                        "the gateway no longer routes to them; changes are on hold, so they are planned as lost once it ends, "
-                        "unless their agents are back by then" if on_hold else "they are planned as lost")
-        return frozenset()
+        """The edge sites still awaited since :meth:`resume`; the window is closed once none
+        is or its time is up. ``on_hold``: for a pass on hold, which plans nothing."""
+        awaited = self._rejoin.narrow(sites, placements, agents, self.clock(), on_hold) if self._rejoin is not None else None
+        if awaited is None:
+            self._rejoin = None
+        return awaited or frozenset()
 
-    async def _await_takeover(self, every_s: float = 0.05) -> None:
-        if self._takeover is None:
-            return
-        (deadline, expected), self._takeover = self._takeover, None
-        started = self.clock()
-        missing = set(expected)
-        while missing and self.clock() < deadline and not self._stopping:
-            missing = {site for site in missing if not ((a := self.hub.status(site)) is not None and a.healthy)}
-            if missing:
-                await asyncio.sleep(every_s)
-        if missing:
-            log.warning("took over without %d edge site(s) after %.1fs (%s): they are planned as lost",
-                        len(missing), self.clock() - started, ", ".join(sorted(missing)[:5]))
-        elif expected:
-            log.info("took over: all %d serving edge site(s) joined in %.2fs", len(expected), self.clock() - started)
+    def _remembered(self, rejoining: frozenset[str]) -> dict[str, tuple[routing.Endpoint, ...]]:
+        return self._rejoin.remembered_of(rejoining) if self._rejoin is not None else {}
+
+    async def _await_takeover(self) -> None:
+        if self._takeover is not None:
+            (deadline, expected), self._takeover = self._takeover, None
+            await rejoin_mod.await_takeover(self.hub, expected, deadline, self.clock, stopping=lambda: self._stopping)
 
     # -- gather --------------------------------------------------------------------
 
@@ -365,7 +338,7 @@ class Reconciler:
             assignments=last.assignments if last else {}, applied_apps=last.applied_apps if last else {},
             autoscale=dict(self.autoscaler.latest),
             rejoining=rejoining,
-            remembered={site: self._remembered[site] for site in rejoining if site in self._remembered},
+            remembered=self._remembered(rejoining),
             unreadable=desired.unreadable,
             maintenance=desired.maintenance,
         )
@@ -417,7 +390,7 @@ class Reconciler:
             applied_apps=dict(self.dc_sync.applied),
             autoscale=dict(autoscale),  # the autoscaler's latest too, which the next evaluation replaces
             rejoining=rejoining,
-            remembered={site: self._remembered[site] for site in rejoining if site in self._remembered},
+            remembered=self._remembered(rejoining),
             maintenance=desired.maintenance,
             failback=dataclasses.replace(self._failback or failback_mod.Failback(), after_s=self.failback_after_s, now=self.clock()),
         )

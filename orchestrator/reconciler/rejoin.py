@@ -1,0 +1,97 @@
+"""The time a control plane gives its edge sites' agents to come back before it plans them lost.
+
+A new leader knows no agent yet: they were connected to the old one and come over within
+seconds, so its first pass waits for those that serve in the table it inherited
+(:func:`await_takeover`). A control plane that starts on its own database knows none
+either: they come back on their next reconnect. A pass that planned their sites lost at
+once would have each agent unload what it serves the moment it rejoined, so for a while
+(``rejoin_s``) an edge site that holds replicas in the stored placements keeps them and is
+sent nothing, and the gateway routes to the endpoints it had in the table the control plane
+started with (:class:`RejoinWindow`). Which sites are still awaited, and when the window
+closes, is this module's; the loop asks it at each pass, on hold or not, and for previews
+(which only read it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from orchestrator.agents import hub as hub_mod
+from orchestrator.agents import model as agent_model
+from orchestrator.gateway import routing
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.store import sqlite as store_mod
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RejoinWindow:
+    """Open until ``until`` (the loop's clock); ``remembered``: the table's endpoints by
+    site when it opened; ``awaited``: the edge sites not back yet, None until first read
+    (each leaves the set for good when its agent joins)."""
+
+    until: float
+    remembered: Mapping[str, tuple[routing.Endpoint, ...]]
+    awaited: frozenset[str] | None = None
+
+    @classmethod
+    def opened(cls, now: float, rejoin_s: float, endpoints: Iterable[routing.Endpoint]) -> RejoinWindow:
+        by_site: dict[str, list[routing.Endpoint]] = {}
+        for e in endpoints:
+            by_site.setdefault(e.site, []).append(e)
+        return cls(now + rejoin_s, {site: tuple(found) for site, found in by_site.items()})
+
+    def is_open(self, now: float) -> bool:
+        return now < self.until
+
+    def waiting(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
+                agents: Iterable[agent_model.AgentStatus]) -> frozenset[str]:
+        """The awaited edge sites whose agents are not back, whatever the deadline; it only
+        reads, so a preview may ask it as a pass does."""
+        awaited = self.awaited
+        if awaited is None:
+            edge = {r.name for r in sites if r.spec.tier == "edge"}
+            awaited = frozenset(row.site for row in placements if row.site in edge)
+        return awaited - {a.site for a in agents}
+
+    def narrow(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
+               agents: Iterable[agent_model.AgentStatus], now: float, on_hold: bool = False) -> frozenset[str] | None:
+        """The edge sites a pass still awaits, kept as the window's; None once the window
+        has closed (every site back, or its time up: those not back are said in the log).
+        ``on_hold``: for a pass on hold, which plans nothing."""
+        awaited = self.waiting(sites, placements, agents)
+        if awaited and self.is_open(now):
+            self.awaited = awaited
+            return awaited
+        if awaited:
+            log.warning("%d edge site(s) that served before this control plane started did not rejoin in time (%s): %s",
+                        len(awaited), ", ".join(sorted(awaited)[:5]),
+                        "the gateway no longer routes to them; changes are on hold, so they are planned as lost once it ends, "
+                        "unless their agents are back by then" if on_hold else "they are planned as lost")
+        return None
+
+    def remembered_of(self, rejoining: Iterable[str]) -> dict[str, tuple[routing.Endpoint, ...]]:
+        """The endpoints remembered of the sites still ``rejoining``."""
+        return {site: self.remembered[site] for site in rejoining if site in self.remembered}
+
+
+async def await_takeover(hub: hub_mod.AgentHub, expected: frozenset[str], deadline: float, clock: Callable[[], float],
+                         stopping: Callable[[], bool], every_s: float = 0.05) -> None:
+    """Until every edge site in ``expected`` (those serving in the table a new leader
+    inherited) has a healthy agent on this replica, ``deadline`` passes, or the loop stops;
+    those not back are said in the log, and planned as lost."""
+    started = clock()
+    missing = set(expected)
+    while missing and clock() < deadline and not stopping():
+        missing = {site for site in missing if not ((a := hub.status(site)) is not None and a.healthy)}
+        if missing:
+            await asyncio.sleep(every_s)
+    if missing:
+        log.warning("took over without %d edge site(s) after %.1fs (%s): they are planned as lost",
+                    len(missing), clock() - started, ", ".join(sorted(missing)[:5]))
+    elif expected:
+        log.info("took over: all %d serving edge site(s) joined in %.2fs", len(expected), clock() - started)
