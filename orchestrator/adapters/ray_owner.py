@@ -11,6 +11,8 @@ long as it keeps the Serve config: the mark is a job that runs ``true`` once (no
 replica touched), its metadata naming the site and the owner's id. The newest such job of a
 site is its mark; taking a site over submits a newer one. A cluster whose dashboard has no
 Jobs API (404) cannot be marked: its sites are driven as before owners, said once in the log.
+One whose Jobs API fails (its job manager's 500 or 503) while its Serve API answers is read
+as before, and changed only once the mark reads again: the mark guards writes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.adapters.serve_config import Ownership, RayServeError
+from orchestrator.adapters.serve_config import Ownership, RayServeError, RayUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +38,20 @@ Request = Callable[..., Awaitable[httpx.Response]]
 async def marks(request: Request, ownership: Ownership, dashboard_url: str) -> bool | None:
     """Whether the cluster is to be marked as ``ownership.owner``'s for its site (unmarked,
     or taken over); :class:`~orchestrator.adapters.serve_config.OwnedElsewhere` if it is
-    another's; None if the dashboard has no Jobs API, which is said in the log."""
+    another's; None if the dashboard has no Jobs API, which is said in the log. A Jobs API
+    that fails otherwise is a :class:`RayServeError` saying the mark could not be read."""
     try:
         jobs = (await request("GET", JOBS_PATH)).json()
+    except RayUnreachable as exc:  # a 503 of the job manager, say, where the Serve API may well answer
+        raise RayServeError(f"site {ownership.site}'s owner mark on {dashboard_url} could not be read ({JOBS_PATH}): {exc}") from exc
     except RayServeError as exc:
         if exc.status_code != 404:
-            raise
+            raise RayServeError(f"site {ownership.site}'s owner mark could not be read: {exc}", exc.status_code) from exc
         log.warning("the Ray dashboard at %s has no Jobs API (%s): site %s's applications there cannot be marked as "
                     "this control plane's, nor another control plane's given the site told apart", dashboard_url, JOBS_PATH, ownership.site)
         return None
     except ValueError as exc:
-        raise RayServeError(f"{dashboard_url} answered non-JSON to {JOBS_PATH}") from exc
+        raise RayServeError(f"site {ownership.site}'s owner mark could not be read: {dashboard_url} answered non-JSON to {JOBS_PATH}") from exc
     return ownership.marks(marked_owner(jobs, ownership.site), f"Ray cluster at {dashboard_url}")
 
 

@@ -139,6 +139,7 @@ class RayServeActuator:
         self._writes = writes or ClusterWrites()
         self._ownership = ownership
         self._unmarkable = False  # the dashboard has no Jobs API: driven as before owners
+        self._mark_unread = ""  # why the owner mark could not be read at the last observation
         self._client = proxyenv.async_client(transport, base_url=self._dashboard_url, timeout=timeout_s)
         # Ingress deployment of each ray-serve application, learnt from the cluster, so
         # that an application without an explicit ``deployment`` can still be sized.
@@ -221,8 +222,8 @@ class RayServeActuator:
         return {**config, "applications": applications}
 
     async def observe(self) -> Mapping[str, ServeAppStatus]:
-        await self._marks()  # another's: not this site's to read
         details = await self._get_details()
+        await self._check_owner()  # another's: not this site's to read
         self._learn_ingress(details)
         serve_url = self._proxy_url(details)
         statuses: dict[str, ServeAppStatus] = {}
@@ -271,6 +272,20 @@ class RayServeActuator:
         marks = await ray_owner.marks(self._request, self._ownership, self._dashboard_url)
         self._unmarkable = marks is None
         return bool(marks)
+
+    async def _check_owner(self) -> None:
+        """:class:`OwnedElsewhere` if the cluster is another's. The mark is read on the Jobs
+        API, whose job manager may fail (a 500, a 503) while the Serve API answers: reading
+        what runs changes nothing, so it goes on, said in the log once; an apply reads the
+        mark first and waits for it to read."""
+        try:
+            await self._marks()
+        except RayServeError as exc:
+            if str(exc) != self._mark_unread:
+                log.warning("%s; what runs there is read as before, and nothing is changed there until it reads", exc)
+            self._mark_unread = str(exc)
+            return
+        self._mark_unread = ""
 
     async def _mark(self) -> None:
         assert self._ownership is not None

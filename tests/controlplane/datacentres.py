@@ -103,12 +103,14 @@ class ServeDashboard:
     neither counted nor held). ``validates``: a PUT is checked as Ray's dashboard
     checks it (Ray Serve's own ``ServeDeploySchema``), one it refuses answered 400 with the
     text Ray answers, and nothing of it applied. ``host``: the loopback address it listens on
-    (``::1`` for a dashboard reached over IPv6)."""
+    (``::1`` for a dashboard reached over IPv6). ``jobs_failing``: the HTTP status its Jobs
+    API answers every call with while set (a job manager that fails, its Serve API fine)."""
 
     def __init__(self, validates: bool = False, host: str = "127.0.0.1") -> None:
         self.applications: dict[str, dict[str, Any]] = {}
         self.jobs: list[dict[str, Any]] = []  # Ray's Jobs API: each as submitted, SUCCEEDED
         self.job_reads = 0  # how many times they were listed
+        self.jobs_failing: int | None = None
         self.validates = validates
         self.requests: list[str] = []
         self.held: list[str] = []
@@ -122,6 +124,8 @@ class ServeDashboard:
             def do_GET(self) -> None:
                 if self.path.rstrip("/") == "/api/jobs":
                     dashboard.job_reads += 1
+                    if dashboard.jobs_failing is not None:
+                        return self.answer("job manager failed", dashboard.jobs_failing)
                     return self.answer(list(dashboard.jobs))
                 dashboard.took(self.command)
                 if self.path.rstrip("/") != "/api/serve/applications":
@@ -141,6 +145,8 @@ class ServeDashboard:
                 job = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 if self.path.rstrip("/") != "/api/jobs":
                     return self.send_error(404)
+                if dashboard.jobs_failing is not None:
+                    return self.answer("job manager failed", dashboard.jobs_failing)
                 dashboard.jobs.append({**job, "type": "SUBMISSION", "status": "SUCCEEDED", "start_time": len(dashboard.jobs) + 1})
                 self.answer({"job_id": None, "submission_id": job["submission_id"]})
 

@@ -8,6 +8,7 @@ API) on loopback."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pathlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -17,7 +18,7 @@ import kmock
 import pytest
 
 from orchestrator import server
-from orchestrator.adapters import ray_owner, rayservice
+from orchestrator.adapters import ray_owner, ray_serve, rayservice, serve_config
 from orchestrator.testing import harness
 from tests.controlplane.datacentres import (MODEL, RES, ServeDashboard, bundle, deployment, kuberay_on, site, site_events,
                                             site_status)
@@ -104,3 +105,36 @@ async def test_two_control_planes_on_one_kuberay_site(fleets: tuple[harness.Flee
 async def test_two_control_planes_on_one_ray_site(fleets: tuple[harness.Fleet, harness.Fleet], dashboard: ServeDashboard) -> None:
     await two_owners(fleets, f"ray: {{address: '{dashboard.url}'}}", None, lambda: ray_owner.marked_owner(dashboard.jobs, "dc-1"),
                      lambda: dict(dashboard.applications), lambda: dashboard.job_reads)
+
+
+APP = serve_config.ServeAppSpec(name="ep-d.v.dc-1", route_prefix="/ep/dc-1/d/v", model_name="m", runtime="ray-serve", num_replicas=1,
+                                import_path="app:build", deployment="Ingress")
+OURS = serve_config.Ownership(owner="a" * 16, site="dc-1")
+
+
+@pytest.mark.parametrize("failing", [500, 503])
+async def test_a_ray_site_whose_jobs_api_fails_is_read_as_before_and_changed_only_once_its_mark_reads(
+        dashboard: ServeDashboard, failing: int) -> None:
+    """The mark is read beside the Serve API, on the job manager: one that fails (a 500, a
+    503) leaves the Serve API answering, and what runs there is observed as before, not the
+    site Unreachable; nothing is written there until the mark reads again."""
+    async with ray_serve.RayServeActuator(dashboard.url, ownership=OURS) as actuator:
+        await actuator.apply([APP])
+        running = copy.deepcopy(dashboard.applications)
+        dashboard.jobs_failing = failing
+        assert set(await actuator.observe()) == {APP.name}
+        asked = dataclasses.replace(APP, num_replicas=2)
+        with pytest.raises(serve_config.DataCentreError) as refused:
+            await actuator.apply([asked])
+        assert "/api/jobs/" in str(refused.value) and refused.value.retryable, str(refused.value)
+        assert dashboard.applications == running  # nothing written
+        dashboard.jobs_failing = None
+        await actuator.apply([asked])
+        assert dashboard.applications != running
+    assert ray_owner.marked_owner(dashboard.jobs, "dc-1") == OURS.owner
+
+
+async def test_a_ray_site_not_yet_marked_whose_jobs_api_fails_is_observed(dashboard: ServeDashboard) -> None:
+    dashboard.jobs_failing = 500
+    async with ray_serve.RayServeActuator(dashboard.url, ownership=OURS) as actuator:
+        assert await actuator.observe() == {}
