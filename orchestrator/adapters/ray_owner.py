@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 JOBS_PATH = "/api/jobs/"
 OWNER_KEY = "edgeplane.io/owner"
 SITE_KEY = "edgeplane.io/site"
+#: How long an observation takes a mark read as this control plane's (or unmarked) for read:
+#: the Jobs API lists every job the cluster ever ran. An apply reads it first, every time.
+RECHECK_S = 60.0
 #: The adapter's request to the dashboard (method, path, json=...), raising its errors.
 Request = Callable[..., Awaitable[httpx.Response]]
 

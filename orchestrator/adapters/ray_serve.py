@@ -112,8 +112,9 @@ class RayServeActuator:
     so that neither writes back what the other changed meanwhile. ``ownership``: the
     cluster is marked as this control plane's for the site (:mod:`.ray_owner`), and one
     marked as another's is neither read nor changed
-    (:class:`~orchestrator.adapters.serve_config.OwnedElsewhere`). ``transport`` is the
-    seam for tests.
+    (:class:`~orchestrator.adapters.serve_config.OwnedElsewhere`); the mark is read before
+    every apply, and by an observation at most every ``owner_recheck_s`` on ``clock`` once
+    it read as not another's. ``transport`` is the seam for tests.
     """
 
     def __init__(
@@ -129,6 +130,8 @@ class RayServeActuator:
         transport: httpx.AsyncBaseTransport | None = None,
         writes: ClusterWrites | None = None,
         ownership: serve_config.Ownership | None = None,
+        owner_recheck_s: float = ray_owner.RECHECK_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._dashboard_url = dashboard_url.rstrip("/")
         self._token_provider = token_provider
@@ -140,6 +143,8 @@ class RayServeActuator:
         self._ownership = ownership
         self._unmarkable = False  # the dashboard has no Jobs API: driven as before owners
         self._mark_unread = ""  # why the owner mark could not be read at the last observation
+        self._owner_recheck_s, self._clock = owner_recheck_s, clock
+        self._mark_read_at: float | None = None  # when the mark last read as not another's (None: never, or another's)
         self._client = proxyenv.async_client(transport, base_url=self._dashboard_url, timeout=timeout_s)
         # Ingress deployment of each ray-serve application, learnt from the cluster, so
         # that an application without an explicit ``deployment`` can still be sized.
@@ -269,15 +274,25 @@ class RayServeActuator:
         or taken over); :class:`OwnedElsewhere` if it is another's."""
         if self._ownership is None or self._unmarkable:
             return False
-        marks = await ray_owner.marks(self._request, self._ownership, self._dashboard_url)
+        try:
+            marks = await ray_owner.marks(self._request, self._ownership, self._dashboard_url)
+        except serve_config.OwnedElsewhere:
+            self._mark_read_at = None  # read again at the next observation
+            raise
         self._unmarkable = marks is None
+        self._mark_read_at = self._clock()
         return bool(marks)
 
     async def _check_owner(self) -> None:
         """:class:`OwnedElsewhere` if the cluster is another's. The mark is read on the Jobs
-        API, whose job manager may fail (a 500, a 503) while the Serve API answers: reading
-        what runs changes nothing, so it goes on, said in the log once; an apply reads the
-        mark first and waits for it to read."""
+        API, which lists every job the cluster ran (thousands, on a busy one): an apply reads
+        it first, every time, since a takeover must stop it; an observation changes nothing,
+        so one reads it only if it has not read as this control plane's (or unmarked) in the
+        last ``owner_recheck_s``. Its job manager may fail (a 500, a 503) while the Serve API
+        answers: what runs is then read as before, the failure said in the log once, and an
+        apply waits for the mark to read."""
+        if self._mark_read_at is not None and self._clock() - self._mark_read_at < self._owner_recheck_s:
+            return
         try:
             await self._marks()
         except RayServeError as exc:

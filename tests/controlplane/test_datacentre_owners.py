@@ -138,3 +138,35 @@ async def test_a_ray_site_not_yet_marked_whose_jobs_api_fails_is_observed(dashbo
     dashboard.jobs_failing = 500
     async with ray_serve.RayServeActuator(dashboard.url, ownership=OURS) as actuator:
         assert await actuator.observe() == {}
+
+
+async def test_a_ray_site_is_listed_the_jobs_of_before_each_apply_and_at_most_every_recheck_when_observed(
+        dashboard: ServeDashboard) -> None:
+    """Ray's Jobs API lists every job the cluster ever ran, thousands on a busy one: its
+    passes read the mark before every apply, which is what a takeover must stop, and once a
+    recheck when observed, not at every observation; a takeover still stops the next apply."""
+    now = [0.0]
+    async with ray_serve.RayServeActuator(dashboard.url, ownership=OURS) as first, \
+            ray_serve.RayServeActuator(dashboard.url, ownership=OURS, clock=lambda: now[0], owner_recheck_s=60.0) as timed:
+        await first.apply([APP])
+        assert dashboard.job_reads == 1
+        for _ in range(5):
+            await first.observe()
+        assert dashboard.job_reads == 1
+        await timed.observe()
+        now[0] = 59.0
+        await timed.observe()
+        assert dashboard.job_reads == 2
+        now[0] = 61.0
+        await timed.observe()
+        assert dashboard.job_reads == 3
+
+        theirs = serve_config.Ownership(owner="b" * 16, site="dc-1", take_over_from=OURS.owner)
+        async with ray_serve.RayServeActuator(dashboard.url, ownership=theirs) as second:
+            await second.apply([APP, dataclasses.replace(APP, name="ep-e.v.dc-1", route_prefix="/ep/dc-1/e/v")])
+        taken = copy.deepcopy(dashboard.applications)
+        with pytest.raises(serve_config.OwnedElsewhere):
+            await first.apply([APP])
+        assert dashboard.applications == taken
+        with pytest.raises(serve_config.OwnedElsewhere):  # refused once: read again at the next observation
+            await first.observe()
