@@ -19,23 +19,73 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
 
-from orchestrator.adapters.serve_config import Ownership, RayServeError, RayUnreachable
+from orchestrator.adapters.serve_config import OwnedElsewhere, Ownership, RayServeError, RayUnreachable
 
 log = logging.getLogger(__name__)
 
 JOBS_PATH = "/api/jobs/"
 OWNER_KEY = "edgeplane.io/owner"
 SITE_KEY = "edgeplane.io/site"
-#: How long an observation takes a mark read as this control plane's (or unmarked) for read:
-#: the Jobs API lists every job the cluster ever ran. An apply reads it first, every time.
+#: How long an observation takes a mark read as this control plane's (or unmarked) for read
+#: (:class:`OwnerMark`).
 RECHECK_S = 60.0
 #: The adapter's request to the dashboard (method, path, json=...), raising its errors.
 Request = Callable[..., Awaitable[httpx.Response]]
+
+
+class OwnerMark:
+    """A site's mark on one cluster, as its actuator reads and writes it. The Jobs API lists
+    every job the cluster ran (thousands, on a busy one): an apply reads the mark first,
+    every time, since a takeover must stop it (:meth:`before_apply`); an observation changes
+    nothing, so one reads it only if it has not read as this control plane's (or unmarked)
+    in the last ``recheck_s`` on ``clock`` (:meth:`before_read`). The job manager may fail
+    (a 500, a 503) while the Serve API answers: what runs is then read as before, the
+    failure said in the log once, and an apply waits for the mark to read."""
+
+    def __init__(self, ownership: Ownership, request: Request, dashboard_url: str, recheck_s: float = RECHECK_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._ownership, self._request, self._dashboard_url = ownership, request, dashboard_url
+        self._recheck_s, self._clock = recheck_s, clock
+        self._unmarkable = False  # the dashboard has no Jobs API: driven as before owners
+        self._unread = ""  # why the mark could not be read at the last observation
+        self._read_at: float | None = None  # when it last read as not another's (None: never, or another's)
+
+    async def before_apply(self) -> None:
+        """The cluster marked as this control plane's for the site if it is not yet;
+        :class:`OwnedElsewhere` if it is another's."""
+        if await self._marks():
+            await mark(self._request, self._ownership, self._dashboard_url)
+
+    async def before_read(self) -> None:
+        """:class:`OwnedElsewhere` if the cluster is another's, as read at most every ``recheck_s``."""
+        if self._read_at is not None and self._clock() - self._read_at < self._recheck_s:
+            return
+        try:
+            await self._marks()
+        except RayServeError as exc:
+            if str(exc) != self._unread:
+                log.warning("%s; what runs there is read as before, and nothing is changed there until it reads", exc)
+            self._unread = str(exc)
+            return
+        self._unread = ""
+
+    async def _marks(self) -> bool:
+        if self._unmarkable:
+            return False
+        try:
+            to_mark = await marks(self._request, self._ownership, self._dashboard_url)
+        except OwnedElsewhere:
+            self._read_at = None  # read again at the next observation
+            raise
+        self._unmarkable = to_mark is None
+        self._read_at = self._clock()
+        return bool(to_mark)
 
 
 async def marks(request: Request, ownership: Ownership, dashboard_url: str) -> bool | None:

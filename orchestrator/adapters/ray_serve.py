@@ -140,11 +140,8 @@ class RayServeActuator:
         self._owned_prefix = owned_prefix
         self._owns = owns or (lambda name: serve_config.is_owned(name, owned_prefix))
         self._writes = writes or ClusterWrites()
-        self._ownership = ownership
-        self._unmarkable = False  # the dashboard has no Jobs API: driven as before owners
-        self._mark_unread = ""  # why the owner mark could not be read at the last observation
-        self._owner_recheck_s, self._clock = owner_recheck_s, clock
-        self._mark_read_at: float | None = None  # when the mark last read as not another's (None: never, or another's)
+        self._owner = None if ownership is None else ray_owner.OwnerMark(ownership, self._request, self._dashboard_url,
+                                                                         recheck_s=owner_recheck_s, clock=clock)
         self._client = proxyenv.async_client(transport, base_url=self._dashboard_url, timeout=timeout_s)
         # Ingress deployment of each ray-serve application, learnt from the cluster, so
         # that an application without an explicit ``deployment`` can still be sized.
@@ -171,8 +168,8 @@ class RayServeActuator:
                     f"(prefix {self._owned_prefix!r})"
                 )
         async with self._writes.turn(self._dashboard_url):  # what is read here is written back
-            if await self._marks():
-                await self._mark()
+            if self._owner is not None:
+                await self._owner.before_apply()
             details = await self._get_details()
             self._learn_ingress(details)
             config = self._merge(details, apps)
@@ -228,7 +225,8 @@ class RayServeActuator:
 
     async def observe(self) -> Mapping[str, ServeAppStatus]:
         details = await self._get_details()
-        await self._check_owner()  # another's: not this site's to read
+        if self._owner is not None:
+            await self._owner.before_read()  # another's: not this site's to read
         self._learn_ingress(details)
         serve_url = self._proxy_url(details)
         statuses: dict[str, ServeAppStatus] = {}
@@ -268,43 +266,6 @@ class RayServeActuator:
         await self.close()
 
     # -- internals ---------------------------------------------------------------------
-
-    async def _marks(self) -> bool:
-        """Whether the cluster is to be marked as this control plane's for the site (unmarked,
-        or taken over); :class:`OwnedElsewhere` if it is another's."""
-        if self._ownership is None or self._unmarkable:
-            return False
-        try:
-            marks = await ray_owner.marks(self._request, self._ownership, self._dashboard_url)
-        except serve_config.OwnedElsewhere:
-            self._mark_read_at = None  # read again at the next observation
-            raise
-        self._unmarkable = marks is None
-        self._mark_read_at = self._clock()
-        return bool(marks)
-
-    async def _check_owner(self) -> None:
-        """:class:`OwnedElsewhere` if the cluster is another's. The mark is read on the Jobs
-        API, which lists every job the cluster ran (thousands, on a busy one): an apply reads
-        it first, every time, since a takeover must stop it; an observation changes nothing,
-        so one reads it only if it has not read as this control plane's (or unmarked) in the
-        last ``owner_recheck_s``. Its job manager may fail (a 500, a 503) while the Serve API
-        answers: what runs is then read as before, the failure said in the log once, and an
-        apply waits for the mark to read."""
-        if self._mark_read_at is not None and self._clock() - self._mark_read_at < self._owner_recheck_s:
-            return
-        try:
-            await self._marks()
-        except RayServeError as exc:
-            if str(exc) != self._mark_unread:
-                log.warning("%s; what runs there is read as before, and nothing is changed there until it reads", exc)
-            self._mark_unread = str(exc)
-            return
-        self._mark_unread = ""
-
-    async def _mark(self) -> None:
-        assert self._ownership is not None
-        await ray_owner.mark(self._request, self._ownership, self._dashboard_url)
 
     def _merge(self, details: Mapping[str, Any], apps: Sequence[ServeAppSpec]) -> dict[str, Any]:
         """The full PUT body: ours as specified, everyone else's and the cluster-wide settings
