@@ -36,6 +36,7 @@ import yaml
 from kubernetes.client.rest import ApiException
 
 from orchestrator.adapters import daemon_calls, rayservice, rayservice_status, serve_config
+from orchestrator.adapters.ownership import Ownership
 from orchestrator.adapters.serve_config import (
     DataCentreError,
     ServeAppSpec,
@@ -178,7 +179,7 @@ class KubeRayActuator:
     new load the site was refused until its spec changed or the control plane restarted.
     ``ownership``: the RayService is annotated with this control plane's id, and one
     annotated with another's is neither read as this site's nor changed
-    (:class:`~orchestrator.adapters.serve_config.OwnedElsewhere`).
+    (:class:`~orchestrator.adapters.ownership.OwnedElsewhere`).
     """
 
     def __init__(
@@ -192,7 +193,7 @@ class KubeRayActuator:
         request_timeout_s: float = 30.0,
         reload: Callable[[], Awaitable[Any]] | None = None,
         call_wait_s: float = CALL_WAIT_S,
-        ownership: serve_config.Ownership | None = None,
+        ownership: Ownership | None = None,
     ) -> None:
         self._api = kubernetes.client.CustomObjectsApi(api_client)
         self._core = kubernetes.client.CoreV1Api(api_client)  # the RayService's Events

@@ -25,7 +25,8 @@ from typing import Any
 
 import httpx
 
-from orchestrator.adapters.serve_config import OwnedElsewhere, Ownership, RayServeError, RayUnreachable
+from orchestrator.adapters.ownership import OwnedElsewhere, Ownership
+from orchestrator.adapters.serve_config import RayServeError, RayUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class OwnerMark:
 
 async def marks(request: Request, ownership: Ownership, dashboard_url: str) -> bool | None:
     """Whether the cluster is to be marked as ``ownership.owner``'s for its site (unmarked,
-    or taken over); :class:`~orchestrator.adapters.serve_config.OwnedElsewhere` if it is
+    or taken over); :class:`~orchestrator.adapters.ownership.OwnedElsewhere` if it is
     another's; None if the dashboard has no Jobs API, which is said in the log. A Jobs API
     that fails otherwise is a :class:`RayServeError` saying the mark could not be read."""
     try:

@@ -27,6 +27,7 @@ import httpx
 from edgeplane_proto import hostport, oip
 from orchestrator import proxyenv
 from orchestrator.adapters import ray_owner, serve_config
+from orchestrator.adapters.ownership import Ownership
 from orchestrator.adapters.serve_config import (
     DataCentreActuator,
     RayAuthError,
@@ -112,7 +113,7 @@ class RayServeActuator:
     so that neither writes back what the other changed meanwhile. ``ownership``: the
     cluster is marked as this control plane's for the site (:mod:`.ray_owner`), and one
     marked as another's is neither read nor changed
-    (:class:`~orchestrator.adapters.serve_config.OwnedElsewhere`); the mark is read before
+    (:class:`~orchestrator.adapters.ownership.OwnedElsewhere`); the mark is read before
     every apply, and by an observation at most every ``owner_recheck_s`` on ``clock`` once
     it read as not another's. ``transport`` is the seam for tests.
     """
@@ -129,7 +130,7 @@ class RayServeActuator:
         timeout_s: float = 15.0,
         transport: httpx.AsyncBaseTransport | None = None,
         writes: ClusterWrites | None = None,
-        ownership: serve_config.Ownership | None = None,
+        ownership: Ownership | None = None,
         owner_recheck_s: float = ray_owner.RECHECK_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

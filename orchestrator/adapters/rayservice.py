@@ -35,7 +35,7 @@ GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
 MANAGED_BY = "edgeplane"
 SPEC_HASH_ANNOTATION = "edgeplane.io/spec-hash"
 SITE_LABEL = "edgeplane.io/site"
-#: The id of the control plane whose RayService this is (:class:`serve_config.Ownership`): metadata
+#: The id of the control plane whose RayService this is (:class:`ownership.Ownership`): metadata
 #: only, which KubeRay does not pass to the Ray cluster, so writing it restarts nothing.
 OWNER_ANNOTATION = "edgeplane.io/owner"
 SERVE_PORT = 8000

@@ -19,6 +19,7 @@ from orchestrator.adapters import kuberay, local_ray, ray_serve, rayservice, ser
 from orchestrator.manifests import schema
 from orchestrator.reconciler import applications, kube_clients
 from orchestrator.store import values
+from orchestrator.adapters.ownership import OwnedElsewhere, Ownership
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +80,20 @@ class LocalRay:
 
 
 #: Builds a KubeRay site's actuator (the seam for tests): its name, its spec and whose its RayService is.
-ActuatorFactory = Callable[[str, schema.SiteSpec, serve_config.Ownership | None], Any]
+ActuatorFactory = Callable[[str, schema.SiteSpec, Ownership | None], Any]
 
 
 def _is_local(spec: schema.SiteSpec) -> bool:
     return spec.ray is not None and spec.ray.address == "local"
 
 
-def ownership_of(owner: str | None, site: str, spec: schema.SiteSpec) -> serve_config.Ownership | None:
+def ownership_of(owner: str | None, site: str, spec: schema.SiteSpec) -> Ownership | None:
     """Whose ``site``'s applications on its cluster are: this control plane's (``owner``, its
     store's id), or another's its Site takes over (``spec.takeOverFrom``). None: unmarked and
     unchecked, as before owners (a control plane given no id, the embedded cluster it starts)."""
     if owner is None or (spec.ray is not None and spec.ray.address == "local"):
         return None
-    return serve_config.Ownership(owner, site, spec.takeOverFrom)
+    return Ownership(owner, site, spec.takeOverFrom)
 
 
 def target_of(spec: schema.SiteSpec) -> str | None:
@@ -106,7 +107,7 @@ class DataCentres:
                  owner: str | None = None):
         self.local = local
         # this control plane's id, marked on what its sites run on a cluster it does not start,
-        # so that another control plane given the same site there takes none of it (serve_config.Ownership)
+        # so that another control plane given the same site there takes none of it (Ownership)
         self._owner = owner
         self._kube_factory = kube_factory
         # KubeRay sites' clients, from the contexts of ``kubeconfig`` (None: $KUBECONFIG, else ~/.kube/config),
@@ -199,7 +200,7 @@ class DataCentres:
         try:
             running = len(await actuator.observe())
             await actuator.apply([])
-        except serve_config.OwnedElsewhere as exc:  # another control plane's now: nothing there is this one's to remove
+        except OwnedElsewhere as exc:  # another control plane's now: nothing there is this one's to remove
             log.warning("data centre %s: nothing removed from %s: %s", site, target_of(spec), exc)
             await actuator.close()
             return 0

@@ -21,6 +21,7 @@ from orchestrator import server
 from orchestrator.adapters import kuberay, rayservice, serve_config
 from orchestrator.manifests import schema
 from orchestrator.testing import harness
+from orchestrator.adapters.ownership import Ownership
 
 SHAPE = rayservice.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0")
 RES = kmock.resource("ray.io", "v1", "rayservices")
@@ -217,7 +218,7 @@ class ServeDashboard:
 
 def kuberay_on(kube: kmock.KubernetesEmulator, shape: rayservice.RayClusterShape = SHAPE, **broken: Any) -> Callable[[str, schema.SiteSpec], Any]:
     """A ``kube_factory``: a KubeRay actuator on the emulator per site, or the one given by name."""
-    def build(name: str, spec: schema.SiteSpec, ownership: serve_config.Ownership | None) -> Any:
+    def build(name: str, spec: schema.SiteSpec, ownership: Ownership | None) -> Any:
         if name in broken:
             return broken[name]
         assert spec.kubernetes is not None

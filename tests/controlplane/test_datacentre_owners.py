@@ -20,6 +20,7 @@ import pytest
 from orchestrator import server
 from orchestrator.adapters import ray_owner, ray_serve, rayservice, serve_config
 from orchestrator.testing import harness
+from orchestrator.adapters.ownership import OwnedElsewhere, Ownership
 from tests.controlplane.datacentres import (MODEL, RES, ServeDashboard, bundle, deployment, kuberay_on, site, site_events,
                                             site_status)
 
@@ -109,7 +110,7 @@ async def test_two_control_planes_on_one_ray_site(fleets: tuple[harness.Fleet, h
 
 APP = serve_config.ServeAppSpec(name="ep-d.v.dc-1", route_prefix="/ep/dc-1/d/v", model_name="m", runtime="ray-serve", num_replicas=1,
                                 import_path="app:build", deployment="Ingress")
-OURS = serve_config.Ownership(owner="a" * 16, site="dc-1")
+OURS = Ownership(owner="a" * 16, site="dc-1")
 
 
 @pytest.mark.parametrize("failing", [500, 503])
@@ -161,12 +162,12 @@ async def test_a_ray_site_is_listed_the_jobs_of_before_each_apply_and_at_most_ev
         await timed.observe()
         assert dashboard.job_reads == 3
 
-        theirs = serve_config.Ownership(owner="b" * 16, site="dc-1", take_over_from=OURS.owner)
+        theirs = Ownership(owner="b" * 16, site="dc-1", take_over_from=OURS.owner)
         async with ray_serve.RayServeActuator(dashboard.url, ownership=theirs) as second:
             await second.apply([APP, dataclasses.replace(APP, name="ep-e.v.dc-1", route_prefix="/ep/dc-1/e/v")])
         taken = copy.deepcopy(dashboard.applications)
-        with pytest.raises(serve_config.OwnedElsewhere):
+        with pytest.raises(OwnedElsewhere):
             await first.apply([APP])
         assert dashboard.applications == taken
-        with pytest.raises(serve_config.OwnedElsewhere):  # refused once: read again at the next observation
+        with pytest.raises(OwnedElsewhere):  # refused once: read again at the next observation
             await first.observe()

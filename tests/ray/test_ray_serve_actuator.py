@@ -13,9 +13,8 @@ import pytest
 from edgeplane_proto import oip
 from orchestrator import ports
 from orchestrator.adapters import local_ray, ray_serve
+from orchestrator.adapters.ownership import OwnedElsewhere, Ownership
 from orchestrator.adapters.serve_config import (
-    OwnedElsewhere,
-    Ownership,
     RayAuthError,
     RayUnreachable,
     ServeAppFailed,
