@@ -76,6 +76,15 @@ class FleetCollector:
         for site, n in sorted(getattr(getattr(getattr(self.cp, "reconciler", None), "dc_sync", None), "reapplied", {}).items()):
             again.add_metric([site], n)
         yield again
+        owned = GaugeMetricFamily("edgeplane_datacentre_owned_elsewhere",
+                                  "1 while a data centre's applications are marked as another control plane's: nothing there "
+                                  "is changed until the Site's spec.takeOverFrom takes it over (the leader's: a follower has none)",
+                                  labels=["site"])
+        dc_sync = getattr(getattr(self.cp, "reconciler", None), "dc_sync", None)
+        leads = self.cp.elector is None or self.cp.elector.leading  # a replica that stepped down keeps its last term's
+        for site, elsewhere in sorted(dc_sync.owned_elsewhere().items() if dc_sync is not None and leads else ()):
+            owned.add_metric([site], 1 if elsewhere else 0)
+        yield owned
         elector = self.cp.elector
         lead = GaugeMetricFamily("edgeplane_leader", "1 while this replica leads (runs the reconciler), else 0")
         lead.add_metric([], 1 if elector is None or elector.leading else 0)

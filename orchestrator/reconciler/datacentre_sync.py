@@ -44,6 +44,9 @@ class DataCentreBackoff(Backoff):
     # a Serve config it answers 422 to): the operator's to fix, where a retryable one (Ray
     # starting, a dropped connection) passes on its own
     refused: bool = False
+    # the last failure was the cluster's applications marked as another control plane's
+    # (``OwnedElsewhere``): nothing there changes until an operator takes it over
+    owned_elsewhere: bool = False
 
 
 class Left(NamedTuple):
@@ -131,6 +134,12 @@ class DataCentreSync:
 
     def __post_init__(self) -> None:
         self._calls = datacentre_calls.Calls(self.wait_s, answered=lambda: self.answered())
+
+    def owned_elsewhere(self) -> dict[str, bool]:
+        """Per data centre observed, whether its last call found its cluster's applications
+        another control plane's (``edgeplane_datacentre_owned_elsewhere``): a Site deleted, or
+        no longer a data centre, leaves ``observed`` at the next pass, and its series with it."""
+        return {site: (b := self._backoff.get(site)) is not None and b.owned_elsewhere for site in self.observed}
 
     def _now(self) -> float:
         """The time outages' starts are stamped and compared on (``wall``)."""
@@ -360,6 +369,7 @@ class DataCentreSync:
             await self._record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message))
         backoff.fail(self.clock(), message)
         backoff.refused = getattr(exc, "retryable", True) is False
+        backoff.owned_elsewhere = isinstance(exc, serve_config.OwnedElsewhere)
         if unreachable and not backoff.unreachable:
             backoff.unreachable_since, backoff.unreachable_at = self.clock(), self._now()
         backoff.unreachable = unreachable

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import kmock
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import server
 from orchestrator.adapters import ray_owner, ray_serve, rayservice, serve_config
@@ -48,6 +49,14 @@ async def apply(cp: server.ControlPlane, manifests: str) -> None:
         assert applied.status_code == 200, applied.text
 
 
+async def owned_elsewhere(cp: server.ControlPlane) -> dict[str, float]:
+    """``edgeplane_datacentre_owned_elsewhere`` as ``cp``'s ``/metrics`` gives it, by site."""
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        text = (await http.get("/metrics")).text
+    return {s.labels["site"]: s.value for f in text_string_to_metric_families(text)
+            if f.name == "edgeplane_datacentre_owned_elsewhere" for s in f.samples}
+
+
 async def refused_by(cp: server.ControlPlane, other: server.ControlPlane) -> str:
     """``cp`` says dc-1's cluster is ``other``'s, in its status and one event: the error."""
     owned = f"is owned by another edgeplane control plane (owner {other.store.store_id()}; this one is {cp.store.store_id()})"
@@ -70,14 +79,17 @@ async def two_owners(fleets: tuple[harness.Fleet, harness.Fleet], on: str, facto
     second = await fleets[1].start_control_plane(kube_factory=factory, resync_s=0.2)
     await apply(second, bundle(site("dc-1", on), MODEL, deployment("d", "dc-1"), deployment("e", "dc-1")))
     await refused_by(second, first)
+    assert await owned_elsewhere(second) == {"dc-1": 1.0} and await owned_elsewhere(first) == {"dc-1": 0.0}
     assert marked() == first.store.store_id() and "ep-e.v.dc-1" not in repr(state())  # nothing taken over, nor the second's applied
 
     taking = site("dc-1", on).replace("  tier: datacenter", f"  tier: datacenter\n  takeOverFrom: {first.store.store_id()}")
     await apply(second, bundle(taking, MODEL, deployment("d", "dc-1"), deployment("e", "dc-1")))
     await harness.wait_until(lambda: marked() == second.store.store_id() and "ep-e.v.dc-1" in repr(state()), 30, what="dc-1 taken over")
     await harness.wait_until(lambda: "error" not in site_status(second, "dc-1"), 30, what="the second's dc-1 status to clear")
+    assert await owned_elsewhere(second) == {"dc-1": 0.0}
 
     await refused_by(first, second)  # the first sees it lost the cluster
+    assert await owned_elsewhere(first) == {"dc-1": 1.0}
     await fleets[1].stop()  # what changes there from now on is the first's doing
     taken, read = copy.deepcopy(state()), tries()
     await harness.wait_until(lambda: tries() >= read + 2, 30, what="the first to try dc-1 again")
