@@ -26,6 +26,8 @@ class FleetCollector:
         self.maintenance: dict[str, int] | None = {}
         #: Per site with a power budget, its ``status.power`` (budgetWatts, estimatedWatts), read with the placement.
         self.power: dict[str, dict[str, float]] | None = {}
+        #: Per deployment rolling out a version, its status's ``rollout`` block, read with the placement.
+        self.rollouts: dict[str, dict[str, Any]] | None = {}
 
     def collect(self) -> Any:
         # Each replica counts the agents connected to it and their heartbeats, summed across
@@ -114,6 +116,19 @@ class FleetCollector:
                     w.add_metric([site, "estimated"], power.get("estimatedWatts", 0.0))
                     w.add_metric([site, "budget"], power.get("budgetWatts", 0.0))
                 yield w
+            if self.rollouts is not None:
+                # one series per deployment rolling out now (a finished rollout's goes): bounded by the deployments
+                halted = GaugeMetricFamily("edgeplane_rollout_halted", "1 while a deployment's rollout is halted (a site could "
+                                           "not load the new version; no further site is sent it), 0 while it goes on",
+                                           labels=["deployment"])
+                replacing = GaugeMetricFamily("edgeplane_rollout_replacing_sites", "Sites of a deployment rolling out that "
+                                              "serve no version of its model meanwhile (rollout.strategy: replaceWhenFull "
+                                              "unloaded the old one first)", labels=["deployment"])
+                for d, block in sorted(self.rollouts.items()):
+                    halted.add_metric([d], 1 if block.get("halted") else 0)
+                    replacing.add_metric([d], len(block.get("replacing") or ()))
+                yield halted
+                yield replacing
             e = GaugeMetricFamily("edgeplane_endpoints", "Routable endpoints, by model", labels=["model"])
             for m in self.cp.table.models():
                 # a lost agent's replicas stay listed, unhealthy, and no request goes to them:

@@ -216,24 +216,27 @@ class ServerViews:
         collectors read the rest (the hub, the table) on the loop, whose it is. While the store
         fails, or has not answered within :data:`METRICS_READ_S`, the scrape still answers,
         without ``edgeplane_replicas_placed``, ``edgeplane_sites_cordoned`` and
-        ``edgeplane_site_power_watts`` (the leader's last pass's estimate, in the Sites' status)."""
-        def read() -> tuple[list[store_mod.PlacementRow], dict[str, int], dict[str, dict[str, float]]]:
+        ``edgeplane_site_power_watts`` (the leader's last pass's estimate, in the Sites' status)
+        and ``edgeplane_rollout_*`` (the rollouts in the deployments' status)."""
+        def read() -> tuple[list[store_mod.PlacementRow], dict[str, int], dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
             sites = self.store.list("Site")
             taken_out = maintenance.states(maintenance.read_in_force(self.store, {o.name for o in sites}))
-            return self.store.placements(), taken_out, {o.name: o.status["power"] for o in sites if o.status.get("power")}
+            rollouts = {o.name: o.status["rollout"] for o in self.store.list("ModelDeployment") if (o.status or {}).get("rollout")}
+            return self.store.placements(), taken_out, {o.name: o.status["power"] for o in sites if o.status.get("power")}, rollouts
 
         try:
-            placements, taken_out, power = await self._shared_read("metrics", read, METRICS_READ_S)
+            placements, taken_out, power, rollouts = await self._shared_read("metrics", read, METRICS_READ_S)
         except (store_mod.StoreError, TimeoutError) as exc:
             if self.fleet.placements is not None:  # once an outage, not at every scrape
-                log.warning("metrics: the store cannot be read, edgeplane_replicas_placed, edgeplane_sites_cordoned and "
-                            "edgeplane_site_power_watts are left out until it can: %s", exc or f"the store did not answer in {METRICS_READ_S:g} s")
-            self.fleet.placements = self.fleet.maintenance = self.fleet.power = None
+                log.warning("metrics: the store cannot be read, edgeplane_replicas_placed, edgeplane_sites_cordoned, "
+                            "edgeplane_site_power_watts and edgeplane_rollout_* are left out until it can: %s",
+                            exc or f"the store did not answer in {METRICS_READ_S:g} s")
+            self.fleet.placements = self.fleet.maintenance = self.fleet.power = self.fleet.rollouts = None
         else:
             if self.fleet.placements is None:
-                log.info("metrics: the store is read again, edgeplane_replicas_placed, edgeplane_sites_cordoned and "
-                         "edgeplane_site_power_watts are back")
-            self.fleet.placements, self.fleet.maintenance, self.fleet.power = placements, taken_out, power
+                log.info("metrics: the store is read again, edgeplane_replicas_placed, edgeplane_sites_cordoned, "
+                         "edgeplane_site_power_watts and edgeplane_rollout_* are back")
+            self.fleet.placements, self.fleet.maintenance, self.fleet.power, self.fleet.rollouts = placements, taken_out, power, rollouts
         series.prune(self.table, self.openai_gateway.labelled())  # the gateway's series of models and sites gone
         # Prometheus text format whatever the scraper's Accept asks: the deprecated gauges
         # edgeplane_heartbeats_received and edgeplane_reconcile_passes share their family name

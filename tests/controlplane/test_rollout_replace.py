@@ -13,6 +13,7 @@ import re
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.cli import main as cli_main
 from orchestrator.testing import harness, manifests, onnx_models
@@ -59,6 +60,13 @@ def rollout_of(cp) -> dict:  # noqa: ANN001
     return (obj.status or {}).get("rollout", {}) if obj is not None else {}
 
 
+async def rollout_metrics(http: httpx.AsyncClient) -> dict[str, float]:
+    """The control plane's ``edgeplane_rollout_*`` gauges of intent-fr, as its ``/metrics`` gives them."""
+    text = (await http.get("/metrics")).text
+    return {f.name: s.value for f in text_string_to_metric_families(text) if f.name.startswith("edgeplane_rollout_")
+            for s in f.samples if s.labels.get("deployment") == "intent-fr"}
+
+
 async def apply(cp, body: str) -> None:  # noqa: ANN001
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
         resp = await http.post("/v1/apply", content=body)
@@ -77,6 +85,8 @@ async def test_make_before_break_halts_where_both_versions_do_not_fit(tmp_path: 
         rollout = await harness.wait_until(lambda: r if "halted" in (r := rollout_of(cp)) else None, 60, what="the rollout halted")
         assert SMALL in rollout["halted"] and "MB of memory to load" in rollout["halted"], rollout
         assert serving(cp, SMALL) == v1.sha256  # the old version keeps serving there, and stays
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            assert await rollout_metrics(http) == {"edgeplane_rollout_halted": 1.0, "edgeplane_rollout_replacing_sites": 0.0}
 
 
 async def test_replace_when_full_completes_the_rollout_and_no_request_fails(tmp_path: pathlib.Path,
@@ -97,13 +107,16 @@ async def test_replace_when_full_completes_the_rollout_and_no_request_fails(tmp_
             assert re.search(rf"{site}\s.*new version {v1.sha256[:12]} -> {v2.sha256[:12]} \(replaceWhenFull\)", printed), printed
 
         replacing: list[list[str]] = []
-        async with Traffic(cp.http_url, v1) as traffic:
+        scraped: list[dict[str, float]] = []  # the rollout's gauges, each time they changed
+        async with Traffic(cp.http_url, v1) as traffic, httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
             await apply(cp, fleet_yaml(v2, "replaceWhenFull"))
             for _ in range(6000):  # bounded: ~60 s at 10 ms
                 if all(serving(cp, s) == v2.sha256 for s in SITES):
                     break
                 if (r := rollout_of(cp).get("replacing")) and r not in replacing:
                     replacing.append(r)
+                if (now := await rollout_metrics(http)) and now not in scraped:
+                    scraped.append(now)
                 await asyncio.sleep(0.01)
             assert all(serving(cp, s) == v2.sha256 for s in SITES), {s: serving(cp, s)[:12] for s in SITES}
             traffic.answered.clear()
@@ -114,3 +127,8 @@ async def test_replace_when_full_completes_the_rollout_and_no_request_fails(tmp_
         st = cp.hub.status(SMALL)
         assert st is not None and st.models["intent"].serving_sha256 == v2.sha256
         await harness.wait_until(lambda: not rollout_of(cp), 20, what="the rollout finished in status")
+        # the site that served nothing while it replaced its version was one to alert on, and no rollout halted
+        assert {"edgeplane_rollout_halted": 0.0, "edgeplane_rollout_replacing_sites": 1.0} in scraped, scraped
+        assert all(m["edgeplane_rollout_halted"] == 0.0 for m in scraped), scraped
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            assert await rollout_metrics(http) == {}  # a finished rollout leaves no series
