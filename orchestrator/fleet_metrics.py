@@ -68,6 +68,10 @@ class FleetCollector:
         old_r = GaugeMetricFamily("edgeplane_reconcile_passes", "Deprecated: edgeplane_reconcile_passes_total")
         old_r.add_metric([], passes)
         yield old_r
+        back = CounterMetricFamily("edgeplane_failback_replicas", "Replicas moved back to a lost site once it had stayed "
+                                   "healthy for --failback-after (the leader's, since it started)")
+        back.add_metric([], getattr(getattr(self.cp, "reconciler", None), "failed_back", 0))
+        yield back
         unreadable = GaugeMetricFamily("edgeplane_unreadable_objects", "Stored objects the leader's last pass could not read: "
                                        "while any, every change to the fleet is on hold")
         unreadable.add_metric([], len(getattr(getattr(self.cp, "reconciler", None), "unreadable", {})))

@@ -108,6 +108,11 @@ class Failback:
         return tuple(out)
 
 
+def moved_back(events: Iterable[store_mod.Event]) -> int:
+    """The replicas the ``failback`` events among ``events`` move back (``edgeplane_failback_replicas_total``)."""
+    return sum(int(e.details.get("replicas", 0)) for e in events if e.action == "failback")
+
+
 def _tuples(seats: Mapping[str, Counter[sched_model.Replica]]) -> dict[str, tuple[sched_model.Replica, ...]]:
     """Per site, each seat as many times as counted, in a steady order."""
     return {name: tuple(sorted(kept.elements(), key=lambda r: (r.deployment, r.variant))) for name, kept in seats.items()}

@@ -59,6 +59,7 @@ class Reconciler:
     datacentre_lost_after_s: float = math.inf
     failback_after_s: float = 0.0  # a lost site's replicas move back once it is healthy this long (0: never; see failback)
     passes: int = 0
+    failed_back: int = 0  # replicas failback moved back since start, as written (edgeplane_failback_replicas_total)
     last_plan: planning.PassPlan | None = None
     last_snapshot: snap.Snapshot | None = None
     converging: bool = False
@@ -532,6 +533,7 @@ class Reconciler:
         match action:
             case act.RecordPlacement(rows, events):
                 await self.store.run(self.store.replace_placements, rows, events, lease=self.lease)
+                self.failed_back += failback_mod.moved_back(events)
             case act.PushAssignments(site, assignments, version):
                 if version is None:  # a planned set: only the pass's block, under the lease, may number it
                     raise ValueError(f"the assignment set for {site} has no version: a pass's actions are executed by _execute_all")
