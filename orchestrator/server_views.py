@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator import catalog, leadership, maintenance, server_config, views
+from orchestrator import capture_counts, catalog, leadership, maintenance, server_config, views
 from orchestrator.api import paging
 from orchestrator.artifacts import signature
 from orchestrator.gateway import routing, series
@@ -203,6 +203,29 @@ class ServerViews:
 
     def cascades_view(self) -> dict[str, Any]:
         return {"items": self.cascades.stats.snapshot(self.table.cascades)}
+
+    async def cascades_with_capture(self) -> dict[str, Any]:
+        """``GET /v1/cascades``: :meth:`cascades_view` with each capturing cascade's day so far
+        (``capture``: captured by zone against ``dailyCap``, when the day resets), counted in
+        the state store (:mod:`orchestrator.capture_counts`), one read for them all; null for a
+        cascade that captures nothing. While the store does not answer, ``capture`` says so
+        (``error``) and the figures still come."""
+        items = self.cascades_view()["items"]
+        policies = {r.deployment: r.capture for r in self.table.cascades.values() if r.capture is not None}
+
+        def read() -> tuple[float, dict[str, dict[str, int]]]:
+            now = self.store.now()
+            return now, {name: capture_counts.read_today(self.store, name, p.zones, now) for name, p in sorted(policies.items())}
+
+        try:
+            now, taken = await self._shared_read("capture-counts", read, API_READ_S) if policies else (0.0, {})
+        except (store_mod.StoreError, TimeoutError) as exc:
+            why = str(exc) or f"the store did not answer in {API_READ_S:g} s"
+            return {"items": [{**c, "capture": {"error": f"the day's captures cannot be counted: {why}"} if c["name"] in policies
+                               else None} for c in items]}
+        return {"items": [{**c, "capture": capture_counts.today(policies[c["name"]].zones, policies[c["name"]].daily_cap,
+                                                                taken.get(c["name"], {}), now) if c["name"] in policies else None}
+                           for c in items]}
 
     async def simulate(self, body: bytes, each: str | None, top: int | None) -> dict[str, Any]:
         # The store is read and the planning runs off the loop once a slot is free, so the gateway keeps answering.

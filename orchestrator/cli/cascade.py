@@ -55,10 +55,24 @@ def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
 
     rows = [[c["name"], " > ".join(c["stages"]), c["requests"], " / ".join(str(c["answered"][s]) for s in c["stages"]),
              num(c["escalationRate"], ".1%"), c["notEscalated"], num(c["meanLatencyMs"], ".2f"), num(c["meanAddedLatencyMs"], ".2f"),
-             num(c["energyPerRequestJ"], ".4g"), num(c["co2PerRequestG"], ".3g")] for c in items]
+             num(c["energyPerRequestJ"], ".4g"), num(c["co2PerRequestG"], ".3g"), captured_today(c.get("capture"))] for c in items]
     render.table(None, ["NAME", "STAGES", "REQUESTS", "ANSWERED", "ESCALATED", "NOT ESCALATED", "MEAN MS", "ADDED MS",
-                        "J/REQ", "gCO2/REQ"], rows)
+                        "J/REQ", "gCO2/REQ", "CAPTURED TODAY"], rows)
+    for c in items:
+        capped = [z["zone"] for z in (c.get("capture") or {}).get("zones", []) if z["capped"]]
+        if capped:
+            print(f"{c['name']}: capture stopped for the day in {', '.join(capped)} (dailyCap {c['capture']['dailyCap']} reached); "
+                  f"it starts again at {c['capture']['resetsAt']} (UTC midnight)")
     return 0
+
+
+def captured_today(capture: dict[str, Any] | None) -> str:
+    """The CAPTURED TODAY cell: each zone's records kept today of its ``dailyCap``."""
+    if capture is None:
+        return "-"
+    if "error" in capture:
+        return "unknown (the state store did not answer)"
+    return ", ".join(f"{z['zone']} {z['captured']}/{capture['dailyCap']}" + (" capped" if z["capped"] else "") for z in capture["zones"])
 
 
 #: One row's answer: its class, or a multi-label answer's labels that apply (in order).

@@ -161,6 +161,17 @@ class SqlStore(Credentials):
                            (key, day, taken + granted))
         return granted
 
+    def taken_daily(self, keys: Collection[str], day: int) -> dict[str, int]:
+        """How much of each of ``keys``' limits :meth:`take_daily` has granted on ``day``; a
+        key whose row is of a later day (this clock behind a replica's) counts that day's,
+        as :meth:`take_daily` would."""
+        keys = sorted(set(keys))
+        if not keys:
+            return {}
+        rows = self._fetch(self._q(f"SELECT key, day, taken FROM daily_counts WHERE key IN ({', '.join('?' * len(keys))})"), tuple(keys))
+        taken = {str(r["key"]): int(r["taken"]) for r in rows if int(r["day"]) >= day}
+        return {k: taken.get(k, 0) for k in keys}
+
     def resource_version(self) -> int:
         return int(self._fetch("SELECT value FROM meta WHERE key = 'resource_version'")[0]["value"])
 

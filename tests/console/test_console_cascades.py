@@ -1,7 +1,7 @@
 """The Cascades tab: each deployment with ``spec.cascade`` as ``edgeplane get cascades``
 shows it (``GET /v1/cascades``: requests, answers per stage, escalations, latency, energy),
-with each stage's rule and sites and what it captures, from the deployment itself; an
-empty state while there is none.
+with each stage's rule and sites and what it captures, from the deployment itself, and what
+it kept today against its daily cap; an empty state while there is none.
 
 A real control plane with the cascade applied (no agents: nothing serves it); only the
 placement is served to the page through Playwright's routing, so that each stage has sites.
@@ -15,6 +15,8 @@ import pathlib
 import httpx
 import pytest
 
+from orchestrator import capture_counts, catalog
+from orchestrator.distill import capture as capture_mod
 from orchestrator.testing import harness, manifests, onnx_models
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -85,6 +87,14 @@ async def test_the_cascades_tab_shows_each_cascade_s_stages_rule_captures_and_fi
             ], stages
             capture = await cascade.locator(".capture").inner_text()
             assert capture == "captures 10% of requests, at most 5000 a day per zone (UTC), kept 14 days, in EU", capture
+            # what it kept today against its cap, as the state store counts it: nothing yet, then the cap reached
+            day = int(cp.store.now() // capture_mod.DAY_S)
+            midnight = catalog.rfc3339((day + 1) * capture_mod.DAY_S)
+            today = cascade.locator(".capture-today")
+            assert await today.inner_text() == f"today ({catalog.rfc3339(day * capture_mod.DAY_S)[:10]}, UTC): EU 0 of 5,000"
+            assert cp.store.take_daily(capture_counts.key("intent-cascade", "EU"), day, 5000, 5000) == 5000
+            await cascade.locator(".capture-today", has_text="capture stopped").wait_for(timeout=30_000)
+            assert (await today.inner_text()).endswith(f"EU 5,000 of 5,000, capture stopped until {midnight}")
             # the output's name is text: no element made of it, nothing run
             assert await page.locator("#tab-cascades img").count() == 0
             assert await page.evaluate("() => window.injected === undefined")

@@ -44,14 +44,15 @@ ROUTE = cascade_rules.CascadeRoute("m", "dep", (
 COUNTRIES = ["FR", "DE", "IT", "CH", "US"]
 
 
-def capturing(store: store_mod.Store, retention_days: float = 30, name: str = "dep", zones: tuple[str, ...] = ("EU",)) -> None:
+def capturing(store: store_mod.Store, retention_days: float = 30, name: str = "dep", zones: tuple[str, ...] = ("EU",),
+              daily_cap: int = 10_000) -> None:
     """Apply ModelDeployment ``name``, a cascade that captures in ``zones`` for ``retention_days``."""
     docs = [{"kind": "Model", "metadata": {"name": "m"}, "spec": {"variants": [
                 {"name": v, "runtime": "onnx", "artifact": {"uri": f"{v}.onnx", "sha256": c * 64}} for v, c in (("small", "0"), ("large", "1"))]}},
             {"kind": "ModelDeployment", "metadata": {"name": name}, "spec": {
                 "model": "m", "variant": {"edge": "small", "datacenter": "large"},
                 "cascade": {"stages": [{"variant": "small", "escalate": {"confidence": {"output": "p", "below": 0.8}}}, {"variant": "large"}],
-                            "capture": {"sampleRate": 1.0, "retentionDays": retention_days, "zones": list(zones)}}}}]
+                            "capture": {"sampleRate": 1.0, "retentionDays": retention_days, "zones": list(zones), "dailyCap": daily_cap}}}}]
     catalog.apply_documents(store, loader.load_text("---\n".join(json.dumps({"apiVersion": "edgeplane.io/v1alpha1", **d}) + "\n" for d in docs)),
                             actor="test")
 

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import pathlib
+import subprocess
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -15,7 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 
-from orchestrator import capture_counts, server
+from orchestrator import capture_counts, catalog, server
 from orchestrator.distill import capture
 from orchestrator.distill import store as capture_store
 from orchestrator.gateway import cascade, endpoints, routing
@@ -31,7 +35,7 @@ FLEET = [ep("edge-fr", "edge", "FR"), ep("dc-fr", "datacenter", "FR")]
 NOW = 1_800_000_000.0  # one UTC day for every request
 
 
-async def capture_through(cp: server.ControlPlane, n: int) -> None:
+async def capture_through(cp: server.ControlPlane, n: int, wall: Callable[[], float] = lambda: NOW) -> None:
     """``n`` escalated requests through a cascade capturing into ``cp``'s writer, every one sampled,
     as a gateway that just started (its own sampler) captures them; then written."""
     table = endpoints.EndpointTable()
@@ -39,7 +43,7 @@ async def capture_through(cp: server.ControlPlane, n: int) -> None:
     table.cascades = {"m": ROUTE_CAPPED}
     handler = cascade.CascadeHandler(table, Transport({"http://edge-fr": "unsure", "http://dc-fr": "sure"}),  # type: ignore[arg-type]
                                      cascade.CascadeMetrics.create(CollectorRegistry()), capture=cp.capture_writer.offer,
-                                     sampler=capture.Sampler(draw=lambda: 0.0), wall=lambda: NOW)
+                                     sampler=capture.Sampler(draw=lambda: 0.0), wall=wall)
     request = Request({"type": "http", "method": "POST", "path": "/", "headers": []})
 
     async def plain() -> Any:
@@ -111,5 +115,35 @@ async def test_records_past_the_daily_cap_are_counted_in_metrics_by_zone(tmp_pat
             metrics = (await http.get("/metrics")).text
         assert f'edgeplane_capture_records_total{{zone="{zone}"}} {CAP}.0' in metrics
         assert f'edgeplane_capture_capped_total{{zone="{zone}"}} 2.0' in metrics, metrics
+    finally:
+        await fleet.stop()
+
+
+async def test_get_cascades_says_what_a_cascade_captured_today_against_its_daily_cap(tmp_path: pathlib.Path) -> None:
+    """The store counted the day's records, and /metrics the ones refused, but neither
+    GET /v1/cascades nor edgeplane get cascades said so: an operator could not see that capture
+    had stopped for the day, nor until when."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        capturing(cp.store, daily_cap=CAP)
+        await harness.wait_until(lambda: "dep" in cp.table.cascades, 30, what="the cascade in the gateway's table")
+        await capture_through(cp, CAP + 2, wall=cp.store.now)  # today, as the store tells days
+        day = int(cp.store.now() // capture.DAY_S)
+        async with httpx.AsyncClient(base_url=cp.http_url) as http:
+            [item] = (await http.get("/v1/cascades")).json()["items"]
+        assert item["capture"] == {
+            "dailyCap": CAP, "day": catalog.rfc3339(day * capture.DAY_S)[:10], "resetsAt": catalog.rfc3339((day + 1) * capture.DAY_S),
+            "zones": [{"zone": "EU", "captured": CAP, "left": 0, "capped": True}]}, item
+        cli = [sys.executable, "-m", "orchestrator.cli.main", "get", "cascades", "--server", cp.http_url]
+        out = await asyncio.to_thread(subprocess.run, [*cli, "-o", "json"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["items"][0]["capture"] == item["capture"]
+        table = await asyncio.to_thread(subprocess.run, cli, capture_output=True, text=True, timeout=60)
+        assert table.returncode == 0, table.stderr
+        head, row = table.stdout.splitlines()[:2]
+        assert "CAPTURED TODAY" in head and row.rstrip().endswith(f"EU {CAP}/{CAP} capped"), table.stdout
+        assert (f"dep: capture stopped for the day in EU (dailyCap {CAP} reached); it starts again at "
+                f"{item['capture']['resetsAt']} (UTC midnight)") in table.stdout
     finally:
         await fleet.stop()

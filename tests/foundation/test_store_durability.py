@@ -46,6 +46,9 @@ def test_a_daily_limit_is_counted_in_the_store_and_survives_reopen(reopen: Calla
     assert s.take_daily("k", 11, 7, 5) == 5  # a new day
     assert s.take_daily("k", 10, 1, 5) == 0  # an earlier day (a clock behind) counts in the later one: used up
     assert s.take_daily("k", 12, 1, 5) == 1
+    # what was taken, as GET /v1/cascades reads it: the day's, a later day's (a clock behind), none of an earlier one
+    assert s.taken_daily(["k", "other", "never"], 12) == {"k": 1, "other": 0, "never": 0}
+    assert s.taken_daily(["k"], 11) == {"k": 1} and s.taken_daily([], 12) == {}
 
 
 def test_a_sequence_block_taken_above_values_handed_out_moves_the_counter_past_them(reopen: Callable[..., Store]) -> None:

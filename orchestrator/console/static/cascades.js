@@ -1,8 +1,9 @@
 // The Cascades tab: each deployment with spec.cascade as `edgeplane get cascades` shows it
 // (GET /v1/cascades: requests, answers per stage, escalations, latency, energy), with what
 // the deployment itself says of it: each stage's rule (when it hands a request to the next)
-// and the sites it runs on, and what it captures for distillation. Everything is written as
-// text: a rule holds what a manifest's author typed (an output's name, a refusal pattern).
+// and the sites it runs on, what it captures for distillation, and what it kept today
+// against its daily cap. Everything is written as text: a rule holds what a manifest's
+// author typed (an output's name, a refusal pattern).
 
 // A stage on thousands of edge sites: its first few named, the count of the others.
 const LISTED_SITES = 10;
@@ -30,6 +31,16 @@ function captures(capture) {
   const days = capture.retentionDays ?? 30;
   return `captures ${sig(4)(capture.sampleRate * 100)}% of requests, at most ${capture.dailyCap ?? 10000} a day per zone (UTC), `
     + `kept ${days} day${days === 1 ? "" : "s"}, in ${(capture.zones || []).join(", ")}`;
+}
+
+// What the cascade kept today against its dailyCap, by zone (GET /v1/cascades' `capture`):
+// a zone at its cap keeps nothing more until the day resets (UTC midnight).
+function today(count) {
+  if (!count) return "";
+  if (count.error) return `today: ${count.error}`;
+  const zones = count.zones.map((z) => `${z.zone} ${z.captured.toLocaleString("en")} of ${count.dailyCap.toLocaleString("en")}`
+    + (z.capped ? `, capture stopped until ${count.resetsAt}` : ""));
+  return `today (${count.day}, UTC): ${zones.join("; ")}`;
 }
 
 function listed(sites) {
@@ -60,6 +71,7 @@ export function cascadeViews(cascades, deployments, placements) {
       stages: c.stages.map((variant) => [variant, listed([...new Set(sites.get(`${c.name}\u0000${variant}`) || [])].sort()),
         String((c.answered || {})[variant] ?? 0), spec ? rule(stageSpec.has(variant) ? stageSpec.get(variant).escalate : null) : "–"]),
       capture: spec ? captures(spec.capture) : "",
+      today: today(c.capture),
     };
   });
 }
@@ -98,6 +110,7 @@ export function renderCascades(container, views) {
     section.append(el("h3", v.name), table("figures", FIGURES, [v.figures], 2),
       table("stages", ["stage", "sites", "answered", "escalates when"], v.stages, 1));
     if (v.capture) section.appendChild(el("p", v.capture, "capture muted"));
+    if (v.today) section.appendChild(el("p", v.today, "capture-today"));
     return section;
   }));
 }
