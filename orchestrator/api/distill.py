@@ -115,6 +115,8 @@ def _plan(obj: store_mod.StoredObject, model_obj: store_mod.StoredObject | None,
     first, last = spec.cascade.stages[0], spec.cascade.stages[-1]
     if first.escalate is None or first.escalate.confidence is None:
         raise Refused("distillation trains tensor students: the first stage needs an 'escalate.confidence' rule")
+    if first.escalate.confidence.scores != "probabilities":  # before any wait for records: none would make it trainable
+        raise Refused(not_trained(first.escalate.confidence.scores))
     if model_obj is None:
         raise Refused(f"Model {spec.model!r} does not exist")
     variants = {v.name: v for v in catalog.read_stored(model_obj, catalog.parse_model).variants}
@@ -137,10 +139,22 @@ def _plan(obj: store_mod.StoredObject, model_obj: store_mod.StoredObject | None,
     elif zone not in with_records:
         raise Refused(f"zone {zone!r} holds no records of {name!r} serving Model {spec.model!r} (zones with records: {', '.join(with_records) or 'none'})")
     rule = first.escalate.confidence
-    if rule.scores != "probabilities":
-        raise Refused("the edge student must output probabilities (escalate.confidence.scores: probabilities)")
     return {"spec": spec, "serving": edge.artifact, "edge": first.variant, "teacher": last.variant, "current": current, "zone": zone,
             "root": root, "input": edge.inputs[0].name, "output": rule.output, "threshold": job.Threshold(rule.below, rule.measure)}
+
+
+def not_trained(scores: str) -> str:
+    """Why a cascade whose first stage's rule reads ``scores`` is not distilled here: the student
+    is trained with softmax cross-entropy on the teacher's class probabilities, and judged by
+    the class it picks (:mod:`orchestrator.distill.student`)."""
+    why = (f"distillation trains single-label students only: a softmax over classes, whose rule reads its probabilities "
+           f"(escalate.confidence.scores: probabilities); the first stage's rule reads scores: {scores}")
+    if scores.startswith("independent"):
+        return (f"{why}, and a multi-label student (one sigmoid per label) is not trained here: its targets, loss and agreement "
+                f"with the teacher are per label, not one class. Its records are still captured and kept; train the student "
+                f"elsewhere and publish it as a new artifact of the Model's edge variant")
+    return (f"{why}: a student answering logits is not trained here; have it end in a Softmax and its rule read "
+            f"scores: probabilities to distil it")
 
 
 def _published_model(model_obj: store_mod.StoredObject, variant: str, serving: Any, artifact: dict[str, str]) -> str:

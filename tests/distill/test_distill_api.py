@@ -346,3 +346,19 @@ def test_a_deployment_or_model_this_version_cannot_read_is_refused_naming_it(
     assert resp.status_code == 409, resp.text
     error = resp.json()["error"]
     assert f"{kind} 'task'" in error and why in error and "apply it again or delete it" in error, error
+
+
+@pytest.mark.parametrize("scores", ["independent", "independent-logits", "logits"])
+def test_a_cascade_whose_student_is_not_a_softmax_classifier_is_refused_saying_what_is_trained(plane: Plane, scores: str) -> None:
+    """A multi-label cascade (or one reading logits) was told to capture more records while it
+    had none, and once it had, that 'the edge student must output probabilities': refused
+    only after the wait, and never saying that multi-label students are not trained at all."""
+    plane.apply(cascade_task.manifests(plane.student, plane.teacher, threshold=THRESHOLD, edges={"edge-paris": ("FR", 48.85, 2.35)},
+                                       datacentre=("dc-paris", "FR", 48.86, 2.34), capture=CAPTURE, scores=scores))
+    status, body = plane.distill(epochs=1)  # no record yet: refused for what it is, not sent to capture more
+    assert status == 409, body
+    assert (f"distillation trains single-label students only: a softmax over classes, whose rule reads its probabilities "
+            f"(escalate.confidence.scores: probabilities); the first stage's rule reads scores: {scores}") in body["error"], body
+    assert "zones with records" not in body["error"]
+    if scores.startswith("independent"):
+        assert "a multi-label student (one sigmoid per label) is not trained here" in body["error"], body
