@@ -222,6 +222,18 @@ def _ms(x: float | None, metrics: dict[str, Any] | None = None) -> str:
     return "unserved" if x is None else f"{x:.1f}"
 
 
+def _rps(x: float | None) -> str:
+    return "-" if x is None else f"{x:g}"  # "-": a control plane before per-point unserved demand
+
+
+def _unserved(metrics: dict[str, Any]) -> str:
+    """Unserved demand and its share of all demand: '180 of 854 (21%)'."""
+    unserved, total = metrics["unservedRps"], metrics.get("demandRps")
+    if total is None:  # a control plane before demandRps
+        return f"{unserved:g}"
+    return f"{unserved:g} of {total:g} ({100 * unserved / total:.0f}%)" if total else f"{unserved:g}"
+
+
 def print_report(r: dict[str, Any]) -> None:
     s = r["summary"]
     print(f"Scenario {r['name']}: {r['scenario']}")
@@ -233,9 +245,9 @@ def print_report(r: dict[str, Any]) -> None:
     b, a = r["before"], r["after"]
     render.table("Today vs the scenario", ["", "TODAY", "SCENARIO"], [
         ["replicas", b["replicas"], a["replicas"]],
-        ["latency p50 ms", _ms(b["latencyP50Ms"], b), _ms(a["latencyP50Ms"], a)],
-        ["latency p95 ms", _ms(b["latencyP95Ms"], b), _ms(a["latencyP95Ms"], a)],
-        ["unserved rps", f"{b['unservedRps']:g}", f"{a['unservedRps']:g}"],
+        ["latency p50 ms, unserved as slowest", _ms(b["latencyP50Ms"], b), _ms(a["latencyP50Ms"], a)],
+        ["latency p95 ms, unserved as slowest", _ms(b["latencyP95Ms"], b), _ms(a["latencyP95Ms"], a)],
+        ["unserved rps (share of demand)", _unserved(b), _unserved(a)],
         ["power W", f"{b['watts']:.0f}", f"{a['watts']:.0f}"],
         ["gCO2/h", f"{b['gramsCO2PerHour']:.0f}", f"{a['gramsCO2PerHour']:.0f}"],
     ])
@@ -251,10 +263,12 @@ def print_report(r: dict[str, Any]) -> None:
         _more(len(r["unschedulable"]), " deployments short")
     before = {p["point"]: p for p in b["demand"]}
     rows = [[p["point"], f"{p['rps']:g}", _ms(before.get(p["point"], {}).get("p50Ms")), _ms(before.get(p["point"], {}).get("p95Ms")),
-             _ms(p["p50Ms"]), _ms(p["p95Ms"])] for p in a["demand"]]
+             _rps(before.get(p["point"], {}).get("unservedRps")), _ms(p["p50Ms"]), _ms(p["p95Ms"]), _rps(p.get("unservedRps"))]
+            for p in a["demand"]]
     if rows:
         print()
-        render.table("Predicted latency per demand point (ms)", ["DEMAND", "RPS", "P50 TODAY", "P95 TODAY", "P50", "P95"], rows[:50])
+        render.table("Predicted latency per demand point (ms; demand no replica serves counts as slowest)",
+                     ["DEMAND", "RPS", "P50 TODAY", "P95 TODAY", "UNSERVED RPS TODAY", "P50", "P95", "UNSERVED RPS"], rows[:50])
         _more(len(rows), " demand points")
     crossings = r["residency"]["crossings"]
     print(f"\nResidency audit: {len(crossings)} crossing(s)" + ("" if not crossings else ": " + ", ".join(f"{c['deployment']}@{c['site']}" for c in crossings[:10])))

@@ -40,12 +40,16 @@ class DeploymentMeasure:
 
 @dataclass(frozen=True)
 class PointSummary:
-    """Demand-weighted latency percentiles of every deployment's demand at one point."""
+    """Demand-weighted latency percentiles of every deployment's demand at one point.
+
+    Demand no replica serves counts as the slowest (an infinite RTT), so a percentile never
+    falls because demand is dropped: ``unserved_rps`` says how much of ``rps`` that is."""
 
     point: str
     rps: float
     p50_ms: float | None  # None: at least that share of the demand has no replica
     p95_ms: float | None
+    unserved_rps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class Metrics:
     p95_ms: float | None
     unserved_rps: float
     points: tuple[PointSummary, ...]
+    demand_rps: float = 0.0  # all of it, served or not
 
 
 def measure(fleet: Fleet, deployments: Iterable[sched.Deployment], replicas: Iterable[sched.Replica]) -> dict[str, DeploymentMeasure]:
@@ -120,7 +125,8 @@ def summarize(measures: Mapping[str, DeploymentMeasure]) -> Metrics:
         return weighted_percentile([math.inf if r.rtt_ms is None else r.rtt_ms for r in items], [r.rps for r in items], q)
 
     points = tuple(
-        PointSummary(name, sum(r.rps for r in items), pct(items, 0.50), pct(items, 0.95))
+        PointSummary(name, sum(r.rps for r in items), pct(items, 0.50), pct(items, 0.95),
+                     sum(r.rps for r in items if r.rtt_ms is None))
         for name, items in sorted(per_point.items())
     )
     return Metrics(
@@ -131,4 +137,5 @@ def summarize(measures: Mapping[str, DeploymentMeasure]) -> Metrics:
         p95_ms=pct(rows, 0.95),
         unserved_rps=sum(r.rps for r in rows if r.rtt_ms is None),
         points=points,
+        demand_rps=sum(r.rps for r in rows),
     )

@@ -22,8 +22,10 @@ def metrics(m: measure.Metrics) -> dict[str, Any]:
         "gramsCO2PerHour": _r(m.g_co2_per_hour, 1),
         "latencyP50Ms": _r(m.p50_ms),
         "latencyP95Ms": _r(m.p95_ms),
+        "demandRps": _r(m.demand_rps, 3),
         "unservedRps": _r(m.unserved_rps, 3),
-        "demand": [{"point": p.point, "rps": _r(p.rps, 3), "p50Ms": _r(p.p50_ms), "p95Ms": _r(p.p95_ms)} for p in m.points],
+        "demand": [{"point": p.point, "rps": _r(p.rps, 3), "unservedRps": _r(p.unserved_rps, 3), "p50Ms": _r(p.p50_ms),
+                    "p95Ms": _r(p.p95_ms)} for p in m.points],
     }
 
 

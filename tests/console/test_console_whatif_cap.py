@@ -35,7 +35,11 @@ def fleet(root: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
         *(manifests.doc("Site", name, {"tier": "edge", "location": {"country": country, "lat": lat, "lon": lon}, "capacity": {"cpu": 4, "memoryGiB": 8}})
           for name, (country, lat, lon) in where.items()),
         manifests.onnx_model("intent", "intent.onnx", "0" * 64),
-        manifests.deployment("intent-eu", "intent", 120, manifests.spread_by_site(residency=["EU"], tiers=["edge"]))))
+        manifests.deployment("intent-eu", "intent", 120, manifests.spread_by_site(residency=["EU"], tiers=["edge"])),
+        # French callers' demand, which nothing serves once France is lost
+        manifests.onnx_model("contracts", "contracts.onnx", "1" * 64),
+        manifests.doc("ModelDeployment", "contracts-fr", {"model": "contracts", "replicas": {"min": 1, "max": 1},
+                                                          "placement": {"residency": ["FR"]}, "demand": [{"lat": 48.8, "lon": 2.3, "rps": 30}]})))
     state = simulate_cli.local_state([str(root / "fleet.yaml")])
     spec = {"fail": {"countries": ["FR"]}}
     what = report.report(whatif.simulate(state, scenario.parse({"kind": "Scenario", "metadata": {"name": "console"}, "spec": spec})))
@@ -78,6 +82,10 @@ async def test_the_what_if_table_and_its_arrows_stop_at_50_moves_saying_how_many
             await page.select_option("#whatif-target", "FR")
             await page.click("#whatif-run")
             await page.wait_for_selector("#whatif-summary", timeout=15_000)
+            # the latency cards count unserved demand as slowest and say how much there is
+            cards = await page.eval_on_selector_all("#whatif-summary .card", "els => els.map(e => [e.querySelector('span').textContent, e.querySelector('b').textContent])")
+            assert ["unserved rps (today 0 of 30 (0%))", "30 of 30 (100%)"] in cards, cards
+            assert ["p50, unserved as slowest (today 3.5 ms)", "unserved"] in cards, cards
             assert await page.locator("#whatif-moves tr").count() == 1 + SHOWN  # the header and 50 moves
             shown = await page.eval_on_selector_all("#whatif-moves tr td:first-child", "tds => tds.map(td => [...td.parentNode.children].map(c => c.textContent))")
             assert shown == [[m["deployment"], m["from"], m["to"], m["variant"]] for m in moves[:SHOWN]]

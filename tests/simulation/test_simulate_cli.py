@@ -148,3 +148,37 @@ def test_the_text_report_says_when_it_shows_only_some_deployments_short(tmp_path
     assert "d49" in proc.stdout and "d50" not in proc.stdout
     assert "... and 10 more deployments short (-o json for all)" in proc.stdout
     assert "... and 10 more demand points (-o json for all)" in proc.stdout
+
+
+def test_a_loss_that_leaves_demand_unserved_says_how_much_in_each_column(tmp_path: pathlib.Path) -> None:
+    """The example fleet with Lyon its only edge site: losing it leaves the edge-only
+    assistant unplaced, and at Paris the p50 falls from 5.9 to 2.0 ms (what stays there moves
+    to dc-paris) while a fifth of Paris's demand has no replica. Each column says how much
+    demand is unserved, and the percentiles say they count it as slowest."""
+    docs = [d for d in yaml.safe_load_all((REPO / "manifests" / "examples" / "sites.yaml").read_text())
+            if d and d["metadata"]["name"] in ("dc-paris", "dc-frankfurt", "edge-lyon")]
+    (tmp_path / "sites.yaml").write_text(yaml.safe_dump_all(docs))
+    for name in ("models.yaml", "deployments.yaml"):
+        (tmp_path / name).write_text((REPO / "manifests" / "examples" / name).read_text())
+    proc = run_cli("simulate", "-f", str(tmp_path), "--fail-site", "edge-lyon", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    (short,) = data["unschedulable"]
+    assert short["deployment"] == "assistant" and short["placed"] == 0
+    before = {p["point"]: p for p in data["before"]["demand"]}
+    after = {p["point"]: p for p in data["after"]["demand"]}
+    paris = "48.86,2.35"
+    assert after[paris]["p50Ms"] < before[paris]["p50Ms"]  # what still serves Paris is nearer
+    assert (before[paris]["unservedRps"], after[paris]["unservedRps"]) == (0, 20)  # the assistant's 20 rps
+    assert after["eu-central"]["unservedRps"] == 10
+    total = sum(p["rps"] for p in data["before"]["demand"])
+    assert data["before"]["demandRps"] == data["after"]["demandRps"] == total
+    assert data["after"]["unservedRps"] == data["before"]["unservedRps"] + 30
+    text = run_cli("simulate", "-f", str(tmp_path), "--fail-site", "edge-lyon")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert any(line.split() == ["unserved", "rps", "(share", "of", "demand)", "150", "of", f"{total:g}", "(18%)",
+                                "180", "of", f"{total:g}", "(21%)"] for line in lines), text.stdout
+    assert any(line.startswith("latency p50 ms, unserved as slowest") for line in lines), text.stdout
+    assert "UNSERVED RPS TODAY" in text.stdout
+    assert next(line for line in lines if line.startswith(paris)).split() == [paris, "100", "5.9", "5.9", "0", "2.0", "unserved", "20"]
