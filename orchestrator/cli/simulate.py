@@ -193,7 +193,7 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
     if args.output in ("json", "yaml"):
         render.dump(data, args.output)
     elif each:
-        print_sweep(data, args.top or 15)
+        print_sweep(data, args.top or SWEEP_ROWS, chosen=args.top is not None)
     else:
         print_report(data)
     if args.output not in ("json", "yaml") and data.get("hold"):  # the fleet as it is, which changes on hold keep
@@ -287,7 +287,13 @@ def _more(count: int, what: str, shown: int = 50) -> None:
         print(f"... and {count - shown} more{what} (-o json for all)")
 
 
-def print_sweep(r: dict[str, Any], top: int) -> None:
+#: The rows of a sweep's text table without --top.
+SWEEP_ROWS = 15
+
+
+def print_sweep(r: dict[str, Any], top: int, chosen: bool = False) -> None:
+    """The sweep's first ``top`` rows, and how many it leaves out (``chosen``: --top gave
+    ``top``, and the control plane sent only that many, -o json too)."""
     under = f" after the scenario ({r['scenario']})" if r.get("scenario", "no change") != "no change" else ""
     print(f"N-1 sweep by {r['by']}{under}: {r['swept']} lost one at a time; most harmful first\n")
     render.table(None, ["RANK", r["by"].upper(), "SITES", "REPLICAS LOST", "MOVED", "NO LONGER FIT", "UNSERVED RPS", "P95 ms (Δ)", "gCO2/h"], [
@@ -296,3 +302,6 @@ def print_sweep(r: dict[str, Any], top: int) -> None:
          f"{i['gramsCO2PerHour']:.0f}"]
         for i in r["ranked"][:top]
     ])
+    left = r["swept"] - len(r["ranked"][:top])
+    if left > 0:
+        print(f"... and {left} more ({'a larger --top for more' if chosen else '--top N or -o json for all'})")

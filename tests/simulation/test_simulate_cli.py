@@ -182,3 +182,33 @@ def test_a_loss_that_leaves_demand_unserved_says_how_much_in_each_column(tmp_pat
     assert any(line.startswith("latency p50 ms, unserved as slowest") for line in lines), text.stdout
     assert "UNSERVED RPS TODAY" in text.stdout
     assert next(line for line in lines if line.startswith(paris)).split() == [paris, "100", "5.9", "5.9", "0", "2.0", "unserved", "20"]
+
+
+def _full_edge_fleet(root: pathlib.Path) -> None:
+    """16 full edge sites: edge-00 runs three deployments, the others one each, and nothing
+    has room for another, so losing any site leaves what it ran short."""
+    site = ("apiVersion: edgeplane.io/v1alpha1\nkind: Site\nmetadata: {{name: edge-{n:02d}}}\n"
+            "spec: {{tier: edge, location: {{country: FR, region: fr, lat: {lat}, lon: 2.3}}, capacity: {{cpu: {cpu}, memoryGiB: 8}}}}\n")
+    model = ("apiVersion: edgeplane.io/v1alpha1\nkind: Model\nmetadata: {{name: m{n:02d}}}\nspec:\n  variants:\n"
+             "    - {{name: small, runtime: onnx, resources: {{cpu: 1, memoryMiB: 256}}, artifact: {{uri: m.onnx, sha256: {sha}}}}}\n")
+    deployment = ("apiVersion: edgeplane.io/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: d{n:02d}}}\n"
+                  "spec: {{model: m{n:02d}, replicas: {{min: 1, max: 1}}, placement: {{tiers: [edge]}}}}\n")
+    (root / "fleet.yaml").write_text("---\n".join([
+        *(site.format(n=n, lat=40 + n / 10, cpu=3 if n == 0 else 1) for n in range(16)),
+        *(model.format(n=n, sha="a" * 64) for n in range(18)), *(deployment.format(n=n) for n in range(18))]))
+
+
+def test_the_sweep_table_says_how_many_rows_it_leaves_out(tmp_path: pathlib.Path) -> None:
+    """16 sites swept, 15 rows shown by default: the table says one more exists, and how to
+    see it, as the report's other tables do."""
+    _full_edge_fleet(tmp_path)
+    proc = run_cli("simulate", "-f", str(tmp_path), "--each-site")
+    assert proc.returncode == 0, proc.stderr
+    assert "N-1 sweep by site: 16 lost one at a time" in proc.stdout
+    assert "... and 1 more (--top N or -o json for all)" in proc.stdout
+    top = run_cli("simulate", "-f", str(tmp_path), "--each-site", "--top", "3")
+    assert top.returncode == 0, top.stderr
+    assert "... and 13 more (a larger --top for more)" in top.stdout
+    everything = run_cli("simulate", "-f", str(tmp_path), "--each-site", "--top", "16")
+    assert everything.returncode == 0 and "more" not in everything.stdout, everything.stdout
+
