@@ -287,6 +287,14 @@ def _more(count: int, what: str, shown: int = 50) -> None:
         print(f"... and {count - shown} more{what} (-o json for all)")
 
 
+def _names(names: list[str], shown: int = 2) -> str:
+    """The first ``shown`` names and how many more: 'd03, d07 +1' ('-' for none)."""
+    if not names:
+        return "-"
+    more = f" +{len(names) - shown}" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 #: The rows of a sweep's text table without --top.
 SWEEP_ROWS = 15
 
@@ -296,8 +304,10 @@ def print_sweep(r: dict[str, Any], top: int, chosen: bool = False) -> None:
     ``top``, and the control plane sent only that many, -o json too)."""
     under = f" after the scenario ({r['scenario']})" if r.get("scenario", "no change") != "no change" else ""
     print(f"N-1 sweep by {r['by']}{under}: {r['swept']} lost one at a time; most harmful first\n")
-    render.table(None, ["RANK", r["by"].upper(), "SITES", "REPLICAS LOST", "MOVED", "NO LONGER FIT", "UNSERVED RPS", "P95 ms (Δ)", "gCO2/h"], [
-        [i["rank"], i["target"], i["sites"], i["replicasLost"], i["moved"], i["unschedulableReplicas"], f"{i['unservedRps']:g}",
+    render.table(None, ["RANK", r["by"].upper(), "SITES", "REPLICAS LOST", "MOVED", "NO LONGER FIT", "DEPLOYMENTS SHORT",
+                        "UNSERVED RPS", "P95 ms (Δ)", "gCO2/h"], [
+        [i["rank"], i["target"], i["sites"], i["replicasLost"], i["moved"], i["unschedulableReplicas"],
+         _names(i.get("deploymentsShort", [])), f"{i['unservedRps']:g}",
          f"{_ms(i['latencyP95Ms'])} ({i['latencyP95DeltaMs']:+.1f})" if i["latencyP95DeltaMs"] is not None else _ms(i["latencyP95Ms"]),
          f"{i['gramsCO2PerHour']:.0f}"]
         for i in r["ranked"][:top]

@@ -212,3 +212,20 @@ def test_the_sweep_table_says_how_many_rows_it_leaves_out(tmp_path: pathlib.Path
     everything = run_cli("simulate", "-f", str(tmp_path), "--each-site", "--top", "16")
     assert everything.returncode == 0 and "more" not in everything.stdout, everything.stdout
 
+
+def test_the_sweep_table_names_the_deployments_each_loss_leaves_short(tmp_path: pathlib.Path) -> None:
+    """Which deployments go short was only in -o json: the text table names the first two
+    of each row and counts the rest."""
+    _full_edge_fleet(tmp_path)
+    data = json.loads(run_cli("simulate", "-f", str(tmp_path), "--each-site", "-o", "json").stdout)
+    first = data["ranked"][0]
+    assert first["target"] == "edge-00" and len(first["deploymentsShort"]) == 3
+    proc = run_cli("simulate", "-f", str(tmp_path), "--each-site")
+    assert proc.returncode == 0, proc.stderr
+    assert "DEPLOYMENTS SHORT" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if " edge-00 " in line)
+    a, b, _ = first["deploymentsShort"]
+    assert f"{a}, {b} +1" in row, row
+    for i in data["ranked"][1:15]:
+        (name,) = i["deploymentsShort"]
+        assert any(f" {i['target']} " in line and name in line for line in proc.stdout.splitlines()), (i, proc.stdout)
