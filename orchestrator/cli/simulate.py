@@ -308,7 +308,8 @@ def print_sweep(r: dict[str, Any], top: int, chosen: bool = False) -> None:
                         "UNSERVED RPS", "P95 ms (Δ)", "gCO2/h"], [
         [i["rank"], i["target"], i["sites"], i["replicasLost"], i["moved"], i["unschedulableReplicas"],
          _names(i.get("deploymentsShort", [])), f"{i['unservedRps']:g}",
-         f"{_ms(i['latencyP95Ms'])} ({i['latencyP95DeltaMs']:+.1f})" if i["latencyP95DeltaMs"] is not None else _ms(i["latencyP95Ms"]),
+         f"{_ms(i['latencyP95Ms'])} ({i['latencyP95DeltaMs']:+.1f})" if i["latencyP95DeltaMs"] is not None
+         else _ms(i["latencyP95Ms"], r["before"]),  # a loss changes no declared demand: today's says whether there is any
          f"{i['gramsCO2PerHour']:.0f}"]
         for i in r["ranked"][:top]
     ])

@@ -229,3 +229,14 @@ def test_the_sweep_table_names_the_deployments_each_loss_leaves_short(tmp_path: 
     for i in data["ranked"][1:15]:
         (name,) = i["deploymentsShort"]
         assert any(f" {i['target']} " in line and name in line for line in proc.stdout.splitlines()), (i, proc.stdout)
+
+
+def test_a_sweep_of_a_fleet_that_declares_no_demand_says_so_not_unserved(tmp_path: pathlib.Path) -> None:
+    """No deployment declares demand: there is no latency to take a percentile of, which the
+    single report says as 'no demand'; the sweep's P95 column said 'unserved', as if every
+    caller had lost its replica."""
+    _full_edge_fleet(tmp_path)
+    proc = run_cli("simulate", "-f", str(tmp_path), "--each-site", "--top", "3")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if " edge-" in line]
+    assert len(rows) == 3 and all("no demand" in row and "unserved" not in row for row in rows), proc.stdout
