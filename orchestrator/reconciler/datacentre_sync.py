@@ -23,6 +23,7 @@ from typing import NamedTuple
 from orchestrator import catalog
 from orchestrator.backoff import Backoff
 from orchestrator.adapters import serve_config
+from orchestrator.adapters.ownership import OwnedElsewhere
 from orchestrator.manifests import schema
 from orchestrator.reconciler import datacentre_calls
 from orchestrator.reconciler import snapshot as snap
@@ -369,7 +370,7 @@ class DataCentreSync:
             await self._record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message))
         backoff.fail(self.clock(), message)
         backoff.refused = getattr(exc, "retryable", True) is False
-        backoff.owned_elsewhere = isinstance(exc, serve_config.OwnedElsewhere)
+        backoff.owned_elsewhere = isinstance(exc, OwnedElsewhere)
         if unreachable and not backoff.unreachable:
             backoff.unreachable_since, backoff.unreachable_at = self.clock(), self._now()
         backoff.unreachable = unreachable
