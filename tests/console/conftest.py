@@ -12,10 +12,13 @@ polls, and the page refuses it, so predicates are written as functions (``"() =>
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pathlib
-from typing import Any
 import shutil
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -74,6 +77,36 @@ async def browser():
             yield b
         finally:
             await b.close()
+
+
+def _answering(body: str) -> Any:
+    """A Playwright route handler answering ``body`` as JSON (one argument: Playwright
+    passes the request too to a handler that takes two)."""
+    async def fulfil(route: Any) -> None:
+        await route.fulfill(status=200, content_type="application/json", body=body)
+    return fulfil
+
+
+@contextlib.asynccontextmanager
+async def console_page(browser: Any, root: pathlib.Path, answers: Mapping[str, Any]) -> AsyncIterator[tuple[Any, list[str], Any]]:
+    """A page of a real control plane's console (no agents), the API paths of ``answers``
+    (a Playwright route pattern, ``**/v1/sites``) answered with that JSON instead, so a state
+    shows that no fleet here could be put in; the page, the errors it raised and the control
+    plane."""
+    f = harness.Fleet(root)
+    try:
+        cp = await f.start_control_plane()
+        page = await browser.new_page(viewport={"width": 1440, "height": 860})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        try:
+            for pattern, answer in answers.items():
+                await page.route(pattern, _answering(json.dumps(answer)))
+            yield page, errors, cp
+        finally:
+            await page.close()
+    finally:
+        await f.stop()
 
 
 def intent_and_fields_ready(cp: Any) -> bool:

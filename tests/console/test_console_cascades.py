@@ -9,7 +9,6 @@ placement is served to the page through Playwright's routing, so that each stage
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import httpx
@@ -17,7 +16,9 @@ import pytest
 
 from orchestrator import capture_counts, catalog
 from orchestrator.distill import capture as capture_mod
-from orchestrator.testing import harness, manifests, onnx_models
+from orchestrator.testing import manifests, onnx_models
+
+from .conftest import console_page
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -50,58 +51,44 @@ def cascade_yaml(sha256: str) -> str:
 async def test_the_cascades_tab_shows_each_cascade_s_stages_rule_captures_and_figures(browser, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     built = onnx_models.build_mlp(tmp_path / "artifacts" / "intent.onnx", in_dim=8, hidden=16, out_dim=4, seed=3)
 
-    async def placements(route):  # type: ignore[no-untyped-def]
-        await route.fulfill(status=200, content_type="application/json", body=json.dumps({"items": PLACEMENTS}))
+    async with console_page(browser, tmp_path, {"**/v1/placements": {"items": PLACEMENTS}}) as (page, errors, cp):
+        await page.goto(f"{cp.http_url}/ui/")
+        await page.click("nav button[data-tab=cascades]")
+        none = page.locator("#tab-cascades #cascades-none")
+        await none.wait_for(timeout=30_000)
+        assert await none.inner_text() == "No cascades (deployments with spec.cascade)."
 
-    f = harness.Fleet(tmp_path)
-    try:
-        cp = await f.start_control_plane()
-        page = await browser.new_page(viewport={"width": 1440, "height": 860})
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        try:
-            await page.route("**/v1/placements", placements)
-            await page.goto(f"{cp.http_url}/ui/")
-            await page.click("nav button[data-tab=cascades]")
-            none = page.locator("#tab-cascades #cascades-none")
-            await none.wait_for(timeout=30_000)
-            assert await none.inner_text() == "No cascades (deployments with spec.cascade)."
-
-            async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-                applied = await http.post("/v1/apply", content=cascade_yaml(built.sha256))
-                assert applied.status_code == 200, applied.text
-            cascade = page.locator("#tab-cascades section[data-cascade=intent-cascade]")
-            await cascade.wait_for(timeout=30_000)
-            assert await none.count() == 0
-            assert await cascade.locator("h3").inner_text() == "intent-cascade"
-            # the figures `get cascades` shows: nothing served yet
-            figures = await cascade.locator("table.figures").inner_text()
-            assert figures.split("\n")[0].split("\t") == ["model", "requests", "escalated", "not escalated", "failed", "mean ms", "added ms",
-                                                          "J/req", "gCO2/req"], figures
-            assert figures.split("\n")[1].split("\t") == ["intent", "0", "–", "0", "0", "–", "–", "–", "–"], figures
-            stages = [[await td.inner_text() for td in await tr.locator("td").all()] for tr in await cascade.locator("table.stages tr").all()][1:]
-            assert stages == [
-                ["student", "edge-berlin, edge-paris", "0",
-                 f"confidence below 0.25 (margin of logits, output {OUTPUT}) or 8 requests in flight at its best replica"],
-                ["teacher", "dc-paris", "0", "answers what reaches it"],
-            ], stages
-            capture = await cascade.locator(".capture").inner_text()
-            assert capture == "captures 10% of requests, at most 5000 a day per zone (UTC), kept 14 days, in EU", capture
-            # what it kept today against its cap, as the state store counts it: nothing yet, then the cap reached
-            day = int(cp.store.now() // capture_mod.DAY_S)
-            midnight = catalog.rfc3339((day + 1) * capture_mod.DAY_S)
-            today = cascade.locator(".capture-today")
-            assert await today.inner_text() == f"today ({catalog.rfc3339(day * capture_mod.DAY_S)[:10]}, UTC): EU 0 of 5,000"
-            assert cp.store.take_daily(capture_counts.key("intent-cascade", "EU"), day, 5000, 5000) == 5000
-            await cascade.locator(".capture-today", has_text="capture stopped").wait_for(timeout=30_000)
-            assert (await today.inner_text()).endswith(f"EU 5,000 of 5,000, capture stopped until {midnight}")
-            # the output's name is text: no element made of it, nothing run
-            assert await page.locator("#tab-cascades img").count() == 0
-            assert await page.evaluate("() => window.injected === undefined")
-            # the longest rule wraps within the tab: the table does not run off its side
-            assert await page.eval_on_selector("#tab-cascades", "t => t.scrollWidth <= t.clientWidth"), "the cascades tab overflows"
-            assert errors == []
-        finally:
-            await page.close()
-    finally:
-        await f.stop()
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            applied = await http.post("/v1/apply", content=cascade_yaml(built.sha256))
+            assert applied.status_code == 200, applied.text
+        cascade = page.locator("#tab-cascades section[data-cascade=intent-cascade]")
+        await cascade.wait_for(timeout=30_000)
+        assert await none.count() == 0
+        assert await cascade.locator("h3").inner_text() == "intent-cascade"
+        # the figures `get cascades` shows: nothing served yet
+        figures = await cascade.locator("table.figures").inner_text()
+        assert figures.split("\n")[0].split("\t") == ["model", "requests", "escalated", "not escalated", "failed", "mean ms", "added ms",
+                                                      "J/req", "gCO2/req"], figures
+        assert figures.split("\n")[1].split("\t") == ["intent", "0", "–", "0", "0", "–", "–", "–", "–"], figures
+        stages = [[await td.inner_text() for td in await tr.locator("td").all()] for tr in await cascade.locator("table.stages tr").all()][1:]
+        assert stages == [
+            ["student", "edge-berlin, edge-paris", "0",
+             f"confidence below 0.25 (margin of logits, output {OUTPUT}) or 8 requests in flight at its best replica"],
+            ["teacher", "dc-paris", "0", "answers what reaches it"],
+        ], stages
+        capture = await cascade.locator(".capture").inner_text()
+        assert capture == "captures 10% of requests, at most 5000 a day per zone (UTC), kept 14 days, in EU", capture
+        # what it kept today against its cap, as the state store counts it: nothing yet, then the cap reached
+        day = int(cp.store.now() // capture_mod.DAY_S)
+        midnight = catalog.rfc3339((day + 1) * capture_mod.DAY_S)
+        today = cascade.locator(".capture-today")
+        assert await today.inner_text() == f"today ({catalog.rfc3339(day * capture_mod.DAY_S)[:10]}, UTC): EU 0 of 5,000"
+        assert cp.store.take_daily(capture_counts.key("intent-cascade", "EU"), day, 5000, 5000) == 5000
+        await cascade.locator(".capture-today", has_text="capture stopped").wait_for(timeout=30_000)
+        assert (await today.inner_text()).endswith(f"EU 5,000 of 5,000, capture stopped until {midnight}")
+        # the output's name is text: no element made of it, nothing run
+        assert await page.locator("#tab-cascades img").count() == 0
+        assert await page.evaluate("() => window.injected === undefined")
+        # the longest rule wraps within the tab: the table does not run off its side
+        assert await page.eval_on_selector("#tab-cascades", "t => t.scrollWidth <= t.clientWidth"), "the cascades tab overflows"
+        assert errors == []

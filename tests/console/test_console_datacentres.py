@@ -10,13 +10,12 @@ a real control plane's.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any
 
 import pytest
 
-from orchestrator.testing import harness
+from .conftest import console_page
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -35,29 +34,15 @@ def sites() -> list[dict[str, Any]]:
 
 
 async def test_a_waiting_data_centre_is_amber_and_one_out_of_reach_says_why(browser, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
-    async def answer(route):  # type: ignore[no-untyped-def]
-        await route.fulfill(status=200, content_type="application/json", body=json.dumps({"kind": "Site", "items": sites()}))
-
-    f = harness.Fleet(tmp_path)
-    try:
-        cp = await f.start_control_plane()
-        page = await browser.new_page(viewport={"width": 1440, "height": 860})
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        try:
-            await page.route("**/v1/sites", answer)
-            await page.goto(f"{cp.http_url}/ui/")
-            await page.wait_for_selector("#map g.site[data-site=dc-lille]", timeout=30_000)
-            fills = dict(await page.eval_on_selector_all("#map g.site", "els => els.map(e => [e.dataset.site, getComputedStyle(e.querySelector('circle')).fill])"))
-            assert fills == {"dc-paris": "rgb(31, 157, 85)", "dc-lyon": AMBER, "dc-lille": RED}, fills
-            assert "1 waiting" in await page.inner_text("#summary")
-            tooltip = await page.locator("#map g.site[data-site=dc-lille] title").text_content() or ""
-            assert f"health: Unreachable\nerror: {ERROR}\n" in tooltip, tooltip
-            health = page.locator("#sites-body tr", has_text="dc-lille").locator("td").nth(3)  # the table says it too
-            assert (await health.inner_text(), await health.get_attribute("title")) == ("Unreachable", ERROR)
-            assert "error" not in (await page.locator("#map g.site[data-site=dc-paris] title").text_content() or "")
-            assert errors == []
-        finally:
-            await page.close()
-    finally:
-        await f.stop()
+    async with console_page(browser, tmp_path, {"**/v1/sites": {"kind": "Site", "items": sites()}}) as (page, errors, cp):
+        await page.goto(f"{cp.http_url}/ui/")
+        await page.wait_for_selector("#map g.site[data-site=dc-lille]", timeout=30_000)
+        fills = dict(await page.eval_on_selector_all("#map g.site", "els => els.map(e => [e.dataset.site, getComputedStyle(e.querySelector('circle')).fill])"))
+        assert fills == {"dc-paris": "rgb(31, 157, 85)", "dc-lyon": AMBER, "dc-lille": RED}, fills
+        assert "1 waiting" in await page.inner_text("#summary")
+        tooltip = await page.locator("#map g.site[data-site=dc-lille] title").text_content() or ""
+        assert f"health: Unreachable\nerror: {ERROR}\n" in tooltip, tooltip
+        health = page.locator("#sites-body tr", has_text="dc-lille").locator("td").nth(3)  # the table says it too
+        assert (await health.inner_text(), await health.get_attribute("title")) == ("Unreachable", ERROR)
+        assert "error" not in (await page.locator("#map g.site[data-site=dc-paris] title").text_content() or "")
+        assert errors == []

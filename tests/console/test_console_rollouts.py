@@ -11,7 +11,6 @@ plane's.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,8 @@ import pytest
 
 from edge_agent import signature
 from orchestrator.reconciler import rollout
-from orchestrator.testing import harness
+
+from .conftest import console_page
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -52,29 +52,17 @@ def deployments() -> list[dict[str, Any]]:
 
 
 async def test_a_rollout_s_canary_step_replacing_sites_and_halt_show_in_the_deployments_tab(browser, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
-    async def answer(route):  # type: ignore[no-untyped-def]
-        await route.fulfill(status=200, content_type="application/json", body=json.dumps({"kind": "ModelDeployment", "items": deployments()}))
-
-    f = harness.Fleet(tmp_path)
-    try:
-        cp = await f.start_control_plane()
-        page = await browser.new_page(viewport={"width": 1440, "height": 860})
-        try:
-            await page.route("**/v1/modeldeployments", answer)
-            await page.goto(f"{cp.http_url}/ui/")
-            await page.click("nav button[data-tab=deployments]")
-            await page.wait_for_selector("#deployments-body tr[data-deployment=intent-eu]", timeout=30_000)
-            halted = page.locator("#deployments-body tr[data-deployment=intent-eu] td").nth(4)
-            text = await halted.inner_text()
-            assert text.startswith("1/4 upgraded, replacing on edge-lyon\nHALTED: "), text
-            # which site, which version and why, as the status says it: not only in the row's tooltip
-            assert f"edge-lyon could not load version {SHA[:12]}: {PATH}: the model file does not match the variant's declared inputs" in text, text
-            assert "the version it replaced was loaded again" in text, text
-            canary = await page.locator("#deployments-body tr[data-deployment=fields-fr] td").nth(4).inner_text()
-            assert canary == "0/4 upgraded, canary 25%", canary
-            # the longest reason wraps within the tab: the table does not run off its side
-            assert await page.eval_on_selector("#tab-deployments", "t => t.scrollWidth <= t.clientWidth"), "the deployments table overflows its tab"
-        finally:
-            await page.close()
-    finally:
-        await f.stop()
+    async with console_page(browser, tmp_path, {"**/v1/modeldeployments": {"kind": "ModelDeployment", "items": deployments()}}) as (page, errors, cp):
+        await page.goto(f"{cp.http_url}/ui/")
+        await page.click("nav button[data-tab=deployments]")
+        await page.wait_for_selector("#deployments-body tr[data-deployment=intent-eu]", timeout=30_000)
+        halted = page.locator("#deployments-body tr[data-deployment=intent-eu] td").nth(4)
+        text = await halted.inner_text()
+        assert text.startswith("1/4 upgraded, replacing on edge-lyon\nHALTED: "), text
+        # which site, which version and why, as the status says it: not only in the row's tooltip
+        assert f"edge-lyon could not load version {SHA[:12]}: {PATH}: the model file does not match the variant's declared inputs" in text, text
+        assert "the version it replaced was loaded again" in text, text
+        canary = await page.locator("#deployments-body tr[data-deployment=fields-fr] td").nth(4).inner_text()
+        assert canary == "0/4 upgraded, canary 25%", canary
+        # the longest reason wraps within the tab: the table does not run off its side
+        assert await page.eval_on_selector("#tab-deployments", "t => t.scrollWidth <= t.clientWidth"), "the deployments table overflows its tab"
