@@ -168,8 +168,12 @@ def _may_hold_bool(values: np.ndarray) -> bool:
 def _holds_bool(data: Any) -> bool:
     """Whether JSON ``data`` (numbers, nested or not) holds a boolean: written again by
     orjson, a boolean is the only value with a ``t`` or an ``f`` (three times faster than
-    a look at each element's type)."""
-    text = orjson.dumps(data)
+    a look at each element's type); data with an integer past 64 bits, which orjson does not
+    write, is looked at element by element."""
+    try:
+        text = orjson.dumps(data)
+    except orjson.JSONEncodeError:
+        return any(isinstance(v, bool) for v in _flatten(data))
     return b"t" in text or b"f" in text
 
 
@@ -189,6 +193,8 @@ def _numbers_to_array(data: Any, dtype: np.dtype[Any], datatype: str, shape: tup
         values = np.asarray(data)
     except (ValueError, OverflowError, TypeError) as exc:  # ragged nesting
         raise ProtocolError(f"{where}: {datatype} data must be a list of numbers nested evenly: {exc}") from exc
+    if values.dtype.kind == "O" and floating(dtype):
+        values = _wide_integers_as_floats(values, datatype, where)
     if values.dtype.kind not in "biuf":
         raise ProtocolError(f"{where}: {datatype} data must be numbers, got {_kind_name(values)}")
     if values.dtype.kind == "f" and dtype.kind in "biu":
@@ -218,6 +224,23 @@ def _as_float(values: np.ndarray, dtype: np.dtype[Any], datatype: str, where: st
                 raise ProtocolError(f"{where}: data does not fit {datatype}: {float(past[0])!r} is past "
                                     f"±{largest(dtype)!r}, the most it holds")
     return out
+
+
+def _wide_integers_as_floats(values: np.ndarray, datatype: str, where: str) -> np.ndarray:
+    """Numbers numpy could not hold (integers past 64 bits, as the Python client and
+    ``edgeplane infer`` read JSON: whole) as the float64s their digits parse to, for a float
+    tensor, whose width is then checked as for any float; ``values`` as they are when they
+    hold anything but numbers (the caller names it). An integer past float64's largest does
+    not fit any float datatype."""
+    given = values.reshape(-1).tolist()
+    if not all(isinstance(v, (int, float)) for v in given):
+        return values
+    try:
+        return np.array([float(v) for v in given], dtype=np.float64).reshape(values.shape)
+    except OverflowError:
+        past = next(v for v in given if isinstance(v, int) and abs(v) > sys.float_info.max)
+        raise ProtocolError(f"{where}: data does not fit {datatype}: an integer of {len(str(abs(past)))} digits is past "
+                            f"±{largest(numpy_dtype(datatype))!r}, the most it holds") from None
 
 
 def _whole_numbers(data: Any, values: np.ndarray, datatype: str, where: str) -> np.ndarray:

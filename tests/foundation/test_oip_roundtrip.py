@@ -228,6 +228,40 @@ def test_json_numbers_past_a_float_datatypes_largest_are_refused_not_read_as_inf
     assert oip.decode_request(infinite.encode()).inputs[0].array.tolist() == [float("inf"), 1.0]
 
 
+@pytest.mark.parametrize(("datatype", "values"), [
+    ("FP32", [2**64, -1]), ("FP64", [2**64, -1]), ("FP32", [10**30, 0.5]), ("FP64", [-(10**300), 3]),
+    ("FP32", [[2**64 + 1], [-(2**65)]]),
+])
+@pytest.mark.parametrize("length", [1, 1000, 20_000], ids=["short", "long", "native-read"])
+def test_whole_numbers_past_64_bits_in_a_float_tensor_are_read_as_floats(datatype: str, values: list, length: int) -> None:
+    """FP32 [2**64, -1] and 1e30 written with all its digits fit FP32 and FP64, but were refused as
+    'numbers out of range' where the data came with its integers whole (the Python client and
+    edgeplane infer read JSON so): each is now the float its digits parse to, however the body came."""
+    flat = np.asarray(values, dtype=object).reshape(-1).tolist()
+    expected = np.array([float(str(v)) for v in flat]).astype(oip_tensors.DATATYPES[datatype]).reshape(np.shape(values))
+    padded = [*flat, *[0.5] * (length - len(flat))]
+    body = b'{"inputs":[{"name":"x","datatype":"%s","shape":[%d],"data":[%s]}]}' % (
+        datatype.encode(), len(padded), ",".join(str(v) for v in padded).encode())
+    got = oip.decode_request(body).inputs[0].array
+    assert got.tobytes()[:expected.nbytes] == expected.tobytes()
+    read_whole = oip_tensors.array_from_json({"name": "x", "datatype": datatype, "shape": list(np.shape(values)), "data": values}, "inputs[0]")
+    assert read_whole.dtype == expected.dtype and read_whole.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize(("datatype", "values", "message"), [
+    ("FP32", [10**39, 1], "data does not fit FP32: 1e+39 is past ±3.4028234663852886e+38, the most it holds"),
+    ("FP16", [2**64, 1], "data does not fit FP16: 1.8446744073709552e+19 is past ±65504.0, the most it holds"),
+    ("FP64", [-(10**400), 1], "data does not fit FP64: an integer of 401 digits is past ±1.7976931348623157e+308, the most it holds"),
+    ("FP32", [2**64, True], "FP32 data must be numbers, not JSON booleans (true/false)"),
+    ("FP32", [2**64, "1"], "FP32 data must be numbers, got str"),
+])
+def test_whole_numbers_past_64_bits_past_a_float_datatype_or_beside_a_non_number_are_refused(
+        datatype: str, values: list, message: str) -> None:
+    with pytest.raises(oip.ProtocolError) as refused:
+        oip_tensors.array_from_json({"name": "x", "datatype": datatype, "shape": [len(values)], "data": values}, "inputs[0]")
+    assert str(refused.value).startswith(f"inputs[0] 'x': {message}")
+
+
 def _utf8(item: bytes) -> bool:
     try:
         item.decode()
