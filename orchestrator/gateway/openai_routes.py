@@ -336,6 +336,8 @@ class OpenAIGateway:
             # cascade: plain routing over every stage's replicas, by the model's name (those of the named
             # deployment only, when it is a deployment's name)
             model, raw = route.model, json.dumps({**body, "model": route.model}).encode()
+        if named.adapter is not None:  # routed as an adapter of ``model``, under which requests_total counts its answer
+            self.gw.metrics.adapter_requests.labels(model).inc()
         if self.gw.table.is_cold(model):
             self.gw.table.wake(model)
             self.gw.metrics.cold_starts.labels(model).inc()

@@ -54,6 +54,7 @@ class GatewayMetrics:
     streams_cut: Counter
     latency: Histogram
     cold_starts: Counter
+    adapter_requests: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> GatewayMetrics:
@@ -68,10 +69,13 @@ class GatewayMetrics:
                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30, 60, 120, 300)),
             cold_starts=Counter("edgeplane_gateway_cold_starts", "Requests that found their model scaled to zero and waited for a replica",
                                 ["model"], registry=registry),
+            # by base model only: a caller names any adapter it likes, and each would be a series
+            adapter_requests=Counter("edgeplane_gateway_adapter_requests", "OpenAI requests routed to a LoRA adapter of the model (<model>:<adapter>)",
+                                     ["model"], registry=registry),
         )
 
     def labelled(self) -> list[MetricWrapperBase]:
-        return [self.requests, self.failovers, self.streams_cut, self.latency, self.cold_starts]
+        return [self.requests, self.failovers, self.streams_cut, self.latency, self.cold_starts, self.adapter_requests]
 
 
 class Timed(Response):

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 import openai
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from edge_agent import httpmessages
 from orchestrator.gateway import endpoints, openai_routes, routing
@@ -38,9 +39,9 @@ def ray_llm(site: str, served: str, asked: list[tuple[str, str]]) -> httpmessage
 
 
 @asynccontextmanager
-async def fleet(asked: list[tuple[str, str]]) -> AsyncIterator[openai.AsyncOpenAI]:
+async def fleet(asked: list[tuple[str, str]], registry: CollectorRegistry | None = None) -> AsyncIterator[openai.AsyncOpenAI]:
     """``support`` on a LoRA replica in Paris (FR residency) and a plain one in Frankfurt;
-    ``plain`` on a replica without adapters."""
+    ``plain`` on a replica without adapters; the gateway's metrics in ``registry``."""
     async with replica(ray_llm("dc-paris", "org/support", asked)) as paris, \
             replica(ray_llm("dc-frankfurt", "org/support", asked)) as frankfurt, \
             replica(ray_llm("dc-plain", "plain", asked)) as plain:
@@ -52,7 +53,7 @@ async def fleet(asked: list[tuple[str, str]]) -> AsyncIterator[openai.AsyncOpenA
                              api=routing.API_OPENAI, served_model="org/support"),
             routing.Endpoint("plain", "plain", "dc-plain", "datacenter", "DE", "de", 50.11, 8.68, plain, api=routing.API_OPENAI),
         ])
-        async with gateway_app(table) as app, serving(app) as port:
+        async with gateway_app(table, registry=registry) as app, serving(app) as port:
             sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/openai/v1", api_key="unused", max_retries=0, timeout=30)
             try:
                 yield sdk
@@ -135,3 +136,22 @@ async def test_the_model_list_shows_base_models_and_an_adapter_can_be_retrieved(
     assert listed == ["plain", "support"]
     assert retrieved.id == "support:tenant-a"
     assert asked == []
+
+
+async def test_adapter_requests_are_counted_apart_under_their_base_model() -> None:
+    """Requests for an adapter were counted in edgeplane_gateway_requests_total under the base
+    model alone, like the base model's own: /metrics now counts them apart, by base model
+    (adapters are not a label: any caller can name a new one)."""
+    asked: list[tuple[str, str]] = []
+    registry = CollectorRegistry()
+    async with fleet(asked, registry) as sdk:
+        await sdk.chat.completions.create(model="support", messages=USER, extra_headers=BERLIN)
+        await sdk.chat.completions.create(model="support:tenant-a", messages=USER, extra_headers=BERLIN)
+        await sdk.completions.create(model="support:tenant-b", prompt="hi", extra_headers=BERLIN)
+        with pytest.raises(openai.BadRequestError):
+            await sdk.chat.completions.create(model="support:../other", messages=USER)
+    scraped = generate_latest(registry).decode()
+    assert 'edgeplane_gateway_adapter_requests_total{model="support"} 2.0' in scraped
+    assert 'edgeplane_gateway_requests_total{code="200",model="support",site="dc-paris"} 2.0' in scraped
+    assert 'edgeplane_gateway_requests_total{code="200",model="support",site="dc-frankfurt"} 1.0' in scraped
+    assert "tenant" not in scraped
