@@ -271,7 +271,8 @@ class ServerViews:
             leaders = await self.leaders_view()
             extra = ({**leaders.described.get(name, {}), **_observed_at(leaders)} if leaders is not None
                      else views.describe_deployment(self.reconciler.last_plan, name))
-            cascade = next((c for c in self.cascades.stats.snapshot(self.table.cascades) if c["name"] == name), None)
+            # as GET /v1/cascades gives it: its figures and what it captured today
+            cascade = next((c for c in (await self.cascades_with_capture())["items"] if c["name"] == name), None)
             return {**extra, "cascade": cascade} if cascade is not None else extra
         if kind == "Model":
             obj = await self.store.run(self.store.get, "Model", name)

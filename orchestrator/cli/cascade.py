@@ -59,10 +59,8 @@ def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
     render.table(None, ["NAME", "STAGES", "REQUESTS", "ANSWERED", "ESCALATED", "NOT ESCALATED", "MEAN MS", "ADDED MS",
                         "J/REQ", "gCO2/REQ", "CAPTURED TODAY"], rows)
     for c in items:
-        capped = [z["zone"] for z in (c.get("capture") or {}).get("zones", []) if z["capped"]]
-        if capped:
-            print(f"{c['name']}: capture stopped for the day in {', '.join(capped)} (dailyCap {c['capture']['dailyCap']} reached); "
-                  f"it starts again at {c['capture']['resetsAt']} (UTC midnight)")
+        if (said := capture_stopped(c["name"], c.get("capture"))) is not None:
+            print(said)
     return 0
 
 
@@ -73,6 +71,16 @@ def captured_today(capture: dict[str, Any] | None) -> str:
     if "error" in capture:
         return "unknown (the state store did not answer)"
     return ", ".join(f"{z['zone']} {z['captured']}/{capture['dailyCap']}" + (" capped" if z["capped"] else "") for z in capture["zones"])
+
+
+def capture_stopped(name: str, capture: dict[str, Any] | None) -> str | None:
+    """The line saying where cascade ``name``'s capture stopped for the day and until when; None
+    where it goes on (or captures nothing, or its count is unknown)."""
+    capped = [z["zone"] for z in (capture or {}).get("zones", []) if z["capped"]]
+    if not capped or capture is None:
+        return None
+    return (f"{name}: capture stopped for the day in {', '.join(capped)} (dailyCap {capture['dailyCap']} reached); "
+            f"it starts again at {capture['resetsAt']} (UTC midnight)")
 
 
 #: One row's answer: its class, or a multi-label answer's labels that apply (in order).

@@ -194,6 +194,13 @@ def cmd_describe(api: ApiClient, args: argparse.Namespace) -> int:
         return 0
     events = data.pop("events", [])
     render.dump({k: v for k, v in data.items()}, "yaml")
+    cascade = data.get("cascade")
+    if isinstance(cascade, dict) and cascade.get("capture") is not None:  # as get cascades shows it
+        from orchestrator.cli import cascade as cascade_cli  # numpy and the cascade rules: for a cascade only
+
+        print(f"Captured today: {cascade_cli.captured_today(cascade['capture'])}")
+        if (said := cascade_cli.capture_stopped(cascade["name"], cascade["capture"])) is not None:
+            print(said)
     if events:
         print("Events:")
         render.table(None, ["ID", "ACTOR", "ACTION", "REASON"], [[e["id"], e["actor"], e["action"], e["reason"]] for e in events])

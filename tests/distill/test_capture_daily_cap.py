@@ -147,3 +147,27 @@ async def test_get_cascades_says_what_a_cascade_captured_today_against_its_daily
                 f"{item['capture']['resetsAt']} (UTC midnight)") in table.stdout
     finally:
         await fleet.stop()
+
+
+async def test_describe_says_what_a_cascade_deployment_captured_today_against_its_daily_cap(tmp_path: pathlib.Path) -> None:
+    """edgeplane describe md showed a cascade deployment's figures but not the day's captures,
+    which get cascades shows: describing the deployment did not tell that capture had stopped."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        capturing(cp.store, daily_cap=CAP)
+        await harness.wait_until(lambda: "dep" in cp.table.cascades, 30, what="the cascade in the gateway's table")
+        await capture_through(cp, CAP + 1, wall=cp.store.now)
+        async with httpx.AsyncClient(base_url=cp.http_url) as http:
+            [item] = (await http.get("/v1/cascades")).json()["items"]
+        cli = [sys.executable, "-m", "orchestrator.cli.main", "describe", "md", "dep", "--server", cp.http_url]
+        out = await asyncio.to_thread(subprocess.run, [*cli, "-o", "json"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["cascade"]["capture"] == item["capture"]
+        shown = await asyncio.to_thread(subprocess.run, cli, capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        assert f"Captured today: EU {CAP}/{CAP} capped\n" in shown.stdout, shown.stdout
+        assert (f"dep: capture stopped for the day in EU (dailyCap {CAP} reached); it starts again at "
+                f"{item['capture']['resetsAt']} (UTC midnight)") in shown.stdout
+    finally:
+        await fleet.stop()
