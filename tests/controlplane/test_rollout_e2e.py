@@ -67,16 +67,23 @@ def serving(cp, sha: str) -> set[str]:  # noqa: ANN001
             and m.serving_sha256 == sha}
 
 
+async def serving_v1(fleet: harness.Fleet, art: pathlib.Path, declared: dict[str, list] | None = None) -> onnx_models.BuiltModel:
+    """Version 1 applied, an agent at each of SITES, and every one serving it; its file."""
+    assert fleet.cp is not None
+    v1 = onnx_models.build_mlp(art / "v1.onnx", in_dim=8, hidden=16, out_dim=4, seed=1)
+    await apply(fleet.cp, fleet_yaml("v1.onnx", v1.sha256, declared=declared))
+    for site, where in SITES.items():
+        await fleet.start_agent(site, **where)
+    await harness.wait_until(lambda: serving(fleet.cp, v1.sha256) == set(SITES), 60, what="v1 everywhere")
+    return v1
+
+
 async def test_canary_first_one_site_at_a_time_then_a_bad_version_halts(fleet: harness.Fleet, tmp_path: pathlib.Path) -> None:
     cp = fleet.cp
     assert cp is not None
     art = tmp_path / "artifacts"
-    v1 = onnx_models.build_mlp(art / "v1.onnx", in_dim=8, hidden=16, out_dim=4, seed=1)
+    await serving_v1(fleet, art)
     v2 = onnx_models.build_mlp(art / "v2.onnx", in_dim=8, hidden=16, out_dim=4, seed=2)
-    await apply(cp, fleet_yaml("v1.onnx", v1.sha256))
-    for site, where in SITES.items():
-        await fleet.start_agent(site, **where)
-    await harness.wait_until(lambda: serving(cp, v1.sha256) == set(SITES), 60, what="v1 everywhere")
 
     # Watch every state the control plane passes through while v2 rolls out.
     too_many_switching, ahead_of_canary, first_sent, stop = [], [], [], asyncio.Event()
@@ -145,12 +152,8 @@ async def test_plan_shows_a_new_version_as_a_version_roll_on_each_site(fleet: ha
     cp = fleet.cp
     assert cp is not None
     art = tmp_path / "artifacts"
-    v1 = onnx_models.build_mlp(art / "v1.onnx", in_dim=8, hidden=16, out_dim=4, seed=1)
+    v1 = await serving_v1(fleet, art)
     v2 = onnx_models.build_mlp(art / "v2.onnx", in_dim=8, hidden=16, out_dim=4, seed=2)
-    await apply(cp, fleet_yaml("v1.onnx", v1.sha256))
-    for site, where in SITES.items():
-        await fleet.start_agent(site, **where)
-    await harness.wait_until(lambda: serving(cp, v1.sha256) == set(SITES), 60, what="v1 everywhere")
     async with httpx.AsyncClient(base_url=cp.http_url) as http:
         resp = await http.post("/v1/apply", params={"dryRun": "true"}, content=fleet_yaml("v2.onnx", v2.sha256))
         assert resp.status_code == 200, resp.text
@@ -172,13 +175,9 @@ async def test_a_version_whose_file_breaks_the_declared_inputs_halts_while_calle
     cp = fleet.cp
     assert cp is not None
     art = tmp_path / "artifacts"
-    v1 = onnx_models.build_mlp(art / "v1.onnx", in_dim=8, hidden=16, out_dim=4, seed=1)
+    await serving_v1(fleet, art, declared=DECLARED)
     v2 = onnx_models.build_mlp(art / "v2.onnx", in_dim=8, hidden=32, out_dim=4, seed=2)  # its batch axis is symbolic
     v3 = onnx_models.build_mlp(art / "v3.onnx", in_dim=5, hidden=16, out_dim=4, seed=3)  # takes [-1, 5]
-    await apply(cp, fleet_yaml("v1.onnx", v1.sha256, declared=DECLARED))
-    for site, where in SITES.items():
-        await fleet.start_agent(site, **where)
-    await harness.wait_until(lambda: serving(cp, v1.sha256) == set(SITES), 60, what="v1 everywhere")
 
     # A version that takes what the variant declares ("batch" where it says -1) rolls out.
     await apply(cp, fleet_yaml("v2.onnx", v2.sha256, declared=DECLARED))
@@ -232,12 +231,8 @@ async def test_plan_shows_a_new_version_beside_a_replica_change(fleet: harness.F
     cp = fleet.cp
     assert cp is not None
     art = tmp_path / "artifacts"
-    v1 = onnx_models.build_mlp(art / "v1.onnx", in_dim=8, hidden=16, out_dim=4, seed=1)
+    v1 = await serving_v1(fleet, art)
     v2 = onnx_models.build_mlp(art / "v2.onnx", in_dim=8, hidden=16, out_dim=4, seed=2)
-    await apply(cp, fleet_yaml("v1.onnx", v1.sha256))
-    for site, where in SITES.items():
-        await fleet.start_agent(site, **where)
-    await harness.wait_until(lambda: serving(cp, v1.sha256) == set(SITES), 60, what="v1 everywhere")
     doubled = fleet_yaml("v2.onnx", v2.sha256, replicas=2 * len(SITES))
     async with httpx.AsyncClient(base_url=cp.http_url) as http:
         resp = await http.post("/v1/apply", params={"dryRun": "true"}, content=doubled)
