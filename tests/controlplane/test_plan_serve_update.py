@@ -27,41 +27,6 @@ def fleet(dashboard: datacentres.ServeDashboard, variant: str = '{name: v, runti
                               datacentres.deployment("d", "dc-1"))
 
 
-async def test_plan_shows_an_import_path_or_args_change_as_an_update_on_each_data_centre(
-        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
-    dashboard = datacentres.ServeDashboard()
-    f = harness.Fleet(tmp_path)
-    try:
-        cp = await f.start_control_plane(resync_s=0.2)
-        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-            assert (await http.post("/v1/apply", content=fleet(dashboard))).status_code == 200
-            await harness.wait_until(lambda: [r.site for r in cp.store.placements()] == ["dc-1"], 30, what="placed on dc-1")
-            changed = fleet(dashboard, '{name: v, runtime: ray-serve, importPath: "pkg.mod2:app", args: {k: 2}, '
-                                       'resources: {cpu: 1, memoryMiB: 256}}')
-            resp = await http.post("/v1/apply", params={"dryRun": "true"}, content=changed)
-            assert resp.status_code == 200, resp.text
-        rows = [(c["site"], c["change"], c.get("updated")) for c in resp.json()["plan"]["changes"]]
-        assert rows == [("dc-1", "updated", ["importPath", "args"])], rows
-        manifest = tmp_path / "changed.yaml"
-        manifest.write_text(changed)
-        code = await asyncio.to_thread(cli_main.main, ["--server", cp.http_url, "plan", "-f", str(manifest)])
-        printed = capsys.readouterr().out
-        assert code == 0 and "No replica changes" not in printed, printed
-        assert re.search(r"dc-1\s.*updated: importPath, args", printed), printed
-        # with another replica count too, the site says both, as a version roll does
-        manifest.write_text(changed.replace("replicas: {min: 1, max: 1}", "replicas: {min: 2, max: 2}"))
-        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-            resp = await http.post("/v1/apply", params={"dryRun": "true"}, content=manifest.read_text())
-        rows = [(c["site"], c["change"], c.get("updated")) for c in resp.json()["plan"]["changes"]]
-        assert rows == [("dc-1", "added", ["importPath", "args"])], rows
-        code = await asyncio.to_thread(cli_main.main, ["--server", cp.http_url, "plan", "-f", str(manifest)])
-        printed = capsys.readouterr().out
-        assert re.search(r"dc-1\s.*added, updated: importPath, args", printed), printed
-    finally:
-        await f.stop()
-        dashboard.stop()
-
-
 async def dry_run_and_plan(cp: server.ControlPlane, manifest: pathlib.Path, text: str,
                            capsys: pytest.CaptureFixture[str]) -> tuple[list[tuple[str, str, object]], str, int]:
     """The dry run's (site, change, updated) rows for ``text``, and what ``edgeplane plan``
@@ -72,6 +37,32 @@ async def dry_run_and_plan(cp: server.ControlPlane, manifest: pathlib.Path, text
     manifest.write_text(text)
     code = await asyncio.to_thread(cli_main.main, ["--server", cp.http_url, "plan", "-f", str(manifest)])
     return [(c["site"], c["change"], c.get("updated")) for c in resp.json()["plan"]["changes"]], capsys.readouterr().out, code
+
+
+async def test_plan_shows_an_import_path_or_args_change_as_an_update_on_each_data_centre(
+        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dashboard = datacentres.ServeDashboard()
+    f = harness.Fleet(tmp_path)
+    try:
+        cp = await f.start_control_plane(resync_s=0.2)
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            assert (await http.post("/v1/apply", content=fleet(dashboard))).status_code == 200
+            await harness.wait_until(lambda: [r.site for r in cp.store.placements()] == ["dc-1"], 30, what="placed on dc-1")
+        changed = fleet(dashboard, '{name: v, runtime: ray-serve, importPath: "pkg.mod2:app", args: {k: 2}, '
+                                   'resources: {cpu: 1, memoryMiB: 256}}')
+        manifest = tmp_path / "changed.yaml"
+        rows, printed, code = await dry_run_and_plan(cp, manifest, changed, capsys)
+        assert rows == [("dc-1", "updated", ["importPath", "args"])], rows
+        assert code == 0 and "No replica changes" not in printed, printed
+        assert re.search(r"dc-1\s.*updated: importPath, args", printed), printed
+        # with another replica count too, the site says both, as a version roll does
+        scaled = changed.replace("replicas: {min: 1, max: 1}", "replicas: {min: 2, max: 2}")
+        rows, printed, code = await dry_run_and_plan(cp, manifest, scaled, capsys)
+        assert rows == [("dc-1", "added", ["importPath", "args"])], rows
+        assert re.search(r"dc-1\s.*added, updated: importPath, args", printed), printed
+    finally:
+        await f.stop()
+        dashboard.stop()
 
 
 async def test_plan_shows_a_resources_change_which_restarts_the_replicas_as_an_update(
