@@ -6,7 +6,9 @@ files the tests write, or from this process's own resident size under a limit th
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
+import gc
 import hashlib
 import pathlib
 import threading
@@ -28,6 +30,7 @@ from .test_capacity import fake_proc, files
 
 MB = 1 << 20
 FAST_RETRY = registry.RetryPolicy(initial=0.05, maximum=0.2)
+LIBC = ctypes.CDLL("libc.so.6")
 
 
 class Large:
@@ -55,6 +58,11 @@ def contained(root: pathlib.Path, limit: int, used: int) -> capacity.CapacityPro
 
 
 def resident_bytes() -> int:
+    """This process's resident size once garbage is collected and malloc has handed back
+    what it keeps free, so that memory other work in the process frees later (other tests
+    ran in it before) does not read as room the load left."""
+    gc.collect()
+    LIBC.malloc_trim(0)
     for line in pathlib.Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
