@@ -8,14 +8,21 @@ Names the gateway routes by are DNS labels, which hold no ``:``, so the first on
 the adapter. The adapter's name is checked here, before any replica sees it, because Ray
 joins it to the adapters' folder as a path: a ``/`` or a name of dots would reach
 folders of other tenants, or the folder above.
+
+An adapter whose folder is not in the bucket is not there for any replica: Ray's 404 for it
+(:func:`missing`) is the caller's answer, in the gateway's words (:func:`not_found`), which
+name the adapter and not the bucket; no other replica is asked.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
 SEPARATOR = ":"
+#: The file Ray Serve LLM reads first from an adapter's folder; its 404 names it when it is not there.
+ADAPTER_CONFIG = "adapter_config.json"
 #: A folder's name as an adapter's: no ``/``, and not starting with a dot.
 ADAPTER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,254}")
 
@@ -45,3 +52,20 @@ def parse(model: str) -> Named | str:
         return (f"model {model!r} names adapter {adapter!r}, which is no adapter's name: the name of its folder, of letters, "
                 "digits, '_', '.', '-' and ':', starting with a letter or digit (no '/')")
     return Named(name, adapter)
+
+
+def missing(answer: bytes) -> bool:
+    """Whether a replica's 404 ``answer`` is Ray Serve LLM's for an adapter whose folder holds
+    no :data:`ADAPTER_CONFIG` (its LoRA loader's ``HTTPException``), not one for a model the
+    replica no longer serves."""
+    try:
+        message = json.loads(answer)["error"]["message"]
+    except (ValueError, RecursionError, KeyError, TypeError):
+        return False
+    return isinstance(message, str) and "LoRA adapter config file" in message and ADAPTER_CONFIG in message
+
+
+def not_found(named: Named) -> str:
+    """Why a request for ``named``'s adapter, which :func:`missing` says is not in the bucket, is refused."""
+    return (f"adapter {named.adapter!r} of model {named.name!r} was not found: the model's llm.lora.adaptersFrom holds no "
+            f"folder {named.adapter!r} with an {ADAPTER_CONFIG}; ask for an adapter that is there, or {named.name!r} for the base model")

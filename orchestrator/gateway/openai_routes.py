@@ -499,8 +499,6 @@ class _Relay(Response):
                 raise _Failed("unavailable (HTTP 503)", eject=False, retry_after=failover.retry_after_s(resp.headers.get("retry-after")))
             if resp.status >= 500:  # the table has ejected the replica if the answer calls for it
                 raise _Failed(f"HTTP {resp.status}", eject=False)
-            if resp.status == 404:  # moved away a moment ago (the table follows): the next replica may serve it
-                raise _Failed(f"does not serve {self.model!r} now (HTTP 404)", eject=False, moved=True)  # the agent itself is fine
             if not streamed:
                 try:
                     async with asyncio.timeout(owner.first_token_timeout):
@@ -509,6 +507,12 @@ class _Relay(Response):
                     raise _Failed(f"answer cut: {exc}") from None
                 except TimeoutError:
                     raise _Failed(f"answer cut: no end within {owner.first_token_timeout:g}s", slow=True) from None
+                if resp.status == 404 and (self.named.adapter is None or not adapter_names.missing(content)):
+                    # moved away a moment ago (the table follows): the next replica may serve it; the agent itself is fine
+                    raise _Failed(f"does not serve {self.model!r} now (HTTP 404)", eject=False, moved=True)
+                if resp.status == 404:  # the adapter is not in the bucket, which every replica reads: the caller's answer
+                    content = error_body(adapter_names.not_found(self.named), 404, param="model", code="model_not_found")
+                    ctype = "application/json"
                 if resp.status == 200:
                     if json_object(content) is None:  # cut short, or not JSON at all: the next replica may answer
                         owner.gw.table.malformed(e.url)

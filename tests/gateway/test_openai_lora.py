@@ -155,3 +155,57 @@ async def test_adapter_requests_are_counted_apart_under_their_base_model() -> No
     assert 'edgeplane_gateway_requests_total{code="200",model="support",site="dc-paris"} 2.0' in scraped
     assert 'edgeplane_gateway_requests_total{code="200",model="support",site="dc-frankfurt"} 1.0' in scraped
     assert "tenant" not in scraped
+
+
+def ray_missing_adapter(folder: str) -> bytes:
+    """Ray Serve LLM's answer (``get_response_for_error`` of the ``HTTPException`` its LoRA
+    loader raises) to a request for an adapter whose folder holds no adapter_config.json."""
+    detail = (f'Unable to find LoRA adapter config file "adapter_config.json" in folder s3://acme-adapters/support/{folder}. '
+              "Check that the file exists and that you have read permissions.")
+    message = f"Message: {detail} (Request ID: 7f3a), Internal exception: 404: {detail} (Request ID: 7f3a), original exception: 404: {detail}"
+    return json.dumps({"error": {"message": message, "type": "RayTaskError(HTTPException)", "param": None, "code": 404}}).encode()
+
+
+def ray_llm_with(site: str, served: str, adapters: set[str], asked: list[tuple[str, str]]) -> httpmessages.Handler:
+    """:func:`ray_llm` whose bucket holds ``adapters`` only: any other is Ray's 404."""
+    plain = ray_llm(site, served, asked)
+
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
+        _, sep, adapter = json.loads(request.body)["model"].partition(":")
+        if sep and adapter not in adapters:
+            asked.append((site, json.loads(request.body)["model"]))
+            return httpmessages.Response(404, ray_missing_adapter(adapter))
+        return await plain(request)
+    return handle
+
+
+async def test_a_missing_adapter_is_a_404_naming_it_from_the_first_replica() -> None:
+    """An adapter not in the bucket was a 502 'every replica tried failed' after each replica
+    with adapters had been asked for it and had read the bucket (Ray's 404 read as a replica
+    the model moved away from); it is now a 404 naming the adapter, from the first replica,
+    with no failover and no bucket path told to the caller."""
+    asked: list[tuple[str, str]] = []  # from Berlin, Paris is nearer than Lyon
+    registry = CollectorRegistry()
+    async with replica(ray_llm_with("dc-paris", "org/support", {"tenant-a"}, asked)) as paris, \
+            replica(ray_llm_with("dc-lyon", "org/support", {"tenant-a"}, asked)) as lyon:
+        table = endpoints.EndpointTable()
+        table.replace([routing.Endpoint("support", "support", site, "datacenter", "FR", "fr", lat, lon, url, api=routing.API_OPENAI,
+                                        served_model="org/support", lora=True)
+                       for site, lat, lon, url in (("dc-paris", 48.85, 2.35, paris), ("dc-lyon", 45.76, 4.84, lyon))])
+        async with gateway_app(table, registry=registry) as app, serving(app) as port:
+            sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/openai/v1", api_key="unused", max_retries=0, timeout=30)
+            with pytest.raises(openai.NotFoundError) as whole:
+                await sdk.chat.completions.create(model="support:tenant-x", messages=USER, extra_headers=BERLIN)
+            with pytest.raises(openai.NotFoundError) as streamed:
+                await sdk.chat.completions.create(model="support:tenant-y", messages=USER, stream=True, extra_headers=BERLIN)
+            found = await sdk.chat.completions.create(model="support:tenant-a", messages=USER, extra_headers=BERLIN)
+            await sdk.close()
+    for refused, adapter in ((whole, "tenant-x"), (streamed, "tenant-y")):
+        assert f"adapter '{adapter}' of model 'support' was not found" in refused.value.message
+        assert refused.value.body["code"] == "model_not_found" and refused.value.body["param"] == "model"  # type: ignore[index]
+        assert "s3://" not in refused.value.message and "acme" not in refused.value.message
+    assert found.choices[0].message.content.endswith("org/support:tenant-a at dc-paris")  # type: ignore[union-attr]
+    assert asked == [("dc-paris", "org/support:tenant-x"), ("dc-paris", "org/support:tenant-y"), ("dc-paris", "org/support:tenant-a")]
+    scraped = generate_latest(registry).decode()
+    assert "edgeplane_gateway_failovers_total{" not in scraped
+    assert 'edgeplane_gateway_requests_total{code="404",model="support",site="dc-paris"} 2.0' in scraped
