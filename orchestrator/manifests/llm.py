@@ -25,6 +25,11 @@ class Architecture(Strict):
     #: Layers that attend over a sliding window only (gpt-oss: every other layer, 128 tokens).
     slidingWindowLayers: int = Field(default=0, ge=0, le=1024)
     slidingWindowTokens: int | None = Field(default=None, ge=1, le=16 * 1024 * 1024)
+    #: The widths of a layer (config.json's hidden_size, intermediate_size, num_attention_heads),
+    #: which size the GPU memory of LoRA adapters: a manifest with ``llm.lora`` gives them.
+    hiddenSize: int | None = Field(default=None, ge=1, le=1024 * 1024)
+    intermediateSize: int | None = Field(default=None, ge=1, le=1024 * 1024)
+    attentionHeads: int | None = Field(default=None, ge=1, le=16 * 1024)
 
     @model_validator(mode="after")
     def _window(self) -> Architecture:
@@ -149,6 +154,17 @@ class LlmSpec(Strict):
         if self.tensorParallelSize * self.pipelineParallelSize > 64:
             raise ValueError(f"tensorParallelSize x pipelineParallelSize is {self.tensorParallelSize * self.pipelineParallelSize} "
                              "GPUs per replica, more than the 64 of any node")
+        return self
+
+    # Refused in manifests only: a variant an earlier version stored reads, its adapters uncounted.
+    @model_validator(mode="after")
+    def _adapter_widths(self, info: ValidationInfo) -> LlmSpec:
+        a = self.architecture
+        missing = [n for n in ("hiddenSize", "intermediateSize", "attentionHeads") if getattr(a, n) is None]
+        if self.lora is not None and missing and written(info):
+            raise ValueError(f"llm.lora needs architecture.{', '.join(missing)} (config.json's hidden_size, intermediate_size, "
+                             "num_attention_heads): vLLM sets aside GPU memory for maxAdaptersPerReplica adapters of maxRank "
+                             "on every layer, which placement counts from them")
         return self
 
     @model_validator(mode="after")

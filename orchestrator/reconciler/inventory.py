@@ -161,6 +161,12 @@ def llm_shape(llm: schema.LlmSpec) -> gpu_memory.LlmShape:
         tensor_parallel_size=llm.tensorParallelSize,
         pipeline_parallel_size=llm.pipelineParallelSize,
         gpu_memory_utilization=llm.gpuMemoryUtilization,
+        # a variant stored before the widths were asked for counts no adapter memory
+        lora_slots=llm.lora.maxAdaptersPerReplica if llm.lora is not None and a.hiddenSize is not None else 0,
+        lora_rank=llm.lora.maxRank if llm.lora is not None else 0,
+        hidden_size=a.hiddenSize or 0,
+        intermediate_size=a.intermediateSize or 0,
+        attention_heads=a.attentionHeads or 0,
     )
 
 

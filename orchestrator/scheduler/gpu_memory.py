@@ -11,7 +11,7 @@ function the planner and ``edgeplane plan`` share::
     KV cache = per-layer bytes x (full layers x context x sequences
                                   + window layers x min(window, context) x sequences)
     GPUs     = tensor_parallel_size x pipeline_parallel_size
-    per GPU  = (weights + KV cache) / GPUs + RUNTIME_OVERHEAD_GIB
+    per GPU  = (weights + KV cache) / GPUs + LoRA slots per GPU + RUNTIME_OVERHEAD_GIB
     card     = per GPU / gpu_memory_utilization
 
 ``RUNTIME_OVERHEAD_GIB`` is what each GPU holds besides weights and cache: the CUDA
@@ -19,6 +19,14 @@ context, NCCL buffers, CUDA graphs and the activations of one prefill batch (vLL
 profiles these at start; 1.5 GiB covers the models documented in docs/datacentre.md).
 vLLM takes only ``gpu_memory_utilization`` of each card (0.9 unless told), so the card
 must be that much larger than what the replica uses.
+
+A replica serving LoRA adapters sets aside, at start, ``lora_slots`` adapters of
+``lora_rank`` (vLLM's ``max_loras`` and ``max_lora_rank``) on the seven projections of each
+of its layers: A (rank x input) and B (output x rank) of q, k, v, o, gate, up and down, in
+the model's activation dtype (2 bytes). Tensor parallelism splits B of the column-parallel
+ones (q/k/v, gate/up) and A of the row-parallel ones (o, down); the other halves are whole
+on every GPU; pipeline stages split the layers. An MoE model's experts count as one MLP of
+``intermediate_size``.
 """
 
 from __future__ import annotations
@@ -46,6 +54,12 @@ class LlmShape:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
+    #: LoRA adapter slots and their rank (0: no adapters), and the widths that size them.
+    lora_slots: int = 0
+    lora_rank: int = 0
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    attention_heads: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,7 @@ class GpuMemory:
     kv_bytes_per_token: int  # over every full-attention layer
     per_gpu_bytes: int
     card_gib: float
+    lora_bytes_per_gpu: int = 0  # the adapter slots vLLM sets aside, included in per_gpu_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -69,9 +84,10 @@ class GpuMemory:
         return self.per_gpu_bytes / GIB
 
     def describe(self) -> str:
+        lora = f"LoRA adapters {self.lora_bytes_per_gpu / GIB:.1f} GiB/GPU + " if self.lora_bytes_per_gpu else ""
         return (
             f"{self.gpus}×GPU ≥{self.card_gib:.1f} GiB (weights {self.weight_bytes / GIB:.1f} GiB + "
-            f"KV cache {self.kv_cache_bytes / GIB:.1f} GiB + {RUNTIME_OVERHEAD_GIB:g} GiB/GPU runtime, "
+            f"KV cache {self.kv_cache_bytes / GIB:.1f} GiB + {lora}{RUNTIME_OVERHEAD_GIB:g} GiB/GPU runtime, "
             f"{self.per_gpu_gib:.1f} GiB per GPU)"
         )
 
@@ -79,6 +95,18 @@ class GpuMemory:
 def layer_kv_bytes_per_token(shape: LlmShape) -> int:
     """K and V of one token in one layer."""
     return 2 * shape.kv_heads * shape.head_dim * shape.kv_bytes
+
+
+def lora_bytes_per_gpu(shape: LlmShape) -> int:
+    """The LoRA adapter slots one GPU of a replica holds (see the module docstring)."""
+    if not shape.lora_slots or not shape.lora_rank:
+        return 0
+    r, h, i, tp = shape.lora_rank, shape.hidden_size, shape.intermediate_size, shape.tensor_parallel_size
+    q, kv = shape.attention_heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    whole = 3 * r * h + h * r + 2 * r * h + h * r  # A of q/k/v and gate/up, B of o and down
+    split = r * (q + 2 * kv) + r * q + 2 * i * r + r * i  # B of q/k/v and gate/up, A of o and down
+    layers = -(-shape.layers // shape.pipeline_parallel_size)
+    return (whole + -(-split // tp)) * shape.lora_slots * layers * 2
 
 
 def replica_memory(shape: LlmShape) -> GpuMemory:
@@ -90,7 +118,8 @@ def replica_memory(shape: LlmShape) -> GpuMemory:
     tokens_window = window * shape.max_sequences
     kv = per_layer * (full_layers * tokens_full + shape.sliding_window_layers * tokens_window)
     gpus = shape.tensor_parallel_size * shape.pipeline_parallel_size
-    per_gpu = -(-(shape.weight_bytes + kv) // gpus) + int(RUNTIME_OVERHEAD_GIB * GIB)
+    lora = lora_bytes_per_gpu(shape)
+    per_gpu = -(-(shape.weight_bytes + kv) // gpus) + lora + int(RUNTIME_OVERHEAD_GIB * GIB)
     return GpuMemory(
         gpus=gpus,
         weight_bytes=shape.weight_bytes,
@@ -98,4 +127,5 @@ def replica_memory(shape: LlmShape) -> GpuMemory:
         kv_bytes_per_token=per_layer * full_layers,
         per_gpu_bytes=per_gpu,
         card_gib=per_gpu / GIB / shape.gpu_memory_utilization,
+        lora_bytes_per_gpu=lora,
     )

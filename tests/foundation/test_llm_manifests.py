@@ -30,7 +30,8 @@ GPT_OSS_120B: dict[str, Any] = {
         "tensorParallelSize": 1,
         "acceleratorType": "H100",
         "weightBytes": 65_300_000_000,
-        "architecture": {"layers": 36, "kvHeads": 8, "headDim": 64, "slidingWindowLayers": 18, "slidingWindowTokens": 128},
+        "architecture": {"layers": 36, "kvHeads": 8, "headDim": 64, "slidingWindowLayers": 18, "slidingWindowTokens": 128,
+                         "hiddenSize": 2880, "intermediateSize": 2880, "attentionHeads": 64},
         "engineArgs": {"enable_prefix_caching": True},
     },
 }
@@ -105,6 +106,10 @@ BAD = [
         f"{V}.llm.lora.maxRank", "maxRank:", "1, 8, 16, 32, 64, 128, 256, 320 or 512"),
     Bad("lora-misspelt-field", llm_model((f"{V}.llm.lora", {"adaptersFrom": "s3://a/b", "maxAdapterPerReplica": 4})),
         f"{V}.llm.lora.maxAdapterPerReplica", "maxAdapterPerReplica:", "maxAdaptersPerReplica"),
+    # vLLM sets aside adapter slots on every layer at start: placement needs the layer's widths to count them
+    Bad("lora-without-layer-widths", llm_model((f"{V}.llm.lora", {"adaptersFrom": "s3://a/b"}),
+                                               (f"{V}.llm.architecture.intermediateSize", DELETE)), f"{V}.llm", "llm:",
+        "llm.lora needs architecture.intermediateSize (config.json's hidden_size, intermediate_size, num_attention_heads)"),
     Bad("lora-through-engine-args", llm_model((f"{V}.llm.engineArgs", {"enable_lora": True, "max_loras": 4})),
         f"{V}.llm.engineArgs", "engineArgs:", "set enable_lora, max_loras through llm.lora"),
     # Ray reads a request's model up to its first ':' as the base model
@@ -185,6 +190,8 @@ def test_the_manifests_in_the_docs_load_and_their_arithmetic_is_what_the_planner
         memory = inventory.llm_memory(variants[key].llm)  # type: ignore[arg-type]
         assert (f"{memory.per_gpu_gib:.2f}", f"{memory.card_gib:.2f}") == (per_gpu, card), key
         assert f"**{per_gpu} GiB**" in section and f"**{card} GiB**" in section
+    adapters = inventory.llm_memory(variants["support-chat/dc"].llm)  # type: ignore[arg-type]
+    assert f"**{adapters.lora_bytes_per_gpu / 2**30:.2f} GiB**" in section and f"**{adapters.card_gib:.2f} GiB**" in section
 
 
 def test_the_manifests_doc_gives_every_kv_cache_element_size_the_schema_takes() -> None:

@@ -77,12 +77,14 @@ def test_fp8_kv_cache_halves_it():
     assert fp8.kv_cache_bytes * 2 == bf16.kv_cache_bytes == 40 * GIB
 
 
-def llm_variant(name: str, tp: int, context: int, accelerator: str | None = "H100", pp: int = 1, **arch):
+def llm_variant(name: str, tp: int, context: int, accelerator: str | None = "H100", pp: int = 1,
+                lora: dict | None = None, **arch):
+    lora_block = {} if lora is None else {"lora": lora}
     spec = schema.Variant.model_validate({
         "name": name, "runtime": "vllm", "resources": {"cpu": 8, "memoryMiB": 65536},
         "llm": {"source": "/models/llama-3-70b", "contextLength": context, "maxConcurrentSequences": 16,
                 "tensorParallelSize": tp, "pipelineParallelSize": pp, "weightBytes": 2 * 70_553_706_496,
-                "acceleratorType": accelerator, "architecture": {"layers": 80, "kvHeads": 8, "headDim": 128, **arch}},
+                "acceleratorType": accelerator, "architecture": {"layers": 80, "kvHeads": 8, "headDim": 128, **arch}, **lora_block},
     })
     return to_variant(spec)
 
@@ -154,3 +156,47 @@ def test_vllm_never_lands_on_an_edge_site():
     result = plan([edge], [deployment(variants=(v,))], [])
     assert result.deployments["d"].status is Status.UNSCHEDULABLE
     assert "as does vllm" in result.deployments["d"].reason
+
+
+LLAMA_70B_WIDTHS = dict(hidden_size=8192, intermediate_size=28672, attention_heads=64)
+
+
+# (id, shape, LoRA bytes per GPU): vLLM's adapter slots, A (rank x input) and B (output x rank)
+# of q, k, v, o, gate, up and down in every layer, for each of maxAdaptersPerReplica, in bf16
+LORA_CASES = [
+    # one GPU, one layer, one slot of rank 16: q/k/v A 3 x 16 x 8192 + B 16 x (8192 + 2 x 1024);
+    # o A 16 x 8192 + B 8192 x 16; gate/up A 2 x 16 x 8192 + B 2 x 28672 x 16; down A 16 x 28672 + B 8192 x 16
+    # = 2,588,672 elements; x 16 slots x 80 layers x 2 B = 6,627,000,320 B (6.17 GiB)
+    ("llama-70b-16x16-tp1", LlmShape(**LLAMA_70B, **LLAMA_70B_WIDTHS, context_length=8192, lora_slots=16, lora_rank=16),
+     6_627_000_320),
+    # TP 4 splits the B of q/k/v and gate/up and the A of o and down; the others are whole on each GPU:
+    # 393,216 + 40,960 + 32,768 + 131,072 + 262,144 + 229,376 + 114,688 + 131,072 = 1,335,296 x 16 x 80 x 2
+    ("llama-70b-16x16-tp4", LlmShape(**LLAMA_70B, **LLAMA_70B_WIDTHS, context_length=8192, lora_slots=16, lora_rank=16,
+                                     tensor_parallel_size=4), 3_418_357_760),
+    # two pipeline stages hold 40 layers each
+    ("llama-70b-16x16-pp2", LlmShape(**LLAMA_70B, **LLAMA_70B_WIDTHS, context_length=8192, lora_slots=16, lora_rank=16,
+                                     pipeline_parallel_size=2), 3_313_500_160),
+    ("no-adapters", LlmShape(**LLAMA_70B, **LLAMA_70B_WIDTHS, context_length=8192), 0),
+]
+
+
+@pytest.mark.parametrize("case_id,shape,lora", LORA_CASES, ids=[c[0] for c in LORA_CASES])
+def test_adapter_slots_take_gpu_memory(case_id, shape, lora):
+    memory, plain = replica_memory(shape), replica_memory(LlmShape(**{**shape.__dict__, "lora_slots": 0, "lora_rank": 0}))
+    assert memory.lora_bytes_per_gpu == lora
+    assert memory.per_gpu_bytes == plain.per_gpu_bytes + lora
+
+
+def test_adapters_that_would_not_fit_beside_the_model_are_not_placed():
+    """A replica whose base model just fits an 80 GiB H100 (77.51 GiB card) was placed with 16
+    adapter slots of rank 16 as well, which vLLM sets aside at start (3.2 GiB per GPU at TP 4):
+    placement now counts them, and says so."""
+    widths = {"hiddenSize": 8192, "intermediateSize": 28672, "attentionHeads": 64}
+    base = llm_variant("llama", tp=4, context=29000, **widths)
+    adapted = llm_variant("llama", tp=4, context=29000, lora={"adaptersFrom": "s3://adapters/llama", "maxRank": 16}, **widths)
+    assert base.gpu_memory_gib == pytest.approx(77.51, abs=0.01)
+    assert adapted.gpu_memory_gib == pytest.approx(77.51 + 3_418_357_760 / GIB / 0.9, abs=0.01)
+    assert len(plan([dc("fr-dc", H100X8)], [deployment(variants=(base,), tiers={"datacenter"})], []).replicas) == 1
+    status = plan([dc("fr-dc", H100X8)], [deployment(variants=(adapted,), tiers={"datacenter"})], []).deployments["d"]
+    assert status.status is Status.UNSCHEDULABLE
+    assert "LoRA adapters 3.2 GiB/GPU" in status.reason, status.reason
