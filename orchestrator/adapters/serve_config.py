@@ -129,6 +129,8 @@ class LoraAdapters:
     path: str
     max_per_replica: int = 16
     max_rank: int = 16
+    download_timeout_s: float | None = None  # None: Ray's own (and left out of the config)
+    download_attempts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -379,7 +381,8 @@ def _read_application(entry: Mapping[str, Any], asked: ServeAppSpec) -> ServeApp
         if (adapters := config.get("lora_config")) is not None:
             del engine["enable_lora"]
             lora = LoraAdapters(path=adapters["dynamic_lora_loading_path"], max_per_replica=adapters["max_num_adapters_per_replica"],
-                                max_rank=engine.pop("max_lora_rank"))
+                                max_rank=engine.pop("max_lora_rank"), download_timeout_s=adapters.get("download_timeout_s"),
+                                download_attempts=adapters.get("max_download_tries"))
             engine.pop("max_loras")
         (engines,) = entry["deployments"]
         scaling = engines.get("autoscaling_config")
@@ -442,8 +445,9 @@ def llm_config(spec: ServeAppSpec) -> dict[str, Any]:
     the ``tensor_parallel_size`` x ``pipeline_parallel_size`` GPUs of a replica are on one
     node (the planner placed them on one GPU group): Ray starts one worker per bundle and
     needs as many as the engine has workers. The replica's CPU is spread over its bundles.
-    LoRA adapters are Ray's ``lora_config`` and vLLM's ``enable_lora``, ``max_lora_rank``
-    and ``max_loras``, which Ray asks to equal ``max_num_adapters_per_replica``.
+    LoRA adapters are Ray's ``lora_config`` (with its download settings when given) and
+    vLLM's ``enable_lora``, ``max_lora_rank`` and ``max_loras``, which Ray asks to equal
+    ``max_num_adapters_per_replica``.
     """
     llm = spec.llm
     assert llm is not None
@@ -463,6 +467,10 @@ def llm_config(spec: ServeAppSpec) -> dict[str, Any]:
         config["accelerator_type"] = llm.accelerator_type
     if llm.lora is not None:
         config["lora_config"] = {"dynamic_lora_loading_path": llm.lora.path, "max_num_adapters_per_replica": llm.lora.max_per_replica}
+        if llm.lora.download_timeout_s is not None:  # left out unless given: an application rendered before reads the same
+            config["lora_config"]["download_timeout_s"] = llm.lora.download_timeout_s
+        if llm.lora.download_attempts is not None:
+            config["lora_config"]["max_download_tries"] = llm.lora.download_attempts
     return config
 
 

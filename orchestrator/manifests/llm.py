@@ -60,6 +60,10 @@ class LoraSpec(Strict):
     maxAdaptersPerReplica: int = Field(default=16, ge=1, le=256)
     #: The highest rank of any adapter served (vLLM's ``max_lora_rank``, one of the ranks it takes).
     maxRank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
+    #: How long one try at downloading an adapter may take, and how many tries a request's
+    #: adapter gets (Ray's ``download_timeout_s``, ``max_download_tries``); absent: Ray's 30 s, 3.
+    downloadTimeoutSeconds: float | None = Field(default=None, gt=0, le=3600)
+    downloadAttempts: int | None = Field(default=None, ge=1, le=10)
 
     @field_validator("adaptersFrom")
     @classmethod

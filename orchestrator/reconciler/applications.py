@@ -215,7 +215,8 @@ def llm_app(llm: schema.LlmSpec, model: str) -> serve_config.LlmApp:
     if llm.kvCacheDtypeBytes == 1:
         kwargs["kv_cache_dtype"] = "fp8"
     lora = None if llm.lora is None else serve_config.LoraAdapters(
-        path=llm.lora.adaptersFrom, max_per_replica=llm.lora.maxAdaptersPerReplica, max_rank=llm.lora.maxRank)
+        path=llm.lora.adaptersFrom, max_per_replica=llm.lora.maxAdaptersPerReplica, max_rank=llm.lora.maxRank,
+        download_timeout_s=llm.lora.downloadTimeoutSeconds, download_attempts=llm.lora.downloadAttempts)
     return serve_config.LlmApp(model_id=llm.servedModelName or model, source=llm.source,
                                engine_kwargs={**kwargs, **llm.engineArgs}, tensor_parallel_size=llm.tensorParallelSize,
                                pipeline_parallel_size=llm.pipelineParallelSize, accelerator_type=llm.acceleratorType, lora=lora)

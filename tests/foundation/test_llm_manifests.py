@@ -104,6 +104,10 @@ BAD = [
         f"{V}.llm.lora.maxAdaptersPerReplica", "maxAdaptersPerReplica:", "less than or equal to 256"),
     Bad("lora-rank-vllm-does-not-take", llm_model((f"{V}.llm.lora", {"adaptersFrom": "s3://a/b", "maxRank": 24})),
         f"{V}.llm.lora.maxRank", "maxRank:", "1, 8, 16, 32, 64, 128, 256, 320 or 512"),
+    Bad("lora-download-timeout-zero", llm_model((f"{V}.llm.lora", {"adaptersFrom": "s3://a/b", "downloadTimeoutSeconds": 0})),
+        f"{V}.llm.lora.downloadTimeoutSeconds", "downloadTimeoutSeconds:", "greater than 0"),
+    Bad("lora-download-no-attempt", llm_model((f"{V}.llm.lora", {"adaptersFrom": "s3://a/b", "downloadAttempts": 0})),
+        f"{V}.llm.lora.downloadAttempts", "downloadAttempts:", "greater than or equal to 1"),
     Bad("lora-misspelt-field", llm_model((f"{V}.llm.lora", {"adaptersFrom": "s3://a/b", "maxAdapterPerReplica": 4})),
         f"{V}.llm.lora.maxAdapterPerReplica", "maxAdapterPerReplica:", "maxAdaptersPerReplica"),
     # vLLM sets aside adapter slots on every layer at start: placement needs the layer's widths to count them

@@ -60,6 +60,10 @@ GENERATED = [
         architecture={"layers": 80, "kvHeads": 8, "headDim": 128},
         lora={"adaptersFrom": "abfss://adapters@account.dfs.core.windows.net/llama", "maxAdaptersPerReplica": 4}).llm,
         "llama")),  # type: ignore[arg-type]
+    ("gpt-oss-20b-lora-slow-bucket", applications.llm_app(llm_variant(
+        source="openai/gpt-oss-20b", servedModelName=None,
+        lora={"adaptersFrom": "s3://adapters/gpt-oss-20b", "downloadTimeoutSeconds": 300, "downloadAttempts": 1}).llm,
+        "gpt-20b")),  # type: ignore[arg-type]
 ]
 
 
@@ -102,6 +106,11 @@ def test_generated_config_validates_against_rays_llmconfig(case_id: str, llm: Ll
         assert config.engine_kwargs["enable_lora"] is True
         assert config.engine_kwargs["max_loras"] == llm.lora.max_per_replica
         assert config.engine_kwargs["max_lora_rank"] == llm.lora.max_rank
+        # how long one adapter's download may take, and how often it is tried: given, or Ray's own (30 s, 3)
+        defaults = llm_config_module.LoraConfig()
+        multiplex = config.multiplex_config()
+        assert multiplex.download_timeout_s == (llm.lora.download_timeout_s or defaults.download_timeout_s)
+        assert multiplex.max_download_tries == (llm.lora.download_attempts or defaults.max_download_tries)
 
 
 def rays_llm_builder(name: str) -> Any:
@@ -195,6 +204,20 @@ def test_a_variant_with_lora_renders_rays_multi_lora_and_reads_back_from_the_clu
     assert serve_config.application_from_config(app, spec) == spec
     plain = app_spec(applications.llm_app(llm_variant().llm, "gpt"))  # type: ignore[arg-type]
     assert serve_config.application_from_config(serve_config.render_application(plain), spec) == plain
+
+
+def test_an_adapters_download_settings_render_as_rays_and_read_back() -> None:
+    """Ray gives one adapter's download 30 s and 3 tries unless told: a large adapter from a
+    far bucket timed out on every first request for it, with nothing in the manifest to say so."""
+    lora = {"adaptersFrom": "s3://tenants/adapters", "downloadTimeoutSeconds": 240.5, "downloadAttempts": 2}
+    llm = applications.llm_app(llm_variant(lora=lora).llm, "gpt")  # type: ignore[arg-type]
+    assert llm.lora == serve_config.LoraAdapters(path="s3://tenants/adapters", download_timeout_s=240.5, download_attempts=2)
+    spec = app_spec(llm)
+    app = serve_config.render_application(spec)
+    (raw,) = app["args"]["llm_configs"]
+    assert raw["lora_config"] == {"dynamic_lora_loading_path": "s3://tenants/adapters", "max_num_adapters_per_replica": 16,
+                                  "download_timeout_s": 240.5, "max_download_tries": 2}
+    assert serve_config.application_from_config(app, spec) == spec
 
 
 def test_rays_llmconfig_refuses_adapters_where_it_cannot_read_them() -> None:
