@@ -69,3 +69,15 @@ def not_found(named: Named) -> str:
     """Why a request for ``named``'s adapter, which :func:`missing` says is not in the bucket, is refused."""
     return (f"adapter {named.adapter!r} of model {named.name!r} was not found: the model's llm.lora.adaptersFrom holds no "
             f"folder {named.adapter!r} with an {ADAPTER_CONFIG}; ask for an adapter that is there, or {named.name!r} for the base model")
+
+
+def unknown(status: int, answer: bytes, asked: str) -> bool:
+    """Whether a replica's answer to ``GET /v1/models/<asked>`` is Ray Serve LLM's 404 for a
+    model card it cannot make: for an adapter, no :data:`ADAPTER_CONFIG` in its folder."""
+    if status != 404:
+        return False
+    try:
+        message = json.loads(answer)["error"]["message"]
+    except (ValueError, RecursionError, KeyError, TypeError):
+        return False
+    return isinstance(message, str) and f"Unable to find {asked}." in message

@@ -62,7 +62,7 @@ from starlette.types import Receive, Scope, Send
 
 from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
-from orchestrator.gateway import adapter_names, caller_watch, cascade_rules, correlation, event_stream, failover, openai_cascade, routing
+from orchestrator.gateway import adapter_lookup, adapter_names, caller_watch, cascade_rules, correlation, event_stream, failover, openai_cascade, routing
 from orchestrator.gateway.proxy import Gateway, Timed
 from orchestrator.gateway.upstream import OutOfDescriptors, Stream, UpstreamError, UpstreamTimeout
 
@@ -262,11 +262,13 @@ class OpenAIGateway:
             return refused
         if isinstance(named, str):
             return error(400, named, param="model", code="invalid_model")
-        # as a chat by that name is routed: an adapter is not looked for, only a replica that may load it
+        # as a chat by that name is routed; an adapter is looked for at the first replica (adapter_lookup)
         model, deployment = self.gw.table.target(named.name)
         ranked = self._openai_candidates(model, request, limit=1, deployment=deployment, lora=named.adapter is not None)
         if isinstance(ranked, Response):
             return ranked
+        if named.adapter is not None and not await adapter_lookup.found(self.gw.http, ranked[0].endpoint, model, named):
+            return error(404, adapter_names.not_found(named), param="model", code="model_not_found")
         return Response(json.dumps({"id": name, "object": "model", "created": 0, "owned_by": "edgeplane"}),
                         media_type="application/json", headers={"x-edgeplane-site": ranked[0].endpoint.site})
 

@@ -124,7 +124,8 @@ async def test_an_adapter_keeps_the_residency_of_its_replicas() -> None:
 
 async def test_the_model_list_shows_base_models_and_an_adapter_can_be_retrieved() -> None:
     """edgeplane does not list the adapters' folders: ``models.list`` shows the base models,
-    and ``models.retrieve`` of ``<model>:<adapter>`` says a replica may load it."""
+    and ``models.retrieve`` of ``<model>:<adapter>`` says a replica may load it where the
+    replica asked cannot say (these stand-ins answer no GET)."""
     asked: list[tuple[str, str]] = []
     async with fleet(asked) as sdk:
         listed = [m.id for m in (await sdk.models.list()).data]
@@ -171,6 +172,15 @@ def ray_llm_with(site: str, served: str, adapters: set[str], asked: list[tuple[s
     plain = ray_llm(site, served, asked)
 
     async def handle(request: httpmessages.Request) -> httpmessages.Response:
+        if request.method == "GET":  # Ray's models.retrieve: the adapter's card, or its OpenAIHTTPException
+            asked.append((site, request.path))
+            model = request.path.removeprefix("/v1/models/")
+            if model.partition(":")[2] in adapters:
+                return httpmessages.Response(200, json.dumps({"id": model, "object": "model", "owned_by": "org"}).encode())
+            missing = f"Unable to find {model}. Please ensure that the model exists and you have permission."
+            return httpmessages.Response(404, json.dumps({"error": {
+                "message": f"Message: {missing} (Request ID: 7f3b), Internal exception: {missing}, original exception: {missing}",
+                "type": "OpenAIHTTPException", "param": None, "code": 404}}).encode())
         _, sep, adapter = json.loads(request.body)["model"].partition(":")
         if sep and adapter not in adapters:
             asked.append((site, json.loads(request.body)["model"]))
@@ -209,3 +219,25 @@ async def test_a_missing_adapter_is_a_404_naming_it_from_the_first_replica() -> 
     scraped = generate_latest(registry).decode()
     assert "edgeplane_gateway_failovers_total{" not in scraped
     assert 'edgeplane_gateway_requests_total{code="404",model="support",site="dc-paris"} 2.0' in scraped
+
+
+async def test_retrieving_a_missing_adapter_is_a_404_naming_it() -> None:
+    """models.retrieve('support:tenant-x') answered 200 for any adapter name, there or not, so
+    a caller could not check its adapter before asking for it: it now asks one replica with
+    adapters (Ray reads the adapter's folder) and answers 404 naming the adapter when it is not there."""
+    asked: list[tuple[str, str]] = []
+    async with replica(ray_llm_with("dc-paris", "org/support", {"tenant-a"}, asked)) as paris:
+        table = endpoints.EndpointTable()
+        table.replace([routing.Endpoint("support", "support", "dc-paris", "datacenter", "FR", "fr", 48.85, 2.35, paris,
+                                        api=routing.API_OPENAI, served_model="org/support", lora=True)])
+        async with gateway_app(table) as app, serving(app) as port:
+            sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/openai/v1", api_key="unused", max_retries=0, timeout=30)
+            there = await sdk.models.retrieve("support:tenant-a")
+            base = await sdk.models.retrieve("support")
+            with pytest.raises(openai.NotFoundError) as missing:
+                await sdk.models.retrieve("support:tenant-x")
+            await sdk.close()
+    assert there.id == "support:tenant-a" and base.id == "support"
+    assert "adapter 'tenant-x' of model 'support' was not found" in missing.value.message
+    assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"  # type: ignore[index]
+    assert asked == [("dc-paris", "/v1/models/org/support:tenant-a"), ("dc-paris", "/v1/models/org/support:tenant-x")]
