@@ -151,3 +151,29 @@ async def test_plan_shows_an_llm_change_which_restarts_the_engines_as_an_update(
     finally:
         await f.stop()
         dashboard.stop()
+
+
+async def test_plan_shows_a_lora_change_as_an_update_and_its_layer_widths_as_none(
+        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lora = LLM_MODEL.replace("architecture: {layers: 32, kvHeads: 8, headDim: 128}",
+                             "architecture: {layers: 32, kvHeads: 8, headDim: 128, hiddenSize: 4096, intermediateSize: 14336, "
+                             "attentionHeads: 32}\n        lora: {adaptersFrom: 's3://adapters/llama', maxRank: 16}")
+    dashboard = datacentres.ServeDashboard()
+    f = harness.Fleet(tmp_path)
+    try:
+        cp = await f.start_control_plane(resync_s=0.2)
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            resp = await http.post("/v1/apply", content=llm_fleet(dashboard, lora))
+            assert resp.status_code == 200, resp.text
+        await harness.wait_until(lambda: [r.site for r in cp.store.placements()] == ["dc-1"], 30, what="placed on dc-1")
+        manifest = tmp_path / "changed.yaml"
+        slower = lora.replace("maxRank: 16}", "maxRank: 16, downloadTimeoutSeconds: 300}")
+        rows, printed, code = await dry_run_and_plan(cp, manifest, llm_fleet(dashboard, slower), capsys)
+        assert rows == [("dc-1", "updated", ["llm.lora"])] and re.search(r"dc-1\s.*updated: llm.lora", printed), (rows, printed)
+        # the widths size the adapters' GPU memory for placement only: Ray Serve is sent nothing new
+        wider = lora.replace("intermediateSize: 14336", "intermediateSize: 14000")
+        rows, printed, code = await dry_run_and_plan(cp, manifest, llm_fleet(dashboard, wider), capsys)
+        assert rows == [("dc-1", "unchanged", None)] and "No replica changes" in printed, (rows, printed)
+    finally:
+        await f.stop()
+        dashboard.stop()
