@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from edgeplane_proto import kv_cache
+from orchestrator.artifacts import tarball
 from orchestrator.artifacts.catalog import sha256_file
 
 CONFIG_NAME = "genai_config.json"
@@ -44,8 +45,7 @@ _DECODER_INPUTS = {"input_ids": "input_ids", "past_key_names": "past_key_values.
 _DECODER_OUTPUTS = {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
 
 
-class PackageError(Exception):
-    pass
+PackageError = tarball.PackageError
 
 
 @dataclass(frozen=True)
@@ -73,30 +73,7 @@ def pack(model_dir: pathlib.Path, out: pathlib.Path) -> PackageFacts:
     model_dir = pathlib.Path(model_dir)
     config, graphs = _read_checked(model_dir)
     params, nbytes = _weights(graphs)
-    files = []
-    for path in sorted(model_dir.rglob("*")):
-        rel = path.relative_to(model_dir).as_posix()
-        if path.is_symlink():
-            raise PackageError(f"{rel} is a symbolic link; a package holds regular files only")
-        if path.is_file():
-            files.append((rel, path))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for rel, path in files:
-                info = tarfile.TarInfo(rel)
-                info.size = path.stat().st_size
-                info.mode = 0o644
-                info.mtime = 0
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                with path.open("rb") as fh:
-                    tar.addfile(info, fh)
-        tmp.replace(out)
-    except BaseException:  # a full disk, a file that shrank while read: no half-written package is left
-        tmp.unlink(missing_ok=True)
-        raise
+    tarball.write(tarball.regular_files(model_dir), out)
     return PackageFacts(
         path=out,
         sha256=sha256_file(out),
