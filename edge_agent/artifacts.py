@@ -227,6 +227,20 @@ def _remove(root: pathlib.Path, names: list[str]) -> list[str]:
     return removed
 
 
+#: Where a tar's header says it is one (POSIX ustar, and GNU tar's variant of it)
+TAR_MAGIC_AT = 257
+TAR_MAGIC = b"ustar"
+
+
+def is_package(path: pathlib.Path) -> bool:
+    """Whether the cached artifact at ``path`` is a package (a tar, ``edge_agent.packages``),
+    not an ONNX file: an ONNX file is a protobuf message, which starts with a field's tag,
+    never with a tar's 257-byte name field followed by ``ustar``."""
+    with path.open("rb") as fh:
+        head = fh.read(TAR_MAGIC_AT + len(TAR_MAGIC))
+    return head[TAR_MAGIC_AT:] == TAR_MAGIC
+
+
 def verify_file(path: pathlib.Path, sha256: str) -> None:
     """Re-hash a cached artifact too large to read at once (a generative package) before
     it is used; one corrupted on disk is removed, so the next attempt fetches it again."""

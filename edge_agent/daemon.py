@@ -148,6 +148,8 @@ class Agent:
             on_attempt_end=self._wake.set,
             retry=model_retry or registry.RetryPolicy(),
             load_package=self._load_package,
+            load_onnx_package=lambda package, sha256: self._load_onnx_package(
+                package, sha256, functools.partial(load_onnx, providers=onnx.choose_providers(self._probe.execution_providers))),
             generative_on_gpu=self._probe.generative_on_cuda,
             memory_available=self._probe.memory_available,
             kept_for_requests=self._kept_for_requests,
@@ -187,6 +189,17 @@ class Agent:
         except OSError as exc:  # a full or read-only disk: reported, retried, old version kept
             raise errors.ModelLoadError(f"cannot unpack package {sha256[:12]} into {self.models_dir}: {exc.strerror or exc}") from exc
         return genai.GenAIModel.load(directory, self.generative_options(cuda))
+
+    def _load_onnx_package(self, package: pathlib.Path, sha256: str,
+                           load: Callable[[pathlib.Path], onnx.OnnxModel]) -> onnx.OnnxModel:
+        """An onnx package unpacked (verified, once per version) and its graph loaded from there."""
+        from edge_agent import packages
+
+        try:
+            directory = packages.unpack(package, sha256, self.models_dir, runtime=packages.ONNX)
+        except OSError as exc:  # a full or read-only disk: reported, retried, old version kept
+            raise errors.ModelLoadError(f"cannot unpack package {sha256[:12]} into {self.models_dir}: {exc.strerror or exc}") from exc
+        return load(packages.graph(directory))
 
     def generative_options(self, cuda: bool) -> genai.LoadOptions:
         """How this agent loads a generative package: on CUDA as the registry weighed its load

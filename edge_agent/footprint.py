@@ -58,8 +58,11 @@ class Need:
     why: str
 
 
-def onnx_need(file_bytes: int) -> Need:
-    return Need(int(ONNX_LOAD_FACTOR * file_bytes), f"3 x its {file_bytes / MB:.1f} MB file")
+def onnx_need(file_bytes: int, *, package: bool = False) -> Need:
+    """A ``package`` (a graph with its external data) is weighed as a file of its size: the
+    tar holds the graph and every external data file, so its weights are counted."""
+    what = "package (its graph and external data)" if package else "file"
+    return Need(int(ONNX_LOAD_FACTOR * file_bytes), f"3 x its {file_bytes / MB:.1f} MB {what}")
 
 
 def genai_need(package_bytes: int, kv_bytes_per_token: int, context_length: int, sequences: int) -> Need:

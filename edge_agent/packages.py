@@ -1,6 +1,8 @@
-"""Unpacking generative-model packages: verified first, atomically, and only inside the folder.
+"""Unpacking model packages: verified first, atomically, and only inside the folder.
 
-A ``runtime: onnx-genai`` artifact is a tar of a model folder. Its bytes are checked against
+A ``runtime: onnx-genai`` artifact is a tar of a model folder, and so is a ``runtime: onnx``
+artifact that keeps its weights in ONNX external data: one ``.onnx`` graph beside the files it
+names (``artifacts.is_package`` tells it from a plain ONNX file by the tar's magic). Its bytes are checked against
 the assignment's sha256 before the first member is read (the cache already refused a
 mismatching download; this re-hashes the file on disk, so a package corrupted in the cache
 is not unpacked either, and is removed from the cache to be fetched again). Then every member is checked before anything is written:
@@ -14,7 +16,8 @@ is not unpacked either, and is removed from the cache to be fetched again). Then
   file system takes, and none deeper than ``MAX_DEPTH`` folders or longer than
   ``MAX_NAME_CHARS`` (a model folder is shallow; a path thousands of folders deep is only
   an attack on whatever walks it);
-- a ``genai_config.json`` file at the top;
+- a ``genai_config.json`` file at the top (a generative package), or one ``.onnx`` file, at
+  the top, and no other anywhere (an onnx package: :func:`graph` names it);
 - room for its members on the disk, with the reserve downloads keep (:mod:`edge_agent.diskspace`).
 
 Members go into a fresh temporary folder beside the final one, which is renamed into
@@ -45,6 +48,10 @@ if TYPE_CHECKING:  # tarfile and tempfile cost resident memory: imported when a 
     import tarfile
 
 CONFIG_NAME = "genai_config.json"
+#: The runtimes whose artifacts may be packages, as assignments name them
+GENAI = "onnx-genai"
+ONNX = "onnx"
+GRAPH_SUFFIX = ".onnx"
 DEFAULT_MAX_BYTES = 256 << 30
 DEFAULT_MAX_FILES = 4096
 MAX_DEPTH = 64
@@ -79,8 +86,18 @@ def _check_name(name: str) -> str:
     return "/".join(parts)
 
 
-def check_members(tar: tarfile.TarFile, max_bytes: int, max_files: int) -> list[tuple[tarfile.TarInfo, str]]:
-    """Every member with its normalised name, or :class:`PackageRefused` naming the first bad one."""
+def graph(folder: pathlib.Path) -> pathlib.Path:
+    """The ``.onnx`` graph of an unpacked onnx package (:func:`unpack` checked there is one)."""
+    found = sorted(folder.glob("*" + GRAPH_SUFFIX))
+    if len(found) != 1:
+        raise PackageRefused(f"unpacked package {folder.name[:12]} holds {len(found)} .onnx graphs at its top, not one")
+    return found[0]
+
+
+def check_members(tar: tarfile.TarFile, max_bytes: int, max_files: int,
+                  runtime: str = GENAI) -> list[tuple[tarfile.TarInfo, str]]:
+    """Every member with its normalised name, or :class:`PackageRefused` naming the first bad
+    one; the package holds at its top what a ``runtime`` model needs."""
     out: list[tuple[tarfile.TarInfo, str]] = []
     total = 0
     seen: set[str] = set()
@@ -114,6 +131,9 @@ def check_members(tar: tarfile.TarFile, max_bytes: int, max_files: int) -> list[
             if parent in files:
                 raise PackageRefused(f"package member {_shown(name)} is inside {_shown(files[parent])}, which is a file: refused")
             parent = parent.rpartition("/")[0]
+    if runtime == ONNX:
+        _check_graph(files)
+        return out
     if CONFIG_NAME in seen and CONFIG_NAME not in files:
         raise PackageRefused(f"package's {CONFIG_NAME} is a folder, not a file: not an onnxruntime-genai model")
     if CONFIG_NAME not in files:
@@ -121,22 +141,35 @@ def check_members(tar: tarfile.TarFile, max_bytes: int, max_files: int) -> list[
     return out
 
 
-def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
+def _check_graph(files: dict[str, str]) -> None:
+    """An onnx package holds one ``.onnx`` graph, at its top: the one file onnxruntime is given."""
+    graphs = sorted(name for name in files if name.endswith(GRAPH_SUFFIX))
+    if not graphs:
+        raise PackageRefused("package holds no .onnx graph: not an onnx model package")
+    if len(graphs) > 1:
+        shown = ", ".join(_shown(files[g]) for g in graphs[:4]) + (", ..." if len(graphs) > 4 else "")
+        raise PackageRefused(f"package holds {len(graphs)} .onnx graphs ({shown}): an onnx package holds one")
+    if "/" in graphs[0]:
+        raise PackageRefused(f"package's graph {_shown(files[graphs[0]])} is not at its top: an onnx package holds it there")
+
+
+def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *, runtime: str = GENAI,
            max_bytes: int = DEFAULT_MAX_BYTES, max_files: int = DEFAULT_MAX_FILES,
            fsync: Callable[[int], None] = os.fsync,
            room: Callable[[pathlib.Path], diskspace.Room | None] = diskspace.room) -> pathlib.Path:
     """The model folder of ``package`` under ``models_root/<sha256>``, unpacked if not there
-    yet. ``fsync`` is the call that makes a file's or a folder's writes durable, ``room``
-    the one that says how much the disk has free."""
+    yet; ``runtime`` says what the package holds (:data:`GENAI` or :data:`ONNX`). ``fsync``
+    is the call that makes a file's or a folder's writes durable, ``room`` the one that says
+    how much the disk has free."""
     import tarfile
     import tempfile
 
     models_root.mkdir(parents=True, exist_ok=True)
     final = models_root / sha256
-    if _whole(final):
+    if _whole(final, runtime):
         return final  # renamed into place only once complete and on the disk
     artifacts.verify_file(package, sha256)  # before the first member is read
-    _discard(final, models_root, sha256)
+    _discard(final, models_root, sha256, runtime)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{sha256[:12]}-", dir=models_root))
     try:
         try:
@@ -145,7 +178,7 @@ def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
             raise PackageRefused(f"package {sha256[:12]} is not a tar archive: {exc}") from None
         with tar:
             try:
-                members = check_members(tar, max_bytes, max_files)
+                members = check_members(tar, max_bytes, max_files, runtime)
                 _refuse_unless_room(room(models_root), sha256, sum(member.size for member, _ in members))
                 for member, name in members:
                     _write(tar, member, tmp / name, fsync)
@@ -159,7 +192,7 @@ def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
         try:
             os.rename(tmp, final)
         except OSError:
-            if not _whole(final):  # not a concurrent unpack of the same version
+            if not _whole(final, runtime):  # not a concurrent unpack of the same version
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -170,19 +203,23 @@ def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
         raise
 
 
-def _whole(folder: pathlib.Path) -> bool:
+def _whole(folder: pathlib.Path, runtime: str) -> bool:
     """Whether ``folder`` is a version this module unpacked whole, and is still so on the
-    disk as far as a look can tell (its config not deleted since)."""
-    return (folder / MARK).is_file() and (folder / CONFIG_NAME).is_file()
+    disk as far as a look can tell (its config, or its graph, not deleted since)."""
+    if not (folder / MARK).is_file():
+        return False
+    if runtime == ONNX:
+        return len(list(folder.glob("*" + GRAPH_SUFFIX))) == 1
+    return (folder / CONFIG_NAME).is_file()
 
 
-def _discard(final: pathlib.Path, models_root: pathlib.Path, sha256: str) -> None:
+def _discard(final: pathlib.Path, models_root: pathlib.Path, sha256: str, runtime: str) -> None:
     """Remove what is at ``final`` and not :func:`_whole`: a folder an agent before the sync
     renamed into place (a power loss may have left its files empty), or one damaged on the
     disk. Removed before the unpack, so it takes no room the unpack needs (the package it is
     unpacked from again was just verified); moved aside first, so an unpack of the same version
     that renamed a whole folder there meanwhile keeps it."""
-    if _whole(final) or not os.path.lexists(final):
+    if _whole(final, runtime) or not os.path.lexists(final):
         return
     aside = models_root / f".{sha256[:12]}-discarded-{os.getpid()}-{threading.get_ident()}"
     try:

@@ -138,6 +138,8 @@ class _Slot:
 Loader = Callable[[bytes], onnx.OnnxModel]
 #: Loads a generative package: (the cached package file, its sha256, whether on a GPU) -> the model.
 PackageLoader = Callable[[pathlib.Path, str, bool], "genai.GenAIModel"]
+#: Loads an onnx package (a graph with its external data): (the cached package file, its sha256) -> the model.
+OnnxPackageLoader = Callable[[pathlib.Path, str], onnx.OnnxModel]
 
 
 class ModelRegistry:
@@ -149,6 +151,7 @@ class ModelRegistry:
         *,
         on_attempt_end: Callable[[], None] = lambda: None,
         load_package: PackageLoader | None = None,
+        load_onnx_package: OnnxPackageLoader | None = None,
         generative_on_gpu: Callable[[], bool] = lambda: False,
         memory_available: Callable[[], int | None] = lambda: None,
         kept_for_requests: Callable[[int, int], int] = lambda need, available: 0,
@@ -161,6 +164,7 @@ class ModelRegistry:
         self._cache = cache
         self._load = load
         self._load_package = load_package
+        self._load_onnx_package = load_onnx_package
         # whether a generative model loads on a GPU, its KV cache in GPU memory (placement
         # counts it), not this machine's: asked once a load, which is weighed and made so
         self._generative_on_gpu = generative_on_gpu
@@ -359,10 +363,11 @@ class ModelRegistry:
                     finally:
                         self._loading(0)
                 else:
-                    need = self._weigh(slot, want, footprint.onnx_need(path.stat().st_size))
+                    package = self._load_onnx_package is not None and artifacts.is_package(path)  # its first 262 bytes
+                    need = self._weigh(slot, want, footprint.onnx_need(path.stat().st_size, package=package))
                     self._loading(need)
                     try:
-                        runtime = await self._to_its_end(self._read_and_load(want))
+                        runtime = await self._to_its_end(self._read_and_load(want, path if package else None))
                     finally:
                         self._loading(0)
         except errors.AgentError as exc:
@@ -392,9 +397,13 @@ class ModelRegistry:
         self._on_change()
         return "; the version it replaced was loaded again"
 
-    async def _read_and_load(self, want: assignments.Assignment) -> onnx.OnnxModel:
-        data = await self._cache.read(want.sha256)
-        model = await asyncio.to_thread(self._load, data)  # its bytes let go of with this frame, before the next load
+    async def _read_and_load(self, want: assignments.Assignment, package: pathlib.Path | None = None) -> onnx.OnnxModel:
+        """``want``'s model, from its verified bytes or, a ``package``, from the folder it unpacks to."""
+        if package is not None and self._load_onnx_package is not None:
+            model = await asyncio.to_thread(self._load_onnx_package, package, want.sha256)
+        else:
+            data = await self._cache.read(want.sha256)
+            model = await asyncio.to_thread(self._load, data)  # its bytes let go of with this frame, before the next load
         refused = signature.mismatch(want.inputs, want.outputs, model.inputs, model.outputs)
         if refused is not None:  # it would answer 400 to callers writing to the declaration
             raise errors.ModelLoadError(refused)

@@ -2,7 +2,8 @@
 
 It picks the execution provider (CUDA when onnxruntime-gpu offers it, else CPU; the agent
 gives those it has decided on, CUDA only where it has a GPU: ``capacity``), loads a
-model from bytes that were verified beforehand, describes its tensors in v2 terms, and
+model from bytes that were verified beforehand (or, a model with external data, from its
+graph's path in the folder its verified package was unpacked into), describes its tensors in v2 terms, and
 checks every infer request against that description *before* onnxruntime sees it, so a
 bad request is a clear 400 and never a native error.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pathlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -147,24 +149,33 @@ class OnnxModel:
     @classmethod
     def load(
         cls,
-        data: bytes,
+        data: bytes | pathlib.Path,
         *,
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
         spin_between_runs: bool = False,
         spin_after_run_us: int = 0,
     ) -> OnnxModel:
+        """``data``: a model's verified bytes, or the path of the graph of an unpacked package,
+        whose external data onnxruntime reads beside it, and nowhere else
+        (:func:`_refuse_external_data_outside`)."""
         options = session_options(intra_op_threads, spin_between_runs=spin_between_runs,
                                   spin_after_run_us=spin_after_run_us)
-        # The artifact is the verified bytes alone: given bytes, onnxruntime looks for a model's
-        # external data in the process's working directory, and would read a file it found
-        # there by that name as the model's weights. Looked for under a file instead, none is.
-        options.add_session_config_entry(EXTERNAL_DATA_FOLDER, NO_FOLDER)
+        if isinstance(data, pathlib.Path):
+            _refuse_external_data_outside(data)
+            model: str | bytes = str(data)  # onnxruntime reads its external data in the graph's folder
+        else:
+            # The artifact is the verified bytes alone: given bytes, onnxruntime looks for a model's
+            # external data in the process's working directory, and would read a file it found
+            # there by that name as the model's weights. Looked for under a file instead, none is.
+            options.add_session_config_entry(EXTERNAL_DATA_FOLDER, NO_FOLDER)
+            model = data
         chosen = list(providers) if providers else choose_providers(available_providers())
         try:
-            session = ort.InferenceSession(data, sess_options=options, providers=chosen)
+            session = ort.InferenceSession(model, sess_options=options, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise errors.ModelLoadError(_external_data_refusal(data) or f"onnxruntime could not load the model: {exc}") from exc
+            refusal = _external_data_refusal(data) if isinstance(data, bytes) else None
+            raise errors.ModelLoadError(refusal or f"onnxruntime could not load the model: {_short(exc)}") from exc
         _refuse_unless_tensors(session)
         _refuse_strings_in_and_bf16_out(session)
         if chosen == ["CPUExecutionProvider"]:
@@ -251,13 +262,57 @@ def _external_data_refusal(data: bytes) -> str | None:
         graph = onnx.load_model_from_string(data).graph
     except Exception:  # noqa: BLE001 - not a model onnx reads either: onnxruntime's own words stand
         return None
-    files = sorted({entry.value for tensor in _tensors(graph) if tensor.data_location == onnx.TensorProto.EXTERNAL
-                    for entry in tensor.external_data if entry.key == "location"})
+    files = sorted(external_data_locations(graph))
     if not files:
         return None
     return (f"the model keeps its weights in ONNX external data ({', '.join(files)}), which an onnx artifact does not "
-            "carry: it is one self-contained ONNX file, verified by its sha256; save the model with its weights inside "
-            "(onnx.save_model(model, path, save_as_external_data=False)), which ONNX allows up to 2 GB")
+            "carry: it is one self-contained ONNX file, verified by its sha256; pack the model's folder into an onnx "
+            "package (python -m orchestrator.artifacts.onnx_package pack MODEL_DIR OUT.tar) and give that as the "
+            "artifact, or save the model with its weights inside (onnx.save_model(model, path, "
+            "save_as_external_data=False)), which ONNX allows up to 2 GB")
+
+
+def external_data_locations(graph: Any) -> dict[str, str]:
+    """Each external data file a graph (an ``onnx.GraphProto``) names, with a tensor that
+    names it: ``{location: tensor}``."""
+    import onnx
+
+    return {entry.value: tensor.name for tensor in _tensors(graph) if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data if entry.key == "location"}
+
+
+def location_refusal(folder: pathlib.Path, location: str, tensor: str, where: str = "its package folder") -> str | None:
+    """Why the external data file ``location``, which ``tensor`` of a graph in ``folder``
+    (``where``, in a message) names, is not one onnxruntime may read there (None: it is): one
+    outside the folder, by ``..``, an absolute path or a link, would be read although no
+    sha256 covers it."""
+    rel = pathlib.PurePosixPath(location)
+    if not location or rel.is_absolute() or ".." in rel.parts or "\\" in location:
+        return (f"the model's tensor {tensor!r} keeps its data in {location!r}, which is outside {where}: an external "
+                "data location is a file name relative to the graph, in the same folder or below")
+    target = folder / rel
+    if not target.resolve().is_relative_to(folder.resolve()):
+        return f"the model's tensor {tensor!r} keeps its data in {location!r}, which leads outside {where}"
+    if not target.is_file():
+        return f"the model's tensor {tensor!r} keeps its data in {location!r}, which {where} does not hold"
+    return None
+
+
+def _refuse_external_data_outside(path: pathlib.Path) -> None:
+    """Refuse a graph naming an external data file that onnxruntime would read from outside
+    its folder, or that is not there, before onnxruntime opens any. Read without its external
+    data: only the graph's own bytes are parsed (the onnx package is imported only by agents
+    that load packages)."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or whatever a file that is not ONNX raises
+        raise errors.ModelLoadError(f"the package's graph {path.name} is not an ONNX model: {_short(exc)}") from None
+    for location, tensor in sorted(external_data_locations(graph).items()):
+        refusal = location_refusal(path.parent, location, tensor)
+        if refusal is not None:
+            raise errors.ModelLoadError(refusal)
 
 
 def _tensors(graph: Any) -> Iterator[Any]:

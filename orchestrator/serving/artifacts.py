@@ -48,6 +48,12 @@ def cache_dir() -> pathlib.Path:
     )
 
 
+def models_root() -> pathlib.Path:
+    """Where a replica unpacks packages (generative, and onnx models with external data),
+    one folder per sha256 (``edge_agent.packages``)."""
+    return pathlib.Path(os.environ.get("EDGEPLANE_ARTIFACT_CACHE") or tempfile.gettempdir()) / "edgeplane-genai-models"
+
+
 def max_bytes() -> int:
     """The largest download a replica makes: ``$EDGEPLANE_MAX_ARTIFACT_GB`` GiB, as an agent's
     ``--max-artifact-gb`` (a wrong URL must not fill a node's disk) and its default unless set."""

@@ -17,9 +17,6 @@ bounded concurrency with a queue and 429, cancel on disconnect) and the same pac
 
 from __future__ import annotations
 
-import os
-import pathlib
-import tempfile
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -55,14 +52,10 @@ class _OneModel:
         return name == self._served.name
 
 
-def models_root() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("EDGEPLANE_ARTIFACT_CACHE") or tempfile.gettempdir()) / "edgeplane-genai-models"
-
-
 def load(artifact_uri: str, sha256: str, artifact_hosts: tuple[str, ...] = ()) -> genai.GenAIModel:
     """Fetch and verify the package, unpack it safely (once per node and version), load it."""
     package = artifacts.fetch_verified(artifact_uri, sha256, redirect_hosts=artifact_hosts)
-    directory = packages.unpack(package, sha256, models_root())
+    directory = packages.unpack(package, sha256, artifacts.models_root())
     # outside a Ray worker (a replica built in a test) there is no GPU given, and asking would fail
     gpus = ray.get_gpu_ids() if ray.is_initialized() else []
     return genai.GenAIModel.load(directory, genai.LoadOptions(cuda=bool(gpus) and genai.built_with_cuda()))

@@ -14,7 +14,9 @@ strings for BYTES tensors, and every error onnxruntime raises on a run is the ca
 a body is read, and a compressed one inflated as the agent does
 (``edgeplane_proto.encoding``), under the agent's limit (413 past it). Only the routing around it is Serve's.
 
-The artifact's sha256 is checked before onnxruntime sees the file, twice: once in
+The artifact is an ONNX file, or an onnx package (a tar of a graph and its external data,
+``orchestrator.artifacts.onnx_package``), which a replica unpacks as an agent does. Its
+sha256 is checked before onnxruntime sees the file, twice: once in
 :func:`build`, which Serve runs when the application is deployed, so a wrong digest fails
 the application at once with a clear message instead of after a round of replica
 restarts; and again in each replica, on the copy that replica loads. A replica also
@@ -26,6 +28,7 @@ and both shapes, and callers written to the declaration never get its 400s.
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -38,7 +41,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import edge_agent
-from edge_agent import errors, signature
+from edge_agent import artifacts as edge_artifacts
+from edge_agent import errors, packages, signature
 from edge_agent.runtime import onnx as onnx_runtime
 from edgeplane_proto import encoding, oip
 from edgeplane_proto.assignment import DeclaredTensor
@@ -77,6 +81,16 @@ def _json(doc: Any, status: int = 200) -> Response:
     return Response(oip.dumps(doc), status_code=status, media_type=JSON)
 
 
+def _load(path: pathlib.Path, sha256: str) -> onnx_runtime.OnnxModel:
+    """The verified artifact loaded: an ONNX file from its bytes, an onnx package (a graph with
+    its external data) from the folder it is unpacked into, once per node and version, as an
+    agent does (``edge_agent.packages``)."""
+    if edge_artifacts.is_package(path):
+        directory = packages.unpack(path, sha256, artifacts.models_root(), runtime=packages.ONNX)
+        return onnx_runtime.OnnxModel.load(packages.graph(directory), providers=_providers())
+    return onnx_runtime.OnnxModel.load(path.read_bytes(), providers=_providers())
+
+
 @serve.deployment(name="OnnxModel")
 class OnnxModel:
     """One replica: a verified ONNX file in an onnxruntime session behind the v2 routes."""
@@ -86,7 +100,7 @@ class OnnxModel:
         path = artifacts.fetch_verified(artifact_uri, sha256, redirect_hosts=artifact_hosts)
         self._model_name = model_name
         self._version = oip.model_version(sha256)  # the version an edge agent gives the same file
-        self._model = onnx_runtime.OnnxModel.load(path.read_bytes(), providers=_providers())
+        self._model = _load(path, sha256)
         refused = signature.mismatch(inputs, outputs, self._model.inputs, self._model.outputs)
         if refused is not None:
             raise errors.ModelLoadError(refused)
