@@ -26,7 +26,8 @@ from orchestrator.testing import onnx_models
 SMALL_CPU = 0.1
 
 
-def onnx_spec(name: str, model: onnx_models.BuiltModel, **overrides: object) -> ServeAppSpec:
+def onnx_spec(name: str, model: onnx_models.BuiltModel | None, **overrides: object) -> ServeAppSpec:
+    """``model``: the artifact, unless ``overrides`` name it (``artifact_uri``, ``sha256``)."""
     fields: dict[str, object] = {
         "name": name,
         "route_prefix": f"/ep/{name.removeprefix('ep-')}",
@@ -36,8 +37,8 @@ def onnx_spec(name: str, model: onnx_models.BuiltModel, **overrides: object) -> 
         "cpu": SMALL_CPU,
         "memory_mib": 64,
         "gpus": 0.0,
-        "artifact_uri": model.path.as_uri(),
-        "sha256": model.sha256,
+        "artifact_uri": model.path.as_uri() if model is not None else "",
+        "sha256": model.sha256 if model is not None else "",
     }
     fields.update(overrides)
     return ServeAppSpec(**fields)  # type: ignore[arg-type]
@@ -225,6 +226,22 @@ async def test_artifact_sha_mismatch_is_refused_before_loading(
         await ray_serve.wait_until_running(serve_actuator, ["ep-badsha"], timeout_s=60)
     assert "refusing to load" in failed.value.message
     assert mlp.sha256 in failed.value.message
+
+
+async def test_onnx_app_serves_a_model_with_external_data_from_its_package(
+    serve_actuator: ray_serve.RayServeActuator, tmp_path: pathlib.Path
+) -> None:
+    from orchestrator.artifacts import onnx_package
+    from tests.agent import test_onnx_package as packed
+
+    out = tmp_path / "packed.tar"
+    facts = onnx_package.pack(packed.model_folder(tmp_path / "model"), out)
+    spec = onnx_spec("ep-packed", None, artifact_uri=out.as_uri(), sha256=facts.sha256, model_name="m")
+    await serve_actuator.apply([spec])
+    status = (await ray_serve.wait_until_running(serve_actuator, ["ep-packed"], timeout_s=90))["ep-packed"]
+    assert status.endpoint_url is not None
+    async with httpx.AsyncClient(base_url=status.endpoint_url, timeout=30) as client:
+        np.testing.assert_array_equal(await packed.infer(client, "m"), packed.single_file_answer(packed.X))
 
 
 async def test_a_file_that_does_not_take_the_declared_inputs_fails_its_application_naming_them(
