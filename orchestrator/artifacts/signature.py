@@ -2,18 +2,21 @@
 
 Callers address a model by its input names, datatypes and shapes; the manifest does not carry
 them, the verified file does. Only the graph's declarations are read (no weights, no
-onnxruntime session), once per sha256.
+onnxruntime session), once per sha256; of an onnx package (a tar of the graph and its
+external data, ``onnx_package``), the graph is read from the tar, which is not unpacked.
 """
 
 from __future__ import annotations
 
 import functools
 import pathlib
+import tarfile
 from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
 
+from edge_agent import artifacts as edge_artifacts
 from orchestrator.artifacts import catalog as catalog_mod
 from orchestrator.manifests import schema
 
@@ -31,12 +34,27 @@ V2_DATATYPES = {
 def read(path: pathlib.Path, sha256: str) -> dict[str, list[dict[str, Any]]]:
     """``{"inputs": [...], "outputs": [...]}``, each ``{name, datatype, shape}``; a dimension
     without a fixed size is ``-1`` (as v2 metadata writes it). ``sha256`` keys the cache."""
-    model = onnx.load(str(path), load_external_data=False)
+    if edge_artifacts.is_package(path):  # as agents and replicas tell it
+        model = _packed_graph(path)
+    else:
+        model = onnx.load(str(path), load_external_data=False)
     weights = {i.name for i in model.graph.initializer}  # older exporters list weights as inputs
     return {
         "inputs": [_tensor(v) for v in model.graph.input if v.name not in weights],
         "outputs": [_tensor(v) for v in model.graph.output],
     }
+
+
+def _packed_graph(path: pathlib.Path) -> onnx.ModelProto:
+    """The graph of an onnx package, without its external data (a ValueError if it holds none)."""
+    with tarfile.open(path, "r:") as tar:
+        graphs = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".onnx")]
+        if len(graphs) != 1:
+            raise ValueError(f"the package holds {len(graphs)} .onnx graphs, not one")
+        member = tar.extractfile(graphs[0])
+        if member is None:
+            raise ValueError(f"{graphs[0].name} in the package cannot be read")
+        return onnx.load_model_from_string(member.read())
 
 
 def _tensor(value: onnx.ValueInfoProto) -> dict[str, Any]:
@@ -68,7 +86,7 @@ def describe_variants(spec: schema.ModelSpec, catalog: catalog_mod.ArtifactCatal
                     item["io"] = "remote artifact: read by the replicas that download it"
                 else:
                     item.update(read(path, artifact.sha256))
-            except (catalog_mod.ArtifactError, OSError, ValueError, DecodeError) as exc:  # said, not raised
+            except (catalog_mod.ArtifactError, OSError, ValueError, DecodeError, tarfile.TarError) as exc:  # said, not raised
                 item["error"] = f"cannot read the artifact's inputs and outputs: {exc}"
         out.append(item)
     return out

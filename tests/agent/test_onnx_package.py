@@ -254,3 +254,12 @@ def test_a_data_centre_replica_refuses_a_graph_reading_outside_its_package(tmp_p
     tarball.write(tarball.regular_files(folder), out)
     with pytest.raises(errors.ModelLoadError, match=r"keeps its data in '\.\./model\.onnx\.data', which is outside"):
         onnx_app.OnnxModel.func_or_class(str(out), sha256_of(out), "m")
+
+
+def test_describe_model_reads_a_packages_graph_from_the_tar(tmp_path: pathlib.Path) -> None:
+    from orchestrator.artifacts import signature
+
+    out = tmp_path / "packed.tar"
+    sha256 = onnx_package.pack(model_folder(tmp_path / "model"), out).sha256
+    assert signature.read(out, sha256) == {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
+                                           "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]}
