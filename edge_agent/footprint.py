@@ -23,7 +23,9 @@ What a load needs, measured with onnxruntime 1.32 and onnxruntime-genai 0.18 on 
 
 - an ONNX file, loaded from the bytes the agent verified, peaked at 3.0 x its size (those
   bytes, the parsed protobuf, the session's tensors; a 400 MB file: 1,202 MB) and kept 1.0 x
-  resident once loaded;
+  resident once loaded; an onnx package (a graph with its external data), loaded from its
+  unpacked folder, peaked at 2.1 x the tar's size (100 MB: 210 MB, the check of its external
+  data's locations included), and is weighed as a file all the same (3 x), erring high;
 - an onnxruntime-genai package, loaded from its unpacked folder, peaked at 1.2 x the folder's
   size (262 MB of weights: 316 MB). Its KV cache comes on top as sequences run, at most
   ``max_concurrent_sequences`` of them, each up to the context length: the whole of it is
