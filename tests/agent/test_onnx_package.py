@@ -263,3 +263,33 @@ def test_describe_model_reads_a_packages_graph_from_the_tar(tmp_path: pathlib.Pa
     sha256 = onnx_package.pack(model_folder(tmp_path / "model"), out).sha256
     assert signature.read(out, sha256) == {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
                                            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]}
+
+
+def test_a_packaged_graph_with_a_sequence_output_is_refused_as_a_file_is(tmp_path: pathlib.Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEPLANE_ARTIFACT_CACHE", str(tmp_path / "cache"))
+    made = built()
+    made.graph.node.append(helper.make_node("SequenceConstruct", ["y"], ["ys"]))
+    del made.graph.output[:]
+    made.graph.output.append(helper.make_tensor_sequence_value_info("ys", TensorProto.FLOAT, None))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save_model(made, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=0)
+    out = tmp_path / "seq.tar"
+    sha256 = onnx_package.pack(folder, out).sha256
+    with pytest.raises(errors.ModelLoadError, match=r"the model's output 'ys' is seq\(tensor\(float\)\), not a tensor"):
+        onnx_app.OnnxModel.func_or_class(str(out), sha256, "m")
+
+
+async def test_an_agent_refuses_a_package_that_does_not_take_the_declared_inputs(
+        control_plane: ControlPlane, make_agent: MakeAgent, artifact_server: ArtifactServer, tmp_path: pathlib.Path) -> None:
+    from edgeplane_proto.assignment import DeclaredTensor
+
+    url, sha256 = packed(artifact_server, model_folder(tmp_path / "model"), "declared.tar")
+    await make_agent(control_plane)
+    declared = model.Assignment("m", "intent", "small", url, sha256,
+                                inputs=(DeclaredTensor("x", "FP32", (-1, 5)),), outputs=(DeclaredTensor("y", "FP32", (-1, 4)),))
+    control_plane.hub.set_assignments(SITE, [declared], version=1)
+    state = await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.FAILED, name="m")
+    assert "input 'x' is declared FP32 [-1, 5], but the file takes FP32 [-1, 16]" in state.message, state.message
