@@ -25,9 +25,10 @@ loss: the memory of a site flapping with replicas on it would grow without bound
 failback would credit it with seats it never held at once.
 
 Decided purely: the memory is a value the pass finds in its snapshot, with the
-reconciler's clock read once as it gathered (``now``), and hands back with its plan. It is
-the leader's, in memory: a restarted control plane or a new leader knows of no stand-in,
-and they stay where they are.
+reconciler's clock read once as it gathered (``now``), and hands back with its plan. The
+reconciler keeps it in the store (``failback_record``), written before the pass's moves
+are made: a restarted control plane or a new leader reads it back and goes on with each
+hold-down where the last leader left it.
 """
 
 from __future__ import annotations

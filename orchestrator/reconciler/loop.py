@@ -33,6 +33,7 @@ from orchestrator.reconciler import autoscaler as autoscaler_mod
 from orchestrator.reconciler import datacentre_sync, hold
 from orchestrator.reconciler import desired as desired_mod
 from orchestrator.reconciler import failback as failback_mod
+from orchestrator.reconciler import failback_record
 from orchestrator.reconciler import observed as observed_mod
 from orchestrator.reconciler import planning, publishing
 from orchestrator.reconciler import rejoin as rejoin_mod
@@ -76,6 +77,7 @@ class Reconciler:
     _takeover: tuple[float, frozenset[str]] | None = None  # a new leader's first pass waits: (until, edge sites to rejoin)
     _rejoin: rejoin_mod.RejoinWindow | None = None  # a restart: the edge sites awaited, and until when
     publisher: publishing.Publisher = field(init=False)  # what this leader tells the other replicas through the store
+    failback_record: failback_record.FailbackRecord = field(init=False)  # the failback memory, kept in the store for the next leader
     # sha256 -> the URI a Model named, of each version in use: a version agents are kept on
     # that no stored Model names any more is checked and served from it (see observed_mod)
     _sources: dict[str, str] = field(default_factory=dict)
@@ -93,6 +95,7 @@ class Reconciler:
                                                       answered=lambda: self.trigger("a data centre answered a call that outlived its pass"))
         self.publisher = publishing.Publisher(self.store, self.table, clock=lambda: self.clock(), lease=lambda: self.lease,
                                               load_publish_s=self.load_publish_s)
+        self.failback_record = failback_record.FailbackRecord(self.store, clock=lambda: self.clock(), lease=lambda: self.lease)
         # A request for a model scaled to zero starts a pass at once, not at the next resync.
         self.table.on_wake = lambda model: self.trigger(f"request for {model}, scaled to zero")
 
@@ -217,7 +220,7 @@ class Reconciler:
         self.lease = lease
         self._stopping = False
         self.dc_sync.forget()
-        self._failback = None  # stand-ins another leader placed are not known here
+        self._failback = None  # another leader's memory, read from the store by the first pass (failback_record)
         self.publisher.forget()  # another leader may have published since this replica last did
         self._inherit = True
         self._unreadable, self._unapplied = {}, {}  # each term reports them again: its events and log are this leader's
@@ -363,6 +366,8 @@ class Reconciler:
         deleted = await self.store.run(self.store.deleted_sites)  # read after the Sites: one declared again is in both
         if self._inherit:
             await self._inherit_observed()
+        if self._failback is None:  # a new term: the last leader's stand-ins, and the hold-downs under way
+            self._failback = await self.failback_record.read()
         await self.dc_sync.observe(sites, deleted)
         placements = tuple(await self.store.run(self.store.placements))
         agents = tuple(self.hub.snapshot())
@@ -438,6 +443,7 @@ class Reconciler:
         # next pass, finding none, plans in full rather than repair the same one beside it.
         standing, self._standing = self._standing, None
         plan = await self._plan(snapshot, standing)
+        await self.failback_record.write(plan.failback)  # before the moves it remembers are made
         self._standing, self._failback = plan.standing, plan.failback
         # What `get placements` pairs the stored rows with from now on: this pass writes its
         # rows and may then wait seconds (a data centre's apps deploying); shown with the

@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
+import pytest
+
 from orchestrator import maintenance
 from orchestrator.manifests import schema
 
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import failback as failback_mod
+from orchestrator.reconciler import failback_record
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import result as sched_result
@@ -219,3 +222,22 @@ def test_a_site_flapping_with_replicas_placed_on_it_between_losses_gets_back_wha
     assert on(planned, LYON) == {(r.deployment, r.site, r.variant, r.replicas) for r in planning.placement_rows(fresh.result) if r.site == LYON}
     assert on(planned, LYON) == on(good, LYON)
     assert LYON not in fleet.s.failback.seats
+
+
+def test_the_memory_kept_in_the_store_reads_back_as_it_was_written_on_another_clock() -> None:
+    fleet = Fleet(HOLD_S)
+    lose_lyon(fleet, at=10.0)
+    memory = fleet.s.failback
+    assert memory.seats[LYON]
+    memory = dataclasses.replace(memory, back_since={LYON: 30.0})
+    text = failback_record.to_text(memory, lambda local: local + 1_000.0)  # the store's time, 1,000 s ahead
+    back = failback_record.from_text(text, lambda stored: stored - 1_500.0)  # a new leader's clock, 500 s behind the old one's
+    assert (Counter(back.seats[LYON]), Counter(back.losing.get(LYON, ()))) == (Counter(memory.seats[LYON]), Counter(memory.losing.get(LYON, ())))
+    assert back.back_since == {LYON: -470.0}
+
+
+@pytest.mark.parametrize("text", ["", "{", "[]", '{"format": 2, "sites": {}}', '{"format": 1, "sites": {"x": {}}}',
+                                  '{"format": 1, "sites": {"x": {"seats": [["d", "v"]]}}}'])
+def test_a_stored_memory_that_does_not_read_says_so(text: str) -> None:
+    with pytest.raises(ValueError, match="the stored failback memory does not read"):
+        failback_record.from_text(text, lambda stored: stored)
