@@ -88,9 +88,10 @@ class FailbackRecord:
     lease: Callable[[], store_mod.Lease | None]
     _written: tuple[Mapping[str, Any], ...] | None = None  # what the store holds, as this term last read or wrote it
 
-    async def read(self) -> failback_mod.Failback:
+    async def read(self, term: bool = True) -> failback_mod.Failback:
         """The memory the last leader left (none: an empty one). One that does not read is
-        warned of and forgotten: its stand-ins stay where they are, as before it was kept."""
+        warned of and forgotten: its stand-ins stay where they are, as before it was kept.
+        ``term``: read by a new term, which writes it from now on (else a follower's what-if)."""
         got = await self.store.run(self.store.published, PUBLISHED_KEY)
         memory = failback_mod.Failback()
         if got is not None:
@@ -99,7 +100,8 @@ class FailbackRecord:
                 memory = from_text(got[1], lambda stored: stored + offset)
             except ValueError as exc:
                 log.warning("%s: replicas moved off sites lost before this leader are not moved back", exc)
-        self._written = _kept(memory) if got is not None else _kept(failback_mod.Failback())
+        if term:
+            self._written = _kept(memory)
         return memory
 
     async def write(self, memory: failback_mod.Failback) -> None:

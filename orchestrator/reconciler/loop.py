@@ -329,8 +329,10 @@ class Reconciler:
         plan them as lost. ``leaders``: what the leader published it observed, for a replica
         that does not lead (its own hub holds only the agents connected to it)."""
         desired, placements = await self.store.run(self._read_stored)
-        if leaders is not None:
-            return leaders.over(desired, placements)
+        if leaders is not None:  # the failback the leader's next pass makes, as it keeps it in the store
+            stored = await self.failback_record.read(term=False)
+            return dataclasses.replace(leaders.over(desired, placements), failback=dataclasses.replace(
+                stored, after_s=self.failback_after_s, now=self.clock()))
         sites, models, deployments = desired.sites, desired.models, desired.deployments
         agents = tuple(self.hub.snapshot())
         last = self.last_snapshot
@@ -345,7 +347,12 @@ class Reconciler:
             remembered=self._remembered(rejoining),
             unreadable=desired.unreadable,
             maintenance=desired.maintenance,
+            failback=self._failback_now(),  # a what-if plans the failback the next pass would
         )
+
+    def _failback_now(self) -> failback_mod.Failback:
+        """What the failback rule knows now, as a pass gathering now would find it."""
+        return dataclasses.replace(self._failback or failback_mod.Failback(), after_s=self.failback_after_s, now=self.clock())
 
     async def gather(self, desired: snap.Desired | None = None) -> snap.Snapshot:
         """The pass's snapshot. Every store call of a pass runs in a worker thread, here and
@@ -398,7 +405,7 @@ class Reconciler:
             rejoining=rejoining,
             remembered=self._remembered(rejoining),
             maintenance=desired.maintenance,
-            failback=dataclasses.replace(self._failback or failback_mod.Failback(), after_s=self.failback_after_s, now=self.clock()),
+            failback=self._failback_now(),
         )
 
     def _sent(self, s: snap.Snapshot) -> list[tuple[agent_model.Assignment, ...]]:

@@ -11,6 +11,7 @@ import pathlib
 import pytest
 
 from orchestrator import catalog
+from orchestrator.api import simulate as api_simulate
 from orchestrator.agents import auth as agent_auth
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
@@ -19,6 +20,7 @@ from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.manifests import loader
 from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.reconciler import loop
+from orchestrator.reconciler import observed as observed_mod
 from orchestrator.store import open_store
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import manifests
@@ -134,4 +136,57 @@ async def test_a_new_leader_goes_on_with_the_hold_down_and_moves_the_replica_bac
         await first.publishes_done()
         if second is not None:
             await second.publishes_done()
+        store.close()
+
+
+async def test_a_what_if_of_the_fleet_as_it_is_shows_the_failback_the_next_pass_makes(tmp_path: pathlib.Path) -> None:
+    """The site has been back for the hold-down and no pass has run since: ``edgeplane
+    simulate`` of the leader (nothing changed but a demand factor of 1) reports the moves
+    back the next pass makes; a moment earlier, within the hold-down, none."""
+    artifact = tmp_path / "intent.onnx"
+    artifact.write_bytes(b"an onnx model")
+    sha256 = artifacts_mod.sha256_file(artifact)
+    fleet = Fleet()
+    store = open_store(str(tmp_path / "state.db"), clock=lambda: EPOCH + fleet.now)
+    catalog.apply_documents(store, loader.load_text(manifests.bundle(
+        *(manifests.edge_site(site, "FR", lat, 2.35, region="fr") for site, lat in SITES.items()),
+        manifests.onnx_model("intent", artifact.name, sha256),
+        manifests.deployment("intent-fr", "intent", 1, {"residency": ["FR"], "tiers": ["edge"]}))), actor="test")
+    reconciler = fleet.reconciler(store, tmp_path)
+
+    follower = fleet.reconciler(store, tmp_path)  # another replica on the store (PostgreSQL's case): it plans with what the leader published
+
+    async def moves(on: loop.Reconciler = reconciler) -> list[tuple[str, str]]:
+        if on is reconciler:
+            s, standing = await reconciler.current(), reconciler.plan_in_force()
+        else:
+            await reconciler.publishes_done()
+            published = store.published(observed_mod.PUBLISHED_KEY)
+            assert published is not None
+            s, standing = await follower.current(observed_mod.from_text(published[1])), None
+        got = api_simulate.run(s, b"spec: {demand: [{factor: 1}]}", standing=standing)
+        return [(m["from"], m["to"]) for m in got["moves"]]
+
+    try:
+        for site in SITES:
+            fleet.join(site)
+        await reconciler.reconcile_once()
+        (home,) = placed(store)
+        (other,) = set(SITES) - {home}
+        for _ in range(40):
+            fleet.beat(other)
+            fleet.hub.sweep()
+        await reconciler.reconcile_once()
+        assert placed(store) == {other}
+        fleet.join(home)
+        back = fleet.now
+        await reconciler.reconcile_once()
+        assert await moves() == await moves(follower) == []  # within the hold-down
+        while fleet.now - back < AFTER_S:
+            fleet.beat(*SITES)
+        assert await moves() == await moves(follower) == [(other, home)]
+        await reconciler.reconcile_once()
+        assert placed(store) == {home, other}
+    finally:
+        await reconciler.publishes_done()
         store.close()
