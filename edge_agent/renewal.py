@@ -33,7 +33,7 @@ def renewal_retry(left: float | None) -> float:
     (None: its dates could not be read). An hour, or a quarter of what is left when that is
     sooner (RENEW_RETRY_MIN_S at least), so that a short-lived certificate, or one whose agent
     was offline through most of its renewal window, gets several tries before it expires:
-    an expired one can only be replaced by enrolling again with a fresh bootstrap token."""
+    an expired one can only be replaced by enrolling again with a valid bootstrap token."""
     if left is None:
         return DATES_RETRY_S
     return min(RENEW_RETRY_S, max(RENEW_RETRY_MIN_S, left / 4))
@@ -51,6 +51,7 @@ class Renewal:
         self._expires: float | None = None
         self._pending_csr: tuple[bytes, bytes] | None = None  # (key, CSR) not yet accepted
         self._renewed_at: float | None = None  # when a session last ended for a renewal
+        self._token_refused = False  # the join port refused the bootstrap token (lapsed)
 
     async def check(self, bootstrap_token: str) -> None:
         """A damaged key or certificate (or a key that is not the certificate's) would fail
@@ -75,17 +76,38 @@ class Renewal:
 
     async def schedule(self) -> float:
         """When the certificate is due (read once, then after each renewal), or, while its
-        dates could not be read, when to read them again; logs an expired one on every
-        attempt, since no join can succeed with it."""
+        dates could not be read, when to read them again."""
         renew_at = self._renew_at
         if renew_at is None or (self._expires is None and self._clock() >= renew_at):
             renew_at, self._expires = await self._tls.renewal_time()
             self._renew_at = renew_at
-        if self._expires is not None and self._expires <= self._clock():
-            log.error("the client certificate expired at %s: this agent must enrol again (remove agent.key and "
-                      "agent.crt from its data dir and start it with a new bootstrap token)",
-                      time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._expires)))
         return self._renew_at
+
+    def lapsed(self, bootstrap_token: str) -> bool:
+        """Whether the certificate expired (an uplink down past the third of its life left
+        once it was due) and ``bootstrap_token`` is to enrol the agent again: the join port
+        issues a new one for a valid bootstrap token, while no handshake succeeds with the
+        expired one. Said on every attempt; without a token, or once the join port refused
+        this one (:meth:`token_refused`), that a person must give it a fresh one, and the
+        saved certificate is tried all the same (this machine's clock may be the one wrong)."""
+        if self._expires is None or self._expires > self._clock():
+            return False
+        ended = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._expires))
+        if bootstrap_token and not self._token_refused:
+            log.warning("the client certificate expired at %s, while the control plane could not be reached to renew "
+                        "it: enrolling again with the bootstrap token", ended)
+            return True
+        log.error("the client certificate expired at %s: this agent must enrol again (%s)", ended,
+                  "its bootstrap token was refused: restart it with a fresh one (--token, from 'edgeplane token create "
+                  "--role agent')" if bootstrap_token else "start it with a bootstrap token (--token, from 'edgeplane "
+                  "token create --role agent')")
+        return False
+
+    def token_refused(self) -> None:
+        """The join port refused the bootstrap token an expired certificate's agent enrolled
+        with: it is not sent again (each refusal counts against the join failures of this
+        agent's address, which other agents behind the same NAT share) until a restart."""
+        self._token_refused = True
 
     async def request(self) -> tuple[bytes, bytes] | None:
         """A key and CSR when the certificate is two thirds through its life (the same pair

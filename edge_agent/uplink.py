@@ -288,14 +288,21 @@ class Uplink:
 
     async def _session(self) -> None:
         if self._tls is not None:
+            assert self._renewal is not None  # made with the TLS material
+            lapsed = False
             if self._tls.enrolled():
-                assert self._renewal is not None  # made with the TLS material
                 await self._renewal.check(self._facts.bootstrap_token)
-            if not self._tls.enrolled():
+                lapsed = self._renewal.lapsed(self._facts.bootstrap_token)
+            if lapsed or not self._tls.enrolled():
                 key_pem, csr_pem = await self._tls.new_request(self._facts.site)
                 if self._stopping.is_set():
                     return  # no join now: one the control plane took but this agent never saved would hold the site
-                await self._enroll(self._tls, key_pem, csr_pem)
+                try:
+                    await self._enroll(self._tls, key_pem, csr_pem)
+                except errors.JoinRefused as exc:
+                    if lapsed and exc.code == grpc.StatusCode.UNAUTHENTICATED.name:
+                        self._renewal.token_refused()
+                    raise
             channel = grpc.aio.secure_channel(self._target, self._tls.mutual_credentials(), options=client_options())
         elif self._creds is None:
             channel = grpc.aio.insecure_channel(self._target, options=client_options())
