@@ -1,6 +1,6 @@
 """The agent's Prometheus metrics, written in the text exposition format (version 0.0.4).
 
-The agent has fifteen metric families and one writer (the event loop), so it keeps them in
+The agent has eighteen metric families and one writer (the event loop), so it keeps them in
 plain dicts and renders the text itself: importing ``prometheus_client`` costs 3 MB resident
 (its exposition module brings an HTTP server, WSGI and ``urllib.request``), a lot in an
 80 MB budget. The tests parse this output with ``prometheus_client``'s own parser.
@@ -52,6 +52,8 @@ class AgentMetrics:
         self.generation_gauges: Callable[[], list[tuple[str, int, int]]] = list
         # (open, turned away) HTTP connections: set by the daemon to its HTTP server's
         self.connections: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        # (connected, last reached, client certificate's expiry): set by the daemon to its uplink's
+        self.uplink: Callable[[], tuple[bool, float | None, float | None]] = lambda: (False, None, None)
         # Whether a model's series are kept (see retain): a request that ends after its model
         # was unassigned (a stream running on) would otherwise add them back.
         self._kept: Callable[[str], bool] = lambda _: True
@@ -143,6 +145,7 @@ class AgentMetrics:
                 "# TYPE edgeplane_agent_http_connections_refused_total counter",
                 f"edgeplane_agent_http_connections_refused_total {_number(turned_away)}"]
         out += self._render_memory()
+        out += self._render_uplink()
         return ("\n".join(out) + "\n").encode()
 
     def _render_memory(self) -> list[str]:
@@ -159,6 +162,25 @@ class AgentMetrics:
                 "# TYPE edgeplane_agent_requests_refused_for_memory_total counter",
                 f'edgeplane_agent_requests_refused_for_memory_total{{code="413"}} {_number(budget.refused_too_large)}',
                 f'edgeplane_agent_requests_refused_for_memory_total{{code="503"}} {_number(budget.refused_busy)}']
+
+    def _render_uplink(self) -> list[str]:
+        """The link to the control plane; a time not known (no contact since the agent
+        started, no certificate read, an agent run without TLS) has no sample."""
+        connected, reached, expires = self.uplink()
+        out = ["# HELP edgeplane_agent_control_plane_connected 1 while a session with the control plane is joined, else 0",
+               "# TYPE edgeplane_agent_control_plane_connected gauge",
+               f"edgeplane_agent_control_plane_connected {_number(1 if connected else 0)}",
+               "# HELP edgeplane_agent_control_plane_last_contact_timestamp_seconds When the control plane was last "
+               "reached (a join answered, a heartbeat sent, assignments received), Unix time",
+               "# TYPE edgeplane_agent_control_plane_last_contact_timestamp_seconds gauge"]
+        if reached is not None:
+            out.append(f"edgeplane_agent_control_plane_last_contact_timestamp_seconds {_number(reached)}")
+        out += ["# HELP edgeplane_agent_client_certificate_expiry_timestamp_seconds When the agent's client certificate "
+                "expires, Unix time: past it, it enrols again with its bootstrap token",
+                "# TYPE edgeplane_agent_client_certificate_expiry_timestamp_seconds gauge"]
+        if expires is not None:
+            out.append(f"edgeplane_agent_client_certificate_expiry_timestamp_seconds {_number(expires)}")
+        return out
 
     def _render_generation(self) -> list[str]:
         gauges = self.generation_gauges()  # live: a model no longer assigned may still finish a stream

@@ -70,6 +70,11 @@ class Renewal:
         except (OSError, errors.AgentError):
             pass  # the tool itself failed (a timeout on a loaded machine): the handshake will tell
 
+    @property
+    def expires(self) -> float | None:
+        """When the certificate expires (None until its dates were read)."""
+        return self._expires
+
     def forget(self) -> None:
         """A new certificate was saved (an enrolment): its dates are read at the next join."""
         self._renew_at = self._expires = None

@@ -222,6 +222,18 @@ class Uplink:
         # when the client certificate is due (mutual TLS)
         self._renewal = renewal.Renewal(agent_tls, facts.site, clock) if agent_tls is not None else None
         self._answered = False  # the control plane answered a join in this session
+        self.connected = False  # a session is joined now
+        self.last_contact: float | None = None  # wall time the control plane was last reached (None: not since start)
+
+    def contact(self) -> tuple[bool, float | None, float | None]:
+        """(connected now, when the control plane was last reached, when the client
+        certificate expires), wall-clock times, None where unknown: what the agent's
+        /metrics tells a site's own monitoring of its link."""
+        expires = self._renewal.expires if self._renewal is not None else None
+        return self.connected, self.last_contact, expires
+
+    def _reached(self) -> None:
+        self.last_contact = self._clock()
 
     @property
     def _target(self) -> str:
@@ -318,6 +330,7 @@ class Uplink:
             # a stream cut after the join says nothing about the settings that made the connection
             raise translate(exc, "" if joined else await self._hint(exc, self._dial(self._target))) from exc
         finally:
+            self.connected = False
             await channel.close(grace=None)
 
     def _dial(self, target: str, *, join: bool = False) -> diagnosis.Dial:
@@ -374,6 +387,7 @@ class Uplink:
         if not response.certificate_pem:
             raise errors.JoinRefused("the control plane issued no client certificate; is it running with --insecure-agents?")
         self._answered = True
+        self._reached()
         # in a worker thread, as every save: its fsyncs may take seconds on a slow disk
         await asyncio.to_thread(agent_tls.save, key_pem, response.certificate_pem.encode(), response.ca_pem.encode(),
                                 received_at=self._clock())
@@ -418,6 +432,8 @@ class Uplink:
             csr = None
             response = await stub.Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
         self._answered = True
+        self.connected = True
+        self._reached()
         if certificate is not None and csr is not None:
             await certificate.renewed(csr[0], response)
         await self._adopt(state.Identity(self._facts.site, response.agent_id, response.credential))
@@ -454,6 +470,7 @@ class Uplink:
                     desired.version,
                     len(desired.assignments),
                 )
+                self._reached()
                 await self._on_assignments(desired)
 
         receiver = asyncio.ensure_future(receive())
@@ -512,6 +529,7 @@ class Uplink:
                 beat.models.SetInParent()
                 beat.models.models.extend(m.to_proto() for m in models)
             yield beat  # resumed when the stream wants the next one: this one is on its way
+            self._reached()
             seq += 1
             if self._stopping.is_set():
                 return

@@ -51,7 +51,17 @@ def test_empty_metrics_still_parse() -> None:
                        ("edgeplane_agent_http_connections", ()): 0, ("edgeplane_agent_http_connections_refused_total", ()): 0,
                        ("edgeplane_agent_inflight_bytes", ()): 0, ("edgeplane_agent_inflight_bytes_limit", ()): float("inf"),
                        ("edgeplane_agent_requests_refused_for_memory_total", (("code", "413"),)): 0,
-                       ("edgeplane_agent_requests_refused_for_memory_total", (("code", "503"),)): 0}
+                       ("edgeplane_agent_requests_refused_for_memory_total", (("code", "503"),)): 0,
+                       ("edgeplane_agent_control_plane_connected", ()): 0}  # no contact, no certificate: no time
+
+
+def test_the_link_to_the_control_plane() -> None:
+    metrics = AgentMetrics(lambda: 0, lambda: 0)
+    metrics.uplink = lambda: (True, 1_800_000_000.5, 1_802_592_000.0)
+    samples = _samples(metrics.render().decode())
+    assert samples[("edgeplane_agent_control_plane_connected", ())] == 1
+    assert samples[("edgeplane_agent_control_plane_last_contact_timestamp_seconds", ())] == 1_800_000_000.5
+    assert samples[("edgeplane_agent_client_certificate_expiry_timestamp_seconds", ())] == 1_802_592_000.0
 
 
 def test_the_memory_of_requests_in_flight_and_its_refusals() -> None:

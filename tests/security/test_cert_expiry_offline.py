@@ -12,6 +12,7 @@ import logging
 import pathlib
 import time
 
+import httpx
 import pytest
 
 from edge_agent import daemon
@@ -19,7 +20,7 @@ from edgeplane_proto import identity
 from orchestrator.testing import harness
 from tests.chaos.proxy import ChaosProxy
 
-TTL_S = 4.0  # the agents' certificate life: renewed about 2.7 s in
+TTL_S = 9.0  # the agents' certificate life: renewed about 6 s in (time enough on a loaded machine to be heard from first)
 
 
 async def cut_until_expired(tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, *, revoke: bool
@@ -68,6 +69,13 @@ async def test_an_agent_whose_certificate_expired_offline_enrols_again_with_its_
         assert identity.validity(renewed)[1] > time.time()
         after = await asyncio.wait_for(cp.hub.next_heartbeat("edge-a"), 30)
         assert after.healthy
+        # the site's monitoring reads the new certificate's end on the agent's /metrics
+        assert agent.uplink is not None
+        await harness.wait_until(lambda: agent.uplink.contact()[2] == identity.validity(renewed)[1], 10,
+                                 what="the new certificate's expiry read")
+        async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
+            text = (await client.get("/metrics")).text
+        assert f"edgeplane_agent_client_certificate_expiry_timestamp_seconds {float(identity.validity(renewed)[1])!r}" in text
         said = [r.getMessage() for r in caplog.records if "expired at" in r.getMessage()]
         assert said and "enrolling again with the bootstrap token" in said[0], said
     finally:
