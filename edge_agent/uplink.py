@@ -24,7 +24,7 @@ from typing import Protocol
 import grpc
 
 import edge_agent
-from edge_agent import assignments, capacity, diagnosis, errors, registry, renewal, state, tls
+from edge_agent import assignments, capacity, diagnosis, errors, outage, registry, renewal, state, tls
 from edge_agent.retry import RECONNECT, Jitter, RetryPolicy, pushback_delay
 from edgeplane_proto import reconnect
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
@@ -119,21 +119,20 @@ def _asked_interval(seconds: float | None) -> float:
     return min(max(seconds, edge_agent.MIN_HEARTBEAT_S), edge_agent.MAX_HEARTBEAT_S)
 
 
-def _report(exc: Exception) -> None:
-    """One line for each failure the agent knows (what to change, or that it retries); a
-    traceback only for what it did not foresee."""
+def _report(exc: Exception) -> tuple[int, str, bool]:
+    """The level and line of a failure the agent knows (what to change, or that it retries),
+    and whether a traceback goes with it: only for what it did not foresee."""
     if isinstance(exc, errors.JoinRefused):
-        log.error("control plane refused this agent: %s", exc)
-    elif isinstance(exc, errors.ControlPlaneBusy):
-        log.info("%s", exc)
-    elif isinstance(exc, errors.NotJoined):
-        log.warning("control plane asks to join again: %s", exc)
-    elif isinstance(exc, errors.AgentUnavailable):
-        log.warning("%s", exc)
-    elif isinstance(exc, errors.AgentError):  # an unusable certificate, an identity tool that failed
-        log.error("%s", exc)
-    else:
-        log.error("uplink session failed", exc_info=exc)
+        return logging.ERROR, f"control plane refused this agent: {exc}", False
+    if isinstance(exc, errors.ControlPlaneBusy):
+        return logging.INFO, str(exc), False
+    if isinstance(exc, errors.NotJoined):
+        return logging.WARNING, f"control plane asks to join again: {exc}", False
+    if isinstance(exc, errors.AgentUnavailable):
+        return logging.WARNING, str(exc), False
+    if isinstance(exc, errors.AgentError):  # an unusable certificate, an identity tool that failed
+        return logging.ERROR, str(exc), False
+    return logging.ERROR, f"uplink session failed: {type(exc).__name__}: {exc}", True
 
 
 class Reporter(Protocol):
@@ -222,6 +221,7 @@ class Uplink:
         # when the client certificate is due (mutual TLS)
         self._renewal = renewal.Renewal(agent_tls, facts.site, clock) if agent_tls is not None else None
         self._answered = False  # the control plane answered a join in this session
+        self._outage = outage.Outage()  # what the log has said of the failed attempts since
         self.connected = False  # a session is joined now
         self.last_contact: float | None = None  # wall time the control plane was last reached (None: not since start)
 
@@ -256,10 +256,12 @@ class Uplink:
             except Exception as exc:  # the uplink never dies: log, back off, go on
                 if self._stopping.is_set():
                     return  # ended by the stop itself (the signal may have reached the identity tool too): nothing to report
-                _report(exc)
+                level, line, trace = _report(exc)
+                said = self._outage.failed(line, self._clock(), self._monotonic())
+                log.log(level if said is not None else logging.DEBUG, "%s", said or line, exc_info=exc if trace else None)
                 busy = exc if isinstance(exc, errors.ControlPlaneBusy) else None
             else:
-                busy = None
+                busy, said = None, ""
             if self._stopping.is_set():
                 return
             if busy is not None:
@@ -278,7 +280,8 @@ class Uplink:
             self._current = (self._current + 1) % len(self._targets)
             attempt += 1
             delay = 0.0 if self._current else self._backoff.delay(-(-attempt // len(self._targets)), self._rng)
-            log.info("reconnecting to %s in %.1fs", self._target, delay)
+            # said along with the failure it follows; a failure kept out of the log keeps this out too
+            log.log(logging.INFO if said is not None else logging.DEBUG, "reconnecting to %s in %.1fs", self._target, delay)
             await self._rest(delay)
 
     async def _rest(self, delay: float) -> None:
@@ -440,11 +443,12 @@ class Uplink:
         if response.heartbeat_interval_ms:
             self.interval = response.heartbeat_interval_ms / 1000
         log.info(
-            "joined control plane %s as %s (site %s, heartbeat every %gs)",
+            "joined control plane %s as %s (site %s, heartbeat every %gs)%s",
             self._target,
             response.agent_id,
             self._facts.site,
             self.interval,
+            self._outage.ended(self._monotonic()),
         )
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:

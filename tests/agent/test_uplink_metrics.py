@@ -39,7 +39,7 @@ async def until(url: str, predicate, what: str, timeout: float = 30.0) -> dict[s
 
 async def test_the_metrics_say_whether_the_control_plane_is_reached_and_when_it_last_was(
         make_agent: MakeAgent, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="edge_agent.uplink")
+    caplog.set_level(logging.DEBUG, logger="edge_agent.uplink")  # each attempt, said once in the log's own lines
     cp = await start_control_plane()
     port = cp.server.port
     started = time.time()

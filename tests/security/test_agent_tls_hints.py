@@ -133,7 +133,9 @@ async def test_a_control_plane_that_is_down_is_not_called_a_tls_mismatch(tmp_pat
     fleet = harness.Fleet(tmp_path)  # no control plane
     try:
         with _port_pair(hold_first=True) as port:
-            cmd = _without_insecure(harness.agent_command(f"127.0.0.1:{port}", "edge-a", tmp_path / "agent", extra=extra))
+            # at debug level: a failure said once is said again only every 10 minutes at warning level
+            cmd = _without_insecure(harness.agent_command(f"127.0.0.1:{port}", "edge-a", tmp_path / "agent",
+                                                          extra=(*extra, "--log-level", "debug")))
             agent = await harness.spawn_agent_async(cmd, "edge-a", tmp_path / "agent")
             fleet.agents["edge-a"] = agent
             await harness.wait_until(lambda: agent.log().count("Connection refused") >= 2, 30, what="two attempts")

@@ -188,7 +188,9 @@ async def test_an_agent_given_another_ca_says_what_to_check(tmp_path) -> None:
         cp = await fleet.start_control_plane()
         assert cp.agent_join_target
         ca_mod.CertificateAuthority.load_or_create(tmp_path / "other-ca")
-        cmd = harness.agent_command(cp.agent_target, "edge-a", tmp_path / "agent", tls=(tmp_path / "other-ca" / "ca.crt", cp.agent_join_target))
+        # at debug level: a failure said once is said again only every 10 minutes at warning level
+        cmd = harness.agent_command(cp.agent_target, "edge-a", tmp_path / "agent", tls=(tmp_path / "other-ca" / "ca.crt", cp.agent_join_target),
+                                    extra=("--log-level", "debug"))
         agent = await harness.spawn_agent_async(cmd, "edge-a", tmp_path / "agent")
         fleet.agents["edge-a"] = agent
         hint = f"the control plane's certificate is not signed by --ca-file {tmp_path / 'other-ca' / 'ca.crt'}: give --ca-file the ca.crt"
