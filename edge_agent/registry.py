@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from edge_agent import admission, artifacts, assignments, errors, footprint, signature
+from edge_agent import admission, artifacts, assignments, errors, footprint, outage, signature
 from edge_agent.retry import MODEL_RETRY, Jitter, RetryPolicy
 from edge_agent.runtime import onnx
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
@@ -117,8 +117,8 @@ class ServedModel:
 
 
 class _Slot:
-    __slots__ = ("assignment", "attempt", "failures", "message", "phase", "replace_failed", "replaced", "retry_at", "serving",
-                 "serving_as", "serving_bytes")
+    __slots__ = ("assignment", "attempt", "failures", "message", "phase", "replace_failed", "replaced", "retry_at", "said",
+                 "serving", "serving_as", "serving_bytes")
 
     def __init__(self, assignment: assignments.Assignment) -> None:
         self.assignment = assignment
@@ -133,6 +133,7 @@ class _Slot:
         self.failures = 0  # consecutive failed attempts at ``assignment``
         self.retry_at: float | None = None  # clock time of the next attempt, when FAILED
         self.attempt: asyncio.Task[None] | None = None  # fetching and loading ``assignment``, while it runs
+        self.said: tuple[str, float] | None = None  # the failure last logged at error level, and when
 
 
 Loader = Callable[[bytes], onnx.OnnxModel]
@@ -467,7 +468,15 @@ class ModelRegistry:
         if slot.serving is not None:
             slot.message += f"; still serving sha256 {slot.serving.sha256[:12]}"
         slot.message += f"; retrying in {delay:.1f}s (failed {slot.failures}x)"
-        log.error("model %s sha256 %s failed: %s", want.model, want.sha256[:12], slot.message)
+        # A model whose artifact cannot be had (the uplink down for days) fails at every
+        # retry: the same reason is said again every outage.REMIND_S, not each time.
+        now = self._clock()
+        if slot.failures > 1 and slot.said is not None and slot.said[0] == reason and now - slot.said[1] < outage.REMIND_S:
+            log.debug("model %s sha256 %s failed: %s", want.model, want.sha256[:12], slot.message)
+        else:
+            again = "" if slot.failures == 1 else f"; said again every {outage.REMIND_S / 60:g} minutes while it fails so"
+            slot.said = (reason, now)
+            log.error("model %s sha256 %s failed: %s%s", want.model, want.sha256[:12], slot.message, again)
         self._on_change()
 
 

@@ -8,6 +8,7 @@ on the registry with an injected clock, so no test depends on timing.
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import shutil
 
@@ -197,3 +198,25 @@ async def test_freed_memory_is_returned_when_the_serving_set_changes(
     assert len(trims) == 2  # unloaded
     monkeypatch.undo()
     assert trim_found_and_run()  # glibc, on the machines the tests run on
+
+
+async def test_a_model_failing_for_an_hour_is_logged_every_ten_minutes_not_at_every_retry(
+    tmp_path: pathlib.Path, artifact_server: ArtifactServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An artifact the agent cannot fetch while its uplink is down (the control plane serves
+    it) fails at every retry, once a minute at the cap, for as long as the outage lasts: a
+    week of it was ten thousand error lines alike."""
+    caplog.set_level(logging.INFO, logger="edge_agent.registry")
+    clock = _Clock()
+    models_reg = registry.ModelRegistry(artifacts.ArtifactCache(tmp_path), lambda data: onnx.OnnxModel.load(data),
+                                        retry=registry.RetryPolicy(initial=60.0, maximum=60.0), clock=clock, rng=_MaxJitter())
+    gone = _one(artifact_server.url("not-there.onnx"), "0" * 64)
+    for _ in range(60):  # an hour of retries
+        await models_reg.converge(gone)
+        due = models_reg.retry_due_in()
+        assert due is not None
+        clock.now += due
+    await models_reg.close()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert 1 <= len(said) <= 7, said  # the first failure, then one per ten minutes
+    assert "failed 11x" in said[1] and "said again every 10 minutes" in said[1], said[1]
