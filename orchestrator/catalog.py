@@ -220,12 +220,15 @@ def apply_documents(
     return apply_reading(store, loader.Reading.of(docs), actor=actor, reason=reason, dry_run=dry_run)
 
 
-def delete_object(store: store_mod.Store, kind: str, name: str, *, actor: str, reason: str = "delete") -> store_mod.WriteOutcome:
+def delete_object(store: store_mod.Store, kind: str, name: str, *, actor: str, reason: str = "delete",
+                  expected_version: int | None = None) -> store_mod.WriteOutcome:
+    """Delete one object; with ``expected_version``, only if it still has that resourceVersion
+    (:class:`Conflict` otherwise)."""
     def unused() -> None:  # in the delete's transaction, as an apply's check (apply_reading)
         if kind == "Model" and (users := _users(store).get(name)):
             raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(users)}; delete those first")
 
-    return store.delete(kind, name, store_mod.Event(actor, "delete", kind, name, reason), check=unused)
+    return store.delete(kind, name, store_mod.Event(actor, "delete", kind, name, reason), expected_version, check=unused)
 
 
 def delete_site_abandoning(store: store_mod.Store, name: str, *, actor: str, reason: str = "delete", keep_site: bool = False) -> bool:
@@ -265,8 +268,11 @@ def delete_documents(store: store_mod.Store, docs: list[loader.LoadedDocument], 
                      missing_ok: bool = False) -> list[store_mod.WriteOutcome]:
     """Delete every object the documents name, in one transaction: all of them or none.
     A Model still used by a deployment outside the bundle refuses the bundle (:class:`InUse`),
-    as does an object that does not exist unless ``missing_ok``."""
+    as does an object that does not exist unless ``missing_ok``, and one that changed since
+    the ``metadata.resourceVersion`` its document gives (:class:`Conflict`: what ``get``
+    printed is deleted only as it was read, as it is applied only so)."""
     targets = sorted(dict.fromkeys((d.kind, d.name) for d in docs), key=lambda t: DELETE_ORDER[t[0]])
+    expected = _expected_versions(docs)
     going = {name for kind, name in targets if kind == "ModelDeployment"}
     def unused() -> None:  # in the delete's transaction, as an apply's check (apply_reading)
         users_of = _users(store, going) if any(kind == "Model" for kind, _ in targets) else {}
@@ -276,9 +282,28 @@ def delete_documents(store: store_mod.Store, docs: list[loader.LoadedDocument], 
                             "nothing was deleted")
 
     try:
-        return store.delete_many(targets, store_mod.Event(actor, "delete", "", "", reason), missing_ok=missing_ok, check=unused)
+        return store.delete_many(targets, store_mod.Event(actor, "delete", "", "", reason), missing_ok=missing_ok, check=unused,
+                                 expected=expected)
     except store_mod.NotFound as exc:
         raise store_mod.NotFound(f"{exc}; nothing was deleted") from None
+    except store_mod.Conflict as exc:
+        raise store_mod.Conflict(f"{exc}; nothing was deleted") from None
+
+
+def _expected_versions(docs: list[loader.LoadedDocument]) -> dict[tuple[str, str], int]:
+    """The resourceVersion each document of a delete gives its object; :class:`ManifestError`
+    for one that is no version, or two documents that give one object different ones."""
+    issues, out = [], {}
+    for d in docs:
+        if (issue := _version_issue(d)) is not None:
+            issues.append(issue)
+        elif (given := d.doc.metadata.resourceVersion) is not None:
+            if out.setdefault((d.kind, d.name), int(given)) != int(given):
+                issues.append(ManifestIssue(d.file, d.index, "metadata.resourceVersion", d.line_of(("metadata", "resourceVersion")),
+                                            f"another document names {d.kind} {d.name!r} at resourceVersion {out[(d.kind, d.name)]}"))
+    if issues:
+        raise ManifestError(issues)
+    return out
 
 
 def rfc3339(ts: float | None) -> str | None:

@@ -176,16 +176,19 @@ def build_routes(services: Services) -> list[BaseRoute]:
         if "keepSite" in request.query_params:
             raise BadQuery(f"a DELETE deletes the Site: to keep it and give up only the applications it left elsewhere, "
                            f"POST /v1/sites/{request.path_params['name']}/abandon-applications")
-        if _flag(request, "abandonApplications"):  # a cluster gone for good
+        expected = _version(request)  # deleted only if unchanged since the caller read it
+        if _flag(request, "abandonApplications", also=("resourceVersion",)):  # a cluster gone for good
             if kind != "Site":
                 raise BadQuery("abandonApplications is for a Site only")
+            if expected is not None:
+                raise BadQuery("abandonApplications deletes the Site whatever its version: it takes no resourceVersion")
             name = request.path_params["name"]
             deleted = await store.run(catalog.delete_site_abandoning, store, name, actor=caller.identity,
                                       reason=_reason(request, "delete"))
             services.changed(f"delete by {caller.identity}")
             return JSONResponse({"kind": kind, "name": name, "action": "deleted" if deleted else "applications-abandoned"})
         outcome = await store.run(catalog.delete_object, store, kind, request.path_params["name"], actor=caller.identity,
-                                  reason=_reason(request, "delete"))
+                                  reason=_reason(request, "delete"), expected_version=expected)
         services.changed(f"delete by {caller.identity}")
         return JSONResponse({"kind": kind, "name": outcome.name, "action": "deleted"})
 
@@ -383,18 +386,29 @@ class BadQuery(ValueError):
 FLAG_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
-def _flag(request: Request, name: str) -> bool:
-    """The one boolean query parameter of a route (``apply``, ``delete``; besides ``file``,
-    the name errors give them): ``1``, ``true``, ``yes`` or ``0``, ``false``, ``no`` (any
-    case); absent is false. Any other value or parameter is refused, so that a misspelt
-    ``dryRun`` never applies for real."""
-    unknown = sorted(set(request.query_params) - {name, "file"})
+def _flag(request: Request, name: str, also: tuple[str, ...] = ("file",)) -> bool:
+    """The one boolean query parameter of a route (``apply``, ``delete``; besides ``also``:
+    ``file``, the name errors give a body, or a DELETE's ``resourceVersion``): ``1``,
+    ``true``, ``yes`` or ``0``, ``false``, ``no`` (any case); absent is false. Any other
+    value or parameter is refused, so that a misspelt ``dryRun`` never applies for real."""
+    unknown = sorted(set(request.query_params) - {name, *also})
     if unknown:
-        raise BadQuery(f"unknown query parameter {', '.join(map(repr, unknown))}: this route takes {name} and file")
+        raise BadQuery(f"unknown query parameter {', '.join(map(repr, unknown))}: this route takes {' and '.join((name, *also))}")
     value = request.query_params.get(name, "false")
     if value.lower() not in FLAG_VALUES:
         raise BadQuery(f"{name} must be true or false, not {value[:40]!r}")
     return FLAG_VALUES[value.lower()]
+
+
+def _version(request: Request) -> int | None:
+    """A DELETE's ``?resourceVersion=``: the version the caller read (what get returns), which
+    the object must still have to be deleted; None when not given."""
+    given = request.query_params.get("resourceVersion")
+    if given is None:
+        return None
+    if not catalog.VERSION_PATTERN.fullmatch(given):
+        raise BadQuery(f"resourceVersion must be a number as returned by get, not {given[:40]!r}")
+    return int(given)
 
 
 def _reason(request: Request, default: str) -> str:

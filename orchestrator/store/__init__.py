@@ -79,9 +79,11 @@ class StateStore(Protocol):
     def delete(self, kind: str, name: str, event: Event, expected_version: int | None = None,
                check: Callable[[], object] | None = None) -> WriteOutcome: ...
     def delete_many(self, targets: Sequence[tuple[str, str]], event: Event | None, missing_ok: bool = False,
-                    check: Callable[[], object] | None = None, also: Sequence[Event] = ()) -> list[WriteOutcome]:
+                    check: Callable[[], object] | None = None, also: Sequence[Event] = (),
+                    expected: Mapping[tuple[str, str], int] | None = None) -> list[WriteOutcome]:
         """All of ``targets`` deleted or none; ``event`` and ``also`` as :meth:`apply`'s: ``also``
-        is logged only when something was deleted."""
+        is logged only when something was deleted; ``expected``: the resourceVersion a target
+        must still have (:class:`Conflict` otherwise)."""
         ...
     def set_status(self, kind: str, name: str, status: Mapping[str, Any]) -> bool: ...
     def set_statuses(self, statuses: Sequence[tuple[str, str, Mapping[str, Any]]], lease: Lease | None = None,

@@ -305,19 +305,22 @@ class SqlStore(Credentials):
         return outcome
 
     def delete_many(self, targets: Sequence[tuple[str, str]], event: Event | None, missing_ok: bool = False,
-                    check: Callable[[], object] | None = None, also: Sequence[Event] = ()) -> list[WriteOutcome]:
+                    check: Callable[[], object] | None = None, also: Sequence[Event] = (),
+                    expected: Mapping[tuple[str, str], int] | None = None) -> list[WriteOutcome]:
         """Delete every ``(kind, name)`` in one transaction: all of them or none. An object
         that does not exist refuses the whole set (:class:`NotFound`), or with
         ``missing_ok`` is left out of the result. ``check``, ``also``: as :meth:`delete`'s
         and :meth:`apply`'s (logged when anything is deleted); ``event`` None: each deletion
-        is not logged on its own (``also`` says what happened)."""
+        is not logged on its own (``also`` says what happened). ``expected``: the
+        resourceVersion a target must still have, else :class:`Conflict` and none is deleted."""
         now = self._clock()
         outcomes: list[WriteOutcome] = []
         with self._tx() as db:
             if check is not None:
                 check()
             for kind, name in targets:
-                if (outcome := self._delete(db, kind, name, event, now, missing_ok=missing_ok)) is not None:
+                version = (expected or {}).get((kind, name))
+                if (outcome := self._delete(db, kind, name, event, now, version, missing_ok=missing_ok)) is not None:
                     outcomes.append(outcome)
             if outcomes:
                 self._changed(db, "resources")
