@@ -28,7 +28,8 @@ from orchestrator.security import tokencache
 from orchestrator.security.bearer import bearer_secret
 from orchestrator.store import sqlite as store_mod
 
-__all__ = ["ROLES", "Authenticator", "Caller", "Unauthorized", "bearer_secret", "ensure_admin_token", "is_loopback", "store_refusal"]
+__all__ = ["ROLES", "Authenticator", "Caller", "Unauthorized", "bearer_secret", "ensure_admin_token", "is_loopback", "store_refusal",
+           "unauthorized"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ ROLES = ("read", "admin")
 #: What a caller who is not an admin is told of a store that does not answer for now, or that failed.
 STORE_UNAVAILABLE = "the control plane's store does not answer for now; retry later"
 STORE_FAILED = "the control plane's store failed; the control plane's log says why"
+TOKEN_NEEDED = "this API needs 'Authorization: Bearer <token>' (see 'edgeplane token create')"
+TOKEN_REFUSED = "the bearer token is unknown, revoked or expired"
 #: How often one failure of the token store, the same each time, is logged again while it lasts.
 STORE_ERROR_LOG_S = 60.0
 
@@ -51,7 +54,21 @@ class Caller:
 
 
 class Unauthorized(Exception):
-    pass
+    def __init__(self, message: str, token_given: bool) -> None:
+        super().__init__(message)
+        self.token_given = token_given
+
+
+#: The scheme a 401 names (RFC 9110 §11.6.1: a 401 carries ``WWW-Authenticate``), and RFC 6750's
+#: ``invalid_token`` when a token was given and refused (unknown, revoked, expired).
+CHALLENGE = 'Bearer realm="edgeplane"'
+CHALLENGE_REFUSED = f'{CHALLENGE}, error="invalid_token"'
+
+
+def unauthorized(message: str, token_given: bool) -> JSONResponse:
+    """The 401 of the control API: the error, and ``WWW-Authenticate`` saying how to authenticate."""
+    return JSONResponse({"error": message}, status_code=401,
+                        headers={"www-authenticate": CHALLENGE_REFUSED if token_given else CHALLENGE})
 
 
 def store_refusal(exc: store_mod.StoreError, caller: Caller | None, request: Request | None = None) -> JSONResponse:
@@ -117,10 +134,10 @@ class Authenticator:
         if secret is not None:
             info = await self.verify(secret)
             if info is None:
-                raise Unauthorized("the bearer token is unknown, revoked or expired")
+                raise Unauthorized(TOKEN_REFUSED, token_given=True)
             return Caller(f"token:{info.id}" + (f" ({info.description})" if info.description else ""), info.role)
         if self.required:
-            raise Unauthorized("this API needs 'Authorization: Bearer <token>' (see 'edgeplane token create')")
+            raise Unauthorized(TOKEN_NEEDED, token_given=False)
         return Caller("anonymous", "admin")
 
     async def still_valid(self, authorization: str | None) -> bool:
@@ -149,7 +166,7 @@ class Authenticator:
         try:
             caller = await self.caller(request.headers.get("authorization"))
         except Unauthorized as exc:
-            return JSONResponse({"error": str(exc)}, status_code=401)
+            return unauthorized(str(exc), exc.token_given)
         except store_mod.StoreError as exc:  # 503 for a store that does not answer for now; logged by verify
             return store_refusal(exc, None)
         if write and not caller.may_write():

@@ -187,14 +187,14 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
         secret = auth.bearer_secret(request.headers.get("authorization"))
         if secret is None:
             if authenticator.required:
-                return JSONResponse({"error": "this API needs 'Authorization: Bearer <token>'"}, status_code=401)
+                return auth.unauthorized(auth.TOKEN_NEEDED, token_given=False)
             return JSONResponse({"id": None, "identity": "anonymous", "role": "admin"})
         try:
             info = await authenticator.verify(secret)
         except store_mod.StoreError as exc:  # the store that holds the tokens does not answer (logged by verify)
             return auth.store_refusal(exc, None)
         if info is None:
-            return JSONResponse({"error": "the bearer token is unknown, revoked or expired"}, status_code=401)
+            return auth.unauthorized(auth.TOKEN_REFUSED, token_given=True)
         # a standalone gateway keeps the verdict no longer than this: the life left on the store's
         # time, which the tokens' expiry is on, so that the gateway's own clock is compared with nothing
         left = None if info.expires_at is None else round(info.expires_at - authenticator.store.now(), 3)

@@ -1,0 +1,49 @@
+"""A 401 of the control API says how to authenticate (RFC 9110 §11.6.1: a 401 carries
+``WWW-Authenticate``), over real HTTP against a real control plane with ``--auth token``:
+HTTP clients and proxies that an integrator automates with read the scheme from it, and
+RFC 6750 tells a token that was refused from one that was not given."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from . import support
+from .conftest import start_control_plane
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathlib.Path) -> Iterator[support.ServerThread]:
+    cp = start_control_plane(tmp_path_factory.mktemp("challenge"), offline_fleet, auth="token")
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/sites"), ("POST", "/v1/apply"), ("DELETE", "/v1/sites/x"),
+                                              ("GET", "/v1/whoami"), ("GET", "/v1/endpoints")])
+def test_a_request_without_a_token_is_told_the_bearer_scheme(secured: support.ServerThread, method: str, path: str) -> None:
+    r = httpx.request(method, secured.url + path, timeout=30)
+    assert r.status_code == 401, r.text
+    assert r.headers.get("www-authenticate") == 'Bearer realm="edgeplane"'
+    assert "Bearer" in r.json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/v1/sites", "/v1/whoami"])
+def test_a_refused_token_is_told_invalid_token(secured: support.ServerThread, path: str) -> None:
+    r = httpx.get(secured.url + path, headers={"authorization": "Bearer nonsense"}, timeout=30)
+    assert r.status_code == 401, r.text
+    assert r.headers.get("www-authenticate") == 'Bearer realm="edgeplane", error="invalid_token"'
+
+
+def test_a_read_token_refused_a_write_is_a_403_without_a_challenge(secured: support.ServerThread) -> None:
+    assert secured.cp is not None
+    admin = {"authorization": f"Bearer {secured.cp.admin_token}"}
+    made = httpx.post(secured.url + "/v1/tokens", json={"purpose": "api", "role": "read"}, headers=admin, timeout=30)
+    assert made.status_code == 201, made.text
+    r = httpx.post(secured.url + "/v1/apply", content=b"", headers={"authorization": f"Bearer {made.json()['token']}"}, timeout=30)
+    assert r.status_code == 403 and "www-authenticate" not in r.headers
