@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
 
 from orchestrator import capture_counts, capture_retention, catalog, console, event_retention, following, leadership
 from orchestrator.agents import admission as agent_admission
@@ -98,6 +99,7 @@ class ControlPlane(server_views.ServerViews):
     hub: hub_mod.AgentHub = field(init=False)
     table: endpoints_mod.EndpointTable = field(init=False)
     reconciler: Reconciler = field(init=False)
+    app: Starlette = field(init=False)  # every route this process serves over HTTP (docs/api.md lists them)
     http_url: str = ""
     agent_target: str = ""
     admin_token: str | None = None
@@ -269,7 +271,7 @@ class ControlPlane(server_views.ServerViews):
         shared = bool(cfg.store and is_postgres_url(cfg.store))  # replicas may share the database
         if not shared:  # the only process on this database: it routes from the table its last run left until its first pass
             await self._inherit_table()
-        app = api_app.build_app(self, self.gateway.routes() + self.openai_gateway.routes() + [artifacts_api.route(self.artifacts)] + console.routes()
+        self.app = app = api_app.build_app(self, self.gateway.routes() + self.openai_gateway.routes() + [artifacts_api.route(self.artifacts)] + console.routes()
                                 + watch_api.routes(self.authenticator, self.store, self.publisher)
                                 + captures_api.routes(self.authenticator, self.store, self.captures)
                                 + distill_api.routes(self.authenticator, self.store, self.captures, self.artifacts, self.changed,
