@@ -250,6 +250,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         return JSONResponse(services.endpoints_view(request.path_params["model"], asking))
 
     async def create_token(request: Request, caller: auth.Caller) -> Response:
+        paging.refuse_unknown(request.query_params, [], "this route (its settings are the JSON body's)")
         try:
             doc = json.loads(await bodies.read_body(request, 64 * 1024) or b"{}")
         except (ValueError, RecursionError):  # not JSON or UTF-8, an integer past int()'s digits, nested too deep
@@ -286,6 +287,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def revoke(request: Request, caller: auth.Caller) -> Response:
         what, name = request.path_params["what"], request.path_params["name"]
+        paging.refuse_unknown(request.query_params, [], "this route (the reason goes in X-Edgeplane-Reason)")
         if what == "tokens":
             ok = await store.run(store.revoke_token, name, caller.identity, _reason(request, "revoked"))
             services.authenticator.forget_tokens()  # refused here at once; other replicas within the verdicts' few seconds

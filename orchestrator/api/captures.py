@@ -90,6 +90,10 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
 
     async def delete(request: Request, caller: auth.Caller) -> Response:
         zone, record_id = request.path_params["zone"].upper(), request.path_params["id"]
+        try:
+            paging.refuse_unknown(request.query_params, [], "this route")
+        except paging.BadPage as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
         records = captures.zone(zone)
         held = await asyncio.to_thread(records.holds, record_id)
         # the audit first (two databases: no transaction holds both): a failed write of it leaves the record, to erase again

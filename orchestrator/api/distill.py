@@ -52,7 +52,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog
-from orchestrator.api import auth, bodies
+from orchestrator.api import auth, bodies, paging
 from orchestrator.artifacts.catalog import ArtifactCatalog, ArtifactError
 from orchestrator.distill import capture as capture_mod
 from orchestrator.distill import job
@@ -238,6 +238,10 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
         caller = await authenticator.admit(request, write=True, needs="distillation needs 'admin'")
         if isinstance(caller, Response):
             return caller
+        try:
+            paging.refuse_unknown(request.query_params, [], "this route (its options are the JSON body's)")
+        except paging.BadPage as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
         secret = auth.bearer_secret(request.headers.get("authorization"))  # checked again before the run publishes
         name = request.path_params["deployment"]
         try:

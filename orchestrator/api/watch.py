@@ -184,6 +184,8 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
         return Response(await publisher.snapshot(), media_type="application/json")
 
     async def whoami(request: Request) -> Response:
+        if (refused := _refuse_unknown(request)) is not None:
+            return refused
         secret = auth.bearer_secret(request.headers.get("authorization"))
         if secret is None:
             if authenticator.required:
@@ -202,6 +204,8 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
                              "expiresInSeconds": left})
 
     async def wake(request: Request) -> Response:
+        if (refused := _refuse_unknown(request)) is not None:
+            return refused
         model = request.path_params["model"]
         cold = publisher.table.is_cold(model)
         if cold:
@@ -213,3 +217,13 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
         Route("/v1/whoami", whoami, methods=["GET"]),
         Route("/v1/wake/{model}", guarded(wake), methods=["POST"]),
     ]
+
+
+def _refuse_unknown(request: Request) -> Response | None:
+    """The 400 of a route that takes no query parameter, given one (read as nothing, a
+    parameter meant elsewhere did something other than what was asked)."""
+    try:
+        paging.refuse_unknown(request.query_params, [], "this route")
+    except paging.BadPage as exc:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+    return None

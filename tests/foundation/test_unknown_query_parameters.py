@@ -1,0 +1,38 @@
+"""Every route of the control API refuses a query parameter it does not read (400, naming
+it), over real HTTP against a real control plane: read as nothing, a parameter an
+integrator misspelt or put in the query where a header or the body was meant (a token's
+``?role=admin``, a revocation's ``?reason=``) did something other than what was asked,
+and said nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from . import support
+
+
+@pytest.fixture(scope="module")
+def api(control_plane: support.ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=control_plane.url, timeout=30) as client:
+        yield client
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/v1/tokens", b'{"purpose": "api"}'),
+    ("POST", "/v1/revoke/tokens/no-such-token", b""),
+    ("POST", "/v1/revoke/agents/no-such-site", b""),
+    ("POST", "/v1/wake/intent", b""),
+    ("GET", "/v1/whoami", b""),
+    ("POST", "/v1/distill/no-such-deployment", b""),
+])
+def test_a_parameter_the_route_does_not_read_is_refused_and_does_nothing(api: httpx.Client, method: str, path: str, body: bytes) -> None:
+    tokens = len(api.get("/v1/tokens").json()["items"])
+    last = api.get("/v1/events", params={"last": 1}).json()["lastId"]
+    r = api.request(method, path, params={"role": "admin", "reason": "leaked"}, content=body)
+    assert r.status_code == 400, r.text
+    assert "unknown query parameter 'reason', 'role'" in r.json()["error"]
+    assert len(api.get("/v1/tokens").json()["items"]) == tokens
+    assert api.get("/v1/events", params={"last": 1}).json()["lastId"] == last
