@@ -393,6 +393,7 @@ def _flag(request: Request, name: str, also: tuple[str, ...] = ("file",)) -> boo
     ``file``, the name errors give a body, or a DELETE's ``resourceVersion``): ``1``,
     ``true``, ``yes`` or ``0``, ``false``, ``no`` (any case); absent is false. Any other
     value or parameter is refused, so that a misspelt ``dryRun`` never applies for real."""
+    paging.refuse_repeated(request.query_params)
     unknown = sorted(set(request.query_params) - {name, *also})
     if unknown:
         raise BadQuery(f"unknown query parameter {', '.join(map(repr, unknown))}: this route takes {' and '.join((name, *also))}")

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import maintenance, reasons
-from orchestrator.api import auth
+from orchestrator.api import auth, paging
 from orchestrator.store import sqlite as store_mod
 
 #: ``app.build_routes``'s ``guarded``: a handler behind authentication and the error translation.
@@ -41,6 +41,7 @@ class BadQuery(ValueError):
 
 
 def _flags(request: Request, allowed: tuple[str, ...]) -> dict[str, bool]:
+    paging.refuse_repeated(request.query_params)  # BadPage: the guard answers 400 too
     unknown = sorted(set(request.query_params) - set(allowed))
     if unknown:
         takes = f"takes {' and '.join(allowed)}" if allowed else "takes none"

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
+
+from starlette import datastructures
 
 from orchestrator.store import values
 
@@ -62,10 +65,24 @@ def whole_number(text: str, name: str, low: int, high: int) -> int:
 
 def refuse_unknown(query: Collection[str], takes: Sequence[str], route: str = "this list") -> None:
     """Refuse (:class:`BadPage`) a parameter of ``query`` that is not in ``takes``, the
-    route's parameters: read as nothing, a misspelt filter answered everything unfiltered."""
+    route's parameters: read as nothing, a misspelt filter answered everything unfiltered;
+    and one given twice (:func:`refuse_repeated`)."""
+    refuse_repeated(query)
     unknown = sorted(set(query) - set(takes))
     if unknown:
         raise BadPage(f"unknown query parameter {', '.join(map(repr, unknown))}: {route} takes {', '.join(takes) or 'none'}")
+
+
+def refuse_repeated(query: Collection[str]) -> None:
+    """Refuse (:class:`BadPage`) a parameter given more than once: which value counts is each
+    server's and proxy's own rule (this one read the last), so ``?dryRun=true&dryRun=false``
+    applied for real where a proxy before it saw a dry run. ``query``: a request's
+    ``QueryParams``, which keeps every value (a plain mapping holds one of each)."""
+    items = query.multi_items() if isinstance(query, datastructures.QueryParams) else []
+    counts = collections.Counter(name for name, _ in items)
+    if repeated := sorted(name for name, n in counts.items() if n > 1):
+        said = ", ".join(f"{name!r} is given {counts[name]} times" for name in repeated)
+        raise BadPage(f"query parameter {said}; give each once")
 
 
 def continue_token(list_name: str, key: Sequence[str]) -> str:

@@ -36,3 +36,27 @@ def test_a_parameter_the_route_does_not_read_is_refused_and_does_nothing(api: ht
     assert "unknown query parameter 'reason', 'role'" in r.json()["error"]
     assert len(api.get("/v1/tokens").json()["items"]) == tokens
     assert api.get("/v1/events", params={"last": 1}).json()["lastId"] == last
+
+
+@pytest.mark.parametrize(("method", "query"), [
+    ("POST /v1/apply", "dryRun=true&dryRun=false"),
+    ("POST /v1/delete", "ignoreNotFound=false&ignoreNotFound=true"),
+    ("DELETE /v1/sites/twice", "resourceVersion=1&resourceVersion=2"),
+    ("POST /v1/sites/twice/drain", "dryRun=true&dryRun=false"),
+    ("GET /v1/sites", "limit=1&limit=2"),
+    ("GET /v1/events", "last=1&last=5"),
+])
+def test_a_parameter_given_twice_is_refused_and_does_nothing(api: httpx.Client, method: str, query: str) -> None:
+    """Which of two values counts is each server's own rule (Starlette's is the last, many
+    proxies' the first): ``?dryRun=true&dryRun=false`` applied for real."""
+    site = support.doc("Site", "twice", support.edge_site_spec())
+    assert api.post("/v1/apply", content=site).status_code == 200
+    before = api.get("/v1/sites/twice").json()["metadata"]["resourceVersion"]
+    verb, path = method.split(" ")
+    changed = support.doc("Site", "twice", {**support.edge_site_spec(), "energy": {"carbonGramsPerKWh": 7}})
+    r = api.request(verb, f"{path}?{query}", content=changed if verb == "POST" else None)
+    assert r.status_code == 400, r.text
+    name = query.split("=")[0]
+    assert f"query parameter {name!r} is given 2 times" in r.json()["error"]
+    site_now = api.get("/v1/sites/twice").json()
+    assert site_now["metadata"]["resourceVersion"] == before and "schedulable" not in site_now["status"]
