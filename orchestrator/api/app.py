@@ -74,6 +74,12 @@ def error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
+def manifest_errors(exc: ManifestError, undone: str) -> JSONResponse:
+    """The 422 of manifests with errors: how many, that nothing was ``undone`` (applied,
+    deleted), and each issue with its file, document, field and line."""
+    return error(422, f"{len(exc.issues)} problem(s) in the manifests; nothing was {undone}", issues=[i.to_dict() for i in exc.issues])
+
+
 Handler = Callable[[Request, auth.Caller], Awaitable[Response]]
 
 
@@ -93,7 +99,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
             except (BadQuery, maintenance_api.BadQuery, paging.BadPage) as exc:
                 return error(400, str(exc))
             except ManifestError as exc:
-                return error(422, f"{len(exc.issues)} problem(s) in the manifests; nothing was applied", issues=[i.to_dict() for i in exc.issues])
+                return manifest_errors(exc, "applied")
             except catalog.UnknownKind as exc:
                 return error(404, str(exc))
             except store_mod.NotFound as exc:
@@ -128,11 +134,14 @@ def build_routes(services: Services) -> list[BaseRoute]:
     async def delete_bundle(request: Request, caller: auth.Caller) -> Response:
         """``POST /v1/delete``: every object the manifests in the body name, all or none."""
         reading = await _read(request)
-        docs = reading.valid()
-        if not docs:
-            return error(422, _holds_nothing(reading))
-        outcomes = await store.run(catalog.delete_documents, store, docs, actor=caller.identity,
-                                   reason=_reason(request, "delete"), missing_ok=_flag(request, "ignoreNotFound"))
+        try:
+            docs = reading.valid()
+            if not docs:
+                return error(422, _holds_nothing(reading))
+            outcomes = await store.run(catalog.delete_documents, store, docs, actor=caller.identity,
+                                       reason=_reason(request, "delete"), missing_ok=_flag(request, "ignoreNotFound"))
+        except ManifestError as exc:
+            return manifest_errors(exc, "deleted")
         if outcomes:
             services.changed(f"delete by {caller.identity}")
         return JSONResponse({"results": [{"kind": o.kind, "name": o.name, "action": o.action} for o in outcomes]})

@@ -78,3 +78,9 @@ def test_a_bundle_delete_at_a_version_that_is_no_number_is_a_manifest_error_and_
     assert r.status_code == 422, r.text
     assert [i["field"] for i in r.json()["issues"]] == ["metadata.resourceVersion"]
     assert api.get("/v1/sites/cond-bad-bundle").status_code == 200
+
+
+def test_a_bundle_delete_refused_for_its_manifests_says_nothing_was_deleted(api: httpx.Client) -> None:
+    r = api.post("/v1/delete", content=b"apiVersion: edgeplane.io/v1alpha1\nkind: Site\nmetadata: {name: x}\nspec: {tier: moon}\n")
+    assert r.status_code == 422, r.text
+    assert r.json()["error"].endswith(" problem(s) in the manifests; nothing was deleted") and r.json()["issues"]
