@@ -83,8 +83,8 @@ class FleetCollector:
             again.add_metric([site], n)
         yield again
         owned = GaugeMetricFamily("edgeplane_datacentre_owned_elsewhere",
-                                  "1 while a data centre's applications are marked as another control plane's: nothing there "
-                                  "is changed until the Site's spec.takeOverFrom takes it over (the leader's: a follower has none)",
+                                  "1 while a data centre's applications are marked as another control plane's (its Site "
+                                  "OwnedElsewhere): nothing there is changed until the Site's spec.takeOverFrom takes it over (the leader's: a follower has none)",
                                   labels=["site"])
         dc_sync = getattr(getattr(self.cp, "reconciler", None), "dc_sync", None)
         leads = self.cp.elector is None or self.cp.elector.leading  # a replica that stepped down keeps its last term's

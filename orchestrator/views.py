@@ -209,7 +209,8 @@ def _replica_state(s: snap.Snapshot, row: Any, holding: Collection[tuple[str, st
         why = dc.error if dc is not None and dc.error else "the data centre does not answer"
         # not seen, so not counted ready; but not gone either: the gateway still routes to it
         routed = dc.routed_unseen(applications.app_name(row.site, row.deployment, row.variant)) if dc is not None else ""
-        return {"state": "Unreachable", "ready": 0, "reason": "; ".join(filter(None, [why, routed]))}
+        state = "OwnedElsewhere" if dc is not None and dc.owned_by is not None else "Unreachable"
+        return {"state": state, "ready": 0, "reason": "; ".join(filter(None, [why, routed]))}
     app = dc.apps.get(applications.app_name(row.site, row.deployment, row.variant))
     if app is None:
         return unsent or {"state": "Pending", "ready": 0, "reason": "the Serve application is not deployed yet"}

@@ -46,8 +46,8 @@ class DataCentreBackoff(Backoff):
     # starting, a dropped connection) passes on its own
     refused: bool = False
     # the last failure was the cluster's applications marked as another control plane's
-    # (``OwnedElsewhere``): nothing there changes until an operator takes it over
-    owned_elsewhere: bool = False
+    # (``OwnedElsewhere``), this one's id: nothing there changes until an operator takes it over
+    owned_by: str | None = None
 
 
 class Left(NamedTuple):
@@ -140,7 +140,7 @@ class DataCentreSync:
         """Per data centre observed, whether its last call found its cluster's applications
         another control plane's (``edgeplane_datacentre_owned_elsewhere``): a Site deleted, or
         no longer a data centre, leaves ``observed`` at the next pass, and its series with it."""
-        return {site: (b := self._backoff.get(site)) is not None and b.owned_elsewhere for site in self.observed}
+        return {site: (b := self._backoff.get(site)) is not None and b.owned_by is not None for site in self.observed}
 
     def _now(self) -> float:
         """The time outages' starts are stamped and compared on (``wall``)."""
@@ -177,7 +177,7 @@ class DataCentreSync:
             since = self.clock() - max(0.0, self._now() - last.unreachable_at)
             self._backoff[site.name] = DataCentreBackoff(
                 failures=1, next_try=self.clock(), last_error=last.error, since=since, unreachable=True, unreachable_since=since,
-                unreachable_at=last.unreachable_at, target=target_of(site.spec))
+                unreachable_at=last.unreachable_at, target=target_of(site.spec), owned_by=last.owned_by)
 
     async def observe(self, stored: list[snap.SiteRecord], deleted: Iterable[store_mod.DeletedSite] = ()) -> None:
         """Observe the declared data centres; remove the applications left on a target no
@@ -348,17 +348,20 @@ class DataCentreSync:
             backoff = None
         # the site's status says why its apply is retried
         self.observed[site] = snap.DataCentreObservation(True, apps, error=backoff.last_error if backoff is not None else "",
-                                                         drift=actuator.drift, refused=backoff is not None and backoff.refused)
+                                                         drift=actuator.drift, refused=backoff is not None and backoff.refused,
+                                                         owned_by=backoff.owned_by if backoff is not None else None)
 
     def _unreachable(self, site: str, error: str | None = None) -> snap.DataCentreObservation:
         """``site`` out of reach: lost once it has been for ``lost_after``, counted from when
         the outage began, by the last leader's account for one that began before this one
-        led (:meth:`inherit`). What it ran when last observed goes along (``last_apps``)."""
+        led (:meth:`inherit`). What it ran when last observed goes along (``last_apps``).
+        One whose cluster answered that it is another control plane's is never lost: it is
+        held (``DataCentreObservation.owned_by``)."""
         backoff, last = self._backoff[site], self.observed.get(site)
         return snap.DataCentreObservation(False, error=backoff.last_error if error is None else error,
-                                          lost=self.clock() - backoff.unreachable_since >= self.lost_after,
+                                          lost=backoff.owned_by is None and self.clock() - backoff.unreachable_since >= self.lost_after,
                                           last_apps=None if last is None else last.apps if last.reachable else last.last_apps,
-                                          unreachable_at=backoff.unreachable_at)
+                                          unreachable_at=backoff.unreachable_at, owned_by=backoff.owned_by)
 
     async def _failed(self, site: str, exc: Exception, context: str = "", unreachable: bool = False, key: Left | None = None,
                          target: str | None = None) -> None:
@@ -370,7 +373,7 @@ class DataCentreSync:
             await self._record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message))
         backoff.fail(self.clock(), message)
         backoff.refused = getattr(exc, "retryable", True) is False
-        backoff.owned_elsewhere = isinstance(exc, OwnedElsewhere)
+        backoff.owned_by = exc.other if isinstance(exc, OwnedElsewhere) else None
         if unreachable and not backoff.unreachable:
             backoff.unreachable_since, backoff.unreachable_at = self.clock(), self._now()
         backoff.unreachable = unreachable

@@ -57,11 +57,15 @@ def site_health(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, 
     an agent keeps them through a missed heartbeat: its cluster most likely still serves
     (an API server restarting, a dropped connection), and moving off rebuilds elsewhere what
     runs there, then deletes it once it answers. One not observed yet (its first observation
-    still running) is ``Waiting``: held alike, nothing known of it to route to."""
+    still running) is ``Waiting``: held alike, nothing known of it to route to. One whose
+    cluster is marked as another control plane's is ``OwnedElsewhere``: it answers, and is
+    held alike for as long (never lost), this control plane changing nothing there."""
     if record.spec.tier == "edge":
         if agent is None:
             return (True, "Rejoining") if rejoining else (False, "NoAgent")
         return (True, "Healthy") if agent.healthy else (False, "Unhealthy")
+    if dc is not None and dc.owned_by is not None:
+        return True, "OwnedElsewhere"
     if dc is not None and not dc.reachable:
         return not dc.lost, "Waiting" if dc.waiting else "Unreachable"
     return True, "Healthy"
@@ -119,6 +123,7 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
         out_of_reach=out_of_reach,
         out_of_reach_since=dc.unreachable_at if out_of_reach and dc is not None else None,
         first_answer_awaited=out_of_reach and dc is not None and dc.waiting,
+        owned_by=dc.owned_by if out_of_reach and dc is not None else None,
         runtimes=agent_runtimes(agent, sent) if agent is not None and spec.tier == "edge" else None,
     )
 

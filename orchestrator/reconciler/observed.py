@@ -175,12 +175,13 @@ def _datacentre_doc(d: snap.DataCentreObservation) -> dict[str, Any]:
     # unreachableAt: a new leader declares it lost when this one would have
     return {"reachable": d.reachable, "error": d.error, "drift": d.drift, "lost": d.lost, "refused": d.refused,
             "apps": _apps_doc(d.apps), "lastApps": None if d.last_apps is None else _apps_doc(d.last_apps),
-            "unreachableAt": d.unreachable_at, "waiting": d.waiting}
+            "unreachableAt": d.unreachable_at, "waiting": d.waiting, "ownedBy": d.owned_by}
 
 
 def _datacentre(d: Mapping[str, Any]) -> snap.DataCentreObservation:
-    # "refused", "lastApps", "unreachableAt" and "waiting" are absent from a document an earlier leader wrote
+    # "refused", "lastApps", "unreachableAt", "waiting" and "ownedBy" are absent from a document an earlier leader wrote
     last = d.get("lastApps")
     return snap.DataCentreObservation(d["reachable"], _apps(d["apps"]), d["error"], d["drift"], d["lost"],
                                       last_apps=None if last is None else _apps(last), refused=d.get("refused", False),
-                                      unreachable_at=d.get("unreachableAt"), waiting=d.get("waiting", False))
+                                      unreachable_at=d.get("unreachableAt"), waiting=d.get("waiting", False),
+                                      owned_by=d.get("ownedBy"))

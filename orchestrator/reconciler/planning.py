@@ -147,7 +147,9 @@ def scheduler_inputs(s: snap.Snapshot) -> tuple[list[sched_model.Site], list[sch
     current = [r for r in inventory.current_replicas(s.placements) if r.deployment in planned]
     # A data centre out of reach but not declared lost holds its replicas as a cordoned site
     # does: they most likely still serve, and one that does not answer is given nothing new.
-    unseen = {name for name, dc in s.datacentres.items() if not dc.reachable and not dc.lost} - s.maintenance.keys()
+    # So does one owned by another control plane, for as long: nothing can be applied there.
+    unseen = {name for name, dc in s.datacentres.items()
+              if dc.owned_by is not None or (not dc.reachable and not dc.lost)} - s.maintenance.keys()
     held = _held(s.rejoining | s.maintenance.keys() | unseen, deployments, current)
     cordoned = {name for name, m in s.maintenance.items() if not m.draining} | unseen
     draining = s.maintenance.keys() - cordoned
@@ -444,6 +446,8 @@ def site_status(s: snap.Snapshot, record: snap.SiteRecord) -> dict[str, Any]:
         status["capacitySource"] = "declared"
     if dc is not None and dc.error and not dc.waiting:
         status["error"] = dc.error
+    if dc is not None and dc.owned_by is not None:
+        status["ownedBy"] = dc.owned_by
     return status
 
 

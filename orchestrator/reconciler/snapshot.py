@@ -86,6 +86,12 @@ class DataCentreObservation:
     # pass's wait). Planned as out of reach (``reachable`` False, ``error`` saying so):
     # nothing new is placed there and nothing routed to it, until it answers or fails.
     waiting: bool = False
+    # Its cluster's applications are marked as another control plane's, by this id (an
+    # ``OwnedElsewhere`` refusal): it answers, so it is never declared lost (its replicas
+    # moved off, and back once it is given back), and nothing can be applied there, so it
+    # takes nothing new. It holds what it holds, as a cordoned site does, until an operator
+    # takes it over (``takeOverFrom``) or the other gives it up.
+    owned_by: str | None = None
 
     @classmethod
     def awaited(cls) -> DataCentreObservation:

@@ -131,12 +131,15 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> Shortfall:
 def _not_admitting(fleet: Fleet, matching: np.ndarray, healthy: np.ndarray, where: str) -> str:
     """Why no healthy ``matching`` site takes a deployment it does not run: each is cordoned,
     or a data centre out of reach, held as a cordoned site is but by no one's choice, which
-    is said with since when (``Site.out_of_reach_since``), not as a cordon."""
+    is said with since when (``Site.out_of_reach_since``), not as a cordon; or one another
+    control plane owns (``Site.owned_by``), held alike, said as such: it answers."""
     held = np.flatnonzero(matching & healthy).tolist()
     away = [i for i in held if fleet.sites[i].out_of_reach]
     if not away:
         return f"all {len(held)} healthy matching {where} are cordoned (they take no new deployment)"
     shown = ", ".join(_since(fleet.sites[i]) for i in away[:3]) + (f" and {len(away) - 3} more" if len(away) > 3 else "")
+    owned = all(fleet.sites[i].owned_by is not None for i in away)
+    away_word = "owned by another control plane" if owned else "out of reach"
     total = int(matching.sum())
     closed = np.flatnonzero(matching & ~healthy)
     draining = int(fleet.draining[closed].sum())
@@ -145,15 +148,20 @@ def _not_admitting(fleet: Fleet, matching: np.ndarray, healthy: np.ndarray, wher
     if others:
         (first, word), rest = others[0], [f"{n} {w}" for n, w in others[1:]]
         listed = ", ".join([f"{first} {'is' if first == 1 else 'are'} {word}", *rest])
-        head = f"of {total} matching {where}, {listed} and {len(away)} out of reach"
+        head = f"of {total} matching {where}, {listed} and {len(away)} {away_word}"
     else:
-        head = f"all {total} matching {where} are out of reach"
+        head = f"all {total} matching {where} are {away_word}"
+    if owned:
+        return f"{head} ({shown}); such a site takes no new deployment until the Site's spec.takeOverFrom takes it over"
     return f"{head} ({shown}); a site out of reach takes no new deployment until it answers"
 
 
 def _since(site: Site) -> str:
-    """``dc-paris since 2026-03-01T08:30:00Z``, ``dc-paris waiting for its first answer``, or
-    the name alone when the outage's start is not known."""
+    """``dc-paris since 2026-03-01T08:30:00Z``, ``dc-paris waiting for its first answer``,
+    ``dc-paris by 53cea5e862184bd3`` (another control plane's), or the name alone when the
+    outage's start is not known."""
+    if site.owned_by is not None:
+        return f"{site.name} by {site.owned_by}"
     if site.first_answer_awaited:
         return f"{site.name} waiting for its first answer"
     if site.out_of_reach_since is None:

@@ -107,6 +107,9 @@ class Site:
     out_of_reach: bool = False
     out_of_reach_since: float | None = None
     first_answer_awaited: bool = False
+    # Held alike for another reason: its cluster is another control plane's (this id), and
+    # nothing can be applied there until an operator takes it over; the reason says so.
+    owned_by: str | None = None
     # The runtimes the site runs replicas of, None for every one: an edge site runs what its
     # agent runs (``reconciler.inventory.agent_runtimes``), a hard limit like its hardware.
     runtimes: frozenset[Runtime] | None = None

@@ -7,8 +7,10 @@ API) on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
+import json
 import pathlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -19,11 +21,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import server
+from orchestrator.cli import main as cli_main
 from orchestrator.adapters import ray_owner, ray_serve, rayservice, serve_config
 from orchestrator.testing import harness
 from orchestrator.adapters.ownership import OwnedElsewhere, Ownership
-from tests.controlplane.datacentres import (MODEL, RES, ServeDashboard, bundle, deployment, kuberay_on, site, site_events,
-                                            site_status)
+from tests.controlplane.datacentres import (MODEL, RES, Cluster, ServeDashboard, bundle, deployment, kuberay_on, site,
+                                            site_events, site_status)
 
 
 @pytest.fixture
@@ -62,6 +65,8 @@ async def refused_by(cp: server.ControlPlane, other: server.ControlPlane) -> str
     owned = f"is owned by another edgeplane control plane (owner {other.store.store_id()}; this one is {cp.store.store_id()})"
     await harness.wait_until(lambda: owned in site_status(cp, "dc-1").get("error", ""), 30, what="dc-1 to be refused as another's")
     assert f"spec.takeOverFrom: {other.store.store_id()}" in site_status(cp, "dc-1")["error"]
+    # it answers: not Unreachable, but another's, by the other's id
+    assert (site_status(cp, "dc-1")["health"], site_status(cp, "dc-1")["ownedBy"]) == ("OwnedElsewhere", other.store.store_id())
     said = [reason for action, reason in site_events(cp, "dc-1") if owned in reason]
     assert len(said) == 1 and all(action != "serve-reapplied" for action, _ in site_events(cp, "dc-1")), site_events(cp, "dc-1")
     return said[0]
@@ -183,3 +188,74 @@ async def test_a_ray_site_is_listed_the_jobs_of_before_each_apply_and_at_most_ev
         assert dashboard.applications == taken
         with pytest.raises(OwnedElsewhere):  # refused once: read again at the next observation
             await first.observe()
+
+
+class Marked(Cluster):
+    """A cluster whose applications another control plane may mark as its own (``other``):
+    then each call is refused as the adapters refuse it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.other: str | None = None
+
+    async def observe(self) -> dict[str, serve_config.ServeAppStatus]:
+        if self.other is not None:
+            raise OwnedElsewhere("RayService ns/dc", "dc", self.other, "a" * 16)
+        return dict(await super().observe())
+
+
+async def said_by_the_cli(cp: server.ControlPlane, held: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``get sites`` (its table and ``-o json``) and ``describe site`` say whose ``held`` is."""
+    def cli(*args: str) -> str:
+        capsys.readouterr()
+        assert cli_main.main(["--server", cp.http_url, *args]) == 0
+        return capsys.readouterr().out
+
+    table = await asyncio.to_thread(cli, "get", "sites")
+    assert any(line.split()[0] == held and "OwnedElsewhere" in line.split() for line in table.splitlines()), table
+    listed = json.loads(await asyncio.to_thread(cli, "get", "sites", "-o", "json"))
+    status = next(o["status"] for o in listed["items"] if o["metadata"]["name"] == held)
+    assert (status["health"], status["ownedBy"]) == ("OwnedElsewhere", "b" * 16), status
+    described = await asyncio.to_thread(cli, "describe", "site", held)
+    assert "health: OwnedElsewhere" in described and f"ownedBy: {'b' * 16}" in described, described
+
+
+async def test_a_site_owned_elsewhere_keeps_its_replicas_past_its_loss_time_and_takes_no_new_ones(
+        fleets: tuple[harness.Fleet, harness.Fleet], capsys: pytest.CaptureFixture[str]) -> None:
+    """A site another control plane took over answers, to it: it is not lost (its replicas
+    moved elsewhere, and back once it is given back), nor open to new replicas this control
+    plane could not apply there. It holds what it holds, as a cordoned site does, for as
+    long as it is another's, past the time an out-of-reach one is declared lost in."""
+    clusters = {"dc-1": Marked(), "dc-2": Marked()}
+    cp = await fleets[0].start_control_plane(kube_factory=lambda name, spec, ownership: clusters[name], resync_s=0.2)
+    await apply(cp, bundle(site("dc-1"), site("dc-2"), MODEL, deployment("d")))
+
+    def rows() -> set[tuple[str, str, int]]:
+        return {(r.deployment, r.site, r.replicas) for r in cp.store.placements()}
+
+    await harness.wait_until(lambda: any(c.running for c in clusters.values()), 30, what="d applied")
+    held = next(name for name, c in clusters.items() if c.running)
+    placed, passes = rows(), cp.reconciler.passes
+    clusters[held].other = "b" * 16
+    await harness.wait_until(lambda: site_status(cp, held).get("health") == "OwnedElsewhere", 30, what=f"{held} another's")
+    assert site_status(cp, held)["ownedBy"] == "b" * 16 and "b" * 16 in site_status(cp, held)["error"]
+    await said_by_the_cli(cp, held, capsys)
+    # well past the loss time (three missed heartbeats of 0.5 s): held, not lost
+    await cp.reconciler.wait_for_pass(passes + 20)
+    assert rows() == placed and site_status(cp, held)["health"] == "OwnedElsewhere"
+    assert not any(c.running for name, c in clusters.items() if name != held)
+    assert await owned_elsewhere(cp) == {held: 1.0, ({"dc-1", "dc-2"} - {held}).pop(): 0.0}
+
+    await apply(cp, deployment("e", held))  # only there: it waits, not placed where nothing can be applied
+    await cp.reconciler.wait_for_pass(cp.reconciler.passes + 3)
+    assert not any(r.deployment == "e" for r in cp.store.placements())
+    assert f"are owned by another control plane ({held} by {'b' * 16}); such a site takes no new deployment until the Site's " \
+           "spec.takeOverFrom takes it over" in cp.store.get("ModelDeployment", "e").status["reason"]  # type: ignore[union-attr]
+    assert "ep-e" not in repr(clusters[held].running)
+
+    clusters[held].other = None  # given back: healthy, nothing moved back or again
+    await harness.wait_until(lambda: site_status(cp, held).get("health") == "Healthy", 30, what=f"{held} ours again")
+    await harness.wait_until(lambda: ("e", held, 1) in rows(), 30, what="e placed once it is ours")
+    assert rows() == placed | {("e", held, 1)}
+    moved = [e for e in cp.store.events(kind="ModelDeployment", name="d", limit=1000) if e.action.startswith("replica-") and e.action != "replica-placed"]
+    assert not moved, moved

@@ -4,11 +4,15 @@ only the replicas that ran there move, and a pass at rest keeps the plan for the
 from __future__ import annotations
 
 import dataclasses
+import json
+
+import pytest
 
 from orchestrator import views
 from orchestrator.agents import model as agent_model
 from orchestrator.gateway import routing
 from orchestrator.reconciler import actions as act
+from orchestrator.reconciler import inventory, observed
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import result as sched_result
@@ -67,6 +71,44 @@ def test_a_data_centre_out_of_reach_keeps_its_replicas_and_takes_no_new_ones_unt
     assert kept == there and status["health"] == "Unreachable", (kept, status)
     gone, _ = planned(snap.DataCentreObservation(False, error="HTTP 503: the API server is shutting down", lost=True))
     assert not gone
+
+
+@pytest.mark.parametrize("dc", [
+    snap.DataCentreObservation(False, error="owned by another", owned_by="b" * 16),  # its observation refused
+    snap.DataCentreObservation(True, error="owned by another", refused=True, owned_by="b" * 16),  # its apply refused
+], ids=["observing", "applying"])
+def test_a_data_centre_owned_elsewhere_keeps_its_replicas_and_takes_no_new_ones(dc: snap.DataCentreObservation) -> None:
+    """Another control plane's mark on its cluster: it answers, so it is not lost (its
+    replicas moved away, and back once given back), and nothing can be applied there, so
+    it takes nothing new. Its status says whose it is, not Unreachable."""
+    s = example_snapshot(examples())
+    s = _applied(s, planning.plan_pass(s))
+    there = {r for r in s.placements if r.site == "dc-paris"}
+    record = s.deployment_by_name["doc-fields-fr"]
+    grown = record.spec.model_copy(update={"replicas": record.spec.replicas.model_copy(update={"min": 3, "max": 3})})
+    s = dataclasses.replace(s, deployments=tuple(dataclasses.replace(d, spec=grown) if d is record else d for d in s.deployments),
+                            datacentres={**s.datacentres, "dc-paris": dc})
+    plan = planning.plan_pass(s)
+    status = next(i.status for a in plan.actions if isinstance(a, act.SetStatuses) for i in a.items if (i.kind, i.name) == ("Site", "dc-paris"))
+    assert {r for r in planning.placement_rows(plan.result) if r.site == "dc-paris"} == there
+    assert (status["health"], status["ownedBy"]) == ("OwnedElsewhere", "b" * 16), status
+    sites, _, _ = planning.scheduler_inputs(s)
+    assert next(site for site in sites if site.name == "dc-paris").healthy  # kept, as a cordoned site's
+
+
+def test_a_data_centre_owned_elsewhere_is_published_so_and_an_earlier_leaders_document_reads_as_before() -> None:
+    """Followers and a new leader read whose it is from the leader's published observation;
+    one published by a release before this has no ``ownedBy`` and reads as it did."""
+    owned = snap.DataCentreObservation(False, error="owned by another", owned_by="b" * 16, unreachable_at=1.0)
+    text = observed.to_text(observed.Observed(agents=(), datacentres={"dc-1": owned}))
+    assert observed.from_text(text).datacentres["dc-1"] == owned
+    doc = json.loads(text)
+    del doc["datacentres"]["dc-1"]["ownedBy"]
+    read = observed.from_text(json.dumps(doc)).datacentres["dc-1"]
+    assert read == dataclasses.replace(owned, owned_by=None)
+    dc = next(r for r in example_snapshot(examples()).sites if r.spec.tier == "datacenter")
+    assert inventory.site_health(dc, None, read) == (True, "Unreachable")
+    assert inventory.site_health(dc, None, owned) == (True, "OwnedElsewhere")
 
 
 def test_a_changed_deployment_plans_in_full() -> None:

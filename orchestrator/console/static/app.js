@@ -31,8 +31,9 @@ const state = { sites: [], deployments: [], placements: [], cascades: [], events
 
 // A site's health word, as the table colours it; anything else is bad. A Rejoining site kept
 // its replicas over a control-plane restart and waits for its agent to come back; a Waiting
-// data centre has not answered its first observation yet.
-const HEALTH_CLASS = { Healthy: "Healthy", Rejoining: "waiting", Waiting: "waiting" };
+// data centre has not answered its first observation yet; an OwnedElsewhere one answers but is
+// another control plane's (ownedBy), held until an operator takes it over: no outage, grey.
+const HEALTH_CLASS = { Healthy: "Healthy", Rejoining: "waiting", Waiting: "waiting", OwnedElsewhere: "elsewhere" };
 
 // A site's maintenance as `edgeplane get sites` words it (render.scheduling), and the
 // tooltip's lines on it: who took it out, since when, why, and what a drain waits for.
@@ -203,6 +204,7 @@ function siteViews() {
       name: s.metadata.name, tier: s.spec.tier, country: loc.country, region: loc.region || "", lat: loc.lat, lon: loc.lon,
       health: (s.status && s.status.health) || "Unknown", scheduling: scheduling(s.status),
       error: (s.status && s.status.error) || "",  // why a data centre is out of reach, or its last apply failed
+      ownedBy: (s.status && s.status.ownedBy) || "",  // the control plane whose mark is on a data centre's cluster
       replicas: here.replicas, models: [...here.models].sort(),
       requests: Math.round(state.requests.get(s.metadata.name) || 0), rate: state.rates.get(s.metadata.name) || 0,
       failed: failed.has(s.metadata.name),
@@ -252,9 +254,10 @@ function render() {
   const healthy = views.filter((v) => v.health === "Healthy").length;
   const rejoining = views.filter((v) => v.health === "Rejoining").length;  // a restarted control plane awaits their agents
   const waiting = views.filter((v) => v.health === "Waiting").length;  // data centres not observed yet
+  const elsewhere = views.filter((v) => v.health === "OwnedElsewhere").length;  // data centres another control plane owns
   const replicas = views.reduce((n, v) => n + v.replicas, 0);
   $("summary").textContent = `${views.length} sites (${healthy} healthy${rejoining ? `, ${rejoining} rejoining` : ""}`
-    + `${waiting ? `, ${waiting} waiting` : ""}) · `
+    + `${waiting ? `, ${waiting} waiting` : ""}${elsewhere ? `, ${elsewhere} owned elsewhere` : ""}) · `
     + `${state.deployments.length} deployments · ${replicas} replicas`;
   drawMap(views);
   renderSiteRows(views);

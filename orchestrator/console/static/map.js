@@ -70,7 +70,7 @@ export class FleetMap {
     for (const path of this.land.children) path.classList.toggle("zone", countries.has(path.dataset.country));
   }
 
-  // sites: [{name, lat, lon, health, error, scheduling, replicas, models, rate, failed}]. A fleet has thousands of
+  // sites: [{name, lat, lon, health, error, ownedBy, scheduling, replicas, models, rate, failed}]. A fleet has thousands of
   // sites and this runs every poll: each site's <g> is kept by name and each of its parts is
   // written only when what it shows changed (with traffic, only the rate labels change), so a
   // poll that changes nothing writes nothing to the page.
@@ -111,7 +111,7 @@ export class FleetMap {
       const requests = s.requests ? `${s.requests} req${s.rate ? `, ${s.rate.toFixed(1)}/s` : ""}` : "";
       const rate = labelled ? requests : "";
       node.set("rate", rate, () => { node.rate.textContent = rate; });
-      const title = `${s.name} — ${s.tier}, ${s.country}${s.region ? " / " + s.region : ""}\nhealth: ${s.health}${s.error ? `\nerror: ${s.error}` : ""}\nreplicas: ${s.replicas}\n`
+      const title = `${s.name} — ${s.tier}, ${s.country}${s.region ? " / " + s.region : ""}\nhealth: ${s.health}${s.ownedBy ? `\nowned by: ${s.ownedBy}` : ""}${s.error ? `\nerror: ${s.error}` : ""}\nreplicas: ${s.replicas}\n`
         + `models: ${s.models.join(", ") || "none"}${requests ? `\nrequests: ${requests}` : ""}`
         + s.scheduling.about.map((line) => `\n${line}`).join("");
       node.set("title", title, () => { node.title.textContent = title; });
