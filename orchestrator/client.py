@@ -408,13 +408,16 @@ class Client(_Base):
         return self._infer(model, clientdatatypes.typed(inputs, fresh), rid)
 
     def _datatypes(self, model: str, rid: str, refresh: bool) -> dict[str, str]:
-        """The datatypes of ``model``'s inputs, kept or read; {} when none could be read."""
-        if not refresh and (held := self.datatypes.get(model)) is not None:
-            return held
-        with clientattempt.named({correlation.HEADER: rid}):  # PoolFull
-            attempts = self._attempts(model, self.endpoints(model), {correlation.HEADER: rid})
-            found = clientdatatypes.read(self._read, attempts, self._timeout, self.cache.eject)
-        if found is not None:
+        """The datatypes of ``model``'s inputs, kept or read (one read for the threads that
+        ask meanwhile; ``refresh``: this call's own); {} when none could be read."""
+        def read() -> dict[str, str] | None:
+            with clientattempt.named({correlation.HEADER: rid}):  # PoolFull
+                attempts = self._attempts(model, self.endpoints(model), {correlation.HEADER: rid})
+                return clientdatatypes.read(self._read, attempts, self._timeout, self.cache.eject)
+
+        if not refresh:
+            return self.datatypes.shared(model, read) or {}
+        if (found := read()) is not None:
             self.datatypes.store(model, found)
         return found or {}
 
@@ -538,12 +541,14 @@ class AsyncClient(_Base):
         return await self._infer(model, clientdatatypes.typed(inputs, fresh), rid)
 
     async def _datatypes(self, model: str, rid: str, refresh: bool) -> dict[str, str]:
-        if not refresh and (held := self.datatypes.get(model)) is not None:
-            return held
-        with clientattempt.named({correlation.HEADER: rid}):  # PoolFull
-            attempts = self._attempts(model, await self.endpoints(model), {correlation.HEADER: rid})
-            found = await clientdatatypes.aread(self._read, attempts, self._timeout, self.cache.eject)
-        if found is not None:
+        async def read() -> dict[str, str] | None:
+            with clientattempt.named({correlation.HEADER: rid}):  # PoolFull
+                attempts = self._attempts(model, await self.endpoints(model), {correlation.HEADER: rid})
+                return await clientdatatypes.aread(self._read, attempts, self._timeout, self.cache.eject)
+
+        if not refresh:
+            return await self.datatypes.ashared(model, read) or {}
+        if (found := await read()) is not None:
             self.datatypes.store(model, found)
         return found or {}
 

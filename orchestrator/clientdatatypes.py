@@ -12,13 +12,21 @@ no metadata read. What was read is kept for :data:`TTL_S` per model; a refusal t
 datatype (a rollout changed the model's) has it read again once, and the call sent again
 when it changed. Metadata that no one gives leaves the values as numpy reads them.
 
+Calls of a model whose datatypes are not kept share one read: the first reads, and those
+that come while it does (threads of a synchronous client, tasks of an asynchronous one on
+one event loop) wait for its answer, where each sent its own request (N callers, N reads
+of the same metadata). A read that fails (no one gave the metadata, or it raised) is its
+caller's alone: nothing of it is kept, and those that waited read again, one for all.
+
 The cache and the decisions are pure; :func:`read` and :func:`aread` send, each over its
 client's transport, as :mod:`orchestrator.clientbody` does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,17 +43,34 @@ from orchestrator.clienterrors import BadAnswer, InferenceError
 #: by the refusal it brings (read again at once), so this bounds only stale reads.
 TTL_S = 30.0
 
+#: How many reads of others a call waits for, each failing, before it reads on its own: a
+#: bound, not a policy (each failed read of another is followed by one shared read again).
+JOINS = 3
+
 #: What a replica's refusal of a tensor in another datatype than its input's says.
 _REFUSED = re.compile(r"must be (BOOL|U?INT(8|16|32|64)|FP(16|32|64)|BF16|BYTES), got ")
 
 
 @dataclass
+class _Read:
+    """A read of a model's datatypes under way, which the calls that come meanwhile wait for."""
+
+    done: threading.Event | asyncio.Event
+    found: dict[str, str] | None = None  # its answer once ``done``: None, it failed
+
+
+@dataclass
 class DatatypeCache:
-    """Each model's input datatypes, by model name, for ``ttl_s`` after they were read."""
+    """Each model's input datatypes, by model name, for ``ttl_s`` after they were read, and
+    the reads under way (:meth:`shared`, :meth:`ashared`): a cache given to several clients
+    shares them too. The reads themselves are the clients' (:func:`read`, :func:`aread`)."""
 
     clock: Callable[[], float] = time.monotonic
     ttl_s: float = TTL_S
     _held: dict[str, tuple[dict[str, str], float]] = field(default_factory=dict)
+    # by model (threads) and by (event loop, model) (tasks: an asyncio.Event is its loop's)
+    _reads: dict[Any, _Read] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def get(self, model: str) -> dict[str, str] | None:
         held = self._held.get(model)
@@ -53,6 +78,73 @@ class DatatypeCache:
 
     def store(self, model: str, datatypes: dict[str, str]) -> None:
         self._held[model] = (datatypes, self.clock() + self.ttl_s)
+
+    def shared(self, model: str, read: Callable[[], dict[str, str] | None]) -> dict[str, str] | None:
+        """``model``'s datatypes kept, or those one ``read`` finds for every thread that asks
+        while it runs; None when this call's own read failed."""
+        for _ in range(JOINS):
+            joined = self._join(model, lambda: _Read(threading.Event()))
+            if isinstance(joined, dict):
+                return joined
+            under_way, leads = joined
+            if leads:
+                return self._lead(model, under_way, read)
+            under_way.done.wait()
+            if under_way.found is not None:
+                return under_way.found
+        return self._lead(model, _Read(threading.Event()), read, alone=True)
+
+    async def ashared(self, model: str, read: Callable[[], Awaitable[dict[str, str] | None]]) -> dict[str, str] | None:
+        """:meth:`shared` for the tasks of one event loop."""
+        key = (asyncio.get_running_loop(), model)
+        for _ in range(JOINS):
+            joined = self._join(model, lambda: _Read(asyncio.Event()), key)
+            if isinstance(joined, dict):
+                return joined
+            under_way, leads = joined
+            if leads:
+                return await self._alead(model, key, under_way, read)
+            await under_way.done.wait()  # a waiter cancelled leaves the read and the others as they are
+            if under_way.found is not None:
+                return under_way.found
+        return await self._alead(model, key, _Read(asyncio.Event()), read, alone=True)
+
+    def _join(self, model: str, new: Callable[[], _Read], key: Any = None) -> dict[str, str] | tuple[_Read, bool]:
+        """What is kept of ``model``, else the read under way (``key``'s) and whether this call begins it."""
+        key = model if key is None else key
+        with self._lock:
+            if (held := self.get(model)) is not None:
+                return held
+            if (under_way := self._reads.get(key)) is not None:
+                return under_way, False
+            under_way = self._reads[key] = new()
+            return under_way, True
+
+    def _lead(self, model: str, under_way: _Read, read: Callable[[], dict[str, str] | None], alone: bool = False) -> dict[str, str] | None:
+        found = None
+        try:
+            found = read()
+            return found
+        finally:  # raised or not: those waiting are let go
+            self._land(model, model, under_way, found, alone)
+
+    async def _alead(self, model: str, key: Any, under_way: _Read, read: Callable[[], Awaitable[dict[str, str] | None]],
+                     alone: bool = False) -> dict[str, str] | None:
+        found = None
+        try:
+            found = await read()
+            return found
+        finally:  # raised or cancelled too: those waiting read again
+            self._land(model, key, under_way, found, alone)
+
+    def _land(self, model: str, key: Any, under_way: _Read, found: dict[str, str] | None, alone: bool) -> None:
+        with self._lock:
+            if found is not None:
+                self.store(model, found)
+            if not alone:
+                del self._reads[key]
+            under_way.found = found
+        under_way.done.set()
 
 
 def plain(inputs: Mapping[str, Any] | Any) -> bool:
