@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import json
 import re
 
 import httpx
 import pytest
+import yaml
 
 from orchestrator import server
 from orchestrator.cli import main as cli_main
+from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
 from tests.controlplane import datacentres
 
@@ -174,6 +177,40 @@ async def test_plan_shows_a_lora_change_as_an_update_and_its_layer_widths_as_non
         wider = lora.replace("intermediateSize: 14336", "intermediateSize: 14000")
         rows, printed, code = await dry_run_and_plan(cp, manifest, llm_fleet(dashboard, wider), capsys)
         assert rows == [("dc-1", "unchanged", None)] and "No replica changes" in printed, (rows, printed)
+    finally:
+        await f.stop()
+        dashboard.stop()
+
+
+async def test_a_lora_variant_stored_without_layer_widths_still_serves_and_plans(
+        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A vllm variant with llm.lora an earlier version stored, before the layer widths were
+    asked for: it is still placed and sent to Ray Serve with its adapters; the same manifest
+    applied again is refused naming the widths, and once they are given plan shows no change
+    to the replica (the widths are not sent to Ray Serve)."""
+    widths = "hiddenSize: 4096, intermediateSize: 14336, attentionHeads: 32"
+    lora = LLM_MODEL.replace("architecture: {layers: 32, kvHeads: 8, headDim: 128}",
+                             f"architecture: {{layers: 32, kvHeads: 8, headDim: 128, {widths}}}\n"
+                             "        lora: {adaptersFrom: 's3://adapters/llama', maxRank: 16}")
+    dashboard = datacentres.ServeDashboard()
+    f = harness.Fleet(tmp_path)
+    try:
+        cp = await f.start_control_plane(resync_s=0.2)
+        spec = yaml.safe_load(lora)["spec"]
+        for name in ("hiddenSize", "intermediateSize", "attentionHeads"):
+            del spec["variants"][0]["llm"]["architecture"][name]
+        cp.store.apply([store_mod.ObjectWrite("Model", "m", {}, spec)], store_mod.Event("earlier-version", "apply", "", "", "apply"))
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            site_and_deployment = "---".join(d for d in llm_fleet(dashboard, lora).split("---") if "kind: Model\n" not in d)
+            resp = await http.post("/v1/apply", content=site_and_deployment)
+            assert resp.status_code == 200, resp.text
+            await harness.wait_until(lambda: [r.site for r in cp.store.placements()] == ["dc-1"], 30, what="placed on dc-1")
+            await harness.wait_until(lambda: any("lora_config" in json.dumps(a) for a in dashboard.applications.values()), 30,
+                                     what="deployed with its adapters")
+            again = await http.post("/v1/apply", content=llm_fleet(dashboard, lora.replace(f", {widths}", "")))
+            assert again.status_code == 422 and "llm.lora needs architecture.hiddenSize" in again.text, again.text
+        rows, printed, code = await dry_run_and_plan(cp, tmp_path / "changed.yaml", llm_fleet(dashboard, lora), capsys)
+        assert rows == [("dc-1", "unchanged", None)] and code == 0, (rows, printed)
     finally:
         await f.stop()
         dashboard.stop()
