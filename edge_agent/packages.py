@@ -86,9 +86,15 @@ def _check_name(name: str) -> str:
     return "/".join(parts)
 
 
+def _graphs(folder: pathlib.Path) -> list[pathlib.Path]:
+    """The ``.onnx`` files at ``folder``'s top (a folder so named is none: the package's
+    check counts files only)."""
+    return sorted(path for path in folder.glob("*" + GRAPH_SUFFIX) if path.is_file())
+
+
 def graph(folder: pathlib.Path) -> pathlib.Path:
     """The ``.onnx`` graph of an unpacked onnx package (:func:`unpack` checked there is one)."""
-    found = sorted(folder.glob("*" + GRAPH_SUFFIX))
+    found = _graphs(folder)
     if len(found) != 1:
         raise PackageRefused(f"unpacked package {folder.name[:12]} holds {len(found)} .onnx graphs at its top, not one")
     return found[0]
@@ -209,7 +215,7 @@ def _whole(folder: pathlib.Path, runtime: str) -> bool:
     if not (folder / MARK).is_file():
         return False
     if runtime == ONNX:
-        return len(list(folder.glob("*" + GRAPH_SUFFIX))) == 1
+        return len(_graphs(folder)) == 1
     return (folder / CONFIG_NAME).is_file()
 
 

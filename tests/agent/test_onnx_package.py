@@ -293,3 +293,20 @@ async def test_an_agent_refuses_a_package_that_does_not_take_the_declared_inputs
     control_plane.hub.set_assignments(SITE, [declared], version=1)
     state = await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.FAILED, name="m")
     assert "input 'x' is declared FP32 [-1, 5], but the file takes FP32 [-1, 16]" in state.message, state.message
+
+
+def test_a_folder_named_like_a_graph_is_not_taken_for_one(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model folder with a sub-folder whose name ends in .onnx ('exported.onnx/notes.txt')
+    packs, as pack counts graphs among files only; a replica unpacks it and loads the one graph,
+    and finds the unpacked folder whole the next time instead of unpacking it again."""
+    monkeypatch.setenv("EDGEPLANE_ARTIFACT_CACHE", str(tmp_path / "cache"))
+    folder = model_folder(tmp_path / "model")
+    (folder / "exported.onnx").mkdir()
+    (folder / "exported.onnx" / "notes.txt").write_text("how it was exported")
+    out = tmp_path / "packed.tar"
+    sha256 = onnx_package.pack(folder, out).sha256
+    for _ in range(2):
+        served = onnx_app.OnnxModel.func_or_class(str(out), sha256, "m")
+        assert served._model.inputs[0].name == "x"
+    unpacked = tmp_path / "cache" / "edgeplane-genai-models" / sha256
+    assert (unpacked / "exported.onnx" / "notes.txt").is_file()
