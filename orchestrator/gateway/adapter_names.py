@@ -54,15 +54,21 @@ def parse(model: str) -> Named | str:
     return Named(name, adapter)
 
 
+def _message(answer: bytes) -> str:
+    """The message of an OpenAI-style error ``answer`` ("" when it is none)."""
+    try:
+        message = json.loads(answer)["error"]["message"]
+    except (ValueError, RecursionError, KeyError, TypeError):
+        return ""
+    return message if isinstance(message, str) else ""
+
+
 def missing(answer: bytes) -> bool:
     """Whether a replica's 404 ``answer`` is Ray Serve LLM's for an adapter whose folder holds
     no :data:`ADAPTER_CONFIG` (its LoRA loader's ``HTTPException``), not one for a model the
     replica no longer serves."""
-    try:
-        message = json.loads(answer)["error"]["message"]
-    except (ValueError, RecursionError, KeyError, TypeError):
-        return False
-    return isinstance(message, str) and "LoRA adapter config file" in message and ADAPTER_CONFIG in message
+    message = _message(answer)
+    return "LoRA adapter config file" in message and ADAPTER_CONFIG in message
 
 
 def not_found(named: Named) -> str:
@@ -74,10 +80,4 @@ def not_found(named: Named) -> str:
 def unknown(status: int, answer: bytes, asked: str) -> bool:
     """Whether a replica's answer to ``GET /v1/models/<asked>`` is Ray Serve LLM's 404 for a
     model card it cannot make: for an adapter, no :data:`ADAPTER_CONFIG` in its folder."""
-    if status != 404:
-        return False
-    try:
-        message = json.loads(answer)["error"]["message"]
-    except (ValueError, RecursionError, KeyError, TypeError):
-        return False
-    return isinstance(message, str) and f"Unable to find {asked}." in message
+    return status == 404 and f"Unable to find {asked}." in _message(answer)
