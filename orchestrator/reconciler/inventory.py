@@ -172,7 +172,15 @@ def llm_shape(llm: schema.LlmSpec) -> gpu_memory.LlmShape:
         hidden_size=a.hiddenSize or 0,
         intermediate_size=a.intermediateSize or 0,
         attention_heads=a.attentionHeads or 0,
+        lora_dtype_bytes=lora_dtype_bytes(llm),
     )
+
+
+def lora_dtype_bytes(llm: schema.LlmSpec) -> int:
+    """Bytes per element of vLLM's adapter slots: its ``lora_dtype`` (engine argument), which
+    ``auto`` makes the model's dtype; vLLM's ``auto`` dtype is 16-bit."""
+    lora_dtype = llm.engineArgs.get("lora_dtype", "auto")
+    return 4 if (llm.dtype if lora_dtype in (None, "auto") else lora_dtype) == "float32" else 2
 
 
 def llm_memory(llm: schema.LlmSpec) -> gpu_memory.GpuMemory:

@@ -23,7 +23,8 @@ must be that much larger than what the replica uses.
 A replica serving LoRA adapters sets aside, at start, ``lora_slots`` adapters of
 ``lora_rank`` (vLLM's ``max_loras`` and ``max_lora_rank``) on the seven projections of each
 of its layers: A (rank x input) and B (output x rank) of q, k, v, o, gate, up and down, in
-the model's activation dtype (2 bytes). Tensor parallelism splits B of the column-parallel
+the dtype vLLM keeps them in (``lora_dtype_bytes``: the model's, 2 bytes, or 4 for a float32
+model or engine argument ``lora_dtype: float32``). Tensor parallelism splits B of the column-parallel
 ones (q/k/v, gate/up) and A of the row-parallel ones (o, down); the other halves are whole
 on every GPU; pipeline stages split the layers. An MoE model's experts count as one MLP of
 ``intermediate_size``.
@@ -60,6 +61,7 @@ class LlmShape:
     hidden_size: int = 0
     intermediate_size: int = 0
     attention_heads: int = 0
+    lora_dtype_bytes: int = 2
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def lora_bytes_per_gpu(shape: LlmShape) -> int:
     whole = 3 * r * h + h * r + 2 * r * h + h * r  # A of q/k/v and gate/up, B of o and down
     split = r * (q + 2 * kv) + r * q + 2 * i * r + r * i  # B of q/k/v and gate/up, A of o and down
     layers = -(-shape.layers // shape.pipeline_parallel_size)
-    return (whole + -(-split // tp)) * shape.lora_slots * layers * 2
+    return (whole + -(-split // tp)) * shape.lora_slots * layers * shape.lora_dtype_bytes
 
 
 def replica_memory(shape: LlmShape) -> GpuMemory:

@@ -15,6 +15,7 @@ import pytest
 from scheduler_builders import deployment, site
 
 from orchestrator.manifests import schema
+from orchestrator.reconciler import inventory
 from orchestrator.reconciler.inventory import to_variant
 from orchestrator.scheduler import GpuGroup, Site, Status, Tier, plan
 from orchestrator.scheduler.gpu_memory import GIB, LlmShape, replica_memory
@@ -200,3 +201,16 @@ def test_adapters_that_would_not_fit_beside_the_model_are_not_placed():
     status = plan([dc("fr-dc", H100X8)], [deployment(variants=(adapted,), tiers={"datacenter"})], []).deployments["d"]
     assert status.status is Status.UNSCHEDULABLE
     assert "LoRA adapters 3.2 GiB/GPU" in status.reason, status.reason
+
+
+@pytest.mark.parametrize("dtype,engine_args,element_bytes", [
+    ("auto", {}, 2), ("bfloat16", {}, 2), ("float32", {}, 4),  # vLLM's adapters take the model's dtype
+    ("float32", {"lora_dtype": "bfloat16"}, 2), ("bfloat16", {"lora_dtype": "float32"}, 4), ("float32", {"lora_dtype": "auto"}, 4),
+])
+def test_adapter_slots_are_counted_in_the_dtype_vllm_keeps_them_in(dtype, engine_args, element_bytes):
+    llm = schema.LlmSpec.model_validate({
+        "source": "/models/llama-3-70b", "contextLength": 8192, "maxConcurrentSequences": 16, "weightBytes": 2 * 70_553_706_496,
+        "dtype": dtype, "engineArgs": engine_args, "lora": {"adaptersFrom": "s3://adapters/llama", "maxRank": 16},
+        "architecture": {"layers": 80, "kvHeads": 8, "headDim": 128, "hiddenSize": 8192, "intermediateSize": 28672, "attentionHeads": 64},
+    })
+    assert inventory.llm_memory(llm).lora_bytes_per_gpu == 6_627_000_320 // 2 * element_bytes
