@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from edge_agent import errors, tls
+from edge_agent import errors, outage, tls
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class Renewal:
         self._pending_csr: tuple[bytes, bytes] | None = None  # (key, CSR) not yet accepted
         self._renewed_at: float | None = None  # when a session last ended for a renewal
         self._token_refused = False  # the join port refused the bootstrap token (lapsed)
+        self._said: tuple[str, float] | None = None  # the expiry line last said (lapsed), and when
 
     async def check(self, bootstrap_token: str) -> None:
         """A damaged key or certificate (or a key that is not the certificate's) would fail
@@ -92,21 +93,32 @@ class Renewal:
         """Whether the certificate expired (an uplink down past the third of its life left
         once it was due) and ``bootstrap_token`` is to enrol the agent again: the join port
         issues a new one for a valid bootstrap token, while no handshake succeeds with the
-        expired one. Said on every attempt; without a token, or once the join port refused
-        this one (:meth:`token_refused`), that a person must give it a fresh one, and the
-        saved certificate is tried all the same (this machine's clock may be the one wrong)."""
+        expired one. Said at the first attempt and again every outage.REMIND_S while it
+        lasts; without a token, or once the join port refused this one
+        (:meth:`token_refused`), that a person must give it a fresh one, and the saved
+        certificate is tried all the same (this machine's clock may be the one wrong)."""
         if self._expires is None or self._expires > self._clock():
             return False
         ended = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._expires))
         if bootstrap_token and not self._token_refused:
-            log.warning("the client certificate expired at %s, while the control plane could not be reached to renew "
-                        "it: enrolling again with the bootstrap token", ended)
+            self._say(logging.WARNING, f"the client certificate expired at {ended}, while the control plane could not be "
+                                       "reached to renew it: enrolling again with the bootstrap token")
             return True
-        log.error("the client certificate expired at %s: this agent must enrol again (%s)", ended,
-                  "its bootstrap token was refused: restart it with a fresh one (--token, from 'edgeplane token create "
-                  "--role agent')" if bootstrap_token else "start it with a bootstrap token (--token, from 'edgeplane "
-                  "token create --role agent')")
+        self._say(logging.ERROR, f"the client certificate expired at {ended}: this agent must enrol again (" + (
+            "its bootstrap token was refused: restart it with a fresh one (--token, from 'edgeplane token create "
+            "--role agent')" if bootstrap_token else "start it with a bootstrap token (--token, from 'edgeplane "
+            "token create --role agent')") + ")")
         return False
+
+    def _say(self, level: int, line: str) -> None:
+        """``line`` at ``level`` when it is new, or was last said outage.REMIND_S ago; at
+        debug level otherwise: the uplink may stay down for days, an attempt every 30 s."""
+        now = self._clock()
+        if self._said is not None and self._said[0] == line and 0 <= now - self._said[1] < outage.REMIND_S:
+            log.debug("%s", line)
+            return
+        self._said = (line, now)
+        log.log(level, "%s", line)
 
     def token_refused(self) -> None:
         """The join port refused the bootstrap token an expired certificate's agent enrolled

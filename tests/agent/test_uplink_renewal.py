@@ -97,3 +97,26 @@ async def test_dates_that_cannot_be_read_do_not_end_the_session(when: str) -> No
         await asyncio.wait_for(asyncio.shield(watcher), 0.2)
     watcher.cancel()
     assert tool.runs == runs
+
+
+@pytest.mark.parametrize("refused", [False, True])
+async def test_an_expired_certificate_is_said_once_per_reminder_while_the_uplink_stays_down(
+        caplog: pytest.LogCaptureFixture, refused: bool) -> None:
+    """A certificate that expired while the uplink was down is replaced at the first join
+    that gets through, which may be days away: each attempt until then enrols again (or,
+    with the token refused, tries the saved certificate), and says so once, then again
+    every outage.REMIND_S, as the failed attempts themselves are said."""
+    caplog.set_level(logging.DEBUG, logger="edge_agent.renewal")
+    tool, clock = Tool((NOW - 2 * DAY, NOW - DAY)), Clock()  # expired a day ago
+    up = make_renewal(tool, clock)
+    await up.schedule()
+    if refused:
+        up.token_refused()
+    said = []
+    for _ in range(60):  # half an hour of attempts at the reconnect's 30 s cap
+        assert up.lapsed("bootstrap-secret") is not refused  # each attempt decides alike
+        said += [r for r in caplog.records if r.levelno >= logging.WARNING]
+        caplog.clear()
+        clock.now += 30.0
+    assert len(said) == 3  # at 0, 10 and 20 minutes
+    assert all("expired at" in r.getMessage() and "bootstrap-secret" not in r.getMessage() for r in said)
