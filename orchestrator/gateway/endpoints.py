@@ -29,10 +29,13 @@ for as long as the pass then running took (seconds while a data centre starts).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+from starlette import datastructures
 
 from orchestrator.gateway import cascade_rules, replica_index, routing
 
@@ -232,9 +235,15 @@ class EndpointTable:
             return None
         return routing.check_region(region, self._known_regions, name, instead)
 
-    def query_caller(self, params: Mapping[str, str]) -> routing.Caller | routing.NoRoute:
+    def query_caller(self, params: datastructures.QueryParams) -> routing.Caller | routing.NoRoute:
         """The caller of the endpoint list (``?lat=&lon=&region=&residency=``), or why its
-        query cannot be read (400, naming the parameter)."""
+        query cannot be read (400, naming the parameter). A parameter given twice is refused
+        as every control-plane route refuses it (``paging.refuse_repeated``): which value
+        counts is each server's and proxy's own rule."""
+        names = collections.Counter(name for name, _ in params.multi_items())
+        if repeated := sorted(name for name, n in names.items() if n > 1):
+            said = ", ".join(f"{name!r} is given {names[name]} times" for name in repeated)
+            return routing.NoRoute(f"query parameter {said}; give each once", 400)
         if unknown := sorted(set(params) - set(CALLER_PARAMETERS)):  # a misspelt one would rank as if from nowhere
             return routing.NoRoute(f"unknown query parameter {', '.join(map(repr, unknown))}: this list takes "
                                    f"{', '.join(CALLER_PARAMETERS)}", 400)

@@ -45,6 +45,7 @@ def test_a_parameter_the_route_does_not_read_is_refused_and_does_nothing(api: ht
     ("POST /v1/sites/twice/drain", "dryRun=true&dryRun=false"),
     ("GET /v1/sites", "limit=1&limit=2"),
     ("GET /v1/events", "last=1&last=5"),
+    ("GET /v1/endpoints/twice", "region=eu-west&region=us-east"),
 ])
 def test_a_parameter_given_twice_is_refused_and_does_nothing(api: httpx.Client, method: str, query: str) -> None:
     """Which of two values counts is each server's own rule (Starlette's is the last, many
