@@ -185,8 +185,9 @@ def build_routes(services: Services) -> list[BaseRoute]:
         if "keepSite" in request.query_params:
             raise BadQuery(f"a DELETE deletes the Site: to keep it and give up only the applications it left elsewhere, "
                            f"POST /v1/sites/{request.path_params['name']}/abandon-applications")
+        abandon = _flag(request, "abandonApplications", also=("resourceVersion",))  # unknown and repeated ones refused first
         expected = _version(request)  # deleted only if unchanged since the caller read it
-        if _flag(request, "abandonApplications", also=("resourceVersion",)):  # a cluster gone for good
+        if abandon:  # a cluster gone for good
             if kind != "Site":
                 raise BadQuery("abandonApplications is for a Site only")
             if expected is not None:

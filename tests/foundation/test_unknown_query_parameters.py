@@ -42,6 +42,7 @@ def test_a_parameter_the_route_does_not_read_is_refused_and_does_nothing(api: ht
     ("POST /v1/apply", "dryRun=true&dryRun=false"),
     ("POST /v1/delete", "ignoreNotFound=false&ignoreNotFound=true"),
     ("DELETE /v1/sites/twice", "resourceVersion=1&resourceVersion=2"),
+    ("DELETE /v1/sites/twice", "resourceVersion=1&resourceVersion=x"),
     ("POST /v1/sites/twice/drain", "dryRun=true&dryRun=false"),
     ("GET /v1/sites", "limit=1&limit=2"),
     ("GET /v1/events", "last=1&last=5"),
