@@ -30,6 +30,22 @@ def duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+class Reminder:
+    """One condition's line (a model that keeps failing, a certificate that expired), said
+    when it is new or changed, then again only every ``REMIND_S`` while it stays the same."""
+
+    def __init__(self) -> None:
+        self._said: tuple[str, float] | None = None  # the line last said, and when
+
+    def due(self, line: str, now: float, *, anew: bool = False) -> bool:
+        """Whether to say ``line`` now (``now``: the caller's clock); ``anew``: said whatever
+        was said before (a new run of failures). A line due is taken as said."""
+        if not anew and self._said is not None and self._said[0] == line and 0 <= now - self._said[1] < REMIND_S:
+            return False
+        self._said = (line, now)
+        return True
+
+
 def _utc(wall: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall))
 

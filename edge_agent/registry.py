@@ -133,7 +133,7 @@ class _Slot:
         self.failures = 0  # consecutive failed attempts at ``assignment``
         self.retry_at: float | None = None  # clock time of the next attempt, when FAILED
         self.attempt: asyncio.Task[None] | None = None  # fetching and loading ``assignment``, while it runs
-        self.said: tuple[str, float] | None = None  # the failure last logged at error level, and when
+        self.said = outage.Reminder()  # the failure last logged at error level
 
 
 Loader = Callable[[bytes], onnx.OnnxModel]
@@ -470,13 +470,11 @@ class ModelRegistry:
         slot.message += f"; retrying in {delay:.1f}s (failed {slot.failures}x)"
         # A model whose artifact cannot be had (the uplink down for days) fails at every
         # retry: the same reason is said again every outage.REMIND_S, not each time.
-        now = self._clock()
-        if slot.failures > 1 and slot.said is not None and slot.said[0] == reason and now - slot.said[1] < outage.REMIND_S:
-            log.debug("model %s sha256 %s failed: %s", want.model, want.sha256[:12], slot.message)
-        else:
+        if slot.said.due(reason, self._clock(), anew=slot.failures == 1):
             again = "" if slot.failures == 1 else f"; said again every {outage.REMIND_S / 60:g} minutes while it fails so"
-            slot.said = (reason, now)
             log.error("model %s sha256 %s failed: %s%s", want.model, want.sha256[:12], slot.message, again)
+        else:
+            log.debug("model %s sha256 %s failed: %s", want.model, want.sha256[:12], slot.message)
         self._on_change()
 
 

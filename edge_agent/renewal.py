@@ -52,7 +52,7 @@ class Renewal:
         self._pending_csr: tuple[bytes, bytes] | None = None  # (key, CSR) not yet accepted
         self._renewed_at: float | None = None  # when a session last ended for a renewal
         self._token_refused = False  # the join port refused the bootstrap token (lapsed)
-        self._said: tuple[str, float] | None = None  # the expiry line last said (lapsed), and when
+        self._expiry_said = outage.Reminder()  # the expired certificate's line (lapsed)
 
     async def check(self, bootstrap_token: str) -> None:
         """A damaged key or certificate (or a key that is not the certificate's) would fail
@@ -113,12 +113,7 @@ class Renewal:
     def _say(self, level: int, line: str) -> None:
         """``line`` at ``level`` when it is new, or was last said outage.REMIND_S ago; at
         debug level otherwise: the uplink may stay down for days, an attempt every 30 s."""
-        now = self._clock()
-        if self._said is not None and self._said[0] == line and 0 <= now - self._said[1] < outage.REMIND_S:
-            log.debug("%s", line)
-            return
-        self._said = (line, now)
-        log.log(level, "%s", line)
+        log.log(level if self._expiry_said.due(line, self._clock()) else logging.DEBUG, "%s", line)
 
     def token_refused(self) -> None:
         """The join port refused the bootstrap token an expired certificate's agent enrolled
