@@ -111,3 +111,34 @@ def build_identity(path: pathlib.Path, inputs: dict[str, int], width: int = 3) -
     onnx.save(model, str(path))
     first = next(iter(inputs))
     return BuiltModel(path, sha256_file(path), first, f"{first}_out", width, width)
+
+
+def external_data_graph() -> onnx.ModelProto:
+    """``y = relu(x @ w + b)``: two weights, so two external data entries of one file."""
+    rng = np.random.default_rng(7)
+    weights = [numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w"),
+               numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["z"]),
+         helper.make_node("Relu", ["z"], ["y"])], "packed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], weights)
+    made = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    made.ir_version = 8
+    return made
+
+
+def save_with_external_data(folder: pathlib.Path, location: str = "model.onnx.data") -> pathlib.Path:
+    """The model as exporters write it past 2 GB: ``model.onnx`` beside ``location``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(external_data_graph(), str(folder / "model.onnx"), save_as_external_data=True, location=location,
+                    size_threshold=0)
+    return folder
+
+
+def run_in_one_file(x: np.ndarray) -> np.ndarray:
+    """What the same model saved as one file answers."""
+    import onnxruntime as ort  # only the tests that compare load it
+
+    session = ort.InferenceSession(external_data_graph().SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["y"], {"x": x})[0]

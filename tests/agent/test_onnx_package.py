@@ -12,9 +12,8 @@ import pathlib
 import httpx
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from edge_agent import errors, footprint
 from edgeplane_proto import oip
@@ -31,29 +30,6 @@ from .test_model_io_types import _asgi
 X = np.linspace(-1.0, 1.0, 8 * 16, dtype=np.float32).reshape(8, 16)
 
 
-def built() -> onnx.ModelProto:
-    """``y = relu(x @ w + b)``: two weights, so two external data entries of one file."""
-    rng = np.random.default_rng(7)
-    weights = [numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w"),
-               numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")]
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["z"]),
-         helper.make_node("Relu", ["z"], ["y"])], "packed",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], weights)
-    made = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_models.OPSET)])
-    made.ir_version = 8
-    return made
-
-
-def model_folder(folder: pathlib.Path, location: str = "model.onnx.data") -> pathlib.Path:
-    """The model as exporters write it past 2 GB: ``model.onnx`` beside ``location``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(built(), str(folder / "model.onnx"), save_as_external_data=True, location=location,
-                    size_threshold=0)
-    return folder
-
-
 def relocated(folder: pathlib.Path, location: str) -> pathlib.Path:
     """``folder``'s graph naming ``location`` as its weights' file (which pack refuses to write)."""
     graph_path = folder / "model.onnx"
@@ -64,12 +40,6 @@ def relocated(folder: pathlib.Path, location: str) -> pathlib.Path:
                 entry.value = location
     graph_path.write_bytes(proto.SerializeToString())
     return folder
-
-
-def single_file_answer(x: np.ndarray) -> np.ndarray:
-    """What the same model saved as one file answers."""
-    session = ort.InferenceSession(built().SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(["y"], {"x": x})[0]
 
 
 def sha256_of(path: pathlib.Path) -> str:
@@ -88,7 +58,7 @@ async def infer(client: httpx.AsyncClient, name: str) -> np.ndarray:
 
 def test_pack_writes_a_tar_of_the_folder_and_prints_its_sha256_and_size(
         tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = model_folder(tmp_path / "model")
+    folder = onnx_models.save_with_external_data(tmp_path / "model")
     out = tmp_path / "out" / "model.tar"
     assert onnx_package._main(["pack", str(folder), str(out)]) == 0
     printed = capsys.readouterr().out
@@ -145,7 +115,7 @@ def _not_onnx(folder: pathlib.Path) -> None:
 ])
 def test_pack_refuses_a_folder_no_agent_could_load_in_one_line_and_writes_nothing(
         tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], spoil, message: str) -> None:
-    folder = model_folder(tmp_path / "model")
+    folder = onnx_models.save_with_external_data(tmp_path / "model")
     spoil(folder)
     out = tmp_path / "model.tar"
     assert onnx_package._main(["pack", str(folder), str(out)]) == 2
@@ -156,7 +126,7 @@ def test_pack_refuses_a_folder_no_agent_could_load_in_one_line_and_writes_nothin
 
 
 def test_pack_refuses_to_write_the_package_inside_the_folder(tmp_path: pathlib.Path) -> None:
-    folder = model_folder(tmp_path / "model")
+    folder = onnx_models.save_with_external_data(tmp_path / "model")
     with pytest.raises(tarball.PackageError, match="write the package outside the folder"):
         onnx_package.pack(folder, folder / "model.tar")
 
@@ -184,7 +154,7 @@ def tarred(artifact_server: ArtifactServer, folder: pathlib.Path, name: str) -> 
 
 async def test_an_agent_serves_a_packed_model_as_it_serves_the_model_in_one_file(
         control_plane: ControlPlane, make_agent: MakeAgent, artifact_server: ArtifactServer, tmp_path: pathlib.Path) -> None:
-    url, sha256 = packed(artifact_server, model_folder(tmp_path / "model"), "packed.tar")
+    url, sha256 = packed(artifact_server, onnx_models.save_with_external_data(tmp_path / "model"), "packed.tar")
     agent = await make_agent(control_plane)
     control_plane.hub.set_assignments(SITE, [model.Assignment("m", "intent", "small", url, sha256)], version=1)
     state = await wait_model(control_plane, lambda s: s.phase in (model.ModelPhase.READY, model.ModelPhase.FAILED), name="m")
@@ -192,24 +162,24 @@ async def test_an_agent_serves_a_packed_model_as_it_serves_the_model_in_one_file
     async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
         metadata = (await client.get("/v2/models/m")).json()
         assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}], metadata
-        np.testing.assert_array_equal(await infer(client, "m"), single_file_answer(X))
+        np.testing.assert_array_equal(await infer(client, "m"), onnx_models.run_in_one_file(X))
     unpacked = agent.models_dir / sha256
     assert sorted(p.name for p in unpacked.iterdir()) == [".edgeplane-unpacked", "model.onnx", "model.onnx.data"]
 
 
 async def test_an_agent_refuses_a_package_that_is_damaged_or_reads_outside_itself(
         control_plane: ControlPlane, make_agent: MakeAgent, artifact_server: ArtifactServer, tmp_path: pathlib.Path) -> None:
-    escaping = relocated(model_folder(tmp_path / "escaping"), "../model.onnx.data")
-    absolute = model_folder(tmp_path / "absolute")
+    escaping = relocated(onnx_models.save_with_external_data(tmp_path / "escaping"), "../model.onnx.data")
+    absolute = onnx_models.save_with_external_data(tmp_path / "absolute")
     relocated(absolute, str(absolute / "model.onnx.data"))
-    missing = model_folder(tmp_path / "missing")
+    missing = onnx_models.save_with_external_data(tmp_path / "missing")
     (missing / "model.onnx.data").unlink()
-    good_url, good_sha = packed(artifact_server, model_folder(tmp_path / "good"), "tampered.tar")
+    good_url, good_sha = packed(artifact_server, onnx_models.save_with_external_data(tmp_path / "good"), "tampered.tar")
     tampered = artifact_server.root / "tampered.tar"
     data = bytearray(tampered.read_bytes())
     data[600] ^= 0xFF  # a byte of the graph, changed after the digest was taken
     tampered.write_bytes(bytes(data))
-    link, link_sha = evil_package(model_folder(tmp_path / "link"), artifact_server.root / "link.tar", "symlink")
+    link, link_sha = evil_package(onnx_models.save_with_external_data(tmp_path / "link"), artifact_server.root / "link.tar", "symlink")
     wanted = {
         "escaping": (*tarred(artifact_server, escaping, "escaping.tar"),
                      "keeps its data in '../model.onnx.data', which is outside its package folder"),
@@ -238,18 +208,18 @@ async def test_a_data_centre_replica_serves_a_packed_model_alike(tmp_path: pathl
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEPLANE_ARTIFACT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "packed.tar"
-    sha256 = onnx_package.pack(model_folder(tmp_path / "model"), out).sha256
+    sha256 = onnx_package.pack(onnx_models.save_with_external_data(tmp_path / "model"), out).sha256
     served = onnx_app.OnnxModel.func_or_class(str(out), sha256, "m")
     transport = httpx.ASGITransport(app=lambda scope, receive, send: _asgi(served, scope, receive, send))
     async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
-        np.testing.assert_array_equal(await infer(client, "m"), single_file_answer(X))
+        np.testing.assert_array_equal(await infer(client, "m"), onnx_models.run_in_one_file(X))
     assert (tmp_path / "cache" / "edgeplane-genai-models" / sha256 / "model.onnx.data").is_file()
 
 
 def test_a_data_centre_replica_refuses_a_graph_reading_outside_its_package(tmp_path: pathlib.Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEPLANE_ARTIFACT_CACHE", str(tmp_path / "cache"))
-    folder = relocated(model_folder(tmp_path / "model"), "../model.onnx.data")
+    folder = relocated(onnx_models.save_with_external_data(tmp_path / "model"), "../model.onnx.data")
     out = tmp_path / "escaping.tar"
     tarball.write(tarball.regular_files(folder), out)
     with pytest.raises(errors.ModelLoadError, match=r"keeps its data in '\.\./model\.onnx\.data', which is outside"):
@@ -260,7 +230,7 @@ def test_describe_model_reads_a_packages_graph_from_the_tar(tmp_path: pathlib.Pa
     from orchestrator.artifacts import signature
 
     out = tmp_path / "packed.tar"
-    sha256 = onnx_package.pack(model_folder(tmp_path / "model"), out).sha256
+    sha256 = onnx_package.pack(onnx_models.save_with_external_data(tmp_path / "model"), out).sha256
     assert signature.read(out, sha256) == {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
                                            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]}
 
@@ -268,7 +238,7 @@ def test_describe_model_reads_a_packages_graph_from_the_tar(tmp_path: pathlib.Pa
 def test_a_packaged_graph_with_a_sequence_output_is_refused_as_a_file_is(tmp_path: pathlib.Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEPLANE_ARTIFACT_CACHE", str(tmp_path / "cache"))
-    made = built()
+    made = onnx_models.external_data_graph()
     made.graph.node.append(helper.make_node("SequenceConstruct", ["y"], ["ys"]))
     del made.graph.output[:]
     made.graph.output.append(helper.make_tensor_sequence_value_info("ys", TensorProto.FLOAT, None))
@@ -286,7 +256,7 @@ async def test_an_agent_refuses_a_package_that_does_not_take_the_declared_inputs
         control_plane: ControlPlane, make_agent: MakeAgent, artifact_server: ArtifactServer, tmp_path: pathlib.Path) -> None:
     from edgeplane_proto.assignment import DeclaredTensor
 
-    url, sha256 = packed(artifact_server, model_folder(tmp_path / "model"), "declared.tar")
+    url, sha256 = packed(artifact_server, onnx_models.save_with_external_data(tmp_path / "model"), "declared.tar")
     await make_agent(control_plane)
     declared = model.Assignment("m", "intent", "small", url, sha256,
                                 inputs=(DeclaredTensor("x", "FP32", (-1, 5)),), outputs=(DeclaredTensor("y", "FP32", (-1, 4)),))
@@ -300,7 +270,7 @@ def test_a_folder_named_like_a_graph_is_not_taken_for_one(tmp_path: pathlib.Path
     packs, as pack counts graphs among files only; a replica unpacks it and loads the one graph,
     and finds the unpacked folder whole the next time instead of unpacking it again."""
     monkeypatch.setenv("EDGEPLANE_ARTIFACT_CACHE", str(tmp_path / "cache"))
-    folder = model_folder(tmp_path / "model")
+    folder = onnx_models.save_with_external_data(tmp_path / "model")
     (folder / "exported.onnx").mkdir()
     (folder / "exported.onnx" / "notes.txt").write_text("how it was exported")
     out = tmp_path / "packed.tar"

@@ -232,16 +232,18 @@ async def test_onnx_app_serves_a_model_with_external_data_from_its_package(
     serve_actuator: ray_serve.RayServeActuator, tmp_path: pathlib.Path
 ) -> None:
     from orchestrator.artifacts import onnx_package
-    from tests.agent import test_onnx_package as packed
 
     out = tmp_path / "packed.tar"
-    facts = onnx_package.pack(packed.model_folder(tmp_path / "model"), out)
+    facts = onnx_package.pack(onnx_models.save_with_external_data(tmp_path / "model"), out)
     spec = onnx_spec("ep-packed", None, artifact_uri=out.as_uri(), sha256=facts.sha256, model_name="m")
     await serve_actuator.apply([spec])
     status = (await ray_serve.wait_until_running(serve_actuator, ["ep-packed"], timeout_s=90))["ep-packed"]
     assert status.endpoint_url is not None
+    x = np.linspace(-1.0, 1.0, 8 * 16, dtype=np.float32).reshape(8, 16)
     async with httpx.AsyncClient(base_url=status.endpoint_url, timeout=30) as client:
-        np.testing.assert_array_equal(await packed.infer(client, "m"), packed.single_file_answer(packed.X))
+        response = await client.post("/v2/models/m/infer", content=oip.encode_request({"x": x})[0])
+    assert response.status_code == 200, response.text
+    np.testing.assert_array_equal(oip.decode_response(response.content).outputs[0].array, onnx_models.run_in_one_file(x))
 
 
 async def test_a_file_that_does_not_take_the_declared_inputs_fails_its_application_naming_them(
