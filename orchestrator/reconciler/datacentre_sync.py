@@ -373,8 +373,10 @@ class DataCentreSync:
             await self._record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message))
         backoff.fail(self.clock(), message)
         backoff.refused = getattr(exc, "retryable", True) is False
+        # another's, the cluster answered: an outage after it is given back begins then
+        given_back = backoff.owned_by is not None and not isinstance(exc, OwnedElsewhere)
         backoff.owned_by = exc.other if isinstance(exc, OwnedElsewhere) else None
-        if unreachable and not backoff.unreachable:
+        if unreachable and (not backoff.unreachable or given_back):
             backoff.unreachable_since, backoff.unreachable_at = self.clock(), self._now()
         backoff.unreachable = unreachable
         if unreachable and self.clock() < (lost_at := backoff.unreachable_since + self.lost_after):

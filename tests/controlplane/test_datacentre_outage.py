@@ -13,7 +13,7 @@ import json
 import pathlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -23,6 +23,7 @@ import yaml
 
 from orchestrator import server
 from orchestrator.adapters import rayservice, serve_config
+from orchestrator.adapters.ownership import OwnedElsewhere
 from orchestrator.gateway import wire
 from orchestrator.manifests import schema
 from orchestrator.reconciler import datacentre_sync, observed
@@ -270,3 +271,51 @@ async def test_a_data_centre_an_earlier_versions_leader_found_out_of_reach_is_no
     new.inherit({"dc-1": snap.DataCentreObservation(False, error="down", lost=True, last_apps={APP.name: running})})
     await new.observe(fleet.sites)
     assert not new.observed["dc-1"].routed
+
+
+class Marked(Cluster):
+    """A cluster another control plane may mark as its own (``other``): then observing it is
+    refused as the adapters refuse it."""
+
+    other: str | None = None
+
+    async def observe(self) -> Mapping[str, serve_config.ServeAppStatus]:
+        if self.other is not None:
+            raise OwnedElsewhere("RayService ns/dc", "dc-1", self.other, "a" * 16)
+        return await super().observe()
+
+
+async def test_a_data_centre_given_back_that_then_goes_out_of_reach_is_given_the_whole_loss_time(tmp_path: pathlib.Path) -> None:
+    """Another control plane's for longer than the loss time, the cluster answered all along:
+    once given back and then out of reach, its outage begins then, not when it was first
+    found another's, and it keeps its replicas (routed as last observed) for the loss time."""
+    fleet = Leaders(tmp_path)
+    fleet.cluster = Marked()
+    fleet.cluster.running = {APP.name: APP}
+    clock = [0.0]
+    sync = fleet.leader(clock)
+    await sync.observe(fleet.sites)
+    fleet.cluster.other = "b" * 16
+    await sync.observe(fleet.sites)
+    assert sync.observed["dc-1"].owned_by == "b" * 16
+
+    def tick() -> None:
+        fleet.wall, clock[0] = fleet.wall + 5, clock[0] + 5
+
+    while clock[0] < 120:  # twice the loss time: held, never lost
+        tick()
+        await sync.observe(fleet.sites)
+        assert not sync.observed["dc-1"].lost
+    fleet.cluster.other, fleet.cluster.down = None, True
+    gone_at = None
+    while gone_at is None or clock[0] - gone_at < 55:
+        tick()
+        await sync.observe(fleet.sites)
+        if gone_at is None and sync.observed["dc-1"].owned_by is None:
+            gone_at = clock[0]
+        dc = sync.observed["dc-1"]
+        assert (dc.reachable, dc.lost, list(dc.routed)) == (False, False, [APP.name]), (clock[0] - (gone_at or 0), dc)
+    while clock[0] - gone_at < 65:
+        tick()
+        await sync.observe(fleet.sites)
+    assert sync.observed["dc-1"].lost and not sync.observed["dc-1"].routed
