@@ -86,22 +86,27 @@ class FailbackRecord:
     store: store_mod.Store
     clock: Callable[[], float]
     lease: Callable[[], store_mod.Lease | None]
-    _written: tuple[Mapping[str, Any], ...] | None = None  # what the store holds, as this term last read or wrote it
+    _written: tuple[Mapping[str, Any], ...] | None = None  # what the store holds, as this term last read or wrote it (None: unknown)
+    _unread: int = 0  # the stored version last found not to read: warned of once
 
     async def read(self, term: bool = True) -> failback_mod.Failback:
         """The memory the last leader left (none: an empty one). One that does not read is
-        warned of and forgotten: its stand-ins stay where they are, as before it was kept.
+        warned of (once per version) and forgotten: its stand-ins stay where they are, as
+        before it was kept, and the term's first write replaces it.
         ``term``: read by a new term, which writes it from now on (else a follower's what-if)."""
         got = await self.store.run(self.store.published, PUBLISHED_KEY)
-        memory = failback_mod.Failback()
+        memory, readable = failback_mod.Failback(), True
         if got is not None:
             offset = self.clock() - self.store.now()
             try:
                 memory = from_text(got[1], lambda stored: stored + offset)
             except ValueError as exc:
-                log.warning("%s: replicas moved off sites lost before this leader are not moved back", exc)
+                readable = False
+                if got[0] != self._unread:
+                    log.warning("%s: replicas moved off sites lost before are not moved back", exc)
+                self._unread = got[0]
         if term:
-            self._written = _kept(memory)
+            self._written = _kept(memory) if readable else None
         return memory
 
     async def write(self, memory: failback_mod.Failback) -> None:

@@ -7,7 +7,9 @@ came back, not since the new leader first saw it."""
 
 from __future__ import annotations
 
+import logging
 import pathlib
+
 import pytest
 
 from orchestrator import catalog
@@ -19,6 +21,8 @@ from orchestrator.artifacts import catalog as artifacts_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.manifests import loader
 from orchestrator.reconciler import datacentres as dc_mod
+from orchestrator.reconciler import failback as failback_mod
+from orchestrator.reconciler import failback_record
 from orchestrator.reconciler import loop
 from orchestrator.reconciler import observed as observed_mod
 from orchestrator.store import open_store
@@ -189,4 +193,25 @@ async def test_a_what_if_of_the_fleet_as_it_is_shows_the_failback_the_next_pass_
         assert placed(store) == {home, other}
     finally:
         await reconciler.publishes_done()
+        store.close()
+
+
+async def test_a_stored_memory_that_does_not_read_is_warned_of_once_and_replaced_by_the_next_leaders(
+        tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A follower's what-ifs read it each time: it is warned of once, not at each what-if; the
+    next leader forgets it, and its first pass writes over it what it remembers (here nothing)."""
+    store = open_store(str(tmp_path / "state.db"))
+    try:
+        store.publish(failback_record.PUBLISHED_KEY, '{"format": 1, "sites": {"x": {}}}')
+        follower = failback_record.FailbackRecord(store, clock=lambda: 0.0, lease=lambda: None)
+        with caplog.at_level(logging.WARNING, logger=failback_record.__name__):
+            for _ in range(3):
+                assert (await follower.read(term=False)).seats == {}
+        assert len([r for r in caplog.records if "does not read" in r.getMessage()]) == 1
+        leader = failback_record.FailbackRecord(store, clock=lambda: 0.0, lease=lambda: None)
+        assert (await leader.read()).seats == {}
+        await leader.write(failback_mod.Failback())  # its first pass: nothing to remember
+        stored = store.published(failback_record.PUBLISHED_KEY)
+        assert stored is not None and failback_record.from_text(stored[1], lambda at: at) == failback_mod.Failback()
+    finally:
         store.close()
