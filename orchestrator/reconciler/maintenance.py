@@ -477,7 +477,9 @@ def site_status(s: snap.Snapshot, site: str, progress: Mapping[str, Progress], s
     if p.stuck:
         out["stuck"] = [{"deployment": x.deployment, "replicas": x.replicas, "reason": x.reason} for x in p.stuck]
     dc = s.datacentres.get(site)
-    if dc is not None and not dc.reachable and not p.left:  # what runs there is not seen: say why it is done or not
+    if dc is not None and dc.owned_by is not None and not p.left:  # nothing there is this control plane's to remove
+        out["note"] = f"its cluster is another control plane's ({dc.owned_by}): what runs there is not this one's to remove"
+    elif dc is not None and not dc.reachable and not p.left:  # what runs there is not seen: say why it is done or not
         out["note"] = (f"its cluster does not answer ({dc.error}); its Serve applications there were seen removed before"
                        if state == "Drained" and not dc.lost else
                        f"its cluster does not answer ({dc.error}) and is declared lost: its Serve applications there "

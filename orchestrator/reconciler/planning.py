@@ -458,11 +458,14 @@ def still_serving(s: snap.Snapshot, site: str) -> bool:
     A data centre out of reach is judged by what it ran when this leader last saw it; not
     seen since this leader took over, it may run anything (it knows of no apply) and counts
     as serving. Either way it serves no more once declared lost, by the rule that declares
-    an agent lost (``DataCentreObservation.lost``)."""
+    an agent lost (``DataCentreObservation.lost``). One another control plane owns runs
+    nothing of this one's (as deleting its Site removes nothing there), and is never lost."""
     agent = s.agent_by_site.get(site)
     if agent is not None and agent.healthy and any(m.serving for m in agent.models.values()):
         return True
     dc, owns = s.datacentres.get(site), applications.owns_app(site)
+    if dc is not None and dc.owned_by is not None:
+        return False
     if dc is not None and not dc.reachable and (dc.lost or dc.last_apps is None):
         return not dc.lost
     seen = {} if dc is None else dc.apps if dc.reachable else dc.last_apps or {}

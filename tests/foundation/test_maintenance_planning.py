@@ -288,3 +288,19 @@ def test_a_cordoned_site_whose_power_budget_is_lowered_keeps_only_what_the_budge
     assert len(after) < len(held) and sum(v.watts for v in after) * pue <= budget
     moved = [a for a in plan.result.actions if isinstance(a, sched_result.MoveReplica)]
     assert moved and all(a.from_site == "dc-paris" and "no longer within the power budget" in a.reason for a in moved)
+
+
+def test_a_draining_data_centre_owned_elsewhere_is_drained_once_nothing_is_placed_there() -> None:
+    """Another control plane's, it is never declared lost, and nothing can be removed there:
+    what this one last applied is not its to remove (as deleting the Site removes nothing
+    there), so its drain ends once none of its replicas is placed there, saying whose it is."""
+    s = _at_rest()
+    applied = {"dc-frankfurt": (serve_config.ServeAppSpec(name="ep-d.v.dc-frankfurt", route_prefix="/ep/dc-frankfurt/d/v", model_name="m",
+                                                          runtime="ray-serve", num_replicas=1, import_path="pkg.mod:app"),)}
+    owned = snap.DataCentreObservation(False, error="owned by another", owned_by="b" * 16, last_apps=s.datacentres["dc-frankfurt"].apps)
+    left = dataclasses.replace(_with(s, "dc-frankfurt", maintenance.Mode.DRAIN), applied_apps=applied,
+                               placements=tuple(r for r in s.placements if r.site != "dc-frankfurt"),
+                               datacentres={**s.datacentres, "dc-frankfurt": owned})
+    m = _site_status(planning.plan_pass(left), "dc-frankfurt")["maintenance"]
+    assert (m["state"], m["replicasLeft"]) == ("Drained", 0), m  # type: ignore[index]
+    assert "another control plane's (" + "b" * 16 + ")" in m["note"] and "does not answer" not in m["note"], m  # type: ignore[index,operator]
