@@ -116,7 +116,8 @@ class DataCentreObservation:
         last = None if self.reachable else self.routed.get(app)
         if last is None or last.endpoint_url is None or last.replicas_running < 1:  # as the endpoint table takes them
             return ""
-        return f"routed to as last observed ({last.status.value}, {last.replicas_running} running) until it answers or is declared lost"
+        until = "is given back" if self.owned_by is not None else "answers or is declared lost"  # another's: never lost
+        return f"routed to as last observed ({last.status.value}, {last.replicas_running} running) until it {until}"
 
 
 @dataclass(frozen=True)

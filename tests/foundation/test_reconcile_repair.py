@@ -266,3 +266,18 @@ def test_a_deployment_served_by_a_data_centre_out_of_reach_says_it_is_routed_the
     assert (placed["state"], placed["ready"], placed["reason"]) == ("Unreachable", 0, f"{error}; {routed}"), placed
     mine = [r for r in s.placements if r.deployment == "doc-fields-fr"]
     assert status["readyReplicas"] == sum(p["ready"] for p in views.placements(s, mine)["items"]), status
+
+
+def test_a_data_centre_owned_elsewhere_says_its_replicas_are_routed_to_until_it_is_given_back() -> None:
+    """Never declared lost, it is not routed to 'until it answers or is declared lost' (it
+    answers, and is never lost): until it is given back."""
+    from .test_maintenance_planning import _at_rest  # it imports this module
+
+    s = _at_rest()
+    paris = s.datacentres["dc-paris"]
+    owned = snap.DataCentreObservation(False, error="owned by another", last_apps=paris.apps, owned_by="b" * 16)
+    s = dataclasses.replace(s, datacentres={**s.datacentres, "dc-paris": owned})
+    rows = [r for r in s.placements if (r.site, r.deployment) == ("dc-paris", "doc-fields-fr")]
+    [placed] = views.placements(s, rows)["items"]
+    routed = f"routed to as last observed (RUNNING, {rows[0].replicas} running) until it is given back"
+    assert (placed["state"], placed["reason"]) == ("OwnedElsewhere", f"owned by another; {routed}"), placed
