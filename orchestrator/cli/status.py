@@ -25,6 +25,9 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
     placements = api.request_list("/v1/placements")
     data = {"server": api.server, "health": health, "sites": len(sites),
             "healthySites": sum(1 for s in sites if s.get("status", {}).get("health") == "Healthy"),
+            # data centres another control plane owns (OwnedElsewhere), by the owner's id: held until taken over
+            "ownedElsewhere": {s["metadata"]["name"]: s["status"].get("ownedBy", "") for s in sites
+                               if s.get("status", {}).get("health") == "OwnedElsewhere"},
             "deployments": {d["metadata"]["name"]: d.get("status", {}).get("phase", "Pending") for d in deps},
             # what is wrong with a deployment that cannot run as asked (no fitting site, a failed replica...)
             "problems": {d["metadata"]["name"]: d["status"].get("reason", "") for d in deps
@@ -46,7 +49,11 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
         say(*agent_ca_lines(data["controlPlane"]["agentCa"]))
     if data["controlPlane"].get("hold"):  # a stored object does not read: nothing is planned or sent until it does
         say(data["controlPlane"]["hold"])
-    say(f"sites: {data['sites']} ({data['healthySites']} healthy), replicas placed: {data['replicas']}")
+    owned = data["ownedElsewhere"]
+    say(f"sites: {data['sites']} ({data['healthySites']} healthy{f', {len(owned)} owned elsewhere' if owned else ''}), "
+        f"replicas placed: {data['replicas']}")
+    for name, owner in owned.items():  # the Site's spec.takeOverFrom: <owner> takes it over
+        say(f"  {name}: owned by another control plane ({owner})")
     for name, state in data["maintenance"].items():
         say(f"  {name}: {state}")
     for name, power in data["power"].items():  # over: replicas moving off after the budget was lowered

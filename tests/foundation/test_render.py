@@ -397,3 +397,33 @@ def test_status_writes_what_agents_reported_on_its_own_lines_without_control_cha
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\r" not in out, out
     assert out.splitlines()[-2:] == [f"  intent: Failing: edge-1: {SHOWN}", f"    waiting: edge-1: {SHOWN}"], out
+
+
+class _Owned(loopback.CannedHandler):
+    """A control plane with a data centre another control plane owns."""
+
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        path = self.path.split("?")[0]
+        sites = [{"metadata": {"name": "dc-1"}, "status": {"health": "OwnedElsewhere", "ownedBy": "b" * 16}},
+                 {"metadata": {"name": "dc-2"}, "status": {"health": "Healthy"}}]
+        bodies = {"/healthz": {"status": "ok"}, "/v1/sites": {"items": sites}, "/v1/modeldeployments": {"items": []},
+                  "/v1/placements": {"items": []}, "/v1/controlplane": {"replica": "r1", "role": "leader"}}
+        self.reply(200, json.dumps(bodies[path]).encode())
+
+
+@pytest.mark.parametrize("output", ["text", "json"])
+def test_status_says_which_data_centre_another_control_plane_owns_and_whose(output: str, capsys: pytest.CaptureFixture[str]) -> None:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Owned)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        args = ["--server", f"http://127.0.0.1:{httpd.server_address[1]}", "status", *(["-o", "json"] if output == "json" else [])]
+        assert cli_main.main(args) == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    out = capsys.readouterr().out
+    if output == "json":
+        assert json.loads(out)["ownedElsewhere"] == {"dc-1": "b" * 16}, out
+    else:
+        assert "sites: 2 (1 healthy, 1 owned elsewhere)" in out and f"  dc-1: owned by another control plane ({'b' * 16})" in out, out
