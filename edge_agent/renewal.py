@@ -3,8 +3,8 @@
 Under mutual TLS the agent's certificate runs out while sessions come and go, and the uplink
 (:mod:`edge_agent.uplink`) must neither outlive it nor spend a key on every reconnect. A
 :class:`Renewal` keeps that clock for one uplink: the certificate's dates (read once, by the
-identity tool, then after each renewal), the key and CSR the next join carries until one is
-accepted, when to ask again after a refusal or a failing tool, and when a long session must
+identity tool, then after each renewal), the key and CSR the next join (or enrolment) carries
+until one is accepted, when to ask again after a refusal or a failing tool, and when a long session must
 end so that its next join renews. The uplink owns the connection and the join; this module
 decides only when, and keeps what came back. It knows nothing of gRPC beyond the answer's
 certificate fields.
@@ -77,7 +77,9 @@ class Renewal:
         return self._expires
 
     def forget(self) -> None:
-        """A new certificate was saved (an enrolment): its dates are read at the next join."""
+        """A new certificate was saved (an enrolment) with the pending key: its dates are read
+        at the next join, and the next renewal makes a new key."""
+        self._pending_csr = None
         self._renew_at = self._expires = None
 
     async def schedule(self) -> float:
@@ -128,12 +130,21 @@ class Renewal:
         try:
             if self._clock() < await self.schedule():
                 return None
-            if self._pending_csr is None:
-                self._pending_csr = await self._tls.new_request(self._site)
-            return self._pending_csr
+            return await self.pending()
         except (OSError, errors.AgentError) as exc:
             self.failed(f"cannot prepare the renewal: {exc}")
             return None
+
+    async def pending(self) -> tuple[bytes, bytes]:
+        """The key and CSR that the next enrolment or renewal carries: made by the identity
+        tool when none is pending, then the same pair until a certificate for it is saved
+        (:meth:`renewed`, :meth:`forget`), so that an agent that must enrol while the join
+        port cannot be reached (a certificate that expired offline) does not make a key at
+        every reconnect, for days. Held in memory only: the saved key and certificate are
+        replaced together, as a pair, once one is issued."""
+        if self._pending_csr is None:
+            self._pending_csr = await self._tls.new_request(self._site)
+        return self._pending_csr
 
     def failed(self, why: str) -> None:
         """Ask again later (:func:`renewal_retry`), saying ``why`` not now."""

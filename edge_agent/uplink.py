@@ -309,7 +309,7 @@ class Uplink:
                 await self._renewal.check(self._facts.bootstrap_token)
                 lapsed = self._renewal.lapsed(self._facts.bootstrap_token)
             if lapsed or not self._tls.enrolled():
-                key_pem, csr_pem = await self._tls.new_request(self._facts.site)
+                key_pem, csr_pem = await self._renewal.pending()  # one key until an enrolment succeeds
                 if self._stopping.is_set():
                     return  # no join now: one the control plane took but this agent never saved would hold the site
                 try:
