@@ -45,6 +45,16 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathl
 
 
 @pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathlib.Path) -> Iterator[support.ServerThread]:
+    """A real control plane with token auth (loopback) shared by the tests of one module."""
+    cp = start_control_plane(tmp_path_factory.mktemp("secured"), offline_fleet, auth="token")
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="module")
 def serve(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathlib.Path) -> Iterator[support.ServeProcess]:
     """``edgeplane serve`` as a subprocess (auth off, loopback), shared by the tests of one
     module: the command line's tests run ``edgeplane`` against it. The example fleet's data

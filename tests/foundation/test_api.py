@@ -414,15 +414,6 @@ def test_stale_resource_version_is_409_and_current_one_applies(api: httpx.Client
 # --- authentication -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathlib.Path) -> Iterator[support.ServerThread]:
-    cp = start_control_plane(tmp_path_factory.mktemp("secured"), offline_fleet, auth="token")
-    try:
-        yield cp
-    finally:
-        cp.stop()
-
-
 def test_token_auth_roles(secured: support.ServerThread) -> None:
     assert secured.cp is not None and secured.cp.admin_token
     admin = {"authorization": f"Bearer {secured.cp.admin_token}"}

@@ -5,23 +5,11 @@ RFC 6750 tells a token that was refused from one that was not given."""
 
 from __future__ import annotations
 
-import pathlib
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from . import support
-from .conftest import start_control_plane
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathlib.Path) -> Iterator[support.ServerThread]:
-    cp = start_control_plane(tmp_path_factory.mktemp("challenge"), offline_fleet, auth="token")
-    try:
-        yield cp
-    finally:
-        cp.stop()
 
 
 @pytest.mark.parametrize(("method", "path"), [("GET", "/v1/sites"), ("POST", "/v1/apply"), ("DELETE", "/v1/sites/x"),
