@@ -7,7 +7,7 @@ plane could not be reached, 4 a plan with changes (``plan`` and ``apply --dry-ru
 command, but for 4, which a command returns.
 
 The commands' bodies live in a module each (``objects``: apply, plan, get, describe,
-delete; ``events``; ``status``; ``tokens``: token and revoke; ``maintenance``: cordon,
+delete; ``rollouts``: what ``apply --wait`` follows; ``events``; ``status``; ``tokens``: token and revoke; ``maintenance``: cordon,
 drain and uncordon; ``infer``, ``chat``,
 ``simulate``, ``cascade``, ``distill``). Those that bring heavy imports (numpy, the
 planner, the servers) are imported only when their command runs, so that every other
@@ -26,7 +26,7 @@ from typing import Any
 import orchestrator
 from orchestrator import argtypes, reasons
 from orchestrator.cli import distill as distill_cli
-from orchestrator.cli import events, objects, status, tokens
+from orchestrator.cli import events, objects, rollouts, status, tokens
 from orchestrator.cli import maintenance as maintenance_cli
 from orchestrator.cli.http import ApiClient, CliError, token_from_env
 from orchestrator.manifests.errors import ManifestError
@@ -136,6 +136,12 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="validate and show the plan; change nothing")
     sp.add_argument("--exit-code", action="store_true", help=f"with --dry-run: {objects.EXIT_CODE_HELP}")
     sp.add_argument("--reason", type=reasons.cleaned, help="why (recorded in the event log with your identity)")
+    sp.add_argument("--wait", action="store_true",
+                    help="then follow each deployment it created or changed until it serves (Running), printing progress on "
+                         "stderr; exit 1 naming each that failed, halted or could not be placed")
+    sp.add_argument("--timeout", type=argtypes.duration(1.0), default=rollouts.DEFAULT_WAIT_S, metavar="DURATION",
+                    help="with --wait: give up after this long (e.g. 90s, 10m; default 10m), exit 1 and say what each still waits for")
+    sp.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)  # how often --wait looks
     sp = with_output(client_parser("plan", help="show what apply would change, per site"))
     sp.add_argument("-f", "--file", required=True, action="append", help=objects.FILE_HELP)
     sp.add_argument("--exit-code", action="store_true", help=objects.EXIT_CODE_HELP)

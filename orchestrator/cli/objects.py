@@ -3,7 +3,8 @@
 They read and write the control plane's objects (sites, models, deployments...) and its
 views of them (placements, events, cascades). Manifests given with ``-f`` travel as one
 bundle, applied or deleted all at once or not at all; ``apply --dry-run`` and ``plan``
-print what the planner would change per site before anything does.
+print what the planner would change per site before anything does; ``apply --wait`` then
+follows the deployments it created or changed until they serve (``rollouts``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import types
 from typing import Any
 
 from orchestrator import reasons
-from orchestrator.cli import events, render, textfile
+from orchestrator.cli import events, render, rollouts, textfile
 from orchestrator.cli.http import ApiClient, CliError, NoRoute
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.urlpath import path_segment
@@ -56,16 +57,21 @@ def _post_apply(api: ApiClient, args: argparse.Namespace, dry_run: bool) -> Any:
 def cmd_apply(api: ApiClient, args: argparse.Namespace) -> int:
     if args.exit_code and not args.dry_run:  # a real apply changes what it changes: nothing to tell apart
         raise CliError("--exit-code goes with --dry-run (or plan)", 2)
+    if args.wait and args.dry_run:
+        raise CliError("--dry-run changes nothing, so there is nothing to --wait for", 2)
     result = _post_apply(api, args, args.dry_run)
-    if args.output in ("json", "yaml"):
-        render.dump(result, args.output)
-    else:
+    code = dry_run_exit_code(result, args.exit_code)
+    if args.output not in ("json", "yaml"):
         suffix = " (dry run)" if args.dry_run else ""
         for r in result["results"]:
-            print(f"{r['kind'].lower()}/{r['name']} {r['action']}{suffix}")
+            print(f"{r['kind'].lower()}/{r['name']} {r['action']}{suffix}", flush=True)
         if args.dry_run and "plan" in result:
             _print_plan(result["plan"])
-    return dry_run_exit_code(result, args.exit_code)
+    if args.wait:  # -o json/yaml: one document, the apply's answer and how the wait ended
+        code, result["wait"] = rollouts.follow_apply(api, args, result["results"])
+    if args.output in ("json", "yaml"):
+        render.dump(result, args.output)
+    return code
 
 
 def cmd_plan(api: ApiClient, args: argparse.Namespace) -> int:
