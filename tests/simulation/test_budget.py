@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import pytest
 
@@ -136,10 +135,11 @@ def alias_bomb(copies: int, labels: int = 1) -> str:
 def test_aliases_cannot_multiply_a_scenario_past_its_values_limit() -> None:
     body = alias_bomb(100_000)
     assert len(body) < 1_000_000
-    started = time.perf_counter()
     with pytest.raises(scenario.ScenarioError, match="more than 500,000 values once YAML aliases are expanded"):
         scenario.load_text(body)
-    assert time.perf_counter() - started < 10  # parsing the text; the copies are never validated
+    # refused as the text is read, so the copies are never validated
+    with pytest.raises(scenario.ScenarioError, match="more than 500,000 values"):
+        scenario.load_data(body)
     with pytest.raises(scenario.ScenarioError, match="more than 500,000 values"):
         scenario.load_text(alias_bomb(1_000, labels=1_000))  # fewer sites, each with every label
 
