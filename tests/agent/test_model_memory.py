@@ -1,14 +1,12 @@
 """A model whose load does not fit in the memory the agent has is refused alone, before
 onnxruntime allocates a byte of it, so that the agent (and every model it serves) is not
 killed for want of memory: real onnxruntime, real downloads, the memory read from cgroup
-files the tests write, or from this process's own resident size under a limit the test sets."""
+files the tests write, or following what the agent's registry serves."""
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
-import gc
 import hashlib
 import pathlib
 import threading
@@ -30,7 +28,6 @@ from .test_capacity import fake_proc, files
 
 MB = 1 << 20
 FAST_RETRY = registry.RetryPolicy(initial=0.05, maximum=0.2)
-LIBC = ctypes.CDLL("libc.so.6")
 
 
 class Large:
@@ -57,30 +54,18 @@ def contained(root: pathlib.Path, limit: int, used: int) -> capacity.CapacityPro
                                   cgroup_root=cgroups)
 
 
-def resident_bytes() -> int:
-    """This process's anonymous resident memory, what a model's weights take: pages of
-    shared libraries, which the kernel drops and reads back as a busy host's memory
-    pressure comes and goes, are left out."""
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no RssAnon in /proc/self/status")
+class Serving(capacity.CapacityProbe):
+    """Room for ``limit`` bytes less ``size`` for each model the registry serves (a model
+    keeps about its file's size once loaded): what is free follows what serves, whatever
+    else the test process holds."""
 
-
-class UnderLimit(capacity.CapacityProbe):
-    """This process as if its cgroup held it to ``headroom`` bytes more than it holds now:
-    what is free is that limit less its resident memory, measured each time it is asked."""
-
-    def __init__(self, headroom: int) -> None:
+    def __init__(self, limit: int, size: int) -> None:
         super().__init__(lambda: ["CPUExecutionProvider"], gpus=lambda: ())
-        # Garbage of the tests before, and memory malloc keeps free, would be handed back
-        # while the test runs and read as room its loads left: let go of them first.
-        gc.collect()
-        LIBC.malloc_trim(0)
-        self.limit = resident_bytes() + headroom
+        self.limit, self.size = limit, size
+        self.registry: registry.ModelRegistry | None = None
 
     def memory_available(self) -> int:
-        return max(0, self.limit - resident_bytes())
+        return self.limit - self.size * len(self.registry.serving() if self.registry is not None else ())
 
 
 async def states(cp: ControlPlane, names: Sequence[str], settled: set[model.ModelPhase]) -> dict[str, model.ModelState]:
@@ -116,13 +101,13 @@ async def test_a_model_too_large_for_the_containers_memory_is_refused_and_the_ot
 
 async def test_a_set_of_more_models_than_fit_loads_what_fits_and_refuses_the_rest(
         control_plane: ControlPlane, make_agent: MakeAgent, large: Large) -> None:
-    # Room for one model's load, 3.5 x 48 MB over what this process holds now: the first model
-    # loaded keeps 1 x its size, so the second's load no longer fits. Loads take turns, so the
-    # second is weighed after the first took its share, not beside it. Each beside the least
-    # requests in flight may hold while it loads, and half a model's size either way for what
-    # this process's other work leaves resident meanwhile.
-    probe = UnderLimit(7 * large.size // 2 + inflight.MIN_DEFAULT_BYTES)
+    # Room for one model's load (3 x 48 MB) and a half to spare, beside the least requests in
+    # flight may hold: the first model loaded keeps 1 x its size, so the second's load no
+    # longer fits. Loads take turns, so the second is weighed after the first took its share,
+    # not beside it.
+    probe = Serving(7 * large.size // 2 + inflight.MIN_DEFAULT_BYTES, large.size)
     agent = await make_agent(control_plane, probe=probe, model_retry=FAST_RETRY)
+    probe.registry = agent.registry
     control_plane.hub.set_assignments(SITE, [assignment(large.a_url, large.a, name="large-a"),
                                              assignment(large.b_url, large.b, name="large-b")], version=1)
     seen = await states(control_plane, ["large-a", "large-b"], {model.ModelPhase.READY, model.ModelPhase.FAILED})
@@ -283,20 +268,6 @@ async def test_a_stopping_agent_does_not_wait_for_a_load_it_cut_short(
     finally:
         load.go_on.set()
     assert await asyncio.to_thread(load.ended.wait, 60)
-
-
-class Serving(capacity.CapacityProbe):
-    """Room for ``limit`` bytes less ``size`` for each model the registry serves (a model
-    keeps about its file's size once loaded): what is free follows what serves, whatever
-    else the test process holds."""
-
-    def __init__(self, limit: int, size: int) -> None:
-        super().__init__(lambda: ["CPUExecutionProvider"], gpus=lambda: ())
-        self.limit, self.size = limit, size
-        self.registry: registry.ModelRegistry | None = None
-
-    def memory_available(self) -> int:
-        return self.limit - self.size * len(self.registry.serving() if self.registry is not None else ())
 
 
 async def test_a_new_version_that_fails_where_it_replaced_the_old_one_hands_the_model_back_to_the_old_one(
