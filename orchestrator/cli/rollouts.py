@@ -1,7 +1,9 @@
 """``edgeplane apply --wait``: follow the deployments an apply created or changed until they serve.
 
 An apply returns once the control plane stored the manifests; a GitOps job or a script
-wants to know when the rollout it started is over. :func:`judge` reads one deployment's
+wants to know when the rollout it started is over, a new Model version's included (the
+deployments that use a Model the apply changed are followed until their status was
+computed against it: ``status.modelGeneration``). :func:`judge` reads one deployment's
 status against the generation the apply gave it (pure: the phases that mean done, failed
 or still going are decided there, as docs/api.md, "Waiting for a deployment", describes);
 :func:`follow` asks the control plane until every one is judged, or ``--timeout``.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +38,32 @@ class Verdict:
     said: str  # the deployment's state in words, as a progress line ends
 
 
-def judge(status: dict[str, Any], generation: int) -> Verdict:
+@dataclass(frozen=True)
+class Target:
+    """What the apply asked of one deployment: its spec's ``generation``, and the
+    ``model_generation`` of its Model when the apply changed that Model (None otherwise)."""
+
+    generation: int
+    model_generation: int | None = None
+
+    def awaited(self) -> str:
+        model = f" and its Model's generation {self.model_generation}" if self.model_generation is not None else ""
+        return f"generation {self.generation}{model}"
+
+
+def judge(status: dict[str, Any], generation: int, model_generation: int | None = None) -> Verdict:
     """Where a deployment stands: ``status`` as ``GET /v1/modeldeployments/NAME`` answers it,
-    ``generation`` the one the apply gave its spec. A status of an older generation (or
-    none yet) describes another spec: still waiting, whatever its phase."""
+    ``generation`` the one the apply gave its spec, ``model_generation`` the one it gave the
+    deployment's Model (None: the apply left the Model as it was). A status of an older
+    generation, or computed against an older Model (or none yet), describes another spec:
+    still waiting, whatever its phase."""
     observed = status.get("observedGeneration")
     if not isinstance(observed, int) or observed < generation:
         return Verdict(WAITING, f"waiting for the control plane to plan generation {generation}")
+    if model_generation is not None:
+        against = status.get("modelGeneration")  # absent from a status an older control plane wrote
+        if not isinstance(against, int) or against < model_generation:
+            return Verdict(WAITING, f"waiting for the control plane to plan its Model's generation {model_generation}")
     phase = str(status.get("phase", "Pending"))
     said = f"{phase}, {status.get('readyReplicas', 0)}/{status.get('wantedReplicas', 0)} ready"
     rollout = status.get("rollout")
@@ -50,21 +72,28 @@ def judge(status: dict[str, Any], generation: int) -> Verdict:
         said += f", rollout {rollout.get('upgraded', 0)}/{total}" + (" halted" if "halted" in rollout else "")
     if status.get("reason"):
         said += f": {status['reason']}"
-    if phase in DONE_PHASES:
+    if phase in DONE_PHASES and not rollout:
         return Verdict(DONE, said)
     return Verdict(FAILED if phase in FAILED_PHASES else WAITING, said)
 
 
-def followed(results: list[dict[str, Any]]) -> dict[str, int]:
-    """The deployments an apply's ``results`` created or changed, with the generation each got."""
-    return {r["name"]: int(r.get("generation", 1)) for r in results
-            if r["kind"] == "ModelDeployment" and r["action"] in ("created", "configured")}
+def followed(results: list[dict[str, Any]], deployments: Sequence[dict[str, Any]] = ()) -> dict[str, Target]:
+    """The deployments an apply's ``results`` created or changed, with the generation each
+    got, and those of ``deployments`` (the stored ones, as listed) whose Model it changed:
+    a new version rolls out to them without changing their spec."""
+    wanted = {r["name"]: Target(int(r.get("generation", 1))) for r in results
+              if r["kind"] == "ModelDeployment" and r["action"] in ("created", "configured")}
+    models = {r["name"]: int(r.get("generation", 1)) for r in results if r["kind"] == "Model" and r["action"] == "configured"}
+    for d in deployments:
+        name, model = d["metadata"]["name"], (d.get("spec") or {}).get("model")
+        if model in models:
+            generation = wanted[name].generation if name in wanted else int(d["metadata"].get("generation", 1))
+            wanted[name] = Target(generation, models[model])
+    return wanted
 
 
 def changed_models(results: list[dict[str, Any]]) -> list[str]:
-    """The Models an apply's ``results`` changed: a new version rolls out to the
-    deployments that use it without changing their spec, so no generation tells its
-    status apart from the one before the apply, and ``--wait`` cannot follow it."""
+    """The Models an apply's ``results`` changed."""
     return [r["name"] for r in results if r["kind"] == "Model" and r["action"] == "configured"]
 
 
@@ -73,35 +102,34 @@ def say(line: str) -> None:
 
 
 def follow_apply(api: ApiClient, args: argparse.Namespace, results: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
-    """:func:`follow` the deployments an apply's ``results`` created or changed."""
-    for model in changed_models(results):
-        say(f"note: model/{model} changed: --wait does not follow a new version's rollout to the deployments that already "
-            "use it ('edgeplane get modeldeployments' shows it)")
-    return follow(api, args, followed(results))
+    """:func:`follow` the deployments an apply's ``results`` created or changed, and those
+    that use a Model it changed."""
+    stored = api.request_list("/v1/modeldeployments")["items"] if changed_models(results) else []
+    return follow(api, args, followed(results, stored))
 
 
-def follow(api: ApiClient, args: argparse.Namespace, wanted: dict[str, int]) -> tuple[int, dict[str, Any]]:
-    """Follow ``wanted`` (name -> generation) until each is done or failed, or ``--timeout``:
+def follow(api: ApiClient, args: argparse.Namespace, wanted: dict[str, Target]) -> tuple[int, dict[str, Any]]:
+    """Follow ``wanted`` (name -> what the apply asked of it) until each is done or failed, or ``--timeout``:
     a progress line on stderr each time a deployment's state changes, then one line each
     for those that failed or are still going. Returns the exit code and what ``-o json``
     adds to the apply's answer. A control plane away (restarting) is said once and asked
     again until the deadline; Ctrl-C stops following, and the apply stands."""
     if not wanted:
-        say("nothing to wait for: the apply created or changed no deployment")
+        say("nothing to wait for: the apply created or changed no deployment, nor a Model one uses")
         return 0, _summary(wanted, {}, {})
     deadline = time.monotonic() + args.timeout
-    verdicts = {name: Verdict(WAITING, f"waiting for the control plane to plan generation {g}") for name, g in wanted.items()}
+    verdicts = {name: Verdict(WAITING, f"waiting for the control plane to plan {g.awaited()}") for name, g in wanted.items()}
     statuses: dict[str, dict[str, Any]] = {}
     away = False
     try:
         while True:
             try:
-                for name, generation in wanted.items():
+                for name, target in wanted.items():
                     if verdicts[name].state != WAITING:
                         continue
                     obj = api.request("GET", f"/v1/modeldeployments/{path_segment(name)}")
                     statuses[name] = obj.get("status") or {}
-                    verdict = judge(statuses[name], generation)
+                    verdict = judge(statuses[name], target.generation, target.model_generation)
                     if verdict != verdicts[name]:
                         say(f"modeldeployment/{name}: {verdict.said}")
                     verdicts[name] = verdict
@@ -127,7 +155,7 @@ def follow(api: ApiClient, args: argparse.Namespace, wanted: dict[str, int]) -> 
     return _ended(args, wanted, verdicts, statuses, away)
 
 
-def _ended(args: argparse.Namespace, wanted: dict[str, int], verdicts: dict[str, Verdict],
+def _ended(args: argparse.Namespace, wanted: dict[str, Target], verdicts: dict[str, Verdict],
            statuses: dict[str, dict[str, Any]], away: bool) -> tuple[int, dict[str, Any]]:
     done = [n for n, v in verdicts.items() if v.state == DONE]
     failed = {n: v for n, v in verdicts.items() if v.state == FAILED}
@@ -137,12 +165,13 @@ def _ended(args: argparse.Namespace, wanted: dict[str, int], verdicts: dict[str,
         say(f"error: modeldeployment/{name} stopped short: {v.said}")
     for name, v in waiting.items():
         unanswered = " (the control plane did not answer)" if away else ""
-        say(f"error: modeldeployment/{name} not serving within {args.timeout:g} s (waiting for generation {wanted[name]} "
+        say(f"error: modeldeployment/{name} not serving within {args.timeout:g} s (waiting for {wanted[name].awaited()} "
             f"to be Running), still {v.said}{unanswered}")
     return (0 if not failed and not waiting else 1), _summary(wanted, verdicts, statuses)
 
 
-def _summary(wanted: dict[str, int], verdicts: dict[str, Verdict], statuses: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _summary(wanted: dict[str, Target], verdicts: dict[str, Verdict], statuses: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"done": all(v.state == DONE for v in verdicts.values()),
-            "deployments": {n: {"state": verdicts[n].state, "generation": g, "status": statuses.get(n, {})}
+            "deployments": {n: {"state": verdicts[n].state, "generation": g.generation, "status": statuses.get(n, {}),
+                                **({"modelGeneration": g.model_generation} if g.model_generation is not None else {})}
                             for n, g in wanted.items()}}

@@ -58,6 +58,7 @@ class Parsed:
     written: tuple[int, float]
     value: Any = None
     why: str | None = None
+    generation: int = 0  # the object's generation as written
 
 
 class DesiredReader:
@@ -91,11 +92,12 @@ class DesiredReader:
                 unreadable[kind, name] = parsed.why
             else:
                 read[kind][name] = parsed.value
+        generations = {name: p.generation for (kind, name), p in fresh.items() if kind == "Model" and name in read["Model"]}
         return snap.Desired(tuple(read["Site"].values()), read["Model"], tuple(read["ModelDeployment"].values()),
-                            unreadable, read[maintenance_mod.KIND])
+                            unreadable, read[maintenance_mod.KIND], generations)
 
     def _parse(self, o: store_mod.StoredObject) -> Parsed:
         try:
-            return Parsed(o.written, self._parsers[o.kind](o))
+            return Parsed(o.written, self._parsers[o.kind](o), generation=o.generation)
         except ValueError as exc:  # pydantic's ValidationError is one
-            return Parsed(o.written, why=catalog.why_unreadable(exc))
+            return Parsed(o.written, why=catalog.why_unreadable(exc), generation=o.generation)

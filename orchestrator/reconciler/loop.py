@@ -348,6 +348,7 @@ class Reconciler:
             unreadable=desired.unreadable,
             maintenance=desired.maintenance,
             failback=self._failback_now(),  # a what-if plans the failback the next pass would
+            model_generations=desired.model_generations,
         )
 
     def _failback_now(self) -> failback_mod.Failback:
@@ -406,6 +407,7 @@ class Reconciler:
             remembered=self._remembered(rejoining),
             maintenance=desired.maintenance,
             failback=self._failback_now(),
+            model_generations=desired.model_generations,
         )
 
     def _sent(self, s: snap.Snapshot) -> list[tuple[agent_model.Assignment, ...]]:

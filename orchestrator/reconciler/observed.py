@@ -65,7 +65,8 @@ class Observed:
         return snap.Snapshot(
             desired.sites, desired.models, desired.deployments, placements, self.agents,
             datacentres=self.datacentres, artifacts=self.artifacts, assignments={}, applied_apps={},
-            autoscale=self.autoscale, rejoining=self.rejoining, unreadable=desired.unreadable, maintenance=desired.maintenance)
+            autoscale=self.autoscale, rejoining=self.rejoining, unreadable=desired.unreadable, maintenance=desired.maintenance,
+            model_generations=desired.model_generations)
 
 
 def to_text(o: Observed) -> str:

@@ -421,6 +421,8 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
         "sites": sorted({f"{r.site}:{r.variant}x{r.replicas}" for r in mine}),
         "observedGeneration": d.generation,
     }
+    if (model_generation := s.model_generations.get(d.spec.model)) is not None:
+        status["modelGeneration"] = model_generation  # the Model's spec this status was computed against
     if scaled is not None:
         status["autoscaling"] = scaled.status()
     if rolling is not None:

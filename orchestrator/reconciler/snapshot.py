@@ -54,6 +54,7 @@ class Desired:
     deployments: tuple[DeploymentRecord, ...]
     unreadable: Mapping[tuple[str, str], str] = field(default_factory=dict)
     maintenance: Mapping[str, maintenance_mod.Maintenance] = field(default_factory=dict)  # by site: cordoned or draining
+    model_generations: Mapping[str, int] = field(default_factory=dict)  # by Model: the generation of its spec read
 
 
 #: A data centre's ``error`` while its first observation is still running.
@@ -160,6 +161,9 @@ class Snapshot:
     # What the failback rule knows (the seats replicas left on sites lost since), with the
     # reconciler's clock as the pass gathered: a pure pass decides when they move back.
     failback: failback_mod.Failback = field(default_factory=failback_mod.Failback)
+    # The generation of each Model as read, by name: a deployment's status names the one it
+    # was computed against (``modelGeneration``), so a new version's rollout can be followed.
+    model_generations: Mapping[str, int] = field(default_factory=dict)
 
     # Lookups by name, built once per snapshot: a pass touches every site and deployment,
     # and scanning the lists for each would make it quadratic in the fleet's size.

@@ -1,5 +1,6 @@
 """``edgeplane apply --wait`` against a real control plane and a real agent: it exits 0 once a
-deployment it created serves, 1 naming one that cannot be placed, and 1 at its ``--timeout``
+deployment it created serves, or once a new version of the Model one uses is served, 1
+naming one that cannot be placed, and 1 at its ``--timeout``
 saying what it still waits for; ``-o json`` keeps stdout one document. How a status is judged
 is a table test of the pure :func:`rollouts.judge`."""
 
@@ -21,21 +22,30 @@ from orchestrator.testing import harness, manifests, onnx_models
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize(("status", "generation", "state"), [
-    ({}, 1, rollouts.WAITING),  # not planned yet
-    ({"phase": "Running", "observedGeneration": 1}, 2, rollouts.WAITING),  # the old spec's status
-    ({"phase": "Running", "observedGeneration": 2, "readyReplicas": 1, "wantedReplicas": 1}, 2, rollouts.DONE),
-    ({"phase": "ScaledToZero", "observedGeneration": 2}, 2, rollouts.DONE),
-    ({"phase": "Progressing", "observedGeneration": 2}, 2, rollouts.WAITING),
-    ({"phase": "Scheduled", "observedGeneration": 2}, 2, rollouts.WAITING),
-    ({"phase": "Unschedulable", "observedGeneration": 2, "reason": "no site"}, 2, rollouts.FAILED),
-    ({"phase": "Degraded", "observedGeneration": 2}, 2, rollouts.FAILED),
+@pytest.mark.parametrize(("status", "generation", "model_generation", "state"), [
+    ({}, 1, None, rollouts.WAITING),  # not planned yet
+    ({"phase": "Running", "observedGeneration": 1}, 2, None, rollouts.WAITING),  # the old spec's status
+    ({"phase": "Running", "observedGeneration": 2, "readyReplicas": 1, "wantedReplicas": 1}, 2, None, rollouts.DONE),
+    ({"phase": "ScaledToZero", "observedGeneration": 2}, 2, None, rollouts.DONE),
+    ({"phase": "Progressing", "observedGeneration": 2}, 2, None, rollouts.WAITING),
+    ({"phase": "Scheduled", "observedGeneration": 2}, 2, None, rollouts.WAITING),
+    ({"phase": "Unschedulable", "observedGeneration": 2, "reason": "no site"}, 2, None, rollouts.FAILED),
+    ({"phase": "Invalid", "observedGeneration": 2}, 2, None, rollouts.FAILED),
     ({"phase": "Failing", "observedGeneration": 3, "rollout": {"upgraded": 1, "switching": 1, "waiting": 1, "halted": "x"}}, 2,
-     rollouts.FAILED),
-    ({"phase": "Invalid", "observedGeneration": 2}, 2, rollouts.FAILED),
+     None, rollouts.FAILED),
+    ({"phase": "Degraded", "observedGeneration": 2}, 2, None, rollouts.FAILED),
+    # a new Model version: done only once the status was computed against it and its rollout is over
+    ({"phase": "Running", "observedGeneration": 1}, 1, 2, rollouts.WAITING),  # an older control plane's status
+    ({"phase": "Running", "observedGeneration": 1, "modelGeneration": 1}, 1, 2, rollouts.WAITING),
+    ({"phase": "Progressing", "observedGeneration": 1, "modelGeneration": 2,
+      "rollout": {"upgraded": 0, "switching": 1, "waiting": 0}}, 1, 2, rollouts.WAITING),
+    ({"phase": "Running", "observedGeneration": 1, "modelGeneration": 2,
+      "rollout": {"upgraded": 1, "switching": 0, "waiting": 0}}, 1, 2, rollouts.WAITING),
+    ({"phase": "Running", "observedGeneration": 1, "modelGeneration": 2}, 1, 2, rollouts.DONE),
+    ({"phase": "Running", "observedGeneration": 1, "modelGeneration": 3}, 1, 2, rollouts.DONE),  # a later apply's
 ])
-def test_judge(status: dict, generation: int, state: str) -> None:
-    assert rollouts.judge(status, generation).state == state
+def test_judge(status: dict, generation: int, model_generation: int | None, state: str) -> None:
+    assert rollouts.judge(status, generation, model_generation).state == state
 
 
 def test_halted_rollout_is_said() -> None:
@@ -119,11 +129,17 @@ async def test_apply_wait(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[
         assert line.startswith("error: modeldeployment/intent-de not serving within 2 s (waiting for generation 2 to be Running), "
                                "still Progressing, 0/1 ready"), err
 
-        # a new Model version changes no deployment's spec: said, not followed
+        # a new Model version changes no deployment's spec: the deployments that use it are
+        # followed until their agents serve it
         v2 = onnx_models.build_mlp(tmp_path / "artifacts" / "v2.onnx", in_dim=8, hidden=16, out_dim=4, seed=2)
         path.write_text(manifests.bundle(base[0], manifests.onnx_model("intent", v2.path.name, v2.sha256)))
-        code, out, err = await _apply(capsys, cp.http_url, path, "--wait")
-        assert code == 0 and "note: model/intent changed: --wait does not follow" in err and "nothing to wait for" in err, (out, err)
+        code, out, err = await _apply(capsys, cp.http_url, path, "--wait", "--timeout", "60s", "-o", "json")
+        assert code == 0, (out, err)
+        assert "1 of 1 deployment(s) serving: intent-fr" in err, err
+        followed = json.loads(out)["wait"]["deployments"]
+        assert set(followed) == {"intent-fr"} and followed["intent-fr"]["status"]["modelGeneration"] == 2, followed
+        served = cp.hub.status("edge-paris")
+        assert served is not None and served.models["intent"].serving_sha256 == v2.sha256
 
         code, out, err = await _apply(capsys, cp.http_url, path, "--wait", "--dry-run")
         assert code == 2 and "nothing to --wait for" in err and out == "", (out, err)
