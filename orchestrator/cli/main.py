@@ -139,7 +139,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--wait", action="store_true",
                     help="then follow each deployment it created or changed, or whose Model it changed, until it serves "
                          "(Running, every replica on the applied version), printing progress on stderr; exit 1 naming each "
-                         "that failed, halted or could not be placed")
+                         "that is Invalid, halted its rollout or could not be placed")
     sp.add_argument("--timeout", type=argtypes.duration(1.0), default=rollouts.DEFAULT_WAIT_S, metavar="DURATION",
                     help="with --wait: give up after this long (e.g. 90s, 10m; default 10m), exit 1 and say what each still waits for")
     sp.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)  # how often --wait looks

@@ -25,9 +25,11 @@ from orchestrator.urlpath import path_segment
 DEFAULT_WAIT_S = 600.0
 #: every wanted replica placed and answering (ScaledToZero: placed on demand, by design)
 DONE_PHASES = ("Running", "ScaledToZero")
-#: the control plane has stopped short: no fitting site, fewer than wanted, a halted
-#: rollout or a replica that fails, a Model that does not exist; waiting more mends none
-FAILED_PHASES = ("Unschedulable", "Degraded", "Failing", "Invalid")
+#: the control plane has stopped short where waiting mends nothing, a person must act: no
+#: fitting site, a Model that does not exist (a halted rollout too, whatever the phase).
+#: Failing and Degraded are not among them: the control plane also says so of what it
+#: retries (a data centre briefly unreachable), so they are waited on until the timeout.
+FAILED_PHASES = ("Unschedulable", "Invalid")
 
 WAITING, DONE, FAILED = "waiting", "done", "failed"
 
@@ -72,9 +74,9 @@ def judge(status: dict[str, Any], generation: int, model_generation: int | None 
         said += f", rollout {rollout.get('upgraded', 0)}/{total}" + (" halted" if "halted" in rollout else "")
     if status.get("reason"):
         said += f": {status['reason']}"
-    if phase in DONE_PHASES and not rollout:
-        return Verdict(DONE, said)
-    return Verdict(FAILED if phase in FAILED_PHASES else WAITING, said)
+    if phase in FAILED_PHASES or (rollout and "halted" in rollout):
+        return Verdict(FAILED, said)
+    return Verdict(DONE if phase in DONE_PHASES and not rollout else WAITING, said)
 
 
 def followed(results: list[dict[str, Any]], deployments: Sequence[dict[str, Any]] = ()) -> dict[str, Target]:

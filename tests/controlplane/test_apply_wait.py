@@ -29,11 +29,14 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
     ({"phase": "ScaledToZero", "observedGeneration": 2}, 2, None, rollouts.DONE),
     ({"phase": "Progressing", "observedGeneration": 2}, 2, None, rollouts.WAITING),
     ({"phase": "Scheduled", "observedGeneration": 2}, 2, None, rollouts.WAITING),
+    # what needs a person: no fitting site, no such Model, a version that fails to load
     ({"phase": "Unschedulable", "observedGeneration": 2, "reason": "no site"}, 2, None, rollouts.FAILED),
     ({"phase": "Invalid", "observedGeneration": 2}, 2, None, rollouts.FAILED),
     ({"phase": "Failing", "observedGeneration": 3, "rollout": {"upgraded": 1, "switching": 1, "waiting": 1, "halted": "x"}}, 2,
      None, rollouts.FAILED),
-    ({"phase": "Degraded", "observedGeneration": 2}, 2, None, rollouts.FAILED),
+    # what the control plane retries (a data centre briefly unreachable): waited on
+    ({"phase": "Failing", "observedGeneration": 2, "reason": "dc-1: connection refused"}, 2, None, rollouts.WAITING),
+    ({"phase": "Degraded", "observedGeneration": 2}, 2, None, rollouts.WAITING),
     # a new Model version: done only once the status was computed against it and its rollout is over
     ({"phase": "Running", "observedGeneration": 1}, 1, 2, rollouts.WAITING),  # an older control plane's status
     ({"phase": "Running", "observedGeneration": 1, "modelGeneration": 1}, 1, 2, rollouts.WAITING),
