@@ -25,11 +25,13 @@ from orchestrator.urlpath import path_segment
 DEFAULT_WAIT_S = 600.0
 #: every wanted replica placed and answering (ScaledToZero: placed on demand, by design)
 DONE_PHASES = ("Running", "ScaledToZero")
-#: the control plane has stopped short where waiting mends nothing, a person must act: no
-#: fitting site, a Model that does not exist (a halted rollout too, whatever the phase).
-#: Failing and Degraded are not among them: the control plane also says so of what it
-#: retries (a data centre briefly unreachable), so they are waited on until the timeout.
-FAILED_PHASES = ("Unschedulable", "Invalid")
+#: the control plane has stopped short where waiting mends nothing, a person must act: a
+#: Model that does not exist (a halted rollout too, whatever the phase). Unschedulable,
+#: Failing and Degraded are not among them: the control plane also says so of what mends
+#: itself (a fresh fleet's first apply is Unschedulable until its agents join and its data
+#: centres first answer; a data centre briefly unreachable), so they are waited on until
+#: the timeout, as ``kubectl rollout status`` waits on pods that cannot be scheduled yet.
+FAILED_PHASES = ("Invalid",)
 
 WAITING, DONE, FAILED = "waiting", "done", "failed"
 

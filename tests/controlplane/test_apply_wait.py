@@ -30,7 +30,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
     ({"phase": "Progressing", "observedGeneration": 2}, 2, None, rollouts.WAITING),
     ({"phase": "Scheduled", "observedGeneration": 2}, 2, None, rollouts.WAITING),
     # what needs a person: no fitting site, no such Model, a version that fails to load
-    ({"phase": "Unschedulable", "observedGeneration": 2, "reason": "no site"}, 2, None, rollouts.FAILED),
+    ({"phase": "Unschedulable", "observedGeneration": 2, "reason": "no site"}, 2, None, rollouts.WAITING),
     ({"phase": "Invalid", "observedGeneration": 2}, 2, None, rollouts.FAILED),
     ({"phase": "Failing", "observedGeneration": 3, "rollout": {"upgraded": 1, "switching": 1, "waiting": 1, "halted": "x"}}, 2,
      None, rollouts.FAILED),
@@ -110,13 +110,15 @@ async def test_apply_wait(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[
         code, out, err = await _apply(capsys, cp.http_url, path, "--wait")
         assert code == 0 and "nothing to wait for" in err and "modeldeployment/intent-fr unchanged" in out, (out, err)
 
-        # no site in Germany: it cannot be placed, and it is named
+        # no site in Germany: it cannot be placed (a site may yet join), and at --timeout it
+        # is named with the reason
         path.write_text(manifests.bundle(*base, manifests.deployment("intent-de", "intent-b", 1, {"residency": ["DE"]})))
-        code, out, err = await _apply(capsys, cp.http_url, path, "--wait", "--timeout", "60s")
+        code, out, err = await _apply(capsys, cp.http_url, path, "--wait", "--timeout", "3s")
         assert code == 1, (out, err)
         assert "modeldeployment/intent-de created" in out
         (line,) = [x for x in err.splitlines() if x.startswith("error:")]
-        assert line.startswith("error: modeldeployment/intent-de stopped short: Unschedulable"), err
+        assert line.startswith("error: modeldeployment/intent-de not serving within 3 s"), err
+        assert "still Unschedulable, 0/1 ready: " in line, err
 
         # the agent does not answer: placed, never ready, and --timeout says what it waits for
         agent.kill(signal.SIGSTOP)
