@@ -7,9 +7,11 @@ the plan asked through the real API and command line."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import json
 import re
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -42,15 +44,28 @@ async def dry_run_and_plan(cp: server.ControlPlane, manifest: pathlib.Path, text
     return [(c["site"], c["change"], c.get("updated")) for c in resp.json()["plan"]["changes"]], capsys.readouterr().out, code
 
 
-async def test_plan_shows_an_import_path_or_args_change_as_an_update_on_each_data_centre(
-        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+@contextlib.asynccontextmanager
+async def placed(tmp_path: pathlib.Path, text: Callable[[datacentres.ServeDashboard], str]
+                 ) -> AsyncIterator[tuple[server.ControlPlane, datacentres.ServeDashboard]]:
+    """A control plane in process with the manifests ``text(dashboard)`` applied and their
+    deployment placed on dc-1, whose cluster is ``dashboard``."""
     dashboard = datacentres.ServeDashboard()
     f = harness.Fleet(tmp_path)
     try:
         cp = await f.start_control_plane(resync_s=0.2)
         async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-            assert (await http.post("/v1/apply", content=fleet(dashboard))).status_code == 200
-            await harness.wait_until(lambda: [r.site for r in cp.store.placements()] == ["dc-1"], 30, what="placed on dc-1")
+            resp = await http.post("/v1/apply", content=text(dashboard))
+            assert resp.status_code == 200, resp.text
+        await harness.wait_until(lambda: [r.site for r in cp.store.placements()] == ["dc-1"], 30, what="placed on dc-1")
+        yield cp, dashboard
+    finally:
+        await f.stop()
+        dashboard.stop()
+
+
+async def test_plan_shows_an_import_path_or_args_change_as_an_update_on_each_data_centre(
+        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async with placed(tmp_path, fleet) as (cp, dashboard):
         changed = fleet(dashboard, '{name: v, runtime: ray-serve, importPath: "pkg.mod2:app", args: {k: 2}, '
                                    'resources: {cpu: 1, memoryMiB: 256}}')
         manifest = tmp_path / "changed.yaml"
@@ -63,20 +78,12 @@ async def test_plan_shows_an_import_path_or_args_change_as_an_update_on_each_dat
         rows, printed, code = await dry_run_and_plan(cp, manifest, scaled, capsys)
         assert rows == [("dc-1", "added", ["importPath", "args"])], rows
         assert re.search(r"dc-1\s.*added, updated: importPath, args", printed), printed
-    finally:
-        await f.stop()
-        dashboard.stop()
 
 
 async def test_plan_shows_a_resources_change_which_restarts_the_replicas_as_an_update(
         tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     # new ray_actor_options restart every replica of the application; a new count does not
-    dashboard = datacentres.ServeDashboard()
-    f = harness.Fleet(tmp_path)
-    try:
-        cp = await f.start_control_plane(resync_s=0.2)
-        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-            assert (await http.post("/v1/apply", content=fleet(dashboard))).status_code == 200
+    async with placed(tmp_path, fleet) as (cp, dashboard):
         # sized through the ingress the cluster reported: only then are its resources sent
         await harness.wait_until(lambda: [a.get("deployments") for a in dashboard.applications.values()] == [
             [{"name": "Ingress", "num_replicas": 1, "ray_actor_options": {"num_cpus": 1.0, "memory": 256 * 1024 * 1024}}]],
@@ -100,9 +107,6 @@ async def test_plan_shows_a_resources_change_which_restarts_the_replicas_as_an_u
             dashboard, '{name: v, runtime: ray-serve, importPath: "pkg.mod:app", throughputRps: 50, '
                        'resources: {cpu: 1, memoryMiB: 256}}'), capsys)
         assert rows == [("dc-1", "unchanged", None)] and "No replica changes" in printed, (rows, printed)
-    finally:
-        await f.stop()
-        dashboard.stop()
 
 
 LLM_MODEL = """
@@ -133,14 +137,7 @@ def llm_fleet(dashboard: datacentres.ServeDashboard, model: str = LLM_MODEL) -> 
 
 async def test_plan_shows_an_llm_change_which_restarts_the_engines_as_an_update(
         tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
-    dashboard = datacentres.ServeDashboard()
-    f = harness.Fleet(tmp_path)
-    try:
-        cp = await f.start_control_plane(resync_s=0.2)
-        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-            resp = await http.post("/v1/apply", content=llm_fleet(dashboard))
-            assert resp.status_code == 200, resp.text
-        await harness.wait_until(lambda: [r.site for r in cp.store.placements()] == ["dc-1"], 30, what="placed on dc-1")
+    async with placed(tmp_path, llm_fleet) as (cp, dashboard):
         manifest = tmp_path / "changed.yaml"
         changed = LLM_MODEL.replace("{enable_prefix_caching: true}", "{enable_prefix_caching: false}").replace(
             "tensorParallelSize: 2", "tensorParallelSize: 4")
@@ -151,9 +148,6 @@ async def test_plan_shows_an_llm_change_which_restarts_the_engines_as_an_update(
         rows, printed, code = await dry_run_and_plan(
             cp, manifest, llm_fleet(dashboard, LLM_MODEL.replace("weightBytes: 16000000000", "weightBytes: 17000000000")), capsys)
         assert rows == [("dc-1", "unchanged", None)] and "No replica changes" in printed, (rows, printed)
-    finally:
-        await f.stop()
-        dashboard.stop()
 
 
 async def test_plan_shows_a_lora_change_as_an_update_and_its_layer_widths_as_none(
@@ -161,14 +155,7 @@ async def test_plan_shows_a_lora_change_as_an_update_and_its_layer_widths_as_non
     lora = LLM_MODEL.replace("architecture: {layers: 32, kvHeads: 8, headDim: 128}",
                              "architecture: {layers: 32, kvHeads: 8, headDim: 128, hiddenSize: 4096, intermediateSize: 14336, "
                              "attentionHeads: 32}\n        lora: {adaptersFrom: 's3://adapters/llama', maxRank: 16}")
-    dashboard = datacentres.ServeDashboard()
-    f = harness.Fleet(tmp_path)
-    try:
-        cp = await f.start_control_plane(resync_s=0.2)
-        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-            resp = await http.post("/v1/apply", content=llm_fleet(dashboard, lora))
-            assert resp.status_code == 200, resp.text
-        await harness.wait_until(lambda: [r.site for r in cp.store.placements()] == ["dc-1"], 30, what="placed on dc-1")
+    async with placed(tmp_path, lambda dashboard: llm_fleet(dashboard, lora)) as (cp, dashboard):
         manifest = tmp_path / "changed.yaml"
         slower = lora.replace("maxRank: 16}", "maxRank: 16, downloadTimeoutSeconds: 300}")
         rows, printed, code = await dry_run_and_plan(cp, manifest, llm_fleet(dashboard, slower), capsys)
@@ -177,9 +164,6 @@ async def test_plan_shows_a_lora_change_as_an_update_and_its_layer_widths_as_non
         wider = lora.replace("intermediateSize: 14336", "intermediateSize: 14000")
         rows, printed, code = await dry_run_and_plan(cp, manifest, llm_fleet(dashboard, wider), capsys)
         assert rows == [("dc-1", "unchanged", None)] and "No replica changes" in printed, (rows, printed)
-    finally:
-        await f.stop()
-        dashboard.stop()
 
 
 async def test_a_lora_variant_stored_without_layer_widths_still_serves_and_plans(
