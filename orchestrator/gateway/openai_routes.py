@@ -30,6 +30,8 @@ the upstream request, which closes its connection, and the replica stops generat
 A ``model`` naming a cascade (``spec.cascade``, by its deployment's or its model's name)
 goes to :mod:`orchestrator.gateway.openai_cascade`, which judges each stage's whole answer
 and uses this relay (with its ``RelayHooks``) for the stream of the stage that answers.
+The model list and the model cards (LoRA adapters' included) are
+:mod:`orchestrator.gateway.openai_models`, over this gateway's admission and ranking.
 
 Every answer of these routes is OpenAI's error object when it is an error, the routing
 ones included: a method a route does not take (405, with ``Allow``) and a path under
@@ -62,7 +64,7 @@ from starlette.types import Receive, Scope, Send
 
 from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
-from orchestrator.gateway import adapter_lookup, adapter_names, caller_watch, cascade_rules, correlation, event_stream, failover, openai_cascade, routing
+from orchestrator.gateway import adapter_names, caller_watch, cascade_rules, correlation, event_stream, failover, openai_cascade, openai_models, routing
 from orchestrator.gateway.proxy import Gateway, Timed
 from orchestrator.gateway.upstream import OutOfDescriptors, Stream, UpstreamError, UpstreamTimeout
 
@@ -196,7 +198,7 @@ class OpenAIGateway:
 
     # admission ---------------------------------------------------------------------------
 
-    async def _admit(self, request: Request, model: str | None = None, *, inference: bool) -> Response | None:
+    async def admit(self, request: Request, model: str | None = None, *, inference: bool) -> Response | None:
         """Token auth and rate limits of the v2 routes, answered as OpenAI error objects, and
         counted for ``inference`` requests (``Gateway.admit``).
         With auth off the ``Authorization`` header is not looked at: the SDK always sends one."""
@@ -211,9 +213,9 @@ class OpenAIGateway:
         code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(refused.status_code)  # 503: a gateway without a table yet
         return error(refused.status_code, str(message), headers=headers, code=code)
 
-    def _openai_candidates(self, model: str, request: Request, caller: routing.Caller | None = None,
-                           limit: int | None = None, deployment: str | None = None, *, lora: bool = False) -> list[routing.Ranked] | Response:
-        ranked = self._ranked(model, request, caller, limit, deployment, lora=lora)
+    def openai_candidates(self, model: str, request: Request, caller: routing.Caller | None = None,
+                          limit: int | None = None, deployment: str | None = None, *, lora: bool = False) -> list[routing.Ranked] | Response:
+        ranked = self.rank(model, request, caller, limit, deployment, lora=lora)
         if isinstance(ranked, routing.NoRoute):
             code = "model_not_found" if ranked.status == 404 else None
             return error(ranked.status, ranked.reason, param="model" if ranked.status == 404 else None, code=code,
@@ -224,8 +226,8 @@ class OpenAIGateway:
                          param="model", code="model_not_generative")
         return ours
 
-    def _ranked(self, model: str, request: Request, caller: routing.Caller | None, limit: int | None,
-                deployment: str | None = None, *, lora: bool = False) -> list[routing.Ranked] | routing.NoRoute:
+    def rank(self, model: str, request: Request, caller: routing.Caller | None, limit: int | None,
+             deployment: str | None = None, *, lora: bool = False) -> list[routing.Ranked] | routing.NoRoute:
         """The model's generative replicas (``lora``: those serving LoRA adapters), best
         first; a model with none is ranked whole (over v2 too), so that why it has no replica
         for the caller is said before that it is not generative."""
@@ -239,39 +241,6 @@ class OpenAIGateway:
 
     # routes ------------------------------------------------------------------------------
 
-    async def list_models(self, request: Request) -> Response:
-        refused = await self._admit(request, inference=False)
-        if refused is not None:
-            return refused
-        caller = self.gw.caller(request)
-        if isinstance(caller, routing.NoRoute):
-            return error(caller.status, caller.reason)
-        data = []
-        for name in sorted({*self.gw.table.models(), *self.gw.table.cascades}):  # a cascade by its deployment's name too
-            model, deployment = self.gw.table.target(name)
-            ranked = self._ranked(model, request, caller, limit=1, deployment=deployment)
-            if isinstance(ranked, list) and any(r.endpoint.api == routing.API_OPENAI for r in ranked):
-                data.append({"id": name, "object": "model", "created": 0, "owned_by": "edgeplane"})
-        return Response(json.dumps({"object": "list", "data": data}), media_type="application/json")
-
-    async def get_model(self, request: Request) -> Response:
-        name = request.path_params["model"]
-        named = adapter_names.parse(name)
-        refused = await self._admit(request, named.name if isinstance(named, adapter_names.Named) else None, inference=False)
-        if refused is not None:
-            return refused
-        if isinstance(named, str):
-            return error(400, named, param="model", code="invalid_model")
-        # as a chat by that name is routed; an adapter is looked for at the first replica (adapter_lookup)
-        model, deployment = self.gw.table.target(named.name)
-        ranked = self._openai_candidates(model, request, limit=1, deployment=deployment, lora=named.adapter is not None)
-        if isinstance(ranked, Response):
-            return ranked
-        if named.adapter is not None and not await adapter_lookup.found(self.gw.http, ranked[0].endpoint, model, named):
-            return error(404, adapter_names.not_found(named), param="model", code="model_not_found")
-        return Response(json.dumps({"id": name, "object": "model", "created": 0, "owned_by": "edgeplane"}),
-                        media_type="application/json", headers={"x-edgeplane-site": ranked[0].endpoint.site})
-
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, "/chat/completions")
 
@@ -280,7 +249,7 @@ class OpenAIGateway:
 
     async def _generate(self, request: Request, suffix: str) -> Response:
         arrived = time.perf_counter()  # the caller's clock: its first token and its answer are timed from here (Timed)
-        refused = await self._admit(request, inference=True)
+        refused = await self.admit(request, inference=True)
         if refused is not None:
             return refused
         try:
@@ -346,7 +315,7 @@ class OpenAIGateway:
             if not await self.gw.table.wait_for_endpoints(model, self.gw.cold_start_s):
                 return self._refuse(model, error(503, f"model {model!r} was scaled to zero and no replica was ready within "
                                                       f"{self.gw.cold_start_s:g}s; retry", headers={"retry-after": "5"}))
-        ranked = self._openai_candidates(model, request, caller, self.gw.max_attempts, deployment, lora=named.adapter is not None)
+        ranked = self.openai_candidates(model, request, caller, self.gw.max_attempts, deployment, lora=named.adapter is not None)
         if isinstance(ranked, Response):
             return self._refuse(model, ranked)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
@@ -359,15 +328,16 @@ class OpenAIGateway:
         """The API at :data:`PREFIX`, and its completions at :data:`SDK_PREFIX` as well (with
         ``sdk_models``, its model list too, and the 404 of any other path there that no
         route of the app has: the gateway's ``/v1`` is then the SDK's)."""
+        cards = openai_models.ModelCards(self)
         at_sdk: list[BaseRoute] = [_Route(f"{SDK_PREFIX}/chat/completions", self.chat, methods=["POST"]),
                                    _Route(f"{SDK_PREFIX}/completions", self.completions, methods=["POST"])]
         if sdk_models:
-            at_sdk += [_Route(f"{SDK_PREFIX}/models", self.list_models, methods=["GET"]),
-                       _Route(f"{SDK_PREFIX}/models/{{model:path}}", self.get_model, methods=["GET"]),
+            at_sdk += [_Route(f"{SDK_PREFIX}/models", cards.list_models, methods=["GET"]),
+                       _Route(f"{SDK_PREFIX}/models/{{model:path}}", cards.get_model, methods=["GET"]),
                        _unknown_paths(SDK_PREFIX)]
         return [
-            _Route(f"{PREFIX}/models", self.list_models, methods=["GET"]),
-            _Route(f"{PREFIX}/models/{{model:path}}", self.get_model, methods=["GET"]),
+            _Route(f"{PREFIX}/models", cards.list_models, methods=["GET"]),
+            _Route(f"{PREFIX}/models/{{model:path}}", cards.get_model, methods=["GET"]),
             _Route(f"{PREFIX}/chat/completions", self.chat, methods=["POST"]),
             _Route(f"{PREFIX}/completions", self.completions, methods=["POST"]),
             _unknown_paths(PREFIX),
