@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog, reasons
-from orchestrator.api import auth, bodies, methods, paging
+from orchestrator.api import auth, bodies, mediatype, methods, paging
 from orchestrator.api import maintenance as maintenance_api
 from orchestrator.api import simulate as simulate_api
 from orchestrator.gateway import endpoints as endpoints_mod
@@ -96,6 +96,11 @@ def build_routes(services: Services) -> list[BaseRoute]:
                 return await handler(request, caller)
             except bodies.BodyTooLarge as exc:
                 return error(413, str(exc))
+            except mediatype.Unsupported as exc:  # nothing read, nothing applied
+                refused = error(415, str(exc), accepted=list(mediatype.ACCEPTED))
+                refused.headers["accept-post"] = ", ".join(mediatype.ACCEPTED)
+                refused.headers["accept-encoding"] = "identity"
+                return refused
             except (BadQuery, maintenance_api.BadQuery, paging.BadPage) as exc:
                 return error(400, str(exc))
             except ManifestError as exc:
@@ -317,6 +322,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         """A what-if changes nothing, so read tokens may ask it."""
         q = request.query_params
         paging.refuse_unknown(q, ["each", "top"], "this route")
+        _check_media_type(request)
         body = await bodies.read_body(request, MAX_BODY)
         try:
             top = int(q["top"]) if "top" in q else None
@@ -371,8 +377,14 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
 async def _read(request: Request) -> loader.Reading:
     """The manifests in the body (``?file=`` names them in errors), those with errors included."""
+    _check_media_type(request)
     body = await bodies.read_body(request, MAX_BODY)
     return await run_in_threadpool(loader.read_text, body, (request.query_params.get("file") or REQUEST)[:256])
+
+
+def _check_media_type(request: Request) -> None:
+    """:class:`mediatype.Unsupported` for a body declared as neither YAML nor JSON text in UTF-8."""
+    mediatype.check(request.headers.get("content-type"), request.headers.get("content-encoding"))
 
 
 #: The name errors give a body (its text before a bundle's first file) that ``?file=`` does not name.
