@@ -138,7 +138,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def delete_bundle(request: Request, caller: auth.Caller) -> Response:
         """``POST /v1/delete``: every object the manifests in the body name, all or none."""
-        reading = await _read(request)
+        reading = await _read(request, names_only=True)
         try:
             docs = reading.valid()
             if not docs:
@@ -375,11 +375,12 @@ def build_routes(services: Services) -> list[BaseRoute]:
     ]
 
 
-async def _read(request: Request) -> loader.Reading:
-    """The manifests in the body (``?file=`` names them in errors), those with errors included."""
+async def _read(request: Request, names_only: bool = False) -> loader.Reading:
+    """The manifests in the body (``?file=`` names them in errors), those with errors included;
+    ``names_only`` (a delete): documents without a ``spec`` need only their kind and name."""
     _check_media_type(request)
     body = await bodies.read_body(request, MAX_BODY)
-    return await run_in_threadpool(loader.read_text, body, (request.query_params.get("file") or REQUEST)[:256])
+    return await run_in_threadpool(loader.read_text, body, (request.query_params.get("file") or REQUEST)[:256], names_only=names_only)
 
 
 def _check_media_type(request: Request) -> None:

@@ -153,7 +153,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp = with_output(client_parser("describe", help="an object with its status and recent events"))
     sp.add_argument("kind")
     sp.add_argument("name")
-    sp = client_parser("delete", help="delete objects by manifest (every -f is one bundle: all of it or nothing) or by kind and name")
+    sp = client_parser("delete", help="delete objects by manifest (every -f is one bundle: all of it or nothing; a document needs only kind and metadata.name) or by kind and name")
     sp.add_argument("-f", "--file", action="append", help=objects.FILE_HELP)
     sp.add_argument("--ignore-not-found", action="store_true", help="with -f: skip objects that do not exist instead of refusing the bundle")
     sp.add_argument("--abandon-applications", action="store_true",

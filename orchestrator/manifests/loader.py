@@ -44,7 +44,8 @@ class LoadedDocument:
     file: str
     index: int
     line: int
-    doc: schema.Document
+    #: a :class:`schema.Reference` (kind and name, no spec) only in a delete's reading
+    doc: schema.Document | schema.Reference
     #: field path -> line in ``file``, so later checks can point at the field itself
     lines: Mapping[Path, int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -324,10 +325,11 @@ def _decode(text: bytes | str, file: str) -> str:
     return text
 
 
-def read_text(text: bytes | str, file: str = "<input>") -> Reading:
+def read_text(text: bytes | str, file: str = "<input>", *, names_only: bool = False) -> Reading:
     """Parse and validate every document of one file (or each file of a :func:`bundle`),
     keeping going past documents with errors, malformed YAML included; only a text past
-    the limits (:data:`MAX_BYTES`, :data:`MAX_DOCUMENTS`) stops early."""
+    the limits (:data:`MAX_BYTES`, :data:`MAX_DOCUMENTS`) stops early. ``names_only`` (what
+    a delete reads): a document without a ``spec`` needs only its kind and name."""
     try:
         body = _decode(text, file)
     except ManifestError as exc:
@@ -339,7 +341,7 @@ def read_text(text: bytes | str, file: str = "<input>") -> Reading:
     issues: list[ManifestIssue] = []
     complete = True
     for name, part in sources:
-        reader = _FileReader(part, name, numbered[name], count)
+        reader = _FileReader(part, name, numbered[name], count, names_only)
         try:
             reader.read_all()
         except ManifestError as exc:  # a limit: nothing after it is read
@@ -431,8 +433,9 @@ class _FileReader:
     read from the next '---' line, one document at a time (a PyYAML stream does not go on
     past an error; those after it seldom fail, so the first pass keeps the fast path)."""
 
-    def __init__(self, text: str, file: str, index: int, count: _Count) -> None:
+    def __init__(self, text: str, file: str, index: int, count: _Count, names_only: bool = False) -> None:
         self.text, self.file, self.count = _json_tabs_as_spaces(text), file, count
+        self.names_only = names_only  # a delete's documents: kind and name are enough
         self.index = index  # of the next document in the file
         self.first = count.documents  # documents met before this file
         self.read: list[LoadedDocument | RefusedDocument] = []
@@ -557,7 +560,7 @@ class _FileReader:
 
     def _take(self, raw: _Raw) -> None:
         line = raw.node.start_mark.line + 1
-        result = raw.issues or validation.validate(raw.data, raw.walker)
+        result = raw.issues or validation.validate(raw.data, raw.walker, self.names_only)
         if isinstance(result, list):
             self.issues.extend(result)
             self.read.append(_refused(raw))

@@ -511,6 +511,16 @@ class ModelDeploymentDoc(Strict):
 
 
 Document = Union[SiteDoc, ModelDoc, ModelDeploymentDoc]
+
+
+class Reference(Strict):
+    """What a delete needs of a document that gives no ``spec``: its kind and name (and, to
+    delete only what was read, its ``metadata.resourceVersion``); ``apiVersion`` may go too."""
+
+    apiVersion: Literal["edgeplane.io/v1alpha1"] | None = None
+    kind: Literal["Site", "Model", "ModelDeployment"]
+    metadata: Metadata
+
 DOC_TYPES: dict[str, type[Strict]] = {"Site": SiteDoc, "Model": ModelDoc, "ModelDeployment": ModelDeploymentDoc}
 
 

@@ -64,9 +64,10 @@ def without_server_set(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def validate(data: Any, walker: Walked) -> schema.Document | list[ManifestIssue]:
+def validate(data: Any, walker: Walked, names_only: bool = False) -> schema.Document | schema.Reference | list[ManifestIssue]:
     """``data``, the document a walk of its text made, as its kind's schema reads it; or its
-    issues, one per field, each at the field's line."""
+    issues, one per field, each at the field's line. ``names_only`` (a delete's documents):
+    one without a ``spec`` is read as a :class:`schema.Reference`, its kind and name."""
     file, index = walker.file, walker.index
 
     def issue(path: Path, message: str) -> ManifestIssue:
@@ -75,12 +76,15 @@ def validate(data: Any, walker: Walked) -> schema.Document | list[ManifestIssue]
     if not isinstance(data, dict):
         return [issue((), f"a document must be a mapping with apiVersion/kind/metadata/spec, got {type(data).__name__}")]
     kind = data.get("kind")
-    if data.get("apiVersion") != schema.API_VERSION:
+    reference = names_only and "spec" not in data
+    if data.get("apiVersion") != schema.API_VERSION and not (reference and "apiVersion" not in data):
         return [issue(("apiVersion",), f"apiVersion must be {schema.API_VERSION!r}, got {data.get('apiVersion')!r}")]
     doc_type = schema.DOC_TYPES.get(kind) if isinstance(kind, str) else None
     if doc_type is None:
         said = "kind is missing" if "kind" not in data else "kind is empty" if kind is None else f"unknown kind {kind!r}"
         return [issue(("kind",), f"{said}; expected one of {', '.join(schema.KINDS)}")]
+    if reference:
+        doc_type = schema.Reference
     data = without_server_set(data)
     try:
         return doc_type.model_validate(data, context=schema.MANIFEST)  # type: ignore[return-value]
