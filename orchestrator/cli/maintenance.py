@@ -36,7 +36,7 @@ def add_parsers(client_parser: Callable[..., argparse.ArgumentParser],
     sp.add_argument("--dry-run", action="store_true", help="show where each replica would go, and which would stay; change nothing")
     sp.add_argument("--force", action="store_true",
                     help="also remove replicas that have no other allowed site (their deployments run short; residency still holds)")
-    sp.add_argument("--wait", action="store_true", help="follow the drain until the site serves nothing, printing progress")
+    sp.add_argument("--wait", action="store_true", help="follow the drain until the site serves nothing, printing progress on stderr")
     sp.add_argument("--timeout", type=duration, default=DEFAULT_WAIT_S, metavar="DURATION",
                     help="with --wait: give up after this long (e.g. 90s, 10m; default 10m), exit 1 and say what is left")
     sp.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)  # how often --wait looks
@@ -128,7 +128,8 @@ def progress_line(name: str, m: dict[str, Any]) -> str:
 
 
 def follow_drain(api: ApiClient, args: argparse.Namespace) -> int:
-    """Follow the drain until it is done or ``--timeout``. A control plane that cannot be
+    """Follow the drain until it is done or ``--timeout``, a progress line on stderr each
+    time it changes (stdout keeps the answer, as ``apply --wait``). A control plane that cannot be
     reached or says to retry later (restarted or upgraded during the window, as it often
     is) is said once and asked again until the deadline: the drain is stored and goes on
     without it."""
@@ -158,8 +159,8 @@ def follow_drain(api: ApiClient, args: argparse.Namespace) -> int:
         # a status the pass has not written yet (just drained) reads as pending, never as done
         m = m if m.get("mode") == "drain" else {"state": "Pending"}
         line = progress_line(args.name, m)
-        if line != last and args.output not in ("json", "yaml"):
-            print(line, flush=True)
+        if line != last:  # progress on stderr, as apply --wait: stdout keeps the answer (-o json: one document)
+            print(line, file=sys.stderr, flush=True)
         last = line
         if m.get("state") == "Drained":
             if args.output in ("json", "yaml"):

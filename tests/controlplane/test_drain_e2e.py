@@ -17,7 +17,8 @@ import numpy as np
 
 from orchestrator.testing import harness, manifests, onnx_models
 
-EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"
+REPO = pathlib.Path(__file__).resolve().parents[2]
+EDGEPLANE = (sys.executable, "-m", "orchestrator.cli.main")  # this checkout's command line
 FR_SITES = {"edge-a": 48.0, "edge-b": 49.0}
 
 
@@ -34,7 +35,7 @@ def _fleet_yaml(model: onnx_models.BuiltModel) -> str:
 
 async def _cli(url: str, token: str | None, *args: str) -> tuple[int, str, str]:
     env = {"EDGEPLANE_SERVER": url, **({"EDGEPLANE_TOKEN": token} if token else {})}
-    proc = await asyncio.create_subprocess_exec(str(EDGEPLANE), *args, env={**_env(), **env},
+    proc = await asyncio.create_subprocess_exec(*EDGEPLANE, *args, env={**_env(), **env}, cwd=REPO,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode is not None
@@ -92,8 +93,8 @@ async def test_draining_a_site_under_load_fails_no_request(tmp_path: pathlib.Pat
             stop.set()
             await asyncio.gather(*callers)
         assert code == 0, (out, err)
-        lines = out.splitlines()
-        assert lines[0] == f"site {source} draining" and lines[-1] == f"site {source}: Drained", out
+        # stdout is the answer, progress is on stderr (as apply --wait)
+        assert out.splitlines() == [f"site {source} draining"] and err.splitlines()[-1] == f"site {source}: Drained", (out, err)
         assert failures == [], failures[:5]
         assert served.get(other, 0) > 0 and served.get(source, 0) > 0, served
         # the site serves nothing: no placement, no endpoint, and its agent unloaded the model
@@ -138,18 +139,18 @@ async def test_drain_wait_follows_the_drain_through_a_control_plane_restart(tmp_
         cp.changed("test")
         await harness.wait_until(lambda: (p := cp.store.published(hold.PUBLISHED_KEY)) is not None and p[1], 30, what="the hold")
         proc = await asyncio.create_subprocess_exec(
-            str(EDGEPLANE), "drain", "site", "edge-x", "--wait", "--timeout", "60s",
+            *EDGEPLANE, "drain", "site", "edge-x", "--wait", "--timeout", "60s", cwd=REPO,
             env={**_env(), "EDGEPLANE_SERVER": cp.http_url, "EDGEPLANE_TOKEN": cp.admin_token or ""},
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        assert proc.stdout is not None
+        assert proc.stderr is not None  # progress, as warnings, is on stderr
         lines: list[str] = []
         for _ in range(10):
-            lines.append((await asyncio.wait_for(proc.stdout.readline(), 30)).decode().rstrip())
+            lines.append((await asyncio.wait_for(proc.stderr.readline(), 30)).decode().rstrip())
             if lines[-1].startswith("site edge-x: Pending"):
                 break
         assert lines[-1].startswith("site edge-x: Pending"), lines
         await fleet.stop()
-        assert proc.stderr is not None  # it is told the control plane is away before it comes back
+        # it is told the control plane is away before it comes back
         said = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
         assert said.startswith("warning: control plane unreachable, retrying"), said
         fleet = harness.Fleet(tmp_path)
@@ -157,9 +158,9 @@ async def test_drain_wait_follows_the_drain_through_a_control_plane_restart(tmp_
         cp.store.delete_many([("SiteMaintenance", "edge-y")], store_mod.Event("admin", "delete", "SiteMaintenance", "edge-y", "fixed"))
         cp.changed("hold lifted")
         out, err = await asyncio.wait_for(proc.communicate(), 60)
-        lines += out.decode().splitlines()
-        assert proc.returncode == 0, (lines, err.decode())
-        assert lines[-1] == "site edge-x: Drained", lines
+        lines += err.decode().splitlines()
+        assert proc.returncode == 0, (lines, out.decode())
+        assert lines[-1] == "site edge-x: Drained" and out.decode().startswith("site edge-x draining\n"), (lines, out.decode())
         assert "unreachable" not in err.decode(), err.decode()  # said once
     finally:
         if proc is not None and proc.returncode is None:

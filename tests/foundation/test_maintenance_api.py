@@ -293,3 +293,26 @@ def test_each_cordon_drain_and_uncordon_logs_one_event(tmp_path: pathlib.Path) -
             ("site-uncordoned", "Site", "edge-lyon", "done")]
     finally:
         store.close()
+
+
+def test_drain_wait_prints_its_progress_on_stderr(cp: support.ServerThread, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``apply --wait`` does: stdout keeps what the command answers (the drain's action, or
+    with ``-o json`` one document), progress lines go to stderr, so a script capturing stdout
+    reads no progress. The drain --wait printed its progress on stdout."""
+    from orchestrator.cli import main as cli_main
+    monkeypatch.setenv("EDGEPLANE_TOKEN", cp.cp.admin_token)  # type: ignore[union-attr,arg-type]
+    for output, site in (([], "edge-lisbon"), (["-o", "json"], "edge-porto")):
+        with httpx.Client(base_url=cp.url, headers=_admin(cp), timeout=30) as c:
+            assert c.post("/v1/apply", content=manifests.edge_site(site, "PT", 41.0, -8.6)).status_code == 200
+        capsys.readouterr()
+        code = cli_main.main(["drain", "site", site, "--wait", "--timeout", "30s", "--interval", "0.2", "--server", cp.url,
+                              *output])
+        out, err = capsys.readouterr()
+        assert code == 0, (out, err)
+        if output:
+            assert json.loads(out)["drained"] is True, out
+        else:
+            assert out == f"site {site} draining\n", out
+        assert err.splitlines()[-1] == f"site {site}: Drained", err
+        assert cli_main.main(["uncordon", "site", site, "--server", cp.url]) == 0
