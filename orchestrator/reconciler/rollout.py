@@ -7,7 +7,10 @@ old version until the new one is verified and loaded, so a switching site still 
 unless the deployment's ``strategy: replaceWhenFull`` let an agent whose memory cannot hold
 both unload the old one first: such a site is *replacing*); one that serves it is *upgraded*. A site that served no version gets the new one at once:
 there is nothing there to protect (while a rollout is halted it gets the version the other
-sites keep). A site whose agent has joined but not reported yet (it restarted, or this
+sites keep). When no site serves or keeps another version (a deployment's first load)
+there is no rollout: its status has no ``rollout`` block, unless the load failed (the halt)
+or the strategy is ``replaceWhenFull`` (a site serving nothing may have unloaded the older
+version first). A site whose agent has joined but not reported yet (it restarted, or this
 control plane did) is sent again what it was last sent, or nothing this pass. A switching
 site is known by what it was last sent or, after a control-plane restart, by what its agent
 says it was asked for; one whose agent reports any failed attempt at the new version
@@ -144,7 +147,12 @@ def plan(
             new.add(site)
         elif prior is not None:
             kept[site] = prior.sha256
-    if not switching and not waiting and not kept:
+    # A first load: no site serves or keeps another version (those switching serve nothing
+    # yet), so there is no rollout to speak of, unless one failed (the halt says so) or
+    # replaceWhenFull may have unloaded an older version for it.
+    first_load = (not waiting and not failed and len(replacing) == len(switching)
+                  and spec.strategy != "replaceWhenFull")
+    if (not switching and not waiting and not kept) or (first_load and not kept):
         return Decision(frozenset(new), {}, frozenset(held), None)
     state = Rollout(sha256, tuple(upgraded), tuple(switching) + tuple(promoted), tuple(kept), tuple(failed), step,
                     tuple(replacing))

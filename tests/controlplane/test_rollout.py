@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import pytest
+
 from orchestrator.agents import model as agent_model
 from orchestrator.manifests import schema
 from orchestrator.reconciler import rollout
@@ -163,3 +165,30 @@ def test_get_shows_rollout_progress_and_the_autoscaled_count(capsys) -> None:  #
     render.objects("ModelDeployment", [deployment])
     line = capsys.readouterr().out.splitlines()[1]
     assert "Progressing, rollout 1/3, canary 30%, autoscaled to 3 (26.7 rps/replica)" in line
+
+
+@pytest.mark.parametrize(("fleet", "spec", "said"), [
+    # a first load: no site serves another version, so there is no rollout to speak of
+    ({"s0": ("", NEW), "s1": ("", NEW)}, {}, False),
+    ({"s0": (NEW, NEW), "s1": ("", NEW)}, {}, False),
+    ({"s0": (NEW, NEW), "s1": ("", NEW)}, {"maxUnavailable": "100%"}, False),
+    # a site still serves (or keeps) the older version: a rollout
+    ({"s0": ("", NEW), "s1": (OLD, OLD)}, {}, True),
+    ({"s0": (OLD, NEW), "s1": (NEW, NEW)}, {}, True),
+    # replaceWhenFull: a site serving nothing may have unloaded the older version for the new one
+    ({"s0": (NEW, NEW), "s1": ("", NEW)}, {"strategy": "replaceWhenFull"}, True),
+])
+def test_a_first_load_is_no_rollout(fleet: dict[str, tuple[str, str | None]], spec: dict[str, Any], said: bool) -> None:
+    """A fresh apply's status said 'rollout 0/1' while the first version loaded, though no
+    site had an older version to roll from."""
+    new, kept, state = run(fleet, **spec)
+    if not said:  # every site gets the version, as before: only the status changes
+        assert new == set(fleet) and kept == {}
+    assert (state is not None) is said, state
+
+
+def test_a_first_load_that_fails_still_halts() -> None:
+    """The halt is what says a site could not load the version (apply --wait ends on it)."""
+    agents = {"s0": agent("s0", "", wanted=NEW, failed="bad model")}
+    d = rollout.plan(schema.Rollout(), "intent", NEW, ["s0"], agents, {"s0": sent(NEW)})
+    assert d.rollout is not None and "halted" in d.rollout.status(), d.rollout
