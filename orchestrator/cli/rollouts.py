@@ -6,7 +6,9 @@ deployments that use a Model the apply changed are followed until their status w
 computed against it: ``status.modelGeneration``). :func:`judge` reads one deployment's
 status against the generation the apply gave it (pure: the phases that mean done, failed
 or still going are decided there, as docs/api.md, "Waiting for a deployment", describes);
-:func:`follow` asks the control plane until every one is judged, or ``--timeout``.
+:func:`follow` asks the control plane until every one is judged, or ``--timeout``,
+saying once when it holds every change (:func:`hold_reason`), which no deployment's status
+shows while nothing is planned.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def follow(api: ApiClient, args: argparse.Namespace, wanted: dict[str, Target]) 
     verdicts = {name: Verdict(WAITING, f"waiting for the control plane to plan {g.awaited()}") for name, g in wanted.items()}
     statuses: dict[str, dict[str, Any]] = {}
     away = False
+    held = ""  # why the control plane holds every change (a stored object it cannot read), said once
     try:
         while True:
             try:
@@ -137,6 +140,11 @@ def follow(api: ApiClient, args: argparse.Namespace, wanted: dict[str, Target]) 
                     if verdict != verdicts[name]:
                         say(f"modeldeployment/{name}: {verdict.said}")
                     verdicts[name] = verdict
+                if any(v.state == WAITING for v in verdicts.values()):
+                    now = hold_reason(api)
+                    if now and now != held:
+                        say(f"warning: {now}; still waiting (until --timeout)")
+                    held = now
             except CliError as exc:
                 pause = events.wait_to_ask_again(exc, args.interval)
                 if pause is None:  # refused (a deployment deleted meanwhile, a token revoked): asking again is refused again
@@ -155,12 +163,24 @@ def follow(api: ApiClient, args: argparse.Namespace, wanted: dict[str, Target]) 
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
     except KeyboardInterrupt:
         say("interrupted: stopped following; what was applied stands and its rollout goes on")
-        return 130, _summary(wanted, verdicts, statuses)
-    return _ended(args, wanted, verdicts, statuses, away)
+        return 130, _summary(wanted, verdicts, statuses, held)
+    return _ended(args, wanted, verdicts, statuses, away, held)
+
+
+def hold_reason(api: ApiClient) -> str:
+    """Why the control plane holds every change (``hold`` of ``GET /v1/controlplane``: a
+    stored object this version cannot read), "" when it holds none. A control plane that
+    does not say (an older one, or a token refused this view) holds none as far as is known."""
+    try:
+        return str(api.request("GET", "/v1/controlplane").get("hold") or "")
+    except CliError as exc:
+        if events.wait_to_ask_again(exc, 1.0) is not None:  # away: the deployments' reads say so
+            raise
+        return ""
 
 
 def _ended(args: argparse.Namespace, wanted: dict[str, Target], verdicts: dict[str, Verdict],
-           statuses: dict[str, dict[str, Any]], away: bool) -> tuple[int, dict[str, Any]]:
+           statuses: dict[str, dict[str, Any]], away: bool, held: str) -> tuple[int, dict[str, Any]]:
     done = [n for n, v in verdicts.items() if v.state == DONE]
     failed = {n: v for n, v in verdicts.items() if v.state == FAILED}
     waiting = {n: v for n, v in verdicts.items() if v.state == WAITING}
@@ -168,14 +188,15 @@ def _ended(args: argparse.Namespace, wanted: dict[str, Target], verdicts: dict[s
     for name, v in failed.items():
         say(f"error: modeldeployment/{name} stopped short: {v.said}")
     for name, v in waiting.items():
-        unanswered = " (the control plane did not answer)" if away else ""
+        unanswered = " (the control plane did not answer)" if away else f"; {held}" if held else ""
         say(f"error: modeldeployment/{name} not serving within {args.timeout:g} s (waiting for {wanted[name].awaited()} "
             f"to be Running), still {v.said}{unanswered}")
-    return (0 if not failed and not waiting else 1), _summary(wanted, verdicts, statuses)
+    return (0 if not failed and not waiting else 1), _summary(wanted, verdicts, statuses, held)
 
 
-def _summary(wanted: dict[str, Target], verdicts: dict[str, Verdict], statuses: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {"done": all(v.state == DONE for v in verdicts.values()),
+def _summary(wanted: dict[str, Target], verdicts: dict[str, Verdict], statuses: dict[str, dict[str, Any]],
+             held: str = "") -> dict[str, Any]:
+    return {"done": all(v.state == DONE for v in verdicts.values()), **({"hold": held} if held else {}),
             "deployments": {n: {"state": verdicts[n].state, "generation": g.generation, "status": statuses.get(n, {}),
                                 **({"modelGeneration": g.model_generation} if g.model_generation is not None else {})}
                             for n, g in wanted.items()}}

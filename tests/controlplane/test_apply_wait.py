@@ -154,3 +154,31 @@ async def test_apply_wait(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[
         assert json.loads(out)["wait"]["deployments"]["intent-c"]["state"] == "waiting", out
     finally:
         await fleet.stop()
+
+
+async def test_apply_wait_says_the_fleet_is_on_hold(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A stored object this version cannot read puts every change on hold: apply --wait
+    waited to its --timeout saying only that the deployment was not planned. It says the
+    hold once, as a progress line, and again when it gives up, and still waits until then."""
+    from orchestrator.reconciler import hold
+    from orchestrator.store import sqlite as store_mod
+
+    model = onnx_models.build_mlp(tmp_path / "artifacts" / "intent.onnx", in_dim=8, hidden=16, out_dim=4, seed=1)
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane(resync_s=0.5)
+        cp.store.apply([store_mod.ObjectWrite("SiteMaintenance", "edge-y", {}, {"mode": "evacuate"})])
+        cp.changed("test")
+        await harness.wait_until(lambda: (p := cp.store.published(hold.PUBLISHED_KEY)) is not None and p[1], 30, what="the hold")
+        path = tmp_path / "m.yaml"
+        path.write_text(manifests.bundle(manifests.edge_site("edge-paris", "FR", 48.85, 2.35),
+                                         manifests.onnx_model("intent", model.path.name, model.sha256),
+                                         manifests.deployment("intent-fr", "intent", 1, {"residency": ["FR"]})))
+        code, out, err = await _apply(capsys, cp.http_url, path, "--wait", "--timeout", "2s", "-o", "json")
+        assert code == 1, (out, err)
+        said = [x for x in err.splitlines() if "changes on hold: SiteMaintenance 'edge-y' cannot be read" in x]
+        assert len(said) == 2 and said[1].startswith("error: modeldeployment/intent-fr not serving within 2 s"), err
+        assert "uncordon site edge-y" in said[0], err
+        assert "changes on hold" in json.loads(out)["wait"]["hold"], out
+    finally:
+        await fleet.stop()
