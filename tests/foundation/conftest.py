@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 
 from orchestrator import server_config
@@ -42,6 +43,13 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathl
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="module")
+def api(control_plane: support.ServerThread) -> Iterator[httpx.Client]:
+    """An HTTP client of the module's control plane."""
+    with httpx.Client(base_url=control_plane.url, timeout=30) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

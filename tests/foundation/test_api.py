@@ -25,12 +25,6 @@ from .support import doc
 
 
 @pytest.fixture(scope="module")
-def api(control_plane: support.ServerThread) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=control_plane.url, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def fleet(api: httpx.Client, offline_fleet: pathlib.Path) -> dict:
     """The example fleet applied once (data centres unreachable, edge sites without agents)."""
     body = loader.bundle([(p.name, p.read_text()) for p in sorted(offline_fleet.glob("*.yaml"))])

@@ -7,20 +7,12 @@ from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from orchestrator.manifests import loader
 
-from . import support
-
-
-@pytest.fixture(scope="module")
-def api(control_plane: support.ServerThread) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=control_plane.url, timeout=30) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

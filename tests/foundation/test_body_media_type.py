@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
 
 import httpx
 import pytest
 import yaml
 
 from . import support
-
-
-@pytest.fixture(scope="module")
-def api(control_plane: support.ServerThread) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=control_plane.url, timeout=30) as client:
-        yield client
 
 
 def _site(name: str) -> bytes:

@@ -5,7 +5,6 @@ as a conditional apply is."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -13,12 +12,6 @@ import yaml
 
 from . import support
 from .support import doc
-
-
-@pytest.fixture(scope="module")
-def api(control_plane: support.ServerThread) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=control_plane.url, timeout=30) as client:
-        yield client
 
 
 def _site(api: httpx.Client, name: str) -> str:

@@ -5,19 +5,12 @@ real HTTP against a real control plane: a document without its spec was refused 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from . import support
 from .support import doc
-
-
-@pytest.fixture(scope="module")
-def api(control_plane: support.ServerThread) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=control_plane.url, timeout=30) as client:
-        yield client
 
 
 def _apply_site(api: httpx.Client, name: str) -> str:

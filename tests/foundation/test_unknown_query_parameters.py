@@ -6,18 +6,11 @@ and said nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from . import support
-
-
-@pytest.fixture(scope="module")
-def api(control_plane: support.ServerThread) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=control_plane.url, timeout=30) as client:
-        yield client
 
 
 @pytest.mark.parametrize(("method", "path", "body"), [
