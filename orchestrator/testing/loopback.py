@@ -2,17 +2,20 @@
 the gateway serve with (``runloop.http_server``): for tests that need real HTTP (a caller
 that leaves mid-body, a stream read line by line) without a whole control plane;
 :func:`replica`, the agent's own HTTP server answering as a test tells it (a model replica
-the gateway routes to). And :class:`CannedHandler`, for the standard library's server
-answering what a test tells it (a server the CLI or the client is pointed at)."""
+the gateway routes to). And the standard library's server answering what a test tells it
+(a server the CLI or the client is pointed at): :func:`http_server` with a handler such as
+:class:`CannedHandler`, or :func:`in_thread` for a server a test built itself."""
 
 from __future__ import annotations
 
 import asyncio
 import http.server
 import socket
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-from typing import Any
+import socketserver
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -21,6 +24,8 @@ from starlette.routing import Route
 
 from edge_agent import httplistener, httpmessages
 from orchestrator import runloop
+
+Server = TypeVar("Server", bound=socketserver.BaseServer)
 
 
 @asynccontextmanager
@@ -70,6 +75,29 @@ async def behind_a_redirect(body: bytes) -> AsyncIterator[tuple[str, list[str]]]
         moved = RedirectResponse(f"http://localhost:{mirror_port}/m.onnx", status_code=302)
         async with serving(Starlette(routes=[Route("/m.onnx", lambda _: moved)])) as port:
             yield f"http://127.0.0.1:{port}/m.onnx", asked
+
+
+@contextmanager
+def in_thread(server: Server, *, stopped_within_s: float = 5.0) -> Iterator[Server]:
+    """Serve with ``server``, already bound (of a class of the test's own, another address
+    family, a socket behind TLS), in a daemon thread; after, shut it down, close its socket
+    and wait for the thread (``stopped_within_s`` at most)."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(stopped_within_s)
+
+
+@contextmanager
+def http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """The standard library's threading HTTP server answering with ``handler`` on 127.0.0.1,
+    served in a daemon thread; yields its base URL, and stops it after."""
+    with in_thread(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)) as server:
+        yield f"http://127.0.0.1:{server.server_port}"
 
 
 class CannedHandler(http.server.BaseHTTPRequestHandler):

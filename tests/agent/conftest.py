@@ -9,7 +9,6 @@ import asyncio
 import http.server
 import pathlib
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import pytest
 
 from edge_agent import capacity, daemon, httplistener, httpmessages, registry, retry, state
 from orchestrator.agents import auth, hub, model, relay, relay_leader, service
-from orchestrator.testing import onnx_models
+from orchestrator.testing import loopback, onnx_models
 
 from . import hub_support
 
@@ -119,14 +118,8 @@ def artifact_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Artifa
         (_ArtifactHandler,),
         {"root": root, "ranges": ranges, "hits": hits, "scripted": scripted},
     )
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield ArtifactServer(
-        root, f"http://127.0.0.1:{server.server_address[1]}", ranges, hits, scripted
-    )
-    server.shutdown()
-    server.server_close()
+    with loopback.http_server(handler) as url:
+        yield ArtifactServer(root, url, ranges, hits, scripted)
 
 
 @pytest.fixture(scope="session")

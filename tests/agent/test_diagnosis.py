@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import http.server
 import socket
-import threading
 
 import grpc
 import pytest
 
 from edge_agent import diagnosis
 from edge_agent.diagnosis import Dial, Listener, Symptom
+from orchestrator.testing import loopback
 
 _LAST = "failed to connect to all addresses; last error: "
 
@@ -99,15 +99,11 @@ async def test_the_probe_tells_plaintext_grpc_from_http_from_nothing() -> None:
     server = grpc.aio.server()
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
-    threading.Thread(target=web.serve_forever, daemon=True).start()
     try:
-        with socket.socket() as closed:
+        with loopback.http_server(http.server.BaseHTTPRequestHandler) as web, socket.socket() as closed:
             closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
             assert await diagnosis.probe(f"127.0.0.1:{grpc_port}", 5) is Listener.PLAINTEXT
-            assert await diagnosis.probe(f"127.0.0.1:{web.server_address[1]}", 5) is Listener.OTHER
+            assert await diagnosis.probe(web.removeprefix("http://"), 5) is Listener.OTHER
             assert await diagnosis.probe(f"127.0.0.1:{closed.getsockname()[1]}", 5) is Listener.NOTHING
     finally:
-        web.shutdown()
-        web.server_close()
         await server.stop(None)

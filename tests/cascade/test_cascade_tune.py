@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
-import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -63,15 +61,8 @@ def gateway() -> Iterator[tuple[str, list[bytes]]]:
             self.rfile.read(int(self.headers.get("content-length") or 0))
             self.reply(200, answers[0])
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", answers
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with loopback.http_server(Handler) as url:
+        yield url, answers
 
 
 AT = np.float32(0.7)

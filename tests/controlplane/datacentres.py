@@ -20,7 +20,7 @@ from edgeplane_proto import hostport
 from orchestrator import server
 from orchestrator.adapters import kuberay, rayservice, serve_config
 from orchestrator.manifests import schema
-from orchestrator.testing import harness
+from orchestrator.testing import harness, loopback
 from orchestrator.adapters.ownership import Ownership
 
 SHAPE = rayservice.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0")
@@ -165,9 +165,9 @@ class ServeDashboard:
 
         server_class = type("Server", (http.server.ThreadingHTTPServer,),
                             {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
-        self._server = server_class((host, 0), Handler)
-        self.url = f"http://{hostport.address(host, self._server.server_address[1])}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._serving = contextlib.ExitStack()
+        httpd = self._serving.enter_context(loopback.in_thread(server_class((host, 0), Handler)))
+        self.url = f"http://{hostport.address(host, httpd.server_port)}"
 
     def took(self, method: str) -> None:
         """A request came: held while ``method`` is stalled (at most a minute: a test that
@@ -212,8 +212,7 @@ class ServeDashboard:
 
     def stop(self) -> None:
         self.release()
-        self._server.shutdown()
-        self._server.server_close()
+        self._serving.close()
 
 
 def kuberay_on(kube: kmock.KubernetesEmulator, shape: rayservice.RayClusterShape = SHAPE, **broken: Any) -> Callable[[str, schema.SiteSpec], Any]:

@@ -11,7 +11,6 @@ import contextlib
 import http.server
 import json
 import pathlib
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -30,7 +29,7 @@ from orchestrator.reconciler import datacentre_sync, observed
 from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.store import open_store
-from orchestrator.testing import harness
+from orchestrator.testing import harness, loopback
 from orchestrator.testing.postgres import PostgresServer
 from tests.controlplane.datacentres import (MODEL, Cluster, ServeDashboard, bundle, deployment, has_rayservice, kuberay_on, site,
                                             site_events, site_status, start)
@@ -83,13 +82,11 @@ class ServeProxy:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._serving = contextlib.ExitStack()
+        self.url = self._serving.enter_context(loopback.http_server(Handler))
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._serving.close()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import pathlib
 import re
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 
@@ -208,16 +207,9 @@ class _Proxy(http.server.ThreadingHTTPServer):
 
 
 def test_a_path_in_the_server_url_is_the_prefix_of_every_request(capsys: pytest.CaptureFixture[str]) -> None:
-    proxy = _Proxy()
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with loopback.in_thread(_Proxy()) as proxy:
         assert cli_main.main(["--server", f"http://127.0.0.1:{proxy.server_port}/edgeplane/", "get", "sites"]) == 0
         assert cli_main.main(["--server", f"http://127.0.0.1:{proxy.server_port}/edgeplane", "get", "site", "a b"]) == 0
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
-        thread.join()
     assert proxy.paths == ["/edgeplane/v1/sites?limit=500", "/edgeplane/v1/site/a%20b"]  # a list is read in pages
     assert "No Site objects." in capsys.readouterr().out
 

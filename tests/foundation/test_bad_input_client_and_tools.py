@@ -10,14 +10,13 @@ installed ``edgeplane`` and must end with one line and the documented exit code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -59,10 +58,8 @@ class Canned:
 
             do_GET = do_POST = do_DELETE = _answer
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
+        self._serving = contextlib.ExitStack()
+        self.url = self._serving.enter_context(loopback.http_server(Handler))
 
     def on(self, method: str, path: str, status: int, body: Any, **headers: str) -> Canned:
         payload = body if isinstance(body, bytes) else body.encode() if isinstance(body, str) else json.dumps(body).encode()
@@ -70,9 +67,7 @@ class Canned:
         return self
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(5)
+        self._serving.close()
 
 
 @pytest.fixture

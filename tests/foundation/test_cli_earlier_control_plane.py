@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -39,12 +38,8 @@ class _EarlierControlPlane(http.server.ThreadingHTTPServer):
 
 @pytest.fixture
 def earlier() -> Iterator[_EarlierControlPlane]:
-    server = _EarlierControlPlane()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with loopback.in_thread(_EarlierControlPlane()) as server:
+        yield server
 
 
 def test_keep_site_against_an_earlier_control_plane_deletes_nothing_and_says_why(earlier: _EarlierControlPlane) -> None:

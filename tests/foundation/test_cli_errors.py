@@ -11,7 +11,6 @@ import json
 import pathlib
 import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -115,13 +114,8 @@ def _https_server(tmp_path: pathlib.Path, *, client_certificate: bool = False) -
         tls.maximum_version = ssl.TLSVersion.TLSv1_2
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sites)
     httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"https://127.0.0.1:{httpd.server_address[1]}", tmp_path / "ca" / "ca.crt"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with loopback.in_thread(httpd):
+        yield f"https://127.0.0.1:{httpd.server_port}", tmp_path / "ca" / "ca.crt"
 
 
 @pytest.fixture

@@ -206,28 +206,24 @@ class _Outage(http.server.ThreadingHTTPServer):
 
 def follow_across(outage: _Outage, *args: str) -> tuple[list[int], str]:
     """The ids of the first 2 events ``events -w *args`` prints across ``outage``, and its stderr."""
-    thread = threading.Thread(target=outage.serve_forever, daemon=True)
-    thread.start()
-    follower = support.follow_events(f"http://127.0.0.1:{outage.server_port}", *args)
-    printed: queue.Queue[str] = queue.Queue()
-    # read in a thread so that a follower which prints nothing fails the test instead of hanging it
-    reader = threading.Thread(target=lambda: [printed.put(follower.stdout.readline()) for _ in range(2)],  # type: ignore[union-attr]
-                              daemon=True)
-    reader.start()
-    try:
+    with loopback.in_thread(outage):
+        follower = support.follow_events(f"http://127.0.0.1:{outage.server_port}", *args)
+        printed: queue.Queue[str] = queue.Queue()
+        # read in a thread so that a follower which prints nothing fails the test instead of hanging it
+        reader = threading.Thread(target=lambda: [printed.put(follower.stdout.readline()) for _ in range(2)],  # type: ignore[union-attr]
+                                  daemon=True)
+        reader.start()
         try:
-            lines = [printed.get(timeout=60) for _ in range(2)]
-        except queue.Empty:
-            pytest.fail("events --follow printed fewer than 2 events in 60 s")
-        assert all(lines), follower.stderr.read()  # type: ignore[union-attr]
-        assert follower.poll() is None  # still following
-    finally:
-        follower.send_signal(signal.SIGINT)
-        reader.join(timeout=30)  # its readline ends as the follower exits
-        _, err = follower.communicate(timeout=30)
-        outage.shutdown()
-        outage.server_close()
-        thread.join()
+            try:
+                lines = [printed.get(timeout=60) for _ in range(2)]
+            except queue.Empty:
+                pytest.fail("events --follow printed fewer than 2 events in 60 s")
+            assert all(lines), follower.stderr.read()  # type: ignore[union-attr]
+            assert follower.poll() is None  # still following
+        finally:
+            follower.send_signal(signal.SIGINT)
+            reader.join(timeout=30)  # its readline ends as the follower exits
+            _, err = follower.communicate(timeout=30)
     assert follower.returncode == 130 and "Traceback" not in err, err
     return [json.loads(line)["id"] for line in lines], err
 

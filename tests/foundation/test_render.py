@@ -3,13 +3,11 @@ line and exit code 1, never a traceback."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import pathlib
 import signal
 import subprocess
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -110,32 +108,20 @@ class _Handler(loopback.CannedHandler):
 def odd_server() -> Iterator[str]:
     """A server answering a list whose object has no spec: something the CLI does not expect."""
     _Handler.body = json.dumps({"kind": "ModelDeployment", "items": [{"metadata": {"name": "x"}}]}).encode()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with loopback.http_server(_Handler) as url:
+        yield url
 
 
 @pytest.fixture
 def serving() -> Iterator[Any]:
     """Serve a given JSON body to every GET; yields a function that sets it and returns the URL."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    with loopback.http_server(_Handler) as url:
 
-    def serve(body: dict[str, Any] | bytes) -> str:
-        _Handler.body = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return f"http://127.0.0.1:{httpd.server_address[1]}"
+        def serve(body: dict[str, Any] | bytes) -> str:
+            _Handler.body = body if isinstance(body, bytes) else json.dumps(body).encode()
+            return url
 
-    try:
         yield serve
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 @pytest.mark.parametrize("text", ["rollback [incident-42]", "fix [/wrong] tag", "[bold]not bold[/bold]"])
@@ -386,14 +372,8 @@ class _Fleet(loopback.CannedHandler):
 
 
 def test_status_writes_what_agents_reported_on_its_own_lines_without_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fleet)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        assert cli_main.main(["--server", f"http://127.0.0.1:{httpd.server_address[1]}", "status"]) == 0
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with loopback.http_server(_Fleet) as url:
+        assert cli_main.main(["--server", url, "status"]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\r" not in out, out
     assert out.splitlines()[-2:] == [f"  intent: Failing: edge-1: {SHOWN}", f"    waiting: edge-1: {SHOWN}"], out
@@ -413,15 +393,8 @@ class _Owned(loopback.CannedHandler):
 
 @pytest.mark.parametrize("output", ["text", "json"])
 def test_status_says_which_data_centre_another_control_plane_owns_and_whose(output: str, capsys: pytest.CaptureFixture[str]) -> None:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Owned)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        args = ["--server", f"http://127.0.0.1:{httpd.server_address[1]}", "status", *(["-o", "json"] if output == "json" else [])]
-        assert cli_main.main(args) == 0
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with loopback.http_server(_Owned) as url:
+        assert cli_main.main(["--server", url, "status", *(["-o", "json"] if output == "json" else [])]) == 0
     out = capsys.readouterr().out
     if output == "json":
         assert json.loads(out)["ownedElsewhere"] == {"dc-1": "b" * 16}, out

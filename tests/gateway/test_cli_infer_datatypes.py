@@ -11,9 +11,7 @@ datatype to the JSON, with a note; a v2 body goes out as written.
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
-import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -93,14 +91,8 @@ class _Recorder(loopback.CannedHandler):
 def recorder(request: pytest.FixtureRequest) -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
     seen: list[tuple[str, str, bytes]] = []
     handler = type("Handler", (_Recorder,), {"seen": seen, "metadata": request.param})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with loopback.http_server(handler) as url:
+        yield url, seen
 
 
 async def test_metadata_that_cannot_be_read_leaves_the_datatype_to_the_json_with_a_note(

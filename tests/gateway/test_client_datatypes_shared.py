@@ -14,6 +14,7 @@ they all come, each caller sending its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import threading
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from orchestrator import client as client_mod
+from orchestrator.testing import loopback
 
 CALLERS = 8
 METADATA = {"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
@@ -72,15 +74,11 @@ class Gateway:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self._thread.start()
+        self._serving = contextlib.ExitStack()
+        self.url = self._serving.enter_context(loopback.http_server(Handler))
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._thread.join()
+        self._serving.close()
 
 
 @pytest.fixture

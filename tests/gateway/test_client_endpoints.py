@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import ssl
-import threading
 
 import httpx
 import numpy as np
@@ -24,6 +23,7 @@ from edge_agent import httplistener, httpmessages
 from edgeplane_proto import oip
 from orchestrator import client as client_mod
 from orchestrator import proxyenv
+from orchestrator.testing import loopback
 
 from .loopback import answering, v2_server
 
@@ -150,18 +150,12 @@ def test_a_model_name_is_one_path_segment_of_every_url_the_client_builds() -> No
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with client_mod.Client(f"http://127.0.0.1:{server.server_address[1]}") as c:
-            for name, segment in (("a?x=1", "a%3Fx%3D1"), ("../sites/x", "..%2Fsites%2Fx"), ("..", "%2E%2E"), ("intent", "intent")):
-                asked.clear()
-                with pytest.raises(client_mod.NoEndpoint):
-                    c.infer(name, {"x": np.zeros(1, np.float32)})
-                assert asked == [f"/v1/endpoints/{segment}", f"/v2/models/{segment}/infer"], asked
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback.http_server(Gateway) as url, client_mod.Client(url) as c:
+        for name, segment in (("a?x=1", "a%3Fx%3D1"), ("../sites/x", "..%2Fsites%2Fx"), ("..", "%2E%2E"), ("intent", "intent")):
+            asked.clear()
+            with pytest.raises(client_mod.NoEndpoint):
+                c.infer(name, {"x": np.zeros(1, np.float32)})
+            assert asked == [f"/v1/endpoints/{segment}", f"/v2/models/{segment}/infer"], asked
 
 
 async def test_a_versioned_request_goes_to_the_replicas_that_hold_that_version() -> None:

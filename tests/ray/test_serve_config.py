@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.server
 import json
 import pathlib
-import threading
 from typing import Any
 
 import httpx
@@ -13,6 +12,7 @@ import pytest
 
 from orchestrator.adapters import ray_serve, serve_config
 from orchestrator.adapters.serve_config import ServeAppSpec, ServeAppState
+from orchestrator.testing import loopback
 
 SHA = "a" * 64
 
@@ -352,16 +352,10 @@ async def test_an_empty_token_file_is_named_not_sent_as_no_token(tmp_path: pathl
         def log_message(self, *args: Any) -> None:
             pass
 
-    dashboard = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=dashboard.serve_forever, daemon=True).start()
     token_file = tmp_path / "ray-token"
     token_file.write_text("\n")
-    try:
-        async with ray_serve.RayServeActuator(f"http://127.0.0.1:{dashboard.server_address[1]}",
-                                              token_provider=ray_serve.token_from_file(token_file)) as actuator:
+    with loopback.http_server(Refusing) as dashboard:
+        async with ray_serve.RayServeActuator(dashboard, token_provider=ray_serve.token_from_file(token_file)) as actuator:
             with pytest.raises(serve_config.RayServeError, match=f"the Ray token file {token_file} is empty"):
                 await actuator.observe()
-    finally:
-        dashboard.shutdown()
-        dashboard.server_close()
     assert asked == []  # nothing is sent without the token
