@@ -4,7 +4,8 @@
 its replicas to other allowed sites, each leaving only once its replacement serves;
 ``--dry-run`` shows where they would go, ``--wait`` follows the drain until the site
 serves nothing (or ``--timeout``: exit 1, saying what is left), through a control plane
-that restarts meanwhile. ``uncordon``: schedulable
+that restarts meanwhile, saying when it holds every change (:mod:`orchestrator.cli.hold`,
+as ``apply --wait`` says it). ``uncordon``: schedulable
 again; nothing is moved back by force.
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator import reasons
-from orchestrator.cli import events, render
+from orchestrator.cli import events, hold, render
 from orchestrator.cli.http import ApiClient, CliError, RetryLater
 from orchestrator.cli.objects import with_reason
 from orchestrator.urlpath import path_segment
@@ -36,7 +37,8 @@ def add_parsers(client_parser: Callable[..., argparse.ArgumentParser],
     sp.add_argument("--dry-run", action="store_true", help="show where each replica would go, and which would stay; change nothing")
     sp.add_argument("--force", action="store_true",
                     help="also remove replicas that have no other allowed site (their deployments run short; residency still holds)")
-    sp.add_argument("--wait", action="store_true", help="follow the drain until the site serves nothing, printing progress on stderr")
+    sp.add_argument("--wait", action="store_true", help="follow the drain until the site serves nothing, printing progress on stderr "
+                                                    "(changes on hold included, said once as apply --wait says them)")
     sp.add_argument("--timeout", type=duration, default=DEFAULT_WAIT_S, metavar="DURATION",
                     help="with --wait: give up after this long (e.g. 90s, 10m; default 10m), exit 1 and say what is left")
     sp.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)  # how often --wait looks
@@ -132,14 +134,18 @@ def follow_drain(api: ApiClient, args: argparse.Namespace) -> int:
     time it changes (stdout keeps the answer, as ``apply --wait``). A control plane that cannot be
     reached or says to retry later (restarted or upgraded during the window, as it often
     is) is said once and asked again until the deadline: the drain is stored and goes on
-    without it."""
+    without it. A control plane that holds every change plans no drain: that is said once,
+    and again when it gives up."""
     deadline = time.monotonic() + args.timeout
     last = ""
     m: dict[str, Any] = {"state": "Pending"}
     away = False
+    held = ""  # why the control plane holds every change (a stored object it cannot read), said once
     while True:
         try:
             site = api.request("GET", f"/v1/sites/{path_segment(args.name)}")
+            if ((site.get("status") or {}).get("maintenance") or {}).get("state") != "Drained":
+                held = hold.noticed(api, held, _progress)
         except CliError as exc:
             wait = events.wait_to_ask_again(exc, args.interval)
             if wait is None:  # refused, not away: asking again would be refused again
@@ -149,7 +155,7 @@ def follow_drain(api: ApiClient, args: argparse.Namespace) -> int:
                 print(f"warning: control plane unreachable, retrying: {problem}", file=sys.stderr, flush=True)
             away = True
             if time.monotonic() >= deadline:
-                return _gave_up(args, m, f"{last.split(': ', 1)[1] if last else 'Pending'} (the control plane did not answer)")
+                return _gave_up(args, m, f"{last.split(': ', 1)[1] if last else 'Pending'} (the control plane did not answer)", held)
             time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
             continue
         if away:
@@ -167,12 +173,16 @@ def follow_drain(api: ApiClient, args: argparse.Namespace) -> int:
                 render.dump({"name": args.name, "drained": True, "maintenance": m}, args.output)
             return 0
         if time.monotonic() >= deadline:
-            return _gave_up(args, m, line.split(': ', 1)[1])
+            return _gave_up(args, m, line.split(': ', 1)[1] + hold.suffix(held), held)
         time.sleep(min(args.interval, max(0.0, deadline - time.monotonic())))
 
 
-def _gave_up(args: argparse.Namespace, m: dict[str, Any], left: str) -> int:
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _gave_up(args: argparse.Namespace, m: dict[str, Any], left: str, held: str) -> int:
     if args.output in ("json", "yaml"):
-        render.dump({"name": args.name, "drained": False, "maintenance": m}, args.output)
+        render.dump({"name": args.name, "drained": False, "maintenance": m, **({"hold": held} if held else {})}, args.output)
     print(f"error: site {args.name} not drained within {args.timeout:g} s: {left}", file=sys.stderr)
     return 1

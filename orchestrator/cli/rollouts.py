@@ -7,8 +7,8 @@ computed against it: ``status.modelGeneration``). :func:`judge` reads one deploy
 status against the generation the apply gave it (pure: the phases that mean done, failed
 or still going are decided there, as docs/api.md, "Waiting for a deployment", describes);
 :func:`follow` asks the control plane until every one is judged, or ``--timeout``,
-saying once when it holds every change (:func:`hold_reason`), which no deployment's status
-shows while nothing is planned.
+saying once when it holds every change (:mod:`orchestrator.cli.hold`, as ``drain --wait``
+says it), which no deployment's status shows while nothing is planned.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.cli import events
+from orchestrator.cli import events, hold
 from orchestrator.cli.http import ApiClient, CliError, RetryLater
 from orchestrator.urlpath import path_segment
 
@@ -141,10 +141,7 @@ def follow(api: ApiClient, args: argparse.Namespace, wanted: dict[str, Target]) 
                         say(f"modeldeployment/{name}: {verdict.said}")
                     verdicts[name] = verdict
                 if any(v.state == WAITING for v in verdicts.values()):
-                    now = hold_reason(api)
-                    if now and now != held:
-                        say(f"warning: {now}; still waiting (until --timeout)")
-                    held = now
+                    held = hold.noticed(api, held, say)
             except CliError as exc:
                 pause = events.wait_to_ask_again(exc, args.interval)
                 if pause is None:  # refused (a deployment deleted meanwhile, a token revoked): asking again is refused again
@@ -167,18 +164,6 @@ def follow(api: ApiClient, args: argparse.Namespace, wanted: dict[str, Target]) 
     return _ended(args, wanted, verdicts, statuses, away, held)
 
 
-def hold_reason(api: ApiClient) -> str:
-    """Why the control plane holds every change (``hold`` of ``GET /v1/controlplane``: a
-    stored object this version cannot read), "" when it holds none. A control plane that
-    does not say (an older one, or a token refused this view) holds none as far as is known."""
-    try:
-        return str(api.request("GET", "/v1/controlplane").get("hold") or "")
-    except CliError as exc:
-        if events.wait_to_ask_again(exc, 1.0) is not None:  # away: the deployments' reads say so
-            raise
-        return ""
-
-
 def _ended(args: argparse.Namespace, wanted: dict[str, Target], verdicts: dict[str, Verdict],
            statuses: dict[str, dict[str, Any]], away: bool, held: str) -> tuple[int, dict[str, Any]]:
     done = [n for n, v in verdicts.items() if v.state == DONE]
@@ -188,7 +173,7 @@ def _ended(args: argparse.Namespace, wanted: dict[str, Target], verdicts: dict[s
     for name, v in failed.items():
         say(f"error: modeldeployment/{name} stopped short: {v.said}")
     for name, v in waiting.items():
-        unanswered = " (the control plane did not answer)" if away else f"; {held}" if held else ""
+        unanswered = " (the control plane did not answer)" if away else hold.suffix(held)
         say(f"error: modeldeployment/{name} not serving within {args.timeout:g} s (waiting for {wanted[name].awaited()} "
             f"to be Running), still {v.said}{unanswered}")
     return (0 if not failed and not waiting else 1), _summary(wanted, verdicts, statuses, held)

@@ -316,3 +316,35 @@ def test_drain_wait_prints_its_progress_on_stderr(cp: support.ServerThread, caps
             assert out == f"site {site} draining\n", out
         assert err.splitlines()[-1] == f"site {site}: Drained", err
         assert cli_main.main(["uncordon", "site", site, "--server", cp.url]) == 0
+
+
+def test_drain_wait_says_the_fleet_is_on_hold(cp: support.ServerThread, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stored object this version cannot read puts every change on hold, the drain's
+    included: drain --wait waited to its --timeout saying only 'Pending'. It says the hold
+    once, as apply --wait does, again when it gives up, and with -o json as ``hold``."""
+    from orchestrator.cli import main as cli_main
+    assert cp.cp is not None
+    monkeypatch.setenv("EDGEPLANE_TOKEN", cp.cp.admin_token)  # type: ignore[arg-type]
+    with httpx.Client(base_url=cp.url, headers=_admin(cp), timeout=30) as c:
+        assert c.post("/v1/apply", content=manifests.edge_site("edge-faro", "PT", 37.0, -7.9)).status_code == 200
+        cp.cp.store.apply([store_mod.ObjectWrite(maintenance.KIND, "edge-zurich", {}, {"mode": "hibernate"})])
+        _trigger(cp)
+        deadline = time.monotonic() + 30
+        while not c.get("/v1/controlplane").json().get("hold") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            capsys.readouterr()
+            code = cli_main.main(["drain", "site", "edge-faro", "--wait", "--timeout", "2s", "--interval", "0.2",
+                                  "--server", cp.url, "-o", "json"])
+            out, err = capsys.readouterr()
+            assert code == 1, (out, err)
+            said = [x for x in err.splitlines() if "changes on hold: SiteMaintenance 'edge-zurich' cannot be read" in x]
+            assert len(said) == 2, err
+            assert said[0].startswith("warning: changes on hold") and "uncordon site edge-zurich" in said[0], err
+            assert said[1].startswith("error: site edge-faro not drained within 2 s: Pending"), err
+            answer = json.loads(out)
+            assert answer["drained"] is False and answer["hold"].startswith("changes on hold"), out
+        finally:
+            assert c.post("/v1/sites/edge-zurich/uncordon").status_code == 200
+            assert c.post("/v1/sites/edge-faro/uncordon").status_code == 200
