@@ -68,6 +68,7 @@ class ModelStatus:
     deployment: str
     variant: str
     failures: int = 0
+    replaced_sha256: str = ""  # replaceWhenFull: the version unloaded first for sha256's load under way
 
     def to_proto(self) -> pb.ModelState:
         return pb.ModelState(
@@ -81,6 +82,7 @@ class ModelStatus:
             deployment=self.deployment,
             variant=self.variant,
             failures=self.failures,
+            replaced_sha256=self.replaced_sha256,  # always said, "" included: the control plane tells it from an earlier agent's silence
         )
 
 
@@ -215,6 +217,7 @@ class ModelRegistry:
                     deployment=slot.assignment.deployment,
                     variant=slot.assignment.variant,
                     failures=slot.failures,
+                    replaced_sha256=slot.replaced.sha256 if slot.replaced is not None else "",
                 )
             )
         return tuple(out)

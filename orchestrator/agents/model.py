@@ -73,6 +73,9 @@ class ModelState:
     deployment: str = ""
     variant: str = ""
     failures: int = 0  # failed attempts at sha256 so far: a rollout halts on any
+    # replaceWhenFull: the version the agent unloaded first for sha256's load under way
+    # ("" none); None from an agent of an earlier version, which does not say
+    replaced_sha256: str | None = None
 
     @property
     def serving(self) -> bool:
@@ -91,6 +94,7 @@ class ModelState:
             deployment=msg.deployment,
             variant=msg.variant,
             failures=msg.failures,
+            replaced_sha256=msg.replaced_sha256 if msg.HasField("replaced_sha256") else None,
         )
 
     def to_proto(self) -> pb.ModelState:
@@ -98,6 +102,7 @@ class ModelState:
             name=self.name, sha256=self.sha256, phase=self.phase.to_proto(), message=self.message, provider=self.provider,
             requests_served=self.requests_served, serving_sha256=self.serving_sha256, deployment=self.deployment,
             variant=self.variant, failures=self.failures,
+            **({"replaced_sha256": self.replaced_sha256} if self.replaced_sha256 is not None else {}),
         )
 
 

@@ -141,15 +141,18 @@ def _agent_doc(a: agent_model.AgentStatus) -> dict[str, Any]:
                      "gpus": [[g.index, g.model, g.memory_total_bytes] for g in c.gpus], "runtimes": list(c.runtimes)},
         "providers": list(a.providers), "assignmentVersion": a.assignment_version, "heartbeatInterval": a.heartbeat_interval,
         "via": a.via,
-        "models": [[m.name, m.sha256, m.phase.value, m.message, m.provider, m.serving_sha256, m.deployment, m.variant, m.failures]
-                   for m in a.models.values()],
+        "models": [[m.name, m.sha256, m.phase.value, m.message, m.provider, m.serving_sha256, m.deployment, m.variant, m.failures,
+                    m.replaced_sha256] for m in a.models.values()],
     }
 
 
 def _agent(d: Mapping[str, Any]) -> agent_model.AgentStatus:
     c = d["capacity"]
-    models = (agent_model.ModelState(name, sha, agent_model.ModelPhase(phase), message, provider, 0, serving, deployment, variant, failures)
-              for name, sha, phase, message, provider, serving, deployment, variant, failures in (_row(m, 9) for m in d["models"]))
+    # an earlier leader's rows end before replaced_sha256: its agents' word on it is not known
+    models = (agent_model.ModelState(name, sha, agent_model.ModelPhase(phase), message, provider, 0, serving, deployment, variant, failures,
+                                     replaced if isinstance(replaced, str) else None)
+              for name, sha, phase, message, provider, serving, deployment, variant, failures, replaced
+              in ([*_row(m, 9), m[9] if len(m) > 9 else None] for m in d["models"]))
     return agent_model.AgentStatus(
         site=d["site"], agent_id=d["agentId"], endpoint_url=d["endpointUrl"], healthy=d["healthy"],
         # only whether it reported since it joined is published (``reported``), not when

@@ -8,9 +8,12 @@ unless the deployment's ``strategy: replaceWhenFull`` let an agent whose memory 
 both unload the old one first: such a site is *replacing*); one that serves it is *upgraded*. A site that served no version gets the new one at once:
 there is nothing there to protect (while a rollout is halted it gets the version the other
 sites keep). When no site serves or keeps another version (a deployment's first load)
-there is no rollout: its status has no ``rollout`` block, unless the load failed (the halt)
-or the strategy is ``replaceWhenFull`` (a site serving nothing may have unloaded the older
-version first). A site whose agent has joined but not reported yet (it restarted, or this
+there is no rollout: its status has no ``rollout`` block, unless the load failed (the halt).
+Under ``replaceWhenFull`` a site that serves nothing keeps another version when its agent
+says it unloaded one first for the new one (``replaced_sha256``, which it loads again if
+the new one fails): that site is *replacing*, and the rollout goes on. An agent of an
+earlier version does not say, so a site of it serving nothing under that strategy is taken
+as one that may have. A site whose agent has joined but not reported yet (it restarted, or this
 control plane did) is sent again what it was last sent, or nothing this pass. A switching
 site is known by what it was last sent or, after a control-plane restart, by what its agent
 says it was asked for; one whose agent reports any failed attempt at the new version
@@ -94,6 +97,7 @@ def plan(
     upgraded, switching, waiting, fresh, unknown = [], [], {}, [], []
     failed: list[tuple[str, str]] = []
     replacing: list[str] = []
+    empty = 0  # switching sites that serve nothing yet
     for site in sorted(set(sites)):
         agent = agents.get(site)
         if agent is None or not agent.reported:
@@ -108,7 +112,9 @@ def plan(
         elif asked == sha256:
             switching.append(site)
             if not serving:
-                replacing.append(site)
+                empty += 1
+                if _may_have_replaced(state, spec):
+                    replacing.append(site)
             if state is not None and state.sha256 == sha256 and (
                     state.failures or state.phase is agent_model.ModelPhase.FAILED):
                 failed.append((site, state.message))
@@ -148,15 +154,26 @@ def plan(
         elif prior is not None:
             kept[site] = prior.sha256
     # A first load: no site serves or keeps another version (those switching serve nothing
-    # yet), so there is no rollout to speak of, unless one failed (the halt says so) or
-    # replaceWhenFull may have unloaded an older version for it.
-    first_load = (not waiting and not failed and len(replacing) == len(switching)
-                  and spec.strategy != "replaceWhenFull")
+    # yet, and unloaded none for it), so there is no rollout to speak of, unless one failed
+    # (the halt says so).
+    first_load = not waiting and not failed and empty == len(switching) and not replacing
     if (not switching and not waiting and not kept) or (first_load and not kept):
         return Decision(frozenset(new), {}, frozenset(held), None)
     state = Rollout(sha256, tuple(upgraded), tuple(switching) + tuple(promoted), tuple(kept), tuple(failed), step,
                     tuple(replacing))
     return Decision(frozenset(new), kept, frozenset(held), state)
+
+
+def _may_have_replaced(state: agent_model.ModelState | None, spec: schema.Rollout) -> bool:
+    """Whether a switching site that serves nothing may have unloaded an older version for
+    the new one (replaceWhenFull), which it keeps to load again if the new one fails: its
+    agent says so, or, an agent of an earlier version, does not say under that strategy.
+    An agent holding no state of the model holds no version of it."""
+    if state is None:
+        return False
+    if state.replaced_sha256 is not None:
+        return bool(state.replaced_sha256)
+    return spec.strategy == "replaceWhenFull"
 
 
 def _max_switching(value: int | str, sites: int) -> int:

@@ -290,6 +290,7 @@ async def test_a_new_version_that_fails_where_it_replaced_the_old_one_hands_the_
     assert "input 'input' is declared FP32 [-1, 5], but the file takes FP32 [-1, 1024]" in first.message, first
     assert first.serving_sha256 == large.a.sha256, first
     assert f"the version it replaced was loaded again; still serving sha256 {large.a.sha256[:12]}" in first.message, first
+    assert first.replaced_sha256 == "", first  # said, and none kept aside any more: it serves again
     again = await wait_model(control_plane, lambda s: s.failures == 3, name="large")
     assert again.serving_sha256 == large.a.sha256, again
     assert "not loaded in place of the version serving again" in again.message, again

@@ -14,15 +14,18 @@ from orchestrator.reconciler import rollout
 OLD, NEW = "a" * 64, "b" * 64
 
 
-def agent(site: str, serving: str, *, wanted: str | None = None, failed: str = "") -> agent_model.AgentStatus:
+def agent(site: str, serving: str, *, wanted: str | None = None, failed: str = "",
+          replaced: str | None = "") -> agent_model.AgentStatus:
+    """``replaced``: the version the agent says it unloaded first for ``wanted`` ("" none;
+    None: an agent of an earlier version, which does not say)."""
     state = agent_model.ModelState(
         name="intent", sha256=wanted or serving, phase=agent_model.ModelPhase.FAILED if failed else agent_model.ModelPhase.READY,
-        message=failed, serving_sha256=serving,
+        message=failed, serving_sha256=serving, replaced_sha256=replaced,
     )
     return agent_model.AgentStatus(
         site=site, agent_id="a-" + site, endpoint_url="http://127.0.0.1:1", healthy=True, last_heartbeat=1.0, joined_at=0.0,
         location=agent_model.Location(), labels={}, agent_version="test", capacity=agent_model.Capacity(2, 1 << 30), providers=(),
-        inflight=0, cpu_percent=0.0, memory_available_bytes=0, models={"intent": state} if serving or failed else {},
+        inflight=0, cpu_percent=0.0, memory_available_bytes=0, models={"intent": state} if serving or failed or wanted else {},
         assignment_version=0, heartbeat_interval=1.0,
     )
 
@@ -175,8 +178,9 @@ def test_get_shows_rollout_progress_and_the_autoscaled_count(capsys) -> None:  #
     # a site still serves (or keeps) the older version: a rollout
     ({"s0": ("", NEW), "s1": (OLD, OLD)}, {}, True),
     ({"s0": (OLD, NEW), "s1": (NEW, NEW)}, {}, True),
-    # replaceWhenFull: a site serving nothing may have unloaded the older version for the new one
-    ({"s0": (NEW, NEW), "s1": ("", NEW)}, {"strategy": "replaceWhenFull"}, True),
+    # replaceWhenFull: a site serving nothing whose agent says it unloaded no older version
+    # for the new one loads it first too
+    ({"s0": (NEW, NEW), "s1": ("", NEW)}, {"strategy": "replaceWhenFull"}, False),
 ])
 def test_a_first_load_is_no_rollout(fleet: dict[str, tuple[str, str | None]], spec: dict[str, Any], said: bool) -> None:
     """A fresh apply's status said 'rollout 0/1' while the first version loaded, though no
@@ -192,3 +196,32 @@ def test_a_first_load_that_fails_still_halts() -> None:
     agents = {"s0": agent("s0", "", wanted=NEW, failed="bad model")}
     d = rollout.plan(schema.Rollout(), "intent", NEW, ["s0"], agents, {"s0": sent(NEW)})
     assert d.rollout is not None and "halted" in d.rollout.status(), d.rollout
+
+
+@pytest.mark.parametrize(("replaced", "strategy", "said"), [
+    ("", "replaceWhenFull", ()),  # its agent unloaded nothing for it: a first load, no rollout
+    (OLD, "replaceWhenFull", ("s1",)),  # its agent unloaded the older version first: a rollout, and it replaces
+    (None, "replaceWhenFull", ("s1",)),  # an earlier agent does not say: it may have unloaded one
+    (None, "makeBeforeBreak", ()),  # which make before break never does: a first load
+])
+def test_a_site_serving_nothing_replaces_only_when_its_agent_unloaded_a_version(
+        replaced: str | None, strategy: str, said: tuple[str, ...]) -> None:
+    """Under replaceWhenFull every first load showed a rollout block, listing each loading
+    site as replacing, as a site serving nothing might have unloaded an older version for
+    the new one: its agent says whether it did."""
+    agents = {"s0": agent("s0", NEW, wanted=NEW), "s1": agent("s1", "", wanted=NEW, replaced=replaced)}
+    d = rollout.plan(schema.Rollout(strategy=strategy), "intent", NEW, ["s0", "s1"], agents, {s: sent(NEW) for s in agents})
+    assert d.new == {"s0", "s1"} and not d.kept
+    if not said:
+        assert d.rollout is None, d.rollout
+    else:
+        assert d.rollout is not None and d.rollout.replacing == said and d.rollout.status()["replacing"] == list(said), d.rollout
+
+
+def test_a_site_loading_a_version_beside_one_rolled_from_elsewhere_is_not_replacing() -> None:
+    """Make before break unloads nothing: a site placed fresh while another site still
+    serves the older version was listed in the rollout as replacing (and counted in
+    edgeplane_rollout_replacing_sites) while it loaded its first version."""
+    agents = {"s0": agent("s0", OLD, wanted=OLD), "s1": agent("s1", "", wanted=NEW)}
+    d = rollout.plan(schema.Rollout(), "intent", NEW, ["s0", "s1"], agents, {"s0": sent(OLD), "s1": sent(NEW)})
+    assert d.rollout is not None and d.rollout.switching == ("s1",) and d.rollout.replacing == (), d.rollout

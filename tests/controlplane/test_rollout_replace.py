@@ -93,11 +93,20 @@ async def test_replace_when_full_completes_the_rollout_and_no_request_fails(tmp_
                                                                               capsys: pytest.CaptureFixture[str]) -> None:
     art = tmp_path / "artifacts"
     v1, v2 = build(art, "v1.onnx", 1), build(art, "v2.onnx", 2)
+    first: list[dict] = []  # the rollout blocks the status showed while v1 first loaded
+
+    def loaded(cp) -> bool:  # noqa: ANN001
+        if (r := rollout_of(cp)) and r not in first:
+            first.append(r)
+        return all(serving(cp, s) == v1.sha256 for s in SITES)
+
     async with harness.serving_fleet(tmp_path, fleet_yaml(v1, "replaceWhenFull"), agents(v1.path.stat().st_size),
-                                     artifact_roots=(art,), ready=lambda cp: all(serving(cp, s) == v1.sha256 for s in SITES),
-                                     what="v1 on both", resync_s=0.5) as fleet:
+                                     artifact_roots=(art,), ready=loaded, what="v1 on both", resync_s=0.5) as fleet:
         cp = fleet.cp
         assert cp is not None
+        # a first load, no older version unloaded anywhere (the agents say so): no rollout,
+        # where each loading site was listed as replacing one
+        assert first == [], first
         manifest = tmp_path / "v2.yaml"
         manifest.write_text(fleet_yaml(v2, "replaceWhenFull"))
         code = await asyncio.to_thread(cli_main.main, ["--server", cp.http_url, "plan", "-f", str(manifest)])
