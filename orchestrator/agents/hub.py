@@ -167,6 +167,8 @@ class AgentHub(relayed.RelayedAgents):
         if same_agent and current is not None and current.via is not None:
             self._moved_off(current, now, "the leader")
         record = self._new_record(application, agent_id, now, joined_at=now)
+        if same_agent and current is not None and current.live(now):
+            record.healthy_since = current.healthy_since  # a new session of a live agent: no break
         self._records[site] = record
         self._revoked.get(site, set()).discard(agent_id)  # this agent proved itself since its revocation (_decide)
         self._rethink_sweep(record)
@@ -268,6 +270,7 @@ class AgentHub(relayed.RelayedAgents):
                 self._emit(model.AgentEventKind.LOST, record, "agent is draining")
         elif not record.healthy:
             record.healthy = True
+            record.healthy_since = now
             self._emit(model.AgentEventKind.RECOVERED, record, "heartbeats resumed")
         if first:  # a site that joined waits for this before a rollout sends it anything (reconciler.rollout)
             self._emit(model.AgentEventKind.REPORTED, record, "first heartbeat since it joined")
@@ -522,6 +525,7 @@ class AgentHub(relayed.RelayedAgents):
             last_heartbeat=now,
             deadline=now + interval * self.missed_heartbeats,
             via=via,
+            healthy_since=now,
         )
 
     def _channel(self, site: str) -> records.SiteChannel:

@@ -176,6 +176,9 @@ class AgentStatus:
     model_load: Mapping[str, ModelLoad] = field(default_factory=dict)
     via: str | None = None  # the control-plane replica that relays this agent; None: connected here
     quiet_until: float = 0.0  # clock seconds until which its last heartbeat allowed silence (0: no quiet spell)
+    # Clock seconds since which the site's agent has been healthy without a break: a join, or
+    # heartbeats resumed after a loss, sets it; a live agent's new session keeps it (the failback hold-down).
+    healthy_since: float = 0.0
 
     @property
     def reported(self) -> bool:

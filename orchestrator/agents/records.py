@@ -44,6 +44,9 @@ class Record:
     broke_at: float | None = None  # when its last heartbeat stream here (or at its relay) ended, if none came since
     opened_at: float | None = None  # when a heartbeat stream of it opened here since its last heartbeat, a sign of life
     heard: bool = False  # a heartbeat (or, relayed, its state) came since this record was made
+    # Since when the site's agent has been healthy without a break: its join, or its heartbeats'
+    # return after it was lost; a live agent's new session (a dropped connection) keeps it.
+    healthy_since: float = 0.0
 
     def live(self, now: float) -> bool:
         """Healthy and not past its deadline: it holds its site against other agents."""
@@ -71,6 +74,7 @@ class Record:
             model_load=self.model_load,
             via=self.via,
             quiet_until=self.last_heartbeat + self.quiet_s if self.quiet_s else 0.0,
+            healthy_since=self.healthy_since,
         )
 
 

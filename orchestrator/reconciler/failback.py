@@ -13,8 +13,12 @@ those seats counted as ones their deployments run (``planner.plan``'s ``returnin
 back costs no move and staying costs none, and the planner's latency, carbon and fit decide
 between each seat and its stand-in, as in a plan from nothing. The seats are then
 forgotten, whatever that plan did. A site lost again within the hold-down starts it over,
-and nothing moves meanwhile: a flapping site draws no traffic back to it. The moves are
-those of any plan, made before they break (``maintenance.keep_until_replaced``).
+and nothing moves meanwhile: a flapping site draws no traffic back to it. A pass sees a
+loss the passes on either side of it missed (an agent lost and back between two passes)
+by its agent's ``healthy_since``, which a join or heartbeats resumed after a loss move and
+a live agent's new session keeps: the value the last pass saw differs (``flapped``). The
+last pass's values are this leader's only: a new leader's first pass takes what it finds.
+The moves are those of any plan, made before they break (``maintenance.keep_until_replaced``).
 
 The seats are a placement the site held, not the sum of all it ever held. The moves of one
 loss add up, over as many passes as it takes; a new loss of a site that was back (replicas
@@ -33,10 +37,12 @@ hold-down where the last leader left it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from orchestrator.agents import model as agent_model
 from orchestrator.scheduler import model as sched_model
 from orchestrator.scheduler import result as sched_result
 from orchestrator.store import sqlite as store_mod
@@ -57,6 +63,20 @@ class Failback:
     # Of those sites, the ones lost now: the seats this loss left so far (``seats`` holds, per
     # deployment and variant, the larger of these and those of the site's earlier losses).
     losing: Mapping[str, tuple[sched_model.Replica, ...]] = field(default_factory=dict)
+    # Per edge site with a healthy agent now, since when it has been healthy without a break
+    # (``AgentStatus.healthy_since``, set by ``observing``); and per remembered site, that
+    # value as this leader's last pass found it (kept by this term only: not in the store).
+    healthy_since: Mapping[str, float] = field(default_factory=dict)
+    sessions: Mapping[str, float] = field(default_factory=dict)
+
+    def observing(self, agents: Iterable[agent_model.AgentStatus]) -> Failback:
+        """This memory with the pass's agents observed (``healthy_since``)."""
+        return dataclasses.replace(self, healthy_since={a.site: a.healthy_since for a in agents if a.healthy})
+
+    def flapped(self) -> frozenset[str]:
+        """The remembered sites lost and back since the last pass, which found them healthy
+        too: their agents' ``healthy_since`` moved (a join, or heartbeats resumed after a loss)."""
+        return frozenset(name for name, since in self.healthy_since.items() if name in self.sessions and self.sessions[name] != since)
 
     def due(self, sites: Sequence[sched_model.Site]) -> frozenset[str]:
         """The sites whose replicas may move back in this pass: healthy again, for the
@@ -64,7 +84,7 @@ class Failback:
         ``draining``) would take none back: its seats wait until it takes them again."""
         if self.after_s <= 0:
             return frozenset()
-        taking = {site.name for site in sites if site.open and site.admits is None}
+        taking = {site.name for site in sites if site.open and site.admits is None} - self.flapped()
         return frozenset(name for name, since in self.back_since.items()
                          if name in taking and name in self.seats and self.now - since >= self.after_s)
 
@@ -79,7 +99,7 @@ class Failback:
         count is remembered), and each remembered site's return noted, or its loss, which
         starts its hold-down over. A site no longer in the inventory is forgotten."""
         if self.after_s <= 0:
-            return self
+            return dataclasses.replace(self, healthy_since={})
         by_name = {site.name: site for site in sites}
         done = frozenset(due)
         seats = {name: Counter(kept) for name, kept in self.seats.items() if name in by_name and name not in done}
@@ -90,8 +110,10 @@ class Failback:
                 losing.setdefault(a.from_site, Counter())[sched_model.Replica(a.deployment, a.from_site, a.from_variant)] += 1
         for name, left in losing.items():
             seats[name] = seats.get(name, Counter()) | left  # per seat, the larger count
-        back = {name: self.back_since.get(name, self.now) for name in seats if by_name[name].healthy}
-        return Failback(self.after_s, self.now, _tuples(seats), back, _tuples(losing))
+        flapped = self.flapped()
+        back = {name: self.now if name in flapped else self.back_since.get(name, self.now) for name in seats if by_name[name].healthy}
+        sessions = {name: since for name, since in {**self.sessions, **self.healthy_since}.items() if name in seats}
+        return Failback(self.after_s, self.now, _tuples(seats), back, _tuples(losing), sessions=sessions)
 
     def events(self, due: Iterable[str], result: sched_result.PlanResult) -> tuple[store_mod.Event, ...]:
         """One ``failback`` event per ``due`` site the plan moves replicas back to."""

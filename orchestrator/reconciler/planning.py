@@ -83,12 +83,13 @@ def schedule_pass(s: snap.Snapshot, standing: standing_mod.Standing | None
     the seats its replicas left counted as running (``failback``). Also what the failback
     rule knows for the next pass, and this pass's ``failback`` events."""
     sites, deployments, current = scheduler_inputs(s)
-    due = s.failback.due(sites)
+    failback = s.failback.observing(s.agents)
+    due = failback.due(sites)
     if due:
-        result, _, waits = plan_full(s, sites, deployments, current, s.failback.returning(due))
+        result, _, waits = plan_full(s, sites, deployments, current, failback.returning(due))
     else:
         result, standing, waits = _scheduled(s, sites, deployments, current, standing)
-    return result, None if due else standing, waits, s.failback.after(sites, result, due), s.failback.events(due, result)
+    return result, None if due else standing, waits, failback.after(sites, result, due), failback.events(due, result)
 
 
 def _scheduled(s: snap.Snapshot, sites: Sequence[sched_model.Site], deployments: Sequence[sched_model.Deployment],
@@ -125,7 +126,7 @@ def plan_as_pass(s: snap.Snapshot, standing: standing_mod.Standing | None, sites
     and ``current`` (a what-if's), the plan in force being ``standing``, which is left as
     it is (a fork of it is repaired): ``schedule_pass``'s choice, made the same way. The
     plan; the replicas each deployment waits for meanwhile; whether it was a repair."""
-    due = s.failback.due(sites)
+    due = s.failback.observing(s.agents).due(sites)
     repaired = None if due else _repaired(standing.fork() if standing is not None else None, sites, deployments, current)
     if repaired is not None:
         return repaired, {}, True

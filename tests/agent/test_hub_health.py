@@ -32,6 +32,28 @@ def test_lost_after_missed_heartbeats_and_recovered(agent_hub, clock, events) ->
     assert agent_hub.snapshot()[0].healthy
 
 
+def test_healthy_since_moves_with_a_loss_not_with_a_live_agent_s_new_session(agent_hub, clock) -> None:
+    """The failback hold-down reads it: a loss and a return between two reconcile passes
+    moves it; a dropped connection the agent reconnected while live does not."""
+    grant = agent_hub.join(application())
+    joined = clock.now
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat())
+    clock.now += 1.0
+    agent_hub.join(application(credential=grant.credential, agent_id=grant.agent_id))  # a new session, still live
+    assert agent_hub.status("edge-1").healthy_since == joined
+    clock.now += 3.01
+    agent_hub.sweep()
+    clock.now += 1.0
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat())  # heartbeats resume after the loss
+    resumed = clock.now
+    assert agent_hub.status("edge-1").healthy and agent_hub.status("edge-1").healthy_since == resumed > joined
+    clock.now += 3.01
+    agent_hub.sweep()
+    clock.now += 1.0
+    agent_hub.join(application(credential=grant.credential, agent_id=grant.agent_id))  # joins again after the loss
+    assert agent_hub.status("edge-1").healthy_since == clock.now > resumed
+
+
 def test_a_quiet_spell_the_agent_announced_is_waited_out_and_then_the_usual_limit_is_back(agent_hub, clock, events) -> None:
     """An agent about to load a generative model (onnxruntime-genai holds Python's lock,
     heartbeats included) says how long it may be silent; it is not lost before that."""
