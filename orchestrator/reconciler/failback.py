@@ -32,7 +32,9 @@ Decided purely: the memory is a value the pass finds in its snapshot, with the
 reconciler's clock read once as it gathered (``now``), and hands back with its plan. The
 reconciler keeps it in the store (``failback_record``), written before the pass's moves
 are made: a restarted control plane or a new leader reads it back and goes on with each
-hold-down where the last leader left it.
+hold-down where the last leader left it. A site back then serves nothing, so no pass waits
+for its agent to join the new leader: until it does, within the time the leader gives its
+agents to (``rejoin_until``), the site is neither back nor lost, and keeps its return.
 """
 
 from __future__ import annotations
@@ -68,10 +70,18 @@ class Failback:
     # value as this leader's last pass found it (kept by this term only: not in the store).
     healthy_since: Mapping[str, float] = field(default_factory=dict)
     sessions: Mapping[str, float] = field(default_factory=dict)
+    # The edge sites with an agent now, healthy or not (set by ``observing``); and until when
+    # (the reconciler's clock) this leader gives its agents to join it after it took over or
+    # restarted: a remembered edge site back when the last leader left, whose agent has not
+    # joined this one yet, is neither back nor lost meanwhile, and keeps its return.
+    joined: frozenset[str] = frozenset()
+    rejoin_until: float = 0.0
 
     def observing(self, agents: Iterable[agent_model.AgentStatus]) -> Failback:
-        """This memory with the pass's agents observed (``healthy_since``)."""
-        return dataclasses.replace(self, healthy_since={a.site: a.healthy_since for a in agents if a.healthy})
+        """This memory with the pass's agents observed (``healthy_since``, ``joined``)."""
+        agents = tuple(agents)
+        return dataclasses.replace(self, healthy_since={a.site: a.healthy_since for a in agents if a.healthy},
+                                   joined=frozenset(a.site for a in agents))
 
     def flapped(self) -> frozenset[str]:
         """The remembered sites lost and back since the last pass, which found them healthy
@@ -97,9 +107,11 @@ class Failback:
         was planned), the seats the plan's moves leave on sites lost now added to their
         loss's (per deployment and variant, the larger of the loss's and the remembered
         count is remembered), and each remembered site's return noted, or its loss, which
-        starts its hold-down over. A site no longer in the inventory is forgotten."""
+        starts its hold-down over, as a return after a loss no pass saw does (``flapped``);
+        an edge site whose agent this leader still gives the time to join it keeps its return
+        (``rejoin_until``). A site no longer in the inventory is forgotten."""
         if self.after_s <= 0:
-            return dataclasses.replace(self, healthy_since={})
+            return dataclasses.replace(self, healthy_since={}, joined=frozenset())
         by_name = {site.name: site for site in sites}
         done = frozenset(due)
         seats = {name: Counter(kept) for name, kept in self.seats.items() if name in by_name and name not in done}
@@ -112,8 +124,15 @@ class Failback:
             seats[name] = seats.get(name, Counter()) | left  # per seat, the larger count
         flapped = self.flapped()
         back = {name: self.now if name in flapped else self.back_since.get(name, self.now) for name in seats if by_name[name].healthy}
+        back.update((name, since) for name, since in self.back_since.items() if name in seats and self._awaited(by_name[name]))
         sessions = {name: since for name, since in {**self.sessions, **self.healthy_since}.items() if name in seats}
-        return Failback(self.after_s, self.now, _tuples(seats), back, _tuples(losing), sessions=sessions)
+        return Failback(self.after_s, self.now, _tuples(seats), back, _tuples(losing), sessions=sessions, rejoin_until=self.rejoin_until)
+
+    def _awaited(self, site: sched_model.Site) -> bool:
+        """Whether ``site``, unhealthy in this pass, is an edge site whose agent has not joined
+        this leader yet while it gives its agents the time to (``rejoin_until``)."""
+        return (not site.healthy and site.tier is sched_model.Tier.EDGE and self.now < self.rejoin_until
+                and site.name not in self.joined and site.name not in self.sessions)
 
     def events(self, due: Iterable[str], result: sched_result.PlanResult) -> tuple[store_mod.Event, ...]:
         """One ``failback`` event per ``due`` site the plan moves replicas back to."""

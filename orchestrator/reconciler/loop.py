@@ -87,6 +87,7 @@ class Reconciler:
     planner: Callable[[snap.Snapshot, standing_mod.Standing | None], planning.PassPlan] = planning.plan_pass
     _standing: standing_mod.Standing | None = None  # the plan in force, for the next pass to repair
     _failback: failback_mod.Failback | None = None  # the seats stand-ins stood in for (None: none yet, or a new term)
+    _joins_until: float = 0.0  # the time this term gives its agents to join it (Failback.rejoin_until)
     desired_reader: desired_mod.DesiredReader = field(default_factory=desired_mod.DesiredReader)  # stored objects, parsed once a write
 
     def __post_init__(self) -> None:
@@ -217,6 +218,7 @@ class Reconciler:
         (A control plane on its own database plans at once instead: see :meth:`resume`.)"""
         self._takeover = (self.clock() + takeover_s, frozenset(
             e.site for e in self.table.all_endpoints() if e.tier == "edge" and e.healthy)) if takeover_s > 0 else None
+        self._joins_until = self.clock() + takeover_s
         self.lease = lease
         self._stopping = False
         self.dc_sync.forget()
@@ -238,6 +240,7 @@ class Reconciler:
         last run published, see ``ControlPlane``), and gets each agent as it comes back. A
         site not back in that time is lost as any other."""
         self._rejoin = rejoin_mod.RejoinWindow.opened(self.clock(), rejoin_s, self.table.all_endpoints())
+        self._joins_until = self.clock() + rejoin_s
         self._wake.set()
 
     def _awaited(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
@@ -353,7 +356,8 @@ class Reconciler:
 
     def _failback_now(self) -> failback_mod.Failback:
         """What the failback rule knows now, as a pass gathering now would find it."""
-        return dataclasses.replace(self._failback or failback_mod.Failback(), after_s=self.failback_after_s, now=self.clock())
+        return dataclasses.replace(self._failback or failback_mod.Failback(), after_s=self.failback_after_s, now=self.clock(),
+                                   rejoin_until=self._joins_until)
 
     async def gather(self, desired: snap.Desired | None = None) -> snap.Snapshot:
         """The pass's snapshot. Every store call of a pass runs in a worker thread, here and

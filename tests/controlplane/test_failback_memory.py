@@ -32,6 +32,7 @@ from orchestrator.testing.postgres import PostgresServer
 
 SITES = {"edge-a": 48.0, "edge-b": 49.0}
 AFTER_S = 5.0
+JOIN_S = 2.0  # how long a new leader (or a restarted control plane) gives its agents to join it
 EPOCH = 1.8e9  # the store's time when the test's clock reads 0
 
 
@@ -78,7 +79,12 @@ def location(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> str:
     return server.create_database()
 
 
-async def test_a_new_leader_goes_on_with_the_hold_down_and_moves_the_replica_back(tmp_path: pathlib.Path, location: str) -> None:
+@pytest.mark.parametrize("rejoins", ["before the first pass", "after the first pass"])
+async def test_a_new_leader_goes_on_with_the_hold_down_and_moves_the_replica_back(tmp_path: pathlib.Path, location: str,
+                                                                                  rejoins: str) -> None:
+    """``after the first pass``: the new leader's first pass runs before the returned site's
+    agent has joined it (it serves nothing, so no pass waits for it); the agent joins within
+    the time the new leader gives its agents, and the hold-down still goes on from the return."""
     artifact = tmp_path / "intent.onnx"
     artifact.write_bytes(b"an onnx model")
     sha256 = artifacts_mod.sha256_file(artifact)
@@ -92,11 +98,14 @@ async def test_a_new_leader_goes_on_with_the_hold_down_and_moves_the_replica_bac
     first = fleet.reconciler(store, tmp_path)
 
     def lead(r: loop.Reconciler, holder: str) -> None:
-        """On PostgreSQL, ``r`` leads under the lease; a control plane alone on SQLite holds none."""
+        """On PostgreSQL, ``r`` leads under the lease, giving its agents ``JOIN_S`` to come
+        over; a control plane alone on SQLite holds none, and gives them as long after a restart."""
         if shared:
             lease = store.acquire_lease("leader", holder, 60.0)
             assert lease is not None
-            r.lead(lease)
+            r.lead(lease, takeover_s=JOIN_S)
+        else:
+            r.resume(rejoin_s=JOIN_S)
 
     second = None
     try:
@@ -122,14 +131,19 @@ async def test_a_new_leader_goes_on_with_the_hold_down_and_moves_the_replica_bac
         await first.publishes_done()
         if shared:
             store.release_lease(first.lease)  # type: ignore[arg-type]
+        fleet.now = back + AFTER_S - 1.0
         fleet.new_hub()  # the new leader's (or the restarted control plane's): the agents rejoin it
         second = fleet.reconciler(store, tmp_path)
         lead(second, "b")
-        fleet.now = back + AFTER_S - 0.5
-        for site in SITES:
-            fleet.join(site)
+        fleet.join(other)
+        if rejoins == "before the first pass":
+            fleet.join(home)
         await second.reconcile_once()
         assert placed(store) == {other}  # the hold-down goes on
+        if rejoins == "after the first pass":
+            fleet.join(home)
+            await second.reconcile_once()
+            assert placed(store) == {other}
 
         while fleet.now - back < AFTER_S:
             fleet.beat(*SITES)

@@ -19,6 +19,7 @@ from orchestrator.reconciler import failback as failback_mod
 from orchestrator.reconciler import failback_record
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
+from orchestrator.scheduler import model as sched_model
 from orchestrator.scheduler import result as sched_result
 
 from .test_reconcile_repair import joined
@@ -241,3 +242,21 @@ def test_the_memory_kept_in_the_store_reads_back_as_it_was_written_on_another_cl
 def test_a_stored_memory_that_does_not_read_says_so(text: str) -> None:
     with pytest.raises(ValueError, match="the stored failback memory does not read"):
         failback_record.from_text(text, lambda stored: stored)
+
+
+@pytest.mark.parametrize(("now", "has_agent", "kept"), [
+    (15.0, False, True),  # a new leader's first passes, its agent not joined yet: neither back nor lost
+    (20.0, False, False),  # the time the leader gives its agents to join is up: lost, its hold-down starts over
+    (15.0, True, False),  # its agent joined, and is unhealthy: lost
+])
+def test_a_site_back_when_the_leader_changed_keeps_its_return_until_its_agent_could_have_joined(
+        now: float, has_agent: bool, kept: bool) -> None:
+    s = example_snapshot(examples())
+    (lyon,) = [site for site in planning.scheduler_inputs(s)[0] if site.name == LYON]
+    lyon = dataclasses.replace(lyon, healthy=False)
+    stored = failback_mod.Failback(HOLD_S, now, {LYON: (sched_model.Replica("intent-eu", LYON, "distilled"),)}, {LYON: 5.0},
+                                   rejoin_until=20.0)
+    agents = (dataclasses.replace(joined(LYON), healthy=False),) if has_agent else ()
+    after = stored.observing(agents).after([lyon], planning.plan_pass(s).result, ())
+    assert after.back_since == ({LYON: 5.0} if kept else {})
+    assert LYON in after.seats
