@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import edge_agent
-from edge_agent import errors
+from edge_agent import errors, tarhead
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,15 @@ def check_sha256(sha256: str) -> str:
     return value
 
 
+class Unpack(enum.Enum):
+    """Whether an artifact is unpacked after its download, beside its cached copy: its
+    download needs room for that too (an uncompressed tar's members hold at most its size)."""
+
+    NEVER = "never"  # loaded as it is
+    ALWAYS = "always"  # a package (onnx-genai)
+    IF_TAR = "if-tar"  # an onnx artifact: a package when its first bytes are a tar's (tarhead)
+
+
 class ArtifactCache:
     """Artifacts by sha256 under ``root``."""
 
@@ -63,8 +73,8 @@ class ArtifactCache:
         clock: Callable[[], float] = time.monotonic,
         unpack_root: pathlib.Path | None = None,
     ) -> None:
-        """``unpack_root``: where generative packages are unpacked (``<unpack_root>/<sha256>``),
-        whose room a package's download counts too."""
+        """``unpack_root``: where packages are unpacked (``<unpack_root>/<sha256>``), whose
+        room a package's download counts too."""
         self.root = root / "sha256"
         self._unpack_root = unpack_root
         self.root.mkdir(parents=True, exist_ok=True)
@@ -75,11 +85,12 @@ class ArtifactCache:
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def fetch(self, url: str, sha256: str, progress: Callable[[str], None] | None = None,
-                    redirect_hosts: tuple[str, ...] = (), *, package: bool = False) -> pathlib.Path:
+                    redirect_hosts: tuple[str, ...] = (), *, unpack: Unpack = Unpack.NEVER) -> pathlib.Path:
         """Return the verified file for ``sha256``, downloading it from ``url`` if needed;
         ``progress`` hears how far a download has got ("40% of 812.3 MB"), about once a second.
         A redirect is followed only to ``url``'s host or one of ``redirect_hosts`` (empty: any).
-        A ``package`` (generative) is refused unless there is room to unpack it too."""
+        One that ``unpack`` says is (or, from its first bytes, turns out to be) a package is
+        refused before a byte is written unless there is room to unpack it too."""
         digest = check_sha256(sha256)
         lock = self._locks.setdefault(digest, asyncio.Lock())
         async with lock:
@@ -92,9 +103,10 @@ class ArtifactCache:
             if scheme in ("http", "https") or (scheme == "file" and self._allow_file):
                 try:
                     self.root.mkdir(parents=True, exist_ok=True)  # removed by hand to free space: made again
-                    unpack_into = self._unpack_root if package and self._unpack_root is not None \
+                    unpack_into = self._unpack_root if unpack is not Unpack.NEVER and self._unpack_root is not None \
                         and not (self._unpack_root / digest).is_dir() else None
-                    await self._download(url, digest, final, progress, redirect_hosts, unpack_into)
+                    await self._download(url, digest, final, progress, redirect_hosts, unpack_into,
+                                         if_tar=unpack is Unpack.IF_TAR)
                 except OSError as exc:  # a full or read-only cache disk: reported, retried, old model kept
                     raise errors.ArtifactUnavailable(
                         f"cannot store artifact {digest[:12]} in the cache {self.root}: {exc.strerror or exc}"
@@ -140,10 +152,12 @@ class ArtifactCache:
         return data
 
     async def _download(self, url: str, digest: str, final: pathlib.Path, progress: Callable[[str], None] | None = None,
-                        redirect_hosts: tuple[str, ...] = (), unpack_into: pathlib.Path | None = None) -> None:
+                        redirect_hosts: tuple[str, ...] = (), unpack_into: pathlib.Path | None = None, *,
+                        if_tar: bool = False) -> None:
         """One download, made by ``python -m edge_agent.fetch`` in a child process, which
         is killed if this is cancelled or the child goes quiet for longer than a socket
-        timeout could explain."""
+        timeout could explain. ``unpack_into``: where it is unpacked after (``if_tar``: only
+        if its first bytes are a tar's), whose room it needs too."""
         partial = final.with_name(digest + ".partial")
         started = self._clock()
         try:
@@ -151,7 +165,8 @@ class ArtifactCache:
                 sys.executable, "-m", "edge_agent.fetch", url, str(partial),
                 "--timeout", str(self._timeout), "--max-bytes", str(self._max_bytes),
                 *(f"--redirect-host={host}" for host in redirect_hosts),
-                *([f"--unpack-into={unpack_into}"] if unpack_into is not None else []), f"--parent-pid={os.getpid()}",
+                *([f"--unpack-into={unpack_into}"] if unpack_into is not None else []),
+                *(["--only-if-tar"] if unpack_into is not None and if_tar else []), f"--parent-pid={os.getpid()}",
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )
         except OSError as exc:
@@ -227,18 +242,11 @@ def _remove(root: pathlib.Path, names: list[str]) -> list[str]:
     return removed
 
 
-#: Where a tar's header says it is one (POSIX ustar, and GNU tar's variant of it)
-TAR_MAGIC_AT = 257
-TAR_MAGIC = b"ustar"
-
-
 def is_package(path: pathlib.Path) -> bool:
     """Whether the cached artifact at ``path`` is a package (a tar, ``edge_agent.packages``),
-    not an ONNX file: an ONNX file is a protobuf message, which starts with a field's tag,
-    never with a tar's 257-byte name field followed by ``ustar``."""
+    not an ONNX file (:mod:`edge_agent.tarhead`)."""
     with path.open("rb") as fh:
-        head = fh.read(TAR_MAGIC_AT + len(TAR_MAGIC))
-    return head[TAR_MAGIC_AT:] == TAR_MAGIC
+        return tarhead.is_tar(fh.read(tarhead.HEAD_BYTES))
 
 
 def verify_file(path: pathlib.Path, sha256: str) -> None:

@@ -1,7 +1,7 @@
 """Download one artifact into its ``.partial`` file, in a process of its own.
 
-    python -m edge_agent.fetch URL PARTIAL --timeout S --max-bytes N [--redirect-host HOST]... [--unpack-into DIR]
-                               [--parent-pid PID]
+    python -m edge_agent.fetch URL PARTIAL --timeout S --max-bytes N [--redirect-host HOST]...
+                               [--unpack-into DIR [--only-if-tar]] [--parent-pid PID]
 
 (``file://`` URLs too, copied from the start: the agent only passes them on with
 ``--allow-file-artifacts``.)
@@ -38,7 +38,9 @@ it finished:
 ``{"error": KIND, "message": TEXT}``   the last line of a failed one (exit 1); KIND is
                                        ``unavailable`` (worth retrying), ``integrity``, or
                                        ``disk`` (``PARTIAL`` cannot be written, or the size
-                                       announced, twice for a package to unpack, is more than
+                                       announced, twice for a package to unpack (with
+                                       ``--only-if-tar``: one whose first bytes, read
+                                       before any is written, are a tar's), is more than
                                        the disk has free, less a reserve of 1 % of it, 64 MB
                                        to 1 GB)
 
@@ -67,7 +69,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from edge_agent import diskspace
+from edge_agent import diskspace, tarhead
 from edgeplane_proto import artifact_hosts
 
 CHUNK = 1 << 20
@@ -87,15 +89,17 @@ class Failed(Exception):
 
 
 def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int,
-             redirect_hosts: tuple[str, ...] = (), unpack_into: pathlib.Path | None = None) -> tuple[int, str]:
+             redirect_hosts: tuple[str, ...] = (), unpack_into: pathlib.Path | None = None,
+             only_if_tar: bool = False) -> tuple[int, str]:
     """Fetch ``url`` into ``partial`` (resuming over HTTP), fsync it; return its size and
     sha256. ``file://`` URLs are copied from the start (the caller decides whether they
     are allowed). A redirect goes only to ``url``'s host or one of ``redirect_hosts``
-    (empty: any). ``unpack_into``: the folder a generative package unpacks into, where it
-    needs room for its own size again (a tar, uncompressed: its members hold less)."""
+    (empty: any). ``unpack_into``: the folder a package unpacks into, where it needs room
+    for its own size again (a tar, uncompressed: its members hold less); ``only_if_tar``:
+    an onnx artifact, a package only when its first bytes are a tar's."""
     fh = _claim(partial)
     try:
-        return _download_into(fh, partial, url, timeout, max_bytes, redirect_hosts, unpack_into)
+        return _download_into(fh, partial, url, timeout, max_bytes, redirect_hosts, unpack_into, only_if_tar)
     except BaseException:
         if os.fstat(fh.fileno()).st_size == 0:  # an attempt that wrote nothing leaves nothing to resume
             partial.unlink(missing_ok=True)
@@ -105,7 +109,8 @@ def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int,
 
 
 def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float, max_bytes: int,
-                   redirect_hosts: tuple[str, ...], unpack_into: pathlib.Path | None) -> tuple[int, str]:
+                   redirect_hosts: tuple[str, ...], unpack_into: pathlib.Path | None,
+                   only_if_tar: bool) -> tuple[int, str]:
     hasher = hashlib.sha256()
     held, verify_due = os.fstat(fh.fileno()).st_size, _every(PROGRESS_EVERY_S)
 
@@ -118,8 +123,13 @@ def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float
     # few GB off an SD card, at every retry).
     source = _open(url, held, timeout, redirect_hosts)
     have = held
+    ahead = b""  # bytes read from ``source`` to tell a tar, not written yet
     try:
-        _refuse_unless_it_fits(source, partial, url, max_bytes, held, unpack_into)
+        _refuse_unless_it_fits(source, partial, url, max_bytes, held, None if only_if_tar else unpack_into)
+        if unpack_into is not None and only_if_tar:  # a package, or a plain ONNX file loaded as it is
+            head, ahead = _head(fh, held, source, url)
+            unpack_into = unpack_into if tarhead.is_tar(head) else None
+            _refuse_unless_it_fits(source, partial, url, max_bytes, held, unpack_into)
         if held and source.start != 0:  # resumed, or nothing left: the hash covers what came before
             # The agent must not take a long re-read for a stall (it kills a child silent for
             # its socket timeout + 10 s): it is told how far the re-read got.
@@ -140,10 +150,7 @@ def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float
             fh.truncate(0)  # not unlinked: the lock is on this file
         progress_due = _every(PROGRESS_EVERY_S)
         while True:
-            try:
-                chunk = source.read(CHUNK)
-            except (OSError, http.client.HTTPException) as exc:
-                raise Failed("unavailable", f"download of {url} failed: {exc}") from exc
+            chunk, ahead = (ahead, b"") if ahead else (_read(source, url), b"")
             if not chunk:
                 break
             have += len(chunk)
@@ -165,6 +172,27 @@ def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float
         # a dropped connection, whose bytes are kept for the next attempt's Range request
         raise Failed("unavailable", f"download of {url} failed: the connection closed after {have} of {source.total} bytes")
     return have, hasher.hexdigest()
+
+
+def _read(source: _Source, url: str, size: int = CHUNK) -> bytes:
+    try:
+        return source.read(size)
+    except (OSError, http.client.HTTPException) as exc:
+        raise Failed("unavailable", f"download of {url} failed: {exc}") from exc
+
+
+def _head(fh: BinaryIO, held: int, source: _Source, url: str) -> tuple[bytes, bytes]:
+    """The artifact's first bytes, as many as :func:`tarhead.is_tar` needs (or all there
+    are), and those of them read from ``source``, which the download writes first: from
+    ``fh`` where ``source`` resumes after them, else read ahead from ``source``."""
+    kept = os.pread(fh.fileno(), min(held, tarhead.HEAD_BYTES), 0) if source.start != 0 else b""
+    ahead = b""
+    while source.start is not None and len(kept) + len(ahead) < tarhead.HEAD_BYTES:
+        chunk = _read(source, url, tarhead.HEAD_BYTES - len(kept) - len(ahead))
+        if not chunk:
+            break
+        ahead += chunk
+    return kept + ahead, ahead
 
 
 @dataclass
@@ -381,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redirect-host", action="append", default=[], metavar="HOST",
                         help="a host a redirect may go to, besides the URL's (exact, or .domain); none: any")
     parser.add_argument("--unpack-into", type=pathlib.Path, metavar="DIR",
-                        help="a generative package, unpacked into DIR after: room for its size there too")
+                        help="a package, unpacked into DIR after: room for its size there too")
+    parser.add_argument("--only-if-tar", action="store_true",
+                        help="with --unpack-into: an onnx artifact, a package only when its first bytes are a tar's")
     parser.add_argument("--parent-pid", type=int, metavar="PID",
                         help="the agent that runs this: its death kills this process (Linux)")
     args = parser.parse_args(argv)
@@ -389,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         die_with(args.parent_pid)
     try:
         size, digest = download(args.url, args.partial, timeout=args.timeout, max_bytes=args.max_bytes,
-                                redirect_hosts=tuple(args.redirect_host), unpack_into=args.unpack_into)
+                                redirect_hosts=tuple(args.redirect_host), unpack_into=args.unpack_into,
+                                only_if_tar=args.only_if_tar)
     except Failed as exc:
         _emit(error=exc.kind, message=str(exc))
         return 1

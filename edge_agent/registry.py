@@ -349,7 +349,7 @@ class ModelRegistry:
         attempt is of was superseded, or unassigned, meanwhile; why it failed (None: it did not)."""
         try:
             path = await self._cache.fetch(want.artifact_url, want.sha256, progress, want.artifact_hosts,
-                                           package=want.runtime == assignments.RUNTIME_GENAI)
+                                           unpack=self._unpacks(want))
             if slot.assignment is want:
                 slot.message = "loading"
             runtime: onnx.OnnxModel | genai.GenAIModel
@@ -386,6 +386,13 @@ class ModelRegistry:
             slot.serving_as, slot.serving_bytes = want, path.stat().st_size
             log.info("model %s sha256 %s serving on %s", want.model, want.sha256[:12], runtime.provider)
         return None
+
+    def _unpacks(self, want: assignments.Assignment) -> artifacts.Unpack:
+        """Whether ``want``'s artifact is unpacked after its download: a generative one is a
+        package; an onnx one is when it is a tar, and this agent loads onnx packages."""
+        if want.runtime == assignments.RUNTIME_GENAI:
+            return artifacts.Unpack.ALWAYS
+        return artifacts.Unpack.IF_TAR if self._load_onnx_package is not None else artifacts.Unpack.NEVER
 
     async def _restore(self, slot: _Slot, old: assignments.Assignment) -> str:
         """After a load that unloaded ``old`` first failed (replaceWhenFull): ``old`` loaded

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 from collections.abc import AsyncIterator
 
 import pytest
@@ -199,3 +200,50 @@ async def test_a_package_with_room_to_download_but_not_to_unpack_is_refused_befo
     assert re.search(rf"{url} needs {2 * announced / 1e6:.1f} MB more to download and unpack, and \d+\.\d MB are free",
                      failed[0].message), failed[0].message
     assert not list((data_dir / "cache" / "sha256").iterdir())  # not a byte written
+
+
+_TAR_HEAD = tarfile.TarInfo("model.onnx").tobuf()  # what an onnx package's first 512 bytes look like
+_ONNX_HEAD = b"\x08\x07\x12\x07pytorch" + bytes(500)  # a protobuf's first field: no tar magic at byte 257
+
+
+@pytest.mark.parametrize(("held", "first"), [(0, _TAR_HEAD), (len(_TAR_HEAD), _TAR_HEAD), (0, _ONNX_HEAD)],
+                         ids=["package", "package-resumed", "plain-onnx-file"])
+async def test_an_onnx_package_with_room_to_download_but_not_to_unpack_is_refused_before_it_fills_the_disk(
+        tmp_path: pathlib.Path, held: int, first: bytes) -> None:
+    """An onnx artifact is a package when its first bytes are a tar's, unpacked beside its
+    cached tar as a generative one is: one the disk holds once but not twice downloaded, then
+    its unpack was refused, at every retry. A plain ONNX file of that size still downloads."""
+    room = diskspace.room(tmp_path)
+    assert room is not None
+    announced = (room.free - room.kept) * 3 // 4  # fits once, with the reserve to spare
+    head = (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %d-%d/%d\r\nContent-Length: %d\r\n\r\n"
+            % (held, announced - 1, announced, announced - held) if held
+            else b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % announced)
+    async with _announcing(head + first[held:]) as url:
+        data_dir = tmp_path / "agent"
+        (data_dir / "cache" / "sha256").mkdir(parents=True)
+        partial = data_dir / "cache" / "sha256" / ("0" * 64 + ".partial")
+        if held:
+            partial.write_bytes(first[:held])
+        state.StateStore(data_dir).save_assignments("edge-a", assignments.AssignmentSet(1, (assignments.Assignment(
+            "m", "d", "v", url, "0" * 64, runtime=assignments.RUNTIME_ONNX),)))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            nobody = f"127.0.0.1:{s.getsockname()[1]}"
+        agent = daemon.Agent(daemon.AgentConfig(control_plane=nobody, site="edge-a", token="t", data_dir=data_dir,
+                                                listen_port=0, insecure=True, max_artifact_bytes=1 << 60))
+        await agent.start()
+        try:
+            seen = await harness.wait_until(
+                lambda: [m for m in agent.model_statuses() if m.phase is registry.ModelPhase.FAILED
+                         or re.search(r"downloading .*: \d+% of", m.message)], 20, interval=0.01,
+                what="the download refused, or under way")
+        finally:
+            await agent.stop()
+    if first is _ONNX_HEAD:  # not a package: its size once is all it needs
+        assert seen[0].phase is not registry.ModelPhase.FAILED, seen[0].message
+        return
+    assert seen[0].phase is registry.ModelPhase.FAILED, seen[0].message
+    assert re.search(rf"{url} needs {(2 * announced - held) / 1e6:.1f} MB more to download and unpack, and \d+\.\d MB are free",
+                     seen[0].message), seen[0].message
+    assert partial.read_bytes() == first[:held] if held else not partial.exists()  # not a byte written
