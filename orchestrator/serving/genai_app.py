@@ -30,7 +30,7 @@ from edge_agent import generation, httpmessages, httpserver, openai_api, package
 from edge_agent.metrics import AgentMetrics
 from edge_agent.runtime import genai
 from edgeplane_proto import encoding
-from orchestrator.serving import artifacts, bodies
+from orchestrator.serving import artifacts, bodies, unpacked
 
 #: The agent's limit on a request body: as sent, and a compressed one once inflated.
 MAX_REQUEST_BYTES = edge_agent.DEFAULT_MAX_REQUEST_BYTES
@@ -52,13 +52,19 @@ class _OneModel:
         return name == self._served.name
 
 
-def load(artifact_uri: str, sha256: str, artifact_hosts: tuple[str, ...] = ()) -> genai.GenAIModel:
-    """Fetch and verify the package, unpack it safely (once per node and version), load it."""
+def load(artifact_uri: str, sha256: str, artifact_hosts: tuple[str, ...] = ()) -> tuple[genai.GenAIModel, unpacked.Hold]:
+    """Fetch and verify the package, unpack it safely (once per node and version), load it;
+    with the hold that keeps its folder on the node (``unpacked``)."""
     package = artifacts.fetch_verified(artifact_uri, sha256, redirect_hosts=artifact_hosts)
-    directory = packages.unpack(package, sha256, artifacts.models_root())
-    # outside a Ray worker (a replica built in a test) there is no GPU given, and asking would fail
-    gpus = ray.get_gpu_ids() if ray.is_initialized() else []
-    return genai.GenAIModel.load(directory, genai.LoadOptions(cuda=bool(gpus) and genai.built_with_cuda()))
+    held = unpacked.hold(artifacts.models_root(), sha256)
+    try:
+        directory = packages.unpack(package, sha256, artifacts.models_root())
+        # outside a Ray worker (a replica built in a test) there is no GPU given, and asking would fail
+        gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+        return genai.GenAIModel.load(directory, genai.LoadOptions(cuda=bool(gpus) and genai.built_with_cuda())), held
+    except BaseException:
+        held.release()
+        raise
 
 
 @serve.deployment(name="GenAIModel")
@@ -67,9 +73,20 @@ class GenAIReplica:
 
     def __init__(self, artifact_uri: str, sha256: str, model_name: str, max_concurrent_sequences: int = 0,
                  max_queued: int = 0, artifact_hosts: tuple[str, ...] = ()) -> None:
-        served = registry.ServedModel(model_name, sha256, load(artifact_uri, sha256, artifact_hosts), max_concurrent_sequences, max_queued)
+        model, self._held = load(artifact_uri, sha256, artifact_hosts)
+        served = registry.ServedModel(model_name, sha256, model, max_concurrent_sequences, max_queued)
         self.metrics = AgentMetrics(lambda: 0, lambda: 1)
         self._server = generation.GenerationServer(_OneModel(served), self.metrics, MAX_REQUEST_BYTES)  # type: ignore[arg-type]
+        unpacked.prune(artifacts.models_root())  # versions no replica on this node serves any more
+
+    def __del__(self) -> None:
+        """Serve's shutdown of the replica (the collector may call it again): its package's
+        folder let go, and removed unless another replica on the node serves it."""
+        held: unpacked.Hold | None = getattr(self, "_held", None)  # (none: __init__ failed before it)
+        if held is not None:
+            self._held = None
+            held.release()
+            unpacked.prune(artifacts.models_root())
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path

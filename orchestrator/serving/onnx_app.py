@@ -46,7 +46,7 @@ from edge_agent import errors, packages, signature
 from edge_agent.runtime import onnx as onnx_runtime
 from edgeplane_proto import encoding, oip
 from edgeplane_proto.assignment import DeclaredTensor
-from orchestrator.serving import artifacts, bodies
+from orchestrator.serving import artifacts, bodies, unpacked
 
 #: The agent's limit on a request body: as sent, and a compressed one once inflated.
 MAX_REQUEST_BYTES = edge_agent.DEFAULT_MAX_REQUEST_BYTES
@@ -81,14 +81,19 @@ def _json(doc: Any, status: int = 200) -> Response:
     return Response(oip.dumps(doc), status_code=status, media_type=JSON)
 
 
-def _load(path: pathlib.Path, sha256: str) -> onnx_runtime.OnnxModel:
+def _load(path: pathlib.Path, sha256: str) -> tuple[onnx_runtime.OnnxModel, unpacked.Hold | None]:
     """The verified artifact loaded: an ONNX file from its bytes, an onnx package (a graph with
     its external data) from the folder it is unpacked into, once per node and version, as an
-    agent does (``edge_agent.packages``)."""
-    if edge_artifacts.is_package(path):
+    agent does (``edge_agent.packages``), with the hold that keeps that folder (``unpacked``)."""
+    if not edge_artifacts.is_package(path):
+        return onnx_runtime.OnnxModel.load(path.read_bytes(), providers=_providers()), None
+    held = unpacked.hold(artifacts.models_root(), sha256)
+    try:
         directory = packages.unpack(path, sha256, artifacts.models_root(), runtime=packages.ONNX)
-        return onnx_runtime.OnnxModel.load(packages.graph(directory), providers=_providers())
-    return onnx_runtime.OnnxModel.load(path.read_bytes(), providers=_providers())
+        return onnx_runtime.OnnxModel.load(packages.graph(directory), providers=_providers()), held
+    except BaseException:
+        held.release()
+        raise
 
 
 @serve.deployment(name="OnnxModel")
@@ -100,16 +105,27 @@ class OnnxModel:
         path = artifacts.fetch_verified(artifact_uri, sha256, redirect_hosts=artifact_hosts)
         self._model_name = model_name
         self._version = oip.model_version(sha256)  # the version an edge agent gives the same file
-        self._model = _load(path, sha256)
+        self._model, self._held = _load(path, sha256)
         refused = signature.mismatch(inputs, outputs, self._model.inputs, self._model.outputs)
         if refused is not None:
+            self.__del__()
             raise errors.ModelLoadError(refused)
+        unpacked.prune(artifacts.models_root())  # versions no replica on this node serves any more
         self._metadata = oip.model_metadata(
             model_name,
             [(t.name, t.datatype, list(t.shape)) for t in self._model.inputs],
             [(t.name, t.datatype, list(t.shape)) for t in self._model.outputs],
             versions=(self._version,),
         )
+
+    def __del__(self) -> None:
+        """Serve's shutdown of the replica (the collector may call it again): its package's
+        folder let go, and removed unless another replica on the node serves it."""
+        held: unpacked.Hold | None = getattr(self, "_held", None)  # (none: __init__ failed before it)
+        if held is not None:
+            self._held = None
+            held.release()
+            unpacked.prune(artifacts.models_root())
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
