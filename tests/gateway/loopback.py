@@ -37,16 +37,18 @@ async def v2_server(site: str) -> tuple[httplistener.HttpServer, str]:
 
 
 @contextlib.asynccontextmanager
-async def hanging(endpoint_list: bytes | None = None) -> AsyncIterator[str]:
+async def hanging(endpoint_list: bytes | None = None, heads: list[bytes] | None = None) -> AsyncIterator[str]:
     """Takes every request and never answers it, but ``GET /v1/endpoints/...`` when it has
     ``endpoint_list`` to answer: each connection is held until the caller leaves, and
-    closed when the server is."""
+    closed when the server is. ``heads``: where each request's head is added as it comes."""
     writers: list[asyncio.StreamWriter] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writers.append(writer)
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             head = await reader.readuntil(b"\r\n\r\n")
+            if heads is not None:
+                heads.append(head)
             if endpoint_list is not None and head.startswith(b"GET /v1/endpoints/"):
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
                              b"content-length: %d\r\n\r\n%s" % (len(endpoint_list), endpoint_list))

@@ -142,28 +142,35 @@ async def test_a_chat_is_one_answer_n_other_than_1_is_refused_and_other_choices_
         await server.shutdown(1)
 
 
-async def test_a_chat_s_replicas_and_gateway_share_one_timeout(silent: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """Two replicas and the gateway that take the chat and never answer: each attempt had
-    the whole timeout (``--timeout 1`` gave up after 3 s, asking "is 'edgeplane serve'
-    running?"); the attempts share it, and the call gives up at the timeout saying the
-    answer did not come. (The upper bounds leave a loaded machine room: what matters is
-    not three times the timeout.)"""
+def chats(heads: list[bytes]) -> list[bytes]:
+    return [h for h in heads if h.startswith(b"POST ")]
+
+
+async def test_a_chat_s_replicas_and_gateway_share_one_timeout(capsys: pytest.CaptureFixture[str]) -> None:
+    """Replicas and the gateway that take the chat and never answer: each attempt had the
+    whole timeout (``--timeout 1`` gave up after 3 s with two replicas, asking "is
+    'edgeplane serve' running?"); the attempts share it: the first attempt spends it all, no
+    other replica nor the gateway is asked, and the call gives up saying the answer did not
+    come."""
     from orchestrator.cli import main as cli
 
-    replicas = [{"site": f"edge-{i}", "url": silent, "api": "openai"} for i in range(2)]
+    heads: list[bytes] = []
     messages = [{"role": "user", "content": "hi"}]
-    async with hanging(json.dumps({"ttlSeconds": 600, "endpoints": replicas}).encode()) as url:
-        async with client_mod.AsyncClient(url, timeout=1) as c:
-            started = time.monotonic()
-            chat = c.chat("m", messages)
-            with pytest.raises(client_mod.TimedOut, match=r"no answer within the timeout \(1 s"):
-                [t async for t in chat]
-            assert 0.9 < time.monotonic() - started < 2.8
-        started = time.monotonic()
-        code = await asyncio.to_thread(cli.main, ["chat", "m", "hi", "--server", url, "--timeout", "1"])
-        took = time.monotonic() - started
+    async with hanging(heads=heads) as silent:
+        replicas = [{"site": f"edge-{i}", "url": silent, "api": "openai"} for i in range(5)]
+        async with hanging(json.dumps({"ttlSeconds": 600, "endpoints": replicas}).encode(), heads) as url:
+            async with client_mod.AsyncClient(url, timeout=1) as c:
+                started = time.monotonic()
+                chat = c.chat("m", messages)
+                with pytest.raises(client_mod.TimedOut, match=r"no answer within the timeout \(1 s"):
+                    [t async for t in chat]
+                assert time.monotonic() - started > 0.9  # not before its timeout
+            assert len(chats(heads)) == 1, heads
+            heads.clear()
+            code = await asyncio.to_thread(cli.main, ["chat", "m", "hi", "--server", url, "--timeout", "1"])
+            assert len(chats(heads)) == 1, heads
     err = capsys.readouterr().err
-    assert code == 3 and took < 2.8, (code, took, err)
+    assert code == 3, (code, err)
     assert err.startswith("error: no answer within the timeout (1 s") and "edgeplane serve" not in err, err
 
 
@@ -171,20 +178,21 @@ async def test_a_chat_s_replicas_and_gateway_share_one_timeout(silent: str, caps
 async def test_a_chat_s_endpoint_lookup_is_part_of_its_one_timeout(make: type[client_mod.Client] | type[client_mod.AsyncClient]) -> None:
     """Three gateways that take the endpoint list's lookup and never answer it: each
     lookup had the client's whole timeout, so a chat with ``timeout=1`` gave up after 3 s;
-    the lookup now has what is left of the chat's one timeout."""
-    async with hanging() as a, hanging() as b, hanging() as c:
+    the lookup now has what is left of the chat's one timeout: the first gateway's lookup
+    spends it, and no other gateway is asked."""
+    heads: list[bytes] = []
+    async with hanging(heads=heads) as a, hanging(heads=heads) as b, hanging(heads=heads) as c:
         def chat() -> None:
             with client_mod.Client([a, b, c], timeout=1) as client:
                 list(client.chat("m", [{"role": "user", "content": "hi"}]))
 
-        started = time.monotonic()
         with pytest.raises(client_mod.TimedOut, match=r"no answer within the timeout \(1 s"):
             if make is client_mod.Client:
                 await asyncio.to_thread(chat)
             else:
                 async with client_mod.AsyncClient([a, b, c], timeout=1) as client:
                     [t async for t in client.chat("m", [{"role": "user", "content": "hi"}])]
-        assert time.monotonic() - started < 2.8  # not once per gateway
+    assert len(heads) == 1, heads  # not once per gateway
 
 
 ROLE_DELTA = b'data: {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": null}]}\n\n'
@@ -196,10 +204,10 @@ async def test_keep_alives_before_the_first_token_do_not_stretch_a_chat_past_its
         make: type[client_mod.Client] | type[client_mod.AsyncClient], keepalive: bytes) -> None:
     """A server that sends keep-alive comments or an empty role delta while its engine is
     stuck: each restarted the transport's read timeout, so a chat with ``timeout=1`` waited
-    as long as they came (4 s here, then the stream ended with no answer); it raises
+    as long as they came (a minute here, then the stream ended with no answer); it raises
     TimedOut at its timeout, as a stream that sends nothing does."""
     messages = [{"role": "user", "content": "hi"}]
-    async with streaming(keepalive, every_s=0.1, most=40) as stream:
+    async with streaming(keepalive, every_s=0.1, most=600) as stream:
         url = stream.url
 
         def chat() -> None:
@@ -213,7 +221,7 @@ async def test_keep_alives_before_the_first_token_do_not_stretch_a_chat_past_its
             else:
                 async with client_mod.AsyncClient(url, direct=False, timeout=1) as client:
                     [t async for t in client.chat("m", messages)]
-        assert time.monotonic() - started < 2.8
+        assert time.monotonic() - started < 30  # half the keep-alives' minute: they did not stretch it
 
 
 @pytest.mark.parametrize(("chunks", "lines"), [
