@@ -61,7 +61,7 @@ def gateway_refusal(resp: httpx.Response) -> EdgeplaneError:
     with the 503's Retry-After), anything else is a refusal."""
     refusal = clientchat.read_refusal(resp)
     if resp.status_code in (404, 503):
-        return NoEndpoint(refusal.args[0], retry_after=refusal.retry_after)
+        return NoEndpoint(refusal.args[0], retry_after=refusal.retry_after, reason=refusal.reason)
     return refusal
 
 

@@ -184,16 +184,18 @@ def cut(chat: Chat, why: object) -> StreamCut:
 
 def read_refusal(resp: httpx.Response) -> InferenceError:
     """A refusal as the client raises it, from a replica or a gateway, for inference or a
-    chat: its message (a v2 error's string, an OpenAI error's ``message`` and ``code``) and
-    how long its ``Retry-After`` asks to wait."""
-    code = None
+    chat: its message (a v2 error's string, an OpenAI error's ``message`` and ``code``), the
+    ``reason`` of one in the control API's shape, and how long its ``Retry-After`` asks to wait."""
+    code = reason = None
     try:
-        err = read_json(resp.content).get("error", resp.text)
+        doc = read_json(resp.content)
+        err = doc.get("error", resp.text)
         message = err.get("message", err) if isinstance(err, dict) else err
         code = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), str) else None
+        reason = doc.get("reason") if isinstance(doc.get("reason"), str) else None
     except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
         message = resp.text or resp.reason_phrase
-    return InferenceError(resp.status_code, str(message)[:500], code, retry_after(resp))
+    return InferenceError(resp.status_code, str(message)[:500], code, retry_after(resp), reason)
 
 
 def retry_after(resp: httpx.Response) -> float | None:

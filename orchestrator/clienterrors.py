@@ -16,7 +16,9 @@ Arguments that cannot work are not in this tree: they raise ``ValueError`` (``Ty
 for a wrong type) before anything is sent.
 
 Each error a call raises carries the call's ``request_id``: the ``X-Request-Id`` it sent to
-every replica and gateway it tried, which their logs and the gateway's answers name.
+every replica and gateway it tried, which their logs and the gateway's answers name; and
+``reason``, the machine-readable word of an answer in the control API's error shape
+(docs/api.md, "Error reasons"): ``NoRoute`` for a URL where no gateway answers.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from __future__ import annotations
 class EdgeplaneError(Exception):
     """Base of the client's errors. ``request_id``: the id of the call that raised it (its
     ``X-Request-Id``, the caller's or one the client made), to quote to an operator; None
-    for one raised before the call began."""
+    for one raised before the call began. ``reason``: the ``reason`` of the error answer
+    that raised it, when it was in the control API's shape (``NoRoute``, ``Unauthorized``;
+    docs/api.md, "Error reasons"), for a program to tell refusals apart without reading the
+    message; None for any other (the inference protocols' errors carry none)."""
 
     request_id: str | None = None
+    reason: str | None = None
 
 
 class NoEndpoint(EdgeplaneError):
@@ -35,9 +41,10 @@ class NoEndpoint(EdgeplaneError):
     the seconds the gateway's ``Retry-After`` asked the caller to wait, when it gave one (a
     503: replicas not ready yet, or draining)."""
 
-    def __init__(self, message: str, retry_after: float | None = None):
+    def __init__(self, message: str, retry_after: float | None = None, reason: str | None = None):
         super().__init__(message)
         self.retry_after = retry_after
+        self.reason = reason
 
 
 class Unreachable(EdgeplaneError):
@@ -83,11 +90,13 @@ class InferenceError(EdgeplaneError):
     ``retry_after`` the seconds its ``Retry-After`` asked the caller to wait, when it gave
     one (a replica at capacity, a gateway's rate limit: 429)."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, retry_after: float | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, retry_after: float | None = None,
+                 reason: str | None = None):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.code = code
         self.retry_after = retry_after
+        self.reason = reason
 
 
 class StreamCut(EdgeplaneError):

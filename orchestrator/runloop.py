@@ -26,6 +26,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import uvicorn
 
 from edgeplane_proto import logformat
+from orchestrator.api import problems
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ TOO_LARGE_HEAD = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type
 #: How long the requests in flight at a stop may take to finish (uvicorn's graceful shutdown).
 DRAIN_GRACE_S = 5
 _STOPPING = "the server is stopping; retry (another replica or gateway, or this one once it is back)"
-_STOPPED_BODY = json.dumps({"error": _STOPPING}).encode()
+_STOPPED_BODY = problems.encoded(503, _STOPPING)
 #: How a started event stream ends at the grace: an error event, as the gateway ends a stream
 #: whose upstream failed (OpenAI's error object), then the end of the stream.
 _STOPPED_EVENT = (b"data: " + json.dumps({"error": {"message": _STOPPING, "type": "server_error", "param": None,

@@ -1,6 +1,7 @@
 """Routes of the control API; each handler is a thin translation to the catalog.
 
-Errors are translated here, at the boundary, into one JSON shape: ``{"error": ...}``
+Errors are translated here, at the boundary, into the API's one error shape
+(:mod:`orchestrator.api.problems`: ``error``, ``reason``, the parameter or field at fault)
 plus ``issues`` for manifest problems. Nothing a client sends can raise past this layer
 as a 500 except a genuine bug.
 
@@ -26,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog, reasons
-from orchestrator.api import auth, bodies, mediatype, methods, paging
+from orchestrator.api import auth, bodies, mediatype, methods, paging, problems
 from orchestrator.api import maintenance as maintenance_api
 from orchestrator.api import simulate as simulate_api
 from orchestrator.gateway import endpoints as endpoints_mod
@@ -70,14 +71,13 @@ MAX_TOKEN_TTL_S = 10 * 365 * 86400
 EVENT_ID_MAX = (1 << 63) - 1  # event ids are 64-bit integers in both stores
 
 
-def error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
-
-
 def manifest_errors(exc: ManifestError, undone: str) -> JSONResponse:
     """The 422 of manifests with errors: how many, that nothing was ``undone`` (applied,
-    deleted), and each issue with its file, document, field and line."""
-    return error(422, f"{len(exc.issues)} problem(s) in the manifests; nothing was {undone}", issues=[i.to_dict() for i in exc.issues])
+    deleted), and each issue with its file, document, field and line; ``field`` too when
+    they are all of one field."""
+    fields = {i.field for i in exc.issues}
+    return problems.answer(422, f"{len(exc.issues)} problem(s) in the manifests; nothing was {undone}", problems.Reason.INVALID,
+                           field=fields.pop() if len(fields) == 1 else None, issues=[i.to_dict() for i in exc.issues])
 
 
 Handler = Callable[[Request, auth.Caller], Awaitable[Response]]
@@ -95,22 +95,20 @@ def build_routes(services: Services) -> list[BaseRoute]:
             try:
                 return await handler(request, caller)
             except bodies.BodyTooLarge as exc:
-                return error(413, str(exc))
+                return problems.answer(413, str(exc))
             except mediatype.Unsupported as exc:  # nothing read, nothing applied
-                refused = error(415, str(exc), accepted=list(mediatype.ACCEPTED))
-                refused.headers["accept-post"] = ", ".join(mediatype.ACCEPTED)
-                refused.headers["accept-encoding"] = "identity"
-                return refused
-            except (BadQuery, maintenance_api.BadQuery, paging.BadPage) as exc:
-                return error(400, str(exc))
+                return problems.answer(415, str(exc), accepted=list(mediatype.ACCEPTED),
+                                       headers={"accept-post": ", ".join(mediatype.ACCEPTED), "accept-encoding": "identity"})
+            except problems.BadParameter as exc:
+                return problems.refusal(exc)
             except ManifestError as exc:
                 return manifest_errors(exc, "applied")
-            except catalog.UnknownKind as exc:
-                return error(404, str(exc))
-            except store_mod.NotFound as exc:
-                return error(404, str(exc))
-            except (store_mod.Conflict, catalog.InUse) as exc:
-                return error(409, str(exc))
+            except (catalog.UnknownKind, store_mod.NotFound) as exc:
+                return problems.answer(404, str(exc))
+            except store_mod.Conflict as exc:
+                return problems.answer(409, str(exc), problems.Reason.CONFLICT)
+            except catalog.InUse as exc:
+                return problems.answer(409, str(exc), problems.Reason.IN_USE)
             except store_mod.StoreError as exc:
                 return auth.store_refusal(exc, caller, request)
 
@@ -119,7 +117,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
     async def apply(request: Request, caller: auth.Caller) -> Response:
         reading = await _read(request)
         if not reading.documents and not reading.issues:
-            return error(422, _holds_nothing(reading))
+            return problems.answer(422, _holds_nothing(reading), problems.Reason.INVALID)
         dry_run = _flag(request, "dryRun")
         result = await store.run(catalog.apply_reading, store, reading, actor=caller.identity,
                                  reason=_reason(request, "apply"), dry_run=dry_run)
@@ -142,7 +140,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         try:
             docs = reading.valid()
             if not docs:
-                return error(422, _holds_nothing(reading))
+                return problems.answer(422, _holds_nothing(reading), problems.Reason.INVALID)
             outcomes = await store.run(catalog.delete_documents, store, docs, actor=caller.identity,
                                        reason=_reason(request, "delete"), missing_ok=_flag(request, "ignoreNotFound"))
         except ManifestError as exc:
@@ -174,7 +172,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         paging.refuse_unknown(request.query_params, ["describe"], "this route")
         obj = await store.run(store.get, kind, request.path_params["name"])
         if obj is None:
-            return error(404, f"{kind} {request.path_params['name']!r} does not exist")
+            return problems.answer(404, f"{kind} {request.path_params['name']!r} does not exist")
         body = catalog.to_manifest(obj)
         if request.query_params.get("describe") in ("1", "true"):
             body["events"] = [_event(e) for e in await store.run(store.recent_events, kind, obj.name)]
@@ -189,14 +187,15 @@ def build_routes(services: Services) -> list[BaseRoute]:
         # than deleting the Site as it would with a flag it does not read.
         if "keepSite" in request.query_params:
             raise BadQuery(f"a DELETE deletes the Site: to keep it and give up only the applications it left elsewhere, "
-                           f"POST /v1/sites/{request.path_params['name']}/abandon-applications")
+                           f"POST /v1/sites/{request.path_params['name']}/abandon-applications", "keepSite", problems.Reason.UNKNOWN_PARAMETER)
         abandon = _flag(request, "abandonApplications", also=("resourceVersion",))  # unknown and repeated ones refused first
         expected = _version(request)  # deleted only if unchanged since the caller read it
         if abandon:  # a cluster gone for good
             if kind != "Site":
-                raise BadQuery("abandonApplications is for a Site only")
+                raise BadQuery("abandonApplications is for a Site only", "abandonApplications", problems.Reason.BAD_REQUEST)
             if expected is not None:
-                raise BadQuery("abandonApplications deletes the Site whatever its version: it takes no resourceVersion")
+                raise BadQuery("abandonApplications deletes the Site whatever its version: it takes no resourceVersion",
+                               "resourceVersion", problems.Reason.BAD_REQUEST)
             name = request.path_params["name"]
             deleted = await store.run(catalog.delete_site_abandoning, store, name, actor=caller.identity,
                                       reason=_reason(request, "delete"))
@@ -211,9 +210,9 @@ def build_routes(services: Services) -> list[BaseRoute]:
         """``POST /v1/sites/NAME/abandon-applications``: give up removing the Serve applications
         the Site left on targets it was moved off (a cluster gone for good); the Site stays."""
         if request.query_params:
-            raise BadQuery(f"unknown query parameter {', '.join(map(repr, sorted(request.query_params)))}: this route takes none")
+            raise paging.unknown_parameters(sorted(request.query_params), "this route takes none")
         if catalog.resolve_kind(request.path_params["kind"]) != "Site":
-            raise BadQuery("abandon-applications is for a Site only")
+            raise BadQuery("abandon-applications is for a Site only", reason=problems.Reason.BAD_REQUEST)
         name = request.path_params["name"]
         await store.run(catalog.delete_site_abandoning, store, name, actor=caller.identity,
                         reason=_reason(request, "abandon-applications"), keep_site=True)
@@ -228,10 +227,11 @@ def build_routes(services: Services) -> list[BaseRoute]:
         last = paging.whole_number(q["last"], "last", 0, paging.MAX_LIMIT) if "last" in q else 0
         digits = q.get("since", "0").removeprefix("-")
         if not (digits.isascii() and digits.isdigit() and len(digits) <= 40):  # ASCII, as limit: int() reads '٣' as 3
-            return error(400, f"since must be an event id (a whole number), not {q['since'][:40]!r}")
+            raise BadQuery(f"since must be an event id (a whole number), not {q['since'][:40]!r}", "since")
         since = min(max(int(q.get("since", "0")), 0), EVENT_ID_MAX)  # an event id is a 64-bit integer: past the last one there is nothing
         if last and ("since" in q or "limit" in q):
-            return error(400, "last (the newest events) cannot be combined with since and limit (a page forward from an event)")
+            raise BadQuery("last (the newest events) cannot be combined with since and limit (a page forward from an event)",
+                           reason=problems.Reason.BAD_REQUEST)
         kind = catalog.resolve_event_kind(q["kind"]) if q.get("kind") else None
         def read() -> tuple[list[Any], str, int, int]:
             # Event ids count from each store's own start: which store answered tells a client that
@@ -252,7 +252,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         if name is None:
             return JSONResponse({"kind": "Cascade", "items": items})
         found = next((c for c in items if name in (c["name"], c["model"])), None)
-        return JSONResponse(found) if found is not None else error(404, f"no cascade {name!r} (deployments with spec.cascade: "
+        return JSONResponse(found) if found is not None else problems.answer(404, f"no cascade {name!r} (deployments with spec.cascade: "
                                                                       f"{', '.join(c['name'] for c in items) or 'none'})")
 
     async def placements(request: Request, caller: auth.Caller) -> Response:
@@ -261,7 +261,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
     async def endpoints(request: Request, caller: auth.Caller) -> Response:
         asking = services.table.query_caller(request.query_params)
         if isinstance(asking, routing.NoRoute):
-            return error(asking.status, asking.reason)
+            return problems.no_route(asking)
         return JSONResponse(services.endpoints_view(request.path_params["model"], asking))
 
     async def create_token(request: Request, caller: auth.Caller) -> Response:
@@ -269,22 +269,23 @@ def build_routes(services: Services) -> list[BaseRoute]:
         try:
             doc = json.loads(await bodies.read_body(request, 64 * 1024) or b"{}")
         except (ValueError, RecursionError):  # not JSON or UTF-8, an integer past int()'s digits, nested too deep
-            return error(400, "body must be JSON: {\"purpose\": \"bootstrap\"|\"api\", \"role\": ..., \"ttlSeconds\": ...}")
+            return problems.answer(400, "body must be JSON: {\"purpose\": \"bootstrap\"|\"api\", \"role\": ..., \"ttlSeconds\": ...}")
         if not isinstance(doc, dict):
-            return error(400, "body must be a JSON object")
+            return problems.answer(400, "body must be a JSON object")
         purpose = doc.get("purpose", "bootstrap")
         role = doc.get("role", "agent" if purpose == "bootstrap" else "read")
         ttl = doc.get("ttlSeconds", 3600 if purpose == "bootstrap" else None)
         if purpose not in ("bootstrap", "api"):
-            return error(400, "purpose must be 'bootstrap' or 'api'")
+            return problems.answer(400, "purpose must be 'bootstrap' or 'api'", field="purpose")
         if purpose == "api" and role not in auth.ROLES:
-            return error(400, f"role must be one of {', '.join(auth.ROLES)}")
+            return problems.answer(400, f"role must be one of {', '.join(auth.ROLES)}", field="role")
         if purpose == "bootstrap" and role != "agent":  # an agent's join token: any other role was stored as given
-            return error(400, "a bootstrap token's role is 'agent'")
+            return problems.answer(400, "a bootstrap token's role is 'agent'", field="role")
         if ttl is None and purpose == "bootstrap":  # only static bootstrap tokens (edgeplane serve --bootstrap-token) never expire
-            return error(400, "a bootstrap token expires: give ttlSeconds, or leave it out for an hour")
+            return problems.answer(400, "a bootstrap token expires: give ttlSeconds, or leave it out for an hour", field="ttlSeconds")
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TOKEN_TTL_S):
-            return error(400, f"ttlSeconds must be a positive number of seconds, at most {MAX_TOKEN_TTL_S} (10 years)")
+            return problems.answer(400, f"ttlSeconds must be a positive number of seconds, at most {MAX_TOKEN_TTL_S} (10 years)",
+                                   field="ttlSeconds")
         secret, info = await store.run(store.create_token, purpose, role, ttl, caller.identity, str(doc.get("description", ""))[:200])
         made = {"token": secret, "id": info.id, "purpose": purpose, "role": role, "expiresAt": catalog.rfc3339(info.expires_at)}
         if purpose == "bootstrap" and services.agent_ca_sha256:
@@ -312,10 +313,10 @@ def build_routes(services: Services) -> list[BaseRoute]:
                 services.agent_revoked(name)  # its open streams end now, not at their next join
             services.changed(f"agent {name} revoked by {caller.identity}")
         else:
-            return error(404, "revoke tokens/ID or agents/SITE")
+            return problems.answer(404, "revoke tokens/ID or agents/SITE")
         if not ok:
             unknown = f"no token with id {name!r} (edgeplane token list)" if what == "tokens" else f"no agent has joined as site {name!r}"
-            return JSONResponse({"revoked": False, "error": unknown}, status_code=404)
+            return problems.answer(404, unknown, revoked=False)
         return JSONResponse({"revoked": True})
 
     async def simulate(request: Request, caller: auth.Caller) -> Response:
@@ -327,15 +328,13 @@ def build_routes(services: Services) -> list[BaseRoute]:
         try:
             top = int(q["top"]) if "top" in q else None
         except ValueError:
-            return error(400, "top must be an integer")
+            raise BadQuery("top must be an integer", "top") from None
         try:
             return JSONResponse(await services.simulate(body, q.get("each"), top))
         except ScenarioError as exc:  # a budget refusal too: the scenario asks too much, say how to narrow it
-            return error(422, str(exc))
+            return problems.answer(422, str(exc))
         except simulate_api.Busy as exc:  # refused, not queued: the caller retries
-            busy = error(429, str(exc))
-            busy.headers["retry-after"] = str(exc.retry_after_s)
-            return busy
+            return problems.answer(429, str(exc), headers={"retry-after": str(exc.retry_after_s)})
 
     async def controlplane(request: Request, caller: auth.Caller) -> Response:
         paging.refuse_unknown(request.query_params, [], "this route")
@@ -404,7 +403,7 @@ def _holds_nothing(reading: loader.Reading) -> str:
     return f"{named} hold no documents"
 
 
-class BadQuery(ValueError):
+class BadQuery(problems.BadParameter):
     """A query parameter the route does not take, or a value it cannot read (answered 400)."""
 
 
@@ -419,10 +418,10 @@ def _flag(request: Request, name: str, also: tuple[str, ...] = ("file",)) -> boo
     paging.refuse_repeated(request.query_params)
     unknown = sorted(set(request.query_params) - {name, *also})
     if unknown:
-        raise BadQuery(f"unknown query parameter {', '.join(map(repr, unknown))}: this route takes {' and '.join((name, *also))}")
+        raise paging.unknown_parameters(unknown, f"this route takes {' and '.join((name, *also))}")
     value = request.query_params.get(name, "false")
     if value.lower() not in FLAG_VALUES:
-        raise BadQuery(f"{name} must be true or false, not {value[:40]!r}")
+        raise BadQuery(f"{name} must be true or false, not {value[:40]!r}", name)
     return FLAG_VALUES[value.lower()]
 
 
@@ -433,7 +432,7 @@ def _version(request: Request) -> int | None:
     if given is None:
         return None
     if not catalog.VERSION_PATTERN.fullmatch(given):
-        raise BadQuery(f"resourceVersion must be a number as returned by get, not {given[:40]!r}")
+        raise BadQuery(f"resourceVersion must be a number as returned by get, not {given[:40]!r}", "resourceVersion")
     return int(given)
 
 

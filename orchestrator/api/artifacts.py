@@ -26,9 +26,10 @@ from collections.abc import AsyncIterator
 from typing import BinaryIO
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from orchestrator.api import problems
 from orchestrator.artifacts import catalog as catalog_mod
 
 #: ASCII digits, at most 19 (a file's offsets fit in them; more is a range not understood, not an int() to parse)
@@ -41,9 +42,9 @@ def route(catalog: catalog_mod.ArtifactCatalog) -> Route:
         try:
             opened = await asyncio.to_thread(catalog.open_checked, sha256)  # an artifact root may be on NFS
         except catalog_mod.ArtifactChanged as exc:
-            return JSONResponse({"error": str(exc)}, status_code=409)
+            return problems.answer(409, str(exc))
         if opened is None:
-            return JSONResponse({"error": "no such artifact"}, status_code=404)
+            return problems.answer(404, "no such artifact")
         fh, identity = opened
         return _file_response(fh, identity.size, sha256, request)
 

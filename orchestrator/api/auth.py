@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from orchestrator import durable, logthrottle
+from orchestrator.api import problems
 from orchestrator.security import tokencache
 from orchestrator.security.bearer import bearer_secret
 from orchestrator.store import sqlite as store_mod
@@ -67,8 +68,7 @@ CHALLENGE_REFUSED = f'{CHALLENGE}, error="invalid_token"'
 
 def unauthorized(message: str, token_given: bool) -> JSONResponse:
     """The 401 of the control API: the error, and ``WWW-Authenticate`` saying how to authenticate."""
-    return JSONResponse({"error": message}, status_code=401,
-                        headers={"www-authenticate": CHALLENGE_REFUSED if token_given else CHALLENGE})
+    return problems.answer(401, message, headers={"www-authenticate": CHALLENGE_REFUSED if token_given else CHALLENGE})
 
 
 def store_refusal(exc: store_mod.StoreError, caller: Caller | None, request: Request | None = None) -> JSONResponse:
@@ -88,8 +88,7 @@ def store_refusal(exc: store_mod.StoreError, caller: Caller | None, request: Req
             who = caller.identity if caller is not None else "a caller not known yet"
             log.warning("%s %s by %s: %s", request.method, request.url.path, who, exc)
     message = str(exc) if admin else STORE_UNAVAILABLE if unavailable else STORE_FAILED
-    return JSONResponse({"error": message}, status_code=503 if unavailable else 500,
-                        headers={"retry-after": "2"} if unavailable else None)
+    return problems.answer(503 if unavailable else 500, message, headers={"retry-after": "2"} if unavailable else None)
 
 
 def is_loopback(host: str) -> bool:
@@ -161,8 +160,7 @@ class Authenticator:
         refuses the lookup for what it is (as the API answers the store's errors), neither
         saying what the store said (:func:`store_refusal`)."""
         if "\x00" in request.scope["path"] or b"%00" in request.scope.get("query_string", b""):
-            return JSONResponse({"error": "the request's path or query holds a NUL character, which no name or value here may hold"},
-                                status_code=400)
+            return problems.answer(400, "the request's path or query holds a NUL character, which no name or value here may hold")
         try:
             caller = await self.caller(request.headers.get("authorization"))
         except Unauthorized as exc:
@@ -170,7 +168,7 @@ class Authenticator:
         except store_mod.StoreError as exc:  # 503 for a store that does not answer for now; logged by verify
             return store_refusal(exc, None)
         if write and not caller.may_write():
-            return JSONResponse({"error": f"{caller.identity} has role {caller.role!r}; {needs}"}, status_code=403)
+            return problems.answer(403, f"{caller.identity} has role {caller.role!r}; {needs}")
         return caller
 
 

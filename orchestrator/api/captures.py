@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog, reasons
-from orchestrator.api import auth, paging
+from orchestrator.api import auth, paging, problems
 from orchestrator.distill import store as capture_store
 from orchestrator.store import sqlite as store_mod
 
@@ -47,10 +47,11 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                 return caller
             zone = request.path_params["zone"].upper()
             if zone not in captures.zones():
-                return JSONResponse({"error": f"no captured data in zone {zone!r} (zones: {', '.join(captures.zones()) or 'none'})"},
-                                    status_code=404)
+                return problems.answer(404, f"no captured data in zone {zone!r} (zones: {', '.join(captures.zones()) or 'none'})")
             try:
                 return await handler(request, caller)
+            except problems.BadParameter as exc:
+                return problems.refusal(exc)
             except store_mod.StoreError as exc:
                 return auth.store_refusal(exc, caller, request)
         return endpoint
@@ -58,12 +59,9 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
     async def read(request: Request, caller: auth.Caller) -> Response:
         zone = request.path_params["zone"].upper()
         q = request.query_params
-        try:
-            paging.refuse_unknown(q, ["limit", "payload", "deployment"])
-            # past the most, refused as the lists do: cut silently, the newest 10,000 looked like all of them
-            limit = paging.whole_number(q["limit"], "limit", 1, MAX_RECORDS) if "limit" in q else 100
-        except paging.BadPage as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
+        paging.refuse_unknown(q, ["limit", "payload", "deployment"])
+        # past the most, refused as the lists do: cut silently, the newest 10,000 looked like all of them
+        limit = paging.whole_number(q["limit"], "limit", 1, MAX_RECORDS) if "limit" in q else 100
         payload = q.get("payload", "false").lower() in ("1", "true", "yes")
         deployment = q.get("deployment")
         retention = await store.run(catalog.capture_retention, store)
@@ -90,10 +88,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
 
     async def delete(request: Request, caller: auth.Caller) -> Response:
         zone, record_id = request.path_params["zone"].upper(), request.path_params["id"]
-        try:
-            paging.refuse_unknown(request.query_params, [], "this route")
-        except paging.BadPage as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
+        paging.refuse_unknown(request.query_params, [], "this route")
         records = captures.zone(zone)
         held = await asyncio.to_thread(records.holds, record_id)
         # the audit first (two databases: no transaction holds both): a failed write of it leaves the record, to erase again
@@ -101,7 +96,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                                                       reasons.from_header(request.headers.get(reasons.HEADER), "erasure request"),
                                                       {"zone": zone, "found": held}))
         if not (held and await asyncio.to_thread(records.delete, record_id)):  # (or erased meanwhile, by a purge)
-            return JSONResponse({"error": f"no record {record_id!r} in zone {zone}"}, status_code=404)
+            return problems.answer(404, f"no record {record_id!r} in zone {zone}")
         return JSONResponse({"zone": zone, "id": record_id, "action": "deleted"})
 
     return [

@@ -48,11 +48,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog
-from orchestrator.api import auth, bodies, paging
+from orchestrator.api import auth, bodies, paging, problems
 from orchestrator.artifacts.catalog import ArtifactCatalog, ArtifactError
 from orchestrator.distill import capture as capture_mod
 from orchestrator.distill import job
@@ -240,37 +240,37 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             return caller
         try:
             paging.refuse_unknown(request.query_params, [], "this route (its options are the JSON body's)")
-        except paging.BadPage as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
+        except problems.BadParameter as exc:
+            return problems.refusal(exc)
         secret = auth.bearer_secret(request.headers.get("authorization"))  # checked again before the run publishes
         name = request.path_params["deployment"]
         try:
             raw = await bodies.read_body(request, MAX_BODY)
         except bodies.BodyTooLarge as exc:
-            return JSONResponse({"error": str(exc)}, status_code=413)
+            return problems.answer(413, str(exc))
         try:
             epochs, min_gain, zone = read_options(raw)
         except ValueError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
+            return problems.answer(400, str(exc))
         if name in running:  # two runs would train from the same student and the later one replace the first's
-            return JSONResponse({"error": f"a distillation of {name!r} is running; wait for its result"}, status_code=409)
+            return problems.answer(409, f"a distillation of {name!r} is running; wait for its result", problems.Reason.ALREADY_RUNNING)
         if runs.stopping.is_set():
-            return JSONResponse({"error": "the control plane is stopping; run it again once it is back"}, status_code=503,
-                                headers={"retry-after": "5"})
+            return problems.answer(503, "the control plane is stopping; run it again once it is back", headers={"retry-after": "5"})
         try:  # the objects on the store's threads; the artifacts (a network mount, maybe) and the zones' records on another
             plan = await asyncio.to_thread(_plan, *await store.run(_read, store, name), captures, artifacts, name, zone)
             retention = await store.run(catalog.capture_retention, store)
-        except (Refused, catalog.Unreadable) as exc:
-            return JSONResponse({"error": str(exc)}, status_code=409)
+        except Refused as exc:
+            return problems.answer(409, str(exc), problems.Reason.NOT_DISTILLABLE)
+        except catalog.Unreadable as exc:
+            return problems.answer(409, str(exc), problems.Reason.UNREADABLE)
         except store_mod.NotFound as exc:
-            return JSONResponse({"error": str(exc)}, status_code=404)
+            return problems.answer(404, str(exc))
         except store_mod.StoreError as exc:
             return auth.store_refusal(exc, caller, request)
         if name in running:  # one started meanwhile
-            return JSONResponse({"error": f"a distillation of {name!r} is running; wait for its result"}, status_code=409)
+            return problems.answer(409, f"a distillation of {name!r} is running; wait for its result", problems.Reason.ALREADY_RUNNING)
         if runs.stopping.is_set():  # the stop began meanwhile: it waits only for the runs it finds
-            return JSONResponse({"error": "the control plane is stopping; run it again once it is back"}, status_code=503,
-                                headers={"retry-after": "5"})
+            return problems.answer(503, "the control plane is stopping; run it again once it is back", headers={"retry-after": "5"})
 
         loop = asyncio.get_running_loop()
         lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import maintenance, reasons
-from orchestrator.api import auth, paging
+from orchestrator.api import auth, paging, problems
 from orchestrator.store import sqlite as store_mod
 
 #: ``app.build_routes``'s ``guarded``: a handler behind authentication and the error translation.
@@ -36,7 +36,7 @@ class Services(Protocol):
     async def hold_reason(self) -> str | None: ...
 
 
-class BadQuery(ValueError):
+class BadQuery(problems.BadParameter):
     """A query parameter these routes do not take, or a flag that is not true or false (the guard answers 400)."""
 
 
@@ -44,13 +44,12 @@ def _flags(request: Request, allowed: tuple[str, ...]) -> dict[str, bool]:
     paging.refuse_repeated(request.query_params)  # BadPage: the guard answers 400 too
     unknown = sorted(set(request.query_params) - set(allowed))
     if unknown:
-        takes = f"takes {' and '.join(allowed)}" if allowed else "takes none"
-        raise BadQuery(f"unknown query parameter {', '.join(map(repr, unknown))}: this route {takes}")
+        raise paging.unknown_parameters(unknown, f"this route takes {' and '.join(allowed) if allowed else 'none'}")
     out = {}
     for name in allowed:
         value = request.query_params.get(name, "false")
         if value.lower() not in FLAGS:
-            raise BadQuery(f"{name} must be true or false, not {value[:40]!r}")
+            raise BadQuery(f"{name} must be true or false, not {value[:40]!r}", name)
         out[name] = FLAGS[value.lower()]
     return out
 
@@ -97,7 +96,7 @@ def routes(services: Services, guarded: Guard) -> list[BaseRoute]:
         name = request.path_params["name"]
         if flags["dryRun"]:
             if flags["force"]:  # the preview is of a drain as stored, never forced: a forced one's would mislead
-                raise BadQuery("dryRun changes nothing: it does not take force")
+                raise BadQuery("dryRun changes nothing: it does not take force", "force", problems.Reason.BAD_REQUEST)
             if await store.run(store.get, "Site", name) is None:
                 raise store_mod.NotFound(f"Site {name!r} does not exist")
             return JSONResponse({"dryRun": True, "plan": await services.drain_preview(name)})

@@ -3,7 +3,7 @@
 A path that exists, asked with a method it does not take, is a 405 whose ``Allow`` lists
 every method some route takes there (Starlette's own lists those of the first route
 only); any other path is a 404. Both come as the JSON error object the routes answer with
-(``{"error": ...}``), not Starlette's plain text.
+(:mod:`orchestrator.api.problems`: ``{"error": ..., "reason": ...}``), not Starlette's plain text.
 
 The control API's catch-all routes (``/v1/{kind}``, ``/v1/{kind}/{name}``) would take
 every path of their shape whatever its method: ``GET /v1/apply`` was read as the list of a
@@ -18,9 +18,11 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ExceptionHandler, Scope
+
+from orchestrator.api import problems
 
 
 class CatchAll(Route):
@@ -57,12 +59,12 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
     if exc.status_code == 405:
         allowed = allowed_methods(request.scope) or [m.strip() for m in headers.get("Allow", "").split(",") if m.strip()]
         headers["Allow"] = ", ".join(allowed)
-        message = f"{request.method} is not allowed on {request.url.path}; it takes {', '.join(allowed)}"
+        message, reason = f"{request.method} is not allowed on {request.url.path}; it takes {', '.join(allowed)}", None
     elif exc.status_code == 404:
-        message = f"no route for {request.method} {request.url.path}"
+        message, reason = f"no route for {request.method} {request.url.path}", problems.Reason.NO_ROUTE
     else:
-        message = exc.detail
-    return JSONResponse({"error": message}, status_code=exc.status_code, headers=headers)
+        message, reason = exc.detail, None
+    return problems.answer(exc.status_code, message, reason, headers=headers)
 
 
 #: ``Starlette(exception_handlers=...)`` of the control plane's and the gateway's apps.

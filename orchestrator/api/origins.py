@@ -28,13 +28,12 @@ route, the gateway's and the artifacts' included.
 
 from __future__ import annotations
 
-import json
 import urllib.parse
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from orchestrator.api import auth
+from orchestrator.api import auth, problems
 
 #: Methods that only read: their answers are what the Host check protects.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -110,7 +109,7 @@ class OriginGuard:
             why = refusal(self.guard, scope["method"],
                           *(headers[k].decode("latin-1") if k in headers else None for k in (b"host", b"origin")))
             if why is not None:
-                body = json.dumps({"error": why}).encode()
+                body = problems.encoded(403, why)
                 await send({"type": "http.response.start", "status": 403,
                             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})

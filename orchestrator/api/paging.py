@@ -23,6 +23,7 @@ from typing import TypeVar
 
 from starlette import datastructures
 
+from orchestrator.api import problems
 from orchestrator.store import values
 
 T = TypeVar("T")
@@ -31,7 +32,7 @@ T = TypeVar("T")
 MAX_LIMIT = 10_000
 
 
-class BadPage(ValueError):
+class BadPage(problems.BadParameter):
     """A ``limit`` or ``continue`` that cannot be read, or a parameter the route does not take."""
 
 
@@ -49,7 +50,8 @@ def parse(query: Mapping[str, str], list_name: str, takes: Collection[str] = ())
     after = None
     if token := query.get("continue"):
         if limit is None:
-            raise BadPage("continue is given without limit: ask the next page with the limit of the one before")
+            raise BadPage("continue is given without limit: ask the next page with the limit of the one before", "continue",
+                          problems.Reason.BAD_REQUEST)
         after = _read_token(token, list_name)
     return Page(limit, after)
 
@@ -59,7 +61,7 @@ def whole_number(text: str, name: str, low: int, high: int) -> int:
     :class:`BadPage` naming it. ASCII digits only: str.isdigit() also takes '²' (which int()
     refuses) and '٣' (which int() reads as 3), and int() refuses past 4,300 digits."""
     if not (text.isascii() and text.isdigit() and len(text) <= len(str(high))) or not low <= int(text) <= high:
-        raise BadPage(f"{name} must be a whole number from {low:,} to {high:,}, not {text[:40]!r}")
+        raise BadPage(f"{name} must be a whole number from {low:,} to {high:,}, not {text[:40]!r}", name)
     return int(text)
 
 
@@ -70,7 +72,7 @@ def refuse_unknown(query: Collection[str], takes: Sequence[str], route: str = "t
     refuse_repeated(query)
     unknown = sorted(set(query) - set(takes))
     if unknown:
-        raise BadPage(f"unknown query parameter {', '.join(map(repr, unknown))}: {route} takes {', '.join(takes) or 'none'}")
+        raise unknown_parameters(unknown, f"{route} takes {', '.join(takes) or 'none'}")
 
 
 def refuse_repeated(query: Collection[str]) -> None:
@@ -82,7 +84,13 @@ def refuse_repeated(query: Collection[str]) -> None:
     counts = collections.Counter(name for name, _ in items)
     if repeated := sorted(name for name, n in counts.items() if n > 1):
         said = ", ".join(f"{name!r} is given {counts[name]} times" for name in repeated)
-        raise BadPage(f"query parameter {said}; give each once")
+        raise BadPage(f"query parameter {said}; give each once", problems.one(repeated), problems.Reason.REPEATED_PARAMETER)
+
+
+def unknown_parameters(names: list[str], takes: str) -> BadPage:
+    """The refusal of the query parameters ``names`` (sorted) that a route does not take;
+    ``takes`` says what it does ("this route takes dryRun and file")."""
+    return BadPage(f"unknown query parameter {', '.join(map(repr, names))}: {takes}", problems.one(names), problems.Reason.UNKNOWN_PARAMETER)
 
 
 def continue_token(list_name: str, key: Sequence[str]) -> str:
@@ -96,11 +104,11 @@ def _read_token(token: str, list_name: str) -> tuple[str, ...]:
     except (ValueError, binascii.Error, RecursionError):  # RecursionError: JSON nested past the parser's depth
         doc = None
     if not isinstance(doc, dict) or not isinstance(after := doc.get("after"), list) or not all(isinstance(k, str) for k in after):
-        raise BadPage("continue is not a token a page of this list gave (metadata.continue)")
+        raise BadPage("continue is not a token a page of this list gave (metadata.continue)", "continue")
     if doc.get("list") != list_name:
-        raise BadPage(f"continue is a token of the list of {doc.get('list')}, not of {list_name}")
+        raise BadPage(f"continue is a token of the list of {doc.get('list')}, not of {list_name}", "continue")
     if any(values.storable(k) != k for k in after):  # a NUL or a lone surrogate: no key the store holds, nor can be asked for
-        raise BadPage("continue is not a token a page of this list gave (metadata.continue)")
+        raise BadPage("continue is not a token a page of this list gave (metadata.continue)", "continue")
     return tuple(after)
 
 
@@ -109,7 +117,7 @@ def page_of(items: Sequence[T], page: Page, key: Callable[[T], tuple[str, ...]])
     the store sorts: str compares code points, in UTF-8's order), and whether more follow."""
     after = page.after
     if after is not None and items and len(after) != len(key(items[0])):
-        raise BadPage("continue is not a token a page of this list gave (metadata.continue)")
+        raise BadPage("continue is not a token a page of this list gave (metadata.continue)", "continue")
     rest = list(items) if after is None else [i for i in items if key(i) > after]
     return (rest, False) if page.limit is None else (rest[:page.limit], len(rest) > page.limit)
 

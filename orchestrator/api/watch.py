@@ -39,7 +39,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog
-from orchestrator.api import auth, paging
+from orchestrator.api import auth, paging, problems
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import wire
 from orchestrator.store import sqlite as store_mod
@@ -170,17 +170,17 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
     async def endpoints(request: Request) -> Response:
         try:
             paging.refuse_unknown(request.query_params, ["watch"], "this route")
-        except paging.BadPage as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
+        except problems.BadParameter as exc:
+            return problems.refusal(exc)
         watch = request.query_params.get("watch", "")
         if watch not in ("", "0", "1", "true", "false"):
-            return JSONResponse({"error": "watch must be 1 or 0"}, status_code=400)
+            return problems.answer(400, "watch must be 1 or 0", problems.Reason.INVALID_PARAMETER, parameter="watch")
         if watch in ("1", "true"):
             return StreamingResponse(stream(request.headers.get("authorization")), media_type="application/x-ndjson",
                                      headers={"cache-control": "no-cache"})
         if not publisher.published:
-            return JSONResponse({"error": "no endpoint table yet: the control plane's first pass has not ended; retry in a few seconds"},
-                                status_code=503, headers={"retry-after": "2"})
+            return problems.answer(503, "no endpoint table yet: the control plane's first pass has not ended; retry in a few seconds",
+                                   headers={"retry-after": "2"})
         return Response(await publisher.snapshot(), media_type="application/json")
 
     async def whoami(request: Request) -> Response:
@@ -224,6 +224,6 @@ def _refuse_unknown(request: Request) -> Response | None:
     parameter meant elsewhere did something other than what was asked)."""
     try:
         paging.refuse_unknown(request.query_params, [], "this route")
-    except paging.BadPage as exc:
-        return JSONResponse({"error": str(exc)}, status_code=400)
+    except problems.BadParameter as exc:
+        return problems.refusal(exc)
     return None

@@ -152,8 +152,10 @@ class ApiClient:
                                "be the prefix a reverse proxy serves the control plane under")
             body = _error_body(resp)
             details = [_issue_line(i) for i in body.get("issues") or []]
-            if resp.status_code == 405 or (resp.status_code == 404 and str(body.get("error", "")).startswith("no route for ")):
-                raise NoRoute(str(body.get("error", resp.reason_phrase)), 1, details)  # methods.http_error's words, every release
+            # the reason since it is given; before, methods.http_error's words, which every release kept
+            if resp.status_code == 405 or (resp.status_code == 404 and (body.get("reason") == "NoRoute"
+                                                                         or str(body.get("error", "")).startswith("no route for "))):
+                raise NoRoute(str(body.get("error", resp.reason_phrase)), 1, details)
             if resp.status_code in RETRY_LATER_STATUSES:
                 raise RetryLater(str(body.get("error", resp.reason_phrase)), resp.status_code, _retry_after(resp), details)
             raise CliError(str(body.get("error", resp.reason_phrase)), 1, details)
@@ -257,7 +259,7 @@ def json_of(resp: httpx.Response) -> Any:
 
 
 def _error_body(resp: httpx.Response) -> dict[str, Any]:
-    """An error answer as the API gives it: ``{"error": ..., "issues": [...]}``."""
+    """An error answer as the API gives it: ``{"error": ..., "reason": ..., "issues": [...]}``."""
     body = json_of(resp)
     return body if isinstance(body, dict) else {"error": resp.text[:200] or resp.reason_phrase}
 

@@ -224,8 +224,8 @@ class EndpointTable:
             self.on_change()
         return bool(changed)
 
-    def unknown_region(self, region: str, name: str = "X-Edgeplane-Region",
-                       instead: str = "X-Edgeplane-Location: lat,lon") -> routing.NoRoute | None:
+    def unknown_region(self, region: str, name: str = "X-Edgeplane-Region", instead: str = "X-Edgeplane-Location: lat,lon",
+                       parameter: str | None = None) -> routing.NoRoute | None:
         """Why a caller's ``region`` (given as ``name``) places it nowhere, or None. A region
         is known when a site declares it, whether or not a replica runs there now (a caller
         there is then answered from the nearest one, or told there is none). Before the
@@ -233,7 +233,7 @@ class EndpointTable:
         table is missing."""
         if not self.published:
             return None
-        return routing.check_region(region, self._known_regions, name, instead)
+        return routing.check_region(region, self._known_regions, name, instead, parameter)
 
     def query_caller(self, params: datastructures.QueryParams) -> routing.Caller | routing.NoRoute:
         """The caller of the endpoint list (``?lat=&lon=&region=&residency=``), or why its
@@ -243,14 +243,16 @@ class EndpointTable:
         names = collections.Counter(name for name, _ in params.multi_items())
         if repeated := sorted(name for name, n in names.items() if n > 1):
             said = ", ".join(f"{name!r} is given {names[name]} times" for name in repeated)
-            return routing.NoRoute(f"query parameter {said}; give each once", 400)
+            return routing.NoRoute(f"query parameter {said}; give each once", 400, parameter=repeated[0] if len(repeated) == 1 else None,
+                                   problem="RepeatedParameter")
         if unknown := sorted(set(params) - set(CALLER_PARAMETERS)):  # a misspelt one would rank as if from nowhere
             return routing.NoRoute(f"unknown query parameter {', '.join(map(repr, unknown))}: this list takes "
-                                   f"{', '.join(CALLER_PARAMETERS)}", 400)
+                                   f"{', '.join(CALLER_PARAMETERS)}", 400, parameter=unknown[0] if len(unknown) == 1 else None,
+                                   problem="UnknownParameter")
         caller = routing.parse_query_caller(params.get("lat"), params.get("lon"), params.get("region"), params.get("residency"))
         if isinstance(caller, routing.NoRoute) or caller.region is None:
             return caller
-        return self.unknown_region(caller.region, "query parameter region", "lat and lon") or caller
+        return self.unknown_region(caller.region, "query parameter region", "lat and lon", "region") or caller
 
     def cold(self) -> frozenset[str]:
         return self._cold

@@ -77,6 +77,10 @@ class NoRoute:
     reason: str
     status: int = 503
     retry_after: int | None = None  # seconds, for a Retry-After header: when a retry can succeed
+    #: for the endpoint list's query (a control-API route): the query parameter at fault, and
+    #: its ``reason`` word of :class:`orchestrator.api.problems.Reason` (the status's own when None)
+    parameter: str | None = None
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ def parse_query_caller(lat: str | None, lon: str | None, region: str | None, res
     position = _query_position(lat, lon)
     if isinstance(position, NoRoute):
         return position
-    allowed = _residency(residency_text, "query parameter residency")
+    allowed = _residency(residency_text, "query parameter residency", "residency")
     if isinstance(allowed, NoRoute):
         return allowed
     return Caller(*(position or (None, None)), (region or "").strip() or None, allowed)
@@ -129,7 +133,8 @@ def _query_position(lat: str | None, lon: str | None) -> tuple[float, float] | N
         return None
     if lat is None or lon is None:
         given, missing = ("lat", "lon") if lon is None else ("lon", "lat")
-        return NoRoute(f"query parameter {given} is given without {missing}: give both (e.g. lat=48.85&lon=2.35) or neither", 400)
+        return NoRoute(f"query parameter {given} is given without {missing}: give both (e.g. lat=48.85&lon=2.35) or neither", 400,
+                       parameter=missing, problem="BadRequest")
     values = []
     for name, text, limit in (("lat", lat, 90), ("lon", lon, 180)):
         try:
@@ -137,13 +142,15 @@ def _query_position(lat: str | None, lon: str | None) -> tuple[float, float] | N
         except ValueError:
             value = math.nan
         if not -limit <= value <= limit:  # NaN and infinities are refused here too
-            return NoRoute(f"query parameter {name} must be a number in [-{limit}, {limit}], not {text[:40]!r}", 400)
+            return NoRoute(f"query parameter {name} must be a number in [-{limit}, {limit}], not {text[:40]!r}", 400,
+                           parameter=name, problem="InvalidParameter")
         values.append(value)
     return values[0], values[1]
 
 
-def _residency(text: str | None, name: str) -> frozenset[str] | NoRoute:
-    """The countries of a residency list (``FR,DE``, ``EU``; ``name`` says where it was given);
+def _residency(text: str | None, name: str, parameter: str | None = None) -> frozenset[str] | NoRoute:
+    """The countries of a residency list (``FR,DE``, ``EU``; ``name`` says where it was given,
+    ``parameter`` names the query parameter when it was one);
     empty when none is given: any. A list that names no country (``,``) or a code that is no
     country (``UK``: ISO says GB) is refused as a manifest's would be: read as "any", or as a
     country no replica can be in, it would widen the caller's rule or answer 503, silently."""
@@ -155,9 +162,10 @@ def _residency(text: str | None, name: str) -> frozenset[str] | NoRoute:
             schema.check_residency(entry.upper())
         except ValueError:
             return NoRoute(f"{name}: {entry!r} is neither an ISO 3166 alpha-2 country code (e.g. FR, DE) "
-                           f"nor a known group ({', '.join(schema.RESIDENCY_GROUPS)})", 400)
+                           f"nor a known group ({', '.join(schema.RESIDENCY_GROUPS)})", 400, parameter=parameter, problem="InvalidParameter")
     if not entries:
-        return NoRoute(f"{name}: {text.strip()!r} names no country; give ISO 3166 alpha-2 codes or groups, e.g. FR,DE or EU", 400)
+        return NoRoute(f"{name}: {text.strip()!r} names no country; give ISO 3166 alpha-2 codes or groups, e.g. FR,DE or EU", 400,
+                       parameter=parameter, problem="InvalidParameter")
     return residency.expand_residency(entries)
 
 
@@ -176,7 +184,7 @@ def listed_sites(sites: Collection[str]) -> str:
     return shown if len(names) <= LISTED_SITES else f"{shown}, … and {len(names) - LISTED_SITES:,} more"
 
 
-def check_region(region: str, known: Collection[str], name: str, instead: str) -> NoRoute | None:
+def check_region(region: str, known: Collection[str], name: str, instead: str, parameter: str | None = None) -> NoRoute | None:
     """Refuse a region no site declares (``name`` says where it was given, ``instead`` what
     to give): taken as no position at all, a misspelt region would route the caller from
     the gateway's position, silently."""
@@ -185,7 +193,7 @@ def check_region(region: str, known: Collection[str], name: str, instead: str) -
     listed = sorted(known)
     shown = ", ".join(listed[:LISTED_REGIONS]) + (", …" if len(listed) > LISTED_REGIONS else "")
     return NoRoute(f"{name}: unknown region {region!r} (known regions: {shown or 'none, no site declares one'}); "
-                   f"give {instead} instead", 400)
+                   f"give {instead} instead", 400, parameter=parameter, problem="InvalidParameter")
 
 
 def position_of(caller: Caller, regions: RegionIndex, default: tuple[float, float] | None) -> tuple[float, float] | None:

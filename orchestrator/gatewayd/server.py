@@ -35,7 +35,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from edgeplane_proto import hostport, logformat, oip
-from orchestrator.api import methods
+from orchestrator.api import methods, problems
 from orchestrator.gatewayd import follow
 from orchestrator import runloop, urlpath
 from orchestrator.gateway import cascade as cascade_mod
@@ -174,7 +174,7 @@ class StandaloneGateway:
             return refused
         caller = self.table.query_caller(request.query_params)
         if isinstance(caller, routing.NoRoute):
-            return JSONResponse({"error": caller.reason}, status_code=caller.status)
+            return problems.no_route(caller)
         model = request.path_params["model"]
         return JSONResponse(wire.endpoint_list(self.table.rank(model, caller, self.config.position, api=None), model))
 

@@ -284,7 +284,7 @@ def test_a_deployment_that_does_not_exist_is_not_found(plane: Plane) -> None:
     """404, as every route answers a missing object; 409 stays for one that exists but cannot be distilled."""
     with TestClient(plane.app()) as client:
         resp = client.post("/v1/distill/nope", json={"epochs": 1})
-    assert resp.status_code == 404 and resp.json() == {"error": "ModelDeployment 'nope' does not exist"}, resp.text
+    assert resp.status_code == 404 and resp.json() == {"error": "ModelDeployment 'nope' does not exist", "reason": "NotFound"}, resp.text
 
 
 def test_a_run_asked_for_while_the_store_does_not_answer_is_told_to_ask_again(plane: Plane) -> None:

@@ -52,7 +52,7 @@ def test_a_known_path_with_a_wrong_method_is_405_with_allow(api: httpx.Client, m
     r = api.request(method, path)
     assert r.status_code == 405, r.text
     assert r.headers["allow"] == allow
-    assert r.json() == {"error": f"{method} is not allowed on {path}; it takes {allow}"}
+    assert r.json() == {"error": f"{method} is not allowed on {path}; it takes {allow}", "reason": "MethodNotAllowed"}
 
 
 def test_the_catch_all_routes_still_read_kinds(api: httpx.Client, regions: set[str]) -> None:
@@ -65,7 +65,7 @@ def test_the_catch_all_routes_still_read_kinds(api: httpx.Client, regions: set[s
 def test_an_unknown_path_is_a_json_404(api: httpx.Client) -> None:
     r = api.get("/nowhere/at/all")
     assert r.status_code == 404
-    assert r.json() == {"error": "no route for GET /nowhere/at/all"}
+    assert r.json() == {"error": "no route for GET /nowhere/at/all", "reason": "NoRoute"}
 
 
 @pytest.mark.parametrize(("params", "message"), [

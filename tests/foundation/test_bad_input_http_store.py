@@ -50,7 +50,7 @@ async def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 ])
 async def test_a_nul_in_a_path_or_query_is_a_400_on_either_store(api: httpx.AsyncClient, method: str, path: str) -> None:
     resp = await api.request(method, path)
-    assert (resp.status_code, resp.json()) == (400, {"error": NUL}), resp.text
+    assert (resp.status_code, resp.json()) == (400, {"error": NUL, "reason": "BadRequest"}), resp.text
     assert (await api.get("/v1/events?last=1")).status_code == 200  # and the API goes on
 
 
@@ -87,14 +87,15 @@ async def test_a_token_description_with_a_lone_surrogate_is_kept_escaped(api: ht
 async def test_a_bootstrap_token_of_another_role_than_agent_is_refused(api: httpx.AsyncClient, role: object) -> None:
     """Its role was stored as given: a NUL in it was a 500 on PostgreSQL (the API fuzzer)."""
     made = await api.post("/v1/tokens", json={"purpose": "bootstrap", "role": role})
-    assert (made.status_code, made.json()) == (400, {"error": "a bootstrap token's role is 'agent'"}), made.text
+    assert (made.status_code, made.json()) == (400, {"error": "a bootstrap token's role is 'agent'", "reason": "BadRequest", "field": "role"}), made.text
     assert (await api.post("/v1/tokens", json={"purpose": "bootstrap", "role": "agent"})).status_code == 201
 
 
 async def test_a_bootstrap_token_without_an_expiry_is_refused(api: httpx.AsyncClient) -> None:
     """``"ttlSeconds": null`` made one that never expired: only static bootstrap tokens do."""
     made = await api.post("/v1/tokens", json={"purpose": "bootstrap", "ttlSeconds": None})
-    assert (made.status_code, made.json()) == (400, {"error": "a bootstrap token expires: give ttlSeconds, or leave it out for an hour"})
+    assert (made.status_code, made.json()) == (400, {"error": "a bootstrap token expires: give ttlSeconds, or leave it out for an hour",
+                                                           "reason": "BadRequest", "field": "ttlSeconds"})
     assert (await api.post("/v1/tokens", json={"purpose": "bootstrap"})).json()["expiresAt"] is not None
     assert (await api.post("/v1/tokens", json={"purpose": "api", "role": "read", "ttlSeconds": None})).json()["expiresAt"] is None
 

@@ -164,8 +164,8 @@ async def test_the_standalone_gateway_answers_a_wrong_method_with_405(gateway: g
         resp = await http.request(method, path)
         unknown = await http.get("/v9/nothing")
     assert resp.status_code == 405 and resp.headers["allow"] == allow
-    assert resp.json() == {"error": f"{method} is not allowed on {path}; it takes {allow}"}
-    assert unknown.status_code == 404 and unknown.json() == {"error": "no route for GET /v9/nothing"}
+    assert resp.json() == {"error": f"{method} is not allowed on {path}; it takes {allow}", "reason": "MethodNotAllowed"}
+    assert unknown.status_code == 404 and unknown.json() == {"error": "no route for GET /v9/nothing", "reason": "NoRoute"}
 
 
 @pytest.mark.parametrize(("params", "status", "message"), [

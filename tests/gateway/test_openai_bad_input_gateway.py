@@ -150,9 +150,11 @@ async def test_the_other_routes_keep_their_own_errors(fleet: harness.Fleet, gate
         unknown = await http.get(f"{gateway.http_url}/v9/nothing")
         endpoints = await http.post(f"{gateway.http_url}/v1/endpoints/chat")
         listed = await http.get(f"{gateway.http_url}/v1/endpoints/chat")  # not taken by the SDK layout's 404
-    assert control.status_code == 405 and control.json() == {"error": "DELETE is not allowed on /v1/models; it takes GET, HEAD"}
-    assert unknown.status_code == 404 and unknown.json() == {"error": "no route for GET /v9/nothing"}
-    assert endpoints.status_code == 405 and endpoints.json() == {"error": "POST is not allowed on /v1/endpoints/chat; it takes GET, HEAD"}
+    assert control.status_code == 405 and control.json() == {"error": "DELETE is not allowed on /v1/models; it takes GET, HEAD",
+                                                          "reason": "MethodNotAllowed"}
+    assert unknown.status_code == 404 and unknown.json() == {"error": "no route for GET /v9/nothing", "reason": "NoRoute"}
+    assert endpoints.status_code == 405 and endpoints.json() == {"error": "POST is not allowed on /v1/endpoints/chat; it takes GET, HEAD",
+                                                              "reason": "MethodNotAllowed"}
     assert listed.status_code == 200 and listed.json()["endpoints"][0]["site"] == "edge-paris"
 
 

@@ -78,7 +78,8 @@ async def test_a_second_simulation_while_one_runs_gets_429_with_retry_after(serv
     for busy in (second, sweep):
         assert busy.status_code == 429, busy.text
         assert busy.headers["retry-after"] == str(simulate_api.RETRY_AFTER_S)
-        assert busy.json() == {"error": f"a simulation is already running on this control plane; retry in {simulate_api.RETRY_AFTER_S} s"}
+        assert busy.json() == {"error": f"a simulation is already running on this control plane; retry in {simulate_api.RETRY_AFTER_S} s",
+                               "reason": "TooManyRequests"}
     assert done.status_code == 200 and done.json()["scenario"] == "fail site edge-a", done.text
     assert after.status_code == 200 and after.json()["scenario"] == "fail site edge-b", after.text
     assert 'edgeplane_simulations_refused_total{reason="busy"} 2.0' in metrics
@@ -133,7 +134,7 @@ async def test_a_what_if_over_the_budget_is_refused_before_planning_with_how_to_
         metrics = (await http.get("/metrics")).text
     assert refused.status_code == 422, refused.text
     message = refused.json()["error"]
-    assert set(refused.json()) == {"error"}
+    assert set(refused.json()) == {"error", "reason"} and refused.json()["reason"] == "Invalid"
     assert message.startswith("this what-if is too large for the control plane: about 2,480 units of planning (62 sites × 0 deployments)")
     assert f"over its budget of {BUDGET:,} (edgeplane serve --simulate-budget)" in message
     assert "add fewer sites" in message and "sweep by region instead of site" in message
@@ -151,8 +152,8 @@ async def test_aliases_cannot_inflate_a_scenario(served) -> None:  # type: ignor
         twinned = await http.post("/v1/simulate", content=twins)
     assert bombed.status_code == 422, bombed.text
     assert bombed.json() == {"error": "<request>: more than 500,000 values once YAML aliases are expanded; "
-                                      "a scenario adds at most 10,000 sites"}
-    assert twinned.status_code == 422 and twinned.json() == {"error": "added site 'twin' is given twice"}, twinned.text
+                                      "a scenario adds at most 10,000 sites", "reason": "Invalid"}
+    assert twinned.status_code == 422 and twinned.json() == {"error": "added site 'twin' is given twice", "reason": "Invalid"}, twinned.text
 
 
 async def test_the_offline_cli_has_no_budget(served, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]

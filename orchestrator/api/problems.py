@@ -1,0 +1,115 @@
+"""The error answers of the control API, built here and nowhere else.
+
+An error is ``{"error": <message>, "reason": <Reason>}``, plus ``parameter`` (the query
+parameter at fault) or ``field`` (the body's field at fault) where one is, and whatever a
+route adds (``issues``, ``accepted``). ``error`` is for people and may be reworded in any
+release; ``reason`` is for scripts and never changes: without it two 409s (a stale
+``resourceVersion``, a Model still in use) or two 400s (a misspelt parameter, a bad value)
+could be told apart only by their English. The Kubernetes API's ``Status.reason`` has the
+same job, and its words are used where they fit.
+
+The gateway's inference routes keep their protocols' error shapes (the Open Inference
+Protocol's, OpenAI's) and are not answered from here. docs/api.md lists every reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from orchestrator.gateway import routing
+
+
+class Reason(enum.StrEnum):
+    """Why a request was refused; :attr:`status` is the HTTP status it is answered with."""
+
+    BAD_REQUEST = "BadRequest"
+    UNKNOWN_PARAMETER = "UnknownParameter"
+    REPEATED_PARAMETER = "RepeatedParameter"
+    INVALID_PARAMETER = "InvalidParameter"
+    UNAUTHORIZED = "Unauthorized"
+    FORBIDDEN = "Forbidden"
+    NOT_FOUND = "NotFound"
+    NO_ROUTE = "NoRoute"
+    METHOD_NOT_ALLOWED = "MethodNotAllowed"
+    CONFLICT = "Conflict"
+    IN_USE = "InUse"
+    ALREADY_RUNNING = "AlreadyRunning"
+    NOT_DISTILLABLE = "NotDistillable"
+    UNREADABLE = "Unreadable"
+    REQUEST_ENTITY_TOO_LARGE = "RequestEntityTooLarge"
+    UNSUPPORTED_MEDIA_TYPE = "UnsupportedMediaType"
+    INVALID = "Invalid"
+    TOO_MANY_REQUESTS = "TooManyRequests"
+    INTERNAL_ERROR = "InternalError"
+    SERVICE_UNAVAILABLE = "ServiceUnavailable"
+
+    @property
+    def status(self) -> int:
+        return _STATUS[self]
+
+
+_STATUS: Mapping[Reason, int] = {
+    Reason.BAD_REQUEST: 400, Reason.UNKNOWN_PARAMETER: 400, Reason.REPEATED_PARAMETER: 400, Reason.INVALID_PARAMETER: 400,
+    Reason.UNAUTHORIZED: 401, Reason.FORBIDDEN: 403, Reason.NOT_FOUND: 404, Reason.NO_ROUTE: 404, Reason.METHOD_NOT_ALLOWED: 405,
+    Reason.CONFLICT: 409, Reason.IN_USE: 409, Reason.ALREADY_RUNNING: 409, Reason.NOT_DISTILLABLE: 409, Reason.UNREADABLE: 409,
+    Reason.REQUEST_ENTITY_TOO_LARGE: 413, Reason.UNSUPPORTED_MEDIA_TYPE: 415, Reason.INVALID: 422, Reason.TOO_MANY_REQUESTS: 429,
+    Reason.INTERNAL_ERROR: 500, Reason.SERVICE_UNAVAILABLE: 503,
+}
+
+#: The reason of a status when the answer names none more precise (the first of each status).
+_BY_STATUS: Mapping[int, Reason] = {status: reason for reason, status in reversed(list(_STATUS.items()))}
+
+
+def reason_of(status: int) -> Reason:
+    """The general reason of ``status`` (one no route names: a 4xx is a BadRequest, else an InternalError)."""
+    return _BY_STATUS.get(status) or (Reason.BAD_REQUEST if status < 500 else Reason.INTERNAL_ERROR)
+
+
+class BadParameter(ValueError):
+    """A query parameter refused (answered 400): ``parameter`` names it where one is at fault."""
+
+    def __init__(self, message: str, parameter: str | None = None, reason: Reason = Reason.INVALID_PARAMETER) -> None:
+        super().__init__(message)
+        self.parameter, self.reason = parameter, reason
+
+
+def one(names: list[str]) -> str | None:
+    """The parameter to name of those at fault: the one, or none of several."""
+    return names[0] if len(names) == 1 else None
+
+
+def body(status: int, message: str, reason: Reason | None = None, *, field: str | None = None,
+         parameter: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The JSON object of an error answer with ``status``: ``reason`` defaults to the status's own."""
+    doc: dict[str, Any] = {"error": message, "reason": str(reason or reason_of(status))}
+    if field:
+        doc["field"] = field
+    if parameter:
+        doc["parameter"] = parameter
+    return {**doc, **extra}
+
+
+def answer(status: int, message: str, reason: Reason | None = None, *, field: str | None = None, parameter: str | None = None,
+           headers: Mapping[str, str] | None = None, **extra: Any) -> JSONResponse:
+    """The error answer: :func:`body` with ``status`` and ``headers``."""
+    return JSONResponse(body(status, message, reason, field=field, parameter=parameter, **extra), status_code=status, headers=headers)
+
+
+def refusal(exc: BadParameter) -> JSONResponse:
+    """The 400 of a query parameter refused."""
+    return answer(400, str(exc), exc.reason, parameter=exc.parameter)
+
+
+def no_route(refused: routing.NoRoute) -> JSONResponse:
+    """The refusal of the endpoint list's query (the control plane's route, and a standalone gateway's)."""
+    return answer(refused.status, refused.reason, Reason(refused.problem) if refused.problem else None, parameter=refused.parameter)
+
+
+def encoded(status: int, message: str, reason: Reason | None = None) -> bytes:
+    """:func:`body` as bytes, for what answers below Starlette (an ASGI wrapper)."""
+    return json.dumps(body(status, message, reason)).encode()
