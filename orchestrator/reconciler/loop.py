@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator import views
@@ -26,7 +26,6 @@ from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.gateway import endpoints as endpoints_mod
-from orchestrator.gateway import routing
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import artifact_use
 from orchestrator.reconciler import autoscaler as autoscaler_mod
@@ -74,8 +73,7 @@ class Reconciler:
     _unapplied: dict[str, str] = field(default_factory=dict)  # deployments whose Serve applications were not rendered: reported, with why
     _stopping: bool = False
     lease: store_mod.Lease | None = None  # several replicas: the leader's lease, which fences its writes of intent
-    _takeover: tuple[float, frozenset[str]] | None = None  # a new leader's first pass waits: (until, edge sites to rejoin)
-    _rejoin: rejoin_mod.RejoinWindow | None = None  # a restart: the edge sites awaited, and until when
+    comeback: rejoin_mod.Comeback = field(init=False)  # the time agents are given to come back after a takeover or restart
     publisher: publishing.Publisher = field(init=False)  # what this leader tells the other replicas through the store
     failback_record: failback_record.FailbackRecord = field(init=False)  # the failback memory, kept in the store for the next leader
     # sha256 -> the URI a Model named, of each version in use: a version agents are kept on
@@ -87,7 +85,6 @@ class Reconciler:
     planner: Callable[[snap.Snapshot, standing_mod.Standing | None], planning.PassPlan] = planning.plan_pass
     _standing: standing_mod.Standing | None = None  # the plan in force, for the next pass to repair
     _failback: failback_mod.Failback | None = None  # the seats stand-ins stood in for (None: none yet, or a new term)
-    _joins_until: float = 0.0  # the time this term gives its agents to join it (Failback.rejoin_until)
     desired_reader: desired_mod.DesiredReader = field(default_factory=desired_mod.DesiredReader)  # stored objects, parsed once a write
 
     def __post_init__(self) -> None:
@@ -97,6 +94,7 @@ class Reconciler:
         self.publisher = publishing.Publisher(self.store, self.table, clock=lambda: self.clock(), lease=lambda: self.lease,
                                               load_publish_s=self.load_publish_s)
         self.failback_record = failback_record.FailbackRecord(self.store, clock=lambda: self.clock(), lease=lambda: self.lease)
+        self.comeback = rejoin_mod.Comeback(clock=lambda: self.clock())
         # A request for a model scaled to zero starts a pass at once, not at the next resync.
         self.table.on_wake = lambda model: self.trigger(f"request for {model}, scaled to zero")
 
@@ -160,10 +158,10 @@ class Reconciler:
 
     async def _run(self) -> None:
         backoff = Backoff()
-        await self._await_takeover()
+        await self.comeback.taken_over(self.hub, stopping=lambda: self._stopping)
         while not self._stopping:
             try:
-                async with asyncio.timeout(min(self.resync_s, 1.0) if self.converging or self._rejoin is not None else self.resync_s):
+                async with asyncio.timeout(min(self.resync_s, 1.0) if self.converging or self.comeback.rejoining else self.resync_s):
                     await self._wake.wait()
             except TimeoutError:
                 pass
@@ -216,9 +214,7 @@ class Reconciler:
         meanwhile gateways route from that table. A site that does not come back in that
         time is lost as any other: its agent would have been declared lost by then anyway.
         (A control plane on its own database plans at once instead: see :meth:`resume`.)"""
-        self._takeover = (self.clock() + takeover_s, frozenset(
-            e.site for e in self.table.all_endpoints() if e.tier == "edge" and e.healthy)) if takeover_s > 0 else None
-        self._joins_until = self.clock() + takeover_s
+        self.comeback.led(takeover_s, self.table.all_endpoints())
         self.lease = lease
         self._stopping = False
         self.dc_sync.forget()
@@ -239,36 +235,8 @@ class Reconciler:
         endpoints such a site had in the table this control plane started with (the one its
         last run published, see ``ControlPlane``), and gets each agent as it comes back. A
         site not back in that time is lost as any other."""
-        self._rejoin = rejoin_mod.RejoinWindow.opened(self.clock(), rejoin_s, self.table.all_endpoints())
-        self._joins_until = self.clock() + rejoin_s
+        self.comeback.resumed(rejoin_s, self.table.all_endpoints())
         self._wake.set()
-
-    def _awaited(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
-                 agents: Iterable[agent_model.AgentStatus]) -> frozenset[str]:
-        """The edge sites awaited since :meth:`resume` whose agents are not back, whatever the
-        deadline; it only reads, so a preview may ask it as a pass does."""
-        return self._rejoin.waiting(sites, placements, agents) if self._rejoin is not None else frozenset()
-
-    def _rejoin_open(self) -> bool:
-        """Whether the window since :meth:`resume` for edge sites to rejoin is still open."""
-        return self._rejoin is not None and self._rejoin.is_open(self.clock())
-
-    def _rejoining(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
-                   agents: Iterable[agent_model.AgentStatus], on_hold: bool = False) -> frozenset[str]:
-        """The edge sites still awaited since :meth:`resume`; the window is closed once none
-        is or its time is up. ``on_hold``: for a pass on hold, which plans nothing."""
-        awaited = self._rejoin.narrow(sites, placements, agents, self.clock(), on_hold) if self._rejoin is not None else None
-        if awaited is None:
-            self._rejoin = None
-        return awaited or frozenset()
-
-    def _remembered(self, rejoining: frozenset[str]) -> dict[str, tuple[routing.Endpoint, ...]]:
-        return self._rejoin.remembered_of(rejoining) if self._rejoin is not None else {}
-
-    async def _await_takeover(self) -> None:
-        if self._takeover is not None:
-            (deadline, expected), self._takeover = self._takeover, None
-            await rejoin_mod.await_takeover(self.hub, expected, deadline, self.clock, stopping=lambda: self._stopping)
 
     # -- gather --------------------------------------------------------------------
 
@@ -340,14 +308,14 @@ class Reconciler:
         agents = tuple(self.hub.snapshot())
         last = self.last_snapshot
         # past the window, the next pass plans them lost
-        rejoining = self._awaited(sites, placements, agents) if self._rejoin_open() else frozenset()
+        rejoining = self.comeback.awaited(sites, placements, agents) if self.comeback.is_open() else frozenset()
         return snap.Snapshot(
             sites, models, deployments, placements, agents,
             datacentres=last.datacentres if last else {}, artifacts=last.artifacts if last else {},
             assignments=last.assignments if last else {}, applied_apps=last.applied_apps if last else {},
             autoscale=dict(self.autoscaler.latest),
             rejoining=rejoining,
-            remembered=self._remembered(rejoining),
+            remembered=self.comeback.remembered(rejoining),
             unreadable=desired.unreadable,
             maintenance=desired.maintenance,
             failback=self._failback_now(),  # a what-if plans the failback the next pass would
@@ -357,7 +325,7 @@ class Reconciler:
     def _failback_now(self) -> failback_mod.Failback:
         """What the failback rule knows now, as a pass gathering now would find it."""
         return dataclasses.replace(self._failback or failback_mod.Failback(), after_s=self.failback_after_s, now=self.clock(),
-                                   rejoin_until=self._joins_until)
+                                   rejoin_until=self.comeback.joins_until)
 
     async def gather(self, desired: snap.Desired | None = None) -> snap.Snapshot:
         """The pass's snapshot. Every store call of a pass runs in a worker thread, here and
@@ -383,7 +351,7 @@ class Reconciler:
         await self.dc_sync.observe(sites, deleted)
         placements = tuple(await self.store.run(self.store.placements))
         agents = tuple(self.hub.snapshot())
-        rejoining = self._rejoining(sites, placements, agents)
+        rejoining = self.comeback.narrow(sites, placements, agents)
         assignments = {name: a.assignments for name in sorted({s.name for s in sites} | {agent.site for agent in agents})
                        if (a := self.hub.assignments(name)) is not None}
         self._sources.update((v.artifact.sha256, v.artifact.uri) for spec in models.values() for v in spec.variants if v.artifact is not None)
@@ -408,7 +376,7 @@ class Reconciler:
             applied_apps=dict(self.dc_sync.applied),
             autoscale=dict(autoscale),  # the autoscaler's latest too, which the next evaluation replaces
             rejoining=rejoining,
-            remembered=self._remembered(rejoining),
+            remembered=self.comeback.remembered(rejoining),
             maintenance=desired.maintenance,
             failback=self._failback_now(),
             model_generations=desired.model_generations,
@@ -502,9 +470,9 @@ class Reconciler:
         placements = tuple(await self.store.run(self.store.placements))
         agents = tuple(self.hub.snapshot())
         if not hold.unreadable_sites(desired.unreadable):
-            awaited = self._rejoining(desired.sites, placements, agents, on_hold=True)
-        elif self._rejoin_open():  # which of its sites to await cannot be told yet: none leaves the window
-            awaited = self._awaited(desired.sites, placements, agents) | hold.awaited_unread(desired.unreadable, placements, agents)
+            awaited = self.comeback.narrow(desired.sites, placements, agents, on_hold=True)
+        elif self.comeback.is_open():  # which of its sites to await cannot be told yet: none leaves the window
+            awaited = self.comeback.awaited(desired.sites, placements, agents) | hold.awaited_unread(desired.unreadable, placements, agents)
         else:
             awaited = frozenset()
         deployed = (m for m, _ in self.table.deployed().items() if not self.table.is_pending(m))

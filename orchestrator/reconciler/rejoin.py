@@ -9,7 +9,8 @@ once would have each agent unload what it serves the moment it rejoined, so for 
 sent nothing, and the gateway routes to the endpoints it had in the table the control plane
 started with (:class:`RejoinWindow`). Which sites are still awaited, and when the window
 closes, is this module's; the loop asks it at each pass, on hold or not, and for previews
-(which only read it).
+(which only read it), through the :class:`Comeback` it keeps, which also says until when
+the control plane gives its agents to join it (failback's ``rejoin_until``).
 """
 
 from __future__ import annotations
@@ -95,3 +96,63 @@ async def await_takeover(hub: hub_mod.AgentHub, expected: frozenset[str], deadli
                     len(missing), clock() - started, ", ".join(sorted(missing)[:5]))
     elif expected:
         log.info("took over: all %d serving edge site(s) joined in %.2fs", len(expected), clock() - started)
+
+
+@dataclass
+class Comeback:
+    """The time the loop gives its edge sites' agents to come back to it: a new leader's
+    first pass waits for those serving in the table it inherited (:meth:`led`), a restarted
+    control plane's passes keep awaiting them in its :class:`RejoinWindow` (:meth:`resumed`);
+    either way ``joins_until`` (the loop's ``clock``) is until when (failback's ``rejoin_until``)."""
+
+    clock: Callable[[], float]
+    takeover: tuple[float, frozenset[str]] | None = None  # a new leader's first pass waits: (until, edge sites to rejoin)
+    window: RejoinWindow | None = None  # a restart: the edge sites awaited, and until when
+    joins_until: float = 0.0
+
+    def led(self, takeover_s: float, endpoints: Iterable[routing.Endpoint]) -> None:
+        """A new term: its first pass waits (at most ``takeover_s``) for the edge sites that
+        serve in the inherited table's ``endpoints``."""
+        now = self.clock()
+        self.takeover = (now + takeover_s, frozenset(e.site for e in endpoints if e.tier == "edge" and e.healthy)) if takeover_s > 0 else None
+        self.joins_until = now + takeover_s
+
+    def resumed(self, rejoin_s: float, endpoints: Iterable[routing.Endpoint]) -> None:
+        """A start on its own database: the window for its edge sites to rejoin opens."""
+        now = self.clock()
+        self.window = RejoinWindow.opened(now, rejoin_s, endpoints)
+        self.joins_until = now + rejoin_s
+
+    @property
+    def rejoining(self) -> bool:
+        """Whether the window since :meth:`resumed` has not been closed by a pass yet."""
+        return self.window is not None
+
+    def is_open(self) -> bool:
+        """Whether the window since :meth:`resumed` for edge sites to rejoin is still open."""
+        return self.window is not None and self.window.is_open(self.clock())
+
+    def awaited(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
+                agents: Iterable[agent_model.AgentStatus]) -> frozenset[str]:
+        """The edge sites awaited since :meth:`resumed` whose agents are not back, whatever the
+        deadline; it only reads, so a preview may ask it as a pass does."""
+        return self.window.waiting(sites, placements, agents) if self.window is not None else frozenset()
+
+    def narrow(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
+               agents: Iterable[agent_model.AgentStatus], on_hold: bool = False) -> frozenset[str]:
+        """The edge sites still awaited since :meth:`resumed`; the window is closed once none
+        is or its time is up. ``on_hold``: for a pass on hold, which plans nothing."""
+        awaited = self.window.narrow(sites, placements, agents, self.clock(), on_hold) if self.window is not None else None
+        if awaited is None:
+            self.window = None
+        return awaited or frozenset()
+
+    def remembered(self, rejoining: frozenset[str]) -> dict[str, tuple[routing.Endpoint, ...]]:
+        """The endpoints the table had of the sites still ``rejoining`` when the window opened."""
+        return self.window.remembered_of(rejoining) if self.window is not None else {}
+
+    async def taken_over(self, hub: hub_mod.AgentHub, stopping: Callable[[], bool]) -> None:
+        """The wait of a new term's first pass (:func:`await_takeover`), once."""
+        if self.takeover is not None:
+            (deadline, expected), self.takeover = self.takeover, None
+            await await_takeover(hub, expected, deadline, self.clock, stopping=stopping)
