@@ -159,7 +159,7 @@ class ArtifactCache:
         timeout could explain. ``unpack_into``: where it is unpacked after (``if_tar``: only
         if its first bytes are a tar's), whose room it needs too."""
         partial = final.with_name(digest + ".partial")
-        started = self._clock()
+        started, held = self._clock(), _size(partial)
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "edge_agent.fetch", url, str(partial),
@@ -175,11 +175,17 @@ class ArtifactCache:
         try:
             report = await self._follow(proc, url, progress)
             ended = True
+        except errors.ArtifactUnavailable as exc:  # stalled: what came before the stall is kept all the same
+            exc.received = max(0, _size(partial) - held)
+            raise
         finally:
             await asyncio.shield(_reap(proc, ended=ended))
         if "done" not in report:
             assert proc.stderr is not None
-            raise self._failure(url, digest, report, proc.returncode, await proc.stderr.read())
+            failure = self._failure(url, digest, report, proc.returncode, await proc.stderr.read())
+            if isinstance(failure, errors.ArtifactUnavailable):  # a cut connection: its bytes are resumed from
+                failure.received = max(0, _size(partial) - held)
+            raise failure
         _publish(partial, final, url, digest, str(report["sha256"]))
         log.info("downloaded %s (%d bytes, sha256 verified) in %.1fs", url, report["done"], self._clock() - started)
 
@@ -225,6 +231,13 @@ class ArtifactCache:
             return errors.ArtifactUnavailable(message)
         tail = stderr.decode(errors="replace").strip()[-300:]
         return errors.ArtifactUnavailable(f"download of {url} failed: the fetch process exited with status {code}: {tail}")
+
+
+def _size(path: pathlib.Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _remove(root: pathlib.Path, names: list[str]) -> list[str]:

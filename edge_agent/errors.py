@@ -33,7 +33,9 @@ class ArtifactError(AgentError):
 
 
 class ArtifactUnavailable(ArtifactError):
-    pass
+    def __init__(self, message: str, received: int = 0) -> None:
+        super().__init__(message)
+        self.received = received  # bytes this attempt added to the partial download, kept for the next one
 
 
 class ArtifactIntegrityError(ArtifactError):

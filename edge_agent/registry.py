@@ -119,7 +119,7 @@ class ServedModel:
 
 
 class _Slot:
-    __slots__ = ("assignment", "attempt", "failures", "message", "phase", "replace_failed", "replaced", "retry_at", "said",
+    __slots__ = ("assignment", "attempt", "failures", "message", "phase", "received", "replace_failed", "replaced", "retry_at", "said",
                  "serving", "serving_as", "serving_bytes")
 
     def __init__(self, assignment: assignments.Assignment) -> None:
@@ -133,6 +133,7 @@ class _Slot:
         self.phase = ModelPhase.LOADING
         self.message = ""
         self.failures = 0  # consecutive failed attempts at ``assignment``
+        self.received = 0  # bytes the last attempt added to its partial download
         self.retry_at: float | None = None  # clock time of the next attempt, when FAILED
         self.attempt: asyncio.Task[None] | None = None  # fetching and loading ``assignment``, while it runs
         self.said = outage.Reminder()  # the failure last logged at error level
@@ -326,7 +327,7 @@ class ModelRegistry:
         if want.runtime not in self._runtimes:  # a control plane of a release before agents said what they run
             self._failed(slot, want, f"this agent does not run {want.runtime} models (it runs: {', '.join(self._runtimes) or 'none'})")
             return
-        slot.replaced = None
+        slot.replaced, slot.received = None, 0
         failure = await self._fetched_and_loaded(slot, want, downloading, want)
         if failure is not None:
             if slot.replaced is not None and slot.assignment is want and self._slots.get(want.model) is slot:
@@ -376,6 +377,8 @@ class ModelRegistry:
                         self._loading(0)
         except errors.AgentError as exc:
             exc.__traceback__ = None  # its frames hold the file's bytes and what was loaded (see _restore)
+            if isinstance(exc, errors.ArtifactUnavailable) and slot.assignment is attempt_of:
+                slot.received = exc.received
             return str(exc)
         except Exception as exc:  # a fault of ours or of a library: this model fails, the others go on
             log.exception("model %s sha256 %s: unexpected error while loading", want.model, want.sha256[:12])
@@ -470,7 +473,10 @@ class ModelRegistry:
     def _failed(self, slot: _Slot, want: assignments.Assignment, reason: str) -> None:
         if slot.assignment is not want or self._slots.get(want.model) is not slot:
             return  # superseded, or unassigned, while it was loading
-        slot.failures += 1
+        # A download cut off after bytes came (a lossy uplink's dropped connection or stall)
+        # resumes past them: retried soon, as a first failure, not backed off towards a minute.
+        resumable = slot.received > 0
+        slot.failures = 1 if resumable else slot.failures + 1
         delay = self._retry.delay(slot.failures, self._rng)
         slot.retry_at = self._clock() + delay
         slot.phase = ModelPhase.FAILED
@@ -480,7 +486,9 @@ class ModelRegistry:
         slot.message += f"; retrying in {delay:.1f}s (failed {slot.failures}x)"
         # A model whose artifact cannot be had (the uplink down for days) fails at every
         # retry: the same reason is said again every outage.REMIND_S, not each time.
-        if slot.said.due(reason, self._clock(), anew=slot.failures == 1):
+        if resumable:
+            log.warning("model %s sha256 %s: %s", want.model, want.sha256[:12], slot.message)
+        elif slot.said.due(reason, self._clock(), anew=slot.failures == 1):
             again = "" if slot.failures == 1 else f"; said again every {outage.REMIND_S / 60:g} minutes while it fails so"
             log.error("model %s sha256 %s failed: %s%s", want.model, want.sha256[:12], slot.message, again)
         else:
