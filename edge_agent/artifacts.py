@@ -33,13 +33,15 @@ from collections.abc import Callable
 from typing import Any
 
 import edge_agent
-from edge_agent import errors, tarhead
+from edge_agent import errors, pace, tarhead
 
 log = logging.getLogger(__name__)
 
 _HEX = re.compile(r"[0-9a-f]{64}")
 #: Beyond the socket timeout, how long a download child may say nothing before it is killed.
 STALL_GRACE_S = 10.0
+#: How long a download child may say nothing before its progress says so (a stalled link), at most half the socket timeout.
+QUIET_SHOWN_S = 5.0
 #: How long a fetch child whose output ended may take to exit before it is killed.
 EXIT_GRACE_S = 5.0
 
@@ -87,7 +89,8 @@ class ArtifactCache:
     async def fetch(self, url: str, sha256: str, progress: Callable[[str], None] | None = None,
                     redirect_hosts: tuple[str, ...] = (), *, unpack: Unpack = Unpack.NEVER) -> pathlib.Path:
         """Return the verified file for ``sha256``, downloading it from ``url`` if needed;
-        ``progress`` hears how far a download has got ("40% of 812.3 MB"), about once a second.
+        ``progress`` hears how far a download has got ("40% of 812.3 MB at 2.0 Mbit/s, about 32 min
+        left"), about once a second.
         A redirect is followed only to ``url``'s host or one of ``redirect_hosts`` (empty: any).
         One that ``unpack`` says is (or, from its first bytes, turns out to be) a package is
         refused before a byte is written unless there is room to unpack it too."""
@@ -190,36 +193,53 @@ class ArtifactCache:
         log.info("downloaded %s (%d bytes, sha256 verified) in %.1fs", url, report["done"], self._clock() - started)
 
     async def _follow(self, proc: asyncio.subprocess.Process, url: str, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """Log the child's progress (every 5 s), hand each report to ``progress`` (the child
-        reports at most once a second); return its last report (``{}`` if it printed none)."""
+        """Log the child's progress (every 5 s), hand each report to ``progress`` with the
+        rate and the time left (the child reports at most once a second), and, while it says
+        nothing for longer than :data:`QUIET_SHOWN_S`, how long it has been quiet (a stalled
+        link); return its last report (``{}`` if it printed none)."""
         assert proc.stdout is not None
         report: dict[str, Any] = {}
-        last_log = self._clock()
+        last_log = heard = self._clock()
+        shown = ""  # the last progress shown, which a quiet spell adds to
+        # from the first bytes this attempt received: not the process's start, nor a resume's re-read
+        rate: pace.Pace | None = None
+        stalled_after, quiet_shown = self._timeout + STALL_GRACE_S, min(QUIET_SHOWN_S, self._timeout / 2)
         while True:
             try:
-                async with asyncio.timeout(self._timeout + STALL_GRACE_S):
+                async with asyncio.timeout(1.0):
                     line = await proc.stdout.readline()
             except TimeoutError:
-                raise errors.ArtifactUnavailable(
-                    f"download of {url} stalled: nothing received for {self._timeout + STALL_GRACE_S:g}s"
-                ) from None
+                quiet = self._clock() - heard
+                if quiet >= stalled_after:
+                    raise errors.ArtifactUnavailable(f"download of {url} stalled: nothing received for {stalled_after:g}s") from None
+                if quiet >= quiet_shown and progress is not None:
+                    progress(f"{shown + ', ' if shown else ''}nothing received for {quiet:.0f}s")
+                continue
             if not line:
                 return report
+            heard = self._clock()
             try:
                 report = dict(json.loads(line))
             except ValueError:
                 continue  # not one of its reports; the exit status tells the rest
             if "resumed" in report:
+                rate = None  # what came before is not this attempt's pace
                 log.info("resuming %s at %d bytes", url, report["resumed"])
-            elif "progress" in report or "verifying" in report:  # (re-reading a partial: a slow disk, not a stall)
-                done = _progress(report.get("progress", report.get("verifying", 0)), report.get("total"))
-                if "verifying" in report:
-                    done = f"re-reading what came before: {done}"
-                if progress is not None:
-                    progress(done)
-                if self._clock() - last_log >= 5.0:
-                    last_log = self._clock()
-                    log.info("downloading %s: %s", url, done)
+            elif "progress" in report:
+                if rate is None:
+                    rate = pace.Pace(heard, int(report["progress"]))
+                else:
+                    rate.add(heard, int(report["progress"]))
+                shown = pace.describe(int(report["progress"]), report.get("total"), rate.rate())
+            elif "verifying" in report:  # (re-reading a partial: a slow disk, not a stall)
+                shown = f"re-reading what came before: {pace.describe(int(report['verifying']), report.get('total'), None)}"
+            else:
+                continue
+            if progress is not None:
+                progress(shown)
+            if heard - last_log >= 5.0:
+                last_log = heard
+                log.info("downloading %s: %s", url, shown)
 
     def _failure(self, url: str, digest: str, report: dict[str, Any], code: int | None, stderr: bytes) -> errors.AgentError:
         kind, message = report.get("error"), str(report.get("message", ""))
@@ -301,9 +321,3 @@ def _publish(partial: pathlib.Path, final: pathlib.Path, url: str, digest: str, 
         partial.unlink(missing_ok=True)
         raise errors.ArtifactIntegrityError(f"artifact {url} has sha256 {actual}, expected {digest}: refused")
     os.replace(partial, final)
-
-
-def _progress(have: int, total: int | None) -> str:
-    if total:
-        return f"{have / total:.0%} of {total / 1e6:.1f} MB"
-    return f"{have / 1e6:.1f} MB"

@@ -5,8 +5,10 @@ to a few MB so that each test takes seconds."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import re
 
 import pytest
 
@@ -51,8 +53,7 @@ async def test_a_download_cut_again_and_again_resumes_at_once_each_time(
     to 60 s) left a link that drops every few minutes idle for a minute after each drop."""
     name, body, sha = artifact
     clock = _Clock()
-    async with thinlink.ThinLink(("127.0.0.1", int(artifact_server.base_url.rsplit(":", 1)[1])),
-                                 cut_after=512 << 10) as link:
+    async with thinlink.ThinLink(_upstream(artifact_server), cut_after=512 << 10) as link:
         url = f"http://127.0.0.1:{link.port}/{name}"
         cache = artifacts.ArtifactCache(tmp_path)
         models = registry.ModelRegistry(cache, _refuse, clock=clock, rng=_Slowest())
@@ -69,3 +70,55 @@ async def test_a_download_cut_again_and_again_resumes_at_once_each_time(
         assert (cache.root / sha).read_bytes() == body  # whole, and its sha256 verified
         assert len(waits) == link.connections - 1 >= 3
         assert waits == [retry.MODEL_RETRY.initial] * len(waits), waits
+
+
+def _upstream(artifact_server: ArtifactServer) -> tuple[str, int]:
+    return "127.0.0.1", int(artifact_server.base_url.rsplit(":", 1)[1])
+
+
+async def test_progress_says_the_rate_and_the_time_left(
+    tmp_path, artifact_server: ArtifactServer, artifact: tuple[str, bytes, str]
+) -> None:
+    """What `get placements` and the agent's log show for a model on its way over a thin link:
+    how much, how fast and how long still, not only how much."""
+    name, body, sha = artifact
+    rate = 512 << 10  # 4.2 Mbit/s: 2 MiB in 4 s
+    async with thinlink.ThinLink(_upstream(artifact_server), rate=rate) as link:
+        seen: list[str] = []
+        cache = artifacts.ArtifactCache(tmp_path)
+        path = await asyncio.wait_for(cache.fetch(f"http://127.0.0.1:{link.port}/{name}", sha, seen.append), 60)
+    assert path.read_bytes() == body
+    paced = [m for x in seen if (m := re.fullmatch(r"(\d+)% of 2\.1 MB at ([\d.]+) Mbit/s, about (\d+) s left", x))]
+    assert len(paced) >= 2, seen
+    for m in paced:
+        assert 3.0 <= float(m.group(2)) <= 5.0, seen  # the link's 4.2 Mbit/s
+        left = (100 - int(m.group(1))) / 100 * len(body) / rate
+        assert abs(int(m.group(3)) - left) <= 1.5, seen
+
+
+async def test_a_stalled_link_is_shown_as_such_and_the_download_goes_on_when_it_flows_again(
+    tmp_path, artifact_server: ArtifactServer, artifact: tuple[str, bytes, str]
+) -> None:
+    """Bytes stop, the connection stays open: the progress says for how long nothing came
+    (not a rate and a time left frozen at what they were), and the same download goes on
+    once the link flows again, shorter than the socket timeout."""
+    name, body, sha = artifact
+    async with thinlink.ThinLink(_upstream(artifact_server), rate=1 << 20) as link:
+        seen: list[str] = []
+        stalled = asyncio.Event()
+
+        def heard(done: str) -> None:
+            seen.append(done)
+            if link.sent > len(body) // 4 and not stalled.is_set():
+                link.flowing.clear()
+            if "nothing received for" in done:
+                stalled.set()
+
+        cache = artifacts.ArtifactCache(tmp_path, timeout=8.0)
+        fetch = asyncio.create_task(cache.fetch(f"http://127.0.0.1:{link.port}/{name}", sha, heard))
+        await asyncio.wait_for(stalled.wait(), 30)
+        link.flowing.set()
+        assert (await asyncio.wait_for(fetch, 30)).read_bytes() == body
+    quiet = next(x for x in seen if "nothing received for" in x)
+    assert re.fullmatch(r"\d+% of 2\.1 MB at [\d.]+ Mbit/s, about \d+ s left, nothing received for [45]s", quiet), seen
+    assert link.connections == 1  # the same connection, not a new attempt
