@@ -29,7 +29,7 @@ import re
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import edge_agent
@@ -74,9 +74,13 @@ class ArtifactCache:
         timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         unpack_root: pathlib.Path | None = None,
+        max_downloads: int = 0,
     ) -> None:
         """``unpack_root``: where packages are unpacked (``<unpack_root>/<sha256>``), whose
-        room a package's download counts too."""
+        room a package's download counts too. ``max_downloads``: how many http(s)
+        downloads run at once, the others waiting their turn in the order they came (0: no
+        limit), for a thin uplink that all of them at once would share, none ready before
+        nearly all are."""
         self.root = root / "sha256"
         self._unpack_root = unpack_root
         self.root.mkdir(parents=True, exist_ok=True)
@@ -85,15 +89,18 @@ class ArtifactCache:
         self._timeout = timeout
         self._clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
+        self._turns = _Turns(max_downloads) if max_downloads else None
 
     async def fetch(self, url: str, sha256: str, progress: Callable[[str], None] | None = None,
-                    redirect_hosts: tuple[str, ...] = (), *, unpack: Unpack = Unpack.NEVER) -> pathlib.Path:
+                    redirect_hosts: tuple[str, ...] = (), *, unpack: Unpack = Unpack.NEVER,
+                    name: str = "") -> pathlib.Path:
         """Return the verified file for ``sha256``, downloading it from ``url`` if needed;
         ``progress`` hears how far a download has got ("40% of 812.3 MB at 2.0 Mbit/s, about 32 min
         left"), about once a second.
         A redirect is followed only to ``url``'s host or one of ``redirect_hosts`` (empty: any).
         One that ``unpack`` says is (or, from its first bytes, turns out to be) a package is
-        refused before a byte is written unless there is room to unpack it too."""
+        refused before a byte is written unless there is room to unpack it too. ``name``:
+        what the download is of (a model), in what the downloads waiting their turn are told."""
         digest = check_sha256(sha256)
         lock = self._locks.setdefault(digest, asyncio.Lock())
         async with lock:
@@ -108,8 +115,13 @@ class ArtifactCache:
                     self.root.mkdir(parents=True, exist_ok=True)  # removed by hand to free space: made again
                     unpack_into = self._unpack_root if unpack is not Unpack.NEVER and self._unpack_root is not None \
                         and not (self._unpack_root / digest).is_dir() else None
-                    await self._download(url, digest, final, progress, redirect_hosts, unpack_into,
-                                         if_tar=unpack is Unpack.IF_TAR)
+                    if_tar = unpack is Unpack.IF_TAR
+                    if scheme == "file":  # a local copy: no uplink to share
+                        await self._download(url, digest, final, progress, redirect_hosts, unpack_into, if_tar=if_tar)
+                    else:
+                        async with self._turn(digest, name or digest[:12], progress):
+                            await self._download(url, digest, final, progress, redirect_hosts, unpack_into,
+                                                 if_tar=if_tar)
                 except OSError as exc:  # a full or read-only cache disk: reported, retried, old model kept
                     raise errors.ArtifactUnavailable(
                         f"cannot store artifact {digest[:12]} in the cache {self.root}: {exc.strerror or exc}"
@@ -122,10 +134,41 @@ class ArtifactCache:
                 raise errors.ArtifactUnavailable(f"artifact URL {url!r}: scheme must be http(s)")
             return final
 
+    @contextlib.asynccontextmanager
+    async def _turn(self, digest: str, name: str, progress: Callable[[str], None] | None) -> AsyncIterator[None]:
+        """Take one of the ``max_downloads`` turns for ``digest``'s download, or the one it
+        holds (none: no limit); while it waits, ``progress`` hears whose downloads it waits
+        for. The turn is kept by a download cut off after bytes came (it resumes within a
+        second: giving the turn away would have the downloads take turns at each cut, as
+        slow as all at once), and given back when it ends otherwise or is cancelled."""
+        if self._turns is None:
+            yield
+            return
+        turns = self._turns
+        if digest not in turns.holders:
+            if progress is not None and not turns.free():
+                ahead = sorted(turns.holders.values())
+                progress(f"waiting for the download{'s' if len(ahead) > 1 else ''} of {', '.join(ahead)} to end "
+                         f"(--max-downloads {turns.size})")
+            await turns.take(digest, name)
+        try:
+            yield
+        except errors.ArtifactUnavailable as exc:
+            if not exc.received:
+                turns.give_back(digest)
+            raise
+        except BaseException:
+            turns.give_back(digest)
+            raise
+        turns.give_back(digest)
+
     async def prune(self, keep: set[str]) -> None:
         """Delete cached artifacts and ``.partial`` downloads whose digest is not in ``keep``,
         except those a fetch is working on now (whose lock is held)."""
         busy = {digest for digest, lock in self._locks.items() if lock.locked()}
+        if self._turns is not None:
+            for digest in [d for d in self._turns.holders if d not in keep and d not in busy]:
+                self._turns.give_back(digest)  # kept for a resume that will not come: its model was unassigned
         for digest in [d for d in self._locks if d not in keep and d not in busy]:
             del self._locks[digest]
         spared = keep | busy
@@ -251,6 +294,41 @@ class ArtifactCache:
             return errors.ArtifactUnavailable(message)
         tail = stderr.decode(errors="replace").strip()[-300:]
         return errors.ArtifactUnavailable(f"download of {url} failed: the fetch process exited with status {code}: {tail}")
+
+
+class _Turns:
+    """``size`` turns at downloading, each held by a digest, handed out in the order asked."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.holders: dict[str, str] = {}  # digest: what its download is of
+        self._waiting: dict[str, tuple[str, asyncio.Future[None]]] = {}  # in the order they asked
+
+    def free(self) -> bool:
+        return len(self.holders) < self.size and not self._waiting
+
+    async def take(self, digest: str, name: str) -> None:
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[digest] = (name, turn)
+        self._hand_out()
+        try:
+            await turn
+        except BaseException:
+            if self._waiting.pop(digest, None) is None:  # handed the turn as it was cancelled
+                self.give_back(digest)
+            raise
+
+    def give_back(self, digest: str) -> None:
+        if self.holders.pop(digest, None) is not None:
+            self._hand_out()
+
+    def _hand_out(self) -> None:
+        while len(self.holders) < self.size and self._waiting:
+            digest = next(iter(self._waiting))
+            name, turn = self._waiting.pop(digest)
+            if not turn.done():  # (one cancelled is no longer waiting)
+                self.holders[digest] = name
+                turn.set_result(None)
 
 
 def _size(path: pathlib.Path) -> int:

@@ -56,6 +56,7 @@ class AgentConfig:
     join_address: str | None = None  # default: the host of the control-plane address in use, its port + 1
     allow_file_artifacts: bool = False
     max_artifact_bytes: int = edge_agent.DEFAULT_MAX_ARTIFACT_GIB << 30  # larger artifacts are refused, not downloaded
+    max_downloads: int = 0  # http(s) downloads at once, the others waiting their turn (0: no limit)
     country: str = ""
     region: str = ""
     lat: float | None = None
@@ -136,7 +137,8 @@ class Agent:
         self.intra_op_threads = config.intra_op_threads or self._probe.session_threads()
         self.store = state_store if state_store is not None else state.StateStore(config.data_dir)
         self.cache = artifacts.ArtifactCache(config.data_dir / "cache", allow_file_urls=config.allow_file_artifacts,
-                                             max_bytes=config.max_artifact_bytes, unpack_root=self.models_dir)
+                                             max_bytes=config.max_artifact_bytes, unpack_root=self.models_dir,
+                                             max_downloads=config.max_downloads)
         load_onnx = functools.partial(onnx.OnnxModel.load, intra_op_threads=self.intra_op_threads,
                                       spin_between_runs=config.spin_between_runs,
                                       spin_after_run_us=config.spin_after_run_us)

@@ -308,6 +308,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-artifact-gb", type=_positive, default=float(edge_agent.DEFAULT_MAX_ARTIFACT_GIB), metavar="GIB",
                    help="largest model artifact downloaded, in GiB; a larger one is refused before its download "
                         f"starts, when the server says its size [{edge_agent.DEFAULT_MAX_ARTIFACT_GIB}]")
+    p.add_argument("--max-downloads", type=_count(0, 64), default=0, metavar="N",
+                   help="model downloads run at once, the others waiting their turn in the order they were "
+                        "assigned (1 on a thin uplink: the first model serves sooner); 0: no limit [0]")
     p.add_argument("--max-request-bytes", type=_count(1, 2**40), default=edge_agent.DEFAULT_MAX_REQUEST_BYTES,
                    help="largest request body (over gRPC at most 2 GiB less a byte, gRPC's own ceiling) "
                         f"[{edge_agent.DEFAULT_MAX_REQUEST_BYTES}]")
@@ -374,6 +377,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         join_address=args.join_address,
         allow_file_artifacts=args.allow_file_artifacts,
         max_artifact_bytes=int(args.max_artifact_gb * (1 << 30)),
+        max_downloads=args.max_downloads,
         country=args.country,
         region=args.region,
         lat=args.lat,

@@ -350,7 +350,7 @@ class ModelRegistry:
         attempt is of was superseded, or unassigned, meanwhile; why it failed (None: it did not)."""
         try:
             path = await self._cache.fetch(want.artifact_url, want.sha256, progress, want.artifact_hosts,
-                                           unpack=self._unpacks(want))
+                                           unpack=self._unpacks(want), name=want.model)
             if slot.assignment is want:
                 slot.message = "loading"
             runtime: onnx.OnnxModel | genai.GenAIModel

@@ -46,6 +46,7 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
     (["--site", "edge-x", "--max-request-bytes", "0"], "argument --max-request-bytes: 0 is not from 1 to"),
     (["--site", "edge-x", "--inline-max-ms", "-5"], "argument --inline-max-ms: must be >= 0"),
     (["--site", "edge-x", "--max-artifact-gb", "0"], "argument --max-artifact-gb: must be > 0"),
+    (["--site", "edge-x", "--max-downloads", "-1"], "argument --max-downloads: -1 is not from 0 to 64"),
     (["--site", "edge-x", "--drain-timeout", "inf"], "argument --drain-timeout: 'inf' is not a finite number"),
     (["--site", "edge-x", "--log-level", "bogus"], "argument --log-level: invalid choice: 'bogus'"),
     (["--site", "edge-x", "--ca-sha256", "abc"], "argument --ca-sha256: 'abc' is not a SHA-256"),
@@ -137,6 +138,13 @@ def test_the_artifact_size_limit_takes_the_documented_edge_model_and_can_be_set(
     assert default.max_artifact_bytes >= 14_000_000_000  # gpt-oss-20b's package (docs/generative.md)
     config = agent_main.config_from_args(agent_main.parser().parse_args(BASE + ["--site", "edge-x", "--max-artifact-gb", "1.5"]))
     assert config.max_artifact_bytes == 3 << 29
+
+
+def test_downloads_at_once_are_not_limited_unless_asked() -> None:
+    default = agent_main.config_from_args(agent_main.parser().parse_args(BASE + ["--site", "edge-x"]))
+    assert default.max_downloads == 0
+    one = agent_main.config_from_args(agent_main.parser().parse_args(BASE + ["--site", "edge-x", "--max-downloads", "1"]))
+    assert one.max_downloads == 1
 
 
 @pytest.mark.parametrize("args", [
