@@ -90,6 +90,8 @@ class ArtifactCache:
         self._clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
         self._turns = _Turns(max_downloads) if max_downloads else None
+        self._received = 0  # bytes downloads received over the network, each once
+        self._running = 0  # download children under way
 
     async def fetch(self, url: str, sha256: str, progress: Callable[[str], None] | None = None,
                     redirect_hosts: tuple[str, ...] = (), *, unpack: Unpack = Unpack.NEVER,
@@ -133,6 +135,11 @@ class ArtifactCache:
             else:
                 raise errors.ArtifactUnavailable(f"artifact URL {url!r}: scheme must be http(s)")
             return final
+
+    def downloads(self) -> tuple[int, int, int]:
+        """(bytes received over the network since the start, downloads under way, downloads
+        waiting their turn): for the agent's metrics."""
+        return self._received, self._running, self._turns.waiting() if self._turns is not None else 0
 
     @contextlib.asynccontextmanager
     async def _turn(self, digest: str, name: str, progress: Callable[[str], None] | None) -> AsyncIterator[None]:
@@ -218,14 +225,18 @@ class ArtifactCache:
         except OSError as exc:
             raise errors.ArtifactUnavailable(f"download of {url} failed: cannot start {sys.executable}: {exc}") from exc
         ended = False
+        self._running += 1
         try:
-            report = await self._follow(proc, url, progress)
+            report, counted = await self._follow(proc, url, held, progress)
             ended = True
         except errors.ArtifactUnavailable as exc:  # stalled: what came before the stall is kept all the same
             exc.received = max(0, _size(partial) - held)
             raise
         finally:
+            self._running -= 1
             await asyncio.shield(_reap(proc, ended=ended))
+        # the bytes since the child's last report (it reports at most once a second)
+        self._received += max(0, int(report["done"]) - counted if "done" in report else _size(partial) - counted)
         if "done" not in report:
             assert proc.stderr is not None
             failure = self._failure(url, digest, report, proc.returncode, await proc.stderr.read())
@@ -235,17 +246,20 @@ class ArtifactCache:
         _publish(partial, final, url, digest, str(report["sha256"]))
         log.info("downloaded %s (%d bytes, sha256 verified) in %.1fs", url, report["done"], self._clock() - started)
 
-    async def _follow(self, proc: asyncio.subprocess.Process, url: str, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    async def _follow(self, proc: asyncio.subprocess.Process, url: str, held: int,
+                      progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], int]:
         """Log the child's progress (every 5 s), hand each report to ``progress`` with the
         rate and the time left (the child reports at most once a second), and, while it says
         nothing for longer than :data:`QUIET_SHOWN_S`, how long it has been quiet (a stalled
-        link); return its last report (``{}`` if it printed none)."""
+        link); return its last report (``{}`` if it printed none) and how far the bytes
+        received were counted (``held``: what the partial file held before)."""
         assert proc.stdout is not None
         report: dict[str, Any] = {}
         last_log = heard = self._clock()
-        shown = ""  # the last progress shown, which a quiet spell adds to
+        shown, receiving = "", False  # the last progress shown, which a quiet spell while receiving adds to
         # from the first bytes this attempt received: not the process's start, nor a resume's re-read
         rate: pace.Pace | None = None
+        counted = held  # what the partial file held, or the last report said: counted before
         stalled_after, quiet_shown = self._timeout + STALL_GRACE_S, min(QUIET_SHOWN_S, self._timeout / 2)
         while True:
             try:
@@ -255,27 +269,33 @@ class ArtifactCache:
                 quiet = self._clock() - heard
                 if quiet >= stalled_after:
                     raise errors.ArtifactUnavailable(f"download of {url} stalled: nothing received for {stalled_after:g}s") from None
-                if quiet >= quiet_shown and progress is not None:
-                    progress(f"{shown + ', ' if shown else ''}nothing received for {quiet:.0f}s")
+                if quiet >= quiet_shown and progress is not None and receiving:  # (not a re-read: a disk's pace)
+                    progress(f"{shown}, nothing received for {quiet:.0f}s")
                 continue
             if not line:
-                return report
+                return report, counted
             heard = self._clock()
             try:
                 report = dict(json.loads(line))
             except ValueError:
                 continue  # not one of its reports; the exit status tells the rest
             if "resumed" in report:
-                rate = None  # what came before is not this attempt's pace
+                rate, counted = None, int(report["resumed"])  # what came before is not this attempt's pace
                 log.info("resuming %s at %d bytes", url, report["resumed"])
             elif "progress" in report:
+                have = int(report["progress"])
+                if have < counted:  # the server ignored Range: started again from byte 0
+                    counted = 0
+                self._received += have - counted
+                counted = have
                 if rate is None:
                     rate = pace.Pace(heard, int(report["progress"]))
                 else:
                     rate.add(heard, int(report["progress"]))
-                shown = pace.describe(int(report["progress"]), report.get("total"), rate.rate())
+                shown, receiving = pace.describe(int(report["progress"]), report.get("total"), rate.rate()), True
             elif "verifying" in report:  # (re-reading a partial: a slow disk, not a stall)
                 shown = f"re-reading what came before: {pace.describe(int(report['verifying']), report.get('total'), None)}"
+                receiving = False
             else:
                 continue
             if progress is not None:
@@ -306,6 +326,9 @@ class _Turns:
 
     def free(self) -> bool:
         return len(self.holders) < self.size and not self._waiting
+
+    def waiting(self) -> int:
+        return len(self._waiting)
 
     async def take(self, digest: str, name: str) -> None:
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()

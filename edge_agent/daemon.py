@@ -309,6 +309,7 @@ class Agent:
             rng=self._reconnect_rng,
         )
         self.server.metrics.uplink = self.uplink.contact
+        self.server.metrics.downloads = self.cache.downloads
         self._tasks.append(asyncio.create_task(self.uplink.run(), name="uplink"))
         log.info("agent for site %s serving v2 on %s (%d inference threads)", cfg.site, self.endpoint_url, self.workers)
 

@@ -1,6 +1,6 @@
 """The agent's Prometheus metrics, written in the text exposition format (version 0.0.4).
 
-The agent has eighteen metric families and one writer (the event loop), so it keeps them in
+The agent has twenty metric families and one writer (the event loop), so it keeps them in
 plain dicts and renders the text itself: importing ``prometheus_client`` costs 3 MB resident
 (its exposition module brings an HTTP server, WSGI and ``urllib.request``), a lot in an
 80 MB budget. The tests parse this output with ``prometheus_client``'s own parser.
@@ -54,6 +54,8 @@ class AgentMetrics:
         self.connections: Callable[[], tuple[int, int]] = lambda: (0, 0)
         # (connected, last reached, client certificate's expiry): set by the daemon to its uplink's
         self.uplink: Callable[[], tuple[bool, float | None, float | None]] = lambda: (False, None, None)
+        # (bytes received, downloads running, waiting their turn): set by the daemon to its artifact cache's
+        self.downloads: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)
         # Whether a model's series are kept (see retain): a request that ends after its model
         # was unassigned (a stream running on) would otherwise add them back.
         self._kept: Callable[[str], bool] = lambda _: True
@@ -146,6 +148,7 @@ class AgentMetrics:
                 f"edgeplane_agent_http_connections_refused_total {_number(turned_away)}"]
         out += self._render_memory()
         out += self._render_uplink()
+        out += self._render_downloads()
         return ("\n".join(out) + "\n").encode()
 
     def _render_memory(self) -> list[str]:
@@ -162,6 +165,17 @@ class AgentMetrics:
                 "# TYPE edgeplane_agent_requests_refused_for_memory_total counter",
                 f'edgeplane_agent_requests_refused_for_memory_total{{code="413"}} {_number(budget.refused_too_large)}',
                 f'edgeplane_agent_requests_refused_for_memory_total{{code="503"}} {_number(budget.refused_busy)}']
+
+    def _render_downloads(self) -> list[str]:
+        received, running, waiting = self.downloads()
+        return ["# HELP edgeplane_agent_artifact_received_bytes_total Bytes model downloads received, each once "
+                "(a resumed download's earlier bytes are not counted again)",
+                "# TYPE edgeplane_agent_artifact_received_bytes_total counter",
+                f"edgeplane_agent_artifact_received_bytes_total {_number(received)}",
+                "# HELP edgeplane_agent_artifact_downloads Model downloads running, and waiting their turn (--max-downloads)",
+                "# TYPE edgeplane_agent_artifact_downloads gauge",
+                f'edgeplane_agent_artifact_downloads{{state="running"}} {_number(running)}',
+                f'edgeplane_agent_artifact_downloads{{state="waiting"}} {_number(waiting)}']
 
     def _render_uplink(self) -> list[str]:
         """The link to the control plane; a time not known (no contact since the agent

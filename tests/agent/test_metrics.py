@@ -52,7 +52,10 @@ def test_empty_metrics_still_parse() -> None:
                        ("edgeplane_agent_inflight_bytes", ()): 0, ("edgeplane_agent_inflight_bytes_limit", ()): float("inf"),
                        ("edgeplane_agent_requests_refused_for_memory_total", (("code", "413"),)): 0,
                        ("edgeplane_agent_requests_refused_for_memory_total", (("code", "503"),)): 0,
-                       ("edgeplane_agent_control_plane_connected", ()): 0}  # no contact, no certificate: no time
+                       ("edgeplane_agent_control_plane_connected", ()): 0,  # no contact, no certificate: no time
+                       ("edgeplane_agent_artifact_received_bytes_total", ()): 0,
+                       ("edgeplane_agent_artifact_downloads", (("state", "running"),)): 0,
+                       ("edgeplane_agent_artifact_downloads", (("state", "waiting"),)): 0}
 
 
 def test_the_link_to_the_control_plane() -> None:
@@ -85,3 +88,12 @@ def test_model_load_counts_answers_and_their_seconds() -> None:
     metrics.observe_error("mlp", 400)  # refusals are not load the autoscaler should follow
     [(name, requests, busy)] = metrics.model_load()
     assert name == "mlp" and requests == 3 and abs(busy - 0.53) < 1e-9
+
+
+def test_the_downloads_and_the_bytes_they_received() -> None:
+    metrics = AgentMetrics(lambda: 0, lambda: 0)
+    metrics.downloads = lambda: (3_145_728, 1, 2)
+    samples = _samples(metrics.render().decode())
+    assert samples[("edgeplane_agent_artifact_received_bytes_total", ())] == 3_145_728
+    assert samples[("edgeplane_agent_artifact_downloads", (("state", "running"),))] == 1
+    assert samples[("edgeplane_agent_artifact_downloads", (("state", "waiting"),))] == 2
