@@ -16,7 +16,8 @@ from types import TracebackType
 
 class ThinLink:
     """Forwards 127.0.0.1:``port`` to ``upstream`` (host, port). Downstream bytes are
-    throttled to ``rate`` bytes a second (None: as fast as they come); each connection is
+    throttled to ``rate`` bytes a second, all connections together: one link, which
+    connections in parallel share (None: as fast as they come); each connection is
     cut (both sides closed) once ``cut_after`` bytes went down it (None: never); while
     :attr:`flowing` is clear nothing goes down, the connections staying open."""
 
@@ -26,6 +27,7 @@ class ThinLink:
         self.flowing.set()
         self.connections = 0
         self.sent = 0  # bytes sent down, all connections together
+        self._free_at = 0.0  # (loop time) when the link has sent what it was given
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -75,7 +77,7 @@ class ThinLink:
 
     async def _pipe_down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
-        sent, started = 0, loop.time()
+        sent = 0
         piece = 16384 if self.rate is None else max(1, min(16384, int(self.rate / 20)))
         while True:
             limit = piece if self.cut_after is None else min(piece, self.cut_after - sent)
@@ -85,9 +87,11 @@ class ThinLink:
             if not data:
                 return
             await self.flowing.wait()
+            if self.rate is not None:  # the link's pace, shared: each piece waits for those before it
+                self._free_at = max(loop.time(), self._free_at) + len(data) / self.rate
+                await asyncio.sleep(self._free_at - loop.time())  # (a pace, not an event to await)
+                await self.flowing.wait()
             writer.write(data)
             await writer.drain()
             sent += len(data)
             self.sent += len(data)
-            if self.rate is not None and (ahead := started + sent / self.rate - loop.time()) > 0:
-                await asyncio.sleep(ahead)  # the pace of the link, not a wait for an event
