@@ -27,6 +27,8 @@ from edgeplane_proto import artifact_hosts
 from orchestrator import proxyenv
 
 CHUNK = 1 << 20
+#: A download's name in :func:`cache_dir`: ``<sha256>.onnx`` (a package's tar too)
+DOWNLOAD_SUFFIX = ".onnx"
 MAX_REDIRECTS = artifact_hosts.MAX_REDIRECTS
 
 
@@ -81,7 +83,8 @@ def fetch_verified(uri: str, sha256: str, *, timeout_s: float = 300.0, redirect_
 
     ``file://`` URIs and plain paths are read in place; ``http(s)://`` URIs are downloaded
     into a cache keyed by digest, so replicas on one node share one download, following a
-    redirect only to ``uri``'s host or one of ``redirect_hosts`` (empty: any host).
+    redirect only to ``uri``'s host or one of ``redirect_hosts`` (empty: any host). The
+    caller holds the version (``nodecache.hold``), so that no sweep removes the download.
     """
     parts = urlsplit(uri)
     if parts.scheme in ("", "file"):
@@ -89,7 +92,7 @@ def fetch_verified(uri: str, sha256: str, *, timeout_s: float = 300.0, redirect_
         if not path.is_file():
             raise ArtifactError(f"artifact {uri} does not exist on this node")
     elif parts.scheme in ("http", "https"):
-        path = cache_dir() / f"{sha256}.onnx"
+        path = cache_dir() / f"{sha256}{DOWNLOAD_SUFFIX}"
         if path.is_file() and sha256_of(path) == sha256:
             return path  # cached and just verified
         _download(uri, path, sha256, timeout_s, redirect_hosts)
@@ -105,11 +108,12 @@ def fetch_verified(uri: str, sha256: str, *, timeout_s: float = 300.0, redirect_
 
 
 def _download(uri: str, path: pathlib.Path, sha256: str, timeout_s: float, redirect_hosts: tuple[str, ...]) -> None:
-    """Download into a ``.part`` file, hashing as it is written; only bytes with the expected
-    digest take the cache's name, anything else is deleted with the ``.part``."""
+    """Download into a ``.<sha12>-*.part`` file, hashing as it is written; only bytes with the
+    expected digest take the cache's name, anything else is deleted with the ``.part`` (one
+    cut short by a replica's death goes at a sweep, ``nodecache``)."""
     digest, limit, size = hashlib.sha256(), max_bytes(), 0
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{sha256[:12]}-", suffix=".part")
     too_large = f"artifact {uri} is larger than a replica downloads ({limit} bytes; EDGEPLANE_MAX_ARTIFACT_GB)"
     try:
         with (

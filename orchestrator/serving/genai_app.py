@@ -30,7 +30,7 @@ from edge_agent import generation, httpmessages, httpserver, openai_api, package
 from edge_agent.metrics import AgentMetrics
 from edge_agent.runtime import genai
 from edgeplane_proto import encoding
-from orchestrator.serving import artifacts, bodies, unpacked
+from orchestrator.serving import artifacts, bodies, nodecache
 
 #: The agent's limit on a request body: as sent, and a compressed one once inflated.
 MAX_REQUEST_BYTES = edge_agent.DEFAULT_MAX_REQUEST_BYTES
@@ -52,12 +52,13 @@ class _OneModel:
         return name == self._served.name
 
 
-def load(artifact_uri: str, sha256: str, artifact_hosts: tuple[str, ...] = ()) -> tuple[genai.GenAIModel, unpacked.Hold]:
+def load(artifact_uri: str, sha256: str, artifact_hosts: tuple[str, ...] = ()) -> tuple[genai.GenAIModel, nodecache.Hold]:
     """Fetch and verify the package, unpack it safely (once per node and version), load it;
-    with the hold that keeps its folder on the node (``unpacked``)."""
-    package = artifacts.fetch_verified(artifact_uri, sha256, redirect_hosts=artifact_hosts)
-    held = unpacked.hold(artifacts.models_root(), sha256)
+    with the hold that keeps its download and folder on the node (``nodecache``), taken
+    before either is made."""
+    held = nodecache.hold(sha256)
     try:
+        package = artifacts.fetch_verified(artifact_uri, sha256, redirect_hosts=artifact_hosts)
         directory = packages.unpack(package, sha256, artifacts.models_root())
         # outside a Ray worker (a replica built in a test) there is no GPU given, and asking would fail
         gpus = ray.get_gpu_ids() if ray.is_initialized() else []
@@ -77,16 +78,16 @@ class GenAIReplica:
         served = registry.ServedModel(model_name, sha256, model, max_concurrent_sequences, max_queued)
         self.metrics = AgentMetrics(lambda: 0, lambda: 1)
         self._server = generation.GenerationServer(_OneModel(served), self.metrics, MAX_REQUEST_BYTES)  # type: ignore[arg-type]
-        unpacked.prune(artifacts.models_root())  # versions no replica on this node serves any more
+        nodecache.prune()  # versions no replica on this node serves any more
 
     def __del__(self) -> None:
-        """Serve's shutdown of the replica (the collector may call it again): its package's
-        folder let go, and removed unless another replica on the node serves it."""
-        held: unpacked.Hold | None = getattr(self, "_held", None)  # (none: __init__ failed before it)
+        """Serve's shutdown of the replica (the collector may call it again): its version let
+        go, and its download and folder removed unless another replica on the node serves it."""
+        held: nodecache.Hold | None = getattr(self, "_held", None)  # (none: __init__ failed before it)
         if held is not None:
             self._held = None
             held.release()
-            unpacked.prune(artifacts.models_root())
+            nodecache.prune()
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
@@ -135,5 +136,7 @@ def build(args: Mapping[str, Any]) -> serve.Application:
     artifact_hosts]}``."""
     uri, sha256, name = _string_arg(args, "artifact_uri"), _string_arg(args, "sha256"), _string_arg(args, "model_name")
     hosts = artifacts.hosts_arg(args)
-    artifacts.fetch_verified(uri, sha256, redirect_hosts=hosts)  # fail the deploy now, not after replica retries
+    with nodecache.hold(sha256):  # its download, or this node's replica of it, kept from a sweep meanwhile
+        nodecache.prune()
+        artifacts.fetch_verified(uri, sha256, redirect_hosts=hosts)  # fail the deploy now, not after replica retries
     return GenAIReplica.bind(uri, sha256, name, int(args.get("max_concurrent_sequences", 0)), int(args.get("max_queued", 0)), hosts)

@@ -28,7 +28,6 @@ and both shapes, and callers written to the declaration never get its 400s.
 from __future__ import annotations
 
 import asyncio
-import pathlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -46,7 +45,7 @@ from edge_agent import errors, packages, signature
 from edge_agent.runtime import onnx as onnx_runtime
 from edgeplane_proto import encoding, oip
 from edgeplane_proto.assignment import DeclaredTensor
-from orchestrator.serving import artifacts, bodies, unpacked
+from orchestrator.serving import artifacts, bodies, nodecache
 
 #: The agent's limit on a request body: as sent, and a compressed one once inflated.
 MAX_REQUEST_BYTES = edge_agent.DEFAULT_MAX_REQUEST_BYTES
@@ -81,14 +80,16 @@ def _json(doc: Any, status: int = 200) -> Response:
     return Response(oip.dumps(doc), status_code=status, media_type=JSON)
 
 
-def _load(path: pathlib.Path, sha256: str) -> tuple[onnx_runtime.OnnxModel, unpacked.Hold | None]:
+def _load(artifact_uri: str, sha256: str, artifact_hosts: tuple[str, ...]) -> tuple[onnx_runtime.OnnxModel, nodecache.Hold]:
     """The verified artifact loaded: an ONNX file from its bytes, an onnx package (a graph with
     its external data) from the folder it is unpacked into, once per node and version, as an
-    agent does (``edge_agent.packages``), with the hold that keeps that folder (``unpacked``)."""
-    if not edge_artifacts.is_package(path):
-        return onnx_runtime.OnnxModel.load(path.read_bytes(), providers=_providers()), None
-    held = unpacked.hold(artifacts.models_root(), sha256)
+    agent does (``edge_agent.packages``); with the hold that keeps its download and that
+    folder on the node (``nodecache``), taken before either is made."""
+    held = nodecache.hold(sha256)
     try:
+        path = artifacts.fetch_verified(artifact_uri, sha256, redirect_hosts=artifact_hosts)
+        if not edge_artifacts.is_package(path):
+            return onnx_runtime.OnnxModel.load(path.read_bytes(), providers=_providers()), held
         directory = packages.unpack(path, sha256, artifacts.models_root(), runtime=packages.ONNX)
         return onnx_runtime.OnnxModel.load(packages.graph(directory), providers=_providers()), held
     except BaseException:
@@ -102,15 +103,14 @@ class OnnxModel:
 
     def __init__(self, artifact_uri: str, sha256: str, model_name: str, artifact_hosts: tuple[str, ...] = (),
                  inputs: tuple[DeclaredTensor, ...] = (), outputs: tuple[DeclaredTensor, ...] = ()) -> None:
-        path = artifacts.fetch_verified(artifact_uri, sha256, redirect_hosts=artifact_hosts)
         self._model_name = model_name
         self._version = oip.model_version(sha256)  # the version an edge agent gives the same file
-        self._model, self._held = _load(path, sha256)
+        self._model, self._held = _load(artifact_uri, sha256, artifact_hosts)
         refused = signature.mismatch(inputs, outputs, self._model.inputs, self._model.outputs)
         if refused is not None:
             self.__del__()
             raise errors.ModelLoadError(refused)
-        unpacked.prune(artifacts.models_root())  # versions no replica on this node serves any more
+        nodecache.prune()  # versions no replica on this node serves any more
         self._metadata = oip.model_metadata(
             model_name,
             [(t.name, t.datatype, list(t.shape)) for t in self._model.inputs],
@@ -119,13 +119,13 @@ class OnnxModel:
         )
 
     def __del__(self) -> None:
-        """Serve's shutdown of the replica (the collector may call it again): its package's
-        folder let go, and removed unless another replica on the node serves it."""
-        held: unpacked.Hold | None = getattr(self, "_held", None)  # (none: __init__ failed before it)
+        """Serve's shutdown of the replica (the collector may call it again): its version let
+        go, and its download and folder removed unless another replica on the node serves it."""
+        held: nodecache.Hold | None = getattr(self, "_held", None)  # (none: __init__ failed before it)
         if held is not None:
             self._held = None
             held.release()
-            unpacked.prune(artifacts.models_root())
+            nodecache.prune()
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
@@ -208,5 +208,7 @@ def build(args: Mapping[str, Any]) -> serve.Application:
     model_name = _string_arg(args, "model_name")
     hosts = artifacts.hosts_arg(args)
     inputs, outputs = _tensors_arg(args, "inputs"), _tensors_arg(args, "outputs")
-    artifacts.fetch_verified(uri, sha256, redirect_hosts=hosts)  # fail the deploy now, not after replica retries
+    with nodecache.hold(sha256):  # its download, or this node's replica of it, kept from a sweep meanwhile
+        nodecache.prune()
+        artifacts.fetch_verified(uri, sha256, redirect_hosts=hosts)  # fail the deploy now, not after replica retries
     return OnnxModel.bind(uri, sha256, model_name, hosts, inputs, outputs)

@@ -1,0 +1,203 @@
+"""A data-centre node's artifact cache: which versions its replicas use, and removing the others.
+
+Replicas download the ``http(s)://`` artifacts they serve into one folder per node
+(:func:`orchestrator.serving.artifacts.cache_dir`, ``<sha256>.onnx`` each, a plain ONNX file
+or a package's tar) and unpack every onnx package and generative package into another
+(:func:`orchestrator.serving.artifacts.models_root`, ``<sha256>`` each, by
+``edge_agent.packages``), gigabytes a version: kept for good, every version a node ever
+served would fill its disk.
+
+What is in use is what the replicas on the node hold: each holds a shared ``flock`` on
+``.<sha256>.lock`` in the unpacked folder's root from before its download until it ends
+(:func:`hold`); so does an application builder while it fetches the artifact to check it.
+The kernel drops it with the process, a replica killed by ``kill -9`` or the OOM killer
+included, so there is no list of replicas to go stale, and none to share between Ray's
+worker processes.
+
+A sweep (:func:`prune`) takes each version's lock exclusively, without waiting: a lock it
+gets is held by no replica on the node, so that version is neither served nor being
+downloaded or unpacked. Its unpacked folder is renamed aside while the lock is held (a
+replica finds it whole or not at all, and unpacks it again), its download removed, its lock
+file removed, and only then the folder deleted. A lock it does not get is left alone. A
+temporary file or folder of a download or an unpack (``.<sha12>-...``, in either folder)
+goes only when no lock of a version with that prefix is held: it was cut short.
+
+The replicas sweep, each when it has loaded its version and when Serve shuts it down
+(``__del__``), rather than a sweeper of the node: no other edgeplane process runs on a Ray
+node (the control plane drives Serve over REST and sees no node's disk), a sweeper actor
+per node would need placing, restarting and resources of its own, and the replicas start
+and end exactly when a version comes to a node and leaves it. The lock makes any of them
+right to sweep for all. A replica killed outright leaves its version until the next replica
+on that node starts or ends.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import pathlib
+import re
+import shutil
+
+from orchestrator.serving import artifacts
+
+log = logging.getLogger(__name__)
+
+LOCK_SUFFIX = ".lock"
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+#: A version's lock, unpacked folder or download
+_VERSION = re.compile(rf"\.?([0-9a-f]{{64}})(?:{re.escape(LOCK_SUFFIX)}|{re.escape(artifacts.DOWNLOAD_SUFFIX)})?")
+#: A download's or an unpack's temporary file or folder, named after its version's sha256
+_TEMPORARY = re.compile(r"\.([0-9a-f]{12})-.+")
+#: How often :func:`hold` opens a lock file again that a sweep removed meanwhile
+HOLD_ATTEMPTS = 8
+
+
+class Hold:
+    """A replica's hold of its version: kept until :meth:`release` (or the end of a ``with``
+    block), or until its process ends."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def hold(sha256: str) -> Hold:
+    """Hold ``sha256``'s version in use on this node, before it is downloaded or unpacked: no
+    sweep removes its download or its folder, or their temporary ones, until it is released.
+    Raises :class:`~orchestrator.serving.artifacts.ArtifactError` for a ``sha256`` that is no
+    digest (a Serve config written by hand), before it names a file."""
+    if not _DIGEST.fullmatch(sha256):
+        raise artifacts.ArtifactError(f"sha256 {sha256!r} is not 64 lowercase hex digits")
+    models_root = artifacts.models_root()
+    models_root.mkdir(parents=True, exist_ok=True)
+    path = _lock(models_root, sha256)
+    for _ in range(HOLD_ATTEMPTS):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # a sweep holds it exclusively for one rename at most
+            if _same_file(path, fd):
+                return Hold(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # removed by a sweep between the open and the lock: take the one there now
+    raise OSError(errno.EAGAIN, f"the lock of version {sha256[:12]} in {models_root} keeps being removed")
+
+
+def prune() -> list[str]:
+    """Remove the versions (downloads and unpacked folders) that no replica on this node
+    holds, and temporary files and folders of downloads and unpacks cut short; the sha256
+    prefixes of the versions removed. Never raises for a file system error: what it cannot
+    remove is logged and left to the next sweep."""
+    models_root, downloads = artifacts.models_root(), artifacts.cache_dir()
+    listed = {folder: _names(folder) for folder in (models_root, downloads)}
+    versions = sorted({m.group(1) for names in listed.values() for name in names if (m := _VERSION.fullmatch(name))})
+    removed = []
+    for sha256 in versions:
+        try:
+            if _remove_unheld(models_root, downloads, sha256):
+                removed.append(sha256[:12])
+        except OSError as exc:
+            log.warning("cannot remove version %s from %s: %s", sha256[:12], models_root.parent, exc.strerror or exc)
+    for folder, names in listed.items():
+        for name in names:
+            if (m := _TEMPORARY.fullmatch(name)) is not None and not _prefix_held(models_root, m.group(1)):
+                _remove_temporary(folder / name)
+    if removed:
+        log.info("removed %d version(s) no replica on this node uses: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def _names(folder: pathlib.Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("cannot list %s: %s", folder, exc.strerror or exc)
+        return []
+
+
+def _remove_unheld(models_root: pathlib.Path, downloads: pathlib.Path, sha256: str) -> bool:
+    """Remove ``sha256``'s folder, download and lock file if no replica holds it; whether a
+    folder or a download went."""
+    models_root.mkdir(parents=True, exist_ok=True)  # a node whose replicas only downloaded, before locks
+    path = _lock(models_root, sha256)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    aside, downloaded = None, downloads / f"{sha256}{artifacts.DOWNLOAD_SUFFIX}"
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # served, or being downloaded or unpacked
+        if not _same_file(path, fd):
+            return False  # another sweep removed it meanwhile
+        aside = models_root / f".{sha256[:12]}-pruned-{os.getpid()}"
+        try:
+            os.rename(models_root / sha256, aside)
+        except FileNotFoundError:
+            aside = None  # a plain ONNX file, or a lock whose replica never unpacked (its download failed)
+        try:
+            downloaded.unlink()
+        except FileNotFoundError:
+            downloaded = None  # a file:// artifact, read where it is
+        path.unlink()  # while held: a replica waiting for it opens the next one
+    finally:
+        os.close(fd)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return aside is not None or downloaded is not None
+
+
+def _remove_temporary(path: pathlib.Path) -> None:
+    """An unpack's temporary folder, or a download's temporary file, cut short."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc.strerror or exc)
+
+
+def _prefix_held(models_root: pathlib.Path, prefix: str) -> bool:
+    """Whether a replica holds a version whose sha256 starts with ``prefix``: a temporary
+    file or folder so named may be its download's or its unpack's, under way."""
+    for lock in models_root.glob(f".{prefix}*{LOCK_SUFFIX}"):
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return True  # cannot tell: kept
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+    return False
+
+
+def _lock(models_root: pathlib.Path, sha256: str) -> pathlib.Path:
+    return models_root / f".{sha256}{LOCK_SUFFIX}"
+
+
+def _same_file(path: pathlib.Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,194 @@
+"""A data-centre node keeps the downloads and unpacked packages its replicas use, and only
+those: every version a node ever served (genai or onnx, gigabytes each) stayed on its disk. Replicas are built as Serve builds them (``func_or_class``), in this process and in
+others, which a ``kill -9`` ends as Ray's OOM killer does."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.server
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from orchestrator.artifacts import onnx_package
+from orchestrator.serving import artifacts, genai_app, onnx_app
+from orchestrator.testing import genai_model, loopback, onnx_models
+
+_REPLICA = """
+import sys
+from orchestrator.serving import artifacts, genai_app, onnx_app
+served = onnx_app.OnnxModel.func_or_class(sys.argv[1], sys.argv[2], "m")
+print("serving", flush=True)
+sys.stdin.read()  # until the test ends this replica
+served.__del__()  # as Serve shuts it down
+"""
+
+
+def _version(tmp_path: pathlib.Path, name: str) -> tuple[str, str]:
+    """A packed onnx model with external data, its own version (a file of its own beside it)."""
+    folder = onnx_models.save_with_external_data(tmp_path / name)
+    (folder / "notes.txt").write_text(name)
+    out = tmp_path / f"{name}.tar"
+    return str(out), onnx_package.pack(folder, out).sha256
+
+
+def _unpacked(cache: pathlib.Path) -> set[str]:
+    return {p.name for p in (cache / "edgeplane-genai-models").iterdir() if not p.name.startswith(".")}
+
+
+@pytest.fixture
+def cache(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    monkeypatch.setenv("EDGEPLANE_ARTIFACT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _replica_elsewhere(uri: str, sha256: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", _REPLICA, uri, sha256], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    assert proc.stdout is not None and proc.stdout.readline() == "serving\n"
+    return proc
+
+
+def test_a_version_no_replica_serves_any_more_is_removed_and_those_in_use_are_kept(
+        tmp_path: pathlib.Path, cache: pathlib.Path) -> None:
+    (old_uri, old), (new_uri, new), (other_uri, other) = (_version(tmp_path, n) for n in ("old", "new", "other"))
+    gone = _replica_elsewhere(old_uri, old)  # a replica ended by the OOM killer: it says nothing
+    gone.send_signal(signal.SIGKILL)
+    gone.wait(timeout=30)
+    serving = _replica_elsewhere(other_uri, other)  # another deployment's replica, serving on
+    try:
+        replica = onnx_app.OnnxModel.func_or_class(new_uri, new, "m")
+        assert _unpacked(cache) == {new, other}  # the killed replica's version went when this one started
+        replica.__del__()  # Serve shuts a replica down with its __del__
+        assert _unpacked(cache) == {other}
+        replica.__del__()  # and the collector may call it again
+    finally:
+        serving.communicate("", timeout=30)
+    assert _unpacked(cache) == set()  # the last replica of a version that ends removes it
+
+
+def test_an_unpack_under_way_is_left_alone_and_one_cut_short_is_removed(
+        tmp_path: pathlib.Path, cache: pathlib.Path) -> None:
+    from orchestrator.serving import nodecache
+
+    (uri, sha256), (_, busy), (_, dead) = (_version(tmp_path, n) for n in ("served", "busy", "dead"))
+    root = cache / "edgeplane-genai-models"
+    root.mkdir(parents=True)
+    (root / f".{busy[:12]}-under-way").mkdir()  # a replica elsewhere unpacking it now: holds its version
+    (root / f".{dead[:12]}-cut-short").mkdir()  # a replica killed in the middle of its unpack
+    (root / f".{dead[:12]}-cut-short" / "model.onnx.data").write_bytes(b"x" * 4096)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom orchestrator.serving import nodecache\n"
+                               "h = nodecache.hold(sys.argv[1])\nprint('held', flush=True)\n"
+                               "sys.stdin.read()", busy], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        replica = onnx_app.OnnxModel.func_or_class(uri, sha256, "m")
+        left = {p.name for p in root.iterdir() if not p.name.endswith(nodecache.LOCK_SUFFIX)}
+        assert left == {sha256, f".{busy[:12]}-under-way"}
+        replica.__del__()
+    finally:
+        holder.communicate("", timeout=30)
+
+
+def test_a_generative_replica_removes_its_version_when_it_is_the_last_to_end(
+        tmp_path: pathlib.Path, cache: pathlib.Path, genai_package: genai_model.GenAIModel) -> None:
+    first, second = (genai_app.GenAIReplica.func_or_class(genai_package.package.as_uri(), genai_package.sha256, "a")
+                     for _ in range(2))
+    first.__del__()
+    assert _unpacked(cache) == {genai_package.sha256}  # the second replica serves it still
+    second.__del__()
+    assert _unpacked(cache) == set()
+
+
+class _Artifacts(http.server.BaseHTTPRequestHandler):
+    """The files of ``folder`` over HTTP; ``/slow/NAME`` sends half of NAME, then the rest
+    once ``go`` is set, having set ``asked``."""
+
+    folder: pathlib.Path
+    asked = threading.Event()
+    go = threading.Event()
+
+    def do_GET(self) -> None:
+        body = (self.folder / self.path.removeprefix("/slow").lstrip("/")).read_bytes()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        if self.path.startswith("/slow/"):
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.asked.set()
+            assert self.go.wait(30)
+            body = body[len(body) // 2:]
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def artifact_server(tmp_path: pathlib.Path) -> Iterator[tuple[str, type[_Artifacts]]]:
+    """The test's folder over HTTP: its base URL, and its handler's events."""
+    handler = type("Handler", (_Artifacts,), {"folder": tmp_path, "asked": threading.Event(), "go": threading.Event()})
+    with loopback.http_server(handler) as url:
+        yield url, handler
+
+
+def _downloaded(cache: pathlib.Path) -> set[str]:
+    return {p.name for p in (cache / "edgeplane-artifacts").iterdir()}
+
+
+def test_a_download_no_replica_uses_any_more_is_removed_and_one_cut_short_too(
+        tmp_path: pathlib.Path, cache: pathlib.Path, artifact_server: tuple[str, type[_Artifacts]]) -> None:
+    """The http(s) downloads (a plain ONNX file, a package's tar) stayed on the node for good."""
+    url, _ = artifact_server
+    plain = onnx_models.build_identity(tmp_path / "plain.onnx", {"x": 1}).sha256
+    new_uri, new = _version(tmp_path, "new")
+    gone = _replica_elsewhere(f"{url}/plain.onnx", plain)  # ended by the OOM killer
+    gone.send_signal(signal.SIGKILL)
+    gone.wait(timeout=30)
+    assert _downloaded(cache) == {f"{plain}.onnx"}
+    cut_short = cache / "edgeplane-artifacts" / f".{'d' * 12}-killed.part"  # a download killed half-way
+    cut_short.write_bytes(b"x" * 4096)
+    replica = onnx_app.OnnxModel.func_or_class(f"{url}/{pathlib.Path(new_uri).name}", new, "m")
+    assert _downloaded(cache) == {f"{new}.onnx"}
+    replica.__del__()
+    assert _downloaded(cache) == set()
+    assert _unpacked(cache) == set()
+
+
+def test_a_download_under_way_is_left_alone(
+        tmp_path: pathlib.Path, cache: pathlib.Path, artifact_server: tuple[str, type[_Artifacts]]) -> None:
+    """A replica holds its version before its download: another's sweep meanwhile (a replica
+    of another deployment starting or ending on the node) leaves the part written alone."""
+    from orchestrator.serving import nodecache
+
+    url, handler = artifact_server
+    uri, sha256 = _version(tmp_path, "slow")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(onnx_app.OnnxModel.func_or_class, f"{url}/slow/{pathlib.Path(uri).name}", sha256, "m")
+        try:
+            assert handler.asked.wait(30)
+            (partial,) = _downloaded(cache)
+            assert partial.startswith(f".{sha256[:12]}-") and partial.endswith(".part")
+            assert nodecache.prune() == []
+            assert _downloaded(cache) == {partial}  # still being written
+        finally:
+            handler.go.set()
+        replica = starting.result(timeout=60)
+    assert _downloaded(cache) == {f"{sha256}.onnx"}
+    replica.__del__()
+
+
+def test_a_sha256_that_is_no_digest_is_refused_before_it_names_a_file(tmp_path: pathlib.Path, cache: pathlib.Path) -> None:
+    """A Serve config written by hand may pass any sha256: it names the version's lock,
+    download and folder, so it is refused before it names any (as the digest check did)."""
+    uri, _ = _version(tmp_path, "v")
+    with pytest.raises(artifacts.ArtifactError, match="is not 64 lowercase hex digits"):
+        onnx_app.OnnxModel.func_or_class(uri, "../../escaped", "m")
+    assert not (tmp_path / "escaped.lock").exists() and not list(cache.rglob("*"))
