@@ -44,7 +44,7 @@ the most the gateway takes from a replica): a larger one raises :class:`BadAnswe
 no further (:mod:`orchestrator.clientbody`); a replica's is left for the next attempt.
 
 Errors: arguments that cannot work (a server URL without ``http://``, a location outside
--90..90/-180..180, a region that cannot travel in an HTTP header, a tensor of a dtype the
+-90..90/-180..180, a region with a line break, a residency that is not ASCII, a tensor of a dtype the
 v2 protocol has no name for, a chat's ``n`` other than 1, a proxy in the environment that
 httpx cannot use, such as ``ALL_PROXY=socks5://...`` without socksio) raise ``ValueError``
 (``TypeError`` for a wrong type) before anything is sent. Everything that happens on the
@@ -105,7 +105,7 @@ class _Base:
         self.server = self.servers[0]
         self.direct = direct
         self.location = args.position(location)
-        self.region, self.residency = args.header_value(region, "region"), args.header_value(residency, "residency")
+        self.region, self.residency = args.header_value(region, "region", text=True), args.header_value(residency, "residency")
         self.binary = binary
         self.cache = cache or EndpointCache()
         self.datatypes = datatypes or DatatypeCache()  # of models called with plain lists (clientdatatypes)

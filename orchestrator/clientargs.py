@@ -4,13 +4,14 @@ and the caller's position and residency as the gateway and the endpoint list tak
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from edgeplane_proto import correlation, oip, oip_tensors
-from orchestrator import urlpath
+from orchestrator import header_text, urlpath
 
 #: The longest ``timeout`` a client takes, in seconds (a year): past some 10^10 s the
 #: operating system's clock cannot hold the deadline.
@@ -22,7 +23,7 @@ def caller_headers(location: tuple[float, float] | None, region: str | None, res
     if location is not None:
         headers["x-edgeplane-location"] = f"{location[0]},{location[1]}"
     if region:
-        headers["x-edgeplane-region"] = region
+        headers["x-edgeplane-region"] = header_text.encoded(region)  # a region in any script (orchestrator.header_text)
     if residency:
         headers["x-edgeplane-residency"] = residency
     return headers
@@ -50,13 +51,17 @@ def servers(server: str | Sequence[str]) -> list[str]:
     return [u.rstrip("/") for u in urls]
 
 
-def header_value(value: str | None, name: str) -> str | None:
-    """``region`` or ``residency`` as it travels in a header and a query: printable ASCII."""
+def header_value(value: str | None, name: str, *, text: bool = False) -> str | None:
+    """``region`` or ``residency`` as it travels in a header and a query: printable ASCII, or
+    with ``text`` (a region) any one line of text, which :func:`caller_headers` encodes."""
     if value is None:
         return None
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, not {type(value).__name__}")
-    if not all(" " <= c <= "~" for c in value):
+    if text:
+        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
+            raise ValueError(f"{name} {value!r}: one line of text, without a line break or other control character")
+    elif not all(" " <= c <= "~" for c in value):
         raise ValueError(f"{name} {value!r}: only printable ASCII travels in an HTTP header (no accents, no line breaks)")
     return value.strip() or None
 

@@ -8,6 +8,7 @@ explicit ``from_proto`` / ``to_proto`` so the wire format can grow without leaki
 from __future__ import annotations
 
 import enum
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -48,9 +49,10 @@ class Location:
 
     @classmethod
     def from_proto(cls, msg: pb.Location) -> Location:
+        region = unicodedata.normalize("NFC", msg.region)  # as manifests declare one (schema.composed)
         if msg.has_coordinates:
-            return cls(msg.country, msg.region, msg.lat, msg.lon)
-        return cls(msg.country, msg.region)
+            return cls(msg.country, region, msg.lat, msg.lon)
+        return cls(msg.country, region)
 
     def to_proto(self) -> pb.Location:
         if self.lat is None or self.lon is None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from orchestrator import plaintensors
+from orchestrator import header_text, plaintensors
 from orchestrator.cli import render, textfile
 from orchestrator.cli.http import ApiClient, CliError, json_of
 from orchestrator.plaintensors import FLOATS, MAX_DIMS
@@ -185,7 +185,7 @@ def caller_headers(args: argparse.Namespace) -> dict[str, str]:
     if args.location:
         headers["x-edgeplane-location"] = "{},{}".format(*args.location)
     if args.region:
-        headers["x-edgeplane-region"] = args.region
+        headers["x-edgeplane-region"] = header_text.encoded(args.region)
     if args.residency:
         headers["x-edgeplane-residency"] = args.residency
     return headers

@@ -21,6 +21,7 @@ import json
 import os
 import pathlib
 import sys
+import unicodedata
 from typing import Any
 
 import orchestrator
@@ -74,11 +75,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _header_text(text: str) -> str:
-    """argparse type of the options sent as HTTP headers as they are (``--region``,
-    ``--residency``; ``--reason`` is encoded, :mod:`orchestrator.reasons`): a header value
-    holds printable ASCII only, and cannot keep blanks at its ends (they are dropped)."""
+    """argparse type of ``--residency``, sent as an HTTP header as it is: a header value holds
+    printable ASCII only, and cannot keep blanks at its ends (they are dropped)."""
     if not all(" " <= c <= "~" for c in text):
         raise argparse.ArgumentTypeError(f"{text!r}: only printable ASCII travels in an HTTP header (no accents, no line breaks)")
+    return text.strip()
+
+
+def _region_text(text: str) -> str:
+    """argparse type of ``--region``: one line in any script ("Île-de-France", "北京"), sent
+    encoded as :mod:`orchestrator.header_text` says (so is ``--reason``)."""
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a region is one line of text, without a line break or other control character")
     return text.strip()
 
 
@@ -207,7 +215,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("model")
     sp.add_argument("--data", required=True, help="JSON inputs ({\"input\": [[...]]}, a v2 body, or an array for a model of one input) or @FILE")
     sp.add_argument("--location", type=argtypes.lat_lon, help="caller position lat,lon")
-    sp.add_argument("--region", type=_header_text, help="caller region")
+    sp.add_argument("--region", type=_region_text, help="caller region, as a site declares it (any script)")
     sp.add_argument("--residency", type=_header_text, help="caller residency, e.g. FR")
     sp.add_argument("--timeout", type=argtypes.number(0, 86400, above=True), default=120.0,
                     help="seconds to wait for the answer, a cold start included (default 120, at most a day)")
@@ -219,7 +227,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("-f", "--file", required=True, help='JSONL, one sample a line: {"input": [[...]], "label": 2}')
     sp.add_argument("--thresholds", help="comma-separated, in (0, 1] (default 0.5,0.6,0.7,0.75,0.8,0.85,0.9,0.95,0.99)")
     sp.add_argument("--location", type=argtypes.lat_lon, help="caller position lat,lon")
-    sp.add_argument("--region", type=_header_text, help="caller region")
+    sp.add_argument("--region", type=_region_text, help="caller region, as a site declares it (any script)")
     sp.add_argument("--residency", type=_header_text, help="caller residency, e.g. FR")
     sp = client_parser("chat", help="ask a generative model; the answer streams to the terminal")
     sp.add_argument("-o", "--output", choices=["text", "json", "yaml"], default="text", help="json/yaml: the whole answer at once")
@@ -229,7 +237,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--max-tokens", type=argtypes.whole_number(1), help="most tokens to generate (default 512)")
     sp.add_argument("--temperature", type=argtypes.number(0, 2), help="0 (greedy) to 2")
     sp.add_argument("--location", type=argtypes.lat_lon, help="caller position lat,lon")
-    sp.add_argument("--region", type=_header_text, help="caller region")
+    sp.add_argument("--region", type=_region_text, help="caller region, as a site declares it (any script)")
     sp.add_argument("--residency", type=_header_text, help="caller residency, e.g. FR")
     sp.add_argument("--timeout", type=argtypes.number(0, above=True), default=120.0, help="seconds (default 120)")
     distill_cli.add_parsers(client_parser, with_output)

@@ -20,6 +20,7 @@ import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from orchestrator import header_text
 from orchestrator.manifests import schema
 from orchestrator.scheduler import geo, residency
 
@@ -111,7 +112,7 @@ def parse_caller(location: str | None, region: str | None, residency_header: str
     allowed = _residency(residency_header, "X-Edgeplane-Residency")
     if isinstance(allowed, NoRoute):
         return allowed
-    return Caller(lat, lon, (region or "").strip() or None, allowed)
+    return Caller(lat, lon, _region(header_text.decoded(region or "")), allowed)
 
 
 def parse_query_caller(lat: str | None, lon: str | None, region: str | None, residency_text: str | None) -> Caller | NoRoute:
@@ -124,7 +125,12 @@ def parse_query_caller(lat: str | None, lon: str | None, region: str | None, res
     allowed = _residency(residency_text, "query parameter residency", "residency")
     if isinstance(allowed, NoRoute):
         return allowed
-    return Caller(*(position or (None, None)), (region or "").strip() or None, allowed)
+    return Caller(*(position or (None, None)), _region(region or ""), allowed)
+
+
+def _region(text: str) -> str | None:
+    """The region a caller names, compared as sites declare theirs (:func:`schema.composed`)."""
+    return schema.composed(text.strip()) or None
 
 
 def _query_position(lat: str | None, lon: str | None) -> tuple[float, float] | None | NoRoute:

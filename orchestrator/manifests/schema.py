@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal, Union
@@ -68,6 +69,16 @@ def check_residency(code: str) -> str:
     return code if code in RESIDENCY_GROUPS else check_country(code)
 
 
+def composed(text: str) -> str:
+    """``text`` in Unicode's composed form (NFC): a region typed on a Mac (decomposed) and the
+    same one typed elsewhere are one region, for the spread, the demand and the gateway."""
+    return unicodedata.normalize("NFC", text)
+
+
+#: A region in any script ("Île-de-France", "北京"), compared in its composed form.
+Region = Annotated[str, AfterValidator(composed)]
+
+
 #: Validated per item, so an error names ``spec.placement.residency[1]``, not the whole list.
 ResidencyCode = Annotated[str, AfterValidator(check_residency)]
 
@@ -91,7 +102,7 @@ class Metadata(Strict):
 
 class Location(Strict):
     country: str
-    region: str | None = None
+    region: Region | None = None
     lat: float = Field(ge=-90, le=90)
     lon: float = Field(ge=-180, le=180)
 
@@ -419,7 +430,7 @@ class PlacementSpec(Strict):
 
 
 class DemandPoint(Strict):
-    region: str | None = None
+    region: Region | None = None
     lat: float | None = Field(default=None, ge=-90, le=90)
     lon: float | None = Field(default=None, ge=-180, le=180)
     rps: NonNegative

@@ -109,8 +109,7 @@ def test_a_server_url_that_cannot_work_is_refused_when_the_client_is_made(cls: t
     ({"location": (float("nan"), 2.35)}, ValueError, "outside"),
     ({"location": "48.85,2.35"}, TypeError, r"\(lat, lon\) pair"),
     ({"location": (48.85, 2.35, 0.0)}, TypeError, r"\(lat, lon\) pair"),
-    ({"region": "île-de-france"}, ValueError, "region .*printable ASCII"),
-    ({"region": "eu\nwest"}, ValueError, "region .*printable ASCII"),
+    ({"region": "eu\nwest"}, ValueError, "region .*line break"),  # any script goes (encoded), one line of it
     ({"residency": 33}, TypeError, "residency must be a string"),
     ({"residency": "FR\r\nX-Evil: 1"}, ValueError, "residency .*printable ASCII"),
     ({"token": "tök"}, ValueError, "token"),

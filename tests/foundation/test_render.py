@@ -183,8 +183,8 @@ def test_main_returns_1_in_process(odd_server: str, capsys: pytest.CaptureFixtur
     (["gateway", "--control-plane", "http://x", "--cold-start-timeout", "601"], "argument --cold-start-timeout: '601' is not from 0 to 600"),
     (["serve", "--first-token-timeout", "0"], "argument --first-token-timeout: '0' is not from 1 to 3600"),
     (["gateway", "--control-plane", "http://x", "--first-token-timeout", "inf"], "argument --first-token-timeout: 'inf' is not from 1 to 3600"),
-    # sent as HTTP headers as they are, which hold printable ASCII only (a --reason is encoded: any text goes)
-    (["chat", "m", "hi", "--region", "é"], "argument --region: 'é': only printable ASCII travels in an HTTP header"),
+    # --residency is sent as it is, in printable ASCII; --region and --reason are encoded: one line in any script goes
+    (["chat", "m", "hi", "--region", "Île\nde-France"], "argument --region: 'Île\\nde-France': a region is one line of text"),
     (["infer", "m", "--data", "{}", "--residency", "F\tR"], "argument --residency: 'F\\tR': only printable ASCII travels in an HTTP header"),
 ])
 def test_a_bad_caller_option_is_a_usage_error_naming_the_option(argv: list[str], expected: str,
