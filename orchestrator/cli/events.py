@@ -66,7 +66,7 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
             if output == "table":
                 print("\t".join(render.one_line(c) for c in _event_row(e, reason_width)))
             elif output == "json":
-                print(render.json_text(e, sort_keys=True))
+                print(render.json_text(e, sort_keys=True, ascii_only=not render.holds_text(sys.stdout)))
             else:
                 print("---")
                 render.dump(e, "yaml")

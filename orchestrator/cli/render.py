@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import sys
@@ -111,18 +112,36 @@ def _gpus(gpus: list[dict[str, Any]]) -> str:
 
 
 def dump(data: Any, output: str) -> None:
+    """``data`` as JSON or YAML on standard output, text in any script as itself (escaped
+    only where standard output cannot hold it: :func:`holds_text`)."""
+    plain = holds_text(sys.stdout)
     if output == "json":
-        sys.stdout.write(json_text(data, indent=2) + "\n")
+        sys.stdout.write(json_text(data, indent=2, ascii_only=not plain) + "\n")
     else:
-        yaml.safe_dump(data, sys.stdout, sort_keys=False)  # YAML has .nan and .inf
+        # YAML has .nan and .inf; a lone surrogate is escaped even with allow_unicode
+        yaml.safe_dump(data, sys.stdout, sort_keys=False, allow_unicode=plain)
 
 
-def json_text(data: Any, indent: int | None = None, sort_keys: bool = False) -> str:
+def holds_text(stream: Any) -> bool:
+    """Whether ``stream`` writes UTF-8, so that "北京" or "👩‍💻" print as themselves: a
+    terminal with a latin-1 (or ASCII) locale gets the escapes JSON and YAML define instead,
+    which read back the same, not an error part way through."""
+    try:
+        return codecs.lookup(getattr(stream, "encoding", None) or "ascii").name == "utf-8"
+    except LookupError:
+        return False
+
+
+def json_text(data: Any, indent: int | None = None, sort_keys: bool = False, ascii_only: bool = True) -> str:
     """``data`` as JSON that any parser reads: a model's output may hold NaN or infinities,
     which JSON has no numbers for (Python's json would write bare ``NaN``, which JavaScript,
     Go or jq refuse), so they are the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``,
-    as protobuf's JSON mapping writes them."""
-    return json.dumps(_finite(data), indent=indent, sort_keys=sort_keys, allow_nan=False)
+    as protobuf's JSON mapping writes them. Without ``ascii_only`` text prints as itself,
+    but for a lone surrogate (no UTF-8 can hold it), which is escaped."""
+    text = json.dumps(_finite(data), indent=indent, sort_keys=sort_keys, allow_nan=False, ensure_ascii=ascii_only)
+    if not ascii_only and any("\ud800" <= c <= "\udfff" for c in text):
+        return json.dumps(_finite(data), indent=indent, sort_keys=sort_keys, allow_nan=False)
+    return text
 
 
 def _finite(value: Any) -> Any:

@@ -1,0 +1,57 @@
+"""``-o json|yaml`` print an operator's own text as text: annotations, descriptions, regions,
+reasons and chat answers in any script ("北京", "Île-de-France", "الرياض", 👩‍💻) are read
+by people as well as by scripts. Only where standard output cannot hold them (a terminal
+with a latin-1 locale) do they print as the escapes JSON and YAML define, which read back
+the same; a lone surrogate (a half of an emoji a server cut) always prints escaped."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator.cli import render
+
+TEXT = {"description": "北京边缘站点 — 机房 👩‍💻 café", "note.ar": "موقع الرياض", "region": "Île-de-France"}
+
+
+@pytest.mark.parametrize("output", ["json", "yaml"])
+def test_text_in_any_script_prints_as_itself(output: str, capsys: pytest.CaptureFixture[str]) -> None:
+    render.dump({"annotations": TEXT}, output)
+    text = capsys.readouterr().out
+    assert all(value in text for value in TEXT.values()), text
+    assert (json.loads(text) if output == "json" else yaml.safe_load(text)) == {"annotations": TEXT}
+
+
+def test_one_line_json_prints_text_as_itself_unless_told() -> None:
+    """What ``events -w -o json`` prints a line for each event (ascii_only where standard
+    output cannot hold the text)."""
+    assert render.json_text({"reason": TEXT["description"]}, ascii_only=False) == json.dumps({"reason": TEXT["description"]}, ensure_ascii=False)
+    assert render.json_text({"reason": "北京"}) == '{"reason": "\\u5317\\u4eac"}'
+    assert render.json_text({"reason": "\ud83d"}, ascii_only=False) == '{"reason": "\\ud83d"}'
+    assert render.holds_text(io.TextIOWrapper(io.BytesIO(), encoding="utf-8"))
+    assert not render.holds_text(io.TextIOWrapper(io.BytesIO(), encoding="latin-1"))
+
+
+@pytest.mark.parametrize("output", ["json", "yaml"])
+def test_a_lone_surrogate_prints_escaped(output: str, capsys: pytest.CaptureFixture[str]) -> None:
+    data = {"text": "cut emoji \ud83d", "whole": "北京"}
+    render.dump(data, output)
+    text = capsys.readouterr().out
+    text.encode("utf-8")  # standard output can write it
+    assert (json.loads(text) if output == "json" else yaml.safe_load(text)) == data
+
+
+@pytest.mark.parametrize("output", ["json", "yaml"])
+def test_an_output_that_cannot_hold_the_text_gets_escapes_that_read_back(output: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = io.BytesIO()
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(raw, encoding="latin-1"))
+    render.dump({"annotations": TEXT}, output)
+    import sys
+    sys.stdout.flush()
+    text = raw.getvalue().decode("latin-1")
+    back: Any = json.loads(text) if output == "json" else yaml.safe_load(text)
+    assert back == {"annotations": TEXT}
