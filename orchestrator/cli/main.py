@@ -17,6 +17,7 @@ command starts quickly.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import pathlib
@@ -27,7 +28,7 @@ from typing import Any
 import orchestrator
 from orchestrator import argtypes, reasons
 from orchestrator.cli import distill as distill_cli
-from orchestrator.cli import events, objects, rollouts, status, tokens
+from orchestrator.cli import events, objects, render, rollouts, status, tokens
 from orchestrator.cli import maintenance as maintenance_cli
 from orchestrator.cli.http import ApiClient, CliError, token_from_env
 from orchestrator.manifests.errors import ManifestError
@@ -281,6 +282,7 @@ NO_ONNXRUNTIME = ("onnxruntime is not installed, which edgeplane runs models wit
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _print_any_text()
     try:
         code = _run(argv)
         sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
@@ -297,6 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _print_any_text() -> None:
+    """Where standard output is not UTF-8 (a terminal with a latin-1 locale), a character it
+    cannot hold ("北京" in a table, a chat's answer) prints as its ``\\u`` escape, as
+    :func:`render.dump` writes JSON and YAML then, not as an error part way through the output."""
+    if not render.holds_text(sys.stdout) and isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from typing import Any
 
 import pytest
 import yaml
 
+from orchestrator.cli import main as cli_main
 from orchestrator.cli import render
+from orchestrator.testing import loopback
 
 TEXT = {"description": "北京边缘站点 — 机房 👩‍💻 café", "note.ar": "موقع الرياض", "region": "Île-de-France"}
 
@@ -50,8 +53,42 @@ def test_an_output_that_cannot_hold_the_text_gets_escapes_that_read_back(output:
     raw = io.BytesIO()
     monkeypatch.setattr("sys.stdout", io.TextIOWrapper(raw, encoding="latin-1"))
     render.dump({"annotations": TEXT}, output)
-    import sys
     sys.stdout.flush()
     text = raw.getvalue().decode("latin-1")
     back: Any = json.loads(text) if output == "json" else yaml.safe_load(text)
     assert back == {"annotations": TEXT}
+
+
+class _Canned(loopback.CannedHandler):
+    body: bytes = b""
+
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        self.reply(200, self.body)
+
+
+SITE = {"apiVersion": "edgeplane.io/v1alpha1", "kind": "Site",
+        "metadata": {"name": "beijing", "annotations": {"description": TEXT["description"]}},
+        "spec": {"tier": "edge", "location": {"country": "CN", "region": "北京", "lat": 39.9, "lon": 116.4},
+                 "capacity": {"cpu": 4, "memoryGiB": 8}}}
+EVENT = {"id": 7, "ts": "2026-01-01T00:00:00Z", "actor": "anonymous", "action": "apply", "kind": "Site", "name": "beijing",
+         "reason": "maintenance électrique 北京", "details": {}}
+
+
+@pytest.mark.parametrize(("argv", "body", "shown"), [
+    (["get", "sites"], {"kind": "Site", "items": [SITE]}, "\\u5317\\u4eac"),
+    (["describe", "site", "beijing"], SITE, "region: \"\\u5317\\u4EAC\""),  # the YAML escape
+    (["events"], {"items": [EVENT]}, "maintenance électrique \\u5317\\u4eac"),
+])
+def test_a_table_on_an_output_that_cannot_hold_the_text_prints_escapes(argv: list[str], body: dict[str, Any], shown: str,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A terminal with a latin-1 locale (LANG=de_DE.ISO-8859-1): get, describe and events
+    failed 'unexpectedly ... this is a bug' part way through their output."""
+    raw = io.BytesIO()
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(raw, encoding="latin-1"))
+    _Canned.body = json.dumps(body).encode()
+    with loopback.http_server(_Canned) as url:
+        code = cli_main.main(["--server", url, *argv])
+    sys.stdout.flush()
+    assert code == 0, capsys.readouterr().err
+    assert shown in raw.getvalue().decode("latin-1")
