@@ -1,10 +1,10 @@
 """Reading the files a command is given (manifests, ``--data @FILE``, a scenario, samples).
 
-They are text, and a file that is not UTF-8 (a binary given by mistake) is the user's
-mistake: one line naming the file and the first byte that is not, the same from every
-command, never a decoding error reported as a bug. A byte-order mark at the start (what
-Notepad and PowerShell 5's ``-Encoding utf8`` write) is no part of the text: JSON and YAML
-parsers refuse it or read it as part of the first key.
+They are text: UTF-8, or UTF-16 or UTF-32 behind a byte-order mark (what PowerShell 5's
+``>`` writes), :mod:`orchestrator.unicode_text`. A file that is not (a binary given by
+mistake) is the user's mistake: one line naming the file and the first byte that is not,
+the same from every command, never a decoding error reported as a bug. A byte-order mark is
+no part of the text: JSON and YAML parsers refuse it or read it as part of the first key.
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ import os
 import pathlib
 import sys
 
+from orchestrator import unicode_text
 from orchestrator.cli.http import CliError
 
 
 def read(path: str | pathlib.Path, code: int = 1) -> str:
     """The text of ``path`` without a byte-order mark; :class:`CliError` with exit ``code``
-    when it is not UTF-8. ``OSError`` is the caller's to say (each names its option its own way)."""
+    when it is not text. ``OSError`` is the caller's to say (each names its option its own way)."""
     try:
-        return pathlib.Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CliError(f"{path}: not UTF-8 text (byte {exc.start})", code) from exc
+        return unicode_text.decoded(pathlib.Path(path).read_bytes())
+    except unicode_text.NotText as exc:
+        raise CliError(f"{path}: {exc}", code) from exc
 
 
 def manifest_texts(path: str, seen: set[pathlib.Path] | None = None) -> list[tuple[str, str]]:
@@ -61,8 +62,8 @@ def read_stdin(option: str) -> str:
     if sys.stdin is None or sys.stdin.closed:
         raise CliError(f"{option}: standard input is closed", 2)
     try:
-        return sys.stdin.buffer.read().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CliError(f"{option}: standard input is not UTF-8 text (byte {exc.start})", 2) from None
+        return unicode_text.decoded(sys.stdin.buffer.read())
+    except unicode_text.NotText as exc:
+        raise CliError(f"{option}: standard input is {exc}", 2) from None
     except OSError as exc:
         raise CliError(f"{option}: cannot read standard input: {exc.strerror or exc}", 2) from None

@@ -29,6 +29,7 @@ from typing import Any, TypeGuard
 
 import yaml
 
+from orchestrator import unicode_text
 from orchestrator.manifests import parsing, schema, validation
 from orchestrator.manifests.errors import ManifestError, ManifestIssue
 from orchestrator.manifests.validation import Path, format_path
@@ -319,9 +320,9 @@ def _decode(text: bytes | str, file: str) -> str:
         raise ManifestError([issue])
     if isinstance(text, bytes):
         try:
-            return text.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ManifestError([ManifestIssue(file, None, "", None, f"not UTF-8 text (byte {exc.start})")]) from exc
+            return unicode_text.decoded(text)  # UTF-8, or UTF-16/32 behind a byte-order mark, as YAML 1.1 reads
+        except unicode_text.NotText as exc:
+            raise ManifestError([ManifestIssue(file, None, "", None, str(exc))]) from exc
     return text
 
 

@@ -263,8 +263,9 @@ def test_bad_input_is_one_line_and_no_request_is_sent(argv: list[str], env: dict
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """Refused before anything is sent (the server is a closed port): a usage error (2) or the
     input's own problem (1), said in one line; never a traceback, never "this is a bug"."""
-    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00binary")
-    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00binary")
+    # a PNG's signature: FF FE would be UTF-16's byte-order mark, which a command reads as such
+    (tmp_path / "binary").write_bytes(b"\x89PNG\r\n\x1a\n\x00binary")
+    (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00binary")
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "nan.jsonl").write_text('{"input": [[NaN]], "label": 1}\n')
     (tmp_path / "huge.jsonl").write_text('{"input": [[1.5]], "label": 1}\n{"input": [[1' + "0" * 5000 + ']], "label": 1}\n')

@@ -1,0 +1,66 @@
+"""Manifests and data files saved as UTF-16 or UTF-32 with a byte-order mark, as Windows
+PowerShell 5 writes every ``>`` redirect and ``Out-File`` (``edgeplane get site x -o yaml >
+site.yaml``): YAML 1.1 defines them, kubectl applies them, and so do ``apply -f``, ``--data
+@FILE`` and ``POST /v1/apply``. Without a byte-order mark text is UTF-8, and anything else is
+refused in one line naming the file."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from orchestrator.cli import textfile
+from orchestrator.cli.http import CliError
+from orchestrator.manifests import loader
+from orchestrator.manifests.errors import ManifestError
+
+SITE = """apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata:
+  name: beijing
+  annotations: {description: "北京边缘站点 👩‍💻"}
+spec:
+  tier: edge
+  location: {country: CN, region: 北京, lat: 39.9, lon: 116.4}
+  capacity: {cpu: 4, memoryGiB: 8}
+"""
+
+ENCODED = [
+    pytest.param(SITE.encode("utf-16"), id="utf-16 (PowerShell 5)"),
+    pytest.param(SITE.encode("utf-16-be")[:0] + b"\xfe\xff" + SITE.encode("utf-16-be"), id="utf-16-be"),
+    pytest.param(SITE.replace("\n", "\r\n").encode("utf-16"), id="utf-16 with CRLF"),
+    pytest.param(SITE.encode("utf-32"), id="utf-32"),
+    pytest.param(SITE.encode("utf-8-sig"), id="utf-8 with a byte-order mark"),
+]
+
+
+@pytest.mark.parametrize("raw", ENCODED)
+def test_the_api_reads_a_manifest_with_a_byte_order_mark(raw: bytes) -> None:
+    (doc,) = loader.load_text(raw, "<request>")
+    assert doc.doc.metadata.annotations["description"] == "北京边缘站点 👩‍💻"
+    assert doc.doc.spec.location.region == "北京"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("raw", ENCODED)
+def test_a_command_reads_a_file_with_a_byte_order_mark(raw: bytes, tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "sité de Paris.yaml"
+    path.write_bytes(raw)
+    assert textfile.read(path).replace("\r\n", "\n") == SITE
+    assert [text.replace("\r\n", "\n") for _, text in textfile.manifest_texts(str(path))] == [SITE]
+
+
+def test_utf16_without_a_byte_order_mark_is_refused_naming_the_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_bytes(SITE.encode("utf-16-le"))
+    with pytest.raises(CliError, match=r"site.yaml: not UTF-8 text \(byte \d+\)"):
+        textfile.read(path)
+    with pytest.raises(ManifestError, match=r"not UTF-8 text \(byte \d+\)"):
+        loader.load_text(SITE.encode("utf-16-le"), "<request>")
+
+
+def test_a_broken_utf16_file_is_refused_naming_its_encoding(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_bytes(SITE.encode("utf-16")[:-1])  # cut in the middle of a character
+    with pytest.raises(CliError, match=r"site.yaml: not UTF-16 text \(byte \d+\)"):
+        textfile.read(path)
