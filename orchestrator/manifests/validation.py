@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from typing import Any, Protocol
 
 import pydantic
@@ -109,7 +110,7 @@ def validate(data: Any, walker: Walked, names_only: bool = False) -> schema.Docu
                 message = f"{message}, {hint}"
             elif err["type"] == "string_pattern_mismatch":
                 hint = _PATTERN_HINTS.get(str((err.get("ctx") or {}).get("pattern")), "does not match the expected format")
-                message = f"{err.get('input')!r} is not valid: {hint}"
+                message = f"{err.get('input')!r} is not valid: {hint}{_unseen(err.get('input'))}"
             if message not in messages.setdefault(loc, []):
                 messages[loc].append(message)
         # one issue per field: a value failing every member of a union (name or map,
@@ -119,6 +120,18 @@ def validate(data: Any, walker: Walked, names_only: bool = False) -> schema.Docu
 
 
 _MISSING = "required field is missing"
+
+
+def _unseen(value: Any) -> str:
+    """Names, label keys and values are ASCII: the first character of ``value`` that is not,
+    by its position, code point and name, which the quoted value cannot show (a Cyrillic 'р'
+    looks like 'p'; a zero-width space, a combining accent or a no-break space is not seen)."""
+    if not isinstance(value, str):
+        return ""
+    at, char = next(((i, c) for i, c in enumerate(value, 1) if not c.isascii()), (0, ""))
+    if not char:
+        return ""
+    return f"; its character {at} is U+{ord(char):04X} {unicodedata.name(char, 'with no name')}, not ASCII"
 
 
 def _meant(doc_type: type[pydantic.BaseModel], data: dict[str, Any], loc: Path) -> str | None:
