@@ -19,7 +19,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from orchestrator.gateway import routing
 
@@ -108,6 +108,15 @@ def refusal(exc: BadParameter) -> JSONResponse:
 def no_route(refused: routing.NoRoute) -> JSONResponse:
     """The refusal of the endpoint list's query (the control plane's route, and a standalone gateway's)."""
     return answer(refused.status, refused.reason, Reason(refused.problem) if refused.problem else None, parameter=refused.parameter)
+
+
+def reshaped(refused: Response) -> JSONResponse:
+    """``refused``, a ``{"error": ...}`` of the gateway's own (its admission and readiness,
+    which its model routes answer in the Open Inference Protocol's shape), as an error of the
+    control API, for the endpoint list a standalone gateway serves as the control plane does."""
+    message = json.loads(bytes(refused.body)).get("error", "")
+    kept = {k: v for k, v in refused.headers.items() if k not in ("content-length", "content-type")}
+    return answer(refused.status_code, str(message), headers=kept)
 
 
 def encoded(status: int, message: str, reason: Reason | None = None) -> bytes:

@@ -170,8 +170,8 @@ class StandaloneGateway:
 
     async def _endpoints(self, request: Request) -> Response:
         refused = await self._admit(request)
-        if refused is not None:
-            return refused
+        if refused is not None:  # the control API's shape, as the control plane's own list answers
+            return problems.reshaped(refused)
         caller = self.table.query_caller(request.query_params)
         if isinstance(caller, routing.NoRoute):
             return problems.no_route(caller)

@@ -218,3 +218,35 @@ async def test_while_no_control_plane_answers_a_token_known_valid_is_asked_about
         finally:
             await checker.close()
             await follower.close()
+
+
+async def test_the_endpoint_lists_refusals_name_their_reason_as_the_control_planes_do(tmp_path: Any) -> None:
+    """A standalone gateway's ``GET /v1/endpoints/MODEL`` is the control plane's route: its
+    503 before the first table and its token and rate refusals answered ``{"error": ...}``
+    alone there, where the control plane's own answered with ``reason`` too."""
+    unready = await gatewayd.StandaloneGateway(gatewayd.GatewayConfig(control_planes=(f"http://127.0.0.1:{free_port()}",), port=0)).start()
+    try:
+        async with httpx.AsyncClient(base_url=unready.http_url, timeout=30) as http:
+            resp = await http.get("/v1/endpoints/m")
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "2", resp.text
+        assert resp.json()["reason"] == "ServiceUnavailable" and "no endpoint table" in resp.json()["error"], resp.text
+    finally:
+        await unready.stop()
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        config = gatewayd.GatewayConfig(control_planes=(cp.http_url,), port=0, gateway_auth="token", gateway_rate=0.01, gateway_burst=1.0)
+        gw = await gatewayd.StandaloneGateway(config).start()
+        try:
+            assert await gw.follower.wait_snapshot(0, 60)
+            async with httpx.AsyncClient(base_url=gw.http_url, timeout=30) as http:
+                refused = await http.get("/v1/endpoints/m")
+                limited = await http.get("/v1/endpoints/m")
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer", refused.text
+            assert refused.json()["reason"] == "Unauthorized", refused.text
+            assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1, limited.text
+            assert limited.json()["reason"] == "TooManyRequests", limited.text
+        finally:
+            await gw.stop()
+    finally:
+        await fleet.stop()
