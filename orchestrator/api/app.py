@@ -313,7 +313,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
                 services.agent_revoked(name)  # its open streams end now, not at their next join
             services.changed(f"agent {name} revoked by {caller.identity}")
         else:
-            return problems.answer(404, "revoke tokens/ID or agents/SITE")
+            return problems.answer(404, "revoke tokens/ID or agents/SITE", problems.Reason.NO_ROUTE)  # a path, not an object
         if not ok:
             unknown = f"no token with id {name!r} (edgeplane token list)" if what == "tokens" else f"no agent has joined as site {name!r}"
             return problems.answer(404, unknown, revoked=False)

@@ -71,6 +71,8 @@ def test_what_is_not_there_and_what_is_not_taken(api: httpx.Client) -> None:
     _refusal(api.get("/v1/sites/no-such-site"), 404, "NotFound")
     _refusal(api.get("/v1/gizmos"), 404, "NotFound")
     _refusal(api.get("/v1/no/route/here"), 404, "NoRoute")
+    _refusal(api.post("/v1/revoke/widgets/x"), 404, "NoRoute")  # no such route, not a widget 'x' missing
+    _refusal(api.post("/v1/revoke/tokens/no-such-id"), 404, "NotFound")
     _refusal(api.put("/v1/apply", content=b""), 405, "MethodNotAllowed")
 
 
