@@ -172,7 +172,7 @@ class ServerViews:
         """``GET /v1/placements``: the rows of ``page`` with their replicas' states, built
         in a worker thread but for the agents' states, which the loop owns."""
         if page.after is not None and len(page.after) != 3:
-            raise paging.BadPage("continue is not a token a page of this list gave (metadata.continue)")
+            raise paging.BadPage("continue is not a token a page of this list gave (metadata.continue)", "continue")
         if page.limit is None:  # one such read at a time while the database stalls, whoever asks
             name, read = "placements", self.store.placements
         else:  # a page reads its rows alone (one more: whether a next page has any), not the whole table each time

@@ -153,7 +153,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         kind = catalog.resolve_kind(request.path_params["kind"])
         page = paging.parse(request.query_params, kind)
         if page.after is not None and len(page.after) != 1:
-            raise paging.BadPage("continue is not a token a page of this list gave (metadata.continue)")
+            raise paging.BadPage("continue is not a token a page of this list gave (metadata.continue)", "continue")
         found = await store.run(store.list, kind, page.after[0] if page.after else None,
                                 None if page.limit is None else page.limit + 1)  # one more: whether a next page has any
         more = page.limit is not None and len(found) > page.limit

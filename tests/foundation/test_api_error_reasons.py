@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from orchestrator import client as client_mod
-from orchestrator.api import problems
+from orchestrator.api import paging, problems
 from orchestrator.manifests import loader
 
 from . import support
@@ -53,6 +53,8 @@ def test_a_stale_resource_version_and_a_model_in_use_are_two_conflicts(api: http
     ("/v1/sites", {"limit": "0"}, "InvalidParameter", "limit"),
     ("/v1/sites", [("limit", "1"), ("limit", "2")], "RepeatedParameter", "limit"),
     ("/v1/events", {"since": "yesterday"}, "InvalidParameter", "since"),
+    ("/v1/sites", {"limit": "1", "continue": paging.continue_token("Site", ("a", "b"))}, "InvalidParameter", "continue"),
+    ("/v1/placements", {"limit": "1", "continue": paging.continue_token("placements", ("a",))}, "InvalidParameter", "continue"),
     ("/v1/endpoints/m", {"lat": "north", "lon": "2"}, "InvalidParameter", "lat"),
 ])
 def test_a_query_parameter_refused_is_named_and_why(api: httpx.Client, path: str, params: Any, reason: str, parameter: str) -> None:
