@@ -12,6 +12,7 @@ Both backends run it as written, as they do the rest of the shared SQL.
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -51,23 +52,27 @@ class Credentials:
         def _read_lock(self) -> contextlib.AbstractContextManager[Any]: ...
 
     def create_token(self, purpose: str, role: str, ttl_s: float | None, actor: str, description: str = "",
-                     secret: str | None = None) -> tuple[str, TokenInfo]:
+                     secret: str | None = None, models: Sequence[str] = (), residency: Sequence[str] = ()) -> tuple[str, TokenInfo]:
         """Returns ``(secret, info)``; only a digest of the secret is stored. ``secret``: one
-        made beforehand by :func:`new_secret` (to be kept somewhere before the store has it)."""
+        made beforehand by :func:`new_secret` (to be kept somewhere before the store has it).
+        ``models`` and ``residency``: the token's scope (:class:`TokenInfo`), checked by the caller."""
         secret = secret or new_secret(purpose)
         token_id = secret.split("_", 2)[1]
         now = self._clock()
         expires = now + ttl_s if ttl_s else None
         description = storable(description)
         with self._tx() as db:
-            self._log(db, Event(actor, "token-created", "Token", token_id, description or f"{purpose} token", {"role": role, "expiresAt": expires}), now)
+            scope = {"models": list(models), "residency": list(residency)} if models or residency else {}
+            self._log(db, Event(actor, "token-created", "Token", token_id, description or f"{purpose} token",
+                                {"role": role, "expiresAt": expires, **scope}), now)
             db.execute(
-                self._q("INSERT INTO tokens (id, digest, purpose, role, created_at, expires_at, description, created_seq)"
-                        f" VALUES (?, ?, ?, ?, ?, ?, ?, ({TOKEN_CREATED_ID.format('?')}))"),
-                (token_id, digest(secret), purpose, role, now, expires, description, token_id),
+                self._q("INSERT INTO tokens (id, digest, purpose, role, created_at, expires_at, description, created_seq, models, residency)"
+                        f" VALUES (?, ?, ?, ?, ?, ?, ?, ({TOKEN_CREATED_ID.format('?')}), ?, ?)"),
+                (token_id, digest(secret), purpose, role, now, expires, description, token_id, _joined(models), _joined(residency)),
             )
             seq = int(self._one(db, "SELECT created_seq FROM tokens WHERE id = ?", (token_id,))["created_seq"])
-        return secret, TokenInfo(token_id, purpose, role, expires, description, now, created_seq=seq)
+        return secret, TokenInfo(token_id, purpose, role, expires, description, now, created_seq=seq,
+                                 models=tuple(models), residency=tuple(residency))
 
     def verify_token(self, secret: str, purpose: str) -> TokenInfo | None:
         rows = self._fetch(self._q(_TOKEN_ROWS + " WHERE digest = ? AND purpose = ? AND NOT revoked"), (digest(secret), purpose))
@@ -75,13 +80,13 @@ class Credentials:
         if row is None or (row["expires_at"] is not None and row["expires_at"] < self._clock()):
             return None
         return TokenInfo(row["id"], row["purpose"], row["role"], row["expires_at"], row["description"], row["created_at"],
-                         created_seq=int(row["seq"]))
+                         created_seq=int(row["seq"]), models=_split(row["models"]), residency=_split(row["residency"]))
 
     def tokens(self) -> list[TokenInfo]:
         """Every token ever created (no secret, no digest), oldest first: revoked and expired ones too."""
         now = self._clock()
         return [TokenInfo(r["id"], r["purpose"], r["role"], r["expires_at"], r["description"], r["created_at"],
-                          token_state(bool(r["revoked"]), r["expires_at"], now), int(r["seq"]))
+                          token_state(bool(r["revoked"]), r["expires_at"], now), int(r["seq"]), _split(r["models"]), _split(r["residency"]))
                 for r in self._fetch(_TOKEN_ROWS + " ORDER BY created_at, id")]
 
     def prune_tokens(self, before: float, limit: int = 1000, lease: Lease | None = None) -> int:
@@ -175,3 +180,13 @@ class Credentials:
             if n:
                 self._log(db, Event(actor, "agent-revoked", "Site", site, reason), self._clock())
         return bool(n)
+
+
+def _joined(names: Sequence[str]) -> str:
+    """A token's list of names as its column holds it: a JSON array, "" for none (a row made
+    before tokens were scoped holds "" too)."""
+    return json.dumps(list(names)) if names else ""
+
+
+def _split(text: str | None) -> tuple[str, ...]:
+    return tuple(json.loads(text)) if text else ()

@@ -84,7 +84,8 @@ END $$;
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, purpose TEXT NOT NULL,
     role TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION,
-    revoked BOOLEAN NOT NULL DEFAULT FALSE, description TEXT NOT NULL DEFAULT '', created_seq BIGINT
+    revoked BOOLEAN NOT NULL DEFAULT FALSE, description TEXT NOT NULL DEFAULT '', created_seq BIGINT,
+    models TEXT NOT NULL DEFAULT '', residency TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS agents (
     site TEXT PRIMARY KEY, agent_id TEXT NOT NULL, credential_digest TEXT NOT NULL,
@@ -96,6 +97,8 @@ CREATE TABLE IF NOT EXISTS leases (
 ALTER TABLE objects ADD COLUMN IF NOT EXISTS annotations TEXT NOT NULL DEFAULT '{}';  -- databases made before annotations were kept
 ALTER TABLE objects ADD COLUMN IF NOT EXISTS capture_since DOUBLE PRECISION;  -- made before capture turned on again was told apart
 ALTER TABLE tokens ADD COLUMN IF NOT EXISTS created_seq BIGINT;  -- databases made before tokens kept it
+ALTER TABLE tokens ADD COLUMN IF NOT EXISTS models TEXT NOT NULL DEFAULT '';  -- made before tokens were scoped: unscoped
+ALTER TABLE tokens ADD COLUMN IF NOT EXISTS residency TEXT NOT NULL DEFAULT '';
 """ + BACKFILL_TOKEN_SEQ + """;
 CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version BIGINT NOT NULL, body TEXT NOT NULL);
 """ + DELETED_SITES + """;

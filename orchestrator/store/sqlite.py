@@ -86,7 +86,8 @@ CREATE INDEX IF NOT EXISTS events_time ON events (ts);  -- retention deletes the
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, purpose TEXT NOT NULL,
     role TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL,
-    revoked INTEGER NOT NULL DEFAULT 0, description TEXT NOT NULL DEFAULT '', created_seq INTEGER
+    revoked INTEGER NOT NULL DEFAULT 0, description TEXT NOT NULL DEFAULT '', created_seq INTEGER,
+    models TEXT NOT NULL DEFAULT '', residency TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS agents (
     site TEXT PRIMARY KEY, agent_id TEXT NOT NULL, credential_digest TEXT NOT NULL,
@@ -199,9 +200,13 @@ class Store(SqlStore):
                 db.execute("ALTER TABLE objects ADD COLUMN annotations TEXT NOT NULL DEFAULT '{}'")
             if "capture_since" not in columns:  # made before capture turned on again was told apart
                 db.execute("ALTER TABLE objects ADD COLUMN capture_since REAL")
-            if "created_seq" not in {r["name"] for r in db.execute("PRAGMA table_info(tokens)")}:  # made before tokens kept it
+            token_columns = {r["name"] for r in db.execute("PRAGMA table_info(tokens)")}
+            if "created_seq" not in token_columns:  # made before tokens kept it
                 db.execute("ALTER TABLE tokens ADD COLUMN created_seq INTEGER")
                 db.execute(BACKFILL_TOKEN_SEQ)
+            for column in ("models", "residency"):  # made before tokens were scoped: every old token is unscoped
+                if column not in token_columns:
+                    db.execute(f"ALTER TABLE tokens ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
             if any(r["name"] == "version" and r["pk"] for r in db.execute("PRAGMA table_info(deleted_sites)")):
                 datacentre_records.key_by_name(self, db, SCHEMA_DELETED_SITES)  # keyed by name and version for a while
             schema_version.stamp(self, db, found)

@@ -201,6 +201,10 @@ class TokenInfo:
     # the id of its token-created event: where it stands in the store's sequence (a revocation
     # refuses the bootstrap tokens before it); 0 for one made before the store recorded it
     created_seq: int = 0
+    # an API token's scope (docs/security.md): the models it may call at the gateway (empty:
+    # every one) and the residency its requests are held to (ISO codes or groups; empty: the caller's)
+    models: tuple[str, ...] = ()
+    residency: tuple[str, ...] = ()
 
 
 class AgentSaved(enum.Enum):
