@@ -31,7 +31,7 @@ from orchestrator.api import auth, bodies, mediatype, methods, paging, problems
 from orchestrator.api import maintenance as maintenance_api
 from orchestrator.api import simulate as simulate_api
 from orchestrator.gateway import endpoints as endpoints_mod
-from orchestrator.gateway import routing
+from orchestrator.gateway import routing, scoping
 from orchestrator.manifests import loader
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.simulation.scenario import ScenarioError
@@ -260,6 +260,9 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def endpoints(request: Request, caller: auth.Caller) -> Response:
         asking = services.table.query_caller(request.query_params)
+        if not isinstance(asking, routing.NoRoute):
+            model = request.path_params["model"]
+            asking = scoping.bound_query(caller, (model, services.table.target(model)[0]), asking)
         if isinstance(asking, routing.NoRoute):
             return problems.no_route(asking)
         return JSONResponse(services.endpoints_view(request.path_params["model"], asking))
@@ -286,8 +289,20 @@ def build_routes(services: Services) -> list[BaseRoute]:
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TOKEN_TTL_S):
             return problems.answer(400, f"ttlSeconds must be a positive number of seconds, at most {MAX_TOKEN_TTL_S} (10 years)",
                                    field="ttlSeconds")
-        secret, info = await store.run(store.create_token, purpose, role, ttl, caller.identity, str(doc.get("description", ""))[:200])
-        made = {"token": secret, "id": info.id, "purpose": purpose, "role": role, "expiresAt": catalog.rfc3339(info.expires_at)}
+        models, residency = doc.get("models", []), doc.get("residency", [])
+        if (why := scoping.invalid_models(models)) is not None:
+            return problems.answer(400, why, field="models")
+        if (why := scoping.invalid_residency(residency)) is not None:
+            return problems.answer(400, why, field="residency")
+        if (models or residency) and purpose != "api":
+            return problems.answer(400, "only an API token is scoped (models, residency); a bootstrap token admits an agent", field="models")
+        if (models or residency) and role != "read":  # an admin could make itself an unscoped token: the scope would bind nothing
+            return problems.answer(400, "a scoped token (models, residency) has role 'read'", field="role")
+        models, residency = [m.strip() for m in models], scoping.normalised(residency)
+        secret, info = await store.run(store.create_token, purpose, role, ttl, caller.identity, str(doc.get("description", ""))[:200],
+                                       None, models, residency)
+        made = {"token": secret, "id": info.id, "purpose": purpose, "role": role, "expiresAt": catalog.rfc3339(info.expires_at),
+                "models": models, "residency": residency}
         if purpose == "bootstrap" and services.agent_ca_sha256:
             made["caSha256"] = services.agent_ca_sha256  # what the agent pins for its first join
         return JSONResponse(made, status_code=201)
@@ -298,7 +313,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
         paging.refuse_unknown(request.query_params, [], "this list")
         return JSONResponse({"kind": "Token", "items": [
             {"id": t.id, "purpose": t.purpose, "role": t.role, "description": t.description,
-             "createdAt": catalog.rfc3339(t.created_at), "expiresAt": catalog.rfc3339(t.expires_at), "state": t.state}
+             "createdAt": catalog.rfc3339(t.created_at), "expiresAt": catalog.rfc3339(t.expires_at), "state": t.state,
+             "models": list(t.models), "residency": list(t.residency)}
             for t in await store.run(store.tokens)]})
 
     async def revoke(request: Request, caller: auth.Caller) -> Response:

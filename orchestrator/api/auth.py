@@ -49,6 +49,8 @@ STORE_ERROR_LOG_S = 60.0
 class Caller:
     identity: str
     role: str
+    models: tuple[str, ...] = ()  # its token's scope (orchestrator.gateway.scoping): empty, any model
+    residency: tuple[str, ...] = ()
 
     def may_write(self) -> bool:
         return self.role == "admin"
@@ -134,7 +136,8 @@ class Authenticator:
             info = await self.verify(secret)
             if info is None:
                 raise Unauthorized(TOKEN_REFUSED, token_given=True)
-            return Caller(f"token:{info.id}" + (f" ({info.description})" if info.description else ""), info.role)
+            return Caller(f"token:{info.id}" + (f" ({info.description})" if info.description else ""), info.role,
+                          info.models, info.residency)
         if self.required:
             raise Unauthorized(TOKEN_NEEDED, token_given=False)
         return Caller("anonymous", "admin")

@@ -201,7 +201,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
         # time, which the tokens' expiry is on, so that the gateway's own clock is compared with nothing
         left = None if info.expires_at is None else round(info.expires_at - authenticator.store.now(), 3)
         return JSONResponse({"id": info.id, "identity": f"token:{info.id}", "role": info.role, "expiresAt": catalog.rfc3339(info.expires_at),
-                             "expiresInSeconds": left})
+                             "expiresInSeconds": left, "models": list(info.models), "residency": list(info.residency)})
 
     async def wake(request: Request) -> Response:
         if (refused := _refuse_unknown(request)) is not None:

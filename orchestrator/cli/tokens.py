@@ -22,6 +22,10 @@ def cmd_token(api: ApiClient, args: argparse.Namespace) -> int:
     body = {"purpose": "api" if args.role in ("read", "admin") else "bootstrap", "role": args.role, "description": args.description or ""}
     if args.ttl:
         body["ttlSeconds"] = _parse_ttl(args.ttl)
+    if args.model:
+        body["models"] = args.model
+    if args.residency:
+        body["residency"] = [c.strip() for c in args.residency.split(",") if c.strip()] or [args.residency]
     data = api.request("POST", "/v1/tokens", json=body)
     if args.output in ("json", "yaml"):
         render.dump(data, args.output)
@@ -40,8 +44,9 @@ def _list_tokens(api: ApiClient, args: argparse.Namespace) -> int:
     if args.output in ("json", "yaml"):
         render.dump(data, args.output)
         return 0
-    render.table(None, ["ID", "PURPOSE", "ROLE", "STATE", "CREATED", "EXPIRES", "DESCRIPTION"],
-                 [[t["id"], t["purpose"], t["role"], t["state"], t["createdAt"], t["expiresAt"] or "never", t["description"]]
+    render.table(None, ["ID", "PURPOSE", "ROLE", "STATE", "CREATED", "EXPIRES", "MODELS", "RESIDENCY", "DESCRIPTION"],
+                 [[t["id"], t["purpose"], t["role"], t["state"], t["createdAt"], t["expiresAt"] or "never",
+                   ",".join(t.get("models") or ()) or "any", ",".join(t.get("residency") or ()) or "-", t["description"]]
                   for t in data["items"]])
     return 0
 

@@ -88,7 +88,7 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
     caller = owner.gw.caller(request)
     if isinstance(caller, routing.NoRoute):
         owner.gw.refused(route.model, caller.status)
-        return openai_routes.error(caller.status, caller.reason)
+        return openai_routes.caller_error(caller)
     totals = handler.stats.totals(route.deployment)
     totals.requests += 1
     trip = cascade_mod.Trip(mode=mode, failovers=failover.Failovers(owner.gw.metrics.failovers, route.model))

@@ -33,9 +33,11 @@ class ModelCards:
             return refused
         caller = owner.gw.caller(request)
         if isinstance(caller, routing.NoRoute):
-            return openai_routes.error(caller.status, caller.reason)
+            return openai_routes.caller_error(caller)
         data = []
         for name in sorted({*owner.gw.table.models(), *owner.gw.table.cascades}):  # a cascade by its deployment's name too
+            if owner.gw.out_of_scope(request, name) is not None:  # a scoped token sees its own models alone
+                continue
             model, deployment = owner.gw.table.target(name)
             ranked = owner.rank(model, request, caller, limit=1, deployment=deployment)
             if isinstance(ranked, list) and any(r.endpoint.api == routing.API_OPENAI for r in ranked):
@@ -51,6 +53,8 @@ class ModelCards:
             return refused
         if isinstance(named, str):
             return openai_routes.error(400, named, param="model", code="invalid_model")
+        if (why := owner.gw.out_of_scope(request, named.name)) is not None:
+            return openai_routes.scope_error(why)
         # as a chat by that name is routed; an adapter is looked for at the first replica (adapter_lookup)
         model, deployment = owner.gw.table.target(named.name)
         ranked = owner.openai_candidates(model, request, limit=1, deployment=deployment, lora=named.adapter is not None)

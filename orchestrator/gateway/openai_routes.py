@@ -64,7 +64,7 @@ from starlette.types import Receive, Scope, Send
 
 from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
-from orchestrator.gateway import adapter_names, caller_watch, cascade_rules, correlation, event_stream, failover, openai_cascade, openai_models, routing
+from orchestrator.gateway import adapter_names, caller_watch, cascade_rules, correlation, event_stream, failover, openai_cascade, openai_models, routing, scoping
 from orchestrator.gateway.proxy import Gateway, Timed
 from orchestrator.gateway.upstream import OutOfDescriptors, Stream, UpstreamError, UpstreamTimeout
 
@@ -89,6 +89,17 @@ def error(status: int, message: str, *, param: str | None = None, code: str | No
           headers: dict[str, str] | None = None) -> Response:
     return Response(error_body(message, status, param=param, code=code), status_code=status,
                     media_type="application/json", headers=headers)
+
+
+def caller_error(caller: routing.NoRoute) -> Response:
+    """Why the caller's ``X-Edgeplane-*`` headers cannot be routed: 400, or 403 for a residency
+    outside its token's (:mod:`orchestrator.gateway.scoping`)."""
+    return error(caller.status, caller.reason, code=scoping.RESIDENCY_NOT_ALLOWED if caller.status == 403 else None)
+
+
+def scope_error(why: str) -> Response:
+    """The 403 of a model the request's token may not call."""
+    return error(403, why, param="model", code=scoping.MODEL_NOT_ALLOWED)
 
 
 class _Route(Route):
@@ -217,7 +228,7 @@ class OpenAIGateway:
                           limit: int | None = None, deployment: str | None = None, *, lora: bool = False) -> list[routing.Ranked] | Response:
         ranked = self.rank(model, request, caller, limit, deployment, lora=lora)
         if isinstance(ranked, routing.NoRoute):
-            code = "model_not_found" if ranked.status == 404 else None
+            code = {404: "model_not_found", 403: scoping.RESIDENCY_NOT_ALLOWED}.get(ranked.status)
             return error(ranked.status, ranked.reason, param="model" if ranked.status == 404 else None, code=code,
                          headers={"retry-after": str(ranked.retry_after)} if ranked.retry_after is not None else None)
         ours = [r for r in ranked if r.endpoint.api == routing.API_OPENAI]
@@ -281,6 +292,8 @@ class OpenAIGateway:
         if isinstance(named, str):
             return self._refuse(None, error(400, named, param="model", code="invalid_model"))
         model = named.name
+        if (why := self.gw.out_of_scope(request, model)) is not None:
+            return self._refuse(model, scope_error(why))
         stream = body.get("stream")
         if stream is None:  # null is OpenAI's default, false
             stream = False
@@ -288,7 +301,7 @@ class OpenAIGateway:
             return self._refuse(model, error(400, "'stream' must be true or false", param="stream"))
         caller = self.gw.caller(request)
         if isinstance(caller, routing.NoRoute):  # before a cascade runs or a cold model is woken for nothing
-            return self._refuse(model, error(caller.status, caller.reason))
+            return self._refuse(model, caller_error(caller))
         route = self.gw.table.cascades.get(model) if self.gw.cascade is not None else None
         deployment: str | None = None  # a cascade's deployment's name: plain routing among its replicas only
         if route is not None and named.adapter is not None:  # only the stage with the adapter can answer: plain routing

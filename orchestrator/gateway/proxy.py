@@ -15,6 +15,7 @@ Retry-After at once, on every route, and no replica is held to blame.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from orchestrator.gateway import correlation
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import failover
 from orchestrator.gateway import routing
+from orchestrator.gateway import scoping
 from orchestrator.gateway import series
 from orchestrator.gateway.options import COLD_START_S, MAX_BODY
 from orchestrator.gateway.upstream import OutOfDescriptors, UpstreamError, UpstreamPool, UpstreamTimeout
@@ -177,9 +179,21 @@ class Gateway:
             request.headers.get("x-edgeplane-region"),
             request.headers.get("x-edgeplane-residency"),
         )
-        if isinstance(caller, routing.NoRoute) or caller.region is None:
+        if isinstance(caller, routing.NoRoute):
+            return caller
+        held = scoping.held_residency(scoping.token_of(request.scope), caller.residency)
+        if isinstance(held, str):
+            return routing.NoRoute(held, 403)
+        caller = dataclasses.replace(caller, residency=held)
+        if caller.region is None:
             return caller
         return self.table.unknown_region(caller.region) or caller
+
+    def out_of_scope(self, request: Request, name: str) -> str | None:
+        """Why the request's token may not call model ``name`` (a cascade by its deployment's
+        name, or a LoRA adapter's base model), or None (:mod:`orchestrator.gateway.scoping`)."""
+        token = scoping.token_of(request.scope)
+        return None if token is None else scoping.refused_model(token, (name, self._model_of(name)))
 
     def candidates(self, model: str, request: Request, api: str | None = routing.API_V2,
                    caller: routing.Caller | None = None, limit: int | None = None,
@@ -316,6 +330,9 @@ class Gateway:
         refused = await self.admit(request, model, inference=True)
         if refused is not None:
             return refused
+        if (why := self.out_of_scope(request, model)) is not None:
+            self.refused(model, 403)
+            return _error(403, why)
         try:
             body = await bodies.read_body(request, self.max_body)
         except bodies.BodyTooLarge:
@@ -393,7 +410,11 @@ class Gateway:
 
         async def endpoint(request: Request) -> Response:
             refused = await self.admit(request, request.path_params["model"], inference=False)
-            return refused if refused is not None else await handler(request)
+            if refused is not None:
+                return refused
+            if (why := self.out_of_scope(request, request.path_params["model"])) is not None:
+                return _error(403, why)
+            return await handler(request)
 
         return endpoint
 

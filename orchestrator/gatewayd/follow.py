@@ -262,9 +262,13 @@ class TableFollower:
 
 @dataclass(frozen=True)
 class Token:
-    """A valid API token, as the rate limiter keys it."""
+    """A valid API token, as the rate limiter keys it, and its scope as ``GET /v1/whoami``
+    says it (:mod:`orchestrator.gateway.scoping`; an earlier control plane's answer names
+    none: it made no scoped token)."""
 
     id: str
+    models: tuple[str, ...] = ()
+    residency: tuple[str, ...] = ()
 
 
 class Unverifiable(admission.TokenCheckUnavailable):
@@ -339,7 +343,10 @@ def judge(status: int, answer: object, *, now: float, wall: float, ttl_s: float,
     token_id = answer.get("id")
     if not token_id or valid_until <= now:  # expired: refused
         return Verdict(None, now + negative_ttl_s, valid_until)
-    return Verdict(Token(str(token_id)), min(now + ttl_s, valid_until), valid_until)
+    models, residency = answer.get("models") or [], answer.get("residency") or []
+    if not all(isinstance(names, list) and all(isinstance(n, str) for n in names) for names in (models, residency)):
+        return None  # a scope not understood is never read as none
+    return Verdict(Token(str(token_id), tuple(models), tuple(residency)), min(now + ttl_s, valid_until), valid_until)
 
 
 def held(known: Verdict | None, now: float, retry_s: float) -> Verdict:

@@ -40,7 +40,7 @@ from orchestrator.gatewayd import follow
 from orchestrator import runloop, urlpath
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
-from orchestrator.gateway import correlation, openai_routes, options, proxy, routing, series, upstream, wire
+from orchestrator.gateway import correlation, openai_routes, options, proxy, routing, scoping, series, upstream, wire
 from orchestrator.security import admission, ratelimit
 
 log = logging.getLogger("edgeplane.gateway")
@@ -173,9 +173,11 @@ class StandaloneGateway:
         if refused is not None:  # the control API's shape, as the control plane's own list answers
             return problems.reshaped(refused)
         caller = self.table.query_caller(request.query_params)
+        model = request.path_params["model"]
+        if not isinstance(caller, routing.NoRoute):
+            caller = scoping.bound_query(scoping.token_of(request.scope), (model, self.table.target(model)[0]), caller)
         if isinstance(caller, routing.NoRoute):
             return problems.no_route(caller)
-        model = request.path_params["model"]
         return JSONResponse(wire.endpoint_list(self.table.rank(model, caller, self.config.position, api=None), model))
 
     async def _readyz(self, request: Request) -> Response:

@@ -29,6 +29,10 @@ from edgeplane_proto import oip
 from orchestrator.security import bearer, ratelimit
 
 
+#: Where :meth:`GatewayAdmission.check` leaves the token it verified in the request's ASGI
+#: scope, for the routes to read its scope (:mod:`orchestrator.gateway.scoping`).
+TOKEN_KEY = "edgeplane.token"
+
 #: The longest ``Retry-After`` the rate limit gives: a client told to come back in more than a
 #: day is refused in effect, and a header of a number that long helps no one.
 RETRY_AFTER_MAX_S = 86_400
@@ -47,6 +51,12 @@ class VerifiedToken(Protocol):
 
     @property
     def id(self) -> str: ...
+
+    @property
+    def models(self) -> tuple[str, ...]: ...
+
+    @property
+    def residency(self) -> tuple[str, ...]: ...
 
 
 class GatewayAdmission:
@@ -76,6 +86,7 @@ class GatewayAdmission:
         if info is None:
             return _refuse(401, "the gateway needs 'Authorization: Bearer <token>' with a valid API token",
                            {"www-authenticate": "Bearer"})
+        request.scope[TOKEN_KEY] = info  # its scope binds the route (orchestrator.gateway.scoping)
         return self._take(f"token:{info.id}")
 
     def _take(self, key: str) -> Response | None:

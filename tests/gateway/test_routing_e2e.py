@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from orchestrator import client as client_mod
+from orchestrator.gatewayd import server as gatewayd
 from orchestrator.testing import harness
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -66,6 +67,32 @@ async def test_a_residency_that_names_no_country_is_400_never_any_country(fleet:
     assert answers[","].json()["error"].startswith("X-Edgeplane-Residency: ',' names no country")
     assert answers["UK"].json()["error"].startswith("X-Edgeplane-Residency: 'UK' is neither an ISO 3166 alpha-2 country code")
     assert listed.status_code == 400 and "query parameter residency" in listed.text
+
+
+async def test_a_tokens_residency_routes_its_requests_whatever_the_header_leaves_out(fleet: harness.Fleet) -> None:
+    """A token scoped to DE, at a gateway with --gateway-auth token: a caller in Paris that
+    sends no residency is answered from Berlin, not its nearest replica; the FR-only model
+    has no replica it may reach; the endpoint list ranks Berlin alone. An unscoped token's
+    caller is answered from Paris, as before."""
+    secret, _ = fleet.cp.store.create_token("api", "read", None, "test", "tenant de", residency=["DE"])
+    plain, _ = fleet.cp.store.create_token("api", "read", None, "test", "any")
+    config = gatewayd.GatewayConfig(control_planes=(fleet.cp.http_url,), port=0, gateway_auth="token")
+    gw = await gatewayd.StandaloneGateway(config).start()
+    try:
+        assert await gw.follower.wait_snapshot(0, 60)
+        paris = {"x-edgeplane-location": "48.9,2.4"}
+        async with httpx.AsyncClient(base_url=gw.http_url, timeout=60, headers={"authorization": f"Bearer {secret}"}) as http:
+            held = await http.post("/v2/models/intent/infer", json=BODY, headers=paris)
+            fr_only = await http.post("/v2/models/fields/infer", json=BODY, headers=paris)
+            listed = await http.get("/v1/endpoints/intent", params={"lat": "48.9", "lon": "2.4"})
+        async with httpx.AsyncClient(base_url=gw.http_url, timeout=60, headers={"authorization": f"Bearer {plain}"}) as http:
+            free = await http.post("/v2/models/intent/infer", json=BODY, headers=paris)
+    finally:
+        await gw.stop()
+    assert held.status_code == 200 and held.headers["x-edgeplane-site"] == "edge-berlin", held.text
+    assert fr_only.status_code == 503 and "caller's residency (DE)" in fr_only.json()["error"]
+    assert [e["site"] for e in listed.json()["endpoints"]] == ["edge-berlin"], listed.text
+    assert free.status_code == 200 and free.headers["x-edgeplane-site"] == "edge-paris"
 
 
 async def test_names_no_deployment_serves_add_no_metric_series(fleet: harness.Fleet) -> None:

@@ -1,0 +1,111 @@
+"""What a scoped API token lets its caller reach at the gateway (docs/security.md).
+
+Why: a gateway open to many customers' apps (``--gateway-auth token``) needs more than "any
+valid token": a token made for one tenant names the models it may call and the residency its
+requests are held to. Without that, a GDPR-bound tenant's app could call another tenant's
+model, or send ``X-Edgeplane-Residency`` naming a country its data must not reach.
+
+The admission (:mod:`orchestrator.security.admission`) leaves the token it verified in the
+request's ASGI scope (:data:`~orchestrator.security.admission.TOKEN_KEY`); the routes ask
+here, with pure decisions, whether a model is within it and which residency binds the caller.
+An unscoped token (no models, no residency) and a gateway without auth decide nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+import dataclasses
+from typing import Any, Protocol
+
+from orchestrator.gateway import routing
+from orchestrator.manifests import schema
+from orchestrator.scheduler import residency as residency_mod
+from orchestrator.security import admission
+
+#: The OpenAI error codes of a scope's refusals (403, ``permission_error``).
+MODEL_NOT_ALLOWED = "model_not_allowed"
+RESIDENCY_NOT_ALLOWED = "residency_not_allowed"
+
+
+class Scoped(Protocol):
+    """A verified token's scope: the models it may call (empty: any) and the residency entries
+    (ISO 3166 codes or groups such as EU; empty: none) its requests are held to."""
+
+    @property
+    def models(self) -> tuple[str, ...]: ...
+
+    @property
+    def residency(self) -> tuple[str, ...]: ...
+
+
+def token_of(scope: Mapping[str, Any]) -> Scoped | None:
+    """The token the admission verified for the request of ``scope`` (None: auth is off)."""
+    token = scope.get(admission.TOKEN_KEY)
+    return token if token is not None and (getattr(token, "models", ()) or getattr(token, "residency", ())) else None
+
+
+def refused_model(token: Scoped | None, names: Iterable[str]) -> str | None:
+    """Why ``token`` may not call the model a request names (``names``: the name it gave and,
+    for a cascade called by its deployment's name or a LoRA adapter, what it resolves to; any
+    one listed will do), or None when it may."""
+    if token is None or not token.models:
+        return None
+    names = list(names)
+    if any(name in token.models for name in names):
+        return None
+    return f"this token may call only models {', '.join(map(repr, token.models))}, not {names[0]!r}"
+
+
+def held_residency(token: Scoped | None, asked: frozenset[str], given_as: str = "X-Edgeplane-Residency") -> frozenset[str] | str:
+    """The countries a caller is held to: ``asked`` (the caller's own, empty: any) when the
+    token binds none; else the token's, or ``asked`` when it lies within them (a narrower
+    one). A request asking for a country outside the token's is refused (the string says why),
+    not quietly answered from elsewhere than it asked."""
+    if token is None or not token.residency:
+        return asked
+    bound = residency_mod.expand_residency(list(token.residency))
+    if not asked:
+        return bound
+    if asked <= bound:
+        return asked
+    own = ",".join(token.residency)
+    return (f"{given_as} names {', '.join(sorted(asked - bound))}, outside this token's residency ({own}): "
+            f"leave it out, or name countries within {own}")
+
+
+def bound_query(token: Scoped | None, names: Iterable[str], caller: routing.Caller) -> routing.Caller | routing.NoRoute:
+    """The caller of the endpoint list (``GET /v1/endpoints/{model}``, its query read as
+    ``caller``) as ``token`` binds it: refused 403 for a model outside the token's (``names``
+    as :func:`refused_model`'s) or a ``residency`` parameter outside its residency."""
+    if (why := refused_model(token, names)) is not None:
+        return routing.NoRoute(why, 403, problem="Forbidden")
+    held = held_residency(token, caller.residency, "query parameter residency")
+    if isinstance(held, str):
+        return routing.NoRoute(held, 403, parameter="residency", problem="Forbidden")
+    return dataclasses.replace(caller, residency=held)
+
+
+def invalid_models(models: Any) -> str | None:
+    """Why a token request's ``models`` cannot be stored (None: it can). Names need not be
+    deployed yet: a token is often made before its tenant's model is applied."""
+    if not isinstance(models, list) or not all(isinstance(m, str) and m.strip() and len(m) <= 253 for m in models):
+        return "models must be a list of model names, e.g. [\"intent\"]"
+    return None
+
+
+def invalid_residency(entries: Any) -> str | None:
+    """Why a token request's ``residency`` cannot bind (None: it can): each entry an ISO 3166
+    alpha-2 code or a known group, as a manifest's residency."""
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        return "residency must be a list of ISO 3166 alpha-2 codes or groups, e.g. [\"FR\"]"
+    for entry in normalised(entries):
+        try:
+            schema.check_residency(entry)
+        except ValueError:
+            return (f"residency: {entry!r} is neither an ISO 3166 alpha-2 country code (e.g. FR, DE) "
+                    f"nor a known group ({', '.join(schema.RESIDENCY_GROUPS)})")
+    return None
+
+
+def normalised(entries: Collection[str]) -> list[str]:
+    return [e.strip().upper() for e in entries]
