@@ -23,6 +23,7 @@ from orchestrator import client as client_mod
 from orchestrator.cli import chat as chat_cli
 from orchestrator.cli import main as cli
 from orchestrator.gateway import routing
+from orchestrator.gatewayd import server as gatewayd
 from orchestrator.testing import genai_model, harness, manifests
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -142,6 +143,30 @@ async def test_residency_holds_for_chat(sdk: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.APIStatusError) as refused:
         await sdk.chat.completions.create(model="slow", messages=USER, max_tokens=2, extra_headers={"X-Edgeplane-Residency": "DE"})
     assert refused.value.status_code == 503 and "residency" in refused.value.message
+
+
+async def test_a_scoped_tokens_models_and_residency_hold_through_the_sdk(fleet: harness.Fleet) -> None:
+    """At a gateway with --gateway-auth token, a token for chat in DE lists chat alone, is
+    answered from Berlin for a caller in Paris that names no residency, and is refused slow;
+    a token for slow alone lists slow alone, though chat is within its reach too."""
+    assert fleet.cp is not None
+    secret, _ = fleet.cp.store.create_token("api", "read", None, "test", "tenant de", models=["chat"], residency=["DE"])
+    slow_only, _ = fleet.cp.store.create_token("api", "read", None, "test", "tenant slow", models=["slow"])
+    gw = await gatewayd.StandaloneGateway(gatewayd.GatewayConfig(control_planes=(fleet.cp.http_url,), port=0, gateway_auth="token")).start()
+    try:
+        assert await gw.follower.wait_snapshot(0, 60)
+        async with openai.AsyncOpenAI(base_url=f"{gw.http_url}/openai/v1", api_key=secret, max_retries=0, timeout=60) as tenant:
+            listed = [m.id for m in (await tenant.models.list()).data]
+            raw = await tenant.chat.completions.with_raw_response.create(model="chat", messages=USER, max_tokens=2, extra_headers=PARIS)
+            with pytest.raises(openai.PermissionDeniedError) as refused:
+                await tenant.chat.completions.create(model="slow", messages=USER, max_tokens=2)  # type: ignore[arg-type]
+        async with openai.AsyncOpenAI(base_url=f"{gw.http_url}/openai/v1", api_key=slow_only, max_retries=0, timeout=60) as other:
+            assert [m.id for m in (await other.models.list()).data] == ["slow"]
+    finally:
+        await gw.stop()
+    assert listed == ["chat"]
+    assert raw.headers["x-edgeplane-site"] == "edge-berlin"
+    assert refused.value.code == "model_not_allowed"
 
 
 async def test_stop_and_max_tokens_are_honoured(sdk: openai.AsyncOpenAI) -> None:

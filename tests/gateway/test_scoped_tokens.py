@@ -140,6 +140,8 @@ async def test_the_cli_makes_a_scoped_token_and_lists_its_scope(gateway: dict[st
     async with httpx.AsyncClient(base_url=gateway["url"], headers={"authorization": f"Bearer {made['token']}"}) as http:
         assert (await http.post("/v2/models/other/infer", json=BODY)).status_code == 403
         assert (await http.post("/v2/models/intent/infer", json=BODY, headers={"x-edgeplane-residency": "DE"})).status_code == 404
+        await asyncio.to_thread(cli, "revoke", "token", made["id"])  # its kept verdict, scope and all, goes at once
+        assert (await http.post("/v2/models/intent/infer", json=BODY)).status_code == 401
 
 
 async def test_a_standalone_gateway_holds_a_scoped_token_to_its_scope(gateway: dict[str, Any]) -> None:
