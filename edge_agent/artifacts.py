@@ -44,6 +44,12 @@ STALL_GRACE_S = 10.0
 QUIET_SHOWN_S = 5.0
 #: How long a fetch child whose output ended may take to exit before it is killed.
 EXIT_GRACE_S = 5.0
+#: A download slower than this many bytes a second for DEFAULT_SPEED_TIME_S is cut, to be
+#: resumed: a trickle, far under any real thin link (a 64 kbit/s line carries 8000).
+DEFAULT_SPEED_LIMIT = 1000.0
+DEFAULT_SPEED_TIME_S = 60.0
+#: The downloads' socket timeout: a stall this long ends an attempt, to be resumed.
+DEFAULT_TIMEOUT_S = 30.0
 
 
 def check_sha256(sha256: str) -> str:
@@ -71,22 +77,27 @@ class ArtifactCache:
         *,
         allow_file_urls: bool = False,
         max_bytes: int = edge_agent.DEFAULT_MAX_ARTIFACT_GIB << 30,
-        timeout: float = 30.0,
+        timeout: float = DEFAULT_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
         unpack_root: pathlib.Path | None = None,
         max_downloads: int = 0,
+        speed_limit: float = DEFAULT_SPEED_LIMIT,
+        speed_time: float = DEFAULT_SPEED_TIME_S,
     ) -> None:
         """``unpack_root``: where packages are unpacked (``<unpack_root>/<sha256>``), whose
         room a package's download counts too. ``max_downloads``: how many http(s)
         downloads run at once, the others waiting their turn in the order they came (0: no
         limit), for a thin uplink that all of them at once would share, none ready before
-        nearly all are."""
+        nearly all are. ``timeout``: the downloads' socket timeout; ``speed_limit`` (bytes a
+        second, 0: none) and ``speed_time``: an attempt whose bytes come slower than that
+        for that long fails, to be resumed (a trickle never reaches the socket timeout)."""
         self.root = root / "sha256"
         self._unpack_root = unpack_root
         self.root.mkdir(parents=True, exist_ok=True)
         self._allow_file = allow_file_urls
         self._max_bytes = max_bytes
         self._timeout = timeout
+        self._floor = (speed_limit, speed_time)
         self._clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
         self._turns = _Turns(max_downloads) if max_downloads else None
@@ -147,7 +158,8 @@ class ArtifactCache:
         holds (none: no limit); while it waits, ``progress`` hears whose downloads it waits
         for. The turn is kept by a download cut off after bytes came (it resumes within a
         second: giving the turn away would have the downloads take turns at each cut, as
-        slow as all at once), and given back when it ends otherwise or is cancelled."""
+        slow as all at once), and given back when it ends otherwise (too slow included: a
+        trickling server holds up no other model) or is cancelled."""
         if self._turns is None:
             yield
             return
@@ -161,7 +173,7 @@ class ArtifactCache:
         try:
             yield
         except errors.ArtifactUnavailable as exc:
-            if not exc.received:
+            if not exc.received or exc.slow:  # (too slow: the server's fault, maybe, not the link's)
                 turns.give_back(digest)
             raise
         except BaseException:
@@ -217,6 +229,7 @@ class ArtifactCache:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "edge_agent.fetch", url, str(partial),
                 "--timeout", str(self._timeout), "--max-bytes", str(self._max_bytes),
+                "--speed-limit", str(self._floor[0]), "--speed-time", str(self._floor[1]),
                 *(f"--redirect-host={host}" for host in redirect_hosts),
                 *([f"--unpack-into={unpack_into}"] if unpack_into is not None else []),
                 *(["--only-if-tar"] if unpack_into is not None and if_tar else []), f"--parent-pid={os.getpid()}",
@@ -312,6 +325,10 @@ class ArtifactCache:
             return errors.ArtifactUnavailable(f"cannot store artifact {digest[:12]} in the cache {self.root}: {message}")
         if kind == "unavailable":
             return errors.ArtifactUnavailable(message)
+        if kind == "slow":
+            slow = errors.ArtifactUnavailable(message)
+            slow.slow = True
+            return slow
         tail = stderr.decode(errors="replace").strip()[-300:]
         return errors.ArtifactUnavailable(f"download of {url} failed: the fetch process exited with status {code}: {tail}")
 

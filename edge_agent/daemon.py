@@ -57,6 +57,10 @@ class AgentConfig:
     allow_file_artifacts: bool = False
     max_artifact_bytes: int = edge_agent.DEFAULT_MAX_ARTIFACT_GIB << 30  # larger artifacts are refused, not downloaded
     max_downloads: int = 0  # http(s) downloads at once, the others waiting their turn (0: no limit)
+    download_timeout: float = artifacts.DEFAULT_TIMEOUT_S  # a download's socket timeout
+    # a download slower than this many bytes a second for download_speed_time is cut, to resume (0: never)
+    download_speed_limit: int = int(artifacts.DEFAULT_SPEED_LIMIT)
+    download_speed_time: float = artifacts.DEFAULT_SPEED_TIME_S
     country: str = ""
     region: str = ""
     lat: float | None = None
@@ -138,7 +142,9 @@ class Agent:
         self.store = state_store if state_store is not None else state.StateStore(config.data_dir)
         self.cache = artifacts.ArtifactCache(config.data_dir / "cache", allow_file_urls=config.allow_file_artifacts,
                                              max_bytes=config.max_artifact_bytes, unpack_root=self.models_dir,
-                                             max_downloads=config.max_downloads)
+                                             max_downloads=config.max_downloads, timeout=config.download_timeout,
+                                             speed_limit=config.download_speed_limit,
+                                             speed_time=config.download_speed_time)
         load_onnx = functools.partial(onnx.OnnxModel.load, intra_op_threads=self.intra_op_threads,
                                       spin_between_runs=config.spin_between_runs,
                                       spin_after_run_us=config.spin_after_run_us)

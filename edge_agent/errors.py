@@ -36,6 +36,7 @@ class ArtifactUnavailable(ArtifactError):
     def __init__(self, message: str, received: int = 0) -> None:
         super().__init__(message)
         self.received = received  # bytes this attempt added to the partial download, kept for the next one
+        self.slow = False  # ended as too slow (--download-speed-limit): its turn goes to the next download
 
 
 class ArtifactIntegrityError(ArtifactError):

@@ -1,6 +1,7 @@
 """Download one artifact into its ``.partial`` file, in a process of its own.
 
     python -m edge_agent.fetch URL PARTIAL --timeout S --max-bytes N [--redirect-host HOST]...
+                               [--speed-limit BYTES --speed-time S]
                                [--unpack-into DIR [--only-if-tar]] [--parent-pid PID]
 
 (``file://`` URLs too, copied from the start: the agent only passes them on with
@@ -36,7 +37,10 @@ it finished:
 ``{"progress": N, "total": T}``        at most once a second (T is null when unknown)
 ``{"done": N, "sha256": HEX}``         the last line of a finished download
 ``{"error": KIND, "message": TEXT}``   the last line of a failed one (exit 1); KIND is
-                                       ``unavailable`` (worth retrying), ``integrity``, or
+                                       ``unavailable`` (worth retrying: a cut connection,
+                                       a socket timeout), ``slow`` (bytes at under
+                                       ``--speed-limit`` a second over ``--speed-time``:
+                                       worth retrying too), ``integrity``, or
                                        ``disk`` (``PARTIAL`` cannot be written, or the size
                                        announced, twice for a package to unpack (with
                                        ``--only-if-tar``: one whose first bytes, read
@@ -69,7 +73,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from edge_agent import diskspace, tarhead
+from edge_agent import diskspace, pace, tarhead
 from edgeplane_proto import artifact_hosts
 
 CHUNK = 1 << 20
@@ -90,16 +94,17 @@ class Failed(Exception):
 
 def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int,
              redirect_hosts: tuple[str, ...] = (), unpack_into: pathlib.Path | None = None,
-             only_if_tar: bool = False) -> tuple[int, str]:
+             only_if_tar: bool = False, floor: tuple[float, float] = (0, 0)) -> tuple[int, str]:
     """Fetch ``url`` into ``partial`` (resuming over HTTP), fsync it; return its size and
     sha256. ``file://`` URLs are copied from the start (the caller decides whether they
     are allowed). A redirect goes only to ``url``'s host or one of ``redirect_hosts``
     (empty: any). ``unpack_into``: the folder a package unpacks into, where it needs room
     for its own size again (a tar, uncompressed: its members hold less); ``only_if_tar``:
-    an onnx artifact, a package only when its first bytes are a tar's."""
+    an onnx artifact, a package only when its first bytes are a tar's. ``floor``: (bytes a
+    second, seconds) under which the download is too slow and fails (:class:`pace.Floor`)."""
     fh = _claim(partial)
     try:
-        return _download_into(fh, partial, url, timeout, max_bytes, redirect_hosts, unpack_into, only_if_tar)
+        return _download_into(fh, partial, url, timeout, max_bytes, redirect_hosts, unpack_into, only_if_tar, floor)
     except BaseException:
         if os.fstat(fh.fileno()).st_size == 0:  # an attempt that wrote nothing leaves nothing to resume
             partial.unlink(missing_ok=True)
@@ -110,7 +115,7 @@ def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int,
 
 def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float, max_bytes: int,
                    redirect_hosts: tuple[str, ...], unpack_into: pathlib.Path | None,
-                   only_if_tar: bool) -> tuple[int, str]:
+                   only_if_tar: bool, floor: tuple[float, float]) -> tuple[int, str]:
     hasher = hashlib.sha256()
     held, verify_due = os.fstat(fh.fileno()).st_size, _every(PROGRESS_EVERY_S)
 
@@ -149,6 +154,7 @@ def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float
             hasher = hashlib.sha256()
             fh.truncate(0)  # not unlinked: the lock is on this file
         progress_due = _every(PROGRESS_EVERY_S)
+        slow = pace.Floor(*floor, now=time.monotonic(), have=have)
         while True:
             chunk, ahead = (ahead, b"") if ahead else (_read(source, url), b"")
             if not chunk:
@@ -161,6 +167,9 @@ def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float
             _write_all(fh, chunk)
             if progress_due():
                 _emit(progress=have, total=source.total)
+            if slow.too_slow(now := time.monotonic(), have):  # written first: resumed past
+                raise Failed("slow", f"download of {url} too slow: {have - slow.had} bytes in the last "
+                             f"{now - slow.since:.0f} s, under the speed limit of {slow.rate:g} bytes/s")
         fh.flush()
         os.fsync(fh.fileno())
     finally:
@@ -406,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("partial", type=pathlib.Path)
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--max-bytes", type=int, required=True)
+    parser.add_argument("--speed-limit", type=float, default=0.0, metavar="BYTES",
+                        help="fail when fewer than BYTES a second came over --speed-time seconds (0: never)")
+    parser.add_argument("--speed-time", type=float, default=60.0, metavar="S")
     parser.add_argument("--redirect-host", action="append", default=[], metavar="HOST",
                         help="a host a redirect may go to, besides the URL's (exact, or .domain); none: any")
     parser.add_argument("--unpack-into", type=pathlib.Path, metavar="DIR",
@@ -420,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         size, digest = download(args.url, args.partial, timeout=args.timeout, max_bytes=args.max_bytes,
                                 redirect_hosts=tuple(args.redirect_host), unpack_into=args.unpack_into,
-                                only_if_tar=args.only_if_tar)
+                                only_if_tar=args.only_if_tar, floor=(args.speed_limit, args.speed_time))
     except Failed as exc:
         _emit(error=exc.kind, message=str(exc))
         return 1

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 import edge_agent
-from edge_agent import build, errors, runtime
+from edge_agent import artifacts, build, errors, runtime
 from edgeplane_proto import endpoint_url, logformat
 
 if TYPE_CHECKING:
@@ -311,6 +311,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-downloads", type=_count(0, 64), default=0, metavar="N",
                    help="model downloads run at once, the others waiting their turn in the order they were "
                         "assigned (1 on a thin uplink: the first model serves sooner); 0: no limit [0]")
+    p.add_argument("--download-timeout", type=_positive, default=artifacts.DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="a model download's socket timeout: a stall this long ends the attempt, resumed within a "
+                        f"second [{artifacts.DEFAULT_TIMEOUT_S:g}]")
+    p.add_argument("--download-speed-limit", type=_count(0, 2**40), default=int(artifacts.DEFAULT_SPEED_LIMIT),
+                   metavar="BYTES", help="as curl's --speed-limit: a model download slower than BYTES a second for "
+                   "--download-speed-time ends the attempt, resumed within a second (a trickle never reaches the "
+                   f"socket timeout); 0: never [{artifacts.DEFAULT_SPEED_LIMIT:g}]")
+    p.add_argument("--download-speed-time", type=_positive, default=artifacts.DEFAULT_SPEED_TIME_S, metavar="SECONDS",
+                   help=f"see --download-speed-limit [{artifacts.DEFAULT_SPEED_TIME_S:g}]")
     p.add_argument("--max-request-bytes", type=_count(1, 2**40), default=edge_agent.DEFAULT_MAX_REQUEST_BYTES,
                    help="largest request body (over gRPC at most 2 GiB less a byte, gRPC's own ceiling) "
                         f"[{edge_agent.DEFAULT_MAX_REQUEST_BYTES}]")
@@ -378,6 +387,9 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         allow_file_artifacts=args.allow_file_artifacts,
         max_artifact_bytes=int(args.max_artifact_gb * (1 << 30)),
         max_downloads=args.max_downloads,
+        download_timeout=args.download_timeout,
+        download_speed_limit=args.download_speed_limit,
+        download_speed_time=args.download_speed_time,
         country=args.country,
         region=args.region,
         lat=args.lat,

@@ -39,6 +39,25 @@ class Pace:
         return max(0, last - first) / (end - start)
 
 
+class Floor:
+    """curl's ``--speed-limit``/``--speed-time``: an attempt whose bytes came at under
+    ``rate`` bytes a second on average over ``window`` seconds or more is too slow (a link
+    or a middlebox that sends a byte now and then never reaches a socket timeout, and the
+    download would crawl on forever). Counted from the last time the bytes of a whole
+    window came: a stall shorter than the window, bytes before and after, does not trip it.
+    ``rate`` 0: never too slow."""
+
+    def __init__(self, rate: float, window: float, *, now: float, have: int) -> None:
+        self.rate, self.window = rate, window
+        self.since, self.had = now, have  # when the floor was last met, and the bytes held then
+
+    def too_slow(self, now: float, have: int) -> bool:
+        if have - self.had >= self.rate * self.window:
+            self.since, self.had = now, have
+            return False
+        return self.rate > 0 and now - self.since >= self.window
+
+
 def describe(have: int, total: int | None, rate: float | None) -> str:
     """``40% of 812.3 MB at 2.0 Mbit/s, about 32 min left`` (what is known of it)."""
     done = f"{have / total:.0%} of {total / 1e6:.1f} MB" if total else f"{have / 1e6:.1f} MB"

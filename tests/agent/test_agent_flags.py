@@ -47,6 +47,9 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
     (["--site", "edge-x", "--inline-max-ms", "-5"], "argument --inline-max-ms: must be >= 0"),
     (["--site", "edge-x", "--max-artifact-gb", "0"], "argument --max-artifact-gb: must be > 0"),
     (["--site", "edge-x", "--max-downloads", "-1"], "argument --max-downloads: -1 is not from 0 to 64"),
+    (["--site", "edge-x", "--download-timeout", "0"], "argument --download-timeout: must be > 0"),
+    (["--site", "edge-x", "--download-speed-limit", "-1"], "argument --download-speed-limit: -1 is not from 0 to"),
+    (["--site", "edge-x", "--download-speed-time", "0"], "argument --download-speed-time: must be > 0"),
     (["--site", "edge-x", "--drain-timeout", "inf"], "argument --drain-timeout: 'inf' is not a finite number"),
     (["--site", "edge-x", "--log-level", "bogus"], "argument --log-level: invalid choice: 'bogus'"),
     (["--site", "edge-x", "--ca-sha256", "abc"], "argument --ca-sha256: 'abc' is not a SHA-256"),
@@ -145,6 +148,14 @@ def test_downloads_at_once_are_not_limited_unless_asked() -> None:
     assert default.max_downloads == 0
     one = agent_main.config_from_args(agent_main.parser().parse_args(BASE + ["--site", "edge-x", "--max-downloads", "1"]))
     assert one.max_downloads == 1
+
+
+def test_a_download_s_timeout_and_speed_limit_are_curl_s_and_can_be_set() -> None:
+    default = agent_main.config_from_args(agent_main.parser().parse_args(BASE + ["--site", "edge-x"]))
+    assert (default.download_timeout, default.download_speed_limit, default.download_speed_time) == (30.0, 1000, 60.0)
+    thin = agent_main.config_from_args(agent_main.parser().parse_args(
+        BASE + ["--site", "edge-x", "--download-timeout", "90", "--download-speed-limit", "0", "--download-speed-time", "120"]))
+    assert (thin.download_timeout, thin.download_speed_limit, thin.download_speed_time) == (90.0, 0, 120.0)
 
 
 @pytest.mark.parametrize("args", [

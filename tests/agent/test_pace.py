@@ -38,3 +38,23 @@ def test_the_rate_is_that_of_the_last_half_minute() -> None:
     for t in range(61, 81):  # ...then nothing for 20 s: half the window's bytes
         p.add(float(t), 1000 + 60 * 1_000_000)
     assert p.rate() == pytest.approx(10 * 1_000_000 / 30, rel=0.05)
+
+
+def test_a_floor_trips_only_under_its_rate_for_its_whole_time() -> None:
+    floor = pace.Floor(1000, 60.0, now=0.0, have=0)
+    assert not floor.too_slow(20.0, 1)  # a byte every 20 s: not yet the whole time
+    assert not floor.too_slow(40.0, 2)
+    assert floor.too_slow(60.0, 3)  # 3 bytes in 60 s
+
+
+def test_a_floor_is_reset_by_enough_bytes_and_left_alone_by_a_short_stall() -> None:
+    floor = pace.Floor(1000, 60.0, now=0.0, have=0)
+    assert not floor.too_slow(1.0, 250_000)  # 2 Mbit/s: enough for the whole window at once
+    assert not floor.too_slow(41.0, 250_001)  # a stall of 40 s, then bytes again
+    assert not floor.too_slow(42.0, 500_000)
+    assert floor.too_slow(102.0, 500_100)  # then a trickle for 60 s
+
+
+def test_a_floor_of_zero_never_trips() -> None:
+    floor = pace.Floor(0, 60.0, now=0.0, have=0)
+    assert not floor.too_slow(3600.0, 0)

@@ -6,6 +6,7 @@ to a few MB so that each test takes seconds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -205,3 +206,57 @@ async def test_the_bytes_received_count_each_byte_once_across_resumes(
                 continue
     assert link.connections == 3
     assert cache.downloads() == (len(body), 0, 0)
+
+
+async def test_a_trickle_under_the_speed_limit_ends_the_attempt_and_keeps_its_bytes(
+    tmp_path, artifact_server: ArtifactServer, artifact: tuple[str, bytes, str]
+) -> None:
+    """A link (or a middlebox) that sends a few bytes now and then never reaches the socket
+    timeout, so without a floor the download crawls forever. Under the speed limit for the
+    speed time, the attempt ends as a cut one does: failed, its bytes kept for the resume."""
+    name, _, sha = artifact
+    async with thinlink.ThinLink(_upstream(artifact_server), rate=200) as link:
+        cache = artifacts.ArtifactCache(tmp_path, speed_limit=1000, speed_time=2.0)
+        with pytest.raises(errors.ArtifactUnavailable) as failed:
+            await asyncio.wait_for(cache.fetch(f"http://127.0.0.1:{link.port}/{name}", sha), 30)
+    assert re.search(r"too slow: \d+ bytes in the last 2 s, under the speed limit of 1000 bytes/s", str(failed.value)), failed.value
+    assert failed.value.received > 0  # resumed past them, within a second, like a cut
+    assert (cache.root / f"{sha}.partial").stat().st_size == failed.value.received
+
+
+async def test_a_thin_link_above_the_speed_limit_is_left_to_go_on(
+    tmp_path, artifact_server: ArtifactServer, artifact: tuple[str, bytes, str]
+) -> None:
+    name, body, sha = artifact
+    async with thinlink.ThinLink(_upstream(artifact_server), rate=1 << 20) as link:
+        cache = artifacts.ArtifactCache(tmp_path, speed_limit=100 << 10, speed_time=1.0)
+        path = await asyncio.wait_for(cache.fetch(f"http://127.0.0.1:{link.port}/{name}", sha), 30)
+    assert path.read_bytes() == body
+
+
+async def test_a_download_too_slow_gives_its_turn_to_the_next(
+    tmp_path, artifact_server: ArtifactServer, artifact: tuple[str, bytes, str]
+) -> None:
+    """A server that trickles is no reason for the models waiting their turn (whose artifacts
+    may come from elsewhere) to wait on: unlike a cut one, a download ended as too slow goes
+    to the back of the queue."""
+    name, body, sha = artifact
+    other = os.urandom(1 << 20)
+    other_sha = hashlib.sha256(other).hexdigest()
+    (artifact_server.root / f"next-{other_sha[:8]}.bin").write_bytes(other)
+    async with thinlink.ThinLink(_upstream(artifact_server), rate=200) as slow, \
+            thinlink.ThinLink(_upstream(artifact_server)) as fast:
+        cache = artifacts.ArtifactCache(tmp_path, max_downloads=1, speed_limit=1000, speed_time=2.0)
+        # (tasks start in the order made: the first takes the turn, the second waits)
+        trickle = asyncio.create_task(cache.fetch(f"http://127.0.0.1:{slow.port}/{name}", sha, name="slow"))
+        waiting = asyncio.create_task(cache.fetch(f"http://127.0.0.1:{fast.port}/next-{other_sha[:8]}.bin", other_sha, name="next"))
+        with pytest.raises(errors.ArtifactUnavailable, match="too slow"):
+            await asyncio.wait_for(trickle, 30)
+        again = asyncio.create_task(cache.fetch(f"http://127.0.0.1:{slow.port}/{name}", sha, name="slow"))  # the retry
+        try:
+            assert (await asyncio.wait_for(waiting, 30)).read_bytes() == other
+            assert not again.done()  # it waits behind, or has only begun again
+        finally:
+            again.cancel()
+            with contextlib.suppress(asyncio.CancelledError, errors.ArtifactUnavailable):
+                await again
