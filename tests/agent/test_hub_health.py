@@ -326,3 +326,20 @@ def test_an_agent_whose_streams_open_and_end_with_no_heartbeat_is_lost_all_the_s
         lost += agent_hub.sweep()
     assert [e.site for e in lost] == ["edge-1"], "an agent that sent no heartbeat for 10 s was never lost"
     assert kinds(events)[-1] == "LOST"
+
+
+def test_a_thin_link_site_asking_a_longer_interval_rides_out_a_stall_the_fleet_s_would_not(clock, events) -> None:
+    """docs/agent.md, "Thin links": edgeplane-agent --heartbeat-interval 20 at a control plane
+    whose interval is 5 s is lost after 3 x 20 s of silence, its own, where its neighbours are
+    lost after 15 s; a satellite stall of 45 s moves none of its replicas."""
+    agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), on_change=events.append, clock=clock,
+                             heartbeat_interval=5.0, missed_heartbeats=3)
+    thin = agent_hub.join(application(heartbeat_interval=20.0))
+    assert thin.heartbeat_interval == 20.0
+    agent_hub.record_heartbeat("edge-1", thin.agent_id, beat())
+    clock.now += 45.0  # the stall
+    assert agent_hub.sweep() == []
+    agent_hub.record_heartbeat("edge-1", thin.agent_id, beat())
+    clock.now += 60.1
+    [lost] = agent_hub.sweep()
+    assert lost.kind is model.AgentEventKind.LOST and "3 x 20s missed" in lost.reason
