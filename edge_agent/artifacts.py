@@ -165,11 +165,7 @@ class ArtifactCache:
             return
         turns = self._turns
         if digest not in turns.holders:
-            if progress is not None and not turns.free():
-                ahead = sorted(turns.holders.values())
-                progress(f"waiting for the download{'s' if len(ahead) > 1 else ''} of {', '.join(ahead)} to end "
-                         f"(--max-downloads {turns.size})")
-            await turns.take(digest, name)
+            await turns.take(digest, name, progress)
         try:
             yield
         except errors.ArtifactUnavailable as exc:
@@ -334,23 +330,24 @@ class ArtifactCache:
 
 
 class _Turns:
-    """``size`` turns at downloading, each held by a digest, handed out in the order asked."""
+    """``size`` turns at downloading, each held by a digest, handed out in the order asked;
+    each download waiting is told whose it waits for, again whenever the turns move on."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.holders: dict[str, str] = {}  # digest: what its download is of
-        self._waiting: dict[str, tuple[str, asyncio.Future[None]]] = {}  # in the order they asked
-
-    def free(self) -> bool:
-        return len(self.holders) < self.size and not self._waiting
+        # digest: (what it is of, its turn, what hears whose it waits for), in the order they asked
+        self._waiting: dict[str, tuple[str, asyncio.Future[None], Callable[[str], None] | None]] = {}
 
     def waiting(self) -> int:
         return len(self._waiting)
 
-    async def take(self, digest: str, name: str) -> None:
+    async def take(self, digest: str, name: str, progress: Callable[[str], None] | None = None) -> None:
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting[digest] = (name, turn)
+        self._waiting[digest] = (name, turn, progress)
         self._hand_out()
+        if digest in self._waiting:
+            self._tell(progress)
         try:
             await turn
         except BaseException:
@@ -359,16 +356,27 @@ class _Turns:
             raise
 
     def give_back(self, digest: str) -> None:
-        if self.holders.pop(digest, None) is not None:
-            self._hand_out()
+        if self.holders.pop(digest, None) is not None and self._hand_out():
+            for _, _, progress in self._waiting.values():
+                self._tell(progress)
 
-    def _hand_out(self) -> None:
+    def _hand_out(self) -> bool:
+        """Whether a turn was handed out."""
+        handed = False
         while len(self.holders) < self.size and self._waiting:
             digest = next(iter(self._waiting))
-            name, turn = self._waiting.pop(digest)
+            name, turn, _ = self._waiting.pop(digest)
             if not turn.done():  # (one cancelled is no longer waiting)
                 self.holders[digest] = name
                 turn.set_result(None)
+                handed = True
+        return handed
+
+    def _tell(self, progress: Callable[[str], None] | None) -> None:
+        if progress is not None:
+            ahead = sorted(self.holders.values())
+            progress(f"waiting for the download{'s' if len(ahead) > 1 else ''} of {', '.join(ahead)} to end "
+                     f"(--max-downloads {self.size})")
 
 
 def _size(path: pathlib.Path) -> int:

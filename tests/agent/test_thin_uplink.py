@@ -155,7 +155,9 @@ async def test_with_one_download_at_a_time_the_first_model_is_not_slowed_by_the_
     assert arrived == shas  # one after the other, in the set's order
     assert link.connections == 3
     assert any("waiting for the download of m0 to end (--max-downloads 1)" in m for m in messages["m1"]), messages["m1"]
-    assert any("waiting for the download of m" in m for m in messages["m2"]), messages["m2"]
+    assert any("waiting for the download of m0 to end" in m for m in messages["m2"]), messages["m2"]
+    # told again when the turn moves on: not still waiting for m0 while m1 downloads
+    assert any("waiting for the download of m1 to end (--max-downloads 1)" in m for m in messages["m2"]), messages["m2"]
 
 
 async def test_a_download_cut_off_keeps_its_turn_and_resumes_before_the_others(
