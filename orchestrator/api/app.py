@@ -87,9 +87,10 @@ def build_routes(services: Services) -> list[BaseRoute]:
     store = services.store
     started = time.monotonic()  # before the gateway answers: its counters start here
 
-    def guarded(handler: Handler, write: bool = False) -> Callable[[Request], Awaitable[Response]]:
+    def guarded(handler: Handler, write: bool = False, scoped: bool = False) -> Callable[[Request], Awaitable[Response]]:
+        """``scoped``: the route takes a scoped token and binds its scope itself (auth.Authenticator.admit)."""
         async def endpoint(request: Request) -> Response:
-            caller = await services.authenticator.admit(request, write=write)
+            caller = await services.authenticator.admit(request, write=write, scoped=scoped)
             if isinstance(caller, Response):
                 return caller
             try:
@@ -374,7 +375,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         Route("/v1/cascades", guarded(cascades), methods=["GET"]),
         Route("/v1/cascades/{name}", guarded(cascades), methods=["GET"]),
         Route("/v1/events", guarded(events), methods=["GET"]),
-        Route("/v1/endpoints/{model}", guarded(endpoints), methods=["GET"]),
+        Route("/v1/endpoints/{model}", guarded(endpoints, scoped=True), methods=["GET"]),
         Route("/v1/tokens", guarded(create_token, write=True), methods=["POST"]),
         Route("/v1/tokens", guarded(list_tokens, write=True), methods=["GET"]),  # admin only, though a read
         Route("/v1/simulate", guarded(simulate), methods=["POST"]),

@@ -41,6 +41,10 @@ STORE_UNAVAILABLE = "the control plane's store does not answer for now; retry la
 STORE_FAILED = "the control plane's store failed; the control plane's log says why"
 TOKEN_NEEDED = "this API needs 'Authorization: Bearer <token>' (see 'edgeplane token create')"
 TOKEN_REFUSED = "the bearer token is unknown, revoked or expired"
+#: Why a scoped token (an app's credential, docs/security.md) is refused every control-API route
+#: but its own: it is made to call its models, and the control API would show it every tenant's.
+SCOPED_REFUSED = ("a scoped token (models, residency) calls models at the gateway and reads nothing of the control API "
+                  "but GET /v1/whoami and GET /v1/endpoints/{model} for its own models; use an unscoped token here")
 #: How often one failure of the token store, the same each time, is logged again while it lasts.
 STORE_ERROR_LOG_S = 60.0
 
@@ -54,6 +58,9 @@ class Caller:
 
     def may_write(self) -> bool:
         return self.role == "admin"
+
+    def scoped(self) -> bool:
+        return bool(self.models or self.residency)
 
 
 class Unauthorized(Exception):
@@ -154,11 +161,13 @@ class Authenticator:
         except store_mod.StoreError:
             return True
 
-    async def admit(self, request: Request, *, write: bool = False, needs: str = "this needs 'admin'") -> Caller | JSONResponse:
+    async def admit(self, request: Request, *, write: bool = False, needs: str = "this needs 'admin'",
+                    scoped: bool = False) -> Caller | JSONResponse:
         """The caller of ``request``, or the answer that refuses it: 400 for a path or query
         holding a NUL character (no name holds one, and PostgreSQL cannot store one: it
         would reach the store as a lookup or an event's name), 401 without a valid token,
-        403 for a ``write`` by a caller who may not (``needs`` says what it takes), 503 with
+        403 for a scoped token unless the route takes one (``scoped``: it binds the scope
+        itself) or for a ``write`` by a caller who may not (``needs`` says what it takes), 503 with
         Retry-After when the store that holds the tokens does not answer for now, 500 when it
         refuses the lookup for what it is (as the API answers the store's errors), neither
         saying what the store said (:func:`store_refusal`)."""
@@ -170,6 +179,8 @@ class Authenticator:
             return unauthorized(str(exc), exc.token_given)
         except store_mod.StoreError as exc:  # 503 for a store that does not answer for now; logged by verify
             return store_refusal(exc, None)
+        if caller.scoped() and not scoped:
+            return problems.answer(403, f"{caller.identity}: {SCOPED_REFUSED}", problems.Reason.FORBIDDEN)
         if write and not caller.may_write():
             return problems.answer(403, f"{caller.identity} has role {caller.role!r}; {needs}")
         return caller

@@ -159,3 +159,34 @@ async def test_a_standalone_gateway_holds_a_scoped_token_to_its_scope(gateway: d
     assert other.status_code == 403 and "not 'other'" in other.json()["error"]
     assert outside.status_code == 403 and listed.status_code == 403
     assert own.status_code == 404
+
+
+#: A scoped token's refusal on the control API: an app's credential calls models, reads nothing else.
+CONTROL_API_REFUSAL = "a scoped token (models, residency) calls models at the gateway and reads nothing of the control API"
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/v1/models"), ("GET", "/v1/sites"), ("GET", "/v1/sites/paris"), ("GET", "/v1/modeldeployments"),
+    ("GET", "/v1/placements"), ("GET", "/v1/events"), ("GET", "/v1/cascades"), ("GET", "/v1/controlplane"),
+    ("GET", "/v1/endpoints"), ("GET", "/v1/endpoints?watch=1"), ("POST", "/v1/wake/intent"), ("POST", "/v1/simulate"),
+    ("GET", "/v1/captures/eu"), ("GET", "/v1/tokens"), ("POST", "/v1/apply"), ("POST", "/v1/distill/intent"),
+    ("POST", "/v1/sites/paris/cordon"),
+])
+async def test_a_scoped_token_reads_nothing_of_the_control_api(gateway: dict[str, Any], method: str, path: str) -> None:
+    async with _client(gateway, "scoped") as http:
+        answer = await http.request(method, path)
+    assert answer.status_code == 403, answer.text
+    assert answer.json()["reason"] == "Forbidden" and CONTROL_API_REFUSAL in answer.json()["error"]
+
+
+async def test_a_scoped_token_still_reaches_whoami_and_its_endpoint_list_and_an_unscoped_read_token_reads_all(
+        gateway: dict[str, Any]) -> None:
+    async with _client(gateway, "scoped") as http:
+        whoami = await http.get("/v1/whoami")
+        own = await http.get("/v1/endpoints/intent")
+    async with _client(gateway, "plain") as http:
+        models = await http.get("/v1/models")
+        table = await http.get("/v1/endpoints")
+    assert whoami.status_code == 200 and whoami.json()["models"] == ["intent", "chat"]
+    assert own.status_code == 200
+    assert models.status_code == 200 and table.status_code in (200, 503)  # 503: no table yet, but admitted
