@@ -159,7 +159,7 @@ def test_api_tokens_with_auth_on(tmp_path: pathlib.Path, offline_fleet: pathlib.
         reader = next(t for t in tokens if t["description"] == "ci")
         assert (reader["role"], reader["state"]) == ("read", "active") and read_token not in json.dumps(tokens)
         table = cli("token", "list", server_url=secured.url, env=as_admin).stdout
-        assert re.search(rf"^{reader['id']}\s+api\s+read\s+active\s+\S+\s+never\s+ci\s*$", table, re.M), table
+        assert re.search(rf"^{reader['id']}\s+api\s+read\s+active\s+\S+\s+never\s+any\s+-\s+ci\s*$", table, re.M), table
         revoked = cli("revoke", "token", reader["id"], "--reason", "leaked in a log", server_url=secured.url, env=as_admin)
         assert revoked.returncode == 0 and revoked.stdout.strip() == f"token {reader['id']} revoked", revoked
         assert cli("get", "sites", server_url=secured.url, env=as_reader).returncode == 1
