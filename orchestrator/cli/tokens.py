@@ -11,6 +11,7 @@ import argparse
 import math
 import sys
 
+from orchestrator import reasons
 from orchestrator.cli import objects, render
 from orchestrator.cli.http import ApiClient, CliError
 from orchestrator.urlpath import path_segment
@@ -27,6 +28,8 @@ def cmd_token(api: ApiClient, args: argparse.Namespace) -> int:
     if args.residency:
         body["residency"] = [c.strip() for c in args.residency.split(",") if c.strip()] or [args.residency]
     data = api.request("POST", "/v1/tokens", json=body)
+    if ("models" in body or "residency" in body) and "models" not in data:
+        _unscoped(api, data)
     if args.output in ("json", "yaml"):
         render.dump(data, args.output)
     else:
@@ -35,6 +38,17 @@ def cmd_token(api: ApiClient, args: argparse.Namespace) -> int:
             print(f"an agent trusts this control plane with: --ca-sha256 {data['caSha256']} (or --ca-file <data-dir>/ca/ca.crt)",
                   file=sys.stderr)
     return 0
+
+
+def _unscoped(api: ApiClient, data: dict[str, object]) -> None:
+    """A control plane of a release before tokens were scoped made the token, read its scope
+    as nothing (its answer names none), and so made a token of every model: revoked at once,
+    never printed."""
+    api.request("POST", f"/v1/revoke/tokens/{path_segment(str(data['id']))}",
+                headers={reasons.HEADER: "made unscoped by a control plane of an earlier release"})
+    raise CliError("the control plane is of an earlier release than this CLI and made a token without its scope "
+                   "(--model, --residency), one that calls every model; it was revoked at once. "
+                   "Make the token again once the control plane (every replica) is upgraded")
 
 
 def _list_tokens(api: ApiClient, args: argparse.Namespace) -> int:
