@@ -5,7 +5,6 @@ unscoped: from a file of that release, and from a replica of it writing during a
 
 from __future__ import annotations
 
-import pathlib
 import sqlite3
 
 from orchestrator.store import StateStore as Store
@@ -28,26 +27,40 @@ def test_a_tokens_scope_is_kept_and_read_by_every_lookup(store: Store) -> None:
     assert "models" not in created[1].details  # an unscoped token's event is as before
 
 
-def test_tokens_from_a_file_made_before_tokens_were_scoped_are_unscoped(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "state.db"
-    s = open_store(path)
+def test_tokens_from_a_store_made_before_tokens_were_scoped_are_unscoped(location: str) -> None:
+    """A file, or a PostgreSQL database, of the release before: the columns are added on
+    start, while another replica of this release holds the store open, and its tokens verify unscoped."""
+    s = open_store(location)
     try:
         secret, old = s.create_token("api", "read", None, "admin")
     finally:
         s.close()
-    db = sqlite3.connect(path)
-    with db:
-        db.execute("ALTER TABLE tokens DROP COLUMN models")
-        db.execute("ALTER TABLE tokens DROP COLUMN residency")
-    db.close()
-    s = open_store(path)
+    _drop_scope_columns(location)
+    s, other = open_store(location), open_store(location)
     try:
         verified = s.verify_token(secret, "api")
         assert verified is not None and verified.id == old.id and (verified.models, verified.residency) == ((), ())
         _, scoped = s.create_token("api", "read", None, "admin", models=["intent"])
-        assert {t.id: t.models for t in s.tokens()} == {old.id: (), scoped.id: ("intent",)}
+        assert {t.id: t.models for t in other.tokens()} == {old.id: (), scoped.id: ("intent",)}
     finally:
         s.close()
+        other.close()
+
+
+def _drop_scope_columns(location: str) -> None:
+    drop = ["ALTER TABLE tokens DROP COLUMN models", "ALTER TABLE tokens DROP COLUMN residency"]
+    if location.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(location) as conn:
+            for statement in drop:
+                conn.execute(statement)
+        return
+    db = sqlite3.connect(location)
+    with db:
+        for statement in drop:
+            db.execute(statement)
+    db.close()
 
 
 def test_a_token_an_earlier_release_writes_during_a_rolling_update_is_unscoped(store: Store, location: str) -> None:
