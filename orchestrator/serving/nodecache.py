@@ -97,6 +97,14 @@ def hold(sha256: str) -> Hold:
     raise OSError(errno.EAGAIN, f"the lock of version {sha256[:12]} in {models_root} keeps being removed")
 
 
+def let_go(held: Hold | None) -> None:
+    """A replica's shutdown (Serve's, or the collector's later: called again, it does
+    nothing): its version let go, then removed unless another replica on the node holds it."""
+    if held is not None:
+        held.release()
+        prune()
+
+
 def prune() -> list[str]:
     """Remove the versions (downloads and unpacked folders) that no replica on this node
     holds, and temporary files and folders of downloads and unpacks cut short; the sha256

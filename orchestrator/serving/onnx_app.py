@@ -122,10 +122,8 @@ class OnnxModel:
         """Serve's shutdown of the replica (the collector may call it again): its version let
         go, and its download and folder removed unless another replica on the node serves it."""
         held: nodecache.Hold | None = getattr(self, "_held", None)  # (none: __init__ failed before it)
-        if held is not None:
-            self._held = None
-            held.release()
-            nodecache.prune()
+        self._held = None
+        nodecache.let_go(held)
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
