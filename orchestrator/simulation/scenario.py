@@ -57,7 +57,7 @@ class _Strict(BaseModel):
 
 class FailSpec(_Strict):
     sites: list[str] = Field(default_factory=list)
-    regions: list[str] = Field(default_factory=list)
+    regions: list[schema.Region] = Field(default_factory=list)
     countries: list[str] = Field(default_factory=list)
     tiers: list[schema.Tier] = Field(default_factory=list)
 
@@ -70,7 +70,7 @@ class FailSpec(_Strict):
 class DemandChange(_Strict):
     """Scale the demand of one region, of one point (lat/lon), or (neither given) of all."""
 
-    region: str | None = None
+    region: schema.Region | None = None
     lat: float | None = Field(default=None, ge=-90, le=90)
     lon: float | None = Field(default=None, ge=-180, le=180)
     factor: float = Field(ge=0, le=1000)

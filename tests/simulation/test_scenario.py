@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
 
 from orchestrator.reconciler import inventory
@@ -133,3 +135,13 @@ def test_merge_adds_flags_to_a_file() -> None:
     b = scenario.Changes(fail_sites=frozenset({"b"}), edits={"x": scenario.SiteEdit(carbon_g_per_kwh=2)})
     m = scenario.merge(a, b)
     assert m.name == "f" and m.fail_sites == frozenset({"a", "b"}) and m.edits["x"].carbon_g_per_kwh == 2
+
+
+def test_a_region_typed_decomposed_names_the_sites_region() -> None:
+    """A drill file saved on a Mac may hold 'Île-de-France' decomposed (NFD); sites' regions are
+    compared composed (NFC), so the scenario's are too, or it would fail a region of no site."""
+    nfc = "Île-de-France"
+    nfd = unicodedata.normalize("NFD", nfc)
+    changes = scenario.parse({"spec": {"fail": {"regions": [nfd]}, "demand": [{"region": nfd, "factor": 2}]}})
+    assert changes.fail_regions == frozenset({nfc})
+    assert [d.region for d in changes.demand] == [nfc]
