@@ -4,7 +4,6 @@ and the caller's position and residency as the gateway and the endpoint list tak
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,9 +58,9 @@ def header_value(value: str | None, name: str, *, text: bool = False) -> str | N
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, not {type(value).__name__}")
     if text:
-        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
+        if not header_text.one_line(value):
             raise ValueError(f"{name} {value!r}: one line of text, without a line break or other control character")
-    elif not all(" " <= c <= "~" for c in value):
+    elif not header_text.printable_ascii(value):
         raise ValueError(f"{name} {value!r}: only printable ASCII travels in an HTTP header (no accents, no line breaks)")
     return value.strip() or None
 

@@ -10,6 +10,7 @@ UTF-8 bytes curl sends for ``-H 'X-Edgeplane-Region: Île-de-France'`` are read 
 
 from __future__ import annotations
 
+import unicodedata
 import urllib.parse
 
 _PREFIX = "UTF-8''"
@@ -17,10 +18,20 @@ _PREFIX = "UTF-8''"
 _ATTR_CHARS = "!#$&+^`|"
 
 
+def printable_ascii(text: str) -> bool:
+    """Whether ``text`` travels in a header as it is (no accent, no line break)."""
+    return all(" " <= c <= "~" for c in text)
+
+
+def one_line(text: str) -> bool:
+    """Whether ``text`` holds no line break or other control character (C0, C1, U+2028, U+2029)."""
+    return not any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
+
+
 def encoded(text: str) -> str:
     """The header value that carries ``text``: itself when it is printable ASCII (and does
     not start as an encoded one does), else its UTF-8 percent-encoded behind ``UTF-8''``."""
-    if all(" " <= c <= "~" for c in text) and not text[:len(_PREFIX)].upper() == _PREFIX:
+    if printable_ascii(text) and not text[:len(_PREFIX)].upper() == _PREFIX:
         return text
     return _PREFIX + urllib.parse.quote(text, safe=_ATTR_CHARS, encoding="utf-8")
 

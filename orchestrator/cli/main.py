@@ -22,11 +22,10 @@ import json
 import os
 import pathlib
 import sys
-import unicodedata
 from typing import Any
 
 import orchestrator
-from orchestrator import argtypes, reasons
+from orchestrator import argtypes, header_text, reasons
 from orchestrator.cli import distill as distill_cli
 from orchestrator.cli import events, objects, render, rollouts, status, tokens
 from orchestrator.cli import maintenance as maintenance_cli
@@ -78,7 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _header_text(text: str) -> str:
     """argparse type of ``--residency``, sent as an HTTP header as it is: a header value holds
     printable ASCII only, and cannot keep blanks at its ends (they are dropped)."""
-    if not all(" " <= c <= "~" for c in text):
+    if not header_text.printable_ascii(text):
         raise argparse.ArgumentTypeError(f"{text!r}: only printable ASCII travels in an HTTP header (no accents, no line breaks)")
     return text.strip()
 
@@ -86,7 +85,7 @@ def _header_text(text: str) -> str:
 def _region_text(text: str) -> str:
     """argparse type of ``--region``: one line in any script ("Île-de-France", "北京"), sent
     encoded as :mod:`orchestrator.header_text` says (so is ``--reason``)."""
-    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text):
+    if not header_text.one_line(text):
         raise argparse.ArgumentTypeError(f"{text!r}: a region is one line of text, without a line break or other control character")
     return text.strip()
 
