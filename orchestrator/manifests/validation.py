@@ -50,6 +50,10 @@ _PATTERN_HINTS = {
     schema.IMPORT_PATH_PATTERN: "expected 'package.module:attribute'",
     schema.PERCENT_PATTERN: "expected a count or a percentage from 0% to 100% such as '25%'",
 }
+#: Those that no character outside ASCII matches: a value one refuses is told its first such
+#: character (:func:`_unseen`); a pattern with ``\w`` or ``\S`` takes any script.
+_ASCII_PATTERNS = {schema.NAME_PATTERN, schema.LABEL_KEY_PATTERN, schema.LABEL_VALUE_PATTERN,
+                   schema.SHA256_PATTERN, schema.PERCENT_PATTERN}
 
 
 #: Written by the control plane, never by a manifest: apply ignores them, so what `get`
@@ -109,8 +113,10 @@ def validate(data: Any, walker: Walked, names_only: bool = False) -> schema.Docu
             elif err["type"] in ("int_type", "float_type") and loc and (hint := _number_hint(loc[-1], err.get("input"))):
                 message = f"{message}, {hint}"
             elif err["type"] == "string_pattern_mismatch":
-                hint = _PATTERN_HINTS.get(str((err.get("ctx") or {}).get("pattern")), "does not match the expected format")
-                message = f"{err.get('input')!r} is not valid: {hint}{_unseen(err.get('input'))}"
+                pattern = str((err.get("ctx") or {}).get("pattern"))
+                hint = _PATTERN_HINTS.get(pattern, "does not match the expected format")
+                unseen = _unseen(err.get("input")) if pattern in _ASCII_PATTERNS else ""
+                message = f"{err.get('input')!r} is not valid: {hint}{unseen}"
             if message not in messages.setdefault(loc, []):
                 messages[loc].append(message)
         # one issue per field: a value failing every member of a union (name or map,

@@ -44,3 +44,14 @@ def test_an_ascii_mistake_is_said_as_before() -> None:
         loader.load_text(site("Paris"), "site.yaml")
     (issue,) = refused.value.issues
     assert issue.message == "'Paris' is not valid: use lowercase letters, digits and '-' (a DNS label, at most 63 characters)"
+
+
+def test_a_field_that_takes_any_script_does_not_blame_its_letters() -> None:
+    """An LLM's source is any text without blanks ('/models/modèle 7b' fails for its space):
+    naming 'è' as the character at fault would send the operator after the wrong one."""
+    from .test_llm_manifests import V, llm_model
+
+    with pytest.raises(ManifestError) as refused:
+        loader.load_text(llm_model((f"{V}.llm.source", "/models/modèle 7b")), "model.yaml")
+    (issue,) = refused.value.issues
+    assert issue.field == f"{V}.llm.source" and "not ASCII" not in issue.message, issue
