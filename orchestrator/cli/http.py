@@ -13,6 +13,7 @@ is a :class:`TlsFailure`, which no waiting mends.
 from __future__ import annotations
 
 import os
+import pathlib
 import ssl
 import sys
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import httpx
 
 from edgeplane_proto import retry_after as retry_header
-from orchestrator import proxyenv, urlpath
+from orchestrator import proxyenv, unicode_text, urlpath
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 #: Items per page when the CLI reads a whole list (a Site's manifest is ~0.5 KB: ~250 KB a page).
@@ -70,13 +71,12 @@ def token_from_env(explicit: str | None) -> str | None:
         return _checked_token(os.environ["EDGEPLANE_TOKEN"], "EDGEPLANE_TOKEN")
     path = os.environ.get("EDGEPLANE_TOKEN_FILE")
     if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                token = fh.read().strip()
+        try:  # UTF-8, or what a byte-order mark says (PowerShell 5's ``>``, Notepad)
+            token = unicode_text.decoded(pathlib.Path(path).read_bytes()).strip()
         except OSError as exc:  # a token the caller meant to send: not silently none
             raise CliError(f"EDGEPLANE_TOKEN_FILE {path}: {exc.strerror or exc}", 2) from None
-        except UnicodeDecodeError as exc:
-            raise CliError(f"EDGEPLANE_TOKEN_FILE {path}: not UTF-8 text (byte {exc.start})", 2) from None
+        except unicode_text.NotText as exc:
+            raise CliError(f"EDGEPLANE_TOKEN_FILE {path}: {exc}", 2) from None
         return _checked_token(token, f"EDGEPLANE_TOKEN_FILE {path}")
     return None
 

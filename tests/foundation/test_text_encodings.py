@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 
-from orchestrator.cli import textfile
+from orchestrator.cli import http, textfile
 from orchestrator.cli.http import CliError
 from orchestrator.manifests import loader
 from orchestrator.manifests.errors import ManifestError
@@ -64,3 +64,13 @@ def test_a_broken_utf16_file_is_refused_naming_its_encoding(tmp_path: pathlib.Pa
     path.write_bytes(SITE.encode("utf-16")[:-1])  # cut in the middle of a character
     with pytest.raises(CliError, match=r"site.yaml: not UTF-16 text \(byte \d+\)"):
         textfile.read(path)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
+def test_a_token_file_powershell_or_notepad_wrote_is_read(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, encoding: str) -> None:
+    """``edgeplane token create ... > token.txt`` in PowerShell 5 writes UTF-16 with a mark,
+    Notepad UTF-8 with one: EDGEPLANE_TOKEN_FILE is the token, the mark no part of it."""
+    (tmp_path / "token.txt").write_text("ept_abc-123\r\n", encoding=encoding)
+    monkeypatch.delenv("EDGEPLANE_TOKEN", raising=False)
+    monkeypatch.setenv("EDGEPLANE_TOKEN_FILE", str(tmp_path / "token.txt"))
+    assert http.token_from_env(None) == "ept_abc-123"
