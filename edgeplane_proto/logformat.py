@@ -158,20 +158,25 @@ class AccessLog:
     known: Callable[[str], bool]
 
     def write(self, request_id: str | None, method: str, route: str | None, model: str | None, site: str | None,
-              status: int | None, bytes_in: int, bytes_out: int, duration_ms: float, grpc_status: str | None = None) -> None:
+              status: int | None, bytes_in: int, bytes_out: int, duration_ms: float, grpc_status: str | None = None,
+              failover: str | None = None) -> None:
         """One request's access line: in text a short line, in JSON these fields. ``route``: the
         path's template (``/v2/models/{model}/infer``), None for a path no route has (the path
         itself may hold anything); ``model``: the name the path gives, written only when known;
         ``status`` the HTTP status, None when no answer was sent or for a gRPC call, whose code
         is ``grpc_status`` by name (``NOT_FOUND``): one JSON field holds one type, which a log
         store's index of it needs; ``site``: the one that answered (at a gateway);
-        both cut to :data:`MAX_VALUE` characters (:func:`access_value`)."""
+        both cut to :data:`MAX_VALUE` characters (:func:`access_value`); ``failover``: the sites
+        a gateway's request moved on from before ``site`` answered (``X-Edgeplane-Failover``),
+        cut alike, written in text only when there are some."""
         model = access_value(model) if model is not None and self.known(model) else None
-        site = access_value(site)
-        self.log.info("%s %s %s model=%s site=%s status=%s in=%d out=%d ms=%.2f", request_id or "-", method, route or "-",
+        site, failover = access_value(site), access_value(failover or None)
+        moved = f" failover={_spaceless(failover)}" if failover else ""
+        self.log.info("%s %s %s model=%s site=%s status=%s in=%d out=%d ms=%.2f%s", request_id or "-", method, route or "-",
                       _spaceless(model), _spaceless(site), grpc_status or (status if status is not None else "-"), bytes_in, bytes_out, duration_ms,
-                      extra={"request_id": request_id, "method": method, "route": route, "model": model, "site": site,
-                             "status": status, "grpc_status": grpc_status, "bytes_in": bytes_in, "bytes_out": bytes_out, "duration_ms": round(duration_ms, 3)})
+                      moved, extra={"request_id": request_id, "method": method, "route": route, "model": model, "site": site,
+                                    "status": status, "grpc_status": grpc_status, "bytes_in": bytes_in, "bytes_out": bytes_out,
+                                    "duration_ms": round(duration_ms, 3), "failover": failover})
 
 
 def access_log(enabled: bool, known: Callable[[str], bool]) -> AccessLog | None:

@@ -498,7 +498,7 @@ class CascadeHandler:
         self.answered(route, answer.stage, started, escalated_at, totals)
         out = {"x-edgeplane-site": answer.site, "x-edgeplane-tier": answer.tier, "x-edgeplane-cascade-stage": variant,
                "x-edgeplane-cascade-sites": ",".join(trip.sites), "x-edgeplane-cascade-escalation": escalation,
-               "x-edgeplane-cascade-energy-j": f"{trip.joules:.6g}"}
+               "x-edgeplane-cascade-energy-j": f"{trip.joules:.6g}", **trip.failovers.header()}
         if confidence is not None:
             out["x-edgeplane-cascade-confidence"] = f"{confidence:.4f}"
         if reason:

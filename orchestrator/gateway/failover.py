@@ -5,7 +5,10 @@ plain v2 and OpenAI routes among one model's replicas, a cascade across its stag
 and a streaming cascade hands its last stage to the OpenAI relay. Each counts in
 ``edgeplane_gateway_failovers_total`` the site of an attempt that failed once another
 replica is tried (the last replica tried counts none: the request moved on from nothing),
-so one :class:`Failovers` per caller request goes with it through all of them.
+so one :class:`Failovers` per caller request goes with it through all of them. The same
+sites, in the order tried, are the answer's ``X-Edgeplane-Failover`` (:func:`header`), which
+the access line carries too: an answer from a replica that is not the caller's nearest says
+when a failover is why.
 
 A replica that answers 503 is not down: its model is not ready yet, or its agent drains,
 and it says when to retry. When every replica a request (or the cascade stage it ended on)
@@ -32,7 +35,8 @@ from prometheus_client import Counter
 from edgeplane_proto import retry_after as retry_header
 from edgeplane_proto.headers import DRAINING, MAX_RETRY_AFTER_S
 
-
+#: The answer's header naming the sites a request moved on from (:meth:`Failovers.header`).
+FAILOVER = "x-edgeplane-failover"
 
 def retry_after_s(value: str | None, now: datetime.datetime | None = None) -> int:
     """A replica's Retry-After in whole seconds, 1 to :data:`MAX_RETRY_AFTER_S`, given in
@@ -86,12 +90,20 @@ class Failovers:
     def __init__(self, counter: Counter | None, model: str) -> None:
         self.counter, self.model = counter, model
         self._failed_at: str | None = None  # the site of the attempt under way or just failed, until it answers
+        self.moved_from: list[str] = []  # the sites moved on from, in the order tried
+
+    def header(self) -> dict[str, str]:
+        """``X-Edgeplane-Failover`` for the answer of the attempt under way: the sites this
+        request moved on from before it, comma-separated in the order tried; none when it moved on from none."""
+        return {FAILOVER: ",".join(self.moved_from)} if self.moved_from else {}
 
     def attempt(self, site: str) -> None:
         """The replica at ``site`` is about to run the request: if the attempt before it
         failed, the request moves on from that one. Until it :meth:`answered`, it counts as failed."""
-        if self._failed_at is not None and self.counter is not None:
-            self.counter.labels(self.model, self._failed_at).inc()
+        if self._failed_at is not None:
+            self.moved_from.append(self._failed_at)
+            if self.counter is not None:
+                self.counter.labels(self.model, self._failed_at).inc()
         self._failed_at = site
 
     def answered(self) -> None:

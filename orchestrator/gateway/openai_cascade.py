@@ -299,7 +299,7 @@ def _headers(req: _Request, stage: int, site: str, tier: str, confidence: float 
              sites: list[str]) -> dict[str, str]:
     out = {"x-edgeplane-site": site, "x-edgeplane-tier": tier, "x-edgeplane-cascade-stage": req.route.stages[stage].variant,
            "x-edgeplane-cascade-sites": ",".join(sites), "x-edgeplane-cascade-escalation": escalation,
-           "x-edgeplane-cascade-energy-j": f"{req.trip.joules:.6g}"}
+           "x-edgeplane-cascade-energy-j": f"{req.trip.joules:.6g}", **req.trip.failovers.header()}
     if confidence is not None:
         out["x-edgeplane-cascade-confidence"] = f"{confidence:.4f}"
     if reason:

@@ -402,7 +402,7 @@ class _Relay(Response):
 
     def _out(self, e: routing.Endpoint) -> dict[str, str]:
         """Headers of the answer ``e`` gives, once it is committed to the caller."""
-        out = {"x-edgeplane-site": e.site, "x-edgeplane-tier": e.tier}
+        out = {"x-edgeplane-site": e.site, "x-edgeplane-tier": e.tier, **self.failovers.header()}
         if self.hooks is not None:
             out.update(self.hooks.committed(e))
         return out

@@ -286,7 +286,7 @@ class Gateway:
                 continue
             if inference:
                 self.metrics.requests.labels(label, e.site, str(status)).inc()
-            out_headers = {"x-edgeplane-site": e.site, "x-edgeplane-tier": e.tier}
+            out_headers = {"x-edgeplane-site": e.site, "x-edgeplane-tier": e.tier, **moves.header()}
             binary = upstream_headers.get(oip.BINARY_HEADER.lower())
             if binary is not None:
                 out_headers[oip.BINARY_HEADER] = binary

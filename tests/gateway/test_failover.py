@@ -34,5 +34,22 @@ def test_a_request_counts_each_replica_it_moved_on_from(steps: list[str], moved_
         else:
             moves.attempt(step)
     assert counted(counter) == moved_on_from
+    assert moves.header() == ({"x-edgeplane-failover": ",".join(moves.moved_from)} if moved_on_from else {})
     assert {s.labels["model"] for m in counter.collect() for s in m.samples} <= {"intent"}
 
+
+
+@pytest.mark.parametrize(("steps", "header"), [
+    pytest.param(["a"], {}, id="the first replica answers"),
+    pytest.param(["a", "b", "c"], {"x-edgeplane-failover": "a,b"}, id="the third answers: both moved on from, in order"),
+    pytest.param(["a", "ok", "b"], {}, id="escalated to a later stage: no failover"),
+    pytest.param(["a", "b", "ok", "c"], {"x-edgeplane-failover": "a"}, id="a failover at the first stage stays named"),
+])
+def test_an_answer_names_the_sites_its_request_moved_on_from(steps: list[str], header: dict[str, str]) -> None:
+    moves = failover.Failovers(None, "intent")
+    for step in steps:
+        if step == "ok":
+            moves.answered()
+        else:
+            moves.attempt(step)
+    assert moves.header() == header
