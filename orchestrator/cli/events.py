@@ -24,11 +24,30 @@ def cmd_events(api: ApiClient, args: argparse.Namespace) -> int:
     return show_events(api, args.output, args.limit, args.since, args.kind, args.name)
 
 
-EVENT_COLUMNS = ["ID", "ACTOR", "ACTION", "KIND", "NAME", "REASON"]
+EVENT_COLUMNS = ["ID", "TIME", "ACTOR", "ACTION", "KIND", "NAME", "SITE", "REASON"]
+#: The columns of an object's own events in ``describe`` (its kind and name are the object's).
+OBJECT_EVENT_COLUMNS = ["ID", "TIME", "ACTOR", "ACTION", "SITE", "REASON"]
 
 
 def _event_row(e: dict[str, Any], reason_width: int | None = None) -> list[Any]:
-    return [e["id"], e["actor"], e["action"], e["kind"], e["name"], e["reason"][:reason_width]]
+    return [e["id"], e.get("ts", ""), e["actor"], e["action"], e["kind"], e["name"], event_site(e), e["reason"][:reason_width]]
+
+
+def object_event_row(e: dict[str, Any]) -> list[Any]:
+    """One of an object's events as ``describe`` lists them (:data:`OBJECT_EVENT_COLUMNS`)."""
+    return [e["id"], e.get("ts", ""), e["actor"], e["action"], event_site(e), e["reason"]]
+
+
+def event_site(e: dict[str, Any]) -> str:
+    """Where an event happened, from its details: a move's ``from->to``, a placement's or
+    removal's site; "" for an event of no one site (an apply, a token)."""
+    details = e.get("details")
+    if not isinstance(details, dict):
+        return ""
+    if details.get("from") and details.get("to"):
+        return f"{details['from']}->{details['to']}"
+    site = details.get("site")
+    return str(site) if site else ""
 
 
 def _events_query(limit: int, since: int | None, kind: str | None, name: str | None) -> dict[str, str]:

@@ -198,7 +198,7 @@ def cmd_describe(api: ApiClient, args: argparse.Namespace) -> int:
     if args.output in ("json", "yaml"):
         render.dump(data, args.output)
         return 0
-    events = data.pop("events", [])
+    described_events = data.pop("events", [])
     render.dump({k: v for k, v in data.items()}, "yaml")
     cascade = data.get("cascade")
     if isinstance(cascade, dict) and cascade.get("capture") is not None:  # as get cascades shows it
@@ -207,9 +207,9 @@ def cmd_describe(api: ApiClient, args: argparse.Namespace) -> int:
         print(f"Captured today: {cascade_cli.captured_today(cascade['capture'])}")
         if (said := cascade_cli.capture_stopped(cascade["name"], cascade["capture"])) is not None:
             print(said)
-    if events:
+    if described_events:
         print("Events:")
-        render.table(None, ["ID", "ACTOR", "ACTION", "REASON"], [[e["id"], e["actor"], e["action"], e["reason"]] for e in events])
+        render.table(None, events.OBJECT_EVENT_COLUMNS, [events.object_event_row(e) for e in described_events])
     return 0
 
 

@@ -356,8 +356,8 @@ def test_a_followed_event_is_one_line_of_its_columns_whatever_its_reason_holds(s
     finally:
         follower.send_signal(signal.SIGINT)
         follower.communicate(timeout=30)
-    assert head.decode().rstrip("\n").split("\t") == ["ID", "ACTOR", "ACTION", "KIND", "NAME", "REASON"], head
-    assert row.decode().rstrip("\n").split("\t") == ["7", "anonymous", "apply", "", "", SHOWN], row
+    assert head.decode().rstrip("\n").split("\t") == ["ID", "TIME", "ACTOR", "ACTION", "KIND", "NAME", "SITE", "REASON"], head
+    assert row.decode().rstrip("\n").split("\t") == ["7", "2026-01-01T00:00:00Z", "anonymous", "apply", "", "", "", SHOWN], row
 
 
 class _Fleet(loopback.CannedHandler):
