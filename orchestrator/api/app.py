@@ -15,6 +15,7 @@ PostgreSQL may wait on a stalled database or another replica's lock.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ from orchestrator.api import maintenance as maintenance_api
 from orchestrator.api import simulate as simulate_api
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing, scoping
-from orchestrator.manifests import loader
+from orchestrator.manifests import loader, schema
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.simulation.scenario import ScenarioError
 from orchestrator.store import sqlite as store_mod
@@ -176,7 +177,10 @@ def build_routes(services: Services) -> list[BaseRoute]:
             return problems.answer(404, f"{kind} {request.path_params['name']!r} does not exist")
         body = catalog.to_manifest(obj)
         if request.query_params.get("describe") in ("1", "true"):
-            body["events"] = [_event(e) for e in await store.run(store.recent_events, kind, obj.name)]
+            # a Site's are those at it: its own, and its replicas' placements, moves and removals
+            recent = (store.run(store.recent_events, None, None, 20, obj.name) if kind == "Site"
+                      else store.run(store.recent_events, kind, obj.name))
+            body["events"] = [_event(e) for e in await recent]
             body.update(await services.describe_extra(kind, obj.name))
         return JSONResponse(body)
 
@@ -222,7 +226,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def events(request: Request, caller: auth.Caller) -> Response:
         q = request.query_params
-        paging.refuse_unknown(q, ["since", "limit", "last", "kind", "name"])
+        paging.refuse_unknown(q, ["since", "limit", "last", "kind", "name", "site"])
         # at most MAX_LIMIT: the store reads no more at a time (fewer, said nowhere, looked like the end)
         limit = paging.whole_number(q["limit"], "limit", 1, paging.MAX_LIMIT) if "limit" in q else 100
         last = paging.whole_number(q["last"], "last", 0, paging.MAX_LIMIT) if "last" in q else 0
@@ -234,12 +238,16 @@ def build_routes(services: Services) -> list[BaseRoute]:
             raise BadQuery("last (the newest events) cannot be combined with since and limit (a page forward from an event)",
                            reason=problems.Reason.BAD_REQUEST)
         kind = catalog.resolve_event_kind(q["kind"]) if q.get("kind") else None
+        site = q.get("site") or None
+        if site is not None and not (len(site) <= 63 and re.fullmatch(schema.NAME_PATTERN, site)):
+            raise BadQuery(f"site must be a site's name (lowercase letters, digits and '-'), not {site[:70]!r}", "site")
         def read() -> tuple[list[Any], str, int, int]:
             # Event ids count from each store's own start: which store answered tells a client that
             # follows them (the console) when ids it read before are another store's; up to which
             # id retention deleted events, when one it asks after may have missed some; and the
             # newest id, when one it read is past it (the store restored from an older backup).
-            found = store.recent_events(kind, q.get("name"), last) if last else store.events(since, limit, kind, q.get("name"))
+            found = (store.recent_events(kind, q.get("name"), last, site) if last
+                     else store.events(since, limit, kind, q.get("name"), site))
             pruned = store.events_pruned_through()
             return found, store.store_id(), pruned, max(store.events_last_id(), pruned)
 

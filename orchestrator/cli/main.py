@@ -176,6 +176,8 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--since", type=argtypes.whole_number(0), metavar="ID", help="the events after this one instead of the newest (to follow the log)")
     sp.add_argument("--kind", help="only this kind (sites, models, modeldeployments, tokens, controlplane, captures)")
     sp.add_argument("--name", help="only objects of this name")
+    sp.add_argument("--site", help="only the events at this site: its own (lost, cordoned, failback) and its replicas' "
+                                   "placements, moves (from or to it) and removals")
     sp.add_argument("-w", "--follow", action="store_true",
                     help="then print each new event as it is logged (one line each; -o json: one JSON object a line) until Ctrl-C")
     with_output(client_parser("status", help="control plane health and a fleet summary"))

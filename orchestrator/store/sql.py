@@ -457,16 +457,19 @@ class SqlStore(Credentials):
             for e in events:
                 self._log(db, e, now)
 
-    def events(self, since: int = 0, limit: int = 100, kind: str | None = None, name: str | None = None) -> list[LoggedEvent]:
-        """Up to ``limit`` events after event ``since``, oldest first."""
-        where, args = _event_filter(kind, name)
+    def events(self, since: int = 0, limit: int = 100, kind: str | None = None, name: str | None = None,
+               site: str | None = None) -> list[LoggedEvent]:
+        """Up to ``limit`` events after event ``since``, oldest first (of ``kind``, named
+        ``name``, at ``site``, when given: :func:`_event_filter`)."""
+        where, args = _event_filter(kind, name, site)
         rows = self._fetch(self._q(f"SELECT * FROM events WHERE id > ?{where} ORDER BY id LIMIT ?"),
                            (since, *args, max(1, min(limit, 10_000))))
         return [_event(r) for r in rows]
 
-    def recent_events(self, kind: str | None = None, name: str | None = None, limit: int = 20) -> list[LoggedEvent]:
-        """The newest ``limit`` events (of ``kind``, named ``name``, when given), oldest first."""
-        where, args = _event_filter(kind, name)
+    def recent_events(self, kind: str | None = None, name: str | None = None, limit: int = 20,
+                      site: str | None = None) -> list[LoggedEvent]:
+        """The newest ``limit`` events (of ``kind``, named ``name``, at ``site``, when given), oldest first."""
+        where, args = _event_filter(kind, name, site)
         rows = self._fetch(self._q(f"SELECT * FROM events WHERE TRUE{where} ORDER BY id DESC LIMIT ?"),
                            (*args, max(1, min(limit, 10_000))))
         return [_event(r) for r in reversed(rows)]
@@ -575,13 +578,25 @@ class SqlStore(Credentials):
             raise Fenced(f"lease {lease.name!r} (token {lease.token}) is no longer held by {lease.holder}; not writing")
 
 
-def _event_filter(kind: str | None, name: str | None) -> tuple[str, list[str]]:
-    """The ``AND …`` clauses (and their arguments) that keep the events of ``kind`` and ``name``."""
+def _event_filter(kind: str | None, name: str | None, site: str | None = None) -> tuple[str, list[str]]:
+    """The ``AND …`` clauses (and their arguments) that keep the events of ``kind`` and
+    ``name``, and those at ``site``: the Site's own (lost, cordoned, a failback) and those
+    whose details name it as a replica's ``site``, or a move's ``from`` or ``to`` (details
+    are stored as canonical JSON: :func:`_canonical`). ``site`` is a site name, a DNS label,
+    which holds none of LIKE's wildcards."""
     where, args = "", []
     for column, value in (("kind", kind), ("name", name)):
         if value:
             where, args = f"{where} AND {column} = ?", [*args, value]
+    if site:
+        named = [f"%{_canonical({key: site})[1:-1]}%" for key in SITE_DETAILS]
+        where += f" AND ((kind = ? AND name = ?) OR {' OR '.join('details LIKE ?' for _ in named)})"
+        args = [*args, "Site", site, *named]
     return where, args
+
+
+#: The keys of an event's details that name the site it happened at (:func:`_event_filter`).
+SITE_DETAILS = ("site", "from", "to")
 
 
 def _event(row: Mapping[str, Any]) -> LoggedEvent:

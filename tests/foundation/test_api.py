@@ -256,6 +256,26 @@ def test_placements_and_events_endpoints(api: httpx.Client, fleet: dict, control
     assert {api.get("/v1/events", params=p).json()["store"] for p in ({"last": 1}, {"since": ids[2]})} == {control_plane.cp.store.store_id()}  # type: ignore[union-attr]
 
 
+def test_events_at_one_site_and_a_sites_describe_name_the_replicas_that_came_and_went(
+        api: httpx.Client, fleet: dict, control_plane: support.ServerThread) -> None:
+    site = sorted(support.example_names()["Site"])[0]
+    store_of(control_plane).record(
+        store_mod.Event("scheduler", "replica-moved", "ModelDeployment", "intent-eu", f"site {site} lost its agent",
+                        {"from": site, "to": "edge-elsewhere", "variant": "int8"}),
+        store_mod.Event("scheduler", "replica-placed", "ModelDeployment", "intent-eu", "new", {"site": "edge-elsewhere", "variant": "int8"}))
+    at_site = api.get("/v1/events", params={"site": site, "last": 1000}).json()["items"]
+    assert at_site and all(e["name"] == site or site in (e["details"].get("site"), e["details"].get("from"), e["details"].get("to"))
+                           for e in at_site)
+    assert "replica-moved" in [e["action"] for e in at_site]  # (a data centre's own events may follow: it is unreachable)
+    assert [e["action"] for e in api.get("/v1/events", params={"site": "edge-elsewhere", "last": 10}).json()["items"]] == [
+        "replica-moved", "replica-placed"]
+    described = api.get(f"/v1/sites/{site}", params={"describe": "true"}).json()
+    assert "replica-moved" in [e["action"] for e in described["events"]]
+    for bad in ("Edge_Lyon", "%", "a" * 64):
+        refused = api.get("/v1/events", params={"site": bad})
+        assert refused.status_code == 400 and refused.json()["parameter"] == "site", refused.text
+
+
 def test_describe_includes_events(api: httpx.Client, fleet: dict) -> None:
     r = api.get("/v1/modeldeployments/intent-eu", params={"describe": "true"})
     assert r.status_code == 200

@@ -25,8 +25,10 @@ APPLIED = {"id": 43, "ts": "2026-12-07T03:14:00Z", "actor": "token:ab12", "actio
 
 class _Handler(loopback.CannedHandler):
     body: bytes = b""
+    asked: list[str] = []
 
     def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        self.asked.append(self.path)
         self.reply(200, self.body)
 
 
@@ -64,3 +66,12 @@ def test_describe_shows_when_and_where_of_its_events(serving: Any, capsys: pytes
     assert table[0].split() == ["ID", "TIME", "ACTOR", "ACTION", "SITE", "REASON"]
     assert table[1].split()[:5] == ["41", "2026-12-07T03:12:04.512Z", "scheduler", "replica-moved", "edge-lyon-1->edge-paris-2"]
     assert table[2].split()[:4] == ["43", "2026-12-07T03:14:00Z", "token:ab12", "apply"]
+
+
+def test_events_of_one_site_are_asked_for_by_its_name(serving: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    url = serving({"items": [MOVED]})
+    _Handler.asked.clear()
+    assert cli_main.main(["--server", url, "events", "--site", "edge-lyon-1", "--kind", "modeldeployments"]) == 0
+    [asked] = _Handler.asked
+    assert asked.startswith("/v1/events?") and "site=edge-lyon-1" in asked and "kind=modeldeployments" in asked, asked
+    assert "edge-lyon-1->edge-paris-2" in capsys.readouterr().out

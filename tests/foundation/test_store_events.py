@@ -136,3 +136,19 @@ def test_a_store_keeps_its_identity_and_another_has_its_own(reopen: Callable[...
         assert other.store_id() != made
     finally:
         other.close()
+
+
+def test_the_events_at_one_site_are_its_own_and_those_whose_replicas_came_or_went_there(store: Store) -> None:
+    store.record(Event("reconciler", "agent-lost", "Site", "edge-lyon-1", "no heartbeat for 30s"),
+                 Event("scheduler", "replica-moved", "ModelDeployment", "intent", "site edge-lyon-1 lost its agent",
+                       {"from": "edge-lyon-1", "to": "edge-paris-2", "variant": "int8"}),
+                 Event("scheduler", "replica-placed", "ModelDeployment", "chat", "new", {"site": "edge-lyon-1", "variant": "q4"}),
+                 Event("scheduler", "replica-placed", "ModelDeployment", "chat", "new", {"site": "edge-lyon-10", "variant": "q4"}),
+                 Event("reconciler", "agent-lost", "Site", "edge-lyon-10", "no heartbeat for 30s"),
+                 Event("alice", "apply", "ModelDeployment", "edge-lyon-1", "a deployment named like the site", {}))
+    at_lyon = [(e.action, e.name) for e in store.events(site="edge-lyon-1")]
+    assert at_lyon == [("agent-lost", "edge-lyon-1"), ("replica-moved", "intent"), ("replica-placed", "chat")]
+    assert [e.action for e in store.events(site="edge-paris-2")] == ["replica-moved"]
+    assert [e.name for e in store.events(kind="ModelDeployment", name="chat", site="edge-lyon-1")] == ["chat"]
+    assert [e.action for e in store.recent_events(site="edge-lyon-1", limit=2)] == ["replica-moved", "replica-placed"]
+    assert store.events(site="edge-nowhere") == []
