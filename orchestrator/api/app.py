@@ -14,6 +14,7 @@ PostgreSQL may wait on a stalled database or another replica's lock.
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import time
@@ -226,7 +227,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def events(request: Request, caller: auth.Caller) -> Response:
         q = request.query_params
-        paging.refuse_unknown(q, ["since", "limit", "last", "kind", "name", "site"])
+        paging.refuse_unknown(q, ["since", "limit", "last", "kind", "name", "site", "after", "before"])
         # at most MAX_LIMIT: the store reads no more at a time (fewer, said nowhere, looked like the end)
         limit = paging.whole_number(q["limit"], "limit", 1, paging.MAX_LIMIT) if "limit" in q else 100
         last = paging.whole_number(q["last"], "last", 0, paging.MAX_LIMIT) if "last" in q else 0
@@ -241,13 +242,14 @@ def build_routes(services: Services) -> list[BaseRoute]:
         site = q.get("site") or None
         if site is not None and not (len(site) <= 63 and re.fullmatch(schema.NAME_PATTERN, site)):
             raise BadQuery(f"site must be a site's name (lowercase letters, digits and '-'), not {site[:70]!r}", "site")
+        after, before = (_event_time(q, bound) for bound in ("after", "before"))
         def read() -> tuple[list[Any], str, int, int]:
             # Event ids count from each store's own start: which store answered tells a client that
             # follows them (the console) when ids it read before are another store's; up to which
             # id retention deleted events, when one it asks after may have missed some; and the
             # newest id, when one it read is past it (the store restored from an older backup).
-            found = (store.recent_events(kind, q.get("name"), last, site) if last
-                     else store.events(since, limit, kind, q.get("name"), site))
+            found = (store.recent_events(kind, q.get("name"), last, site, after, before) if last
+                     else store.events(since, limit, kind, q.get("name"), site, after, before))
             pruned = store.events_pruned_through()
             return found, store.store_id(), pruned, max(store.events_last_id(), pruned)
 
@@ -464,6 +466,23 @@ def _version(request: Request) -> int | None:
 def _reason(request: Request, default: str) -> str:
     """The caller's stated reason (``X-Edgeplane-Reason``), kept short for the event log."""
     return reasons.from_header(request.headers.get(reasons.HEADER), default)
+
+
+def _event_time(query: Any, name: str) -> float | None:
+    """The time of the events' query parameter ``name`` (``after``, ``before``) in epoch
+    seconds: RFC 3339 with its offset (``2026-12-07T03:12:00Z``, ``…+01:00``), as events
+    show theirs; a time without one is refused, not read in some zone the caller did not mean."""
+    text = query.get(name)
+    if text is None:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise BadQuery(f"{name} must be a time in RFC 3339 with its offset, e.g. 2026-12-07T03:12:00Z "
+                       f"or 2026-12-07T04:12:00+01:00, not {text[:40]!r}", name)
+    return when.timestamp()
 
 
 def _event(e: store_mod.LoggedEvent) -> dict[str, Any]:

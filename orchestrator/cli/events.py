@@ -19,9 +19,10 @@ from orchestrator.cli.http import ApiClient, CliError, RetryLater, TlsFailure
 
 
 def cmd_events(api: ApiClient, args: argparse.Namespace) -> int:
+    window = {"site": args.site, "after": args.after, "before": args.before}
     if args.follow:
-        return follow_events(api, args.output, args.limit, args.since, args.kind, args.name, site=args.site)
-    return show_events(api, args.output, args.limit, args.since, args.kind, args.name, site=args.site)
+        return follow_events(api, args.output, args.limit, args.since, args.kind, args.name, **window)
+    return show_events(api, args.output, args.limit, args.since, args.kind, args.name, **window)
 
 
 EVENT_COLUMNS = ["ID", "TIME", "ACTOR", "ACTION", "KIND", "NAME", "SITE", "REASON"]
@@ -50,13 +51,15 @@ def event_site(e: dict[str, Any]) -> str:
     return str(site) if site else ""
 
 
-def _events_query(limit: int, since: int | None, kind: str | None, name: str | None, site: str | None = None) -> dict[str, str]:
+def _events_query(limit: int, since: int | None, kind: str | None, name: str | None, site: str | None = None,
+                  after: str | None = None, before: str | None = None) -> dict[str, str]:
     params = {"since": str(since), "limit": str(limit)} if since is not None else {"last": str(limit)}
-    return params | {k: v for k, v in (("kind", kind), ("name", name), ("site", site)) if v}
+    return params | {k: v for k, v in (("kind", kind), ("name", name), ("site", site), ("after", after), ("before", before)) if v}
 
 
 def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | None = None, kind: str | None = None,
-                  name: str | None = None, every_s: float = 1.0, *, site: str | None = None) -> int:
+                  name: str | None = None, every_s: float = 1.0, *, site: str | None = None, after: str | None = None,
+                  before: str | None = None) -> int:
     """The newest events (or those after ``since``), then each new one as it is logged, one
     line each (``-o json``: one JSON object a line), until interrupted. What to ask next, what
     to say on stderr and how long to wait are :func:`answered` and :func:`unanswered`'s; this
@@ -68,7 +71,7 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
     headed = output != "table"
     while True:
         try:
-            answer = api.request("GET", "/v1/events", params=_events_query(state.page_size, state.since, kind, name, site))
+            answer = api.request("GET", "/v1/events", params=_events_query(state.page_size, state.since, kind, name, site, after, before))
         except CliError as exc:
             wait = wait_to_ask_again(exc, every_s)
             if wait is None:  # refused, not away: asking again would be refused again
@@ -215,10 +218,10 @@ def wait_to_ask_again(exc: CliError, every_s: float) -> float | None:
 
 
 def show_events(api: ApiClient, output: str, limit: int = 50, since: int | None = None, kind: str | None = None,
-                name: str | None = None, *, site: str | None = None) -> int:
+                name: str | None = None, *, site: str | None = None, after: str | None = None, before: str | None = None) -> int:
     """The newest ``limit`` events, or with ``since`` the first ``limit`` after that one; oldest first;
-    of ``kind``, named ``name``, at ``site`` when given."""
-    data = api.request("GET", "/v1/events", params=_events_query(limit, since, kind, name, site))
+    of ``kind``, named ``name``, at ``site``, logged in [``after``, ``before``) when given."""
+    data = api.request("GET", "/v1/events", params=_events_query(limit, since, kind, name, site, after, before))
     if output in ("json", "yaml"):
         render.dump(data, output)
         return 0

@@ -178,6 +178,9 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--name", help="only objects of this name")
     sp.add_argument("--site", help="only the events at this site: its own (lost, cordoned, failback) and its replicas' "
                                    "placements, moves (from or to it) and removals")
+    sp.add_argument("--after", metavar="TIME", help="only those logged at TIME or later: RFC 3339 with its offset, "
+                                                  "as the TIME column shows (2026-12-07T03:00:00Z, 2026-12-07T04:00:00+01:00)")
+    sp.add_argument("--before", metavar="TIME", help="only those logged before TIME (as --after)")
     sp.add_argument("-w", "--follow", action="store_true",
                     help="then print each new event as it is logged (one line each; -o json: one JSON object a line) until Ctrl-C")
     with_output(client_parser("status", help="control plane health and a fleet summary"))

@@ -458,18 +458,20 @@ class SqlStore(Credentials):
                 self._log(db, e, now)
 
     def events(self, since: int = 0, limit: int = 100, kind: str | None = None, name: str | None = None,
-               site: str | None = None) -> list[LoggedEvent]:
+               site: str | None = None, after: float | None = None, before: float | None = None) -> list[LoggedEvent]:
         """Up to ``limit`` events after event ``since``, oldest first (of ``kind``, named
-        ``name``, at ``site``, when given: :func:`_event_filter`)."""
-        where, args = _event_filter(kind, name, site)
+        ``name``, at ``site``, logged at ``after`` or later and before ``before`` (epoch
+        seconds), when given: :func:`_event_filter`)."""
+        where, args = _event_filter(kind, name, site, after, before)
         rows = self._fetch(self._q(f"SELECT * FROM events WHERE id > ?{where} ORDER BY id LIMIT ?"),
                            (since, *args, max(1, min(limit, 10_000))))
         return [_event(r) for r in rows]
 
     def recent_events(self, kind: str | None = None, name: str | None = None, limit: int = 20,
-                      site: str | None = None) -> list[LoggedEvent]:
-        """The newest ``limit`` events (of ``kind``, named ``name``, at ``site``, when given), oldest first."""
-        where, args = _event_filter(kind, name, site)
+                      site: str | None = None, after: float | None = None, before: float | None = None) -> list[LoggedEvent]:
+        """The newest ``limit`` events (of ``kind``, named ``name``, at ``site``, in [``after``,
+        ``before``), when given), oldest first."""
+        where, args = _event_filter(kind, name, site, after, before)
         rows = self._fetch(self._q(f"SELECT * FROM events WHERE TRUE{where} ORDER BY id DESC LIMIT ?"),
                            (*args, max(1, min(limit, 10_000))))
         return [_event(r) for r in reversed(rows)]
@@ -578,12 +580,14 @@ class SqlStore(Credentials):
             raise Fenced(f"lease {lease.name!r} (token {lease.token}) is no longer held by {lease.holder}; not writing")
 
 
-def _event_filter(kind: str | None, name: str | None, site: str | None = None) -> tuple[str, list[str]]:
+def _event_filter(kind: str | None, name: str | None, site: str | None = None, after: float | None = None,
+                  before: float | None = None) -> tuple[str, list[Any]]:
     """The ``AND …`` clauses (and their arguments) that keep the events of ``kind`` and
     ``name``, and those at ``site``: the Site's own (lost, cordoned, a failback) and those
     whose details name it as a replica's ``site``, or a move's ``from`` or ``to`` (details
     are stored as canonical JSON: :func:`_canonical`). ``site`` is a site name, a DNS label,
-    which holds none of LIKE's wildcards."""
+    which holds none of LIKE's wildcards. ``after`` and ``before`` bound when it was logged
+    (epoch seconds, ``after`` included)."""
     where, args = "", []
     for column, value in (("kind", kind), ("name", name)):
         if value:
@@ -592,6 +596,9 @@ def _event_filter(kind: str | None, name: str | None, site: str | None = None) -
         named = [f"%{_canonical({key: site})[1:-1]}%" for key in SITE_DETAILS]
         where += f" AND ((kind = ? AND name = ?) OR {' OR '.join('details LIKE ?' for _ in named)})"
         args = [*args, "Site", site, *named]
+    for clause, value in ((" AND ts >= ?", after), (" AND ts < ?", before)):
+        if value is not None:
+            where, args = where + clause, [*args, value]
     return where, args
 
 

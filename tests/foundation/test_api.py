@@ -276,6 +276,21 @@ def test_events_at_one_site_and_a_sites_describe_name_the_replicas_that_came_and
         assert refused.status_code == 400 and refused.json()["parameter"] == "site", refused.text
 
 
+def test_events_of_a_time_window(api: httpx.Client, fleet: dict) -> None:
+    every = api.get("/v1/events", params={"last": 10_000}).json()["items"]
+    first, last = every[0]["ts"], every[-1]["ts"]  # RFC 3339 in UTC, to the second
+    assert api.get("/v1/events", params={"after": first, "last": 10_000}).json()["items"] == every
+    assert api.get("/v1/events", params={"before": first}).json()["items"] == []
+    newest = api.get("/v1/events", params={"after": last.replace("Z", "+00:00"), "limit": 10_000}).json()["items"]
+    assert newest and all(e["ts"] == last for e in newest)
+    paris = last[:-1] + "+01:00"  # the same wall time an hour east is an hour earlier: every event is after it
+    assert api.get("/v1/events", params={"after": paris, "last": 10_000}).json()["items"] == every
+    for bad in ("03:12", "yesterday", "2026-12-07T03:12:00", "2026-13-07T03:12:00Z"):
+        refused = api.get("/v1/events", params={"after": bad})
+        assert refused.status_code == 400 and refused.json()["parameter"] == "after" and "RFC 3339" in refused.json()["error"], bad
+    assert api.get("/v1/events", params={"before": "soon"}).json()["parameter"] == "before"
+
+
 def test_describe_includes_events(api: httpx.Client, fleet: dict) -> None:
     r = api.get("/v1/modeldeployments/intent-eu", params={"describe": "true"})
     assert r.status_code == 200

@@ -75,3 +75,12 @@ def test_events_of_one_site_are_asked_for_by_its_name(serving: Any, capsys: pyte
     [asked] = _Handler.asked
     assert asked.startswith("/v1/events?") and "site=edge-lyon-1" in asked and "kind=modeldeployments" in asked, asked
     assert "edge-lyon-1->edge-paris-2" in capsys.readouterr().out
+
+
+def test_events_of_a_time_window_are_asked_for_as_given(serving: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    url = serving({"items": [MOVED]})
+    _Handler.asked.clear()
+    argv = ["--server", url, "events", "--after", "2026-12-07T03:00:00Z", "--before", "2026-12-07T04:00:00+01:00"]
+    assert cli_main.main(argv) == 0
+    [asked] = _Handler.asked
+    assert "after=2026-12-07T03%3A00%3A00Z" in asked and "before=2026-12-07T04%3A00%3A00%2B01%3A00" in asked, asked

@@ -152,3 +152,14 @@ def test_the_events_at_one_site_are_its_own_and_those_whose_replicas_came_or_wen
     assert [e.name for e in store.events(kind="ModelDeployment", name="chat", site="edge-lyon-1")] == ["chat"]
     assert [e.action for e in store.recent_events(site="edge-lyon-1", limit=2)] == ["replica-moved", "replica-placed"]
     assert store.events(site="edge-nowhere") == []
+
+
+def test_the_events_of_a_time_window_are_those_logged_in_it(store: Store, clock: FakeClock) -> None:
+    for minute in range(5):
+        store.record(Event("scheduler", "replica-moved", "ModelDeployment", "intent", f"minute {minute}"))
+        clock.now += 60
+    start = clock.now - 5 * 60
+    window = store.events(after=start + 60, before=start + 180)  # [after, before)
+    assert [e.reason for e in window] == ["minute 1", "minute 2"]
+    assert [e.reason for e in store.recent_events(after=start + 60, limit=2)] == ["minute 3", "minute 4"]
+    assert [e.reason for e in store.events(before=start + 60)] == ["minute 0"]
