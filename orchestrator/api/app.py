@@ -306,7 +306,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
         if (why := scoping.invalid_residency(residency)) is not None:
             return problems.answer(400, why, field="residency")
         if (models or residency) and purpose != "api":
-            return problems.answer(400, "only an API token is scoped (models, residency); a bootstrap token admits an agent", field="models")
+            return problems.answer(400, "only an API token of role 'read' is scoped (models, residency): purpose 'api', role 'read' "
+                                          "(edgeplane token create --role read); a bootstrap token admits an agent", field="models")
         if (models or residency) and role != "read":  # an admin could make itself an unscoped token: the scope would bind nothing
             return problems.answer(400, "a scoped token (models, residency) has role 'read'", field="role")
         models, residency = [m.strip() for m in models], scoping.normalised(residency)

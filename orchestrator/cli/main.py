@@ -191,10 +191,10 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--ttl", help="lifetime, e.g. 30m, 2h (bootstrap default 1h; API tokens do not expire unless set)")
     sp.add_argument("--description", help="what the token is for, shown by 'token list'")
     sp.add_argument("--model", action="append", default=[], metavar="NAME",
-                    help="(role read) the token may call this model alone at the gateway (repeat for more; a cascade by its "
+                    help="(needs --role read) the token may call this model alone at the gateway (repeat for more; a cascade by its "
                          "deployment's name, a LoRA adapter by its base model); names need not be deployed yet")
     sp.add_argument("--residency", metavar="CODES",
-                    help="(role read) hold the token's requests to these countries (ISO codes or groups, e.g. FR or FR,DE or EU), "
+                    help="(needs --role read) hold the token's requests to these countries (ISO codes or groups, e.g. FR or FR,DE or EU), "
                          "whatever X-Edgeplane-Residency says; a header naming another country is refused 403")
     sp = with_output(tsub.add_parser("list", parents=[connection],
                                      help="the tokens that work: id, role, times (admin; secrets are never shown); "

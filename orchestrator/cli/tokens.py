@@ -20,6 +20,8 @@ from orchestrator.urlpath import path_segment
 def cmd_token(api: ApiClient, args: argparse.Namespace) -> int:
     if args.token_command == "list":
         return _list_tokens(api, args)
+    if (args.model or args.residency) and args.role != "read":  # the control plane would refuse it: say so before asking
+        raise CliError("--model and --residency scope a read token: add --role read", 2)
     body = {"purpose": "api" if args.role in ("read", "admin") else "bootstrap", "role": args.role, "description": args.description or ""}
     if args.ttl:
         body["ttlSeconds"] = _parse_ttl(args.ttl)

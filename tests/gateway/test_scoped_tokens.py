@@ -120,6 +120,22 @@ async def test_a_scope_that_cannot_bind_is_refused_at_creation(gateway: dict[str
     assert len(listed) == 3  # nothing made: the admin token and the fixture's two
 
 
+async def test_a_bootstrap_token_given_a_scope_is_told_the_role_that_takes_one(gateway: dict[str, Any]) -> None:
+    async with _client(gateway, "admin") as http:
+        answer = await http.post("/v1/tokens", json={"models": ["intent"]})  # purpose bootstrap, as the CLI sends by default
+    assert answer.status_code == 400 and answer.json()["field"] == "models", answer.text
+    assert "role 'read'" in answer.json()["error"] and "--role read" in answer.json()["error"], answer.text
+
+
+@pytest.mark.parametrize("scope", [["--model", "intent"], ["--residency", "FR"], ["--role", "admin", "--model", "intent"]])
+async def test_the_cli_refuses_a_scope_without_role_read_before_asking(scope: list[str], capsys: pytest.CaptureFixture[str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEPLANE_TOKEN", "unused")
+    # nothing listens on port 9: a request sent would be refused as unreachable
+    assert cli_main.main(["--server", "http://127.0.0.1:9", "token", "create", *scope]) == 2
+    assert capsys.readouterr().err == "error: --model and --residency scope a read token: add --role read\n"
+
+
 async def test_the_cli_makes_a_scoped_token_and_lists_its_scope(gateway: dict[str, Any], capsys: pytest.CaptureFixture[str],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEPLANE_TOKEN", gateway["admin"])
