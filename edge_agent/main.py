@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import edge_agent
 from edge_agent import artifacts, build, errors, runtime
-from edgeplane_proto import endpoint_url, logformat
+from edgeplane_proto import endpoint_url, logformat, lookalike
 
 if TYPE_CHECKING:
     from edge_agent import daemon
@@ -92,10 +92,10 @@ def _label(value: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"label {value!r} must be key=value")
     if not re.fullmatch(LABEL_KEY, key):
         raise argparse.ArgumentTypeError(f"label key {key!r} must be letters, digits and '-_./', starting and ending with a "
-                                         "letter or digit, at most 253 characters")
+                                         f"letter or digit, at most 253 characters{lookalike.explain(key)}")
     if not re.fullmatch(LABEL_VALUE, val):
         raise argparse.ArgumentTypeError(f"label {key}={val!r}: a value is empty or letters, digits and '-_.', starting and "
-                                         "ending with a letter or digit, at most 63 characters")
+                                         f"ending with a letter or digit, at most 63 characters{lookalike.explain(val)}")
     return key, val
 
 
@@ -105,7 +105,8 @@ SITE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 def _site(value: str) -> str:
     """The control plane refuses any other name at the join: say so before starting."""
     if not SITE_NAME.fullmatch(value):
-        raise argparse.ArgumentTypeError(f"{value!r} must be a DNS label: lowercase letters, digits and '-', at most 63 characters")
+        raise argparse.ArgumentTypeError(f"{value!r} must be a DNS label: lowercase letters, digits and '-', at most 63 characters"
+                                         f"{lookalike.explain(value)}")
     return value
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from typing import Any, Protocol
 
 import pydantic
 
+from edgeplane_proto import lookalike
 from orchestrator.manifests import fields, schema
 from orchestrator.manifests.errors import ManifestIssue
 
@@ -51,7 +51,7 @@ _PATTERN_HINTS = {
     schema.PERCENT_PATTERN: "expected a count or a percentage from 0% to 100% such as '25%'",
 }
 #: Those that no character outside ASCII matches: a value one refuses is told its first such
-#: character (:func:`_unseen`); a pattern with ``\w`` or ``\S`` takes any script.
+#: character (:func:`edgeplane_proto.lookalike.explain`); a pattern with ``\w`` or ``\S`` takes any script.
 _ASCII_PATTERNS = {schema.NAME_PATTERN, schema.LABEL_KEY_PATTERN, schema.LABEL_VALUE_PATTERN,
                    schema.SHA256_PATTERN, schema.PERCENT_PATTERN}
 
@@ -115,7 +115,7 @@ def validate(data: Any, walker: Walked, names_only: bool = False) -> schema.Docu
             elif err["type"] == "string_pattern_mismatch":
                 pattern = str((err.get("ctx") or {}).get("pattern"))
                 hint = _PATTERN_HINTS.get(pattern, "does not match the expected format")
-                unseen = _unseen(err.get("input")) if pattern in _ASCII_PATTERNS else ""
+                unseen = lookalike.explain(err.get("input")) if pattern in _ASCII_PATTERNS else ""
                 message = f"{err.get('input')!r} is not valid: {hint}{unseen}"
             if message not in messages.setdefault(loc, []):
                 messages[loc].append(message)
@@ -126,18 +126,6 @@ def validate(data: Any, walker: Walked, names_only: bool = False) -> schema.Docu
 
 
 _MISSING = "required field is missing"
-
-
-def _unseen(value: Any) -> str:
-    """Names, label keys and values are ASCII: the first character of ``value`` that is not,
-    by its position, code point and name, which the quoted value cannot show (a Cyrillic 'р'
-    looks like 'p'; a zero-width space, a combining accent or a no-break space is not seen)."""
-    if not isinstance(value, str):
-        return ""
-    at, char = next(((i, c) for i, c in enumerate(value, 1) if not c.isascii()), (0, ""))
-    if not char:
-        return ""
-    return f"; its character {at} is U+{ord(char):04X} {unicodedata.name(char, 'with no name')}, not ASCII"
 
 
 def _meant(doc_type: type[pydantic.BaseModel], data: dict[str, Any], loc: Path) -> str | None:

@@ -22,6 +22,15 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
     (["--site", "edge-x", "--label", "ra ck=a"], "argument --label: label key 'ra ck' must be letters"),
     (["--site", "edge-x", "--label", "rack=" + "a" * 64], "at most 63 characters"),
     (["--site", "x" * 64], "must be a DNS label"),
+    # a look-alike: the character that makes it one is named, as in a manifest
+    (["--site", "\u0440aris"], "must be a DNS label: lowercase letters, digits and '-', at most 63 characters; "
+                              "its character 1 is U+0440 CYRILLIC SMALL LETTER ER, not ASCII"),
+    (["--site", "paris\u200b"], "; its character 6 is U+200B ZERO WIDTH SPACE, not ASCII"),
+    (["--site", "cafe\u0301"], "; its character 5 is U+0301 COMBINING ACUTE ACCENT, not ASCII"),
+    (["--site", "edge-x", "--label", "zone=eu\u00a0west"], "; its character 3 is U+00A0 NO-BREAK SPACE, not ASCII"),
+    (["--site", "edge-x", "--label", "z\u043ene=eu"], "label key 'z\u043ene' must be letters, digits and '-_./', starting and ending "
+                                                     "with a letter or digit, at most 253 characters; its character 2 is U+043E "
+                                                     "CYRILLIC SMALL LETTER O, not ASCII"),
     (["--site", "edge-x", "--country", "FRA"], "argument --country: 'FRA' must be an ISO 3166 alpha-2 code"),
     (["--site", "edge-x", "--country", "XX"], "argument --country: 'XX' must be an ISO 3166 alpha-2 code"),
     (["--site", "edge-x", "--country", "eu"], "argument --country: 'eu' must be an ISO 3166 alpha-2 code"),
