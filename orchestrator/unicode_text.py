@@ -3,7 +3,9 @@
 Why: Windows PowerShell 5 writes every ``>`` redirect and ``Out-File`` as UTF-16 with a
 byte-order mark (``edgeplane get site x -o yaml > site.yaml``), Notepad may write UTF-8 with
 one, and YAML 1.1 defines UTF-16 and UTF-32 files that start with their mark; kubectl reads
-them too. Without a mark text is UTF-8; the mark is no part of the text.
+them too. Without a mark text is UTF-8; the mark is no part of the text. UTF-16 without a
+mark (what some editors write as "Unicode") is refused as not UTF-8, saying it looks like
+UTF-16, where its first bytes show its shape.
 """
 
 from __future__ import annotations
@@ -20,19 +22,35 @@ _MARKS = (
 )
 
 
+#: How many of the first bytes show whether text without a mark is UTF-16.
+_SHAPE_BYTES = 512
+
+
 class NotText(ValueError):
     """Bytes that are not text in the encoding they are in (``encoding``, as people name it),
-    from ``start`` on (an offset in the bytes given)."""
+    from ``start`` on (an offset in the bytes given); ``hint``: what they seem to be, if known."""
 
-    def __init__(self, encoding: str, start: int) -> None:
-        super().__init__(f"not {encoding} text (byte {start})")
-        self.encoding, self.start = encoding, start
+    def __init__(self, encoding: str, start: int, hint: str = "") -> None:
+        super().__init__(f"not {encoding} text (byte {start})" + (f": it {hint}" if hint else ""))
+        self.encoding, self.start, self.hint = encoding, start, hint
 
 
 def decoded(raw: bytes) -> str:
     """The text of ``raw``, without its byte-order mark; :class:`NotText` when it is not text."""
     mark, codec, name = next((m for m in _MARKS if raw.startswith(m[0])), (b"", "utf-8", "UTF-8"))
+    if not mark and _utf16_shaped(raw):  # its ASCII would read as UTF-8, a NUL every other byte
+        raise NotText("UTF-8", raw.index(b"\0"), "looks like UTF-16 without a byte-order mark: save it as UTF-8")
     try:
         return raw[len(mark):].decode(codec)
     except UnicodeDecodeError as exc:
         raise NotText(name, len(mark) + exc.start) from None
+
+
+def _utf16_shaped(raw: bytes) -> bool:
+    """Whether the first bytes of ``raw`` are UTF-16 of mostly ASCII or Latin text (a YAML or
+    JSON file's keys and punctuation): a NUL in at least half the bytes of one parity (the high
+    bytes, first in big-endian, second in little-endian) and none in the other."""
+    head = raw[:min(len(raw), _SHAPE_BYTES) & ~1]  # whole code units
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    units = len(head) // 2
+    return units >= 2 and min(even, odd) == 0 and 2 * max(even, odd) >= units

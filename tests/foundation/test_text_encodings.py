@@ -50,13 +50,32 @@ def test_a_command_reads_a_file_with_a_byte_order_mark(raw: bytes, tmp_path: pat
     assert [text.replace("\r\n", "\n") for _, text in textfile.manifest_texts(str(path))] == [SITE]
 
 
-def test_utf16_without_a_byte_order_mark_is_refused_naming_the_file(tmp_path: pathlib.Path) -> None:
+ASCII_SITE = SITE.replace("北京边缘站点 👩‍💻", "Beijing edge").replace("北京", "Beijing")
+NO_MARK = "looks like UTF-16 without a byte-order mark: save it as UTF-8"
+
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(SITE.encode("utf-16-le"), id="utf-16-le"),
+    pytest.param(SITE.encode("utf-16-be"), id="utf-16-be"),
+    pytest.param(ASCII_SITE.encode("utf-16-le"), id="utf-16-le, ASCII alone (valid UTF-8 but for its NULs)"),
+    pytest.param(ASCII_SITE.replace("\n", "\r\n").encode("utf-16-be"), id="utf-16-be, ASCII alone, CRLF"),
+])
+def test_utf16_without_a_byte_order_mark_is_refused_saying_so(raw: bytes, tmp_path: pathlib.Path) -> None:
     path = tmp_path / "site.yaml"
-    path.write_bytes(SITE.encode("utf-16-le"))
-    with pytest.raises(CliError, match=r"site.yaml: not UTF-8 text \(byte \d+\)"):
+    path.write_bytes(raw)
+    with pytest.raises(CliError, match=rf"^{path}: not UTF-8 text \(byte \d+\): it {NO_MARK}$"):
         textfile.read(path)
-    with pytest.raises(ManifestError, match=r"not UTF-8 text \(byte \d+\)"):
-        loader.load_text(SITE.encode("utf-16-le"), "<request>")
+    with pytest.raises(ManifestError, match=rf"not UTF-8 text \(byte \d+\): it {NO_MARK}"):
+        loader.load_text(raw, "<request>")
+
+
+def test_other_bytes_are_not_called_utf16(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_bytes("na\u00efve: caf\u00e9".encode("latin-1"))
+    with pytest.raises(CliError, match=r"site.yaml: not UTF-8 text \(byte 2\)$"):
+        textfile.read(path)
+    path.write_bytes(b"a: 1\n\x00b: 2\n")  # a NUL alone is UTF-8: read as it is (YAML then says what it makes of it)
+    assert textfile.read(path) == "a: 1\n\x00b: 2\n"
 
 
 def test_a_broken_utf16_file_is_refused_naming_its_encoding(tmp_path: pathlib.Path) -> None:
