@@ -163,16 +163,26 @@ def _residency(text: str | None, name: str, parameter: str | None = None) -> fro
     if text is None or not text.strip():
         return frozenset()
     entries = [c.strip() for c in text.split(",") if c.strip()]
-    for entry in entries:
-        try:
-            schema.check_residency(entry.upper())
-        except ValueError:
-            return NoRoute(f"{name}: {entry!r} is neither an ISO 3166 alpha-2 country code (e.g. FR, DE) "
-                           f"nor a known group ({', '.join(schema.RESIDENCY_GROUPS)})", 400, parameter=parameter, problem="InvalidParameter")
+    if (unknown := refused_residency_code(entries)) is not None:
+        return NoRoute(f"{name}: {unknown}", 400, parameter=parameter, problem="InvalidParameter")
     if not entries:
         return NoRoute(f"{name}: {text.strip()!r} names no country; give ISO 3166 alpha-2 codes or groups, e.g. FR,DE or EU", 400,
                        parameter=parameter, problem="InvalidParameter")
     return residency.expand_residency(entries)
+
+
+def refused_residency_code(entries: Iterable[str]) -> str | None:
+    """Why the first of ``entries`` (trimmed, in any case) that is neither an ISO 3166 alpha-2
+    country code nor a known group is refused, quoting it as given; None when each is one. A
+    caller's residency and a token's (:func:`orchestrator.gateway.scoping.invalid_residency`)
+    are read alike."""
+    for entry in entries:
+        try:
+            schema.check_residency(entry.upper())
+        except ValueError:
+            return (f"{entry!r} is neither an ISO 3166 alpha-2 country code (e.g. FR, DE) "
+                    f"nor a known group ({', '.join(schema.RESIDENCY_GROUPS)})")
+    return None
 
 
 #: How many regions an error lists before it ends the list with "…".

@@ -18,7 +18,6 @@ import dataclasses
 from typing import Any, Protocol
 
 from orchestrator.gateway import routing
-from orchestrator.manifests import schema
 from orchestrator.scheduler import residency as residency_mod
 from orchestrator.security import admission
 
@@ -98,13 +97,8 @@ def invalid_residency(entries: Any) -> str | None:
     alpha-2 code or a known group, as a manifest's residency."""
     if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
         return "residency must be a list of ISO 3166 alpha-2 codes or groups, e.g. [\"FR\"]"
-    for entry in normalised(entries):
-        try:
-            schema.check_residency(entry)
-        except ValueError:
-            return (f"residency: {entry!r} is neither an ISO 3166 alpha-2 country code (e.g. FR, DE) "
-                    f"nor a known group ({', '.join(schema.RESIDENCY_GROUPS)})")
-    return None
+    unknown = routing.refused_residency_code(normalised(entries))
+    return None if unknown is None else f"residency: {unknown}"
 
 
 def normalised(entries: Collection[str]) -> list[str]:

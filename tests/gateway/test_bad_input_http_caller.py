@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
 from orchestrator.api import methods
-from orchestrator.gateway import cascade, cascade_rules, endpoints, openai_routes, proxy, routing
+from orchestrator.gateway import cascade, cascade_rules, endpoints, openai_routes, proxy, routing, scoping
 
 
 @pytest.mark.parametrize(("lat", "lon", "region", "residency", "expected"), [
@@ -35,6 +35,18 @@ def test_query_caller(lat: str | None, lon: str | None, region: str | None, resi
         assert got == expected
     else:
         assert isinstance(got, routing.NoRoute) and got.status == 400 and got.reason.startswith(expected)
+
+
+UNKNOWN = "is neither an ISO 3166 alpha-2 country code (e.g. FR, DE) nor a known group (EU)"
+
+
+def test_a_token_and_a_caller_refuse_a_residency_code_alike() -> None:
+    """A token's residency (POST /v1/tokens) and a caller's (the query parameter, the header)
+    are read by one rule: trimmed, in any case, ISO 3166 alpha-2 codes and groups."""
+    assert scoping.invalid_residency([" fr", "eu ", "de"]) is None
+    assert scoping.invalid_residency(["FR", " uk "]) == f"residency: 'UK' {UNKNOWN}"
+    query = routing.parse_query_caller(None, None, None, "FR, uk ")
+    assert isinstance(query, routing.NoRoute) and query.reason == f"query parameter residency: 'uk' {UNKNOWN}"
 
 
 MANY = [f"r{i:02d}" for i in range(25)]
