@@ -128,13 +128,11 @@ class ArtifactCache:
                     self.root.mkdir(parents=True, exist_ok=True)  # removed by hand to free space: made again
                     unpack_into = self._unpack_root if unpack is not Unpack.NEVER and self._unpack_root is not None \
                         and not (self._unpack_root / digest).is_dir() else None
-                    if_tar = unpack is Unpack.IF_TAR
-                    if scheme == "file":  # a local copy: no uplink to share
-                        await self._download(url, digest, final, progress, redirect_hosts, unpack_into, if_tar=if_tar)
-                    else:
-                        async with self._turn(digest, name or digest[:12], progress):
-                            await self._download(url, digest, final, progress, redirect_hosts, unpack_into,
-                                                 if_tar=if_tar)
+                    # a file:// artifact is a local copy: no uplink to share, no turn to take
+                    async with (self._turn(digest, name or digest[:12], progress) if scheme != "file"
+                                else contextlib.nullcontext()):
+                        await self._download(url, digest, final, progress, redirect_hosts, unpack_into,
+                                             if_tar=unpack is Unpack.IF_TAR)
                 except OSError as exc:  # a full or read-only cache disk: reported, retried, old model kept
                     raise errors.ArtifactUnavailable(
                         f"cannot store artifact {digest[:12]} in the cache {self.root}: {exc.strerror or exc}"
@@ -298,10 +296,10 @@ class ArtifactCache:
                 self._received += have - counted
                 counted = have
                 if rate is None:
-                    rate = pace.Pace(heard, int(report["progress"]))
+                    rate = pace.Pace(heard, have)
                 else:
-                    rate.add(heard, int(report["progress"]))
-                shown, receiving = pace.describe(int(report["progress"]), report.get("total"), rate.rate()), True
+                    rate.add(heard, have)
+                shown, receiving = pace.describe(have, report.get("total"), rate.rate()), True
             elif "verifying" in report:  # (re-reading a partial: a slow disk, not a stall)
                 shown = f"re-reading what came before: {pace.describe(int(report['verifying']), report.get('total'), None)}"
                 receiving = False
