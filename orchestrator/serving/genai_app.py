@@ -134,7 +134,5 @@ def build(args: Mapping[str, Any]) -> serve.Application:
     artifact_hosts]}``."""
     uri, sha256, name = _string_arg(args, "artifact_uri"), _string_arg(args, "sha256"), _string_arg(args, "model_name")
     hosts = artifacts.hosts_arg(args)
-    with nodecache.hold(sha256):  # its download, or this node's replica of it, kept from a sweep meanwhile
-        nodecache.prune()
-        artifacts.fetch_verified(uri, sha256, redirect_hosts=hosts)  # fail the deploy now, not after replica retries
+    nodecache.check(uri, sha256, hosts)
     return GenAIReplica.bind(uri, sha256, name, int(args.get("max_concurrent_sequences", 0)), int(args.get("max_queued", 0)), hosts)

@@ -97,6 +97,15 @@ def hold(sha256: str) -> Hold:
     raise OSError(errno.EAGAIN, f"the lock of version {sha256[:12]} in {models_root} keeps being removed")
 
 
+def check(uri: str, sha256: str, redirect_hosts: tuple[str, ...]) -> None:
+    """An application builder's fetch of the artifact, to fail the deploy now rather than
+    after the replicas' retries: its download, or this node's replica of it, held from a
+    sweep meanwhile, which it makes first."""
+    with hold(sha256):
+        prune()
+        artifacts.fetch_verified(uri, sha256, redirect_hosts=redirect_hosts)
+
+
 def let_go(held: Hold | None) -> None:
     """A replica's shutdown (Serve's, or the collector's later: called again, it does
     nothing): its version let go, then removed unless another replica on the node holds it."""

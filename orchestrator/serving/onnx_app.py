@@ -206,7 +206,5 @@ def build(args: Mapping[str, Any]) -> serve.Application:
     model_name = _string_arg(args, "model_name")
     hosts = artifacts.hosts_arg(args)
     inputs, outputs = _tensors_arg(args, "inputs"), _tensors_arg(args, "outputs")
-    with nodecache.hold(sha256):  # its download, or this node's replica of it, kept from a sweep meanwhile
-        nodecache.prune()
-        artifacts.fetch_verified(uri, sha256, redirect_hosts=hosts)  # fail the deploy now, not after replica retries
+    nodecache.check(uri, sha256, hosts)
     return OnnxModel.bind(uri, sha256, model_name, hosts, inputs, outputs)
