@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import tarfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -139,6 +139,23 @@ async def _announcing(head: bytes) -> AsyncIterator[str]:
         server.close()
 
 
+async def _agent_until(data_dir: pathlib.Path, assignment: assignments.Assignment,
+                       found: Callable[[registry.ModelStatus], object], what: str) -> list[registry.ModelStatus]:
+    """An agent that finds ``assignment`` in its saved state (no control plane to reach), run
+    until one of its models' statuses is ``found``: those that are."""
+    state.StateStore(data_dir).save_assignments("edge-a", assignments.AssignmentSet(1, (assignment,)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{s.getsockname()[1]}"
+    agent = daemon.Agent(daemon.AgentConfig(control_plane=nobody, site="edge-a", token="t", data_dir=data_dir,
+                                            listen_port=0, insecure=True, max_artifact_bytes=1 << 60))
+    await agent.start()
+    try:
+        return await harness.wait_until(lambda: [m for m in agent.model_statuses() if found(m)], 20, interval=0.01, what=what)
+    finally:
+        await agent.stop()
+
+
 @pytest.mark.parametrize(("held", "head"), [
     (0, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % _ANNOUNCED),
     (10, b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 10-%d/%d\r\nContent-Length: %d\r\n\r\n"
@@ -183,20 +200,9 @@ async def test_a_package_with_room_to_download_but_not_to_unpack_is_refused_befo
     async with _announcing(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % announced) as url:
         data_dir = tmp_path / "agent"
         data_dir.mkdir()
-        state.StateStore(data_dir).save_assignments("edge-a", assignments.AssignmentSet(1, (assignments.Assignment(
-            "chat", "d", "v", url, "0" * 64, runtime=assignments.RUNTIME_GENAI),)))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            nobody = f"127.0.0.1:{s.getsockname()[1]}"
-        agent = daemon.Agent(daemon.AgentConfig(control_plane=nobody, site="edge-a", token="t", data_dir=data_dir,
-                                                listen_port=0, insecure=True, max_artifact_bytes=1 << 60))
-        await agent.start()
-        try:
-            failed = await harness.wait_until(
-                lambda: [m for m in agent.model_statuses() if m.phase is registry.ModelPhase.FAILED], 20, interval=0.01,
-                what="the package refused")
-        finally:
-            await agent.stop()
+        failed = await _agent_until(
+            data_dir, assignments.Assignment("chat", "d", "v", url, "0" * 64, runtime=assignments.RUNTIME_GENAI),
+            lambda m: m.phase is registry.ModelPhase.FAILED, "the package refused")
     assert re.search(rf"{url} needs {2 * announced / 1e6:.1f} MB more to download and unpack, and \d+\.\d MB are free",
                      failed[0].message), failed[0].message
     assert not list((data_dir / "cache" / "sha256").iterdir())  # not a byte written
@@ -225,21 +231,10 @@ async def test_an_onnx_package_with_room_to_download_but_not_to_unpack_is_refuse
         partial = data_dir / "cache" / "sha256" / ("0" * 64 + ".partial")
         if held:
             partial.write_bytes(first[:held])
-        state.StateStore(data_dir).save_assignments("edge-a", assignments.AssignmentSet(1, (assignments.Assignment(
-            "m", "d", "v", url, "0" * 64, runtime=assignments.RUNTIME_ONNX),)))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            nobody = f"127.0.0.1:{s.getsockname()[1]}"
-        agent = daemon.Agent(daemon.AgentConfig(control_plane=nobody, site="edge-a", token="t", data_dir=data_dir,
-                                                listen_port=0, insecure=True, max_artifact_bytes=1 << 60))
-        await agent.start()
-        try:
-            seen = await harness.wait_until(
-                lambda: [m for m in agent.model_statuses() if m.phase is registry.ModelPhase.FAILED
-                         or re.search(r"downloading .*: \d+% of", m.message)], 20, interval=0.01,
-                what="the download refused, or under way")
-        finally:
-            await agent.stop()
+        seen = await _agent_until(
+            data_dir, assignments.Assignment("m", "d", "v", url, "0" * 64, runtime=assignments.RUNTIME_ONNX),
+            lambda m: m.phase is registry.ModelPhase.FAILED or re.search(r"downloading .*: \d+% of", m.message),
+            "the download refused, or under way")
     if first is _ONNX_HEAD:  # not a package: its size once is all it needs
         assert seen[0].phase is not registry.ModelPhase.FAILED, seen[0].message
         return
