@@ -59,9 +59,9 @@ def header_value(value: str | None, name: str, *, text: bool = False) -> str | N
         raise TypeError(f"{name} must be a string, not {type(value).__name__}")
     if text:
         if not header_text.one_line(value):
-            raise ValueError(f"{name} {value!r}: one line of text, without a line break or other control character")
+            raise ValueError(f"{name} {value!r}: {header_text.NOT_ONE_LINE}")
     elif not header_text.printable_ascii(value):
-        raise ValueError(f"{name} {value!r}: only printable ASCII travels in an HTTP header (no accents, no line breaks)")
+        raise ValueError(f"{name} {value!r}: {header_text.NOT_ASCII}")
     return value.strip() or None
 
 

@@ -18,6 +18,12 @@ _PREFIX = "UTF-8''"
 _ATTR_CHARS = "!#$&+^`|"
 
 
+#: Why a value that must travel as it is (a residency) is refused, and one that may be in
+#: any script (a region) but is not one line: said alike by the CLI and the Python client.
+NOT_ASCII = "only printable ASCII travels in an HTTP header (no accents, no line breaks)"
+NOT_ONE_LINE = "one line of text, without a line break or other control character"
+
+
 def printable_ascii(text: str) -> bool:
     """Whether ``text`` travels in a header as it is (no accent, no line break)."""
     return all(" " <= c <= "~" for c in text)

@@ -78,7 +78,7 @@ def _header_text(text: str) -> str:
     """argparse type of ``--residency``, sent as an HTTP header as it is: a header value holds
     printable ASCII only, and cannot keep blanks at its ends (they are dropped)."""
     if not header_text.printable_ascii(text):
-        raise argparse.ArgumentTypeError(f"{text!r}: only printable ASCII travels in an HTTP header (no accents, no line breaks)")
+        raise argparse.ArgumentTypeError(f"{text!r}: {header_text.NOT_ASCII}")
     return text.strip()
 
 
@@ -86,7 +86,7 @@ def _region_text(text: str) -> str:
     """argparse type of ``--region``: one line in any script ("Île-de-France", "北京"), sent
     encoded as :mod:`orchestrator.header_text` says (so is ``--reason``)."""
     if not header_text.one_line(text):
-        raise argparse.ArgumentTypeError(f"{text!r}: a region is one line of text, without a line break or other control character")
+        raise argparse.ArgumentTypeError(f"{text!r}: a region is {header_text.NOT_ONE_LINE}")
     return text.strip()
 
 
