@@ -234,6 +234,16 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
     runs = runs or Runs()
     running = runs.running  # deployment -> its run on this control plane
 
+    def not_now(name: str) -> Response | None:
+        """Why no run of ``name`` starts now: one is running (two would train from the same
+        student and the later one replace the first's), or the control plane is stopping (its
+        stop waits only for the runs it finds)."""
+        if name in running:
+            return problems.answer(409, f"a distillation of {name!r} is running; wait for its result", problems.Reason.ALREADY_RUNNING)
+        if runs.stopping.is_set():
+            return problems.answer(503, "the control plane is stopping; run it again once it is back", headers={"retry-after": "5"})
+        return None
+
     async def distill(request: Request) -> Response:
         caller = await authenticator.admit(request, write=True, needs="distillation needs 'admin'")
         if isinstance(caller, Response):
@@ -252,10 +262,8 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             epochs, min_gain, zone = read_options(raw)
         except ValueError as exc:
             return problems.answer(400, str(exc))
-        if name in running:  # two runs would train from the same student and the later one replace the first's
-            return problems.answer(409, f"a distillation of {name!r} is running; wait for its result", problems.Reason.ALREADY_RUNNING)
-        if runs.stopping.is_set():
-            return problems.answer(503, "the control plane is stopping; run it again once it is back", headers={"retry-after": "5"})
+        if (busy := not_now(name)) is not None:
+            return busy
         try:  # the objects on the store's threads; the artifacts (a network mount, maybe) and the zones' records on another
             plan = await asyncio.to_thread(_plan, *await store.run(_read, store, name), captures, artifacts, name, zone)
             retention = await store.run(catalog.capture_retention, store)
@@ -267,10 +275,8 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             return problems.answer(404, str(exc))
         except store_mod.StoreError as exc:
             return auth.store_refusal(exc, caller, request)
-        if name in running:  # one started meanwhile
-            return problems.answer(409, f"a distillation of {name!r} is running; wait for its result", problems.Reason.ALREADY_RUNNING)
-        if runs.stopping.is_set():  # the stop began meanwhile: it waits only for the runs it finds
-            return problems.answer(503, "the control plane is stopping; run it again once it is back", headers={"retry-after": "5"})
+        if (busy := not_now(name)) is not None:  # asked again: a run started meanwhile, or the stop began
+            return busy
 
         loop = asyncio.get_running_loop()
         lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
