@@ -46,6 +46,15 @@ def artifact(artifact_server: ArtifactServer) -> tuple[str, bytes, str]:
     return name, body, hashlib.sha256(body).hexdigest()
 
 
+def _three_served(artifact_server: ArtifactServer, prefix: str) -> tuple[list[bytes], list[str]]:
+    """Three artifacts of 1 MiB served as ``<prefix>-<sha256[:8]>.bin``: their bytes and sha256s."""
+    bodies = [os.urandom(1 << 20) for _ in range(3)]
+    shas = [hashlib.sha256(b).hexdigest() for b in bodies]
+    for sha, body in zip(shas, bodies, strict=True):
+        (artifact_server.root / f"{prefix}-{sha[:8]}.bin").write_bytes(body)
+    return bodies, shas
+
+
 async def test_a_download_cut_again_and_again_resumes_at_once_each_time(
     tmp_path, artifact_server: ArtifactServer, artifact: tuple[str, bytes, str]
 ) -> None:
@@ -132,10 +141,7 @@ async def test_with_one_download_at_a_time_the_first_model_is_not_slowed_by_the_
     """Three models assigned at once over one thin link: all in parallel, each gets a third of
     it and none is ready before nearly all are. With ``max_downloads=1`` they take turns, in
     the order of the set, and the others say they wait."""
-    bodies = [os.urandom(1 << 20) for _ in range(3)]
-    shas = [hashlib.sha256(b).hexdigest() for b in bodies]
-    for sha, body in zip(shas, bodies, strict=True):
-        (artifact_server.root / f"turn-{sha[:8]}.bin").write_bytes(body)
+    bodies, shas = _three_served(artifact_server, "turn")
     async with thinlink.ThinLink(_upstream(artifact_server), rate=1 << 20) as link:
         cache = artifacts.ArtifactCache(tmp_path, max_downloads=1)
         messages: dict[str, list[str]] = {}
@@ -166,10 +172,7 @@ async def test_a_download_cut_off_keeps_its_turn_and_resumes_before_the_others(
     """A link that drops every 300 kB: the first model's download, retried at once after each
     cut as the registry does, resumes ahead of the models waiting, rather than going to the
     back of the queue at every cut (all three taking turns, as slow as all at once)."""
-    bodies = [os.urandom(1 << 20) for _ in range(3)]
-    shas = [hashlib.sha256(b).hexdigest() for b in bodies]
-    for sha, body in zip(shas, bodies, strict=True):
-        (artifact_server.root / f"cut-{sha[:8]}.bin").write_bytes(body)
+    bodies, shas = _three_served(artifact_server, "cut")
     async with thinlink.ThinLink(_upstream(artifact_server), cut_after=300 << 10) as link:
         cache = artifacts.ArtifactCache(tmp_path, max_downloads=1)
         sent_when_done: dict[str, int] = {}
