@@ -39,6 +39,16 @@ def object_event_row(e: dict[str, Any]) -> list[Any]:
     return [e["id"], e.get("ts", ""), e["actor"], e["action"], event_site(e), e["reason"]]
 
 
+def described_events(kind: Any, name: Any, found: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """The columns and rows of the events ``describe`` lists for the object ``kind`` ``name``:
+    its own need no kind or name (:data:`OBJECT_EVENT_COLUMNS`); once some are another
+    object's (a Site lists its replicas' placements and moves, logged under their
+    deployment), every row names its kind and name (:data:`EVENT_COLUMNS`)."""
+    if all((e.get("kind"), e.get("name")) == (kind, name) for e in found):
+        return OBJECT_EVENT_COLUMNS, [object_event_row(e) for e in found]
+    return EVENT_COLUMNS, [_event_row(e) for e in found]
+
+
 def event_site(e: dict[str, Any]) -> str:
     """Where an event happened, from its details: a move's ``from->to``, a placement's or
     removal's site; "" for an event of no one site (an apply, a token)."""

@@ -209,7 +209,9 @@ def cmd_describe(api: ApiClient, args: argparse.Namespace) -> int:
             print(said)
     if described_events:
         print("Events:")
-        render.table(None, events.OBJECT_EVENT_COLUMNS, [events.object_event_row(e) for e in described_events])
+        metadata = data.get("metadata")
+        name = metadata.get("name") if isinstance(metadata, dict) else None
+        render.table(None, *events.described_events(data.get("kind"), name, described_events))
     return 0
 
 

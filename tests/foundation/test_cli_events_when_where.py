@@ -84,3 +84,17 @@ def test_events_of_a_time_window_are_asked_for_as_given(serving: Any, capsys: py
     assert cli_main.main(argv) == 0
     [asked] = _Handler.asked
     assert "after=2026-12-07T03%3A00%3A00Z" in asked and "before=2026-12-07T04%3A00%3A00%2B01%3A00" in asked, asked
+
+
+def test_a_sites_describe_names_the_deployment_each_of_its_replicas_events_is_of(
+        serving: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    lost = {"id": 40, "ts": "2026-12-07T03:12:00Z", "actor": "reconciler", "action": "agent-lost", "kind": "Site",
+            "name": "edge-lyon-1", "reason": "no heartbeat for 30s", "details": {}}
+    described = {"kind": "Site", "metadata": {"name": "edge-lyon-1"}, "spec": {}, "events": [lost, MOVED]}
+    assert cli_main.main(["--server", serving(described), "describe", "site", "edge-lyon-1"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("Events:"):].splitlines()[1:]
+    assert table[0].split() == ["ID", "TIME", "ACTOR", "ACTION", "KIND", "NAME", "SITE", "REASON"]
+    assert table[1].split()[:6] == ["40", "2026-12-07T03:12:00Z", "reconciler", "agent-lost", "Site", "edge-lyon-1"]
+    assert table[2].split()[:7] == ["41", "2026-12-07T03:12:04.512Z", "scheduler", "replica-moved", "ModelDeployment", "intent",
+                                    "edge-lyon-1->edge-paris-2"]
