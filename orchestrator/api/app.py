@@ -476,8 +476,8 @@ def _event_time(query: Any, name: str) -> float | None:
     text = query.get(name)
     if text is None:
         return None
-    try:
-        when = datetime.datetime.fromisoformat(text)
+    try:  # RFC 3339 lets T and Z be written t and z, which fromisoformat refuses
+        when = datetime.datetime.fromisoformat(text.upper())
     except ValueError:
         when = None
     if when is None or when.tzinfo is None:

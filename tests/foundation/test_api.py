@@ -615,3 +615,12 @@ def test_the_cli_reads_a_whole_list_in_pages_as_one_answer(api: httpx.Client, fl
     client = cli_http.ApiClient(control_plane.url, None)
     for path in ("/v1/sites", "/v1/modeldeployments", "/v1/placements"):
         assert client.request_list(path, page_size=2) == api.get(path).json(), path
+
+
+def test_a_time_window_takes_rfc_3339_in_lower_case_too(api: httpx.Client, fleet: dict) -> None:
+    every = api.get("/v1/events", params={"last": 10_000}).json()["items"]
+    first = every[0]["ts"]  # 2026-12-07T03:12:04Z: RFC 3339 lets T and Z be written t and z
+    answer = api.get("/v1/events", params={"after": first.lower(), "last": 10_000})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["items"] == every
+    assert api.get("/v1/events", params={"before": first.replace("T", "t")}).json()["items"] == []
