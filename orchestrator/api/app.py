@@ -482,7 +482,8 @@ def _event_time(query: Any, name: str) -> float | None:
         when = None
     if when is None or when.tzinfo is None:
         raise BadQuery(f"{name} must be a time in RFC 3339 with its offset, e.g. 2026-12-07T03:12:00Z "
-                       f"or 2026-12-07T04:12:00+01:00, not {text[:40]!r}", name)
+                       f"or 2026-12-07T04:12:00+01:00, not {text[:40]!r}"
+                       + ("; a '+' in a URL's query is read as a space: write it %2B" if " " in text else ""), name)
     return when.timestamp()
 
 

@@ -624,3 +624,11 @@ def test_a_time_window_takes_rfc_3339_in_lower_case_too(api: httpx.Client, fleet
     assert answer.status_code == 200, answer.text
     assert answer.json()["items"] == every
     assert api.get("/v1/events", params={"before": first.replace("T", "t")}).json()["items"] == []
+
+
+def test_a_time_whose_plus_a_url_query_read_as_a_space_is_refused_saying_so(api: httpx.Client, fleet: dict) -> None:
+    # curl 'http://cp/v1/events?after=2026-12-07T04:00:00+01:00': a query's '+' is a space
+    refused = api.get("/v1/events?after=2026-12-07T04:00:00+01:00")
+    assert refused.status_code == 400 and refused.json()["parameter"] == "after"
+    assert "%2B" in refused.json()["error"], refused.text
+    assert api.get("/v1/events?after=2026-12-07T04:00:00%2B01:00").status_code == 200
