@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+from typing import Any
+
 from starlette.routing import Mount, Route
 
 from orchestrator.api import methods
@@ -38,3 +40,28 @@ def test_the_reference_lists_every_route_the_control_plane_serves(control_plane:
     served, documented = _served(control_plane), _documented()
     assert not served - documented, f"served, not in docs/api.md: {sorted(served - documented)}"
     assert not documented - served, f"in docs/api.md, not served: {sorted(documented - served)}"
+
+
+#: The line of a route's refusal of a parameter it does not take, naming those it does.
+TAKES = re.compile(r"unknown query parameter .*: [^:]* takes (.*)$")
+
+
+def test_the_reference_names_every_query_parameter_a_route_takes(api: Any) -> None:
+    """A route's row names each query parameter the route takes (``?site``): one added to the
+    code without its line is found by no integrator. Each GET route of no path parameter is
+    asked for a parameter it cannot take, and its refusal names those it does."""
+    rows = {path: line for line in REFERENCE.read_text().splitlines()
+            for methods_, path in ROW.findall(line) if "GET" in methods_.split(", ")}
+    checked = 0
+    for path, line in sorted(rows.items()):
+        if "{" in path:
+            continue
+        refused = api.get(path, params={"no-such-parameter": "1"})
+        takes = TAKES.search(refused.json().get("error", "")) if refused.status_code == 400 else None
+        if takes is None or takes.group(1) == "none":
+            continue
+        checked += 1
+        names = [n.strip() for n in takes.group(1).split(",")]
+        missing = [n for n in names if f"?{n}" not in line]
+        assert not missing, f"{path} takes {missing}, which its row in docs/api.md does not name"
+    assert checked >= 3  # the lists and the event log at least
