@@ -25,9 +25,10 @@ import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
-from orchestrator.store import datacentre_records
+from orchestrator.store import datacentre_records, eventquery
 from orchestrator.store.credentials import Credentials
 from orchestrator.store.threads import StoreThreads
+from orchestrator.store.values import canonical as _canonical
 from orchestrator.store.values import (
     FLEET_ACTIONS,
     KEPT_ACTIONS,
@@ -55,10 +56,6 @@ T = TypeVar("T")
 #: How many objects' statuses one statement of :meth:`SqlStore.set_statuses` reads: well
 #: under the parameters a statement may carry (SQLite before 3.32 allows 999).
 _STATUS_BATCH = 500
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 class SqlStore(Credentials):
@@ -461,8 +458,8 @@ class SqlStore(Credentials):
                site: str | None = None, after: float | None = None, before: float | None = None) -> list[LoggedEvent]:
         """Up to ``limit`` events after event ``since``, oldest first (of ``kind``, named
         ``name``, at ``site``, logged at ``after`` or later and before ``before`` (epoch
-        seconds), when given: :func:`_event_filter`)."""
-        where, args = _event_filter(kind, name, site, after, before)
+        seconds), when given: :func:`orchestrator.store.eventquery.where`)."""
+        where, args = eventquery.where(kind, name, site, after, before)
         rows = self._fetch(self._q(f"SELECT * FROM events WHERE id > ?{where} ORDER BY id LIMIT ?"),
                            (since, *args, max(1, min(limit, 10_000))))
         return [_event(r) for r in rows]
@@ -471,7 +468,7 @@ class SqlStore(Credentials):
                       site: str | None = None, after: float | None = None, before: float | None = None) -> list[LoggedEvent]:
         """The newest ``limit`` events (of ``kind``, named ``name``, at ``site``, in [``after``,
         ``before``), when given), oldest first."""
-        where, args = _event_filter(kind, name, site, after, before)
+        where, args = eventquery.where(kind, name, site, after, before)
         rows = self._fetch(self._q(f"SELECT * FROM events WHERE TRUE{where} ORDER BY id DESC LIMIT ?"),
                            (*args, max(1, min(limit, 10_000))))
         return [_event(r) for r in reversed(rows)]
@@ -578,32 +575,6 @@ class SqlStore(Credentials):
                         (lease.name, lease.holder, lease.token, self._lease_now(db)))
         if row is None:
             raise Fenced(f"lease {lease.name!r} (token {lease.token}) is no longer held by {lease.holder}; not writing")
-
-
-def _event_filter(kind: str | None, name: str | None, site: str | None = None, after: float | None = None,
-                  before: float | None = None) -> tuple[str, list[Any]]:
-    """The ``AND …`` clauses (and their arguments) that keep the events of ``kind`` and
-    ``name``, and those at ``site``: the Site's own (lost, cordoned, a failback) and those
-    whose details name it as a replica's ``site``, or a move's ``from`` or ``to`` (details
-    are stored as canonical JSON: :func:`_canonical`). ``site`` is a site name, a DNS label,
-    which holds none of LIKE's wildcards. ``after`` and ``before`` bound when it was logged
-    (epoch seconds, ``after`` included)."""
-    where, args = "", []
-    for column, value in (("kind", kind), ("name", name)):
-        if value:
-            where, args = f"{where} AND {column} = ?", [*args, value]
-    if site:
-        named = [f"%{_canonical({key: site})[1:-1]}%" for key in SITE_DETAILS]
-        where += f" AND ((kind = ? AND name = ?) OR {' OR '.join('details LIKE ?' for _ in named)})"
-        args = [*args, "Site", site, *named]
-    for clause, value in ((" AND ts >= ?", after), (" AND ts < ?", before)):
-        if value is not None:
-            where, args = where + clause, [*args, value]
-    return where, args
-
-
-#: The keys of an event's details that name the site it happened at (:func:`_event_filter`).
-SITE_DETAILS = ("site", "from", "to")
 
 
 def _event(row: Mapping[str, Any]) -> LoggedEvent:

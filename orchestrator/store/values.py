@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -264,3 +265,9 @@ def storable(text: str) -> str:
         except UnicodeEncodeError:
             text = text.encode("utf-8", "backslashreplace").decode()
     return text
+
+
+def canonical(value: Any) -> str:
+    """``value`` as the store keeps JSON (specs, labels, statuses, events' details): keys
+    sorted, no spaces, so that equal values are equal text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
