@@ -112,3 +112,28 @@ async def test_an_answer_from_the_nearest_replica_has_no_failover(path: str, bod
     assert "x-edgeplane-failover" not in answer.headers
     assert line.failover is None
     assert "failover=" not in logformat.TextFormatter().format(line)
+
+
+async def erring_before_its_first_token(request: Request) -> Response:
+    """A stream that fails before any token reached the caller (the engine's error event)."""
+    return Response(b'data: {"error": {"message": "engine died"}}\n\n', media_type="text/event-stream")
+
+
+async def streaming(request: Request) -> Response:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "llm",
+             "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": None}]}
+    return Response(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(), media_type="text/event-stream")
+
+
+async def test_a_streamed_answer_names_the_sites_it_moved_on_from_before_its_first_token() -> None:
+    # the header goes with the stream's head, which waits for the first token: a replica that
+    # failed before it (refused, or erred in its stream) is named; after it there is no failover
+    async with gateway_over(failing, erring_before_its_first_token, streaming) as http:
+        with access_lines() as lines:
+            async with http.stream("POST", "/openai/v1/chat/completions", json={**CHAT, "stream": True}, headers=NEAR_SITE_0) as answer:
+                body = (await answer.aread()).decode()
+            line = await asyncio.wait_for(lines.records.get(), 10)
+    assert answer.status_code == 200 and "[DONE]" in body, body
+    assert answer.headers["x-edgeplane-site"] == "site-2"
+    assert answer.headers["x-edgeplane-failover"] == "site-0,site-1"
+    assert line.failover == "site-0,site-1"
