@@ -449,6 +449,12 @@ class ControlPlane(server_views.ServerViews):
             log.warning("cannot publish the relay address: %s", exc)
 
     @property
+    def gateway_checks_tokens(self) -> bool:
+        """Whether this replica's gateway reads tokens (``--gateway-auth token``), which a
+        token's scope needs to bind here."""
+        return self.config.gateway_auth == "token"
+
+    @property
     def agent_ca_sha256(self) -> str | None:
         """The agents' CA's SHA-256 (None: agents join over plaintext): what an agent pins to
         trust this control plane (``edgeplane-agent --ca-sha256``) and what replicas compare."""

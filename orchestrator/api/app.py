@@ -49,6 +49,7 @@ class Services(Protocol):
     table: endpoints_mod.EndpointTable  # the gateway's: which regions a caller may name
     authenticator: auth.Authenticator
     agent_ca_sha256: str | None  # None: agents join over plaintext (--insecure-agents)
+    gateway_checks_tokens: bool  # --gateway-auth token: a token's scope binds this gateway
     replica_id: str  # a new one each start
 
     async def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]: ...
@@ -317,6 +318,9 @@ def build_routes(services: Services) -> list[BaseRoute]:
                 "models": models, "residency": residency}
         if purpose == "bootstrap" and services.agent_ca_sha256:
             made["caSha256"] = services.agent_ca_sha256  # what the agent pins for its first join
+        if (models or residency) and not services.gateway_checks_tokens:
+            made["warning"] = ("this control plane's gateway checks no token (edgeplane serve --gateway-auth none), so the "
+                               "scope binds nothing there; it binds gateways run with --gateway-auth token")
         return JSONResponse(made, status_code=201)
 
     async def list_tokens(request: Request, caller: auth.Caller) -> Response:

@@ -32,6 +32,8 @@ def cmd_token(api: ApiClient, args: argparse.Namespace) -> int:
     data = api.request("POST", "/v1/tokens", json=body)
     if ("models" in body or "residency" in body) and "models" not in data:
         _unscoped(api, data)
+    if data.get("warning"):  # stderr: stdout stays the token alone, or the one document
+        print(f"warning: {data['warning']}", file=sys.stderr)
     if args.output in ("json", "yaml"):
         render.dump(data, args.output)
     else:

@@ -35,3 +35,17 @@ def test_a_read_token_refused_a_write_is_a_403_without_a_challenge(secured: supp
     assert made.status_code == 201, made.text
     r = httpx.post(secured.url + "/v1/apply", content=b"", headers={"authorization": f"Bearer {made.json()['token']}"}, timeout=30)
     assert r.status_code == 403 and "www-authenticate" not in r.headers
+
+
+def test_a_scoped_token_made_where_the_gateway_checks_no_token_comes_with_a_warning(secured: support.ServerThread) -> None:
+    """A scope binds only gateways run with --gateway-auth token: on a control plane whose own
+    gateway reads no token (the default), the token is made and the answer says the scope binds
+    nothing there; an unscoped token's answer has no such warning."""
+    assert secured.cp is not None
+    admin = {"authorization": f"Bearer {secured.cp.admin_token}"}
+    scoped = httpx.post(secured.url + "/v1/tokens", json={"purpose": "api", "role": "read", "models": ["intent"]},
+                        headers=admin, timeout=30)
+    assert scoped.status_code == 201, scoped.text
+    assert "--gateway-auth none" in scoped.json()["warning"], scoped.json()
+    plain = httpx.post(secured.url + "/v1/tokens", json={"purpose": "api", "role": "read"}, headers=admin, timeout=30)
+    assert "warning" not in plain.json()

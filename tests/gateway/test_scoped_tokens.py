@@ -38,6 +38,7 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dic
             made = await http.post("/v1/tokens", json={"purpose": "api", "role": "read", "models": ["intent", "chat"], "residency": ["FR"]})
             assert made.status_code == 201, made.text
             scoped = made.json()
+            assert "warning" not in scoped  # this gateway reads tokens: the scope binds
             plain = (await http.post("/v1/tokens", json={"purpose": "api", "role": "read"})).json()
         yield {"url": cp.http_url, "scoped": scoped["token"], "plain": plain["token"], "admin": admin, "made": scoped}
     finally:
