@@ -117,7 +117,7 @@ def test_an_event_page_read_from_digits_other_than_ascii_is_400_naming_it(api: h
 
 @pytest.mark.parametrize(("path", "params", "says"), [
     ("/v1/tokens", {"limit": "10"}, "unknown query parameter 'limit': this list takes none"),
-    ("/v1/events", {"nme": "edge-lyon"}, "unknown query parameter 'nme': this list takes since, limit, last, kind, name"),
+    ("/v1/events", {"nme": "edge-lyon"}, "unknown query parameter 'nme': this list takes since, limit, last, kind, name, site, after, before"),
     ("/v1/cascades", {"name": "x"}, "unknown query parameter 'name': this route takes none"),
     ("/v1/cascades/x", {"verbose": "1"}, "unknown query parameter 'verbose': this route takes none"),
     ("/v1/controlplane", {"role": "leader"}, "unknown query parameter 'role': this route takes none"),
