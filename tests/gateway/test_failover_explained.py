@@ -14,16 +14,16 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from edgeplane_proto import logformat
-from orchestrator.gateway import correlation, endpoints, openai_routes, proxy, routing
-from orchestrator.gateway.upstream import UpstreamPool
+from orchestrator.gateway import correlation
 from orchestrator.testing import loopback
+
+from . import replica_gateway
 
 CHAT = {"model": "llm", "messages": [{"role": "user", "content": "hi"}]}
 INFER = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
@@ -48,16 +48,8 @@ async def gateway_over(*answers) -> AsyncIterator[httpx.AsyncClient]:  # noqa: A
     async with contextlib.AsyncExitStack() as stack:
         ports = [await stack.enter_async_context(loopback.serving(Starlette(routes=[Route("/{path:path}", a, methods=["POST"])])))
                  for a in answers]
-        table = endpoints.EndpointTable()
-        table.replace([routing.Endpoint(model, model, f"site-{i}", "edge", "FR", "west", 48.85, 2.35 + i, f"http://127.0.0.1:{port}",
-                                        api=api)
-                       for i, port in enumerate(ports) for model, api in (("m", "v2"), ("llm", "openai"))])
-        registry = CollectorRegistry()
-        gateway = proxy.Gateway(table, UpstreamPool(), proxy.GatewayMetrics.create(registry))
-        app = Starlette(routes=gateway.routes() + openai_routes.OpenAIGateway(gateway, registry=registry).routes())
-        logged = correlation.Correlated(app, logformat.access_log(True, {"m", "llm"}.__contains__))
-        port = await stack.enter_async_context(loopback.serving(logged))
-        yield await stack.enter_async_context(httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10))
+        log = logformat.access_log(True, {"m", "llm"}.__contains__)
+        yield await stack.enter_async_context(replica_gateway.gateway_at(ports, wrap=lambda app: correlation.Correlated(app, log)))
 
 
 class Lines(logging.Handler):

@@ -24,9 +24,11 @@ from starlette.routing import Route
 from edge_agent import httplistener, httpmessages, refusals
 from edgeplane_proto import retry_after as retry_header
 from edgeplane_proto.headers import DRAINING
-from orchestrator.gateway import cascade, cascade_rules, endpoints, failover, openai_routes, proxy, routing
+from orchestrator.gateway import cascade, cascade_rules, endpoints, failover, openai_routes, proxy
 from orchestrator.gateway.upstream import UpstreamPool
 from orchestrator.testing import loopback
+
+from . import replica_gateway
 
 CHAT = {"model": "llm", "messages": [{"role": "user", "content": "hi"}]}
 INFER = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
@@ -52,22 +54,9 @@ def replica(answer) -> Starlette:  # noqa: ANN001
 async def gateway_over(*answers, table: endpoints.EndpointTable | None = None) -> AsyncIterator[httpx.AsyncClient]:  # noqa: ANN002
     async with contextlib.AsyncExitStack() as stack:
         ports = [await stack.enter_async_context(loopback.serving(replica(a))) for a in answers]
-        yield await stack.enter_async_context(gateway_at(ports, table))
+        yield await stack.enter_async_context(replica_gateway.gateway_at(ports, table))
 
 
-@contextlib.asynccontextmanager
-async def gateway_at(ports: list[int], table: endpoints.EndpointTable | None = None) -> AsyncIterator[httpx.AsyncClient]:
-    """A gateway whose models m (v2) and llm (OpenAI) have a replica on each of ``ports``."""
-    async with contextlib.AsyncExitStack() as stack:
-        table = table or endpoints.EndpointTable()
-        table.replace([routing.Endpoint(model, model, f"site-{i}", "edge", "FR", "west", 48.85, 2.35 + i, f"http://127.0.0.1:{port}",
-                                        api=api)
-                       for i, port in enumerate(ports) for model, api in (("m", "v2"), ("llm", "openai"))])
-        registry = CollectorRegistry()
-        gateway = proxy.Gateway(table, UpstreamPool(), proxy.GatewayMetrics.create(registry))
-        app = Starlette(routes=gateway.routes() + openai_routes.OpenAIGateway(gateway, registry=registry).routes())
-        port = await stack.enter_async_context(loopback.serving(app))
-        yield await stack.enter_async_context(httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10))
 
 
 async def test_a_model_whose_only_replica_drains_is_503_with_retry_after_on_both_apis() -> None:
@@ -101,7 +90,7 @@ async def test_a_model_whose_every_agent_is_stopping_is_503_with_retry_after_not
         await server.start(sock)
     ports = [sock.getsockname()[1] for sock in socks]
     async with contextlib.AsyncExitStack() as stack:
-        http = await stack.enter_async_context(gateway_at(ports))
+        http = await stack.enter_async_context(replica_gateway.gateway_at(ports))
         direct = await stack.enter_async_context(httpx.AsyncClient(timeout=10))
         in_flight = [asyncio.create_task(direct.post(f"http://127.0.0.1:{p}/v2/models/m/infer", json=INFER)) for p in ports]
         while running < 2:
