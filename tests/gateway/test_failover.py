@@ -27,12 +27,7 @@ def counted(counter: Counter) -> dict[str, float]:
 ])
 def test_a_request_counts_each_replica_it_moved_on_from(steps: list[str], moved_on_from: dict[str, int]) -> None:
     counter = Counter("edgeplane_gateway_failovers", "", ["model", "site"], registry=CollectorRegistry())
-    moves = failover.Failovers(counter, "intent")
-    for step in steps:
-        if step == "ok":
-            moves.answered()
-        else:
-            moves.attempt(step)
+    moves = _replayed(failover.Failovers(counter, "intent"), steps)
     assert counted(counter) == moved_on_from
     assert moves.header() == ({"x-edgeplane-failover": ",".join(moves.moved_from)} if moved_on_from else {})
     assert {s.labels["model"] for m in counter.collect() for s in m.samples} <= {"intent"}
@@ -46,10 +41,15 @@ def test_a_request_counts_each_replica_it_moved_on_from(steps: list[str], moved_
     pytest.param(["a", "b", "ok", "c"], {"x-edgeplane-failover": "a"}, id="a failover at the first stage stays named"),
 ])
 def test_an_answer_names_the_sites_its_request_moved_on_from(steps: list[str], header: dict[str, str]) -> None:
-    moves = failover.Failovers(None, "intent")
+    moves = _replayed(failover.Failovers(None, "intent"), steps)
+    assert moves.header() == header
+
+
+def _replayed(moves: failover.Failovers, steps: list[str]) -> failover.Failovers:
+    """``moves`` after a request's ``steps``: a site tried, or "ok" for an answer (a stage ended)."""
     for step in steps:
         if step == "ok":
             moves.answered()
         else:
             moves.attempt(step)
-    assert moves.header() == header
+    return moves
