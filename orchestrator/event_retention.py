@@ -17,6 +17,10 @@ most ``max_batches`` batches of each kind before it waits ``every_s``, so a back
 (retention turned on over years of events) drains over several passes instead of holding
 the store. The deletes run on the store's threads, as every store call of the control
 plane does: a database that stalls must not hold the event loop.
+
+The same pass indexes the sites of events a replica of an earlier release logged during a
+rolling update (it writes no ``event_sites``), up to ``max_batches`` batches: a read by site
+finds them within a pass (:mod:`orchestrator.store.event_sites`).
 """
 
 from __future__ import annotations
@@ -87,6 +91,9 @@ class EventPruner:
         lease = self.elector.lease if self.elector is not None else None
         if self.elector is not None and lease is None:
             return 0
+        for _ in range(self.max_batches):  # an earlier release's events, for the reads by site
+            if not await self.store.run(self.store.index_event_sites):
+                break
         deleted = 0
         for audit, before in self.retention.cutoffs(self.clock() if self.clock is not None else self.store.now()):
             for _ in range(self.max_batches):

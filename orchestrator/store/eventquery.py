@@ -1,37 +1,66 @@
-"""Which events a read of the event log keeps: the ``WHERE`` clauses of
+"""Which events a read of the event log keeps: the statements of
 :meth:`orchestrator.store.sql.SqlStore.events` and ``recent_events`` for a kind, a name, a
-site and a time window. Apart from the SQL store's I/O: what matches is decided here, from
-the arguments alone; both backends run it as it is (``?`` placeholders, the dialect's own).
+site and a time window, and which sites an event names (:func:`sites_named`, kept in the
+table ``event_sites`` that a read by site goes through: :mod:`orchestrator.store.event_sites`).
+Apart from the SQL store's I/O: what matches is decided here, from the arguments alone;
+both backends run it as it is (``?`` placeholders, the dialect's own).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.store import values
+
+def select(since: int | None, limit: int, kind: str | None = None, name: str | None = None, site: str | None = None,
+           after: float | None = None, before: float | None = None) -> tuple[str, list[Any]]:
+    """The statement (and its arguments) that reads up to ``limit`` events after event
+    ``since``, oldest first, or with ``since`` None the newest ``limit``, newest first, of
+    ``kind`` and ``name``, at ``site``, logged in [``after``, ``before``) when given. At a
+    site, the events are read through ``event_sites`` by its key (site, event id): a site's
+    events in id order without reading any other's, however long the log (a ``LIKE`` over
+    every event's details read the whole log, as did each poll of a quiet site)."""
+    clauses, args = where(kind, name, after, before)
+    order = "DESC" if since is None else ""
+    if site:
+        bound = "" if since is None else " AND s.event_id > ?"
+        return (f"SELECT e.* FROM event_sites s JOIN events e ON e.id = s.event_id WHERE s.site = ?{bound}{clauses} "
+                f"ORDER BY s.event_id {order} LIMIT ?", [site, *([] if since is None else [since]), *args, limit])
+    bound = "TRUE" if since is None else "id > ?"
+    return f"SELECT * FROM events WHERE {bound}{clauses} ORDER BY id {order} LIMIT ?", [*([] if since is None else [since]), *args, limit]
 
 
-def where(kind: str | None, name: str | None, site: str | None = None, after: float | None = None,
-          before: float | None = None) -> tuple[str, list[Any]]:
+def where(kind: str | None, name: str | None, after: float | None = None, before: float | None = None) -> tuple[str, list[Any]]:
     """The ``AND …`` clauses (and their arguments) that keep the events of ``kind`` and
-    ``name``, and those at ``site``: the Site's own (lost, cordoned, a failback) and those
-    whose details name it as a replica's ``site``, or a move's ``from`` or ``to`` (details
-    are stored as canonical JSON: :func:`orchestrator.store.values.canonical`). ``site`` is
-    a site name, a DNS label, which holds none of LIKE's wildcards. ``after`` and ``before``
-    bound when it was logged (epoch seconds, ``after`` included)."""
+    ``name``, logged at ``after`` or later and before ``before`` (epoch seconds) when given."""
     clauses, args = "", []
     for column, value in (("kind", kind), ("name", name)):
         if value:
             clauses, args = f"{clauses} AND {column} = ?", [*args, value]
-    if site:
-        named = [f"%{values.canonical({key: site})[1:-1]}%" for key in SITE_DETAILS]
-        clauses += f" AND ((kind = ? AND name = ?) OR {' OR '.join('details LIKE ?' for _ in named)})"
-        args = [*args, "Site", site, *named]
     for clause, value in ((" AND ts >= ?", after), (" AND ts < ?", before)):
         if value is not None:
             clauses, args = clauses + clause, [*args, value]
     return clauses, args
 
 
-#: The keys of an event's details that name the site it happened at (:func:`where`).
+def sites_named(kind: str, name: str, details: Any) -> set[str]:
+    """The sites an event happened at: a Site's own events' (lost, cordoned, a failback), and
+    each that its details name, at any depth, as a replica's ``site`` or a move's ``from`` or
+    ``to`` (a drain's moves are a list of them). Whole names only: ``edge-lyon`` is not
+    ``edge-lyon-2``."""
+    found = {name} if kind == "Site" and name else set()
+    stack = [details]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if key in SITE_DETAILS and isinstance(inner, str) and inner:
+                    found.add(inner)
+                elif isinstance(inner, (dict, list)):
+                    stack.append(inner)
+        elif isinstance(value, list):
+            stack.extend(v for v in value if isinstance(v, (dict, list)))
+    return found
+
+
+#: The keys of an event's details that name the site it happened at (:func:`sites_named`).
 SITE_DETAILS = ("site", "from", "to")

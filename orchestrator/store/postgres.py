@@ -39,7 +39,7 @@ import psycopg
 from psycopg import conninfo
 from psycopg.rows import dict_row
 
-from orchestrator.store import datacentre_records, schema_version
+from orchestrator.store import datacentre_records, event_sites, schema_version
 from orchestrator.store.credentials import BACKFILL_TOKEN_SEQ
 from orchestrator.store.sql import SqlStore
 from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
@@ -114,8 +114,8 @@ DO $$ BEGIN  -- databases made before leases were kept in epoch seconds, as on S
 END $$;
 INSERT INTO meta (key, value) VALUES ('resource_version', 0) ON CONFLICT (key) DO NOTHING;
 INSERT INTO meta (key, value) VALUES ('store_id', floor(random() * 9007199254740991)::bigint) ON CONFLICT (key) DO NOTHING;
-INSERT INTO meta (key, value) VALUES ('events_pruned_through', 0) ON CONFLICT (key) DO NOTHING
-"""
+INSERT INTO meta (key, value) VALUES ('events_pruned_through', 0) ON CONFLICT (key) DO NOTHING;
+""" + event_sites.SCHEMA.format(id="BIGINT")
 
 #: A database that stops answering without closing the connection (a partition, a frozen
 #: host) is found within seconds, not at the kernel's retransmission timeout (~15 min),
@@ -189,6 +189,11 @@ class PostgresStore(SqlStore):
             raise
         self.events_index = EventsIndex(self)
         self.events_index.start()
+        try:  # what an earlier release logged, a batch a transaction: other replicas' writes go on between them
+            event_sites.catch_up(self)
+        except StoreError:
+            self.close()
+            raise
 
     @staticmethod
     def _primary_key(db: psycopg.Connection[dict[str, Any]], table: str) -> set[str]:

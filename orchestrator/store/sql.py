@@ -25,7 +25,7 @@ import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
-from orchestrator.store import datacentre_records, eventquery
+from orchestrator.store import datacentre_records, event_sites, eventquery
 from orchestrator.store.credentials import Credentials
 from orchestrator.store.threads import StoreThreads
 from orchestrator.store.values import canonical as _canonical
@@ -439,10 +439,10 @@ class SqlStore(Credentials):
     # --- events ----------------------------------------------------------------------
 
     def _log(self, db: Any, e: Event, now: float) -> None:
-        db.execute(
-            self._q("INSERT INTO events (ts, actor, action, kind, name, reason, details) VALUES (?, ?, ?, ?, ?, ?, ?)"),
-            (now, storable(e.actor), e.action, e.kind, storable(e.name), storable(e.reason), _canonical(e.details)),
-        )
+        name = storable(e.name)
+        logged = self._one(db, "INSERT INTO events (ts, actor, action, kind, name, reason, details) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                           (now, storable(e.actor), e.action, e.kind, name, storable(e.reason), _canonical(e.details)))
+        event_sites.record(self, db, int(logged["id"]), e.kind, name, e.details)
         self._changed(db, f"events:{e.kind}")
 
     def record(self, *events: Event, lease: Lease | None = None) -> None:
@@ -458,20 +458,22 @@ class SqlStore(Credentials):
                site: str | None = None, after: float | None = None, before: float | None = None) -> list[LoggedEvent]:
         """Up to ``limit`` events after event ``since``, oldest first (of ``kind``, named
         ``name``, at ``site``, logged at ``after`` or later and before ``before`` (epoch
-        seconds), when given: :func:`orchestrator.store.eventquery.where`)."""
-        where, args = eventquery.where(kind, name, site, after, before)
-        rows = self._fetch(self._q(f"SELECT * FROM events WHERE id > ?{where} ORDER BY id LIMIT ?"),
-                           (since, *args, max(1, min(limit, 10_000))))
-        return [_event(r) for r in rows]
+        seconds), when given: :func:`orchestrator.store.eventquery.select`)."""
+        sql, args = eventquery.select(since, max(1, min(limit, 10_000)), kind, name, site, after, before)
+        return [_event(r) for r in self._fetch(self._q(sql), tuple(args))]
 
     def recent_events(self, kind: str | None = None, name: str | None = None, limit: int = 20,
                       site: str | None = None, after: float | None = None, before: float | None = None) -> list[LoggedEvent]:
         """The newest ``limit`` events (of ``kind``, named ``name``, at ``site``, in [``after``,
         ``before``), when given), oldest first."""
-        where, args = eventquery.where(kind, name, site, after, before)
-        rows = self._fetch(self._q(f"SELECT * FROM events WHERE TRUE{where} ORDER BY id DESC LIMIT ?"),
-                           (*args, max(1, min(limit, 10_000))))
-        return [_event(r) for r in reversed(rows)]
+        sql, args = eventquery.select(None, max(1, min(limit, 10_000)), kind, name, site, after, before)
+        return [_event(r) for r in reversed(self._fetch(self._q(sql), tuple(args)))]
+
+    def index_event_sites(self, batch: int = event_sites.BATCH) -> int:
+        """Index the sites of the next ``batch`` events this release did not log itself (an
+        earlier release's: :mod:`orchestrator.store.event_sites`); how many were read, 0 once
+        caught up."""
+        return event_sites.index(self, batch)
 
     def prune_events(self, before: float, audit: bool, limit: int = 1000, lease: Lease | None = None) -> int:
         """Delete up to ``limit`` of the oldest events logged before ``before`` (epoch
@@ -496,6 +498,7 @@ class SqlStore(Credentials):
             if newest is None:
                 return 0
             db.execute(self._q("UPDATE meta SET value = ? WHERE key = 'events_pruned_through' AND value < ?"), (newest, newest))
+            event_sites.forget(self, db, batch, args)
             return int(db.execute(self._q(f"DELETE FROM events WHERE id IN ({batch})"), args).rowcount)
 
     def events_pruned_through(self) -> int:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from edge_agent import state as state_files
-from orchestrator.store import datacentre_records, schema_version
+from orchestrator.store import datacentre_records, event_sites, schema_version
 from orchestrator.store.credentials import BACKFILL_TOKEN_SEQ
 from orchestrator.store.sql import SqlStore, _canonical
 from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
@@ -105,7 +105,7 @@ CREATE TABLE IF NOT EXISTS daily_counts (key TEXT PRIMARY KEY, day INTEGER NOT N
 INSERT OR IGNORE INTO meta (key, value) VALUES ('resource_version', 0);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', random() & 9223372036854775807);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('events_pruned_through', 0);
-"""
+""" + event_sites.SCHEMA.format(id="INTEGER")
 
 #: How long a call waits while another process holds the lock it needs on the file (an
 #: operator's ``sqlite3`` shell in a transaction, a backup tool) before it fails.
@@ -175,6 +175,11 @@ class Store(SqlStore):
             self._db = self._open()
         except BaseException:
             self._disown()
+            raise
+        try:
+            event_sites.catch_up(self)  # what an earlier release logged: indexed before the first read by site
+        except BaseException:
+            self.close()
             raise
 
     def _open(self) -> sqlite3.Connection:

@@ -124,6 +124,18 @@ async def test_a_retention_of_zero_keeps_that_log_whole(reopen: Callable[[], Sta
     assert await pruner(store, clock, events_s=0.0, audit_s=0.0).prune() == 0
 
 
+async def test_the_leaders_pass_indexes_the_sites_of_events_an_earlier_replica_logged(reopen: Callable[[], StateStore],
+                                                                                       clock: Clock) -> None:
+    store = reopen()
+    with store._tx() as db:  # type: ignore[attr-defined]  # as a replica of the release before event_sites logs one: the row alone
+        db.execute(store._q("INSERT INTO events (ts, actor, action, kind, name, reason, details) "  # type: ignore[attr-defined]
+                            "VALUES (?, 'scheduler', 'replica-placed', 'ModelDeployment', 'chat', 'placed', ?)"),
+                   (clock.now, '{"site":"edge-lyon","variant":"q4"}'))
+    assert store.events(site="edge-lyon") == []  # not yet indexed
+    await pruner(store, clock).prune()
+    assert [e.name for e in store.events(site="edge-lyon")] == ["chat"]
+
+
 async def test_only_the_lease_holder_prunes(reopen: Callable[[], StateStore], clock: Clock) -> None:
     store, other = reopen(), reopen()
     store.record(LOST, LOST)
