@@ -248,11 +248,14 @@ def build_routes(services: Services) -> list[BaseRoute]:
             # Event ids count from each store's own start: which store answered tells a client that
             # follows them (the console) when ids it read before are another store's; up to which
             # id retention deleted events, when one it asks after may have missed some; and the
-            # newest id, when one it read is past it (the store restored from an older backup).
+            # newest id, when one it read is past it (the store restored from an older backup). The
+            # newest id is read first: every event up to it was there for the read of the page, so
+            # a follow of a filter (?site=) may ask after it next, not after the page's last.
+            newest = store.events_last_id()
             found = (store.recent_events(kind, q.get("name"), last, site, after, before) if last
                      else store.events(since, limit, kind, q.get("name"), site, after, before))
             pruned = store.events_pruned_through()
-            return found, store.store_id(), pruned, max(store.events_last_id(), pruned)
+            return found, store.store_id(), pruned, max(newest, pruned)
 
         found, ident, pruned, newest = await store.run(read)  # one turn on the store's threads
         return JSONResponse({"items": [_event(e) for e in found], "store": ident, "prunedThrough": pruned, "lastId": newest})

@@ -209,6 +209,11 @@ def answered(state: Follow, page: Page, every_s: float) -> Step:
                  f"{state.since} may be missing; going on from the oldest kept",)
         pruned_known = page.pruned_through
     since = page.items[-1]["id"] if page.items else (state.since or 0)
+    if state.since is None and page.last_id is not None:
+        # the newest events, of a --site, --kind or --name: those after them up to the store's
+        # newest id (read before them) are none of its, so the next ask is after that id, not
+        # after the last shown (or, none shown, every event from the first)
+        since = max(since, page.last_id)
     last_ts = items[-1].get("ts") if items else state.last_ts
     after = Follow(state.limit, since, first=False, store=page.store or state.store, pruned_known=pruned_known, last_ts=last_ts)
     return Step(after, said, items, every_s)

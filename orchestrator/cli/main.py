@@ -182,7 +182,8 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
                                                   "as the TIME column shows (2026-12-07T03:00:00Z, 2026-12-07T04:00:00+01:00)")
     sp.add_argument("--before", metavar="TIME", help="only those logged before TIME (as --after)")
     sp.add_argument("-w", "--follow", action="store_true",
-                    help="then print each new event as it is logged (one line each; -o json: one JSON object a line) until Ctrl-C")
+                    help="then print each new event as it is logged (one line each; -o json: one JSON object a line) until Ctrl-C; "
+                         "with --site, --kind or --name, from the store's newest event on")
     with_output(client_parser("status", help="control plane health and a fleet summary"))
     tok = client_parser("token", help="credentials")
     tsub = tok.add_subparsers(dest="token_command", required=True)
