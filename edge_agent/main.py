@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import edge_agent
 from edge_agent import artifacts, build, errors, runtime
-from edgeplane_proto import endpoint_url, logformat, lookalike
+from edgeplane_proto import endpoint_url, logformat, lookalike, site_name
 
 if TYPE_CHECKING:
     from edge_agent import daemon
@@ -99,14 +99,11 @@ def _label(value: str) -> tuple[str, str]:
     return key, val
 
 
-SITE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-
-
 def _site(value: str) -> str:
     """The control plane refuses any other name at the join: say so before starting."""
-    if not SITE_NAME.fullmatch(value):
-        raise argparse.ArgumentTypeError(f"{value!r} must be a DNS label: lowercase letters, digits and '-', at most 63 characters"
-                                         f"{lookalike.explain(value)}")
+    refused = site_name.refusal(value)
+    if refused is not None:
+        raise argparse.ArgumentTypeError(f"{refused}{lookalike.explain(value)}")
     return value
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import re
 
-from edgeplane_proto import endpoint_url
+from edgeplane_proto import endpoint_url, site_name
 from orchestrator.agents import errors, model
 from orchestrator.manifests import schema
 
-SITE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # fullmatch: "$" would take "edge-1\n"
 MAX_LABELS = 64
 MAX_LABEL_KEY_CHARS = 253  # a manifest's label limits (schema.LabelKey, schema.LabelValue)
 MAX_LABEL_VALUE_CHARS = 63
@@ -26,11 +25,9 @@ _LABEL_VALUE = re.compile(schema.LABEL_VALUE_PATTERN)
 
 def check(application: model.JoinApplication) -> None:
     """Raise :class:`InvalidJoin` naming the first thing ``application`` may not carry."""
-    if not SITE_NAME.fullmatch(application.site):
-        raise errors.InvalidJoin(
-            f"site name {application.site!r} must be a DNS label: lowercase letters, digits "
-            "and '-', at most 63 characters"
-        )
+    refused = site_name.refusal(application.site)
+    if refused is not None:
+        raise errors.InvalidJoin(f"site name {refused}")
     refused = endpoint_url.refusal(application.endpoint_url)
     if refused is not None:
         raise errors.InvalidJoin(f"endpoint_url: {refused}")

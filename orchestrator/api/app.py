@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -28,13 +27,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from edgeplane_proto import site_name
 from orchestrator import catalog, reasons
 from orchestrator.api import auth, bodies, mediatype, methods, paging, problems
 from orchestrator.api import maintenance as maintenance_api
 from orchestrator.api import simulate as simulate_api
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing, scoping
-from orchestrator.manifests import loader, schema
+from orchestrator.manifests import loader
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.simulation.scenario import ScenarioError
 from orchestrator.store import sqlite as store_mod
@@ -241,7 +241,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
                            reason=problems.Reason.BAD_REQUEST)
         kind = catalog.resolve_event_kind(q["kind"]) if q.get("kind") else None
         site = q.get("site") or None
-        if site is not None and not (len(site) <= 63 and re.fullmatch(schema.NAME_PATTERN, site)):
+        if site is not None and not site_name.PATTERN.fullmatch(site):
             raise BadQuery(f"site must be a site's name (lowercase letters, digits and '-'), not {site[:70]!r}", "site")
         after, before = (_event_time(q, bound) for bound in ("after", "before"))
         def read() -> tuple[list[Any], str, int, int]:
