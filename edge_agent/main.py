@@ -103,7 +103,7 @@ def _site(value: str) -> str:
     """The control plane refuses any other name at the join: say so before starting."""
     refused = site_name.refusal(value)
     if refused is not None:
-        raise argparse.ArgumentTypeError(f"{refused}{lookalike.explain(value)}")
+        raise argparse.ArgumentTypeError(refused)
     return value
 
 

@@ -2,9 +2,9 @@
 
 A name, a label key or value and a site's name are ASCII, but a refused one can look valid
 when quoted: a Cyrillic 'р' looks like the Latin 'p', and a zero-width space, a combining
-accent or a no-break space is not seen at all. The manifests' refusals and the agent's
-``--site`` and ``--label`` name that character alike, by its position, code point and
-Unicode name, so the operator knows what to retype.
+accent or a no-break space is not seen at all. The manifests' refusals, the agent's
+``--site`` and ``--label`` and the control plane's refusal of a join name that character
+alike, by its position, code point and Unicode name, so the operator knows what to retype.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from edgeplane_proto import endpoint_url, site_name
+from edgeplane_proto import endpoint_url, lookalike, site_name
 from orchestrator.agents import errors, model
 from orchestrator.manifests import schema
 
@@ -38,10 +38,12 @@ def check(application: model.JoinApplication) -> None:
     for key, value in application.labels.items():
         if not _LABEL_KEY.fullmatch(key) or len(key) > MAX_LABEL_KEY_CHARS:
             raise errors.InvalidJoin(f"label key {key!r} is not one a manifest may hold: letters, digits and '-_./', "
-                                     f"starting and ending with a letter or digit, at most {MAX_LABEL_KEY_CHARS} characters")
+                                     f"starting and ending with a letter or digit, at most {MAX_LABEL_KEY_CHARS} characters"
+                                     f"{lookalike.explain(key)}")
         if not _LABEL_VALUE.fullmatch(value) or len(value) > MAX_LABEL_VALUE_CHARS:
             raise errors.InvalidJoin(f"label {key}={value!r}: a value is empty or letters, digits and '-_.', starting and "
-                                     f"ending with a letter or digit, at most {MAX_LABEL_VALUE_CHARS} characters")
+                                     f"ending with a letter or digit, at most {MAX_LABEL_VALUE_CHARS} characters"
+                                     f"{lookalike.explain(value)}")
     loc = application.location
     if loc.lat is not None and not (-90 <= loc.lat <= 90 and -180 <= (loc.lon or 0) <= 180):
         raise errors.InvalidJoin(f"location {loc.lat},{loc.lon} is not a valid lat,lon")

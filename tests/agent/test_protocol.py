@@ -4,11 +4,13 @@ rule, and hostile input (garbage bytes, oversized messages) on a real loopback s
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
+from edge_agent import uplink
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from orchestrator.agents import model, service
@@ -186,3 +188,24 @@ async def test_a_fleet_opening_its_streams_at_once_is_not_cancelled(
         code = await call.code()
         codes[code] = codes.get(code, 0) + 1
     assert codes == {grpc.StatusCode.UNAUTHENTICATED: 3500}
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"site": "\u0440aris"}, "site name '\u0440aris' must be a DNS label: lowercase letters, digits and '-', at most 63 "
+                             "characters; its character 1 is U+0440 CYRILLIC SMALL LETTER ER, not ASCII"),
+    ({"site": "cafe\u0301"}, "; its character 5 is U+0301 COMBINING ACUTE ACCENT, not ASCII"),
+    ({"labels": {"z\u043ene": "eu"}}, "; its character 2 is U+043E CYRILLIC SMALL LETTER O, not ASCII"),
+    ({"labels": {"zone": "eu\u00a0west"}}, "; its character 3 is U+00A0 NO-BREAK SPACE, not ASCII"),
+])
+async def test_a_look_alike_join_is_refused_naming_its_character_in_the_agents_one_line(
+    channel: grpc.aio.Channel, fields: dict[str, object], named: str
+) -> None:
+    """As ``edgeplane-agent --site`` and a manifest's refusal do: the operator knows what to retype."""
+    request = join_request(**fields) if "site" not in fields else join_request(str(fields["site"]))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await pb_grpc.AgentControlStub(channel).Join(request)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    level, line, traceback = uplink._report(uplink.translate(refused.value))
+    assert (level, traceback) == (logging.ERROR, False)
+    assert line.startswith("control plane refused this agent: INVALID_ARGUMENT: ")
+    assert named in line and "\n" not in line
