@@ -39,7 +39,7 @@ import psycopg
 from psycopg import conninfo
 from psycopg.rows import dict_row
 
-from orchestrator.store import datacentre_records, event_sites, schema_version
+from orchestrator.store import datacentre_records, event_sites, schema_version, site_regions
 from orchestrator.store.credentials import BACKFILL_TOKEN_SEQ
 from orchestrator.store.sql import SqlStore
 from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
@@ -181,6 +181,7 @@ class PostgresStore(SqlStore):
                 db.execute(SCHEMA)
                 if "version" in self._primary_key(db, "deleted_sites"):  # keyed by name and version for a while
                     datacentre_records.key_by_name(self, db, DELETED_SITES)
+                site_regions.compose(self, db)  # an earlier release's decomposed regions
                 schema_version.stamp(self, db, found)
         except StoreError:
             self._closed = True

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from edge_agent import state as state_files
-from orchestrator.store import datacentre_records, event_sites, schema_version
+from orchestrator.store import datacentre_records, event_sites, schema_version, site_regions
 from orchestrator.store.credentials import BACKFILL_TOKEN_SEQ
 from orchestrator.store.sql import SqlStore, _canonical
 from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
@@ -214,6 +214,7 @@ class Store(SqlStore):
                     db.execute(f"ALTER TABLE tokens ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
             if any(r["name"] == "version" and r["pk"] for r in db.execute("PRAGMA table_info(deleted_sites)")):
                 datacentre_records.key_by_name(self, db, SCHEMA_DELETED_SITES)  # keyed by name and version for a while
+            site_regions.compose(self, db)  # an earlier release's decomposed regions
             schema_version.stamp(self, db, found)
             # Where WAL cannot be had (a file system without shared memory), COMMIT waits for
             # readers of the file like BEGIN does for writers; inside the transaction nothing
