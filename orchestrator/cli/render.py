@@ -6,7 +6,7 @@ import codecs
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
@@ -196,18 +196,21 @@ def table(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any
     # Every string goes in as Text: rich reads "[...]" in a plain str as markup, and the cells
     # hold what users wrote (an event's reason, a token's description): "[incident-42]" vanished
     # and "[/x]" raised MarkupError. Their control characters are escaped (one_line).
-    cells = [[Text(one_line(c)) for c in r] for r in rows]
-    heads = [Text(h) for h in headers]
+    held = _held_by(sys.stdout)
+    cells = [[Text(held(one_line(c))) for c in r] for r in rows]
+    heads = [Text(held(h)) for h in headers]
     widths = [max([heads[i].cell_len, *(r[i].cell_len for r in cells if i < len(r))]) for i in range(len(heads))]
     terminal = _stdout_is_terminal()
     if terminal:
         widths = [min(w, REASON_WIDTH) if h == "REASON" else w for h, w in zip(headers, widths)]
     console = Console()
     caps = column_caps(widths, console.width - GAP * (len(widths) - 1)) if terminal else None
-    t = Table(title=Text(title) if title is not None else None, box=None, header_style="bold", pad_edge=False)
+    t = Table(title=Text(held(title)) if title is not None else None, box=None, header_style="bold", pad_edge=False)
     for head, cap in zip(heads, caps or widths):
         # no_wrap: one object, one line, tables stay greppable
         t.add_column(head, no_wrap=True, overflow="ellipsis", max_width=cap if terminal else None)
+    if caps is not None and held("…") != "…":  # cut here, with a mark the terminal holds, to the width measured
+        cells = [[_cut(c, cap) for c, cap in zip(r, caps)] for r in cells]
     for r in cells:
         t.add_row(*r)
     if caps is not None:
@@ -215,6 +218,27 @@ def table(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any
         return
     whole = Measurement.get(console, console.options.update_width(sys.maxsize), t).maximum
     Console(width=whole).print(t)
+
+
+def _cut(cell: Text, cap: int) -> Text:
+    """``cell`` cut to ``cap`` cells with "..." where the terminal cannot hold "…", the mark
+    rich cuts with: its escape would print 6 characters where the table measured one. The
+    cell holds only what the terminal holds (:func:`_held_by`), one cell a character."""
+    return cell if cell.cell_len <= cap else Text(cell.plain[:max(cap - 3, 0)] + "..."[:cap])
+
+
+def _held_by(stream: Any) -> Callable[[str], str]:
+    """What ``stream`` writes of a text: as itself where it holds it (UTF-8), else each
+    character its encoding (latin-1, ASCII) lacks as the escape written instead ("北京" as
+    ``\\u5317\\u4eac``, as the CLI sets standard output to write it: ``main._print_any_text``).
+    A table measures its columns on that, not on the 4 cells "北京" takes printed as itself."""
+    if holds_text(stream):
+        return str
+    try:
+        encoding = codecs.lookup(getattr(stream, "encoding", None) or "ascii").name
+    except LookupError:
+        encoding = "ascii"
+    return lambda text: text.encode(encoding, "backslashreplace").decode(encoding)
 
 
 def _stdout_is_terminal() -> bool:

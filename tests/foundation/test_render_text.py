@@ -92,3 +92,38 @@ def test_a_table_on_an_output_that_cannot_hold_the_text_prints_escapes(argv: lis
     sys.stdout.flush()
     assert code == 0, capsys.readouterr().err
     assert shown in raw.getvalue().decode("latin-1")
+
+
+def test_a_table_of_escaped_cells_keeps_its_columns_aligned(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """On a latin-1 locale "北京" prints as its 12 characters of escape, not the 4 cells it
+    takes where it prints as itself: the columns after it are as far right on every row."""
+    paris = {**SITE, "metadata": {"name": "paris"},
+             "spec": {**SITE["spec"], "location": {"country": "FR", "region": "Île-de-France", "lat": 48.8, "lon": 2.3}}}
+    raw = io.BytesIO()
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(raw, encoding="latin-1"))
+    _Canned.body = json.dumps({"kind": "Site", "items": [SITE, paris]}).encode()
+    with loopback.http_server(_Canned) as url:
+        code = cli_main.main(["--server", url, "get", "sites"])
+    sys.stdout.flush()
+    assert code == 0, capsys.readouterr().err
+    head, *rows = raw.getvalue().decode("latin-1").splitlines()
+    after_region = head.index("REGION") + max(len("\\u5317\\u4eac"), len("Île-de-France")) + 2
+    assert [row[after_region - 2:after_region] for row in rows] == ["  ", "  "], rows
+    assert all(row[after_region] != " " for row in [head, *rows]), [head, *rows]
+
+
+def test_a_cut_cell_on_a_terminal_that_cannot_hold_the_ellipsis_keeps_its_columns_aligned(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A narrow latin-1 terminal: a cell cut to fit ends in "...", not in "…" printed as its
+    6 characters of escape, which pushed the rest of its row right."""
+    raw = io.BytesIO()
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(raw, encoding="latin-1", errors="backslashreplace"))
+    monkeypatch.setattr(render, "_stdout_is_terminal", lambda: True)
+    monkeypatch.setenv("COLUMNS", "60")
+    render.table(None, ["NAME", "REASON", "AGE"], [["a", "maintenance électrique " * 4, "1m"], ["b", "short", "2m"]])
+    sys.stdout.flush()
+    head, *rows = raw.getvalue().decode("latin-1").splitlines()
+    assert "..." in rows[0] and "\\u2026" not in rows[0], rows
+    assert {row.rstrip().rindex(" ") for row in [head, *rows]} == {head.index("AGE") - 1}, [head, *rows]
+    assert all(len(row.rstrip()) <= 60 for row in [head, *rows]), [head, *rows]
