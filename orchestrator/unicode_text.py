@@ -5,12 +5,19 @@ byte-order mark (``edgeplane get site x -o yaml > site.yaml``), Notepad may writ
 one, and YAML 1.1 defines UTF-16 and UTF-32 files that start with their mark; kubectl reads
 them too. Without a mark text is UTF-8; the mark is no part of the text. UTF-16 without a
 mark (what some editors write as "Unicode") is refused as not UTF-8, saying it looks like
-UTF-16, where its first bytes show its shape.
+UTF-16, where its first bytes show its shape: mostly ASCII or Latin text, a NUL in every
+other byte; or, for bytes UTF-8 cannot read, text mostly in another script (a file that
+starts with a Chinese comment), whose first bytes read as UTF-16 of assigned characters and
+hold a control byte that no text in an 8-bit or multibyte encoding holds (latin-1, cp1252,
+GBK, Shift-JIS, EUC-KR, Big5): its NULs, or the low byte of 、。，「 (U+3001, U+3002,
+U+FF0C, U+300C). Text with neither (no ASCII and no such punctuation in its first 256
+characters) is refused as not UTF-8 alone.
 """
 
 from __future__ import annotations
 
 import codecs
+import unicodedata
 
 #: Marks and the codec that reads the text behind them; UTF-32-LE's mark starts as UTF-16-LE's does.
 _MARKS = (
@@ -43,7 +50,8 @@ def decoded(raw: bytes) -> str:
     try:
         return raw[len(mark):].decode(codec)
     except UnicodeDecodeError as exc:
-        raise NotText(name, len(mark) + exc.start) from None
+        hint = "looks like UTF-16 without a byte-order mark: save it as UTF-8" if not mark and _utf16_text(raw) else ""
+        raise NotText(name, len(mark) + exc.start, hint) from None
 
 
 def _utf16_shaped(raw: bytes) -> bool:
@@ -54,3 +62,29 @@ def _utf16_shaped(raw: bytes) -> bool:
     even, odd = head[0::2].count(0), head[1::2].count(0)
     units = len(head) // 2
     return units >= 2 and min(even, odd) == 0 and 2 * max(even, odd) >= units
+
+
+#: Bytes that text in an 8-bit or multibyte encoding never holds: C0 controls but tab, LF and CR.
+_CONTROL = frozenset(range(0x20)) - {0x09, 0x0A, 0x0D}
+#: Characters that are not text: controls, unassigned, private use, a surrogate alone.
+_NOT_TEXT = frozenset({"Cc", "Cn", "Co", "Cs"})
+
+
+def _utf16_text(raw: bytes) -> bool:
+    """Whether the first bytes of ``raw``, which UTF-8 cannot read, are UTF-16 of text in any
+    script: they hold a byte of :data:`_CONTROL` and read, in one byte order, as characters
+    that are all assigned text (tab, LF and CR aside). Bytes of 8-bit text paired as UTF-16
+    mostly make assigned ideographs ("ab" is U+6261), but never hold such a byte."""
+    head = raw[:min(len(raw), _SHAPE_BYTES) & ~1]
+    if len(head) < 8 or _CONTROL.isdisjoint(head):
+        return False
+    for codec in ("utf-16-le", "utf-16-be"):
+        try:
+            text = head.decode(codec)
+        except UnicodeDecodeError as exc:
+            if exc.start < len(head) - 2:  # a surrogate pair the head's end cut is still text
+                continue
+            text = head[:exc.start].decode(codec)
+        if all(c in "\t\n\r" or unicodedata.category(c) not in _NOT_TEXT for c in text):
+            return True
+    return False

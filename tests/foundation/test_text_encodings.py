@@ -69,6 +69,41 @@ def test_utf16_without_a_byte_order_mark_is_refused_saying_so(raw: bytes, tmp_pa
         loader.load_text(raw, "<request>")
 
 
+#: What a person writes first in Chinese: 、，。 hold a control byte in UTF-16 (U+3001, U+FF0C,
+#: U+3002), the ideographs none, and no ASCII comes for the first 256 characters.
+CJK_HEAD = "# 北京边缘站点的清单，由运维组维护。修改前请先与机房值班、网络组和安全组确认，并在工单中记录原因。" * 6
+
+
+@pytest.mark.parametrize("raw", [
+    pytest.param((CJK_HEAD + "\n" + SITE).encode("utf-16-le"), id="utf-16-le, a long Chinese comment first"),
+    pytest.param((CJK_HEAD + "\n" + SITE).encode("utf-16-be"), id="utf-16-be, a long Chinese comment first"),
+    pytest.param(CJK_HEAD[2:].encode("utf-16-le"), id="utf-16-le, Chinese alone: no NUL at all"),
+])
+def test_utf16_of_text_mostly_not_ascii_is_refused_saying_so(raw: bytes, tmp_path: pathlib.Path) -> None:
+    """Its first bytes hold few NULs, or none: they read as UTF-16 of assigned characters
+    with the control bytes text in any 8-bit encoding never holds, where UTF-8 cannot read them."""
+    assert raw[:512].count(0) < 512 // 4
+    path = tmp_path / "site.yaml"
+    path.write_bytes(raw)
+    with pytest.raises(CliError, match=rf"^{path}: not UTF-8 text \(byte \d+\): it {NO_MARK}$"):
+        textfile.read(path)
+    with pytest.raises(ManifestError, match=rf"not UTF-8 text \(byte \d+\): it {NO_MARK}"):
+        loader.load_text(raw, "<request>")
+
+
+@pytest.mark.parametrize(("text", "encoding"), [
+    ("# 北京边缘站点的清单，由运维组维护。\nname: 北京\n", "gbk"),
+    ("# 東京のエッジサイト、運用チームが管理。\nname: 東京\n", "shift_jis"),
+    ("# 서울 엣지 사이트\nname: 서울\n", "euc_kr"),
+    ("# Fa\u00e7ade: g\u00e9r\u00e9e par l'\u00e9quipe r\u00e9seau\f\nname: caf\u00e9\n", "cp1252"),
+])
+def test_text_of_8_bit_encodings_is_not_called_utf16(text: str, encoding: str, tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(CliError, match=r"site.yaml: not UTF-8 text \(byte \d+\)$"):
+        textfile.read(path)
+
+
 def test_other_bytes_are_not_called_utf16(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "site.yaml"
     path.write_bytes("na\u00efve: caf\u00e9".encode("latin-1"))
