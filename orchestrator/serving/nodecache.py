@@ -20,7 +20,10 @@ downloaded or unpacked. Its unpacked folder is renamed aside while the lock is h
 replica finds it whole or not at all, and unpacks it again), its download removed, its lock
 file removed, and only then the folder deleted. A lock it does not get is left alone. A
 temporary file or folder of a download or an unpack (``.<sha12>-...``, in either folder)
-goes only when no lock of a version with that prefix is held: it was cut short.
+goes only when no lock of a version with that prefix is held: it was cut short. A download
+an earlier release cut short (``tmp*.part`` in the downloads' folder, named after no version
+and held by no lock) goes once it has not been written for :data:`EARLIER_PART_IDLE_S`: a
+replica of such a release downloading on the node meanwhile writes it more often than that.
 
 The replicas sweep, each when it has loaded its version and when Serve shuts it down
 (``__del__``), rather than a sweeper of the node: no other edgeplane process runs on a Ray
@@ -40,6 +43,7 @@ import os
 import pathlib
 import re
 import shutil
+import time
 
 from orchestrator.serving import artifacts
 
@@ -51,6 +55,11 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(rf"\.?([0-9a-f]{{64}})(?:{re.escape(LOCK_SUFFIX)}|{re.escape(artifacts.DOWNLOAD_SUFFIX)})?")
 #: A download's or an unpack's temporary file or folder, named after its version's sha256
 _TEMPORARY = re.compile(r"\.([0-9a-f]{12})-.+")
+#: A download an earlier release cut short: ``tmp*.part`` (``tempfile``'s name), no version in it, no lock
+_EARLIER_PART = re.compile(r"tmp[a-z0-9_]{8}\.part")
+#: How long a ``tmp*.part`` must have gone unwritten to be one cut short: twice the 300 s read
+#: timeout of those releases' downloads, which wrote at least that often or failed and removed it
+EARLIER_PART_IDLE_S = 600.0
 #: How often :func:`hold` opens a lock file again that a sweep removed meanwhile
 HOLD_ATTEMPTS = 8
 
@@ -116,7 +125,8 @@ def let_go(held: Hold | None) -> None:
 
 def prune() -> list[str]:
     """Remove the versions (downloads and unpacked folders) that no replica on this node
-    holds, and temporary files and folders of downloads and unpacks cut short; the sha256
+    holds, and temporary files and folders of downloads and unpacks cut short (an earlier
+    release's ``tmp*.part`` too, once unwritten for :data:`EARLIER_PART_IDLE_S`); the sha256
     prefixes of the versions removed. Never raises for a file system error: what it cannot
     remove is logged and left to the next sweep."""
     models_root, downloads = artifacts.models_root(), artifacts.cache_dir()
@@ -133,6 +143,9 @@ def prune() -> list[str]:
         for name in names:
             if (m := _TEMPORARY.fullmatch(name)) is not None and not _prefix_held(models_root, m.group(1)):
                 _remove_temporary(folder / name)
+    for name in listed[downloads]:
+        if _EARLIER_PART.fullmatch(name) and _idle(downloads / name, time.time()) > EARLIER_PART_IDLE_S:
+            _remove_temporary(downloads / name)
     if removed:
         log.info("removed %d version(s) no replica on this node uses: %s", len(removed), ", ".join(removed))
     return removed
@@ -177,6 +190,14 @@ def _remove_unheld(models_root: pathlib.Path, downloads: pathlib.Path, sha256: s
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return aside is not None or downloaded is not None
+
+
+def _idle(path: pathlib.Path, now: float) -> float:
+    """How long ago ``path`` was last written (0: gone, or unreadable: kept)."""
+    try:
+        return now - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _remove_temporary(path: pathlib.Path) -> None:

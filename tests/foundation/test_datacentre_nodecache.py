@@ -192,3 +192,24 @@ def test_a_sha256_that_is_no_digest_is_refused_before_it_names_a_file(tmp_path: 
     with pytest.raises(artifacts.ArtifactError, match="is not 64 lowercase hex digits"):
         onnx_app.OnnxModel.func_or_class(uri, "../../escaped", "m")
     assert not (tmp_path / "escaped.lock").exists() and not list(cache.rglob("*"))
+
+
+def test_a_download_an_earlier_release_left_cut_short_goes_once_nothing_writes_it(
+        tmp_path: pathlib.Path, cache: pathlib.Path, artifact_server: tuple[str, type[_Artifacts]]) -> None:
+    """Earlier releases wrote a download to ``tmp*.part`` (no version in its name, no lock): one
+    cut short by a replica's death stayed on the node for good."""
+    from orchestrator.serving import nodecache
+
+    url, _ = artifact_server
+    downloads = cache / "edgeplane-artifacts"
+    downloads.mkdir(parents=True)
+    dead, writing = downloads / "tmpk2x9_q4a.part", downloads / "tmpw8hz3mfe.part"
+    dead.write_bytes(b"x" * 4096)
+    writing.write_bytes(b"x" * 4096)  # an earlier release's replica downloading now writes it
+    idle = nodecache.EARLIER_PART_IDLE_S + 1
+    os.utime(dead, (dead.stat().st_atime - idle, dead.stat().st_mtime - idle))
+    plain = onnx_models.build_identity(tmp_path / "plain.onnx", {"x": 1}).sha256
+    replica = onnx_app.OnnxModel.func_or_class(f"{url}/plain.onnx", plain, "m")
+    assert _downloaded(cache) == {f"{plain}.onnx", writing.name}
+    replica.__del__()
+    assert _downloaded(cache) == {writing.name}
