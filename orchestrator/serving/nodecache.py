@@ -26,7 +26,8 @@ and held by no lock) goes once it has not been written for :data:`EARLIER_PART_I
 replica of such a release downloading on the node meanwhile writes it more often than that.
 
 The replicas sweep, each when it has loaded its version and when Serve shuts it down
-(``__del__``), rather than a sweeper of the node: no other edgeplane process runs on a Ray
+(``__del__``), and so does the application builder before and after its check, rather than
+a sweeper of the node: no other edgeplane process runs on a Ray
 node (the control plane drives Serve over REST and sees no node's disk), a sweeper actor
 per node would need placing, restarting and resources of its own, and the replicas start
 and end exactly when a version comes to a node and leaves it. The lock makes any of them
@@ -109,10 +110,14 @@ def hold(sha256: str) -> Hold:
 def check(uri: str, sha256: str, redirect_hosts: tuple[str, ...]) -> None:
     """An application builder's fetch of the artifact, to fail the deploy now rather than
     after the replicas' retries: its download, or this node's replica of it, held from a
-    sweep meanwhile, which it makes first."""
-    with hold(sha256):
+    sweep meanwhile, which it makes first; let go after, checked or refused, and removed
+    unless a replica on the node holds it (a node that only builds keeps nothing)."""
+    held = hold(sha256)
+    try:
         prune()
         artifacts.fetch_verified(uri, sha256, redirect_hosts=redirect_hosts)
+    finally:
+        let_go(held)
 
 
 def let_go(held: Hold | None) -> None:

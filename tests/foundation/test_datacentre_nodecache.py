@@ -213,3 +213,37 @@ def test_a_download_an_earlier_release_left_cut_short_goes_once_nothing_writes_i
     assert _downloaded(cache) == {f"{plain}.onnx", writing.name}
     replica.__del__()
     assert _downloaded(cache) == {writing.name}
+
+
+def _left(cache: pathlib.Path) -> set[str]:
+    return {p.name for p in cache.rglob("*") if p.is_file()}
+
+
+def test_the_builder_leaves_nothing_on_a_node_that_serves_no_replica_of_the_version(
+        tmp_path: pathlib.Path, cache: pathlib.Path, artifact_server: tuple[str, type[_Artifacts]]) -> None:
+    """A node that only ever ran the application builder (Serve runs it as a task, on the head
+    node as often as not) kept the last version it checked, its download and lock file."""
+    url, _ = artifact_server
+    uri, sha256 = _version(tmp_path, "checked")
+    onnx_app.build({"artifact_uri": f"{url}/{pathlib.Path(uri).name}", "sha256": sha256, "model_name": "m"})
+    assert _left(cache) == set()
+
+
+def test_the_builder_leaves_no_lock_file_for_a_sha256_the_artifact_does_not_have(
+        tmp_path: pathlib.Path, cache: pathlib.Path) -> None:
+    uri, _ = _version(tmp_path, "v")
+    with pytest.raises(artifacts.ArtifactError, match="expected"):
+        onnx_app.build({"artifact_uri": uri, "sha256": "0" * 64, "model_name": "m"})
+    assert _left(cache) == set()
+
+
+def test_the_builder_keeps_a_version_a_replica_on_the_node_serves(
+        tmp_path: pathlib.Path, cache: pathlib.Path, artifact_server: tuple[str, type[_Artifacts]]) -> None:
+    url, _ = artifact_server
+    uri, sha256 = _version(tmp_path, "served")
+    served = _replica_elsewhere(f"{url}/{pathlib.Path(uri).name}", sha256)
+    try:
+        onnx_app.build({"artifact_uri": f"{url}/{pathlib.Path(uri).name}", "sha256": sha256, "model_name": "m"})
+        assert _downloaded(cache) == {f"{sha256}.onnx"} and _unpacked(cache) == {sha256}
+    finally:
+        served.communicate("", timeout=30)
