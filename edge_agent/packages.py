@@ -209,6 +209,13 @@ def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *, run
         raise
 
 
+def unpacked(models_root: pathlib.Path, sha256: str, runtime: str = GENAI) -> pathlib.Path | None:
+    """The folder :func:`unpack` made of ``sha256``'s package under ``models_root``, if it is
+    there whole (its package need not be)."""
+    final = models_root / sha256
+    return final if _whole(final, runtime) else None
+
+
 def _whole(folder: pathlib.Path, runtime: str) -> bool:
     """Whether ``folder`` is a version this module unpacked whole, and is still so on the
     disk as far as a look can tell (its config, or its graph, not deleted since)."""

@@ -58,8 +58,7 @@ def load(artifact_uri: str, sha256: str, artifact_hosts: tuple[str, ...] = ()) -
     before either is made."""
     held = nodecache.hold(sha256)
     try:
-        package = artifacts.fetch_verified(artifact_uri, sha256, redirect_hosts=artifact_hosts)
-        directory = packages.unpack(package, sha256, artifacts.models_root())
+        directory = nodecache.fetch(artifact_uri, sha256, artifact_hosts, packages.GENAI)
         # outside a Ray worker (a replica built in a test) there is no GPU given, and asking would fail
         gpus = ray.get_gpu_ids() if ray.is_initialized() else []
         return genai.GenAIModel.load(directory, genai.LoadOptions(cuda=bool(gpus) and genai.built_with_cuda())), held
@@ -134,5 +133,5 @@ def build(args: Mapping[str, Any]) -> serve.Application:
     artifact_hosts]}``."""
     uri, sha256, name = _string_arg(args, "artifact_uri"), _string_arg(args, "sha256"), _string_arg(args, "model_name")
     hosts = artifacts.hosts_arg(args)
-    nodecache.check(uri, sha256, hosts)
+    nodecache.check(uri, sha256, hosts, packages.GENAI)
     return GenAIReplica.bind(uri, sha256, name, int(args.get("max_concurrent_sequences", 0)), int(args.get("max_queued", 0)), hosts)

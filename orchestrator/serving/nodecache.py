@@ -5,7 +5,8 @@ Replicas download the ``http(s)://`` artifacts they serve into one folder per no
 or a package's tar) and unpack every onnx package and generative package into another
 (:func:`orchestrator.serving.artifacts.models_root`, ``<sha256>`` each, by
 ``edge_agent.packages``), gigabytes a version: kept for good, every version a node ever
-served would fill its disk.
+served would fill its disk. A package's tar goes once unpacked (:func:`fetch`): the folder is
+what the replicas load, and the tar beside it would double the version's room.
 
 What is in use is what the replicas on the node hold: each holds a shared ``flock`` on
 ``.<sha256>.lock`` in the unpacked folder's root from before its download until it ends
@@ -46,6 +47,8 @@ import re
 import shutil
 import time
 
+from edge_agent import artifacts as edge_artifacts
+from edge_agent import packages
 from orchestrator.serving import artifacts
 
 log = logging.getLogger(__name__)
@@ -107,15 +110,50 @@ def hold(sha256: str) -> Hold:
     raise OSError(errno.EAGAIN, f"the lock of version {sha256[:12]} in {models_root} keeps being removed")
 
 
-def check(uri: str, sha256: str, redirect_hosts: tuple[str, ...]) -> None:
+def fetch(uri: str, sha256: str, redirect_hosts: tuple[str, ...], runtime: str) -> pathlib.Path:
+    """A replica's version, which it holds (:func:`hold`): the folder its package is unpacked
+    into, or (``runtime`` onnx) the plain ONNX file. A folder that a replica on the node
+    unpacked whole is taken as it is, neither downloaded nor read again; otherwise the artifact
+    is fetched and verified and a package unpacked, then its download removed: the folder is
+    what this replica and the later ones load, and the tar beside it doubled the version's
+    room on the disk while it was served. A ``file://`` artifact is never removed."""
+    try:
+        return _fetched(uri, sha256, redirect_hosts, runtime)
+    except FileNotFoundError:  # another replica unpacked it and removed the download meanwhile: the folder is whole
+        return _fetched(uri, sha256, redirect_hosts, runtime)
+
+
+def _fetched(uri: str, sha256: str, redirect_hosts: tuple[str, ...], runtime: str) -> pathlib.Path:
+    models_root = artifacts.models_root()
+    if (folder := packages.unpacked(models_root, sha256, runtime)) is not None:
+        return folder
+    path = artifacts.fetch_verified(uri, sha256, redirect_hosts=redirect_hosts)
+    if runtime == packages.ONNX and not edge_artifacts.is_package(path):
+        return path
+    folder = packages.unpack(path, sha256, models_root, runtime=runtime)
+    _drop_download(path, sha256)
+    return folder
+
+
+def _drop_download(path: pathlib.Path, sha256: str) -> None:
+    """Remove ``sha256``'s download at ``path``, unpacked (a ``file://`` artifact stays)."""
+    if path == artifacts.cache_dir() / f"{sha256}{artifacts.DOWNLOAD_SUFFIX}":
+        path.unlink(missing_ok=True)
+
+
+def check(uri: str, sha256: str, redirect_hosts: tuple[str, ...], runtime: str) -> None:
     """An application builder's fetch of the artifact, to fail the deploy now rather than
-    after the replicas' retries: its download, or this node's replica of it, held from a
-    sweep meanwhile, which it makes first; let go after, checked or refused, and removed
-    unless a replica on the node holds it (a node that only builds keeps nothing)."""
+    after the replicas' retries: its download, or this node's replica of it (a download, or
+    a package's folder a replica unpacked, taken as checked), held from a sweep meanwhile,
+    which it makes first; let go after, checked or refused, and removed unless a replica on
+    the node holds it (a node that only builds keeps nothing)."""
     held = hold(sha256)
     try:
         prune()
-        artifacts.fetch_verified(uri, sha256, redirect_hosts=redirect_hosts)
+        if packages.unpacked(artifacts.models_root(), sha256, runtime) is None:
+            path = artifacts.fetch_verified(uri, sha256, redirect_hosts=redirect_hosts)
+            if packages.unpacked(artifacts.models_root(), sha256, runtime) is not None:
+                _drop_download(path, sha256)  # a replica unpacked it meanwhile
     finally:
         let_go(held)
 

@@ -19,7 +19,8 @@ The artifact is an ONNX file, or an onnx package (a tar of a graph and its exter
 sha256 is checked before onnxruntime sees the file, twice: once in
 :func:`build`, which Serve runs when the application is deployed, so a wrong digest fails
 the application at once with a clear message instead of after a round of replica
-restarts; and again in each replica, on the copy that replica loads. A replica also
+restarts; and again in the replica that fetches it, on the copy it loads or unpacks (a later
+replica on the node loads the folder that one unpacked whole, from checked bytes only). A replica also
 refuses a file that does not take the inputs (or answer the outputs) its variant declares,
 as an edge agent does (``edge_agent.signature``): its deployment fails naming the tensor
 and both shapes, and callers written to the declaration never get its 400s.
@@ -40,7 +41,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import edge_agent
-from edge_agent import artifacts as edge_artifacts
 from edge_agent import errors, packages, signature
 from edge_agent.runtime import onnx as onnx_runtime
 from edgeplane_proto import encoding, oip
@@ -87,11 +87,10 @@ def _load(artifact_uri: str, sha256: str, artifact_hosts: tuple[str, ...]) -> tu
     folder on the node (``nodecache``), taken before either is made."""
     held = nodecache.hold(sha256)
     try:
-        path = artifacts.fetch_verified(artifact_uri, sha256, redirect_hosts=artifact_hosts)
-        if not edge_artifacts.is_package(path):
+        path = nodecache.fetch(artifact_uri, sha256, artifact_hosts, packages.ONNX)
+        if not path.is_dir():
             return onnx_runtime.OnnxModel.load(path.read_bytes(), providers=_providers()), held
-        directory = packages.unpack(path, sha256, artifacts.models_root(), runtime=packages.ONNX)
-        return onnx_runtime.OnnxModel.load(packages.graph(directory), providers=_providers()), held
+        return onnx_runtime.OnnxModel.load(packages.graph(path), providers=_providers()), held
     except BaseException:
         held.release()
         raise
@@ -206,5 +205,5 @@ def build(args: Mapping[str, Any]) -> serve.Application:
     model_name = _string_arg(args, "model_name")
     hosts = artifacts.hosts_arg(args)
     inputs, outputs = _tensors_arg(args, "inputs"), _tensors_arg(args, "outputs")
-    nodecache.check(uri, sha256, hosts)
+    nodecache.check(uri, sha256, hosts, packages.ONNX)
     return OnnxModel.bind(uri, sha256, model_name, hosts, inputs, outputs)

@@ -156,7 +156,7 @@ def test_a_download_no_replica_uses_any_more_is_removed_and_one_cut_short_too(
     cut_short = cache / "edgeplane-artifacts" / f".{'d' * 12}-killed.part"  # a download killed half-way
     cut_short.write_bytes(b"x" * 4096)
     replica = onnx_app.OnnxModel.func_or_class(f"{url}/{pathlib.Path(new_uri).name}", new, "m")
-    assert _downloaded(cache) == {f"{new}.onnx"}
+    assert _downloaded(cache) == set() and _unpacked(cache) == {new}  # (a package is kept unpacked only)
     replica.__del__()
     assert _downloaded(cache) == set()
     assert _unpacked(cache) == set()
@@ -181,7 +181,7 @@ def test_a_download_under_way_is_left_alone(
         finally:
             handler.go.set()
         replica = starting.result(timeout=60)
-    assert _downloaded(cache) == {f"{sha256}.onnx"}
+    assert _unpacked(cache) == {sha256}
     replica.__del__()
 
 
@@ -215,6 +215,16 @@ def test_a_download_an_earlier_release_left_cut_short_goes_once_nothing_writes_i
     assert _downloaded(cache) == {writing.name}
 
 
+class _Counted(_Artifacts):
+    """The test's files over HTTP, counting the GETs."""
+
+    gets = 0
+
+    def do_GET(self) -> None:
+        type(self).gets += 1
+        super().do_GET()
+
+
 def _left(cache: pathlib.Path) -> set[str]:
     return {p.name for p in cache.rglob("*") if p.is_file()}
 
@@ -237,13 +247,55 @@ def test_the_builder_leaves_no_lock_file_for_a_sha256_the_artifact_does_not_have
     assert _left(cache) == set()
 
 
-def test_the_builder_keeps_a_version_a_replica_on_the_node_serves(
-        tmp_path: pathlib.Path, cache: pathlib.Path, artifact_server: tuple[str, type[_Artifacts]]) -> None:
-    url, _ = artifact_server
+def test_the_builder_keeps_a_version_a_replica_on_the_node_serves_and_takes_its_folder_as_checked(
+        tmp_path: pathlib.Path, cache: pathlib.Path) -> None:
+    """The package a replica on the node unpacked is not downloaded again to be checked: the
+    download would stay beside the folder while the version is served."""
+    handler = type("Handler", (_Counted,), {"folder": tmp_path, "asked": threading.Event(), "go": threading.Event()})
     uri, sha256 = _version(tmp_path, "served")
-    served = _replica_elsewhere(f"{url}/{pathlib.Path(uri).name}", sha256)
-    try:
-        onnx_app.build({"artifact_uri": f"{url}/{pathlib.Path(uri).name}", "sha256": sha256, "model_name": "m"})
-        assert _downloaded(cache) == {f"{sha256}.onnx"} and _unpacked(cache) == {sha256}
-    finally:
-        served.communicate("", timeout=30)
+    with loopback.http_server(handler) as url:
+        served = _replica_elsewhere(f"{url}/{pathlib.Path(uri).name}", sha256)
+        try:
+            onnx_app.build({"artifact_uri": f"{url}/{pathlib.Path(uri).name}", "sha256": sha256, "model_name": "m"})
+            assert _unpacked(cache) == {sha256} and _downloaded(cache) == set() and handler.gets == 1
+        finally:
+            served.communicate("", timeout=30)
+
+
+def test_a_package_is_kept_unpacked_only_and_a_later_replica_neither_downloads_nor_unpacks_it(
+        tmp_path: pathlib.Path, cache: pathlib.Path) -> None:
+    """A package's tar stayed beside its unpacked folder for as long as the version was served:
+    twice its size on the node's disk, and hashed again by every replica that started there."""
+    handler = type("Handler", (_Counted,), {"folder": tmp_path, "asked": threading.Event(), "go": threading.Event()})
+    uri, sha256 = _version(tmp_path, "package")
+    with loopback.http_server(handler) as url:
+        first = onnx_app.OnnxModel.func_or_class(f"{url}/{pathlib.Path(uri).name}", sha256, "m")
+        assert _downloaded(cache) == set() and _unpacked(cache) == {sha256}
+        unpacked_at = (cache / "edgeplane-genai-models" / sha256).stat().st_ino
+        second = onnx_app.OnnxModel.func_or_class(f"{url}/{pathlib.Path(uri).name}", sha256, "m")
+        assert handler.gets == 1 and (cache / "edgeplane-genai-models" / sha256).stat().st_ino == unpacked_at
+        first.__del__()
+        second.__del__()
+    assert _left(cache) == set()
+
+
+def test_a_plain_onnx_download_stays_while_served(
+        tmp_path: pathlib.Path, cache: pathlib.Path, artifact_server: tuple[str, type[_Artifacts]]) -> None:
+    """A plain ONNX file is what a later replica on the node loads: it is kept, not unpacked."""
+    url, _ = artifact_server
+    plain = onnx_models.build_identity(tmp_path / "plain.onnx", {"x": 1}).sha256
+    replica = onnx_app.OnnxModel.func_or_class(f"{url}/plain.onnx", plain, "m")
+    assert _downloaded(cache) == {f"{plain}.onnx"} and _unpacked(cache) == set()
+    replica.__del__()
+
+
+def test_a_generative_package_is_kept_unpacked_only(
+        cache: pathlib.Path, genai_package: genai_model.GenAIModel) -> None:
+    handler = type("Handler", (_Counted,), {"folder": genai_package.package.parent, "asked": threading.Event(),
+                                            "go": threading.Event()})
+    with loopback.http_server(handler) as url:
+        first, second = (genai_app.GenAIReplica.func_or_class(f"{url}/{genai_package.package.name}", genai_package.sha256, "a")
+                         for _ in range(2))
+        assert handler.gets == 1 and _downloaded(cache) == set() and _unpacked(cache) == {genai_package.sha256}
+        first.__del__()
+        second.__del__()
