@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 import edge_agent
-from edge_agent import (artifacts, assignments, build, capacity, errors, http, httplistener, inflight, registry, runtime, state,
+from edge_agent import (artifacts, assignments, build, capacity, errors, http, httplistener, inflight, registry, runtime, serve_auth, state,
                         tls, uplink)
 from edge_agent.retry import Jitter
 from edge_agent.runtime import onnx
@@ -82,6 +82,7 @@ class AgentConfig:
     spin_after_run_us: int = 0  # or only this long (0: they sleep when the run ends)
     runtimes: tuple[str, ...] | None = None  # the model runtimes offered (--runtimes); None: every one installed
     access_log: bool = False  # one line per request answered (HTTP and gRPC), on edgeplane.access (--access-log)
+    serve_auth: str = "none"  # "token": the serving ports take API tokens, held to their scope (--serve-auth)
 
     @property
     def control_planes(self) -> list[str]:
@@ -171,6 +172,8 @@ class Agent:
         self.server = http.InferenceServer(self.registry, self._executor, inline_max_s=config.inline_max_ms / 1000,
                                            max_inflight=self.workers + queued, budget=self.budget)
         self.server.max_body_bytes = config.max_body_bytes
+        if config.serve_auth == "token":  # the list kept in the data dir binds at once, uplink or not
+            self.server.auth = serve_auth.ServeAuth(config.data_dir, config.country, clock)
         self._desired = assignments.EMPTY
         # whether _desired is the control plane's word (or a set it sent before): until
         # then the cache and unpacked packages are kept, however many GB they hold
@@ -309,6 +312,7 @@ class Agent:
             self.store,
             self,
             self._receive_assignments,
+            on_serve_tokens=None if self.server.auth is None else self.server.auth.update,
             agent_tls=None if cfg.insecure else self._agent_tls or tls.AgentTls(
                 cfg.data_dir, cfg.join_address, cfg.ca_file, cfg.ca_sha256),
             clock=self._clock,

@@ -135,6 +135,9 @@ class GenerationServer:
         self._retiring: list[tuple[str, Admission]] = []
         self.active = 0
         self.written_through = 0  # streamed tokens the generating threads wrote themselves
+        #: The answer refusing the caller of a request the model it names (``--serve-auth
+        #: token``, set by the agent's server); None: it may call it.
+        self.refuse_model: Callable[[Request, str], Response | None] = lambda request, name: None
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -148,9 +151,10 @@ class GenerationServer:
                 raise openai_api.ApiError(405, f"{request.method} is not allowed on {request.path}; it takes {', '.join(allowed)}",
                                           code="method_not_allowed", headers=(("allow", ", ".join(allowed)),))
             if path == "/v1/models":
-                return self._list()
+                return self._list(request)
             if path.startswith("/v1/models/"):
-                return self._one(path[len("/v1/models/"):])
+                name = path[len("/v1/models/"):]
+                return self.refuse_model(request, name) or self._one(name)
             return await self._generate(request, chat=path.endswith("chat/completions"))
         except openai_api.ApiError as err:
             return Response(err.status, err.body(), headers=err.headers)
@@ -158,8 +162,9 @@ class GenerationServer:
     def _generative(self) -> list[registry.ServedModel]:
         return [m for m in self._models.serving() if m.kind == genai.GenAIModel.kind]
 
-    def _list(self) -> Response:
-        names = [(m.name, "edgeplane") for m in sorted(self._generative(), key=lambda m: m.name)]
+    def _list(self, request: Request) -> Response:
+        names = [(m.name, "edgeplane") for m in sorted(self._generative(), key=lambda m: m.name)
+                 if self.refuse_model(request, m.name) is None]
         return _json(openai_api.models_list(names, _STARTED))
 
     def _one(self, name: str) -> Response:
@@ -250,6 +255,9 @@ class GenerationServer:
                 body = await _on_worker(request.hold, functools.partial(openai_api.parse, raw, chat=chat, interruptible=True))
             else:
                 body = openai_api.parse(raw, chat=chat)
+            if (refused := self.refuse_model(request, body.model)) is not None:
+                self._metrics.observe_error(label, refused.status)
+                return refused
             served = self._find(body.model)
             label = served.name
             runtime: genai.GenAIModel = served.runtime  # type: ignore[assignment]

@@ -87,6 +87,7 @@ class InferenceServicer:
         """The model answering for ``name`` (at ``version`` unless empty), or the call
         aborted with the reason (the same decision as HTTP's 404/503); ``count`` records a
         refused inference."""
+        await self._admit(name, context, count)
         found = self._server.find(name, version or None)
         refusal = http.Refusal(503, "the agent is draining") if self._server.draining else found
         if isinstance(refusal, http.Refusal):
@@ -97,13 +98,28 @@ class InferenceServicer:
         assert not isinstance(found, http.Refusal)
         return found
 
+    async def _admit(self, name: str, context: grpc.aio.ServicerContext, count: bool = False) -> None:
+        """With ``--serve-auth token``, the call aborted unless its ``authorization`` metadata
+        (``Bearer <token>``) holds a token that may call ``name`` (:mod:`edge_agent.serve_auth`):
+        UNAUTHENTICATED, PERMISSION_DENIED, or UNAVAILABLE while the agent has no list."""
+        auth = self._server.auth
+        if auth is None:
+            return
+        given = dict(context.invocation_metadata() or ()).get("authorization")
+        refused = auth.admit(given if isinstance(given, str) else None, (name,))
+        if refused is not None:
+            if count:
+                self._server.refused(name, refused.status)
+            await context.abort(_AUTH_CODES[refused.status], refused.message)
+
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._server.ready and not self._server.draining)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        await self._admit(request.name, context)
         # Ready when it would answer ModelInfer, as HTTP's /ready (a generative model does not)
         ready = not isinstance(self._server.find(request.name, request.version or None), http.Refusal)
         return pb.ModelReadyResponse(ready=ready and not self._server.draining)
@@ -159,6 +175,9 @@ class InferenceServicer:
         metrics.observe_ok(served.name, time.perf_counter() - started)
         return response
 
+
+#: The gRPC codes of :class:`edge_agent.serve_auth.Refusal`'s statuses.
+_AUTH_CODES = {401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED, 503: grpc.StatusCode.UNAVAILABLE}
 
 #: A ModelInfer message is held twice while it is served: gRPC's bytes and the parsed message.
 MESSAGE_COPIES = 2

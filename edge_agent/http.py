@@ -34,7 +34,7 @@ from typing import Any, NamedTuple, TypeVar
 import edge_agent
 from typing import TYPE_CHECKING
 
-from edge_agent import errors, inflight, refusals, registry
+from edge_agent import errors, inflight, refusals, registry, serve_auth
 from edge_agent.metrics import CONTENT_TYPE, AgentMetrics
 from edge_agent.httpmessages import Request, Response
 from edge_agent.httpserver import StreamingResponse
@@ -145,6 +145,8 @@ class InferenceServer:
         self.metrics = AgentMetrics(lambda: self.inflight + (self._generation.active if self._generation else 0),
                                     lambda: len(models.serving()), self.budget)
         self._generation: generation.GenerationServer | None = None
+        #: The API tokens callers must present (``--serve-auth token``); None: any caller.
+        self.auth: serve_auth.ServeAuth | None = None
         self._fixed = {
             "/v2/health/live": self.live,
             "/v2/health/ready": self.server_ready,
@@ -160,6 +162,7 @@ class InferenceServer:
             from edge_agent import generation
 
             self._generation = generation.GenerationServer(self._models, self.metrics, self.max_body_bytes)
+            self._generation.refuse_model = self._refused_model
             self.metrics.generation_gauges = self._generation.gauges
         return self._generation
 
@@ -174,8 +177,27 @@ class InferenceServer:
         if self._generation is not None:
             self._generation.close()
 
+    def refusal(self, request: Request, names: tuple[str, ...] | None) -> Response | None:
+        """Why the caller of ``request`` may not call the model of ``names`` (None: the
+        request names none), with ``--serve-auth token`` (:mod:`edge_agent.serve_auth`), in the
+        shape of the API it called; None when it may."""
+        if self.auth is None:
+            return None
+        refused = self.auth.admit(request.headers.get("authorization"), names)
+        if refused is None:
+            return None
+        status, body, headers = serve_auth.http_answer(refused, refusals.speaks_openai(request.path))
+        return Response(status, body, headers=headers)
+
+    def _refused_model(self, request: Request, name: str) -> Response | None:
+        """The ``/v1`` routes' check of the model a body or path names (a LoRA adapter
+        ``<model>:<adapter>`` by its base model too)."""
+        return self.refusal(request, (name, name.partition(":")[0]))
+
     async def handle(self, request: Request) -> Response | StreamingResponse:
         path = request.path
+        if self.auth is not None and path not in self._fixed and (refused := self.refusal(request, None)) is not None:
+            return refused  # health, server metadata and /metrics stay open for probes, as at the gateway
         if path.startswith("/v1/"):
             if request.method == "POST":
                 if self.draining:
@@ -192,6 +214,10 @@ class InferenceServer:
             if len(rest) >= 2 and rest[0] == "versions" and rest[1]:
                 version, rest = rest[1], rest[2:]
             action = rest[0] if len(rest) == 1 else "" if not rest else None
+            if action in ("infer", "", "ready") and (refused := self.refusal(request, (name,))) is not None:
+                if action == "infer":
+                    self.refused(name, refused.status)
+                return refused
             if action == "infer":
                 if request.method != "POST":
                     return _not_allowed("POST")

@@ -278,6 +278,10 @@ def parser() -> argparse.ArgumentParser:
                    help=f"v2 HTTP listen address (port 0 = any free port) [127.0.0.1:{edge_agent.DEFAULT_LISTEN_PORT}]")
     p.add_argument("--grpc-listen", type=_host_port, default=None, metavar="HOST:PORT",
                    help="also serve the v2 protocol over gRPC (inference.GRPCInferenceService) here")
+    p.add_argument("--serve-auth", default="none", choices=("none", "token"),
+                   help="token: the serving ports (--listen, --grpc-listen) take only the control plane's API tokens "
+                        "(Authorization: Bearer), held to their models and residency, checked here even without uplink; "
+                        "none: any caller that reaches them (docs/agent.md, docs/security.md) [none]")
     p.add_argument("--advertise-url", type=_advertise_url, metavar="URL",
                    help="http(s) URL the control plane should route to (default: from --listen)")
     p.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path("/var/lib/edgeplane-agent"),
@@ -406,6 +410,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         spin_after_run_us=args.spin_after_run_us,
         runtimes=args.runtimes,
         access_log=args.access_log,
+        serve_auth=args.serve_auth,
     )
 
 

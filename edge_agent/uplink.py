@@ -178,6 +178,7 @@ class Uplink:
         reporter: Reporter,
         on_assignments: Callable[[assignments.AssignmentSet], Awaitable[None]],
         *,
+        on_serve_tokens: Callable[[pb.ServeTokens | None], None] | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
         agent_tls: tls.AgentTls | None = None,
         backoff: RetryPolicy = RECONNECT,
@@ -199,6 +200,8 @@ class Uplink:
         self._store = store
         self._reporter = reporter
         self._on_assignments = on_assignments
+        # the API tokens each set comes with (None: a control plane of an earlier release sent none)
+        self._on_serve_tokens = on_serve_tokens
         self._creds = channel_credentials
         self._tls = agent_tls
         self._backoff = backoff
@@ -475,6 +478,8 @@ class Uplink:
                     len(desired.assignments),
                 )
                 self._reached()
+                if self._on_serve_tokens is not None:
+                    self._on_serve_tokens(message.serve_tokens if message.HasField("serve_tokens") else None)
                 await self._on_assignments(desired)
 
         receiver = asyncio.ensure_future(receive())

@@ -37,7 +37,9 @@ idempotent; a chat moves on only before its first token). A gateway that could n
 reached is tried last for ``ejection_s`` seconds; when none gives a new endpoint list
 past its TTL, the list held is used and asked for again after ``ejection_s``.
 ``direct=False`` sends every request through the gateways (replicas the callers cannot
-reach, or one place to meter).
+reach, or one place to meter). The ``token`` goes with every request, to the gateways and to
+the replicas called directly alike: an agent run with ``--serve-auth token`` checks it, and its
+scope, as a gateway does.
 
 No answer is read past ``max_answer_bytes`` (:data:`MAX_ANSWER_BYTES`, 64 MiB, by default:
 the most the gateway takes from a replica): a larger one raises :class:`BadAnswer`, read
@@ -180,8 +182,9 @@ class _Base:
     def _attempts(self, model: str, endpoints: list[dict[str, Any]], headers: dict[str, str]) -> Iterator[Attempt]:
         """The replicas nearest first, then the gateways; made as they are needed (the
         first one nearly always answers)."""
+        direct = {**headers, **self._auth}  # an agent run with --serve-auth token checks it as a gateway does
         for e in endpoints:
-            yield Attempt(clientattempt.url(e["inferUrl"]), headers, e["url"], e["site"])
+            yield Attempt(clientattempt.url(e["inferUrl"]), direct, e["url"], e["site"])
         through = {**headers, **self._auth, **args.caller_headers(self.location, self.region, self.residency)}
         gateways = self._gateways()
         for i, gateway in enumerate(gateways):
@@ -190,9 +193,10 @@ class _Base:
     def _chat_attempts(self, model: str, endpoints: list[dict[str, Any]], request_id: str) -> Iterator[Attempt]:
         """Generative replicas nearest first, then the gateways' OpenAI routes."""
         headers = {"content-type": "application/json", correlation.HEADER: request_id}
+        direct = {**headers, **self._auth}
         for e in endpoints:
             if e.get("api") == "openai":
-                yield Attempt(clientattempt.url(f"{e['url']}/v1/chat/completions"), headers, e["url"], e["site"])
+                yield Attempt(clientattempt.url(f"{e['url']}/v1/chat/completions"), direct, e["url"], e["site"])
         through = {**headers, **self._auth, **args.caller_headers(self.location, self.region, self.residency)}
         gateways = self._gateways()
         for i, gateway in enumerate(gateways):

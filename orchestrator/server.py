@@ -38,7 +38,7 @@ from orchestrator.agents import auth as agent_auth
 from orchestrator.agents import errors as agent_errors
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
-from orchestrator.agents import backlog, relay, relay_leader
+from orchestrator.agents import backlog, relay, relay_leader, serve_tokens
 from orchestrator.agents import service as agent_service
 from orchestrator.api import app as api_app
 from orchestrator.api import artifacts as artifacts_api
@@ -234,6 +234,9 @@ class ControlPlane(server_views.ServerViews):
                                      failback_after_s=cfg.failback_after_s)
         self.relay_servicer = relay_leader.RelayServicer(self.hub, lambda: self._relay_secret)
         self._background.append(asyncio.create_task(self._log_agent_events(), name="agent-events"))
+        # the tokens agents check at their serving ports (--serve-auth token) go with their first set
+        self.hub.set_serve_tokens(serve_tokens.to_proto(await self.store.run(self.store.serve_tokens)))
+        self._background.append(asyncio.create_task(serve_tokens.run_refresh(self.store, self.hub), name="serve-tokens"))
         try:
             self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port, mtls=mtls,
                                                                         more=(self.relay_servicer.handler(),), joins=self.joins,

@@ -38,6 +38,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 
+from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from orchestrator.agents import applications, auth, errors, identity, model, records, relayed
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,10 @@ class AgentHub(relayed.RelayedAgents):
         # shorter interval than that sleep allows for.
         self._sweep_step = float("inf")
         self._shorter_interval = asyncio.Event()
+        # The API tokens sent with every site's set (serve_tokens), and what wakes the
+        # watchers when they change; None until read (a set then goes without).
+        self._serve_tokens: pb.ServeTokens | None = None
+        self._tokens_changed = asyncio.Event()
 
     # -- join and identity ----------------------------------------------------------
 
@@ -364,6 +369,15 @@ class AgentHub(relayed.RelayedAgents):
         if record is not None and record.via is not None and (outbox := self._relays.get(record.via)) is not None:
             outbox.push(site, channel.latest)
 
+    def set_serve_tokens(self, tokens: pb.ServeTokens) -> None:
+        """The API tokens every agent is sent with its set (:mod:`orchestrator.agents.serve_tokens`);
+        the watchers send them at once when they changed."""
+        if tokens == self._serve_tokens:
+            return
+        self._serve_tokens = tokens
+        self._tokens_changed.set()
+        self._tokens_changed = asyncio.Event()
+
     def assignments(self, site: str) -> model.AssignmentSet | None:
         channel = self._channels.get(site)
         return channel.latest if channel else None
@@ -380,7 +394,7 @@ class AgentHub(relayed.RelayedAgents):
         control plane restored from a backup numbers its next set with a version the agent
         already applied (from the lost future), and skipping it would leave the agent on a
         set no deployment asks for. A set is small and the agent applies it idempotently."""
-        sent: model.AssignmentSet | None = None
+        sent: tuple[model.AssignmentSet, pb.ServeTokens | None] | None = None
         while True:
             record = self._records.get(site)
             if record is None or record.agent_id != agent_id:
@@ -388,12 +402,17 @@ class AgentHub(relayed.RelayedAgents):
             # Looked up each time: once the agent was forgotten its site's channel went with it,
             # and the same agent may have joined again before this woke.
             channel = self._channel(site)
-            changed = channel.changed()
-            latest = channel.latest
-            if latest is not None and latest is not sent:
-                yield latest
-                sent = latest
-            await changed.wait()
+            changed, tokens_changed = channel.changed(), self._tokens_changed
+            latest, tokens = channel.latest, self._serve_tokens
+            if latest is not None and (sent is None or latest is not sent[0] or tokens is not sent[1]):
+                sent = (latest, tokens)  # before the yield: what changes while it is sent is sent after
+                yield dataclasses.replace(latest, serve_tokens=tokens)
+            waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(tokens_changed.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
 
     # -- views ----------------------------------------------------------------------
 

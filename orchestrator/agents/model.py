@@ -115,10 +115,14 @@ class AssignmentSet:
     site: str
     version: int
     assignments: tuple[Assignment, ...]
+    #: The API tokens the agent checks at its serving ports (``--serve-auth token``), as
+    #: the watch sends them with the set; None: not read yet, sent without.
+    serve_tokens: pb.ServeTokens | None = field(default=None, compare=False)
 
     def to_proto(self) -> pb.AssignmentSet:
         return pb.AssignmentSet(
-            version=self.version, assignments=[a.to_proto() for a in self.assignments]
+            version=self.version, assignments=[a.to_proto() for a in self.assignments],
+            **({"serve_tokens": self.serve_tokens} if self.serve_tokens is not None else {}),
         )
 
 

@@ -323,7 +323,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
             made["caSha256"] = services.agent_ca_sha256  # what the agent pins for its first join
         if (models or residency) and not services.gateway_checks_tokens:
             made["warning"] = ("this control plane's gateway checks no token (edgeplane serve --gateway-auth none), so the "
-                               "scope binds nothing there; it binds gateways run with --gateway-auth token")
+                               "scope binds nothing there; it binds gateways run with --gateway-auth token and agents run with --serve-auth token")
         return JSONResponse(made, status_code=201)
 
     async def list_tokens(request: Request, caller: auth.Caller) -> Response:

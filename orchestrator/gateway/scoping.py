@@ -8,7 +8,9 @@ model, or send ``X-Edgeplane-Residency`` naming a country its data must not reac
 The admission (:mod:`orchestrator.security.admission`) leaves the token it verified in the
 request's ASGI scope (:data:`~orchestrator.security.admission.TOKEN_KEY`); the routes ask
 here, with pure decisions, whether a model is within it and which residency binds the caller.
-An unscoped token (no models, no residency) and a gateway without auth decide nothing.
+An unscoped token (no models, no residency) and a gateway without auth decide nothing. The
+decisions and their words are :mod:`edgeplane_proto.token_scope`'s, which the agents' serving
+ports (``edgeplane-agent --serve-auth token``) answer with too.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from collections.abc import Collection, Iterable, Mapping
 import dataclasses
 from typing import Any, Protocol
 
+from edgeplane_proto import token_scope
 from orchestrator.gateway import routing
 from orchestrator.scheduler import residency as residency_mod
 from orchestrator.security import admission
 
 #: The OpenAI error codes of a scope's refusals (403, ``permission_error``).
-MODEL_NOT_ALLOWED = "model_not_allowed"
-RESIDENCY_NOT_ALLOWED = "residency_not_allowed"
+MODEL_NOT_ALLOWED = token_scope.MODEL_NOT_ALLOWED
+RESIDENCY_NOT_ALLOWED = token_scope.RESIDENCY_NOT_ALLOWED
 
 
 class Scoped(Protocol):
@@ -47,29 +50,17 @@ def refused_model(token: Scoped | None, names: Iterable[str]) -> str | None:
     """Why ``token`` may not call the model a request names (``names``: the name it gave and,
     for a cascade called by its deployment's name or a LoRA adapter, what it resolves to; any
     one listed will do), or None when it may."""
-    if token is None or not token.models:
-        return None
-    names = list(names)
-    if any(name in token.models for name in names):
-        return None
-    return f"this token may call only models {', '.join(map(repr, token.models))}, not {names[0]!r}"
+    return None if token is None else token_scope.refused_model(token.models, names)
 
 
-def held_residency(token: Scoped | None, asked: frozenset[str], given_as: str = "X-Edgeplane-Residency") -> frozenset[str] | str:
+def held_residency(token: Scoped | None, asked: frozenset[str], given_as: str = token_scope.RESIDENCY_HEADER) -> frozenset[str] | str:
     """The countries a caller is held to: ``asked`` (the caller's own, empty: any) when the
     token binds none; else the token's, or ``asked`` when it lies within them (a narrower
     one). A request asking for a country outside the token's is refused (the string says why),
     not quietly answered from elsewhere than it asked."""
     if token is None or not token.residency:
         return asked
-    bound = residency_mod.expand_residency(list(token.residency))
-    if not asked:
-        return bound
-    if asked <= bound:
-        return asked
-    own = ",".join(token.residency)
-    return (f"{given_as} names {', '.join(sorted(asked - bound))}, outside this token's residency ({own}): "
-            f"leave it out, or name countries within {own}")
+    return token_scope.held_residency(residency_mod.expand_residency(list(token.residency)), token.residency, asked, given_as)
 
 
 def bound_query(token: Scoped | None, names: Iterable[str], caller: routing.Caller) -> routing.Caller | routing.NoRoute:

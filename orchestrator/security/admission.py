@@ -25,7 +25,7 @@ from typing import Protocol
 from starlette.requests import Request
 from starlette.responses import Response
 
-from edgeplane_proto import oip
+from edgeplane_proto import oip, token_scope
 from orchestrator.security import bearer, ratelimit
 
 
@@ -84,7 +84,7 @@ class GatewayAdmission:
         except TokenCheckUnavailable as exc:
             return _refuse(503, f"cannot check the API token now: {exc}; retry", {"retry-after": "2"})
         if info is None:
-            return _refuse(401, "the gateway needs 'Authorization: Bearer <token>' with a valid API token",
+            return _refuse(401, token_scope.needs_token("gateway"),
                            {"www-authenticate": "Bearer"})
         request.scope[TOKEN_KEY] = info  # its scope binds the route (orchestrator.gateway.scoping)
         return self._take(f"token:{info.id}")

@@ -1,10 +1,8 @@
-"""The token of an ``Authorization`` header (shared by the control API and the gateways)."""
+"""The token of an ``Authorization`` header (shared by the control API and the gateways,
+and with the agents' serving ports: :mod:`edgeplane_proto.token_scope` holds it)."""
 
 from __future__ import annotations
 
+from edgeplane_proto import token_scope
 
-def bearer_secret(authorization: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header; None for anything else."""
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return None
+bearer_secret = token_scope.bearer_secret

@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.store.values import AgentSaved, Event, Lease, TokenInfo, digest, new_secret, storable, token_state
+from orchestrator.store.values import AgentSaved, Event, Lease, ServeTokenRow, TokenInfo, digest, new_secret, storable, token_state
 
 #: When ``site``'s identity was last revoked (a NULL ``ts`` when it never was).
 _LAST_REVOCATION = "SELECT MAX(ts) AS ts FROM events WHERE kind = 'Site' AND name = ? AND action = 'agent-revoked'"
@@ -88,6 +88,14 @@ class Credentials:
         return [TokenInfo(r["id"], r["purpose"], r["role"], r["expires_at"], r["description"], r["created_at"],
                           token_state(bool(r["revoked"]), r["expires_at"], now), int(r["seq"]), _split(r["models"]), _split(r["residency"]))
                 for r in self._fetch(_TOKEN_ROWS + " ORDER BY created_at, id")]
+
+    def serve_tokens(self) -> list[ServeTokenRow]:
+        """The API tokens that work now (not revoked, not expired), with the digest of each:
+        what agents that check tokens themselves (``edgeplane-agent --serve-auth token``) are
+        sent, never a secret."""
+        rows = self._fetch(self._q("SELECT id, digest, role, expires_at, models, residency FROM tokens WHERE purpose = 'api' "
+                                   "AND NOT revoked AND (expires_at IS NULL OR expires_at >= ?) ORDER BY id"), (self._clock(),))
+        return [ServeTokenRow(r["id"], r["digest"], r["role"], r["expires_at"], _split(r["models"]), _split(r["residency"])) for r in rows]
 
     def prune_tokens(self, before: float, limit: int = 1000, lease: Lease | None = None) -> int:
         """Delete up to ``limit`` tokens that can never work again and that the audit trail

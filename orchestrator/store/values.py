@@ -208,6 +208,19 @@ class TokenInfo:
     residency: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class ServeTokenRow:
+    """A working API token as the agents that check tokens are sent it: its secret's digest
+    (sha256, hex), never the secret, and its scope (:class:`TokenInfo`'s)."""
+
+    id: str
+    digest: str
+    role: str
+    expires_at: float | None
+    models: tuple[str, ...] = ()
+    residency: tuple[str, ...] = ()
+
+
 class AgentSaved(enum.Enum):
     """What :meth:`~orchestrator.store.sql.SqlStore.save_agent` did."""
 

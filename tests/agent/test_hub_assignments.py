@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from orchestrator.agents import errors, model
 
 from .hub_support import application
@@ -64,3 +65,22 @@ async def test_a_site_whose_agent_is_forgotten_leaves_nothing_and_starts_afresh_
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(anext(watch), 1)
     assert agent_hub.assignments("edge-lyon-node-0") is None
+
+
+async def test_the_tokens_agents_check_go_with_each_set_and_again_when_they_change(agent_hub) -> None:
+    """An agent run with --serve-auth token learns a revoked token from its set sent again
+    (same version) with the new list; a set relayed from the leader goes with this replica's."""
+    grant = agent_hub.join(application())
+    a = model.Assignment("m", "d", "v", "http://x/m.onnx", "a" * 64)
+    first = pb.ServeTokens(tokens=[pb.ServeToken(sha256="1" * 64, id="t1"), pb.ServeToken(sha256="2" * 64, id="t2")])
+    agent_hub.set_serve_tokens(first)
+    agent_hub.set_assignments("edge-1", [a], 1, replacing=True)
+    stream = agent_hub.watch_assignments("edge-1", grant.agent_id)
+    sent = (await asyncio.wait_for(anext(stream), 1)).to_proto()
+    assert sent.version == 1 and sent.serve_tokens == first
+    agent_hub.set_serve_tokens(pb.ServeTokens(tokens=[first.tokens[0]]))  # t2 revoked
+    agent_hub.set_serve_tokens(pb.ServeTokens(tokens=[first.tokens[0]]))  # the same list read again: nothing sent
+    again = (await asyncio.wait_for(anext(stream), 1)).to_proto()
+    assert again.version == 1 and [t.id for t in again.serve_tokens.tokens] == ["t1"]
+    agent_hub.set_assignments("edge-1", [], 2)
+    assert (await asyncio.wait_for(anext(stream), 1)).to_proto().serve_tokens.tokens[0].id == "t1"

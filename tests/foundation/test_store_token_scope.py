@@ -5,11 +5,13 @@ unscoped: from a file of that release, and from a replica of it writing during a
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 
 from orchestrator.store import StateStore as Store
 from orchestrator.store import open_store
 
+from .support import FakeClock
 from .test_store_tokens import insert_token_as_the_earlier_release
 
 
@@ -67,3 +69,21 @@ def test_a_token_an_earlier_release_writes_during_a_rolling_update_is_unscoped(s
     insert_token_as_the_earlier_release(location, "0ld70ken", "epb_0ld70ken_secret")
     token = store.verify_token("epb_0ld70ken_secret", "bootstrap")
     assert token is not None and (token.models, token.residency) == ((), ())
+
+
+def test_the_tokens_agents_are_sent_are_the_api_tokens_that_work_as_digests(store: Store, clock: FakeClock) -> None:
+    """What agents run with --serve-auth token check callers against: each working API token's
+    digest (never its secret) and scope; revoked, expired and bootstrap tokens are left out."""
+    secret, scoped = store.create_token("api", "read", 3600, "admin", models=["intent"], residency=["EU"])
+    _, admin = store.create_token("api", "admin", None, "admin")
+    _, revoked = store.create_token("api", "read", None, "admin")
+    store.revoke_token(revoked.id, "admin")
+    store.create_token("api", "read", 10, "admin")
+    store.create_token("bootstrap", "agent", None, "admin")
+    clock.now += 11  # the 10 s token expired, by the store's clock
+    sent = {row.id: row for row in store.serve_tokens()}
+    assert set(sent) == {scoped.id, admin.id}
+    row = sent[scoped.id]
+    assert (row.digest, row.role, row.models, row.residency) == (hashlib.sha256(secret.encode()).hexdigest(), "read", ("intent",), ("EU",))
+    assert row.expires_at == scoped.expires_at and sent[admin.id].expires_at is None
+    assert secret not in repr(sent)

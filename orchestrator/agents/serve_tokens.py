@@ -1,0 +1,57 @@
+"""The API tokens agents are sent, so that one run with ``--serve-auth token`` checks a
+caller's token at its own serving ports, uplink or not (docs/security.md, "Scoped tokens").
+
+Why: the endpoint list hands a tenant's app the agents' own addresses, and a token's scope
+held only at the gateways would bind nothing there. Each replica reads the tokens that work
+from the store (its own writes and the other replicas' alike) every ``every_s`` and gives them
+to its hub, which sends them with each site's assignment set on the stream the agents already
+watch, and again when they change: a revoked or expired token leaves the list on the next
+read. Only digests go out (sha256 of the secret, as the store keeps them), with each token's
+models, residency (expanded to countries here, where the groups are known) and expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeVar
+
+from edgeplane_proto.agent.v1 import agent_pb2 as pb
+from orchestrator.agents import hub as hub_mod
+from orchestrator.scheduler import residency as residency_mod
+from orchestrator.store import values
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: How often a replica reads the tokens that work, by default: the longest a revocation
+#: takes to reach the agents connected to it (and their uplinks).
+REFRESH_S = 1.0
+
+
+class TokenSource(Protocol):
+    """The store, as this reads it: in a worker thread (``run``)."""
+
+    def serve_tokens(self) -> list[values.ServeTokenRow]: ...
+    async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+
+def to_proto(rows: Iterable[values.ServeTokenRow]) -> pb.ServeTokens:
+    """The tokens ``rows`` as agents are sent them."""
+    return pb.ServeTokens(tokens=[
+        pb.ServeToken(sha256=r.digest, id=r.id, models=r.models, residency=r.residency,
+                      countries=sorted(residency_mod.expand_residency(r.residency)) if r.residency else (),
+                      expires_unix_ms=0 if r.expires_at is None else max(1, round(r.expires_at * 1000)))
+        for r in rows])
+
+
+async def run_refresh(store: TokenSource, hub: hub_mod.AgentHub, every_s: float = REFRESH_S) -> None:
+    """Read the tokens that work and give them to ``hub``, every ``every_s``, forever (cancel
+    to stop). A read that fails is logged and tried again: the agents keep the last list."""
+    while True:
+        try:
+            hub.set_serve_tokens(to_proto(await store.run(store.serve_tokens)))
+        except Exception:  # the loop never dies; the agents keep what they were sent
+            log.exception("cannot read the API tokens agents check; they keep the last list sent")
+        await asyncio.sleep(every_s)
