@@ -23,6 +23,7 @@ import httpx
 
 from edgeplane_proto import retry_after as retry_header
 from orchestrator import proxyenv, unicode_text, urlpath
+from orchestrator.api import reasons
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 #: Items per page when the CLI reads a whole list (a Site's manifest is ~0.5 KB: ~250 KB a page).
@@ -30,18 +31,26 @@ LIST_PAGE = 500
 
 
 class CliError(Exception):
-    def __init__(self, message: str, code: int = 1, details: list[str] | None = None):
+    """``reason``: the word that says why, for scripts (``-o json``: :mod:`orchestrator.cli.failures`),
+    the control API's where it refused (docs/api.md, Error reasons), else None and the exit
+    code decides; ``said``: what else the refusal named (``parameter``, ``field``, ``issues``)."""
+
+    def __init__(self, message: str, code: int = 1, details: list[str] | None = None, *, reason: str | None = None,
+                 said: dict[str, Any] | None = None):
         super().__init__(message)
         self.code = code
         self.details = details or []
+        self.reason = reason
+        self.said = said or {}
 
 
 class RetryLater(CliError):
     """A refusal that says to ask again later; ``retry_after_s``: what its ``Retry-After``
     asks for (seconds), None when it says nothing."""
 
-    def __init__(self, message: str, status: int, retry_after_s: float | None, details: list[str] | None = None):
-        super().__init__(message, 1, details)
+    def __init__(self, message: str, status: int, retry_after_s: float | None, details: list[str] | None = None, *,
+                 reason: str | None = None, said: dict[str, Any] | None = None):
+        super().__init__(message, 1, details, reason=reason, said=said)
         self.status = status
         self.retry_after_s = retry_after_s
 
@@ -149,16 +158,20 @@ class ApiClient:
             if resp.status_code == 404 and self._nothing_at_base():
                 raise CliError(f"nothing at {resp.request.url.copy_with(query=None)} nor at {self.server}/healthz (HTTP 404): "
                                f"is {self.server} the control plane's base URL (--server / EDGEPLANE_SERVER)? A path in it must "
-                               "be the prefix a reverse proxy serves the control plane under")
+                               "be the prefix a reverse proxy serves the control plane under", reason=reasons.Reason.NO_ROUTE)
             body = _error_body(resp)
+            message = str(body.get("error", resp.reason_phrase))
             details = [_issue_line(i) for i in body.get("issues") or []]
+            # an earlier release's answer, or a reverse proxy's page, names no reason: its status's own
+            why = {"reason": str(body.get("reason") or reasons.reason_of(resp.status_code)),
+                   "said": {k: v for k, v in body.items() if k not in ("error", "reason")}}
             # the reason since it is given; before, methods.http_error's words, which every release kept
             if resp.status_code == 405 or (resp.status_code == 404 and (body.get("reason") == "NoRoute"
-                                                                         or str(body.get("error", "")).startswith("no route for "))):
-                raise NoRoute(str(body.get("error", resp.reason_phrase)), 1, details)
+                                                                         or message.startswith("no route for "))):
+                raise NoRoute(message, 1, details, **why)
             if resp.status_code in RETRY_LATER_STATUSES:
-                raise RetryLater(str(body.get("error", resp.reason_phrase)), resp.status_code, _retry_after(resp), details)
-            raise CliError(str(body.get("error", resp.reason_phrase)), 1, details)
+                raise RetryLater(message, resp.status_code, _retry_after(resp), details, **why)
+            raise CliError(message, 1, details, **why)
         doc = json_of(resp) if resp.headers.get("content-type", "").startswith("application/json") else None
         if not isinstance(doc, dict):  # a redirect (not followed), a proxy's page: no answer to read
             raise CliError(f"the control plane answered {method} {path} with HTTP {resp.status_code} and no JSON object")

@@ -1,7 +1,8 @@
 """``edgeplane``: the platform team's command line: its arguments, and which command runs.
 
 Exit codes scripts can trust: 0 done, 1 refused by the control plane or not done (the reason is one
-line on stderr, manifest problems one per line after it), 2 wrong usage, 3 the control
+line on stderr, manifest problems one per line after it; with ``-o json|yaml`` one object in the
+control API's error shape: ``failures``), 2 wrong usage, 3 the control
 plane could not be reached, 4 a plan with changes (``plan`` and ``apply --dry-run`` given
 ``--exit-code``, ``objects.EXIT_CHANGES``). They are decided here, in one place, for every
 command, but for 4, which a command returns.
@@ -27,7 +28,8 @@ from typing import Any
 import orchestrator
 from orchestrator import argtypes, header_text, reasons
 from orchestrator.cli import distill as distill_cli
-from orchestrator.cli import events, objects, render, rollouts, status, tokens
+from orchestrator.api import reasons as reasons_mod
+from orchestrator.cli import events, failures, objects, render, rollouts, status, tokens
 from orchestrator.cli import maintenance as maintenance_cli
 from orchestrator.cli.http import ApiClient, CliError, token_from_env
 from orchestrator.manifests.errors import ManifestError
@@ -161,7 +163,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp = with_output(client_parser("describe", help="an object with its status and recent events"))
     sp.add_argument("kind")
     sp.add_argument("name")
-    sp = client_parser("delete", help="delete objects by manifest (every -f is one bundle: all of it or nothing; a document needs only kind and metadata.name) or by kind and name")
+    sp = with_output(client_parser("delete", help="delete objects by manifest (every -f is one bundle: all of it or nothing; a document needs only kind and metadata.name) or by kind and name"))
     sp.add_argument("-f", "--file", action="append", help=objects.FILE_HELP)
     sp.add_argument("--ignore-not-found", action="store_true", help="with -f: skip objects that do not exist instead of refusing the bundle")
     sp.add_argument("--abandon-applications", action="store_true",
@@ -201,7 +203,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
                                      help="the tokens that work: id, role, times (admin; secrets are never shown); "
                                           "revoke one with 'edgeplane revoke token ID'"))
     sp.add_argument("--all", action="store_true", help="expired and revoked tokens too, with their state")
-    sp = client_parser("revoke", help="revoke a token, or an agent's identity (its streams end; it must join again with a new token)")
+    sp = with_output(client_parser("revoke", help="revoke a token, or an agent's identity (its streams end; it must join again with a new token)"))
     sp.add_argument("what", choices=["token", "agent"])
     sp.add_argument("name", help="the token's id, or the agent's site")
     sp.add_argument("--reason", type=reasons.cleaned, help="why (recorded in the event log with your identity)")
@@ -352,30 +354,24 @@ def _run(argv: list[str]) -> int:
     if args.command == "ca":
         return cmd_ca_init(args)
     api: ApiClient | None = None
+    output = getattr(args, "output", None)  # json and yaml: a failure too is one object, for scripts
     try:
         api = ApiClient(args.server, args.token)  # in here: a token, a URL or a proxy it cannot use is one line too
         return COMMANDS[args.command](api, args)
     except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        for line in exc.details:
-            print(f"  {line}", file=sys.stderr)
-        return exc.code
+        return failures.report(failures.of_cli_error(exc), output)
     except ManifestError as exc:
-        print(f"error: {len(exc.issues)} problem(s) in the manifests", file=sys.stderr)
-        for issue in exc.issues:
-            print(f"  {issue}", file=sys.stderr)
-        return 1
+        return failures.report(failures.of_manifests(exc), output)
     except json.JSONDecodeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return failures.report(failures.Failure(str(exc), 1, str(reasons_mod.Reason.BAD_REQUEST)), output)
     except (BrokenPipeError, KeyboardInterrupt):
         raise
     except Exception as exc:  # a bug of ours: one line for the user, the traceback on request
         if os.environ.get("EDGEPLANE_DEBUG"):
             raise
-        print(f"error: {args.command} failed unexpectedly: {exc.__class__.__name__}: {exc} "
-              "(this is a bug; EDGEPLANE_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 1
+        return failures.report(failures.Failure(f"{args.command} failed unexpectedly: {exc.__class__.__name__}: {exc} "
+                                                "(this is a bug; EDGEPLANE_DEBUG=1 shows the traceback)", 1,
+                                                str(reasons_mod.Reason.INTERNAL_ERROR)), output)
     finally:
         if api is not None:
             api.close()

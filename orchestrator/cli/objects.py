@@ -183,7 +183,7 @@ def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
         data = api.request_list(path) if not args.name and args.kind.lower() in PAGED_KINDS else api.request("GET", path)
     except CliError as exc:  # the control plane knows its object kinds; `get` reads three more views
         if str(exc).startswith("unknown kind"):
-            raise CliError(f"unknown kind {args.kind!r}; use one of: {GET_KINDS}") from None
+            raise CliError(f"unknown kind {args.kind!r}; use one of: {GET_KINDS}", reason=exc.reason, said=exc.said) from None
         raise
     if args.output in ("json", "yaml") or data.get("kind") not in render.COLUMNS:  # a view with no table: as YAML
         render.dump(data, args.output if args.output in ("json", "yaml") else "yaml")
@@ -226,6 +226,9 @@ def cmd_delete(api: ApiClient, args: argparse.Namespace) -> int:
         params = {"ignoreNotFound": "true"} if args.ignore_not_found else {}
         data = api.request("POST", "/v1/delete", content=_read_manifests(args.file).encode(), params=params,
                            headers=with_reason({"content-type": "application/yaml"}, args))
+        if args.output in ("json", "yaml"):
+            render.dump(data, args.output)
+            return 0
         for result in data["results"]:
             print(f"{result['kind'].lower()}/{result['name']} deleted")
         if not data["results"]:
@@ -241,6 +244,9 @@ def cmd_delete(api: ApiClient, args: argparse.Namespace) -> int:
     else:
         params = {"abandonApplications": "true"} if args.abandon_applications else {}
         data = api.request("DELETE", path, params=params, headers=with_reason({}, args))
+    if args.output in ("json", "yaml"):
+        render.dump(data, args.output)
+        return 0
     print(f"{args.kind.lower()}/{args.name} {'deleted' if data.get('action') == 'deleted' else data['action']}")
     return 0
 

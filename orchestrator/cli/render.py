@@ -7,7 +7,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 from rich.console import Console
@@ -111,15 +111,16 @@ def _gpus(gpus: list[dict[str, Any]]) -> str:
     return ", ".join(f"{g['count']}x{g['model']} {g['memoryGiB']:g}GiB" for g in gpus) or "-"
 
 
-def dump(data: Any, output: str) -> None:
-    """``data`` as JSON or YAML on standard output, text in any script as itself (escaped
-    only where standard output cannot hold it: :func:`holds_text`)."""
-    plain = holds_text(sys.stdout)
+def dump(data: Any, output: str, stream: TextIO | None = None) -> None:
+    """``data`` as JSON or YAML on ``stream`` (standard output by default), text in any script
+    as itself (escaped only where the stream cannot hold it: :func:`holds_text`)."""
+    stream = stream or sys.stdout
+    plain = holds_text(stream)
     if output == "json":
-        sys.stdout.write(json_text(data, indent=2, ascii_only=not plain) + "\n")
+        stream.write(json_text(data, indent=2, ascii_only=not plain) + "\n")
     else:
         # YAML has .nan and .inf; a lone surrogate is escaped even with allow_unicode
-        yaml.safe_dump(data, sys.stdout, sort_keys=False, allow_unicode=plain)
+        yaml.safe_dump(data, stream, sort_keys=False, allow_unicode=plain)
 
 
 def holds_text(stream: Any) -> bool:

@@ -72,7 +72,10 @@ def _list_tokens(api: ApiClient, args: argparse.Namespace) -> int:
 def cmd_revoke(api: ApiClient, args: argparse.Namespace) -> int:
     """A token stops working at once; an agent's streams end now and it cannot rejoin on
     any bootstrap token that existed before the revocation."""
-    api.request("POST", f"/v1/revoke/{args.what}s/{path_segment(args.name)}", headers=objects.with_reason({}, args))
+    data = api.request("POST", f"/v1/revoke/{args.what}s/{path_segment(args.name)}", headers=objects.with_reason({}, args))
+    if args.output in ("json", "yaml"):
+        render.dump(data, args.output)
+        return 0
     print(f"{args.what} {args.name} revoked")
     return 0
 
