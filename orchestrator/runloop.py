@@ -168,8 +168,8 @@ class _HeadWithFirstBody:
 #: The most a request head (request line and headers) may take: httptools keeps a head in
 #: memory until it is complete, however long (a 1 MB header was read whole).
 MAX_HEAD_BYTES = 64 * 1024
-_TOO_LARGE = b"request head larger than 64 KiB refused"
-TOO_LARGE_HEAD = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+_TOO_LARGE = problems.encoded(431, "request head larger than 64 KiB refused")
+TOO_LARGE_HEAD = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
                   b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE))
 
 

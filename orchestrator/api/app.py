@@ -376,7 +376,11 @@ def build_routes(services: Services) -> list[BaseRoute]:
         return JSONResponse(await services.leadership_view())
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok" if services.ready() else "starting"}, status_code=200 if services.ready() else 503)
+        if services.ready():
+            return JSONResponse({"status": "ok"})
+        # ``status`` as before there was a reason: probes and scripts read it
+        return JSONResponse({**problems.body(503, "the control plane is not ready: it is starting, or stopping"), "status": "starting"},
+                            status_code=503, headers={"retry-after": "1"})
 
     async def metrics(request: Request) -> Response:
         # Each replica counts what its own gateway answered, and behind one Service any of them

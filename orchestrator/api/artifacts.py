@@ -73,7 +73,8 @@ def _file_response(fh: BinaryIO, size: int, sha256: str, request: Request) -> Re
     wanted = byte_range(request.headers.get("range"), size)
     if wanted == (size, size):
         fh.close()
-        return Response(status_code=416, headers={**headers, "content-range": f"bytes */{size}"})
+        return problems.answer(416, f"the range {request.headers.get('range')!r} asks for none of the artifact's {size} bytes",
+                               headers={"accept-ranges": "bytes", "etag": headers["etag"], "content-range": f"bytes */{size}"})
     first, last = wanted or (0, size - 1)
     status = 200 if wanted is None else 206
     if wanted is not None:

@@ -126,3 +126,24 @@ def test_every_reason_the_gateway_names_for_the_endpoint_list_is_one() -> None:
     for path in (support.REPO / "orchestrator" / "gateway").glob("*.py"):
         named |= set(re.findall(r'problem="(\w+)"', path.read_text()))
     assert named and named <= {r.value for r in problems.Reason}
+
+
+def test_a_control_plane_not_ready_answers_its_health_as_an_error(control_plane: support.ServerThread) -> None:
+    """``/healthz``'s 503 (starting, or stopping) is an error answer like every other, and keeps
+    ``status``, which a probe or script read before there was a ``reason``."""
+    assert control_plane.cp is not None
+    control_plane.cp._started = False  # as from the HTTP server's start until the last step of the control plane's
+    try:
+        r = httpx.get(f"{control_plane.url}/healthz", timeout=10)
+    finally:
+        control_plane.cp._started = True
+    body = _refusal(r, 503, "ServiceUnavailable")
+    assert body["status"] == "starting" and r.headers["retry-after"] == "1", body
+    assert httpx.get(f"{control_plane.url}/healthz", timeout=10).json() == {"status": "ok"}
+
+
+def test_a_request_head_over_64_kib_is_refused_as_an_error(api: httpx.Client) -> None:
+    """The 431 that the HTTP server answers itself, before any route, is in the same shape."""
+    r = api.get("/v1/sites", headers={"x-filler": "a" * 70_000})
+    body = _refusal(r, 431, "RequestHeaderFieldsTooLarge")
+    assert "64 KiB" in body["error"], body

@@ -56,6 +56,7 @@ async def test_a_checked_artifact_is_served_whole_from_an_offset_and_by_head(tmp
         assert resumed.headers["content-range"] == f"bytes 4-{len(BYTES) - 1}/{len(BYTES)}"
         past_the_end = await http.get(f"/v1/artifacts/{SHA}", headers={"Range": f"bytes={len(BYTES)}-"})
         assert past_the_end.status_code == 416 and past_the_end.headers["content-range"] == f"bytes */{len(BYTES)}"
+        assert past_the_end.json()["reason"] == "RangeNotSatisfiable" and past_the_end.json()["error"]  # the API's error shape
         head = await http.head(f"/v1/artifacts/{SHA}")
         assert head.status_code == 200 and head.headers["content-length"] == str(len(BYTES)) and head.content == b""
         assert (await http.get(f"/v1/artifacts/{'1' * 64}")).status_code == 404
