@@ -1,6 +1,6 @@
 """What ranking a model's replicas costs the gateway per request, by how many sites run it.
 
-    .venv/bin/python -m bench.gateway_rank [--quick] [--sizes 100,1000,5000]
+    .venv/bin/python -m bench.gateway_rank [--quick] [--sizes 100,1000,5000] [--output gateway_rank.json]
 
 A model on N edge sites (the spec's task model on every site of a fleet), one in-flight
 request of the gateway's own and one ejected replica. Per request, in CPU microseconds:
@@ -27,9 +27,15 @@ request of the gateway's own and one ejected replica. Per request, in CPU micros
   stages used the arrays: ``cascade_rules.cascade_for`` (which cascade) then
   ``stage_ranking`` of its first stage, each over the whole table;
 - ``cascade, 3 best``: the same through the table (``EndpointTable.cascade_for`` and
-  ``rank_stage(limit=3)``), as the cascade handler asks it (compared with the cascade rule).
+  ``rank_stage(limit=3)``), as the cascade handler asks it (compared with the cascade rule);
+- ``skips, answered by the nearest``: what an answer adds to ``3 best, same place`` to say
+  which nearer replicas were skipped (``EndpointTable.skipped``) when the nearest replica
+  answered, the common case: nothing to say (compared with ``3 best, same place``: how many
+  times less it costs);
+- ``skips, answered by the farthest``: the same when the farthest replica answered (a
+  caller far from its residency's sites), every other replica nearer: the most it costs.
 
-Median of rounds, the paths taking turns. Writes bench/results/gateway_rank.json.
+Median of rounds, the paths taking turns. Writes bench/results/gateway_rank.json (``--output``: another name there).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.gateway import cascade_rules, endpoints, replica_index, routing
+from orchestrator.scheduler import geo
 
 RESULTS = Path(__file__).parent / "results" / "gateway_rank.json"
 GATEWAY = (48.85, 2.35)
@@ -77,6 +84,13 @@ def paths(table: endpoints.EndpointTable, changing: endpoints.EndpointTable,
           changes: list[list[routing.Endpoint]]) -> dict[str, Callable[[int], object]]:
     """``changing``: a table of its own that ``changes`` replace in turn (the other paths' arrays stay)."""
     caller = routing.Caller()
+    ranked = table.rank("intent", caller, GATEWAY)
+    assert isinstance(ranked, list)
+    by_distance = sorted(ranked, key=lambda r: geo.rtt_ms(*GATEWAY, r.endpoint.lat, r.endpoint.lon))
+    nearest, farthest = by_distance[0].endpoint.site, by_distance[-1].endpoint.site
+
+    def skips_of(answered: str) -> Callable[[int], object]:
+        return lambda i: table.skipped("intent", caller, GATEWAY, answered, ())
 
     def laid_out_again(i: int) -> object:
         changing.replace(changes[i % 2])
@@ -103,10 +117,14 @@ def paths(table: endpoints.EndpointTable, changing: endpoints.EndpointTable,
             cascade_rules.stage_ranking(CASCADE, 0, table.with_local_load("intent"), caller, gateway_position=GATEWAY,
                                         ejected=table.ejected())),
         "cascade, 3 best": lambda i: (table.cascade_for([CASCADE], caller, GATEWAY), table.rank_stage(CASCADE, 0, caller, GATEWAY, limit=3)),
+        "skips, answered by the nearest": skips_of(nearest),
+        "skips, answered by the farthest": skips_of(farthest),
     }
 
 
 def baseline_of(path: str) -> str:
+    if path.startswith("skips"):
+        return "3 best, same place"
     if path.startswith("table change"):
         return "table change, model laid out again (baseline)"
     if path.startswith("versioned"):
@@ -125,6 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds")
     parser.add_argument("--sizes", default="100,1000,5000", help="replicas of the model [100,1000,5000]")
+    parser.add_argument("--output", default=RESULTS.name, help=f"file name under bench/results/ [{RESULTS.name}]")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     rounds = 3 if args.quick else 7
@@ -153,7 +172,7 @@ def main() -> None:
                           f"{row['x_faster_than_rule']:,.1f}")
     Console().print(table_out)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"benchmark": "gateway_rank", "quick": args.quick, "cpu_count": os.cpu_count(),
+    (RESULTS.parent / args.output).write_text(json.dumps({"benchmark": "gateway_rank", "quick": args.quick, "cpu_count": os.cpu_count(),
                                    "load_avg_1m": os.getloadavg()[0], "rounds": rounds, "rows": rows}, indent=2))
 
 

@@ -159,7 +159,7 @@ class AccessLog:
 
     def write(self, request_id: str | None, method: str, route: str | None, model: str | None, site: str | None,
               status: int | None, bytes_in: int, bytes_out: int, duration_ms: float, grpc_status: str | None = None,
-              failover: str | None = None) -> None:
+              failover: str | None = None, skipped: str | None = None) -> None:
         """One request's access line: in text a short line, in JSON these fields. ``route``: the
         path's template (``/v2/models/{model}/infer``), None for a path no route has (the path
         itself may hold anything); ``model``: the name the path gives, written only when known;
@@ -168,15 +168,17 @@ class AccessLog:
         store's index of it needs; ``site``: the one that answered (at a gateway);
         both cut to :data:`MAX_VALUE` characters (:func:`access_value`); ``failover``: the sites
         a gateway's request moved on from before ``site`` answered (``X-Edgeplane-Failover``),
-        cut alike, written in text only when there are some."""
+        cut alike, written in text only when there are some; ``skipped``: the nearer replicas
+        it passed over untried, each ``site=reason`` (``X-Edgeplane-Skipped``), cut and written alike."""
         model = access_value(model) if model is not None and self.known(model) else None
-        site, failover = access_value(site), access_value(failover or None)
-        moved = f" failover={_spaceless(failover)}" if failover else ""
+        site, failover, skipped = access_value(site), access_value(failover or None), access_value(skipped or None)
+        moved = (f" failover={_spaceless(failover)}" if failover else "") + (f" skipped={_spaceless(skipped)}" if skipped else "")
         self.log.info("%s %s %s model=%s site=%s status=%s in=%d out=%d ms=%.2f%s", request_id or "-", method, route or "-",
                       _spaceless(model), _spaceless(site), grpc_status or (status if status is not None else "-"), bytes_in, bytes_out, duration_ms,
                       moved, extra={"request_id": request_id, "method": method, "route": route, "model": model, "site": site,
                                     "status": status, "grpc_status": grpc_status, "bytes_in": bytes_in, "bytes_out": bytes_out,
-                                    "duration_ms": round(duration_ms, 3), "failover": failover})
+                                    "duration_ms": round(duration_ms, 3), "failover": failover,
+                                    "skipped": skipped})
 
 
 def access_log(enabled: bool, known: Callable[[str], bool]) -> AccessLog | None:

@@ -8,8 +8,9 @@ has, which may hold anything), the model its path names when the endpoint table 
 (until then the name is the caller's text), the site that answered (the
 ``X-Edgeplane-Site`` every replica's answer carries: a route that fails over says which
 replica answered in the end) and the sites it moved on from before (its
-``X-Edgeplane-Failover``: why the site is not the caller's nearest, when a failover is), status, body bytes in and out and the time from its head to
-the end of its answer. No client address, token, query string or body.
+``X-Edgeplane-Failover``: why the site is not the caller's nearest, when a failover is), the
+nearer replicas passed over untried with why (its ``X-Edgeplane-Skipped``), status, body
+bytes in and out and the time from its head to the end of its answer. No client address, token, query string or body.
 
 :class:`correlation.Correlated` calls :func:`answer` for each request when the log is on;
 when it is off, its one check of that is all a request pays."""
@@ -27,6 +28,7 @@ from edgeplane_proto import logformat
 
 _SITE = b"x-edgeplane-site"
 _FAILOVER = b"x-edgeplane-failover"
+_SKIPPED = b"x-edgeplane-skipped"
 
 
 def route_of(routes: Iterable[BaseRoute], endpoint: Any, names: frozenset[str], prefix: str = "") -> str | None:
@@ -70,6 +72,7 @@ async def answer(app: ASGIApp, scope: Scope, receive: Receive, send: Send, log: 
     status: int | None = None
     site: str | None = None
     failover: str | None = None
+    skipped: str | None = None
     bytes_in = bytes_out = 0
 
     async def receiving() -> Message:
@@ -79,7 +82,7 @@ async def answer(app: ASGIApp, scope: Scope, receive: Receive, send: Send, log: 
         return message
 
     async def sending(message: Message) -> None:
-        nonlocal status, site, failover, bytes_out
+        nonlocal status, site, failover, skipped, bytes_out
         if message["type"] == "http.response.start":
             status = message["status"]
             for name, value in message.get("headers", ()):
@@ -87,6 +90,8 @@ async def answer(app: ASGIApp, scope: Scope, receive: Receive, send: Send, log: 
                     site = value.decode("latin-1")
                 elif name.lower() == _FAILOVER:
                     failover = value.decode("latin-1")
+                elif name.lower() == _SKIPPED:
+                    skipped = value.decode("latin-1")
         else:
             bytes_out += len(message.get("body", b""))
         await send(message)
@@ -98,4 +103,4 @@ async def answer(app: ASGIApp, scope: Scope, receive: Receive, send: Send, log: 
         model = params.get("model") if params else None
         route = templates.of(scope)
         log.write(request_id, scope["method"], route, model and str(model), site, status, bytes_in,
-                  0 if scope["method"] == "HEAD" else bytes_out, (time.perf_counter() - started) * 1000, failover=failover)
+                  0 if scope["method"] == "HEAD" else bytes_out, (time.perf_counter() - started) * 1000, failover=failover, skipped=skipped)

@@ -34,6 +34,7 @@ replica's service time) — with its gCO2 at the site's grid intensity. Promethe
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -496,6 +497,8 @@ class CascadeHandler:
                  escalated_at: float | None, escalation: str, reason: str, totals: Totals) -> Response:
         variant = route.stages[answer.stage].variant
         self.answered(route, answer.stage, started, escalated_at, totals)
+        if trip.caller is not None:
+            trip.failovers.explain_by(functools.partial(self.table.skipped_stage, route, answer.stage, trip.caller, self.position))
         out = {"x-edgeplane-site": answer.site, "x-edgeplane-tier": answer.tier, "x-edgeplane-cascade-stage": variant,
                "x-edgeplane-cascade-sites": ",".join(trip.sites), "x-edgeplane-cascade-escalation": escalation,
                "x-edgeplane-cascade-energy-j": f"{trip.joules:.6g}", **trip.failovers.header()}

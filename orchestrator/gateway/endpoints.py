@@ -32,12 +32,12 @@ import asyncio
 import collections
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from starlette import datastructures
 
-from orchestrator.gateway import cascade_rules, replica_index, routing
+from orchestrator.gateway import cascade_rules, replica_index, routing, skips
 
 #: What ``GET /v1/endpoints/{model}`` reads of its query: who is asking.
 CALLER_PARAMETERS = ("lat", "lon", "region", "residency")
@@ -364,6 +364,27 @@ class EndpointTable:
             return routing.NoRoute(f"model {model!r} is served over {spoken} only, not {api}", 404)
         return index.rank(caller, routing.position_of(caller, self.regions, position), api=api, ejected=self.ejected(),
                           local_load=self._inflight, limit=limit, version=version)
+
+    def skipped(self, model: str, caller: routing.Caller, position: tuple[float, float] | None, answered: str,
+                tried: Collection[str], api: str | None = routing.API_V2, deployment: str | None = None,
+                version: str | None = None, *, lora: bool = False) -> skips.Skips | None:
+        """Why replicas nearer ``caller`` than the one at site ``answered`` were not tried, as
+        :meth:`rank` with the same arguments ranked them (``ReplicaIndex.skipped``); None when
+        it is the nearest. ``tried``: the sites moved on from (they failed; they are not skipped)."""
+        index = self._index(model, None if deployment is None else frozenset({deployment}), lora=lora)
+        if index is None:
+            return None
+        return index.skipped(caller, routing.position_of(caller, self.regions, position), answered, tried, api=api,
+                             ejected=self.ejected(), version=version)
+
+    def skipped_stage(self, route: cascade_rules.CascadeRoute, stage: int, caller: routing.Caller,
+                      position: tuple[float, float] | None, answered: str, tried: Collection[str]) -> skips.Skips | None:
+        """:meth:`skipped` among the replicas of a cascade's ``stage``, as :meth:`rank_stage` ranked them."""
+        index = self._index(route.model, frozenset({route.deployment}), tiers=route.stages[stage].tiers)
+        if index is None:
+            return None
+        return index.skipped(caller, routing.position_of(caller, self.regions, position), answered, tried, api=None,
+                             ejected=self.ejected(), panic=cascade_rules.stage_panics(route, stage))
 
     def rank_stage(self, route: cascade_rules.CascadeRoute, stage: int, caller: routing.Caller,
                    position: tuple[float, float] | None, limit: int | None = None) -> list[routing.Ranked] | routing.NoRoute:

@@ -8,7 +8,9 @@ replica is tried (the last replica tried counts none: the request moved on from 
 so one :class:`Failovers` per caller request goes with it through all of them. The same
 sites, in the order tried, are the answer's ``X-Edgeplane-Failover`` (:func:`header`), which
 the access line carries too: an answer from a replica that is not the caller's nearest says
-when a failover is why.
+when a failover is why. When nearer replicas were passed over without being tried, the same
+answer says why in ``X-Edgeplane-Skipped`` (:mod:`orchestrator.gateway.skips`), which the
+route that ranked them lets the request's :class:`Failovers` work out (:meth:`Failovers.explain_by`).
 
 A replica that answers 503 is not down: its model is not ready yet, or its agent drains,
 and it says when to retry. When every replica a request (or the cascade stage it ended on)
@@ -28,12 +30,13 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from prometheus_client import Counter
 
 from edgeplane_proto import retry_after as retry_header
 from edgeplane_proto.headers import DRAINING, MAX_RETRY_AFTER_S
+from orchestrator.gateway import skips
 
 #: The answer's header naming the sites a request moved on from (:meth:`Failovers.header`).
 FAILOVER = "x-edgeplane-failover"
@@ -83,19 +86,44 @@ def redirect(status: int, answer_headers: Mapping[str, str]) -> str | None:
     return f"redirected{f' to {where[:200]}' if where else ''} (HTTP {status})"
 
 
+#: Why replicas nearer the caller than the one at a site (the first argument) were passed
+#: over, the sites tried and moved on from (the second) left out: an ``EndpointTable.skipped``
+#: bound to the ranking the request's attempts came from.
+Explain = Callable[[str, Collection[str]], "skips.Skips | None"]
+
+
 class Failovers:
     """One caller request's failovers, counted in ``counter`` (``edgeplane_gateway_failovers``,
-    by ``model`` and the site moved on from); None counts nothing."""
+    by ``model`` and the site moved on from); None counts nothing. Its answer's skips are
+    counted in ``skipped`` (``edgeplane_gateway_skipped``, by ``model`` and reason) likewise."""
 
-    def __init__(self, counter: Counter | None, model: str) -> None:
-        self.counter, self.model = counter, model
+    def __init__(self, counter: Counter | None, model: str, skipped: Counter | None = None) -> None:
+        self.counter, self.model, self.skipped = counter, model, skipped
         self._failed_at: str | None = None  # the site of the attempt under way or just failed, until it answers
+        self._at: str | None = None  # the site of the last attempt: the one whose answer is given
         self.moved_from: list[str] = []  # the sites moved on from, in the order tried
+        self._explain: Explain | None = None
+        self._skips: tuple[str, skips.Skips | None] | None = None  # worked out for a site, once
+
+    def explain_by(self, explain: Explain) -> None:
+        """Say the answer's skips from ``explain``: the ranking of the replicas being tried (a
+        cascade's stage each time it runs another)."""
+        self._explain, self._skips = explain, None
 
     def header(self) -> dict[str, str]:
-        """``X-Edgeplane-Failover`` for the answer of the attempt under way: the sites this
-        request moved on from before it, comma-separated in the order tried; none when it moved on from none."""
-        return {FAILOVER: ",".join(self.moved_from)} if self.moved_from else {}
+        """The headers for the answer of the attempt under way: ``X-Edgeplane-Failover``, the
+        sites this request moved on from before it, comma-separated in the order tried (none
+        when it moved on from none), and ``X-Edgeplane-Skipped`` when nearer replicas were
+        passed over untried (:mod:`~orchestrator.gateway.skips`), worked out and counted once
+        per answer however often asked."""
+        out = {FAILOVER: ",".join(self.moved_from)} if self.moved_from else {}
+        if self._explain is not None and self._at is not None:
+            if self._skips is None or self._skips[0] != self._at:
+                found = self._explain(self._at, self.moved_from)
+                self._skips = (self._at, found)
+                skips.count(self.skipped, self.model, found)
+            out.update(skips.header(self._skips[1]))
+        return out
 
     def attempt(self, site: str) -> None:
         """The replica at ``site`` is about to run the request: if the attempt before it
@@ -104,7 +132,7 @@ class Failovers:
             self.moved_from.append(self._failed_at)
             if self.counter is not None:
                 self.counter.labels(self.model, self._failed_at).inc()
-        self._failed_at = site
+        self._failed_at = self._at = site
 
     def answered(self) -> None:
         """The replica of the last :meth:`attempt` answered: no failover from it."""

@@ -31,6 +31,7 @@ body or in a replayed stream's last chunk, an ``edgeplane`` object with the same
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import time
@@ -91,7 +92,8 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
         return openai_routes.caller_error(caller)
     totals = handler.stats.totals(route.deployment)
     totals.requests += 1
-    trip = cascade_mod.Trip(mode=mode, failovers=failover.Failovers(owner.gw.metrics.failovers, route.model))
+    trip = cascade_mod.Trip(caller=caller, mode=mode, failovers=failover.Failovers(owner.gw.metrics.failovers, route.model,
+                                                                                   owner.gw.metrics.skipped))
     req = _Request(owner, handler, route, body, suffix, stream, handler.clock(), arrived, totals, trip, correlation.forwarded(request.scope))
     stage = rules.first_stage(route, mode)
     ranked = handler.ranking(route, stage, caller)
@@ -295,8 +297,16 @@ def _asks_logprobs(body: Mapping[str, Any]) -> bool:
     return value is not None and value is not False
 
 
+def _explain_by(req: _Request, stage: int) -> None:
+    """The request's answer says why nearer replicas of ``stage`` were skipped (``X-Edgeplane-Skipped``)."""
+    if req.trip.caller is not None:
+        req.trip.failovers.explain_by(functools.partial(req.handler.table.skipped_stage, req.route, stage, req.trip.caller,
+                                                        req.handler.position))
+
+
 def _headers(req: _Request, stage: int, site: str, tier: str, confidence: float | None, escalation: str, reason: str,
              sites: list[str]) -> dict[str, str]:
+    _explain_by(req, stage)
     out = {"x-edgeplane-site": site, "x-edgeplane-tier": tier, "x-edgeplane-cascade-stage": req.route.stages[stage].variant,
            "x-edgeplane-cascade-sites": ",".join(sites), "x-edgeplane-cascade-escalation": escalation,
            "x-edgeplane-cascade-energy-j": f"{req.trip.joules:.6g}", **req.trip.failovers.header()}
@@ -435,6 +445,7 @@ def _relay(req: _Request, stage: int, ranked: list[routing.Ranked], escalated_at
            fallback: tuple[_Answer, float | None, str] | None) -> Response:
     raw = json.dumps({**req.body, "model": req.route.model}).encode()
     hooks = _StageHooks(req, stage, escalated_at, escalated_why, fallback)
+    _explain_by(req, stage)
     return openai_routes.relay(req.owner, req.route.model, ranked[: req.owner.gw.max_attempts], req.suffix, raw, req.stream,
                                chat=req.chat, arrived=req.arrived, forwarded=req.forwarded, hooks=hooks, failovers=req.trip.failovers)
 

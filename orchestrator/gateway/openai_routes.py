@@ -49,6 +49,7 @@ answers 503 with a Retry-After and tries no other replica, none of which failed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Mapping
@@ -335,6 +336,8 @@ class OpenAIGateway:
         headers.update(correlation.forwarded(request.scope))  # one id at every replica tried
         relayed = _Relay(self, model, ranked[: self.gw.max_attempts], suffix, raw, headers, stream, chat=suffix == "/chat/completions",
                          arrived=arrived, adapter=named.adapter)
+        relayed.failovers.explain_by(functools.partial(self.gw.table.skipped, model, caller, self.gw.position, api=routing.API_OPENAI,
+                                                       deployment=deployment, lora=named.adapter is not None))
         return Timed(self.gw.metrics.latency, model, arrived, relayed)
 
     def routes(self, *, sdk_models: bool = False) -> list[BaseRoute]:
@@ -393,7 +396,8 @@ class _Relay(Response):
                  failovers: failover.Failovers | None = None, adapter: str | None = None) -> None:
         self.owner, self.model, self.ranked, self.suffix = owner, model, ranked, suffix
         self.named = adapter_names.Named(model, adapter)  # ``raw`` names the model as ``self.named.asked(model)``
-        self.failovers = failovers if failovers is not None else failover.Failovers(owner.gw.metrics.failovers, model)
+        self.failovers = failovers if failovers is not None else failover.Failovers(owner.gw.metrics.failovers, model,
+                                                                                    owner.gw.metrics.skipped)
         self.raw, self.fwd_headers, self.stream, self.chat = raw, headers, stream, chat
         self.arrived = arrived  # the caller's request (time.perf_counter), which its first token is timed from
         self.hooks = hooks

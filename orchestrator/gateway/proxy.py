@@ -16,6 +16,7 @@ Retry-After at once, on every route, and no replica is held to blame.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class GatewayMetrics:
     latency: Histogram
     cold_starts: Counter
     adapter_requests: Counter
+    skipped: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> GatewayMetrics:
@@ -74,10 +76,13 @@ class GatewayMetrics:
             # by base model only: a caller names any adapter it likes, and each would be a series
             adapter_requests=Counter("edgeplane_gateway_adapter_requests", "OpenAI requests routed to a LoRA adapter of the model (<model>:<adapter>)",
                                      ["model"], registry=registry),
+            # by the nearest replica's reason only: by site, a fleet's every site would be a series
+            skipped=Counter("edgeplane_gateway_skipped", "Answers from a replica farther than one the caller could use that was not tried "
+                            "(X-Edgeplane-Skipped), by the reason of the nearest one passed over", ["model", "reason"], registry=registry),
         )
 
     def labelled(self) -> list[MetricWrapperBase]:
-        return [self.requests, self.failovers, self.streams_cut, self.latency, self.cold_starts, self.adapter_requests]
+        return [self.requests, self.failovers, self.streams_cut, self.latency, self.cold_starts, self.adapter_requests, self.skipped]
 
 
 class Timed(Response):
@@ -246,7 +251,9 @@ class Gateway:
         missing = 0  # replicas that answered 404
         # The Retry-After of each replica that answered 503 (not down: not ready, or draining), None for each 404
         unavailable: list[int | None] = []
-        moves = failover.Failovers(self.metrics.failovers if inference else None, label)
+        moves = failover.Failovers(self.metrics.failovers if inference else None, label, self.metrics.skipped if inference else None)
+        moves.explain_by(functools.partial(self.table.skipped, model, caller, self.position, api=routing.API_V2, deployment=deployment,
+                                           version=version))
         for choice in ranked[: self.max_attempts]:
             e = choice.endpoint
             moves.attempt(e.site)
@@ -369,7 +376,7 @@ class Gateway:
         deployment = self.table.target(name)[1]  # off, by a deployment's name: still its replicas only
         response = await handler.infer(route, mode, caller, request, body,
                                        lambda: self._forward(route.model, request, "POST", "/infer", body, deployment=deployment),
-                                       failovers=failover.Failovers(self.metrics.failovers, route.model))
+                                       failovers=failover.Failovers(self.metrics.failovers, route.model, self.metrics.skipped))
         if mode != "off":  # plain routing counted itself
             self.metrics.requests.labels(route.model, response.headers.get("x-edgeplane-site", ""), str(response.status_code)).inc()
         return response

@@ -11,6 +11,10 @@ ranked entries for those alone. Ties resolve as the rule's stable sort does (by 
 the table's listing order), so both answer the same replicas in the same order. A
 versioned request is ranked the same way, its replicas holding the version first, then
 those whose version is not known (``routing.holding``'s rule after ``routing.rank``'s).
+
+After an answer, :meth:`ReplicaIndex.skipped` says why replicas nearer the caller than the
+one that answered were not tried (``skips``); an answer from the nearest costs it one
+comparison with the nearest distance, kept per caller position as the distances are.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from orchestrator.gateway import routing
+from orchestrator.gateway import routing, skips
 from orchestrator.scheduler import geo
 
 #: Caller positions whose distances an index keeps (the gateway's own, regions' centroids):
@@ -50,8 +54,11 @@ class ReplicaIndex:
     by_api: Mapping[str, Mask]
     version: Ints  # index into ``versions``
     versions: tuple[str, ...]  # in order of first appearance; "" where a replica's is not known
+    site_row: Mapping[str, int]  # each site's first replica, in listing order
     _distances: dict[tuple[float, float], npt.NDArray[np.float64]] = field(default_factory=dict, compare=False, repr=False)
     _tiers: dict[tuple[str, ...], Ints] = field(default_factory=dict, compare=False, repr=False)
+    #: The round trip to the nearest replica speaking an API, by (position, API), for :meth:`skipped`
+    _nearest: dict[tuple[tuple[float, float], str | None], float] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, endpoints: Sequence[routing.Endpoint]) -> ReplicaIndex:
@@ -82,6 +89,7 @@ class ReplicaIndex:
             by_api={api: _mask(n, at) for api, at in by_api.items()},
             version=np.array([versions.setdefault(e.version, len(versions)) for e in endpoints], dtype=np.intp),
             versions=tuple(versions),
+            site_row={e.site: i for i, e in reversed(list(enumerate(endpoints)))},
         )
 
     def speaks(self, api: str) -> bool:
@@ -136,6 +144,68 @@ class ReplicaIndex:
         order = best(expected, self.site_rank[chosen], tiers, limit)
         return [routing.Ranked(self._loaded(int(chosen[j]), load), float(expected[j])) for j in order]
 
+    def skipped(self, caller: routing.Caller, where: tuple[float, float] | None, answered: str, tried: Collection[str], *,
+                api: str | None, ejected: Collection[str] = frozenset(), panic: bool = True,
+                version: str | None = None) -> skips.Skips | None:
+        """Why the replicas that speak ``api`` nearer ``where`` than the one at site ``answered``
+        were passed over, as :meth:`rank` with the same arguments ranked them, the sites
+        ``tried`` (moved on from: ``X-Edgeplane-Failover``) left out; None when there are none,
+        and at once when ``answered`` is the nearest (or no position is known)."""
+        row = self.site_row.get(answered) if where is not None else None
+        if row is None or where is None:
+            return None
+        distances = self._distances_from(where)
+        mine = float(distances[self.position[row]])
+        nearest = self._nearest.get((where, api))
+        if nearest is None:
+            spoken = self.by_api.get(api) if api is not None and len(self.by_api) > 1 else None
+            nearest = float(distances[self.position[spoken]].min() if spoken is not None else distances.min())
+            if len(self._nearest) >= CACHED_POSITIONS:
+                self._nearest.clear()
+            self._nearest[(where, api)] = nearest
+        if mine <= nearest:
+            return None
+        return self._explained(caller, distances[self.position], row, tried, api=api, ejected=ejected, panic=panic, version=version)
+
+    def _explained(self, caller: routing.Caller, away: npt.NDArray[np.float64], answered: int, tried: Collection[str], *,
+                   api: str | None, ejected: Collection[str], panic: bool, version: str | None) -> skips.Skips | None:
+        """:meth:`skipped` once the answer (replica ``answered``) is known not to be from the
+        nearest: the rule's masks over the nearer replicas listed only, each given the first
+        reason that holds (``skips.REASONS``), replicas at ``away`` (ms) from the caller."""
+        spoken = self.by_api.get(api) if api is not None else None
+        nearer = away < away[answered]
+        if spoken is not None:
+            nearer &= spoken
+        if tried:
+            nearer &= ~np.isin(self.site_rank, [self.site_rank[self.site_row[s]] for s in tried if s in self.site_row])
+        rows = np.flatnonzero(nearer)
+        if not len(rows):
+            return None
+        sites = int(np.count_nonzero(np.bincount(self.site_rank[rows], minlength=len(self.site_row))))
+        shown = _nearest_sites(rows, away, self.site_rank, skips.LISTED)
+        allowed = self.in_deployment_residency.copy()
+        if caller.residency:
+            allowed &= np.isin(self.country, [i for i, c in enumerate(self.countries) if c in caller.residency])
+        ejections = self._at(ejected) if ejected else np.zeros(len(self.endpoints), bool)
+        live = allowed & self.healthy & ~ejections
+        if spoken is not None:
+            live &= spoken
+        if panic and not live.any():
+            ejections[:] = False  # every healthy replica ejected: the rule tried them all the same
+        other_version = np.zeros(len(shown), bool)
+        if version is not None:
+            code = self.version[shown]
+            held = self.versions.index(version) if version in self.versions else -1
+            other_version = code != held
+            if self.version[answered] != held:  # the answer's version is not known: theirs not being known is no reason
+                other_version &= code != (self.versions.index("") if "" in self.versions else -1)
+        fallback = self.endpoints[answered].fallback
+        tiers = self._tier_rank(fallback) if fallback else None
+        later_tier = tiers[shown] > tiers[answered] if tiers is not None else np.zeros(len(shown), bool)
+        reasons = np.select([~self.in_deployment_residency[shown], ~allowed[shown], ~self.healthy[shown], ejections[shown],
+                             other_version, later_tier], list(skips.REASONS[:-1]), default=skips.LOAD)
+        return skips.Skips(tuple(zip((self.endpoints[i].site for i in shown), reasons.tolist())), sites - len(shown))
+
     def _holding(self, chosen: Ints, version: str) -> tuple[Ints, Ints] | routing.NoRoute:
         """``routing.holding`` of ``chosen``: those holding ``version`` or whose version is not
         known, with 1 for each of the latter; the rule's 404 when none may answer for it."""
@@ -178,6 +248,25 @@ class ReplicaIndex:
             found = self._tiers[fallback] = np.fromiter((order.get(e.tier, len(order)) for e in self.endpoints), np.intp,
                                                         len(self.endpoints))
         return found
+
+
+def _nearest_sites(rows: Ints, away: npt.NDArray[np.float64], site: Ints, k: int) -> Ints:
+    """Of ``rows``, the nearest replica (by ``away``) of each of the ``k`` nearest sites, nearest
+    first, ties as the rule breaks them (by site): a partition finds the few candidates
+    (all those as near as the 4k-th) without sorting the rest, unless a few sites hold them all."""
+    if len(rows) > 4 * k:
+        cut = np.partition(away[rows], 4 * k)[4 * k]
+        found = _first_per_site(rows[away[rows] <= cut], away, site)
+        if len(found) >= k:
+            return found[:k]
+    return _first_per_site(rows, away, site)[:k]
+
+
+def _first_per_site(rows: Ints, away: npt.NDArray[np.float64], site: Ints) -> Ints:
+    """``rows`` nearest first (ties by site), each site's nearest only."""
+    rows = rows[np.lexsort((site[rows], away[rows]))]
+    _, first = np.unique(site[rows], return_index=True)
+    return rows[np.sort(first)]
 
 
 def _mask(n: int, at: list[int]) -> Mask:

@@ -22,7 +22,7 @@ from .conftest import TOKEN, ControlPlane
 
 SITE = "edge-logs-1"
 FIELDS = {"ts", "level", "logger", "msg", "request_id", "method", "route", "model", "site", "status", "grpc_status",
-          "bytes_in", "bytes_out", "duration_ms", "failover"}
+          "bytes_in", "bytes_out", "duration_ms", "failover", "skipped"}
 AGENT = pathlib.Path(sys.executable).parent / "edgeplane-agent"
 #: Model names as a caller may write them in a path (percent-encoded, decoded by the server):
 #: an e-mail address, then a line break and what would read as a log line of its own; ESC

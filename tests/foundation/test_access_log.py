@@ -22,7 +22,7 @@ from . import support
 BODY = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.5]}]}'
 SECRET = "secret-token-42"
 FIELDS = {"ts", "level", "logger", "msg", "request_id", "method", "route", "model", "site", "status", "grpc_status", "bytes_in", "bytes_out",
-          "duration_ms", "failover"}
+          "duration_ms", "failover", "skipped"}
 
 
 def serve(tmp: pathlib.Path, *flags: str) -> list[str]:
