@@ -13,7 +13,7 @@ from typing import Any
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.assignment import RUNTIME_GENAI, RUNTIME_ONNX, Assignment, DesiredState
 
-__all__ = ["EMPTY", "RUNTIME_GENAI", "RUNTIME_ONNX", "Assignment", "AssignmentSet", "DesiredState"]
+__all__ = ["EMPTY", "RUNTIME_GENAI", "RUNTIME_ONNX", "Assignment", "AssignmentSet", "DesiredState", "Replacement"]
 
 
 @dataclass(frozen=True)
@@ -34,3 +34,19 @@ class AssignmentSet:
 
 
 EMPTY = AssignmentSet(0, ())
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """replaceWhenFull: the version ``replaced`` that a model's agent unloaded first for the
+    load of version ``sha256``, which it loads again if that load fails."""
+
+    sha256: str
+    replaced: Assignment
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "replaced": self.replaced.to_json()}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Replacement:
+        return cls(str(doc["sha256"]), Assignment.from_json(doc["replaced"]))

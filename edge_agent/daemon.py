@@ -164,7 +164,9 @@ class Agent:
             kept_for_requests=self._kept_for_requests,
             loading=self._loading,
             runtimes=self.runtimes,
+            remember=self._remember_replacing,
         )
+        self._replacing_saved = asyncio.Lock()  # the replacements' file is written in the order they change
         queued = config.max_queued_runs or http.QUEUED_RUNS_PER_WORKER * self.workers
         self.budget = inflight.Budget()  # the memory requests in flight may hold
         self._load_bytes = 0  # what the load under way needs (footprint), beside which the default budget is sized
@@ -291,8 +293,11 @@ class Agent:
         if saved is not None and saved.assignments:
             log.info("serving %d saved assignment(s) from the local cache", len(saved.assignments))
         self._desired, self._told = saved or assignments.EMPTY, saved is not None
+        replacing = self.store.load_replacing(cfg.site)  # replaceWhenFull: the versions unloaded for loads a stop cut short
+        self.registry.recall(replacing)
         if self._told and self.models_dir.is_dir():  # before any unpack starts: leftovers of unpacks a stop or crash cut short go too
-            await asyncio.to_thread(_prune_packages, self.models_dir, {a.sha256 for a in self._desired.assignments}, set())
+            keep = {a.sha256 for a in self._desired.assignments} | {e.replaced.sha256 for e in replacing.values()}
+            await asyncio.to_thread(_prune_packages, self.models_dir, keep, set())
         self._wake.set()
         self._tasks.append(asyncio.create_task(self._reconcile(), name="reconcile"))
         self.uplink = uplink.Uplink(
@@ -389,6 +394,17 @@ class Agent:
         self._desired, self._told = desired, True
         self._wake.set()
 
+    async def _remember_replacing(self, replacing: dict[str, assignments.Replacement]) -> None:
+        """Keep the replacements under way (replaceWhenFull) in the data dir, for a restart
+        (a worker thread, as the assignment set's); a disk that fails is logged, the
+        replacement goes on (a restart then forgets it, as agents did before they kept it)."""
+        async with self._replacing_saved:
+            try:
+                await asyncio.to_thread(self.store.save_replacing, self.config.site, replacing)
+            except OSError as exc:
+                log.error("cannot save the replacement(s) under way in %s: %s; a restart would not report them",
+                          self.config.data_dir, exc.strerror or exc)
+
     async def _reconcile(self) -> None:
         """Act on each new desired set at once, and again whenever a model's attempt ends or
         a failed model is due. Downloads and loads run as the registry's own tasks: this
@@ -413,7 +429,7 @@ class Agent:
 
     async def _prune(self) -> None:
         """Remove the cached and unpacked versions that neither serve nor are assigned."""
-        keep = {m.sha256 for m in self.registry.serving()} | {a.sha256 for a in self._desired.assignments}
+        keep = {m.sha256 for m in self.registry.serving()} | {a.sha256 for a in self._desired.assignments} | self.registry.kept_aside()
         await self.cache.prune(keep)  # a version no longer wanted is downloaded again if it ever is
         if self.models_dir.is_dir():  # a generative model was unpacked here once
             # versions no longer wanted; an unpack of a wanted one may be under way

@@ -20,6 +20,13 @@ The registry only records *when* a slot is due again (:meth:`ModelRegistry.retry
 the daemon's reconcile loop owns the waiting and calls :meth:`ModelRegistry.apply` again
 (woken by ``on_attempt_end`` when an attempt ends), so a new assignment set simply
 supersedes a pending retry.
+
+A replacement under ``replaceWhenFull`` (the version serving unloaded first for a new one
+that does not fit beside it) is remembered outside the process, through ``remember``
+(the daemon keeps it in the data dir), before the old version is let go of, and forgotten
+once the new one's attempt ends: an agent restarted mid-way, given that memory back
+(:meth:`ModelRegistry.recall`), still reports the version it unloaded, keeps it in the
+cache (:meth:`ModelRegistry.kept_aside`) and loads it again if the new one fails.
 """
 
 from __future__ import annotations
@@ -164,7 +171,10 @@ class ModelRegistry:
         retry: RetryPolicy = MODEL_RETRY,
         clock: Callable[[], float] = time.monotonic,
         rng: Jitter | None = None,
+        remember: Callable[[dict[str, assignments.Replacement]], Awaitable[None]] | None = None,
     ) -> None:
+        """``remember``: keeps the replacements under way (replaceWhenFull) where a restarted
+        agent finds them again, awaited before the version serving is unloaded for one."""
         self._cache = cache
         self._load = load
         self._load_package = load_package
@@ -187,6 +197,9 @@ class ModelRegistry:
         self._slots: dict[str, _Slot] = {}
         self._attempts: set[asyncio.Task[None]] = set()  # cancelled ones too, until they have unwound
         self._closing = False  # stopping: a cancelled attempt does not wait for its load's thread
+        self._remember = remember
+        # replaceWhenFull, per model: the version unloaded first for the load under way, as remembered
+        self._replacing: dict[str, assignments.Replacement] = {}
         self.applied_version = 0
 
     def get(self, name: str) -> ServedModel | None:
@@ -222,6 +235,21 @@ class ModelRegistry:
                 )
             )
         return tuple(out)
+
+    def recall(self, replacing: dict[str, assignments.Replacement]) -> None:
+        """The replacements under way when this agent last stopped (``remember``'s last word):
+        a model still assigned the version a replacement was for, and serving nothing, goes on
+        with it, reporting the version it unloaded and loading it again if the new one fails."""
+        self._replacing = dict(replacing)
+
+    def kept_aside(self) -> set[str]:
+        """The sha256 of each version unloaded first for a load still assigned and under way
+        (replaceWhenFull): its artifact is kept, to be loaded again if the new one fails."""
+        return {entry.replaced.sha256 for name, entry in self._replacing.items() if self._replacing_now(name, entry)}
+
+    def _replacing_now(self, name: str, entry: assignments.Replacement) -> bool:
+        slot = self._slots.get(name)
+        return slot is not None and slot.serving is None and slot.assignment.sha256 == entry.sha256
 
     def retry_due_in(self) -> float | None:
         """Seconds until the earliest failed model is due another attempt (None: none is)."""
@@ -327,7 +355,7 @@ class ModelRegistry:
         if want.runtime not in self._runtimes:  # a control plane of a release before agents said what they run
             self._failed(slot, want, f"this agent does not run {want.runtime} models (it runs: {', '.join(self._runtimes) or 'none'})")
             return
-        slot.replaced, slot.received = None, 0
+        slot.replaced, slot.received = self._recalled(slot, want), 0
         failure = await self._fetched_and_loaded(slot, want, downloading, want)
         if failure is not None:
             if slot.replaced is not None and slot.assignment is want and self._slots.get(want.model) is slot:
@@ -335,14 +363,15 @@ class ModelRegistry:
                 failure += await self._restore(slot, slot.replaced)
             slot.replaced = None
             self._failed(slot, want, failure)
+            await self._forget(want)
             return
         slot.replaced = None
-        if slot.assignment is not want or self._slots.get(want.model) is not slot:
-            return  # superseded, or unassigned, while it was loading
-        slot.failures, slot.retry_at = 0, None
-        slot.phase, slot.message = ModelPhase.READY, ""
-        self._on_change()
-        _release_freed_memory()  # the load's temporary buffers (and the version it replaced)
+        if slot.assignment is want and self._slots.get(want.model) is slot:  # else superseded, or unassigned, while it loaded
+            slot.failures, slot.retry_at = 0, None
+            slot.phase, slot.message = ModelPhase.READY, ""
+            self._on_change()
+            _release_freed_memory()  # the load's temporary buffers (and the version it replaced)
+        await self._forget(want)
 
     async def _fetched_and_loaded(self, slot: _Slot, want: assignments.Assignment, progress: Callable[[str], None],
                                   attempt_of: assignments.Assignment) -> str | None:
@@ -360,7 +389,7 @@ class ModelRegistry:
                     # between them (the first answer may import onnxruntime-genai: on a thread)
                     on_gpu = await asyncio.to_thread(self._generative_on_gpu)
                     kv_per_token, context = (0, 0) if on_gpu else await asyncio.to_thread(footprint.package_kv, path)
-                    need = self._weigh(slot, want, footprint.genai_need(
+                    need = await self._weighed(slot, want, footprint.genai_need(
                         path.stat().st_size, kv_per_token, context, want.max_concurrent_sequences or admission.DEFAULT_MAX_CONCURRENT))
                     self._loading(need)
                     try:
@@ -369,7 +398,7 @@ class ModelRegistry:
                         self._loading(0)
                 else:
                     package = self._load_onnx_package is not None and artifacts.is_package(path)  # its first 262 bytes
-                    need = self._weigh(slot, want, footprint.onnx_need(path.stat().st_size, package=package))
+                    need = await self._weighed(slot, want, footprint.onnx_need(path.stat().st_size, package=package))
                     self._loading(need)
                     try:
                         runtime = await self._to_its_end(self._read_and_load(want, path if package else None))
@@ -389,6 +418,46 @@ class ModelRegistry:
             slot.serving_as, slot.serving_bytes = want, path.stat().st_size
             log.info("model %s sha256 %s serving on %s", want.model, want.sha256[:12], runtime.provider)
         return None
+
+    def _recalled(self, slot: _Slot, want: assignments.Assignment) -> assignments.Assignment | None:
+        """The version a replacement for ``want`` under way when the agent last stopped had
+        unloaded (None: none, or one no longer so: the model serves, or is assigned another)."""
+        entry = self._replacing.get(want.model)
+        if entry is None:
+            return None
+        if slot.serving is None and entry.sha256 == want.sha256:
+            return entry.replaced
+        del self._replacing[want.model]  # written with the next change (stale, it is not read as one meanwhile)
+        return None
+
+    async def _forget(self, want: assignments.Assignment) -> None:
+        """The attempt at ``want`` ended: no replacement for it is under way any more."""
+        entry = self._replacing.get(want.model)
+        if entry is not None and entry.sha256 == want.sha256:
+            del self._replacing[want.model]
+            await self._remembered()
+
+    async def _remembered(self) -> None:
+        """Hand the replacements under way to ``remember``."""
+        if self._remember is not None:
+            await self._remember({name: e for name, e in self._replacing.items() if name in self._slots})
+
+    async def _unload_first(self, slot: _Slot, want: assignments.Assignment, arithmetic: str) -> None:
+        """replaceWhenFull: let go of the version serving for ``want``'s load, once it is
+        remembered (:meth:`_remembered`) as the version to load again if that load fails."""
+        old, kept = slot.serving, slot.serving_as
+        if old is None or kept is None:  # (not so: _weigh replaces only a version serving)
+            return
+        self._replacing[want.model] = assignments.Replacement(want.sha256, kept)
+        await self._remembered()
+        slot.replaced = kept
+        slot.serving, slot.serving_as, slot.serving_bytes = None, None, 0
+        slot.message = (f"replacing sha256 {old.sha256[:12]}: unloaded first, as both versions do not fit in memory "
+                        f"(it {arithmetic} beside it); loading")
+        log.warning("model %s: %s", want.model, slot.message)
+        del old
+        self._on_change()  # the server lets go of it: freed once its requests in flight have their answers
+        _release_freed_memory()
 
     def _unpacks(self, want: assignments.Assignment) -> artifacts.Unpack:
         """Whether ``want``'s artifact is unpacked after its download: a generative one is a
@@ -438,7 +507,14 @@ class ModelRegistry:
                 await asyncio.wait([work])
             raise
 
-    def _weigh(self, slot: _Slot, want: assignments.Assignment, need: footprint.Need) -> int:
+    async def _weighed(self, slot: _Slot, want: assignments.Assignment, need: footprint.Need) -> int:
+        """:meth:`_weigh`, the version serving unloaded first where it says so; the bytes ``want`` needs."""
+        needed, replacing = self._weigh(slot, want, need)
+        if replacing is not None:
+            await self._unload_first(slot, want, replacing)
+        return needed
+
+    def _weigh(self, slot: _Slot, want: assignments.Assignment, need: footprint.Need) -> tuple[int, str | None]:
         """Refuse a load that needs more memory than this agent has free beside what requests
         in flight may hold while it runs (footprint); the bytes it needs when it fits.
 
@@ -446,28 +522,20 @@ class ModelRegistry:
         replaces it when its assignment allows (``replace_when_full``): the old version is
         let go of first, and the model answers nothing until the new one has loaded (or,
         when the new one fails, the old one again: :meth:`_restore`; a version that failed
-        so does not replace it again)."""
+        so does not replace it again): the bytes it needs, and when the version serving is to
+        be unloaded first, what the load needs beside it (None: it is not)."""
         available = self._memory_available()
         kept = 0 if available is None else self._kept_for_requests(need.bytes, available)
         refused = footprint.refusal(need, available, kept)
         if refused is None:
-            return need.bytes
-        old = slot.serving
-        if want.replace_when_full and old is not None and available is not None and slot.assignment is want:
+            return need.bytes, None
+        if want.replace_when_full and slot.serving is not None and available is not None and slot.assignment is want:
             if slot.replace_failed:
                 raise errors.ModelLoadError(f"{refused}; it is not loaded in place of the version serving again, as it "
                                             f"failed so before: {slot.replace_failed}")
             freed = available + slot.serving_bytes
             if footprint.refusal(need, freed, self._kept_for_requests(need.bytes, freed)) is None:
-                slot.replaced = slot.serving_as
-                slot.serving, slot.serving_as, slot.serving_bytes = None, None, 0
-                slot.message = (f"replacing sha256 {old.sha256[:12]}: unloaded first, as both versions do not fit in memory "
-                                f"(it {footprint.arithmetic(need, available, kept)} beside it); loading")
-                log.warning("model %s: %s", want.model, slot.message)
-                del old
-                self._on_change()  # the server lets go of it: freed once its requests in flight have their answers
-                _release_freed_memory()
-                return need.bytes
+                return need.bytes, footprint.arithmetic(need, available, kept)
         raise errors.ModelLoadError(refused)
 
     def _failed(self, slot: _Slot, want: assignments.Assignment, reason: str) -> None:

@@ -1,7 +1,10 @@
 """What the agent keeps across restarts, written atomically under ``--data-dir``.
 
 ``state.json`` holds the last assignment set so a rebooted agent whose uplink is down
-serves the same models from its cache at once. ``identity.json`` (mode 0600) holds the
+serves the same models from its cache at once. ``replacing.json`` holds, per model whose
+new version's load under ``replaceWhenFull`` unloaded the version serving first, that
+version: an agent restarted mid-way still reports it (``replaced_sha256``), keeps its
+artifact and loads it again if the new one fails. ``identity.json`` (mode 0600) holds the
 agent id and credential the control plane issued, so a restart rejoins as the same agent
 instead of spending the bootstrap token again. The credential lives only here and in
 :mod:`edge_agent.uplink`; a later mTLS pass replaces both with a key and certificate.
@@ -157,6 +160,7 @@ class StateStore:
         self.data_dir = data_dir
         self._state = data_dir / "state.json"
         self._identity = data_dir / "identity.json"
+        self._replacing = data_dir / "replacing.json"
 
     def refuse_newer(self) -> None:
         """:class:`errors.NewerState` when a newer agent wrote ``state.json`` or ``identity.json``:
@@ -197,6 +201,38 @@ class StateStore:
 
     def save_assignments(self, site: str, desired: assignments.AssignmentSet) -> None:
         write_atomic(self._state, {"format": FORMAT, "site": site, "assignments": desired.to_json()})
+
+    def load_replacing(self, site: str) -> dict[str, assignments.Replacement]:
+        """Per model, the version its replacement under way unloaded first (replaceWhenFull),
+        as the agent last saved it; none when there is no file, or one of another ``site``.
+        A memory, not the control plane's word: one that does not read (damaged outside the
+        agent, or a newer agent's) is logged and taken as none (a damaged one set aside
+        under ``.unreadable``); the agent then reports no replacement, as before it kept one."""
+        try:
+            doc = _read(self._replacing)
+            if doc is None or doc.get("site") != site:
+                return {}
+            return {str(name): assignments.Replacement.from_json(entry) for name, entry in doc["models"].items()}
+        except errors.NewerState as exc:
+            log.warning("%s: the replacements it names are not reported", exc)
+            return {}
+        except (errors.StateError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            try:
+                kept = self.set_aside(self._replacing)
+            except OSError as failed:
+                log.warning("cannot read %s (%s), nor set it aside: %s", self._replacing, exc, failed.strerror or failed)
+            else:
+                log.warning("cannot read %s (%s); set aside as %s: no replacement under way is reported", self._replacing, exc,
+                            kept.name)
+            return {}
+
+    def save_replacing(self, site: str, replacing: dict[str, assignments.Replacement]) -> None:
+        """Save ``replacing`` (see :meth:`load_replacing`), or remove the file when it is empty."""
+        if not replacing:
+            self._replacing.unlink(missing_ok=True)
+            return
+        write_atomic(self._replacing, {"format": FORMAT, "site": site,
+                                       "models": {name: entry.to_json() for name, entry in sorted(replacing.items())}})
 
     @property
     def identity_path(self) -> pathlib.Path:

@@ -8,6 +8,8 @@ real onnxruntime, callers through the gateway."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import pathlib
 import re
 
@@ -15,6 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator.agents import model as agent_model
 from orchestrator.cli import main as cli_main
 from orchestrator.testing import harness, manifests, onnx_models
 
@@ -141,3 +144,92 @@ async def test_replace_when_full_completes_the_rollout_and_no_request_fails(tmp_
         assert all(m["edgeplane_rollout_halted"] == 0.0 for m in scraped), scraped
         async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
             assert await rollout_metrics(http) == {}  # a finished rollout leaves no series
+
+
+def held_loads(entry: tuple[str, ...], sha256: str, gate: pathlib.Path) -> tuple[str, ...]:
+    """``entry`` (a ``python -c`` script ending in the agent's main) with each load of the
+    version ``sha256`` held until the test opens the FIFO ``gate`` to write: a load that takes
+    as long as the test needs, as a large model's would."""
+    flag, script = entry
+    head, main = script.rsplit("sys.exit(main.main())", 1)
+    hold = (
+        "import hashlib\n"
+        "from edge_agent.runtime import onnx as held_onnx\n"
+        "held_load = held_onnx.OnnxModel.load\n"
+        "def held(data, *args, **kwargs):\n"
+        f"    if hashlib.sha256(data).hexdigest() == {sha256!r}:\n"
+        f"        open({str(gate)!r}).read()\n"
+        "    return held_load(data, *args, **kwargs)\n"
+        "held_onnx.OnnxModel.load = held\n"
+    )
+    return (flag, head + hold + "sys.exit(main.main())" + main)
+
+
+def release(gate: pathlib.Path) -> int | None:
+    """Open ``gate`` to write once a held load waits on it (None: none does yet)."""
+    try:
+        return os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no reader yet
+            return None
+        raise
+
+
+@pytest.mark.parametrize("new_version", ["loads", "fails"])
+async def test_an_agent_killed_mid_replacement_still_reports_it_and_loads_the_old_version_again(
+        tmp_path: pathlib.Path, new_version: str) -> None:
+    """The agent unloaded v1 for v2 (replaceWhenFull) and is killed -9 while v2 loads. Started
+    again, it says it replaced v1, so the control plane shows the site replacing, not loading a
+    first version; and when v2 then fails (its file does not take what its variant declares),
+    v1 is loaded again from the cache and serves."""
+    art = tmp_path / "artifacts"
+    v1, v2 = build(art, "v1.onnx", 1), build(art, "v2.onnx", 2)
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    declared = [{"name": "input", "datatype": "FP32", "shape": [-1, 5]}] if new_version == "fails" else None
+
+    def one_site(built: onnx_models.BuiltModel, inputs: list[dict] | None = None) -> str:
+        deployment = manifests.doc("ModelDeployment", "intent-fr", {
+            "model": "intent", "replicas": {"min": 1, "max": 1}, "placement": {"residency": ["FR"], "tiers": ["edge"]},
+            "rollout": {"strategy": "replaceWhenFull"}})
+        return manifests.bundle(manifests.edge_site(SMALL, "FR", SITES[SMALL]["lat"], SITES[SMALL]["lon"], region="fr"),
+                                manifests.onnx_model("intent", built.path.name, built.sha256, inputs=inputs), deployment)
+
+    # room for one version's load, as agents() gives, and 16 MiB more: what a load that failed
+    # leaves behind in a process that did not load its first version, for the old one's load again
+    entry = held_loads(harness.under_memory_limit(7 * v1.path.stat().st_size // 2 + 32 * MB), v2.sha256, gate)
+    async with harness.serving_fleet(tmp_path, one_site(v1), {SMALL: {**SITES[SMALL], "entry": entry}}, artifact_roots=(art,),
+                                     ready=lambda cp: serving(cp, SMALL) == v1.sha256, what="v1 served", resync_s=0.5) as fleet:
+        cp = fleet.cp
+        assert cp is not None
+
+        def state() -> agent_model.ModelState | None:
+            st = cp.hub.status(SMALL)
+            return st.models.get("intent") if st is not None else None
+
+        await apply(cp, one_site(v2, declared))
+        await harness.wait_until(lambda: (m := state()) is not None and m.replaced_sha256 == v1.sha256, 60,
+                                 what="v1 unloaded first for v2")
+        joined = cp.hub.status(SMALL).joined_at  # type: ignore[union-attr]
+        fleet.agents[SMALL].kill()  # -9, with v2's load held
+        await asyncio.to_thread(fleet.agents[SMALL].process.wait, 10)
+        await fleet.restart_agent(SMALL)
+        again = await harness.wait_until(
+            lambda: (st := cp.hub.status(SMALL)) is not None and st.joined_at > joined and st.reported and state(), 60,
+            what="the agent started again to report")
+        assert again.sha256 == v2.sha256 and again.serving_sha256 == "", again
+        assert again.replaced_sha256 == v1.sha256, again  # not a first load: it unloaded v1 for v2
+        await harness.wait_until(lambda: rollout_of(cp).get("replacing") == [SMALL], 20, what="the site shown replacing")
+
+        os.close(await harness.wait_until(lambda: release(gate), 60, what="v2's load to wait on the gate"))
+        if new_version == "loads":
+            await harness.wait_until(lambda: serving(cp, SMALL) == v2.sha256, 60, what="v2 served")
+            await harness.wait_until(lambda: not rollout_of(cp), 20, what="the rollout finished in status")
+        else:
+            restored = await harness.wait_until(lambda: (m := state()) is not None and m.failures and m, 60,
+                                                what="v2 failed")
+            assert restored.serving_sha256 == v1.sha256, restored
+            assert "the version it replaced was loaded again" in restored.message, restored
+            assert restored.replaced_sha256 == "", restored
+            assert "halted" in rollout_of(cp), rollout_of(cp)
+        assert not (fleet.agents[SMALL].data_dir / "replacing.json").exists()  # nothing under way any more
