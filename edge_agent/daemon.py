@@ -313,6 +313,7 @@ class Agent:
                 lat=cfg.lat,
                 lon=cfg.lon,
                 labels=dict(cfg.labels),
+                started_unix_ms=round(self._clock() * 1000),  # this agent's start, which each of its joins says
             ),
             self.store,
             self,

@@ -92,6 +92,7 @@ class JoinFacts:
     lat: float | None = None
     lon: float | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    started_unix_ms: int = 0  # when this agent started: another value at a join tells the control plane it restarted
 
     def to_proto(self, cap: capacity.Capacity, agent_id: str) -> pb.JoinRequest:
         location = pb.Location(country=self.country, region=self.region)
@@ -107,6 +108,7 @@ class JoinFacts:
             agent_id=agent_id,
             heartbeat_interval_ms=round(_asked_interval(self.heartbeat_interval) * 1000),
             capacity=cap.to_proto(),
+            agent_started_unix_ms=self.started_unix_ms,
         )
 
 

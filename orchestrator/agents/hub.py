@@ -545,6 +545,7 @@ class AgentHub(relayed.RelayedAgents):
             deadline=now + interval * self.missed_heartbeats,
             via=via,
             healthy_since=now,
+            started_unix_ms=application.started_unix_ms,
         )
 
     def _channel(self, site: str) -> records.SiteChannel:

@@ -140,6 +140,7 @@ class JoinApplication:
     agent_version: str
     heartbeat_interval: float | None
     capacity: Capacity
+    started_unix_ms: int = 0  # when the agent process started (0: an agent of an earlier version does not say)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,9 @@ class AgentStatus:
     # Clock seconds since which the site's agent has been healthy without a break: a join, or
     # heartbeats resumed after a loss, sets it; a live agent's new session keeps it (the failback hold-down).
     healthy_since: float = 0.0
+    # When the agent process started (Unix ms), as it said at its join: another value than
+    # before says it restarted (the failback hold-down); 0 from an agent of an earlier version.
+    started_unix_ms: int = 0
 
     @property
     def reported(self) -> bool:

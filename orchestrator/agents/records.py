@@ -47,6 +47,7 @@ class Record:
     # Since when the site's agent has been healthy without a break: its join, or its heartbeats'
     # return after it was lost; a live agent's new session (a dropped connection) keeps it.
     healthy_since: float = 0.0
+    started_unix_ms: int = 0  # when the agent process started, as it said at its join (0: not said)
 
     def live(self, now: float) -> bool:
         """Healthy and not past its deadline: it holds its site against other agents."""
@@ -75,6 +76,7 @@ class Record:
             via=self.via,
             quiet_until=self.last_heartbeat + self.quiet_s if self.quiet_s else 0.0,
             healthy_since=self.healthy_since,
+            started_unix_ms=self.started_unix_ms,
         )
 
 

@@ -463,7 +463,8 @@ def _whole(status: model.AgentStatus, agent_hub: hub.AgentHub) -> pb.AgentReport
         site=status.site, agent_id=status.agent_id,
         agent=pb.JoinRequest(site=status.site, agent_id=status.agent_id, endpoint_url=status.endpoint_url,
                              location=status.location.to_proto(), labels=dict(status.labels), agent_version=status.agent_version,
-                             heartbeat_interval_ms=round(status.heartbeat_interval * 1000), capacity=capacity))
+                             heartbeat_interval_ms=round(status.heartbeat_interval * 1000), capacity=capacity,
+                             agent_started_unix_ms=status.started_unix_ms))
     if not status.reported:
         return report
     report.state.CopyFrom(pb.Heartbeat(

@@ -156,6 +156,7 @@ class AgentControlServicer:
             agent_version=request.agent_version,
             heartbeat_interval=request.heartbeat_interval_ms / 1000 or None,
             capacity=model.Capacity.from_proto(request.capacity),
+            started_unix_ms=request.agent_started_unix_ms,
         )
         peer = _peer_site(context)
         if peer is not None and peer != request.site:

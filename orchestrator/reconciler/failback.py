@@ -18,6 +18,11 @@ loss the passes on either side of it missed (an agent lost and back between two 
 by its agent's ``healthy_since``, which a join or heartbeats resumed after a loss move and
 a live agent's new session keeps: the value the last pass saw differs (``flapped``). The
 last pass's values are this leader's only: a new leader's first pass takes what it finds.
+An agent that restarted flapped too, even where no pass saw it gone (it rejoined while
+still counted live, or while no leader held it): the start time it says at each join
+differs from the one a pass last saw, which the store keeps with the site's seats, so a
+new leader compares it too. An agent of an earlier version says none, and is judged by its
+``healthy_since`` alone.
 The moves are those of any plan, made before they break (``maintenance.keep_until_replaced``).
 
 The seats are a placement the site held, not the sum of all it ever held. The moves of one
@@ -70,6 +75,11 @@ class Failback:
     # value as this leader's last pass found it (kept by this term only: not in the store).
     healthy_since: Mapping[str, float] = field(default_factory=dict)
     sessions: Mapping[str, float] = field(default_factory=dict)
+    # Per edge site with a healthy agent now that says when its process started
+    # (``AgentStatus.started_unix_ms``, set by ``observing``); and per remembered site, that
+    # value as the last pass, this leader's or the last one's, found it (kept in the store).
+    agent_started: Mapping[str, int] = field(default_factory=dict)
+    started_seen: Mapping[str, int] = field(default_factory=dict)
     # The edge sites with an agent now, healthy or not (set by ``observing``); and until when
     # (the reconciler's clock) this leader gives its agents to join it after it took over or
     # restarted: a remembered edge site back when the last leader left, whose agent has not
@@ -81,12 +91,16 @@ class Failback:
         """This memory with the pass's agents observed (``healthy_since``, ``joined``)."""
         agents = tuple(agents)
         return dataclasses.replace(self, healthy_since={a.site: a.healthy_since for a in agents if a.healthy},
+                                   agent_started={a.site: a.started_unix_ms for a in agents if a.healthy and a.started_unix_ms},
                                    joined=frozenset(a.site for a in agents))
 
     def flapped(self) -> frozenset[str]:
         """The remembered sites lost and back since the last pass, which found them healthy
-        too: their agents' ``healthy_since`` moved (a join, or heartbeats resumed after a loss)."""
-        return frozenset(name for name, since in self.healthy_since.items() if name in self.sessions and self.sessions[name] != since)
+        too: their agents' ``healthy_since`` moved (a join, or heartbeats resumed after a loss),
+        or their agents restarted (the start time they said differs from the one last seen)."""
+        moved = {name for name, since in self.healthy_since.items() if name in self.sessions and self.sessions[name] != since}
+        restarted = {name for name, at in self.agent_started.items() if self.started_seen.get(name, at) != at}
+        return frozenset(moved | restarted)
 
     def due(self, sites: Sequence[sched_model.Site]) -> frozenset[str]:
         """The sites whose replicas may move back in this pass: healthy again, for the
@@ -111,7 +125,7 @@ class Failback:
         an edge site whose agent this leader still gives the time to join it keeps its return
         (``rejoin_until``). A site no longer in the inventory is forgotten."""
         if self.after_s <= 0:
-            return dataclasses.replace(self, healthy_since={}, joined=frozenset())
+            return dataclasses.replace(self, healthy_since={}, agent_started={}, joined=frozenset())
         by_name = {site.name: site for site in sites}
         done = frozenset(due)
         seats = {name: Counter(kept) for name, kept in self.seats.items() if name in by_name and name not in done}
@@ -126,7 +140,9 @@ class Failback:
         back = {name: self.now if name in flapped else self.back_since.get(name, self.now) for name in seats if by_name[name].healthy}
         back.update((name, since) for name, since in self.back_since.items() if name in seats and self._awaited(by_name[name]))
         sessions = {name: since for name, since in {**self.sessions, **self.healthy_since}.items() if name in seats}
-        return Failback(self.after_s, self.now, _tuples(seats), back, _tuples(losing), sessions=sessions, rejoin_until=self.rejoin_until)
+        started = {name: at for name, at in {**self.started_seen, **self.agent_started}.items() if name in seats}
+        return Failback(self.after_s, self.now, _tuples(seats), back, _tuples(losing), sessions=sessions, started_seen=started,
+                        rejoin_until=self.rejoin_until)
 
     def _awaited(self, site: sched_model.Site) -> bool:
         """Whether ``site``, unhealthy in this pass, is an edge site whose agent has not joined

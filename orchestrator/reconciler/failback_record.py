@@ -11,6 +11,9 @@ the last leader left it.
 A site's return is a time on the reconciler's clock, which is the process's own (monotonic)
 and means nothing to another: it is kept as the store's time (:meth:`Store.now`, which the
 replicas sharing a store agree on), translated at each end by the two clocks read together.
+The start time each remembered site's agent said, as the last pass saw it, is kept beside
+(``agentStarted``, the agent's own Unix milliseconds, compared only with what it says next):
+a new leader tells by it an agent that restarted while no leader held it.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ def to_text(memory: failback_mod.Failback, stored_at: Callable[[float], float]) 
             site["losing"] = _counted(memory.losing[name])
         if name in memory.back_since:
             site["backSince"] = stored_at(memory.back_since[name])
+        if name in memory.started_seen:
+            site["agentStarted"] = memory.started_seen[name]
         sites[name] = site
     return json.dumps({"format": FORMAT, "sites": sites}, sort_keys=True, separators=(",", ":"))
 
@@ -52,16 +57,18 @@ def from_text(text: str, local_at: Callable[[float], float]) -> failback_mod.Fai
         doc = json.loads(text)
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("sites"), dict):
             raise ValueError(f"not a format-{FORMAT} document")
-        seats, losing, back = {}, {}, {}
+        seats, losing, back, started = {}, {}, {}, {}
         for name, site in doc["sites"].items():
             seats[name] = _seats(name, site["seats"])
             if "losing" in site:
                 losing[name] = _seats(name, site["losing"])
             if "backSince" in site:
                 back[name] = local_at(float(site["backSince"]))
+            if "agentStarted" in site:
+                started[name] = int(site["agentStarted"])
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ValueError(f"the stored failback memory does not read ({exc!r})") from exc
-    return failback_mod.Failback(seats=seats, back_since=back, losing=losing)
+    return failback_mod.Failback(seats=seats, back_since=back, losing=losing, started_seen=started)
 
 
 def _counted(seats: tuple[sched_model.Replica, ...]) -> list[list[Any]]:
@@ -75,7 +82,7 @@ def _seats(site: str, counted: list[list[Any]]) -> tuple[sched_model.Replica, ..
 
 def _kept(memory: failback_mod.Failback) -> tuple[Mapping[str, Any], ...]:
     """What of ``memory`` is kept: not the pass's clock nor the hold-down, which each pass sets."""
-    return memory.seats, memory.back_since, memory.losing
+    return memory.seats, memory.back_since, memory.losing, memory.started_seen
 
 
 @dataclass

@@ -260,3 +260,34 @@ def test_a_site_back_when_the_leader_changed_keeps_its_return_until_its_agent_co
     after = stored.observing(agents).after([lyon], planning.plan_pass(s).result, ())
     assert after.back_since == ({LYON: 5.0} if kept else {})
     assert LYON in after.seats
+
+
+@pytest.mark.parametrize(("seen", "says", "sessions", "restarted"), [
+    ({LYON: 100}, 100, {}, False),  # the agent the last pass (of this leader or the last) saw
+    ({LYON: 100}, 200, {}, True),  # restarted, as a new leader finds it: no session of its own to compare
+    ({LYON: 100}, 200, {LYON: 0.0}, True),  # restarted, rejoining while still counted live: its healthy-since kept
+    ({LYON: 100}, 0, {}, False),  # an agent of an earlier version says nothing: as before
+    ({}, 200, {}, False),  # nothing seen yet (a memory an earlier version stored): taken as it is found
+])
+def test_an_agent_that_restarted_starts_its_sites_hold_down_over(seen: dict[str, int], says: int, sessions: dict[str, float],
+                                                                   restarted: bool) -> None:
+    s = example_snapshot(examples())
+    (lyon,) = [site for site in planning.scheduler_inputs(s)[0] if site.name == LYON]
+    lyon = dataclasses.replace(lyon, healthy=True)
+    stored = failback_mod.Failback(HOLD_S, 50.0, {LYON: (sched_model.Replica("intent-eu", LYON, "distilled"),)}, {LYON: 5.0},
+                                   sessions=sessions, started_seen=seen)
+    agent = dataclasses.replace(joined(LYON), started_unix_ms=says)
+    observed = stored.observing((agent,))
+    assert observed.flapped() == ({LYON} if restarted else set())
+    after = observed.after([lyon], planning.plan_pass(s).result, ())
+    assert after.back_since == {LYON: 50.0 if restarted else 5.0}
+    assert after.started_seen == ({LYON: says} if says else seen)  # what the next pass, or the next leader, compares
+
+
+def test_the_start_time_of_a_remembered_sites_agent_is_kept_in_the_store() -> None:
+    memory = failback_mod.Failback(HOLD_S, 50.0, {LYON: (sched_model.Replica("intent-eu", LYON, "distilled"),)}, {LYON: 5.0},
+                                   started_seen={LYON: 1_765_000_000_123})
+    back = failback_record.from_text(failback_record.to_text(memory, lambda local: local), lambda stored: stored)
+    assert back.started_seen == {LYON: 1_765_000_000_123}
+    older = failback_record.to_text(dataclasses.replace(memory, started_seen={}), lambda local: local)
+    assert failback_record.from_text(older, lambda stored: stored).started_seen == {}  # as an earlier version wrote it
