@@ -65,7 +65,7 @@ from starlette.types import Receive, Scope, Send
 
 from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
-from orchestrator.gateway import adapter_names, caller_watch, cascade_rules, correlation, event_stream, failover, openai_cascade, openai_models, routing, scoping
+from orchestrator.gateway import adapter_names, adapter_refusals, caller_watch, cascade_rules, correlation, event_stream, failover, openai_cascade, openai_models, routing, scoping
 from orchestrator.gateway.proxy import Gateway, Timed
 from orchestrator.gateway.upstream import OutOfDescriptors, Stream, UpstreamError, UpstreamTimeout
 
@@ -480,6 +480,14 @@ class _Relay(Response):
             if resp.status == 200 and streamed != self.stream:  # a proxy's own page, say, where a stream was asked for
                 owner.gw.table.malformed(e.url)
                 raise _Failed(f"answered a {'streamed' if self.stream else 'whole'} request with {ctype} (HTTP 200)", eject=False)
+            if resp.status == 500 and self.named.adapter is not None:  # Ray's refusal of the adapter, which no replica loads?
+                content = await self._whole(resp)
+                if (why := adapter_refusals.cause(content)) is not None:  # the caller's answer; the replica is fine
+                    owner.gw.table.answered(e.url, 422)
+                    owner.gw.metrics.requests.labels(self.model, e.site, "422").inc()
+                    body = error_body(adapter_refusals.not_loadable(self.named, why), 422, param="model", code=adapter_refusals.CODE)
+                    await _send_whole(send, 422, body, self._out(e))
+                    return
             if resp.status != 200:  # a 200 has answered once it is read whole, or a stream once its first token is in
                 owner.gw.table.answered(e.url, resp.status, failover.ejection_s(resp.headers))
             if (redirected := failover.redirect(resp.status, resp.headers)) is not None:  # the table has ejected it
@@ -489,13 +497,7 @@ class _Relay(Response):
             if resp.status >= 500:  # the table has ejected the replica if the answer calls for it
                 raise _Failed(f"HTTP {resp.status}", eject=False)
             if not streamed:
-                try:
-                    async with asyncio.timeout(owner.first_token_timeout):
-                        content = await resp.body()
-                except UpstreamError as exc:
-                    raise _Failed(f"answer cut: {exc}") from None
-                except TimeoutError:
-                    raise _Failed(f"answer cut: no end within {owner.first_token_timeout:g}s", slow=True) from None
+                content = await self._whole(resp)
                 if resp.status == 404 and (self.named.adapter is None or not adapter_names.missing(content)):
                     # moved away a moment ago (the table follows): the next replica may serve it; the agent itself is fine
                     raise _Failed(f"does not serve {self.model!r} now (HTTP 404)", eject=False, moved=True)
@@ -523,6 +525,16 @@ class _Relay(Response):
             await self._relay_stream(e, resp, send, first_token_by)
         finally:
             resp.close()  # an unfinished answer closes its connection: the replica sees the caller leave
+
+    async def _whole(self, resp: Stream) -> bytes:
+        """The answer ``resp`` gives, read whole within the first token's timeout."""
+        try:
+            async with asyncio.timeout(self.owner.first_token_timeout):
+                return await resp.body()
+        except UpstreamError as exc:
+            raise _Failed(f"answer cut: {exc}") from None
+        except TimeoutError:
+            raise _Failed(f"answer cut: no end within {self.owner.first_token_timeout:g}s", slow=True) from None
 
     async def _relay_stream(self, e: routing.Endpoint, resp: Stream, send: Send, first_token_by: float) -> None:
         owner = self.owner
