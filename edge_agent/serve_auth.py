@@ -65,15 +65,36 @@ class Token:
                 "countries": sorted(self.countries), "expiresUnixMs": self.expires_unix_ms}
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> Token:
-        return cls(str(doc["id"]), tuple(doc["models"]), tuple(doc["residency"]), frozenset(doc["countries"]),
-                   int(doc["expiresUnixMs"]))
+    def from_json(cls, doc: Any) -> Token:
+        """The token of a kept entry; ValueError when it is not one this release wrote."""
+        if not isinstance(doc, dict):
+            raise ValueError(f"an entry is {type(doc).__name__}, not an object")
+        words = {key: doc.get(key) for key in ("models", "residency", "countries")}
+        for key, value in words.items():
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"an entry's {key!r} is not a list of strings")
+        expires = doc.get("expiresUnixMs")
+        if not isinstance(doc.get("id"), str) or not isinstance(expires, int) or isinstance(expires, bool) or expires < 0:
+            raise ValueError("an entry's 'id' or 'expiresUnixMs' is missing or of the wrong type")
+        return cls(doc["id"], tuple(words["models"]), tuple(words["residency"]), frozenset(words["countries"]), expires)
 
 
 def from_proto(msg: pb.ServeTokens) -> dict[str, Token]:
     """The tokens of ``msg``, by their secrets' digest."""
     return {t.sha256: Token(t.id, tuple(t.models), tuple(t.residency), frozenset(t.countries), t.expires_unix_ms)
             for t in msg.tokens}
+
+
+def parse(raw: bytes) -> dict[str, Token]:
+    """The tokens of a kept ``serve-tokens.json``; ValueError when it is not a list this
+    release wrote (damaged, another ``format``, or another program's file)."""
+    doc = json.loads(raw)
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ValueError(f"not a list of format {FORMAT}")
+    tokens = doc.get("tokens")
+    if not isinstance(tokens, dict):
+        raise ValueError("its 'tokens' is not an object")
+    return {digest: Token.from_json(t) for digest, t in tokens.items()}
 
 
 class ServeAuth:
@@ -83,16 +104,19 @@ class ServeAuth:
         self._path = data_dir / FILE_NAME
         self._country = country
         self._clock = clock
+        #: Why there is no list (the 503's message) while ``_tokens`` is None.
+        self._why = NO_LIST
         self._tokens: dict[str, Token] | None = self._load()
 
     def _load(self) -> dict[str, Token] | None:
         try:
-            doc = json.loads(self._path.read_bytes())
-            return {digest: Token.from_json(t) for digest, t in doc["tokens"].items()}
+            return parse(self._path.read_bytes())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # refused until the control plane sends a list
-            log.error("cannot read %s (%s): every call is refused until the control plane sends the tokens again", self._path, exc)
+        except (OSError, ValueError) as exc:  # refused until the control plane sends a list
+            self._why = (f"this agent checks API tokens (--serve-auth token) and cannot use the list kept in {self._path} "
+                         f"({exc}); it answers no model until its control plane sends the list again")
+            log.error("%s", self._why)
             return None
 
     @property
@@ -104,7 +128,7 @@ class ServeAuth:
         release: the list kept stays). Kept on disk before it is used."""
         if msg is None:
             if self._tokens is None:
-                log.warning(NO_LIST)
+                log.warning(self._why)
             return
         tokens = from_proto(msg)
         if tokens == self._tokens:
@@ -121,7 +145,7 @@ class ServeAuth:
         ``names`` (the name it gave and what it resolves to; None: the call names no model),
         else why not."""
         if self._tokens is None:
-            return Refusal(503, NO_LIST, "no_token_list")
+            return Refusal(503, self._why, "no_token_list")
         secret = token_scope.bearer_secret(authorization)
         token = None if secret is None else self._tokens.get(hashlib.sha256(secret.encode()).hexdigest())
         if token is None or (token.expires_unix_ms and token.expires_unix_ms < self._clock() * 1000):

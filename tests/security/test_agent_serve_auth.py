@@ -230,3 +230,25 @@ async def test_a_set_without_a_list_keeps_the_one_kept(tmp_path: pathlib.Path) -
     assert serve_auth.ServeAuth(tmp_path, "FR", clock=lambda: 1000.0).admit("Bearer a", ("m",)) is None  # kept on disk
     expired = serve_auth.ServeAuth(tmp_path, "FR", clock=lambda: 2001.0)
     assert expired.admit("Bearer a", ("m",)) is not None and expired.admit("Bearer a", ("m",)).status == 401  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("kept", [
+    b'{"format": 1, "tokens": []}',
+    b'[1, 2]',
+    b'{"format": 2, "tokens": {}}',
+    b'{"format": 1, "tokens": {"ab": {"id": "t1", "models": "m", "residency": [], "countries": [], "expiresUnixMs": 0}}}',
+    b'\xff\xfe not json',
+])
+async def test_an_unreadable_or_foreign_list_fails_closed_naming_the_file(tmp_path: pathlib.Path, kept: bytes) -> None:
+    """A ``serve-tokens.json`` that is not this release's list (damaged, another format, or
+    another program's file) is not used: every model call is refused 503 with the file and the
+    cause named, and the agent starts; the next list sent replaces it."""
+    (tmp_path / serve_auth.FILE_NAME).write_bytes(kept)
+    auth = serve_auth.ServeAuth(tmp_path, "FR", clock=lambda: 1000.0)
+    refused = auth.admit("Bearer a", ("m",))
+    assert refused is not None and refused.status == 503 and refused.code == "no_token_list"
+    assert str(tmp_path / serve_auth.FILE_NAME) in refused.message
+    digest = hashlib.sha256(b"a").hexdigest()
+    auth.update(agent_pb.ServeTokens(tokens=[agent_pb.ServeToken(sha256=digest, id="t1", models=["m"])]))
+    assert auth.admit("Bearer a", ("m",)) is None
+    assert serve_auth.ServeAuth(tmp_path, "FR").admit("Bearer a", ("m",)) is None
