@@ -467,7 +467,7 @@ class Uplink:
     async def _streams(self, stub: pb_grpc.AgentControlStub) -> None:
         heartbeats = stub.Heartbeats(self._beats(), metadata=self._metadata())
         watch = stub.WatchAssignments(
-            pb.WatchAssignmentsRequest(known_version=self._reporter.assignment_version()),
+            pb.WatchAssignmentsRequest(known_version=self._reporter.assignment_version(), checks_tokens=self._on_serve_tokens is not None),
             metadata=self._metadata(),
         )
 

@@ -386,9 +386,11 @@ class AgentHub(relayed.RelayedAgents):
         """The highest version of the sets this hub holds (0: none)."""
         return max((c.latest.version for c in self._channels.values() if c.latest is not None), default=0)
 
-    async def watch_assignments(self, site: str, agent_id: str) -> AsyncIterator[model.AssignmentSet]:
+    async def watch_assignments(self, site: str, agent_id: str, *, tokens: bool = False) -> AsyncIterator[model.AssignmentSet]:
         """Yield the site's set now and each newer one, until another agent takes the site
         over. Sets that arrive while one is being sent are collapsed: only the latest is sent.
+        With ``tokens`` (the agent checks API tokens) each goes with the list, and the set is
+        sent again when only the list changed; without, no list goes to the agent.
 
         The set is sent on every open, even when the agent says it has that version: a
         control plane restored from a backup numbers its next set with a version the agent
@@ -403,11 +405,11 @@ class AgentHub(relayed.RelayedAgents):
             # and the same agent may have joined again before this woke.
             channel = self._channel(site)
             changed, tokens_changed = channel.changed(), self._tokens_changed
-            latest, tokens = channel.latest, self._serve_tokens
-            if latest is not None and (sent is None or latest is not sent[0] or tokens is not sent[1]):
-                sent = (latest, tokens)  # before the yield: what changes while it is sent is sent after
-                yield dataclasses.replace(latest, serve_tokens=tokens)
-            waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(tokens_changed.wait())]
+            latest, listed = channel.latest, self._serve_tokens if tokens else None
+            if latest is not None and (sent is None or latest is not sent[0] or listed is not sent[1]):
+                sent = (latest, listed)  # before the yield: what changes while it is sent is sent after
+                yield dataclasses.replace(latest, serve_tokens=listed)
+            waits = [asyncio.ensure_future(changed.wait()), *([asyncio.ensure_future(tokens_changed.wait())] if tokens else [])]
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:

@@ -221,12 +221,12 @@ class AgentControlServicer:
         self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AssignmentSet]:
         try:
-            # checked, its known_version not used: the current set is sent on every open (AgentHub.watch_assignments)
-            _parse(pb.WatchAssignmentsRequest, raw)
+            # its known_version not used: the current set is sent on every open (AgentHub.watch_assignments)
+            request = _parse(pb.WatchAssignmentsRequest, raw)
         except _Malformed as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         site, agent_id = await self._authenticate(context)
-        async for assignment_set in self._hub.watch_assignments(site, agent_id):
+        async for assignment_set in self._hub.watch_assignments(site, agent_id, tokens=request.checks_tokens):
             yield assignment_set.to_proto()
         await context.abort(
             grpc.StatusCode.FAILED_PRECONDITION, f"site {site!r} was taken over; join again"

@@ -75,7 +75,7 @@ async def test_the_tokens_agents_check_go_with_each_set_and_again_when_they_chan
     first = pb.ServeTokens(tokens=[pb.ServeToken(sha256="1" * 64, id="t1"), pb.ServeToken(sha256="2" * 64, id="t2")])
     agent_hub.set_serve_tokens(first)
     agent_hub.set_assignments("edge-1", [a], 1, replacing=True)
-    stream = agent_hub.watch_assignments("edge-1", grant.agent_id)
+    stream = agent_hub.watch_assignments("edge-1", grant.agent_id, tokens=True)
     sent = (await asyncio.wait_for(anext(stream), 1)).to_proto()
     assert sent.version == 1 and sent.serve_tokens == first
     agent_hub.set_serve_tokens(pb.ServeTokens(tokens=[first.tokens[0]]))  # t2 revoked
@@ -84,3 +84,22 @@ async def test_the_tokens_agents_check_go_with_each_set_and_again_when_they_chan
     assert again.version == 1 and [t.id for t in again.serve_tokens.tokens] == ["t1"]
     agent_hub.set_assignments("edge-1", [], 2)
     assert (await asyncio.wait_for(anext(stream), 1)).to_proto().serve_tokens.tokens[0].id == "t1"
+
+
+async def test_an_agent_that_checks_no_token_is_sent_no_token_list(agent_hub) -> None:
+    """An agent run with --serve-auth none (the default) is sent its sets without the list
+    (no digest or scope reaches a box that checks none) and nothing when only the list changes."""
+    grant = agent_hub.join(application())
+    a = model.Assignment("m", "d", "v", "http://x/m.onnx", "a" * 64)
+    agent_hub.set_serve_tokens(pb.ServeTokens(tokens=[pb.ServeToken(sha256="1" * 64, id="t1")]))
+    agent_hub.set_assignments("edge-1", [a], 1, replacing=True)
+    stream = agent_hub.watch_assignments("edge-1", grant.agent_id)
+    assert not (await asyncio.wait_for(anext(stream), 1)).to_proto().HasField("serve_tokens")
+    agent_hub.set_serve_tokens(pb.ServeTokens())
+    following_set = asyncio.ensure_future(anext(stream))
+    for _ in range(20):  # turns of the loop, not time: the watch would send a set at once
+        await asyncio.sleep(0)
+    assert not following_set.done()
+    agent_hub.set_assignments("edge-1", [], 2)
+    following = (await asyncio.wait_for(following_set, 1)).to_proto()
+    assert following.version == 2 and not following.HasField("serve_tokens")
