@@ -16,12 +16,11 @@ it whatever the agent serves.
 
 from __future__ import annotations
 
-import json
 import urllib.parse
 
 import httptools
 
-from edgeplane_proto import oip
+from edgeplane_proto import oip, openai_error
 
 #: The root of the OpenAI-compatible routes (an SDK's ``base_url`` ends with it).
 OPENAI_ROOT = "/v1"
@@ -34,10 +33,8 @@ def speaks_openai(path: str) -> bool:
     return path.startswith(OPENAI_ROOT) and (len(path) == len(OPENAI_ROOT) or path[len(OPENAI_ROOT)] == "/")
 
 
-def openai_error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-                      code: str | None = None) -> bytes:
-    """OpenAI's error object."""
-    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
+#: OpenAI's error object (the gateways' too).
+openai_error_body = openai_error.body
 
 
 def target_path(target: bytes | bytearray) -> str | None:

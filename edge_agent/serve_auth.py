@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from edge_agent import refusals, state
-from edgeplane_proto import oip, token_scope
+from edge_agent import state
+from edgeplane_proto import oip, openai_error, token_scope
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -159,15 +159,12 @@ class ServeAuth:
         return None
 
 
-_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error"}
-
-
 def http_answer(refusal: Refusal, openai: bool) -> tuple[int, bytes, tuple[tuple[str, str], ...]]:
     """``refusal`` as an HTTP answer's status, body and headers: OpenAI's error object on the
     ``/v1`` routes (``openai``), the Open Inference Protocol's ``{"error": ...}`` elsewhere, as
     the gateway answers them."""
     if openai:
-        body = refusals.openai_error_body(refusal.message, _OPENAI_TYPES.get(refusal.status, "server_error"), refusal.param, refusal.code)
+        body = openai_error.body(refusal.message, openai_error.type_of(refusal.status), refusal.param, refusal.code)
     else:
         body = oip.error_body(refusal.message)
     headers = {401: (("www-authenticate", "Bearer"),), 503: (("retry-after", "5"),)}.get(refusal.status, ())

@@ -64,6 +64,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from edgeplane_proto import encoding as encoding_mod
+from edgeplane_proto import openai_error
 from orchestrator.api import bodies, methods
 from orchestrator.gateway import adapter_names, adapter_refusals, caller_watch, cascade_rules, correlation, event_stream, failover, openai_cascade, openai_models, routing, scoping
 from orchestrator.gateway.proxy import Gateway, Timed
@@ -76,14 +77,9 @@ SDK_PREFIX = "/v1"
 SDK_PATHS = (f"{SDK_PREFIX}/models", f"{SDK_PREFIX}/chat/completions", f"{SDK_PREFIX}/completions")
 FORWARD_HEADERS = ("content-type", "accept")
 SSE_DONE = b"data: [DONE]\n\n"
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-          413: "invalid_request_error", 429: "rate_limit_error"}
-
-
 def error_body(message: str, status: int, *, param: str | None = None, code: str | None = None) -> bytes:
-    """OpenAI's error object."""
-    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+    """OpenAI's error object (its ``type`` by ``status``, as the agents answer it)."""
+    return openai_error.body(message, openai_error.type_of(status), param, code)
 
 
 def error(status: int, message: str, *, param: str | None = None, code: str | None = None,
