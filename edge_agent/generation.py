@@ -31,11 +31,10 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import edge_agent
-from edge_agent import errors, inflight, openai_api, refusals, registry
+from edge_agent import errors, generation_answer, inflight, openai_api, refusals, registry
 from edge_agent.admission import DEFAULT_MAX_CONCURRENT, Admission, Retired
 from edge_agent.httpmessages import Request, Response
 from edge_agent.httpmessages import request_id as request_id_of
@@ -73,11 +72,6 @@ _TOKENIZED = (f"its body, up to {inflight.JSON_DECODE_FACTOR} x it while it is d
 T = TypeVar("T")
 _READ = ("GET", "HEAD")
 _ROUTES = {"/v1/models": _READ, **{path: ("POST",) for path in refusals.GENERATE_PATHS}}
-
-
-@dataclass(frozen=True)
-class Failed:
-    message: str
 
 
 def _limits(served: registry.ServedModel) -> tuple[int, int]:
@@ -165,11 +159,11 @@ class GenerationServer:
     def _list(self, request: Request) -> Response:
         names = [(m.name, "edgeplane") for m in sorted(self._generative(), key=lambda m: m.name)
                  if self.refuse_model(request, m.name) is None]
-        return _json(openai_api.models_list(names, _STARTED))
+        return generation_answer.json_response(openai_api.models_list(names, _STARTED))
 
     def _one(self, name: str) -> Response:
         served = self._find(name)
-        return _json({"id": served.name, "object": "model", "created": _STARTED, "owned_by": "edgeplane"})
+        return generation_answer.json_response({"id": served.name, "object": "model", "created": _STARTED, "owned_by": "edgeplane"})
 
     def _find(self, name: str) -> registry.ServedModel:
         served = self._models.get(name)
@@ -308,9 +302,9 @@ class GenerationServer:
                                    version=oip.model_version(served.sha256))
         if body.stream:
             direct = None if body.options.logprobs else seq.passthrough(shaper.token_event)
-            return StreamingResponse(200, _Closing(_sse(shaper, seq.batches()), seq.close), passthrough=direct)
+            return StreamingResponse(200, generation_answer.Closing(generation_answer.sse(shaper, seq.batches()), seq.close), passthrough=direct)
         try:
-            return await _whole(shaper, seq.batches())
+            return await generation_answer.whole(shaper, seq.batches())
         finally:
             seq.close()
 
@@ -330,7 +324,7 @@ class _Sequence:
                  started: float, request_id: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._metrics = server._metrics
-        self._pending: collections.deque[genai.TokenEvent | genai.Finished | Failed] = collections.deque()
+        self._pending: collections.deque[genai.TokenEvent | genai.Finished | generation_answer.Failed] = collections.deque()
         self._ready = asyncio.Event()
         self._wake_pending = False  # a wake-up is on its way to the loop (read and set by both threads)
         self._cancel = genai.Cancel()
@@ -383,7 +377,7 @@ class _Sequence:
                 return runtime.generate(prompt, options, emit, cancel, window).completion_tokens
             except Exception as exc:  # a native error mid-generation: end this stream with it
                 log.exception("generation for %s failed%s", name, correlation.in_log(request_id))
-                emit(Failed(f"generation failed: {exc}"))
+                emit(generation_answer.Failed(f"generation failed: {exc}"))
                 return 0
 
         slot_started = time.perf_counter()
@@ -441,9 +435,9 @@ class _Sequence:
             with direct.lock:
                 self._parked = False
 
-    async def batches(self) -> AsyncIterator[list[genai.TokenEvent | genai.Finished | Failed]]:
+    async def batches(self) -> AsyncIterator[list[genai.TokenEvent | genai.Finished | generation_answer.Failed]]:
         """Every event there is, in order, as one batch; the last batch ends with a
-        :class:`genai.Finished` or :class:`Failed`."""
+        :class:`genai.Finished` or :class:`~edge_agent.generation_answer.Failed`."""
         pending, ready = self._pending, self._ready
         while True:
             ready.clear()  # an event appended after this wakes the loop (see emit)
@@ -480,78 +474,6 @@ class _Sequence:
             m.observe_ok(name, time.perf_counter() - self._started)
         else:
             m.observe_error(name, 499 if self._outcome == "cancelled" else 500)
-
-
-class _Closing:
-    """An async iterator over ``inner`` whose ``aclose`` also runs ``on_close``, even when
-    it is closed before its first item (a client gone before the stream began)."""
-
-    def __init__(self, inner: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
-        self._inner = inner
-        self._on_close = on_close
-
-    def __aiter__(self) -> _Closing:
-        return self
-
-    async def __anext__(self) -> bytes:
-        return await self._inner.__anext__()
-
-    async def aclose(self) -> None:
-        try:
-            await self._inner.aclose()  # type: ignore[attr-defined]
-        finally:
-            self._on_close()
-
-
-async def _whole(shaper: openai_api.Shaper, batches: AsyncIterator[list[Any]]) -> Response:
-    parts: list[str] = []
-    tokens: list[genai.TokenEvent] = []
-    async for batch in batches:
-        for ev in batch:
-            if isinstance(ev, genai.TokenEvent):
-                parts.append(ev.text)
-                tokens.append(ev)
-            elif isinstance(ev, genai.Finished):
-                parts.append(ev.text)
-                return _json(shaper.whole("".join(parts), tokens, ev.reason, ev.prompt_tokens, ev.completion_tokens))
-            else:
-                raise openai_api.ApiError(500, ev.message, type_="server_error", code="generation_failed")
-    raise openai_api.ApiError(500, "generation ended without a result", type_="server_error")
-
-
-async def _sse(shaper: openai_api.Shaper, batches: AsyncIterator[list[Any]]) -> AsyncIterator[bytes]:
-    """The stream's bytes: one piece per batch of events (see the module docstring)."""
-    sse = openai_api.sse
-    request = shaper.request
-    offset = len(request.prompt) if request.echo else 0
-    if request.chat:
-        yield sse(shaper.chunk("", first=True))
-    elif request.echo:
-        yield sse(shaper.chunk(request.prompt))
-    async for batch in batches:
-        out: list[bytes] = []
-        for ev in batch:
-            if isinstance(ev, genai.TokenEvent):
-                if request.options.logprobs:
-                    out.append(sse(shaper.chunk(ev.text, (ev,), offset=offset)))
-                    offset += openai_api.characters(ev.token)
-                elif ev.text:
-                    out.append(shaper.token_event(ev.text))
-            elif isinstance(ev, genai.Finished):
-                if ev.text:
-                    out.append(sse(shaper.chunk(ev.text)))
-                out.append(sse(shaper.chunk("", reason=ev.reason)))
-                if request.include_usage:
-                    out.append(sse(shaper.usage_chunk(ev.prompt_tokens, ev.completion_tokens)))
-                yield b"".join(out) + openai_api.SSE_DONE
-                return
-            else:
-                # The status line is gone: the error travels as an event, then the stream ends.
-                out.append(openai_api.sse_error(openai_api.ApiError(500, ev.message, type_="server_error", code="generation_failed")))
-                yield b"".join(out) + openai_api.SSE_DONE
-                return
-        if out:
-            yield b"".join(out)
 
 
 def _retired(name: str) -> openai_api.ApiError:
@@ -592,9 +514,3 @@ def _tokens(runtime: genai.GenAIModel, body: openai_api.GenerationRequest, chat:
             raise openai_api.ApiError(400, f"{param}: holds {special!r}, a special token of this model's chat format, which a "
                                            "message may not carry", param=param, code="invalid_content")
     return runtime.encode(runtime.chat_prompt(body.messages))
-
-
-def _json(obj: object, status: int = 200) -> Response:
-    import json
-
-    return Response(status, json.dumps(obj, separators=(",", ":")).encode())
