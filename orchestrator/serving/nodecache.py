@@ -125,20 +125,19 @@ def fetch(uri: str, sha256: str, redirect_hosts: tuple[str, ...], runtime: str) 
 
 def _fetched(uri: str, sha256: str, redirect_hosts: tuple[str, ...], runtime: str) -> pathlib.Path:
     models_root = artifacts.models_root()
-    if (folder := packages.unpacked(models_root, sha256, runtime)) is not None:
-        return folder
-    path = artifacts.fetch_verified(uri, sha256, redirect_hosts=redirect_hosts)
-    if runtime == packages.ONNX and not edge_artifacts.is_package(path):
-        return path
-    folder = packages.unpack(path, sha256, models_root, runtime=runtime)
-    _drop_download(path, sha256)
+    if (folder := packages.unpacked(models_root, sha256, runtime)) is None:
+        path = artifacts.fetch_verified(uri, sha256, redirect_hosts=redirect_hosts)
+        if runtime == packages.ONNX and not edge_artifacts.is_package(path):
+            return path
+        folder = packages.unpack(path, sha256, models_root, runtime=runtime)
+    _drop_download(sha256)  # also one a replica killed before it removed its own left beside the folder
     return folder
 
 
-def _drop_download(path: pathlib.Path, sha256: str) -> None:
-    """Remove ``sha256``'s download at ``path``, unpacked (a ``file://`` artifact stays)."""
-    if path == artifacts.cache_dir() / f"{sha256}{artifacts.DOWNLOAD_SUFFIX}":
-        path.unlink(missing_ok=True)
+def _drop_download(sha256: str) -> None:
+    """Remove ``sha256``'s download, its package unpacked (a ``file://`` artifact is read
+    where it is, never from the downloads' folder)."""
+    (artifacts.cache_dir() / f"{sha256}{artifacts.DOWNLOAD_SUFFIX}").unlink(missing_ok=True)
 
 
 def check(uri: str, sha256: str, redirect_hosts: tuple[str, ...], runtime: str) -> None:
@@ -151,9 +150,9 @@ def check(uri: str, sha256: str, redirect_hosts: tuple[str, ...], runtime: str) 
     try:
         prune()
         if packages.unpacked(artifacts.models_root(), sha256, runtime) is None:
-            path = artifacts.fetch_verified(uri, sha256, redirect_hosts=redirect_hosts)
+            artifacts.fetch_verified(uri, sha256, redirect_hosts=redirect_hosts)
             if packages.unpacked(artifacts.models_root(), sha256, runtime) is not None:
-                _drop_download(path, sha256)  # a replica unpacked it meanwhile
+                _drop_download(sha256)  # a replica unpacked it meanwhile
     finally:
         let_go(held)
 

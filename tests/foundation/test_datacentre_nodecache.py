@@ -299,3 +299,33 @@ def test_a_generative_package_is_kept_unpacked_only(
         assert handler.gets == 1 and _downloaded(cache) == set() and _unpacked(cache) == {genai_package.sha256}
         first.__del__()
         second.__del__()
+
+
+_KILLED_BEFORE_REMOVING_ITS_DOWNLOAD = """
+import sys
+from edge_agent import packages
+from orchestrator.serving import artifacts, nodecache
+held = nodecache.hold(sys.argv[2])
+path = artifacts.fetch_verified(sys.argv[1], sys.argv[2])
+packages.unpack(path, sys.argv[2], artifacts.models_root(), runtime=packages.ONNX)
+print("unpacked", flush=True)
+sys.stdin.read()  # killed here, its download not yet removed
+"""
+
+
+def test_a_download_a_killed_replica_left_beside_its_folder_goes_with_the_next_replica(
+        tmp_path: pathlib.Path, cache: pathlib.Path, artifact_server: tuple[str, type[_Artifacts]]) -> None:
+    """A replica killed between its unpack and its download's removal left the tar beside the
+    folder, and each later replica, taking the folder whole, kept it for as long as the version
+    was served: twice its room on the disk."""
+    url, _ = artifact_server
+    uri, sha256 = _version(tmp_path, "killed")
+    killed = subprocess.Popen([sys.executable, "-c", _KILLED_BEFORE_REMOVING_ITS_DOWNLOAD, f"{url}/{pathlib.Path(uri).name}",
+                               sha256], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert killed.stdout is not None and killed.stdout.readline() == "unpacked\n"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert _downloaded(cache) == {f"{sha256}.onnx"} and _unpacked(cache) == {sha256}
+    replica = onnx_app.OnnxModel.func_or_class(f"{url}/{pathlib.Path(uri).name}", sha256, "m")
+    assert _downloaded(cache) == set() and _unpacked(cache) == {sha256}
+    replica.__del__()
