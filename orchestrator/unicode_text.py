@@ -74,10 +74,12 @@ def _utf16_text(raw: bytes) -> bool:
     """Whether the first bytes of ``raw``, which UTF-8 cannot read, are UTF-16 of text in any
     script: they hold a byte of :data:`_CONTROL` and read, in one byte order, as characters
     that are all assigned text (tab, LF and CR aside). Bytes of 8-bit text paired as UTF-16
-    mostly make assigned ideographs ("ab" is U+6261), but never hold such a byte."""
+    mostly make assigned ideographs ("ab" is U+6261), but never hold such a byte. A file
+    shorter than the head, whose few pairs may all read as assigned by chance, must also be of
+    whole code units and hold a line break in that byte order."""
     head = raw[:min(len(raw), _SHAPE_BYTES) & ~1]
-    if len(head) < 8 or _CONTROL.isdisjoint(head):
-        return False
+    if len(raw) % 2 or len(head) < 8 or _CONTROL.isdisjoint(head):
+        return False  # UTF-16 is whole code units
     for codec in ("utf-16-le", "utf-16-be"):
         try:
             text = head.decode(codec)
@@ -85,6 +87,7 @@ def _utf16_text(raw: bytes) -> bool:
             if exc.start < len(head) - 2:  # a surrogate pair the head's end cut is still text
                 continue
             text = head[:exc.start].decode(codec)
-        if all(c in "\t\n\r" or unicodedata.category(c) not in _NOT_TEXT for c in text):
-            return True
+        if all(c in "\t\n\r" or unicodedata.category(c) not in _NOT_TEXT for c in text) and (
+                len(head) == _SHAPE_BYTES or "\n" in raw.decode(codec, errors="replace")):
+            return True  # a short file's few pairs may all read as assigned by chance: its line breaks must too
     return False

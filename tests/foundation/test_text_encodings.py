@@ -96,6 +96,10 @@ def test_utf16_of_text_mostly_not_ascii_is_refused_saying_so(raw: bytes, tmp_pat
     ("# 東京のエッジサイト、運用チームが管理。\nname: 東京\n", "shift_jis"),
     ("# 서울 엣지 사이트\nname: 서울\n", "euc_kr"),
     ("# Fa\u00e7ade: g\u00e9r\u00e9e par l'\u00e9quipe r\u00e9seau\f\nname: caf\u00e9\n", "cp1252"),
+    # short files whose few byte pairs all happen to read as assigned characters
+    ("# r\u00e9seau\f\nkind: Site\n", "latin-1"),
+    ("\x1b[32mname: caf\u00e9\x1b[0m\n", "latin-1"),  # a terminal's colours kept by a redirect
+    ("name: na\u00efve\x1a", "cp1252"),  # a DOS end-of-file mark
 ])
 def test_text_of_8_bit_encodings_is_not_called_utf16(text: str, encoding: str, tmp_path: pathlib.Path) -> None:
     path = tmp_path / "site.yaml"
