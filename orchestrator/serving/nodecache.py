@@ -27,7 +27,8 @@ and held by no lock) goes once it has not been written for :data:`EARLIER_PART_I
 replica of such a release downloading on the node meanwhile writes it more often than that.
 
 The replicas sweep, each when it has loaded its version and when Serve shuts it down
-(``__del__``), and so does the application builder before and after its check, rather than
+(``__del__``), and so does the application builder before its check (and after one that
+refuses the artifact), rather than
 a sweeper of the node: no other edgeplane process runs on a Ray
 node (the control plane drives Serve over REST and sees no node's disk), a sweeper actor
 per node would need placing, restarting and resources of its own, and the replicas start
@@ -144,8 +145,10 @@ def check(uri: str, sha256: str, redirect_hosts: tuple[str, ...], runtime: str) 
     """An application builder's fetch of the artifact, to fail the deploy now rather than
     after the replicas' retries: its download, or this node's replica of it (a download, or
     a package's folder a replica unpacked, taken as checked), held from a sweep meanwhile,
-    which it makes first; let go after, checked or refused, and removed unless a replica on
-    the node holds it (a node that only builds keeps nothing)."""
+    which it makes first. Checked, it is let go and kept for the replicas that start on the
+    node next (on a one-node cluster, all of them), which would otherwise download it again:
+    a node that only builds keeps the version it checked last, until the next sweep there.
+    Refused, it is let go and its lock file removed."""
     held = hold(sha256)
     try:
         prune()
@@ -153,8 +156,10 @@ def check(uri: str, sha256: str, redirect_hosts: tuple[str, ...], runtime: str) 
             artifacts.fetch_verified(uri, sha256, redirect_hosts=redirect_hosts)
             if packages.unpacked(artifacts.models_root(), sha256, runtime) is not None:
                 _drop_download(sha256)  # a replica unpacked it meanwhile
-    finally:
+    except BaseException:
         let_go(held)
+        raise
+    held.release()
 
 
 def let_go(held: Hold | None) -> None:

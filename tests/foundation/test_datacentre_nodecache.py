@@ -229,13 +229,30 @@ def _left(cache: pathlib.Path) -> set[str]:
     return {p.name for p in cache.rglob("*") if p.is_file()}
 
 
-def test_the_builder_leaves_nothing_on_a_node_that_serves_no_replica_of_the_version(
+def test_a_node_that_only_builds_keeps_the_last_version_it_checked_alone(
         tmp_path: pathlib.Path, cache: pathlib.Path, artifact_server: tuple[str, type[_Artifacts]]) -> None:
-    """A node that only ever ran the application builder (Serve runs it as a task, on the head
-    node as often as not) kept the last version it checked, its download and lock file."""
+    """A node that only ever runs the application builder (Serve runs it as a task, on the head
+    node as often as not) keeps the version it checked last, for the replicas that start there
+    next; the next build there removes it."""
     url, _ = artifact_server
-    uri, sha256 = _version(tmp_path, "checked")
-    onnx_app.build({"artifact_uri": f"{url}/{pathlib.Path(uri).name}", "sha256": sha256, "model_name": "m"})
+    (first_uri, first), (last_uri, last) = (_version(tmp_path, n) for n in ("first", "last"))
+    for uri, sha256 in ((first_uri, first), (last_uri, last)):
+        onnx_app.build({"artifact_uri": f"{url}/{pathlib.Path(uri).name}", "sha256": sha256, "model_name": "m"})
+    assert _downloaded(cache) == {f"{last}.onnx"} and _unpacked(cache) == set()
+
+
+def test_a_replica_on_the_node_that_built_its_version_does_not_download_it_again(
+        tmp_path: pathlib.Path, cache: pathlib.Path) -> None:
+    """The builder's download went as soon as it was checked, so a replica placed on the node
+    that built (every replica, on a one-node cluster) downloaded the artifact a second time:
+    gigabytes, and as long again to start, for a generative or onnx package."""
+    handler = type("Handler", (_Counted,), {"folder": tmp_path, "asked": threading.Event(), "go": threading.Event()})
+    uri, sha256 = _version(tmp_path, "built")
+    with loopback.http_server(handler) as url:
+        onnx_app.build({"artifact_uri": f"{url}/{pathlib.Path(uri).name}", "sha256": sha256, "model_name": "m"})
+        replica = onnx_app.OnnxModel.func_or_class(f"{url}/{pathlib.Path(uri).name}", sha256, "m")
+        assert handler.gets == 1 and _downloaded(cache) == set() and _unpacked(cache) == {sha256}
+        replica.__del__()
     assert _left(cache) == set()
 
 
