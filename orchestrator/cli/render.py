@@ -207,11 +207,12 @@ def table(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any
     console = Console()
     caps = column_caps(widths, console.width - GAP * (len(widths) - 1)) if terminal else None
     t = Table(title=Text(held(title)) if title is not None else None, box=None, header_style="bold", pad_edge=False)
+    if caps is not None and held("…") != "…":  # cut here, with a mark the terminal holds, to the width measured
+        heads = [_cut(h, cap) for h, cap in zip(heads, caps)]
+        cells = [[_cut(c, cap) for c, cap in zip(r, caps)] for r in cells]
     for head, cap in zip(heads, caps or widths):
         # no_wrap: one object, one line, tables stay greppable
         t.add_column(head, no_wrap=True, overflow="ellipsis", max_width=cap if terminal else None)
-    if caps is not None and held("…") != "…":  # cut here, with a mark the terminal holds, to the width measured
-        cells = [[_cut(c, cap) for c, cap in zip(r, caps)] for r in cells]
     for r in cells:
         t.add_row(*r)
     if caps is not None:

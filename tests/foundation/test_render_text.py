@@ -127,3 +127,19 @@ def test_a_cut_cell_on_a_terminal_that_cannot_hold_the_ellipsis_keeps_its_column
     assert "..." in rows[0] and "\\u2026" not in rows[0], rows
     assert {row.rstrip().rindex(" ") for row in [head, *rows]} == {head.index("AGE") - 1}, [head, *rows]
     assert all(len(row.rstrip()) <= 60 for row in [head, *rows]), [head, *rows]
+
+
+def test_a_cut_header_on_a_terminal_that_cannot_hold_the_ellipsis_keeps_its_columns_aligned(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header wider than its column's cap was cut by the table with "…", printed as its 6
+    characters of escape: the header row's columns after it stood right of the rows'."""
+    raw = io.BytesIO()
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(raw, encoding="latin-1", errors="backslashreplace"))
+    monkeypatch.setattr(render, "_stdout_is_terminal", lambda: True)
+    monkeypatch.setenv("COLUMNS", "40")
+    render.table(None, ["NAME", "DESCRIPTION", "LAST-TRANSITION-TIME", "AGE"],
+                 [["a", "maintenance électrique " * 4, "x", "1m"], ["b", "short", "y", "2m"]])
+    sys.stdout.flush()
+    head, *rows = raw.getvalue().decode("latin-1").splitlines()
+    assert "\\u2026" not in head and "..." in head, head
+    assert {row.rstrip().rindex(" ") for row in [head, *rows]} == {head.index("AGE") - 1}, [head, *rows]
