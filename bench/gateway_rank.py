@@ -29,11 +29,17 @@ request of the gateway's own and one ejected replica. Per request, in CPU micros
 - ``cascade, 3 best``: the same through the table (``EndpointTable.cascade_for`` and
   ``rank_stage(limit=3)``), as the cascade handler asks it (compared with the cascade rule);
 - ``skips, answered by the nearest``: what an answer adds to ``3 best, same place`` to say
-  which nearer replicas were skipped (``EndpointTable.skipped``) when the nearest replica
-  answered, the common case: nothing to say (compared with ``3 best, same place``: how many
-  times less it costs);
-- ``skips, answered by the farthest``: the same when the farthest replica answered (a
-  caller far from its residency's sites), every other replica nearer: the most it costs.
+  which nearer replicas were skipped (``EndpointTable.skipped``, then the header's text)
+  when the nearest replica answered: nothing to say (compared with ``3 best, same place``:
+  how many times less it costs);
+- ``skips, answered by the farthest, worked out``: the same when the farthest replica
+  answered, every other replica nearer: the most it costs, paid by the first such answer
+  after a table change (the index's kept skips are let go before each call);
+- ``skips, residency, worked out``: a caller with residency FR at the gateway's position,
+  whose nearest sites (one in ten, the northernmost) are in DE, answered by the nearest FR
+  site, as the first such answer after a table change pays it;
+- ``skips, ... kept``: the same answers again, as every request after the first pays them
+  (compared with its ``worked out`` row).
 
 Median of rounds, the paths taking turns. Writes bench/results/gateway_rank.json (``--output``: another name there).
 """
@@ -51,7 +57,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.gateway import cascade_rules, endpoints, replica_index, routing
+from orchestrator.gateway import cascade_rules, endpoints, replica_index, routing, skips
 from orchestrator.scheduler import geo
 
 RESULTS = Path(__file__).parent / "results" / "gateway_rank.json"
@@ -66,7 +72,7 @@ CASCADE = cascade_rules.CascadeRoute("intent", "intent-edge", (cascade_rules.Sta
 def replicas_of(n: int, pager_load: int = 0) -> list[routing.Endpoint]:
     """The model on ``n`` sites, and another model on 10 of them with ``pager_load`` in flight
     at each: new values each time, as the control plane's passes make them."""
-    return [*(routing.Endpoint("intent", "intent-edge", f"edge-{i:05d}", "edge", "FR", "fr", 42.0 + (i % 100) / 20,
+    return [*(routing.Endpoint("intent", "intent-edge", f"edge-{i:05d}", "edge", "DE" if i % 100 >= 90 else "FR", "fr", 42.0 + (i % 100) / 20,
                                -4.0 + (i // 100) / 50, f"http://edge-{i}:8081", inflight=i % 3, version=OLDER if i % 5 == 0 else VERSION) for i in range(n)),
             *(routing.Endpoint("pager", "pager-edge", f"edge-{i:05d}", "edge", "FR", "fr", 42.0, -4.0 + i / 50,
                                f"http://edge-{i}:8081", inflight=pager_load) for i in range(10))]
@@ -89,8 +95,18 @@ def paths(table: endpoints.EndpointTable, changing: endpoints.EndpointTable,
     by_distance = sorted(ranked, key=lambda r: geo.rtt_ms(*GATEWAY, r.endpoint.lat, r.endpoint.lon))
     nearest, farthest = by_distance[0].endpoint.site, by_distance[-1].endpoint.site
 
-    def skips_of(answered: str) -> Callable[[int], object]:
-        return lambda i: table.skipped("intent", caller, GATEWAY, answered, ())
+    in_fr = routing.Caller(residency=frozenset({"FR"}))
+    best_fr = table.rank("intent", in_fr, GATEWAY, limit=1)
+    assert isinstance(best_fr, list)
+    index = table._index("intent")  # noqa: SLF001  whose kept skips the "worked out" rows let go
+    assert index is not None
+
+    def skips_of(answered: str, who: routing.Caller = caller, afresh: bool = False) -> Callable[[int], object]:
+        def answer(i: int) -> object:
+            if afresh:
+                index._skips.clear()  # noqa: SLF001
+            return skips.header(table.skipped("intent", who, GATEWAY, answered, ()))
+        return answer
 
     def laid_out_again(i: int) -> object:
         changing.replace(changes[i % 2])
@@ -118,11 +134,16 @@ def paths(table: endpoints.EndpointTable, changing: endpoints.EndpointTable,
                                         ejected=table.ejected())),
         "cascade, 3 best": lambda i: (table.cascade_for([CASCADE], caller, GATEWAY), table.rank_stage(CASCADE, 0, caller, GATEWAY, limit=3)),
         "skips, answered by the nearest": skips_of(nearest),
-        "skips, answered by the farthest": skips_of(farthest),
+        "skips, answered by the farthest, worked out": skips_of(farthest, afresh=True),
+        "skips, answered by the farthest, kept": skips_of(farthest),
+        "skips, residency, worked out": skips_of(best_fr[0].endpoint.site, in_fr, afresh=True),
+        "skips, residency, kept": skips_of(best_fr[0].endpoint.site, in_fr),
     }
 
 
 def baseline_of(path: str) -> str:
+    if path.startswith("skips") and path.endswith(", kept"):
+        return path.removesuffix(", kept") + ", worked out"
     if path.startswith("skips"):
         return "3 best, same place"
     if path.startswith("table change"):

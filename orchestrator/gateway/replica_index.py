@@ -14,11 +14,16 @@ those whose version is not known (``routing.holding``'s rule after ``routing.ran
 
 After an answer, :meth:`ReplicaIndex.skipped` says why replicas nearer the caller than the
 one that answered were not tried (``skips``); an answer from the nearest costs it one
-comparison with the nearest distance, kept per caller position as the distances are.
+comparison with the nearest distance, kept per caller position as the distances are. One
+not from the nearest is worked out once per index and kept (:data:`CACHED_SKIPS`): a
+caller whose nearest replica can never answer it (outside its residency, another version)
+asks the same on every request, and an index is built anew whenever the model's replicas
+change (health included), so only what is not in it (the ejections) is in the key.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +37,8 @@ from orchestrator.scheduler import geo
 #: Caller positions whose distances an index keeps (the gateway's own, regions' centroids):
 #: callers that give their own coordinates rarely repeat them, so the cache stays small.
 CACHED_POSITIONS = 64
+#: Answers' skips an index keeps (:meth:`ReplicaIndex.skipped`), the least recently asked let go first.
+CACHED_SKIPS = 256
 
 Mask = npt.NDArray[np.bool_]
 Ints = npt.NDArray[np.intp]
@@ -59,6 +66,9 @@ class ReplicaIndex:
     _tiers: dict[tuple[str, ...], Ints] = field(default_factory=dict, compare=False, repr=False)
     #: The round trip to the nearest replica speaking an API, by (position, API), for :meth:`skipped`
     _nearest: dict[tuple[tuple[float, float], str | None], float] = field(default_factory=dict, compare=False, repr=False)
+    #: :meth:`skipped`'s answers not from the nearest, by all they depend on besides the index
+    _skips: collections.OrderedDict[tuple[object, ...], skips.Skips | None] = field(
+        default_factory=collections.OrderedDict, compare=False, repr=False)
 
     @classmethod
     def build(cls, endpoints: Sequence[routing.Endpoint]) -> ReplicaIndex:
@@ -165,7 +175,19 @@ class ReplicaIndex:
             self._nearest[(where, api)] = nearest
         if mine <= nearest:
             return None
-        return self._explained(caller, distances[self.position], row, tried, api=api, ejected=ejected, panic=panic, version=version)
+        # the ejections of this index's replicas alone: one elsewhere changes nothing here
+        key = (where, caller.residency, answered, tuple(tried), api, panic, version,
+               frozenset(u for u in ejected if u in self.by_url) if ejected else frozenset())
+        try:
+            found = self._skips[key]
+        except KeyError:
+            found = self._skips[key] = self._explained(caller, distances[self.position], row, tried, api=api, ejected=ejected,
+                                                       panic=panic, version=version)
+            if len(self._skips) > CACHED_SKIPS:
+                self._skips.popitem(last=False)
+        else:
+            self._skips.move_to_end(key)
+        return found
 
     def _explained(self, caller: routing.Caller, away: npt.NDArray[np.float64], answered: int, tried: Collection[str], *,
                    api: str | None, ejected: Collection[str], panic: bool, version: str | None) -> skips.Skips | None:

@@ -7,7 +7,9 @@ Frankfurt and not the Lyon edge next door?" had no answer. The answer now says s
 ``X-Edgeplane-Skipped`` (:func:`header`): each such replica's site with its reason, nearest
 first, at most :data:`LISTED` of them, then ``+N`` for the N sites more. It is written only
 when a replica nearer than the one that answered was not tried: an answer from the nearest
-(the common case) costs one comparison (``ReplicaIndex.skipped``).
+(the common case) costs one comparison (``ReplicaIndex.skipped``), and the model's index
+keeps the skips of one that is not, with their text (:attr:`Skips.text`), for the same
+caller's next requests.
 
 Reasons, in the order the ranking applies its rules (``routing``), the first that holds:
 
@@ -26,6 +28,7 @@ the reason of the nearest replica skipped.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -60,13 +63,16 @@ class Skips:
     listed: tuple[tuple[str, str], ...]
     more: int = 0
 
+    @functools.cached_property
+    def text(self) -> str:
+        """The header's value, written once: the same skips answer a steady caller each time."""
+        entries = [f"{_UNSAFE.sub('_', site)[:63]}={reason}" for site, reason in self.listed]
+        return ",".join(entries + ([f"+{self.more}"] if self.more else []))
+
 
 def header(skips: Skips | None) -> dict[str, str]:
     """``X-Edgeplane-Skipped: edge-lyon-1=unhealthy,edge-lyon-2=residency,+3``; none without skips."""
-    if not skips:
-        return {}
-    entries = [f"{_UNSAFE.sub('_', site)[:63]}={reason}" for site, reason in skips.listed]
-    return {SKIPPED: ",".join(entries + ([f"+{skips.more}"] if skips.more else []))}
+    return {SKIPPED: skips.text} if skips else {}
 
 
 def count(counter: Counter | None, model: str, skips: Skips | None) -> None:

@@ -104,6 +104,42 @@ def test_the_nearest_sites_are_listed_from_a_large_fleet_each_once() -> None:
     assert all((reason == "unhealthy") == (site in down) for site, reason in found.listed)
 
 
+def test_a_steady_caller_s_skips_are_kept_and_follow_health_and_ejections_at_once() -> None:
+    # a caller with residency FR whose nearest site is in DE asks the same on every request:
+    # worked out once, and said anew as soon as a replica is ejected, readmitted, down or up
+    now = [0.0]
+    table = endpoints.EndpointTable(clock=lambda: now[0], ejection_s=15)
+    table.replace(fleet(3, country={0: "DE"}))
+    berlin = routing.Caller(residency=frozenset({"FR"}))
+
+    def said() -> str | None:
+        return skips.header(table.skipped("m", berlin, PARIS, "site-2", ())).get(skips.SKIPPED)
+
+    first = table.skipped("m", berlin, PARIS, "site-2", ())
+    assert table.skipped("m", berlin, PARIS, "site-2", ()) is first
+    assert said() == "site-0=residency,site-1=load"
+    table.eject("http://10.0.0.1")
+    assert said() == "site-0=residency,site-1=ejected"
+    now[0] = 16.0  # the ejection is over
+    assert said() == "site-0=residency,site-1=load"
+    table.mark_down("http://10.0.0.1")  # its agent is stopping
+    assert said() == "site-0=residency,site-1=unhealthy"
+    now[0] = 17.0
+    table.mark_up("http://10.0.0.1")
+    table.replace(fleet(3, country={0: "DE"}), health_since=now[0])
+    assert said() == "site-0=residency,site-1=load"
+    table.replace(fleet(3, country={0: "DE"}, healthy={1: False}))  # the control plane's next table says it is down
+    assert said() == "site-0=residency,site-1=unhealthy"
+    assert skips.header(table.skipped("m", routing.Caller(), PARIS, "site-2", ()))[skips.SKIPPED] == "site-0=load,site-1=unhealthy"
+
+
+def test_the_skips_an_index_keeps_are_bounded() -> None:
+    index = replica_index.ReplicaIndex.build(fleet(healthy={0: False}))
+    for i in range(replica_index.CACHED_SKIPS + 50):  # callers that give coordinates of their own
+        assert index.skipped(routing.Caller(), (48.0 + i * 1e-4, 2.35), "site-1", (), api="v2") is not None
+    assert len(index._skips) == replica_index.CACHED_SKIPS
+
+
 def test_a_site_name_is_written_as_header_text() -> None:
     assert skips.header(skips.Skips((("lyon 1,=é", "unhealthy"),))) == {"x-edgeplane-skipped": "lyon_1___=unhealthy"}
     assert skips.header(None) == {}
