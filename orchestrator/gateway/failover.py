@@ -104,6 +104,7 @@ class Failovers:
         self.moved_from: list[str] = []  # the sites moved on from, in the order tried
         self._explain: Explain | None = None
         self._skips: tuple[str, skips.Skips | None] | None = None  # worked out for a site, once
+        self._counted_at: str | None = None  # the site whose answer's skips were counted
 
     def explain_by(self, explain: Explain) -> None:
         """Say the answer's skips from ``explain``: the ranking of the replicas being tried (a
@@ -121,7 +122,9 @@ class Failovers:
             if self._skips is None or self._skips[0] != self._at:
                 found = self._explain(self._at, self.moved_from)
                 self._skips = (self._at, found)
-                skips.count(self.skipped, self.model, found)
+                if self._counted_at != self._at:  # a stage's headers asked again after explain_by: one answer still
+                    self._counted_at = self._at
+                    skips.count(self.skipped, self.model, found)
             out.update(skips.header(self._skips[1]))
         return out
 

@@ -159,6 +159,9 @@ def test_an_answer_s_skips_are_worked_out_and_counted_once_however_often_its_hea
     moves.attempt("site-2")
     assert moves.header() == moves.header() == {"x-edgeplane-failover": "site-1", "x-edgeplane-skipped": "site-0=unhealthy"}
     assert asked == [("site-2", ["site-1"])] and counted(registry) == {("m", "unhealthy"): 1}
+    moves.explain_by(explain)  # the stage's own headers, asked after the relay's
+    assert moves.header()["x-edgeplane-skipped"] == "site-0=unhealthy"
+    assert counted(registry) == {("m", "unhealthy"): 1}
 
 
 @contextlib.asynccontextmanager
@@ -208,6 +211,7 @@ def table_of(urls: list[str]) -> endpoints.EndpointTable:
 
 ROUTES = [pytest.param("/v2/models/m/infer", INFER, "m", id="v2"),
           pytest.param("/openai/v1/chat/completions", CHAT, "llm", id="openai"),
+          pytest.param("/openai/v1/chat/completions", {**CHAT, "stream": True}, "llm", id="openai streamed"),
           pytest.param("/v2/models/c/infer", INFER, "c", id="v2 cascade")]
 
 
@@ -258,16 +262,18 @@ async def test_an_answer_from_the_nearest_replica_skips_nothing(path: str, body:
     assert counted(registry) == {}
 
 
-@pytest.mark.parametrize("stream", [False, True])
-async def test_a_generative_cascade_s_answer_says_which_nearer_replicas_of_its_stage_were_skipped(stream: bool) -> None:
+@pytest.mark.parametrize(("stream", "mode"), [(False, "on"), (True, "on"), pytest.param(True, "force-first", id="relayed as generated")])
+async def test_a_generative_cascade_s_answer_says_which_nearer_replicas_of_its_stage_were_skipped(stream: bool, mode: str) -> None:
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
     async with loopback.replica(openai_cascades.answering("ok")) as near, loopback.replica(openai_cascades.answering("ok")) as far:
         table = openai_cascades.cascade_of(first, [openai_cascades.endpoint("edge-paris", "edge", near),
                                                    openai_cascades.endpoint("edge-lyon", "edge", far, lat=45.76, lon=4.84)])
         table.mark_down(near)
-        async with openai_cascades.gateway(table) as http:
+        registry = CollectorRegistry()
+        async with openai_cascades.gateway(table, registry=registry) as http:
             answer = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**openai_cascades.CHAT, "stream": stream},
-                                     headers=AT_PARIS)
+                                     headers={**AT_PARIS, "X-Edgeplane-Cascade": mode})
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-edgeplane-cascade-stage"] == "small"
     assert (answer.headers["x-edgeplane-site"], answer.headers["x-edgeplane-skipped"]) == ("edge-lyon", "edge-paris=unhealthy")
+    assert counted(registry) == {("chat", "unhealthy"): 1}  # one answer, counted once
