@@ -116,7 +116,7 @@ class ReplicaIndex:
             return routing.NoRoute(routing.NOT_PLACED)
         allowed = spoken & self.in_deployment_residency
         if caller.residency:
-            allowed &= np.isin(self.country, [i for i, c in enumerate(self.countries) if c in caller.residency])
+            allowed &= self._in_countries(caller.residency)
             if not allowed.any():
                 return routing.NoRoute(routing.outside_caller_residency(caller, {self.countries[i] for i in self.country[spoken]}))
         if not allowed.any():
@@ -207,7 +207,7 @@ class ReplicaIndex:
         shown = _nearest_sites(rows, away, self.site_rank, skips.LISTED)
         allowed = self.in_deployment_residency.copy()
         if caller.residency:
-            allowed &= np.isin(self.country, [i for i, c in enumerate(self.countries) if c in caller.residency])
+            allowed &= self._in_countries(caller.residency)
         ejections = self._at(ejected) if ejected else np.zeros(len(self.endpoints), bool)
         live = allowed & self.healthy & ~ejections
         if spoken is not None:
@@ -217,10 +217,10 @@ class ReplicaIndex:
         other_version = np.zeros(len(shown), bool)
         if version is not None:
             code = self.version[shown]
-            held = self.versions.index(version) if version in self.versions else -1
+            held = self._code(version)
             other_version = code != held
             if self.version[answered] != held:  # the answer's version is not known: theirs not being known is no reason
-                other_version &= code != (self.versions.index("") if "" in self.versions else -1)
+                other_version &= code != self._code("")
         fallback = self.endpoints[answered].fallback
         tiers = self._tier_rank(fallback) if fallback else None
         later_tier = tiers[shown] > tiers[answered] if tiers is not None else np.zeros(len(shown), bool)
@@ -232,13 +232,20 @@ class ReplicaIndex:
         """``routing.holding`` of ``chosen``: those holding ``version`` or whose version is not
         known, with 1 for each of the latter; the rule's 404 when none may answer for it."""
         code = self.version[chosen]
-        holds = code == (self.versions.index(version) if version in self.versions else -1)
-        unknown = code == (self.versions.index("") if "" in self.versions else -1)
+        holds, unknown = code == self._code(version), code == self._code("")
         may = holds | unknown
         if not may.any():
             return routing.NoRoute(routing.no_version(self.endpoints[chosen[0]].model, version,
                                                       {self.versions[i] for i in np.unique(code)}), 404)
         return chosen[may], unknown[may].astype(np.intp)
+
+    def _in_countries(self, countries: Collection[str]) -> Mask:
+        """Those whose site is in one of ``countries`` (a caller's residency)."""
+        return np.isin(self.country, [i for i, c in enumerate(self.countries) if c in countries])
+
+    def _code(self, version: str) -> int:
+        """``version``'s index in :attr:`versions` (``""``: not known), -1 where no replica's is it."""
+        return self.versions.index(version) if version in self.versions else -1
 
     def _loaded(self, i: int, load: npt.NDArray[np.float64]) -> routing.Endpoint:
         """Endpoint ``i`` with the gateway's own requests counted in its in-flight ones."""
