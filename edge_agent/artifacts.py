@@ -61,7 +61,8 @@ def check_sha256(sha256: str) -> str:
 
 class Unpack(enum.Enum):
     """Whether an artifact is unpacked after its download, beside its cached copy: its
-    download needs room for that too (an uncompressed tar's members hold at most its size)."""
+    download needs room for that too (an uncompressed tar's members hold at most its size),
+    until the unpack is whole and the copy is dropped (:meth:`ArtifactCache.drop`)."""
 
     NEVER = "never"  # loaded as it is
     ALWAYS = "always"  # a package (onnx-genai)
@@ -174,6 +175,19 @@ class ArtifactCache:
             turns.give_back(digest)
             raise
         turns.give_back(digest)
+
+    def drop(self, sha256: str) -> None:
+        """Remove ``sha256``'s cached file, a package unpacked whole: its folder is what
+        loads from now on, and the tar beside it would double the version's room on the disk."""
+        path = self.root / check_sha256(sha256)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:  # a read-only disk: the tar stays, the folder serves all the same
+            log.warning("cannot remove package %s from the cache, unpacked: %s", path, exc.strerror or exc)
+            return
+        log.info("removed package %s from the cache: unpacked into its folder", sha256[:12])
 
     async def prune(self, keep: set[str]) -> None:
         """Delete cached artifacts and ``.partial`` downloads whose digest is not in ``keep``,

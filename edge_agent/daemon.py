@@ -157,8 +157,9 @@ class Agent:
             on_attempt_end=self._wake.set,
             retry=model_retry or registry.RetryPolicy(),
             load_package=self._load_package,
-            load_onnx_package=lambda package, sha256: self._load_onnx_package(
-                package, sha256, functools.partial(load_onnx, providers=onnx.choose_providers(self._probe.execution_providers))),
+            load_onnx_package=lambda folder, sha256: self._load_onnx_package(
+                folder, functools.partial(load_onnx, providers=onnx.choose_providers(self._probe.execution_providers))),
+            folders=_Folders(self.models_dir),
             generative_on_gpu=self._probe.generative_on_cuda,
             memory_available=self._probe.memory_available,
             kept_for_requests=self._kept_for_requests,
@@ -193,26 +194,18 @@ class Agent:
         """Unpacked generative-model packages, one folder per sha256."""
         return self.config.data_dir / "models"
 
-    def _load_package(self, package: pathlib.Path, sha256: str, cuda: bool) -> genai.GenAIModel:
-        from edge_agent import packages
+    def _load_package(self, folder: pathlib.Path, sha256: str, cuda: bool) -> genai.GenAIModel:
+        """A generative package, from the folder it was unpacked into."""
         from edge_agent.runtime import genai
 
-        try:
-            directory = packages.unpack(package, sha256, self.models_dir)
-        except OSError as exc:  # a full or read-only disk: reported, retried, old version kept
-            raise errors.ModelLoadError(f"cannot unpack package {sha256[:12]} into {self.models_dir}: {exc.strerror or exc}") from exc
-        return genai.GenAIModel.load(directory, self.generative_options(cuda))
+        return genai.GenAIModel.load(folder, self.generative_options(cuda))
 
-    def _load_onnx_package(self, package: pathlib.Path, sha256: str,
-                           load: Callable[[pathlib.Path], onnx.OnnxModel]) -> onnx.OnnxModel:
-        """An onnx package unpacked (verified, once per version) and its graph loaded from there."""
+    @staticmethod
+    def _load_onnx_package(folder: pathlib.Path, load: Callable[[pathlib.Path], onnx.OnnxModel]) -> onnx.OnnxModel:
+        """An onnx package's graph, from the folder it was unpacked into (its external data beside it)."""
         from edge_agent import packages
 
-        try:
-            directory = packages.unpack(package, sha256, self.models_dir, runtime=packages.ONNX)
-        except OSError as exc:  # a full or read-only disk: reported, retried, old version kept
-            raise errors.ModelLoadError(f"cannot unpack package {sha256[:12]} into {self.models_dir}: {exc.strerror or exc}") from exc
-        return load(packages.graph(directory))
+        return load(packages.graph(folder))
 
     def generative_options(self, cuda: bool) -> genai.LoadOptions:
         """How this agent loads a generative package: on CUDA as the registry weighed its load
@@ -461,6 +454,34 @@ class Agent:
         self.server.models_changed()
         if self.uplink is not None:
             self.uplink.nudge()
+
+
+class _Folders:
+    """The registry's packages, unpacked under ``<data-dir>/models`` (``edge_agent.packages``,
+    with shutil, bz2 and lzma, imported only once a package is there or comes)."""
+
+    def __init__(self, root: pathlib.Path) -> None:
+        self.root = root
+
+    def reuse(self, sha256: str, runtime: str) -> pathlib.Path | None:
+        if not os.path.lexists(self.root / sha256):  # (every onnx model asks: most are not packages)
+            return None
+        from edge_agent import packages
+
+        return packages.reuse(self.root, sha256, runtime)
+
+    def unpack(self, package: pathlib.Path, sha256: str, runtime: str) -> pathlib.Path:
+        from edge_agent import packages
+
+        try:
+            return packages.unpack(package, sha256, self.root, runtime=runtime)
+        except OSError as exc:  # a full or read-only disk: reported, retried, old version kept
+            raise errors.ModelLoadError(f"cannot unpack package {sha256[:12]} into {self.root}: {exc.strerror or exc}") from exc
+
+    def size(self, folder: pathlib.Path) -> int:
+        from edge_agent import packages
+
+        return packages.size(folder)
 
 
 def _prune_packages(models_dir: pathlib.Path, keep: set[str], unpacking: set[str]) -> None:

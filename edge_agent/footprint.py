@@ -25,14 +25,15 @@ What a load needs, measured with onnxruntime 1.32 and onnxruntime-genai 0.18 on 
   bytes, the parsed protobuf, the session's tensors; a 400 MB file: 1,202 MB) and kept 1.0 x
   resident once loaded; an onnx package (a graph with its external data), loaded from its
   unpacked folder, peaked at 2.1 x the tar's size (100 MB: 210 MB, the check of its external
-  data's locations included), and is weighed as a file all the same (3 x), erring high;
+  data's locations included), and is weighed as a file of its folder's size all the same (3 x),
+  erring high (the tar is gone once unpacked: the folder's files are what is counted);
 - an onnxruntime-genai package, loaded from its unpacked folder, peaked at 1.2 x the folder's
   size (262 MB of weights: 316 MB). Its KV cache comes on top as sequences run, at most
   ``max_concurrent_sequences`` of them, each up to the context length: the whole of it is
   counted now, as placement counts it (docs/manifests.md), so that a model admitted here can
   run all its sequences (on the CPU: with CUDA the cache is in GPU memory).
 
-Deciding is pure (:func:`refusal`); reading a package's config is the one I/O here.
+Deciding is pure (:func:`refusal`); reading an unpacked package's config is the one I/O here.
 """
 
 from __future__ import annotations
@@ -61,14 +62,15 @@ class Need:
 
 
 def onnx_need(file_bytes: int, *, package: bool = False) -> Need:
-    """A ``package`` (a graph with its external data) is weighed as a file of its size: the
-    tar holds the graph and every external data file, so its weights are counted."""
+    """A ``package`` (a graph with its external data) is weighed as a file of its folder's
+    size (``file_bytes``): the folder holds the graph and every external data file, so its
+    weights are counted."""
     what = "package (its graph and external data)" if package else "file"
     return Need(int(ONNX_LOAD_FACTOR * file_bytes), f"3 x its {file_bytes / MB:.1f} MB {what}")
 
 
 def genai_need(package_bytes: int, kv_bytes_per_token: int, context_length: int, sequences: int) -> Need:
-    """The package's folder (the tar's size stands for it) loaded, plus a full KV cache for
+    """The package's folder (``package_bytes``: its files) loaded, plus a full KV cache for
     each sequence it may run at once (none counted when its config does not say its shape)."""
     weights = int(GENAI_LOAD_FACTOR * package_bytes)
     kv = kv_bytes_per_token * context_length * sequences
@@ -95,20 +97,15 @@ def arithmetic(need: Need, available: int, kept: int = 0) -> str:
             f"available to this agent{of_them}")
 
 
-def package_kv(package: pathlib.Path) -> tuple[int, int]:
+def package_kv(folder: pathlib.Path) -> tuple[int, int]:
     """KV bytes per token and context length of a generative package, from the
-    genai_config.json at the top of its tar; (0, 0) when it cannot be read (the unpack that
-    follows refuses a package without one, with its own reason)."""
-    import tarfile  # only agents that load generative models pay for it
-
+    genai_config.json at the top of the ``folder`` it was unpacked into; (0, 0) when it
+    cannot be read (the load that follows fails with its own reason)."""
     try:
-        with tarfile.open(package, "r:") as tar:
-            names = set(tar.getnames())  # packed as the folder's files, or by `tar -C folder .`
-            member = tar.extractfile(CONFIG_NAME if CONFIG_NAME in names else f"./{CONFIG_NAME}")
-            config = json.loads(member.read()) if member is not None else {}
+        config = json.loads((folder / CONFIG_NAME).read_bytes())
         section = config.get("model", {})
         context = int(section.get("context_length") or config.get("search", {}).get("max_length") or 0)
         return kv_cache.bytes_per_token(config), context
-    except (OSError, tarfile.TarError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        log.debug("cannot size the KV cache of %s: %s", package, exc)
+    except (OSError, TypeError, ValueError, AttributeError) as exc:
+        log.debug("cannot size the KV cache of %s: %s", folder, exc)
         return 0, 0

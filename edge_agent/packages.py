@@ -23,7 +23,8 @@ is not unpacked either, and is removed from the cache to be fetched again). Then
 Members go into a fresh temporary folder beside the final one, which is renamed into
 place only when all of them are written: a crash or a refusal leaves no half-unpacked
 model, and the version already serving is never touched. The final folder is named by the
-sha256, so a version unpacked once is reused. Every file and folder is synced to the disk
+sha256, so a version unpacked once is reused, with no download and no hash, and its tar is then
+not kept (the agent drops it from its cache, so a package served takes its room once). Every file and folder is synced to the disk
 before that rename, and the rename after it: an edge site that loses power finds a version
 either whole or not there, never a folder whose files the page cache had not written yet,
 which would be reused (and fail) on every start. A folder is reused only when it holds the
@@ -214,6 +215,21 @@ def unpacked(models_root: pathlib.Path, sha256: str, runtime: str = GENAI) -> pa
     there whole (its package need not be)."""
     final = models_root / sha256
     return final if _whole(final, runtime) else None
+
+
+def reuse(models_root: pathlib.Path, sha256: str, runtime: str = GENAI) -> pathlib.Path | None:
+    """:func:`unpacked`, removing first what is at the version's folder and is not whole (a
+    folder damaged on the disk, or torn by a power loss under an agent before the mark), so
+    that a download of the package counts the room it took as free: it is unpacked again."""
+    if (folder := unpacked(models_root, sha256, runtime)) is not None:
+        return folder
+    _discard(models_root / sha256, models_root, sha256, runtime)
+    return None
+
+
+def size(folder: pathlib.Path) -> int:
+    """The bytes of the files in an unpacked ``folder``: what a load of it reads."""
+    return sum(entry.stat().st_size for entry in folder.rglob("*") if entry.is_file() and entry.name != MARK)
 
 
 def _whole(folder: pathlib.Path, runtime: str) -> bool:

@@ -1,7 +1,9 @@
 """Which model versions answer requests, and converging them on the desired set.
 
 A new version replaces the serving one only once it is downloaded, verified and loaded,
-and takes what its variant declares (``signature``); until then the previous version keeps
+and takes what its variant declares (``signature``); a package is loaded from the folder it
+was unpacked into (:class:`PackageFolders`), which, once whole, is what the version keeps on
+the disk, and what a later attempt, after a restart too, loads with no download; until then the previous version keeps
 serving and the model's state says why the new one is not there. Models absent from the
 desired set are unloaded.
 
@@ -43,7 +45,7 @@ import pathlib
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from edge_agent import admission, artifacts, assignments, errors, footprint, outage, signature
 from edge_agent.retry import MODEL_RETRY, Jitter, RetryPolicy
@@ -133,7 +135,7 @@ class _Slot:
         self.assignment = assignment
         self.serving: ServedModel | None = None
         self.serving_as: assignments.Assignment | None = None  # the assignment ``serving`` was loaded at
-        self.serving_bytes = 0  # the file ``serving`` was loaded from: about what it keeps resident (footprint)
+        self.serving_bytes = 0  # the file or folder ``serving`` was loaded from: about what it keeps resident (footprint)
         # replaceWhenFull: the version the attempt under way unloaded first, loaded again if it fails
         self.replaced: assignments.Assignment | None = None
         self.replace_failed = ""  # why ``assignment`` failed once it had unloaded the version serving: not again
@@ -147,10 +149,25 @@ class _Slot:
 
 
 Loader = Callable[[bytes], onnx.OnnxModel]
-#: Loads a generative package: (the cached package file, its sha256, whether on a GPU) -> the model.
+#: Loads a generative package: (the folder it was unpacked into, its sha256, whether on a GPU) -> the model.
 PackageLoader = Callable[[pathlib.Path, str, bool], "genai.GenAIModel"]
-#: Loads an onnx package (a graph with its external data): (the cached package file, its sha256) -> the model.
+#: Loads an onnx package (a graph with its external data): (the folder it was unpacked into, its sha256) -> the model.
 OnnxPackageLoader = Callable[[pathlib.Path, str], onnx.OnnxModel]
+
+
+class PackageFolders(Protocol):
+    """Where packages are unpacked, a folder a version (``edge_agent.packages`` behind it,
+    imported only by an agent that unpacks one)."""
+
+    def reuse(self, sha256: str, runtime: str) -> pathlib.Path | None:
+        """The version's folder when an unpack finished it (its mark) and it still looks so;
+        None otherwise, a folder that does not being removed first (it is unpacked again)."""
+
+    def unpack(self, package: pathlib.Path, sha256: str, runtime: str) -> pathlib.Path:
+        """The cached ``package`` verified and unpacked whole: its folder."""
+
+    def size(self, folder: pathlib.Path) -> int:
+        """The bytes of ``folder``'s files: what its load reads."""
 
 
 class ModelRegistry:
@@ -163,6 +180,7 @@ class ModelRegistry:
         on_attempt_end: Callable[[], None] = lambda: None,
         load_package: PackageLoader | None = None,
         load_onnx_package: OnnxPackageLoader | None = None,
+        folders: PackageFolders | None = None,
         generative_on_gpu: Callable[[], bool] = lambda: False,
         memory_available: Callable[[], int | None] = lambda: None,
         kept_for_requests: Callable[[int, int], int] = lambda need, available: 0,
@@ -179,6 +197,7 @@ class ModelRegistry:
         self._load = load
         self._load_package = load_package
         self._load_onnx_package = load_onnx_package
+        self._folders = folders  # where packages are unpacked: none, and no package is loaded
         # whether a generative model loads on a GPU, its KV cache in GPU memory (placement
         # counts it), not this machine's: asked once a load, which is weighed and made so
         self._generative_on_gpu = generative_on_gpu
@@ -188,7 +207,8 @@ class ModelRegistry:
         self._loading = loading  # a load of this many bytes starts (0: it ended)
         self._loads = asyncio.Lock()  # loads take turns (see footprint)
         # those offered: a model of another is refused before its download
-        self._runtimes = tuple(r for r in runtimes if r != assignments.RUNTIME_GENAI or load_package is not None)
+        self._runtimes = tuple(r for r in runtimes
+                               if r != assignments.RUNTIME_GENAI or (load_package is not None and folders is not None))
         self._on_change = on_change
         self._on_attempt_end = on_attempt_end
         self._retry = retry
@@ -378,30 +398,41 @@ class ModelRegistry:
         """Fetch, weigh and load ``want``, serving it in ``slot`` unless the assignment the
         attempt is of was superseded, or unassigned, meanwhile; why it failed (None: it did not)."""
         try:
-            path = await self._cache.fetch(want.artifact_url, want.sha256, progress, want.artifact_hosts,
-                                           unpack=self._unpacks(want), name=want.model)
+            # a package an unpack finished before (this agent's, or one killed since) is served
+            # from its folder: neither downloaded nor hashed again, its tar gone
+            folder = await asyncio.to_thread(self._folders.reuse, want.sha256, want.runtime) \
+                if self._folders is not None and self._unpacks(want) is not artifacts.Unpack.NEVER else None
+            path = None if folder is not None else await self._cache.fetch(
+                want.artifact_url, want.sha256, progress, want.artifact_hosts, unpack=self._unpacks(want), name=want.model)
             if slot.assignment is want:
                 slot.message = "loading"
             runtime: onnx.OnnxModel | genai.GenAIModel
             async with self._loads:  # one at a time: each weighed against what the one before left free
-                if want.runtime == assignments.RUNTIME_GENAI and self._load_package is not None:
+                if path is not None and self._folders is not None and self._is_package(want, path):
+                    folder = await asyncio.to_thread(self._folders.unpack, path, want.sha256, want.runtime)
+                if folder is not None and self._folders is not None:
+                    # the folder is what loads, and what it needs: the tar beside it would double its room
+                    await asyncio.to_thread(self._cache.drop, want.sha256)
+                    size = await asyncio.to_thread(self._folders.size, folder)
+                else:
+                    size = path.stat().st_size if path is not None else 0
+                if want.runtime == assignments.RUNTIME_GENAI and self._load_package is not None and folder is not None:
                     # one answer for the weighing and the load: the GPUs a probe finds may change
                     # between them (the first answer may import onnxruntime-genai: on a thread)
                     on_gpu = await asyncio.to_thread(self._generative_on_gpu)
-                    kv_per_token, context = (0, 0) if on_gpu else await asyncio.to_thread(footprint.package_kv, path)
+                    kv_per_token, context = (0, 0) if on_gpu else await asyncio.to_thread(footprint.package_kv, folder)
                     need = await self._weighed(slot, want, footprint.genai_need(
-                        path.stat().st_size, kv_per_token, context, want.max_concurrent_sequences or admission.DEFAULT_MAX_CONCURRENT))
+                        size, kv_per_token, context, want.max_concurrent_sequences or admission.DEFAULT_MAX_CONCURRENT))
                     self._loading(need)
                     try:
-                        runtime = await self._to_its_end(asyncio.to_thread(self._load_package, path, want.sha256, on_gpu))
+                        runtime = await self._to_its_end(asyncio.to_thread(self._load_package, folder, want.sha256, on_gpu))
                     finally:
                         self._loading(0)
                 else:
-                    package = self._load_onnx_package is not None and artifacts.is_package(path)  # its first 262 bytes
-                    need = await self._weighed(slot, want, footprint.onnx_need(path.stat().st_size, package=package))
+                    need = await self._weighed(slot, want, footprint.onnx_need(size, package=folder is not None))
                     self._loading(need)
                     try:
-                        runtime = await self._to_its_end(self._read_and_load(want, path if package else None))
+                        runtime = await self._to_its_end(self._read_and_load(want, folder))
                     finally:
                         self._loading(0)
         except errors.AgentError as exc:
@@ -415,7 +446,7 @@ class ModelRegistry:
             return f"unexpected error while loading: {type(exc).__name__}: {exc}"
         if slot.assignment is attempt_of and self._slots.get(want.model) is slot:
             slot.serving = ServedModel(want.model, want.sha256, runtime, want.max_concurrent_sequences, want.max_queued)
-            slot.serving_as, slot.serving_bytes = want, path.stat().st_size
+            slot.serving_as, slot.serving_bytes = want, size
             log.info("model %s sha256 %s serving on %s", want.model, want.sha256[:12], runtime.provider)
         return None
 
@@ -464,7 +495,8 @@ class ModelRegistry:
         package; an onnx one is when it is a tar, and this agent loads onnx packages."""
         if want.runtime == assignments.RUNTIME_GENAI:
             return artifacts.Unpack.ALWAYS
-        return artifacts.Unpack.IF_TAR if self._load_onnx_package is not None else artifacts.Unpack.NEVER
+        loads = self._load_onnx_package is not None and self._folders is not None
+        return artifacts.Unpack.IF_TAR if loads else artifacts.Unpack.NEVER
 
     async def _restore(self, slot: _Slot, old: assignments.Assignment) -> str:
         """After a load that unloaded ``old`` first failed (replaceWhenFull): ``old`` loaded
@@ -480,10 +512,16 @@ class ModelRegistry:
         self._on_change()
         return "; the version it replaced was loaded again"
 
-    async def _read_and_load(self, want: assignments.Assignment, package: pathlib.Path | None = None) -> onnx.OnnxModel:
-        """``want``'s model, from its verified bytes or, a ``package``, from the folder it unpacks to."""
-        if package is not None and self._load_onnx_package is not None:
-            model = await asyncio.to_thread(self._load_onnx_package, package, want.sha256)
+    def _is_package(self, want: assignments.Assignment, path: pathlib.Path) -> bool:
+        """Whether ``want``'s cached artifact at ``path`` is a package this agent unpacks: a
+        generative one always, an onnx one when it is a tar (its first 262 bytes)."""
+        unpack = self._unpacks(want)
+        return unpack is artifacts.Unpack.ALWAYS or (unpack is artifacts.Unpack.IF_TAR and artifacts.is_package(path))
+
+    async def _read_and_load(self, want: assignments.Assignment, folder: pathlib.Path | None = None) -> onnx.OnnxModel:
+        """``want``'s model, from its verified bytes or, a package, from the ``folder`` it was unpacked into."""
+        if folder is not None and self._load_onnx_package is not None:
+            model = await asyncio.to_thread(self._load_onnx_package, folder, want.sha256)
         else:
             data = await self._cache.read(want.sha256)
             model = await asyncio.to_thread(self._load, data)  # its bytes let go of with this frame, before the next load

@@ -189,23 +189,30 @@ async def test_a_download_that_would_leave_the_disk_all_but_full_is_refused(tmp_
             await asyncio.wait_for(cache.fetch(url, "0" * 64), 20)
 
 
+@pytest.mark.parametrize("torn", [False, True], ids=["no-folder", "a-folder-not-whole"])
 async def test_a_package_with_room_to_download_but_not_to_unpack_is_refused_before_it_fills_the_disk(
-        tmp_path: pathlib.Path) -> None:
+        tmp_path: pathlib.Path, torn: bool) -> None:
     """A generative package is unpacked beside its cached tar (uncompressed: its members
     hold at most its own size): one the disk holds once but not twice would download, then
-    fail half-unpacked, and do both again at every retry."""
+    fail half-unpacked, and do both again at every retry. A folder of the version that is not
+    whole (no mark: torn by a power loss) is removed first, and counts for nothing."""
     room = diskspace.room(tmp_path)
     assert room is not None
     announced = (room.free - room.kept) * 3 // 4  # fits once, with the reserve to spare
     async with _announcing(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % announced) as url:
         data_dir = tmp_path / "agent"
         data_dir.mkdir()
+        folder = data_dir / "models" / ("0" * 64)
+        if torn:
+            folder.mkdir(parents=True)
+            (folder / "genai_config.json").write_text("{}")
         failed = await _agent_until(
             data_dir, assignments.Assignment("chat", "d", "v", url, "0" * 64, runtime=assignments.RUNTIME_GENAI),
             lambda m: m.phase is registry.ModelPhase.FAILED, "the package refused")
     assert re.search(rf"{url} needs {2 * announced / 1e6:.1f} MB more to download and unpack, and \d+\.\d MB are free",
                      failed[0].message), failed[0].message
     assert not list((data_dir / "cache" / "sha256").iterdir())  # not a byte written
+    assert not folder.exists()
 
 
 _TAR_HEAD = tarfile.TarInfo("model.onnx").tobuf()  # what an onnx package's first 512 bytes look like

@@ -244,15 +244,17 @@ async def test_a_package_corrupted_in_the_cache_is_removed_and_fetched_again(
         first = serving.agent
     await first.stop()
     cached = first.config.data_dir / "cache" / "sha256" / packages.small.sha256
-    data = bytearray(cached.read_bytes())  # rotted on disk while the agent was down
-    data[len(data) // 2] ^= 0xFF
+    assert not cached.exists()  # unpacked: only its folder is kept
+    data = bytearray(packages.small.package.read_bytes())  # a download the agent was stopped before unpacking...
+    data[len(data) // 2] ^= 0xFF  # ...that rotted on disk while it was down
     cached.write_bytes(bytes(data))
-    (first.models_dir / packages.small.sha256 / "genai_config.json").unlink()  # so is its unpacked folder
+    (first.models_dir / packages.small.sha256 / "genai_config.json").unlink()  # and its unpacked folder damaged
     agent = await make_agent(control_plane, model_retry=registry.RetryPolicy(initial=0.05, maximum=0.2))  # the saved set
     failed = await wait_state(control_plane, lambda st: st.phase is model.ModelPhase.FAILED)
     assert "sha256" in failed.message, failed.message
     await harness.wait_until(lambda: agent.registry.get(MODEL) is not None, what="the package downloaded again and served")
-    assert cached.read_bytes() == packages.small.package.read_bytes()
+    assert not cached.exists()  # downloaded whole, unpacked, and removed
+    assert (agent.models_dir / packages.small.sha256 / "genai_config.json").is_file()
 
 
 async def test_a_package_escaping_its_folder_is_refused_before_anything_is_written(
