@@ -20,7 +20,8 @@ plane does: a database that stalls must not hold the event loop.
 
 The same pass indexes the sites of events a replica of an earlier release logged during a
 rolling update (it writes no ``event_sites``), up to ``max_batches`` batches: a read by site
-finds them within a pass (:mod:`orchestrator.store.event_sites`).
+finds them before as after, by their details, but by a scan of those not indexed
+(:mod:`orchestrator.store.event_sites`).
 """
 
 from __future__ import annotations

@@ -12,25 +12,40 @@ Who fills it: this release, as it logs each event (:func:`record`, in the event'
 transaction). Events it did not log, those a store kept from before this table and those a
 replica of an earlier release logs beside this one during a rolling update (it writes the
 events row alone, as it always did, and still can), are indexed in order by :func:`index`:
-batch by batch at each start, until caught up, and at each of the leader's retention passes
-(every minute), the ``meta`` key :data:`THROUGH` saying how far it got. Indexing an event
-twice changes nothing. Retention deletes an event's rows with it (:func:`forget`).
+batch by batch after each start, until caught up, in the background (:class:`Backfill`), and
+at each of the leader's retention passes (every minute), the ``meta`` key :data:`THROUGH`
+saying how far it got. Indexing an event twice changes nothing. Retention deletes an event's
+rows with it (:func:`forget`).
+
+Why in the background: a store kept for years holds millions of events, and indexing them
+takes minutes of CPU (14-19 s for 200,000 on SQLite, 18 s on PostgreSQL); before the store
+opened, the control plane started that much later, during a rolling update of its replicas.
+A read by site stays exact meanwhile: it reads the events after :data:`THROUGH` by what their
+details say (:func:`orchestrator.store.eventquery.select`), as a read by site did before this
+table, over the part of the log not yet indexed alone.
 
 Each function runs through the hooks of ``store``, the backend (its transaction, placeholder).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.store import eventquery
+from orchestrator.store.values import StoreError
 
 if TYPE_CHECKING:
     from orchestrator.store.sql import SqlStore
 
-THROUGH = "event_sites_through"  # the ``meta`` key: every event up to this id was indexed by :func:`index`
+log = logging.getLogger(__name__)
+
+THROUGH = eventquery.THROUGH  # the ``meta`` key: every event up to this id was indexed by :func:`index`
 
 #: The table and its index on the event ids (retention's deletes), for both backends
 #: (``{id}``: the dialect's type of an event id); a store made before them gains them on start.
@@ -40,9 +55,13 @@ CREATE INDEX IF NOT EXISTS event_sites_event ON event_sites (event_id);
 INSERT INTO meta (key, value) VALUES ('""" + THROUGH + """', 0) ON CONFLICT (key) DO NOTHING
 """
 
-#: How many events one transaction of :func:`index` reads: short enough that the writes of
-#: other replicas, the leader's lease renewal among them, wait for one batch at most.
-BATCH = 5000
+#: How many events one transaction of :func:`index` reads (~0.1 s of CPU): the store's other
+#: calls, and on PostgreSQL the writes of every replica, the leader's lease renewal among
+#: them, wait for one batch at most.
+BATCH = 1000
+
+PROGRESS_S = 10.0  # how often a backfill under way says how far it got
+RETRY_S = 5.0  # how long a backfill that failed (the database unreachable) waits before it tries again
 
 _INSERT = "INSERT INTO event_sites (site, event_id) VALUES (?, ?) ON CONFLICT (site, event_id) DO NOTHING"
 
@@ -69,13 +88,90 @@ def index(store: SqlStore, batch: int = BATCH) -> int:
     return len(rows)
 
 
-def catch_up(store: SqlStore) -> int:
-    """:func:`index` until every event is (at a start); how many were read."""
-    read = total = index(store)
-    while read:
-        read = index(store)
-        total += read
-    return total
+def behind(store: SqlStore) -> int:
+    """How many events are after :data:`THROUGH`, not yet read by :func:`index`."""
+    return int(store._fetch(store._q("SELECT COUNT(*) AS n FROM events WHERE id > (SELECT value FROM meta WHERE key = ?)"),
+                            (THROUGH,))[0]["n"])
+
+
+#: What lets a store's backfill run: entered with the backfill's stop event, it yields
+#: whether this store has the turn (on PostgreSQL, one replica at a time), False once stopped.
+Turn = Callable[[threading.Event], contextlib.AbstractContextManager[bool]]
+
+
+class Backfill:
+    """:func:`index` in a thread of its own, from a store's start until caught up: the events
+    a store kept from before ``event_sites`` are indexed while it already answers. Between two
+    batches it waits as long as the last one took, so it holds the store's connection (and on
+    PostgreSQL the write lock) half the time at most; it stops at the next batch once closed,
+    and the next start goes on from :data:`THROUGH`. ``index_batch``: what reads a batch
+    (:func:`index`; a test's, to hold it). ``turn``: see :data:`Turn`."""
+
+    def __init__(self, store: SqlStore, turn: Turn | None = None, index_batch: Callable[[SqlStore, int], int] | None = None,
+                 batch: int = BATCH) -> None:
+        self.store = store
+        self.batch = batch
+        self.read = 0  # events read so far
+        self.left: int | None = None  # events to read, as counted when it began (None: not yet)
+        self._turn = turn if turn is not None else (lambda stop: contextlib.nullcontext(True))
+        self._index = index_batch if index_batch is not None else index
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-event-sites", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Whether it ended (caught up, or stopped) within ``timeout_s``."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def close(self, timeout_s: float = 1.0) -> None:
+        """Start no other batch; wait up to ``timeout_s`` for the one under way (the store's
+        close waits for none: it ends the one under way as it ends any call)."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._turn(self._stop) as mine:
+                    if mine:
+                        self._catch_up()
+                return
+            except StoreError as e:
+                if self._stop.is_set():
+                    return
+                log.warning("indexing the sites events name stopped (%s); trying again in %.0f s", e, RETRY_S)
+                if self._stop.wait(RETRY_S):
+                    return
+            except Exception:  # not the store's: a fault, with its traceback; reads by site stay exact without the index
+                log.exception("indexing the sites events name failed; the next start tries again")
+                return
+
+    def _catch_up(self) -> None:
+        self.left = left = behind(self.store)
+        said = began = time.monotonic()
+        loud = left > self.batch  # a store kept from before event_sites, not the events of the last minute
+        if loud:
+            log.info("indexing the sites of %d events logged before this release, in the background "
+                     "(reads by site are exact meanwhile, slower)", left)
+        while not self._stop.is_set():
+            started = time.monotonic()
+            read = self._index(self.store, self.batch)
+            self.read += read
+            if not read:
+                if loud:
+                    log.info("indexed the sites of %d events in %.1f s", self.read, time.monotonic() - began)
+                return
+            if loud and time.monotonic() - said >= PROGRESS_S:
+                said = time.monotonic()
+                log.info("indexing the sites of events: %d of %d done", self.read, left)
+            self._stop.wait(time.monotonic() - started)
+        if loud:
+            log.info("indexing the sites of events stopped at %d of %d (the store closed); the next start goes on from there",
+                     self.read, left)
 
 
 def forget(store: SqlStore, db: Any, ids: str, args: Sequence[Any]) -> None:

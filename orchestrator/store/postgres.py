@@ -125,6 +125,7 @@ LIVENESS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "ke
 
 WRITE_LOCK = 0x6564_6765  # the advisory lock every write transaction holds ("edge")
 INDEX_LOCK = 0x6564_6769  # the session lock of the replica building the events index ("edgi")
+SITES_LOCK = 0x6564_6773  # the session lock of the replica indexing the sites of earlier events ("edgs")
 
 #: How long the server lets a session sit idle inside a transaction before it ends it. A
 #: replica paused or cut off mid-transaction (SIGSTOP, a frozen VM, a partition) would
@@ -147,13 +148,16 @@ CHANNEL = "edgeplane_changes"  # what a write transaction changed, told to every
 class PostgresStore(SqlStore):
     placeholder = "%s"
     collate = ' COLLATE "C"'  # byte-wise, as SQLite sorts text
+    contains = "strpos(details, ?) > 0"
 
     def __init__(self, url: str, clock: Callable[[], float] | None = None, connect_timeout_s: float = 5.0,
                  idle_in_transaction_s: float = IDLE_IN_TRANSACTION_S, threads: int = DEFAULT_THREADS,
-                 lock_wait_s: float = LOCK_WAIT_S, wall: Callable[[], float] = time.time):
+                 lock_wait_s: float = LOCK_WAIT_S, wall: Callable[[], float] = time.time,
+                 index_sites: Callable[[SqlStore, int], int] | None = None):
         """``clock``: the store's time, when given (a test's, to make tokens expire); by default
         the database server's clock, which this replica reads as ``wall`` (its own clock) plus
-        their difference, measured on each connection and each lease call (:meth:`now`)."""
+        their difference, measured on each connection and each lease call (:meth:`now`).
+        ``index_sites``: what indexes a batch of events in the background (a test's)."""
         try:
             conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as e:
@@ -190,11 +194,25 @@ class PostgresStore(SqlStore):
             raise
         self.events_index = EventsIndex(self)
         self.events_index.start()
-        try:  # what an earlier release logged, a batch a transaction: other replicas' writes go on between them
-            event_sites.catch_up(self)
-        except StoreError:
-            self.close()
-            raise
+        # what an earlier release logged: indexed in the background, by one replica at a time
+        self.event_sites = event_sites.Backfill(self, turn=self._sites_turn, index_batch=index_sites)
+        self.event_sites.start()
+
+    @contextlib.contextmanager
+    def _sites_turn(self, stop: threading.Event, retry_s: float = 0.5) -> Iterator[bool]:
+        """Whether this replica has the turn to index the sites of earlier events (False once
+        ``stop`` is set first): a session lock held on a connection of its own while it does,
+        which the server lets go with the connection if the replica dies; replicas started
+        together wait their turn, and the next finds the work done. Tried, not waited for, so
+        that ``stop`` ends the wait."""
+        try:
+            with psycopg.connect(self.url, autocommit=True, **self.connect_options()) as conn:
+                while not conn.execute("SELECT pg_try_advisory_lock(%s)", (SITES_LOCK,)).fetchone()[0]:  # type: ignore[index]
+                    if stop.wait(retry_s):
+                        break
+                yield not stop.is_set()
+        except psycopg.Error as e:
+            raise _failed(self.path, e) from e
 
     @staticmethod
     def _primary_key(db: psycopg.Connection[dict[str, Any]], table: str) -> set[str]:
@@ -215,6 +233,7 @@ class PostgresStore(SqlStore):
         self.threads.close()
         self._closed = True  # the call that has the connection must not open another
         self.events_index.close()
+        self.event_sites.close(0)  # no other batch; the one under way ends with the calls below
         if not self._lock.acquire(wait_s):
             self._shut()
             self._lock.acquire()

@@ -63,6 +63,7 @@ class SqlStore(Credentials):
 
     placeholder = "?"  # how the driver marks a parameter
     collate = ""  # appended to each ORDER BY column so text sorts byte-wise
+    contains = "instr(details, ?) > 0"  # an event's details hold a text, as it is (no wildcards, case kept)
 
     path: str  # where the store is, as messages name it (never a password)
     _clock: Callable[[], float]  # the store's time (:meth:`now`)
@@ -459,14 +460,14 @@ class SqlStore(Credentials):
         """Up to ``limit`` events after event ``since``, oldest first (of ``kind``, named
         ``name``, at ``site``, logged at ``after`` or later and before ``before`` (epoch
         seconds), when given: :func:`orchestrator.store.eventquery.select`)."""
-        sql, args = eventquery.select(since, max(1, min(limit, 10_000)), kind, name, site, after, before)
+        sql, args = eventquery.select(since, max(1, min(limit, 10_000)), kind, name, site, after, before, self.contains)
         return [_event(r) for r in self._fetch(self._q(sql), tuple(args))]
 
     def recent_events(self, kind: str | None = None, name: str | None = None, limit: int = 20,
                       site: str | None = None, after: float | None = None, before: float | None = None) -> list[LoggedEvent]:
         """The newest ``limit`` events (of ``kind``, named ``name``, at ``site``, in [``after``,
         ``before``), when given), oldest first."""
-        sql, args = eventquery.select(None, max(1, min(limit, 10_000)), kind, name, site, after, before)
+        sql, args = eventquery.select(None, max(1, min(limit, 10_000)), kind, name, site, after, before, self.contains)
         return [_event(r) for r in reversed(self._fetch(self._q(sql), tuple(args)))]
 
     def index_event_sites(self, batch: int = event_sites.BATCH) -> int:

@@ -156,11 +156,12 @@ def _own(path: str) -> int:
 
 class Store(SqlStore):
     def __init__(self, path: str | pathlib.Path, clock: Callable[[], float] = time.time, *, exclusive: bool = False,
-                 threads: int = DEFAULT_THREADS):
+                 threads: int = DEFAULT_THREADS, index_sites: Callable[[SqlStore, int], int] | None = None):
         """``exclusive``: this process is the file's one writer (a control plane: it leads
         without a lease, so a second one on the same file would act unfenced beside it);
         another process that holds the file so is refused, until it ends (a lock the
-        kernel drops with the process, kill -9 included). ``threads``: what :meth:`run` lends."""
+        kernel drops with the process, kill -9 included). ``threads``: what :meth:`run` lends.
+        ``index_sites``: what indexes a batch of events in the background (a test's)."""
         self.threads = StoreThreads(threads)  # first: a wrong count refuses before the file is held (its threads start when asked)
         self.path = str(path)
         self._clock = clock
@@ -176,11 +177,9 @@ class Store(SqlStore):
         except BaseException:
             self._disown()
             raise
-        try:
-            event_sites.catch_up(self)  # what an earlier release logged: indexed before the first read by site
-        except BaseException:
-            self.close()
-            raise
+        # what an earlier release logged: indexed in the background, the reads by site exact meanwhile
+        self.event_sites = event_sites.Backfill(self, index_batch=index_sites)
+        self.event_sites.start()
 
     def _open(self) -> sqlite3.Connection:
         """The connection, its schema made or brought up to date; a file SQLite cannot use
@@ -237,6 +236,7 @@ class Store(SqlStore):
         the server stops, and its process exits, without waiting out :data:`BUSY_TIMEOUT_S`."""
         self.threads.close()
         self._closing.set()
+        self.event_sites.close(0)  # no other batch; the one under way ends with the calls below
         if not self._lock.acquire(wait_s):
             self._db.interrupt()
             self._lock.acquire()
