@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from orchestrator import leadership
 from orchestrator.store import StateStore
@@ -86,6 +86,10 @@ class EventPruner:
     def __post_init__(self) -> None:
         self.pruned = Counter("edgeplane_events_pruned", "Events deleted from the event log past their retention "
                               "(log=tokens: tokens expired or revoked before the audit retention)", ["log"], registry=self.registry)
+        backfill = getattr(self.store, "event_sites", None)  # the start's indexing of earlier events (event_sites.Backfill)
+        Gauge("edgeplane_event_sites_backfill_remaining", "Events logged before this release whose sites this replica's "
+              "start has still to index (reads by site are exact meanwhile, slower)", registry=self.registry).set_function(
+            lambda: backfill.remaining() if backfill is not None else 0)
 
     async def prune(self) -> int:
         """One pass: how many events it deleted (none on a follower)."""

@@ -126,6 +126,11 @@ class Backfill:
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
 
+    def remaining(self) -> int:
+        """Events this backfill still has to read, as counted when it began; 0 once it ended or
+        while another replica has the turn."""
+        return max(0, (self.left or 0) - self.read) if self._thread.is_alive() else 0
+
     def close(self, timeout_s: float = 1.0) -> None:
         """Start no other batch; wait up to ``timeout_s`` for the one under way (the store's
         close waits for none: it ends the one under way as it ends any call)."""

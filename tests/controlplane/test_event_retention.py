@@ -133,8 +133,10 @@ async def test_the_leaders_pass_indexes_the_sites_of_events_an_earlier_replica_l
                             "VALUES (?, 'scheduler', 'replica-placed', 'ModelDeployment', 'chat', 'placed', ?)"),
                    (clock.now, '{"site":"edge-lyon","variant":"q4"}'))
     assert [e.name for e in store.events(site="edge-lyon")] == ["chat"]  # found by its details while not indexed
-    await pruner(store, clock).prune()
+    p = pruner(store, clock)
+    await p.prune()
     assert store.index_event_sites() == 0  # the pass indexed it
+    assert p.registry.get_sample_value("edgeplane_event_sites_backfill_remaining") == 0  # the start's backfill: done
     assert [e.name for e in store.events(site="edge-lyon")] == ["chat"]
 
 

@@ -212,10 +212,11 @@ def test_the_store_answers_at_once_and_a_read_by_site_is_exact_while_earlier_eve
         s.record(Event("scheduler", "replica-placed", "ModelDeployment", "late", "", {"site": "edge-lyon"}))
         through = event_sites.behind(s)
         assert 0 < through < len(ids), through  # part of the log indexed, part not
+        assert s.event_sites.remaining() == len(ids) - event_sites.BATCH  # what the gauge edgeplane_event_sites_backfill_remaining says
         during = reads(s, [*ids, ids[-1] + 1])
         gate.go.set()
         assert s.event_sites.wait(30)
-        assert event_sites.behind(s) == 0
+        assert event_sites.behind(s) == 0 and s.event_sites.remaining() == 0
         after = reads(s, [*ids, ids[-1] + 1])
     finally:
         gate.go.set()
