@@ -477,12 +477,11 @@ class _Relay(Response):
                 owner.gw.table.malformed(e.url)
                 raise _Failed(f"answered a {'streamed' if self.stream else 'whole'} request with {ctype} (HTTP 200)", eject=False)
             if resp.status == 500 and self.named.adapter is not None:  # Ray's refusal of the adapter, which no replica loads?
-                content = await self._whole(resp)
-                if (why := adapter_refusals.cause(content)) is not None:  # the caller's answer; the replica is fine
-                    owner.gw.table.answered(e.url, 422)
-                    owner.gw.metrics.requests.labels(self.model, e.site, "422").inc()
-                    body = error_body(adapter_refusals.not_loadable(self.named, why), 422, param="model", code=adapter_refusals.CODE)
-                    await _send_whole(send, 422, body, self._out(e))
+                if (refusal := await self._adapter_refusal(resp)) is not None:  # the caller's answer; the replica is fine
+                    owner.gw.metrics.requests.labels(self.model, e.site, str(refusal.status)).inc()
+                    body = error_body(adapter_refusals.told(self.named, refusal), refusal.status, param="model", code=refusal.code)
+                    retry = {"retry-after": str(adapter_refusals.RETRY_AFTER_S)} if refusal.status == 503 else {}
+                    await _send_whole(send, refusal.status, body, {**self._out(e), **retry})
                     return
             if resp.status != 200:  # a 200 has answered once it is read whole, or a stream once its first token is in
                 owner.gw.table.answered(e.url, resp.status, failover.ejection_s(resp.headers))
@@ -521,6 +520,15 @@ class _Relay(Response):
             await self._relay_stream(e, resp, send, first_token_by)
         finally:
             resp.close()  # an unfinished answer closes its connection: the replica sees the caller leave
+
+    async def _adapter_refusal(self, resp: Stream) -> adapter_refusals.Refusal | None:
+        """Ray's refusal of the adapter that the 500 ``resp`` is (read within the first token's timeout, up to
+        ``adapter_refusals.LONGEST_ANSWER`` bytes); None for any other 500: the replica's own fault."""
+        try:
+            async with asyncio.timeout(self.owner.first_token_timeout):
+                return adapter_refusals.cause(await resp.body(adapter_refusals.LONGEST_ANSWER))
+        except (UpstreamError, TimeoutError):
+            return None
 
     async def _whole(self, resp: Stream) -> bytes:
         """The answer ``resp`` gives, read whole within the first token's timeout."""

@@ -67,6 +67,13 @@ def engine_fault() -> None:
     raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
+def support_at(paris: str, lyon: str) -> list[routing.Endpoint]:
+    """``support`` (Ray Serve LLM's ``org/support``, with adapters) at Paris and Lyon."""
+    return [routing.Endpoint("support", "support", site, "datacenter", "FR", "fr", lat, lon, url, api=routing.API_OPENAI,
+                             served_model="org/support", lora=True)
+            for site, lat, lon, url in (("dc-paris", 48.85, 2.35, paris), ("dc-lyon", 45.76, 4.84, lyon))]
+
+
 def ray_llm_failing(site: str, failing: dict[str, bytes], asked: list[tuple[str, str]]) -> httpmessages.Handler:
     """A Ray Serve LLM replica of ``org/support`` answering Ray's 500 ``failing[adapter]`` for those adapters."""
     plain = ray_llm(site, "org/support", asked)
@@ -80,25 +87,22 @@ def ray_llm_failing(site: str, failing: dict[str, bytes], asked: list[tuple[str,
     return handle
 
 
-async def test_an_adapter_no_replica_can_load_is_a_422_saying_why_from_the_first_replica(tmp_path: pathlib.Path) -> None:
-    """An adapter that cannot load (rank above maxRank, another base model's weights, a download
-    that does not finish) was Ray's 500 at every replica with adapters, then 502 upstream_failed,
-    each attempt counted as a failover; it is now a 422 saying why from the first replica, the
-    replica kept in rotation, no failover counted and no bucket or path told to the caller."""
-    failing = {"tenant-big": ray_500(lambda: resolve_lora(RANK)), "tenant-other": ray_500(lambda: resolve_lora(OTHER_BASE)),
-               "tenant-slow": ray_500(lambda: download_not_finished(tmp_path))}
+async def test_an_adapter_no_replica_can_load_is_a_422_saying_why_from_the_first_replica() -> None:
+    """An adapter that cannot load (rank above maxRank, another base model's weights) was Ray's
+    500 at every replica with adapters, then 502 upstream_failed, each attempt counted as a
+    failover; it is now a 422 saying why from the first replica, the replica kept in rotation,
+    no failover counted and no bucket or path told to the caller."""
+    failing = {"tenant-big": ray_500(lambda: resolve_lora(RANK)), "tenant-other": ray_500(lambda: resolve_lora(OTHER_BASE))}
     asked: list[tuple[str, str]] = []  # from Berlin, Paris is nearer than Lyon
     registry = CollectorRegistry()
     async with replica(ray_llm_failing("dc-paris", failing, asked)) as paris, \
             replica(ray_llm_failing("dc-lyon", failing, asked)) as lyon:
-        table = endpoints.EndpointTable(ejecting_500s=2)  # four 500s of a replica's own would take it out
-        table.replace([routing.Endpoint("support", "support", site, "datacenter", "FR", "fr", lat, lon, url, api=routing.API_OPENAI,
-                                        served_model="org/support", lora=True)
-                       for site, lat, lon, url in (("dc-paris", 48.85, 2.35, paris), ("dc-lyon", 45.76, 4.84, lyon))])
+        table = endpoints.EndpointTable(ejecting_500s=2)  # three 500s of a replica's own would take it out
+        table.replace(support_at(paris, lyon))
         async with gateway_app(table, registry=registry) as app, serving(app) as port:
             sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/openai/v1", api_key="unused", max_retries=0, timeout=30)
             refusals = {}
-            for adapter, stream in (("tenant-big", False), ("tenant-big", True), ("tenant-other", False), ("tenant-slow", True)):
+            for adapter, stream in (("tenant-big", False), ("tenant-big", True), ("tenant-other", False)):
                 with pytest.raises(openai.UnprocessableEntityError) as refused:
                     await sdk.chat.completions.create(model=f"support:{adapter}", messages=USER, stream=stream, extra_headers=BERLIN)
                 refusals[adapter] = refused.value
@@ -111,12 +115,63 @@ async def test_an_adapter_no_replica_can_load_is_a_422_saying_why_from_the_first
     assert "its rank 64 is above the model's llm.lora.maxRank 16" in refusals["tenant-big"].message
     assert "expected target modules in ['q_proj', 'v_proj'] but received ['query_key_value']" in refusals["tenant-other"].message
     assert "base model" in refusals["tenant-other"].message
-    assert "did not download from the model's llm.lora.adaptersFrom" in refusals["tenant-slow"].message
-    assert found.headers["x-edgeplane-site"] == "dc-paris"  # four 500s of Ray's did not take Paris out of rotation
-    assert [site for site, _ in asked] == ["dc-paris"] * 5
+    assert found.headers["x-edgeplane-site"] == "dc-paris"  # three 500s of Ray's did not take Paris out of rotation
+    assert [site for site, _ in asked] == ["dc-paris"] * 4
     scraped = generate_latest(registry).decode()
     assert "edgeplane_gateway_failovers_total{" not in scraped
-    assert 'edgeplane_gateway_requests_total{code="422",model="support",site="dc-paris"} 4.0' in scraped
+    assert 'edgeplane_gateway_requests_total{code="422",model="support",site="dc-paris"} 3.0' in scraped
+
+
+async def test_an_adapter_still_downloading_on_the_node_is_a_503_to_retry(tmp_path: pathlib.Path) -> None:
+    """Ray's downloadTimeoutSeconds bounds only the wait for another request's download of the
+    adapter on the replica's node (its lock), which may finish a moment later: that 500 was
+    told as a 422 that no replica loads the adapter; it is a 503 adapter_unavailable with a
+    Retry-After, from the first replica, which stays in rotation, and no bucket or path told."""
+    failing = {"tenant-slow": ray_500(lambda: download_not_finished(tmp_path))}
+    asked: list[tuple[str, str]] = []
+    registry = CollectorRegistry()
+    async with replica(ray_llm_failing("dc-paris", failing, asked)) as paris, \
+            replica(ray_llm_failing("dc-lyon", failing, asked)) as lyon:
+        table = endpoints.EndpointTable(ejecting_500s=1)  # one 500 of a replica's own would take it out
+        table.replace(support_at(paris, lyon))
+        async with gateway_app(table, registry=registry) as app, serving(app) as port:
+            sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/openai/v1", api_key="unused", max_retries=0, timeout=30)
+            waits = []
+            for stream in (False, True):
+                with pytest.raises(openai.InternalServerError) as unavailable:
+                    await sdk.chat.completions.create(model="support:tenant-slow", messages=USER, stream=stream, extra_headers=BERLIN)
+                waits.append(unavailable.value)
+            found = await sdk.chat.completions.with_raw_response.create(model="support:tenant-a", messages=USER, extra_headers=BERLIN)
+            await sdk.close()
+    for waited in waits:
+        assert waited.status_code == 503 and waited.response.headers["retry-after"] == str(adapter_refusals.RETRY_AFTER_S)
+        assert waited.body["code"] == "adapter_unavailable" and waited.body["param"] == "model"  # type: ignore[index]
+        assert "adapter 'tenant-slow' of model 'support' cannot be loaded now" in waited.message
+        assert "still downloading" in waited.message
+        assert "s3://" not in waited.message and "/tmp" not in waited.message
+    assert found.headers["x-edgeplane-site"] == "dc-paris"
+    assert [site for site, _ in asked] == ["dc-paris"] * 3
+    scraped = generate_latest(registry).decode()
+    assert "edgeplane_gateway_failovers_total{" not in scraped
+    assert 'edgeplane_gateway_requests_total{code="503",model="support",site="dc-paris"} 2.0' in scraped
+
+
+async def test_a_500_too_long_for_a_refusal_is_the_replicas_own_and_not_read_whole() -> None:
+    """A replica's 500 is read for Ray's refusal of the adapter up to adapter_refusals.LONGEST_ANSWER
+    bytes: a longer one (no traceback of Ray's is that long) was read whole, up to the pool's
+    64 MiB, and taken for a refusal; it is the replica's own fault, and the next replica is asked."""
+    padded = json.loads(ray_500(lambda: resolve_lora(RANK)))
+    padded["error"]["message"] = "x" * adapter_refusals.LONGEST_ANSWER + padded["error"]["message"]
+    asked: list[tuple[str, str]] = []
+    async with replica(ray_llm_failing("dc-paris", {"tenant-big": json.dumps(padded).encode()}, asked)) as paris, \
+            replica(ray_llm_failing("dc-lyon", {}, asked)) as lyon:
+        table = endpoints.EndpointTable()
+        table.replace(support_at(paris, lyon))
+        async with gateway_app(table) as app, serving(app) as port:
+            sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/openai/v1", api_key="unused", max_retries=0, timeout=30)
+            answer = await sdk.chat.completions.with_raw_response.create(model="support:tenant-big", messages=USER, extra_headers=BERLIN)
+            await sdk.close()
+    assert answer.headers["x-edgeplane-site"] == "dc-lyon"
 
 
 async def test_a_replicas_own_500_for_an_adapter_still_moves_on() -> None:
@@ -127,9 +182,7 @@ async def test_a_replicas_own_500_for_an_adapter_still_moves_on() -> None:
     async with replica(ray_llm_failing("dc-paris", {"tenant-a": ray_500(engine_fault)}, asked)) as paris, \
             replica(ray_llm_failing("dc-lyon", {}, asked)) as lyon:
         table = endpoints.EndpointTable()
-        table.replace([routing.Endpoint("support", "support", site, "datacenter", "FR", "fr", lat, lon, url, api=routing.API_OPENAI,
-                                        served_model="org/support", lora=True)
-                       for site, lat, lon, url in (("dc-paris", 48.85, 2.35, paris), ("dc-lyon", 45.76, 4.84, lyon))])
+        table.replace(support_at(paris, lyon))
         async with gateway_app(table, registry=registry) as app, serving(app) as port:
             sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/openai/v1", api_key="unused", max_retries=0, timeout=30)
             answer = await sdk.chat.completions.with_raw_response.create(model="support:tenant-a", messages=USER, extra_headers=BERLIN)
@@ -139,21 +192,28 @@ async def test_a_replicas_own_500_for_an_adapter_still_moves_on() -> None:
     assert 'edgeplane_gateway_failovers_total{model="support",site="dc-paris"} 1.0' in generate_latest(registry).decode()
 
 
-@pytest.mark.parametrize(("answer", "cause"), [
-    (ray_500(lambda: resolve_lora(RANK)), "its rank 64 is above the model's llm.lora.maxRank 16"),
+def _download_lora() -> None:
+    """A download of Ray's LoRA loader that its storage refused (each of its attempts)."""
+    raise OSError("When reading information for key 'support/tenant-x' in bucket 'acme-adapters': AWS Error ACCESS_DENIED")
+
+
+@pytest.mark.parametrize(("answer", "status", "cause"), [
+    (ray_500(lambda: resolve_lora(RANK)), 422, "its rank 64 is above the model's llm.lora.maxRank 16"),
     (ray_500(lambda: resolve_lora("Loading lora support:x failed: No adapter found for /tmp/ray/llm/lora/cache/x")),
-     "the engine refused it: Loading lora support:x failed: No adapter found for <its local copy>"),
+     422, "the engine refused it: Loading lora support:x failed: No adapter found for <its local copy>"),
     (ray_500(lambda: resolve_lora("bad weights in s3://acme/x/adapter_model.safetensors")),
-     "the engine refused it: bad weights in <its bucket>"),
-    (ray_500(engine_fault), None),
-    (b'{"error": {"message": "Internal Server Error", "code": 500}}', None),
-    (b"Internal Server Error", None),
-    (b'{"error": "Failed to load lora model: x"}', None),
-    (b"[]", None),
+     422, "the engine refused it: bad weights in <its bucket>"),
+    (ray_500(_download_lora), 503, "its files could not be downloaded from the model's llm.lora.adaptersFrom"),
+    (ray_500(engine_fault), None, None),
+    (b'{"error": {"message": "Internal Server Error", "code": 500}}', None, None),
+    (b"Internal Server Error", None, None),
+    (b'{"error": "Failed to load lora model: x"}', None, None),
+    (b"[]", None, None),
 ])
-def test_rays_refusal_of_an_adapter_is_told_from_its_500(answer: bytes, cause: str | None) -> None:
+def test_rays_refusal_of_an_adapter_is_told_from_its_500(answer: bytes, status: int | None, cause: str | None) -> None:
     said = adapter_refusals.cause(answer)
     if cause is None:
         assert said is None
     else:
-        assert said is not None and cause in said
+        assert said is not None and said.status == status and cause in said.why
+        assert "acme" not in said.why
