@@ -9,10 +9,12 @@ decided by itself, one of those that fits, or one of its own below, by the exit 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
+from orchestrator import argtypes
 from orchestrator.api import reasons
 from orchestrator.cli import render
 from orchestrator.cli.http import CliError
@@ -34,6 +36,34 @@ class Failure:
     reason: str
     details: list[str] = dataclasses.field(default_factory=list)  # lines after the message, for people
     said: dict[str, Any] = dataclasses.field(default_factory=dict)  # the same for scripts, and more
+
+
+class UsageError(Exception):
+    """A command's arguments its parser refused, raised (not printed) where ``-o json|yaml`` asks
+    for the one object: :class:`ScriptParser`."""
+
+
+class ScriptParser(argtypes.Parser):
+    """The CLI's parser where ``-o json|yaml`` was asked: its usage errors are raised, as
+    :class:`UsageError`, for :func:`report` to say (``--help`` and ``--version`` print as ever)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def output_asked(argv: list[str]) -> str | None:
+    """The ``-o``/``--output`` that ``argv`` gives, before it is parsed (None where it gives none
+    or cannot be read so): a usage error is said in that form."""
+    early = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    early.add_argument("-o", "--output")
+    try:
+        return early.parse_known_args(argv)[0].output
+    except argparse.ArgumentError:
+        return None
+
+
+def of_usage(exc: UsageError) -> Failure:
+    return Failure(str(exc), 2, str(reasons.Reason.BAD_REQUEST))
 
 
 def of_cli_error(exc: CliError) -> Failure:

@@ -97,11 +97,12 @@ SERVER_HELP = ("control plane base URL; a path in it is the prefix a reverse pro
 TOKEN_HELP = "bearer token (default: $EDGEPLANE_TOKEN or the file named by $EDGEPLANE_TOKEN_FILE)"
 
 
-def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
+def build_parser(serve_options: bool = True, parser: type[argtypes.Parser] = argtypes.Parser) -> argparse.ArgumentParser:
     """``serve_options=False`` leaves out the options of ``serve`` and ``gateway``
     (``orchestrator.server_options``, which reads the CA's defaults and so imports
-    cryptography): every other command starts without them."""
-    p = argtypes.Parser(prog="edgeplane", description="Place ML model replicas across data centres and edge sites.")
+    cryptography): every other command starts without them. ``parser``: the class of it and
+    its subcommands' (``failures.ScriptParser`` raises their usage errors)."""
+    p = parser(prog="edgeplane", description="Place ML model replicas across data centres and edge sites.")
     p.add_argument("--version", action="version", version=f"edgeplane {orchestrator.__version__}")
     p.add_argument("--server", help=SERVER_HELP)
     p.add_argument("--token", help=TOKEN_HELP)
@@ -343,8 +344,13 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
 
 def _run(argv: list[str]) -> int:
     command = _command_of(argv)
-    # `edgeplane` and `edgeplane --help` name no command: they need no command's options either
-    args = build_parser(serve_options=command in ("serve", "gateway") or "serve" in argv).parse_args(argv)
+    asked = failures.output_asked(argv)  # json and yaml: a usage error too is one object
+    try:
+        # `edgeplane` and `edgeplane --help` name no command: they need no command's options either
+        args = build_parser(serve_options=command in ("serve", "gateway") or "serve" in argv,
+                            parser=failures.ScriptParser if asked in ("json", "yaml") else argtypes.Parser).parse_args(argv)
+    except failures.UsageError as exc:
+        return failures.report(failures.of_usage(exc), asked)
     if args.command == "serve":
         return cmd_serve(args)
     if args.command == "gateway":

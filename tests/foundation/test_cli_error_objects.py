@@ -82,3 +82,36 @@ def test_the_table_form_keeps_its_line(control_plane: support.ServerThread, caps
     assert cli_main.main(["--server", control_plane.url, "get", "widgets"]) == 1
     assert capsys.readouterr().err == (
         "error: unknown kind 'widgets'; use one of: sites, models, modeldeployments, placements, events, cascades\n")
+
+
+def _exit_code(argv: list[str]) -> int | str | None:
+    """``edgeplane *argv``'s exit code, returned or exited with (as argparse does)."""
+    try:
+        return cli_main.main(argv)
+    except SystemExit as exited:
+        return exited.code
+
+
+@pytest.mark.parametrize("output", ["json", "yaml"])
+@pytest.mark.parametrize(("argv", "said"), [
+    (["get", "sites", "--bogus"], "unrecognized arguments: --bogus"),
+    (["describe", "site"], "the following arguments are required: name"),
+    (["revoke", "token"], "the following arguments are required: name"),
+    (["events", "--limit", "many"], "argument --limit"),
+])
+def test_a_usage_error_is_one_object_too(capsys: pytest.CaptureFixture[str], output: str, argv: list[str], said: str) -> None:
+    """A command's usage refused by its arguments' parser was argparse's usage and line however
+    -o asked; with -o json|yaml it is the one object too, BadRequest, exit code 2."""
+    capsys.readouterr()
+    assert _exit_code([*argv, "-o", output]) == 2
+    out, err = capsys.readouterr()
+    assert out == "", out
+    doc = json.loads(err) if output == "json" else yaml.safe_load(err)
+    assert isinstance(doc, dict) and doc["reason"] == "BadRequest" and said in doc["error"], err
+
+
+def test_a_usage_error_in_the_table_form_keeps_argparse_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert _exit_code(["describe", "site"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: edgeplane describe") and err.endswith("edgeplane describe: error: the following arguments are required: name\n")
