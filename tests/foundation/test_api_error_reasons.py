@@ -16,6 +16,7 @@ import pytest
 
 from orchestrator import client as client_mod
 from orchestrator.api import paging, problems
+from orchestrator.cli import failures
 from orchestrator.manifests import loader
 
 from . import support
@@ -147,3 +148,12 @@ def test_a_request_head_over_64_kib_is_refused_as_an_error(api: httpx.Client) ->
     r = api.get("/v1/sites", headers={"x-filler": "a" * 70_000})
     body = _refusal(r, 431, "RequestHeaderFieldsTooLarge")
     assert "64 KiB" in body["error"], body
+
+
+def test_every_reason_of_the_cli_s_own_is_documented() -> None:
+    """docs/api.md's table of the CLI's own reasons lists each with its exit code, and no other;
+    none is a reason the control API gives."""
+    text = (support.REPO / "docs" / "api.md").read_text()
+    rows = dict(re.findall(r"^\| `([A-Za-z]+)` \| (\d) \|", text, re.M))
+    assert rows == {failures.UNREACHABLE: "3", failures.NOT_DONE: "1"}
+    assert not set(rows) & {r.value for r in problems.Reason}
