@@ -307,6 +307,7 @@ class Agent:
                 lon=cfg.lon,
                 labels=dict(cfg.labels),
                 started_unix_ms=round(self._clock() * 1000),  # this agent's start, which each of its joins says
+                checks_tokens=self.server.auth is not None,
             ),
             self.store,
             self,

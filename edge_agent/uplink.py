@@ -93,6 +93,7 @@ class JoinFacts:
     lon: float | None = None
     labels: dict[str, str] = field(default_factory=dict)
     started_unix_ms: int = 0  # when this agent started: another value at a join tells the control plane it restarted
+    checks_tokens: bool = False  # --serve-auth token: the endpoint list says so, and only then does the client send its token
 
     def to_proto(self, cap: capacity.Capacity, agent_id: str) -> pb.JoinRequest:
         location = pb.Location(country=self.country, region=self.region)
@@ -109,6 +110,7 @@ class JoinFacts:
             heartbeat_interval_ms=round(_asked_interval(self.heartbeat_interval) * 1000),
             capacity=cap.to_proto(),
             agent_started_unix_ms=self.started_unix_ms,
+            checks_tokens=self.checks_tokens,
         )
 
 

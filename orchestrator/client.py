@@ -37,9 +37,10 @@ idempotent; a chat moves on only before its first token). A gateway that could n
 reached is tried last for ``ejection_s`` seconds; when none gives a new endpoint list
 past its TTL, the list held is used and asked for again after ``ejection_s``.
 ``direct=False`` sends every request through the gateways (replicas the callers cannot
-reach, or one place to meter). The ``token`` goes with every request, to the gateways and to
-the replicas called directly alike: an agent run with ``--serve-auth token`` checks it, and its
-scope, as a gateway does.
+reach, or one place to meter). The ``token`` goes to the gateways, and to a replica called
+directly only where its endpoint entry says it checks tokens (``auth: "token"``: an agent run
+with ``--serve-auth token``); an entry without ``auth`` (an earlier control plane) gets none, and
+its 401 moves the request on, the replica ejected (:func:`clientattempt.replica_headers`).
 
 No answer is read past ``max_answer_bytes`` (:data:`MAX_ANSWER_BYTES`, 64 MiB, by default:
 the most the gateway takes from a replica): a larger one raises :class:`BadAnswer`, read
@@ -182,9 +183,8 @@ class _Base:
     def _attempts(self, model: str, endpoints: list[dict[str, Any]], headers: dict[str, str]) -> Iterator[Attempt]:
         """The replicas nearest first, then the gateways; made as they are needed (the
         first one nearly always answers)."""
-        direct = {**headers, **self._auth}  # an agent run with --serve-auth token checks it as a gateway does
-        for e in endpoints:
-            yield Attempt(clientattempt.url(e["inferUrl"]), direct, e["url"], e["site"])
+        for e in endpoints:  # the token only to an agent that checks it (--serve-auth token)
+            yield Attempt(clientattempt.url(e["inferUrl"]), clientattempt.replica_headers(headers, self._auth, e), e["url"], e["site"])
         through = {**headers, **self._auth, **args.caller_headers(self.location, self.region, self.residency)}
         gateways = self._gateways()
         for i, gateway in enumerate(gateways):
@@ -193,10 +193,10 @@ class _Base:
     def _chat_attempts(self, model: str, endpoints: list[dict[str, Any]], request_id: str) -> Iterator[Attempt]:
         """Generative replicas nearest first, then the gateways' OpenAI routes."""
         headers = {"content-type": "application/json", correlation.HEADER: request_id}
-        direct = {**headers, **self._auth}
         for e in endpoints:
             if e.get("api") == "openai":
-                yield Attempt(clientattempt.url(f"{e['url']}/v1/chat/completions"), direct, e["url"], e["site"])
+                yield Attempt(clientattempt.url(f"{e['url']}/v1/chat/completions"), clientattempt.replica_headers(headers, self._auth, e),
+                              e["url"], e["site"])
         through = {**headers, **self._auth, **args.caller_headers(self.location, self.region, self.residency)}
         gateways = self._gateways()
         for i, gateway in enumerate(gateways):
@@ -265,7 +265,7 @@ class _Base:
                       error: Exception | None) -> bool:
         """Whether to try the next attempt (True); raises for a refusal or when the gateway failed."""
         if attempt.endpoint is not None:
-            if resp is None or resp.status_code >= 500:
+            if resp is None or resp.status_code >= 500 or clientattempt.refused_untokened(attempt, resp):
                 self.cache.eject(attempt.endpoint)
                 return True
             if resp.status_code == 404:  # moved away since the list was read: the next one may serve it
@@ -311,7 +311,7 @@ class _Base:
                  error: Exception | None) -> InferResult | None:
         """The result, None to try the next attempt, or an exception for a refusal."""
         if attempt.endpoint is not None:  # a replica, directly
-            if resp is None or resp.status_code >= 500:
+            if resp is None or resp.status_code >= 500 or clientattempt.refused_untokened(attempt, resp):
                 self.cache.eject(attempt.endpoint)
                 return None
             if resp.status_code == 404:  # moved away since the list was read: the next one (or the gateway) may serve it

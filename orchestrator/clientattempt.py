@@ -65,6 +65,23 @@ def gateway_refusal(resp: httpx.Response) -> EdgeplaneError:
     return refusal
 
 
+def replica_headers(headers: dict[str, str], auth: dict[str, str], entry: Mapping[str, object]) -> dict[str, str]:
+    """The headers of a call to the replica of endpoint list ``entry``: the client's token
+    (``auth``) only where the entry says the replica checks tokens (``auth: "token"``, an
+    agent run with ``--serve-auth token``). A replica that checks none (``"none"``), or whose
+    entry does not say (a control plane of an earlier release), is not sent it: it needs none,
+    and the token, an admin's as much as an app's, would reach a box and a path that have no
+    business holding it, often in plain HTTP (docs/security.md)."""
+    return {**headers, **auth} if entry.get("auth") == "token" else headers
+
+
+def refused_untokened(attempt: Attempt, resp: httpx.Response) -> bool:
+    """Whether a replica was sent no token and answered 401 for one: it checks tokens though
+    its entry did not say so (a control plane of an earlier release lists none); the request
+    goes on to the next replica and the gateways, which take the token."""
+    return resp.status_code == 401 and attempt.endpoint is not None and "authorization" not in attempt.headers
+
+
 @functools.lru_cache(maxsize=1024)
 def url(address: str) -> httpx.URL:
     """Parsed once per replica URL: httpx's parser takes half of building a request."""

@@ -548,6 +548,7 @@ class AgentHub(relayed.RelayedAgents):
             via=via,
             healthy_since=now,
             started_unix_ms=application.started_unix_ms,
+            checks_tokens=application.checks_tokens,
         )
 
     def _channel(self, site: str) -> records.SiteChannel:

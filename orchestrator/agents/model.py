@@ -141,6 +141,7 @@ class JoinApplication:
     heartbeat_interval: float | None
     capacity: Capacity
     started_unix_ms: int = 0  # when the agent process started (0: an agent of an earlier version does not say)
+    checks_tokens: bool = False  # --serve-auth token at its serving ports (False: none, or an earlier version)
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,9 @@ class AgentStatus:
     # When the agent process started (Unix ms), as it said at its join: another value than
     # before says it restarted (the failback hold-down); 0 from an agent of an earlier version.
     started_unix_ms: int = 0
+    # Whether its serving ports check API tokens (--serve-auth token), as it said at its join:
+    # the endpoint list's auth, which tells the Python client whether to send its token there.
+    checks_tokens: bool = False
 
     @property
     def reported(self) -> bool:

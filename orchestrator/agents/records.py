@@ -48,6 +48,7 @@ class Record:
     # return after it was lost; a live agent's new session (a dropped connection) keeps it.
     healthy_since: float = 0.0
     started_unix_ms: int = 0  # when the agent process started, as it said at its join (0: not said)
+    checks_tokens: bool = False  # its serving ports check API tokens, as it said at its join
 
     def live(self, now: float) -> bool:
         """Healthy and not past its deadline: it holds its site against other agents."""
@@ -77,6 +78,7 @@ class Record:
             quiet_until=self.last_heartbeat + self.quiet_s if self.quiet_s else 0.0,
             healthy_since=self.healthy_since,
             started_unix_ms=self.started_unix_ms,
+            checks_tokens=self.checks_tokens,
         )
 
 

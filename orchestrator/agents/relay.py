@@ -464,7 +464,7 @@ def _whole(status: model.AgentStatus, agent_hub: hub.AgentHub) -> pb.AgentReport
         agent=pb.JoinRequest(site=status.site, agent_id=status.agent_id, endpoint_url=status.endpoint_url,
                              location=status.location.to_proto(), labels=dict(status.labels), agent_version=status.agent_version,
                              heartbeat_interval_ms=round(status.heartbeat_interval * 1000), capacity=capacity,
-                             agent_started_unix_ms=status.started_unix_ms))
+                             agent_started_unix_ms=status.started_unix_ms, checks_tokens=status.checks_tokens))
     if not status.reported:
         return report
     report.state.CopyFrom(pb.Heartbeat(

@@ -127,7 +127,8 @@ class RelayServicer:
                     endpoint_url=joined.endpoint_url, location=model.Location.from_proto(joined.location),
                     labels=dict(joined.labels), agent_version=joined.agent_version,
                     heartbeat_interval=joined.heartbeat_interval_ms / 1000 or None,
-                    capacity=model.Capacity.from_proto(joined.capacity), started_unix_ms=joined.agent_started_unix_ms),
+                    capacity=model.Capacity.from_proto(joined.capacity), started_unix_ms=joined.agent_started_unix_ms,
+                    checks_tokens=joined.checks_tokens),
                     report.agent_id, via)
             except errors.SiteTaken as exc:
                 log.warning("agent %s of site %s through replica %s refused: %s", report.agent_id, report.site, via, exc)

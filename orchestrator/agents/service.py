@@ -157,6 +157,7 @@ class AgentControlServicer:
             heartbeat_interval=request.heartbeat_interval_ms / 1000 or None,
             capacity=model.Capacity.from_proto(request.capacity),
             started_unix_ms=request.agent_started_unix_ms,
+            checks_tokens=request.checks_tokens,
         )
         peer = _peer_site(context)
         if peer is not None and peer != request.site:

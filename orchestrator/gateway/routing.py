@@ -31,6 +31,9 @@ INFLIGHT_PENALTY_MS = 1.5
 API_V2 = "v2"
 API_OPENAI = "openai"
 
+AUTH_TOKEN = "token"
+AUTH_NONE = "none"
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -57,6 +60,10 @@ class Endpoint:
     #: The v2 version the replica answers ``/versions/{v}`` for: the first 12 hex digits of
     #: its model file's sha256 (as the agent and the Ray Serve app name it); "" = not known.
     version: str = ""
+    #: Whether the replica checks API tokens: AUTH_TOKEN (an agent run with --serve-auth token),
+    #: AUTH_NONE (--serve-auth none, an agent of an earlier version, a data-centre replica).
+    #: The Python client sends its token to a replica it calls directly only where it is AUTH_TOKEN.
+    auth: str = "none"
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def endpoint_to_json(e: routing.Endpoint) -> dict[str, Any]:
     return {"model": e.model, "deployment": e.deployment, "site": e.site, "tier": e.tier, "country": e.country,
             "region": e.region, "lat": e.lat, "lon": e.lon, "url": e.url, "healthy": e.healthy, "inflight": e.inflight,
             "allowedCountries": sorted(e.allowed_countries), "fallback": list(e.fallback), "api": e.api,
-            "servedModel": e.served_model, "version": e.version, "lora": e.lora}
+            "servedModel": e.served_model, "version": e.version, "lora": e.lora, "auth": e.auth}
 
 
 def endpoint_from_json(d: Mapping[str, Any]) -> routing.Endpoint:
@@ -66,6 +66,7 @@ def endpoint_from_json(d: Mapping[str, Any]) -> routing.Endpoint:
         allowed_countries=frozenset(str(c) for c in d.get("allowedCountries", ())),
         fallback=tuple(str(t) for t in d.get("fallback", ())), api=str(d.get("api", routing.API_V2)),
         served_model=str(d.get("servedModel", "")), version=str(d.get("version", "")), lora=bool(d.get("lora", False)),
+        auth=routing.AUTH_TOKEN if d.get("auth") == routing.AUTH_TOKEN else routing.AUTH_NONE,  # absent from an earlier release's
     )
 
 
@@ -292,6 +293,7 @@ def endpoint_list(ranked: list[routing.Ranked] | routing.NoRoute, model: str) ->
             {"site": r.endpoint.site, "tier": r.endpoint.tier, "country": r.endpoint.country, "region": r.endpoint.region,
              "url": r.endpoint.url, "inferUrl": f"{r.endpoint.url}/v2/models/{r.endpoint.model}/infer",
              "expectedMs": round(r.expected_ms, 2), "deployment": r.endpoint.deployment, "api": r.endpoint.api,
+             "auth": r.endpoint.auth,  # "token": the replica checks API tokens, and the client sends its own
              # OpenAI SDK base_url of a generative replica (whatever engine answers there)
              **({"openaiUrl": f"{r.endpoint.url}/v1"} if r.endpoint.api == routing.API_OPENAI else {}),
              **({"version": r.endpoint.version} if r.endpoint.version else {})}  # the v2 version it answers for

@@ -314,7 +314,7 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow],
         if site.spec.tier == "edge":
             agent = agents.get(site.name)
             if agent is None and site.name in s.rejoining:  # where it answered before the restart, until its agent is back
-                out.extend(routing.Endpoint(url=e.url, healthy=e.healthy, **common)
+                out.extend(routing.Endpoint(url=e.url, healthy=e.healthy, auth=e.auth, **common)
                            for e in s.remembered.get(site.name, ()) if e.deployment == d.name and e.model == d.spec.model)
                 continue
             state = agent.models.get(d.spec.model) if agent else None
@@ -322,7 +322,8 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow],
             if agent is None or state is None or not serves_for(state, d.name, sent):
                 continue
             out.append(routing.Endpoint(url=agent.endpoint_url.rstrip("/"), healthy=agent.healthy, inflight=agent.inflight,
-                                        version=oip.model_version(state.serving_sha256), **common))
+                                        version=oip.model_version(state.serving_sha256),
+                                        auth=routing.AUTH_TOKEN if agent.checks_tokens else routing.AUTH_NONE, **common))
         else:
             dc = s.datacentres.get(site.name)
             app = dc.routed.get(applications.app_name(site.name, d.name, variant_name)) if dc else None

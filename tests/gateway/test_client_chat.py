@@ -374,3 +374,30 @@ async def test_a_chat_that_moves_on_keeps_nothing_of_the_failed_attempt_but_its_
     finally:
         replica.close()
         await gateway.shutdown(1)
+
+
+async def test_a_chat_sends_the_token_only_to_a_replica_whose_entry_says_it_checks_tokens() -> None:
+    """An agent run with --serve-auth none ("auth": "none") or listed by an earlier control
+    plane (no "auth") is called without the client's token; one that checks ("token") with it."""
+    stream = b'data: {"choices": [{"index": 0, "delta": {"content": "hello"}}]}\n\ndata: [DONE]\n\n'
+    heads: list[dict[str, str]] = []
+
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
+        heads.append(request.headers)
+        return httpmessages.Response(200, stream, headers=(("content-type", "text/event-stream"),))
+
+    replica = httplistener.HttpServer(handle)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await replica.start(sock)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        for auth in ("none", None, "token"):
+            cache = client_mod.EndpointCache()
+            cache.store("m", {"ttlSeconds": 600, "endpoints": [
+                {"site": "edge-a", "url": url, "api": "openai", **({"auth": auth} if auth else {})}]})
+            async with client_mod.AsyncClient(refused_url(), cache=cache, token="ep_secret", timeout=5) as c:
+                assert [t async for t in c.chat("m", [{"role": "user", "content": "hi"}])] == ["hello"]
+    finally:
+        await replica.shutdown(1)
+    assert [h.get("authorization") for h in heads] == [None, None, "Bearer ep_secret"]
