@@ -61,6 +61,11 @@ NO_MARK = "looks like UTF-16 without a byte-order mark: save it as UTF-8"
     pytest.param(ASCII_SITE.replace("\n", "\r\n").encode("utf-16-be"), id="utf-16-be, ASCII alone, CRLF"),
 ])
 def test_utf16_without_a_byte_order_mark_is_refused_saying_so(raw: bytes, tmp_path: pathlib.Path) -> None:
+    _refused_as_utf16(raw, tmp_path)
+
+
+def _refused_as_utf16(raw: bytes, tmp_path: pathlib.Path) -> None:
+    """Both readers, a file's and a request body's, refuse it with the hint to save it as UTF-8."""
     path = tmp_path / "site.yaml"
     path.write_bytes(raw)
     with pytest.raises(CliError, match=rf"^{path}: not UTF-8 text \(byte \d+\): it {NO_MARK}$"):
@@ -83,12 +88,7 @@ def test_utf16_of_text_mostly_not_ascii_is_refused_saying_so(raw: bytes, tmp_pat
     """Its first bytes hold few NULs, or none: they read as UTF-16 of assigned characters
     with the control bytes text in any 8-bit encoding never holds, where UTF-8 cannot read them."""
     assert raw[:512].count(0) < 512 // 4
-    path = tmp_path / "site.yaml"
-    path.write_bytes(raw)
-    with pytest.raises(CliError, match=rf"^{path}: not UTF-8 text \(byte \d+\): it {NO_MARK}$"):
-        textfile.read(path)
-    with pytest.raises(ManifestError, match=rf"not UTF-8 text \(byte \d+\): it {NO_MARK}"):
-        loader.load_text(raw, "<request>")
+    _refused_as_utf16(raw, tmp_path)
 
 
 @pytest.mark.parametrize(("text", "encoding"), [
