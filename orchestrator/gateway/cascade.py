@@ -54,6 +54,7 @@ from orchestrator.gateway import correlation
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import failover
 from orchestrator.gateway import routing
+from orchestrator.gateway import scoping
 from orchestrator.gateway.options import MAX_BODY
 from orchestrator.gateway.upstream import OutOfDescriptors, UpstreamError, UpstreamPool, UpstreamTimeout
 
@@ -282,6 +283,7 @@ class CascadeHandler:
         totals.requests += 1
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         headers.update(correlation.forwarded(request.scope))  # one id at every stage's replicas
+        headers.update(scoping.passed_on(request.scope))  # for the replicas that check tokens alone
         stage = rules.first_stage(route, mode)
         ranked = self.ranking(route, stage, caller)
         trip = Trip(caller=caller, mode=mode, body=kept)
@@ -403,7 +405,7 @@ class CascadeHandler:
             self.table.started(e.url)
             began = self.clock()
             try:
-                upstream = await self.http.request("POST", f"{e.url}/v2/models/{e.model}/infer", body, headers)
+                upstream = await self.http.request("POST", f"{e.url}/v2/models/{e.model}/infer", body, scoping.to_replica(headers, e))
             except UpstreamError as exc:
                 trip.failures.append(f"{e.site}: {exc}")
                 self.table.failed(e.url, slow=isinstance(exc, UpstreamTimeout))  # slow at this request, or down

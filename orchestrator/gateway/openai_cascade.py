@@ -48,6 +48,7 @@ from orchestrator.gateway import cascade_rules as rules
 from orchestrator.gateway import correlation
 from orchestrator.gateway import failover
 from orchestrator.gateway import openai_routes, routing
+from orchestrator.gateway import scoping
 from orchestrator.gateway.upstream import OutOfDescriptors, UpstreamError, UpstreamTimeout
 
 
@@ -75,7 +76,7 @@ class _Request:
     arrived: float  # the caller's request (time.perf_counter), which its first token is timed from
     totals: cascade_mod.Totals
     trip: cascade_mod.Trip
-    forwarded: Mapping[str, str]  # the caller's id and trace context, for every stage's replicas (correlation.forwarded)
+    forwarded: Mapping[str, str]  # the caller's id and trace context, and its token (scoping.passed_on), for every stage's replicas
 
     @property
     def chat(self) -> bool:
@@ -94,7 +95,8 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
     totals.requests += 1
     trip = cascade_mod.Trip(caller=caller, mode=mode, failovers=failover.Failovers(owner.gw.metrics.failovers, route.model,
                                                                                    owner.gw.metrics.skipped))
-    req = _Request(owner, handler, route, body, suffix, stream, handler.clock(), arrived, totals, trip, correlation.forwarded(request.scope))
+    req = _Request(owner, handler, route, body, suffix, stream, handler.clock(), arrived, totals, trip,
+                   {**correlation.forwarded(request.scope), **scoping.passed_on(request.scope)})
     stage = rules.first_stage(route, mode)
     ranked = handler.ranking(route, stage, caller)
     answer: _Answer | None = None
@@ -231,7 +233,8 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
             try:
                 # The head comes once the answer is generated (OpenAIGateway.post); the body right after it.
                 async with await owner.post(f"{e.url}/v1{req.suffix}", json.dumps({**body, "model": openai_routes.engine_model(e, e.model)}).encode(),
-                                            {"content-type": "application/json", **req.forwarded}, stream=False) as resp:
+                                            scoping.to_replica({"content-type": "application/json", **req.forwarded}, e),
+                                            stream=False) as resp:
                     async with asyncio.timeout(owner.first_token_timeout):
                         status, content = resp.status, await resp.body()
                     headers = resp.headers

@@ -329,7 +329,7 @@ class OpenAIGateway:
         if isinstance(ranked, Response):
             return self._refuse(model, ranked)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
-        headers.update(correlation.forwarded(request.scope))  # one id at every replica tried
+        headers.update({**correlation.forwarded(request.scope), **scoping.passed_on(request.scope)})  # the id; the token, to_replica's
         relayed = _Relay(self, model, ranked[: self.gw.max_attempts], suffix, raw, headers, stream, chat=suffix == "/chat/completions",
                          arrived=arrived, adapter=named.adapter)
         relayed.failovers.explain_by(functools.partial(self.gw.table.skipped, model, caller, self.gw.position, api=routing.API_OPENAI,
@@ -465,7 +465,7 @@ class _Relay(Response):
         owner = self.owner
         first_token_by = asyncio.get_running_loop().time() + owner.first_token_timeout  # the head's wait counts too
         try:
-            resp = await owner.post(f"{e.url}/v1{self.suffix}", self._body_for(e), self.fwd_headers, stream=self.stream)
+            resp = await owner.post(f"{e.url}/v1{self.suffix}", self._body_for(e), scoping.to_replica(self.fwd_headers, e), stream=self.stream)
         except UpstreamTimeout as exc:
             raise _Failed(str(exc), slow=True) from None
         except UpstreamError as exc:

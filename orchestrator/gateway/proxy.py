@@ -189,7 +189,7 @@ class Gateway:
         held = scoping.held_residency(scoping.token_of(request.scope), caller.residency)
         if isinstance(held, str):
             return routing.NoRoute(held, 403)
-        caller = dataclasses.replace(caller, residency=held)
+        caller = dataclasses.replace(caller, residency=held, anonymous=scoping.anonymous(request.scope))
         if caller.region is None:
             return caller
         return self.table.unknown_region(caller.region) or caller
@@ -247,6 +247,7 @@ class Gateway:
             return _error(ranked.status, ranked.reason, retry_after=ranked.retry_after)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         headers.update(correlation.forwarded(request.scope))  # one id at every replica tried
+        headers.update(scoping.passed_on(request.scope))  # for the replicas that check tokens alone
         failures = []
         missing = 0  # replicas that answered 404
         # The Retry-After of each replica that answered 503 (not down: not ready, or draining), None for each 404
@@ -260,7 +261,7 @@ class Gateway:
             url = f"{e.url}/v2/models/{e.model}{suffix}"
             self.table.started(e.url)
             try:
-                upstream = await self.http.request(method, url, body, headers)
+                upstream = await self.http.request(method, url, body, scoping.to_replica(headers, e))
             except UpstreamError as exc:
                 failures.append(f"{e.site}: {exc}")
                 self.table.failed(e.url, slow=isinstance(exc, UpstreamTimeout))  # slow at this request (a huge batch), or down

@@ -48,6 +48,7 @@ Ints = npt.NDArray[np.intp]
 class ReplicaIndex:
     endpoints: tuple[routing.Endpoint, ...]  # in the table's listing order
     healthy: Mask
+    checks_tokens: Mask  # an agent run with --serve-auth token (Endpoint.auth): no candidate for an anonymous caller
     in_deployment_residency: Mask
     country: Ints  # index into ``countries``
     countries: tuple[str, ...]  # in order of first appearance
@@ -88,6 +89,7 @@ class ReplicaIndex:
         return cls(
             endpoints=tuple(endpoints),
             healthy=np.array([e.healthy for e in endpoints], dtype=bool),
+            checks_tokens=np.array([e.auth == routing.AUTH_TOKEN for e in endpoints], dtype=bool),
             in_deployment_residency=np.array([not e.allowed_countries or e.country in e.allowed_countries for e in endpoints], dtype=bool),
             country=np.array([countries.setdefault(e.country, len(countries)) for e in endpoints], dtype=np.intp),
             countries=tuple(countries),
@@ -121,6 +123,11 @@ class ReplicaIndex:
                 return routing.NoRoute(routing.outside_caller_residency(caller, {self.countries[i] for i in self.country[spoken]}))
         if not allowed.any():
             return routing.NoRoute(routing.OUTSIDE_DEPLOYMENT_RESIDENCY)
+        if caller.anonymous and (allowed & self.checks_tokens).any():
+            checking = allowed
+            allowed = allowed & ~self.checks_tokens
+            if not allowed.any():
+                return routing.NoRoute(routing.needs_token({self.endpoints[i].site for i in np.flatnonzero(checking)}))
         healthy = allowed & self.healthy
         live = healthy & ~self._at(ejected) if ejected else healthy
         if panic and not live.any():
@@ -176,7 +183,7 @@ class ReplicaIndex:
         if mine <= nearest:
             return None
         # the ejections of this index's replicas alone: one elsewhere changes nothing here
-        key = (where, caller.residency, answered, tuple(tried), api, panic, version,
+        key = (where, caller.residency, caller.anonymous, answered, tuple(tried), api, panic, version,
                frozenset(u for u in ejected if u in self.by_url) if ejected else frozenset())
         try:
             found = self._skips[key]
@@ -208,8 +215,9 @@ class ReplicaIndex:
         allowed = self.in_deployment_residency.copy()
         if caller.residency:
             allowed &= self._in_countries(caller.residency)
+        usable = allowed & ~self.checks_tokens if caller.anonymous else allowed
         ejections = self._at(ejected) if ejected else np.zeros(len(self.endpoints), bool)
-        live = allowed & self.healthy & ~ejections
+        live = usable & self.healthy & ~ejections
         if spoken is not None:
             live &= spoken
         if panic and not live.any():
@@ -224,7 +232,7 @@ class ReplicaIndex:
         fallback = self.endpoints[answered].fallback
         tiers = self._tier_rank(fallback) if fallback else None
         later_tier = tiers[shown] > tiers[answered] if tiers is not None else np.zeros(len(shown), bool)
-        reasons = np.select([~self.in_deployment_residency[shown], ~allowed[shown], ~self.healthy[shown], ejections[shown],
+        reasons = np.select([~self.in_deployment_residency[shown], ~allowed[shown], ~usable[shown], ~self.healthy[shown], ejections[shown],
                              other_version, later_tier], list(skips.REASONS[:-1]), default=skips.LOAD)
         return skips.Skips(tuple(zip((self.endpoints[i].site for i in shown), reasons.tolist())), sites - len(shown))
 

@@ -4,13 +4,15 @@ Order of concerns, none of which a later one can override:
 
 1. residency — the deployment's own countries and the caller's ``X-Edgeplane-Residency``;
    an endpoint outside either is never a candidate, even if it is the only healthy one;
-2. health — unhealthy endpoints and endpoints the gateway ejected after a failure (when
+2. tokens — a replica that checks API tokens (an agent run with ``--serve-auth token``) is
+   no candidate for a request without one to pass on (a gateway run with ``--gateway-auth none``);
+3. health — unhealthy endpoints and endpoints the gateway ejected after a failure (when
    every healthy one is ejected, they are tried all the same: an ejection is this
    gateway's guess from a failure, and a 503 to every caller would be sure to fail;
    Envoy's panic threshold does the same);
-3. expected latency — great-circle round trip from the caller (or the gateway's own
+4. expected latency — great-circle round trip from the caller (or the gateway's own
    position) plus a load penalty per in-flight request;
-4. ``spec.routing.fallback`` — when given, tiers are tried in that order, nearest first
+5. ``spec.routing.fallback`` — when given, tiers are tried in that order, nearest first
    inside each tier.
 """
 
@@ -72,6 +74,9 @@ class Caller:
     lon: float | None = None
     region: str | None = None
     residency: frozenset[str] = frozenset()  # empty = no restriction from the caller
+    #: The request carries no token the gateway passes on (``--gateway-auth none``): replicas
+    #: that check tokens (``Endpoint.auth`` AUTH_TOKEN) cannot answer it and are not candidates.
+    anonymous: bool = False
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,12 @@ def outside_caller_residency(caller: Caller, countries: Collection[str]) -> str:
     return f"no replica in the caller's residency ({', '.join(sorted(caller.residency))}); replicas run in {', '.join(sorted(countries))}"
 
 
+def needs_token(sites: Collection[str]) -> str:
+    return (f"every replica the caller may use checks API tokens (edgeplane-agent --serve-auth token: {listed_sites(sites)}) "
+            "and this request has none the gateway passes on: it runs with --gateway-auth none; run it with "
+            "--gateway-auth token and send Authorization: Bearer <API token>, or serve the model where agents run --serve-auth none")
+
+
 def no_healthy_replica(sites: Collection[str]) -> str:
     return f"no healthy replica among the allowed sites ({listed_sites(sites)})"
 
@@ -278,6 +289,11 @@ def rank(
             return NoRoute(outside_caller_residency(caller, {e.country for e in endpoints}))
     if not allowed:
         return NoRoute(OUTSIDE_DEPLOYMENT_RESIDENCY)
+    if caller.anonymous:
+        checking = allowed
+        allowed = [e for e in allowed if e.auth != AUTH_TOKEN]
+        if not allowed:
+            return NoRoute(needs_token({e.site for e in checking}))
     live = [e for e in allowed if e.healthy and e.url not in ejected]
     if not live and panic:
         live = [e for e in allowed if e.healthy]

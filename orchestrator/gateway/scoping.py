@@ -94,3 +94,34 @@ def invalid_residency(entries: Any) -> str | None:
 
 def normalised(entries: Collection[str]) -> list[str]:
     return [e.strip().upper() for e in entries]
+
+
+#: The header a replica that checks tokens (``Endpoint.auth`` "token") reads the caller's from.
+AUTHORIZATION = "authorization"
+
+
+def passed_on(scope: Mapping[str, Any]) -> dict[str, str]:
+    """The caller's own ``Authorization`` to pass on to the replicas that check tokens, when
+    this gateway's admission verified it (``--gateway-auth token``); none otherwise: a
+    gateway without auth looks at no token (the OpenAI SDK sends one whatever it holds)."""
+    if scope.get(admission.TOKEN_KEY) is None:
+        return {}
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"authorization":
+            return {AUTHORIZATION: value.decode("latin-1")}
+    return {}
+
+
+def anonymous(scope: Mapping[str, Any]) -> bool:
+    """Whether the request has no token to pass on (:func:`passed_on`): the replicas that
+    check tokens cannot answer it, and the ranking passes them over (``skips.AUTH``)."""
+    return scope.get(admission.TOKEN_KEY) is None
+
+
+def to_replica(headers: Mapping[str, str], e: routing.Endpoint) -> Mapping[str, str]:
+    """``headers`` as sent to ``e``: the caller's ``Authorization`` only where ``e`` checks
+    tokens (an agent run with ``--serve-auth token``), never to one that does not (an agent
+    with ``--serve-auth none``, a data-centre replica), which has no use for the secret."""
+    if e.auth == routing.AUTH_TOKEN or AUTHORIZATION not in headers:
+        return headers
+    return {k: v for k, v in headers.items() if k != AUTHORIZATION}

@@ -15,6 +15,8 @@ Reasons, in the order the ranking applies its rules (``routing``), the first tha
 
 - ``deployment-residency``: outside the residency of the replica's deployment;
 - ``residency``: outside the caller's (``X-Edgeplane-Residency``, or its token's);
+- ``auth``: it checks API tokens (an agent run with ``--serve-auth token``) and the request
+  has none the gateway passes on (the gateway runs with ``--gateway-auth none``);
 - ``unhealthy``: the endpoint table holds it down (its agent lost or stopping, its data
   centre's application not answering);
 - ``ejected``: this gateway took it out of rotation after failures of its own;
@@ -39,13 +41,14 @@ SKIPPED = "x-edgeplane-skipped"
 
 DEPLOYMENT_RESIDENCY = "deployment-residency"
 RESIDENCY = "residency"
+AUTH = "auth"
 UNHEALTHY = "unhealthy"
 EJECTED = "ejected"
 VERSION = "version"
 FALLBACK = "fallback"
 LOAD = "load"
 #: Every reason, in the order the rules apply (a replica is given the first that holds).
-REASONS = (DEPLOYMENT_RESIDENCY, RESIDENCY, UNHEALTHY, EJECTED, VERSION, FALLBACK, LOAD)
+REASONS = (DEPLOYMENT_RESIDENCY, RESIDENCY, AUTH, UNHEALTHY, EJECTED, VERSION, FALLBACK, LOAD)
 
 #: How many sites the header names before it says how many more (``+N``): a caller far from
 #: its residency's sites would otherwise be answered a header naming thousands.

@@ -33,7 +33,8 @@ def random_table(rng: random.Random) -> tuple[EndpointTable, list[routing.Endpoi
             "m", rng.choice(["d1", "d2"]), site, rng.choice(TIERS), rng.choice(COUNTRIES), "", lat, lon,
             f"http://{site}-{i % 3}", healthy=rng.random() > 0.2, inflight=rng.choice([0, 0, 1, 2, 7]),
             allowed_countries=rng.choice([frozenset(), frozenset({"FR", "DE"}), frozenset({"CH"})]), fallback=fallback,
-            api=rng.choice([routing.API_V2, routing.API_V2, routing.API_OPENAI]), version=rng.choice(VERSIONS)))
+            api=rng.choice([routing.API_V2, routing.API_V2, routing.API_OPENAI]), version=rng.choice(VERSIONS),
+            auth=rng.choice([routing.AUTH_NONE, routing.AUTH_NONE, routing.AUTH_TOKEN])))
     table = EndpointTable()
     table.replace(endpoints)
     for e in rng.sample(endpoints, k=min(len(endpoints), rng.randint(0, 6))):
@@ -49,7 +50,8 @@ def test_the_table_ranks_as_the_rule_ranks(seed: int) -> None:
     rng = random.Random(seed)
     table, _ = random_table(rng)
     caller = routing.Caller(*rng.choice([(None, None), (48.85, 2.35), (rng.uniform(36, 56), rng.uniform(-8, 20))]),
-                            residency=rng.choice([frozenset(), frozenset({"FR"}), frozenset({"DE", "CH"}), frozenset({"PL"})]))
+                            residency=rng.choice([frozenset(), frozenset({"FR"}), frozenset({"DE", "CH"}), frozenset({"PL"})]),
+                            anonymous=rng.random() < 0.3)
     position = rng.choice([None, (50.0, 8.0)])
     api = rng.choice([routing.API_V2, routing.API_OPENAI, None])
     limit = rng.choice([None, 1, 3, 10])
@@ -77,7 +79,8 @@ def test_the_table_ranks_a_versioned_request_as_the_rule_ranks_it(seed: int) -> 
     rng = random.Random(seed)
     table, _ = random_table(rng)
     caller = routing.Caller(*rng.choice([(None, None), (48.85, 2.35), (rng.uniform(36, 56), rng.uniform(-8, 20))]),
-                            residency=rng.choice([frozenset(), frozenset({"FR"}), frozenset({"DE", "CH"}), frozenset({"PL"})]))
+                            residency=rng.choice([frozenset(), frozenset({"FR"}), frozenset({"DE", "CH"}), frozenset({"PL"})]),
+                            anonymous=rng.random() < 0.3)
     position = rng.choice([None, (50.0, 8.0)])
     version = rng.choice([*VERSIONS[1:], "feedfacecafe"])
     deployment = rng.choice([None, "d1"])
@@ -155,7 +158,8 @@ def test_the_table_chooses_and_ranks_cascade_stages_as_the_rule_does(seed: int) 
     table, _ = random_table(rng)
     routes = random_cascades(rng)
     caller = routing.Caller(*rng.choice([(None, None), (48.85, 2.35), (rng.uniform(36, 56), rng.uniform(-8, 20))]),
-                            residency=rng.choice([frozenset(), frozenset({"FR"}), frozenset({"DE", "CH"}), frozenset({"PL"})]))
+                            residency=rng.choice([frozenset(), frozenset({"FR"}), frozenset({"DE", "CH"}), frozenset({"PL"})]),
+                            anonymous=rng.random() < 0.3)
     position = rng.choice([None, (50.0, 8.0)])
     loaded = table.with_local_load("m")
     assert table.cascade_for(routes, caller, position) == cascade_rules.cascade_for(

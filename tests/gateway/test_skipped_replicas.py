@@ -38,7 +38,7 @@ def fleet(n: int = 5, **changes: dict[int, object]) -> list[routing.Endpoint]:
     out = []
     for i in range(n):
         fields = {"healthy": True, "country": "FR", "tier": "edge", "inflight": 0, "version": "", "allowed_countries": frozenset(),
-                  "fallback": ()}
+                  "fallback": (), "auth": "none"}
         fields.update({name: values[i] for name, values in changes.items() if i in values})
         out.append(routing.Endpoint("m", "m", f"site-{i}", fields.pop("tier"), fields.pop("country"), "west", PARIS[0], PARIS[1] + i,
                                     f"http://10.0.0.{i}", **fields))
@@ -57,6 +57,12 @@ def fleet(n: int = 5, **changes: dict[int, object]) -> list[routing.Endpoint]:
                  id="outside its deployment's residency"),
     pytest.param(fleet(country={0: "DE"}, healthy={0: False}), routing.Caller(residency=frozenset({"FR"})), "site-1", {},
                  (("site-0", "residency"),), id="the first rule that holds"),
+    pytest.param(fleet(auth={0: "token"}), routing.Caller(anonymous=True), "site-1", {}, (("site-0", "auth"),),
+                 id="checks tokens, and the request has none to pass on"),
+    pytest.param(fleet(auth={0: "token"}, healthy={0: False}), routing.Caller(anonymous=True), "site-1", {}, (("site-0", "auth"),),
+                 id="checks tokens: before its health"),
+    pytest.param(fleet(auth={0: "token"}, healthy={0: False}), routing.Caller(), "site-1", {}, (("site-0", "unhealthy"),),
+                 id="checks tokens, and the request has one: not for that"),
     pytest.param(fleet(version={0: "old", 1: "new", 2: "new"}), routing.Caller(), "site-1", {"version": "new"},
                  (("site-0", "version"),), id="another version"),
     pytest.param(fleet(version={1: "new"}), routing.Caller(), "site-1", {"version": "new"}, (("site-0", "version"),),
