@@ -5,7 +5,7 @@ generation the caller no longer waits for would run on at its replica, so the wo
 answer (picking and relaying a replica, a cascade's stages) runs beside a watch of
 ``receive``, and the first to end cancels the other: the work's upstream connections close,
 and the replica stops generating. :mod:`orchestrator.gateway.openai_routes` answers through
-these; a relay watches its caller itself.
+these; a relay (:mod:`orchestrator.gateway.openai_relay`) watches its caller itself.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A replica's server-sent events as the OpenAI relay reads them: whole, timed, and told apart.
 
-The relay (:mod:`orchestrator.gateway.openai_routes`) commits a stream to its caller only
+The relay (:mod:`orchestrator.gateway.openai_relay`) commits a stream to its caller only
 once the answer has begun, and after that must know whether the replica finished it. Both
 depend on reading the events right, which is this module's job:
 

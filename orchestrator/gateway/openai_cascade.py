@@ -47,7 +47,7 @@ from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import cascade_rules as rules
 from orchestrator.gateway import correlation
 from orchestrator.gateway import failover
-from orchestrator.gateway import openai_routes, routing
+from orchestrator.gateway import openai_relay, openai_routes, routing
 from orchestrator.gateway import scoping
 from orchestrator.gateway.upstream import OutOfDescriptors, UpstreamError, UpstreamTimeout
 
@@ -232,7 +232,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
         try:
             try:
                 # The head comes once the answer is generated (OpenAIGateway.post); the body right after it.
-                async with await owner.post(f"{e.url}/v1{req.suffix}", json.dumps({**body, "model": openai_routes.engine_model(e, e.model)}).encode(),
+                async with await owner.post(f"{e.url}/v1{req.suffix}", json.dumps({**body, "model": openai_relay.engine_model(e, e.model)}).encode(),
                                             scoping.to_replica({"content-type": "application/json", **req.forwarded}, e),
                                             stream=False) as resp:
                     async with asyncio.timeout(owner.first_token_timeout):
@@ -247,7 +247,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
         finally:
             owner.gw.table.finished(e.url)
             handler.charge(req.route, stage, e.site, handler.clock() - began, req.trip, req.totals)
-        parsed = openai_routes.json_object(content) if status == 200 else None
+        parsed = openai_relay.json_object(content) if status == 200 else None
         if status == 200 and parsed is None:  # cut short, or a proxy's own page: the next replica may answer
             owner.gw.table.malformed(e.url)
             req.trip.failures.append(f"{e.site}: the answer is not a JSON object")
@@ -383,7 +383,7 @@ def replay(answer: Mapping[str, Any], *, chat: bool, usage: bool) -> list[bytes]
         events.append({**head, "choices": [], "usage": answer.get("usage")})
     if events and "edgeplane" in answer:
         events[-1]["edgeplane"] = answer["edgeplane"]
-    return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [openai_routes.SSE_DONE]
+    return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [openai_relay.SSE_DONE]
 
 
 class _StageHooks:
@@ -417,7 +417,7 @@ class _StageHooks:
             response = _respond(req, refusal, None, self.escalated_at, "none", "", sites=sites)
         await response({"type": "http"}, _never, send)
 
-    async def failed(self, send: Send, failures: list[str], at_capacity: openai_routes.AtCapacity | None) -> bool:
+    async def failed(self, send: Send, failures: list[str], at_capacity: openai_relay.AtCapacity | None) -> bool:
         req = self.req
         if self.fallback is None and at_capacity is not None:  # as a non-streaming cascade ending at capacity
             variant = req.route.stages[self.stage].variant
@@ -449,6 +449,6 @@ def _relay(req: _Request, stage: int, ranked: list[routing.Ranked], escalated_at
     raw = json.dumps({**req.body, "model": req.route.model}).encode()
     hooks = _StageHooks(req, stage, escalated_at, escalated_why, fallback)
     _explain_by(req, stage)
-    return openai_routes.relay(req.owner, req.route.model, ranked[: req.owner.gw.max_attempts], req.suffix, raw, req.stream,
+    return openai_relay.relay(req.owner, req.route.model, ranked[: req.owner.gw.max_attempts], req.suffix, raw, req.stream,
                                chat=req.chat, arrived=req.arrived, forwarded=req.forwarded, hooks=hooks, failovers=req.trip.failovers)
 

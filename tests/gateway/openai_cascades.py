@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 
 from edge_agent import httpmessages, httpstream
 from orchestrator.api import methods
-from orchestrator.gateway import cascade, cascade_rules, endpoints, openai_cascade, openai_routes, proxy, routing, upstream
+from orchestrator.gateway import cascade, cascade_rules, endpoints, openai_cascade, openai_relay, openai_routes, proxy, routing, upstream
 
 Handle = Callable[[httpmessages.Request], Awaitable[httpmessages.Response]]
 DC = cascade_rules.StageRoute("large", frozenset({"datacenter"}), None)
@@ -82,14 +82,14 @@ def answering(content: str) -> Handle:
 
 def at_capacity(retry_after: str) -> Handle:
     async def handle(request: httpmessages.Request) -> httpmessages.Response:  # as the agent answers with its sequences full
-        return httpmessages.Response(429, openai_routes.error_body("model 'chat' is at capacity (1 running, 0 queued); retry after 1s", 429,
+        return httpmessages.Response(429, openai_relay.error_body("model 'chat' is at capacity (1 running, 0 queued); retry after 1s", 429,
                                                                  code="rate_limit_exceeded"), headers=(("retry-after", retry_after),))
     return handle
 
 
 def refusing(status: int) -> Handle:
     async def handle(request: httpmessages.Request) -> httpmessages.Response:
-        return httpmessages.Response(status, openai_routes.error_body(f"refused with {status}", status))
+        return httpmessages.Response(status, openai_relay.error_body(f"refused with {status}", status))
     return handle
 
 
@@ -104,7 +104,7 @@ def answering_42(generating_s: float) -> httpmessages.Handler:
         yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "42"}}]}\n\n'
         await asyncio.sleep(generating_s)
         yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
-        yield openai_routes.SSE_DONE
+        yield openai_relay.SSE_DONE
 
     async def handle(request: httpmessages.Request) -> httpmessages.Response | httpstream.StreamingResponse:
         if json.loads(request.body).get("stream"):

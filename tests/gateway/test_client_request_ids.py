@@ -21,7 +21,7 @@ from edge_agent import httpmessages
 from edgeplane_proto import oip
 from orchestrator import client as client_mod
 from orchestrator.api import methods
-from orchestrator.gateway import correlation, endpoints, openai_routes, proxy, routing, upstream
+from orchestrator.gateway import correlation, endpoints, openai_relay, openai_routes, proxy, routing, upstream
 from orchestrator.testing import loopback
 
 from .loopback import refused_url
@@ -45,7 +45,7 @@ class Replica:
         self.ids.append(request.headers.get("x-request-id"))
         chat = request.path.endswith("/chat/completions")
         if self.status != 200:
-            body = openai_routes.error_body("refused", self.status) if chat else oip.error_body(f"replica says {self.status}")
+            body = openai_relay.error_body("refused", self.status) if chat else oip.error_body(f"replica says {self.status}")
             return httpmessages.Response(self.status, body)
         if chat:
             return httpmessages.Response(200, json.dumps(CHAT).encode())

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from orchestrator.gateway import endpoints, openai_routes, proxy, routing
+from orchestrator.gateway import endpoints, openai_relay, openai_routes, proxy, routing
 from orchestrator.gateway.upstream import UpstreamPool
 from orchestrator.testing import loopback
 
@@ -34,7 +34,7 @@ async def chat(request: Request) -> Response:
     if (await request.json()).get("stream"):
         async def tokens() -> AsyncIterator[bytes]:
             yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "42"}}]}\n\n'
-            yield openai_routes.SSE_DONE
+            yield openai_relay.SSE_DONE
         return StreamingResponse(tokens(), media_type="text/event-stream")
     return Response(json.dumps(ANSWER), media_type="application/json")
 

@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 
 from edge_agent import httpmessages
 from orchestrator.api import methods
-from orchestrator.gateway import cascade, cascade_rules, endpoints, openai_routes, proxy, routing, upstream
+from orchestrator.gateway import cascade, cascade_rules, endpoints, openai_relay, openai_routes, proxy, routing, upstream
 from orchestrator.testing.loopback import replica, serving
 from tests.gateway.openai_cascades import (CHAT, DC, Handle, answering, answering_42, at_capacity, cascade_of, chat_answer, chat_reply,
                                         endpoint, gateway, gateway_app, refusing, truncated)
@@ -31,7 +31,7 @@ async def test_an_escalated_stage_on_vllm_is_asked_for_its_served_model_name() -
     async def vllm(request: httpmessages.Request) -> httpmessages.Response:  # serves its served model name only
         asked.append(json.loads(request.body)["model"])
         if asked[-1] != "org/large-chat":
-            return httpmessages.Response(404, openai_routes.error_body(f"The model `{asked[-1]}` does not exist.", 404))
+            return httpmessages.Response(404, openai_relay.error_body(f"The model `{asked[-1]}` does not exist.", 404))
         return httpmessages.Response(200, chat_answer("The answer is 42."))
 
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))

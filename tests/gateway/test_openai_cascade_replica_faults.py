@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from edge_agent import httpmessages, httpstream
-from orchestrator.gateway import cascade, cascade_rules, endpoints, event_stream, openai_routes
+from orchestrator.gateway import cascade, cascade_rules, endpoints, event_stream, openai_relay, openai_routes
 from orchestrator.testing import loopback
 from orchestrator.testing.loopback import replica
 from tests.gateway.openai_cascades import (CHAT, Handle, answering, answering_42, at_capacity, cascade_of, chat_answer, chat_reply,
@@ -266,7 +266,7 @@ async def test_each_replica_a_cascaded_chat_moves_on_from_counts_one_failover_as
 
 def unavailable(retry_after: str) -> Handle:
     async def handle(request: httpmessages.Request) -> httpmessages.Response:  # as a draining agent answers
-        return httpmessages.Response(503, openai_routes.error_body("the agent is draining", 503, code="draining"),
+        return httpmessages.Response(503, openai_relay.error_body("the agent is draining", 503, code="draining"),
                                      headers=(("retry-after", retry_after),))
     return handle
 
@@ -298,7 +298,7 @@ def failing_at_prefill() -> httpmessages.Handler:
     async def events() -> AsyncIterator[bytes]:
         yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}\n\n'
         yield (b'data: {"error": {"message": "failed to allocate the KV cache", "type": "server_error", "param": null, '
-               b'"code": "generation_failed"}}\n\n' + openai_routes.SSE_DONE)
+               b'"code": "generation_failed"}}\n\n' + openai_relay.SSE_DONE)
 
     async def handle(request: httpmessages.Request) -> httpstream.StreamingResponse:
         return httpstream.StreamingResponse(200, events())

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from edge_agent import httpmessages
-from orchestrator.gateway import endpoints, openai_routes, routing
+from orchestrator.gateway import endpoints, openai_relay, routing
 from orchestrator.testing.loopback import replica, serving
 from tests.gateway.openai_cascades import chat_reply, gateway_app
 
@@ -33,7 +33,7 @@ def ray_llm(site: str, served: str, asked: list[tuple[str, str]]) -> httpmessage
         model = json.loads(request.body)["model"]
         asked.append((site, model))
         if model.split(":")[0] != served:
-            return httpmessages.Response(404, openai_routes.error_body(f'Could not find base model with ID "{model}".', 404))
+            return httpmessages.Response(404, openai_relay.error_body(f'Could not find base model with ID "{model}".', 404))
         return chat_reply(request, f"{model} at {site}")
     return handle
 

@@ -25,7 +25,7 @@ from edge_agent import httpmessages
 from edgeplane_proto import correlation as ids
 from edgeplane_proto import oip
 from orchestrator.api import methods
-from orchestrator.gateway import cascade, cascade_rules, correlation, endpoints, openai_routes, proxy, routing, upstream
+from orchestrator.gateway import cascade, cascade_rules, correlation, endpoints, openai_relay, openai_routes, proxy, routing, upstream
 from orchestrator.testing import loopback
 from tests.gateway.openai_cascades import chat_reply
 
@@ -52,7 +52,7 @@ def status(code: int) -> Answer:
     def answer(request: httpmessages.Request) -> httpmessages.Response:
         retry = (("retry-after", "3"),) if code == 503 else ()
         if request.path.startswith("/v1/"):
-            return httpmessages.Response(code, openai_routes.error_body(f"replica says {code}", code), headers=retry)
+            return httpmessages.Response(code, openai_relay.error_body(f"replica says {code}", code), headers=retry)
         return httpmessages.Response(code, oip.error_body(f"replica says {code}"), headers=retry)
     return answer
 

@@ -403,7 +403,7 @@ async def test_the_gateway_names_the_model_as_the_engine_serves_it() -> None:
     from starlette.applications import Starlette
 
     from edge_agent import httpmessages
-    from orchestrator.gateway import endpoints, openai_routes, proxy, routing, upstream
+    from orchestrator.gateway import endpoints, openai_relay, openai_routes, proxy, routing, upstream
     from orchestrator.testing.loopback import replica
 
     received: list[bytes] = []
@@ -411,7 +411,7 @@ async def test_the_gateway_names_the_model_as_the_engine_serves_it() -> None:
     async def engine(request: httpmessages.Request) -> httpmessages.Response:
         received.append(request.body)
         return httpmessages.Response(200, b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}\n\n'
-                                     + openai_routes.SSE_DONE, content_type="text/event-stream")
+                                     + openai_relay.SSE_DONE, content_type="text/event-stream")
 
     common = dict(model="gpt", deployment="gpt", tier="datacenter", country="FR", region="eu-west", lat=48.86, lon=2.35, api="openai")
     raw = json.dumps({"model": "gpt", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
