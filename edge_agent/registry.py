@@ -2,7 +2,7 @@
 
 A new version replaces the serving one only once it is downloaded, verified and loaded,
 and takes what its variant declares (``signature``); a package is loaded from the folder it
-was unpacked into (:class:`PackageFolders`), which, once whole, is what the version keeps on
+was unpacked into (:class:`packagefolders.PackageFolders`), which, once whole, is what the version keeps on
 the disk, and what a later attempt, after a restart too, loads with no download; until then the previous version keeps
 serving and the model's state says why the new one is not there. Models absent from the
 desired set are unloaded.
@@ -34,9 +34,7 @@ cache (:meth:`ModelRegistry.kept_aside`) and loads it again if the new one fails
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import enum
-import functools
 import gc
 import logging
 import math
@@ -45,9 +43,9 @@ import pathlib
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from edge_agent import admission, artifacts, assignments, errors, footprint, outage, signature
+from edge_agent import admission, artifacts, assignments, errors, footprint, heap, outage, packagefolders, signature
 from edge_agent.retry import MODEL_RETRY, Jitter, RetryPolicy
 from edge_agent.runtime import onnx
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
@@ -149,27 +147,6 @@ class _Slot:
 
 
 Loader = Callable[[bytes], onnx.OnnxModel]
-#: Loads a generative package: (the folder it was unpacked into, its sha256, whether on a GPU) -> the model.
-PackageLoader = Callable[[pathlib.Path, str, bool], "genai.GenAIModel"]
-#: Loads an onnx package (a graph with its external data): (the folder it was unpacked into, its sha256) -> the model.
-OnnxPackageLoader = Callable[[pathlib.Path, str], onnx.OnnxModel]
-
-
-class PackageFolders(Protocol):
-    """Where packages are unpacked, a folder a version (``edge_agent.packages`` behind it,
-    imported only by an agent that unpacks one)."""
-
-    def reuse(self, sha256: str, runtime: str) -> pathlib.Path | None:
-        """The version's folder when an unpack finished it (its mark) and it still looks so;
-        None otherwise, a folder that does not being removed first (it is unpacked again)."""
-
-    def unpack(self, package: pathlib.Path, sha256: str, runtime: str) -> pathlib.Path:
-        """The cached ``package`` verified and unpacked whole: its folder."""
-
-    def size(self, folder: pathlib.Path) -> int:
-        """The bytes of ``folder``'s files: what its load reads."""
-
-
 class ModelRegistry:
     def __init__(
         self,
@@ -178,9 +155,9 @@ class ModelRegistry:
         on_change: Callable[[], None] = lambda: None,
         *,
         on_attempt_end: Callable[[], None] = lambda: None,
-        load_package: PackageLoader | None = None,
-        load_onnx_package: OnnxPackageLoader | None = None,
-        folders: PackageFolders | None = None,
+        load_package: packagefolders.PackageLoader | None = None,
+        load_onnx_package: packagefolders.OnnxPackageLoader | None = None,
+        folders: packagefolders.PackageFolders | None = None,
         generative_on_gpu: Callable[[], bool] = lambda: False,
         memory_available: Callable[[], int | None] = lambda: None,
         kept_for_requests: Callable[[int, int], int] = lambda need, available: 0,
@@ -315,7 +292,7 @@ class ModelRegistry:
         self.applied_version = desired.version
         self._on_change()  # the server lets go of the versions dropped: freed now unless one still generates
         if self._serving_versions() != before:
-            _release_freed_memory()
+            heap.release_freed()
 
     def _unassign(self, name: str) -> None:
         # (a method of its own: a local of apply's would hold the slot, and the version it
@@ -390,7 +367,7 @@ class ModelRegistry:
             slot.failures, slot.retry_at = 0, None
             slot.phase, slot.message = ModelPhase.READY, ""
             self._on_change()
-            _release_freed_memory()  # the load's temporary buffers (and the version it replaced)
+            heap.release_freed()  # the load's temporary buffers (and the version it replaced)
         await self._forget(want)
 
     async def _fetched_and_loaded(self, slot: _Slot, want: assignments.Assignment, progress: Callable[[str], None],
@@ -488,7 +465,7 @@ class ModelRegistry:
         log.warning("model %s: %s", want.model, slot.message)
         del old
         self._on_change()  # the server lets go of it: freed once its requests in flight have their answers
-        _release_freed_memory()
+        heap.release_freed()
 
     def _unpacks(self, want: assignments.Assignment) -> artifacts.Unpack:
         """Whether ``want``'s artifact is unpacked after its download: a generative one is a
@@ -505,7 +482,7 @@ class ModelRegistry:
         # what the failed load took: the file's bytes and the session it made, held by its
         # traceback's frames and the load's future, in cycles only the collector frees
         gc.collect()
-        _release_freed_memory()
+        heap.release_freed()
         failure = await self._fetched_and_loaded(slot, old, lambda done: None, slot.assignment)
         if failure is not None:
             return f"; sha256 {old.sha256[:12]}, unloaded first for it, could not be loaded again: {failure}"
@@ -605,24 +582,3 @@ class ModelRegistry:
 def _retrieved(task: asyncio.Future[object]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-def _release_freed_memory() -> None:
-    """Hand the heap memory freed since the last call back to the system (glibc only).
-
-    Loading a model parses it and builds its graph in temporary buffers; once freed,
-    glibc keeps most of them mapped for reuse, in the middle of the heap and in the
-    arenas of the threads that loaded. For a daemon that then idles for weeks that is
-    about 1 MB of resident memory for nothing. ``malloc_trim`` returns whole free pages.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
-    except (AttributeError, OSError):  # not glibc
-        return None

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from edge_agent import artifacts, assignments, registry
+from edge_agent import artifacts, assignments, heap, registry
 from edge_agent.runtime import onnx
 from orchestrator.agents import model
 
@@ -177,10 +177,10 @@ async def test_mismatching_upgrade_keeps_being_refused_while_the_old_version_ser
 
 def trim_found_and_run() -> bool:
     """Whether the agent finds glibc's ``malloc_trim``, once its release of freed memory has
-    run outside the stand-in. Through the registry's private functions: the agent runs them
+    run outside the stand-in. Through the heap's functions, the private one too: the agent runs them
     only inside a converge, and nothing public says whether the trim was found."""
-    found = registry._malloc_trim() is not None
-    registry._release_freed_memory()
+    found = heap._malloc_trim() is not None
+    heap.release_freed()
     return found
 
 
@@ -188,7 +188,7 @@ async def test_freed_memory_is_returned_when_the_serving_set_changes(
     tmp_path: pathlib.Path, models: Models, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trims: list[int] = []
-    monkeypatch.setattr(registry, "_release_freed_memory", lambda: trims.append(1))
+    monkeypatch.setattr(heap, "release_freed", lambda: trims.append(1))
     models_reg = registry.ModelRegistry(artifacts.ArtifactCache(tmp_path), lambda data: onnx.OnnxModel.load(data))
     await models_reg.converge(_one(models.v1_url, models.v1.sha256))
     assert len(trims) == 1  # loaded

@@ -1,0 +1,32 @@
+"""What the model registry loads packages through: where they are unpacked, and their loaders."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from edge_agent.runtime import onnx
+
+if TYPE_CHECKING:  # the daemon imports it with the first generative model it loads
+    from edge_agent.runtime import genai
+
+#: Loads a generative package: (the folder it was unpacked into, its sha256, whether on a GPU) -> the model.
+PackageLoader = Callable[[pathlib.Path, str, bool], "genai.GenAIModel"]
+#: Loads an onnx package (a graph with its external data): (the folder it was unpacked into, its sha256) -> the model.
+OnnxPackageLoader = Callable[[pathlib.Path, str], onnx.OnnxModel]
+
+
+class PackageFolders(Protocol):
+    """Where packages are unpacked, a folder a version (``edge_agent.packages`` behind it,
+    imported only by an agent that unpacks one)."""
+
+    def reuse(self, sha256: str, runtime: str) -> pathlib.Path | None:
+        """The version's folder when an unpack finished it (its mark) and it still looks so;
+        None otherwise, a folder that does not being removed first (it is unpacked again)."""
+
+    def unpack(self, package: pathlib.Path, sha256: str, runtime: str) -> pathlib.Path:
+        """The cached ``package`` verified and unpacked whole: its folder."""
+
+    def size(self, folder: pathlib.Path) -> int:
+        """The bytes of ``folder``'s files: what its load reads."""
