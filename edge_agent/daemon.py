@@ -484,6 +484,11 @@ class _Folders:
 
         return packages.size(folder)
 
+    def remove(self, sha256: str) -> None:
+        from edge_agent import packages
+
+        packages.remove(self.root, sha256)
+
 
 def _prune_packages(models_dir: pathlib.Path, keep: set[str], unpacking: set[str]) -> None:
     from edge_agent import packages  # with shutil, bz2 and lzma: only where generative models were unpacked

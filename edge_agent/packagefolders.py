@@ -30,3 +30,7 @@ class PackageFolders(Protocol):
 
     def size(self, folder: pathlib.Path) -> int:
         """The bytes of ``folder``'s files: what its load reads."""
+
+    def remove(self, sha256: str) -> None:
+        """Remove the version's folder, whole or not: a load of it failed (its files damaged
+        since its unpack), and it is fetched, verified and unpacked again."""

@@ -248,7 +248,19 @@ def _discard(final: pathlib.Path, models_root: pathlib.Path, sha256: str, runtim
     disk. Removed before the unpack, so it takes no room the unpack needs (the package it is
     unpacked from again was just verified); moved aside first, so an unpack of the same version
     that renamed a whole folder there meanwhile keeps it."""
-    if _whole(final, runtime) or not os.path.lexists(final):
+    if not _whole(final, runtime):
+        _remove(final, models_root, sha256)
+
+
+def remove(models_root: pathlib.Path, sha256: str) -> None:
+    """Remove the version's folder, whole or not: one whose files were damaged after its unpack
+    (a removal cut short, a disk's fault), which its mark and graph do not tell, and a load of
+    it did; it is downloaded, verified and unpacked again."""
+    _remove(models_root / sha256, models_root, sha256)
+
+
+def _remove(final: pathlib.Path, models_root: pathlib.Path, sha256: str) -> None:
+    if not os.path.lexists(final):
         return
     aside = models_root / f".{sha256[:12]}-discarded-{os.getpid()}-{threading.get_ident()}"
     try:

@@ -379,6 +379,7 @@ class ModelRegistry:
             # from its folder: neither downloaded nor hashed again, its tar gone
             folder = await asyncio.to_thread(self._folders.reuse, want.sha256, want.runtime) \
                 if self._folders is not None and self._unpacks(want) is not artifacts.Unpack.NEVER else None
+            reused = folder is not None  # as an unpack left it, maybe damaged since: removed if its load fails
             path = None if folder is not None else await self._cache.fetch(
                 want.artifact_url, want.sha256, progress, want.artifact_hosts, unpack=self._unpacks(want), name=want.model)
             if slot.assignment is want:
@@ -402,14 +403,14 @@ class ModelRegistry:
                         size, kv_per_token, context, want.max_concurrent_sequences or admission.DEFAULT_MAX_CONCURRENT))
                     self._loading(need)
                     try:
-                        runtime = await self._to_its_end(asyncio.to_thread(self._load_package, folder, want.sha256, on_gpu))
+                        runtime = await self._to_its_end(self._from_folder(want, folder, reused, self._load_package, on_gpu))
                     finally:
                         self._loading(0)
                 else:
                     need = await self._weighed(slot, want, footprint.onnx_need(size, package=folder is not None))
                     self._loading(need)
                     try:
-                        runtime = await self._to_its_end(self._read_and_load(want, folder))
+                        runtime = await self._to_its_end(self._read_and_load(want, folder, reused))
                     finally:
                         self._loading(0)
         except errors.AgentError as exc:
@@ -495,10 +496,12 @@ class ModelRegistry:
         unpack = self._unpacks(want)
         return unpack is artifacts.Unpack.ALWAYS or (unpack is artifacts.Unpack.IF_TAR and artifacts.is_package(path))
 
-    async def _read_and_load(self, want: assignments.Assignment, folder: pathlib.Path | None = None) -> onnx.OnnxModel:
-        """``want``'s model, from its verified bytes or, a package, from the ``folder`` it was unpacked into."""
+    async def _read_and_load(self, want: assignments.Assignment, folder: pathlib.Path | None = None,
+                             reused: bool = False) -> onnx.OnnxModel:
+        """``want``'s model, from its verified bytes or, a package, from the ``folder`` it was
+        unpacked into (``reused``: see :meth:`_from_folder`)."""
         if folder is not None and self._load_onnx_package is not None:
-            model = await asyncio.to_thread(self._load_onnx_package, folder, want.sha256)
+            model = await self._from_folder(want, folder, reused, self._load_onnx_package)
         else:
             data = await self._cache.read(want.sha256)
             model = await asyncio.to_thread(self._load, data)  # its bytes let go of with this frame, before the next load
@@ -506,6 +509,22 @@ class ModelRegistry:
         if refused is not None:  # it would answer 400 to callers writing to the declaration
             raise errors.ModelLoadError(refused)
         return model
+
+    async def _from_folder(self, want: assignments.Assignment, folder: pathlib.Path, reused: bool,
+                           load: Callable[..., T], *args: object) -> T:
+        """``load(folder, sha256, *args)`` on a thread. When it fails and ``folder`` was ``reused``
+        as an earlier unpack left it (neither downloaded nor verified by this attempt), its files
+        may have been damaged since, which its mark does not tell: it is removed (in the turn
+        unpacks take), so that the next attempt, backed off as any, fetches the package again."""
+        try:
+            return await asyncio.to_thread(load, folder, want.sha256, *args)
+        except Exception as exc:
+            if not reused or self._folders is None:
+                raise
+            why = str(exc) if isinstance(exc, errors.AgentError) else f"{type(exc).__name__}: {exc}"
+            await asyncio.to_thread(self._folders.remove, want.sha256)  # (said by the failure's message)
+        raise errors.ModelLoadError(f"{why}; its unpacked folder {folder} was removed: the package is downloaded, "
+                                    "verified and unpacked again at the next attempt")
 
     async def _to_its_end(self, load: Awaitable[T]) -> T:
         """``load`` (work on a thread, which cannot be cut short), awaited to its end even when

@@ -127,6 +127,84 @@ async def test_a_version_no_longer_assigned_has_its_folder_removed(
     await harness.wait_until(lambda: held(data_dir) == (set(), set()), 10, what=f"the folder removed, not {held(data_dir)}")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+async def test_a_folder_whose_weights_were_damaged_after_its_unpack_is_fetched_again_and_serves(
+        control_plane: ControlPlane, make_agent: MakeAgent, artifact_server: ArtifactServer, tmp_path: pathlib.Path,
+        damage: str) -> None:
+    """The mark and the graph survive (a removal by hand cut short, a disk's fault): the first
+    load fails, the folder goes, and the retry downloads, verifies and unpacks it again."""
+    name = f"damaged-{damage}.tar"
+    url, sha = packed(artifact_server, onnx_models.save_with_external_data(tmp_path / "model"), name)
+    data_dir = tmp_path / "agent"
+    agent = await make_agent(control_plane, data_dir=data_dir)
+    control_plane.hub.set_assignments(SITE, [model.Assignment("m", "intent", "small", url, sha)], version=1)
+    await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY, name="m")
+    await agent.stop()
+    weights = data_dir / "models" / sha / "model.onnx.data"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        weights.unlink()
+
+    hits = artifact_server.attempts(name)
+    restarted = await make_agent(control_plane, data_dir=data_dir, model_retry=registry.RetryPolicy(initial=0.05, maximum=0.2))
+    (served,) = await harness.wait_until(lambda: restarted.registry.serving(), 30, what="the version served again")
+    assert served.sha256 == sha
+    np.testing.assert_array_equal(await infer(restarted.endpoint_url), onnx_models.run_in_one_file(X))
+    assert artifact_server.attempts(name) == hits + 1
+    assert held(data_dir) == (set(), {sha})
+    assert folder_bytes(data_dir / "models" / sha) > 100
+
+
+async def test_a_generative_folder_whose_weights_were_damaged_after_its_unpack_is_fetched_again_and_serves(
+        control_plane: ControlPlane, make_agent: MakeAgent, artifact_server: ArtifactServer,
+        packages: genai_serving.Packages, tmp_path: pathlib.Path) -> None:
+    shutil.copyfile(artifact_server.root / "tiny-chat.tar", artifact_server.root / "damaged-chat.tar")
+    url, sha = artifact_server.url("damaged-chat.tar"), packages.small.sha256
+    data_dir = tmp_path / "agent"
+    agent = await make_agent(control_plane, data_dir=data_dir)
+    control_plane.hub.set_assignments(SITE, [genai_serving.assignment(url, sha)], version=1)
+    await genai_serving.wait_state(control_plane, lambda s: s.serving_sha256 == sha)
+    await agent.stop()
+    weights = data_dir / "models" / sha / "model.onnx"  # its mark and genai_config.json kept
+    weights.write_bytes(weights.read_bytes()[:100])
+
+    restarted = await make_agent(control_plane, data_dir=data_dir, model_retry=registry.RetryPolicy(initial=0.05, maximum=0.2))
+    (served,) = await harness.wait_until(lambda: restarted.registry.serving(), 30, what="the version served again")
+    assert served.sha256 == sha and artifact_server.attempts("damaged-chat.tar") == 2
+    assert held(data_dir) == (set(), {sha}) and weights.stat().st_size > 100
+
+
+async def test_a_package_that_fails_to_load_after_its_download_is_fetched_again_only_every_other_backed_off_retry(
+        control_plane: ControlPlane, make_agent: MakeAgent, artifact_server: ArtifactServer, tmp_path: pathlib.Path) -> None:
+    """A package broken as published: its load fails from a fresh unpack (the folder is kept)
+    and from the folder reused (removed); the backoff grows across both."""
+    folder = onnx_models.save_with_external_data(tmp_path / "model")
+    (folder / "model.onnx.data").write_bytes(b"\0" * 10)
+    url, sha = packed(artifact_server, folder, "broken-onnx.tar")
+    data_dir = tmp_path / "agent"
+    agent = await make_agent(control_plane, data_dir=data_dir, model_retry=registry.RetryPolicy(initial=0.5, maximum=60))
+    control_plane.hub.set_assignments(SITE, [model.Assignment("m", "intent", "small", url, sha)], version=1)
+    first: dict[int, tuple[str, int, bool]] = {}  # failed n times: (its message, downloads, folder there)
+
+    def failed(times: int) -> bool:
+        statuses = agent.registry.statuses()
+        if not statuses:  # the assignment not come yet
+            return False
+        status = statuses[0]
+        first.setdefault(status.failures, (status.message, artifact_server.attempts("broken-onnx.tar"),
+                                           (data_dir / "models" / sha).is_dir()))
+        return status.failures >= times
+
+    await harness.wait_until(lambda: failed(3), 30, what="failed 3x")
+    fresh, reused, again = ((n, m, "was removed" in m, downloads, there) for n, (m, downloads, there) in sorted(first.items()) if n)
+    assert fresh[2:] == (False, 1, True), fresh  # from a fresh unpack: kept
+    assert reused[2:] == (True, 1, False), reused  # from the folder reused: removed
+    assert "(failed 2x)" in reused[1], reused
+    assert again[2:] == (False, 2, True), again  # downloaded again, once, after the backoff
+    assert agent.registry.serving() == []
+
+
 # -- a real agent process, killed ------------------------------------------------------------
 
 
@@ -183,6 +261,10 @@ def _as_left_by(point: str, data_dir: pathlib.Path, tar: pathlib.Path, sha: str)
         (folder / "model.onnx.data").write_bytes(b"")
     elif point == "a folder lost its graph":
         (folder / "model.onnx").unlink()
+    elif point == "a whole folder lost its weights":  # mark and graph kept: its load fails, then it heals
+        (folder / "model.onnx.data").unlink()
+    elif point == "a whole folder with truncated weights":
+        (folder / "model.onnx.data").write_bytes((folder / "model.onnx.data").read_bytes()[:100])
 
 
 @pytest.mark.parametrize(("point", "downloads"), [
@@ -192,6 +274,8 @@ def _as_left_by(point: str, data_dir: pathlib.Path, tar: pathlib.Path, sha: str)
     ("mid-download", True),
     ("a folder with no mark", True),
     ("a folder lost its graph", True),
+    ("a whole folder lost its weights", True),
+    ("a whole folder with truncated weights", True),
 ])
 async def test_an_agent_killed_at_any_point_restarts_without_uplink_on_a_whole_folder(
         spawn, artifact_server: ArtifactServer, tmp_path: pathlib.Path, point: str, downloads: bool) -> None:
