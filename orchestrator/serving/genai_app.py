@@ -58,10 +58,11 @@ def load(artifact_uri: str, sha256: str, artifact_hosts: tuple[str, ...] = ()) -
     before either is made."""
     held = nodecache.hold(sha256)
     try:
-        directory = nodecache.fetch(artifact_uri, sha256, artifact_hosts, packages.GENAI)
         # outside a Ray worker (a replica built in a test) there is no GPU given, and asking would fail
         gpus = ray.get_gpu_ids() if ray.is_initialized() else []
-        return genai.GenAIModel.load(directory, genai.LoadOptions(cuda=bool(gpus) and genai.built_with_cuda())), held
+        options = genai.LoadOptions(cuda=bool(gpus) and genai.built_with_cuda())
+        return nodecache.loaded(artifact_uri, sha256, artifact_hosts, packages.GENAI,
+                                lambda directory: genai.GenAIModel.load(directory, options)), held
     except BaseException:
         held.release()
         raise

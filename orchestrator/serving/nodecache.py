@@ -47,12 +47,15 @@ import pathlib
 import re
 import shutil
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from edge_agent import artifacts as edge_artifacts
 from edge_agent import packages
 from orchestrator.serving import artifacts
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LOCK_SUFFIX = ".lock"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -122,6 +125,28 @@ def fetch(uri: str, sha256: str, redirect_hosts: tuple[str, ...], runtime: str) 
         return _fetched(uri, sha256, redirect_hosts, runtime)
     except FileNotFoundError:  # another replica unpacked it and removed the download meanwhile: the folder is whole
         return _fetched(uri, sha256, redirect_hosts, runtime)
+
+
+def loaded(uri: str, sha256: str, redirect_hosts: tuple[str, ...], runtime: str, load: Callable[[pathlib.Path], T]) -> T:
+    """``load`` of what :func:`fetch` gives. When it fails on a folder taken as it was found
+    (neither downloaded nor verified by this replica), whose files may have been damaged since
+    its unpack (a removal cut short, a disk's fault), which its mark does not tell, that folder
+    is removed, renamed aside at once as a sweep does (a replica finds it whole or not at all),
+    so that the replica Serve starts next, after its backoff, downloads, verifies and unpacks
+    it again; one failing right after its own unpack keeps the folder."""
+    found = packages.unpacked(artifacts.models_root(), sha256, runtime)
+    path = fetch(uri, sha256, redirect_hosts, runtime)
+    try:
+        return load(path)
+    except Exception as exc:
+        if found is None or path != found:
+            raise
+        packages.remove(artifacts.models_root(), sha256)
+        log.warning("version %s: its unpacked folder %s failed to load, removed to be downloaded again: %s",
+                    sha256[:12], path, exc)
+        exc.add_note(f"its unpacked folder {path} was removed: the package is downloaded, verified and unpacked "
+                     "again by the next replica")
+        raise
 
 
 def _fetched(uri: str, sha256: str, redirect_hosts: tuple[str, ...], runtime: str) -> pathlib.Path:

@@ -29,6 +29,7 @@ and both shapes, and callers written to the declaration never get its 400s.
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -87,13 +88,17 @@ def _load(artifact_uri: str, sha256: str, artifact_hosts: tuple[str, ...]) -> tu
     folder on the node (``nodecache``), taken before either is made."""
     held = nodecache.hold(sha256)
     try:
-        path = nodecache.fetch(artifact_uri, sha256, artifact_hosts, packages.ONNX)
-        if not path.is_dir():
-            return onnx_runtime.OnnxModel.load(path.read_bytes(), providers=_providers()), held
-        return onnx_runtime.OnnxModel.load(packages.graph(path), providers=_providers()), held
+        return nodecache.loaded(artifact_uri, sha256, artifact_hosts, packages.ONNX, _session), held
     except BaseException:
         held.release()
         raise
+
+
+def _session(path: pathlib.Path) -> onnx_runtime.OnnxModel:
+    """An ONNX file loaded from its bytes, or an unpacked onnx package from its graph's path."""
+    if not path.is_dir():
+        return onnx_runtime.OnnxModel.load(path.read_bytes(), providers=_providers())
+    return onnx_runtime.OnnxModel.load(packages.graph(path), providers=_providers())
 
 
 @serve.deployment(name="OnnxModel")

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from orchestrator.artifacts import onnx_package
-from orchestrator.serving import artifacts, genai_app, onnx_app
+from orchestrator.serving import artifacts, genai_app, nodecache, onnx_app
 from orchestrator.testing import genai_model, loopback, onnx_models
 
 _REPLICA = """
@@ -294,6 +294,48 @@ def test_a_package_is_kept_unpacked_only_and_a_later_replica_neither_downloads_n
         first.__del__()
         second.__del__()
     assert _left(cache) == set()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_folder_whose_weights_were_damaged_after_its_unpack_is_removed_and_the_next_replica_fetches_it_again(
+        tmp_path: pathlib.Path, cache: pathlib.Path, damage: str) -> None:
+    """Its mark and graph kept, every replica failed on it and none fetched it again: the version
+    failed on that node until someone removed the folder by hand."""
+    handler = type("Handler", (_Counted,), {"folder": tmp_path, "asked": threading.Event(), "go": threading.Event()})
+    uri, sha256 = _version(tmp_path, f"damaged-{damage}")
+    with loopback.http_server(handler) as url:
+        first = onnx_app.OnnxModel.func_or_class(f"{url}/{pathlib.Path(uri).name}", sha256, "m")
+        held = nodecache.hold(sha256)  # another replica serving it: the version stays on the node
+        first.__del__()
+        weights = cache / "edgeplane-genai-models" / sha256 / "model.onnx.data"
+        if damage == "truncated":
+            weights.write_bytes(weights.read_bytes()[:100])
+        else:
+            weights.unlink()
+        with pytest.raises(Exception, match=r"could not load the model|model\.onnx\.data") as failed:
+            onnx_app.OnnxModel.func_or_class(f"{url}/{pathlib.Path(uri).name}", sha256, "m")
+        assert "was removed: the package is downloaded, verified and unpacked again" in "".join(failed.value.__notes__)
+        assert _unpacked(cache) == set() and handler.gets == 1
+        replica = onnx_app.OnnxModel.func_or_class(f"{url}/{pathlib.Path(uri).name}", sha256, "m")
+        assert handler.gets == 2 and _unpacked(cache) == {sha256} and _downloaded(cache) == set()
+        replica.__del__()
+        nodecache.let_go(held)
+    assert _left(cache) == set()
+
+
+def test_a_package_broken_as_published_keeps_the_folder_its_replica_unpacked(
+        tmp_path: pathlib.Path, cache: pathlib.Path) -> None:
+    """A replica failing right after its own download and unpack: the next one takes the folder
+    (and fails, removing it), so a broken package is downloaded at every other replica's start."""
+    handler = type("Handler", (_Counted,), {"folder": tmp_path, "asked": threading.Event(), "go": threading.Event()})
+    folder = onnx_models.save_with_external_data(tmp_path / "broken")
+    (folder / "model.onnx.data").write_bytes(b"\0" * 10)
+    sha256 = onnx_package.pack(folder, tmp_path / "broken.tar").sha256
+    with loopback.http_server(handler) as url:
+        for gets, kept in ((1, True), (1, False), (2, True)):
+            with pytest.raises(Exception, match=r"could not load the model|model\.onnx\.data"):
+                onnx_app.OnnxModel.func_or_class(f"{url}/broken.tar", sha256, "m")
+            assert (handler.gets, _unpacked(cache) == {sha256}) == (gets, kept)
 
 
 def test_a_plain_onnx_download_stays_while_served(
