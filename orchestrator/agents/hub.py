@@ -173,7 +173,7 @@ class AgentHub(relayed.RelayedAgents):
             self._moved_off(current, now, "the leader")
         record = self._new_record(application, agent_id, now, joined_at=now)
         if same_agent and current is not None and current.live(now):
-            record.healthy_since = current.healthy_since  # a new session of a live agent: no break
+            record.continue_from(current)  # a new session of a live agent: no break
         self._records[site] = record
         self._revoked.get(site, set()).discard(agent_id)  # this agent proved itself since its revocation (_decide)
         self._rethink_sweep(record)

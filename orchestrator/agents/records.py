@@ -50,6 +50,17 @@ class Record:
     started_unix_ms: int = 0  # when the agent process started, as it said at its join (0: not said)
     checks_tokens: bool = False  # its serving ports check API tokens, as it said at its join
 
+    def continue_from(self, previous: Record) -> None:
+        """This record is a new session of ``previous``'s agent, which was live: its health
+        had no break, and when the same process opened it (the same start time at its join)
+        the model states it last reported stand until its first heartbeat on the new session
+        reports them again. A join says nothing of them, and a pass run in between would
+        otherwise take the site to serve nothing, and publish a table without its endpoints."""
+        self.healthy_since = previous.healthy_since
+        if self.started_unix_ms == previous.started_unix_ms:
+            self.models = dict(previous.models)
+            self.model_load = previous.model_load
+
     def live(self, now: float) -> bool:
         """Healthy and not past its deadline: it holds its site against other agents."""
         return self.healthy and now <= self.deadline

@@ -113,7 +113,7 @@ class RelayedAgents:
             self._moved_off(current, now, f"replica {via}")
         record = self._new_record(application, agent_id, now, joined_at=joined_at, via=via)
         if current is not None and current.agent_id == agent_id and current.live(now):
-            record.healthy_since = current.healthy_since  # a new session of a live agent: no break
+            record.continue_from(current)  # a new session of a live agent: no break
         self._records[site] = record
         self._rethink_sweep(record)
         self._channel(site).notify()  # the agent's stream here, if it moved away, ends

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -313,9 +313,8 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow],
                       allowed_countries=inventory.allowed_countries(d.spec), fallback=tuple(d.spec.routing.fallback))
         if site.spec.tier == "edge":
             agent = agents.get(site.name)
-            if agent is None and site.name in s.rejoining:  # where it answered before the restart, until its agent is back
-                out.extend(routing.Endpoint(url=e.url, healthy=e.healthy, auth=e.auth, **common)
-                           for e in s.remembered.get(site.name, ()) if e.deployment == d.name and e.model == d.spec.model)
+            if site.name in s.rejoining:  # where it answered before the restart, until its agent is back and has reported
+                out.extend(_remembered(s.remembered.get(site.name, ()), d, agent, common))
                 continue
             state = agent.models.get(d.spec.model) if agent else None
             sent = (assigned or {}).get(site.name, s.assignments.get(site.name, ()))
@@ -333,6 +332,21 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow],
                 common.update(served_model=v.llm.servedModelName or d.spec.model, lora=v.llm.lora is not None)
             out.append(routing.Endpoint(url=app.endpoint_url.rstrip("/"), healthy=app.answers, version=app.version, **common))
     return tuple(out)
+
+
+def _remembered(remembered: Iterable[routing.Endpoint], d: snap.DeploymentRecord, agent: agent_model.AgentStatus | None,
+                common: Mapping[str, Any]) -> Iterator[routing.Endpoint]:
+    """A rejoining site's endpoints of ``d`` as the table had them when the control plane
+    started: until its agent is back, and once it has joined, until its first heartbeat says
+    what it serves (the join does not), at the address it joined from only."""
+    for e in remembered:
+        if e.deployment != d.name or e.model != d.spec.model:
+            continue
+        if agent is None:
+            yield routing.Endpoint(url=e.url, healthy=e.healthy, auth=e.auth, **common)
+        elif e.url == agent.endpoint_url.rstrip("/"):
+            yield routing.Endpoint(url=e.url, healthy=agent.healthy,
+                                   auth=routing.AUTH_TOKEN if agent.checks_tokens else routing.AUTH_NONE, **common)
 
 
 def ready_replicas(s: snap.Snapshot, mine: Iterable[store_mod.PlacementRow], model: str) -> int:

@@ -7,7 +7,8 @@ either: they come back on their next reconnect. A pass that planned their sites 
 once would have each agent unload what it serves the moment it rejoined, so for a while
 (``rejoin_s``) an edge site that holds replicas in the stored placements keeps them and is
 sent nothing, and the gateway routes to the endpoints it had in the table the control plane
-started with (:class:`RejoinWindow`). Which sites are still awaited, and when the window
+started with (:class:`RejoinWindow`), until its agent has joined and sent its first
+heartbeat: the join says nothing of the models it serves. Which sites are still awaited, and when the window
 closes, is this module's; the loop asks it at each pass, on hold or not, and for previews
 (which only read it), through the :class:`Comeback` it keeps, which also says until when
 the control plane gives its agents to join it (failback's ``rejoin_until``).
@@ -33,11 +34,14 @@ log = logging.getLogger(__name__)
 class RejoinWindow:
     """Open until ``until`` (the loop's clock); ``remembered``: the table's endpoints by
     site when it opened; ``awaited``: the edge sites not back yet, None until first read
-    (each leaves the set for good when its agent joins)."""
+    (each leaves the set for good when its agent has joined and reported, or has joined and
+    is gone since: until its first heartbeat what it serves is not known, and its remembered
+    endpoints stand for it)."""
 
     until: float
     remembered: Mapping[str, tuple[routing.Endpoint, ...]]
     awaited: frozenset[str] | None = None
+    joined: frozenset[str] = frozenset()  # awaited sites a pass found joined: one whose agent is gone since is not awaited
 
     @classmethod
     def opened(cls, now: float, rejoin_s: float, endpoints: Iterable[routing.Endpoint]) -> RejoinWindow:
@@ -51,13 +55,15 @@ class RejoinWindow:
 
     def waiting(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
                 agents: Iterable[agent_model.AgentStatus]) -> frozenset[str]:
-        """The awaited edge sites whose agents are not back, whatever the deadline; it only
-        reads, so a preview may ask it as a pass does."""
+        """The awaited edge sites whose agents are not back (not joined, or joined and not
+        reported yet), whatever the deadline; it only reads, so a preview may ask it as a pass does."""
         awaited = self.awaited
         if awaited is None:
             edge = {r.name for r in sites if r.spec.tier == "edge"}
             awaited = frozenset(row.site for row in placements if row.site in edge)
-        return awaited - {a.site for a in agents}
+        present = {a.site: a.reported for a in agents}
+        # back: its agent reported; or it joined and is gone since (revoked, forgotten)
+        return frozenset(site for site in awaited if not present.get(site, site in self.joined))
 
     def narrow(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
                agents: Iterable[agent_model.AgentStatus], now: float, on_hold: bool = False) -> frozenset[str] | None:
@@ -67,6 +73,7 @@ class RejoinWindow:
         awaited = self.waiting(sites, placements, agents)
         if awaited and self.is_open(now):
             self.awaited = awaited
+            self.joined = self.joined | (awaited & {a.site for a in agents})
             return awaited
         if awaited:
             log.warning("%d edge site(s) that served before this control plane started did not rejoin in time (%s): %s",
@@ -83,12 +90,14 @@ class RejoinWindow:
 async def await_takeover(hub: hub_mod.AgentHub, expected: frozenset[str], deadline: float, clock: Callable[[], float],
                          stopping: Callable[[], bool], every_s: float = 0.05) -> None:
     """Until every edge site in ``expected`` (those serving in the table a new leader
-    inherited) has a healthy agent on this replica, ``deadline`` passes, or the loop stops;
-    those not back are said in the log, and planned as lost."""
+    inherited) has a healthy agent on this replica that has reported (a join says nothing
+    of what it serves: a pass before its first heartbeat would publish a table without its
+    endpoints), ``deadline`` passes, or the loop stops; those not back are said in the log,
+    and planned as lost."""
     started = clock()
     missing = set(expected)
     while missing and clock() < deadline and not stopping():
-        missing = {site for site in missing if not ((a := hub.status(site)) is not None and a.healthy)}
+        missing = {site for site in missing if not ((a := hub.status(site)) is not None and a.healthy and a.reported)}
         if missing:
             await asyncio.sleep(every_s)
     if missing:
