@@ -130,7 +130,8 @@ def relay(owner: openai_routes.OpenAIGateway, model: str, ranked: list[routing.R
           failovers: failover.Failovers | None = None) -> Response:
     """Send ``raw`` (a JSON body) to the first of ``ranked`` that answers and relay its answer
     (its first token timed from ``arrived``, the caller's request: ``time.perf_counter``), with
-    the caller's id and trace context (``forwarded``, :func:`correlation.forwarded`);
+    the caller's id and trace context and its verified token (``forwarded``: :func:`correlation.forwarded`
+    and :func:`scoping.passed_on`, the token sent on by :func:`scoping.to_replica` to the replicas that check tokens alone);
     ``failovers``: the request's, when replicas before these failed it (a cascade's earlier stages)."""
     return Relay(owner, model, ranked, suffix, raw, {"content-type": "application/json", **forwarded}, stream, chat=chat, arrived=arrived,
                   hooks=hooks, failovers=failovers)
