@@ -19,15 +19,20 @@ from .test_published_table import ROUTES
 
 def fleet(n: int, rng: random.Random) -> list[routing.Endpoint]:
     return [routing.Endpoint(f"model-{rng.randrange(5)}", f"dep-{i % 7}", f"site-{i}", "edge", "FR", "fr", 48.0 + i * 1e-3, 2.35,
-                             f"http://10.0.{i // 250}.{i % 250}:9000") for i in range(n)]
+                             f"http://10.0.{i // 250}.{i % 250}:9000", auth=routing.AUTH_TOKEN if i % 3 == 0 else routing.AUTH_NONE)
+            for i in range(n)]
 
 
 def mutate(eps: list[routing.Endpoint], rng: random.Random, serial: list[int]) -> list[routing.Endpoint]:
-    """A random change as a fleet sees them: health flips, load, versions, sites lost and added."""
+    """A random change as a fleet sees them: health flips, load, versions, sites lost and added,
+    an agent restarted with the other --serve-auth."""
     out = list(eps)
     for _ in range(rng.randrange(1, 6)):
-        kind = rng.randrange(5)
-        if kind == 3 and out:  # a rollout reaches one replica
+        kind = rng.randrange(6)
+        if kind == 5 and out:  # its agent restarted with the other --serve-auth: the same key, another auth
+            i = rng.randrange(len(out))
+            out[i] = dataclasses.replace(out[i], auth=routing.AUTH_NONE if out[i].auth == routing.AUTH_TOKEN else routing.AUTH_TOKEN)
+        elif kind == 3 and out:  # a rollout reaches one replica
             i = rng.randrange(len(out))
             out[i] = dataclasses.replace(out[i], version=f"{rng.getrandbits(48):012x}")
         elif kind == 0 and out:
