@@ -386,8 +386,8 @@ class ModelRegistry:
                 slot.message = "loading"
             runtime: onnx.OnnxModel | genai.GenAIModel
             async with self._loads:  # one at a time: each weighed against what the one before left free
-                if path is not None and self._folders is not None and self._is_package(want, path):
-                    folder = await asyncio.to_thread(self._folders.unpack, path, want.sha256, want.runtime)
+                if path is not None and self._folders is not None:
+                    folder = await asyncio.to_thread(self._unpacked, self._folders, want, path)
                 if folder is not None and self._folders is not None:
                     # the folder is what loads, and what it needs: the tar beside it would double its room
                     await asyncio.to_thread(self._cache.drop, want.sha256)
@@ -490,11 +490,17 @@ class ModelRegistry:
         self._on_change()
         return "; the version it replaced was loaded again"
 
-    def _is_package(self, want: assignments.Assignment, path: pathlib.Path) -> bool:
-        """Whether ``want``'s cached artifact at ``path`` is a package this agent unpacks: a
-        generative one always, an onnx one when it is a tar (its first 262 bytes)."""
-        unpack = self._unpacks(want)
-        return unpack is artifacts.Unpack.ALWAYS or (unpack is artifacts.Unpack.IF_TAR and artifacts.is_package(path))
+    def _unpacked(self, folders: packagefolders.PackageFolders, want: assignments.Assignment,
+                  path: pathlib.Path) -> pathlib.Path | None:
+        """The folder ``want``'s cached artifact at ``path`` loads from: one an attempt of another
+        model at the same package unpacked while this one fetched (its tar then gone), else
+        ``path`` unpacked if this agent unpacks it (generative, or onnx and a tar); None: not."""
+        if (unpack := self._unpacks(want)) is artifacts.Unpack.NEVER:
+            return None
+        if (folder := folders.reuse(want.sha256, want.runtime)) is not None:
+            return folder
+        is_package = unpack is artifacts.Unpack.ALWAYS or artifacts.is_package(path)
+        return folders.unpack(path, want.sha256, want.runtime) if is_package else None
 
     async def _read_and_load(self, want: assignments.Assignment, folder: pathlib.Path | None = None,
                              reused: bool = False) -> onnx.OnnxModel:

@@ -205,6 +205,23 @@ async def test_a_package_that_fails_to_load_after_its_download_is_fetched_again_
     assert agent.registry.serving() == []
 
 
+async def test_two_models_of_one_package_assigned_together_both_serve_from_its_one_folder(
+        control_plane: ControlPlane, make_agent: MakeAgent, artifact_server: ArtifactServer, tmp_path: pathlib.Path) -> None:
+    """The second model's attempt fetched the tar before the first's unpack removed it: it
+    loads the folder that unpack left, rather than failing on the tar gone."""
+    url, sha = packed(artifact_server, onnx_models.save_with_external_data(tmp_path / "model"), "shared-onnx.tar")
+    data_dir = tmp_path / "agent"
+    agent = await make_agent(control_plane, data_dir=data_dir, model_retry=registry.RetryPolicy(initial=30, maximum=60))
+    control_plane.hub.set_assignments(SITE, [model.Assignment(name, "intent", "small", url, sha) for name in ("a", "b")],
+                                      version=1)
+    for name in ("a", "b"):
+        state = await wait_model(control_plane, lambda s: s.phase in (model.ModelPhase.READY, model.ModelPhase.FAILED), name=name)
+        assert state.phase is model.ModelPhase.READY, state.message
+        np.testing.assert_array_equal(await infer(agent.endpoint_url, name), onnx_models.run_in_one_file(X))
+    assert artifact_server.attempts("shared-onnx.tar") == 1
+    assert held(data_dir) == (set(), {sha})
+
+
 # -- a real agent process, killed ------------------------------------------------------------
 
 
