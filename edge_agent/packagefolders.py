@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from edge_agent import errors
 from edge_agent.runtime import onnx
 
 if TYPE_CHECKING:  # the daemon imports it with the first generative model it loads
@@ -15,6 +17,7 @@ if TYPE_CHECKING:  # the daemon imports it with the first generative model it lo
 PackageLoader = Callable[[pathlib.Path, str, bool], "genai.GenAIModel"]
 #: Loads an onnx package (a graph with its external data): (the folder it was unpacked into, its sha256) -> the model.
 OnnxPackageLoader = Callable[[pathlib.Path, str], onnx.OnnxModel]
+T = TypeVar("T")
 
 
 class PackageFolders(Protocol):
@@ -34,3 +37,20 @@ class PackageFolders(Protocol):
     def remove(self, sha256: str) -> None:
         """Remove the version's folder, whole or not: a load of it failed (its files damaged
         since its unpack), and it is fetched, verified and unpacked again."""
+
+
+async def loaded(folders: PackageFolders | None, folder: pathlib.Path, sha256: str, reused: bool,
+                 load: Callable[..., T], *args: object) -> T:
+    """``load(folder, sha256, *args)`` on a thread. When it fails and ``folder`` was ``reused``
+    as an earlier unpack left it (neither downloaded nor verified by this attempt), its files
+    may have been damaged since, which its mark does not tell: it is removed (in the turn
+    unpacks take), so that the next attempt, backed off as any, fetches the package again."""
+    try:
+        return await asyncio.to_thread(load, folder, sha256, *args)
+    except Exception as exc:
+        if not reused or folders is None:
+            raise
+        why = str(exc) if isinstance(exc, errors.AgentError) else f"{type(exc).__name__}: {exc}"
+        await asyncio.to_thread(folders.remove, sha256)  # (said by the failure's message)
+    raise errors.ModelLoadError(f"{why}; its unpacked folder {folder} was removed: the package is downloaded, "
+                                "verified and unpacked again at the next attempt")

@@ -403,7 +403,8 @@ class ModelRegistry:
                         size, kv_per_token, context, want.max_concurrent_sequences or admission.DEFAULT_MAX_CONCURRENT))
                     self._loading(need)
                     try:
-                        runtime = await self._to_its_end(self._from_folder(want, folder, reused, self._load_package, on_gpu))
+                        runtime = await self._to_its_end(packagefolders.loaded(
+                            self._folders, folder, want.sha256, reused, self._load_package, on_gpu))
                     finally:
                         self._loading(0)
                 else:
@@ -505,9 +506,9 @@ class ModelRegistry:
     async def _read_and_load(self, want: assignments.Assignment, folder: pathlib.Path | None = None,
                              reused: bool = False) -> onnx.OnnxModel:
         """``want``'s model, from its verified bytes or, a package, from the ``folder`` it was
-        unpacked into (``reused``: see :meth:`_from_folder`)."""
+        unpacked into (``reused``: see :func:`packagefolders.loaded`)."""
         if folder is not None and self._load_onnx_package is not None:
-            model = await self._from_folder(want, folder, reused, self._load_onnx_package)
+            model = await packagefolders.loaded(self._folders, folder, want.sha256, reused, self._load_onnx_package)
         else:
             data = await self._cache.read(want.sha256)
             model = await asyncio.to_thread(self._load, data)  # its bytes let go of with this frame, before the next load
@@ -515,22 +516,6 @@ class ModelRegistry:
         if refused is not None:  # it would answer 400 to callers writing to the declaration
             raise errors.ModelLoadError(refused)
         return model
-
-    async def _from_folder(self, want: assignments.Assignment, folder: pathlib.Path, reused: bool,
-                           load: Callable[..., T], *args: object) -> T:
-        """``load(folder, sha256, *args)`` on a thread. When it fails and ``folder`` was ``reused``
-        as an earlier unpack left it (neither downloaded nor verified by this attempt), its files
-        may have been damaged since, which its mark does not tell: it is removed (in the turn
-        unpacks take), so that the next attempt, backed off as any, fetches the package again."""
-        try:
-            return await asyncio.to_thread(load, folder, want.sha256, *args)
-        except Exception as exc:
-            if not reused or self._folders is None:
-                raise
-            why = str(exc) if isinstance(exc, errors.AgentError) else f"{type(exc).__name__}: {exc}"
-            await asyncio.to_thread(self._folders.remove, want.sha256)  # (said by the failure's message)
-        raise errors.ModelLoadError(f"{why}; its unpacked folder {folder} was removed: the package is downloaded, "
-                                    "verified and unpacked again at the next attempt")
 
     async def _to_its_end(self, load: Awaitable[T]) -> T:
         """``load`` (work on a thread, which cannot be cut short), awaited to its end even when
