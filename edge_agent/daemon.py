@@ -469,7 +469,10 @@ class _Folders:
             return None
         from edge_agent import packages
 
-        return packages.reuse(self.root, sha256, runtime)
+        try:
+            return packages.reuse(self.root, sha256, runtime)
+        except OSError as exc:  # a read-only disk: reported, retried, old version kept
+            raise errors.ModelLoadError(f"cannot remove {self.root / sha256}, not unpacked whole: {exc.strerror or exc}") from exc
 
     def unpack(self, package: pathlib.Path, sha256: str, runtime: str) -> pathlib.Path:
         from edge_agent import packages
@@ -487,7 +490,10 @@ class _Folders:
     def remove(self, sha256: str) -> None:
         from edge_agent import packages
 
-        packages.remove(self.root, sha256)
+        try:
+            packages.remove(self.root, sha256)
+        except OSError as exc:
+            raise errors.ModelLoadError(f"cannot remove {self.root / sha256}: {exc.strerror or exc}") from exc
 
 
 def _prune_packages(models_dir: pathlib.Path, keep: set[str], unpacking: set[str]) -> None:

@@ -26,7 +26,8 @@ class PackageFolders(Protocol):
 
     def reuse(self, sha256: str, runtime: str) -> pathlib.Path | None:
         """The version's folder when an unpack finished it (its mark) and it still looks so;
-        None otherwise, a folder that does not being removed first (it is unpacked again)."""
+        None otherwise, a folder that does not being removed first (it is unpacked again);
+        :class:`errors.AgentError` when it cannot be (a read-only disk)."""
 
     def unpack(self, package: pathlib.Path, sha256: str, runtime: str) -> pathlib.Path:
         """The cached ``package`` verified and unpacked whole: its folder."""
@@ -36,7 +37,8 @@ class PackageFolders(Protocol):
 
     def remove(self, sha256: str) -> None:
         """Remove the version's folder, whole or not: a load of it failed (its files damaged
-        since its unpack), and it is fetched, verified and unpacked again."""
+        since its unpack), and it is fetched, verified and unpacked again. Raises
+        :class:`errors.AgentError` when it cannot (a read-only disk)."""
 
 
 async def loaded(folders: PackageFolders | None, folder: pathlib.Path, sha256: str, reused: bool,
@@ -51,6 +53,10 @@ async def loaded(folders: PackageFolders | None, folder: pathlib.Path, sha256: s
         if not reused or folders is None:
             raise
         why = str(exc) if isinstance(exc, errors.AgentError) else f"{type(exc).__name__}: {exc}"
-        await asyncio.to_thread(folders.remove, sha256)  # (said by the failure's message)
+        try:
+            await asyncio.to_thread(folders.remove, sha256)  # (said by the failure's message)
+        except errors.AgentError as failed:  # a read-only disk: the next attempt tries again
+            raise errors.ModelLoadError(f"{why}; its unpacked folder, reused as found, may have been damaged since "
+                                        f"its unpack, and {failed}: the next attempt tries again") from None
     raise errors.ModelLoadError(f"{why}; its unpacked folder {folder} was removed: the package is downloaded, "
                                 "verified and unpacked again at the next attempt")

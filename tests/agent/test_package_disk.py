@@ -11,8 +11,9 @@ import os
 import pathlib
 import shutil
 import signal
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import numpy as np
@@ -173,6 +174,47 @@ async def test_a_generative_folder_whose_weights_were_damaged_after_its_unpack_i
     (served,) = await harness.wait_until(lambda: restarted.registry.serving(), 30, what="the version served again")
     assert served.sha256 == sha and artifact_server.attempts("damaged-chat.tar") == 2
     assert held(data_dir) == (set(), {sha}) and weights.stat().st_size > 100
+
+
+@contextlib.contextmanager
+def immutable(folder: pathlib.Path) -> Iterator[None]:
+    """``folder``'s entries can be neither renamed nor removed (as on a disk remounted
+    read-only), even by root: ``chattr +i``, where the file system and the user allow it."""
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is refused here (not root, or a file system without it)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("damage", ["weights truncated", "mark gone"])
+async def test_a_damaged_folder_that_cannot_be_removed_fails_saying_so(
+        control_plane: ControlPlane, make_agent: MakeAgent, artifact_server: ArtifactServer, tmp_path: pathlib.Path,
+        damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A models folder whose entries cannot be removed (a disk gone read-only): the model fails
+    with a reason naming the folder, not as an unexpected error with a traceback."""
+    name = f"stuck-{damage.split()[0]}.tar"
+    url, sha = packed(artifact_server, onnx_models.save_with_external_data(tmp_path / "model"), name)
+    data_dir = tmp_path / "agent"
+    agent = await make_agent(control_plane, data_dir=data_dir)
+    control_plane.hub.set_assignments(SITE, [model.Assignment("m", "intent", "small", url, sha)], version=1)
+    await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY, name="m")
+    await agent.stop()
+    folder = data_dir / "models" / sha
+    if damage == "weights truncated":
+        (folder / "model.onnx.data").write_bytes(b"\0" * 100)
+    else:
+        (folder / MARK).unlink()
+
+    with immutable(data_dir / "models"):
+        restarted = await make_agent(control_plane, data_dir=data_dir, model_retry=registry.RetryPolicy(initial=30, maximum=60))
+        await harness.wait_until(lambda: [s for s in restarted.registry.statuses() if s.failures], 30, what="the load failed")
+        (status,) = restarted.registry.statuses()
+        assert "unexpected error" not in status.message, status.message
+        assert f"cannot remove {folder}" in status.message and "Operation not permitted" in status.message, status.message
+        assert folder.is_dir() and "Traceback" not in caplog.text
+        await restarted.stop()
 
 
 async def test_a_package_that_fails_to_load_after_its_download_is_fetched_again_only_every_other_backed_off_retry(
