@@ -141,7 +141,14 @@ def loaded(uri: str, sha256: str, redirect_hosts: tuple[str, ...], runtime: str,
     except Exception as exc:
         if found is None or path != found:
             raise
-        packages.remove(artifacts.models_root(), sha256)
+        try:
+            packages.remove(artifacts.models_root(), sha256)
+        except OSError as failed:  # a read-only disk: the load's own reason stays the replica's
+            log.warning("version %s: its unpacked folder %s failed to load, and cannot be removed: %s",
+                        sha256[:12], path, failed.strerror or failed)
+            exc.add_note(f"its unpacked folder {path} could not be removed ({failed.strerror or failed}): "
+                         "the next replica tries again")
+            raise exc from None
         log.warning("version %s: its unpacked folder %s failed to load, removed to be downloaded again: %s",
                     sha256[:12], path, exc)
         exc.add_note(f"its unpacked folder {path} was removed: the package is downloaded, verified and unpacked "

@@ -323,6 +323,33 @@ def test_a_folder_whose_weights_were_damaged_after_its_unpack_is_removed_and_the
     assert _left(cache) == set()
 
 
+def test_a_damaged_folder_that_cannot_be_removed_fails_the_replica_with_its_load_error(
+        tmp_path: pathlib.Path, cache: pathlib.Path) -> None:
+    """The node's models folder gone read-only (``chattr +i`` here): the replica fails with
+    what its load said and a note that the folder could not be removed, not with the removal's
+    PermissionError in place of the load's reason."""
+    handler = type("Handler", (_Counted,), {"folder": tmp_path, "asked": threading.Event(), "go": threading.Event()})
+    uri, sha256 = _version(tmp_path, "stuck")
+    with loopback.http_server(handler) as url:
+        first = onnx_app.OnnxModel.func_or_class(f"{url}/{pathlib.Path(uri).name}", sha256, "m")
+        held = nodecache.hold(sha256)
+        first.__del__()
+        models = cache / "edgeplane-genai-models"
+        (models / sha256 / "model.onnx.data").write_bytes(b"\0" * 100)
+        if subprocess.run(["chattr", "+i", str(models)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is refused here (not root, or a file system without it)")
+        try:
+            with pytest.raises(Exception, match=r"could not load the model|model\.onnx\.data") as failed:
+                onnx_app.OnnxModel.func_or_class(f"{url}/{pathlib.Path(uri).name}", sha256, "m")
+        finally:
+            subprocess.run(["chattr", "-i", str(models)], check=True)
+        assert not isinstance(failed.value, PermissionError)
+        assert f"its unpacked folder {models / sha256} could not be removed (Operation not permitted)" in "".join(
+            failed.value.__notes__)
+        assert _unpacked(cache) == {sha256}
+        nodecache.let_go(held)
+
+
 def test_a_package_broken_as_published_keeps_the_folder_its_replica_unpacked(
         tmp_path: pathlib.Path, cache: pathlib.Path) -> None:
     """A replica failing right after its own download and unpack: the next one takes the folder
