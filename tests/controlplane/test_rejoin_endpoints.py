@@ -11,7 +11,9 @@ control plane it runs there only by chance."""
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
+from collections.abc import AsyncIterator
 
 from orchestrator import catalog
 from orchestrator.agents import auth as agent_auth
@@ -72,6 +74,22 @@ def _fleet(tmp_path: pathlib.Path) -> tuple[store_mod.Store, Agent, artifacts_mo
     return store, Agent(sha256), artifacts_mod.ArtifactCatalog((tmp_path,), "http://cp")
 
 
+@contextlib.asynccontextmanager
+async def _reconciling(tmp_path: pathlib.Path, *, remembered: bool = False) -> AsyncIterator[tuple[Agent, endpoints_mod.EndpointTable, loop.Reconciler]]:
+    """The fleet's agent, its table (holding the site's endpoint a last run published, when
+    ``remembered``) and a reconciler over them on the agent's clock, closed after."""
+    store, agent, artifacts = _fleet(tmp_path)
+    table = endpoints_mod.EndpointTable()
+    if remembered:
+        table.replace([routing.Endpoint("intent", "intent-eu", SITE, "edge", "FR", "fr", 45.7, 4.8, URL)])
+    reconciler = loop.Reconciler(store, agent.hub, dc_mod.DataCentres(dc_mod.LocalRay()), artifacts, table, clock=lambda: agent.now)
+    try:
+        yield agent, table, reconciler
+    finally:
+        await reconciler.publishes_done()
+        store.close()
+
+
 def _routed(table: endpoints_mod.EndpointTable) -> list[tuple[str, bool]]:
     return [(e.url, e.healthy) for e in table.all_endpoints() if e.model == "intent"]
 
@@ -80,11 +98,7 @@ async def test_a_live_agent_rejoining_a_restarted_control_plane_keeps_its_endpoi
     """``edgeplane serve`` was killed and started again: its table is the one its last run
     published. The agent joins, a pass runs before its first heartbeat, then another after:
     the site's endpoint is in the table the whole time, healthy."""
-    store, agent, artifacts = _fleet(tmp_path)
-    table = endpoints_mod.EndpointTable()
-    table.replace([routing.Endpoint("intent", "intent-eu", SITE, "edge", "FR", "fr", 45.7, 4.8, URL)])
-    reconciler = loop.Reconciler(store, agent.hub, dc_mod.DataCentres(dc_mod.LocalRay()), artifacts, table, clock=lambda: agent.now)
-    try:
+    async with _reconciling(tmp_path, remembered=True) as (agent, table, reconciler):
         reconciler.resume(rejoin_s=30.0)
         await reconciler.reconcile_once()
         assert _routed(table) == [(URL, True)]
@@ -95,20 +109,13 @@ async def test_a_live_agent_rejoining_a_restarted_control_plane_keeps_its_endpoi
         await reconciler.reconcile_once()
         assert _routed(table) == [(URL, True)]
         assert not reconciler.comeback.rejoining  # the window closed once the agent reported
-    finally:
-        await reconciler.publishes_done()
-        store.close()
 
 
 async def test_a_rejoined_agents_own_report_decides_what_its_site_serves(tmp_path: pathlib.Path) -> None:
     """The remembered endpoint stands for the agent only until it reports: one that says it
     serves nothing any more has its endpoint dropped; one that came back at another address
     is not routed to at the old one meanwhile."""
-    store, agent, artifacts = _fleet(tmp_path)
-    table = endpoints_mod.EndpointTable()
-    table.replace([routing.Endpoint("intent", "intent-eu", SITE, "edge", "FR", "fr", 45.7, 4.8, URL)])
-    reconciler = loop.Reconciler(store, agent.hub, dc_mod.DataCentres(dc_mod.LocalRay()), artifacts, table, clock=lambda: agent.now)
-    try:
+    async with _reconciling(tmp_path, remembered=True) as (agent, table, reconciler):
         reconciler.resume(rejoin_s=30.0)
         agent.join(url="http://127.0.0.1:9002")
         await reconciler.reconcile_once()
@@ -119,19 +126,13 @@ async def test_a_rejoined_agents_own_report_decides_what_its_site_serves(tmp_pat
         agent.beat()
         await reconciler.reconcile_once()
         assert _routed(table) == [("http://127.0.0.1:9002", True)]
-    finally:
-        await reconciler.publishes_done()
-        store.close()
 
 
 async def test_an_agent_reconnecting_after_a_dropped_connection_keeps_its_endpoint(tmp_path: pathlib.Path) -> None:
     """No restart: the agent's connection dropped and it opens a new session with its
     credential (the same process). The pass the new session calls for runs before its first
     heartbeat on the new stream, and the table keeps its endpoint."""
-    store, agent, artifacts = _fleet(tmp_path)
-    table = endpoints_mod.EndpointTable()
-    reconciler = loop.Reconciler(store, agent.hub, dc_mod.DataCentres(dc_mod.LocalRay()), artifacts, table, clock=lambda: agent.now)
-    try:
+    async with _reconciling(tmp_path) as (agent, table, reconciler):
         agent.join()
         agent.beat()
         await reconciler.reconcile_once()
@@ -142,27 +143,18 @@ async def test_an_agent_reconnecting_after_a_dropped_connection_keeps_its_endpoi
         agent.beat(serving=False)  # its own report says otherwise: gone
         await reconciler.reconcile_once()
         assert _routed(table) == []
-    finally:
-        await reconciler.publishes_done()
-        store.close()
 
 
 async def test_a_restarted_agent_process_is_not_taken_to_serve_what_the_last_one_did(tmp_path: pathlib.Path) -> None:
     """An agent whose process restarted (another start time at its join) loads its models
     again: nothing is kept of its last process's states."""
-    store, agent, artifacts = _fleet(tmp_path)
-    table = endpoints_mod.EndpointTable()
-    reconciler = loop.Reconciler(store, agent.hub, dc_mod.DataCentres(dc_mod.LocalRay()), artifacts, table, clock=lambda: agent.now)
-    try:
+    async with _reconciling(tmp_path) as (agent, table, reconciler):
         agent.join()
         agent.beat()
         await reconciler.reconcile_once()
         agent.join(started_unix_ms=2)
         status = agent.hub.status(SITE)
         assert status is not None and status.models == {}
-    finally:
-        await reconciler.publishes_done()
-        store.close()
 
 
 async def test_a_new_leader_waits_for_its_agents_first_reports_not_their_joins(tmp_path: pathlib.Path) -> None:
