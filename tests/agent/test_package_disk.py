@@ -128,6 +128,18 @@ async def test_a_version_no_longer_assigned_has_its_folder_removed(
     await harness.wait_until(lambda: held(data_dir) == (set(), set()), 10, what=f"the folder removed, not {held(data_dir)}")
 
 
+async def served_then_stopped(control_plane: ControlPlane, make_agent: MakeAgent, artifact_server: ArtifactServer,
+                              tmp_path: pathlib.Path, name: str, data_dir: pathlib.Path) -> str:
+    """An onnx package with external data published as ``name``, served by an agent at
+    ``data_dir`` as model ``m``, and that agent stopped: the package's sha256."""
+    url, sha = packed(artifact_server, onnx_models.save_with_external_data(tmp_path / "model"), name)
+    agent = await make_agent(control_plane, data_dir=data_dir)
+    control_plane.hub.set_assignments(SITE, [model.Assignment("m", "intent", "small", url, sha)], version=1)
+    await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY, name="m")
+    await agent.stop()
+    return sha
+
+
 @pytest.mark.parametrize("damage", ["truncated", "deleted"])
 async def test_a_folder_whose_weights_were_damaged_after_its_unpack_is_fetched_again_and_serves(
         control_plane: ControlPlane, make_agent: MakeAgent, artifact_server: ArtifactServer, tmp_path: pathlib.Path,
@@ -135,12 +147,8 @@ async def test_a_folder_whose_weights_were_damaged_after_its_unpack_is_fetched_a
     """The mark and the graph survive (a removal by hand cut short, a disk's fault): the first
     load fails, the folder goes, and the retry downloads, verifies and unpacks it again."""
     name = f"damaged-{damage}.tar"
-    url, sha = packed(artifact_server, onnx_models.save_with_external_data(tmp_path / "model"), name)
     data_dir = tmp_path / "agent"
-    agent = await make_agent(control_plane, data_dir=data_dir)
-    control_plane.hub.set_assignments(SITE, [model.Assignment("m", "intent", "small", url, sha)], version=1)
-    await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY, name="m")
-    await agent.stop()
+    sha = await served_then_stopped(control_plane, make_agent, artifact_server, tmp_path, name, data_dir)
     weights = data_dir / "models" / sha / "model.onnx.data"
     if damage == "truncated":
         weights.write_bytes(weights.read_bytes()[:100])
@@ -195,12 +203,8 @@ async def test_a_damaged_folder_that_cannot_be_removed_fails_saying_so(
     """A models folder whose entries cannot be removed (a disk gone read-only): the model fails
     with a reason naming the folder, not as an unexpected error with a traceback."""
     name = f"stuck-{damage.split()[0]}.tar"
-    url, sha = packed(artifact_server, onnx_models.save_with_external_data(tmp_path / "model"), name)
     data_dir = tmp_path / "agent"
-    agent = await make_agent(control_plane, data_dir=data_dir)
-    control_plane.hub.set_assignments(SITE, [model.Assignment("m", "intent", "small", url, sha)], version=1)
-    await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY, name="m")
-    await agent.stop()
+    sha = await served_then_stopped(control_plane, make_agent, artifact_server, tmp_path, name, data_dir)
     folder = data_dir / "models" / sha
     if damage == "weights truncated":
         (folder / "model.onnx.data").write_bytes(b"\0" * 100)
