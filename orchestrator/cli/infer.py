@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from orchestrator import header_text, plaintensors
+from orchestrator.api import reasons
 from orchestrator.cli import render, textfile
 from orchestrator.cli.http import ApiClient, CliError, json_of
 from orchestrator.plaintensors import FLOATS, MAX_DIMS
@@ -121,12 +122,12 @@ def _encoded(given: Given, datatype: str, where: str) -> list[Any]:
     past the datatype's range or width, a string or true/false for numbers is refused."""
     if datatype == "BYTES":
         if given.guess != "BYTES":
-            raise CliError(f"{where} {given.name!r}: BYTES data must be strings, got {given.guess} values")
+            raise CliError(f"{where} {given.name!r}: BYTES data must be strings, got {given.guess} values", reason=reasons.Reason.INVALID)
         return given.flat
     try:
         plaintensors.typed(str(given.name), given.shape, given.flat, datatype, where)
     except ValueError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(str(exc), reason=reasons.Reason.INVALID) from None
     cast: Callable[[Any], Any] = bool if datatype == "BOOL" else float if datatype in FLOATS else int
     return [cast(v) for v in given.flat]
 
