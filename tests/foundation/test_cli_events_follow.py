@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import yaml
 
 from orchestrator.store import open_store
 from orchestrator.store import sqlite as store_mod
@@ -51,14 +52,19 @@ def test_events_follow_prints_each_new_event_until_interrupted(serve: support.Se
 def test_a_follow_refused_prints_nothing_on_stdout(tmp_path: pathlib.Path, offline_fleet: pathlib.Path) -> None:
     """events -w with a token the control plane refuses printed its table's header on stdout
     before the error: a script reading stdout got a line of a table that never came. Nothing
-    reaches stdout before the first answer; the waiting commands say their error alone."""
+    reaches stdout before the first answer; the waiting commands say their error alone (one line, or with -o json|yaml one object)."""
     secured = support.ServeProcess(tmp_path / "data", "--auth", "token", artifact_root=offline_fleet).wait_ready()
     try:
         for argv in (["events", "-w"], ["events", "-w", "-o", "json"], ["events", "-w", "-o", "yaml"],
                      ["drain", "site", "edge-lyon", "--wait"], ["drain", "site", "edge-lyon", "--wait", "-o", "json"]):
             proc = support.cli("--token", "wrong", *argv, server_url=secured.url)
             assert proc.returncode == 1 and proc.stdout == "", proc
-            assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: "), proc
+            if argv[-2:] == ["-o", "json"]:
+                assert json.loads(proc.stderr)["reason"] == "Unauthorized", proc
+            elif argv[-2:] == ["-o", "yaml"]:
+                assert yaml.safe_load(proc.stderr)["reason"] == "Unauthorized", proc
+            else:
+                assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: "), proc
     finally:
         secured.stop()
 
