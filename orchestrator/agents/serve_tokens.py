@@ -47,18 +47,20 @@ def to_proto(rows: Iterable[values.ServeTokenRow]) -> pb.ServeTokens:
 
 
 async def run_refresh(store: TokenSource, hub: hub_mod.AgentHub, every_s: float = REFRESH_S) -> None:
-    """Read the tokens that work and give them to ``hub``, every ``every_s``, forever (cancel
-    to stop). A read that fails is logged and tried again: the agents keep the last list.
+    """Read the tokens that work and give them to ``hub``, every ``every_s`` from ``every_s``
+    on (the caller gives it the first list), forever (cancel to stop). A read that fails is logged and tried again: the agents keep the last list.
     The rows become a message only when they changed: comparing them costs a small fraction of
     converting them (each residency expanded), which would otherwise hold the event loop every
     second for nothing."""
     last: list[values.ServeTokenRow] | None = None
     while True:
+        await asyncio.sleep(every_s)  # the caller gave the hub its first list
         try:
             rows = await store.run(store.serve_tokens)
             if rows != last:
                 hub.set_serve_tokens(to_proto(rows))
                 last = rows
+        except values.StoreUnavailable as exc:  # for now (unreachable, failing over, closing): said in a line
+            log.warning("cannot read the API tokens agents check (%s); they keep the last list sent", exc)
         except Exception:  # the loop never dies; the agents keep what they were sent
             log.exception("cannot read the API tokens agents check; they keep the last list sent")
-        await asyncio.sleep(every_s)
