@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import pathlib
 import shutil
 import signal
 import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import httpx
 import numpy as np
@@ -26,12 +24,12 @@ from orchestrator.agents import model
 from orchestrator.testing import harness, onnx_models
 
 from . import genai_serving
-from .conftest import SITE, TOKEN, ArtifactServer, ControlPlane, MakeAgent, start_control_plane
+from .conftest import SITE, ArtifactServer, ControlPlane, MakeAgent, start_control_plane
 from .test_agent import wait_model
 from .test_model_memory import contained
 from .test_onnx_package import X, packed
+from .test_process import AgentProcess, spawn  # noqa: F401 (spawn: the fixture, edgeplane-agent as a process)
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 MB = 1 << 20
 MARK = ".edgeplane-unpacked"
 
@@ -271,30 +269,6 @@ async def test_two_models_of_one_package_assigned_together_both_serve_from_its_o
 # -- a real agent process, killed ------------------------------------------------------------
 
 
-@pytest.fixture
-async def spawn(tmp_path: pathlib.Path) -> AsyncIterator[Callable[..., object]]:
-    """``edgeplane-agent`` as a process running this tree's code."""
-    procs: list[asyncio.subprocess.Process] = []
-
-    async def start(target: str, data_dir: pathlib.Path) -> tuple[asyncio.subprocess.Process, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edge_agent.main", "--control-plane", target, "--site", SITE, "--token", TOKEN,
-            "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), "--heartbeat-interval", "0.5", "--insecure",
-            "--country", "FR", "--log-level", "WARNING", stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
-        procs.append(proc)
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert line.startswith("serving "), f"agent did not start: {line!r}"
-        return proc, line.split()[1]
-
-    yield start
-    for proc in procs:
-        if proc.returncode is None:
-            proc.kill()
-            await asyncio.wait_for(proc.wait(), 10)
-
-
 async def wait_ready(url: str, name: str = "m") -> None:
     """Poll across the process boundary (no event to await there); bounded."""
     async with httpx.AsyncClient(base_url=url) as client:
@@ -341,13 +315,15 @@ def _as_left_by(point: str, data_dir: pathlib.Path, tar: pathlib.Path, sha: str)
     ("a whole folder with truncated weights", True),
 ])
 async def test_an_agent_killed_at_any_point_restarts_without_uplink_on_a_whole_folder(
-        spawn, artifact_server: ArtifactServer, tmp_path: pathlib.Path, point: str, downloads: bool) -> None:
+        spawn: Callable[..., Awaitable[AgentProcess]],  # noqa: F811
+        artifact_server: ArtifactServer, tmp_path: pathlib.Path, point: str, downloads: bool) -> None:
     name = f"killed-{point.replace(' ', '-')}.tar"
     url, sha = packed(artifact_server, onnx_models.save_with_external_data(tmp_path / "model"), name)
     data_dir = tmp_path / "agent"
     cp = await start_control_plane()
     try:
-        proc, endpoint = await spawn(cp.target, data_dir)
+        agent = await spawn(cp.target, data_dir, site=SITE)
+        proc, endpoint = agent.proc, agent.url
         await cp.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED, 30)
         cp.hub.set_assignments(SITE, [model.Assignment("m", "intent", "small", url, sha)], 1)
         await wait_ready(endpoint)
@@ -359,7 +335,8 @@ async def test_an_agent_killed_at_any_point_restarts_without_uplink_on_a_whole_f
     _as_left_by(point, data_dir, artifact_server.root / name, sha)
 
     hits = artifact_server.attempts(name)
-    proc, endpoint = await spawn(cp.target, data_dir)
+    agent = await spawn(cp.target, data_dir, site=SITE)
+    proc, endpoint = agent.proc, agent.url
     await wait_ready(endpoint)
     np.testing.assert_array_equal(await infer(endpoint), onnx_models.run_in_one_file(X))
     assert (artifact_server.attempts(name) > hits) is downloads

@@ -46,11 +46,12 @@ class AgentProcess:
 async def spawn(tmp_path: pathlib.Path) -> AsyncIterator[Callable[..., object]]:
     procs: list[asyncio.subprocess.Process] = []
 
-    async def start(target: str, data_dir: pathlib.Path | None = None, heartbeat_interval: float = 0.5) -> AgentProcess:
+    async def start(target: str, data_dir: pathlib.Path | None = None, heartbeat_interval: float = 0.5,
+                    site: str = SITE) -> AgentProcess:
         proc = await asyncio.create_subprocess_exec(
             *agent_command(),
             "--control-plane", target,
-            "--site", SITE,
+            "--site", site,
             "--token", TOKEN,
             "--listen", "127.0.0.1:0",
             "--data-dir", str(data_dir or tmp_path / "agent"),
