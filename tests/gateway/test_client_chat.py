@@ -11,6 +11,7 @@ import contextlib
 import json
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
@@ -122,11 +123,7 @@ async def test_a_chat_is_one_answer_n_other_than_1_is_refused_and_other_choices_
         asked.append(request.path)
         return httpmessages.Response(200, stream, headers=(("content-type", "text/event-stream"),))
 
-    server = httplistener.HttpServer(handle)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await server.start(sock)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server, url = await _listening(handle)
     messages = [{"role": "user", "content": "a city?"}]
     try:
         async with client_mod.AsyncClient(url, direct=False) as c:
@@ -140,6 +137,15 @@ async def test_a_chat_is_one_answer_n_other_than_1_is_refused_and_other_choices_
                 sc.chat("m", messages, n=3)
     finally:
         await server.shutdown(1)
+
+
+async def _listening(handle: Callable[[httpmessages.Request], Awaitable[httpmessages.Response]]) -> tuple[httplistener.HttpServer, str]:
+    """A server answering with ``handle`` on a loopback port of its own, and its URL."""
+    server = httplistener.HttpServer(handle)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    return server, f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def chats(heads: list[bytes]) -> list[bytes]:
@@ -361,12 +367,9 @@ async def test_a_chat_that_moves_on_keeps_nothing_of_the_failed_attempt_but_its_
                 {"site": "edge-cut", "url": replica_url, "api": "openai"}]}).encode())
         return httpmessages.Response(200, stream, headers=(("content-type", "text/event-stream"),))
 
-    gateway = httplistener.HttpServer(handle)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await gateway.start(sock)
+    gateway, gateway_url = await _listening(handle)
     try:
-        async with client_mod.AsyncClient(f"http://127.0.0.1:{sock.getsockname()[1]}") as c:
+        async with client_mod.AsyncClient(gateway_url) as c:
             chat = c.chat("m", [{"role": "user", "content": "hi"}])
             assert [t async for t in chat] == ["hello"] and chat.attempts == 2
         assert chat.finish_reason is None and chat.usage is None
@@ -386,11 +389,7 @@ async def test_a_chat_sends_the_token_only_to_a_replica_whose_entry_says_it_chec
         heads.append(request.headers)
         return httpmessages.Response(200, stream, headers=(("content-type", "text/event-stream"),))
 
-    replica = httplistener.HttpServer(handle)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await replica.start(sock)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    replica, url = await _listening(handle)
     try:
         for auth in ("none", None, "token"):
             cache = client_mod.EndpointCache()
